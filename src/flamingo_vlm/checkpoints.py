@@ -1,0 +1,136 @@
+"""Loading OpenFlamingo checkpoints, validated.
+
+OpenFlamingo files come as the released filtered dict, as ``{"model_state_dict": ...}`` from its
+training script, with ``module.`` prefixes from DDP, or as a full ``state_dict()`` with alias keys.
+Keys renamed by newer transformers are mapped. Every trainable parameter must be filled, or the
+load fails naming what is missing; keys that match nothing are reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Renames between the transformers release OpenFlamingo was written for and transformers 5.
+KEY_RENAMES: list[tuple[str, str]] = [
+    (r"^lang_encoder\.embed_out\.", "lang_encoder.lm_head."),  # GPT-NeoX
+]
+# Buffers older transformers saved that current ones recompute.
+OBSOLETE_KEYS = re.compile(
+    r"(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attention\.masked_bias|\.attention\.bias|\.attn\.bias$)"
+)
+# In-memory aliases of OpenFlamingo's full state_dict (the same tensors under other names).
+ALIAS_KEYS = re.compile(r"^lang_encoder\.(old_decoder_blocks|gated_cross_attn_layers)\.")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing_trainable: list[str] = field(default_factory=list)
+    missing_frozen: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"loaded {len(self.loaded)} tensors; missing trainable {len(self.missing_trainable)}; "
+            f"missing frozen {len(self.missing_frozen)} (kept from the backbones); unexpected {len(self.unexpected)}"
+        )
+
+
+def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plain ``{name: tensor}`` dict from a file (.pt/.bin/.safetensors) or a mapping,
+    unwrapping ``model_state_dict``/``state_dict`` and DDP's ``module.`` prefix."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        sd = source
+    for wrapper in ("model_state_dict", "state_dict", "model"):
+        if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
+            sd = sd[wrapper]
+            break
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError("the checkpoint is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def normalise_openflamingo_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        if ALIAS_KEYS.search(key) or OBSOLETE_KEYS.search(key):
+            continue
+        for pattern, repl in KEY_RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def _tied_aliases(model) -> list[tuple[str, str]]:
+    """(output key, input key) pairs of parameters that are one tensor under two names."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [tuple(v) for v in names.values() if len(v) > 1]
+
+
+def _state_key(param_name: str) -> str:
+    # Trainable new-token rows are saved inside the full matrix of their module.
+    return param_name[: -len("new_weight")] + "weight" if param_name.endswith(".new_weight") else param_name
+
+
+def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = True) -> LoadReport:
+    """Load an OpenFlamingo checkpoint (any of its shapes) into ``model``, validated."""
+    sd = normalise_openflamingo_keys(read_state_dict(source))
+    own = model.state_dict()
+    # Tied weights: fill every name of a shared tensor from whichever name the file has.
+    for group in _tied_aliases(model):
+        present = [n for n in group if n in sd]
+        for n in group:
+            if n not in sd and present and n in own:
+                sd[n] = sd[present[0]]
+    report = LoadReport()
+    mismatched = []
+    for key, value in sd.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif own[key].shape != value.shape:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        else:
+            report.loaded.append(key)
+    if mismatched:
+        raise CheckpointError(
+            "shape mismatch (is the tokenizer/vocabulary or cross_attn_every_n_layers the one the checkpoint "
+            "was trained with?):\n  " + "\n  ".join(mismatched)
+        )
+    trainable = {_state_key(n) for n, p in model.named_parameters() if p.requires_grad}
+    loaded = set(report.loaded)
+    report.missing_trainable = sorted(k for k in trainable if k not in loaded)
+    report.missing_frozen = sorted(k for k in own if k not in loaded and k not in trainable)
+    if require_trainable and report.missing_trainable:
+        raise CheckpointError(
+            f"the checkpoint does not fill {len(report.missing_trainable)} trainable parameter(s): "
+            + ", ".join(report.missing_trainable[:20])
+            + (" ..." if len(report.missing_trainable) > 20 else "")
+        )
+    if report.unexpected:
+        logger.warning("checkpoint keys that match no parameter: %s", ", ".join(report.unexpected[:20]))
+    model.load_state_dict({k: sd[k] for k in report.loaded}, strict=False, _validated=True)
+    return report

@@ -1,0 +1,250 @@
+"""The Flamingo model: a frozen vision encoder and a frozen causal LM joined by a trainable
+Perceiver Resampler and gated cross-attention layers.
+
+Data flows one way: pixels -> vision tokens -> perceiver latents -> per-layer image keys/values
+-> cross-attention inside the LM -> logits. Nothing about the images is stored on the modules
+between calls (see :mod:`.injection`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .injection import Conditioning, ConditioningSlot, inject_cross_attention
+from .perceiver import PerceiverResampler
+from .token_embeddings import ExtendedEmbedding, ExtendedLMHead
+
+
+def lm_hidden_size(lm: nn.Module) -> int:
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    for name in ("d_model", "hidden_size", "n_embd"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot tell the hidden size of {type(lm).__name__} from its config")
+
+
+class _ObserveMedia:
+    """Forward pre-hook on the LM: before each LM call, record which image every token sees."""
+
+    def __init__(self, slot: ConditioningSlot):
+        self.slot = slot
+
+    def __call__(self, module, args, kwargs):
+        cond = self.slot.get()
+        if cond is None:
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("a conditioned Flamingo LM call needs input_ids (inputs_embeds cannot carry <image> positions)")
+        past = kwargs.get("past_key_values")
+        continuing = past is not None and _cache_length(past) > 0
+        cond.observe(input_ids, continuing)
+        return None
+
+
+def _cache_length(past) -> int:
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, (tuple, list)):
+        return int(past[0][0].shape[-2]) if len(past) and past[0] is not None else 0
+    return 0
+
+
+class Flamingo(nn.Module):
+    def __init__(
+        self,
+        vision_encoder: nn.Module,
+        lang_encoder: nn.Module,
+        eoc_token_id: int,
+        media_token_id: int,
+        vis_dim: int,
+        cross_attn_every_n_layers: int = 1,
+        gradient_checkpointing: bool = False,
+        *,
+        decoder_layers_attr_name: str | None = None,
+        new_token_ids: list[int] | None = None,
+        pad_token_id: int | None = None,
+        freeze_lm_embeddings: bool = False,
+        perceiver_kwargs: dict[str, Any] | None = None,
+        cross_attn_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.eoc_token_id = eoc_token_id
+        self.media_token_id = media_token_id
+        self.pad_token_id = pad_token_id
+        self.vis_dim = vis_dim
+        self.cross_attn_every_n_layers = cross_attn_every_n_layers
+        self.lang_dim = lm_hidden_size(lang_encoder)
+        self._slot = ConditioningSlot()
+
+        self.vision_encoder = vision_encoder
+        self.perceiver = PerceiverResampler(dim=vis_dim, **(perceiver_kwargs or {}))
+        self.lang_encoder = lang_encoder
+        self.decoder_layers_attr_name = inject_cross_attention(
+            lang_encoder,
+            slot=self._slot,
+            lang_dim=self.lang_dim,
+            vis_dim=vis_dim,
+            every_n_layers=cross_attn_every_n_layers,
+            decoder_layers_attr_name=decoder_layers_attr_name,
+            **(cross_attn_kwargs or {}),
+        )
+        lang_encoder.register_forward_pre_hook(_ObserveMedia(self._slot), with_kwargs=True)
+        self._lm_takes_position_ids = "position_ids" in inspect.signature(lang_encoder.forward).parameters
+
+        # Freeze the backbones; the perceiver, cross-attention and new-token rows train.
+        self.vision_encoder.requires_grad_(False)
+        self.lang_encoder.requires_grad_(False)
+        self.perceiver.requires_grad_(True)
+        for layer in self.decoder_layers():
+            if layer.gated_cross_attn_layer is not None:
+                layer.gated_cross_attn_layer.requires_grad_(True)
+        self._install_new_token_rows(new_token_ids or [eoc_token_id, media_token_id], freeze_lm_embeddings)
+
+        ref = next(lang_encoder.parameters())
+        self.perceiver.to(device=ref.device, dtype=ref.dtype)
+        for layer in self.decoder_layers():
+            if layer.gated_cross_attn_layer is not None:
+                layer.gated_cross_attn_layer.to(device=ref.device, dtype=ref.dtype)
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    # -- structure -------------------------------------------------------------------------
+    def decoder_layers(self) -> nn.ModuleList:
+        from .injection import get_attr_path
+
+        return get_attr_path(self.lang_encoder, self.decoder_layers_attr_name)
+
+    def gated_cross_attn_layers(self) -> list[nn.Module]:
+        return [l.gated_cross_attn_layer for l in self.decoder_layers() if l.gated_cross_attn_layer is not None]
+
+    def _install_new_token_rows(self, new_ids: list[int], freeze: bool) -> None:
+        lm = self.lang_encoder
+        emb = lm.get_input_embeddings()
+        out = lm.get_output_embeddings()
+        tied = out is not None and getattr(out, "weight", None) is emb.weight
+        ext = ExtendedEmbedding(emb, new_ids)
+        ext.new_weight.requires_grad_(not freeze)
+        lm.set_input_embeddings(ext)
+        if tied:
+            lm.set_output_embeddings(ExtendedLMHead(out, ext))
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        for layer in self.decoder_layers():
+            layer.gradient_checkpointing = enabled
+        if enabled and hasattr(self.lang_encoder, "gradient_checkpointing_enable"):
+            self.lang_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif not enabled and hasattr(self.lang_encoder, "gradient_checkpointing_disable"):
+            self.lang_encoder.gradient_checkpointing_disable()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lang_encoder.parameters()).device
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False, _validated: bool = False):
+        """``strict=False`` (OpenFlamingo's README) loads OpenFlamingo checkpoints through the
+        validated loader: renamed keys are mapped and a missing trainable parameter is an error."""
+        if strict or _validated:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        from ..checkpoints import load_openflamingo_checkpoint
+
+        report = load_openflamingo_checkpoint(self, state_dict)
+        return torch.nn.modules.module._IncompatibleKeys(report.missing_frozen, report.unexpected)
+
+    # -- images ------------------------------------------------------------------------------
+    def encode_vision_x(self, vision_x: torch.Tensor) -> torch.Tensor:
+        """vision_x (B, T_img, F, C, H, W) -> perceiver latents (B, T_img, n_latents, D)."""
+        if vision_x.ndim != 6:
+            raise ValueError(
+                f"vision_x must have shape (batch, images, frames, channels, height, width), got {tuple(vision_x.shape)}"
+            )
+        b, t, f = vision_x.shape[:3]
+        enc_param = next(self.vision_encoder.parameters(), None)
+        dtype = enc_param.dtype if enc_param is not None else vision_x.dtype
+        trainable = enc_param is not None and any(p.requires_grad for p in self.vision_encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            tokens = self.vision_encoder(vision_x.flatten(0, 2).to(dtype))
+        tokens = tokens.reshape(b, t, f, *tokens.shape[1:])
+        return self.perceiver(tokens.to(self.perceiver.latents.dtype))
+
+    def _conditioning(self, vision_x: torch.Tensor | None, media: torch.Tensor | None) -> Conditioning:
+        if media is None:
+            if vision_x is None:
+                raise ValueError("pass vision_x (pixels) or media (precomputed perceiver latents)")
+            media = self.encode_vision_x(vision_x)
+        return Conditioning(media=media, media_token_id=self.media_token_id)
+
+    def _check_rows(self, lang_x: torch.Tensor, media: torch.Tensor) -> None:
+        if lang_x.shape[0] != media.shape[0]:
+            raise ValueError(f"lang_x has {lang_x.shape[0]} rows but vision_x has {media.shape[0]}")
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        vision_x: torch.Tensor | None,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        clear_conditioned_layers: bool = True,  # accepted for OpenFlamingo compatibility; no state is kept
+        past_key_values=None,
+        use_cache: bool = False,
+        *,
+        media: torch.Tensor | None = None,
+        **lm_kwargs,
+    ):
+        """Returns the LM's output (``.loss`` when labels are given, ``.logits``, ``.past_key_values``)."""
+        cond = self._conditioning(vision_x, media)
+        self._check_rows(lang_x, cond.media)
+        if attention_mask is not None and self._lm_takes_position_ids and "position_ids" not in lm_kwargs:
+            # Explicit positions keep absolute-position LMs (GPT-2, GPT-Neo) right under left padding.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            lm_kwargs["position_ids"] = positions[:, -lang_x.shape[1] :]
+        with self._slot.use(cond):
+            return self.lang_encoder(
+                input_ids=lang_x,
+                attention_mask=attention_mask,
+                labels=labels,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **lm_kwargs,
+            )
+
+    # -- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        vision_x: torch.Tensor | None,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        media: torch.Tensor | None = None,
+        allow_image_tokens: bool = False,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Generate with the LM's own ``generate`` (greedy, beam, sampling, streamers, ...).
+
+        Image keys/values are computed once per call; each decoding step sees its row's last
+        image. Returns prompt + new tokens. ``<|endofchunk|>`` is the default eos and
+        ``<image>`` is never generated (``allow_image_tokens=True`` lifts that, as OpenFlamingo
+        did, to reproduce its outputs).
+        """
+        cond = self._conditioning(vision_x, media)
+        self._check_rows(lang_x, cond.media)
+        generate_kwargs.setdefault("eos_token_id", self.eoc_token_id)
+        if self.pad_token_id is not None:
+            generate_kwargs.setdefault("pad_token_id", self.pad_token_id)
+        suppress = set(generate_kwargs.pop("suppress_tokens", None) or [])
+        if not allow_image_tokens:
+            suppress.add(self.media_token_id)
+        if suppress:
+            generate_kwargs["suppress_tokens"] = sorted(suppress)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(lang_x)
+        with self._slot.use(cond):
+            return self.lang_encoder.generate(
+                input_ids=lang_x, attention_mask=attention_mask, **generate_kwargs
+            )

@@ -1,0 +1,152 @@
+"""Interleaved image/text prompts -> batched tensors for :class:`~flamingo_vlm.Flamingo`.
+
+A sample is either a list of items in reading order (``str`` text and images), or a pair
+``(text, images)`` whose text marks each image with ``<image>``. Images are PIL images, numpy
+arrays, paths, or already-preprocessed tensors (C,H,W) / video (F,C,H,W).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+MEDIA_TOKEN = "<image>"
+EOC_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<PAD>"
+
+
+def add_flamingo_tokens(tokenizer) -> list[int]:
+    """Add ``<|endofchunk|>``, ``<image>`` and, if the tokenizer has no pad token, ``<PAD>``,
+    in OpenFlamingo's order, so vocabulary sizes match released checkpoints.
+
+    Returns the ids of the Flamingo tokens whose embedding rows are trainable.
+    """
+    tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, MEDIA_TOKEN]})
+    new = [EOC_TOKEN, MEDIA_TOKEN]
+    if tokenizer.pad_token is None or tokenizer.pad_token == PAD_TOKEN:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        new.append(PAD_TOKEN)
+    return tokenizer.convert_tokens_to_ids(new)
+
+
+def _is_image(item: Any) -> bool:
+    return isinstance(item, (Image.Image, np.ndarray, torch.Tensor, Path))
+
+
+class FlamingoProcessor:
+    """Turns interleaved samples into ``input_ids``, ``attention_mask`` and ``vision_x``.
+
+    ``vision_x`` is (B, T_img, F, C, H, W) with T_img the largest image count in the batch;
+    rows with fewer images are zero-padded (those slots are never attended to).
+    """
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.media_token_id = tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
+        self.eoc_token_id = tokenizer.convert_tokens_to_ids(EOC_TOKEN)
+        if self.media_token_id == tokenizer.unk_token_id or self.media_token_id is None:
+            raise ValueError("the tokenizer has no <image> token; call add_flamingo_tokens(tokenizer) first")
+
+    # -- pieces ------------------------------------------------------------------------------
+    def split_sample(self, sample, index: int = 0) -> tuple[str, list]:
+        """Normalise a sample to (text with <image> markers, images)."""
+        if isinstance(sample, str):
+            return sample, []
+        if isinstance(sample, tuple) and len(sample) == 2 and isinstance(sample[0], str):
+            text, images = sample
+            images = list(images) if images is not None else []
+        elif isinstance(sample, (list, tuple)):
+            parts, images = [], []
+            for item in sample:
+                if isinstance(item, str) and not Path(item).suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}:
+                    parts.append(item)
+                elif _is_image(item) or isinstance(item, str):
+                    parts.append(MEDIA_TOKEN)
+                    images.append(item)
+                else:
+                    raise TypeError(f"sample {index}: items must be text or images, got {type(item).__name__}")
+            text = "".join(parts)
+        else:
+            raise TypeError(
+                f"sample {index}: expected a list of text/image items or a (text, images) pair, got {type(sample).__name__}"
+            )
+        n_markers = text.count(MEDIA_TOKEN)
+        if n_markers != len(images):
+            raise ValueError(
+                f"sample {index} has {n_markers} {MEDIA_TOKEN} marker(s) but {len(images)} image(s); "
+                f"put one {MEDIA_TOKEN} in the text where each image goes"
+            )
+        return text, images
+
+    def image_tensor(self, image) -> torch.Tensor:
+        """One image -> (F, C, H, W) (F=1 for still images)."""
+        if isinstance(image, torch.Tensor):
+            if image.ndim == 3:
+                return image.unsqueeze(0)
+            if image.ndim == 4:
+                return image
+            raise ValueError(f"an image tensor must be (C,H,W) or (F,C,H,W), got {tuple(image.shape)}")
+        return self.image_processor(image).unsqueeze(0)
+
+    def images_tensor(self, batch_images: Sequence[Sequence]) -> torch.Tensor:
+        per_row = [[self.image_tensor(im) for im in images] for images in batch_images]
+        shapes = {t.shape for row in per_row for t in row}
+        if len(shapes) > 1:
+            raise ValueError(f"all images in a batch must preprocess to one shape, got {sorted(map(tuple, shapes))}")
+        if not shapes:
+            size = getattr(self.image_processor, "image_size", 224)
+            shape = (1, 3, size, size)
+        else:
+            shape = next(iter(shapes))
+        t_max = max(1, max(len(r) for r in per_row))
+        out = torch.zeros(len(per_row), t_max, *shape)
+        for b, row in enumerate(per_row):
+            for t, x in enumerate(row):
+                out[b, t] = x
+        return out
+
+    # -- whole batches -------------------------------------------------------------------------
+    def __call__(
+        self,
+        samples: Sequence,
+        *,
+        padding_side: str = "left",
+        max_length: int | None = None,
+        return_labels: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Left padding (default) is for generation, right padding for training."""
+        if isinstance(samples, (str, tuple)) or (samples and not isinstance(samples[0], (list, tuple, str))):
+            samples = [samples]
+        texts, images = zip(*(self.split_sample(s, i) for i, s in enumerate(samples)))
+        old_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = padding_side
+        try:
+            enc = self.tokenizer(
+                list(texts),
+                padding="longest",
+                truncation=max_length is not None,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+        finally:
+            self.tokenizer.padding_side = old_side
+        batch = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "vision_x": self.images_tensor(images),
+        }
+        if return_labels:
+            batch["labels"] = self.simple_labels(batch["input_ids"], batch["attention_mask"])
+        return batch
+
+    def simple_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Labels with padding and <image> ignored (-100)."""
+        labels = input_ids.clone()
+        labels[attention_mask == 0] = -100
+        labels[input_ids == self.media_token_id] = -100
+        return labels

@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reference_root() -> Path:
+    env = os.environ.get("FLAMINGO_VLM_REFERENCE")
+    if env:
+        return Path(env)
+    return REPO.parent / "shared" / "reference" / "openflamingo-tf4.33"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The OpenFlamingo golden outputs. In CI their absence is a failure, elsewhere a skip."""
+    root = _reference_root()
+    if not (root / "manifest.json").exists():
+        msg = f"OpenFlamingo reference fixtures not found at {root} (set FLAMINGO_VLM_REFERENCE)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
