@@ -24,7 +24,7 @@ from .modeling.vision import (
     load_open_clip_state_dict,
     resolve_open_clip_pretrained,
 )
-from .processing import add_flamingo_tokens
+from .processing import EOC_TOKEN, MEDIA_TOKEN, add_flamingo_tokens
 
 
 def build_vision_encoder(
@@ -53,10 +53,14 @@ def build_vision_encoder(
             path_str, tokens_ln_post=tokens_ln_post, quick_gelu=quick_gelu
         )
     else:
-        return HFVisionEncoder.from_pretrained(path_str, cache_dir=cache_dir, local_files_only=use_local_files)
+        encoder = HFVisionEncoder.from_pretrained(path_str, cache_dir=cache_dir, local_files_only=use_local_files)
+        encoder.source = {"path": path_str, "pretrained": None}
+        return encoder
     if pretrained:
         weights = resolve_open_clip_pretrained(path_str, pretrained, cache_dir=cache_dir)
         load_open_clip_state_dict(encoder, weights)
+        # Where the weights came from: a saved model references them instead of copying them.
+        encoder.source = {"path": path_str, "pretrained": pretrained, "tokens_ln_post": tokens_ln_post}
     return encoder
 
 
@@ -78,6 +82,36 @@ def build_tokenizer(path, *, cache_dir=None, use_local_files=False):
     return AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, local_files_only=use_local_files)
 
 
+def assemble(vision: VisionEncoder, lm: nn.Module, tokenizer, build_config: dict[str, Any]) -> Flamingo:
+    """Join backbones into a Flamingo as ``build_config`` says (``Flamingo.build_config`` of a
+    saved model, or what ``create_model_and_transforms`` was asked for). Adds the Flamingo tokens
+    to ``tokenizer`` if needed and sizes the LM's embeddings to the tokenizer."""
+    base_vocab_size = build_config.get("base_vocab_size")
+    if tokenizer.convert_tokens_to_ids(MEDIA_TOKEN) in (None, tokenizer.unk_token_id):
+        base_vocab_size = len(tokenizer)
+        add_flamingo_tokens(tokenizer)
+    eoc_id, media_id = tokenizer.convert_tokens_to_ids([EOC_TOKEN, MEDIA_TOKEN])
+    if base_vocab_size is None:
+        base_vocab_size = min(eoc_id, media_id)
+    if lm.get_input_embeddings().weight.shape[0] != len(tokenizer):
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return Flamingo(
+        vision,
+        lm,
+        eoc_token_id=eoc_id,
+        media_token_id=media_id,
+        vis_dim=vision.hidden_size,
+        cross_attn_every_n_layers=build_config.get("cross_attn_every_n_layers", 1),
+        gradient_checkpointing=build_config.get("gradient_checkpointing", False),
+        decoder_layers_attr_name=build_config.get("decoder_layers_attr_name"),
+        pad_token_id=tokenizer.pad_token_id,
+        freeze_lm_embeddings=build_config.get("freeze_lm_embeddings", False),
+        perceiver_kwargs=build_config.get("perceiver_kwargs"),
+        cross_attn_kwargs=build_config.get("cross_attn_kwargs"),
+        base_vocab_size=base_vocab_size,
+    )
+
+
 def create_model_and_transforms(
     clip_vision_encoder_path: str | nn.Module,
     clip_vision_encoder_pretrained: str | None,
@@ -93,7 +127,7 @@ def create_model_and_transforms(
     lm_dtype: torch.dtype | None = None,
     perceiver_kwargs: dict | None = None,
     cross_attn_kwargs: dict | None = None,
-    **flamingo_kwargs,
+    gradient_checkpointing: bool = False,
 ) -> tuple[Flamingo, ImageProcessor, Any]:
     """Build a Flamingo model; returns ``(model, image_processor, tokenizer)`` like OpenFlamingo.
 
@@ -109,24 +143,18 @@ def create_model_and_transforms(
         tokens_ln_post=vision_tokens_ln_post,
     )
     tokenizer = build_tokenizer(tokenizer_path, cache_dir=cache_dir, use_local_files=use_local_files)
-    new_ids = add_flamingo_tokens(tokenizer)
     lm = build_language_model(lang_encoder_path, cache_dir=cache_dir, use_local_files=use_local_files, dtype=lm_dtype)
-    if lm.get_input_embeddings().weight.shape[0] != len(tokenizer):
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    eoc_id, media_id = new_ids[0], new_ids[1]
-    model = Flamingo(
+    model = assemble(
         vision,
         lm,
-        eoc_token_id=eoc_id,
-        media_token_id=media_id,
-        vis_dim=vision.hidden_size,
-        cross_attn_every_n_layers=cross_attn_every_n_layers,
-        decoder_layers_attr_name=decoder_layers_attr_name,
-        new_token_ids=new_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        freeze_lm_embeddings=freeze_lm_embeddings,
-        perceiver_kwargs=perceiver_kwargs,
-        cross_attn_kwargs=cross_attn_kwargs,
-        **flamingo_kwargs,
+        tokenizer,
+        dict(
+            cross_attn_every_n_layers=cross_attn_every_n_layers,
+            decoder_layers_attr_name=decoder_layers_attr_name,
+            freeze_lm_embeddings=freeze_lm_embeddings,
+            perceiver_kwargs=perceiver_kwargs,
+            cross_attn_kwargs=cross_attn_kwargs,
+            gradient_checkpointing=gradient_checkpointing,
+        ),
     )
     return model, vision.default_image_processor(), tokenizer

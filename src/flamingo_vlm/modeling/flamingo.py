@@ -8,6 +8,7 @@ between calls (see :mod:`.injection`).
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -72,6 +73,7 @@ class Flamingo(nn.Module):
         freeze_lm_embeddings: bool = False,
         perceiver_kwargs: dict[str, Any] | None = None,
         cross_attn_kwargs: dict[str, Any] | None = None,
+        base_vocab_size: int | None = None,
     ):
         super().__init__()
         self.eoc_token_id = eoc_token_id
@@ -104,7 +106,20 @@ class Flamingo(nn.Module):
         for layer in self.decoder_layers():
             if layer.gated_cross_attn_layer is not None:
                 layer.gated_cross_attn_layer.requires_grad_(True)
+        # Only <|endofchunk|> and <image> train, as in OpenFlamingo (the <PAD> row never does).
         self._install_new_token_rows(new_token_ids or [eoc_token_id, media_token_id], freeze_lm_embeddings)
+        # How this model was put together, as data: saved with it so it can be rebuilt.
+        self.build_config = {
+            "cross_attn_every_n_layers": cross_attn_every_n_layers,
+            "decoder_layers_attr_name": self.decoder_layers_attr_name,
+            "freeze_lm_embeddings": freeze_lm_embeddings,
+            "perceiver_kwargs": dict(perceiver_kwargs or {}),
+            "cross_attn_kwargs": dict(cross_attn_kwargs or {}),
+            "eoc_token_id": eoc_token_id,
+            "media_token_id": media_token_id,
+            "pad_token_id": pad_token_id,
+            "base_vocab_size": base_vocab_size if base_vocab_size is not None else min(eoc_token_id, media_token_id),
+        }
 
         ref = next(lang_encoder.parameters())
         self.perceiver.to(device=ref.device, dtype=ref.dtype)
@@ -134,12 +149,18 @@ class Flamingo(nn.Module):
             lm.set_output_embeddings(ExtendedLMHead(out, ext))
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations in backward: our cross-attention blocks and the LM's layers."""
         for layer in self.decoder_layers():
             layer.gradient_checkpointing = enabled
-        if enabled and hasattr(self.lang_encoder, "gradient_checkpointing_enable"):
-            self.lang_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif not enabled and hasattr(self.lang_encoder, "gradient_checkpointing_disable"):
-            self.lang_encoder.gradient_checkpointing_disable()
+        lm = self.lang_encoder
+        if enabled:
+            enable = getattr(lm, "activation_checkpointing_enable", None) or getattr(lm, "gradient_checkpointing_enable", None)
+            if enable is not None and getattr(lm, "supports_gradient_checkpointing", False):
+                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif getattr(lm, "supports_gradient_checkpointing", False):
+            disable = getattr(lm, "activation_checkpointing_disable", None) or getattr(lm, "gradient_checkpointing_disable", None)
+            if disable is not None:
+                disable()
 
     @property
     def device(self) -> torch.device:
@@ -154,6 +175,23 @@ class Flamingo(nn.Module):
 
         report = load_openflamingo_checkpoint(self, state_dict)
         return torch.nn.modules.module._IncompatibleKeys(report.missing_frozen, report.unexpected)
+
+    def save_pretrained(self, save_directory, *, tokenizer=None, image_processor=None, include_backbones=None, dtype=None):
+        """Save in flamingo-vlm's format (see :mod:`flamingo_vlm.pretrained`)."""
+        from ..pretrained import save_pretrained
+
+        return save_pretrained(
+            self, save_directory, tokenizer=tokenizer, image_processor=image_processor,
+            include_backbones=include_backbones, dtype=dtype,
+        )
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs) -> "Flamingo":
+        """A model from a directory or Hub repo in our format, or a released OpenFlamingo repo id.
+        :func:`flamingo_vlm.load_pretrained` also returns the image processor and tokenizer."""
+        from ..pretrained import from_pretrained
+
+        return from_pretrained(name_or_path, **kwargs)[0]
 
     # -- images ------------------------------------------------------------------------------
     def encode_vision_x(self, vision_x: torch.Tensor) -> torch.Tensor:
@@ -240,6 +278,10 @@ class Flamingo(nn.Module):
         suppress = set(generate_kwargs.pop("suppress_tokens", None) or [])
         if not allow_image_tokens:
             suppress.add(self.media_token_id)
+            eos = generate_kwargs["eos_token_id"]
+            eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+            if self.pad_token_id is not None and self.pad_token_id not in eos:
+                suppress.add(self.pad_token_id)  # padding is never a sensible next token
         if suppress:
             generate_kwargs["suppress_tokens"] = sorted(suppress)
         if attention_mask is None:
@@ -248,3 +290,68 @@ class Flamingo(nn.Module):
             return self.lang_encoder.generate(
                 input_ids=lang_x, attention_mask=attention_mask, **generate_kwargs
             )
+
+    # -- scoring ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(
+        self,
+        vision_x: torch.Tensor | None,
+        lang_x: torch.Tensor,
+        candidates: list[list[int]],
+        attention_mask: torch.Tensor | None = None,
+        *,
+        media: torch.Tensor | None = None,
+        normalize: bool = False,
+        chunk_size: int = 64,
+    ) -> torch.Tensor:
+        """Log-likelihood of each candidate continuation after each (left-padded) context row.
+
+        Returns (B, len(candidates)): the summed log-probability of the candidate's tokens, or
+        their mean with ``normalize=True`` (OpenFlamingo's length-normalised class score). The
+        context runs once; each chunk of candidates continues from a private copy of its cache,
+        so no candidate's score depends on another's (OpenFlamingo reused a mutated cache).
+        """
+        if not candidates or any(len(c) == 0 for c in candidates):
+            raise ValueError("every candidate continuation needs at least one token")
+        cond = self._conditioning(vision_x, media)
+        self._check_rows(lang_x, cond.media)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(lang_x)
+        rows, device = lang_x.shape[0], lang_x.device
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs = {"position_ids": positions} if self._lm_takes_position_ids else {}
+        scores = torch.empty(rows, len(candidates), device=device)
+        with self._slot.use(cond):
+            prefix = self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, use_cache=True, **kwargs)
+            first_logprobs = prefix.logits[:, -1].float().log_softmax(-1)  # (B, V)
+            context_seen = cond.seen
+            for start in range(0, len(candidates), chunk_size):
+                chunk = candidates[start : start + chunk_size]
+                n, longest = len(chunk), max(len(c) for c in chunk)
+                ids = torch.full((n, longest), self.pad_token_id or 0, dtype=torch.long, device=device)
+                cand_mask = torch.zeros(n, longest, dtype=torch.long, device=device)
+                for i, c in enumerate(chunk):
+                    ids[i, : len(c)] = torch.as_tensor(c, device=device)
+                    cand_mask[i, : len(c)] = 1
+                # Rows are (context row, candidate) pairs, context-major.
+                ids_rc = ids.repeat(rows, 1)
+                mask_rc = cand_mask.repeat(rows, 1)
+                cache = copy.deepcopy(prefix.past_key_values)
+                cache.batch_repeat_interleave(n)
+                full_mask = torch.cat([attention_mask.repeat_interleave(n, 0), mask_rc], dim=1)
+                step_kwargs = {}
+                if self._lm_takes_position_ids:
+                    step_kwargs["position_ids"] = positions[:, -1:].repeat_interleave(n, 0) + 1 + torch.arange(longest, device=device)
+                cond.seen = context_seen
+                out = self.lang_encoder(
+                    input_ids=ids_rc, attention_mask=full_mask, past_key_values=cache, use_cache=True, **step_kwargs
+                )
+                logprobs = out.logits.float().log_softmax(-1)  # (B*n, L, V): position j predicts token j+1
+                first = first_logprobs.repeat_interleave(n, 0).gather(1, ids_rc[:, :1])
+                rest = logprobs[:, :-1].gather(2, ids_rc[:, 1:].unsqueeze(-1)).squeeze(-1)
+                token_lp = torch.cat([first, rest], dim=1) * mask_rc
+                total = token_lp.sum(1)
+                if normalize:
+                    total = total / mask_rc.sum(1)
+                scores[:, start : start + n] = total.view(rows, n)
+        return scores

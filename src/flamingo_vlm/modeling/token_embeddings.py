@@ -20,7 +20,8 @@ class _NewRows(nn.Module):
     weight: nn.Parameter
 
     def _init_new_rows(self, new_ids: list[int], new_weight: nn.Parameter | None) -> None:
-        ids = torch.tensor(sorted(new_ids), dtype=torch.long)
+        self.new_id_list = sorted(new_ids)
+        ids = torch.tensor(self.new_id_list, dtype=torch.long)
         self.register_buffer("new_ids", ids, persistent=False)
         slot = torch.full((self.weight.shape[0],), -1, dtype=torch.long)
         slot[ids] = torch.arange(len(ids))
@@ -77,7 +78,7 @@ class ExtendedLMHead(_NewRows):
         self.weight = base.weight
         self.bias = base.bias
         self.in_features, self.out_features = base.in_features, base.out_features
-        self._init_new_rows(embedding.new_ids.tolist(), embedding.new_weight)
+        self._init_new_rows(embedding.new_id_list, embedding.new_weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight, self.bias)

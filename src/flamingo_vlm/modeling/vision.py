@@ -223,6 +223,12 @@ class OpenCLIPVisionTransformer(VisionEncoder):
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         heads = heads if heads is not None else width // head_width
+        # Constructor arguments as data, so a saved model can rebuild this encoder.
+        self.config = dict(
+            image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads,
+            mlp_ratio=mlp_ratio, ls_init_value=ls_init_value, embed_dim=embed_dim, act=act,
+            tokens_ln_post=tokens_ln_post, image_mean=list(image_mean), image_std=list(image_std),
+        )
         self.image_size, self.patch_size, self.hidden_size = image_size, patch_size, width
         self.grid_size = image_size // patch_size
         self.num_tokens = self.grid_size**2

@@ -1,0 +1,70 @@
+"""``flamingo-vlm``: a thin command line over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .checkpoints import load_openflamingo_checkpoint
+    from .factory import create_model_and_transforms
+    from .registry import get_release
+
+    release = get_release(args.release) if args.release else None
+    if args.release and release is None:
+        raise SystemExit(f"unknown release {args.release!r}; known: see flamingo_vlm.registry.OPENFLAMINGO_RELEASES")
+    vision = args.vision or (release.vision if release else None)
+    lm = args.lm or (release.lang_encoder if release else None)
+    if not vision or not lm:
+        raise SystemExit("convert needs --release, or --vision and --lm (and usually --tokenizer)")
+    model, image_processor, tokenizer = create_model_and_transforms(
+        vision,
+        args.vision_pretrained if args.vision_pretrained is not None else (release.vision_pretrained if release else None),
+        lm,
+        args.tokenizer or (release.tokenizer if release else lm),
+        cross_attn_every_n_layers=args.cross_attn_every_n_layers
+        or (release.cross_attn_every_n_layers if release else 1),
+        decoder_layers_attr_name=args.decoder_layers_attr_name,
+        cache_dir=args.cache_dir,
+        vision_tokens_ln_post=args.vision_tokens_ln_post,
+    )
+    report = load_openflamingo_checkpoint(model, args.checkpoint)
+    print(f"{args.checkpoint}: {report}")
+    for key in report.unexpected:
+        print(f"  unexpected: {key}")
+    out = model.save_pretrained(args.out, tokenizer=tokenizer, image_processor=image_processor,
+                                include_backbones=True if args.include_backbones else None)
+    print(f"saved {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flamingo-vlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="turn an OpenFlamingo checkpoint.pt into a flamingo-vlm model directory")
+    p.add_argument("checkpoint", help="OpenFlamingo checkpoint (.pt/.bin/.safetensors)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--release", help="a released OpenFlamingo repo id, e.g. openflamingo/OpenFlamingo-3B-vitl-mpt1b")
+    p.add_argument("--vision", help="open_clip name (ViT-L-14), open_clip config JSON, or HF CLIP/SigLIP id/dir")
+    p.add_argument("--vision-pretrained", help="open_clip weights tag or file (e.g. openai)")
+    p.add_argument("--vision-tokens-ln-post", action="store_true",
+                   help="apply ln_post to ViT tokens (open_clip >= 2.23); released weights need it off")
+    p.add_argument("--lm", help="language model Hub id or directory")
+    p.add_argument("--tokenizer", help="tokenizer Hub id or directory (default: --lm)")
+    p.add_argument("--cross-attn-every-n-layers", type=int)
+    p.add_argument("--decoder-layers-attr-name")
+    p.add_argument("--cache-dir")
+    p.add_argument("--include-backbones", action="store_true", help="copy the backbones into the output")
+    p.set_defaults(func=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

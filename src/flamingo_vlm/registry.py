@@ -1,0 +1,58 @@
+"""Named models: the released OpenFlamingo checkpoints (data only; building lives elsewhere).
+
+Each entry names its backbones and cross-attention interval, as OpenFlamingo's README does, plus
+the LM architecture as a config so tests can build every release on the meta device offline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class OpenFlamingoRelease:
+    repo_id: str
+    lang_encoder: str
+    tokenizer: str
+    cross_attn_every_n_layers: int
+    lm_config: dict = field(default_factory=dict)  # model_type + kwargs for AutoConfig.for_model
+    vision: str = "ViT-L-14"
+    vision_pretrained: str = "openai"
+    checkpoint_file: str = "checkpoint.pt"
+    # Released weights were trained on ViT tokens before ln_post (open_clip <= 2.22).
+    vision_tokens_ln_post: bool = False
+    paper_coco_4shot: float | None = None
+    paper_vqav2_4shot: float | None = None
+
+
+_MPT_1B = {"model_type": "mpt", "d_model": 2048, "n_heads": 16, "n_layers": 24, "expansion_ratio": 4,
+           "max_seq_len": 2048, "vocab_size": 50432, "no_bias": True}
+_MPT_7B = {"model_type": "mpt", "d_model": 4096, "n_heads": 32, "n_layers": 32, "expansion_ratio": 4,
+           "max_seq_len": 2048, "vocab_size": 50432, "no_bias": True}
+_RPJ_3B = {"model_type": "gpt_neox", "hidden_size": 2560, "num_attention_heads": 32, "num_hidden_layers": 32,
+           "intermediate_size": 10240, "vocab_size": 50432, "rotary_pct": 1.0, "use_parallel_residual": False,
+           "tie_word_embeddings": False, "max_position_embeddings": 2048}
+
+OPENFLAMINGO_RELEASES: dict[str, OpenFlamingoRelease] = {
+    r.repo_id: r
+    for r in [
+        OpenFlamingoRelease("openflamingo/OpenFlamingo-3B-vitl-mpt1b", "anas-awadalla/mpt-1b-redpajama-200b",
+                            "anas-awadalla/mpt-1b-redpajama-200b", 1, _MPT_1B, paper_coco_4shot=77.3, paper_vqav2_4shot=45.8),
+        OpenFlamingoRelease("openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct",
+                            "anas-awadalla/mpt-1b-redpajama-200b-dolly", "anas-awadalla/mpt-1b-redpajama-200b-dolly", 1,
+                            _MPT_1B, paper_coco_4shot=82.7, paper_vqav2_4shot=45.7),
+        OpenFlamingoRelease("openflamingo/OpenFlamingo-4B-vitl-rpj3b", "togethercomputer/RedPajama-INCITE-Base-3B-v1",
+                            "togethercomputer/RedPajama-INCITE-Base-3B-v1", 2, _RPJ_3B, paper_coco_4shot=81.8, paper_vqav2_4shot=49.0),
+        OpenFlamingoRelease("openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct",
+                            "togethercomputer/RedPajama-INCITE-Instruct-3B-v1", "togethercomputer/RedPajama-INCITE-Instruct-3B-v1", 2,
+                            _RPJ_3B, paper_coco_4shot=85.8, paper_vqav2_4shot=49.0),
+        OpenFlamingoRelease("openflamingo/OpenFlamingo-9B-vitl-mpt7b", "anas-awadalla/mpt-7b", "anas-awadalla/mpt-7b", 4,
+                            _MPT_7B, paper_coco_4shot=89.0, paper_vqav2_4shot=54.8),
+    ]
+}
+# The GPT-NeoX tokenizer these LMs share has 50277 tokens; OpenFlamingo adds 3 (eoc, image, pad).
+OPENFLAMINGO_TOKENIZER_LEN = 50277
+
+
+def get_release(name: str) -> OpenFlamingoRelease | None:
+    return OPENFLAMINGO_RELEASES.get(name)

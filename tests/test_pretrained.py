@@ -1,0 +1,202 @@
+"""Our format (save_pretrained/from_pretrained), the Hub path, the release registry, `convert`."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import flamingo_vlm.pretrained as pretrained
+from flamingo_vlm import FlamingoProcessor, load_pretrained
+from flamingo_vlm.checkpoints import CheckpointError, _state_key, load_openflamingo_checkpoint
+from flamingo_vlm.cli import main as cli_main
+from flamingo_vlm.modeling.flamingo import Flamingo
+from flamingo_vlm.modeling.vision import OpenCLIPVisionTransformer
+from flamingo_vlm.registry import OPENFLAMINGO_RELEASES, OPENFLAMINGO_TOKENIZER_LEN
+from tiny import random_images, tiny_flamingo
+
+
+def batch_for(model, image_processor, tokenizer):
+    processor = FlamingoProcessor(tokenizer, image_processor)
+    imgs = random_images(3)
+    return processor([("<image>a red car.<|endofchunk|><image>a", imgs[:2]), ("<image>a dog", imgs[2:])])
+
+
+def logits_of(model, batch):
+    with torch.no_grad():
+        return model(batch["vision_x"], batch["input_ids"], batch["attention_mask"]).logits
+
+
+def test_save_and_load_round_trip_embeds_random_backbones(tmp_path):
+    model, ip, tok = tiny_flamingo("llama", every=2)
+    batch = batch_for(model, ip, tok)
+    out = model.save_pretrained(tmp_path / "m", tokenizer=tok, image_processor=ip)
+    config = json.loads((out / "config.json").read_text())
+    assert config["lang_encoder"] == {"embedded": True} and config["vision_encoder"]["type"] == "open_clip"
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "model.safetensors")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable  # trainable weights only: no frozen matrix in the adapter file
+    loaded, ip2, tok2 = load_pretrained(out)
+    assert ip2 == ip and len(tok2) == len(tok)
+    torch.testing.assert_close(logits_of(loaded, batch), logits_of(model, batch), atol=1e-5, rtol=0)
+    a = model.generate(batch["vision_x"], batch["input_ids"], batch["attention_mask"], max_new_tokens=5)
+    b = loaded.generate(batch["vision_x"], batch["input_ids"], batch["attention_mask"], max_new_tokens=5)
+    assert a.tolist() == b.tolist()
+
+
+def test_referenced_lm_is_not_copied(tmp_path):
+    model, ip, tok = tiny_flamingo("gpt2")
+    lm_dir = tmp_path / "lm"
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=85, n_embd=32, n_layer=2, n_head=4))
+    base.save_pretrained(lm_dir)
+    tok_dir = tmp_path / "tok"
+    from tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tok_dir)
+    from flamingo_vlm import create_model_and_transforms
+    from tiny import randomize_gates, tiny_vision
+
+    model, ip, tok = create_model_and_transforms(tiny_vision(), None, str(lm_dir), str(tok_dir))
+    randomize_gates(model)
+    model.eval()
+    out = model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    config = json.loads((out / "config.json").read_text())
+    assert config["lang_encoder"] == {"path": str(lm_dir.resolve())}
+    assert not (out / "language_model").exists()
+    loaded, _, _ = load_pretrained(out)
+    batch = batch_for(model, ip, tok)
+    torch.testing.assert_close(logits_of(loaded, batch), logits_of(model, batch), atol=1e-5, rtol=0)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model, ip, tok = tiny_flamingo()
+    target = tmp_path / "m"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pretrained, "save_file", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        model.save_pretrained(target, tokenizer=tok)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_offline_hub_error_names_the_repo(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="someone/no-such-flamingo"):
+        load_pretrained("someone/no-such-flamingo", cache_dir=tmp_path)
+
+
+def test_loads_from_a_hub_snapshot_layout(tmp_path):
+    model, ip, tok = tiny_flamingo()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--org--tiny-flamingo"
+    model.save_pretrained(repo / "snapshots" / commit, tokenizer=tok, image_processor=ip)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    loaded, _, _ = load_pretrained("org/tiny-flamingo", cache_dir=tmp_path / "cache", local_files_only=True)
+    batch = batch_for(model, ip, tok)
+    torch.testing.assert_close(logits_of(loaded, batch), logits_of(model, batch), atol=1e-5, rtol=0)
+
+
+# -- OpenFlamingo checkpoints ------------------------------------------------------------------------
+def released_format(model) -> dict:
+    """What OpenFlamingo's training script saved: trainable params and every '*embed*' key."""
+    sd = model.state_dict()
+    keep = {k for k in sd if "embed" in k}
+    keep |= {_state_key(n) for n, p in model.named_parameters() if p.requires_grad}
+    return {k: sd[k].clone() for k in keep if not k.startswith("vision_encoder")}
+
+
+def test_openflamingo_checkpoint_shapes_load_and_validate():
+    src, _, _ = tiny_flamingo("mpt", seed=1)
+    dst, _, _ = tiny_flamingo("mpt", seed=2)
+    ckpt = released_format(src)
+    # DDP prefix + training-script wrapper.
+    report = load_openflamingo_checkpoint(dst, {"model_state_dict": {"module." + k: v for k, v in ckpt.items()}})
+    assert not report.missing_trainable and not report.unexpected
+    for name, p in src.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(dict(dst.named_parameters())[name], p)
+
+    broken = dict(ckpt)
+    key = next(k for k in broken if k.endswith("attn_gate"))
+    del broken[key]
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        dst.load_state_dict(broken, strict=False)
+
+    wrong = dict(ckpt)
+    wrong["perceiver.latents"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match="perceiver.latents"):
+        load_openflamingo_checkpoint(dst, wrong)
+
+    extra = dict(ckpt, **{"lang_encoder.not_a_param": torch.zeros(1)})
+    assert load_openflamingo_checkpoint(dst, extra).unexpected == ["lang_encoder.not_a_param"]
+
+
+def test_convert_cli_round_trip(tmp_path):
+    src, ip, tok = tiny_flamingo("llama", seed=3)
+    lm_dir, tok_dir = tmp_path / "lm", tmp_path / "tok"
+    # A backbone directory: the LM's own weights at the tokenizer's vocabulary.
+    lm = src.lang_encoder
+    plain = pretrained.plain_lm_state_dict(src)
+    lm.config.save_pretrained(lm_dir)
+    from safetensors.torch import save_file
+
+    save_file(plain, str(lm_dir / "model.safetensors"))
+    tok.save_pretrained(tok_dir)
+    vis_cfg = tmp_path / "vit.json"
+    c = src.vision_encoder.config
+    vis_cfg.write_text(json.dumps({"embed_dim": c["embed_dim"], "vision_cfg": {
+        "image_size": c["image_size"], "layers": c["layers"], "width": c["width"], "patch_size": c["patch_size"],
+        "head_width": c["width"] // c["heads"]}}))
+    vis_weights = tmp_path / "vit.pt"
+    torch.save({"visual." + k: v for k, v in src.vision_encoder.state_dict().items()}, vis_weights)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save(released_format(src), ckpt)
+    out = tmp_path / "converted"
+    assert cli_main(["convert", str(ckpt), "--out", str(out), "--vision", str(vis_cfg), "--vision-pretrained",
+                     str(vis_weights), "--lm", str(lm_dir), "--tokenizer", str(tok_dir)]) == 0
+    loaded, ip2, tok2 = load_pretrained(out)
+    batch = batch_for(src, ip2, tok2)
+    torch.testing.assert_close(logits_of(loaded, batch), logits_of(src, batch), atol=1e-5, rtol=0)
+
+
+# -- the released architectures, on the meta device -------------------------------------------------
+@pytest.mark.parametrize("repo_id", sorted(OPENFLAMINGO_RELEASES))
+def test_released_architectures_key_names_and_shapes(repo_id):
+    release = OPENFLAMINGO_RELEASES[repo_id]
+    spec = dict(release.lm_config)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
+        lm.resize_token_embeddings(OPENFLAMINGO_TOKENIZER_LEN + 3, mean_resizing=False)
+        vision = OpenCLIPVisionTransformer.from_open_clip_name(release.vision)
+        n = OPENFLAMINGO_TOKENIZER_LEN
+        model = Flamingo(vision, lm, eoc_token_id=n, media_token_id=n + 1, vis_dim=vision.hidden_size,
+                         cross_attn_every_n_layers=release.cross_attn_every_n_layers, pad_token_id=n + 2)
+    sd = model.state_dict()
+    assert sd["perceiver.latents"].shape == (64, 1024)
+    assert sd["perceiver.layers.5.0.to_kv.weight"].shape == (1024, 1024)
+    assert sd["perceiver.layers.0.1.1.weight"].shape == (4096, 1024)
+    every = release.cross_attn_every_n_layers
+    n_layers = spec.get("n_layers") or spec.get("num_hidden_layers")
+    d = spec.get("d_model") or spec.get("hidden_size")
+    path = "transformer.blocks" if release.lm_config["model_type"] == "mpt" else "gpt_neox.layers"
+    with_xattn = [i for i in range(n_layers) if f"lang_encoder.{path}.{i}.gated_cross_attn_layer.attn_gate" in sd]
+    assert with_xattn == [i for i in range(n_layers) if (i + 1) % every == 0]
+    k = with_xattn[-1]
+    prefix = f"lang_encoder.{path}.{k}.gated_cross_attn_layer."
+    assert sd[prefix + "attn_gate"].shape == (1,)
+    assert sd[prefix + "attn.to_q.weight"].shape == (512, d)
+    assert sd[prefix + "attn.to_kv.weight"].shape == (1024, 1024)
+    assert sd[prefix + "attn.to_out.weight"].shape == (d, 512)
+    assert sd[prefix + "ff.1.weight"].shape == (4 * d, d)
+    embed = "lang_encoder.transformer.wte.weight" if path.startswith("transformer") else "lang_encoder.gpt_neox.embed_in.weight"
+    assert sd[embed].shape == (50280, d)
+    if "gpt_neox" in path:  # released as embed_out, transformers 5 calls it lm_head
+        assert sd["lang_encoder.lm_head.weight"].shape == (50280, d)
+    assert f"lang_encoder.{path}.0.decoder_layer.attn.Wqkv.weight" in sd or f"lang_encoder.{path}.0.decoder_layer.attention.query_key_value.weight" in sd

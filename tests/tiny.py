@@ -1,0 +1,68 @@
+"""Tiny random models and tokenizers built in code (no downloads, no fixtures)."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from flamingo_vlm import create_model_and_transforms
+from flamingo_vlm.modeling.vision import OpenCLIPVisionTransformer
+
+WORDS = (
+    "a an the of and is in on to with image photo picture cat cats dog dogs car red blue green small big "
+    "two three one sink bathroom output question answer short yes no what colour shape circle square left right"
+).split()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(set("abcdefghijklmnopqrstuvwxyz.,:?!'0123456789")):
+        vocab.setdefault(ch, len(vocab))
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_vision(image_size: int = 32) -> OpenCLIPVisionTransformer:
+    return OpenCLIPVisionTransformer(image_size=image_size, patch_size=16, width=32, layers=1, heads=2, embed_dim=16)
+
+
+def tiny_lm(model_type: str = "llama", vocab_size: int = 128, **overrides):
+    defaults = {
+        "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128),
+        "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128),
+        "mpt": dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=128, expansion_ratio=2),
+    }[model_type]
+    defaults.update(overrides)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **defaults)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def randomize_gates(model) -> None:
+    with torch.no_grad():
+        for block in model.gated_cross_attn_layers():
+            block.attn_gate.uniform_(-1, 1)
+            block.ff_gate.uniform_(-1, 1)
+
+
+def tiny_flamingo(model_type: str = "llama", every: int = 1, seed: int = 0, **lm_overrides):
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    lm = tiny_lm(model_type, vocab_size=len(tokenizer), **lm_overrides)
+    model, image_processor, tokenizer = create_model_and_transforms(
+        tiny_vision(), None, lm, tokenizer, cross_attn_every_n_layers=every
+    )
+    randomize_gates(model)
+    return model.eval(), image_processor, tokenizer
+
+
+def random_images(n: int, seed: int = 0, size: int = 40):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (size, size + 8, 3), generator=g, dtype=torch.uint8).numpy() for _ in range(n)]
