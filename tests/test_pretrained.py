@@ -50,8 +50,10 @@ def test_save_and_load_round_trip_embeds_random_backbones(tmp_path):
 
 def test_referenced_lm_is_not_copied(tmp_path):
     model, ip, tok = tiny_flamingo("gpt2")
+    from tiny import tiny_tokenizer
+
     lm_dir = tmp_path / "lm"
-    base = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=85, n_embd=32, n_layer=2, n_head=4))
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=len(tiny_tokenizer()), n_embd=32, n_layer=2, n_head=4))
     base.save_pretrained(lm_dir)
     tok_dir = tmp_path / "tok"
     from tiny import tiny_tokenizer

@@ -1,0 +1,235 @@
+"""Generation, scoring, conditioning hygiene, masks, new-token training and the processor."""
+
+import threading
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from flamingo_vlm import FlamingoProcessor
+from tiny import random_images, tiny_flamingo
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_flamingo("llama", every=1, seed=0)
+
+
+def make_batch(model, ip, tok, seed=0):
+    imgs = random_images(3, seed=seed)
+    return FlamingoProcessor(tok, ip)(
+        [("<image>a red car.<|endofchunk|><image>a", imgs[:2]), ("<image>the dog is", imgs[2:])]
+    )
+
+
+def gen(model, batch, **kw):
+    return model.generate(batch["vision_x"], batch["input_ids"], batch["attention_mask"], **kw)
+
+
+class FailingStreamer(BaseStreamer):
+    def __init__(self, after):
+        self.calls, self.after = 0, after
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("client went away")
+
+    def end(self):
+        pass
+
+
+def test_exception_inside_generate_leaves_model_clean(llama):
+    model, ip, tok = llama
+    batch = make_batch(model, ip, tok)
+    ids = batch["input_ids"][:1]
+    with torch.no_grad():
+        text_only_before = model.lang_encoder(input_ids=ids).logits
+    expected = gen(model, batch, max_new_tokens=6)
+    with pytest.raises(RuntimeError, match="client went away"):
+        model.generate(batch["vision_x"][:1], ids, streamer=FailingStreamer(after=3), max_new_tokens=6)
+    assert model._slot.get() is None
+    with torch.no_grad():
+        torch.testing.assert_close(model.lang_encoder(input_ids=ids).logits, text_only_before)
+    assert gen(model, batch, max_new_tokens=6).tolist() == expected.tolist()
+
+
+def test_two_models_in_two_threads_do_not_interfere():
+    models = [tiny_flamingo("llama", seed=s) for s in (1, 2)]
+    batches = [make_batch(m, ip, tok, seed=i) for i, (m, ip, tok) in enumerate(models)]
+    expected = [gen(m, b, max_new_tokens=8).tolist() for (m, _, _), b in zip(models, batches)]
+    results, errors = [[], []], []
+
+    def work(i):
+        try:
+            for _ in range(4):
+                results[i].append(gen(models[i][0], batches[i], max_new_tokens=8).tolist())
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results[0] == [expected[0]] * 4 and results[1] == [expected[1]] * 4
+
+
+def test_sampling_return_sequences_keep_each_rows_images(llama):
+    model, ip, tok = llama
+    batch = make_batch(model, ip, tok)
+    greedy = gen(model, batch, max_new_tokens=6)
+    # top_k=1 sampling is greedy: each returned sequence must match its own row's greedy output.
+    sampled = gen(model, batch, max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=3)
+    assert sampled.shape[0] == 6
+    assert sampled.tolist() == greedy.repeat_interleave(3, 0).tolist()
+    free = gen(model, batch, max_new_tokens=6, do_sample=True, top_p=0.9, temperature=1.5, num_return_sequences=2,
+               repetition_penalty=1.3)
+    assert free.shape[0] == 4
+
+
+def test_image_and_pad_are_never_generated(llama):
+    model, ip, tok = llama
+    batch = make_batch(model, ip, tok)
+    with torch.no_grad():  # make <image> the most likely token everywhere
+        model.lang_encoder.lm_head.weight[model.media_token_id] *= 50
+    try:
+        out = gen(model, batch, max_new_tokens=8)[:, batch["input_ids"].shape[1]:]
+        assert model.media_token_id not in out.tolist()[0] + out.tolist()[1]
+        allowed = gen(model, batch, max_new_tokens=8, allow_image_tokens=True)[:, batch["input_ids"].shape[1]:]
+        assert model.media_token_id in allowed.flatten().tolist()
+    finally:
+        with torch.no_grad():
+            model.lang_encoder.lm_head.weight[model.media_token_id] /= 50
+
+
+def test_stop_strings_and_streamer(llama):
+    model, ip, tok = llama
+    batch = make_batch(model, ip, tok)
+    one = {k: v[:1] for k, v in batch.items()}
+    n = one["input_ids"].shape[1]
+    full = gen(model, one, max_new_tokens=8)[0, n:]
+    k = next(i for i in range(1, len(full)) if "\ufffd" not in tok.decode([int(full[i])]))
+    stop = tok.decode([int(full[k])])
+    stopped = gen(model, one, max_new_tokens=8, stop_strings=[stop], tokenizer=tok)[0, n:]
+    assert len(stopped) <= k + 1 < len(full) and stopped.tolist() == full[: len(stopped)].tolist()
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens.extend(value.flatten().tolist())
+
+        def end(self):
+            pass
+
+    streamer = Collect()
+    out = gen(model, one, max_new_tokens=8, streamer=streamer)
+    assert streamer.tokens == out[0].tolist()  # the prompt first, then each new token
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mpt"])
+def test_score_matches_one_forward_per_candidate(family):
+    model, ip, tok = tiny_flamingo(family, seed=4)
+    batch = make_batch(model, ip, tok)
+    cands = [tok(c, add_special_tokens=False).input_ids for c in ["a red car", "dog", "two small cats .", "no"]]
+    scores = model.score(batch["vision_x"], batch["input_ids"], cands, batch["attention_mask"], chunk_size=3)
+    for r in range(2):
+        ctx = batch["input_ids"][r][batch["attention_mask"][r].bool()].view(1, -1)
+        for j, c in enumerate(cands):
+            full = torch.cat([ctx, torch.tensor([c])], 1)
+            with torch.no_grad():
+                lp = model(batch["vision_x"][r : r + 1], full).logits.log_softmax(-1)[0]
+            brute = sum(lp[ctx.shape[1] - 1 + k, t] for k, t in enumerate(c))
+            assert abs(scores[r, j].item() - brute.item()) < 1e-4
+    # No candidate's score depends on the others (OpenFlamingo's reused cache made it so).
+    reversed_scores = model.score(batch["vision_x"], batch["input_ids"], cands[::-1], batch["attention_mask"])
+    torch.testing.assert_close(reversed_scores.flip(1), scores, atol=1e-5, rtol=0)
+    normalized = model.score(batch["vision_x"], batch["input_ids"], cands, batch["attention_mask"], normalize=True)
+    lengths = torch.tensor([len(c) for c in cands], dtype=torch.float)
+    torch.testing.assert_close(normalized, scores / lengths, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("immediate", [True, False])
+def test_media_masks(immediate):
+    """At a cross-attention layer: which image latents each token's output depends on."""
+    from flamingo_vlm.modeling.cross_attention import GatedCrossAttentionBlock
+
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(dim=32, dim_visual=16, dim_head=8, heads=2, only_attend_immediate_media=immediate)
+    torch.nn.init.ones_(block.attn_gate)
+    torch.nn.init.zeros_(block.ff_gate)  # look at the attention branch alone
+    x = torch.randn(1, 6, 32)
+    text_media = torch.tensor([[0, 0, 1, 1, 2, 2]])  # two tokens before any image, then image 1, image 2
+    media = torch.randn(1, 2, 4, 16)
+
+    def run(m):
+        return block(x, block.attn.image_keys_values(m), text_media, num_media=2) - x
+
+    base = run(media)
+    assert (base[0, :2] == 0).all()  # no image yet: exactly zero, in both modes
+    other_first = media.clone()
+    other_first[0, 0] = torch.randn(4, 16)
+    alt = run(other_first)
+    assert not torch.allclose(alt[0, 2:4], base[0, 2:4])  # tokens of image 1 see it
+    # Tokens after image 2 see only image 2 (immediate) or images 1 and 2 (all previous).
+    assert torch.allclose(alt[0, 4:], base[0, 4:]) == immediate
+    other_second = media.clone()
+    other_second[0, 1] = torch.randn(4, 16)
+    torch.testing.assert_close(run(other_second)[0, :4], base[0, :4])  # nobody sees a future image
+
+
+def test_new_token_rows_are_the_only_trainable_embedding_rows():
+    model, ip, tok = tiny_flamingo("mpt", seed=7)  # tied embeddings: the rows serve input and output
+    model.train()
+    emb = model.lang_encoder.get_input_embeddings()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith("perceiver.") or "gated_cross_attn_layer" in n or n.endswith("new_weight") for n in trainable)
+    emb_params = [p for n, p in trainable.items() if n.endswith("new_weight")]
+    assert len(emb_params) == 1 and emb_params[0].shape == (2, emb.weight.shape[1])
+    before = model.state_dict()["lang_encoder.transformer.wte.weight"].clone()
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    batch = FlamingoProcessor(tok, ip)([("<image>a red car.<|endofchunk|>", random_images(1))], padding_side="right",
+                                       return_labels=True)
+    loss = model(batch["vision_x"], batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+    loss.backward()
+    assert emb.weight.grad is None and emb_params[0].grad is not None
+    opt.step()
+    state_elems = sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
+    assert state_elems == 2 * sum(p.numel() for p in trainable.values())
+    after = model.state_dict()["lang_encoder.transformer.wte.weight"]
+    changed = (after != before).any(1).nonzero().flatten().tolist()
+    assert changed == sorted([model.eoc_token_id, model.media_token_id])
+
+
+def test_video_frames_need_frame_embeddings():
+    from flamingo_vlm import create_model_and_transforms
+    from tiny import tiny_lm, tiny_tokenizer, tiny_vision
+
+    tok = tiny_tokenizer()
+    model, ip, tok = create_model_and_transforms(tiny_vision(), None, tiny_lm(vocab_size=len(tok)), tok,
+                                                 perceiver_kwargs={"max_num_frames": 4})
+    ids = tok("<image> a cat", return_tensors="pt").input_ids
+    video = torch.randn(1, 1, 3, 3, 32, 32)
+    assert model(video, ids).logits.shape[:2] == ids.shape
+    plain, _, _ = tiny_flamingo()
+    with pytest.raises(ValueError, match="max_num_frames"):
+        plain(video, ids)
+
+
+def test_processor_errors_name_the_sample(llama):
+    model, ip, tok = llama
+    proc = FlamingoProcessor(tok, ip)
+    with pytest.raises(ValueError, match="sample 1 has 2 <image> marker"):
+        proc([("<image>a", random_images(1)), ("<image>a<image>b", random_images(1))])
+    with pytest.raises(ValueError, match="vision_x must have shape"):
+        model(torch.zeros(1, 3, 32, 32), torch.ones(1, 3, dtype=torch.long))
+    batch = proc([("<image>a red car", random_images(1)), ("<image>a<image>b<image>c", random_images(3))],
+                 padding_side="right", return_labels=True)
+    assert batch["vision_x"].shape[:2] == (2, 3) and batch["vision_x"][0, 1:].abs().sum() == 0
+    labels = batch["labels"]
+    assert (labels[batch["input_ids"] == model.media_token_id] == -100).all()
+    assert (labels[batch["attention_mask"] == 0] == -100).all()
+    assert batch["attention_mask"][0, 0] == 1  # right padding
