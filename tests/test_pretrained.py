@@ -202,3 +202,32 @@ def test_released_architectures_key_names_and_shapes(repo_id):
     if "gpt_neox" in path:  # released as embed_out, transformers 5 calls it lm_head
         assert sd["lang_encoder.lm_head.weight"].shape == (50280, d)
     assert f"lang_encoder.{path}.0.decoder_layer.attn.Wqkv.weight" in sd or f"lang_encoder.{path}.0.decoder_layer.attention.query_key_value.weight" in sd
+
+
+def test_mosaic_gpt_checkpoint_maps_onto_transformers_mpt(tmp_path):
+    """OpenFlamingo-3B's LM is a remote-code MosaicGPT; its weights load into MptForCausalLM."""
+    from flamingo_vlm.lm_loading import load_causal_lm
+    from tiny import tiny_lm
+
+    mpt = tiny_lm("mpt", vocab_size=64)
+    renames = {".norm_1.": ".ln_1.", ".norm_2.": ".ln_2.", ".ffn.up_proj.": ".mlp.mlp_up.",
+               ".ffn.down_proj.": ".mlp.mlp_down.", "transformer.norm_f.": "transformer.ln_f."}
+    sd = {}
+    for key, value in mpt.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        for new, old in renames.items():
+            key = key.replace(new, old)
+        sd[key] = value
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "mosaic_gpt", "d_model": 32, "n_heads": 4, "n_layers": 2, "mlp_ratio": 4, "max_seq_len": 128,
+        "vocab_size": 64, "alibi": True, "alibi_bias_max": 8}))
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    loaded = load_causal_lm(str(tmp_path))
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, mpt.eval()(ids).logits)
+    del sd["transformer.blocks.0.ln_1.weight"]
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="norm_1"):
+        load_causal_lm(str(tmp_path))

@@ -67,11 +67,10 @@ def build_vision_encoder(
 def build_language_model(path, *, cache_dir=None, use_local_files=False, dtype=None, **kwargs) -> nn.Module:
     if isinstance(path, nn.Module):
         return path
-    from transformers import AutoModelForCausalLM
+    from .lm_loading import load_causal_lm
 
-    return AutoModelForCausalLM.from_pretrained(
-        path, cache_dir=cache_dir, local_files_only=use_local_files, dtype=dtype or torch.float32, **kwargs
-    )
+    return load_causal_lm(str(path), cache_dir=cache_dir, local_files_only=use_local_files,
+                          dtype=dtype or torch.float32, **kwargs)
 
 
 def build_tokenizer(path, *, cache_dir=None, use_local_files=False):

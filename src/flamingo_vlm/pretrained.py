@@ -261,9 +261,9 @@ def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
     if lm_spec.get("embedded"):
         lm = AutoModelForCausalLM.from_pretrained(directory / "language_model", dtype=torch.float32)
     else:
-        lm = AutoModelForCausalLM.from_pretrained(
-            lm_spec["path"], cache_dir=cache_dir, local_files_only=local_files_only, dtype=torch.float32
-        )
+        from .lm_loading import load_causal_lm
+
+        lm = load_causal_lm(lm_spec["path"], cache_dir=cache_dir, local_files_only=local_files_only)
     model = assemble(vision, lm, tokenizer, config)
     if not lm_spec.get("embedded"):
         rows = load_file(str(directory / "added_token_rows.safetensors"))
