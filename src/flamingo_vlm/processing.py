@@ -1,8 +1,9 @@
 """Interleaved image/text prompts -> batched tensors for :class:`~flamingo_vlm.Flamingo`.
 
-A sample is either a list of items in reading order (``str`` text and images), or a pair
-``(text, images)`` whose text marks each image with ``<image>``. Images are PIL images, numpy
-arrays, paths, or already-preprocessed tensors (C,H,W) / video (F,C,H,W).
+A sample is either a list of items in reading order (``str`` text, images, or ``{"text": ...}`` /
+``{"image": ...}`` dicts), or a pair ``(text, images)`` whose text marks each image with
+``<image>``. Images are PIL images, numpy arrays, ``pathlib.Path`` files, or already-preprocessed
+tensors (C,H,W) / video (F,C,H,W). A plain ``str`` is always text.
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ class FlamingoProcessor:
         elif isinstance(sample, (list, tuple)):
             parts, images = [], []
             for item in sample:
-                if isinstance(item, str) and not Path(item).suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}:
-                    parts.append(item)
-                elif _is_image(item) or isinstance(item, str):
+                if isinstance(item, dict) and len(item) == 1 and ("text" in item or "image" in item):
+                    item = item.get("text", Path(item["image"]) if isinstance(item.get("image"), str) else item.get("image"))
+                if isinstance(item, str):
+                    parts.append(item)  # strings are always text; pass images as PIL/array/tensor/Path
+                elif _is_image(item):
                     parts.append(MEDIA_TOKEN)
                     images.append(item)
                 else:
