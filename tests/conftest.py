@@ -26,6 +26,15 @@ def reference_dir() -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    # Tiny models run fastest on one thread, and it keeps CI runs from fighting over cores.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
