@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.add_argument("--include-backbones", action="store_true", help="copy the backbones into the output")
     p.set_defaults(func=_convert)
+
+    from .data.custom import add_data_subcommand
+
+    add_data_subcommand(sub)
     return parser
 
 

@@ -1,0 +1,431 @@
+"""Your own data -> webdataset shards that :class:`~flamingo_vlm.data.ShardDataset` trains on.
+
+Sources
+-------
+* a JSONL file, one document per line, in either form (image paths relative to the JSONL's folder,
+  or absolute)::
+
+      {"items": [{"image": "imgs/a.png"}, {"text": "A cat."}, {"image": "imgs/b.png"}, {"text": "A dog."}]}
+      {"text": "Intro. <image>A cat. <image>A dog.", "images": ["imgs/a.png", "imgs/b.png"]}
+
+* a folder of images (searched recursively) each with a same-named ``.txt`` caption
+  (``cat.png`` + ``cat.txt``).
+
+Output
+------
+* ``kind="pairs"``: LAION-style samples ``<key>.jpg|png|webp`` + ``<key>.txt`` (one image followed
+  by its caption). Other image formats are re-encoded to PNG.
+* ``kind="interleaved"``: MMC4-style ``<key>.json`` documents: ``text_list`` (the text items),
+  ``image_info`` (``image_name``, ``matched_text_index``, ``matched_sim``, ``image_base64``) and a
+  ``similarity_matrix`` (images x sentences) of 1.0 on each image's matched sentence (the text
+  right after it; an empty sentence when another image or the end follows) and 0.0 elsewhere.
+* ``kind="auto"``: pairs when every document is one image followed by text, interleaved otherwise.
+
+Shards are named ``<kind>-000000.tar`` ...; each is written under a temporary name then renamed, so
+a reader never sees a half-written shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..processing import MEDIA_TOKEN
+from .preprocess import IMAGE_EXTS, clean_text, decode_image, pair_text, plan_interleaved
+from .shards import expand_urls, iter_raw_samples
+
+__all__ = ["add_data_subcommand", "inspect_shards", "read_source", "write_shards"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_SHARD_NAME = re.compile(r"^(pairs|interleaved)-\d{6}\.tar$")
+
+
+@dataclass
+class Document:
+    """A source document: ``("text", str)`` and ``("image", Path)`` items in reading order."""
+
+    items: list[tuple[str, object]]
+    origin: str  # "file.jsonl:line" or the image path, for messages
+
+    @property
+    def n_images(self) -> int:
+        return sum(kind == "image" for kind, _ in self.items)
+
+    def is_pair(self) -> bool:
+        """One image first, then text."""
+        return (
+            self.n_images == 1
+            and self.items[0][0] == "image"
+            and any(kind == "text" and str(v).strip() for kind, v in self.items[1:])
+        )
+
+
+class SourceError(ValueError):
+    pass
+
+
+# -- reading sources --------------------------------------------------------------------------------
+def _parse_record(rec, base: Path, origin: str) -> Document:
+    if not isinstance(rec, dict):
+        raise SourceError(f"{origin}: expected a JSON object, got {type(rec).__name__}")
+    items: list[tuple[str, object]] = []
+    if "items" in rec:
+        if not isinstance(rec["items"], list):
+            raise SourceError(f"{origin}: 'items' must be a list")
+        for it in rec["items"]:
+            if isinstance(it, dict) and isinstance(it.get("image"), str) and "text" not in it:
+                items.append(("image", base / it["image"]))
+            elif isinstance(it, dict) and isinstance(it.get("text"), str) and "image" not in it:
+                items.append(("text", it["text"]))
+            else:
+                raise SourceError(f"{origin}: each item must be {{'image': path}} or {{'text': str}}, got {it!r}")
+    elif "text" in rec:
+        text, images = rec["text"], rec.get("images", [])
+        if not isinstance(text, str) or not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise SourceError(f"{origin}: 'text' must be a string and 'images' a list of paths")
+        parts = text.split(MEDIA_TOKEN)
+        if len(parts) - 1 != len(images):
+            raise SourceError(f"{origin}: {len(parts) - 1} {MEDIA_TOKEN} marker(s) but {len(images)} image(s)")
+        if parts[0].strip():
+            items.append(("text", parts[0]))
+        for path, part in zip(images, parts[1:]):
+            items.append(("image", base / path))
+            if part.strip():
+                items.append(("text", part))
+    else:
+        raise SourceError(f"{origin}: expected an 'items' list or 'text' (+ 'images')")
+    items = [(k, clean_text(v).strip()) if k == "text" else (k, v) for k, v in items]
+    items = [(k, v) for k, v in items if k == "image" or v]
+    if not items:
+        raise SourceError(f"{origin}: empty document")
+    return Document(items, origin)
+
+
+def read_source(source: str | os.PathLike, stats: Counter | None = None, strict: bool = False) -> list[Document]:
+    """Parse a JSONL file or an image/caption folder into documents (images are not read yet)."""
+    stats = stats if stats is not None else Counter()
+    source = Path(source)
+    docs: list[Document] = []
+    if source.is_file():
+        with open(source, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                origin = f"{source}:{lineno}"
+                try:
+                    docs.append(_parse_record(json.loads(line), source.parent, origin))
+                except (ValueError, SourceError) as e:
+                    if strict:
+                        raise SourceError(str(e) if isinstance(e, SourceError) else f"{origin}: bad JSON ({e})") from e
+                    stats["bad_records"] += 1
+                    logger.warning("skipping %s", e if isinstance(e, SourceError) else f"{origin}: bad JSON ({e})")
+    elif source.is_dir():
+        for path in sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+            cap = path.with_suffix(".txt")
+            if not cap.is_file():
+                if strict:
+                    raise SourceError(f"{path}: no caption file {cap.name}")
+                stats["missing_caption"] += 1
+                continue
+            text = clean_text(cap.read_text(encoding="utf-8", errors="replace")).strip()
+            if not text:
+                stats["empty_caption"] += 1
+                continue
+            docs.append(Document([("image", path), ("text", text)], str(path)))
+    else:
+        raise FileNotFoundError(f"data source not found: {source} (expected a .jsonl file or a folder of images)")
+    stats["documents"] += len(docs)
+    return docs
+
+
+# -- encoding -----------------------------------------------------------------------------------------
+def _image_bytes(path: Path) -> tuple[bytes, str]:
+    """The file's bytes and webdataset extension; formats outside jpg/png/webp are re-encoded as PNG.
+    Raises ``ValueError`` if the file is missing or not a decodable image."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    image = decode_image(data)  # raises ValueError when undecodable
+    with Image.open(io.BytesIO(data)) as im:
+        fmt = im.format
+    ext = _KEEP_FORMATS.get(fmt or "")
+    if ext is None:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data, ext = buf.getvalue(), "png"
+    return data, ext
+
+
+def _pair_sample(doc: Document, key: str) -> dict:
+    data, ext = _image_bytes(doc.items[0][1])
+    caption = " ".join(str(v) for k, v in doc.items[1:] if k == "text")
+    return {"__key__": key, ext: data, "txt": caption.encode("utf-8")}
+
+
+def _interleaved_sample(doc: Document, key: str) -> dict:
+    sentences: list[str] = []
+    matches: list[tuple[Path, int]] = []
+    items, i = doc.items, 0
+    while i < len(items):
+        kind, value = items[i]
+        if kind == "text":
+            sentences.append(str(value))
+            i += 1
+            continue
+        if i + 1 < len(items) and items[i + 1][0] == "text":
+            sentences.append(str(items[i + 1][1]))
+            i += 2
+        else:  # an image followed by another image or the end: give it an empty sentence
+            sentences.append("")
+            i += 1
+        matches.append((Path(value), len(sentences) - 1))
+    image_info, sim = [], []
+    for path, s in matches:
+        data, _ = _image_bytes(path)
+        image_info.append({
+            "image_name": path.name,
+            "matched_text_index": s,
+            "matched_sim": 1.0,
+            "image_base64": base64.b64encode(data).decode("ascii"),
+        })
+        sim.append([1.0 if j == s else 0.0 for j in range(len(sentences))])
+    doc_json = {"text_list": sentences, "image_info": image_info, "similarity_matrix": sim}
+    return {"__key__": key, "json": json.dumps(doc_json, ensure_ascii=False).encode("utf-8")}
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def write_shards(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    kind: str = "auto",
+    samples_per_shard: int = 1000,
+    *,
+    overwrite: bool = False,
+    strict: bool = False,
+    stats: Counter | None = None,
+) -> list[Path]:
+    """Write ``source`` (JSONL file or image/caption folder) as webdataset shards in ``out_dir``.
+
+    Documents whose images are missing or undecodable are skipped and counted in ``stats``
+    (``strict=True`` raises instead). ``out_dir`` must not already hold ``*.tar`` files unless
+    ``overwrite`` (which removes the earlier ``pairs-*.tar``/``interleaved-*.tar`` shards).
+    Returns the shard paths.
+    """
+    if kind not in ("auto", "pairs", "interleaved"):
+        raise ValueError(f"kind must be 'auto', 'pairs' or 'interleaved', got {kind!r}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    import webdataset as wds
+
+    stats = stats if stats is not None else Counter()
+    docs = read_source(source, stats, strict=strict)
+    if not docs:
+        raise ValueError(f"no documents found in {source}")
+    if kind == "auto":
+        kind = "pairs" if all(d.is_pair() for d in docs) else "interleaved"
+    elif kind == "pairs":
+        bad = [d for d in docs if not d.is_pair()]
+        if bad:
+            raise SourceError(
+                f"{len(bad)} document(s) are not one image followed by a caption (first: {bad[0].origin}); "
+                "write them with kind='interleaved'"
+            )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob("*.tar"))
+    if existing:
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds {len(existing)} .tar file(s); pass overwrite=True (--overwrite)")
+        for p in existing:
+            if _SHARD_NAME.match(p.name):
+                p.unlink()
+
+    make = _pair_sample if kind == "pairs" else _interleaved_sample
+    paths: list[Path] = []
+    writer = tmp = f = None
+    count = 0
+
+    def close():
+        nonlocal writer, tmp, f
+        if writer is not None:
+            writer.close()
+            f.close()
+            final = tmp.with_name(tmp.name[: -len(".tmp")])
+            os.replace(tmp, final)
+            paths.append(final)
+            writer = tmp = f = None
+
+    try:
+        for doc in docs:
+            try:
+                sample = make(doc, f"{stats['written']:09d}")
+            except ValueError as e:
+                if strict:
+                    raise SourceError(f"{doc.origin}: {e}") from e
+                stats["bad_images"] += 1
+                logger.warning("skipping %s: %s", doc.origin, e)
+                continue
+            if writer is None:
+                tmp = out / f"{kind}-{len(paths):06d}.tar.tmp"
+                f = open(tmp, "wb")
+                writer = wds.TarWriter(f, encoder=False, mtime=0)
+                count = 0
+            writer.write(sample)
+            stats["written"] += 1
+            stats["images"] += doc.n_images
+            count += 1
+            if count >= samples_per_shard:
+                close()
+        close()
+    finally:
+        if writer is not None:  # an exception left a shard half-written
+            writer.close()
+            f.close()
+            tmp.unlink(missing_ok=True)
+    stats["shards"] = len(paths)
+    return paths
+
+
+# -- inspecting ---------------------------------------------------------------------------------------
+def _describe(raw: dict, threshold: float) -> tuple[str, str, list[tuple[int, int]], int]:
+    """(kind, text, image sizes, corrupt images) of one raw sample; raises ValueError if corrupt."""
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is not None and "txt" in raw:  # a pair (LAION shards also carry a metadata json)
+        image = decode_image(raw[ext])
+        return "pairs", pair_text(clean_text(raw["txt"].decode("utf-8"))), [image.size], 0
+    if "json" in raw:
+        doc = json.loads(raw["json"])
+        sentences, info, sim = doc["text_list"], doc["image_info"], doc["similarity_matrix"]
+        sim = np.asarray(sim, dtype=np.float64)
+        if sim.shape != (len(info), len(sentences)):
+            raise ValueError(f"similarity_matrix shape {sim.shape} != ({len(info)}, {len(sentences)})")
+        sizes, available, bad = [], [], 0
+        for im in info:
+            try:
+                image = decode_image(base64.b64decode(im["image_base64"]))
+                sizes.append(image.size)
+                available.append(True)
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+                available.append(False)
+        plan = plan_interleaved([clean_text(s) for s in sentences], sim, available,
+                                threshold=threshold, max_images=len(info) or 1)
+        return "interleaved", plan.text, sizes, bad
+    raise ValueError(f"neither a pair (image + txt) nor a json document: {sorted(k for k in raw if k[0] != '_')}")
+
+
+def inspect_shards(urls: str | Iterable[str], n: int = 3, *, similarity_threshold: float = 0.24) -> dict:
+    """Read every sample of the shards (decoding all images) and summarise them.
+
+    Returns ``{"shards", "samples", "kinds", "images", "images_per_sample", "corrupt",
+    "images_corrupt", "shard_read_errors", "examples"}``; ``examples`` holds the first ``n`` samples'
+    Flamingo text (``<image>`` markers, without eos; interleaved documents after matching with
+    ``similarity_threshold``) and image sizes.
+    """
+    shards = expand_urls(urls)
+    read_stats: Counter = Counter()
+    kinds: Counter = Counter()
+    per_sample: Counter = Counter()
+    examples: list[dict] = []
+    samples = images = corrupt = images_corrupt = 0
+    for url in shards:
+        for raw in iter_raw_samples(url, read_stats):
+            samples += 1
+            try:
+                kind, text, sizes, bad = _describe(raw, similarity_threshold)
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                corrupt += 1
+                logger.info("corrupt sample %s in %s: %s", raw.get("__key__"), url, e)
+                continue
+            kinds[kind] += 1
+            images += len(sizes)
+            images_corrupt += bad
+            per_sample[len(sizes)] += 1
+            if len(examples) < n:
+                examples.append({"shard": url, "key": raw["__key__"], "kind": kind, "text": text,
+                                 "images": len(sizes), "image_sizes": [list(s) for s in sizes]})
+    return {
+        "shards": len(shards),
+        "samples": samples,
+        "kinds": dict(kinds),
+        "images": images,
+        "images_per_sample": dict(sorted(per_sample.items())),
+        "corrupt": corrupt,
+        "images_corrupt": images_corrupt,
+        "shard_read_errors": read_stats["shard_read_errors"],
+        "examples": examples,
+    }
+
+
+# -- command line -------------------------------------------------------------------------------------
+def _cmd_write(args: argparse.Namespace) -> int:
+    stats: Counter = Counter()
+    paths = write_shards(args.source, args.out_dir, kind=args.kind, samples_per_shard=args.samples_per_shard,
+                         overwrite=args.overwrite, strict=args.strict, stats=stats)
+    kind = paths[0].name.split("-")[0] if paths else args.kind
+    for p in paths:
+        print(p)
+    skipped = {k: v for k, v in stats.items() if k in ("bad_records", "missing_caption", "empty_caption", "bad_images")}
+    print(f"wrote {stats['written']} {kind} sample(s) with {stats['images']} image(s) in {len(paths)} shard(s)"
+          + (f"; skipped {skipped}" if skipped else ""))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    summary = inspect_shards(args.urls, n=args.n, similarity_threshold=args.similarity_threshold)
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{summary['shards']} shard(s), {summary['samples']} sample(s): {summary['kinds']}")
+    print(f"images: {summary['images']} (per sample: {summary['images_per_sample']})")
+    print(f"corrupt samples: {summary['corrupt']}, corrupt images: {summary['images_corrupt']}, "
+          f"damaged shards: {summary['shard_read_errors']}")
+    for ex in summary["examples"]:
+        print(f"- [{ex['kind']}] {ex['key']} ({ex['images']} image(s) {ex['image_sizes']}): {ex['text']!r}")
+    return 0
+
+
+def add_data_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register ``data write`` and ``data inspect`` on an argparse subparsers object.
+
+    The handlers are stored as ``func`` (they take the parsed namespace and return an exit code).
+    """
+    p = subparsers.add_parser("data", help="write and inspect webdataset training shards",
+                              description="Write webdataset training shards from your own data, and inspect shards.")
+    sub = p.add_subparsers(dest="data_command", required=True)
+
+    w = sub.add_parser("write", help="JSONL of interleaved image paths and text, or a folder of images + .txt "
+                                     "captions -> webdataset shards")
+    w.add_argument("source", help="a .jsonl file or a folder of images with same-named .txt captions")
+    w.add_argument("out_dir", help="output folder for the shards")
+    w.add_argument("--kind", choices=("auto", "pairs", "interleaved"), default="auto",
+                   help="pairs (image + caption, LAION style) or interleaved (MMC4-style json); auto picks pairs "
+                        "when every document is one image followed by text")
+    w.add_argument("--samples-per-shard", type=int, default=1000)
+    w.add_argument("--overwrite", action="store_true", help="replace shards already in out_dir")
+    w.add_argument("--strict", action="store_true", help="fail on a bad record or image instead of skipping it")
+    w.set_defaults(func=_cmd_write)
+
+    i = sub.add_parser("inspect", help="summarise shards: counts, images, corrupt samples, example texts")
+    i.add_argument("urls", nargs="+", help="shards: paths, globs, brace ranges or folders")
+    i.add_argument("-n", type=int, default=3, help="example samples to show")
+    i.add_argument("--similarity-threshold", type=float, default=0.24)
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(func=_cmd_inspect)
+    return p
