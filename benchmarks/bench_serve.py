@@ -1,0 +1,243 @@
+#!/usr/bin/env python
+"""Load test for ``flamingo-vlm serve``: latency p50/p99 and throughput at concurrency 1, 4 and 16.
+
+By default it builds a small random-weights model (LLaMA-style LM: 4 layers, hidden 256; a
+64-pixel ViT; cross-attention every layer), saves it to a temporary directory, starts the real
+server on it in a subprocess (``python -m flamingo_vlm.serve``, loopback only, a free port), and
+drives it with an asyncio ``httpx`` client. Every request is a few-shot chat completion with two
+images (data URLs), greedy, 16 new tokens (the model is built so that it never ends early, so
+every request does the same work). The demonstration's image is the same in every request (its
+encoding comes from the server's image cache), the query's image is new in each. Concurrency 1 is sequential serving; higher concurrency is
+served with dynamic batching, and the table shows the server's batch sizes.
+
+Usage::
+
+    PYTHONPATH=src python benchmarks/bench_serve.py                 # ~1 minute on 2 CPU cores
+    PYTHONPATH=src python benchmarks/bench_serve.py --quick         # smoke run (seconds)
+    PYTHONPATH=src python benchmarks/bench_serve.py --model DIR     # a saved model instead
+    PYTHONPATH=src python benchmarks/bench_serve.py --url http://127.0.0.1:8000   # a running server
+
+Results: a markdown table on stdout and in ``benchmarks/results/serve.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:
+    sys.path.insert(0, str(REPO / "src"))
+
+import httpx  # noqa: E402
+
+
+def build_small_model(directory: Path) -> Path:
+    """A small random Flamingo whose LM never writes <|endofchunk|> or its eos (fixed-length answers)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from flamingo_vlm import create_model_and_transforms
+    from flamingo_vlm.modeling.vision import OpenCLIPVisionTransformer
+
+    torch.manual_seed(0)
+    corpus = ["an image of two cats on a sofa. a red car parked on the street. a dog in the park. "
+              "Output: Question: what colour is it? Short answer: red blue green yellow"] * 8
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                                  max_position_embeddings=512)
+    lm = AutoModelForCausalLM.from_config(config)
+    vision = OpenCLIPVisionTransformer(image_size=64, patch_size=16, width=128, layers=2, heads=4, embed_dim=64)
+    model, image_processor, tokenizer = create_model_and_transforms(vision, None, lm, tokenizer,
+                                                                    cross_attn_every_n_layers=1)
+    with torch.no_grad():
+        for block in model.gated_cross_attn_layers():
+            block.attn_gate.uniform_(-1, 1)
+            block.ff_gate.uniform_(-1, 1)
+        head = model.lang_encoder.get_output_embeddings()
+        for name in ("<|endofchunk|>", "<|endoftext|>"):
+            head.weight[tokenizer.convert_tokens_to_ids(name)] = 0  # logit 0: never the argmax in practice
+    return model.save_pretrained(directory, tokenizer=tokenizer, image_processor=image_processor)
+
+
+def images(n: int) -> list[str]:
+    import numpy as np
+
+    from flamingo_vlm.serve.testing import data_url
+
+    rng = np.random.default_rng(0)
+    return [data_url(rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def request_body(model: str, urls: list[str], i: int, max_tokens: int) -> dict:
+    # The demonstration's image is the same in every request (the server's image cache keeps its
+    # encoding); the query's image is new each time (encoded for every request).
+    a, b = urls[0], urls[1 + i % (len(urls) - 1)]
+    return {
+        "model": model, "max_tokens": max_tokens, "temperature": 0,
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": a}},
+                                         {"type": "text", "text": "Output:"}]},
+            {"role": "assistant", "content": " two cats on a sofa."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": b}},
+                                         {"type": "text", "text": "Output:"}]},
+        ],
+    }
+
+
+async def run_level(base: str, model: str, urls: list[str], concurrency: int, total: int, max_tokens: int) -> dict:
+    latencies: list[float] = []
+    tokens = 0
+    errors = 0
+    counter = iter(range(total))
+    before = httpx.get(base + "/health").json()
+
+    async with httpx.AsyncClient(base_url=base, timeout=300,
+                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        async def worker():
+            nonlocal tokens, errors
+            for i in counter:
+                t0 = time.perf_counter()
+                r = await client.post("/v1/chat/completions", json=request_body(model, urls, i, max_tokens))
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+                    continue
+                tokens += r.json()["usage"]["completion_tokens"]
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+
+    after = httpx.get(base + "/health").json()
+    hist = {int(k): v - before["batch_size_histogram"].get(k, 0) for k, v in after["batch_size_histogram"].items()}
+    hist = {k: v for k, v in sorted(hist.items()) if v}
+    batches = sum(hist.values())
+    lat = sorted(latencies)
+    return {
+        "concurrency": concurrency, "requests": total, "errors": errors, "wall_s": wall,
+        "req_per_s": total / wall, "tokens_per_s": tokens / wall,
+        "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "mean_batch": sum(k * v for k, v in hist.items()) / max(1, batches), "batches": batches, "hist": hist,
+    }
+
+
+def start_server(model_dir: Path, args) -> tuple[subprocess.Popen, str]:
+    from flamingo_vlm.serve.testing import free_port
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "flamingo_vlm.serve", "--model", str(model_dir), "--port", str(port),
+           "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
+           "--batch-wait-ms", str(args.batch_wait_ms), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("the server did not start")
+        time.sleep(0.2)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, help="a saved model directory (default: build a small random one)")
+    p.add_argument("--url", help="benchmark a server that is already running (loopback) instead")
+    p.add_argument("--levels", default="1,4,16", help="concurrency levels (1,4,16)")
+    p.add_argument("--requests", type=int, default=24, help="requests per level: the larger of this and 8 x concurrency (24)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="server torch threads (1: the client keeps a core)")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--quick", action="store_true", help="a few requests per level (smoke run)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve.md")
+    args = p.parse_args(argv)
+    if args.url and not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
+        raise SystemExit("--url must be a loopback address")
+    levels = [int(x) for x in args.levels.split(",")]
+    per_level = {c: (4 if args.quick else max(args.requests, 8 * c)) for c in levels}
+
+    load_before = os.getloadavg()[0]
+    proc = None
+    tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
+    try:
+        if args.url:
+            base = args.url.rstrip("/")
+            model_desc = "server at " + base
+        else:
+            model_dir = args.model or build_small_model(Path(tmp.name) / "small-flamingo")
+            model_desc = str(args.model) if args.model else (
+                "small random Flamingo: LLaMA LM 4 layers x 256 hidden, ViT 64 px, cross-attention every layer")
+            proc, base = start_server(model_dir, args)
+        model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+        total = 2 + sum(per_level.values())
+        urls = images(total + 1)
+        results, offset = [], 2
+        asyncio.run(run_level(base, model, urls[:3], 1, 2, args.max_tokens))  # warm-up
+        for c in levels:  # every request's query image is one the server has not seen
+            level_urls = [urls[0], *urls[offset + 1 : offset + 1 + per_level[c]]]
+            results.append(asyncio.run(run_level(base, model, level_urls, c, per_level[c], args.max_tokens)))
+            offset += per_level[c]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        tmp.cleanup()
+
+    seq = results[0]["req_per_s"]
+    lines = [
+        "# flamingo-vlm serve: load test",
+        "",
+        f"Model: {model_desc}. Requests: few-shot chat completions with 2 images (data URLs: the same "
+        "demonstration image each time, a new query image each time), greedy, "
+        f"{args.max_tokens} new tokens each. Server: `--threads {args.threads} --max-batch-size {args.max_batch_size} "
+        f"--batch-wait-ms {args.batch_wait_ms:g}`, client and server on the same machine "
+        f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average "
+        f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after: other work on the machine shows here).",
+        "",
+        "| concurrency | requests | errors | p50 latency (ms) | p99 latency (ms) | requests/s | tokens/s | vs concurrency 1 | mean batch | batch sizes (rows: calls) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        hist = ", ".join(f"{k}: {v}" for k, v in r["hist"].items())
+        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                     f"{r['req_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['req_per_s'] / seq:.2f}x | "
+                     f"{r['mean_batch']:.1f} | {hist} |")
+    lines.append("")
+    table = "\n".join(lines)
+    print(table)
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        print(f"saved {args.out}")
+    return 1 if any(r["errors"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

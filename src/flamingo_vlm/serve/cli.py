@@ -1,0 +1,135 @@
+"""``flamingo-vlm serve``: an OpenAI-compatible HTTP server for a Flamingo model.
+
+Register it on the main command line with ``add_serve_subcommand(subparsers)``; run it alone with
+``python -m flamingo_vlm.serve --model DIR``. FastAPI and uvicorn are imported only when the
+server starts, so the rest of the command line works without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DESCRIPTION = """Serve a Flamingo model over HTTP: OpenAI-compatible /v1/chat/completions and
+/v1/completions (with images), /v1/score, /v1/models, /health, /metrics, and a few-shot page at /.
+Concurrent requests are batched dynamically into shared generate calls."""
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", required=True,
+                   help="model to serve: a flamingo-vlm model directory (save_pretrained), a Hub repo in that "
+                        "format, or a released OpenFlamingo repo id (required for now)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the --model directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    g = p.add_argument_group("model")
+    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the model to this dtype")
+    g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    g.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face Hub")
+    g.add_argument("--cache-dir", help="Hugging Face cache directory")
+    g.add_argument("--max-context", type=int, help="context length (default: the LM's position limit)")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch-size", type=int, default=8, help="most rows (prompts x n) in one generate call (8)")
+    g.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the oldest queued request waits for others to share its batch (5 ms)")
+    g.add_argument("--max-queue", type=int, default=256, help="queued requests before answering 503 (256)")
+    g.add_argument("--image-cache-size", type=int, default=256,
+                   help="images whose encodings are kept for reuse, e.g. few-shot demos (256; 0 disables)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--default-max-tokens", type=int, default=64, help="max_tokens when a request gives none (64)")
+    g.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take, queueing included, before a 504 (300)")
+    g.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds to wait for a request's body before a 408 (30)")
+    g.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, help="request body limit (64 MiB)")
+    g.add_argument("--max-images", type=int, default=8, help="images per request (8)")
+    g.add_argument("--max-image-bytes", type=int, default=10 * 1024 * 1024, help="bytes per encoded image (10 MiB)")
+    g.add_argument("--max-image-pixels", type=int, default=25_000_000,
+                   help="pixels per image, checked from the header before decoding (25M); also PIL's "
+                        "MAX_IMAGE_PIXELS in this process")
+    g.add_argument("--max-score-candidates", type=int, default=64, help="candidates per /v1/score request (64)")
+    g = p.add_argument_group("images")
+    g.add_argument("--image-dir", type=Path,
+                   help="allow image references that are file paths inside this folder (off by default)")
+    g.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (off by default: such requests get a 400)")
+    g.add_argument("--remote-timeout", type=float, default=10.0, help="seconds per remote image fetch (10)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Add ``serve`` to a command line's subparsers (``flamingo-vlm serve ...``)."""
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description=DESCRIPTION)
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def _model_name(model: str) -> str:
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
+
+
+def build_server(args: argparse.Namespace):
+    """Load the model and build ``(app, engine, config)`` from parsed ``serve`` arguments."""
+    import torch
+    from PIL import Image
+
+    from ..pretrained import from_pretrained
+    from .app import ServeConfig, create_app
+    from .engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Decompression bombs: PIL itself refuses (DecompressionBombError) past twice this; the server
+    # refuses past it from the header, before decoding.
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, image_processor, tokenizer = from_pretrained(
+        args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only, dtype=dtype, device=args.device,
+    )
+    engine = Engine(model, image_processor, tokenizer, max_batch_size=args.max_batch_size,
+                    batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, max_context=args.max_context,
+                    image_cache_size=args.image_cache_size)
+    config = ServeConfig(
+        model_name=args.served_model_name or _model_name(args.model),
+        image_dir=args.image_dir, allow_remote_images=args.allow_remote_images, remote_timeout=args.remote_timeout,
+        max_images=args.max_images, max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+        max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
+        body_timeout=args.body_timeout, default_max_tokens=args.default_max_tokens,
+        max_score_candidates=args.max_score_candidates,
+    )
+    return create_app(engine, config), engine, config
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise SystemExit(f"serving needs FastAPI and uvicorn ({e}); install them with "
+                         "pip install 'flamingo-vlm[serve]'") from e
+    if args.image_dir is not None and not args.image_dir.is_dir():
+        raise SystemExit(f"--image-dir {args.image_dir} is not a directory")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, engine, config = build_server(args)
+    logging.getLogger("flamingo_vlm.serve").info(
+        "serving %r (context %d, batch %d) on http://%s:%d", config.model_name, engine.max_context,
+        engine.max_batch_size, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flamingo-vlm serve", description=DESCRIPTION)
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,572 @@
+"""The model behind the server: one worker thread, dynamic batching, per-row streaming.
+
+Requests become *jobs* queued to a single worker thread that owns the model. The worker takes the
+oldest job, waits up to ``batch_wait_ms`` (counted from that job's arrival) for more, then runs
+one left-padded ``generate`` over every queued job that is *compatible* with the oldest (same
+sampling settings: greedy, or sampling with the same temperature and top-p; a job with a
+``seed`` always runs alone so its result is reproducible) up to ``max_batch_size`` rows. A job
+with ``n`` choices is ``n`` rows (its prompt repeated), so requests with different ``n`` share a
+batch. Per-row limits differ freely within a batch: each row has its own ``max_tokens`` and stop
+strings, enforced by a stopping criterion that marks rows done one by one (``generate`` stops
+when every row is done).
+
+Streaming and non-streaming requests are batched together: the stopping criterion sees every
+new token of every row, decodes that row's text incrementally and hands the new text (held back
+while it could still be the start of a stop string or an incomplete UTF-8 character) to the
+job's sink; a streaming request forwards it as server-sent events, the others collect it.
+
+Images are encoded (vision encoder + perceiver) once per distinct image per batch, and the
+latents of recently seen images are kept in an LRU cache keyed by a hash of the image's bytes, so
+the demonstration images that few-shot prompts repeat are not encoded again (unless the model's
+perceiver has per-position media embeddings, where an image's latents depend on its place).
+
+The batching window: the oldest job waits ``batch_wait_ms`` from its arrival, or from the end of
+the previous batch if it arrived during it (the clients just answered tend to send again at
+once; without this, requests that queued during a batch would leave alone and split the load
+into uneven batches), extended up to 4x while requests are still being prepared by the server
+(:meth:`Engine.incoming`: images being decoded, text tokenized).
+
+Scoring jobs run one at a time on the same worker, between generation batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..processing import EOC_TOKEN, MEDIA_TOKEN
+from .errors import APIError
+
+log = logging.getLogger("flamingo_vlm.serve")
+
+Sink = Callable[[tuple], None]
+_job_ids = itertools.count(1)
+
+
+def max_context_of(model, tokenizer, default: int = 2048) -> int:
+    """The LM's context length: its config's position limit, else the tokenizer's."""
+    lm = model.lang_encoder
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 1_000_000:
+        return value
+    return default
+
+
+@dataclass
+class Prompt:
+    """One tokenized prompt and its preprocessed images ((F, C, H, W) tensors, in marker order).
+    ``image_keys`` (e.g. a hash of each image's bytes) let the engine reuse an image's encoding
+    across rows and requests; ``None`` entries are encoded every time."""
+
+    ids: list[int]
+    images: list[torch.Tensor]
+    max_tokens: int = 16
+    image_keys: list[str | None] | None = None
+
+    def keys(self) -> list[str | None]:
+        return list(self.image_keys) if self.image_keys is not None else [None] * len(self.images)
+
+
+@dataclass
+class GenerationJob:
+    prompts: list[Prompt]
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    sink: Sink = lambda event: None
+    id: int = field(default_factory=lambda: next(_job_ids))
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+    @property
+    def key(self) -> tuple:
+        if self.seed is not None:
+            return ("seeded", self.id)
+        if self.temperature == 0:
+            return ("greedy",)
+        return ("sample", float(self.temperature), float(self.top_p))
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class ScoreJob:
+    prompt: Prompt
+    candidates: list[list[int]]
+    normalize: bool = False
+    sink: Sink = lambda event: None
+    id: int = field(default_factory=lambda: next(_job_ids))
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    rows = 1
+
+    @property
+    def key(self) -> tuple:
+        return ("score", self.id)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Row:
+    __slots__ = ("job", "choice", "max_tokens", "stop", "tokens", "text", "emitted", "done", "finish")
+
+    def __init__(self, job: GenerationJob, choice: int, max_tokens: int):
+        self.job, self.choice, self.max_tokens = job, choice, max_tokens
+        self.stop = job.stop
+        self.tokens: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.done = False
+        self.finish: str | None = None
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    """How many trailing characters could still grow into a stop string."""
+    keep = 0
+    for s in stops:
+        for j in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:j]):
+                keep = j
+                break
+    return keep
+
+
+class RowTracker(StoppingCriteria):
+    """Per-row bookkeeping inside ``generate``: called after every decoding step with all tokens so
+    far; decodes each live row's new token, emits text, applies eos / stop strings / max_tokens,
+    honours cancellation, and returns which rows are done."""
+
+    def __init__(self, rows: list[_Row], decode: Callable[[list[int]], str], eos_ids: set[int]):
+        self.rows, self.decode, self.eos_ids = rows, decode, eos_ids
+
+    def _emit(self, row: _Row, upto: int) -> None:
+        if upto > row.emitted:
+            row.job.sink(("delta", row.choice, row.text[row.emitted : upto]))
+            row.emitted = upto
+
+    def finish(self, row: _Row, reason: str) -> None:
+        if row.done:
+            return
+        row.done, row.finish = True, reason
+        if reason == "cancelled":
+            return
+        self._emit(row, len(row.text))
+        row.job.sink(("finish", row.choice, reason, len(row.tokens), row.text))
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, -1].tolist()
+        for r, row in enumerate(self.rows):
+            if row.done:
+                continue
+            if row.job.cancelled.is_set():
+                self.finish(row, "cancelled")
+                continue
+            token = new[r]
+            row.tokens.append(token)
+            if token in self.eos_ids:
+                self.finish(row, "stop")
+                continue
+            text = self.decode(row.tokens)
+            if row.stop:
+                cut = min((i for i in (text.find(s) for s in row.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    row.text = text[:cut]
+                    self.finish(row, "stop")
+                    continue
+            row.text = text
+            if len(row.tokens) >= row.max_tokens:
+                self.finish(row, "length")
+                continue
+            safe = len(text)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+                safe = len(text.rstrip("\ufffd"))
+            if row.stop:
+                safe = min(safe, len(text) - _holdback(text, row.stop))
+            self._emit(row, safe)
+        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
+
+
+class Stats:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.batches = 0
+        self.batch_rows = collections.Counter()  # rows per generate call -> count
+        self.batch_jobs = collections.Counter()  # requests per generate call -> count
+        self.jobs = 0
+        self.rows = 0
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.score_jobs = 0
+        self.images_encoded = 0
+        self.image_cache_hits = 0
+        self.cancelled = 0
+        self.busy_seconds = 0.0
+        self.responses = collections.Counter()  # HTTP status -> count
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "uptime_s": round(time.time() - self.started, 3),
+                "batches": self.batches,
+                "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_rows.items())},
+                "requests_per_batch_histogram": {str(k): v for k, v in sorted(self.batch_jobs.items())},
+                "generation_requests": self.jobs,
+                "generated_rows": self.rows,
+                "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.generated_tokens,
+                "score_requests": self.score_jobs,
+                "images_encoded": self.images_encoded,
+                "image_cache_hits": self.image_cache_hits,
+                "cancelled_requests": self.cancelled,
+                "busy_s": round(self.busy_seconds, 3),
+                "responses_by_status": {str(k): v for k, v in sorted(self.responses.items())},
+            }
+
+
+class Engine:
+    """Owns the model; serves :class:`GenerationJob` and :class:`ScoreJob` from one worker thread."""
+
+    def __init__(
+        self,
+        model,
+        image_processor,
+        tokenizer,
+        *,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        max_context: int | None = None,
+        image_cache_size: int = 256,
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.model = model.eval()
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.batch_wait = batch_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.max_context = max_context or max_context_of(model, tokenizer)
+        self.media_token_id = tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
+        self.eoc_token_id = tokenizer.convert_tokens_to_ids(EOC_TOKEN)
+        self.eos_ids = {self.eoc_token_id}
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = model.pad_token_id if model.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = pad if pad is not None else 0
+        self.image_shape = (1, 3, image_processor.image_size, image_processor.image_size)
+        self.stats = Stats()
+        # Perceiver latents of recently seen images, by key (few-shot prompts repeat their demos).
+        # Only when an image's latents do not depend on its position in the prompt.
+        self.image_cache_size = image_cache_size
+        self._image_cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+        self._per_image_media = getattr(model.perceiver, "media_time_embs", None) is None
+        self._idle_since = 0.0
+        self._incoming = 0
+        # Fast tokenizers are not safe to use from several threads at once.
+        self.tokenizer_lock = threading.Lock()
+        self._pending: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._running = False
+        self._paused = False
+        self._thread: threading.Thread | None = None
+        self._busy = False
+
+    # -- tokenizer / images (called from request threads) ---------------------------------------
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        with self.tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def preprocess(self, image) -> torch.Tensor:
+        return self.image_processor(image).unsqueeze(0)  # (F=1, C, H, W)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        with self._cv:
+            if self._running:
+                return self
+            self._running = True
+        self._thread = threading.Thread(target=self._run, name="flamingo-serve-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._running = False
+            pending, self._pending = list(self._pending), collections.deque()
+            self._cv.notify_all()
+        for job in pending:
+            job.sink(("error", APIError(503, "the server is shutting down", type="server_error", code="shutting_down")))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def pause(self) -> None:
+        """Stop taking jobs from the queue (a running batch finishes); :meth:`resume` continues."""
+        with self._cv:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Mark a request as on its way (being prepared) for the block: the batcher waits a little
+        longer for it when the batch it is forming is not full."""
+        with self._cv:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._incoming -= 1
+                self._cv.notify_all()
+
+    def queue_depth(self) -> int:
+        with self._cv:
+            return len(self._pending)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def submit(self, job: GenerationJob | ScoreJob) -> None:
+        if job.rows > self.max_batch_size:
+            raise APIError(400, f"this request needs {job.rows} rows (prompts x n), over this server's batch size "
+                           f"of {self.max_batch_size}", param="n", code="too_many_choices")
+        with self._cv:
+            if not self._running:
+                raise APIError(503, "the model worker is not running", type="server_error", code="not_running")
+            if len(self._pending) >= self.max_queue:
+                raise APIError(503, f"the server is overloaded ({self.max_queue} requests queued); retry later",
+                               type="server_error", code="overloaded")
+            job.enqueued_at = time.monotonic()
+            self._pending.append(job)
+            self._cv.notify_all()
+
+    # -- worker ------------------------------------------------------------------------------------
+    def _next_batch(self) -> list | None:
+        with self._cv:
+            while True:
+                while self._running and (self._paused or not self._pending):
+                    self._cv.wait()
+                if not self._running:
+                    return None
+                while self._pending and self._pending[0].cancelled.is_set():
+                    self._pending.popleft()
+                    with self.stats.lock:
+                        self.stats.cancelled += 1
+                if not self._pending:
+                    continue
+                first = self._pending[0]
+                # Wait from the oldest job's arrival, or from the end of the last batch if it came
+                # during it: the clients just answered are likely to send again within the window.
+                deadline = max(first.enqueued_at, self._idle_since) + self.batch_wait
+                # While requests are still being prepared (images decoded, text tokenized), wait for
+                # them a little longer: up to 4x the window in all.
+                patience = deadline + 3 * self.batch_wait
+                while self._running and not self._paused:
+                    rows = sum(j.rows for j in self._pending if j.key == first.key and not j.cancelled.is_set())
+                    now = time.monotonic()
+                    if rows >= self.max_batch_size or first.key[0] in ("score", "seeded"):
+                        break
+                    if now >= deadline and (self._incoming == 0 or now >= patience):
+                        break
+                    self._cv.wait((deadline if now < deadline else patience) - now)
+                if not self._running:
+                    return None
+                if self._paused or first.cancelled.is_set():
+                    continue
+                batch, keep, rows = [], collections.deque(), 0
+                for job in self._pending:
+                    if job.cancelled.is_set():
+                        with self.stats.lock:
+                            self.stats.cancelled += 1
+                        continue
+                    if job.key == first.key and rows + job.rows <= self.max_batch_size:
+                        batch.append(job)
+                        rows += job.rows
+                    else:
+                        keep.append(job)
+                self._pending = keep
+                return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._busy = True
+            start = time.perf_counter()
+            try:
+                if isinstance(batch[0], ScoreJob):
+                    self._score(batch[0])
+                else:
+                    self._generate(batch)
+            except Exception as e:  # a failure answers this batch's requests, the server goes on
+                log.exception("batch failed")
+                err = e if isinstance(e, APIError) else APIError(
+                    500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+                for job in batch:
+                    job.sink(("error", err))
+            finally:
+                self._busy = False
+                self._idle_since = time.monotonic()
+                with self.stats.lock:
+                    self.stats.busy_seconds += time.perf_counter() - start
+
+    def _vision_x(self, image_lists: list[list[torch.Tensor]]) -> torch.Tensor:
+        t_max = max(1, max(len(images) for images in image_lists))
+        shape = next((im.shape for images in image_lists for im in images), self.image_shape)
+        out = torch.zeros(len(image_lists), t_max, *shape)
+        for b, images in enumerate(image_lists):
+            for t, im in enumerate(images):
+                out[b, t] = im
+        dtype = next(self.model.vision_encoder.parameters()).dtype
+        return out.to(device=self.device, dtype=dtype)
+
+    def _media(self, image_lists: list[list[torch.Tensor]], key_lists: list[list[str | None]]) -> torch.Tensor:
+        """Perceiver latents (B, T_max, n_latents, D): each distinct image encoded once per batch,
+        and not at all when its key is in the cache."""
+        perceiver = self.model.perceiver
+        n_latents, dim = perceiver.latents.shape[-2:]
+        unique: dict = {}
+        for images, keys in zip(image_lists, key_lists):
+            for im, key in zip(images, keys):
+                unique.setdefault(key if key is not None else ("object", id(im)), im)
+        latents: dict = {}
+        todo = []
+        for key in unique:
+            hit = self._image_cache.get(key) if isinstance(key, str) else None
+            if hit is not None:
+                self._image_cache.move_to_end(key)
+                latents[key] = hit
+            else:
+                todo.append(key)
+        param = next(self.model.vision_encoder.parameters())
+        for start in range(0, len(todo), 32):
+            chunk = todo[start : start + 32]
+            x = torch.stack([unique[k] for k in chunk]).unsqueeze(0).to(device=self.device, dtype=param.dtype)
+            encoded = self.model.encode_vision_x(x)[0]  # (N, n_latents, D)
+            for key, lat in zip(chunk, encoded):
+                latents[key] = lat
+                if isinstance(key, str) and self.image_cache_size > 0:
+                    self._image_cache[key] = lat
+                    while len(self._image_cache) > self.image_cache_size:
+                        self._image_cache.popitem(last=False)
+        with self.stats.lock:
+            self.stats.images_encoded += len(todo)
+            self.stats.image_cache_hits += len(unique) - len(todo)
+        t_max = max(1, max(len(images) for images in image_lists))
+        media = torch.zeros(len(image_lists), t_max, n_latents, dim, device=self.device, dtype=perceiver.latents.dtype)
+        for b, (images, keys) in enumerate(zip(image_lists, key_lists)):
+            for t, (im, key) in enumerate(zip(images, keys)):
+                media[b, t] = latents[key if key is not None else ("object", id(im))]
+        return media
+
+    def _conditioning_kwargs(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+        """``media=`` (encoded once per distinct image) when latents are per image, else ``vision_x=``."""
+        image_lists = [p.images for p in prompts]
+        if self._per_image_media:
+            return {"vision_x": None, "media": self._media(image_lists, [p.keys() for p in prompts])}
+        return {"vision_x": self._vision_x(image_lists)}
+
+    def _left_pad(self, id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(ids) for ids in id_lists)
+        input_ids = torch.full((len(id_lists), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(id_lists), longest), dtype=torch.long)
+        for b, ids in enumerate(id_lists):
+            input_ids[b, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[b, longest - len(ids) :] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
+    def _generate(self, batch: list[GenerationJob]) -> None:
+        rows, row_prompts = [], []
+        for job in batch:
+            for p_index, prompt in enumerate(job.prompts):
+                for k in range(job.n):
+                    rows.append(_Row(job, p_index * job.n + k, prompt.max_tokens))
+                    row_prompts.append(prompt)
+        with self.stats.lock:
+            self.stats.batches += 1
+            self.stats.batch_rows[len(rows)] += 1
+            self.stats.batch_jobs[len(batch)] += 1
+            self.stats.jobs += len(batch)
+            self.stats.rows += len(rows)
+            self.stats.prompt_tokens += sum(len(p.ids) for job in batch for p in job.prompts)
+        input_ids, mask = self._left_pad([p.ids for p in row_prompts])
+        conditioning = self._conditioning_kwargs(row_prompts)
+        tracker = RowTracker(rows, self.decode, self.eos_ids)
+        first = batch[0]
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max(r.max_tokens for r in rows),
+            stopping_criteria=StoppingCriteriaList([tracker]),
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_token_id,
+        )
+        if first.temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
+        if first.seed is not None:
+            torch.manual_seed(first.seed)
+        try:
+            self.model.generate(lang_x=input_ids, attention_mask=mask, **conditioning, **kwargs)
+        finally:
+            for row in rows:  # rows generate() ended without the tracker (an eos of the LM's own config)
+                if not row.done:
+                    tracker.finish(row, "cancelled" if row.job.cancelled.is_set() else "stop")
+        with self.stats.lock:
+            self.stats.generated_tokens += sum(len(r.tokens) for r in rows)
+        for job in batch:
+            job.sink(("done",))
+
+    def _score(self, job: ScoreJob) -> None:
+        with self.stats.lock:
+            self.stats.score_jobs += 1
+            self.stats.prompt_tokens += len(job.prompt.ids)
+        input_ids, mask = self._left_pad([job.prompt.ids])
+        conditioning = self._conditioning_kwargs([job.prompt])
+        scores = self.model.score(lang_x=input_ids, candidates=job.candidates, attention_mask=mask,
+                                  normalize=job.normalize, **conditioning)
+        job.sink(("scores", scores[0].tolist()))
+        job.sink(("done",))

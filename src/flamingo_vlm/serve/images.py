@@ -1,0 +1,173 @@
+"""Turning image references from requests into PIL images, safely.
+
+A reference is one of:
+
+* a ``data:`` URL (``data:image/png;base64,...``): always accepted;
+* a local file: a path relative to ``--image-dir`` (or ``file://`` URL / absolute path inside it),
+  only when the server was started with ``--image-dir``; paths that resolve outside it (``..``,
+  symlinks) are refused;
+* an ``http(s)://`` URL: refused unless the server was started with ``--allow-remote-images``.
+
+Limits, each a 4xx with an OpenAI-style error: the encoded size (checked before base64 decoding
+and while downloading), the pixel count (read from the image header before any pixel is
+decoded, so a decompression bomb is never inflated), and undecodable bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import APIError
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+
+
+@dataclass
+class ImageLimits:
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 25_000_000
+    image_dir: Path | None = None
+    allow_remote: bool = False
+    remote_timeout: float = 10.0
+
+
+def _too_large(param: str, size: int | str, limit: int) -> APIError:
+    return APIError(
+        413, f"image is {size} bytes, over this server's limit of {limit} bytes (--max-image-bytes)",
+        param=param, code="image_too_large",
+    )
+
+
+def _data_url_bytes(ref: str, limits: ImageLimits, param: str) -> bytes:
+    m = _DATA_URL.match(ref)
+    if not m:
+        raise APIError(400, "malformed data: URL; expected data:image/<type>;base64,<data>", param=param,
+                       code="invalid_image_url")
+    payload = m.group("data")
+    if m.group("b64"):
+        payload = re.sub(r"\s+", "", payload)
+        # Size check before decoding: base64 is 4 characters per 3 bytes.
+        approx = len(payload) * 3 // 4
+        if approx > limits.max_bytes + 3:
+            raise _too_large(param, f"about {approx}", limits.max_bytes)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise APIError(400, f"the data: URL is not valid base64 ({e})", param=param, code="invalid_image") from e
+    else:
+        data = unquote(payload).encode("latin-1", errors="replace")
+    if len(data) > limits.max_bytes:
+        raise _too_large(param, len(data), limits.max_bytes)
+    return data
+
+
+def _local_bytes(ref: str, limits: ImageLimits, param: str) -> bytes:
+    if limits.image_dir is None:
+        raise APIError(
+            400, "local image files are disabled on this server (start it with --image-dir DIR to serve files "
+            "from DIR); send the image inline as a data: URL instead", param=param, code="local_images_disabled",
+        )
+    raw = unquote(urlparse(ref).path) if ref.startswith("file://") else ref
+    root = limits.image_dir.resolve()
+    path = Path(raw)
+    path = (path if path.is_absolute() else root / path).resolve()
+    if path != root and root not in path.parents:
+        raise APIError(403, f"image path {raw!r} is outside the server's image directory", param=param,
+                       code="image_path_forbidden")
+    if not path.is_file():
+        raise APIError(404, f"image file {raw!r} not found in the server's image directory", param=param,
+                       code="image_not_found")
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise _too_large(param, size, limits.max_bytes)
+    return path.read_bytes()
+
+
+def _remote_bytes(ref: str, limits: ImageLimits, param: str) -> bytes:
+    if not limits.allow_remote:
+        raise APIError(
+            400, "fetching remote image URLs is disabled on this server (start it with --allow-remote-images); "
+            "send the image inline as a data: URL instead", param=param, code="remote_images_disabled",
+        )
+    import httpx
+
+    try:
+        with httpx.Client(timeout=limits.remote_timeout, follow_redirects=True, max_redirects=3) as client:
+            with client.stream("GET", ref) as resp:
+                if resp.status_code != 200:
+                    raise APIError(400, f"fetching the image failed: HTTP {resp.status_code}", param=param,
+                                   code="image_fetch_failed")
+                declared = resp.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+                    raise _too_large(param, int(declared), limits.max_bytes)
+                buf = bytearray()
+                for chunk in resp.iter_bytes():
+                    buf += chunk
+                    if len(buf) > limits.max_bytes:
+                        raise _too_large(param, f"more than {limits.max_bytes}", limits.max_bytes)
+                return bytes(buf)
+    except httpx.HTTPError as e:
+        raise APIError(400, f"fetching the image failed ({type(e).__name__}: {e})", param=param,
+                       code="image_fetch_failed") from e
+
+
+def image_bytes(ref: str, limits: ImageLimits, param: str) -> bytes:
+    if not isinstance(ref, str) or not ref:
+        raise APIError(400, "an image reference must be a non-empty string", param=param, code="invalid_image_url")
+    scheme = ref.split(":", 1)[0].lower() if ":" in ref[:10] else ""
+    if scheme == "data":
+        return _data_url_bytes(ref, limits, param)
+    if scheme in ("http", "https"):
+        return _remote_bytes(ref, limits, param)
+    if scheme in ("", "file") or re.match(r"^[a-zA-Z]:[\\/]", ref):
+        return _local_bytes(ref, limits, param)
+    raise APIError(400, f"unsupported image URL scheme {scheme!r}: use a data: URL", param=param,
+                   code="invalid_image_url")
+
+
+def decode_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
+    """Bytes -> RGB image. The pixel count is checked from the header before decoding."""
+    try:
+        im = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    except Image.DecompressionBombError as e:
+        raise _too_many_pixels(param, str(e), limits) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise APIError(400, f"cannot decode the image: not a supported image format ({type(e).__name__})",
+                       param=param, code="invalid_image") from e
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise APIError(400, "the image has no pixels", param=param, code="invalid_image")
+    if w * h > limits.max_pixels:
+        raise _too_many_pixels(param, f"{w}x{h} = {w * h} pixels", limits)
+    try:
+        im.load()
+        return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise _too_many_pixels(param, str(e), limits) from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise APIError(400, f"cannot decode the image: the data is corrupt or truncated ({e})", param=param,
+                       code="invalid_image") from e
+    except Exception as e:  # PIL plugins raise assorted errors on hostile input
+        raise APIError(400, f"cannot decode the image ({type(e).__name__}: {e})", param=param,
+                       code="invalid_image") from e
+    finally:
+        im.close()
+
+
+def _too_many_pixels(param: str, what: str, limits: ImageLimits) -> APIError:
+    return APIError(
+        400, f"image is too large: {what}, over this server's limit of {limits.max_pixels} pixels "
+        "(--max-image-pixels)", param=param, code="image_too_many_pixels",
+    )
+
+
+def load_image(ref: str, limits: ImageLimits, param: str) -> Image.Image:
+    return decode_image(image_bytes(ref, limits, param), limits, param)

@@ -1,0 +1,155 @@
+"""The few-shot page at ``/``, end to end in headless Chromium driven by Playwright.
+
+Needs Debian's chromium (``apt-get install -y chromium``) and the ``playwright`` Python package (its
+own browser downloads are never used). Outside CI a missing browser skips this test; in CI
+(``CI=true``) it fails, so the page is always tested there. The screenshot is written to
+``test-artifacts/serve-page.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_serve_fixtures import png_bytes, running_server, serve_model_dir  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("FLAMINGO_VLM_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def _missing(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (required in CI: apt-get install -y chromium; pip install playwright)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    executable = chromium_path()
+    if executable is None:
+        _missing("Chromium is not installed (apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright Python package is not installed (pip install playwright)")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(profile), executable_path=executable, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 860},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture(scope="module")
+def server(serve_model_dir):  # noqa: F811
+    with running_server(serve_model_dir) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def picture_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pictures")
+    paths = []
+    for i, colour in enumerate([(220, 60, 60), (60, 120, 220)]):
+        y, x = np.mgrid[0:96, 0:128]
+        img = np.zeros((96, 128, 3), np.uint8)
+        img[...] = colour
+        img[(x // 16 + y // 16) % 2 == 0] //= 2  # a checkerboard, so the thumbnails show something
+        path = d / f"picture-{i}.png"
+        path.write_bytes(png_bytes(img))
+        paths.append(path)
+    return paths
+
+
+def test_few_shot_page_streams_a_completion(browser, server, picture_files):
+    base, engine = server
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(base + "/")
+    page.wait_for_function("document.querySelector('#model-info').textContent.includes('tiny-flamingo')")
+
+    # Step 1 (a demonstration): image through the file picker, then its text.
+    shots = page.locator("#shots .shot")
+    assert shots.count() == 1
+    shots.nth(0).locator("input.shot-file").set_input_files(str(picture_files[0]))
+    page.wait_for_function("document.querySelectorAll('#shots .shot')[0].dataset.image !== undefined")
+    shots.nth(0).locator("textarea.shot-text").fill("Output: a red car.")
+
+    # Step 2 (the query).
+    page.click("#add-shot")
+    assert shots.count() == 2
+    shots.nth(1).locator("input.shot-file").set_input_files(str(picture_files[1]))
+    page.wait_for_function("document.querySelectorAll('#shots .shot')[1].dataset.image !== undefined")
+    shots.nth(1).locator("textarea.shot-text").fill("Output:")
+
+    preview = page.text_content("#prompt-preview")
+    assert preview.replace("\n", "") == "<image>Output: a red car.<|endofchunk|><image>Output:"
+    page.fill("#max-tokens", "12")
+
+    before = engine.stats.snapshot()["generation_requests"]
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').dataset.state === 'done'", timeout=60_000)
+    output = page.text_content("#output")
+    assert output.strip() and "ended its answer" not in output, output
+    assert "generated" in page.text_content("#usage")
+    assert engine.stats.snapshot()["generation_requests"] == before + 1
+
+    # The page shows what the API answers for the same prompt.
+    import base64
+    import httpx
+
+    images = ["data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in picture_files]
+    api = httpx.post(base + "/v1/completions", timeout=60, json={
+        "prompt": "<image>Output: a red car.<|endofchunk|><image>Output:", "images": images,
+        "max_tokens": 12, "temperature": 0}).json()
+    assert output == api["choices"][0]["text"]
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "serve-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    assert not errors, errors
+
+    # Drag & drop: an image file dropped on the page adds a step holding it.
+    png_b64 = base64.b64encode(picture_files[0].read_bytes()).decode()
+    transfer = page.evaluate_handle("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+        return dt;
+    }""", png_b64)
+    page.dispatch_event("#output-panel", "drop", {"dataTransfer": transfer})
+    page.wait_for_function("document.querySelectorAll('#shots .shot').length === 3 && "
+                           "document.querySelectorAll('#shots .shot')[2].dataset.filename === 'dropped.png'")
+    # ... and one dropped on a step's image area sets that step's image.
+    page.click("#shots .shot:nth-child(3) .remove-image")
+    page.dispatch_event("#shots .shot:nth-child(3) .drop", "drop", {"dataTransfer": transfer})
+    page.wait_for_function("document.querySelectorAll('#shots .shot').length === 3 && "
+                           "document.querySelectorAll('#shots .shot')[2].dataset.image !== undefined")
+    assert page.text_content("#prompt-preview").count("<image>") == 3
+
+    # An error from the server is shown on the page, and the page keeps working.
+    page.fill("#max-tokens", "4000")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').dataset.state === 'error'", timeout=30_000)
+    assert "context length" in page.text_content("#output")
+    page.close()

@@ -1,0 +1,295 @@
+"""Serving pieces on their own: the message -> prompt mapping, image loading, per-row stopping, the
+batcher's grouping, and the command line (``flamingo-vlm serve``) in a subprocess."""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_serve_fixtures import MODEL_NAME, png_bytes, readable_tiny, require, serve_model_dir  # noqa: E402,F401
+
+httpx = require("httpx")
+
+from flamingo_vlm.serve import add_serve_subcommand  # noqa: E402
+from flamingo_vlm.serve.engine import Engine, GenerationJob, Prompt, RowTracker, _Row  # noqa: E402
+from flamingo_vlm.serve.errors import APIError  # noqa: E402
+from flamingo_vlm.serve.images import ImageLimits, load_image  # noqa: E402
+from flamingo_vlm.serve.prompt import chat_to_prompt  # noqa: E402
+from flamingo_vlm.serve.schemas import ChatCompletionRequest  # noqa: E402
+from flamingo_vlm.serve.testing import free_port  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def messages(*msgs):
+    return ChatCompletionRequest.model_validate({"messages": list(msgs)}).messages
+
+
+def img(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+# -- message -> prompt ---------------------------------------------------------------------------------
+def test_few_shot_mapping():
+    text, refs = chat_to_prompt(messages(
+        {"role": "system", "content": "Describe the images."},
+        {"role": "user", "content": [img("data:a"), {"type": "text", "text": "Output:"}]},
+        {"role": "assistant", "content": " two cats."},
+        {"role": "user", "content": [img("data:b"), {"type": "text", "text": "Output:"}]},
+    ))
+    assert text == "Describe the images.\n<image>Output: two cats.<|endofchunk|><image>Output:"
+    assert [r for r, _ in refs] == ["data:a", "data:b"]
+    assert [p for _, p in refs] == ["messages[1].content[0].image_url", "messages[3].content[0].image_url"]
+
+
+def test_trailing_assistant_message_is_a_prefill():
+    text, _ = chat_to_prompt(messages(
+        {"role": "user", "content": [img("data:a"), {"type": "text", "text": "Question: colour? Answer:"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": " It is"}]},
+    ))
+    assert text == "<image>Question: colour? Answer: It is"
+
+
+def test_parts_in_order_and_string_image_url():
+    text, refs = chat_to_prompt(messages(
+        {"role": "user", "content": [{"type": "text", "text": "A:"}, {"type": "image_url", "image_url": "data:x"},
+                                     {"type": "text", "text": "B:"}, img("data:y")]},
+    ))
+    assert text == "A:<image>B:<image>" and [r for r, _ in refs] == ["data:x", "data:y"]
+
+
+@pytest.mark.parametrize("msgs", [
+    [{"role": "user", "content": "see <image> here"}],
+    [{"role": "assistant", "content": [img("data:a")]}, {"role": "user", "content": "x"}],
+    [{"role": "system", "content": [img("data:a")]}],
+    [{"role": "user", "content": ""}],
+])
+def test_mapping_refusals(msgs):
+    with pytest.raises(APIError) as e:
+        chat_to_prompt(messages(*msgs))
+    assert e.value.status == 400
+
+
+# -- images --------------------------------------------------------------------------------------------
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self):
+        if self.path == "/missing.png":
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    _ImageHandler.body = png_bytes(np.full((12, 16, 3), 77, np.uint8))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_remote_images_only_when_allowed(image_host):
+    url = image_host + "/cat.png"
+    with pytest.raises(APIError) as e:
+        load_image(url, ImageLimits(), "p")
+    assert e.value.code == "remote_images_disabled"
+    im = load_image(url, ImageLimits(allow_remote=True), "p")
+    assert im.size == (16, 12) and im.mode == "RGB"
+    with pytest.raises(APIError) as e:
+        load_image(url, ImageLimits(allow_remote=True, max_bytes=50), "p")
+    assert e.value.status == 413
+    with pytest.raises(APIError) as e:
+        load_image(image_host + "/missing.png", ImageLimits(allow_remote=True), "p")
+    assert e.value.code == "image_fetch_failed"
+
+
+def test_image_modes_become_rgb():
+    from PIL import Image
+
+    from flamingo_vlm.serve.testing import data_url
+
+    for mode in ("L", "RGBA", "P", "1"):
+        im = load_image(data_url(Image.new(mode, (9, 7))), ImageLimits(), "p")
+        assert im.mode == "RGB" and im.size == (9, 7)
+    assert load_image(data_url(Image.new("RGB", (9, 7)), "JPEG"), ImageLimits(), "p").size == (9, 7)
+
+
+# -- per-row stopping ----------------------------------------------------------------------------------
+def test_row_tracker_per_row_limits_and_stop_holdback():
+    events_a, events_b = [], []
+    job_a = GenerationJob(prompts=[Prompt([1], [], max_tokens=3)], sink=events_a.append)
+    job_b = GenerationJob(prompts=[Prompt([1], [], max_tokens=10)], stop=["cd"], sink=events_b.append)
+    rows = [_Row(job_a, 0, 3), _Row(job_b, 0, 10)]
+    vocab = {1: "a", 2: "b", 3: "c", 4: "d", 5: "e", 9: ""}
+    tracker = RowTracker(rows, lambda ids: "".join(vocab[i] for i in ids), eos_ids={9})
+    seq = torch.ones(2, 1, dtype=torch.long)
+    history = []
+    for step in ([2, 2], [2, 3], [2, 4]):
+        seq = torch.cat([seq, torch.tensor(step)[:, None]], 1)
+        history.append(tracker(seq, None).tolist())
+    assert history == [[False, False], [False, False], [True, True]]
+    assert rows[0].finish == "length" and rows[0].text == "bbb"
+    assert events_a[-1] == ("finish", 0, "length", 3, "bbb")
+    # Row b wrote "bcd": "c" was held back (it could start "cd"), and the stop string never went out.
+    assert rows[1].finish == "stop" and rows[1].text == "b"
+    assert [e for e in events_b if e[0] == "delta"] == [("delta", 0, "b")]
+    assert events_b[-1] == ("finish", 0, "stop", 3, "b")
+
+
+def test_cancelled_rows_stop_without_output():
+    events = []
+    job = GenerationJob(prompts=[Prompt([1], [], max_tokens=5)], sink=events.append)
+    rows = [_Row(job, 0, 5)]
+    tracker = RowTracker(rows, lambda ids: "x" * len(ids), eos_ids=set())
+    job.cancel()
+    assert tracker(torch.ones(1, 2, dtype=torch.long), None).tolist() == [True]
+    assert events == []
+
+
+# -- the batcher ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine():
+    model, ip, tok = readable_tiny()
+    eng = Engine(model, ip, tok, max_batch_size=4, batch_wait_ms=0).start()
+    yield eng
+    eng.stop()
+
+
+def _job(engine, text, **kw):
+    done = threading.Event()
+    out = []
+
+    def sink(event):
+        out.append(event)
+        if event[0] in ("done", "error"):
+            done.set()
+
+    job = GenerationJob(prompts=[Prompt(engine.encode(text), [], max_tokens=3)], sink=sink, **kw)
+    return job, done, out
+
+
+def test_batches_group_compatible_jobs_only(engine):
+    engine.pause()
+    before = engine.stats.snapshot()
+    jobs = [_job(engine, "a red", temperature=0), _job(engine, "a dog", temperature=0.7),
+            _job(engine, "a cat", temperature=0, n=2), _job(engine, "the car", temperature=0.7),
+            _job(engine, "one", temperature=0, n=2)]
+    for job, _, _ in jobs:
+        engine.submit(job)
+    engine.resume()
+    for _, done, out in jobs:
+        assert done.wait(60)
+        assert out[-1] == ("done",)
+    after = engine.stats.snapshot()
+    # greedy: 1 + 2 rows together, then the 2-row greedy job (batch of 4 full); sampling at 0.7: 2 rows.
+    assert after["batches"] - before["batches"] == 3
+    new = {k: v - before["batch_size_histogram"].get(k, 0) for k, v in after["batch_size_histogram"].items()}
+    assert {k: v for k, v in new.items() if v} == {"3": 1, "2": 2}
+
+
+def test_engine_matches_model_generate(engine):
+    """Batched, left-padded, with images encoded once and cached: the same tokens as a plain
+    ``model.generate`` on each prompt alone."""
+    from flamingo_vlm import FlamingoProcessor
+    from tiny import random_images
+
+    imgs = random_images(3, seed=5)
+    samples = [("<image>Output: a cat.<|endofchunk|><image>Output:", imgs[:2]), ("<image>the dog is", imgs[2:]),
+               ("a red car", [])]
+    processor = FlamingoProcessor(engine.tokenizer, engine.image_processor)
+    expected = []
+    for sample in samples:
+        batch = processor([sample])
+        out = engine.model.generate(batch["vision_x"], batch["input_ids"], batch["attention_mask"], max_new_tokens=5)
+        expected.append(engine.decode(out[0, batch["input_ids"].shape[1]:].tolist()))
+    engine.pause()
+    jobs = []
+    for text, images in samples:
+        job, done, out = _job(engine, text, temperature=0)
+        job.prompts[0].images = [engine.preprocess(im) for im in images]
+        job.prompts[0].image_keys = [f"unit-{id(im)}" for im in images]
+        job.prompts[0].max_tokens = 5
+        engine.submit(job)
+        jobs.append((done, out))
+    engine.resume()
+    got = []
+    for done, out in jobs:
+        assert done.wait(60)
+        got.append(next(e[4] for e in out if e[0] == "finish"))
+    assert got == expected
+
+
+def test_too_many_rows_and_full_queue(engine):
+    job, _, _ = _job(engine, "a", n=5)
+    with pytest.raises(APIError) as e:
+        engine.submit(job)
+    assert e.value.status == 400
+
+
+# -- command line --------------------------------------------------------------------------------------
+def test_add_serve_subcommand():
+    parser = argparse.ArgumentParser(prog="flamingo-vlm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_subcommand(sub)
+    args = parser.parse_args(["serve", "--model", "m", "--port", "9000", "--image-dir", "/tmp",
+                              "--allow-remote-images", "--max-batch-size", "4"])
+    assert args.command == "serve" and args.model == "m" and args.port == 9000 and args.host == "127.0.0.1"
+    assert args.allow_remote_images and args.max_batch_size == 4 and args.image_dir == Path("/tmp")
+    assert callable(args.func)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve"])  # --model is required
+
+
+def test_serve_command_in_a_subprocess(serve_model_dir):  # noqa: F811
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flamingo_vlm.serve", "--model", str(serve_model_dir), "--port", str(port),
+         "--threads", "1", "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        assert httpx.get(base + "/v1/models").json()["data"][0]["id"] == MODEL_NAME
+        r = httpx.post(base + "/v1/completions", json={"prompt": "a red", "max_tokens": 3, "temperature": 0}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert httpx.get(base + "/").text.startswith("<!doctype html>")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
