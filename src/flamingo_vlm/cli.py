@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.custom import add_data_subcommand
 
     add_data_subcommand(sub)
+    from .eval.cli import add_evaluate_subcommand
+
+    add_evaluate_subcommand(sub)
     from .serve.cli import add_serve_subcommand
 
     add_serve_subcommand(sub)

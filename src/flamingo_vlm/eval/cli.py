@@ -1,0 +1,148 @@
+"""``flamingo-vlm evaluate``: few-shot evaluation from the command line (``torchrun`` aware)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+__all__ = ["add_evaluate_subcommand", "build_parser", "main"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", ",").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _pairs(items: list[str] | None, what: str, cast=str) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"{what} takes TASK=VALUE, got {item!r}")
+        out[key.strip()] = cast(value.strip())
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .evaluator import EvalConfig, evaluate
+    from .tasks import get_task
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tasks = [get_task(t).name for t in args.tasks.split(",") if t.strip()]
+    if args.synthetic:
+        from .synthetic import BENCHMARK_TASKS, write_synthetic_benchmark
+        from .tasks import TASKS
+
+        if args.data_root is None:
+            raise SystemExit("--synthetic needs --data-root (where to write the synthetic datasets)")
+        wanted = [t for t in tasks if t in BENCHMARK_TASKS]
+        from pathlib import Path
+
+        missing = [t for t in wanted if not any((Path(args.data_root) / f).is_dir() for f in TASKS[t].folders)]
+        if missing:
+            import os
+
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise SystemExit("write the synthetic data once before a torchrun evaluation: "
+                                 f"python -m flamingo_vlm.eval.synthetic benchmark {args.data_root} --tasks {','.join(missing)}")
+            write_synthetic_benchmark(args.data_root, seed=args.synthetic_seed, tasks=missing)
+    config = EvalConfig(
+        tasks=tasks,
+        data_root=args.data_root,
+        task_roots=_pairs(args.task_root, "--task-root"),
+        out_dir=args.out,
+        shots=args.shots,
+        trials=args.trials,
+        seeds=args.seeds,
+        num_samples=args.num_samples,
+        query_set_size=args.query_set_size,
+        batch_size=args.batch_size,
+        demo_selection="rices" if args.rices else "random",
+        rices_vision_encoder=args.rices_vision_encoder,
+        rices_vision_pretrained=args.rices_vision_pretrained,
+        rices_cache_dir=args.rices_cache_dir,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        max_new_tokens=_pairs(args.max_new_tokens, "--max-new-tokens", int),
+        ensemble=args.ensemble,
+        class_chunk_size=args.class_chunk_size,
+        caption_metrics=[m for m in args.caption_metrics.split(",") if m],
+        caption_tokenizer=args.caption_tokenizer,
+        vqa_gt_normalization=args.vqa_gt_normalization,
+        precision=args.precision,
+        save_predictions=not args.no_predictions,
+        progress=not args.quiet,
+        model_name=args.model,
+    )
+    result = evaluate(args.model, config, device=args.device)
+    if not args.quiet:
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            from pathlib import Path
+
+            print((Path(args.out) / "results.md").read_text())
+    return 0 if result else 1
+
+
+def add_evaluate_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register ``evaluate`` on an argparse subparsers object (handler stored as ``func``)."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="few-shot evaluation (COCO, Flickr30K, VQAv2, OK-VQA, TextVQA, VizWiz, Hateful Memes, ImageNet)",
+        description="Few-shot evaluation with OpenFlamingo's protocol. Run with torchrun for several processes: "
+        "torchrun --nproc_per_node N -m flamingo_vlm.eval --model ... (each sample is evaluated once).",
+    )
+    add_evaluate_arguments(p)
+    p.set_defaults(func=_run)
+    return p
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory or Hub id (flamingo_vlm.load_pretrained)")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated: coco,flickr30k,vqav2,ok_vqa,textvqa,vizwiz,hateful_memes,imagenet")
+    p.add_argument("--data-root", help="folder holding one folder per dataset (mscoco_karpathy/, vqav2/, ...)")
+    p.add_argument("--task-root", action="append", metavar="TASK=PATH", help="a dataset's folder (repeatable)")
+    p.add_argument("--out", default="results", help="results folder (resumable: finished units are skipped)")
+    p.add_argument("--shots", type=_ints, default=[0, 4, 8, 16, 32], help="comma-separated shot counts")
+    p.add_argument("--trials", type=int, default=3, help="trials per shot count (different demos)")
+    p.add_argument("--seeds", type=_ints, default=None, help="trial seeds (default 42,43,...)")
+    p.add_argument("--num-samples", type=int, default=None, help="evaluate a random subset of this size per trial")
+    p.add_argument("--query-set-size", type=int, default=2048, help="training examples random demos come from")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rices", action="store_true", help="choose demos by image similarity (RICES)")
+    p.add_argument("--rices-vision-encoder", help="encoder for RICES features (open_clip name or HF id); default: the model's")
+    p.add_argument("--rices-vision-pretrained", help="its weights (e.g. openai)")
+    p.add_argument("--rices-cache-dir", help="where RICES features are cached (default OUT/rices)")
+    p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", action="append", metavar="TASK=N", help="override a task's generation budget")
+    p.add_argument("--ensemble", action="store_true", help="classification: average over up to 6 demo orders")
+    p.add_argument("--class-chunk-size", type=int, default=128, help="class names scored per chunk")
+    p.add_argument("--caption-metrics", default="cider,bleu,rouge", help="cider,bleu,rouge[,meteor (needs java)]")
+    p.add_argument("--caption-tokenizer", choices=("auto", "java", "python"), default="auto",
+                   help="PTB tokenisation for caption metrics: Stanford's (java) or the pure-Python one")
+    p.add_argument("--vqa-gt-normalization", choices=("official", "always"), default="official")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "amp_bf16"), default="fp32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="write the synthetic benchmark into --data-root first when its datasets are missing")
+    p.add_argument("--synthetic-seed", type=int, default=0)
+    p.add_argument("--no-predictions", action="store_true", help="do not store per-sample predictions")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flamingo_vlm.eval", description=__doc__)
+    add_evaluate_arguments(p)
+    p.set_defaults(func=_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

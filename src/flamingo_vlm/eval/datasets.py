@@ -1,0 +1,467 @@
+"""Evaluation datasets in their standard (as-downloaded) layouts.
+
+Every loader checks its layout up front and raises :class:`DatasetLayoutError` saying which file
+or folder it expected where. Samples are plain dicts (picklable, cheap); images are opened only
+when needed (:meth:`EvalDataset.load_image`).
+
+=================  ==========================================================================
+dataset            layout under its root (``from_root``)
+=================  ==========================================================================
+COCO               ``dataset_coco.json`` (Karpathy splits) + ``train2014/``, ``val2014/`` (each
+                   entry's ``filepath``/``filename``); image id = ``cocoid``
+Flickr30K          ``dataset_flickr30k.json`` + ``flickr30k-images/``; image id = file stem
+VQAv2              ``v2_OpenEnded_mscoco_{split}2014_questions.json``,
+                   ``v2_mscoco_{split}2014_annotations.json``, ``{split}2014/COCO_{split}2014_{id:012d}.jpg``
+OK-VQA             ``OpenEnded_mscoco_{split}2014_questions.json``, ``mscoco_{split}2014_annotations.json``,
+                   ``{split}2014/``
+TextVQA            ``{split}_questions_vqa_format.json``, ``{split}_annotations_vqa_format.json``,
+                   ``train_images/{image_id}.jpg`` (val images live there too)
+VizWiz             ``{split}_questions_vqa_format.json``, ``{split}_annotations_vqa_format.json``,
+                   ``{split}/{image_id}`` (the image id is the file name)
+Hateful Memes      ``{split}.jsonl`` (or ``.json`` holding JSON lines; ``dev_seen.jsonl``) + ``img/``
+ImageNet           ``{split}/<wnid>/<image>`` + class names: ``classnames.txt`` / ``LOC_synset_mapping.txt``
+                   (``<wnid> <name>[, other names]`` per line), or the built-in 1000 names when
+                   the folders are the 1000 ImageNet-1k WordNet ids
+=================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+__all__ = [
+    "CaptionDataset",
+    "DatasetLayoutError",
+    "EvalDataset",
+    "HatefulMemesDataset",
+    "ImageNetDataset",
+    "VQADataset",
+    "read_class_names",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset folder or file is missing or malformed; the message says what was expected."""
+
+
+def _first_existing(root: Path, names: Sequence[str]) -> Path | None:
+    for n in names:
+        p = root / n
+        if p.exists():
+            return p
+    return None
+
+
+def _require(root: Path, names: Sequence[str], what: str, layout: str) -> Path:
+    found = _first_existing(root, names)
+    if found is None:
+        tried = ", ".join(str(root / n) for n in names)
+        raise DatasetLayoutError(f"{what} not found (tried {tried}). Expected layout: {layout}")
+    return found
+
+
+def _load_json(path: Path, what: str, layout: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise DatasetLayoutError(f"{what} not found: {path}. Expected layout: {layout}") from e
+    except json.JSONDecodeError as e:
+        raise DatasetLayoutError(f"{what} {path} is not valid JSON ({e}). Expected layout: {layout}") from e
+
+
+class EvalDataset:
+    """A list of samples (dicts with at least ``id`` and ``image``: a path)."""
+
+    name: str = "dataset"
+    layout: str = ""
+
+    def __init__(self, samples: list[dict], split: str):
+        self.samples = samples
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.samples[index]
+
+    def __iter__(self):
+        return iter(self.samples)
+
+    @staticmethod
+    def load_image(sample: dict) -> Image.Image:
+        path = Path(sample["image"])
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB")
+        except FileNotFoundError as e:
+            raise DatasetLayoutError(f"image of sample {sample['id']!r} not found: {path}") from e
+
+    def _check_images(self, count: int = 3) -> None:
+        """Check the first and last few images exist (a full scan of COCO would take long)."""
+        picks = self.samples[:count] + self.samples[-count:]
+        for s in picks:
+            if not Path(s["image"]).is_file():
+                raise DatasetLayoutError(
+                    f"{self.name} {self.split}: image of sample {s['id']!r} not found at {s['image']}. "
+                    f"Expected layout: {self.layout}"
+                )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, samples={len(self)})"
+
+
+# -- captioning ---------------------------------------------------------------------------------------
+class CaptionDataset(EvalDataset):
+    """COCO / Flickr30K in Karpathy's split JSON (``{"images": [{"split", "filename", "sentences":
+    [{"raw": ...}], "filepath"?, "cocoid"?}]}``).
+
+    Sample: ``{"id", "image", "captions": [raw sentences], "caption": first sentence}``; the first
+    sentence is what a demonstration shows (as in OpenFlamingo), all are CIDEr references.
+    """
+
+    LAYOUTS = {
+        "coco": "<root>/dataset_coco.json (Karpathy splits) with images in <root>/<filepath>/<filename>, "
+        "i.e. <root>/train2014/ and <root>/val2014/",
+        "flickr30k": "<root>/dataset_flickr30k.json (Karpathy splits) with images in <root>/flickr30k-images/",
+    }
+
+    def __init__(
+        self,
+        karpathy_json: str | os.PathLike,
+        image_root: str | os.PathLike | Callable[[dict], Path],
+        split: str,
+        *,
+        dataset: str = "coco",
+        check_images: bool = True,
+    ):
+        if dataset not in self.LAYOUTS:
+            raise ValueError(f"dataset must be one of {sorted(self.LAYOUTS)}, got {dataset!r}")
+        self.name, self.layout = dataset, self.LAYOUTS[dataset]
+        data = _load_json(Path(karpathy_json), "Karpathy split file", self.layout)
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise DatasetLayoutError(
+                f"{karpathy_json} has no 'images' list; is it a Karpathy split file (dataset_{dataset}.json)?"
+            )
+        splits = {split} | ({"train", "restval"} if split == "train+restval" else set())
+        samples = []
+        for n, entry in enumerate(data["images"]):
+            try:
+                if entry["split"] not in splits:
+                    continue
+                sentences = [s["raw"] for s in entry["sentences"]]
+                filename = entry["filename"]
+            except (KeyError, TypeError) as e:
+                raise DatasetLayoutError(
+                    f"{karpathy_json}: entry {n} lacks {e}; Karpathy entries need 'split', 'filename' and "
+                    "'sentences' [{'raw': ...}]"
+                ) from None
+            if not sentences:
+                raise DatasetLayoutError(f"{karpathy_json}: entry {n} ({filename}) has no sentences")
+            if dataset == "coco":
+                if "cocoid" not in entry:
+                    raise DatasetLayoutError(f"{karpathy_json}: COCO entry {n} ({filename}) has no 'cocoid'")
+                sample_id = entry["cocoid"]
+            else:
+                sample_id = Path(filename).stem
+            if callable(image_root):
+                image = image_root(entry)
+            elif dataset == "coco":
+                image = Path(image_root) / entry.get("filepath", "") / filename
+            else:
+                image = Path(image_root) / filename
+            samples.append({"id": sample_id, "image": str(image), "captions": sentences, "caption": sentences[0]})
+        if not samples:
+            present = sorted({e.get("split") for e in data["images"] if isinstance(e, dict)}, key=str)
+            raise DatasetLayoutError(f"{karpathy_json}: no entries in split {split!r} (splits present: {present})")
+        super().__init__(samples, split)
+        if check_images:
+            self._check_images()
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike, split: str, *, dataset: str = "coco", **kw) -> "CaptionDataset":
+        root = Path(root)
+        layout = cls.LAYOUTS.get(dataset, "")
+        if not root.is_dir():
+            raise DatasetLayoutError(f"{dataset} folder not found: {root}. Expected layout: {layout}")
+        if dataset == "coco":
+            ann = _require(root, ["dataset_coco.json", "annotations/dataset_coco.json"], "COCO Karpathy file", layout)
+            return cls(ann, root, split, dataset="coco", **kw)
+        ann = _require(root, ["dataset_flickr30k.json", "annotations/dataset_flickr30k.json"],
+                       "Flickr30K Karpathy file", layout)
+        images = _require(root, ["flickr30k-images", "flickr30k_images", "images", "Images"], "Flickr30K image folder", layout)
+        return cls(ann, images, split, dataset="flickr30k", **kw)
+
+
+# -- VQA ----------------------------------------------------------------------------------------------
+_VQA_FILES = {
+    "vqav2": ("v2_OpenEnded_mscoco_{split}2014_questions.json", "v2_mscoco_{split}2014_annotations.json", "{split}2014"),
+    "ok_vqa": ("OpenEnded_mscoco_{split}2014_questions.json", "mscoco_{split}2014_annotations.json", "{split}2014"),
+    "textvqa": ("{split}_questions_vqa_format.json", "{split}_annotations_vqa_format.json", "train_images"),
+    "vizwiz": ("{split}_questions_vqa_format.json", "{split}_annotations_vqa_format.json", "{split}"),
+}
+
+
+def _vqa_layout(dataset: str) -> str:
+    q, a, d = _VQA_FILES[dataset]
+    return f"<root>/{q}, <root>/{a} and images in <root>/{d}/ (split = train or val)"
+
+
+class VQADataset(EvalDataset):
+    """VQA-format questions/annotations JSON (VQAv2, OK-VQA, TextVQA, VizWiz).
+
+    Sample: ``{"id": question_id, "image", "image_id", "question", "answers": [10 answers]}``
+    (``answers`` absent without annotations). Annotations are matched to questions by
+    ``question_id``, not by position (OpenFlamingo assumed the same order).
+    """
+
+    def __init__(
+        self,
+        questions_json: str | os.PathLike,
+        annotations_json: str | os.PathLike | None,
+        image_dir: str | os.PathLike,
+        split: str,
+        *,
+        dataset: str = "vqav2",
+        image_name: Callable[[Any], str] | None = None,
+        check_images: bool = True,
+    ):
+        if dataset not in _VQA_FILES:
+            raise ValueError(f"dataset must be one of {sorted(_VQA_FILES)}, got {dataset!r}")
+        self.name, self.layout = dataset, _vqa_layout(dataset)
+        qdata = _load_json(Path(questions_json), "questions file", self.layout)
+        if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
+            raise DatasetLayoutError(f"{questions_json} has no 'questions' list; expected VQA-format questions JSON")
+        answers: dict[Any, list[str]] | None = None
+        if annotations_json is not None:
+            adata = _load_json(Path(annotations_json), "annotations file", self.layout)
+            if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
+                raise DatasetLayoutError(
+                    f"{annotations_json} has no 'annotations' list; expected VQA-format annotations JSON"
+                )
+            answers = {}
+            for n, ann in enumerate(adata["annotations"]):
+                try:
+                    answers[ann["question_id"]] = [a["answer"] for a in ann["answers"]]
+                except (KeyError, TypeError) as e:
+                    raise DatasetLayoutError(
+                        f"{annotations_json}: annotation {n} lacks {e}; need 'question_id' and 'answers' [{{'answer'}}]"
+                    ) from None
+        image_dir = Path(image_dir)
+        if not image_dir.is_dir():
+            raise DatasetLayoutError(f"{dataset} image folder not found: {image_dir}. Expected layout: {self.layout}")
+        name_fn = image_name or self._default_image_name(dataset, image_dir, qdata)
+        samples, unanswered = [], []
+        for n, q in enumerate(qdata["questions"]):
+            try:
+                qid, image_id, question = q["question_id"], q["image_id"], q["question"]
+            except (KeyError, TypeError) as e:
+                raise DatasetLayoutError(
+                    f"{questions_json}: question {n} lacks {e}; need 'question_id', 'image_id' and 'question'"
+                ) from None
+            sample = {"id": qid, "image": str(image_dir / name_fn(image_id)), "image_id": image_id, "question": question}
+            if answers is not None:
+                if qid not in answers:
+                    unanswered.append(qid)
+                    continue
+                sample["answers"] = answers[qid]
+            samples.append(sample)
+        if unanswered:
+            raise DatasetLayoutError(
+                f"{annotations_json}: {len(unanswered)} question(s) of {questions_json} have no annotation "
+                f"(e.g. question_id {unanswered[:3]}); are the two files of the same split?"
+            )
+        if not samples:
+            raise DatasetLayoutError(f"{questions_json} holds no questions")
+        super().__init__(samples, split)
+        if check_images:
+            self._check_images()
+
+    @staticmethod
+    def _default_image_name(dataset: str, image_dir: Path, qdata: dict) -> Callable[[Any], str]:
+        if dataset in ("vqav2", "ok_vqa"):
+            subtype = qdata.get("data_subtype")
+            coco_split = subtype if isinstance(subtype, str) and re.fullmatch(r"[a-z]+20\d\d", subtype) else image_dir.name
+            return lambda image_id: f"COCO_{coco_split}_{int(image_id):012d}.jpg"
+        if dataset == "textvqa":
+            return lambda image_id: f"{image_id}.jpg"
+        return lambda image_id: str(image_id)  # VizWiz: the id is the file name
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike, split: str, *, dataset: str = "vqav2", **kw) -> "VQADataset":
+        if dataset not in _VQA_FILES:
+            raise ValueError(f"dataset must be one of {sorted(_VQA_FILES)}, got {dataset!r}")
+        root = Path(root)
+        layout = _vqa_layout(dataset)
+        if not root.is_dir():
+            raise DatasetLayoutError(f"{dataset} folder not found: {root}. Expected layout: {layout}")
+        qname, aname, dname = (s.format(split=split) for s in _VQA_FILES[dataset])
+        questions = _require(root, [qname], f"{dataset} {split} questions", layout)
+        annotations = _require(root, [aname], f"{dataset} {split} annotations", layout)
+        images = _require(root, [dname], f"{dataset} {split} image folder", layout)
+        return cls(questions, annotations, images, split, dataset=dataset, **kw)
+
+
+# -- Hateful Memes ------------------------------------------------------------------------------------
+class HatefulMemesDataset(EvalDataset):
+    """Hateful Memes: JSON lines ``{"id", "img": "img/01235.png", "label": 0|1, "text": OCR}``.
+
+    Sample: ``{"id", "image", "ocr", "label": 0|1, "class_name": "no"|"yes"}``.
+    """
+
+    name = "hateful_memes"
+    layout = "<root>/{train,dev}.jsonl (or .json holding JSON lines, or dev_seen.jsonl) and images in <root>/img/"
+    SPLIT_FILES = {
+        "train": ["train.jsonl", "train.json"],
+        "dev": ["dev.jsonl", "dev.json", "dev_seen.jsonl", "dev_seen.json"],
+        "test": ["test.jsonl", "test.json", "test_seen.jsonl", "test_seen.json"],
+    }
+
+    def __init__(self, annotations: str | os.PathLike, image_dir: str | os.PathLike, split: str, *, check_images: bool = True):
+        annotations, image_dir = Path(annotations), Path(image_dir)
+        if not annotations.is_file():
+            raise DatasetLayoutError(f"Hateful Memes annotations not found: {annotations}. Expected layout: {self.layout}")
+        if not image_dir.is_dir():
+            raise DatasetLayoutError(f"Hateful Memes image folder not found: {image_dir}. Expected layout: {self.layout}")
+        samples = []
+        with open(annotations, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    label = int(rec["label"]) if "label" in rec else None
+                    sample = {
+                        "id": rec["id"],
+                        "image": str(image_dir / Path(rec["img"]).name),
+                        "ocr": rec["text"],
+                    }
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                    raise DatasetLayoutError(
+                        f"{annotations}:{lineno}: expected a JSON line with 'id', 'img', 'text' (and 'label'): "
+                        f"{type(e).__name__}: {e}"
+                    ) from None
+                if label is not None:
+                    if label not in (0, 1):
+                        raise DatasetLayoutError(f"{annotations}:{lineno}: label must be 0 or 1, got {label}")
+                    sample["label"] = label
+                    sample["class_name"] = "yes" if label == 1 else "no"
+                samples.append(sample)
+        if not samples:
+            raise DatasetLayoutError(f"{annotations} holds no examples")
+        super().__init__(samples, split)
+        if check_images:
+            self._check_images()
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike, split: str, **kw) -> "HatefulMemesDataset":
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetLayoutError(f"hateful_memes folder not found: {root}. Expected layout: {cls.layout}")
+        names = cls.SPLIT_FILES.get(split, [f"{split}.jsonl", f"{split}.json"])
+        ann = _require(root, names, f"Hateful Memes {split} annotations", cls.layout)
+        images = _require(root, ["img"], "Hateful Memes image folder", cls.layout)
+        return cls(ann, images, split, **kw)
+
+
+# -- ImageNet -----------------------------------------------------------------------------------------
+_CLASSNAME_FILES = ("classnames.txt", "LOC_synset_mapping.txt", "synset_words.txt")
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def read_class_names(path: str | os.PathLike) -> dict[str, str]:
+    """``<wnid> <name>[, other names]`` per line (``LOC_synset_mapping.txt``'s format, or a tab
+    instead of the first space) -> ``{wnid: first name}``; the file's order is kept."""
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = re.split(r"[\t ]", line, maxsplit=1)
+        if len(parts) != 2 or not parts[1].strip():
+            raise DatasetLayoutError(f"{path}:{lineno}: expected '<folder name> <class name>', got {line!r}")
+        out[parts[0]] = parts[1].split(",")[0].strip()
+    if not out:
+        raise DatasetLayoutError(f"{path} lists no classes")
+    return out
+
+
+class ImageNetDataset(EvalDataset):
+    """ImageNet-style class folders: ``<root>/<split>/<wnid>/<image>``.
+
+    The class list (and class index) comes from the class-name file in file order, or from the
+    built-in ImageNet-1k names (sorted WordNet ids) when the split has the 1000 ImageNet folders.
+    Sample: ``{"id": "<wnid>/<file>", "image", "class_id", "class_name"}``.
+    """
+
+    name = "imagenet"
+    layout = (
+        "<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG, with class names in "
+        f"<root>/{_CLASSNAME_FILES[0]} or <root>/{_CLASSNAME_FILES[1]} ('<wnid> <name>' per line) unless the "
+        "folders are the 1000 ImageNet-1k WordNet ids"
+    )
+
+    def __init__(self, root: str | os.PathLike, split: str, *, class_names: dict[str, str] | str | os.PathLike | None = None,
+                 check_images: bool = True):
+        root = Path(root)
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DatasetLayoutError(f"ImageNet {split} folder not found: {split_dir}. Expected layout: {self.layout}")
+        folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        if not folders:
+            raise DatasetLayoutError(f"{split_dir} has no class folders. Expected layout: {self.layout}")
+        if class_names is None:
+            names_file = _first_existing(root, _CLASSNAME_FILES)
+            if names_file is not None:
+                class_names = read_class_names(names_file)
+            else:
+                class_names = self._builtin_names(root, folders)
+        elif not isinstance(class_names, dict):
+            class_names = read_class_names(class_names)
+        unknown = [f for f in folders if f not in class_names]
+        if unknown:
+            raise DatasetLayoutError(
+                f"{split_dir}: {len(unknown)} class folder(s) have no class name (e.g. {unknown[:3]}). "
+                f"Expected layout: {self.layout}"
+            )
+        self.wnids = list(class_names)
+        self.class_names = [class_names[w] for w in self.wnids]
+        index = {w: i for i, w in enumerate(self.wnids)}
+        samples = []
+        for wnid in folders:
+            for f in sorted((split_dir / wnid).iterdir()):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                    samples.append({"id": f"{wnid}/{f.name}", "image": str(f), "class_id": index[wnid],
+                                    "class_name": class_names[wnid]})
+        if not samples:
+            raise DatasetLayoutError(f"{split_dir}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+        super().__init__(samples, split)
+
+    @classmethod
+    def _builtin_names(cls, root: Path, folders: list[str]) -> dict[str, str]:
+        from .imagenet_classnames import IMAGENET_CLASSNAMES
+
+        if len(folders) == len(IMAGENET_CLASSNAMES) and all(_WNID.match(f) for f in folders):
+            return dict(zip(folders, IMAGENET_CLASSNAMES))
+        raise DatasetLayoutError(
+            f"no class-name file in {root} (tried {', '.join(_CLASSNAME_FILES)}) and the {len(folders)} folders are not "
+            f"the 1000 ImageNet-1k WordNet ids. Expected layout: {cls.layout}"
+        )
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike, split: str, **kw) -> "ImageNetDataset":
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetLayoutError(f"imagenet folder not found: {root}. Expected layout: {cls.layout}")
+        return cls(root, split, **kw)

@@ -1,0 +1,125 @@
+"""Result files: one JSON per (task, shots, trial), written atomically, plus a summary.
+
+Layout of ``--out``::
+
+    results.json                     summary: per task and shot count, the trial scores, mean, std
+    results.md                       the same as markdown tables
+    <task>/shots<S>_seed<seed>.json  one finished unit: scores, settings, per-sample predictions
+    rices/<task>_<split>_<id>.pt     cached RICES features
+
+A unit file exists only once its unit has finished (it is written to a temporary name and
+renamed), so a rerun skips exactly the finished units whose settings match.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["atomic_write_json", "markdown_table", "summarize", "unit_path"]
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def unit_path(out_dir: str | os.PathLike, task: str, shots: int, seed: int) -> Path:
+    return Path(out_dir) / task / f"shots{shots}_seed{seed}.json"
+
+
+def read_unit(path: str | os.PathLike) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def summarize(units: Iterable[dict]) -> dict[str, list[dict]]:
+    """``{task: [{"shots", "metric", "trials", "seeds", "mean", "stddev", "metrics": {name: mean}}]}``
+    from finished unit records, shots ascending."""
+    grouped: dict[str, dict[int, list[dict]]] = {}
+    for u in units:
+        grouped.setdefault(u["task"], {}).setdefault(int(u["shots"]), []).append(u)
+    out: dict[str, list[dict]] = {}
+    for task, by_shot in grouped.items():
+        rows = []
+        for shots in sorted(by_shot):
+            us = sorted(by_shot[shots], key=lambda u: u["trial"])
+            scores = [float(u["score"]) for u in us]
+            names = [k for k, v in us[0]["metrics"].items() if isinstance(v, (int, float))]
+            rows.append({
+                "shots": shots,
+                "metric": us[0]["metric"],
+                "trials": scores,
+                "seeds": [u["seed"] for u in us],
+                "mean": float(np.mean(scores)),
+                "stddev": float(np.std(scores)),
+                "num_samples": us[0]["num_samples"],
+                "metrics": {k: float(np.mean([u["metrics"][k] for u in us])) for k in names},
+            })
+        out[task] = rows
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return ""
+    mean = float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {float(np.std(values)):.2f}"
+
+
+def markdown_table(summary: dict[str, list[dict]], *, title: str | None = None, extra: dict[str, list[str]] | None = None) -> str:
+    """Rows: task x metric (the headline metric, then ``extra[task]``); columns: shot counts;
+    cells: mean ± std over trials."""
+    shots = sorted({r["shots"] for rows in summary.values() for r in rows})
+    lines = []
+    if title:
+        lines += [f"## {title}", ""]
+    lines.append("| task | metric | " + " | ".join(f"{s}-shot" for s in shots) + " | trials | samples |")
+    lines.append("|---|---|" + "---|" * len(shots) + "---|---|")
+    for task, rows in summary.items():
+        by_shot = {r["shots"]: r for r in rows}
+        headline = rows[0]["metric"]
+        names = [headline] + [m for m in (extra or {}).get(task, []) if m != headline and m in rows[0]["metrics"]]
+        for name in names:
+            cells = []
+            for s in shots:
+                r = by_shot.get(s)
+                if r is None:
+                    cells.append("")
+                elif name == headline:
+                    cells.append(_cell(r["trials"]))
+                else:
+                    v = r["metrics"].get(name)
+                    cells.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}")
+            trials = max(len(r["trials"]) for r in rows)
+            samples = rows[0]["num_samples"]
+            lines.append(f"| {task} | {name} | " + " | ".join(cells) + f" | {trials} | {samples} |")
+    return "\n".join(lines) + "\n"

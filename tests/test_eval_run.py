@@ -1,0 +1,316 @@
+"""End-to-end evaluation runs with a tiny random model on tiny synthetic data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flamingo_vlm.eval import EvalConfig, Evaluator, continuation_ids
+from flamingo_vlm.eval.cli import main as eval_main
+from flamingo_vlm.eval.demos import RICES, FeatureExtractor, RandomDemoSelector
+from flamingo_vlm.eval.distributed import shard_indices
+from flamingo_vlm.eval.synthetic import SceneGenerator, write_synthetic_benchmark
+from tiny import tiny_flamingo
+
+pytest.importorskip("pycocoevalcap")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny model and a tiny synthetic benchmark (6 classes)."""
+    root = tmp_path_factory.mktemp("eval")
+    gen = SceneGenerator(seed=0, shapes=("circle", "square", "star"), colors=("red", "blue"), n_held_out=1)
+    write_synthetic_benchmark(root / "data", generator=gen, tasks=("coco", "vqav2", "imagenet"), n_train=6, n_val=1,
+                              n_test=3, n_class_train_per_class=1, n_class_val_per_class=1, image_size=32)
+    model, ip, tok = tiny_flamingo("llama", max_position_embeddings=512)
+    model.save_pretrained(root / "model", tokenizer=tok, image_processor=ip)
+    return root, (model, ip, tok)
+
+
+def _cli(root, out, *extra):
+    return eval_main([
+        "--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(out),
+        "--tasks", "coco,vqav2,imagenet", "--shots", "0,2", "--trials", "1", "--batch-size", "2",
+        "--num-samples", "3", "--caption-tokenizer", "python", "--quiet", *extra,
+    ])
+
+
+def test_full_run_writes_json_and_markdown_then_resumes(tiny, tmp_path, monkeypatch):
+    root, _ = tiny
+    out = tmp_path / "out"
+    assert _cli(root, out) == 0
+    summary = json.loads((out / "results.json").read_text())
+    results = summary["results"]
+    assert set(results) == {"coco", "vqav2", "imagenet"}
+    for task, metric in (("coco", "CIDEr"), ("vqav2", "accuracy"), ("imagenet", "top1")):
+        rows = results[task]
+        assert [r["shots"] for r in rows] == [0, 2]
+        assert all(r["metric"] == metric and len(r["trials"]) == 1 and 0 <= r["mean"] <= 100 for r in rows)
+    assert results["imagenet"][0]["num_samples"] == 3
+    assert {"top1", "top5"} <= set(results["imagenet"][0]["metrics"])
+    md = (out / "results.md").read_text()
+    assert "| task | metric | 0-shot | 2-shot |" in md and "| coco | CIDEr |" in md and "| imagenet | top5 |" in md
+    unit = json.loads((out / "vqav2" / "shots2_seed42.json").read_text())
+    assert len(unit["predictions"]) == unit["num_samples"] == 3
+    assert all(len(p["demos"]) == 2 for p in unit["predictions"])
+    cls_unit = json.loads((out / "imagenet" / "shots0_seed42.json").read_text())
+    assert all(len(p["top5"]) == 5 for p in cls_unit["predictions"])
+
+    # A rerun finds every unit finished and evaluates nothing.
+    calls = []
+    monkeypatch.setattr(Evaluator, "run_unit", lambda self, *a, **k: calls.append(a) or pytest.fail("re-evaluated"))
+    mtime = (out / "coco" / "shots0_seed42.json").stat().st_mtime_ns
+    assert _cli(root, out) == 0
+    assert calls == [] and (out / "coco" / "shots0_seed42.json").stat().st_mtime_ns == mtime
+    monkeypatch.undo()
+
+    # Only the missing unit, and units whose settings changed, run again.
+    (out / "imagenet" / "shots2_seed42.json").unlink()
+    ran = []
+    original = Evaluator.run_unit
+
+    def spy(self, spec, *a, **k):
+        ran.append((spec.name, a[2]))
+        return original(self, spec, *a, **k)
+
+    monkeypatch.setattr(Evaluator, "run_unit", spy)
+    assert _cli(root, out) == 0
+    assert ran == [("imagenet", 2)]
+    ran.clear()
+    assert _cli(root, out, "--num-beams", "2") == 0
+    assert sorted(ran) == [("coco", 0), ("coco", 2), ("vqav2", 0), ("vqav2", 2)]
+    assert (out / "imagenet" / "shots2_seed42.json").is_file()
+
+
+def test_zero_shot_passes_only_the_query_image(tiny, tmp_path, monkeypatch):
+    root, (model, ip, tok) = tiny
+    seen = []
+    media = tok.convert_tokens_to_ids("<image>")
+
+    def record(fn):
+        def wrapped(vision_x, lang_x, *a, **k):
+            for row in range(lang_x.shape[0]):
+                n_markers = int((lang_x[row] == media).sum())
+                text = tok.decode(lang_x[row], skip_special_tokens=False)
+                seen.append((fn.__name__, vision_x.shape[1], n_markers, text.count("Output:") + text.count("Question:")))
+            return fn(vision_x, lang_x, *a, **k)
+        wrapped.__name__ = fn.__name__
+        return wrapped
+
+    monkeypatch.setattr(model, "generate", record(model.generate))
+    monkeypatch.setattr(model, "score", record(model.score))
+    for shots in (0, 2):
+        seen.clear()
+        cfg = EvalConfig(tasks=["vqav2", "imagenet"], data_root=str(root / "data"), out_dir=str(tmp_path / str(shots)),
+                         shots=[shots], trials=1, num_samples=2, batch_size=2, progress=False)
+        Evaluator(model, ip, tok, cfg).run()
+        assert {name for name, *_ in seen} == {"generate", "score"}
+        for _, n_images, n_markers, n_prompts in seen:
+            assert n_prompts == 3  # two demos and the query, at 0 shots too (text-only demos)
+            assert n_markers == (1 if shots == 0 else 3)
+            assert n_images == n_markers  # 0 shots: no demo images (OpenFlamingo passed them for classification)
+
+
+def test_shard_indices_cover_each_sample_once():
+    for n in (0, 1, 7, 64, 101):
+        for world in (1, 2, 3, 8):
+            parts = [shard_indices(n, r, world) for r in range(world)]
+            flat = sorted(i for p in parts for i in p)
+            assert flat == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError):
+        shard_indices(5, 2, 2)
+
+
+def test_random_demos_are_per_sample_and_distinct(tiny):
+    root, _ = tiny
+    from flamingo_vlm.eval.datasets import VQADataset
+
+    train = VQADataset.from_root(root / "data" / "vqav2", "train", dataset="vqav2")
+    sel = RandomDemoSelector(train, query_set_size=5, seed=1)
+    assert len(sel.pool) == 5
+    picks = sel.select(3, 4)
+    assert len(set(picks)) == 4 and set(picks) <= set(sel.pool.tolist())
+    assert RandomDemoSelector(train, 5, 1).select(3, 4) == picks  # independent of anything else
+    assert RandomDemoSelector(train, 5, 2).pool.tolist() != sel.pool.tolist() or sel.select(4, 4) != picks
+
+
+def test_rices_most_similar_last_and_cache(tiny, tmp_path, monkeypatch):
+    feats = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0.8, 0.6, 0], [0, 0, 1.0]]), dim=-1)
+    rices = RICES(feats)
+    query = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1, 0.0]]), dim=-1)
+    # cosine similarities: 0.995 (0), 0.856 (2), 0.0995 (1), 0 (3); the most similar comes last
+    assert rices.select(query, 3) == [[1, 2, 0]]
+    assert rices.select(query, 0) == [[]]
+
+    root, (model, ip, tok) = tiny
+    from flamingo_vlm.eval.datasets import CaptionDataset
+
+    train = CaptionDataset.from_root(root / "data" / "mscoco_karpathy", "train", dataset="coco")
+    ex = FeatureExtractor(model.vision_encoder, ip)
+    assert ex.mode == "encode_image"
+    cache = tmp_path / "f.pt"
+    built = RICES.build(train, ex, cache_path=cache, batch_size=4)
+    assert built.features.shape[0] == len(train) and cache.is_file()
+    torch.testing.assert_close(built.features.norm(dim=-1), torch.ones(len(train)))
+    monkeypatch.setattr(FeatureExtractor, "__call__", lambda *a: pytest.fail("cache not used"))
+    again = RICES.build(train, ex, cache_path=cache)
+    torch.testing.assert_close(again.features, built.features)
+    # a training image's nearest neighbour is itself, and comes last
+    monkeypatch.undo()
+    q = ex([CaptionDataset.load_image(train[2])])
+    assert built.select(q, 3)[0][-1] == 2
+
+
+def test_rices_run(tiny, tmp_path):
+    root, (model, ip, tok) = tiny
+    cfg = EvalConfig(tasks=["coco"], data_root=str(root / "data"), out_dir=str(tmp_path), shots=[2], trials=1,
+                     num_samples=2, batch_size=2, demo_selection="rices", caption_tokenizer="python", progress=False)
+    Evaluator(model, ip, tok, cfg).run()
+    unit = json.loads((tmp_path / "coco" / "shots2_seed42.json").read_text())
+    assert unit["demo_selection"] == "rices" and unit["fingerprint"]["rices_vision_encoder"] == "model"
+    assert list((tmp_path / "rices").glob("coco_train_*.pt"))
+
+
+def test_classification_ensembling_and_continuation_ids(tiny, tmp_path):
+    root, (model, ip, tok) = tiny
+    ids = continuation_ids(tok, "Output:", "red circle")
+    assert ids == tok("red circle", add_special_tokens=False)["input_ids"]  # byte-level BPE: same as alone
+    assert Evaluator._permutations(2, 6, 0, 0) == [[0, 1], [1, 0]]
+    perms = Evaluator._permutations(4, 6, 0, 3)
+    assert len(perms) == 6 and len({tuple(p) for p in perms}) == 6 and perms[0] == [0, 1, 2, 3]
+    cfg = EvalConfig(tasks=["imagenet"], data_root=str(root / "data"), out_dir=str(tmp_path), shots=[2], trials=1,
+                     num_samples=2, batch_size=2, ensemble=True, progress=False)
+    result = Evaluator(model, ip, tok, cfg).run()
+    assert result["results"]["imagenet"][0]["metric"] == "top1"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_torchrun_two_processes_match_one(tiny, tmp_path):
+    """Two gloo processes evaluate disjoint shares whose union is what one process evaluates."""
+    root, _ = tiny
+    args = ["--model", str(root / "model"), "--data-root", str(root / "data"), "--tasks", "vqav2", "--shots", "0",
+            "--trials", "1", "--batch-size", "1", "--num-samples", "5", "--quiet", "--device", "cpu"]
+    assert eval_main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "flamingo_vlm.eval", *args, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "vqav2" / "shots0_seed42.json").read_text())
+    two = json.loads((tmp_path / "two" / "vqav2" / "shots0_seed42.json").read_text())
+    ids = [p["id"] for p in two["predictions"]]
+    assert len(ids) == len(set(ids)) == 5 and two["num_samples"] == 5
+    assert two["predictions"] == one["predictions"] and two["score"] == one["score"]
+
+
+def test_hateful_memes_run_reports_roc_auc(tiny, tmp_path):
+    root, (model, ip, tok) = tiny
+    from flamingo_vlm.eval.synthetic import SceneGenerator as G
+
+    hm = tmp_path / "hateful_memes"
+    (hm / "img").mkdir(parents=True)
+    g = G(seed=5)
+    for split, n in (("train", 4), ("dev", 6)):
+        lines = []
+        for i in range(n):
+            sid = 100 * (split == "dev") + i
+            g.scene(sid, "test").render(32).save(hm / "img" / f"{sid:05d}.png")
+            lines.append(json.dumps({"id": sid, "img": f"img/{sid:05d}.png", "label": i % 2, "text": f"meme number {i}"}))
+        (hm / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = EvalConfig(tasks=["hateful_memes"], task_roots={"hateful_memes": str(hm)}, out_dir=str(tmp_path / "out"),
+                     shots=[0, 2], trials=1, batch_size=3, progress=False)
+    result = Evaluator(model, ip, tok, cfg).run()
+    rows = result["results"]["hateful_memes"]
+    assert [r["metric"] for r in rows] == ["roc_auc", "roc_auc"] and all(0 <= r["mean"] <= 100 for r in rows)
+    unit = json.loads((tmp_path / "out" / "hateful_memes" / "shots2_seed42.json").read_text())
+    assert len(unit["predictions"]) == 6 and all(0 < p["p_yes"] < 1 for p in unit["predictions"])
+    assert {"roc_auc", "accuracy"} == set(unit["metrics"])
+
+
+def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
+    import argparse
+
+    from flamingo_vlm.eval.cli import add_evaluate_subcommand
+
+    root, _ = tiny
+    parser = argparse.ArgumentParser(prog="flamingo-vlm")
+    add_evaluate_subcommand(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["evaluate", "--model", str(root / "model"), "--tasks", "vqav2", "--data-root",
+                              str(tmp_path / "synth"), "--synthetic", "--shots", "0", "--trials", "1",
+                              "--num-samples", "2", "--out", str(tmp_path / "out"), "--quiet"])
+    assert args.func(args) == 0
+    assert (tmp_path / "synth" / "vqav2" / "v2_mscoco_val2014_annotations.json").is_file()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["results"]["vqav2"][0]["num_samples"] == 2
+
+
+class _Oracle:
+    """Stands in for the model: answers from the ground truth of the query image it is shown, so
+    the whole pipeline (prompts, ids, post-processing, gathering, metrics) must score it perfectly."""
+
+    def __init__(self, model, ip, tok, samples):
+        from collections import Counter
+
+        from flamingo_vlm.eval.datasets import EvalDataset
+
+        self.model, self.tok, self.device, self.vision_encoder = model, tok, torch.device("cpu"), model.vision_encoder
+        self.media_id = tok.convert_tokens_to_ids("<image>")
+        self.truth = {}
+        for s in samples:
+            key = (ip(EvalDataset.load_image(s)).numpy().tobytes(), s.get("question"))
+            if "answers" in s:
+                self.truth[key] = Counter(s["answers"]).most_common(1)[0][0]
+            else:
+                self.truth[key] = s.get("caption") or s["class_name"]
+
+    def eval(self):
+        return self
+
+    def _query(self, vision_x, input_ids, b):
+        n = int((input_ids[b] == self.media_id).sum())
+        text = self.tok.decode(input_ids[b], skip_special_tokens=True)
+        question = text.rsplit("Question:", 1)[1].rsplit(" Short answer:", 1)[0] if "Question:" in text else None
+        return self.truth[(vision_x[b, n - 1, 0].numpy().tobytes(), question)]
+
+    def generate(self, vision_x, input_ids, attention_mask, **kw):
+        rows = [self.tok(self._query(vision_x, input_ids, b) + "<|endofchunk|>", add_special_tokens=False)["input_ids"]
+                for b in range(input_ids.shape[0])]
+        new = torch.full((len(rows), max(map(len, rows))), self.tok.pad_token_id)
+        for b, r in enumerate(rows):
+            new[b, : len(r)] = torch.tensor(r)
+        return torch.cat([input_ids, new], dim=1)
+
+    def score(self, vision_x, input_ids, candidates, attention_mask, **kw):
+        out = torch.full((input_ids.shape[0], len(candidates)), -5.0)
+        for b in range(input_ids.shape[0]):
+            right = continuation_ids(self.tok, "Output:", self._query(vision_x, input_ids, b))
+            out[b, candidates.index(right)] = 0.0
+        return out
+
+
+def test_oracle_predictions_score_perfectly(tiny, tmp_path):
+    root, (model, ip, tok) = tiny
+    from flamingo_vlm.eval.tasks import get_task
+
+    samples = []
+    for task, folder in (("coco", "mscoco_karpathy"), ("vqav2", "vqav2"), ("imagenet", "imagenet")):
+        spec = get_task(task)
+        samples += list(spec.load(root / "data" / folder, spec.eval_split))
+    oracle = _Oracle(model, ip, tok, samples)
+    cfg = EvalConfig(tasks=["coco", "vqav2", "imagenet"], data_root=str(root / "data"), out_dir=str(tmp_path), shots=[0, 2],
+                     trials=1, batch_size=2, caption_tokenizer="python", progress=False)
+    results = Evaluator(oracle, ip, tok, cfg).run()["results"]
+    assert all(r["mean"] == 100.0 for r in results["vqav2"])
+    assert all(r["mean"] == 100.0 and r["metrics"]["top5"] == 100.0 for r in results["imagenet"])
+    unit = json.loads((tmp_path / "coco" / "shots2_seed42.json").read_text())
+    coco = {s["id"]: s for s in get_task("coco").load(root / "data" / "mscoco_karpathy", "test")}
+    assert [p["prediction"] for p in unit["predictions"]] == [coco[p["id"]]["caption"] for p in unit["predictions"]]
+    assert unit["metrics"]["BLEU_1"] > 90 and unit["score"] > 0

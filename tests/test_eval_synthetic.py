@@ -1,0 +1,100 @@
+"""The synthetic scene generator: determinism, held-out combinations, standard layouts, shards."""
+
+import json
+
+import numpy as np
+import pytest
+
+from flamingo_vlm.eval.datasets import CaptionDataset, ImageNetDataset, VQADataset
+from flamingo_vlm.eval.synthetic import POSITIONS, SceneGenerator, write_synthetic_benchmark, write_training_shards
+
+
+def test_a_seed_decides_everything():
+    a, b = SceneGenerator(seed=3), SceneGenerator(seed=3)
+    b.scene(0, "test")  # order of generation does not matter
+    for i in (0, 5, 17):
+        sa, sb = a.scene(i, "test"), b.scene(i, "test")
+        assert sa == sb
+        assert sa.captions() == sb.captions() and sa.questions(3) == sb.questions(3)
+        assert np.array_equal(np.asarray(sa.render(64)), np.asarray(sb.render(64)))
+    assert a.held_out_pairs == b.held_out_pairs
+    other = SceneGenerator(seed=4)
+    assert [other.scene(i, "test") for i in range(5)] != [a.scene(i, "test") for i in range(5)]
+    assert a.scene(0, "train") != a.scene(0, "test")  # splits are separate streams
+
+
+def test_scene_contents_and_language():
+    g = SceneGenerator(seed=0)
+    for i in range(50):
+        s = g.scene(i, "val")
+        assert 1 <= len(s.objects) <= 4
+        assert len({o.position for o in s.objects}) == len(s.objects) and all(o.position in POSITIONS for o in s.objects)
+        caps = s.captions(5)
+        assert len(caps) == 5 and all(o.color in caps[0] and o.shape in caps[0] for o in s.objects)
+        for q in s.questions():
+            assert len(q["answers"]) == 10 and q["answers"].count(q["answer"]) >= 8
+            if q["question"] == "How many shapes are there?":
+                assert q["answer"] == str(len(s.objects))
+        if s.text:
+            assert any(q["answer"] == s.text for q in s.questions())
+    one = g.class_scene(0, "class_val", label="red star")
+    assert one.label == "red star" and len(one.objects) == 1
+
+
+def test_held_out_pairs_only_in_evaluation_splits():
+    g = SceneGenerator(seed=1, n_held_out=3)
+    held = g.held_out_pairs
+    assert len(held) == 3
+    for split in ("train", "pretrain"):
+        for i in range(300):
+            assert not g.is_held_out(g.scene(i, split))
+    assert sum(g.is_held_out(g.scene(i, "test")) for i in range(100)) > 10
+    shape, color = sorted(held)[0]
+    with pytest.raises(ValueError, match="held out"):
+        g.class_scene(0, "class_train", label=f"{color} {shape}")
+    fixed = SceneGenerator(seed=1, held_out=[("circle", "red")])
+    assert fixed.held_out_pairs == {("circle", "red")}
+
+
+def test_benchmark_in_standard_layouts(tmp_path):
+    kw = dict(seed=2, tasks=("coco", "flickr30k", "vqav2", "imagenet"), n_train=6, n_val=2, n_test=3,
+              n_class_train_per_class=1, n_class_val_per_class=1, image_size=32)
+    paths = write_synthetic_benchmark(tmp_path / "a", **kw)
+    coco_test = CaptionDataset.from_root(paths["coco"], "test", dataset="coco")
+    assert len(coco_test) == 3 and len(coco_test[0]["captions"]) == 5
+    assert len(CaptionDataset.from_root(paths["coco"], "train", dataset="coco")) == 6
+    assert len(CaptionDataset.from_root(paths["flickr30k"], "test", dataset="flickr30k")) == 3
+    vqa = VQADataset.from_root(paths["vqav2"], "val", dataset="vqav2")
+    assert len(vqa) >= 5 and all(len(s["answers"]) == 10 for s in vqa)
+    assert len(VQADataset.from_root(paths["vqav2"], "train", dataset="vqav2")) >= 6
+    g = SceneGenerator(seed=2)
+    inet_val = ImageNetDataset.from_root(paths["imagenet"], "val")
+    inet_train = ImageNetDataset.from_root(paths["imagenet"], "train")
+    assert inet_val.class_names == g.classes() and len(inet_val) == len(g.classes())
+    assert len(inet_train) == len(g.classes()) - len(g.held_out_pairs)
+    held = {f"{c} {s}" for s, c in g.held_out_pairs}
+    assert not held & {s["class_name"] for s in inet_train}
+    meta = json.loads((tmp_path / "a" / "synthetic.json").read_text())
+    assert meta["seed"] == 2 and len(meta["held_out_pairs"]) == 4
+    # the same settings write the same files
+    write_synthetic_benchmark(tmp_path / "b", **kw)
+    for rel in ("mscoco_karpathy/dataset_coco.json", "vqav2/v2_mscoco_val2014_annotations.json", "imagenet/classnames.txt"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    first = sorted((tmp_path / "a" / "mscoco_karpathy" / "val2014").iterdir())[0]
+    assert first.read_bytes() == (tmp_path / "b" / "mscoco_karpathy" / "val2014" / first.name).read_bytes()
+    with pytest.raises(FileExistsError):
+        write_synthetic_benchmark(tmp_path / "a", **kw)
+
+
+def test_training_shards(tmp_path):
+    from flamingo_vlm.data.custom import inspect_shards
+
+    shards = write_training_shards(tmp_path, seed=0, n_pairs=5, n_documents=3, image_size=32, samples_per_shard=4)
+    assert len(shards["pairs"]) == 2 and len(shards["interleaved"]) == 1
+    assert not (tmp_path / "source").exists()
+    pairs = inspect_shards([str(p) for p in shards["pairs"]])
+    assert pairs["samples"] == 5 and pairs["corrupt"] == 0 and pairs["kinds"] == {"pairs": 5}
+    docs = inspect_shards([str(p) for p in shards["interleaved"]], n=3)
+    assert docs["samples"] == 3 and docs["kinds"] == {"interleaved": 3} and docs["images"] >= 6
+    text = docs["examples"][0]["text"]
+    assert text.count("<image>") >= 2 and ("Output:" in text or "Short answer:" in text)
