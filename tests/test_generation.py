@@ -233,3 +233,24 @@ def test_processor_errors_name_the_sample(llama):
     assert (labels[batch["input_ids"] == model.media_token_id] == -100).all()
     assert (labels[batch["attention_mask"] == 0] == -100).all()
     assert batch["attention_mask"][0, 0] == 1  # right padding
+
+
+def test_gradient_checkpointing_recomputes_and_matches():
+    model, ip, tok = tiny_flamingo("llama", seed=8)
+    batch = FlamingoProcessor(tok, ip)([("<image>a red car.<|endofchunk|>", random_images(1))], padding_side="right",
+                                       return_labels=True)
+    model.train()
+
+    def grads():
+        model.zero_grad()
+        model(batch["vision_x"], batch["input_ids"], batch["attention_mask"], batch["labels"]).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+    plain = grads()
+    model.set_gradient_checkpointing(True)
+    assert all(layer.gradient_checkpointing for layer in model.decoder_layers())
+    checkpointed = grads()
+    model.set_gradient_checkpointing(False)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_evaluate_subcommand
 
     add_evaluate_subcommand(sub)
+    from .train.cli import add_train_subcommand
+
+    add_train_subcommand(sub)
     from .serve.cli import add_serve_subcommand
 
     add_serve_subcommand(sub)

@@ -149,18 +149,23 @@ class Flamingo(nn.Module):
             lm.set_output_embeddings(ExtendedLMHead(out, ext))
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute activations in backward: our cross-attention blocks and the LM's layers."""
+        """Recompute activations in backward: the LM's layers and our cross-attention blocks."""
+        lm = self.lang_encoder
+        if getattr(lm, "supports_gradient_checkpointing", False):
+            kwargs = {"use_reentrant": False}
+            if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                if enabled:
+                    lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                else:
+                    lm.activation_checkpointing_disable()
+            elif enabled:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            else:
+                lm.gradient_checkpointing_disable()
+        # Last: transformers sets `gradient_checkpointing` on every module that has the attribute,
+        # our wrapper layers included.
         for layer in self.decoder_layers():
             layer.gradient_checkpointing = enabled
-        lm = self.lang_encoder
-        if enabled:
-            enable = getattr(lm, "activation_checkpointing_enable", None) or getattr(lm, "gradient_checkpointing_enable", None)
-            if enable is not None and getattr(lm, "supports_gradient_checkpointing", False):
-                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif getattr(lm, "supports_gradient_checkpointing", False):
-            disable = getattr(lm, "activation_checkpointing_disable", None) or getattr(lm, "gradient_checkpointing_disable", None)
-            if disable is not None:
-                disable()
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,270 @@
+"""Training checkpoints: atomic, complete, resumable.
+
+``<output_dir>/checkpoints/step_00000040/`` holds
+
+- ``trainable.safetensors``: the trainable weights, full tensors under their raw parameter names
+  (``perceiver.latents``, ``lang_encoder....gated_cross_attn_layer.attn_gate``,
+  ``...embed_tokens.new_weight``, LoRA's ``lora_A``/``lora_B``), as ``save_pretrained`` names them;
+- ``optimizer.pt``: AdamW state keyed by parameter *name* (full tensors, so any sharding reloads);
+- ``trainer_state.pt``: step, scheduler, every rank's RNG states and data positions, world size,
+  and the run's config;
+- ``COMPLETE``: written last.
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a process
+killed mid-write leaves the previous checkpoints intact and no half-written one that looks complete.
+Only rank 0 writes; tensors sharded by FSDP2 are gathered (a collective every rank joins) first.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ConfigError
+from .distributed import DistInfo, all_gather_objects, barrier, full_tensor, like_param
+
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^step_(\d{8})$")
+COMPLETE = "COMPLETE"
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.pt"
+STATE = "trainer_state.pt"
+
+
+def checkpoints_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and (p / COMPLETE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+# -- gathering (collective under FSDP2) ------------------------------------------------------------
+def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the trainable parameters by raw name. Never calls ``state_dict()`` (the
+    new-token embedding's hooks would merge rows into the frozen matrix)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[name] = full_tensor(p.detach()).cpu().clone().contiguous()
+    return out
+
+
+def gather_optimizer(optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state by parameter name with full tensors (groups carry their ``names``)."""
+    state, groups = {}, []
+    for group in optimizer.param_groups:
+        names = group["names"]
+        groups.append({k: v for k, v in group.items() if k != "params"})
+        for name, p in zip(names, group["params"]):
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            state[name] = {
+                k: (full_tensor(v).cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()
+            }
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(_tuplify(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    datasets: list,
+    config: dict,
+    info: DistInfo,
+    keep_last: int,
+) -> Path | None:
+    """Every rank calls this; rank 0 writes. Returns the checkpoint path (rank 0) or None."""
+    trainable = gather_trainable(model)
+    optim_state = gather_optimizer(optimizer)
+    per_rank = all_gather_objects(
+        {"rng": rng_state(info.device), "data": [ds.state_dict() for ds in datasets]}, info
+    )
+    path = None
+    if info.is_main:
+        state = {
+            "step": step,
+            "world_size": info.world_size,
+            "scheduler": scheduler.state_dict(),
+            "rng": [r["rng"] for r in per_rank],
+            "data": [r["data"] for r in per_rank],
+            "config": config,
+        }
+        path = _write_atomic(checkpoints_root(output_dir), step, trainable, optim_state, state)
+        prune(output_dir, keep_last)
+    barrier(info)
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(root: Path, step: int, trainable, optim_state, state) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        save_file(trainable, str(tmp / TRAINABLE), metadata={"format": "flamingo-vlm-trainable", "step": str(step)})
+        torch.save(optim_state, tmp / OPTIMIZER)
+        torch.save(state, tmp / STATE)
+        (tmp / COMPLETE).write_text(f"{step}\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-running a step after resuming from an earlier checkpoint
+            old = root / f".{final.name}.old-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def prune(output_dir: str | os.PathLike, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop leftovers of interrupted writes."""
+    found = list_checkpoints(output_dir)
+    for _, path in found[:-keep_last] if keep_last > 0 else found:
+        shutil.rmtree(path, ignore_errors=True)
+    root = checkpoints_root(output_dir)
+    for p in root.glob(".step_*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """``None`` -> no resume; ``"auto"`` -> the latest checkpoint if any; ``"latest"`` -> the latest
+    (an error if none); anything else -> that checkpoint directory (or a run directory's latest)."""
+    if resume is None:
+        return None
+    if resume in ("auto", "latest"):
+        path = latest_checkpoint(output_dir)
+        if path is None and resume == "latest":
+            raise ConfigError(f"--resume: no complete checkpoint in {checkpoints_root(output_dir)}")
+        return path
+    path = Path(resume)
+    if (path / COMPLETE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (no {COMPLETE} file) nor a run with checkpoints")
+
+
+def load_trainer_state(path: Path) -> dict:
+    return torch.load(path / STATE, map_location="cpu", weights_only=True)
+
+
+def load_trainable(model: nn.Module, path: Path) -> None:
+    """Copy the checkpoint's trainable weights into ``model`` (before any DDP/FSDP wrapping).
+    The names and shapes must match the model's trainable parameters exactly."""
+    weights = load_file(str(path / TRAINABLE))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(weights))
+    unexpected = sorted(set(weights) - set(params))
+    shapes = [
+        f"{n}: checkpoint {tuple(weights[n].shape)} vs model {tuple(params[n].shape)}"
+        for n in sorted(set(params) & set(weights))
+        if weights[n].shape != params[n].shape
+    ]
+    if missing or unexpected or shapes:
+        raise ConfigError(
+            f"checkpoint {path} does not match the model (different architecture, LoRA setting or "
+            f"model config?): missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name].to(dtype=p.dtype))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Load a name-keyed optimizer state into ``optimizer`` (whose params may be FSDP2 shards)."""
+    saved = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    current = optimizer.state_dict()
+    if len(saved["param_groups"]) != len(current["param_groups"]):
+        raise ConfigError(f"{path / OPTIMIZER}: {len(saved['param_groups'])} parameter groups, the optimizer has "
+                          f"{len(current['param_groups'])}")
+    new_state = {}
+    groups = []
+    for group, saved_group, live_group in zip(current["param_groups"], saved["param_groups"], optimizer.param_groups):
+        if list(saved_group["names"]) != list(live_group["names"]):
+            raise ConfigError(f"{path / OPTIMIZER}: parameter names differ from the model's trainable parameters")
+        merged = {**saved_group, "params": group["params"]}
+        groups.append(merged)
+        for pid, name, p in zip(group["params"], live_group["names"], live_group["params"]):
+            st = saved["state"].get(name)
+            if st is None:
+                continue
+            new_state[pid] = {
+                k: (v if k == "step" or not isinstance(v, torch.Tensor) else like_param(v, p)) for k, v in st.items()
+            }
+    optimizer.load_state_dict({"state": new_state, "param_groups": groups})

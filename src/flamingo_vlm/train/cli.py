@@ -1,0 +1,150 @@
+"""``flamingo-vlm train``: train from a YAML config; flags override it.
+
+    flamingo-vlm train --config configs/train.yaml
+    flamingo-vlm train --config configs/train.yaml --max-steps 100 --lr 5e-5 --set schedule.kind=cosine
+    torchrun --nproc_per_node 2 -m flamingo_vlm.train --config configs/train.yaml --distributed ddp
+    flamingo-vlm train --config configs/train.yaml --resume            # continue the latest checkpoint
+    flamingo-vlm train --config configs/train.yaml --export-checkpoint runs/x/checkpoints/step_00001000 --export-to out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import DATA_KINDS, DISTRIBUTED, PRECISIONS, SCHEDULES, ConfigError, TrainConfig
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML training config (see configs/train.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set optim.weight_decay=0.05 (repeatable)")
+    p.add_argument("--from-pretrained", help="start from this flamingo-vlm model directory / Hub repo")
+    p.add_argument("--data", action="append", default=[], metavar="KIND=URLS",
+                   help=f"a dataset (replaces the config's data when given): KIND in {DATA_KINDS}, URLS a shard "
+                        "pattern (brace ranges, globs, a directory), e.g. "
+                        "interleaved=shards/interleaved-{000000..000009}.tar (repeatable)")
+    p.add_argument("--batch-size", type=int, help="batch size of every dataset")
+    p.add_argument("--output-dir")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--distributed", choices=DISTRIBUTED)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--keep-last", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="LoRA adapters on the LM")
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue the latest checkpoint of output_dir, or the given checkpoint directory")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-export", action="store_true", help="do not write output_dir/final at the end")
+    p.add_argument("--export-checkpoint", metavar="CHECKPOINT",
+                   help="do not train: export this checkpoint to the from_pretrained format (see --export-to)")
+    p.add_argument("--export-to", metavar="DIR", help="where --export-checkpoint writes (default: output_dir/final)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig.from_yaml(args.config).to_dict() if args.config else TrainConfig().to_dict()
+    if not args.config:
+        cfg["model"]["lm"] = cfg["model"]["vision"] = None
+    if args.from_pretrained:
+        cfg["model"]["from_pretrained"] = args.from_pretrained
+        for k in ("vision", "vision_pretrained", "lm", "tokenizer"):
+            cfg["model"][k] = None
+    if args.data:
+        data = []
+        for item in args.data:
+            kind, sep, urls = item.partition("=")
+            if not sep or kind not in DATA_KINDS:
+                raise ConfigError(f"--data {item!r} must look like KIND=URLS with KIND in {DATA_KINDS}")
+            data.append({"kind": kind, "urls": [urls]})
+        cfg["data"] = data
+    if args.batch_size is not None:
+        for d in cfg["data"]:
+            d["batch_size"] = args.batch_size
+    flat = {
+        "output_dir": args.output_dir, "max_steps": args.max_steps, "precision": args.precision,
+        "distributed": args.distributed, "grad_accum": args.grad_accum, "checkpoint_every": args.checkpoint_every,
+        "keep_last": args.keep_last, "log_every": args.log_every, "seed": args.seed, "resume": args.resume,
+    }
+    cfg.update({k: v for k, v in flat.items() if v is not None})
+    if args.lr is not None:
+        cfg["optim"]["lr"] = args.lr
+    if args.warmup_steps is not None:
+        cfg["schedule"]["warmup_steps"] = args.warmup_steps
+    if args.schedule is not None:
+        cfg["schedule"]["kind"] = args.schedule
+    if args.gradient_checkpointing is not None:
+        cfg["model"]["gradient_checkpointing"] = args.gradient_checkpointing
+    if args.lora is not None:
+        cfg["lora"]["enabled"] = args.lora
+    if args.lora_r is not None:
+        cfg["lora"]["r"] = args.lora_r
+    if args.no_progress:
+        cfg["progress"] = False
+    if args.no_export:
+        cfg["export"] = False
+    config = TrainConfig.from_dict(cfg)
+    return config.override(args.set) if args.set else config
+
+
+def run(args: argparse.Namespace) -> int:
+    from .trainer import DataError
+
+    try:
+        config = config_from_args(args)
+        if args.print_config:
+            print(config.to_yaml())
+            return 0
+        _setup_logging()
+        if args.export_checkpoint:
+            from .trainer import export_checkpoint
+
+            out = export_checkpoint(config, args.export_checkpoint, args.export_to or f"{config.output_dir}/final")
+            print(f"exported {out}")
+            return 0
+        from .trainer import train
+
+        result = train(config)
+    except (ConfigError, DataError) as e:
+        print(f"flamingo-vlm train: error: {e}", file=sys.stderr)
+        return 2
+    if result.export_dir is not None:
+        print(f"trained {result.step} steps; model saved to {result.export_dir}")
+    return 0
+
+
+def _setup_logging() -> None:
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def add_train_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register ``train`` on the ``flamingo-vlm`` parser's subparsers."""
+    p = subparsers.add_parser("train", help="train a Flamingo model (perceiver + cross-attention [+ LoRA])",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flamingo_vlm.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))

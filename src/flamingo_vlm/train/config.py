@@ -1,0 +1,341 @@
+"""``TrainConfig``: one dataclass tree for a training run, loadable from YAML.
+
+Every section is strict: an unknown key is an error that names the valid ones, so a typo never
+silently falls back to a default. ``TrainConfig.override(["optim.lr=3e-4", ...])`` applies
+command-line overrides (values are parsed as YAML scalars).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+PRECISIONS = ("fp32", "amp_bf16", "bf16")
+DISTRIBUTED = ("none", "ddp", "fsdp")
+SCHEDULES = ("constant", "linear", "cosine")
+DATA_KINDS = ("pairs", "interleaved")
+# The paper's loss weights: LAION-style pairs count 0.2, MMC4-style interleaved documents 1.0.
+DEFAULT_LOSS_WEIGHTS = {"pairs": 0.2, "interleaved": 1.0}
+
+
+class ConfigError(ValueError):
+    """A training configuration that is invalid, or that does not fit the model or the data."""
+
+
+@dataclass
+class ModelConfig:
+    """Either ``from_pretrained`` (a flamingo-vlm directory / Hub repo / released OpenFlamingo id),
+    or the arguments of :func:`flamingo_vlm.create_model_and_transforms`.
+
+    With ``from_pretrained``, architecture fields left at ``None`` take the saved model's values;
+    a field that is set must agree with the saved model (otherwise :class:`ConfigError`).
+    """
+
+    from_pretrained: str | None = None
+    vision: str | None = None
+    vision_pretrained: str | None = None
+    vision_tokens_ln_post: bool = False
+    lm: str | None = None
+    tokenizer: str | None = None
+    cross_attn_every_n_layers: int | None = None
+    decoder_layers_attr_name: str | None = None
+    freeze_lm_embeddings: bool | None = None
+    perceiver_kwargs: dict | None = None
+    cross_attn_kwargs: dict | None = None
+    cache_dir: str | None = None
+    local_files_only: bool = False
+    # true: LM layers and cross-attention blocks recompute activations in backward; "lm": the LM's
+    # decoder layers only (most of the memory, less recomputation); false: off.
+    gradient_checkpointing: bool | str = False
+
+
+@dataclass
+class DataConfig:
+    """One dataset of the mixture; mirrors :class:`flamingo_vlm.data.DatasetSpec`.
+
+    ``loss_weight`` defaults to 0.2 for ``pairs`` and 1.0 for ``interleaved`` (the paper's).
+    ``name`` only labels the dataset in logs (default: ``<kind><index>``).
+    """
+
+    kind: str = "interleaved"
+    urls: list = field(default_factory=list)
+    batch_size: int = 8
+    loss_weight: float | None = None
+    max_tokens: int | None = None
+    max_images: int = 6
+    min_images: int = 1
+    similarity_threshold: float = 0.24
+    min_image_bytes: int = 0
+    name: str | None = None
+
+    def effective_loss_weight(self) -> float:
+        return float(self.loss_weight if self.loss_weight is not None else DEFAULT_LOSS_WEIGHTS[self.kind])
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. ``weight_decay`` applies to the gated cross-attention parameters only (as in the
+    paper and OpenFlamingo); the perceiver, new-token rows and LoRA weights get none."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    fused: bool | None = None  # fused AdamW kernel; None: on for CPU/CUDA parameters
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup from 0 to ``optim.lr`` over ``warmup_steps``, then constant, or a linear or
+    cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
+
+    kind: str = "constant"
+    warmup_steps: int = 1875
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT) on the frozen LM's linear layers. ``target_modules``: ``"auto"``
+    (every linear layer inside the LM's decoder blocks, never the cross-attention) or a list
+    of layer names (``[q_proj, v_proj]``) matched inside the decoder blocks."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Any = "auto"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: list = field(default_factory=list)  # list[DataConfig]
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    precision: str = "fp32"
+    grad_accum: int = 1
+    max_steps: int = 1000
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    output_dir: str = "runs/flamingo"
+    seed: int = 0
+    distributed: str = "none"
+    log_every: int = 10
+    resume: str | None = None  # None: fresh run; "latest": newest checkpoint; "auto": latest if any; or a path
+    export: bool = True  # write output_dir/final in the from_pretrained format at the end
+    tensorboard: bool = True
+    wandb: dict | None = None  # e.g. {project: flamingo, name: run1}; needs `pip install wandb`
+    progress: bool = True  # tqdm bar on rank 0
+    plot: bool = True  # loss-curve PNG at the end (needs matplotlib)
+    # Same math, less time/memory (see flamingo_vlm.train.fastpath):
+    chunked_loss: bool = True  # loss from hidden states in chunks, no full logits (checked once)
+    cpu_matmul: str = "auto"  # "onednn": fp32 GEMMs on oneDNN; "default": torch's; "auto": oneDNN on CPU
+    recompute_gelu: bool = True  # perceiver/cross-attention feed-forwards keep the GELU input only
+    # CPU + glibc: allocations >= this many bytes are returned to the OS when freed (lower peak
+    # memory, but fresh pages cost time: ~+40% step time here). null: glibc's default.
+    malloc_mmap_threshold: int | None = None
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict | None, *, require_model: bool = True) -> "TrainConfig":
+        """``require_model=False``: the model is passed to :class:`Trainer` in code (benchmarks)."""
+        cfg = _build(cls, d or {}, "")
+        cfg.validate(require_model=require_model)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections, got {type(raw).__name__}")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def override(self, assignments: list[str]) -> "TrainConfig":
+        """Apply ``dotted.key=value`` assignments (values parsed as YAML) and re-validate."""
+        import yaml
+
+        d = self.to_dict()
+        for item in assignments:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            parts = key.strip().split(".")
+            node = d
+            for i, part in enumerate(parts[:-1]):
+                if isinstance(node, list):
+                    node = node[int(part)]
+                else:
+                    if part not in node:
+                        raise ConfigError(f"override {item!r}: no config section {'.'.join(parts[: i + 1])!r}")
+                    if node[part] is None:
+                        node[part] = {}
+                    node = node[part]
+            last = parts[-1]
+            parsed = yaml.safe_load(value) if value.strip() else None
+            if isinstance(node, list):
+                node[int(last)] = parsed
+            else:
+                node[last] = parsed
+        return TrainConfig.from_dict(d)
+
+    # -- checks --------------------------------------------------------------------------------
+    def validate(self, *, require_model: bool = True) -> None:
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("distributed", self.distributed, DISTRIBUTED)
+        _choice("schedule.kind", self.schedule.kind, SCHEDULES)
+        _choice("cpu_matmul", self.cpu_matmul, ("auto", "onednn", "default"))
+        for name in ("grad_accum", "max_steps", "checkpoint_every", "keep_last", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.schedule.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.schedule.warmup_steps}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if self.optim.max_grad_norm is not None and self.optim.max_grad_norm <= 0:
+            raise ConfigError("optim.max_grad_norm must be > 0 (or null for no clipping)")
+        if len(self.optim.betas) != 2:
+            raise ConfigError(f"optim.betas must have two values, got {self.optim.betas}")
+        m = self.model
+        if m.from_pretrained is None and m.lm is None and require_model:
+            raise ConfigError("model needs `from_pretrained: <dir or repo>`, or `vision` and `lm` to build one")
+        if m.from_pretrained is None and m.vision is None and m.lm is not None:
+            raise ConfigError("model.vision is required when building a model (or use model.from_pretrained)")
+        if m.from_pretrained is not None:
+            clashing = [k for k in ("vision", "vision_pretrained", "lm", "tokenizer") if getattr(m, k)]
+            if clashing:
+                raise ConfigError(
+                    f"model.from_pretrained loads a complete model; remove model.{', model.'.join(clashing)}"
+                )
+        if isinstance(m.gradient_checkpointing, str) and m.gradient_checkpointing not in ("lm",):
+            raise ConfigError(f"model.gradient_checkpointing must be true, false or 'lm', got {m.gradient_checkpointing!r}")
+        if m.cross_attn_every_n_layers is not None and m.cross_attn_every_n_layers < 1:
+            raise ConfigError("model.cross_attn_every_n_layers must be >= 1")
+        for i, d in enumerate(self.data):
+            _choice(f"data[{i}].kind", d.kind, DATA_KINDS)
+            if isinstance(d.urls, str):
+                d.urls = [d.urls]
+            if not d.urls:
+                raise ConfigError(f"data[{i}] ({d.kind}) has no urls: list its shard files or patterns")
+            if d.batch_size < 1:
+                raise ConfigError(f"data[{i}].batch_size must be >= 1")
+            if d.loss_weight is not None and d.loss_weight < 0:
+                raise ConfigError(f"data[{i}].loss_weight must be >= 0")
+        if self.lora.enabled:
+            if self.lora.r < 1:
+                raise ConfigError("lora.r must be >= 1")
+            tm = self.lora.target_modules
+            if not (tm == "auto" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
+                raise ConfigError(f"lora.target_modules must be 'auto' or a list of layer names, got {tm!r}")
+        if self.resume is not None and not isinstance(self.resume, str):
+            self.resume = "latest" if self.resume is True else None
+
+    def dataset_names(self) -> list[str]:
+        return [d.name or f"{d.kind}{i}" for i, d in enumerate(self.data)]
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+_SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "lora": LoraConfig}
+
+
+def _build(cls, d: dict, where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(d).__name__}: {d!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {where + key!r}{hint}; valid keys: {', '.join(names)}")
+        if cls is TrainConfig and key in _SECTIONS:
+            value = _build(_SECTIONS[key], value or {}, key + ".")
+        elif cls is TrainConfig and key == "data":
+            if value is None:
+                value = []
+            if not isinstance(value, list):
+                raise ConfigError("data must be a list of datasets (each with kind and urls)")
+            value = [_build(DataConfig, v, f"data[{i}].") for i, v in enumerate(value)]
+        else:
+            value = _coerce(cls, key, value, where)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _coerce(cls, key: str, value, where: str):
+    """Light type checking: ints/floats/bools/strings as the field says (YAML's 1e-4 is a str)."""
+    hint = get_type_hints(cls)[key]
+    import types
+
+    options = get_args(hint) if get_origin(hint) in (types.UnionType, __import__("typing").Union) else (hint,)
+    if value is None:
+        if type(None) in options or hint is Any:
+            return None
+        raise ConfigError(f"{where + key} cannot be null")
+    for t in options:
+        if t is Any:
+            return value
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is int and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if t is str and isinstance(value, (str, os.PathLike)):
+            return str(value)
+        if t is str and isinstance(value, bool) and key == "resume":
+            return "latest" if value else None
+        if get_origin(t) is list or t is list:
+            if isinstance(value, (list, tuple)):
+                return list(value)
+            if key == "urls" and isinstance(value, str):
+                return [value]
+        if get_origin(t) is dict or t is dict:
+            if isinstance(value, dict):
+                return value
+    names = [getattr(t, "__name__", str(t)) for t in options]
+    raise ConfigError(f"{where + key} must be {' or '.join(names)}, got {value!r}")
+
+
+def config_fingerprint(cfg: TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
