@@ -81,7 +81,12 @@ class ExtendedLMHead(_NewRows):
         self._init_new_rows(embedding.new_id_list, embedding.new_weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight, self.bias)
+        # As 2-D: a strided 3-D input (e.g. hidden[:, -1:]) against a frozen weight makes torch run
+        # bmm over a per-row expanded weight, which bf16 CPU kernels materialise (a vocab-sized copy).
+        lead = hidden.shape[:-1]
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        logits = F.linear(h2, self.weight, self.bias)
         bias = self.bias[self.new_ids] if self.bias is not None else None
-        new_logits = F.linear(hidden, self.new_weight.to(hidden.dtype), bias)
-        return logits.index_copy(-1, self.new_ids, new_logits.to(logits.dtype))
+        new_logits = F.linear(h2, self.new_weight.to(hidden.dtype), bias)
+        logits.index_copy_(-1, self.new_ids, new_logits.to(logits.dtype))  # in place: no second logits tensor
+        return logits.view(*lead, logits.shape[-1])
