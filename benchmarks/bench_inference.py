@@ -432,6 +432,26 @@ def logits_diff(ref: torch.Tensor, ref_loss: float, got: torch.Tensor, got_loss:
 # ------------------------------------------------------------------------------------------------
 
 
+def calibrate(device: torch.device) -> dict[str, float]:
+    """Machine speed now, to compare runs on a machine whose speed drifts (shared hosts): an fp32
+    GEMM like the forward workload's FFN (GFLOP/s) and an fp32 GEMV like a decode step's (GB/s)."""
+    out = {}
+    for name, m in (("gemm_fp32_gflops", 1024), ("gemv_fp32_gbps", 1)):
+        a = torch.randn(m, 768, device=device)
+        w = torch.randn(3072, 768, device=device)
+        n = 20 if m > 1 else 200
+        for _ in range(3):
+            torch.nn.functional.linear(a, w)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            torch.nn.functional.linear(a, w)
+        sync(device)
+        dt = (time.perf_counter() - t0) / n
+        out[name] = (2 * m * 768 * 3072 / dt / 1e9) if m > 1 else (w.numel() * 4 / dt / 1e9)
+    return out
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -466,6 +486,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "calibration_start": calibrate(torch.device(args.device)),
     }
     if torch.device(args.device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
@@ -496,6 +517,7 @@ def render(result: dict[str, Any]) -> str:
         f" processes used >= {result['config']['contention']} cores are replaced, up to {result['config']['retries']}"
         " extra runs); random weights, gates ~ U(-1, 1)",
         f"- load average (1/5/15 min) at start {fmt_load(env.get('loadavg_start'))}, at end {fmt_load(env.get('loadavg_end'))}",
+        f"- machine speed at start / end: {fmt_cal(env.get('calibration_start'))} / {fmt_cal(env.get('calibration_end'))}",
         "",
         "| workload | dtype | Flamingo (s) | baseline (s) | baseline | Flamingo / baseline | OpenFlamingo (s) | speed-up vs OpenFlamingo |",
         "|---|---|---:|---:|---|---:|---:|---:|",
@@ -542,6 +564,12 @@ def render(result: dict[str, Any]) -> str:
         for t in result["targets"]:
             lines.append(f"- {'PASS' if t['pass'] else 'FAIL'}: {t['name']} ({t['detail']})")
     return "\n".join(lines) + "\n"
+
+
+def fmt_cal(cal) -> str:
+    if not cal:
+        return "—"
+    return f"fp32 GEMM {cal['gemm_fp32_gflops']:.0f} GFLOP/s, fp32 GEMV {cal['gemv_fp32_gbps']:.0f} GB/s"
 
 
 def fmt_load(load) -> str:
@@ -677,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             # The same comparison for the bare LM: how much of the difference is bf16 itself.
             result["bf16_accuracy_bare_lm"] = logits_diff(*ref_bare, *forward_logits(bare, inputs, device, True))
     env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env["calibration_end"] = calibrate(device)
     result["targets"] = [] if args.quick else evaluate_targets(result)  # targets are for the full shape
 
     md = render(result)
