@@ -48,6 +48,14 @@ class _ObserveMedia:
         return None
 
 
+def _contiguous_input(module, args):
+    # A strided 3-D input (transformers passes hidden[:, -1:]) against a frozen head makes torch run
+    # bmm over a per-row expanded weight, which bf16 CPU kernels materialise (a vocab-sized copy per row).
+    if args and args[0].dim() == 3 and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
 def _cache_length(past) -> int:
     if hasattr(past, "get_seq_length"):
         return int(past.get_seq_length())
@@ -147,6 +155,8 @@ class Flamingo(nn.Module):
         lm.set_input_embeddings(ext)
         if tied:
             lm.set_output_embeddings(ExtendedLMHead(out, ext))
+        elif out is not None:
+            out.register_forward_pre_hook(_contiguous_input)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute activations in backward: the LM's layers and our cross-attention blocks."""
