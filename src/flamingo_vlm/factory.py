@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backbones import build_builtin_tokenizer, build_builtin_vision, is_builtin
 from .image_processing import ImageProcessor
 from .modeling.flamingo import Flamingo
 from .modeling.vision import (
@@ -34,12 +35,16 @@ def build_vision_encoder(
     cache_dir: str | None = None,
     use_local_files: bool = False,
     tokens_ln_post: bool = False,
+    builtin_options: dict | None = None,
 ) -> VisionEncoder:
     """An encoder from an open_clip name ("ViT-L-14"), an open_clip model-config JSON, a Hugging
-    Face CLIP/SigLIP id or directory, or a ready :class:`VisionEncoder`."""
+    Face CLIP/SigLIP id or directory, a packaged backbone (``"builtin:efficientnet-lite0"``), or a
+    ready :class:`VisionEncoder`."""
     if isinstance(path, nn.Module):
         return path
     path_str = str(path)
+    if is_builtin(path_str):
+        return build_builtin_vision(path_str, **(builtin_options or {}))
     quick_gelu = pretrained == "openai" or (pretrained or "").startswith("openai")
     if path_str.endswith(".json"):
         if not Path(path_str).is_file():
@@ -76,6 +81,8 @@ def build_language_model(path, *, cache_dir=None, use_local_files=False, dtype=N
 def build_tokenizer(path, *, cache_dir=None, use_local_files=False):
     if not isinstance(path, (str, Path)):
         return path
+    if is_builtin(str(path)):
+        return build_builtin_tokenizer(str(path))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, local_files_only=use_local_files)

@@ -88,6 +88,10 @@ def _mosaic_weights(name_or_path: str, cache_dir=None, local_files_only=False) -
 def load_causal_lm(name_or_path: str, *, cache_dir=None, local_files_only=False, dtype=torch.float32, **kwargs):
     from transformers import AutoModelForCausalLM, MptForCausalLM
 
+    from .backbones import build_builtin_lm, is_builtin
+
+    if is_builtin(str(name_or_path)):
+        return build_builtin_lm(str(name_or_path), dtype=dtype)[0].eval()
     cfg = _config_dict(str(name_or_path), cache_dir, local_files_only)
     if cfg and cfg.get("model_type") == "mosaic_gpt":
         model = MptForCausalLM(mosaic_gpt_to_mpt_config(cfg))

@@ -14,6 +14,7 @@ Released OpenFlamingo repos (see :mod:`.registry`) load through their ``checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -105,6 +106,7 @@ def build_vision_from_spec(spec: dict, directory: Path, *, cache_dir=None, local
         return build_vision_encoder(
             spec["path"], spec.get("pretrained"), cache_dir=cache_dir, use_local_files=local_files_only,
             tokens_ln_post=spec.get("tokens_ln_post", False),
+            builtin_options={k: spec[k] for k in ("position_encoding",) if k in spec},
         )
     if kind == "open_clip":
         encoder = OpenCLIPVisionTransformer(**spec["config"])
@@ -130,6 +132,8 @@ def _lm_reference(lm) -> str | None:
     name = getattr(lm.config, "_name_or_path", "") or ""
     if not name:
         return None
+    if name.startswith("builtin:"):
+        return name
     if Path(name).exists():
         return str(Path(name).resolve())
     return name if "/" in name else None
@@ -146,10 +150,29 @@ def plain_lm_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 # -- save ------------------------------------------------------------------------------------------
-def _atomic_directory(target: Path):
-    """Write into a temp sibling directory, then swap it into place."""
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, *, replace: bool = True):
+    """Yield a temp sibling directory to write into; on success it takes ``target``'s place
+    (``replace=False``: an existing ``target`` wins and the new copy is dropped), on failure it is
+    removed, so readers never see a half-written directory."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists() and not replace:
+            shutil.rmtree(tmp)
+        elif target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_pretrained(
@@ -170,8 +193,7 @@ def save_pretrained(
     embed_vis = include_backbones if include_backbones is not None else vis_ref is None
     if not embed_lm and lm_ref is None:
         raise ValueError("the language model has no Hub id or path to reference; save with include_backbones=True")
-    tmp = _atomic_directory(target)
-    try:
+    with atomic_directory(target) as tmp:
         cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype else (lambda t: t)
         trainable = {n: cast(p.detach().contiguous()) for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
@@ -205,17 +227,6 @@ def save_pretrained(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -228,12 +239,20 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ):
-    """Returns ``(model, image_processor, tokenizer)`` for a directory or Hub repo in our format,
-    or for a released OpenFlamingo repo id."""
-    from .registry import get_release
+    """Returns ``(model, image_processor, tokenizer)`` for a built-in model name (``"smol-synthetic"``),
+    a directory or Hub repo in our format, or a released OpenFlamingo repo id."""
+    from .registry import builtin_model_dir, get_release
 
     release = get_release(str(name_or_path))
-    if release is not None and not Path(name_or_path).is_dir():
+    builtin = builtin_model_dir(str(name_or_path)) if not Path(name_or_path).is_dir() else None
+    if builtin is not None:
+        if not (builtin / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"the built-in model '{name_or_path}' has no weights in this install ({builtin / WEIGHTS_NAME}); "
+                "reinstall flamingo-vlm from a full checkout or wheel"
+            )
+        result = _load_directory(builtin, cache_dir=cache_dir, local_files_only=True)
+    elif release is not None and not Path(name_or_path).is_dir():
         result = load_openflamingo_release(release, cache_dir=cache_dir, local_files_only=local_files_only)
     else:
         directory = resolve_directory(name_or_path, cache_dir=cache_dir, local_files_only=local_files_only)

@@ -56,3 +56,18 @@ OPENFLAMINGO_TOKENIZER_LEN = 50277
 
 def get_release(name: str) -> OpenFlamingoRelease | None:
     return OPENFLAMINGO_RELEASES.get(name)
+
+
+# -- models that ship inside this package ------------------------------------------------------------
+#: The model every command uses when none is named: trained by us, needs no network (see its model card,
+#: ``src/flamingo_vlm/models/smol-synthetic/README.md``).
+DEFAULT_MODEL = "smol-synthetic"
+BUILTIN_MODELS: dict[str, str] = {"smol-synthetic": "models/smol-synthetic"}  # relative to the package
+
+
+def builtin_model_dir(name: str):
+    """The directory of a built-in model, or None when ``name`` is not one."""
+    from pathlib import Path
+
+    rel = BUILTIN_MODELS.get(str(name))
+    return None if rel is None else Path(__file__).resolve().parent / rel

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..registry import DEFAULT_MODEL
+
 __all__ = ["add_evaluate_subcommand", "build_parser", "main"]
 
 
@@ -101,7 +103,8 @@ def add_evaluate_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory or Hub id (flamingo_vlm.load_pretrained)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in model, model directory or Hub id (flamingo_vlm.load_pretrained; default {DEFAULT_MODEL})")
     p.add_argument("--tasks", required=True,
                    help="comma-separated: coco,flickr30k,vqav2,ok_vqa,textvqa,vizwiz,hateful_memes,imagenet")
     p.add_argument("--data-root", help="folder holding one folder per dataset (mscoco_karpathy/, vqav2/, ...)")

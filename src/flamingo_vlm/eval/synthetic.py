@@ -47,6 +47,11 @@ __all__ = [
     "SceneObject",
     "write_synthetic_benchmark",
     "write_training_shards",
+    "write_episode_shards",
+    "binding_episode",
+    "episode_items",
+    "NONCE_NAMES_TRAIN",
+    "NONCE_NAMES_EVAL",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "hexagon")
@@ -555,6 +560,158 @@ def write_training_shards(
     return result
 
 
+# -- few-shot episodes --------------------------------------------------------------------------------
+#: Made-up names for in-context name binding; evaluation uses names never seen in training.
+NONCE_NAMES_TRAIN: tuple[str, ...] = (
+    "dax", "blicket", "wug", "toma", "fep", "zorp", "gazzer", "kiki", "bouba", "tufa", "lorp", "mib",
+    "snorb", "glim", "pim", "yad", "rint", "vop", "teebo", "nart", "quib", "slen", "morb", "jek",
+)
+NONCE_NAMES_EVAL: tuple[str, ...] = ("wif", "dupe", "kern", "zib", "vosk", "rell", "tiv", "mott", "plax", "sorn")
+EPISODE_KINDS = ("caption", "vqa", "classify", "binding")
+#: Text of one binding chunk; the query stops after ``BINDING_QUERY``.
+BINDING_QUERY = "This is a"
+
+
+def binding_text(name: str | None = None) -> str:
+    return BINDING_QUERY if name is None else f"{BINDING_QUERY} {name}."
+
+
+@dataclass
+class BindingEpisode:
+    """``shots`` demonstrations (scene, name) and a query scene whose answer is one of ``names``."""
+
+    demos: list[tuple[Scene, str]]
+    query: Scene
+    answer: str
+    names: list[str]
+
+
+def _single_object_scene(rng, shape: str, color: str) -> Scene:
+    pos = list(POSITIONS)[int(rng.integers(len(POSITIONS)))]
+    size = ("small", "large")[int(rng.integers(2))]
+    offset = tuple(float(x) for x in np.round(rng.uniform(-0.02, 0.02, 2), 4))
+    base = int(rng.integers(228, 252))
+    background = tuple(int(base + t) for t in rng.integers(-4, 5, 3))
+    return Scene((SceneObject(shape, color, size, pos, offset),), None, None, background, seed=int(rng.integers(2**31)))
+
+
+def binding_episode(gen: SceneGenerator, index: int, *, ways: int = 2, shots: int = 2, split: str = "test",
+                    names: Sequence[str] | None = None) -> BindingEpisode:
+    """A name-binding episode: ``ways`` categories (a colour and a shape; two categories differ in
+    both), each given a made-up name; ``shots`` demonstrations cycle through the categories in a
+    random order (so ``shots >= ways`` shows every name), then a new image of one category.
+    Training splits use :data:`NONCE_NAMES_TRAIN` and skip held-out pairs; others use
+    :data:`NONCE_NAMES_EVAL` and all pairs."""
+    if ways < 2:
+        raise ValueError(f"ways must be >= 2, got {ways}")
+    train = split in TRAIN_SPLITS
+    pool = list(names if names is not None else (NONCE_NAMES_TRAIN if train else NONCE_NAMES_EVAL))
+    if len(pool) < ways:
+        raise ValueError(f"need at least {ways} names, got {len(pool)}")
+    rng = np.random.default_rng([gen.seed, 4242, SPLIT_IDS[split], int(index), ways, shots])
+    cats: list[tuple[str, str]] = []
+    while len(cats) < ways:
+        shape = gen.shapes[int(rng.integers(len(gen.shapes)))]
+        color = gen.colors[int(rng.integers(len(gen.colors)))]
+        if train and (shape, color) in gen.held_out_pairs:
+            continue
+        if all(shape != s and color != c for s, c in cats):
+            cats.append((shape, color))
+    chosen = [pool[i] for i in rng.choice(len(pool), ways, replace=False)]
+    order: list[int] = []
+    while len(order) < shots:
+        order.extend(int(i) for i in rng.permutation(ways))
+    demos = [(_single_object_scene(rng, *cats[c]), chosen[c]) for c in order[:shots]]
+    target = int(rng.integers(ways))
+    return BindingEpisode(demos, _single_object_scene(rng, *cats[target]), chosen[target], chosen)
+
+
+def episode_items(gen: SceneGenerator, index: int, kind: str, shots: int, split: str = "pretrain") -> list[tuple[Scene, str]]:
+    """One training document: ``shots`` (scene, text) chunks of one task, in the evaluation prompt
+    formats (``Output:{caption}``, ``Question:{q} Short answer:{a}``, ``Output:{class}``,
+    ``This is a {name}.``)."""
+    rng = np.random.default_rng([gen.seed, 7777, SPLIT_IDS[split], int(index)])
+    base = int(index) * 16
+    if kind == "caption":
+        out = []
+        for k in range(shots):
+            scene = gen.scene(base + k, split)
+            out.append((scene, f"Output:{scene.captions(5)[int(rng.integers(5))]}"))
+        return out
+    if kind == "vqa":
+        out = []
+        for k in range(shots):
+            scene = gen.scene(base + k, split)
+            qs = scene.questions()
+            q = qs[int(rng.integers(len(qs)))]
+            out.append((scene, f"Question:{q['question']} Short answer:{q['answer']}"))
+        return out
+    if kind == "classify":
+        class_split = "class_train" if split in TRAIN_SPLITS else "class_val"
+        return [(sc, f"Output:{sc.label}") for sc in (gen.class_scene(base + k, class_split) for k in range(shots))]
+    if kind == "binding":
+        ways = 2 + int(rng.random() < 0.35)
+        ep = binding_episode(gen, index, ways=ways, shots=max(shots - 1, ways), split=split)
+        return [(sc, binding_text(n)) for sc, n in ep.demos] + [(ep.query, binding_text(ep.answer))]
+    raise ValueError(f"kind must be one of {EPISODE_KINDS}, got {kind!r}")
+
+
+def write_episode_shards(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    n_documents: int = 1000,
+    mix: dict[str, float] | None = None,
+    shots: tuple[int, int] = (1, 8),
+    image_size: int = 224,
+    samples_per_shard: int = 500,
+    start: int = 0,
+    generator: SceneGenerator | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> list[Path]:
+    """Interleaved webdataset shards of few-shot episodes (``pretrain`` split, held-out pairs and
+    evaluation names excluded), ``mix`` giving each :data:`EPISODE_KINDS` kind's share. Documents
+    ``start .. start+n_documents`` of a seed are always the same, so data can be added in pieces."""
+    from ..data.custom import write_shards
+
+    mix = dict(mix or {"caption": 0.25, "vqa": 0.3, "classify": 0.15, "binding": 0.3})
+    bad = set(mix) - set(EPISODE_KINDS)
+    if bad:
+        raise ValueError(f"unknown episode kinds {sorted(bad)}; choose from {EPISODE_KINDS}")
+    kinds, weights = list(mix), np.asarray([mix[k] for k in mix], dtype=np.float64)
+    weights = weights / weights.sum()
+    gen = generator or SceneGenerator(seed=seed)
+    out = Path(out_dir)
+    src = out / "source"
+    shutil.rmtree(src, ignore_errors=True)
+    (src / "images").mkdir(parents=True)
+    rows = []
+    bar = range(start, start + n_documents)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc="episodes", unit="doc")
+    n_img = 0
+    try:
+        for d in bar:
+            rng = np.random.default_rng([gen.seed, 31337, int(d)])
+            kind = kinds[int(rng.choice(len(kinds), p=weights))]
+            k = int(rng.integers(shots[0], shots[1] + 1))
+            items = []
+            for scene, text in episode_items(gen, d, kind, k):
+                rel = f"images/{n_img:08d}.png"
+                scene.render(image_size).save(src / rel)
+                n_img += 1
+                items += [{"image": rel}, {"text": text}]
+            rows.append(json.dumps({"items": items}))
+        (src / "episodes.jsonl").write_text("\n".join(rows) + "\n")
+        return write_shards(src / "episodes.jsonl", out, kind="interleaved", samples_per_shard=samples_per_shard,
+                            overwrite=overwrite, strict=True)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+
+
 # -- command line ------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flamingo_vlm.eval.synthetic", description=__doc__.split("\n\n")[0])
@@ -576,7 +733,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--image-size", type=int, default=128)
     s.add_argument("--samples-per-shard", type=int, default=1000)
     s.add_argument("--overwrite", action="store_true")
+    e = sub.add_parser("episodes", help="write few-shot episode shards (captioning, VQA, classification, name binding)")
+    e.add_argument("out")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--documents", type=int, default=16000)
+    e.add_argument("--start", type=int, default=0, help="first document index (to add data in pieces)")
+    e.add_argument("--image-size", type=int, default=224)
+    e.add_argument("--samples-per-shard", type=int, default=500)
+    e.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "episodes":
+        paths = write_episode_shards(args.out, seed=args.seed, n_documents=args.documents, start=args.start,
+                                     image_size=args.image_size, samples_per_shard=args.samples_per_shard,
+                                     overwrite=args.overwrite, progress=True)
+        print(f"episodes: {len(paths)} shard(s) in {args.out}")
+        return 0
     if args.command == "benchmark":
         paths = write_synthetic_benchmark(args.out, seed=args.seed, tasks=[t for t in args.tasks.split(",") if t],
                                           n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,

@@ -209,8 +209,12 @@ class Flamingo(nn.Module):
         return from_pretrained(name_or_path, **kwargs)[0]
 
     # -- images ------------------------------------------------------------------------------
-    def encode_vision_x(self, vision_x: torch.Tensor) -> torch.Tensor:
-        """vision_x (B, T_img, F, C, H, W) -> perceiver latents (B, T_img, n_latents, D)."""
+    def encode_vision_x(self, vision_x: torch.Tensor, num_media: torch.Tensor | None = None) -> torch.Tensor:
+        """vision_x (B, T_img, F, C, H, W) -> perceiver latents (B, T_img, n_latents, D).
+
+        ``num_media`` (B,): how many images each row's text uses (its ``<image>`` count). Slots past
+        it are batch padding that no token attends to, so the vision encoder skips them (their
+        tokens are zeros)."""
         if vision_x.ndim != 6:
             raise ValueError(
                 f"vision_x must have shape (batch, images, frames, channels, height, width), got {tuple(vision_x.shape)}"
@@ -219,16 +223,30 @@ class Flamingo(nn.Module):
         enc_param = next(self.vision_encoder.parameters(), None)
         dtype = enc_param.dtype if enc_param is not None else vision_x.dtype
         trainable = enc_param is not None and any(p.requires_grad for p in self.vision_encoder.parameters())
+        used = None
+        if num_media is not None:
+            used = torch.arange(t, device=vision_x.device)[None, :] < num_media.to(vision_x.device)[:, None]
+            if bool(used.all()) or not bool(used.any()):
+                used = None
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            tokens = self.vision_encoder(vision_x.flatten(0, 2).to(dtype))
-        tokens = tokens.reshape(b, t, f, *tokens.shape[1:])
+            if used is None:
+                tokens = self.vision_encoder(vision_x.flatten(0, 2).to(dtype))
+                tokens = tokens.reshape(b, t, f, *tokens.shape[1:])
+            else:
+                real = self.vision_encoder(vision_x[used].flatten(0, 1).to(dtype))
+                tokens = real.new_zeros(b, t, f, *real.shape[1:])
+                tokens[used] = real.reshape(-1, f, *real.shape[1:])
         return self.perceiver(tokens.to(self.perceiver.latents.dtype))
 
-    def _conditioning(self, vision_x: torch.Tensor | None, media: torch.Tensor | None) -> Conditioning:
+    def _conditioning(self, vision_x: torch.Tensor | None, media: torch.Tensor | None,
+                      lang_x: torch.Tensor | None = None) -> Conditioning:
         if media is None:
             if vision_x is None:
                 raise ValueError("pass vision_x (pixels) or media (precomputed perceiver latents)")
-            media = self.encode_vision_x(vision_x)
+            num_media = None
+            if lang_x is not None and lang_x.ndim == 2 and lang_x.shape[0] == vision_x.shape[0]:
+                num_media = (lang_x == self.media_token_id).sum(1)
+            media = self.encode_vision_x(vision_x, num_media)
         return Conditioning(media=media, media_token_id=self.media_token_id)
 
     def _check_rows(self, lang_x: torch.Tensor, media: torch.Tensor) -> None:
@@ -250,7 +268,7 @@ class Flamingo(nn.Module):
         **lm_kwargs,
     ):
         """Returns the LM's output (``.loss`` when labels are given, ``.logits``, ``.past_key_values``)."""
-        cond = self._conditioning(vision_x, media)
+        cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
         if attention_mask is not None and self._lm_takes_position_ids and "position_ids" not in lm_kwargs:
             # Explicit positions keep absolute-position LMs (GPT-2, GPT-Neo) right under left padding.
@@ -285,7 +303,7 @@ class Flamingo(nn.Module):
         ``<image>`` is never generated (``allow_image_tokens=True`` lifts that, as OpenFlamingo
         did, to reproduce its outputs).
         """
-        cond = self._conditioning(vision_x, media)
+        cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
         generate_kwargs.setdefault("eos_token_id", self.eoc_token_id)
         if self.pad_token_id is not None:
@@ -328,7 +346,7 @@ class Flamingo(nn.Module):
         """
         if not candidates or any(len(c) == 0 for c in candidates):
             raise ValueError("every candidate continuation needs at least one token")
-        cond = self._conditioning(vision_x, media)
+        cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
         if attention_mask is None:
             attention_mask = torch.ones_like(lang_x)

@@ -587,6 +587,8 @@ class FeatureGridEncoder(VisionEncoder):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         method: str | None = None,
+        position_encoding: bool = False,
+        position_scale: float = 0.25,
     ) -> None:
         super().__init__()
         if method is not None and not callable(getattr(module, method, None)):
@@ -597,6 +599,21 @@ class FeatureGridEncoder(VisionEncoder):
         self.method = method
         self.hidden_size, self.image_size = int(hidden_size), int(image_size)
         self.mean, self.std = tuple(mean), tuple(std)
+        if position_encoding and self.hidden_size % 4:
+            raise ValueError(f"position_encoding needs hidden_size divisible by 4, got {self.hidden_size}")
+        self.position_encoding, self.position_scale = bool(position_encoding), float(position_scale)
+
+    def grid_position_code(self, h: int, w: int, device=None, dtype=None) -> Tensor:
+        """A fixed 2-D sine-cosine code, ``(h*w, hidden_size)``: half the channels encode the row,
+        half the column (the perceiver itself does not know where a token came from)."""
+        quarter = self.hidden_size // 4
+        freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+        rows = torch.arange(h, dtype=torch.float64)[:, None] * freqs
+        cols = torch.arange(w, dtype=torch.float64)[:, None] * freqs
+        row_code = torch.cat([rows.sin(), rows.cos()], -1)[:, None, :].expand(h, w, 2 * quarter)
+        col_code = torch.cat([cols.sin(), cols.cos()], -1)[None, :, :].expand(h, w, 2 * quarter)
+        code = torch.cat([row_code, col_code], -1).reshape(h * w, self.hidden_size) * self.position_scale
+        return code.to(device=device, dtype=dtype)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         fn = getattr(self.module, self.method) if self.method else self.module
@@ -607,7 +624,10 @@ class FeatureGridEncoder(VisionEncoder):
         if out.dim() == 4:
             if out.shape[1] != self.hidden_size:
                 raise ValueError(f"grid {tuple(out.shape)} should be (N, {self.hidden_size}, h, w)")
-            return out.flatten(2).transpose(1, 2)
+            tokens = out.flatten(2).transpose(1, 2)
+            if self.position_encoding:
+                tokens = tokens + self.grid_position_code(*out.shape[2:], device=out.device, dtype=out.dtype)
+            return tokens
         if out.dim() == 3 and out.shape[-1] == self.hidden_size:
             return out
         raise ValueError(

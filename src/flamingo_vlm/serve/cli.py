@@ -12,15 +12,17 @@ import logging
 import sys
 from pathlib import Path
 
+from ..registry import DEFAULT_MODEL
+
 DESCRIPTION = """Serve a Flamingo model over HTTP: OpenAI-compatible /v1/chat/completions and
 /v1/completions (with images), /v1/score, /v1/models, /health, /metrics, and a few-shot page at /.
 Concurrent requests are batched dynamically into shared generate calls."""
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", required=True,
-                   help="model to serve: a flamingo-vlm model directory (save_pretrained), a Hub repo in that "
-                        "format, or a released OpenFlamingo repo id (required for now)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model to serve: a built-in model name, a flamingo-vlm model directory (save_pretrained), a "
+                        f"Hub repo in that format, or a released OpenFlamingo repo id (default: {DEFAULT_MODEL}, offline)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the --model directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")

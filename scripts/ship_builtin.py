@@ -1,0 +1,47 @@
+"""Copy a trained model into the package as the built-in model, in bf16 (keeps its model card).
+
+    python scripts/ship_builtin.py runs/smol-synthetic/final [--name smol-synthetic]
+"""
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from flamingo_vlm.pretrained import WEIGHTS_NAME, from_pretrained
+from flamingo_vlm.registry import builtin_model_dir
+
+LIMIT_MB = 50
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="a trained model directory (flamingo-vlm format)")
+    p.add_argument("--name", default="smol-synthetic")
+    a = p.parse_args()
+    target = builtin_model_dir(a.name)
+    if target is None:
+        raise SystemExit(f"{a.name!r} is not in flamingo_vlm.registry.BUILTIN_MODELS")
+    model, image_processor, tokenizer = from_pretrained(a.source)
+    card = (target / "README.md").read_text() if (target / "README.md").is_file() else None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = model.save_pretrained(Path(tmp) / a.name, tokenizer=tokenizer, image_processor=image_processor,
+                                    include_backbones=False, dtype=torch.bfloat16)
+        size = (out / WEIGHTS_NAME).stat().st_size / 1e6
+        if size > LIMIT_MB:
+            raise SystemExit(f"{out / WEIGHTS_NAME} is {size:.1f} MB, over the {LIMIT_MB} MB budget")
+        if card is not None:
+            (out / "README.md").write_text(card)
+        staging = target.with_name(f".{target.name}.new")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(out, staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    print(f"shipped {a.source} -> {target} ({size:.1f} MB of weights)")
+
+
+if __name__ == "__main__":
+    main()

