@@ -188,6 +188,38 @@ def test_weight_decay_on_cross_attention_only():
     assert not any("gated_cross_attn_layer" in n for n in no_decay["names"])
 
 
+def test_gate_lr_scale_gives_gates_their_own_undecayed_group():
+    from flamingo_vlm.train.config import OptimConfig, ScheduleConfig
+    from flamingo_vlm.train.optim import build_optimizer, build_scheduler
+
+    model, _, _ = tiny_flamingo("llama", every=1)
+    cfg = OptimConfig(lr=1e-3, gate_lr_scale=20.0)
+    groups = param_groups(model, cfg)
+    gates = groups[-1]
+    assert gates["lr"] == pytest.approx(2e-2) and gates["weight_decay"] == 0.0
+    assert sorted({n.rsplit(".", 1)[1] for n in gates["names"]}) == ["attn_gate", "ff_gate"]
+    assert not any(n.endswith("_gate") for g in groups[:-1] for n in g["names"])
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, ScheduleConfig(kind="constant", warmup_steps=2), 10)
+    assert [g["lr"] for g in opt.param_groups][-1] == pytest.approx(1e-2)  # warmup scales every group
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+    del sched
+    assert len(param_groups(model, OptimConfig())) == 2  # scale 1.0: OpenFlamingo's grouping
+
+
+def test_gate_init_opens_every_gate():
+    from flamingo_vlm.train.config import ConfigError
+    from flamingo_vlm.train.trainer import set_gates
+
+    model, _, _ = tiny_flamingo("llama", every=1)
+    set_gates(model, 0.25)
+    gates = [p for n, p in model.named_parameters() if n.endswith("_gate")]
+    assert len(gates) == 2 * len(model.lang_encoder.model.layers)
+    assert all(torch.tanh(p).item() == pytest.approx(0.25) for p in gates)
+    with pytest.raises(ConfigError, match="must be in"):
+        set_gates(model, 1.0)
+
+
 # -- the step ----------------------------------------------------------------------------------------
 def test_accumulation_is_exact_and_clips_once_per_step(model_dir, media_id, tmp_path, monkeypatch):
     """grad_accum=2 with batch 2 == grad_accum=1 with batch 4 (token-count normalisation over the

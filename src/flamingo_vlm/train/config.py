@@ -52,6 +52,9 @@ class ModelConfig:
     # true: LM layers and cross-attention blocks recompute activations in backward; "lm": the LM's
     # decoder layers only (most of the memory, less recomputation); false: off.
     gradient_checkpointing: bool | str = False
+    # Set every tanh gate to this value (tanh(gate) = gate_init) when the model is built; None keeps
+    # the weights' own gates (0 for a new model: the LM starts unchanged, as in Flamingo).
+    gate_init: float | None = None
 
 
 @dataclass
@@ -84,6 +87,10 @@ class OptimConfig:
 
     lr: float = 1e-4
     weight_decay: float = 0.1
+    # The tanh gates' lr is lr * gate_lr_scale, without weight decay (1.0: OpenFlamingo's grouping,
+    # gates decayed with the rest of the cross-attention). Short runs want > 1: Adam moves a gate
+    # by about lr per step, so at lr 3e-4 a gate needs thousands of steps to open.
+    gate_lr_scale: float = 1.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
@@ -218,6 +225,8 @@ class TrainConfig:
             raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.schedule.warmup_steps}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if self.optim.gate_lr_scale <= 0:
+            raise ConfigError(f"optim.gate_lr_scale must be > 0, got {self.optim.gate_lr_scale}")
         if self.optim.max_grad_norm is not None and self.optim.max_grad_norm <= 0:
             raise ConfigError("optim.max_grad_norm must be > 0 (or null for no clipping)")
         if len(self.optim.betas) != 2:

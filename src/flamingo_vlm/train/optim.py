@@ -10,6 +10,7 @@ from torch import nn
 from .config import OptimConfig, ScheduleConfig
 
 CROSS_ATTN_MARKER = "gated_cross_attn_layer"
+GATE_NAMES = ("attn_gate", "ff_gate")
 
 
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -21,14 +22,21 @@ def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Weight decay on the gated cross-attention blocks only (all their parameters, as
     OpenFlamingo's ``get_grouped_params``); none on the perceiver, new-token rows or LoRA."""
-    decay, no_decay = [], []
+    decay, no_decay, gates = [], [], []
+    separate_gates = cfg.gate_lr_scale != 1.0
     for name, p in trainable_named_parameters(model):
-        (decay if CROSS_ATTN_MARKER in name else no_decay).append((name, p))
+        if separate_gates and name.rsplit(".", 1)[-1] in GATE_NAMES:
+            gates.append((name, p))
+        else:
+            (decay if CROSS_ATTN_MARKER in name else no_decay).append((name, p))
     groups = []
     if decay:
         groups.append({"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": cfg.weight_decay})
     if no_decay:
         groups.append({"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0})
+    if gates:  # tanh gates start at 0 and move ~lr per Adam step: a larger lr, no decay toward 0
+        groups.append({"params": [p for _, p in gates], "names": [n for n, _ in gates], "weight_decay": 0.0,
+                       "lr": cfg.lr * cfg.gate_lr_scale})
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return groups

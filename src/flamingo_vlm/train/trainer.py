@@ -142,7 +142,21 @@ def build_model(cfg: ModelConfig):
                 perceiver_kwargs=cfg.perceiver_kwargs,
                 cross_attn_kwargs=cfg.cross_attn_kwargs,
             )
+    if cfg.gate_init is not None:
+        set_gates(model, cfg.gate_init)
     return model, image_processor, tokenizer
+
+
+def set_gates(model, value: float) -> None:
+    """Set every cross-attention tanh gate so that ``tanh(gate) == value`` (-1 < value < 1)."""
+    if not -1.0 < value < 1.0:
+        raise ConfigError(f"model.gate_init must be in (-1, 1) (it is tanh(gate)), got {value}")
+    gates = [p for n, p in model.named_parameters() if n.endswith(("attn_gate", "ff_gate"))]
+    if not gates:
+        raise ConfigError("model.gate_init: the model has no cross-attention gates")
+    with torch.no_grad():
+        for p in gates:
+            p.fill_(math.atanh(value))
 
 
 def lm_context_limit(lm: nn.Module) -> tuple[int | None, bool]:
