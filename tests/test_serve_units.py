@@ -258,8 +258,7 @@ def test_add_serve_subcommand():
     assert args.command == "serve" and args.model == "m" and args.port == 9000 and args.host == "127.0.0.1"
     assert args.allow_remote_images and args.max_batch_size == 4 and args.image_dir == Path("/tmp")
     assert callable(args.func)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["serve"])  # --model is required
+    assert parser.parse_args(["serve"]).model == "smol-synthetic"  # the built-in model by default
 
 
 def test_serve_command_in_a_subprocess(serve_model_dir):  # noqa: F811
