@@ -108,3 +108,14 @@ def test_model_card_table_and_plot(tmp_path):
     assert "| captioning CIDEr | 10.0 | 55.5 |" in md and "| classification top-1 (%) | - | - |" in md
     png = plot(card, tmp_path / "shots.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_episodes_command_line(tmp_path, capsys):
+    from flamingo_vlm.eval.synthetic import main
+
+    assert main(["episodes", str(tmp_path / "e"), "--documents", "4", "--shots", "1,2", "--mix", "caption=1",
+                 "--image-size", "32", "--samples-per-shard", "2"]) == 0
+    assert len(list((tmp_path / "e").glob("interleaved-*.tar"))) == 2
+    for bad in (["--shots", "3,1"], ["--mix", "caption"]):
+        with pytest.raises(SystemExit):
+            main(["episodes", str(tmp_path / "f"), "--documents", "1", *bad])

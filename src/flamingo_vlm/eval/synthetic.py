@@ -740,10 +740,21 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--start", type=int, default=0, help="first document index (to add data in pieces)")
     e.add_argument("--image-size", type=int, default=224)
     e.add_argument("--samples-per-shard", type=int, default=500)
+    e.add_argument("--shots", default="1,8", help="least,most images per document")
+    e.add_argument("--mix", default="caption=0.25,vqa=0.3,classify=0.15,binding=0.3",
+                   help=f"kind=share,... over {','.join(EPISODE_KINDS)}")
     e.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "episodes":
+        try:
+            lo, hi = (int(x) for x in args.shots.split(","))
+            mix = {k: float(v) for k, v in (item.split("=") for item in args.mix.split(",") if item)}
+        except ValueError:
+            parser.error(f"--shots wants 'least,most' and --mix 'kind=share,...', got {args.shots!r} / {args.mix!r}")
+        if not 1 <= lo <= hi:
+            parser.error(f"--shots must satisfy 1 <= least <= most, got {args.shots!r}")
         paths = write_episode_shards(args.out, seed=args.seed, n_documents=args.documents, start=args.start,
+                                     shots=(lo, hi), mix=mix,
                                      image_size=args.image_size, samples_per_shard=args.samples_per_shard,
                                      overwrite=args.overwrite, progress=True)
         print(f"episodes: {len(paths)} shard(s) in {args.out}")
