@@ -1,4 +1,4 @@
-"""Copy a trained model into the package as the built-in model, in bf16 (keeps its model card).
+"""Copy a trained model into the package as the built-in model, in bf16 (keeps its model card and card.json).
 
     python scripts/ship_builtin.py runs/smol-synthetic/final [--name smol-synthetic]
 """
@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-from flamingo_vlm.pretrained import WEIGHTS_NAME, from_pretrained
+from flamingo_vlm.pretrained import WEIGHTS_NAME, atomic_directory, from_pretrained
 from flamingo_vlm.registry import builtin_model_dir
 
 LIMIT_MB = 50
+KEEP = ("README.md", "card.json")
 
 
 def main() -> None:
@@ -25,21 +26,18 @@ def main() -> None:
     if target is None:
         raise SystemExit(f"{a.name!r} is not in flamingo_vlm.registry.BUILTIN_MODELS")
     model, image_processor, tokenizer = from_pretrained(a.source)
-    card = (target / "README.md").read_text() if (target / "README.md").is_file() else None
+    # the model card and its measured figures stay (they are re-measured with flamingo_vlm.eval.card)
+    kept = {n: (target / n).read_bytes() for n in KEEP if (target / n).is_file()}
     with tempfile.TemporaryDirectory() as tmp:
         out = model.save_pretrained(Path(tmp) / a.name, tokenizer=tokenizer, image_processor=image_processor,
                                     include_backbones=False, dtype=torch.bfloat16)
         size = (out / WEIGHTS_NAME).stat().st_size / 1e6
         if size > LIMIT_MB:
             raise SystemExit(f"{out / WEIGHTS_NAME} is {size:.1f} MB, over the {LIMIT_MB} MB budget")
-        if card is not None:
-            (out / "README.md").write_text(card)
-        staging = target.with_name(f".{target.name}.new")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(out, staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        for name, data in kept.items():
+            (out / name).write_bytes(data)
+        with atomic_directory(target) as staging:
+            shutil.copytree(out, staging, dirs_exist_ok=True)
     print(f"shipped {a.source} -> {target} ({size:.1f} MB of weights)")
 
 

@@ -26,6 +26,8 @@ import torch
 from .processing import EOC_TOKEN, MEDIA_TOKEN
 from .registry import DEFAULT_MODEL
 
+DEFAULT_MAX_NEW_TOKENS = 40
+
 __all__ = ["DemoTask", "add_generate_subcommand", "demo_tasks", "example_image", "generate_text"]
 
 
@@ -51,14 +53,14 @@ class DemoTask:
     title: str
     items: list  # ("image", file name) / ("text", str)
     expected: str  # what a correct model says (from the generator's ground truth)
-    max_new_tokens: int = 40
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
 
 def demo_tasks() -> list[DemoTask]:
     """The few-shot demo: captioning, VQA, classification and made-up-name binding, on bundled
     images the model never saw in training (evaluation seeds; the names are held out too)."""
     spec = json.loads((Path(str(resources.files("flamingo_vlm") / "examples" / "demo.json"))).read_text())
-    return [DemoTask(t["title"], [tuple(i) for i in t["items"]], t["expected"], t.get("max_new_tokens", 40))
+    return [DemoTask(t["title"], [tuple(i) for i in t["items"]], t["expected"], t.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
             for t in spec["tasks"]]
 
 
@@ -149,7 +151,7 @@ class _Streamer:
 
 
 def _gen_kwargs(args) -> dict:
-    kw = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+    kw = dict(max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, num_beams=args.num_beams,
               num_return_sequences=args.num_return_sequences, do_sample=args.do_sample)
     if args.do_sample:
         kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -200,7 +202,7 @@ def _run_demo(args, model, image_processor, tokenizer) -> int:
                 shown.append(value)
         prompt = "".join(shown)
         kw = _gen_kwargs(args)
-        kw["max_new_tokens"] = min(kw["max_new_tokens"], task.max_new_tokens) if args.max_new_tokens_set else task.max_new_tokens
+        kw["max_new_tokens"] = min(args.max_new_tokens or task.max_new_tokens, task.max_new_tokens)
         if not args.json:
             print(f"\n== {task.title}")
             print("prompt: " + prompt.replace(EOC_TOKEN, EOC_TOKEN + "\n        "))
@@ -265,7 +267,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", nargs="+", metavar="PATH", help="images for --prompt, in order")
     p.add_argument("--demo", action="store_true", help="run few-shot tasks on the bundled example images")
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="default 40")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {DEFAULT_MAX_NEW_TOKENS} (--demo: each task's own budget)")
     g.add_argument("--num-beams", type=int, default=1)
     g.add_argument("--num-return-sequences", type=int, default=1)
     g.add_argument("--do-sample", action="store_true")
@@ -285,10 +288,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _main_args(args):
-    args.max_new_tokens_set = args.max_new_tokens is not None
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 40
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise SystemExit("generate: --max-new-tokens must be >= 1")
     return _run(args)
 

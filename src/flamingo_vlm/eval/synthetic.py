@@ -308,6 +308,10 @@ class SceneGenerator:
         if rng.random() < self.text_rate and self.words:
             text = self.words[int(rng.integers(len(self.words)))]
             corner = CORNERS[int(rng.integers(len(CORNERS)))]
+        return self._scene(rng, objects, text, corner)
+
+    def _scene(self, rng, objects, text=None, corner=None) -> Scene:
+        """The scene of ``objects`` on a random near-white background."""
         base = int(rng.integers(228, 252))
         background = tuple(int(base + t) for t in rng.integers(-4, 5, 3))
         return Scene(tuple(objects), text, corner, background, seed=int(rng.integers(2**31)))
@@ -586,13 +590,9 @@ class BindingEpisode:
     names: list[str]
 
 
-def _single_object_scene(rng, shape: str, color: str) -> Scene:
+def _single_object_scene(gen: SceneGenerator, rng, shape: str, color: str) -> Scene:
     pos = list(POSITIONS)[int(rng.integers(len(POSITIONS)))]
-    size = ("small", "large")[int(rng.integers(2))]
-    offset = tuple(float(x) for x in np.round(rng.uniform(-0.02, 0.02, 2), 4))
-    base = int(rng.integers(228, 252))
-    background = tuple(int(base + t) for t in rng.integers(-4, 5, 3))
-    return Scene((SceneObject(shape, color, size, pos, offset),), None, None, background, seed=int(rng.integers(2**31)))
+    return gen._scene(rng, [gen._object(rng, shape, color, pos)])  # no written text
 
 
 def binding_episode(gen: SceneGenerator, index: int, *, ways: int = 2, shots: int = 2, split: str = "test",
@@ -621,9 +621,9 @@ def binding_episode(gen: SceneGenerator, index: int, *, ways: int = 2, shots: in
     order: list[int] = []
     while len(order) < shots:
         order.extend(int(i) for i in rng.permutation(ways))
-    demos = [(_single_object_scene(rng, *cats[c]), chosen[c]) for c in order[:shots]]
+    demos = [(_single_object_scene(gen, rng, *cats[c]), chosen[c]) for c in order[:shots]]
     target = int(rng.integers(ways))
-    return BindingEpisode(demos, _single_object_scene(rng, *cats[target]), chosen[target], chosen)
+    return BindingEpisode(demos, _single_object_scene(gen, rng, *cats[target]), chosen[target], chosen)
 
 
 def episode_items(gen: SceneGenerator, index: int, kind: str, shots: int, split: str = "pretrain") -> list[tuple[Scene, str]]:
