@@ -14,6 +14,12 @@ Workloads (each also run on the *bare* LM, the same LM without Flamingo, for an 
   optionally forward+backward (``--backward``, on by default).
 * encode: 8 images through the vision encoder + perceiver (baseline: vision encoder alone).
 
+Kernels: ``fp32`` is the library's default inference path, where Flamingo's generate/score/no-grad
+forward run fp32 linear layers on oneDNN (:mod:`flamingo_vlm.modeling.fast_linear`); its bare-LM
+baseline runs under the same ``onednn_linears`` block, so the ratio compares like with like.
+``fp32-mkl`` is torch's default kernels for both (``Flamingo.cpu_onednn = False``), and
+``fp32+onednn`` routes every fp32 GEMM through the training fast path's dispatch mode.
+
 For fp32 on CPU with the MPT LM, a "speed-up vs OpenFlamingo" column compares against the original
 OpenFlamingo's figures for this shape measured on this machine. For bf16 the whole model is cast
 with ``.to(torch.bfloat16)`` and the forward workload's logits are compared with fp32's.
@@ -21,6 +27,7 @@ with ``.to(torch.bfloat16)`` and the forward workload's logits are compared with
 Usage::
 
     PYTHONPATH=src python benchmarks/bench_inference.py                 # full run, fp32 + bf16
+    PYTHONPATH=src python benchmarks/bench_inference.py --dtypes fp32,fp32-mkl,bf16
     PYTHONPATH=src python benchmarks/bench_inference.py --quick         # tiny smoke run (seconds)
     PYTHONPATH=src python benchmarks/bench_inference.py --device cuda --lm llama
 
@@ -286,6 +293,15 @@ def matmul_mode(dtype_name: str) -> Callable[[], Any]:
     return OneDNNMatmul
 
 
+def baseline_mode(dtype_name: str, modules: list[torch.nn.Module], mode: Callable[[], Any]) -> Callable[[], Any]:
+    """The baselines' kernels: for ``fp32``, the same oneDNN linear layers Flamingo uses."""
+    if dtype_name != "fp32":
+        return mode
+    from flamingo_vlm.modeling.fast_linear import onednn_linears
+
+    return lambda: onednn_linears(torch.nn.ModuleList(modules))
+
+
 def in_mode(fn: Callable[[], Any], mode: Callable[[], Any]) -> Callable[[], Any]:
     if mode is contextlib.nullcontext:
         return fn
@@ -305,13 +321,15 @@ def run_dtype(
     rows: list[dict[str, Any]] = []
     n = s.new_tokens
     mode = matmul_mode(dtype_name)
+    model.cpu_onednn = dtype_name in ("fp32", "bf16")  # (bf16 weights never take the fp32 oneDNN path)
+    base_mode = baseline_mode(dtype_name, [bare, model.vision_encoder], mode)
     gen_kwargs = dict(min_new_tokens=n, max_new_tokens=n, do_sample=False, num_beams=1)
 
     def add(workload: str, key: str | None, flamingo: Callable, baseline: Callable | None, baseline_name: str, **extra):
         if args.only and not any(w in workload for w in args.only):
             return
         log(f"  [{dtype_name}] {workload} ...")
-        flamingo, baseline = in_mode(flamingo, mode), (in_mode(baseline, mode) if baseline is not None else None)
+        flamingo, baseline = in_mode(flamingo, mode), (in_mode(baseline, base_mode) if baseline is not None else None)
         r_f = measure(flamingo, args, device, log)
         r_b = measure(baseline, args, device, log) if baseline is not None else None
         row = {
@@ -552,6 +570,13 @@ def render(result: dict[str, Any]) -> str:
                 f"max |logit| {bare_acc['logits_max_abs']:.4g} = {bare_acc['rel_max_abs_diff']:.3%}; top-1 agreement "
                 f"{bare_acc['top1_agreement']:.2%}.",
             ]
+    linear = result.get("onednn_linear_accuracy")
+    if linear:
+        lines += [
+            "",
+            f"fp32 (oneDNN linear layers) vs fp32-mkl logits: max |diff| {linear['max_abs_diff']:.3g} (relative "
+            f"{linear['rel_max_abs_diff']:.2e}), top-1 agreement {linear['top1_agreement']:.2%}.",
+        ]
     onednn = result.get("onednn_accuracy")
     if onednn:
         lines += [
@@ -613,7 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cross-attn-every", type=int, default=1, metavar="N",
                    help="cross-attention every N LM layers (default 1, the shape of OpenFlamingo's figures)")
     p.add_argument("--dtypes", default="fp32,bf16",
-                   help="comma-separated: fp32, bf16, fp32+onednn (fp32 with oneDNN GEMMs, CPU only); default fp32,bf16")
+                   help="comma-separated: fp32 (the default inference path: oneDNN linear layers on CPU), fp32-mkl "
+                        "(torch's default kernels), fp32+onednn (every fp32 GEMM through oneDNN, CPU only), bf16; "
+                        "default fp32,bf16")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median); 1 warm-up run before")
     p.add_argument("--retries", type=int, default=3,
                    help="CPU: extra timed runs allowed to replace runs contended by other processes (default 3)")
@@ -634,14 +661,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    known = ("fp32", "fp32+onednn", "bf16")
+    known = ("fp32", "fp32-mkl", "fp32+onednn", "bf16")
     bad = [d for d in dtypes if d not in known]
     if bad:
         p.error(f"unknown dtype(s) {bad}")
     dtypes.sort(key=known.index)  # fp32 first: the bf16 model is the fp32 one cast in place
     device = torch.device(args.device)
-    if "fp32+onednn" in dtypes and device.type != "cpu":
-        p.error("fp32+onednn is a CPU mode")
+    if ("fp32+onednn" in dtypes or "fp32-mkl" in dtypes) and device.type != "cpu":
+        p.error("fp32+onednn and fp32-mkl are CPU modes")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -698,6 +725,11 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"] += run_dtype(model, bare, inputs, ids, s, args, dtype_name, log)
         if dtype_name == "fp32" and ("bf16" in dtypes or "fp32+onednn" in dtypes):
             ref_logits, ref_bare = forward_logits(model, inputs, device), forward_logits(bare, inputs, device, True)
+        if dtype_name == "fp32" and device.type == "cpu":  # oneDNN linear layers vs torch's default kernels
+            onednn_out = forward_logits(model, inputs, device)
+            model.cpu_onednn = False
+            result["onednn_linear_accuracy"] = logits_diff(*forward_logits(model, inputs, device), *onednn_out)
+            model.cpu_onednn = True
         if dtype_name == "fp32+onednn" and ref_logits is not None:
             result["onednn_accuracy"] = logits_diff(*ref_logits, *forward_logits(model, inputs, device, False, dtype_name))
         if dtype_name == "bf16":

@@ -599,3 +599,20 @@ def test_cli_write_and_inspect(tmp_path, capsys):
     args = parser.parse_args(["data", "inspect", str(out)])
     assert args.func(args) == 0
     assert "4 sample(s)" in capsys.readouterr().out
+
+
+def test_plan_chunk_separator_goes_between_chunks_and_is_not_trained(tmp_path, processor):
+    sim = np.array([[0.9, 0.1], [0.1, 0.9]])
+    plan = plan_interleaved(["s0", "s1"], sim, [True, True], threshold=0.24, max_images=6, separator="\n")
+    assert plan.text == "<image>s0<|endofchunk|>\n<image>s1<|endofchunk|>"
+
+    doc = mmc4_doc(["A red one.", "A blue one."], ["red", "blue"], sim)
+    (tmp_path / "a").mkdir(); (tmp_path / "b").mkdir()
+    plain = next(iter(interleaved_ds(tmp_path / "a", processor, [doc])))
+    sep = next(iter(interleaved_ds(tmp_path / "b", processor, [doc], chunk_separator="\n")))
+    check_consistent(processor, sep)
+    assert "<|endofchunk|>\n<image>" in texts(processor, sep)[0]
+    assert sep["input_ids"].shape[1] > plain["input_ids"].shape[1]
+    # the separator is context only: the trained tokens are the same with and without it
+    trained = lambda b: b["input_ids"][0][b["labels"][0] != X].tolist()  # noqa: E731
+    assert trained(sep) == trained(plain)

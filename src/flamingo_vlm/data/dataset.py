@@ -79,6 +79,9 @@ class DatasetSpec:
     single image (OpenFlamingo used 0.5 to favour multi-image documents); 1.0 keeps them all.
     ``hflip_prob``: per-image horizontal flip probability; off by default because flips contradict
     "left"/"right" in the text and mirror text inside images (OpenFlamingo flipped with p=0.5).
+    ``chunk_separator``: text between a chunk's ``<|endofchunk|>`` and the next ``<image>`` in
+    interleaved documents (not trained on); ``""`` is OpenFlamingo's layout, ``"\n"`` matches the
+    few-shot evaluation prompts of captioning and VQA.
     ``shuffle_buffer``: samples held (as raw bytes) for shuffling; defaults to 1000 for pairs and 100
     for interleaved documents (which carry their images); 0 or 1 disables sample shuffling.
     """
@@ -95,6 +98,7 @@ class DatasetSpec:
     single_image_keep_prob: float = 1.0
     hflip_prob: float = 0.0
     shuffle_buffer: int | None = None
+    chunk_separator: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -390,7 +394,8 @@ class ShardDataset(IterableDataset):
         while True:
             available = [i in data and i not in bad for i in range(len(image_info))]
             plan = plan_interleaved(
-                sentences, sim, available, threshold=spec.similarity_threshold, max_images=spec.max_images
+                sentences, sim, available, threshold=spec.similarity_threshold, max_images=spec.max_images,
+                separator=spec.chunk_separator,
             )
             ids = self._encode(plan.text)
             # a trailing <image> has no text to caption: drop it with its image

@@ -76,6 +76,7 @@ def plan_interleaved(
     *,
     threshold: float,
     max_images: int,
+    separator: str = "",
 ) -> InterleavedPlan:
     """Match images to sentences and build the interleaved text.
 
@@ -88,6 +89,9 @@ def plan_interleaved(
        is below ``threshold`` is dropped too (``images_below_threshold``);
     3. pairs are sorted by sentence, i.e. by where their ``<image>`` lands in the text, and only the
        first ``max_images`` are kept (``images_over_max``).
+
+    ``separator`` goes between a chunk's ``<|endofchunk|>`` and the next ``<image>``: ``""`` is
+    OpenFlamingo's MMC4 layout; ``"\n"`` is the layout of its few-shot evaluation prompts.
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -127,6 +131,8 @@ def plan_interleaved(
         .replace(f"{MEDIA_TOKEN} ", MEDIA_TOKEN)
         .replace(f" {MEDIA_TOKEN}", MEDIA_TOKEN)
     )
+    if separator:
+        text = text.replace(f"{EOC_TOKEN}{MEDIA_TOKEN}", f"{EOC_TOKEN}{separator}{MEDIA_TOKEN}")
     text = f"{text}{EOC_TOKEN}"
     return InterleavedPlan(text, [i for _, i in pairs], [s for s, _ in pairs], dropped)
 

@@ -31,7 +31,8 @@ class BindingResult:
 
 
 def binding_prompt(episode) -> str:
-    demos = "".join(f"{MEDIA_TOKEN}{binding_text(name)}{EOC_TOKEN}" for _, name in episode.demos)
+    """Demonstrations joined with ``"\n"``, as the captioning and VQA prompts are."""
+    demos = "".join(f"{MEDIA_TOKEN}{binding_text(name)}{EOC_TOKEN}\n" for _, name in episode.demos)
     return demos + MEDIA_TOKEN + binding_text()
 
 

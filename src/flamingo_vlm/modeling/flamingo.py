@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fast_linear import onednn_linears
 from .injection import Conditioning, ConditioningSlot, inject_cross_attention
 from .perceiver import PerceiverResampler
 from .token_embeddings import ExtendedEmbedding, ExtendedLMHead
@@ -65,6 +66,11 @@ def _cache_length(past) -> int:
 
 
 class Flamingo(nn.Module):
+    #: Inference without gradients (generate, score, no-grad forward) runs fp32 CPU linear layers on
+    #: oneDNN (:mod:`flamingo_vlm.modeling.fast_linear`): 2-3x faster decoding, same math up to fp32
+    #: rounding. Set to False on an instance to use torch's default kernels.
+    cpu_onednn: bool = True
+
     def __init__(
         self,
         vision_encoder: nn.Module,
@@ -268,6 +274,10 @@ class Flamingo(nn.Module):
         **lm_kwargs,
     ):
         """Returns the LM's output (``.loss`` when labels are given, ``.logits``, ``.past_key_values``)."""
+        with onednn_linears(self, enabled=self.cpu_onednn and not torch.is_grad_enabled()):
+            return self._forward(vision_x, lang_x, attention_mask, labels, past_key_values, use_cache, media, lm_kwargs)
+
+    def _forward(self, vision_x, lang_x, attention_mask, labels, past_key_values, use_cache, media, lm_kwargs):
         cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
         if attention_mask is not None and self._lm_takes_position_ids and "position_ids" not in lm_kwargs:
@@ -303,6 +313,10 @@ class Flamingo(nn.Module):
         ``<image>`` is never generated (``allow_image_tokens=True`` lifts that, as OpenFlamingo
         did, to reproduce its outputs).
         """
+        with onednn_linears(self, enabled=self.cpu_onednn):
+            return self._generate(vision_x, lang_x, attention_mask, media, allow_image_tokens, generate_kwargs)
+
+    def _generate(self, vision_x, lang_x, attention_mask, media, allow_image_tokens, generate_kwargs):
         cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
         generate_kwargs.setdefault("eos_token_id", self.eoc_token_id)
@@ -346,6 +360,10 @@ class Flamingo(nn.Module):
         """
         if not candidates or any(len(c) == 0 for c in candidates):
             raise ValueError("every candidate continuation needs at least one token")
+        with onednn_linears(self, enabled=self.cpu_onednn):
+            return self._score(vision_x, lang_x, candidates, attention_mask, media, normalize, chunk_size)
+
+    def _score(self, vision_x, lang_x, candidates, attention_mask, media, normalize, chunk_size):
         cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
         if attention_mask is None:

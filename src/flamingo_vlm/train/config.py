@@ -74,6 +74,7 @@ class DataConfig:
     min_images: int = 1
     similarity_threshold: float = 0.24
     min_image_bytes: int = 0
+    chunk_separator: str = ""
     name: str | None = None
 
     def effective_loss_weight(self) -> float:

@@ -1,0 +1,64 @@
+"""oneDNN linear layers for CPU inference: same math, restored after the block, never on gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+from flamingo_vlm import FlamingoProcessor
+from flamingo_vlm.modeling.fast_linear import onednn_available, onednn_linears
+from tiny import random_images, tiny_flamingo
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN linear kernel")
+
+
+def routed(module: nn.Module) -> int:
+    return sum("forward" in vars(m) for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def test_block_routes_fp32_linears_and_restores_them_even_on_error():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 8, bias=False), nn.Linear(8, 8).bfloat16())
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        ref = net[:3](x)
+        with onednn_linears(net) as n:
+            assert n == 2 and routed(net) == 2  # the bf16 layer keeps torch's kernel
+            got = net[:3](x)
+            with onednn_linears(net) as inner:  # nested: nothing left to route, nothing undone early
+                assert inner == 0
+            assert routed(net) == 2
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert routed(net) == 0
+        with pytest.raises(RuntimeError, match="boom"):
+            with onednn_linears(net):
+                raise RuntimeError("boom")
+        assert routed(net) == 0
+
+
+def test_gradients_take_the_autograd_path_inside_the_block():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    x = torch.randn(2, 6, requires_grad=True)
+    with onednn_linears(layer):
+        layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    torch.testing.assert_close(layer.weight.grad, x.detach().sum(0).expand(4, 6).contiguous())
+
+
+def test_flamingo_generate_and_score_agree_with_default_kernels():
+    model, ip, tok = tiny_flamingo("llama", every=1, seed=3)
+    batch = FlamingoProcessor(tok, ip)([("<image>a red car.<|endofchunk|><image>a", random_images(2, seed=1))])
+    args = (batch["vision_x"], batch["input_ids"], batch["attention_mask"])
+    outs = {}
+    for flag in (True, False):
+        model.cpu_onednn = flag
+        ids = model.generate(*args, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        scores = model.score(args[0], args[1], [[5, 6], [7], [8, 9, 10]], args[2])
+        with torch.no_grad():
+            logits = model(*args).logits
+        outs[flag] = (ids, scores, logits)
+        assert routed(model) == 0  # nothing stays patched after a call
+    del model.cpu_onednn
+    assert torch.equal(outs[True][0], outs[False][0])
+    torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[True][2], outs[False][2], rtol=1e-5, atol=1e-5)
