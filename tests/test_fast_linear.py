@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from flamingo_vlm import FlamingoProcessor
-from flamingo_vlm.modeling.fast_linear import onednn_available, onednn_linears
+from flamingo_vlm.modeling.fast_linear import linear, onednn_available, onednn_linears
 from tiny import random_images, tiny_flamingo
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN linear kernel")
@@ -29,6 +29,13 @@ def test_block_routes_fp32_linears_and_restores_them_even_on_error():
             assert routed(net) == 2
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         assert routed(net) == 0
+        # modules that are not nn.Linear (the LM head with new-token rows) call linear(), which follows
+        # the block: oneDNN inside (same values), F.linear outside
+        w, b = net[0].weight, net[0].bias
+        with onednn_linears(net):
+            inside = linear(x, w, b)
+        torch.testing.assert_close(inside, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert torch.equal(linear(x, w, b), torch.nn.functional.linear(x, w, b))
         with pytest.raises(RuntimeError, match="boom"):
             with onednn_linears(net):
                 raise RuntimeError("boom")

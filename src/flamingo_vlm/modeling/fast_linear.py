@@ -15,21 +15,25 @@ fp32 CPU inference (gradients wanted, another dtype or device), so the math neve
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["onednn_available", "onednn_linears"]
+__all__ = ["linear", "onednn_available", "onednn_linears"]
+
+# Set inside an ``onednn_linears`` block (per thread / async context): modules that compute their
+# products with :func:`linear` instead of being ``nn.Linear`` (the LM head with new-token rows) follow it.
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("flamingo_vlm_onednn_linears", default=False)
 
 
 def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    w, b = layer.weight, layer.bias
+def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     if (
         x.dtype != torch.float32
         or w.dtype != torch.float32
@@ -38,6 +42,15 @@ def _forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     ):
         return F.linear(x, w, b)
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def _forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _onednn(x, layer.weight, layer.bias)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, on oneDNN inside an :func:`onednn_linears` block (same rules as its layers)."""
+    return _onednn(x, w, b) if _ACTIVE.get() else F.linear(x, w, b)
 
 
 def _eligible(layer: nn.Module) -> bool:
@@ -56,7 +69,9 @@ def onednn_linears(module: nn.Module, enabled: bool = True) -> Iterator[int]:
     Nesting is fine (an inner block leaves already routed layers alone). With ``enabled=False``,
     or where this torch has no oneDNN linear kernel, nothing changes.
     """
-    layers = [m for m in module.modules() if _eligible(m)] if enabled and onednn_available() else []
+    on = enabled and onednn_available()
+    layers = [m for m in module.modules() if _eligible(m)] if on else []
+    token = _ACTIVE.set(True) if on else None
     try:
         for layer in layers:
             layer.forward = _forward.__get__(layer)
@@ -64,3 +79,5 @@ def onednn_linears(module: nn.Module, enabled: bool = True) -> Iterator[int]:
     finally:
         for layer in layers:
             vars(layer).pop("forward", None)
+        if token is not None:
+            _ACTIVE.reset(token)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast_linear import linear
+
 
 class _NewRows(nn.Module):
     """Shared logic: a frozen full ``weight`` plus a trainable ``new_weight`` for ``new_ids``."""
@@ -85,8 +87,8 @@ class ExtendedLMHead(_NewRows):
         # bmm over a per-row expanded weight, which bf16 CPU kernels materialise (a vocab-sized copy).
         lead = hidden.shape[:-1]
         h2 = hidden.reshape(-1, hidden.shape[-1])
-        logits = F.linear(h2, self.weight, self.bias)
+        logits = linear(h2, self.weight, self.bias)  # oneDNN inside onednn_linears (CPU inference)
         bias = self.bias[self.new_ids] if self.bias is not None else None
-        new_logits = F.linear(h2, self.new_weight.to(hidden.dtype), bias)
+        new_logits = linear(h2, self.new_weight.to(hidden.dtype), bias)
         logits.index_copy_(-1, self.new_ids, new_logits.to(logits.dtype))  # in place: no second logits tensor
         return logits.view(*lead, logits.shape[-1])
