@@ -9,6 +9,7 @@ between calls (see :mod:`.injection`).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from typing import Any
 
@@ -63,6 +64,18 @@ def _cache_length(past) -> int:
     if isinstance(past, (tuple, list)):
         return int(past[0][0].shape[-2]) if len(past) and past[0] is not None else 0
     return 0
+
+
+def _onednn_inference(method):
+    """Run ``method`` with the model's fp32 CPU linear layers on oneDNN when no gradients are
+    wanted and ``cpu_onednn`` is on (see :mod:`flamingo_vlm.modeling.fast_linear`)."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with onednn_linears(self, enabled=self.cpu_onednn and not torch.is_grad_enabled()):
+            return method(self, *args, **kwargs)
+
+    return wrapped
 
 
 class Flamingo(nn.Module):
@@ -260,6 +273,7 @@ class Flamingo(nn.Module):
             raise ValueError(f"lang_x has {lang_x.shape[0]} rows but vision_x has {media.shape[0]}")
 
     # -- forward -------------------------------------------------------------------------------
+    @_onednn_inference
     def forward(
         self,
         vision_x: torch.Tensor | None,
@@ -274,10 +288,6 @@ class Flamingo(nn.Module):
         **lm_kwargs,
     ):
         """Returns the LM's output (``.loss`` when labels are given, ``.logits``, ``.past_key_values``)."""
-        with onednn_linears(self, enabled=self.cpu_onednn and not torch.is_grad_enabled()):
-            return self._forward(vision_x, lang_x, attention_mask, labels, past_key_values, use_cache, media, lm_kwargs)
-
-    def _forward(self, vision_x, lang_x, attention_mask, labels, past_key_values, use_cache, media, lm_kwargs):
         cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
         if attention_mask is not None and self._lm_takes_position_ids and "position_ids" not in lm_kwargs:
@@ -296,6 +306,7 @@ class Flamingo(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------
     @torch.no_grad()
+    @_onednn_inference
     def generate(
         self,
         vision_x: torch.Tensor | None,
@@ -313,10 +324,6 @@ class Flamingo(nn.Module):
         ``<image>`` is never generated (``allow_image_tokens=True`` lifts that, as OpenFlamingo
         did, to reproduce its outputs).
         """
-        with onednn_linears(self, enabled=self.cpu_onednn):
-            return self._generate(vision_x, lang_x, attention_mask, media, allow_image_tokens, generate_kwargs)
-
-    def _generate(self, vision_x, lang_x, attention_mask, media, allow_image_tokens, generate_kwargs):
         cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
         generate_kwargs.setdefault("eos_token_id", self.eoc_token_id)
@@ -340,6 +347,7 @@ class Flamingo(nn.Module):
 
     # -- scoring ---------------------------------------------------------------------------------
     @torch.no_grad()
+    @_onednn_inference
     def score(
         self,
         vision_x: torch.Tensor | None,
@@ -360,10 +368,6 @@ class Flamingo(nn.Module):
         """
         if not candidates or any(len(c) == 0 for c in candidates):
             raise ValueError("every candidate continuation needs at least one token")
-        with onednn_linears(self, enabled=self.cpu_onednn):
-            return self._score(vision_x, lang_x, candidates, attention_mask, media, normalize, chunk_size)
-
-    def _score(self, vision_x, lang_x, candidates, attention_mask, media, normalize, chunk_size):
         cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
         if attention_mask is None:

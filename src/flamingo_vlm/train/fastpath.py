@@ -25,15 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..modeling.fast_linear import onednn_available
+
 IGNORE_INDEX = -100
 aten = torch.ops.aten
 
 # GEMMs smaller than this (m*k*n) stay on the default path: dispatch overhead would dominate.
 ONEDNN_MIN_FLOPS = 1 << 20
-
-
-def onednn_available() -> bool:
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _plain(t: torch.Tensor) -> bool:

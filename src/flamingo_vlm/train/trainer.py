@@ -68,7 +68,7 @@ from .fastpath import (
 )
 from .lora import apply_lora, has_lora, merge_lora
 from .metrics import LOSS_PNG, METRICS_CSV, Sinks, plot_loss
-from .optim import build_optimizer, build_scheduler
+from .optim import GATE_NAMES, build_optimizer, build_scheduler
 
 logger = logging.getLogger("flamingo_vlm.train")
 
@@ -151,7 +151,7 @@ def set_gates(model, value: float) -> None:
     """Set every cross-attention tanh gate so that ``tanh(gate) == value`` (-1 < value < 1)."""
     if not -1.0 < value < 1.0:
         raise ConfigError(f"model.gate_init must be in (-1, 1) (it is tanh(gate)), got {value}")
-    gates = [p for n, p in model.named_parameters() if n.endswith(("attn_gate", "ff_gate"))]
+    gates = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in GATE_NAMES]
     if not gates:
         raise ConfigError("model.gate_init: the model has no cross-attention gates")
     with torch.no_grad():
