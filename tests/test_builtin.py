@@ -51,6 +51,39 @@ def test_feature_grid_position_code_marks_each_cell():
         FeatureGridEncoder(lambda x: x, hidden_size=6, image_size=32, position_encoding=True)
 
 
+def _two_colour_image(left, right, size=32):
+    """Normalised pixels (mean=std=0.5) of an image whose left half is ``left`` and right half ``right``."""
+    x = torch.empty(3, size, size)
+    x[:, :, : size // 2] = torch.tensor(left, dtype=torch.float32).view(3, 1, 1)
+    x[:, :, size // 2 :] = torch.tensor(right, dtype=torch.float32).view(3, 1, 1)
+    return (x - 0.5) / 0.5
+
+
+def test_feature_grid_color_code_follows_each_cells_colours():
+    grid = torch.zeros(3, 8, 2, 2)
+    coded = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32,
+                               mean=(0.5,) * 3, std=(0.5,) * 3, color_encoding=True)
+    red, blue = (0.9, 0.1, 0.1), (0.1, 0.2, 0.9)
+    x = torch.stack([_two_colour_image(red, blue), _two_colour_image(blue, red), _two_colour_image(red, red)])
+    tokens = coded(x)  # the backbone's grid is all zeros: what remains is the colour code
+    assert tokens.shape == (3, 4, 8) and tokens.abs().sum() > 0
+    left, right = tokens[:, [0, 2]], tokens[:, [1, 3]]  # row-major 2x2 grid
+    torch.testing.assert_close(left[0], right[1])  # red cells code alike wherever they are
+    torch.testing.assert_close(left[0], left[2])
+    assert (left[0] - right[0]).abs().max() > 0.05  # red and blue cells differ
+    # fixed across instances (seeded), so a saved model needs no extra weights
+    again = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32,
+                               mean=(0.5,) * 3, std=(0.5,) * 3, color_encoding=True)
+    torch.testing.assert_close(again(x), tokens)
+    assert "color_projection" not in coded.state_dict()
+    plain = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32)
+    assert plain(x).abs().sum() == 0
+    tokens_only = FeatureGridEncoder(lambda x: torch.zeros(x.shape[0], 4, 8), hidden_size=8, image_size=32,
+                                     color_encoding=True)
+    with pytest.raises(ValueError, match="feature grid"):
+        tokens_only(x)
+
+
 # -- packaged backbones --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():
@@ -116,6 +149,25 @@ def test_efficientnet_lite0_grid():
         tokens = enc(x)
     assert tokens.shape == (2, 49, 1280) and torch.isfinite(tokens).all()
     assert not torch.allclose(tokens[0], tokens[1])
+    assert enc.source["color_encoding"] is False  # models saved before the option load as they were
+
+
+def test_efficientnet_lite0_color_code_survives_save_and_load(tmp_path):
+    _need("efficientnet_lite_pytorch")
+    from flamingo_vlm.backbones import load_efficientnet_lite0
+    from flamingo_vlm.pretrained import build_vision_from_spec, vision_spec
+
+    enc = load_efficientnet_lite0(color_encoding=True)
+    spec = vision_spec(enc, embed=False)
+    assert spec["color_encoding"] is True
+    rebuilt = build_vision_from_spec(spec, tmp_path)
+    assert rebuilt.color_encoding and rebuilt.position_encoding
+    ip = enc.default_image_processor()
+    x = torch.stack([ip(im) for im in random_images(2, size=64)])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), enc(x))
+        plain = load_efficientnet_lite0()(x)
+    assert not torch.allclose(plain, enc(x))
 
 
 # -- the shipped model ------------------------------------------------------------------------------

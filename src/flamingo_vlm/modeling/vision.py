@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -577,7 +578,17 @@ class HFVisionEncoder(VisionEncoder):
 class FeatureGridEncoder(VisionEncoder):
     """Wrap a backbone (or its method ``method``, e.g. ``"extract_features"``) mapping ``(N, C, H, W)``
     to a feature grid ``(N, D, h, w)`` (flattened row-major to ``(N, h*w, D)``) or to tokens ``(N, T, D)``
-    (returned as they are). Outputs with a ``last_hidden_state`` attribute are unwrapped."""
+    (returned as they are). Outputs with a ``last_hidden_state`` attribute are unwrapped.
+
+    Two fixed codes (no parameters) can be added to a grid's tokens: ``position_encoding``, where the
+    cell is (the perceiver is blind to token order), and ``color_encoding``, the cell's colours
+    (:meth:`grid_color_code`), for backbones whose deep features are nearly colour-blind, as
+    ImageNet CNNs trained with colour augmentation are."""
+
+    #: Sub-cells per grid cell side whose mean RGB the colour code carries, and the sine/cosine
+    #: frequencies (times pi) that turn each value into features a linear layer can separate.
+    COLOR_SUBCELLS = 2
+    COLOR_FREQS = (1.0, 2.0, 4.0)
 
     def __init__(
         self,
@@ -589,6 +600,8 @@ class FeatureGridEncoder(VisionEncoder):
         method: str | None = None,
         position_encoding: bool = False,
         position_scale: float = 0.25,
+        color_encoding: bool = False,
+        color_scale: float = 0.5,
     ) -> None:
         super().__init__()
         if method is not None and not callable(getattr(module, method, None)):
@@ -602,6 +615,14 @@ class FeatureGridEncoder(VisionEncoder):
         if position_encoding and self.hidden_size % 4:
             raise ValueError(f"position_encoding needs hidden_size divisible by 4, got {self.hidden_size}")
         self.position_encoding, self.position_scale = bool(position_encoding), float(position_scale)
+        self.color_encoding, self.color_scale = bool(color_encoding), float(color_scale)
+        if self.color_encoding:
+            n_in = 3 * self.COLOR_SUBCELLS**2 * 2 * len(self.COLOR_FREQS)
+            # A fixed random projection, the same on every machine (seeded CPU generator); not a
+            # parameter and not saved: it is a function of the settings alone.
+            gen = torch.Generator().manual_seed(20261123)
+            proj = torch.randn(n_in, self.hidden_size, generator=gen) / n_in**0.5
+            self.register_buffer("color_projection", proj, persistent=False)
 
     def grid_position_code(self, h: int, w: int, device=None, dtype=None) -> Tensor:
         """A fixed 2-D sine-cosine code, ``(h*w, hidden_size)``: half the channels encode the row,
@@ -615,6 +636,21 @@ class FeatureGridEncoder(VisionEncoder):
         code = torch.cat([row_code, col_code], -1).reshape(h * w, self.hidden_size) * self.position_scale
         return code.to(device=device, dtype=dtype)
 
+    def grid_color_code(self, pixel_values: Tensor, h: int, w: int) -> Tensor:
+        """``(N, h*w, hidden_size)``: each cell's colours as the mean RGB (0..1) of its
+        ``COLOR_SUBCELLS``^2 sub-cells, through sines and cosines and the fixed projection."""
+        mean = torch.tensor(self.mean, device=pixel_values.device, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixel_values.device, dtype=torch.float32).view(1, 3, 1, 1)
+        rgb = (pixel_values.float() * std + mean).clamp(0, 1)
+        k = self.COLOR_SUBCELLS
+        sub = F.adaptive_avg_pool2d(rgb, (h * k, w * k))  # (N, 3, h*k, w*k)
+        n = sub.shape[0]
+        cells = sub.view(n, 3, h, k, w, k).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w, 3 * k * k)
+        freqs = torch.tensor(self.COLOR_FREQS, device=cells.device) * math.pi
+        angles = cells[..., None] * freqs  # (N, h*w, 3k^2, n_freqs)
+        feats = torch.cat([angles.sin(), angles.cos()], -1).flatten(2)
+        return (feats @ self.color_projection.to(feats.device)) * self.color_scale
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         fn = getattr(self.module, self.method) if self.method else self.module
         out = fn(pixel_values)
@@ -627,8 +663,12 @@ class FeatureGridEncoder(VisionEncoder):
             tokens = out.flatten(2).transpose(1, 2)
             if self.position_encoding:
                 tokens = tokens + self.grid_position_code(*out.shape[2:], device=out.device, dtype=out.dtype)
+            if self.color_encoding:
+                tokens = tokens + self.grid_color_code(pixel_values, *out.shape[2:]).to(tokens.dtype)
             return tokens
         if out.dim() == 3 and out.shape[-1] == self.hidden_size:
+            if self.color_encoding:
+                raise ValueError("color_encoding needs a backbone that returns a feature grid (N, D, h, w)")
             return out
         raise ValueError(
             f"backbone output {tuple(out.shape)} is neither (N, {self.hidden_size}, h, w) "

@@ -1,0 +1,55 @@
+"""The benchmark scripts still run, and a partial run never takes the full table's file name."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_inference", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_quick_decode_run_writes_a_partial_table(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave the other tests' threads alone
+    rc = bench.main(["--quick", "--only", "decode", "--dtypes", "fp32", "--repeats", "1", "--retries", "0",
+                     "--no-backward", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["inference-cpu-quick-only-decode-fp32.json", "inference-cpu-quick-only-decode-fp32.md"]
+    result = json.loads((tmp_path / written[0]).read_text())
+    assert result["rows"] and all(r["key"].startswith("decode") for r in result["rows"])
+    assert all(r["flamingo"]["median_s"] > 0 and r["baseline"]["median_s"] > 0 for r in result["rows"])
+    # greedy ids under the oneDNN inference path agree with torch's default kernels
+    assert result["onednn_linear_accuracy"]["top1_agreement"] == 1.0
+    md = (tmp_path / written[1]).read_text()
+    assert "| decode" in md and "Decode floor" in md
+    floor = result["decode_floor"]  # cross-attention adds weights to every decoding step
+    assert floor["xattn_step_m"] > 0 and floor["ratio"] == pytest.approx(1 + floor["xattn_step_m"] / floor["lm_step_m"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "stem"),
+    [([], "inference-cpu"),
+     (["--only", "decode"], "inference-cpu-only-decode"),
+     (["--dtypes", "fp32,fp32-mkl"], "inference-cpu-fp32-fp32-mkl"),
+     (["--only", "decode", "--dtypes", "fp32+onednn", "--lm", "llama"], "inference-cpu-llama-only-decode-fp32onednn"),
+     (["--only", "decode", "--tag", "x", "--cross-attn-every", "4"], "inference-cpu-xattn4-x")],
+)
+def test_results_file_names(bench, argv, stem):
+    assert bench.results_stem(bench.parse_args(argv), "cpu") == stem
