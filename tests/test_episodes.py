@@ -106,6 +106,10 @@ def test_model_card_table_and_plot(tmp_path):
             "scores": {"coco": {0: 10.0, 2: 55.5}, "vqav2": {0: 20.0, 2: 60.0}, "binding": {0: 50.0, 2: 81.0}}}
     md = markdown(card)
     assert "| captioning CIDEr | 10.0 | 55.5 |" in md and "| classification top-1 (%) | - | - |" in md
+    assert "by question type" not in md
+    card["vqa_by_question"] = {"what color is the": {"0": 12.5, "2": 80.0}, "how many": {"2": 40.0}}
+    md = markdown(card)
+    assert "| what color is the ... | 12 | 80 |" in md and "| how many ... | - | 40 |" in md
     png = plot(card, tmp_path / "shots.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
 

@@ -59,6 +59,18 @@ def test_full_run_writes_json_and_markdown_then_resumes(tiny, tmp_path, monkeypa
     unit = json.loads((out / "vqav2" / "shots2_seed42.json").read_text())
     assert len(unit["predictions"]) == unit["num_samples"] == 3
     assert all(len(p["demos"]) == 2 for p in unit["predictions"])
+    # per answer type and question type, as the official VQA evaluation reports them
+    from flamingo_vlm.eval.datasets import VQADataset
+    from flamingo_vlm.eval.metrics import vqa_accuracy
+
+    questions = {q["id"]: q for q in VQADataset.from_root(root / "data" / "vqav2", "val", dataset="vqav2")}
+    for field, key in (("answer_type", "per_answer_type"), ("question_type", "per_question_type")):
+        expected: dict[str, list[float]] = {}
+        for p in unit["predictions"]:
+            q = questions[p["id"]]
+            expected.setdefault(q[field], []).append(100 * vqa_accuracy(p["prediction"], q["answers"]))
+        assert unit["metrics"][key] == pytest.approx({t: sum(v) / len(v) for t, v in expected.items()})
+    assert results["vqav2"][1]["metrics"]["per_answer_type"] == pytest.approx(unit["metrics"]["per_answer_type"])
     cls_unit = json.loads((out / "imagenet" / "shots0_seed42.json").read_text())
     assert all(len(p["top5"]) == 5 for p in cls_unit["predictions"])
 

@@ -68,7 +68,12 @@ def run_card(model: str, out: str | Path, *, shots=(0, 1, 2, 4, 8), n_test: int 
     seconds = time.perf_counter() - t0
     table = {task: {int(r["shots"]): float(r["mean"]) for r in rows} for task, rows in harness.items()}
     table["binding"] = binding
-    card = {"model": model, "shots": list(shots), "scores": table, "labels": LABELS, "n_test": n_test,
+    vqa_types: dict[str, dict[int, float]] = {}  # which questions the model gets right
+    for r in harness.get("vqav2", []):
+        for qtype, acc in r["metrics"].get("per_question_type", {}).items():
+            vqa_types.setdefault(qtype, {})[int(r["shots"])] = acc
+    card = {"model": model, "shots": list(shots), "scores": table, "labels": LABELS, "vqa_by_question": vqa_types,
+            "n_test": n_test,
             "trials": trials, "binding_episodes": binding_episodes, "precision": precision, "num_beams": num_beams,
             "eval_seed": EVAL_SEED, "held_out_pairs": sorted(map(list, gen.held_out_pairs)), "seconds": round(seconds, 1)}
     atomic_write_json(out / "card.json", card)
@@ -87,6 +92,14 @@ def markdown(card: dict) -> str:
         row = card["scores"].get(task, {})
         lines.append(f"| {label} | " + " | ".join(f"{row[k]:.1f}" if k in row else "-" for k in
                                                    (int(s) for s in shots)) + " |")
+    by_question = card.get("vqa_by_question")
+    if by_question:
+        lines += ["", "VQA accuracy (%) by question type:", "",
+                  "| question | " + " | ".join(f"{k} shots" for k in shots) + " |", "|---|" + "---|" * len(shots)]
+        for qtype, row in sorted(by_question.items()):
+            row = {int(k): v for k, v in row.items()}  # JSON keys are strings
+            lines.append(f"| {qtype} ... | " + " | ".join(f"{row[k]:.0f}" if k in row else "-" for k in
+                                                          (int(s) for s in shots)) + " |")
     return "\n".join(lines) + "\n"
 
 

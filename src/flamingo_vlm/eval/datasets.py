@@ -222,7 +222,8 @@ class VQADataset(EvalDataset):
     """VQA-format questions/annotations JSON (VQAv2, OK-VQA, TextVQA, VizWiz).
 
     Sample: ``{"id": question_id, "image", "image_id", "question", "answers": [10 answers]}``
-    (``answers`` absent without annotations). Annotations are matched to questions by
+    (``answers`` absent without annotations), plus the annotation's ``question_type`` and
+    ``answer_type`` where it has them (VQAv2 does), for per-type accuracy. Annotations are matched to questions by
     ``question_id``, not by position (OpenFlamingo assumed the same order).
     """
 
@@ -250,10 +251,11 @@ class VQADataset(EvalDataset):
                 raise DatasetLayoutError(
                     f"{annotations_json} has no 'annotations' list; expected VQA-format annotations JSON"
                 )
-            answers = {}
+            answers, types = {}, {}
             for n, ann in enumerate(adata["annotations"]):
                 try:
                     answers[ann["question_id"]] = [a["answer"] for a in ann["answers"]]
+                    types[ann["question_id"]] = {k: ann[k] for k in ("question_type", "answer_type") if k in ann}
                 except (KeyError, TypeError) as e:
                     raise DatasetLayoutError(
                         f"{annotations_json}: annotation {n} lacks {e}; need 'question_id' and 'answers' [{{'answer'}}]"
@@ -276,6 +278,7 @@ class VQADataset(EvalDataset):
                     unanswered.append(qid)
                     continue
                 sample["answers"] = answers[qid]
+                sample.update(types[qid])
             samples.append(sample)
         if unanswered:
             raise DatasetLayoutError(

@@ -439,9 +439,20 @@ class Evaluator:
             return {"metric": "CIDEr" if "CIDEr" in m else next(k for k in m if k != "tokenizer"),
                     "score": m.get("CIDEr", next(v for k, v in m.items() if k != "tokenizer")), "metrics": m}
         if spec.kind == "vqa":
-            acc = vqa_score({r["id"]: r["prediction"] for r in records}, {r["id"]: by_id[r["id"]]["answers"] for r in records},
-                            gt_normalization=c.vqa_gt_normalization)
-            return {"metric": "accuracy", "score": acc, "metrics": {"accuracy": acc}}
+            preds = {r["id"]: r["prediction"] for r in records}
+            answers = {r["id"]: by_id[r["id"]]["answers"] for r in records}
+            acc = vqa_score(preds, answers, gt_normalization=c.vqa_gt_normalization)
+            metrics = {"accuracy": acc}
+            for field, key in (("answer_type", "per_answer_type"), ("question_type", "per_question_type")):
+                groups: dict[str, list] = {}
+                for qid in preds:
+                    if field in by_id[qid]:
+                        groups.setdefault(by_id[qid][field], []).append(qid)
+                if groups:  # as the official VQA evaluation reports them
+                    metrics[key] = {g: vqa_score({q: preds[q] for q in ids}, answers,
+                                                 gt_normalization=c.vqa_gt_normalization)
+                                    for g, ids in sorted(groups.items())}
+            return {"metric": "accuracy", "score": acc, "metrics": metrics}
         top1 = 100.0 * float(np.mean([r["top5"][0] == r["label"] for r in records]))
         if spec.name == "hateful_memes":
             labels = [int(by_id[r["id"]]["label"]) for r in records]

@@ -72,6 +72,7 @@ def summarize(units: Iterable[dict]) -> dict[str, list[dict]]:
             us = sorted(by_shot[shots], key=lambda u: u["trial"])
             scores = [float(u["score"]) for u in us]
             names = [k for k, v in us[0]["metrics"].items() if isinstance(v, (int, float))]
+            groups = [k for k, v in us[0]["metrics"].items() if isinstance(v, dict)]  # per-type breakdowns
             rows.append({
                 "shots": shots,
                 "metric": us[0]["metric"],
@@ -80,7 +81,9 @@ def summarize(units: Iterable[dict]) -> dict[str, list[dict]]:
                 "mean": float(np.mean(scores)),
                 "stddev": float(np.std(scores)),
                 "num_samples": us[0]["num_samples"],
-                "metrics": {k: float(np.mean([u["metrics"][k] for u in us])) for k in names},
+                "metrics": {k: float(np.mean([u["metrics"][k] for u in us])) for k in names} | {
+                    g: {t: float(np.mean([u["metrics"][g][t] for u in us if t in u["metrics"].get(g, {})]))
+                        for t in us[0]["metrics"][g]} for g in groups},
             })
         out[task] = rows
     return out
