@@ -1,5 +1,6 @@
 """Backbones from pip packages, the shipped model, and skipping padded image slots."""
 
+import copy
 import importlib.util
 import os
 
@@ -75,7 +76,10 @@ def test_feature_grid_color_code_follows_each_cells_colours():
     again = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32,
                                mean=(0.5,) * 3, std=(0.5,) * 3, color_encoding=True)
     torch.testing.assert_close(again(x), tokens)
-    assert "color_projection" not in coded.state_dict()
+    assert not coded.state_dict()  # nothing to save: the code is a function of the settings
+    # a bf16 copy codes colours as the fp32 model does (to bf16 precision)
+    half = copy.deepcopy(coded).to(torch.bfloat16)
+    torch.testing.assert_close(half(x.to(torch.bfloat16)).float(), tokens, atol=0.02, rtol=0.02)
     plain = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32)
     assert plain(x).abs().sum() == 0
     tokens_only = FeatureGridEncoder(lambda x: torch.zeros(x.shape[0], 4, 8), hidden_size=8, image_size=32,

@@ -616,13 +616,6 @@ class FeatureGridEncoder(VisionEncoder):
             raise ValueError(f"position_encoding needs hidden_size divisible by 4, got {self.hidden_size}")
         self.position_encoding, self.position_scale = bool(position_encoding), float(position_scale)
         self.color_encoding, self.color_scale = bool(color_encoding), float(color_scale)
-        if self.color_encoding:
-            n_in = 3 * self.COLOR_SUBCELLS**2 * 2 * len(self.COLOR_FREQS)
-            # A fixed random projection, the same on every machine (seeded CPU generator); not a
-            # parameter and not saved: it is a function of the settings alone.
-            gen = torch.Generator().manual_seed(20261123)
-            proj = torch.randn(n_in, self.hidden_size, generator=gen) / n_in**0.5
-            self.register_buffer("color_projection", proj, persistent=False)
 
     def grid_position_code(self, h: int, w: int, device=None, dtype=None) -> Tensor:
         """A fixed 2-D sine-cosine code, ``(h*w, hidden_size)``: half the channels encode the row,
@@ -649,7 +642,14 @@ class FeatureGridEncoder(VisionEncoder):
         freqs = torch.tensor(self.COLOR_FREQS, device=cells.device) * math.pi
         angles = cells[..., None] * freqs  # (N, h*w, 3k^2, n_freqs)
         feats = torch.cat([angles.sin(), angles.cos()], -1).flatten(2)
-        return (feats @ self.color_projection.to(feats.device)) * self.color_scale
+        return (feats @ self.color_projection(feats.shape[-1]).to(feats.device)) * self.color_scale
+
+    def color_projection(self, n_in: int) -> Tensor:
+        """A fixed random ``(n_in, hidden_size)`` projection, the same on every machine (a seeded CPU
+        generator) and always fp32: not a parameter or buffer, so neither saving nor ``.to(dtype)``
+        touches it (a bf16 copy would code colours differently from the fp32 model it was trained as)."""
+        gen = torch.Generator().manual_seed(20261123)
+        return torch.randn(n_in, self.hidden_size, generator=gen) / n_in**0.5
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         fn = getattr(self.module, self.method) if self.method else self.module
