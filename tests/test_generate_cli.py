@@ -95,3 +95,31 @@ def test_demo_prompts_reference_bundled_images():
         assert t.items[-1][0] == "text" and t.expected
     with pytest.raises(FileNotFoundError):
         example_image("nope.png")
+
+
+def test_demo_candidates_hold_the_expected_answer():
+    from flamingo_vlm.generate import demo_tasks
+
+    ranked = [t for t in demo_tasks() if t.candidates]
+    assert ranked and all(t.expected in t.candidates for t in ranked)
+
+
+def test_rank_candidates_agrees_with_the_models_scores(saved):
+    from flamingo_vlm.eval.evaluator import continuation_ids
+    from flamingo_vlm.generate import rank_candidates
+    from flamingo_vlm.processing import FlamingoProcessor
+
+    _, (model, ip, tok) = saved
+    images = [Image.fromarray(im) for im in random_images(2, size=32)]
+    sample = [images[0], "This is a dax.<|endofchunk|>\n", images[1], "This is a"]
+    ranked = rank_candidates(model, ip, tok, sample, ["dax", "wug", "blicket"])
+    assert sorted(c for c, _ in ranked) == ["blicket", "dax", "wug"]
+    probs = [p for _, p in ranked]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0)
+    batch = FlamingoProcessor(tok, ip)([sample])
+    direct = model.score(batch["vision_x"], batch["input_ids"],
+                         [continuation_ids(tok, "This is a", " " + c) for c in ("dax", "wug", "blicket")],
+                         batch["attention_mask"])[0]
+    assert ranked[0][0] == ("dax", "wug", "blicket")[int(direct.argmax())]
+    with pytest.raises(ValueError, match="no candidates"):
+        rank_candidates(model, ip, tok, sample, [])

@@ -54,14 +54,36 @@ class DemoTask:
     items: list  # ("image", file name) / ("text", str)
     expected: str  # what a correct model says (from the generator's ground truth)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    # answers to rank by likelihood after the prompt, as the evaluation does (e.g. the names
+    # the demonstrations bound): shown beside the free generation
+    candidates: tuple[str, ...] = ()
 
 
 def demo_tasks() -> list[DemoTask]:
     """The few-shot demo: captioning, VQA, classification and made-up-name binding, on bundled
     images the model never saw in training (evaluation seeds; the names are held out too)."""
     spec = json.loads((Path(str(resources.files("flamingo_vlm") / "examples" / "demo.json"))).read_text())
-    return [DemoTask(t["title"], [tuple(i) for i in t["items"]], t["expected"], t.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-            for t in spec["tasks"]]
+    return [DemoTask(t["title"], [tuple(i) for i in t["items"]], t["expected"], t.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+                     tuple(t.get("candidates", ()))) for t in spec["tasks"]]
+
+
+def rank_candidates(model, image_processor, tokenizer, sample, candidates) -> list[tuple[str, float]]:
+    """``candidates`` continuing the interleaved ``sample``, most likely first, each with its share
+    of the candidates' total probability (summed token log-probabilities, then a softmax)."""
+    from .eval.evaluator import continuation_ids
+    from .processing import FlamingoProcessor
+
+    if not candidates:
+        raise ValueError("no candidates to rank")
+    batch = FlamingoProcessor(tokenizer, image_processor)([sample])
+    dtype = next(model.perceiver.parameters()).dtype
+    anchor = next(x for x in reversed(sample) if isinstance(x, str))
+    ids = [continuation_ids(tokenizer, anchor, " " + c) for c in candidates]
+    with torch.inference_mode():
+        scores = model.score(batch["vision_x"].to(model.device, dtype), batch["input_ids"].to(model.device), ids,
+                             batch["attention_mask"].to(model.device))[0].float()
+    probs = scores.softmax(-1).tolist()
+    return sorted(zip(candidates, probs), key=lambda cp: -cp[1])
 
 
 def fast_bf16(device: str | None = None) -> bool:
@@ -205,18 +227,24 @@ def _run_demo(args, model, image_processor, tokenizer) -> int:
         kw["max_new_tokens"] = min(args.max_new_tokens or task.max_new_tokens, task.max_new_tokens)
         if not args.json:
             print(f"\n== {task.title}")
-            print("prompt: " + prompt.replace(EOC_TOKEN, EOC_TOKEN + "\n        "))
+            print("prompt: " + prompt.replace(EOC_TOKEN + "\n", EOC_TOKEN).replace(EOC_TOKEN, EOC_TOKEN + "\n        "))
             print("model:  ", end="", flush=True)
         start = time.perf_counter()
         stream = None if args.json or args.no_stream else (lambda s: print(s, end="", flush=True))
         texts, n = generate_text(model, image_processor, tokenizer, sample, stream=stream, **kw)
         seconds = time.perf_counter() - start
+        ranked = rank_candidates(model, image_processor, tokenizer, sample, task.candidates) if task.candidates else None
         if not args.json:
             if stream is None:
                 print(texts[0], end="")
+            if ranked:
+                print("\nranked: " + " | ".join(f"{c} {p:.0%}" for c, p in ranked), end="")
             print(f"\nexpect: {task.expected}   ({n} tokens, {seconds:.1f} s)")
-        results.append({"task": task.title, "prompt": prompt, "output": texts[0].strip(), "expected": task.expected,
-                        "tokens": n, "seconds": round(seconds, 3)})
+        result = {"task": task.title, "prompt": prompt, "output": texts[0].strip(), "expected": task.expected,
+                  "tokens": n, "seconds": round(seconds, 3)}
+        if ranked:
+            result["ranked"] = [{"answer": c, "probability": round(p, 4)} for c, p in ranked]
+        results.append(result)
     if args.json:
         print(json.dumps({"model": args.model, "results": results}, indent=2))
     return 0
