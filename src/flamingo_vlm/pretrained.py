@@ -175,6 +175,20 @@ def atomic_directory(target: str | os.PathLike, *, replace: bool = True):
         raise
 
 
+def _tokenizer_without_call_state(tokenizer):
+    """A copy of a fast tokenizer without the truncation/padding its last call left in its backend
+    (a training run's ``max_length`` would otherwise be written into ``tokenizer.json``)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or (backend.truncation is None and backend.padding is None):
+        return tokenizer
+    import copy
+
+    clean = copy.deepcopy(tokenizer)
+    clean.backend_tokenizer.no_truncation()
+    clean.backend_tokenizer.no_padding()
+    return clean
+
+
 def save_pretrained(
     model,
     save_directory: str | os.PathLike,
@@ -225,7 +239,7 @@ def save_pretrained(
                 extra["output_rows"] = head.weight.detach()[model.build_config["base_vocab_size"]:].clone()
             save_file({k: cast(v.contiguous()) for k, v in extra.items()}, str(tmp / "added_token_rows.safetensors"))
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            _tokenizer_without_call_state(tokenizer).save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
     return target
 
