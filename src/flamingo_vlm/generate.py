@@ -71,17 +71,14 @@ def rank_candidates(model, image_processor, tokenizer, sample, candidates) -> li
     """``candidates`` continuing the interleaved ``sample``, most likely first, each with its share
     of the candidates' total probability (summed token log-probabilities, then a softmax)."""
     from .eval.evaluator import continuation_ids
-    from .processing import FlamingoProcessor
 
     if not candidates:
         raise ValueError("no candidates to rank")
-    batch = FlamingoProcessor(tokenizer, image_processor)([sample])
-    dtype = next(model.perceiver.parameters()).dtype
+    vision_x, input_ids, attention_mask = _model_inputs(model, image_processor, tokenizer, sample)
     anchor = next(x for x in reversed(sample) if isinstance(x, str))
     ids = [continuation_ids(tokenizer, anchor, " " + c) for c in candidates]
     with torch.inference_mode():
-        scores = model.score(batch["vision_x"].to(model.device, dtype), batch["input_ids"].to(model.device), ids,
-                             batch["attention_mask"].to(model.device))[0].float()
+        scores = model.score(vision_x, input_ids, ids, attention_mask)[0].float()
     probs = scores.softmax(-1).tolist()
     return sorted(zip(candidates, probs), key=lambda cp: -cp[1])
 
@@ -118,22 +115,27 @@ def _read_image(path: str):
         raise SystemExit(f"generate: {path} is not a readable image ({e})") from None
 
 
+def _model_inputs(model, image_processor, tokenizer, sample):
+    """``(vision_x, input_ids, attention_mask)`` of one interleaved sample, on the model's device and
+    vision dtype (``vision_x`` is a zero image when the prompt has none)."""
+    from .processing import FlamingoProcessor
+
+    batch = FlamingoProcessor(tokenizer, image_processor)([sample])
+    dtype = next(model.perceiver.parameters()).dtype
+    device = model.device
+    return (batch["vision_x"].to(device=device, dtype=dtype), batch["input_ids"].to(device),
+            batch["attention_mask"].to(device))
+
+
 def generate_text(model, image_processor, tokenizer, sample, *, stream=None, **gen_kwargs) -> tuple[list[str], int]:
     """Generate for one interleaved ``sample`` (a :class:`~flamingo_vlm.FlamingoProcessor` sample);
     returns the decoded continuations and how many tokens were generated. ``stream``: a callable
     that receives text pieces as they are decoded (single sequence only)."""
-    from .processing import FlamingoProcessor
-
-    processor = FlamingoProcessor(tokenizer, image_processor)
-    batch = processor([sample])
-    device = model.device
-    dtype = next(model.perceiver.parameters()).dtype
-    vision_x = batch["vision_x"].to(device=device, dtype=dtype)  # a zero image when the prompt has none
+    vision_x, input_ids, attention_mask = _model_inputs(model, image_processor, tokenizer, sample)
     streamer = _Streamer(tokenizer, stream) if stream is not None else None
     with torch.inference_mode():
-        out = model.generate(vision_x, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                             streamer=streamer, **gen_kwargs)
-    new = out[:, batch["input_ids"].shape[1]:]
+        out = model.generate(vision_x, input_ids, attention_mask, streamer=streamer, **gen_kwargs)
+    new = out[:, input_ids.shape[1]:]
     texts = [tokenizer.decode(row, skip_special_tokens=True).lstrip() for row in new]
     eoc = model.eoc_token_id
     n_tokens = int(sum(int((row != eoc).sum()) for row in new))

@@ -15,6 +15,7 @@ Released OpenFlamingo repos (see :mod:`.registry`) load through their ``checkpoi
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -181,8 +182,6 @@ def _tokenizer_without_call_state(tokenizer):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or (backend.truncation is None and backend.padding is None):
         return tokenizer
-    import copy
-
     clean = copy.deepcopy(tokenizer)
     clean.backend_tokenizer.no_truncation()
     clean.backend_tokenizer.no_padding()

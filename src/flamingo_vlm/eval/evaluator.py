@@ -29,7 +29,7 @@ from . import prompts as P
 from .datasets import EvalDataset
 from .demos import RICES, FeatureExtractor, RandomDemoSelector
 from .distributed import DistContext, init_distributed, shard_indices
-from .metrics import caption_metrics, okvqa_stem, roc_auc, vqa_score
+from .metrics import caption_metrics, okvqa_stem, roc_auc, vqa_accuracy
 from .results import atomic_write_json, markdown_table, read_unit, summarize, unit_path
 from .tasks import TaskSpec, get_task, resolve_task_root
 
@@ -439,19 +439,17 @@ class Evaluator:
             return {"metric": "CIDEr" if "CIDEr" in m else next(k for k in m if k != "tokenizer"),
                     "score": m.get("CIDEr", next(v for k, v in m.items() if k != "tokenizer")), "metrics": m}
         if spec.kind == "vqa":
-            preds = {r["id"]: r["prediction"] for r in records}
-            answers = {r["id"]: by_id[r["id"]]["answers"] for r in records}
-            acc = vqa_score(preds, answers, gt_normalization=c.vqa_gt_normalization)
+            per_question = {r["id"]: vqa_accuracy(r["prediction"], by_id[r["id"]]["answers"],
+                                                  gt_normalization=c.vqa_gt_normalization) for r in records}
+            acc = 100.0 * float(np.mean(list(per_question.values())))  # as vqa_score
             metrics = {"accuracy": acc}
             for field, key in (("answer_type", "per_answer_type"), ("question_type", "per_question_type")):
-                groups: dict[str, list] = {}
-                for qid in preds:
+                groups: dict[str, list[float]] = {}
+                for qid, a in per_question.items():
                     if field in by_id[qid]:
-                        groups.setdefault(by_id[qid][field], []).append(qid)
+                        groups.setdefault(by_id[qid][field], []).append(a)
                 if groups:  # as the official VQA evaluation reports them
-                    metrics[key] = {g: vqa_score({q: preds[q] for q in ids}, answers,
-                                                 gt_normalization=c.vqa_gt_normalization)
-                                    for g, ids in sorted(groups.items())}
+                    metrics[key] = {g: 100.0 * float(np.mean(v)) for g, v in sorted(groups.items())}
             return {"metric": "accuracy", "score": acc, "metrics": metrics}
         top1 = 100.0 * float(np.mean([r["top5"][0] == r["label"] for r in records]))
         if spec.name == "hateful_memes":

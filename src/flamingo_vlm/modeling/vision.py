@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -575,6 +576,16 @@ class HFVisionEncoder(VisionEncoder):
 # --------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def _color_projection(n_in: int, hidden_size: int) -> Tensor:
+    """The colour code's fixed random ``(n_in, hidden_size)`` projection: the same on every machine (a
+    seeded CPU generator) and always fp32. Not a parameter or buffer, so neither saving nor
+    ``.to(dtype)`` touches it (a bf16 copy would code colours differently from the fp32 model it was
+    trained as). Cached, never written to: a constant of the settings."""
+    gen = torch.Generator().manual_seed(20261123)
+    return torch.randn(n_in, hidden_size, generator=gen) / n_in**0.5
+
+
 class FeatureGridEncoder(VisionEncoder):
     """Wrap a backbone (or its method ``method``, e.g. ``"extract_features"``) mapping ``(N, C, H, W)``
     to a feature grid ``(N, D, h, w)`` (flattened row-major to ``(N, h*w, D)``) or to tokens ``(N, T, D)``
@@ -642,14 +653,7 @@ class FeatureGridEncoder(VisionEncoder):
         freqs = torch.tensor(self.COLOR_FREQS, device=cells.device) * math.pi
         angles = cells[..., None] * freqs  # (N, h*w, 3k^2, n_freqs)
         feats = torch.cat([angles.sin(), angles.cos()], -1).flatten(2)
-        return (feats @ self.color_projection(feats.shape[-1]).to(feats.device)) * self.color_scale
-
-    def color_projection(self, n_in: int) -> Tensor:
-        """A fixed random ``(n_in, hidden_size)`` projection, the same on every machine (a seeded CPU
-        generator) and always fp32: not a parameter or buffer, so neither saving nor ``.to(dtype)``
-        touches it (a bf16 copy would code colours differently from the fp32 model it was trained as)."""
-        gen = torch.Generator().manual_seed(20261123)
-        return torch.randn(n_in, self.hidden_size, generator=gen) / n_in**0.5
+        return (feats @ _color_projection(feats.shape[-1], self.hidden_size).to(feats.device)) * self.color_scale
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         fn = getattr(self.module, self.method) if self.method else self.module
