@@ -88,6 +88,27 @@ def test_feature_grid_color_code_follows_each_cells_colours():
         tokens_only(x)
 
 
+def test_feature_grid_color_tokens_are_appended_after_the_grid():
+    grid = torch.randn(2, 8, 2, 2)
+    enc = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32, mean=(0.5,) * 3,
+                             std=(0.5,) * 3, position_encoding=True, color_encoding="tokens")
+    red, blue = (0.9, 0.1, 0.1), (0.1, 0.2, 0.9)
+    x = torch.stack([_two_colour_image(red, blue), _two_colour_image(blue, red)])
+    tokens = enc(x)
+    assert tokens.shape == (2, 8, 8)  # 4 feature tokens, then 4 colour tokens
+    positioned = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32, mean=(0.5,) * 3,
+                                    std=(0.5,) * 3, position_encoding=True)
+    torch.testing.assert_close(tokens[:, :4], positioned(x))  # the feature tokens carry no colour code
+    pos = enc.grid_position_code(2, 2, dtype=torch.float32)
+    torch.testing.assert_close(tokens[:, 4:] - pos, enc.grid_color_code(x, 2, 2))  # each colour token: code + where
+    colors = tokens[:, 4:] - pos
+    torch.testing.assert_close(colors[0, [0, 2]], colors[1, [1, 3]])  # red cells alike on either side
+    assert (colors[0, 0] - colors[0, 1]).abs().max() > 0.05
+    assert FeatureGridEncoder(lambda x: grid, hidden_size=8, image_size=32, color_encoding=True).color_encoding == "add"
+    with pytest.raises(ValueError, match="color_encoding must be one of"):
+        FeatureGridEncoder(lambda x: grid, hidden_size=8, image_size=32, color_encoding="concat")
+
+
 # -- packaged backbones --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():
@@ -161,17 +182,21 @@ def test_efficientnet_lite0_color_code_survives_save_and_load(tmp_path):
     from flamingo_vlm.backbones import load_efficientnet_lite0
     from flamingo_vlm.pretrained import build_vision_from_spec, vision_spec
 
-    enc = load_efficientnet_lite0(color_encoding=True)
-    spec = vision_spec(enc, embed=False)
-    assert spec["color_encoding"] is True
-    rebuilt = build_vision_from_spec(spec, tmp_path)
-    assert rebuilt.color_encoding and rebuilt.position_encoding
-    ip = enc.default_image_processor()
+    ip = load_efficientnet_lite0().default_image_processor()
     x = torch.stack([ip(im) for im in random_images(2, size=64)])
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(x), enc(x))
         plain = load_efficientnet_lite0()(x)
-    assert not torch.allclose(plain, enc(x))
+    for mode, n_tokens in ((True, 49), ("tokens", 98)):
+        enc = load_efficientnet_lite0(color_encoding=mode)
+        spec = vision_spec(enc, embed=False)
+        assert spec["color_encoding"] == mode
+        rebuilt = build_vision_from_spec(spec, tmp_path)
+        assert rebuilt.color_encoding == enc.color_encoding and rebuilt.position_encoding
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(x), enc(x))
+            assert enc(x).shape == (2, n_tokens, 1280)
+            # summed, the code changes the feature tokens; as tokens of its own it leaves them alone
+            assert torch.allclose(plain, enc(x)[:, :49]) == (mode == "tokens")
 
 
 # -- the shipped model ------------------------------------------------------------------------------

@@ -120,6 +120,24 @@ def test_episodes_command_line(tmp_path, capsys):
     assert main(["episodes", str(tmp_path / "e"), "--documents", "4", "--shots", "1,2", "--mix", "caption=1",
                  "--image-size", "32", "--samples-per-shard", "2"]) == 0
     assert len(list((tmp_path / "e").glob("interleaved-*.tar"))) == 2
-    for bad in (["--shots", "3,1"], ["--mix", "caption"]):
+    for bad in (["--shots", "3,1"], ["--mix", "caption"], ["--question-weights", "what color is the"]):
         with pytest.raises(SystemExit):
             main(["episodes", str(tmp_path / "f"), "--documents", "1", *bad])
+
+
+def test_question_weights_make_vqa_documents_ask_some_questions_more_often(tmp_path):
+    from flamingo_vlm.eval.synthetic import SceneGenerator, episode_items, write_episode_shards
+
+    gen = SceneGenerator(seed=0)
+
+    def colour_share(weights):
+        texts = [t for i in range(150) for _, t in episode_items(gen, i, "vqa", 2, question_weights=weights)]
+        return sum("What color is the" in t for t in texts) / len(texts)
+
+    plain, weighted = colour_share(None), colour_share({"what color is the": 4.0})
+    assert 0.05 < plain < 0.3 and weighted > plain + 0.15
+    assert colour_share({"what color is the": 0.0}) == 0.0
+    # documents of other kinds are the same with or without weights
+    assert episode_items(gen, 3, "caption", 2, question_weights={"what color is the": 4.0}) == episode_items(gen, 3, "caption", 2)
+    with pytest.raises(ValueError, match="question weights must be >= 0"):
+        write_episode_shards(tmp_path / "bad", n_documents=1, question_weights={"how many": -1.0})

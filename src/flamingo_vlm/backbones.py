@@ -110,12 +110,13 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return lm, _fix_tokenizer(AutoTokenizer.from_pretrained(directory))
 
 
-def load_efficientnet_lite0(*, position_encoding: bool = True, color_encoding: bool = False) -> FeatureGridEncoder:
+def load_efficientnet_lite0(*, position_encoding: bool = True, color_encoding: bool | str = False) -> FeatureGridEncoder:
     """Frozen EfficientNet-Lite0 as a 7x7 grid of 1280-d tokens (224 px input, mean=std=0.5).
 
     ``position_encoding`` adds a fixed 2-D sine-cosine code to each grid cell, because the perceiver
     is blind to token order and the synthetic tasks ask where things are. ``color_encoding`` adds a
-    fixed code of each cell's colours: the ImageNet features barely tell colours apart (on synthetic
+    fixed code of each cell's colours (``True``/``"add"``: summed into the cell's token; ``"tokens"``:
+    as tokens of their own, see :class:`FeatureGridEncoder`): the ImageNet features barely tell colours apart (on synthetic
     single-object scenes a nearest-centroid probe of the pooled features gets shape 98% right and
     colour 42%), and the synthetic tasks ask about colour."""
     try:

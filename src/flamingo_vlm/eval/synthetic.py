@@ -626,10 +626,22 @@ def binding_episode(gen: SceneGenerator, index: int, *, ways: int = 2, shots: in
     return BindingEpisode(demos, _single_object_scene(gen, rng, *cats[target]), chosen[target], chosen)
 
 
-def episode_items(gen: SceneGenerator, index: int, kind: str, shots: int, split: str = "pretrain") -> list[tuple[Scene, str]]:
+def _pick_question(rng, questions: list[dict], weights: dict[str, float] | None) -> dict:
+    """One of a scene's questions: uniformly, or with each ``question_type`` weighted (default 1)."""
+    if not weights:
+        return questions[int(rng.integers(len(questions)))]
+    w = np.asarray([weights.get(q["question_type"], 1.0) for q in questions], dtype=np.float64)
+    if w.sum() <= 0:
+        return questions[int(rng.integers(len(questions)))]
+    return questions[int(rng.choice(len(questions), p=w / w.sum()))]
+
+
+def episode_items(gen: SceneGenerator, index: int, kind: str, shots: int, split: str = "pretrain",
+                  question_weights: dict[str, float] | None = None) -> list[tuple[Scene, str]]:
     """One training document: ``shots`` (scene, text) chunks of one task, in the evaluation prompt
     formats (``Output:{caption}``, ``Question:{q} Short answer:{a}``, ``Output:{class}``,
-    ``This is a {name}.``)."""
+    ``This is a {name}.``). ``question_weights`` ({question_type: weight}, others 1) makes VQA
+    documents ask some kinds of question more often than a scene's list has them."""
     rng = np.random.default_rng([gen.seed, 7777, SPLIT_IDS[split], int(index)])
     base = int(index) * 16
     if kind == "caption":
@@ -642,8 +654,7 @@ def episode_items(gen: SceneGenerator, index: int, kind: str, shots: int, split:
         out = []
         for k in range(shots):
             scene = gen.scene(base + k, split)
-            qs = scene.questions()
-            q = qs[int(rng.integers(len(qs)))]
+            q = _pick_question(rng, scene.questions(), question_weights)
             out.append((scene, f"Question:{q['question']} Short answer:{q['answer']}"))
         return out
     if kind == "classify":
@@ -669,16 +680,20 @@ def write_episode_shards(
     generator: SceneGenerator | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    question_weights: dict[str, float] | None = None,
 ) -> list[Path]:
     """Interleaved webdataset shards of few-shot episodes (``pretrain`` split, held-out pairs and
     evaluation names excluded), ``mix`` giving each :data:`EPISODE_KINDS` kind's share. Documents
-    ``start .. start+n_documents`` of a seed are always the same, so data can be added in pieces."""
+    ``start .. start+n_documents`` of a seed are always the same, so data can be added in pieces.
+    ``question_weights``: see :func:`episode_items`."""
     from ..data.custom import write_shards
 
     mix = dict(mix or {"caption": 0.25, "vqa": 0.3, "classify": 0.15, "binding": 0.3})
     bad = set(mix) - set(EPISODE_KINDS)
     if bad:
         raise ValueError(f"unknown episode kinds {sorted(bad)}; choose from {EPISODE_KINDS}")
+    if question_weights and any(w < 0 for w in question_weights.values()):
+        raise ValueError(f"question weights must be >= 0, got {question_weights}")
     kinds, weights = list(mix), np.asarray([mix[k] for k in mix], dtype=np.float64)
     weights = weights / weights.sum()
     gen = generator or SceneGenerator(seed=seed)
@@ -699,7 +714,7 @@ def write_episode_shards(
             kind = kinds[int(rng.choice(len(kinds), p=weights))]
             k = int(rng.integers(shots[0], shots[1] + 1))
             items = []
-            for scene, text in episode_items(gen, d, kind, k):
+            for scene, text in episode_items(gen, d, kind, k, question_weights=question_weights):
                 rel = f"images/{n_img:08d}.png"
                 scene.render(image_size).save(src / rel)
                 n_img += 1
@@ -743,18 +758,22 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--shots", default="1,8", help="least,most images per document")
     e.add_argument("--mix", default="caption=0.25,vqa=0.3,classify=0.15,binding=0.3",
                    help=f"kind=share,... over {','.join(EPISODE_KINDS)}")
+    e.add_argument("--question-weights", default="",
+                   help="question_type=weight,... for VQA documents (others 1), e.g. 'what color is the=4'")
     e.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "episodes":
         try:
             lo, hi = (int(x) for x in args.shots.split(","))
             mix = {k: float(v) for k, v in (item.split("=") for item in args.mix.split(",") if item)}
+            qweights = {k.strip(): float(v) for k, v in (item.split("=") for item in args.question_weights.split(",") if item)}
         except ValueError:
-            parser.error(f"--shots wants 'least,most' and --mix 'kind=share,...', got {args.shots!r} / {args.mix!r}")
+            parser.error(f"--shots wants 'least,most', --mix 'kind=share,...' and --question-weights "
+                         f"'question_type=weight,...', got {args.shots!r} / {args.mix!r} / {args.question_weights!r}")
         if not 1 <= lo <= hi:
             parser.error(f"--shots must satisfy 1 <= least <= most, got {args.shots!r}")
         paths = write_episode_shards(args.out, seed=args.seed, n_documents=args.documents, start=args.start,
-                                     shots=(lo, hi), mix=mix,
+                                     shots=(lo, hi), mix=mix, question_weights=qweights or None,
                                      image_size=args.image_size, samples_per_shard=args.samples_per_shard,
                                      overwrite=args.overwrite, progress=True)
         print(f"episodes: {len(paths)} shard(s) in {args.out}")

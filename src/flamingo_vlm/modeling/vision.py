@@ -594,7 +594,11 @@ class FeatureGridEncoder(VisionEncoder):
     Two fixed codes (no parameters) can be added to a grid's tokens: ``position_encoding``, where the
     cell is (the perceiver is blind to token order), and ``color_encoding``, the cell's colours
     (:meth:`grid_color_code`), for backbones whose deep features are nearly colour-blind, as
-    ImageNet CNNs trained with colour augmentation are."""
+    ImageNet CNNs trained with colour augmentation are. ``color_encoding`` is ``"add"`` (``True``):
+    the code is summed into each cell's feature token, or ``"tokens"``: each cell's code becomes a
+    token of its own (with the cell's position code), appended after the grid's ``h*w`` tokens. The
+    perceiver layer-normalises every token, so a code of its own reaches it at full scale, where a
+    summed one is a small share of a feature token's variance."""
 
     #: Sub-cells per grid cell side whose mean RGB the colour code carries, and the sine/cosine
     #: frequencies (times pi) that turn each value into features a linear layer can separate.
@@ -611,7 +615,7 @@ class FeatureGridEncoder(VisionEncoder):
         method: str | None = None,
         position_encoding: bool = False,
         position_scale: float = 0.25,
-        color_encoding: bool = False,
+        color_encoding: bool | str = False,
         color_scale: float = 0.5,
     ) -> None:
         super().__init__()
@@ -626,7 +630,20 @@ class FeatureGridEncoder(VisionEncoder):
         if position_encoding and self.hidden_size % 4:
             raise ValueError(f"position_encoding needs hidden_size divisible by 4, got {self.hidden_size}")
         self.position_encoding, self.position_scale = bool(position_encoding), float(position_scale)
-        self.color_encoding, self.color_scale = bool(color_encoding), float(color_scale)
+        self.color_encoding = self._color_mode(color_encoding)
+        self.color_scale = float(color_scale)
+
+    COLOR_MODES = ("add", "tokens")
+
+    @classmethod
+    def _color_mode(cls, value: bool | str | None) -> str | None:
+        if value is True:
+            return "add"
+        if value in (False, None):
+            return None
+        if value not in cls.COLOR_MODES:
+            raise ValueError(f"color_encoding must be one of False, True, {', '.join(map(repr, cls.COLOR_MODES))}; got {value!r}")
+        return value
 
     def grid_position_code(self, h: int, w: int, device=None, dtype=None) -> Tensor:
         """A fixed 2-D sine-cosine code, ``(h*w, hidden_size)``: half the channels encode the row,
@@ -667,8 +684,13 @@ class FeatureGridEncoder(VisionEncoder):
             tokens = out.flatten(2).transpose(1, 2)
             if self.position_encoding:
                 tokens = tokens + self.grid_position_code(*out.shape[2:], device=out.device, dtype=out.dtype)
-            if self.color_encoding:
+            if self.color_encoding == "add":
                 tokens = tokens + self.grid_color_code(pixel_values, *out.shape[2:]).to(tokens.dtype)
+            elif self.color_encoding == "tokens":
+                colors = self.grid_color_code(pixel_values, *out.shape[2:]).to(tokens.dtype)
+                if self.position_encoding:
+                    colors = colors + self.grid_position_code(*out.shape[2:], device=out.device, dtype=out.dtype)
+                tokens = torch.cat([tokens, colors], dim=1)
             return tokens
         if out.dim() == 3 and out.shape[-1] == self.hidden_size:
             if self.color_encoding:
