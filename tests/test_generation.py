@@ -181,6 +181,28 @@ def test_media_masks(immediate):
     torch.testing.assert_close(run(other_second)[0, :4], base[0, :4])  # nobody sees a future image
 
 
+@pytest.mark.parametrize("immediate", [True, False])
+def test_repeated_rows_share_their_image_keys_values(immediate):
+    """Rows repeated for beams or candidates (repeat_interleave) attend over their image row's
+    keys/values without copies, with the result of attending over repeated copies."""
+    from flamingo_vlm.modeling.cross_attention import GatedCrossAttentionBlock
+
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(dim=32, dim_visual=16, dim_head=8, heads=2, only_attend_immediate_media=immediate)
+    torch.nn.init.ones_(block.attn_gate)
+    media = torch.randn(2, 2, 4, 16)  # 2 image rows
+    r = 3
+    x = torch.randn(2 * r, 5, 32)  # each image row repeated 3 times, rows adjacent
+    text_media = torch.tensor([[0, 1, 1, 2, 2], [1, 1, 2, 2, 2], [0, 0, 1, 2, 2]]).repeat(2, 1)
+    kv = block.attn.image_keys_values(media)
+    shared = block(x, kv, text_media, num_media=2)
+    copied = block(x, tuple(t.repeat_interleave(r, 0) for t in kv), text_media, num_media=2)
+    torch.testing.assert_close(shared, copied)
+    assert not torch.allclose(shared[:r], block(x[:r], block.attn.image_keys_values(media[1:]), text_media[:r], 2))
+    with pytest.raises(RuntimeError, match="cannot be matched"):
+        block(x[:5], kv, text_media[:5], num_media=2)
+
+
 def test_new_token_rows_are_the_only_trainable_embedding_rows():
     model, ip, tok = tiny_flamingo("mpt", seed=7)  # tied embeddings: the rows serve input and output
     model.train()

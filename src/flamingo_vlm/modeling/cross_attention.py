@@ -4,7 +4,9 @@ Parameter names follow OpenFlamingo v2 (``attn.norm``, ``attn.to_q``, ``attn.to_
 ``attn.to_out``, ``ff.{0,1,3}``, ``attn_gate``, ``ff_gate``).
 
 The image keys/values depend only on the images, so they are computed once per call
-(:meth:`MaskedCrossAttention.image_keys_values`) and reused at every decoding step.
+(:meth:`MaskedCrossAttention.image_keys_values`) and reused at every decoding step, and by every
+copy of a row (beams, sampled sequences, scored candidates): the copies' queries are folded into
+one longer query of their image row instead of repeating the keys/values per copy.
 
 Which image a text token may see is data, not state: ``text_media`` holds, for every text
 position, the 1-based index of the image it is conditioned on (0 = no image yet). It is the
@@ -72,12 +74,31 @@ class MaskedCrossAttention(nn.Module):
         num_media: int,
     ) -> torch.Tensor:
         k, v = keys_values
-        q = split_heads(self.to_q(self.norm(x)), self.heads)
+        q = split_heads(self.to_q(self.norm(x)), self.heads)  # (b, heads, L, dim_head)
         mask, has_media = media_attention_mask(
             text_media, num_media, k.shape[-2] // num_media, self.only_attend_immediate_media
         )
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        b, rows = q.shape[0], k.shape[0]
+        if b == rows:
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        else:
+            out = self._attend_repeated_rows(q, k.to(q.dtype), v.to(q.dtype), mask, rows)
         return self.to_out(merge_heads(out)) * has_media.to(x.dtype)
+
+    @staticmethod
+    def _attend_repeated_rows(q, k, v, mask, rows: int) -> torch.Tensor:
+        """Attention for ``b = rows * r`` query rows over ``rows`` image rows, where query row
+        ``i`` belongs to image row ``i // r`` (generate() and scoring repeat rows with
+        ``repeat_interleave``): each image row's ``r`` copies attend as one query of ``r * L``
+        tokens, so the keys/values are never copied."""
+        b, heads, length, dim_head = q.shape
+        if b % rows:
+            raise RuntimeError(f"batch of {b} rows cannot be matched to {rows} image rows")
+        r = b // rows
+        q = q.view(rows, r, heads, length, dim_head).transpose(1, 2).reshape(rows, heads, r * length, dim_head)
+        mask = mask.reshape(rows, r * length, -1).unsqueeze(1)  # (b, 1, L, S) -> (rows, 1, r*L, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.view(rows, heads, r, length, dim_head).transpose(1, 2).reshape(b, heads, length, dim_head)
 
 
 class GatedCrossAttentionBlock(nn.Module):

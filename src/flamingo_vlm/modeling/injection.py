@@ -60,14 +60,12 @@ class Conditioning:
         self.text_media = counts
         self.seen = counts[:, -1]
 
-    def keys_values(self, block: GatedCrossAttentionBlock, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image keys/values of ``block``, computed once per call and per batch expansion."""
-        key = (id(block), batch)
+    def keys_values(self, block: GatedCrossAttentionBlock) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image keys/values of ``block`` (one row per image row), computed once per call. Rows that
+        generate() or scoring repeat (beams, candidates) share them: see :class:`MaskedCrossAttention`."""
+        key = id(block)
         if key not in self._kv:
-            base = (id(block), self.media.shape[0])
-            if base not in self._kv:
-                self._kv[base] = block.attn.image_keys_values(self.media)
-            self._kv[key] = tuple(self._expand(t, batch) for t in self._kv[base])
+            self._kv[key] = block.attn.image_keys_values(self.media)
         return self._kv[key]
 
     def _expand(self, t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -131,7 +129,7 @@ class FlamingoLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         cond = self._slot.get()
         if self.gated_cross_attn_layer is not None and cond is not None:
-            kv = cond.keys_values(self.gated_cross_attn_layer, hidden_states.shape[0])
+            kv = cond.keys_values(self.gated_cross_attn_layer)
             text_media = cond.text_media
             if text_media is None or text_media.shape != hidden_states.shape[:2]:
                 raise RuntimeError(
