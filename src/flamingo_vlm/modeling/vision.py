@@ -604,6 +604,8 @@ class FeatureGridEncoder(VisionEncoder):
     #: frequencies (times pi) that turn each value into features a linear layer can separate.
     COLOR_SUBCELLS = 2
     COLOR_FREQS = (1.0, 2.0, 4.0)
+    #: Where the colour code goes: summed into each cell's token, or tokens of its own after the grid's.
+    COLOR_MODES = ("add", "tokens")
 
     def __init__(
         self,
@@ -632,8 +634,6 @@ class FeatureGridEncoder(VisionEncoder):
         self.position_encoding, self.position_scale = bool(position_encoding), float(position_scale)
         self.color_encoding = self._color_mode(color_encoding)
         self.color_scale = float(color_scale)
-
-    COLOR_MODES = ("add", "tokens")
 
     @classmethod
     def _color_mode(cls, value: bool | str | None) -> str | None:
