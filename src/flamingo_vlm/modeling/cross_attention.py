@@ -78,27 +78,25 @@ class MaskedCrossAttention(nn.Module):
         mask, has_media = media_attention_mask(
             text_media, num_media, k.shape[-2] // num_media, self.only_attend_immediate_media
         )
-        b, rows = q.shape[0], k.shape[0]
-        if b == rows:
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-        else:
-            out = self._attend_repeated_rows(q, k.to(q.dtype), v.to(q.dtype), mask, rows)
+        out = self._attend(q, k.to(q.dtype), v.to(q.dtype), mask)
         return self.to_out(merge_heads(out)) * has_media.to(x.dtype)
 
     @staticmethod
-    def _attend_repeated_rows(q, k, v, mask, rows: int) -> torch.Tensor:
+    def _attend(q, k, v, mask) -> torch.Tensor:
         """Attention for ``b = rows * r`` query rows over ``rows`` image rows, where query row
         ``i`` belongs to image row ``i // r`` (generate() and scoring repeat rows with
-        ``repeat_interleave``): each image row's ``r`` copies attend as one query of ``r * L``
-        tokens, so the keys/values are never copied."""
+        ``repeat_interleave``; ``r = 1`` otherwise): each image row's ``r`` copies attend as one
+        query of ``r * L`` tokens, so the keys/values are never copied (for ``r = 1`` the reshapes
+        are views)."""
+        rows = k.shape[0]
         b, heads, length, dim_head = q.shape
         if b % rows:
             raise RuntimeError(f"batch of {b} rows cannot be matched to {rows} image rows")
         r = b // rows
-        q = q.view(rows, r, heads, length, dim_head).transpose(1, 2).reshape(rows, heads, r * length, dim_head)
+        q = q.reshape(rows, r, heads, length, dim_head).transpose(1, 2).reshape(rows, heads, r * length, dim_head)
         mask = mask.reshape(rows, r * length, -1).unsqueeze(1)  # (b, 1, L, S) -> (rows, 1, r*L, S)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out.view(rows, heads, r, length, dim_head).transpose(1, 2).reshape(b, heads, length, dim_head)
+        return out.reshape(rows, heads, r, length, dim_head).transpose(1, 2).reshape(b, heads, length, dim_head)
 
 
 class GatedCrossAttentionBlock(nn.Module):

@@ -682,15 +682,13 @@ class FeatureGridEncoder(VisionEncoder):
             if out.shape[1] != self.hidden_size:
                 raise ValueError(f"grid {tuple(out.shape)} should be (N, {self.hidden_size}, h, w)")
             tokens = out.flatten(2).transpose(1, 2)
-            if self.position_encoding:
-                tokens = tokens + self.grid_position_code(*out.shape[2:], device=out.device, dtype=out.dtype)
-            if self.color_encoding == "add":
-                tokens = tokens + self.grid_color_code(pixel_values, *out.shape[2:]).to(tokens.dtype)
-            elif self.color_encoding == "tokens":
+            pos = self.grid_position_code(*out.shape[2:], device=out.device, dtype=out.dtype) if self.position_encoding else 0
+            tokens = tokens + pos
+            if self.color_encoding:
                 colors = self.grid_color_code(pixel_values, *out.shape[2:]).to(tokens.dtype)
-                if self.position_encoding:
-                    colors = colors + self.grid_position_code(*out.shape[2:], device=out.device, dtype=out.dtype)
-                tokens = torch.cat([tokens, colors], dim=1)
+                # "add": into the feature tokens (which carry the position code already); "tokens":
+                # tokens of their own after the grid's, each with its cell's position code
+                tokens = tokens + colors if self.color_encoding == "add" else torch.cat([tokens, colors + pos], dim=1)
             return tokens
         if out.dim() == 3 and out.shape[-1] == self.hidden_size:
             if self.color_encoding:
