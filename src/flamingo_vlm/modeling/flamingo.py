@@ -44,7 +44,7 @@ class _ObserveMedia:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("a conditioned Flamingo LM call needs input_ids (inputs_embeds cannot carry <image> positions)")
-        past = kwargs.get("past_key_values")
+        past = _cache_in(kwargs)
         continuing = past is not None and _cache_length(past) > 0
         cond.observe(input_ids, continuing)
         return None
@@ -56,6 +56,26 @@ def _contiguous_input(module, args):
     if args and args[0].dim() == 3 and not args[0].is_contiguous():
         return (args[0].contiguous(), *args[1:])
     return None
+
+
+# transformers 5.24 renamed the KV cache ``past_key_values`` -> ``cache`` (argument and output);
+# earlier 5.x releases know only ``past_key_values``. Read both, pass the LM's own name.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def _cache_in(kwargs: dict):
+    for name in _CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def _output_cache(output):
+    for name in _CACHE_NAMES:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    raise ValueError(f"{type(output).__name__} carries no KV cache (was use_cache=True passed?)")
 
 
 def _cache_length(past) -> int:
@@ -124,7 +144,9 @@ class Flamingo(nn.Module):
             **(cross_attn_kwargs or {}),
         )
         lang_encoder.register_forward_pre_hook(_ObserveMedia(self._slot), with_kwargs=True)
-        self._lm_takes_position_ids = "position_ids" in inspect.signature(lang_encoder.forward).parameters
+        lm_params = inspect.signature(lang_encoder.forward).parameters
+        self._lm_takes_position_ids = "position_ids" in lm_params
+        self._cache_kwarg = "cache" if "cache" in lm_params else "past_key_values"
 
         # Freeze the backbones; the perceiver, cross-attention and new-token rows train.
         self.vision_encoder.requires_grad_(False)
@@ -287,9 +309,17 @@ class Flamingo(nn.Module):
         media: torch.Tensor | None = None,
         **lm_kwargs,
     ):
-        """Returns the LM's output (``.loss`` when labels are given, ``.logits``, ``.past_key_values``)."""
+        """Returns the LM's output (``.loss`` when labels are given, ``.logits``, and the KV cache under
+        the LM's name for it: ``.cache`` from transformers 5.24, ``.past_key_values`` before). The cache goes
+        in as ``past_key_values=`` (OpenFlamingo's name) or ``cache=``."""
         cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
+        cache = lm_kwargs.pop("cache", None)
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            lm_kwargs[self._cache_kwarg] = cache
         if attention_mask is not None and self._lm_takes_position_ids and "position_ids" not in lm_kwargs:
             # Explicit positions keep absolute-position LMs (GPT-2, GPT-Neo) right under left padding.
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -299,7 +329,6 @@ class Flamingo(nn.Module):
                 input_ids=lang_x,
                 attention_mask=attention_mask,
                 labels=labels,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 **lm_kwargs,
             )
@@ -391,7 +420,7 @@ class Flamingo(nn.Module):
                 # Rows are (context row, candidate) pairs, context-major.
                 ids_rc = ids.repeat(rows, 1)
                 mask_rc = cand_mask.repeat(rows, 1)
-                cache = copy.deepcopy(prefix.past_key_values)
+                cache = copy.deepcopy(_output_cache(prefix))
                 cache.batch_repeat_interleave(n)
                 full_mask = torch.cat([attention_mask.repeat_interleave(n, 0), mask_rc], dim=1)
                 step_kwargs = {}
@@ -399,7 +428,7 @@ class Flamingo(nn.Module):
                     step_kwargs["position_ids"] = positions[:, -1:].repeat_interleave(n, 0) + 1 + torch.arange(longest, device=device)
                 cond.seen = context_seen
                 out = self.lang_encoder(
-                    input_ids=ids_rc, attention_mask=full_mask, past_key_values=cache, use_cache=True, **step_kwargs
+                    input_ids=ids_rc, attention_mask=full_mask, use_cache=True, **{self._cache_kwarg: cache}, **step_kwargs
                 )
                 logprobs = out.logits.float().log_softmax(-1)  # (B*n, L, V): position j predicts token j+1
                 first = first_logprobs.repeat_interleave(n, 0).gather(1, ids_rc[:, :1])
