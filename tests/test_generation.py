@@ -152,6 +152,25 @@ def test_score_matches_one_forward_per_candidate(family):
     torch.testing.assert_close(normalized, scores / lengths, atol=1e-5, rtol=0)
 
 
+def test_forward_continues_a_cache_under_either_name(llama):
+    """OpenFlamingo callers pass ``past_key_values=``; transformers 5.24 names it ``cache``. A
+    continuation under either name gives the logits of one uncached forward over the whole text,
+    also when the continued chunk holds an ``<image>`` the cached prefix did not (its image must be
+    encoded though the chunk's own ``<image>`` count is lower than its index)."""
+    model, ip, tok = llama
+    batch = make_batch(model, ip, tok)
+    vx, ids, mask = batch["vision_x"][:1], batch["input_ids"][:1], batch["attention_mask"][:1]
+    with torch.no_grad():
+        full = model(vx, ids, mask).logits
+        for name in ("past_key_values", "cache"):
+            prefix = model(vx, ids[:, :-2], mask[:, :-2], use_cache=True)
+            past = getattr(prefix, "cache", None) or prefix.past_key_values
+            rest = model(vx, ids[:, -2:], mask, use_cache=True, **{name: past}).logits
+            torch.testing.assert_close(rest, full[:, -2:], atol=1e-5, rtol=0, msg=name)
+        with pytest.raises(ValueError, match="not both"):
+            model(vx, ids, mask, past_key_values=past, cache=past)
+
+
 @pytest.mark.parametrize("immediate", [True, False])
 def test_media_masks(immediate):
     """At a cross-attention layer: which image latents each token's output depends on."""

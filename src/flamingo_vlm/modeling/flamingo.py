@@ -312,14 +312,16 @@ class Flamingo(nn.Module):
         """Returns the LM's output (``.loss`` when labels are given, ``.logits``, and the KV cache under
         the LM's name for it: ``.cache`` from transformers 5.24, ``.past_key_values`` before). The cache goes
         in as ``past_key_values=`` (OpenFlamingo's name) or ``cache=``."""
-        cond = self._conditioning(vision_x, media, lang_x)
-        self._check_rows(lang_x, cond.media)
         cache = lm_kwargs.pop("cache", None)
         if cache is not None and past_key_values is not None:
             raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
         cache = cache if cache is not None else past_key_values
         if cache is not None:
             lm_kwargs[self._cache_kwarg] = cache
+        # A chunk that continues a cache may see images its own <image> count does not cover.
+        continuing = cache is not None and _cache_length(cache) > 0
+        cond = self._conditioning(vision_x, media, None if continuing else lang_x)
+        self._check_rows(lang_x, cond.media)
         if attention_mask is not None and self._lm_takes_position_ids and "position_ids" not in lm_kwargs:
             # Explicit positions keep absolute-position LMs (GPT-2, GPT-Neo) right under left padding.
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
