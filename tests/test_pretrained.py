@@ -100,6 +100,18 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert not target.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_saved_directory_is_readable_by_others(tmp_path):
+    model, ip, tok = tiny_flamingo()
+    old = os.umask(0o022)
+    try:
+        out = model.save_pretrained(tmp_path / "m", tokenizer=tok, image_processor=ip)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o644 for p in files}
+
+
 def test_offline_hub_error_names_the_repo(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="someone/no-such-flamingo"):

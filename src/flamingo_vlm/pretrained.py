@@ -161,6 +161,7 @@ def atomic_directory(target: str | os.PathLike, *, replace: bool = True):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
+        _umask_permissions(tmp)
         if target.exists() and not replace:
             shutil.rmtree(tmp)
         elif target.exists():
@@ -174,6 +175,18 @@ def atomic_directory(target: str | os.PathLike, *, replace: bool = True):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask_permissions(root: Path) -> None:
+    """Give ``root`` and what is in it the modes a plain ``mkdir``/``open`` would have: ``mkdtemp``
+    makes the directory 0700 and safetensors writes its files 0600, so a model saved into a shared
+    folder (or shipped in a package) would be unreadable to other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (root, *root.rglob("*")):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _tokenizer_without_call_state(tokenizer):
