@@ -616,3 +616,28 @@ def test_plan_chunk_separator_goes_between_chunks_and_is_not_trained(tmp_path, p
     # the separator is context only: the trained tokens are the same with and without it
     trained = lambda b: b["input_ids"][0][b["labels"][0] != X].tolist()  # noqa: E731
     assert trained(sep) == trained(plain)
+
+
+def test_loss_after_trains_only_the_answers(tmp_path, processor):
+    sim = np.array([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]])
+    doc = mmc4_doc(["Question:What is it? Short answer:red", "Output:a blue one", "no marker here"],
+                   ["red", "blue", "green"], sim)
+    (tmp_path / "a").mkdir(); (tmp_path / "b").mkdir()
+    plain = next(iter(interleaved_ds(tmp_path / "a", processor, [doc], chunk_separator="\n")))
+    answers = next(iter(interleaved_ds(tmp_path / "b", processor, [doc], chunk_separator="\n",
+                                       loss_after=("Short answer:", "Output:"))))
+    assert torch.equal(answers["input_ids"], plain["input_ids"])
+    tok = processor.tokenizer
+    trained = lambda b: tok.decode(b["input_ids"][0][b["labels"][0] != X].tolist())  # noqa: E731
+    assert trained(plain) == ("Question:What is it? Short answer:red<|endofchunk|>Output:a blue one<|endofchunk|>"
+                              "no marker here<|endofchunk|>" + tok.eos_token)
+    # the questions and markers are prompt; answers, end-of-chunk tokens, a chunk without a marker and eos train
+    assert trained(answers) == "red<|endofchunk|>a blue one<|endofchunk|>no marker here<|endofchunk|>" + tok.eos_token
+    # answers only: a subset of the plain labels, never a padding or image position
+    assert ((answers["labels"] != X) <= (plain["labels"] != X)).all()
+
+
+def test_loss_after_needs_marker_strings():
+    with pytest.raises(ValueError, match="loss_after"):
+        DatasetSpec("interleaved", ["x.tar"], loss_after=("",))
+    assert DatasetSpec("interleaved", ["x.tar"], loss_after="Output:").loss_after == ("Output:",)

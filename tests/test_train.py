@@ -161,6 +161,12 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         TrainConfig.from_dict({"model": {"from_pretrained": "x", "lm": "y"}})
     with pytest.raises(ConfigError, match="model needs"):
         TrainConfig.from_dict({})
+    answers = {"model": {"from_pretrained": "x"}, "data": [{"urls": ["a.tar"], "loss_after": ["Short answer:"]}]}
+    assert TrainConfig.from_dict(answers).data[0].loss_after == ["Short answer:"]
+    with pytest.raises(ConfigError, match="loss_after must be list"):
+        TrainConfig.from_dict({**answers, "data": [{"urls": ["a.tar"], "loss_after": "Short answer:"}]})
+    with pytest.raises(ConfigError, match="loss_after must be a list of non-empty marker strings"):
+        TrainConfig.from_dict({"model": {"from_pretrained": "x"}, "data": [{"urls": ["a.tar"], "loss_after": [3]}]})
 
 
 def test_schedules():

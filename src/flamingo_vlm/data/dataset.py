@@ -51,8 +51,17 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .labels import make_labels
-from .preprocess import IMAGE_EXTS, SkipSample, clean_text, decode_image, encode, pair_text, plan_interleaved
+from .labels import IGNORE_INDEX, make_labels
+from .preprocess import (
+    IMAGE_EXTS,
+    SkipSample,
+    clean_text,
+    decode_image,
+    encode,
+    pair_text,
+    plan_interleaved,
+    prompt_token_mask,
+)
 from .shards import expand_urls, iter_raw_samples, shuffle_buffer
 
 __all__ = ["DatasetSpec", "ShardDataset", "build_datasets"]
@@ -82,6 +91,10 @@ class DatasetSpec:
     ``chunk_separator``: text between a chunk's ``<|endofchunk|>`` and the next ``<image>`` in
     interleaved documents (not trained on); ``""`` is OpenFlamingo's layout, ``"\n"`` matches the
     few-shot evaluation prompts of captioning and VQA.
+    ``loss_after``: markers such as ``("Short answer:", "Output:")``; in a chunk holding one, only the
+    text after the last marker (and the chunk's ``<|endofchunk|>``) is trained, the way the few-shot
+    evaluation asks: the question is prompt, the answer is the target. Chunks without a marker are
+    trained whole. Empty (the default) trains every chunk's text, as OpenFlamingo did.
     ``shuffle_buffer``: samples held (as raw bytes) for shuffling; defaults to 1000 for pairs and 100
     for interleaved documents (which carry their images); 0 or 1 disables sample shuffling.
     """
@@ -99,6 +112,7 @@ class DatasetSpec:
     hflip_prob: float = 0.0
     shuffle_buffer: int | None = None
     chunk_separator: str = ""
+    loss_after: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -118,6 +132,11 @@ class DatasetSpec:
             )
         if not 0.0 <= self.single_image_keep_prob <= 1.0 or not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError("single_image_keep_prob and hflip_prob must be in [0, 1]")
+        if isinstance(self.loss_after, str):
+            self.loss_after = (self.loss_after,)
+        self.loss_after = tuple(self.loss_after)
+        if not all(isinstance(m, str) and m for m in self.loss_after):
+            raise ValueError(f"loss_after must be non-empty strings (e.g. 'Short answer:'), got {self.loss_after!r}")
 
     @property
     def resolved_max_tokens(self) -> int:
@@ -132,6 +151,7 @@ class DatasetSpec:
 class _Sample:
     input_ids: list[int]
     images: list[torch.Tensor] = field(default_factory=list)
+    trainable: list[bool] | None = None  # per token, from DatasetSpec.loss_after
 
 
 class ShardDataset(IterableDataset):
@@ -320,6 +340,11 @@ class ShardDataset(IterableDataset):
     def _encode(self, text: str) -> list[int]:
         return encode(self.tokenizer, text, self.spec.resolved_max_tokens, self.eos_token_id)
 
+    def _trainable(self, text: str, ids: list[int]) -> list[bool] | None:
+        if not self.spec.loss_after:
+            return None
+        return prompt_token_mask(self.tokenizer, text, len(ids), self.spec.loss_after)
+
     def _pair(self, raw: dict, epoch: int, index: int) -> _Sample:
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None or "txt" not in raw:
@@ -335,7 +360,8 @@ class ShardDataset(IterableDataset):
         data = raw[ext]
         if len(data) < self.spec.min_image_bytes:
             raise SkipSample("skipped_small_image")
-        ids = self._encode(pair_text(caption))
+        text = pair_text(caption)
+        ids = self._encode(text)
         if ids.count(self.media_token_id) != 1:
             raise SkipSample("skipped_no_images", "max_tokens cut the <image> token")
         try:
@@ -344,7 +370,7 @@ class ShardDataset(IterableDataset):
             x = self._image_tensor(image, rng)
         except Exception as e:
             raise SkipSample("skipped_corrupt", str(e)) from None
-        return _Sample(ids, [x])
+        return _Sample(ids, [x], self._trainable(text, ids))
 
     def _interleaved(self, raw: dict, epoch: int, index: int) -> _Sample:
         spec = self.spec
@@ -428,7 +454,7 @@ class ShardDataset(IterableDataset):
             images = [self._image_tensor(decoded[i], rng) for i in order]
         except Exception as e:
             raise SkipSample("skipped_corrupt", str(e)) from None
-        return _Sample(ids, images)
+        return _Sample(ids, images, self._trainable(plan.text, ids))
 
     # -- batches -------------------------------------------------------------------------------
     def collate(self, samples: list[_Sample]) -> dict[str, torch.Tensor]:
@@ -459,6 +485,12 @@ class ShardDataset(IterableDataset):
             eoc_token_id=self.eoc_token_id,
             eos_token_id=self.eos_token_id,
         )
+        if any(s.trainable is not None for s in samples):
+            trainable = torch.ones((B, L), dtype=torch.bool)
+            for b, s in enumerate(samples):
+                if s.trainable is not None:
+                    trainable[b, : len(s.trainable)] = torch.tensor(s.trainable, dtype=torch.bool)
+            labels = labels.masked_fill(~trainable, IGNORE_INDEX)
         return {"vision_x": vision_x, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def __repr__(self) -> str:

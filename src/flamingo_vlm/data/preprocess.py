@@ -149,3 +149,27 @@ def encode(tokenizer, text: str, max_tokens: int | None, eos_token_id: int | Non
         if not ids or ids[-1] != eos_token_id:
             ids.append(eos_token_id)
     return ids
+
+
+def prompt_token_mask(tokenizer, text: str, n_tokens: int, markers: Sequence[str]) -> list[bool]:
+    """For ``loss_after``: which of ``text``'s first ``n_tokens`` tokens may be trained. In each chunk
+    (an ``<image>`` up to its ``<|endofchunk|>``) the text up to the end of the last of ``markers`` is
+    the prompt an evaluation would give, so it is not trained; what follows is, with the chunk's
+    ``<|endofchunk|>``. Chunks without a marker stay trainable. A token that straddles a marker's end
+    counts as prompt. Needs a fast tokenizer (character offsets)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("loss_after needs a fast tokenizer (character offsets); this one is not")
+    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"][:n_tokens]
+    prompt: list[tuple[int, int]] = []  # character spans [start, end) that are prompt
+    start = text.find(MEDIA_TOKEN)
+    while start >= 0:
+        end = text.find(EOC_TOKEN, start)
+        end = len(text) if end < 0 else end
+        chunk = text[start:end]
+        cut = max((chunk.rfind(m) + len(m) for m in markers if m in chunk), default=-1)
+        if cut >= 0:
+            prompt.append((start, start + cut))
+        start = text.find(MEDIA_TOKEN, end)
+    keep = [not any(a <= tok_start < b for a, b in prompt) or tok_start == tok_end == 0
+            for tok_start, tok_end in offsets]
+    return keep + [True] * (n_tokens - len(keep))

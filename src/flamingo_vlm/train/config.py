@@ -75,6 +75,7 @@ class DataConfig:
     similarity_threshold: float = 0.24
     min_image_bytes: int = 0
     chunk_separator: str = ""
+    loss_after: list = field(default_factory=list)  # e.g. ["Short answer:", "Output:"]: train answers only
     name: str | None = None
 
     def effective_loss_weight(self) -> float:
@@ -257,6 +258,9 @@ class TrainConfig:
                 raise ConfigError(f"data[{i}].batch_size must be >= 1")
             if d.loss_weight is not None and d.loss_weight < 0:
                 raise ConfigError(f"data[{i}].loss_weight must be >= 0")
+            if not all(isinstance(m, str) and m for m in d.loss_after):
+                raise ConfigError(f"data[{i}].loss_after must be a list of non-empty marker strings, "
+                                  f"e.g. ['Short answer:', 'Output:'], got {d.loss_after!r}")
         if self.lora.enabled:
             if self.lora.r < 1:
                 raise ConfigError("lora.r must be >= 1")

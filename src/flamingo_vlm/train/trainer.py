@@ -373,7 +373,7 @@ class Trainer:
                 kind=d.kind, urls=list(d.urls), batch_size=d.batch_size, loss_weight=d.effective_loss_weight(),
                 max_tokens=d.max_tokens, max_images=d.max_images, min_images=d.min_images,
                 similarity_threshold=d.similarity_threshold, min_image_bytes=d.min_image_bytes,
-                chunk_separator=d.chunk_separator,
+                chunk_separator=d.chunk_separator, loss_after=tuple(d.loss_after),
             )
             if limit is not None and spec.resolved_max_tokens > limit:
                 msg = (f"data[{i}] ({d.kind}) makes sequences of up to {spec.resolved_max_tokens} tokens but the LM "
