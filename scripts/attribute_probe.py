@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         bar.update(1)
     bar.close()
 
-    trace = trace_spread(model, image_processor, tokenizer, gen, colours, shapes)
+    trace = trace_spread(model, image_processor, tokenizer, gen, colours, shapes, args.image_size)
 
     print(f"\n{args.model}: top-1 accuracy (%) of the ranked answer, {args.scenes} scenes per column")
     print("| question | 1 object | 2 objects | 3 objects | 4 objects | chance |")
@@ -87,12 +87,14 @@ def main(argv=None) -> int:
 
 
 def relative_spread(x) -> float:
+    import torch
+
     x = x.flatten(1).float()
     n = len(x)
-    return float(__import__("torch").cdist(x, x).sum() / (n * (n - 1)) / x.norm(dim=1).mean())
+    return float(torch.cdist(x, x).sum() / (n * (n - 1)) / x.norm(dim=1).mean())
 
 
-def trace_spread(model, image_processor, tokenizer, gen, colours, shapes) -> dict[str, dict[str, float]]:
+def trace_spread(model, image_processor, tokenizer, gen, colours, shapes, size: int) -> dict[str, dict[str, float]]:
     import numpy as np
     import torch
 
@@ -100,7 +102,7 @@ def trace_spread(model, image_processor, tokenizer, gen, colours, shapes) -> dic
 
     def image(shape, colour):
         rng = np.random.default_rng(5)  # the same placement for every image of a set
-        return gen._scene(rng, [gen._object(rng, shape, colour, "center")]).render(224)
+        return gen._scene(rng, [gen._object(rng, shape, colour, "center")]).render(size)
 
     sets = {"colour": ([image("circle", c) for c in colours], "Question:What color is the circle? Short answer:"),
             "shape": ([image(s, "blue") for s in shapes], "Question:What shape is the blue object? Short answer:")}

@@ -170,6 +170,5 @@ def prompt_token_mask(tokenizer, text: str, n_tokens: int, markers: Sequence[str
         if cut >= 0:
             prompt.append((start, start + cut))
         start = text.find(MEDIA_TOKEN, end)
-    keep = [not any(a <= tok_start < b for a, b in prompt) or tok_start == tok_end == 0
-            for tok_start, tok_end in offsets]
+    keep = [not any(a <= tok_start < b for a, b in prompt) for tok_start, _ in offsets]
     return keep + [True] * (n_tokens - len(keep))
