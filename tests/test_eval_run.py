@@ -326,3 +326,31 @@ def test_oracle_predictions_score_perfectly(tiny, tmp_path):
     coco = {s["id"]: s for s in get_task("coco").load(root / "data" / "mscoco_karpathy", "test")}
     assert [p["prediction"] for p in unit["predictions"]] == [coco[p["id"]]["caption"] for p in unit["predictions"]]
     assert unit["metrics"]["BLEU_1"] > 90 and unit["score"] > 0
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(tiny, tmp_path):
+    """Two resumable runs writing the same units at once would each trust the other's half; the
+    second one is refused with the holder's pid, and a holder that dies releases the directory."""
+    from flamingo_vlm.eval.results import DirectoryBusy, exclusive_directory
+
+    root, _ = tiny
+    out = tmp_path / "out"
+    with exclusive_directory(out):
+        with pytest.raises(SystemExit, match=rf"in use by another run \(pid {os.getpid()}\)"):
+            _cli(root, out)
+    assert not list(out.glob("*/shots*_seed*.json")) and not (out / "results.json").exists()
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom flamingo_vlm.eval.results import exclusive_directory\n"
+         "with exclusive_directory(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DirectoryBusy, match=rf"pid {holder.pid}\b"):
+            with exclusive_directory(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_directory(out):  # the dead holder left nothing to clean up
+        pass

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .results import atomic_write_json
+from .results import DirectoryBusy, atomic_write_json, exclusive_directory
 
 TRAIN_SEED = 0
 EVAL_SEED = 1
@@ -41,13 +41,19 @@ def _eval_generator():
 def run_card(model: str, out: str | Path, *, shots=(0, 1, 2, 4, 8), n_test: int = 100, trials: int = 1,
              binding_episodes: int = 200, precision: str = "bf16", num_beams: int = 3, batch_size: int = 8,
              progress: bool = True) -> dict:
+    out = Path(out)
+    with exclusive_directory(out):  # the benchmark data and the harness units are shared by reruns
+        return _run_card(model, out, shots=shots, n_test=n_test, trials=trials, binding_episodes=binding_episodes,
+                         precision=precision, num_beams=num_beams, batch_size=batch_size, progress=progress)
+
+
+def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes, precision, num_beams, batch_size,
+              progress) -> dict:
     from ..pretrained import from_pretrained
     from .binding import evaluate_binding
     from .evaluator import PRECISIONS, EvalConfig, evaluate
     from .synthetic import write_synthetic_benchmark
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     gen = _eval_generator()
     if not (data / "synthetic.json").is_file():
@@ -120,6 +126,7 @@ def plot(card: dict, path: Path) -> Path:
     row = {int(k): v for k, v in card["scores"].get("coco", {}).items()}
     ax2.plot(list(row), list(row.values()), marker="o", color="C3")
     ax2.set(xlabel="shots", ylabel="CIDEr", title="captioning CIDEr vs shots")
+    ax2.set_ylim(bottom=0)  # a zoomed axis makes a few points of noise look like a trend
     for ax in (ax1, ax2):
         ax.set_xticks(card["shots"])
         ax.grid(alpha=0.3)
@@ -145,9 +152,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    card = run_card(a.model, a.out, shots=[int(s) for s in a.shots.split(",")], n_test=a.n_test, trials=a.trials,
-                    binding_episodes=a.binding_episodes, precision=a.precision, num_beams=a.num_beams,
-                    batch_size=a.batch_size, progress=not a.quiet)
+    try:
+        card = run_card(a.model, a.out, shots=[int(s) for s in a.shots.split(",")], n_test=a.n_test, trials=a.trials,
+                        binding_episodes=a.binding_episodes, precision=a.precision, num_beams=a.num_beams,
+                        batch_size=a.batch_size, progress=not a.quiet)
+    except DirectoryBusy as e:
+        raise SystemExit(str(e)) from None
     print(markdown(card))
     print(f"wrote {Path(a.out) / 'card.json'}, card.md, shots.png ({card['seconds']:.0f} s)")
     return 0

@@ -78,7 +78,12 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         model_name=args.model,
     )
-    result = evaluate(args.model, config, device=args.device)
+    from .results import DirectoryBusy
+
+    try:
+        result = evaluate(args.model, config, device=args.device)
+    except DirectoryBusy as e:
+        raise SystemExit(str(e)) from None
     if not args.quiet:
         import os
 
