@@ -352,6 +352,27 @@ def test_chunked_loss_falls_back_when_logits_are_transformed_after_the_head(mode
         t.close()
 
 
+def test_a_second_trainer_on_the_same_output_dir_is_refused(model_dir, media_id, tmp_path):
+    """A second run resuming a directory that a live run writes would interleave their checkpoints
+    and metrics: it is refused before it writes anything, and allowed once the first has finished."""
+    from flamingo_vlm.locking import DirectoryBusy
+
+    first = Trainer(make_config(model_dir, tmp_path, max_steps=1), **fake_mixture(media_id))
+    try:
+        config_text = (tmp_path / "config.yaml").read_text()
+        with pytest.raises(DirectoryBusy, match=rf"pid {os.getpid()}\b"):
+            Trainer(make_config(model_dir, tmp_path, max_steps=3, resume="auto"), **fake_mixture(media_id))
+        assert (tmp_path / "config.yaml").read_text() == config_text
+        first.fit()
+    finally:
+        first.close()
+    second = Trainer(make_config(model_dir, tmp_path, max_steps=2, resume="auto"), **fake_mixture(media_id))
+    try:
+        assert second.fit().step == 2
+    finally:
+        second.close()
+
+
 def test_lora_adds_trainable_adapters_trains_and_exports(model_dir, media_id, tmp_path):
     cfg = make_config(model_dir, tmp_path / "run", max_steps=2, export=True,
                       lora={"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]})

@@ -97,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..locking import DirectoryBusy
     from .trainer import DataError
 
     try:
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         from .trainer import train
 
         result = train(config)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, DirectoryBusy) as e:
         print(f"flamingo-vlm train: error: {e}", file=sys.stderr)
         return 2
     if result.export_dir is not None:

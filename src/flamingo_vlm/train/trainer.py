@@ -46,12 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..locking import DirectoryBusy, exclusive_directory
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, TrainConfig
 from .distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     setup,
     teardown,
     unwrap,
@@ -246,11 +248,26 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._given_model = model is not None
+        self._hold = contextlib.ExitStack()  # the output directory's lock, released by close()
         try:
+            self._hold_output_dir()
             self._setup(model, datasets, dataset_names, loss_weights)
         except BaseException:
-            teardown(self.info)
+            self.close()
             raise
+
+    def _hold_output_dir(self) -> None:
+        """A second run resuming the same output_dir would interleave checkpoints and metrics with
+        this one: refuse it before anything is read or written (rank 0 holds the lock for the job)."""
+        busy = None
+        if self.info.is_main:
+            try:
+                self._hold.enter_context(exclusive_directory(self.output_dir))
+            except DirectoryBusy as e:
+                busy = str(e)
+        busy = broadcast_object(busy, self.info)
+        if busy:
+            raise DirectoryBusy(busy)
 
     # -- setup ---------------------------------------------------------------------------------
     def _setup(self, model, datasets, dataset_names, loss_weights) -> None:
@@ -557,9 +574,11 @@ class Trainer:
                 plot_loss(self.output_dir / METRICS_CSV, self.output_dir / LOSS_PNG, self.dataset_names)
         finally:
             self.sinks.close()
+            self._hold.close()  # the run is over: another may resume this directory
         return TrainResult(self.step, self.history, self.output_dir, export_dir, last_ckpt)
 
     def close(self) -> None:
+        self._hold.close()
         teardown(self.info)
 
     # -- checkpoints and export ------------------------------------------------------------------
