@@ -17,8 +17,9 @@ class DirectoryBusy(RuntimeError):
 @contextlib.contextmanager
 def exclusive_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Hold ``<path>/.lock`` for the duration, so two resumable runs (an evaluation, a training run)
-    cannot write the same files at once. The lock is an OS file lock (``flock``), released when the holder exits or dies, so a
-    crashed run leaves nothing to clean up. Raises :class:`DirectoryBusy` naming the holder's pid."""
+    cannot write the same files at once. The lock is an OS file lock (``flock``), released when the
+    holder exits or dies, so a crashed run leaves nothing to clean up. Raises :class:`DirectoryBusy`
+    naming the holder's pid."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     try:
