@@ -331,7 +331,7 @@ def test_oracle_predictions_score_perfectly(tiny, tmp_path):
 def test_a_second_run_on_the_same_out_dir_is_refused(tiny, tmp_path):
     """Two resumable runs writing the same units at once would each trust the other's half; the
     second one is refused with the holder's pid, and a holder that dies releases the directory."""
-    from flamingo_vlm.eval.results import DirectoryBusy, exclusive_directory
+    from flamingo_vlm.locking import DirectoryBusy, exclusive_directory
 
     root, _ = tiny
     out = tmp_path / "out"
@@ -341,7 +341,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused(tiny, tmp_path):
     assert not list(out.glob("*/shots*_seed*.json")) and not (out / "results.json").exists()
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom flamingo_vlm.eval.results import exclusive_directory\n"
+        [sys.executable, "-c", "import sys, time\nfrom flamingo_vlm.locking import exclusive_directory\n"
          "with exclusive_directory(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
         stdout=subprocess.PIPE, text=True)
     try:

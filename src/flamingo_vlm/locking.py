@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["DirectoryBusy", "exclusive_directory"]
+__all__ = ["DirectoryBusy", "exclusive_directory", "hold_for_job"]
 
 
 class DirectoryBusy(RuntimeError):
@@ -40,3 +40,19 @@ def exclusive_directory(path: str | os.PathLike) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def hold_for_job(stack: contextlib.ExitStack, path: str | os.PathLike, *, is_main: bool,
+                 broadcast: Callable[[object], object]) -> None:
+    """Enter :func:`exclusive_directory` on ``stack`` for a job of one or more ranks: rank 0 holds
+    the lock and every rank raises :class:`DirectoryBusy` alike (``broadcast`` sends rank 0's value
+    to all), so no rank is left waiting in a collective."""
+    busy = None
+    if is_main:
+        try:
+            stack.enter_context(exclusive_directory(path))
+        except DirectoryBusy as e:
+            busy = str(e)
+    busy = broadcast(busy)
+    if busy:
+        raise DirectoryBusy(busy)

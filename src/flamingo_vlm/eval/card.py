@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .results import DirectoryBusy, atomic_write_json, exclusive_directory
+from ..locking import DirectoryBusy, exclusive_directory
+from .results import atomic_write_json
 
 TRAIN_SEED = 0
 EVAL_SEED = 1

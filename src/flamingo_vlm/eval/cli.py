@@ -78,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         model_name=args.model,
     )
-    from .results import DirectoryBusy
+    from ..locking import DirectoryBusy
 
     try:
         result = evaluate(args.model, config, device=args.device)

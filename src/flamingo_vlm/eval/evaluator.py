@@ -30,8 +30,8 @@ from .datasets import EvalDataset
 from .demos import RICES, FeatureExtractor, RandomDemoSelector
 from .distributed import DistContext, init_distributed, shard_indices
 from .metrics import caption_metrics, okvqa_stem, roc_auc, vqa_accuracy
-from .results import (DirectoryBusy, atomic_write_json, exclusive_directory, markdown_table, read_unit, summarize,
-                      unit_path)
+from ..locking import hold_for_job
+from .results import atomic_write_json, markdown_table, read_unit, summarize, unit_path
 from .tasks import TaskSpec, get_task, resolve_task_root
 
 __all__ = ["EvalConfig", "Evaluator", "continuation_ids", "evaluate", "score_classes"]
@@ -221,17 +221,8 @@ class Evaluator:
     def run(self) -> dict:
         """Evaluate every task x shots x trial not already finished; returns the summary (rank 0 writes
         ``results.json`` and ``results.md``)."""
-        c = self.config
         with contextlib.ExitStack() as stack:
-            busy = None
-            if self.ctx.is_main:  # one job may have many ranks; only rank 0 holds the directory
-                try:
-                    stack.enter_context(exclusive_directory(self.out_dir))
-                except DirectoryBusy as e:
-                    busy = str(e)
-            busy = self.ctx.broadcast(busy)
-            if busy:
-                raise DirectoryBusy(busy)
+            hold_for_job(stack, self.out_dir, is_main=self.ctx.is_main, broadcast=self.ctx.broadcast)
             return self._run_locked()
 
     def _run_locked(self) -> dict:

@@ -22,9 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..locking import DirectoryBusy, exclusive_directory
-
-__all__ = ["DirectoryBusy", "atomic_write_json", "exclusive_directory", "markdown_table", "summarize", "unit_path"]
+__all__ = ["atomic_write_json", "markdown_table", "summarize", "unit_path"]
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..locking import DirectoryBusy, exclusive_directory
+from ..locking import hold_for_job
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, TrainConfig
 from .distributed import (
@@ -259,15 +259,8 @@ class Trainer:
     def _hold_output_dir(self) -> None:
         """A second run resuming the same output_dir would interleave checkpoints and metrics with
         this one: refuse it before anything is read or written (rank 0 holds the lock for the job)."""
-        busy = None
-        if self.info.is_main:
-            try:
-                self._hold.enter_context(exclusive_directory(self.output_dir))
-            except DirectoryBusy as e:
-                busy = str(e)
-        busy = broadcast_object(busy, self.info)
-        if busy:
-            raise DirectoryBusy(busy)
+        hold_for_job(self._hold, self.output_dir, is_main=self.info.is_main,
+                     broadcast=lambda obj: broadcast_object(obj, self.info))
 
     # -- setup ---------------------------------------------------------------------------------
     def _setup(self, model, datasets, dataset_names, loss_weights) -> None:
