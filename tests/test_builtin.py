@@ -105,6 +105,14 @@ def test_feature_grid_color_tokens_are_appended_after_the_grid():
     torch.testing.assert_close(colors[0, [0, 2]], colors[1, [1, 3]])  # red cells alike on either side
     assert (colors[0, 0] - colors[0, 1]).abs().max() > 0.05
     assert FeatureGridEncoder(lambda x: grid, hidden_size=8, image_size=32, color_encoding=True).color_encoding == "add"
+    # "both": the feature tokens carry their cell's colour code (as in "add") and the colour tokens follow
+    both = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32, mean=(0.5,) * 3,
+                              std=(0.5,) * 3, position_encoding=True, color_encoding="both")(x)
+    summed = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32, mean=(0.5,) * 3,
+                                std=(0.5,) * 3, position_encoding=True, color_encoding="add")(x)
+    assert both.shape == tokens.shape
+    torch.testing.assert_close(both[:, :4], summed)
+    torch.testing.assert_close(both[:, 4:], tokens[:, 4:])
     with pytest.raises(ValueError, match="color_encoding must be one of"):
         FeatureGridEncoder(lambda x: grid, hidden_size=8, image_size=32, color_encoding="concat")
 
@@ -186,7 +194,7 @@ def test_efficientnet_lite0_color_code_survives_save_and_load(tmp_path):
     x = torch.stack([ip(im) for im in random_images(2, size=64)])
     with torch.no_grad():
         plain = load_efficientnet_lite0()(x)
-    for mode, n_tokens in ((True, 49), ("tokens", 98)):
+    for mode, n_tokens in ((True, 49), ("tokens", 98), ("both", 98)):
         enc = load_efficientnet_lite0(color_encoding=mode)
         spec = vision_spec(enc, embed=False)
         assert spec["color_encoding"] == mode

