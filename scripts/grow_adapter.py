@@ -6,9 +6,9 @@ every trained weight, so that training can continue from it instead of starting 
         --num-latents 64 --color-encoding both
 
 ``--num-latents`` (a multiple of the current count) repeats each trained latent and nudges the
-copies apart with a little noise: the cross-attention layers average over latents, so exact
-copies would leave the model's outputs as they were and get the same gradients forever; the
-noise lets them specialise. ``--color-encoding`` only changes the vision encoder's fixed codes
+copies apart with a little noise: the LM's cross-attention averages over latents, so exact copies
+leave its output as it was (the perceiver's own attention, whose keys include the latents, shifts a
+little) but get the same gradients forever; the noise lets them specialise. ``--color-encoding`` only changes the vision encoder's fixed codes
 (they have no weights), see ``FeatureGridEncoder``.
 """
 

@@ -90,15 +90,17 @@ def test_feature_grid_color_code_follows_each_cells_colours():
 
 def test_feature_grid_color_tokens_are_appended_after_the_grid():
     grid = torch.randn(2, 8, 2, 2)
-    enc = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32, mean=(0.5,) * 3,
-                             std=(0.5,) * 3, position_encoding=True, color_encoding="tokens")
+
+    def encoder(color_encoding):
+        return FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32, mean=(0.5,) * 3,
+                                  std=(0.5,) * 3, position_encoding=True, color_encoding=color_encoding)
+
+    enc = encoder("tokens")
     red, blue = (0.9, 0.1, 0.1), (0.1, 0.2, 0.9)
     x = torch.stack([_two_colour_image(red, blue), _two_colour_image(blue, red)])
     tokens = enc(x)
     assert tokens.shape == (2, 8, 8)  # 4 feature tokens, then 4 colour tokens
-    positioned = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32, mean=(0.5,) * 3,
-                                    std=(0.5,) * 3, position_encoding=True)
-    torch.testing.assert_close(tokens[:, :4], positioned(x))  # the feature tokens carry no colour code
+    torch.testing.assert_close(tokens[:, :4], encoder(False)(x))  # the feature tokens carry no colour code
     pos = enc.grid_position_code(2, 2, dtype=torch.float32)
     torch.testing.assert_close(tokens[:, 4:] - pos, enc.grid_color_code(x, 2, 2))  # each colour token: code + where
     colors = tokens[:, 4:] - pos
@@ -106,12 +108,9 @@ def test_feature_grid_color_tokens_are_appended_after_the_grid():
     assert (colors[0, 0] - colors[0, 1]).abs().max() > 0.05
     assert FeatureGridEncoder(lambda x: grid, hidden_size=8, image_size=32, color_encoding=True).color_encoding == "add"
     # "both": the feature tokens carry their cell's colour code (as in "add") and the colour tokens follow
-    both = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32, mean=(0.5,) * 3,
-                              std=(0.5,) * 3, position_encoding=True, color_encoding="both")(x)
-    summed = FeatureGridEncoder(lambda x: grid[: x.shape[0]], hidden_size=8, image_size=32, mean=(0.5,) * 3,
-                                std=(0.5,) * 3, position_encoding=True, color_encoding="add")(x)
+    both = encoder("both")(x)
     assert both.shape == tokens.shape
-    torch.testing.assert_close(both[:, :4], summed)
+    torch.testing.assert_close(both[:, :4], encoder("add")(x))
     torch.testing.assert_close(both[:, 4:], tokens[:, 4:])
     with pytest.raises(ValueError, match="color_encoding must be one of"):
         FeatureGridEncoder(lambda x: grid, hidden_size=8, image_size=32, color_encoding="concat")
