@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Copy a saved flamingo-vlm model with a wider perceiver and/or another colour encoding, keeping
+"""Copy a saved flamingo-vlm model with a wider perceiver, another colour encoding and/or the
+perceiver's input tokens passed through to the cross-attention, keeping
 every trained weight, so that training can continue from it instead of starting over.
 
     python scripts/grow_adapter.py src/flamingo_vlm/models/smol-synthetic runs/stage10-init \\
@@ -9,7 +10,9 @@ every trained weight, so that training can continue from it instead of starting 
 copies apart with a little noise: the LM's cross-attention averages over latents, so exact copies
 leave its output as it was (the perceiver's own attention, whose keys include the latents, shifts a
 little) but get the same gradients forever; the noise lets them specialise. ``--color-encoding`` only changes the vision encoder's fixed codes
-(they have no weights), see ``FeatureGridEncoder``.
+(they have no weights), see ``FeatureGridEncoder``. ``--media-passthrough`` makes the perceiver
+output its (normed) input tokens after the latents (``PerceiverResampler(media_passthrough=True)``);
+the new LayerNorm starts as the identity norm (weight 1, bias 0).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from flamingo_vlm.modeling.vision import FeatureGridEncoder
 from flamingo_vlm.pretrained import WEIGHTS_NAME, atomic_directory
 
 LATENTS = "perceiver.latents"
+PASSTHROUGH_NORM = "perceiver.passthrough_norm"
 
 
 def grow_latents(latents: torch.Tensor, num_latents: int, noise: float, seed: int) -> torch.Tensor:
@@ -47,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("target", type=Path, help="where to write the grown copy (must not exist)")
     p.add_argument("--num-latents", type=int, help="new perceiver latent count (a multiple of the current)")
     p.add_argument("--color-encoding", choices=FeatureGridEncoder.COLOR_MODES, help="new colour code mode")
+    p.add_argument("--media-passthrough", action="store_true",
+                   help="also pass the perceiver's input tokens (normed) to the cross-attention")
     p.add_argument("--noise", type=float, default=0.05, help="copies' jitter, relative to the latents' RMS")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -64,6 +70,11 @@ def main(argv=None) -> int:
         if config.get("vision_encoder", {}).get("type") != "reference":
             p.error("--color-encoding needs a built-in feature-grid vision encoder")
         config["vision_encoder"]["color_encoding"] = a.color_encoding
+    if a.media_passthrough and not config["perceiver_kwargs"].get("media_passthrough"):
+        width = weights[LATENTS].shape[1]
+        weights[f"{PASSTHROUGH_NORM}.weight"] = torch.ones(width, dtype=weights[LATENTS].dtype)
+        weights[f"{PASSTHROUGH_NORM}.bias"] = torch.zeros(width, dtype=weights[LATENTS].dtype)
+        config["perceiver_kwargs"]["media_passthrough"] = True
     with atomic_directory(a.target) as staging:
         for item in a.source.iterdir():  # tokenizer, added token rows, embedded backbones
             if item.is_dir():
@@ -73,7 +84,8 @@ def main(argv=None) -> int:
         save_file(weights, staging / WEIGHTS_NAME, metadata={"format": "flamingo-vlm"})
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     print(f"{a.source} -> {a.target}: {weights[LATENTS].shape[0]} latents, "
-          f"colour code {config.get('vision_encoder', {}).get('color_encoding')!r}")
+          f"colour code {config.get('vision_encoder', {}).get('color_encoding')!r}, "
+          f"input tokens passed through: {bool(config['perceiver_kwargs'].get('media_passthrough'))}")
     return 0
 
 

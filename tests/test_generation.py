@@ -295,3 +295,36 @@ def test_gradient_checkpointing_recomputes_and_matches():
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_media_passthrough_appends_the_normed_input_tokens_after_the_latents(tmp_path):
+    from flamingo_vlm import create_model_and_transforms, load_pretrained
+    from tiny import tiny_lm, tiny_tokenizer, tiny_vision
+
+    plain, ip, tok = tiny_flamingo("llama", seed=3)
+    torch.manual_seed(3)
+    model, _, _ = create_model_and_transforms(tiny_vision(), None, tiny_lm(vocab_size=len(tok)), tok,
+                                              perceiver_kwargs={"media_passthrough": True})
+    extra = {k: v for k, v in model.state_dict().items() if k not in plain.state_dict()}
+    assert set(extra) == {"perceiver.passthrough_norm.weight", "perceiver.passthrough_norm.bias"}
+    model.load_state_dict({**plain.state_dict(), **extra})
+    with torch.no_grad():
+        model.perceiver.passthrough_norm.weight.normal_()
+    model.eval()
+    batch = FlamingoProcessor(tok, ip)([("<image>a red car.<|endofchunk|><image>a", random_images(2))])
+    with torch.no_grad():
+        tokens = model.vision_encoder(batch["vision_x"].flatten(0, 2)).view(1, 2, 1, -1, model.vis_dim)
+        media = model.encode_vision_x(batch["vision_x"])
+        n = plain.perceiver.latents.shape[0]
+        assert media.shape == (1, 2, n + tokens.shape[3], model.vis_dim)
+        torch.testing.assert_close(media[:, :, :n], plain.encode_vision_x(batch["vision_x"]))
+        torch.testing.assert_close(media[:, :, n:], model.perceiver.passthrough_norm(tokens[:, :, 0]))
+        logits = model(batch["vision_x"], batch["input_ids"]).logits
+        # The passed-through tokens reach the LM: the same latents alone give other logits.
+        alone = model(None, batch["input_ids"], media=media[:, :, :n]).logits
+        assert (logits - alone).abs().max() > 1e-4
+    model.save_pretrained(tmp_path / "m", tokenizer=tok, image_processor=ip)
+    loaded, _, _ = load_pretrained(tmp_path / "m")
+    assert loaded.perceiver.passthrough_norm is not None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch["vision_x"], batch["input_ids"]).logits, logits)

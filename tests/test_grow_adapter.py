@@ -71,6 +71,27 @@ def test_exact_copies_give_identical_latent_outputs(grow, saved, tmp_path):
     torch.testing.assert_close(latents[..., ::2, :], latents[..., 1::2, :])
 
 
+
+def test_media_passthrough_adds_an_identity_norm_and_keeps_the_latents(grow, saved, tmp_path):
+    source, model = saved
+    assert grow.main([str(source), str(tmp_path / "g"), "--media-passthrough"]) == 0
+    before, after = load_file(source / "model.safetensors"), load_file(tmp_path / "g" / "model.safetensors")
+    added = set(after) - set(before)
+    assert added == {f"{grow.PASSTHROUGH_NORM}.weight", f"{grow.PASSTHROUGH_NORM}.bias"}
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["perceiver_kwargs"]["media_passthrough"] is True
+
+    loaded, ip, _ = load_pretrained(tmp_path / "g")
+    x = torch.stack([ip(im) for im in random_images(1)])[:, None, None]  # (b, T, F, C, H, W)
+    with torch.no_grad():
+        tokens = loaded.vision_encoder(x.flatten(0, 2))
+        media, latents = loaded.encode_vision_x(x), model.encode_vision_x(x)
+    n = latents.shape[2]
+    assert media.shape[2] == n + tokens.shape[1]
+    torch.testing.assert_close(media[:, :, :n], latents)
+    torch.testing.assert_close(media[0, 0, n:], torch.nn.functional.layer_norm(tokens[0], tokens.shape[-1:]))
+
 def test_bad_requests_say_what_to_do_and_write_nothing(grow, saved, tmp_path, capsys):
     source, model = saved
     n = model.perceiver.latents.shape[0]

@@ -69,6 +69,7 @@ class PerceiverResampler(nn.Module):
         max_num_media: int | None = None,
         max_num_frames: int | None = None,
         ff_mult: int = 4,
+        media_passthrough: bool = False,
     ):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
@@ -84,9 +85,14 @@ class PerceiverResampler(nn.Module):
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
+        # Not in OpenFlamingo. With depth 1 every latent's query is the same for every image, so a
+        # latent that pools several objects mixes their attributes; passing the (normed) input
+        # tokens through as well lets the LM's cross-attention read one cell's features directly.
+        self.passthrough_norm = nn.LayerNorm(dim) if media_passthrough else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (b, T, F, v, D) vision tokens per image and frame. Returns (b, T, num_latents, D)."""
+        """x: (b, T, F, v, D) vision tokens per image and frame. Returns (b, T, num_latents, D), or
+        with ``media_passthrough`` (b, T, num_latents + F*v, D): the latents, then the input tokens."""
         b, T, n_frames, v, dim = x.shape
         if self.frame_embs is not None:
             if n_frames > self.frame_embs.shape[0]:
@@ -107,4 +113,6 @@ class PerceiverResampler(nn.Module):
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
-        return self.norm(latents)
+        if self.passthrough_norm is None:
+            return self.norm(latents)
+        return torch.cat((self.norm(latents), self.passthrough_norm(x)), dim=-2)
