@@ -251,7 +251,8 @@ class Flamingo(nn.Module):
 
     # -- images ------------------------------------------------------------------------------
     def encode_vision_x(self, vision_x: torch.Tensor, num_media: torch.Tensor | None = None) -> torch.Tensor:
-        """vision_x (B, T_img, F, C, H, W) -> perceiver latents (B, T_img, n_latents, D).
+        """vision_x (B, T_img, F, C, H, W) -> perceiver latents (B, T_img, n_latents, D); with
+        ``perceiver_kwargs={"media_passthrough": True}`` the vision tokens follow the latents.
 
         ``num_media`` (B,): how many images each row's text uses (its ``<image>`` count). Slots past
         it are batch padding that no token attends to, so the vision encoder skips them (their
