@@ -58,15 +58,18 @@ def main(argv=None) -> int:
     bias = torch.zeros(len(SHAPES), requires_grad=True)
     opt = torch.optim.LBFGS([weight, bias], max_iter=300)
 
+    def logits(x):
+        return ((x - mean) / std) @ weight + bias
+
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(((x_train - mean) / std) @ weight + bias, y_train) + 1e-3 * weight.pow(2).sum()
+        loss = F.cross_entropy(logits(x_train), y_train) + 1e-3 * weight.pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
     with torch.no_grad():
-        hit = (((x_test - mean) / std) @ weight + bias).argmax(1) == y_test
+        hit = logits(x_test).argmax(1) == y_test
     print(f"\n{args.model}: shape from the token of the object's own cell, linear probe "
           f"({args.train_scenes} train / {args.test_scenes} test scenes); chance {100 / len(SHAPES):.0f}%")
     print("| objects in the scene | 1 | 2 | 3 | 4 |")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Copy a saved flamingo-vlm model with a wider perceiver, another colour encoding and/or the
-perceiver's input tokens passed through to the cross-attention, keeping
-every trained weight, so that training can continue from it instead of starting over.
+perceiver's input tokens passed through to the cross-attention, keeping every trained weight, so
+that training can continue from it instead of starting over.
 
     python scripts/grow_adapter.py src/flamingo_vlm/models/smol-synthetic runs/stage10-init \\
         --num-latents 64 --color-encoding both
@@ -9,10 +9,10 @@ every trained weight, so that training can continue from it instead of starting 
 ``--num-latents`` (a multiple of the current count) repeats each trained latent and nudges the
 copies apart with a little noise: the LM's cross-attention averages over latents, so exact copies
 leave its output as it was (the perceiver's own attention, whose keys include the latents, shifts a
-little) but get the same gradients forever; the noise lets them specialise. ``--color-encoding`` only changes the vision encoder's fixed codes
-(they have no weights), see ``FeatureGridEncoder``. ``--media-passthrough`` makes the perceiver
-output its (normed) input tokens after the latents (``PerceiverResampler(media_passthrough=True)``);
-the new LayerNorm starts as the identity norm (weight 1, bias 0).
+little) but get the same gradients forever; the noise lets them specialise. ``--color-encoding``
+only changes the vision encoder's fixed codes (they have no weights), see ``FeatureGridEncoder``.
+``--media-passthrough`` makes the perceiver output its (normed) input tokens after the latents
+(``PerceiverResampler(media_passthrough=True)``); the new LayerNorm starts as a fresh one does.
 """
 
 from __future__ import annotations
@@ -71,9 +71,8 @@ def main(argv=None) -> int:
             p.error("--color-encoding needs a built-in feature-grid vision encoder")
         config["vision_encoder"]["color_encoding"] = a.color_encoding
     if a.media_passthrough and not config["perceiver_kwargs"].get("media_passthrough"):
-        width = weights[LATENTS].shape[1]
-        weights[f"{PASSTHROUGH_NORM}.weight"] = torch.ones(width, dtype=weights[LATENTS].dtype)
-        weights[f"{PASSTHROUGH_NORM}.bias"] = torch.zeros(width, dtype=weights[LATENTS].dtype)
+        fresh = torch.nn.LayerNorm(weights[LATENTS].shape[1]).state_dict()
+        weights.update({f"{PASSTHROUGH_NORM}.{k}": v.to(weights[LATENTS].dtype) for k, v in fresh.items()})
         config["perceiver_kwargs"]["media_passthrough"] = True
     with atomic_directory(a.target) as staging:
         for item in a.source.iterdir():  # tokenizer, added token rows, embedded backbones
