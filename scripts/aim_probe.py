@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     model, image_processor, tokenizer = from_pretrained(args.model, dtype=torch.bfloat16)
     model.eval()
-    if not model.perceiver.passthrough_norm:
+    if model.perceiver.passthrough_norm is None:
         raise SystemExit(f"{args.model}: its perceiver does not pass its input tokens through "
                          "(media_passthrough); grow it with scripts/grow_adapter.py --media-passthrough")
     blocks = [m for m in model.modules() if isinstance(m, MaskedCrossAttention)]
