@@ -9,8 +9,12 @@ It does this at two text positions: the answer position (after "Short answer:") 
 word itself. A model that aims has heads whose named-object mass is well above the other's in
 nearly every scene; a model that pools the objects ("bag of attributes") has them about equal.
 
-Needs a model whose perceiver passes its input cells through (``media_passthrough``, 49 feature
-and 49 colour tokens after the latents, as ``scripts/grow_adapter.py --media-passthrough`` makes).
+The attention masses need a model whose perceiver passes its input cells through
+(``media_passthrough``, 49 feature and 49 colour tokens after the latents, as
+``scripts/grow_adapter.py --media-passthrough`` makes). Then, for any model, how much the
+cross-attention's queries at the shape word depend on the word: for one two-object picture and the
+6 shape names, the relative spread (mean pairwise distance over mean norm) of the block's normed
+input and of its query. A query that has stopped depending on the word cannot aim.
 
     python scripts/aim_probe.py --model runs/pilot-aim2/final --scenes 40
     python scripts/cells_only.py scripts/aim_probe.py --model runs/pilot-aim3/final   # latents dropped
@@ -31,18 +35,29 @@ def main(argv=None) -> int:
 
     import torch
 
-    from flamingo_vlm.eval.card import _eval_generator
-    from flamingo_vlm.eval.synthetic import POSITIONS
-    from flamingo_vlm.generate import _model_inputs
-    from flamingo_vlm.modeling.cross_attention import MaskedCrossAttention, split_heads
+    from flamingo_vlm.modeling.cross_attention import MaskedCrossAttention
     from flamingo_vlm.pretrained import from_pretrained
 
     model, image_processor, tokenizer = from_pretrained(args.model, dtype=torch.bfloat16)
     model.eval()
-    if model.perceiver.passthrough_norm is None:
-        raise SystemExit(f"{args.model}: its perceiver does not pass its input tokens through "
-                         "(media_passthrough); grow it with scripts/grow_adapter.py --media-passthrough")
     blocks = [m for m in model.modules() if isinstance(m, MaskedCrossAttention)]
+    if model.perceiver.passthrough_norm is None:
+        print(f"{args.model}: its perceiver does not pass its input tokens through (media_passthrough; "
+              "grow it with scripts/grow_adapter.py --media-passthrough): query spread only")
+    else:
+        attention_masses(model, image_processor, tokenizer, blocks, args)
+    query_spread(model, image_processor, tokenizer, blocks, args.image_size)
+    return 0
+
+
+def attention_masses(model, image_processor, tokenizer, blocks, args) -> None:
+    import torch
+
+    from flamingo_vlm.eval.card import _eval_generator
+    from flamingo_vlm.eval.synthetic import POSITIONS
+    from flamingo_vlm.generate import _model_inputs
+    from flamingo_vlm.modeling.cross_attention import split_heads
+
     attn: dict[int, torch.Tensor] = {}
 
     def record(i):
@@ -99,7 +114,50 @@ def main(argv=None) -> int:
             cells = " | ".join(f"{m[0, h]:.2f} / {m[1, h]:.2f} / {m[2, h]:.2f}" for h in range(m.shape[1]))
             wins = (v[:, 0] > v[:, 1]).float().mean(0)
             print(f"| xattn {i} | {cells} | {100 * wins.max():.0f}% |")
-    return 0
+
+
+def query_spread(model, image_processor, tokenizer, blocks, size: int) -> None:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from flamingo_vlm.eval.card import _eval_generator
+    from flamingo_vlm.eval.synthetic import SHAPES
+    from flamingo_vlm.generate import _model_inputs
+
+    gen = _eval_generator()
+    rng = np.random.default_rng(5)
+    image = gen._scene(rng, [gen._object(rng, "circle", "red", "left"),
+                             gen._object(rng, "square", "blue", "right")]).render(size)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i, b in enumerate(blocks)]
+    normed = {i: [] for i in range(len(blocks))}
+    queries = {i: [] for i in range(len(blocks))}
+    try:
+        for shape in SHAPES:
+            text = f"Question:What color is the {shape}? Short answer:"
+            vision_x, ids, mask = _model_inputs(model, image_processor, tokenizer, [image, text])
+            tokens = [tokenizer.decode([t]) for t in ids[0].tolist()]
+            pos = max(j for j, t in enumerate(tokens) if "?" in t) - 1
+            with torch.inference_mode():
+                model(vision_x, ids, mask)
+                for i, block in enumerate(blocks):
+                    h = inputs[i][0, pos:pos + 1]
+                    normed[i].append(F.layer_norm(h.float(), h.shape[-1:])[0])
+                    queries[i].append(block.to_q(block.norm(h))[0].float())
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def spread(rows) -> float:
+        x = torch.stack(rows)
+        return float(torch.cdist(x, x).sum() / (len(x) * (len(x) - 1)) / x.norm(dim=1).mean())
+
+    print(f"\nAt the shape word, over the {len(SHAPES)} shape names (relative spread):")
+    print("| block | normed LM state | query |")
+    print("|---|---|---|")
+    for i in range(len(blocks)):
+        print(f"| xattn {i} | {spread(normed[i]):.2f} | {spread(queries[i]):.2f} |")
 
 
 if __name__ == "__main__":
