@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from flamingo_vlm import FlamingoProcessor, load_pretrained
-from tiny import random_images, tiny_flamingo
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "grow_adapter.py"
+from tiny import random_images, script_module, tiny_flamingo
 
 
 @pytest.fixture(scope="module")
 def grow():
-    spec = importlib.util.spec_from_file_location("grow_adapter", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module("grow_adapter") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture

@@ -3,10 +3,6 @@ cross-attention's query/key-value learning rate."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,9 +10,7 @@ from flamingo_vlm import FlamingoProcessor, create_model_and_transforms
 from flamingo_vlm.modeling import perceiver
 from flamingo_vlm.train import optim
 from flamingo_vlm.train.config import OptimConfig
-from tiny import random_images, tiny_lm, tiny_tokenizer, tiny_vision
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cells_only.py"
+from tiny import random_images, script_module, tiny_lm, tiny_tokenizer, tiny_vision
 
 
 @pytest.fixture
@@ -24,14 +18,8 @@ def cells_only(monkeypatch):
     # the script patches module attributes; monkeypatch puts them back after the test
     monkeypatch.setattr(perceiver.PerceiverResampler, "forward", perceiver.PerceiverResampler.forward)
     monkeypatch.setattr(optim, "param_groups", optim.param_groups)
-    spec = importlib.util.spec_from_file_location("cells_only", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module("cells_only") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def passthrough_model():

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -64,3 +69,17 @@ def tiny_flamingo(model_type: str = "llama", every: int = 1, seed: int = 0, **lm
 def random_images(n: int, seed: int = 0, size: int = 40):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (size, size + 8, 3), generator=g, dtype=torch.uint8).numpy() for _ in range(n)]
+
+
+@contextlib.contextmanager
+def script_module(name: str):
+    """``scripts/<name>.py`` imported as a module for the length of the block."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
