@@ -121,6 +121,7 @@ def query_spread(model, image_processor, tokenizer, blocks, size: int) -> None:
     import torch
     import torch.nn.functional as F
 
+    from attribute_probe import relative_spread  # scripts/ is on sys.path when a script runs
     from flamingo_vlm.eval.card import _eval_generator
     from flamingo_vlm.eval.synthetic import SHAPES
     from flamingo_vlm.generate import _model_inputs
@@ -149,15 +150,12 @@ def query_spread(model, image_processor, tokenizer, blocks, size: int) -> None:
         for h in hooks:
             h.remove()
 
-    def spread(rows) -> float:
-        x = torch.stack(rows)
-        return float(torch.cdist(x, x).sum() / (len(x) * (len(x) - 1)) / x.norm(dim=1).mean())
-
     print(f"\nAt the shape word, over the {len(SHAPES)} shape names (relative spread):")
     print("| block | normed LM state | query |")
     print("|---|---|---|")
     for i in range(len(blocks)):
-        print(f"| xattn {i} | {spread(normed[i]):.2f} | {spread(queries[i]):.2f} |")
+        print(f"| xattn {i} | {relative_spread(torch.stack(normed[i])):.2f} | "
+              f"{relative_spread(torch.stack(queries[i])):.2f} |")
 
 
 if __name__ == "__main__":
