@@ -71,3 +71,97 @@ def test_qk_lr_scale_splits_only_the_query_and_key_value_projections(cells_only)
             assert lr == pytest.approx(2e-3)
         else:
             assert lr == pytest.approx(1e-3)
+
+
+# -- scripts/aim_supervised.py: the attention loss on the named object's cells ---------------------
+@pytest.fixture
+def aim():
+    with script_module("aim_supervised") as module:
+        yield module
+
+
+def test_object_cells_cover_the_object_and_its_centre(aim):
+    from flamingo_vlm.eval.synthetic import SceneObject
+
+    small = SceneObject("circle", "red", "small", "center", (0.0, 0.0))
+    assert aim.object_cells(small) == [24]  # the middle of the 7x7 grid
+    large = SceneObject("square", "blue", "large", "top", (0.005, -0.018))
+    # centre (0.505, 0.182), radius 0.13: cell centres of column 3 (0.50) and rows 0-1 (0.07, 0.21)
+    # are within it; those of columns 2 and 4 (0.36, 0.64) are not
+    assert aim.object_cells(large) == [3, 10]
+
+
+def test_named_object_finds_the_object_a_question_names(aim):
+    from flamingo_vlm.eval.synthetic import SceneGenerator
+
+    gen = SceneGenerator(seed=0)
+    seen = set()
+    for i in range(40):
+        scene = gen.scene(i, "pretrain")
+        for q in scene.questions():
+            kind = q["question_type"]
+            if kind not in aim.QUESTION_TYPES.values():
+                with pytest.raises(ValueError, match="no named object"):
+                    aim.named_object(scene, q)
+                continue
+            obj, word = aim.named_object(scene, q)
+            seen.add(kind)
+            if kind == "what color is the":
+                assert (obj.shape, obj.color) == (word, q["answer"])
+            elif kind == "what shape is the":
+                assert (obj.color, obj.shape) == (word, q["answer"])
+            else:
+                assert (obj.shape, obj.position) == (word, q["answer"]) and obj.color in q["question"]
+    assert seen == set(aim.QUESTION_TYPES.values())
+
+
+def test_aim_loss_is_minus_log_attention_mass_and_its_gradient_aims(aim):
+    torch.manual_seed(0)
+    B, H, P, d, latents, C = 2, 3, 2, 8, 5, 49
+    q = torch.randn(B, H, P, d, requires_grad=True)
+    k = torch.randn(B, H, latents + 2 * C, d)
+    cells = torch.zeros(B, C, dtype=torch.bool)
+    cells[0, [3, 10]] = True
+    cells[1, 24] = True
+    loss = aim.aim_loss(q, k, cells)
+    attn = (q @ k.transpose(-1, -2) / d**0.5).softmax(-1)
+    mass = torch.stack([attn[b][..., latents + cells[b].nonzero().flatten()].sum(-1)
+                        + attn[b][..., latents + C + cells[b].nonzero().flatten()].sum(-1) for b in range(B)])
+    torch.testing.assert_close(loss, -mass.log().mean())
+    loss.backward()
+    with torch.no_grad():
+        assert aim.aim_loss(q - 0.5 * q.grad, k, cells) < loss
+
+
+def test_aim_dataset_rows_mark_the_named_word_the_answer_position_and_the_cells(aim):
+    from tiny import tiny_flamingo
+
+    _, ip, tok = tiny_flamingo("llama")
+    ds = aim.AimDataset(FlamingoProcessor(tok, ip), batch_size=6, start=100, image_size=32,
+                        question_types=list(aim.QUESTION_TYPES.values()))
+    batch = next(iter(ds))
+    assert batch["vision_x"].shape[:3] == (6, 1, 1) and batch["aim_cells"].shape == (6, 49)
+    index = 100
+    for r in range(6):
+        while ds.sample(index) is None:
+            index += 1
+        scene = ds.gen.scene(index, "pretrain")
+        index += 1
+        ids = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
+        text = tok.decode(ids)
+        question = text.split("Question:")[1].split(" Short answer:")[0]
+        q = next(q for q in scene.questions() if q["question"] == question)
+        obj, word = aim.named_object(scene, q)
+        word_pos, answer_pos = batch["aim_positions"][r].tolist()
+        assert tok.decode(ids[: word_pos + 1]).endswith(word)
+        assert tok.decode(ids[: answer_pos + 1]).endswith("Short answer:")
+        trained = [t for t in batch["labels"][r].tolist() if t != -100]
+        assert tok.decode(trained).startswith(q["answer"]) and "Question" not in tok.decode(trained)
+        assert batch["aim_cells"][r].nonzero().flatten().tolist() == aim.object_cells(obj)
+    # resuming from its position continues with the same batch
+    state = ds.state_dict()
+    after = next(iter(ds))
+    again = aim.AimDataset(FlamingoProcessor(tok, ip), batch_size=6, start=0, image_size=32,
+                           question_types=list(aim.QUESTION_TYPES.values()))
+    again.load_state_dict(state)
+    torch.testing.assert_close(next(iter(again))["input_ids"], after["input_ids"])

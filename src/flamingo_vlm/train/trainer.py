@@ -222,6 +222,39 @@ def trained_tokens(labels: torch.Tensor) -> int:
 
 
 # -- trainer ---------------------------------------------------------------------------------------
+def config_datasets(cfg: TrainConfig, model, tokenizer, image_processor, *, rank: int = 0,
+                    world_size: int = 1) -> list:
+    """The datasets of ``cfg.data`` for one rank (what the trainer builds when none are passed in;
+    scripts that add a dataset of their own build these first and pass all of them)."""
+    from ..data import DatasetSpec, build_datasets
+    from ..processing import FlamingoProcessor
+
+    limit, absolute = lm_context_limit(model.lang_encoder)
+    specs = []
+    for i, d in enumerate(cfg.data):
+        spec = DatasetSpec(
+            kind=d.kind, urls=list(d.urls), batch_size=d.batch_size, loss_weight=d.effective_loss_weight(),
+            max_tokens=d.max_tokens, max_images=d.max_images, min_images=d.min_images,
+            similarity_threshold=d.similarity_threshold, min_image_bytes=d.min_image_bytes,
+            chunk_separator=d.chunk_separator, loss_after=tuple(d.loss_after),
+        )
+        if limit is not None and spec.resolved_max_tokens > limit:
+            msg = (f"data[{i}] ({d.kind}) makes sequences of up to {spec.resolved_max_tokens} tokens but the LM "
+                   f"takes at most {limit} positions; set data[{i}].max_tokens <= {limit}")
+            if absolute:
+                raise ConfigError(msg)
+            if rank == 0:
+                logger.warning(msg)
+        specs.append(spec)
+    processor = FlamingoProcessor(tokenizer, image_processor)
+    try:
+        return build_datasets(specs, processor, seed=cfg.seed, rank=rank, world_size=world_size,
+                              eos_token_id=tokenizer.eos_token_id)
+    except FileNotFoundError as e:
+        idx = _which_dataset(cfg, str(e))
+        raise DataError(f"no training data found{idx}: {e}") from e
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs the loop (:meth:`fit`).
 
@@ -370,36 +403,10 @@ class Trainer:
                         f"resumed from {self.resume_from} at step {self.step}" if state else "fresh run")
 
     def _build_datasets(self, model) -> list:
-        cfg, info = self.cfg, self.info
         if self.tokenizer is None or self.image_processor is None:
             raise ConfigError("building datasets from the config needs the model's tokenizer and image processor")
-        from ..data import DatasetSpec, build_datasets
-        from ..processing import FlamingoProcessor
-
-        limit, absolute = lm_context_limit(model.lang_encoder)
-        specs = []
-        for i, d in enumerate(cfg.data):
-            spec = DatasetSpec(
-                kind=d.kind, urls=list(d.urls), batch_size=d.batch_size, loss_weight=d.effective_loss_weight(),
-                max_tokens=d.max_tokens, max_images=d.max_images, min_images=d.min_images,
-                similarity_threshold=d.similarity_threshold, min_image_bytes=d.min_image_bytes,
-                chunk_separator=d.chunk_separator, loss_after=tuple(d.loss_after),
-            )
-            if limit is not None and spec.resolved_max_tokens > limit:
-                msg = (f"data[{i}] ({d.kind}) makes sequences of up to {spec.resolved_max_tokens} tokens but the LM "
-                       f"takes at most {limit} positions; set data[{i}].max_tokens <= {limit}")
-                if absolute:
-                    raise ConfigError(msg)
-                if info.is_main:
-                    logger.warning(msg)
-            specs.append(spec)
-        processor = FlamingoProcessor(self.tokenizer, self.image_processor)
-        try:
-            return build_datasets(specs, processor, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                                  eos_token_id=self.tokenizer.eos_token_id)
-        except FileNotFoundError as e:
-            idx = _which_dataset(cfg, str(e))
-            raise DataError(f"no training data found{idx}: {e}") from e
+        return config_datasets(self.cfg, model, self.tokenizer, self.image_processor,
+                               rank=self.info.rank, world_size=self.info.world_size)
 
     # -- data ----------------------------------------------------------------------------------
     def _next_batch(self, d: int) -> dict:
