@@ -10,7 +10,9 @@ what reaches the LM, whatever the decoding does.
     python scripts/attribute_probe.py --model smol-synthetic --scenes 40
 
 A model that sees colour but cannot bind it to the right object is right on 1-object scenes and
-falls towards chance (1/6) as objects are added.
+falls towards chance (1/6) as objects are added. The same answers are then split by whether the
+asked-about object is one of the (shape, colour) pairs held out of training (the evaluation split
+shows one in about 30% of its scenes).
 
 Then it traces where the answer's information goes: for one centred object in 6 colours (one
 shape) and in 6 shapes (one colour), how far apart the 6 images are (mean pairwise distance over
@@ -46,6 +48,7 @@ def main(argv=None) -> int:
     gen = _eval_generator()
     colours, shapes = list(COLORS), list(SHAPES)
     hits: dict[tuple[str, int], list[bool]] = defaultdict(list)
+    by_pair: dict[tuple[str, bool], list[bool]] = defaultdict(list)  # (kind, held out) -> hits
     index = 0
     bar = tqdm(total=4 * args.scenes, desc="scenes")
     while any(len(hits["colour", n]) < args.scenes for n in range(1, 5)):
@@ -61,11 +64,13 @@ def main(argv=None) -> int:
         by_colour = next((o for o in scene.objects if scene_colours.count(o.color) == 1), None)
         if by_shape is None or by_colour is None:
             continue
-        ask = [("colour", f"Question:What color is the {by_shape.shape}? Short answer:", colours, by_shape.color),
-               ("shape", f"Question:What shape is the {by_colour.color} object? Short answer:", shapes, by_colour.shape)]
-        for kind, text, names, truth in ask:
+        ask = [("colour", f"Question:What color is the {by_shape.shape}? Short answer:", colours, by_shape),
+               ("shape", f"Question:What shape is the {by_colour.color} object? Short answer:", shapes, by_colour)]
+        for kind, text, names, obj in ask:
             ranked = rank_candidates(model, image_processor, tokenizer, [image, text], names)
-            hits[kind, n].append(ranked[0][0] == truth)
+            right = ranked[0][0] == (obj.color if kind == "colour" else obj.shape)
+            hits[kind, n].append(right)
+            by_pair[kind, (obj.shape, obj.color) in gen.held_out_pairs].append(right)
         bar.update(1)
     bar.close()
 
@@ -77,6 +82,13 @@ def main(argv=None) -> int:
     for kind, names in (("colour", colours), ("shape", shapes)):
         cells = " | ".join(f"{100 * sum(hits[kind, n]) / len(hits[kind, n]):.0f}" for n in range(1, 5))
         print(f"| {kind} | {cells} | {100 / len(names):.0f} |")
+    print("\nThe same answers by the asked-about object's (shape, colour) pair: % right (of how many)")
+    print("| question | a pair seen in training | a held-out pair |")
+    print("|---|---|---|")
+    for kind in ("colour", "shape"):
+        cells = " | ".join(f"{100 * sum(v) / max(len(v), 1):.0f} ({len(v)})"
+                           for v in (by_pair[kind, False], by_pair[kind, True]))
+        print(f"| {kind} | {cells} |")
     stages = list(trace["colour"])
     print("\nHow far apart 6 images of one object are (mean pairwise distance / mean norm), by what differs:")
     print("| images differ in | " + " | ".join(stages) + " |")

@@ -110,6 +110,11 @@ def test_model_card_table_and_plot(tmp_path):
     card["vqa_by_question"] = {"what color is the": {"0": 12.5, "2": 80.0}, "how many": {"2": 40.0}}
     md = markdown(card)
     assert "| what color is the ... | 12 | 80 |" in md and "| how many ... | - | 40 |" in md
+    assert "held-out pair" not in md
+    card["by_held_out_pair"] = {"vqav2": {"2": {"shown": 25.0, "not_shown": 75.0}}}
+    md = markdown(card)
+    assert "| VQA accuracy (%) | held-out pair | - | 25.0 |" in md
+    assert "| VQA accuracy (%) | seen pairs only | - | 75.0 |" in md
     png = plot(card, tmp_path / "shots.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
 

@@ -354,3 +354,40 @@ def test_a_second_run_on_the_same_out_dir_is_refused(tiny, tmp_path):
         holder.wait()
     with exclusive_directory(out):  # the dead holder left nothing to clean up
         pass
+
+
+def test_scores_are_split_by_whether_the_query_shows_a_held_out_pair(tiny, tmp_path):
+    """The synthetic benchmark lists the evaluation ids that show a (shape, colour) pair held out of
+    training; every unit then also scores those and the others. An oracle that is wrong exactly on
+    the listed ids must score 0 on them and 100 on the rest."""
+    from flamingo_vlm.eval.datasets import EvalDataset
+    from flamingo_vlm.eval.evaluator import held_out_ids
+    from flamingo_vlm.eval.tasks import get_task
+
+    _, (model, ip, tok) = tiny
+    gen = SceneGenerator(seed=3, shapes=("circle", "square", "star"), colors=("red", "blue"), n_held_out=1,
+                         held_out_rate=0.5)
+    write_synthetic_benchmark(tmp_path / "data", generator=gen, tasks=("vqav2", "imagenet"), n_train=6, n_val=1,
+                              n_test=8, n_class_train_per_class=1, n_class_val_per_class=1, image_size=32)
+    samples, held = [], set()
+    for task, folder in (("vqav2", "vqav2"), ("imagenet", "imagenet")):
+        spec = get_task(task)
+        samples += list(spec.load(tmp_path / "data" / folder, spec.eval_split))
+        held |= held_out_ids(tmp_path / "data" / folder)
+    oracle = _Oracle(model, ip, tok, samples)
+    wrong = 0
+    for s in samples:
+        if str(s["id"]) in held:
+            key = (ip(EvalDataset.load_image(s)).numpy().tobytes(), s.get("question"))
+            oracle.truth[key] = "not an answer" if "answers" in s else next(
+                c for c in gen.classes() if c != s["class_name"])
+            wrong += 1
+    assert 0 < wrong < len(samples)
+    cfg = EvalConfig(tasks=["vqav2", "imagenet"], data_root=str(tmp_path / "data"), out_dir=str(tmp_path / "out"),
+                     shots=[0], trials=1, batch_size=4, progress=False)
+    results = Evaluator(oracle, ip, tok, cfg).run()["results"]
+    for task in ("vqav2", "imagenet"):
+        metrics = results[task][0]["metrics"]
+        assert metrics["held_out_pairs"] == {"shown": 0.0, "not_shown": 100.0}
+        assert sum(metrics["held_out_pairs_samples"].values()) == results[task][0]["num_samples"]
+    assert held_out_ids(tmp_path) is None  # a folder without a list: no split

@@ -79,7 +79,14 @@ def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes,
     for r in harness.get("vqav2", []):
         for qtype, acc in r["metrics"].get("per_question_type", {}).items():
             vqa_types.setdefault(qtype, {})[int(r["shots"])] = acc
+    by_pair: dict[str, dict[int, dict[str, float]]] = {}  # scenes that show a held-out pair, and the others
+    for task, rows in harness.items():
+        for r in rows:
+            split = r.get("metrics", {}).get("held_out_pairs")
+            if split:
+                by_pair.setdefault(task, {})[int(r["shots"])] = dict(split)
     card = {"model": model, "shots": list(shots), "scores": table, "labels": LABELS, "vqa_by_question": vqa_types,
+            "by_held_out_pair": by_pair,
             "n_test": n_test,
             "trials": trials, "binding_episodes": binding_episodes, "precision": precision, "num_beams": num_beams,
             "eval_seed": EVAL_SEED, "held_out_pairs": sorted(map(list, gen.held_out_pairs)), "seconds": round(seconds, 1)}
@@ -107,6 +114,18 @@ def markdown(card: dict) -> str:
             row = {int(k): v for k, v in row.items()}  # JSON keys are strings
             lines.append(f"| {qtype} ... | " + " | ".join(f"{row[k]:.0f}" if k in row else "-" for k in
                                                           (int(s) for s in shots)) + " |")
+    by_pair = card.get("by_held_out_pair")
+    if by_pair:
+        lines += ["", "Scores on the queries that show a (shape, colour) pair held out of training, and on the others:",
+                  "", "| task | queries | " + " | ".join(f"{k} shots" for k in shots) + " |",
+                  "|---|---|" + "---|" * len(shots)]
+        for task, label in card["labels"].items():
+            row = {int(k): v for k, v in by_pair.get(task, {}).items()}
+            if not row:
+                continue
+            for part, name in (("shown", "held-out pair"), ("not_shown", "seen pairs only")):
+                lines.append(f"| {label} | {name} | " + " | ".join(
+                    f"{row[k][part]:.1f}" if k in row else "-" for k in (int(s) for s in shots)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -148,6 +150,20 @@ class _ImageCache:
         return t
 
 
+def held_out_ids(root: str | os.PathLike) -> set[str] | None:
+    """The evaluation ids that show a pair held out of training (``held_out.json`` of the synthetic
+    benchmark's task folders), as strings; None for a folder without one. Scores are then also
+    reported on those samples and on the others (``metrics["held_out_pairs"]``: ``{"shown",
+    "not_shown"}``, their sizes in ``metrics["held_out_pairs_samples"]``)."""
+    path = Path(root) / "held_out.json"
+    if not path.is_file():
+        return None
+    try:
+        return {str(i) for i in json.loads(path.read_text())["held_out_ids"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a held-out list ({{'held_out_ids': [...]}}): {e}") from e
+
+
 class Evaluator:
     def __init__(self, model, image_processor, tokenizer, config: EvalConfig, ctx: DistContext | None = None):
         config.validate()
@@ -256,6 +272,7 @@ class Evaluator:
         root = resolve_task_root(spec, c.data_root or ".", c.task_roots)
         train = spec.load(root, spec.demo_split)
         test = spec.load(root, spec.eval_split)
+        held_out = held_out_ids(root)
         units = []
         rices = None
         for shots in c.shots:
@@ -279,7 +296,7 @@ class Evaluator:
                 if c.demo_selection == "rices" and rices is None:
                     rices = self._rices(spec, train)
                 t0 = time.time()
-                unit = self.run_unit(spec, train, test, shots, trial, seed, order, rices)
+                unit = self.run_unit(spec, train, test, shots, trial, seed, order, rices, held_out=held_out)
                 unit["elapsed_s"] = time.time() - t0
                 unit["fingerprint"] = fp
                 if self.ctx.is_main:
@@ -298,7 +315,7 @@ class Evaluator:
             return list(range(n))
         return sorted(np.random.default_rng(seed).choice(n, k, replace=False).tolist())
 
-    def run_unit(self, spec, train, test, shots, trial, seed, order, rices) -> dict:
+    def run_unit(self, spec, train, test, shots, trial, seed, order, rices, held_out: set[str] | None = None) -> dict:
         c = self.config
         k = shots if shots > 0 else P.TEXT_ONLY_DEMOS_AT_ZERO_SHOT
         selector = RandomDemoSelector(train, c.query_set_size, seed) if c.demo_selection == "random" else None
@@ -332,7 +349,7 @@ class Evaluator:
             "demo_selection": c.demo_selection,
         }
         if self.ctx.is_main:
-            result.update(self._score(spec, test, gathered))
+            result.update(self._score(spec, test, gathered, held_out))
             if c.save_predictions:
                 result["predictions"] = sorted(gathered, key=lambda r: str(r["id"]))
         return result
@@ -435,7 +452,19 @@ class Evaluator:
         return out
 
     # -- scoring -----------------------------------------------------------------------------------------
-    def _score(self, spec: TaskSpec, test: EvalDataset, records: list[dict]) -> dict:
+    def _score(self, spec: TaskSpec, test: EvalDataset, records: list[dict], held_out: set[str] | None = None) -> dict:
+        scored = self._score_records(spec, test, records)
+        if held_out:
+            shown = [r for r in records if str(r["id"]) in held_out]
+            if shown and len(shown) < len(records):
+                rest = [r for r in records if str(r["id"]) not in held_out]
+                parts = {"shown": shown, "not_shown": rest}
+                scored["metrics"]["held_out_pairs"] = {k: self._score_records(spec, test, v)["score"]
+                                                       for k, v in parts.items()}
+                scored["metrics"]["held_out_pairs_samples"] = {k: len(v) for k, v in parts.items()}
+        return scored
+
+    def _score_records(self, spec: TaskSpec, test: EvalDataset, records: list[dict]) -> dict:
         c = self.config
         by_id = {s["id"]: s for s in test}
         if spec.kind == "captioning":
