@@ -31,11 +31,11 @@ import math
 import numpy as np
 import torch
 
-from flamingo_vlm.data.labels import make_labels
+from flamingo_vlm.data.dataset import Sample, collate, pad_token_id
 from flamingo_vlm.data.preprocess import encode, pair_text, prompt_token_mask
 from flamingo_vlm.eval.synthetic import POSITIONS, SIZES, SceneGenerator
 from flamingo_vlm.modeling.cross_attention import MaskedCrossAttention, split_heads
-from flamingo_vlm.train.trainer import IGNORE_INDEX, Callback, Trainer, trained_tokens
+from flamingo_vlm.train.trainer import Callback, Trainer, trained_tokens
 
 logger = logging.getLogger("flamingo_vlm.train")
 GRID = 7  # EfficientNet-Lite0's feature grid at 224 px
@@ -85,8 +85,7 @@ class AimDataset:
         self.gen = generator or SceneGenerator(seed=0)
         self.index = start
         self.eos_token_id = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else self.eos_token_id
+        self.pad_token_id = pad_token_id(self.tokenizer, self.eos_token_id)
 
     def state_dict(self) -> dict:
         return {"index": self.index}
@@ -111,8 +110,9 @@ class AimDataset:
         positions = [max(i for i, (a, _) in enumerate(offsets) if a < end) for end in (word_end, prompt_end)]
         cells = torch.zeros(GRID * GRID, dtype=torch.bool)
         cells[object_cells(obj)] = True
-        return {"ids": ids, "text": text, "image": self.processor.image_processor(scene.render(self.image_size)),
-                "cells": cells, "positions": positions}
+        image = self.processor.image_processor(scene.render(self.image_size))
+        trainable = prompt_token_mask(self.tokenizer, text, len(ids), ("Short answer:",))
+        return {"sample": Sample(ids, [image], trainable), "cells": cells, "positions": positions}
 
     def __iter__(self):
         while True:
@@ -125,24 +125,12 @@ class AimDataset:
             yield self.collate(rows)
 
     def collate(self, rows: list[dict]) -> dict:
-        B, L = len(rows), max(len(r["ids"]) for r in rows)
-        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, L), dtype=torch.long)
-        trainable = torch.ones((B, L), dtype=torch.bool)
-        for b, r in enumerate(rows):
-            n = len(r["ids"])
-            input_ids[b, :n] = torch.tensor(r["ids"])
-            attention_mask[b, :n] = 1
-            trainable[b, :n] = torch.tensor(prompt_token_mask(self.tokenizer, r["text"], n, ("Short answer:",)))
-        labels = make_labels(input_ids, attention_mask, media_token_id=self.processor.media_token_id,
-                             eoc_token_id=self.processor.eoc_token_id, eos_token_id=self.eos_token_id)
-        return {
-            "vision_x": torch.stack([r["image"] for r in rows])[:, None, None],
-            "input_ids": input_ids, "attention_mask": attention_mask,
-            "labels": labels.masked_fill(~trainable, IGNORE_INDEX),
-            "aim_cells": torch.stack([r["cells"] for r in rows]),
-            "aim_positions": torch.tensor([r["positions"] for r in rows]),
-        }
+        batch = collate([r["sample"] for r in rows], pad_token_id=self.pad_token_id,
+                        media_token_id=self.processor.media_token_id, eoc_token_id=self.processor.eoc_token_id,
+                        eos_token_id=self.eos_token_id, empty_image_shape=(3, self.image_size, self.image_size))
+        batch["aim_cells"] = torch.stack([r["cells"] for r in rows])
+        batch["aim_positions"] = torch.tensor([r["positions"] for r in rows])
+        return batch
 
 
 def aim_loss(q: torch.Tensor, k: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -166,6 +154,7 @@ class AimTrainer(Trainer):
         self.aim_weight, self.aim_heads = aim_weight, aim_heads
         self.aim_losses: list[tuple[float, float]] = []  # per aiming batch: answer loss, attention loss
         super().__init__(*args, **kwargs)
+        self.blocks = [m for m in self.flamingo.modules() if isinstance(m, MaskedCrossAttention)]
 
     def _forward_loss(self, batch: dict) -> torch.Tensor:
         if "aim_cells" not in batch:
@@ -181,8 +170,7 @@ class AimTrainer(Trainer):
             q = split_heads(module.to_q(module.norm(h)), module.heads)[:, : self.aim_heads]
             losses.append(aim_loss(q, k[:, : self.aim_heads], cells))
 
-        blocks = [m for m in self.flamingo.modules() if isinstance(m, MaskedCrossAttention)]
-        handles = [b.register_forward_pre_hook(hook) for b in blocks]
+        handles = [b.register_forward_pre_hook(hook) for b in self.blocks]
         try:
             token_sum = super()._forward_loss(batch)
         finally:

@@ -64,7 +64,7 @@ from .preprocess import (
 )
 from .shards import expand_urls, iter_raw_samples, shuffle_buffer
 
-__all__ = ["DatasetSpec", "ShardDataset", "build_datasets"]
+__all__ = ["DatasetSpec", "Sample", "ShardDataset", "build_datasets", "collate", "pad_token_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +148,51 @@ class DatasetSpec:
 
 
 @dataclass
-class _Sample:
+class Sample:
+    """One training row before batching: token ids, its images in ``<image>`` order, and which
+    tokens may be trained (None: all, by the label rules of :mod:`.labels`)."""
+
     input_ids: list[int]
     images: list[torch.Tensor] = field(default_factory=list)
     trainable: list[bool] | None = None  # per token, from DatasetSpec.loss_after
+
+
+def pad_token_id(tokenizer, eos_token_id: int | None) -> int:
+    """The id that right-pads a batch: the tokenizer's pad token, else eos, else 0."""
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else (eos_token_id if eos_token_id is not None else 0)
+
+
+def collate(samples: list[Sample], *, pad_token_id: int, media_token_id: int, eoc_token_id: int,
+            eos_token_id: int | None, empty_image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """Right-padded batch ``{"vision_x" (B, T_img, 1, C, H, W), "input_ids", "attention_mask",
+    "labels"}`` of ``samples``; rows with fewer images are zero-padded (a batch without images gets
+    one of ``empty_image_shape``)."""
+    B = len(samples)
+    L = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    for b, s in enumerate(samples):
+        input_ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
+        attention_mask[b, : len(s.input_ids)] = 1
+    shapes = {tuple(x.shape) for s in samples for x in s.images}
+    if len(shapes) > 1:
+        raise ValueError(f"images preprocess to different shapes {sorted(shapes)}")
+    shape = next(iter(shapes)) if shapes else tuple(empty_image_shape)
+    T = max(1, max(len(s.images) for s in samples))
+    vision_x = torch.zeros((B, T, 1, *shape), dtype=torch.float32)
+    for b, s in enumerate(samples):
+        if s.images:
+            vision_x[b, : len(s.images), 0] = torch.stack(s.images)
+    labels = make_labels(input_ids, attention_mask, media_token_id=media_token_id, eoc_token_id=eoc_token_id,
+                         eos_token_id=eos_token_id)
+    if any(s.trainable is not None for s in samples):
+        trainable = torch.ones((B, L), dtype=torch.bool)
+        for b, s in enumerate(samples):
+            if s.trainable is not None:
+                trainable[b, : len(s.trainable)] = torch.tensor(s.trainable, dtype=torch.bool)
+        labels = labels.masked_fill(~trainable, IGNORE_INDEX)
+    return {"vision_x": vision_x, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class ShardDataset(IterableDataset):
@@ -195,8 +236,7 @@ class ShardDataset(IterableDataset):
         tok = processor.tokenizer
         self.tokenizer = tok
         self.eos_token_id = eos_token_id if eos_token_id is not None else tok.eos_token_id
-        pad = tok.pad_token_id
-        self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
+        self.pad_token_id = pad_token_id(tok, self.eos_token_id)
         self.media_token_id = processor.media_token_id
         self.eoc_token_id = processor.eoc_token_id
         specials = set(getattr(tok, "all_special_tokens", []) or [])
@@ -270,7 +310,7 @@ class ShardDataset(IterableDataset):
     def _iter_epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         W, r = self.world_size, self.rank
         start = self._consumed
-        pending: list[_Sample] = []
+        pending: list[Sample] = []
         held: tuple[int, dict] | None = None  # this rank's sample, waiting for its group to be complete
         for g, raw in enumerate(self._global_stream(epoch)):
             if g < start:
@@ -300,7 +340,7 @@ class ShardDataset(IterableDataset):
             yield batch
 
     # -- samples -------------------------------------------------------------------------------
-    def _process(self, raw: dict, epoch: int, index: int) -> _Sample | None:
+    def _process(self, raw: dict, epoch: int, index: int) -> Sample | None:
         self.stats["raw_samples"] += 1
         try:
             if self.spec.kind == "pairs":
@@ -345,7 +385,7 @@ class ShardDataset(IterableDataset):
             return None
         return prompt_token_mask(self.tokenizer, text, len(ids), self.spec.loss_after)
 
-    def _pair(self, raw: dict, epoch: int, index: int) -> _Sample:
+    def _pair(self, raw: dict, epoch: int, index: int) -> Sample:
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None or "txt" not in raw:
             have = sorted(k for k in raw if not k.startswith("__"))
@@ -370,9 +410,9 @@ class ShardDataset(IterableDataset):
             x = self._image_tensor(image, rng)
         except Exception as e:
             raise SkipSample("skipped_corrupt", str(e)) from None
-        return _Sample(ids, [x], self._trainable(text, ids))
+        return Sample(ids, [x], self._trainable(text, ids))
 
-    def _interleaved(self, raw: dict, epoch: int, index: int) -> _Sample:
+    def _interleaved(self, raw: dict, epoch: int, index: int) -> Sample:
         spec = self.spec
         if "json" not in raw:
             have = sorted(k for k in raw if not k.startswith("__"))
@@ -454,44 +494,14 @@ class ShardDataset(IterableDataset):
             images = [self._image_tensor(decoded[i], rng) for i in order]
         except Exception as e:
             raise SkipSample("skipped_corrupt", str(e)) from None
-        return _Sample(ids, images, self._trainable(plan.text, ids))
+        return Sample(ids, images, self._trainable(plan.text, ids))
 
     # -- batches -------------------------------------------------------------------------------
-    def collate(self, samples: list[_Sample]) -> dict[str, torch.Tensor]:
-        B = len(samples)
-        L = max(len(s.input_ids) for s in samples)
-        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, L), dtype=torch.long)
-        for b, s in enumerate(samples):
-            input_ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
-            attention_mask[b, : len(s.input_ids)] = 1
-        shapes = {tuple(x.shape) for s in samples for x in s.images}
-        if len(shapes) > 1:
-            raise ValueError(f"images preprocess to different shapes {sorted(shapes)}")
-        if shapes:
-            shape = next(iter(shapes))
-        else:
-            size = getattr(self.processor.image_processor, "image_size", 224)
-            shape = (3, size, size)
-        T = max(1, max(len(s.images) for s in samples))
-        vision_x = torch.zeros((B, T, 1, *shape), dtype=torch.float32)
-        for b, s in enumerate(samples):
-            if s.images:
-                vision_x[b, : len(s.images), 0] = torch.stack(s.images)
-        labels = make_labels(
-            input_ids,
-            attention_mask,
-            media_token_id=self.media_token_id,
-            eoc_token_id=self.eoc_token_id,
-            eos_token_id=self.eos_token_id,
-        )
-        if any(s.trainable is not None for s in samples):
-            trainable = torch.ones((B, L), dtype=torch.bool)
-            for b, s in enumerate(samples):
-                if s.trainable is not None:
-                    trainable[b, : len(s.trainable)] = torch.tensor(s.trainable, dtype=torch.bool)
-            labels = labels.masked_fill(~trainable, IGNORE_INDEX)
-        return {"vision_x": vision_x, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    def collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        size = getattr(self.processor.image_processor, "image_size", 224)
+        return collate(samples, pad_token_id=self.pad_token_id, media_token_id=self.media_token_id,
+                       eoc_token_id=self.eoc_token_id, eos_token_id=self.eos_token_id,
+                       empty_image_shape=(3, size, size))
 
     def __repr__(self) -> str:
         return (
