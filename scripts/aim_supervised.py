@@ -9,7 +9,8 @@ is the <colour> object?" and, with ``--aim-questions color,shape,position``, "Wh
 <colour> <shape>?"; scenes of the generator's ``pretrain`` split, made on the fly) and, for its
 batches, a second loss: for the first ``--aim-heads`` heads of every cross-attention block, at
 the named word and at the answer position, minus the log of the attention mass those heads give to
-the named object's cells (each cell's feature token and its colour token). The scene generator
+the named object's cells (each cell's feature token and its colour token; for a counting
+question, "How many <shape>s are there?" with ``count``, the cells of every object it counts). The scene generator
 knows where every object is, so the target is exact. It needs a model whose perceiver passes its
 input cells through (``scripts/grow_adapter.py --media-passthrough``).
 
@@ -39,7 +40,8 @@ from flamingo_vlm.train.trainer import Callback, Trainer, trained_tokens
 
 logger = logging.getLogger("flamingo_vlm.train")
 GRID = 7  # EfficientNet-Lite0's feature grid at 224 px
-QUESTION_TYPES = {"color": "what color is the", "shape": "what shape is the", "position": "where is the"}
+QUESTION_TYPES = {"color": "what color is the", "shape": "what shape is the", "position": "where is the",
+                  "count": "how many"}
 
 
 def object_cells(obj, grid: int = GRID) -> list[int]:
@@ -53,9 +55,10 @@ def object_cells(obj, grid: int = GRID) -> list[int]:
     return sorted(set(inside) | {centre})
 
 
-def named_object(scene, question: dict):
-    """The object a colour, shape or position question names (the generator asks only about
-    unique ones) and the word that names it (for a position question, its shape)."""
+def named_objects(scene, question: dict) -> tuple[list, str]:
+    """The objects a question is about and the word that names them. A colour, shape or position
+    question names one object (the generator asks only about unique ones; for a position question
+    the word is its shape); a counting question names every object it counts ("shapes", "circles")."""
     words = question["question"].rstrip("?").split()
     kind = question["question_type"]
     if kind == "what color is the":
@@ -64,17 +67,20 @@ def named_object(scene, question: dict):
         keys, word = {"color": words[-2]}, words[-2]
     elif kind == "where is the":
         keys, word = {"color": words[-2], "shape": words[-1]}, words[-1]
+    elif kind == "how many":  # "How many <shape>s are there?"
+        word = words[2]
+        keys = {} if word == "shapes" else {"shape": word[:-1]}
     else:
         raise ValueError(f"no named object in a {kind!r} question")
     matches = [o for o in scene.objects if all(getattr(o, k) == v for k, v in keys.items())]
-    if len(matches) != 1:
+    if not matches or (kind != "how many" and len(matches) != 1):
         raise ValueError(f"{question['question']!r} names {len(matches)} objects of the scene")
-    return matches[0], word
+    return matches, word
 
 
 class AimDataset:
     """Endless batches of one-image questions of ``question_types`` with, per row, ``aim_cells`` (49 bools:
-    the named object's cells) and ``aim_positions`` (the named word's last token, the last prompt
+    the named objects' cells) and ``aim_positions`` (the named word's last token, the last prompt
     token). Deterministic in ``start``; its position is the next scene index."""
 
     def __init__(self, processor, *, batch_size: int, start: int, image_size: int = 224, max_tokens: int = 64,
@@ -101,7 +107,7 @@ class AimDataset:
         if not questions:
             return None
         q = questions[int(rng.integers(len(questions)))]
-        obj, word = named_object(scene, q)
+        objs, word = named_objects(scene, q)
         text = pair_text(f"Question:{q['question']} Short answer:{q['answer']}")
         ids = encode(self.tokenizer, text, self.max_tokens, self.eos_token_id)
         offsets = self.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
@@ -109,7 +115,7 @@ class AimDataset:
         prompt_end = text.index("Short answer:") + len("Short answer:")
         positions = [max(i for i, (a, _) in enumerate(offsets) if a < end) for end in (word_end, prompt_end)]
         cells = torch.zeros(GRID * GRID, dtype=torch.bool)
-        cells[object_cells(obj)] = True
+        cells[[c for o in objs for c in object_cells(o)]] = True
         image = self.processor.image_processor(scene.render(self.image_size))
         trainable = prompt_token_mask(self.tokenizer, text, len(ids), ("Short answer:",))
         return {"sample": Sample(ids, [image], trainable), "cells": cells, "positions": positions}

@@ -91,7 +91,7 @@ def test_object_cells_cover_the_object_and_its_centre(aim):
     assert aim.object_cells(large) == [3, 10]
 
 
-def test_named_object_finds_the_object_a_question_names(aim):
+def test_named_objects_finds_the_objects_a_question_names(aim):
     from flamingo_vlm.eval.synthetic import SceneGenerator
 
     gen = SceneGenerator(seed=0)
@@ -102,10 +102,15 @@ def test_named_object_finds_the_object_a_question_names(aim):
             kind = q["question_type"]
             if kind not in aim.QUESTION_TYPES.values():
                 with pytest.raises(ValueError, match="no named object"):
-                    aim.named_object(scene, q)
+                    aim.named_objects(scene, q)
                 continue
-            obj, word = aim.named_object(scene, q)
+            objs, word = aim.named_objects(scene, q)
             seen.add(kind)
+            if kind == "how many":
+                assert len(objs) == int(q["answer"]) and word in q["question"]
+                assert all(o.shape == word[:-1] for o in objs) or objs == list(scene.objects)
+                continue
+            (obj,) = objs
             if kind == "what color is the":
                 assert (obj.shape, obj.color) == (word, q["answer"])
             elif kind == "what shape is the":
@@ -151,13 +156,13 @@ def test_aim_dataset_rows_mark_the_named_word_the_answer_position_and_the_cells(
         text = tok.decode(ids)
         question = text.split("Question:")[1].split(" Short answer:")[0]
         q = next(q for q in scene.questions() if q["question"] == question)
-        obj, word = aim.named_object(scene, q)
+        objs, word = aim.named_objects(scene, q)
         word_pos, answer_pos = batch["aim_positions"][r].tolist()
         assert tok.decode(ids[: word_pos + 1]).endswith(word)
         assert tok.decode(ids[: answer_pos + 1]).endswith("Short answer:")
         trained = [t for t in batch["labels"][r].tolist() if t != -100]
         assert tok.decode(trained).startswith(q["answer"]) and "Question" not in tok.decode(trained)
-        assert batch["aim_cells"][r].nonzero().flatten().tolist() == aim.object_cells(obj)
+        assert batch["aim_cells"][r].nonzero().flatten().tolist() == sorted({c for o in objs for c in aim.object_cells(o)})
     # resuming from its position continues with the same batch
     state = ds.state_dict()
     after = next(iter(ds))
