@@ -10,8 +10,8 @@ is the <colour> object?" and, with ``--aim-questions color,shape,position``, "Wh
 batches, a second loss: for the first ``--aim-heads`` heads of every cross-attention block, at
 the named word and at the answer position, minus the log of the attention mass those heads give to
 the named object's cells (each cell's feature token and its colour token; for a counting
-question, "How many <shape>s are there?" with ``count``, the cells of every object it counts). The scene generator
-knows where every object is, so the target is exact. It needs a model whose perceiver passes its
+question, "How many <shape>s are there?" with ``count``, the cells of every object it counts). The
+scene generator knows where every object is, so the target is exact. It needs a model whose perceiver passes its
 input cells through (``scripts/grow_adapter.py --media-passthrough``).
 
 The config's own datasets (if any) train as usual alongside; the aiming dataset adds
