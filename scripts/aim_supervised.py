@@ -10,8 +10,9 @@ is the <colour> object?" and, with ``--aim-questions color,shape,position``, "Wh
 batches, a second loss: for the first ``--aim-heads`` heads of every cross-attention block, at
 the named word and at the answer position, minus the log of the attention mass those heads give to
 the named object's cells (each cell's feature token and its colour token; for a counting
-question, "How many <shape>s are there?" with ``count``, the cells of every object it counts). The
-scene generator knows where every object is, so the target is exact. It needs a model whose perceiver passes its
+question, "How many <shape>s are there?" with ``count``, the cells of every object it counts; for
+"What word/number is written in the image?" with ``word``/``number``, the cells the written word
+covers). The scene generator knows where every object and the word are, so the target is exact. It needs a model whose perceiver passes its
 input cells through (``scripts/grow_adapter.py --media-passthrough``).
 
 The config's own datasets (if any) train as usual alongside; the aiming dataset adds
@@ -21,6 +22,9 @@ attention loss. Checkpoints, ``--resume`` and the export are the trainer's.
     python scripts/aim_supervised.py --config configs/smol-synthetic-pilot-aim5.yaml --aim-batch 16
     python scripts/aim_supervised.py --config configs/smol-synthetic-stage12.yaml --aim-batch 8 \
         --aim-start 1100000 --aim-questions color,shape,position
+    python scripts/aim_supervised.py --config configs/smol-synthetic-stage14.yaml --aim-batch 8 \
+        --aim-start 1300000 --aim-questions color,shape,position,count,word,number \
+        --aim-question-weights word=4,number=4
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from flamingo_vlm.train.trainer import Callback, Trainer, trained_tokens
 logger = logging.getLogger("flamingo_vlm.train")
 GRID = 7  # EfficientNet-Lite0's feature grid at 224 px
 QUESTION_TYPES = {"color": "what color is the", "shape": "what shape is the", "position": "where is the",
-                  "count": "how many"}
+                  "count": "how many", "word": "what word is", "number": "what number is"}
+TEXT_TYPES = ("what word is", "what number is")
 
 
 def object_cells(obj, grid: int = GRID) -> list[int]:
@@ -78,14 +83,41 @@ def named_objects(scene, question: dict) -> tuple[list, str]:
     return matches, word
 
 
+def text_cells(scene, size: int, grid: int = GRID) -> list[int]:
+    """Row-major cells that the written word covers by at least a twentieth of their area, in the scene
+    rendered at ``size`` pixels (the word is one row of cells high, one to three wide)."""
+    x0, y0, x1, y1 = scene.text_box(size)
+    cell = size / grid
+    out = []
+    for row in range(grid):
+        for col in range(grid):
+            w = min(x1, (col + 1) * cell) - max(x0, col * cell)
+            h = min(y1, (row + 1) * cell) - max(y0, row * cell)
+            if w > 0 and h > 0 and w * h >= 0.05 * cell * cell:
+                out.append(row * grid + col)
+    return out
+
+
+def question_target(scene, question: dict, size: int) -> tuple[list[int], str]:
+    """The cells a question is about and the word of the question that names them: the named
+    objects' cells, or, for "What word/number is written in the image?", the written word's."""
+    if question["question_type"] in TEXT_TYPES:
+        return text_cells(scene, size), question["question"].split()[1]
+    objs, word = named_objects(scene, question)
+    return sorted({c for o in objs for c in object_cells(o)}), word
+
+
 class AimDataset:
     """Endless batches of one-image questions of ``question_types`` with, per row, ``aim_cells`` (49 bools:
     the named objects' cells) and ``aim_positions`` (the named word's last token, the last prompt
     token). Deterministic in ``start``; its position is the next scene index."""
 
     def __init__(self, processor, *, batch_size: int, start: int, image_size: int = 224, max_tokens: int = 64,
-                 question_types=("what color is the", "what shape is the"), generator: SceneGenerator | None = None):
+                 question_types=("what color is the", "what shape is the"), generator: SceneGenerator | None = None,
+                 question_weights: dict[str, float] | None = None):
         self.question_types = tuple(question_types)
+        # None keeps the uniform draw of stages 12-13 (and their random stream)
+        self.question_weights = question_weights
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.batch_size, self.image_size, self.max_tokens = batch_size, image_size, max_tokens
         self.gen = generator or SceneGenerator(seed=0)
@@ -106,8 +138,12 @@ class AimDataset:
         questions = [q for q in scene.questions() if q["question_type"] in self.question_types]
         if not questions:
             return None
-        q = questions[int(rng.integers(len(questions)))]
-        objs, word = named_objects(scene, q)
+        if self.question_weights is None:
+            q = questions[int(rng.integers(len(questions)))]
+        else:
+            w = np.array([self.question_weights.get(q["question_type"], 1.0) for q in questions])
+            q = questions[int(rng.choice(len(questions), p=w / w.sum()))]
+        cell_ids, word = question_target(scene, q, self.image_size)
         text = pair_text(f"Question:{q['question']} Short answer:{q['answer']}")
         ids = encode(self.tokenizer, text, self.max_tokens, self.eos_token_id)
         offsets = self.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
@@ -115,7 +151,7 @@ class AimDataset:
         prompt_end = text.index("Short answer:") + len("Short answer:")
         positions = [max(i for i, (a, _) in enumerate(offsets) if a < end) for end in (word_end, prompt_end)]
         cells = torch.zeros(GRID * GRID, dtype=torch.bool)
-        cells[[c for o in objs for c in object_cells(o)]] = True
+        cells[cell_ids] = True
         image = self.processor.image_processor(scene.render(self.image_size))
         trainable = prompt_token_mask(self.tokenizer, text, len(ids), ("Short answer:",))
         return {"sample": Sample(ids, [image], trainable), "cells": cells, "positions": positions}
@@ -201,10 +237,24 @@ def main(argv=None) -> int:
     p.add_argument("--aim-heads", type=int, default=4, help="supervised heads of each block (the first ones)")
     p.add_argument("--aim-start", type=int, default=800000, help="first scene index of the aiming data")
     p.add_argument("--aim-questions", default="color,shape", help=f"question kinds, of {','.join(QUESTION_TYPES)}")
+    p.add_argument("--aim-question-weights", default=None, metavar="KIND=W,...",
+                   help="relative weight of a question kind when a scene has several (default: all 1, drawn "
+                        "uniformly), e.g. word=6,number=6")
     args = p.parse_args(argv)
     kinds = args.aim_questions.split(",")
     if not kinds or set(kinds) - set(QUESTION_TYPES):
         p.error(f"--aim-questions: choose from {', '.join(QUESTION_TYPES)}, got {args.aim_questions!r}")
+    weights = None
+    if args.aim_question_weights:
+        try:
+            pairs = [item.split("=") for item in args.aim_question_weights.split(",")]
+            weights = {QUESTION_TYPES[k.strip()]: float(v) for k, v in pairs}
+        except (KeyError, ValueError):
+            p.error(f"--aim-question-weights: expected KIND=W,... with KIND of {', '.join(kinds)}, "
+                    f"got {args.aim_question_weights!r}")
+        if any(w <= 0 for w in weights.values()) or set(weights) - {QUESTION_TYPES[k] for k in kinds}:
+            p.error(f"--aim-question-weights: give positive weights to kinds of --aim-questions "
+                    f"({args.aim_questions}), got {args.aim_question_weights!r}")
     cfg = config_from_args(args)
     _setup_logging()
 
@@ -217,7 +267,8 @@ def main(argv=None) -> int:
                          "model with scripts/grow_adapter.py --media-passthrough")
     datasets = config_datasets(cfg, model, tokenizer, image_processor)
     datasets.append(AimDataset(FlamingoProcessor(tokenizer, image_processor), batch_size=args.aim_batch,
-                               start=args.aim_start, question_types=[QUESTION_TYPES[k] for k in kinds]))
+                               start=args.aim_start, question_types=[QUESTION_TYPES[k] for k in kinds],
+                               question_weights=weights))
 
     class LogAim(Callback):
         def on_step_end(self, trainer, record):

@@ -295,6 +295,18 @@ def test_bf16_precisions_train_and_keep_token_ids_int64(model_dir, media_id, tmp
     assert not torch.equal(before, trainable_vector(t.flamingo))
 
 
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(model_dir, media_id, tmp_path, monkeypatch, caplog, has_bf16):
+    monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: has_bf16)
+    for precision in ("amp_bf16", "fp32"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="flamingo_vlm.train"):
+            Trainer(make_config(model_dir, tmp_path / precision, precision=precision, max_steps=1),
+                    **fake_mixture(media_id)).close()
+        warned = any("without bf16 instructions" in r.getMessage() for r in caplog.records)
+        assert warned == (precision == "amp_bf16" and not has_bf16)
+
+
 def test_gradient_checkpointing_recomputes_and_gives_the_same_losses(model_dir, media_id, tmp_path):
     losses = {}
     for gc in (False, True, "lm"):

@@ -109,6 +109,14 @@ _ARCH_FIELDS = ("cross_attn_every_n_layers", "decoder_layers_attr_name", "freeze
                 "perceiver_kwargs", "cross_attn_kwargs")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX); without, oneDNN emulates it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 def build_model(cfg: ModelConfig):
     """``(model, image_processor, tokenizer)`` as the model section says."""
     with warnings.catch_warnings():
@@ -313,6 +321,11 @@ class Trainer:
 
         if info.device.type == "cpu" and cfg.malloc_mmap_threshold:
             set_malloc_mmap_threshold(cfg.malloc_mmap_threshold)
+        if info.device.type == "cpu" and cfg.precision != "fp32" and not cpu_has_bf16():
+            logger.warning(
+                "precision %s on a CPU without bf16 instructions (%s): bf16 matrix products are emulated and a "
+                "step can take 20x longer than in fp32; consider --precision fp32", cfg.precision,
+                torch.backends.cpu.get_cpu_capability())
         # Model: identical on every rank (same seed), before any wrapping.
         torch.manual_seed(cfg.seed)
         if model is None:
