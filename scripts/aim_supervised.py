@@ -12,8 +12,9 @@ the named word and at the answer position, minus the log of the attention mass t
 the named object's cells (each cell's feature token and its colour token; for a counting
 question, "How many <shape>s are there?" with ``count``, the cells of every object it counts; for
 "What word/number is written in the image?" with ``word``/``number``, the cells the written word
-covers). The scene generator knows where every object and the word are, so the target is exact. It needs a model whose perceiver passes its
-input cells through (``scripts/grow_adapter.py --media-passthrough``).
+covers). The scene generator knows where every object and the word are, so the target is exact.
+It needs a model whose perceiver passes its input cells through (``scripts/grow_adapter.py
+--media-passthrough``).
 
 The config's own datasets (if any) train as usual alongside; the aiming dataset adds
 ``--aim-batch`` documents per step with weight 1 on its answer loss and ``--aim-weight`` on its

@@ -297,7 +297,7 @@ def test_bf16_precisions_train_and_keep_token_ids_int64(model_dir, media_id, tmp
 
 @pytest.mark.parametrize("has_bf16", [False, True])
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(model_dir, media_id, tmp_path, monkeypatch, caplog, has_bf16):
-    monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(trainer_mod, "fast_bf16", lambda device=None: has_bf16)
     for precision in ("amp_bf16", "fp32"):
         caplog.clear()
         with caplog.at_level("WARNING", logger="flamingo_vlm.train"):

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..generate import fast_bf16
 from ..locking import hold_for_job
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, TrainConfig
@@ -107,14 +108,6 @@ class Callback:
 # -- model -----------------------------------------------------------------------------------------
 _ARCH_FIELDS = ("cross_attn_every_n_layers", "decoder_layers_attr_name", "freeze_lm_embeddings",
                 "perceiver_kwargs", "cross_attn_kwargs")
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX); without, oneDNN emulates it."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return False
 
 
 def build_model(cfg: ModelConfig):
@@ -321,7 +314,7 @@ class Trainer:
 
         if info.device.type == "cpu" and cfg.malloc_mmap_threshold:
             set_malloc_mmap_threshold(cfg.malloc_mmap_threshold)
-        if info.device.type == "cpu" and cfg.precision != "fp32" and not cpu_has_bf16():
+        if info.device.type == "cpu" and cfg.precision != "fp32" and not fast_bf16("cpu"):
             logger.warning(
                 "precision %s on a CPU without bf16 instructions (%s): bf16 matrix products are emulated and a "
                 "step can take 20x longer than in fp32; consider --precision fp32", cfg.precision,
