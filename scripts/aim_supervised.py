@@ -47,7 +47,7 @@ logger = logging.getLogger("flamingo_vlm.train")
 GRID = 7  # EfficientNet-Lite0's feature grid at 224 px
 QUESTION_TYPES = {"color": "what color is the", "shape": "what shape is the", "position": "where is the",
                   "count": "how many", "word": "what word is", "number": "what number is"}
-TEXT_TYPES = ("what word is", "what number is")
+TEXT_TYPES = (QUESTION_TYPES["word"], QUESTION_TYPES["number"])  # about the written word, not an object
 
 
 def object_cells(obj, grid: int = GRID) -> list[int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .modeling.fast_linear import fast_bf16
 from .processing import EOC_TOKEN, MEDIA_TOKEN
 from .registry import DEFAULT_MODEL
 
@@ -81,16 +82,6 @@ def rank_candidates(model, image_processor, tokenizer, sample, candidates) -> li
         scores = model.score(vision_x, input_ids, ids, attention_mask)[0].float()
     probs = scores.softmax(-1).tolist()
     return sorted(zip(candidates, probs), key=lambda cp: -cp[1])
-
-
-def fast_bf16(device: str | None = None) -> bool:
-    """Whether bf16 runs natively here (CUDA, or a CPU with AVX512-BF16/AMX), not emulated."""
-    if device and str(device).startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _load(model_name: str, dtype: str | None, device: str | None):

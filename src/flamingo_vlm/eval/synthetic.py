@@ -109,22 +109,23 @@ class Scene:
             cx, cy = (ax + obj.offset[0]) * size, (ay + obj.offset[1]) * size
             _draw_shape(draw, obj.shape, cx, cy, SIZES[obj.size] * size, COLORS[obj.color])
         if self.text:
-            font = _font(max(9, size // 9))
-            x, y, _, _ = self.text_box(size)
-            left, top, _, _ = draw.textbbox((0, 0), self.text, font=font)
-            draw.text((x - left, y - top), self.text, fill=(0, 0, 0), font=font)
+            font, origin, _ = self._text_layout(size)
+            draw.text(origin, self.text, fill=(0, 0, 0), font=font)
         return im
 
     def text_box(self, size: int = 128) -> tuple[int, int, int, int] | None:
         """Pixel box (left, top, right, bottom) of the written word in :meth:`render` at ``size``."""
-        if not self.text:
-            return None
-        left, top, right, bottom = _font(max(9, size // 9)).getbbox(self.text)
+        return self._text_layout(size)[2] if self.text else None
+
+    def _text_layout(self, size: int):
+        """The font, the origin to draw the word from, and its ink box, in the scene's corner."""
+        font = _font(max(9, size // 9))
+        left, top, right, bottom = font.getbbox(self.text)
         w, h = right - left, bottom - top
         margin = max(2, size // 40)
         x = margin if "left" in self.text_corner else size - w - margin
         y = margin if "top" in self.text_corner else size - h - margin
-        return x, y, x + w, y + h
+        return font, (x - left, y - top), (x, y, x + w, y + h)
 
     # -- language -----------------------------------------------------------------------------------
     def _rng(self, salt: int) -> np.random.Generator:

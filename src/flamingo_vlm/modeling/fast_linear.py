@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["linear", "onednn_available", "onednn_linears"]
+__all__ = ["fast_bf16", "linear", "onednn_available", "onednn_linears"]
 
 # Set inside an ``onednn_linears`` block (per thread / async context): modules that compute their
 # products with :func:`linear` instead of being ``nn.Linear`` (the LM head with new-token rows) follow it.
@@ -31,6 +31,16 @@ _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("flamingo_vlm_one
 
 def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def fast_bf16(device: str | None = None) -> bool:
+    """Whether bf16 runs natively here (CUDA, or a CPU with AVX512-BF16/AMX), not emulated."""
+    if device and str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

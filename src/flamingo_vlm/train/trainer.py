@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generate import fast_bf16
 from ..locking import hold_for_job
+from ..modeling.fast_linear import fast_bf16
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, TrainConfig
 from .distributed import (
