@@ -2,7 +2,7 @@
 """Train with a loss on *where* the cross-attention looks, not only on the answer (a step of the
 built-in model's recipe, not a library feature).
 
-The aiming pilots (``scripts/aim_probe.py``) showed heads that pool every object in the picture and
+The aiming pilots (``research/aim_probe.py``) showed heads that pool every object in the picture and
 never learn, from the answer's loss alone, to look at the object a question names. This script adds
 a dataset of one-image questions that name one object ("What color is the <shape>?", "What shape
 is the <colour> object?" and, with ``--aim-questions color,shape,position``, "Where is the
@@ -20,7 +20,7 @@ The config's own datasets (if any) train as usual alongside; the aiming dataset 
 ``--aim-batch`` documents per step with weight 1 on its answer loss and ``--aim-weight`` on its
 attention loss. Checkpoints, ``--resume`` and the export are the trainer's.
 
-    python scripts/aim_supervised.py --config configs/smol-synthetic-pilot-aim5.yaml --aim-batch 16
+    python scripts/aim_supervised.py --config research/configs/smol-synthetic-pilot-aim5.yaml --aim-batch 16
     python scripts/aim_supervised.py --config configs/smol-synthetic-stage12.yaml --aim-batch 8 \
         --aim-start 1100000 --aim-questions color,shape,position
     python scripts/aim_supervised.py --config configs/smol-synthetic-stage14.yaml --aim-batch 8 \

@@ -1,4 +1,4 @@
-"""scripts/cells_only.py: the pilot wrapper that drops the perceiver's latents and scales the
+"""research/cells_only.py: the pilot wrapper that drops the perceiver's latents and scales the
 cross-attention's query/key-value learning rate."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def cells_only(monkeypatch):
     # the script patches module attributes; monkeypatch puts them back after the test
     monkeypatch.setattr(perceiver.PerceiverResampler, "forward", perceiver.PerceiverResampler.forward)
     monkeypatch.setattr(optim, "param_groups", optim.param_groups)
-    with script_module("cells_only") as module:
+    with script_module("cells_only", "research") as module:
         yield module
 
 

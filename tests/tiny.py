@@ -72,9 +72,9 @@ def random_images(n: int, seed: int = 0, size: int = 40):
 
 
 @contextlib.contextmanager
-def script_module(name: str):
-    """``scripts/<name>.py`` imported as a module for the length of the block."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+def script_module(name: str, folder: str = "scripts"):
+    """``<folder>/<name>.py`` (``scripts/`` or ``research/``) imported as a module for the length of the block."""
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

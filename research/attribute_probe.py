@@ -7,7 +7,7 @@ For scenes of 1-4 objects (evaluation generator seed, never trained on) it asks,
 top-1 accuracy by number of objects. Ranking, not generation: it measures whether the answer is in
 what reaches the LM, whatever the decoding does.
 
-    python scripts/attribute_probe.py --model smol-synthetic --scenes 40
+    python research/attribute_probe.py --model smol-synthetic --scenes 40
 
 A model that sees colour but cannot bind it to the right object is right on 1-object scenes and
 falls towards chance (1/6) as objects are added. The same answers are then split by whether the

@@ -16,8 +16,8 @@ cross-attention's queries at the shape word depend on the word: for one two-obje
 6 shape names, the relative spread (mean pairwise distance over mean norm) of the block's normed
 input and of its query. A query that has stopped depending on the word cannot aim.
 
-    python scripts/aim_probe.py --model runs/pilot-aim2/final --scenes 40
-    python scripts/cells_only.py scripts/aim_probe.py --model runs/pilot-aim3/final   # latents dropped
+    python research/aim_probe.py --model runs/pilot-aim2/final --scenes 40
+    python research/cells_only.py research/aim_probe.py --model runs/pilot-aim3/final   # latents dropped
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def query_spread(model, image_processor, tokenizer, blocks, size: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from attribute_probe import relative_spread  # scripts/ is on sys.path when a script runs
+    from attribute_probe import relative_spread  # research/ is on sys.path when a script runs
     from flamingo_vlm.eval.card import _eval_generator
     from flamingo_vlm.eval.synthetic import SHAPES
     from flamingo_vlm.generate import _model_inputs

@@ -7,7 +7,7 @@ accuracy on test-split scenes by number of objects. High accuracy with 2-4 objec
 information for "what shape is the red object" is in the tokens, cell by cell; what is left is for
 the adapter to look in the right cell.
 
-    python scripts/cell_probe.py --model smol-synthetic --train-scenes 500 --test-scenes 200
+    python research/cell_probe.py --model smol-synthetic --train-scenes 500 --test-scenes 200
 """
 
 from __future__ import annotations

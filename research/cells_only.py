@@ -6,8 +6,8 @@ The model must pass its input tokens through (``scripts/grow_adapter.py --media-
 ``--qk-lr-scale S`` multiplies the learning rate of the cross-attention's query and key/value
 projections by S when training.
 
-    python scripts/cells_only.py train --config configs/smol-synthetic-pilot-aim3.yaml
-    python scripts/cells_only.py scripts/attribute_probe.py --model runs/pilot-aim3/final
+    python research/cells_only.py train --config research/configs/smol-synthetic-pilot-aim3.yaml
+    python research/cells_only.py research/attribute_probe.py --model runs/pilot-aim3/final
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ another document of the batch, and with blank images.
 
     python -m flamingo_vlm.eval.synthetic episodes data/ep-ablation --documents 400 --start 90000 \
         --shots 1,4 --mix caption=0.35,vqa=0.45,classify=0.2
-    python scripts/image_ablation.py --model smol-synthetic --data "data/ep-ablation/interleaved-000000.tar"
+    python research/image_ablation.py --model smol-synthetic --data "data/ep-ablation/interleaved-000000.tar"
 
 A model that ignores its images scores the same in all three columns (what stage 1 of the built-in
 model did); the gap between "true" and the others is what the images are worth to it.
