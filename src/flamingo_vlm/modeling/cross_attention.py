@@ -42,6 +42,9 @@ def media_attention_mask(
 
 
 class MaskedCrossAttention(nn.Module):
+    """Text queries attend to the image tokens each text position may see (``text_media``); image
+    keys/values come precomputed from :meth:`image_keys_values`."""
+
     def __init__(
         self,
         *,
@@ -100,6 +103,9 @@ class MaskedCrossAttention(nn.Module):
 
 
 class GatedCrossAttentionBlock(nn.Module):
+    """Masked cross-attention then a feed-forward, each added to the residual stream through a
+    tanh gate that starts at zero; inserted before an LM decoder layer."""
+
     def __init__(
         self,
         *,

@@ -35,6 +35,8 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class PerceiverAttention(nn.Module):
+    """Latents attend to one image's vision tokens and to themselves (keys/values of both)."""
+
     def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8):
         super().__init__()
         self.heads = heads
@@ -58,6 +60,9 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
+    """Resamples each image's variable number of vision tokens into ``num_latents`` learnt latent
+    tokens (optionally followed by the normed input tokens, ``media_passthrough``)."""
+
     def __init__(
         self,
         *,
