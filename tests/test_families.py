@@ -13,11 +13,12 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, MptConfig, PreTrainedTokenizerFast
 
 from flamingo_vlm import create_model_and_transforms
 from flamingo_vlm.modeling.flamingo import Flamingo
 from flamingo_vlm.modeling.injection import FlamingoLayer
+from flamingo_vlm.modeling.mpt import MosaicMptForCausalLM
 from flamingo_vlm.modeling.vision import OpenCLIPVisionTransformer
 from flamingo_vlm.processing import FlamingoProcessor
 
@@ -55,6 +56,12 @@ FAMILIES = [
                                 attention_types=[[["global", "local"], 1]], window_size=8), 2),
     ("gpt2", "gpt2", dict(n_embd=32, n_inner=64, n_layer=2, n_head=4), 1),
     ("mpt", "mpt", dict(d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=128), 2),
+    # Our MPT (flamingo_vlm.modeling.mpt, what MosaicGPT/MPT checkpoints load into): QK-LayerNorm, clip_qkv,
+    # softmax_scale, alibi_bias_max, logit_scale, biases, a 2x MLP and 6 heads (not a power of two).
+    ("mosaic_mpt", "mosaic_mpt", dict(d_model=36, n_heads=6, n_layers=2, expansion_ratio=2, max_seq_len=128,
+                                      no_bias=False, logit_scale=0.5,
+                                      attn_config=dict(qk_ln=True, alibi_bias_max=4, clip_qkv=2.0,
+                                                       softmax_scale=0.3)), 1),
     ("falcon", "falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                               new_decoder_architecture=False, alibi=False), 1),
     ("falcon_new_arch", "falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -84,6 +91,9 @@ def make_vision_encoder() -> OpenCLIPVisionTransformer:
 
 def make_lm(model_type: str, kwargs: dict, vocab_size: int):
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    if model_type == "mosaic_mpt":
+        config = MptConfig(vocab_size=vocab_size, initializer_range=INIT_STD, **ids, **kwargs)
+        return MosaicMptForCausalLM(config)
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **ids, **kwargs)
     # A wider init than the default 0.02 gives peaked, varied logits: fewer near-ties in greedy
     # and beam search, and outputs that actually depend on the prompt and images.

@@ -15,7 +15,7 @@ class OpenFlamingoRelease:
     lang_encoder: str
     tokenizer: str
     cross_attn_every_n_layers: int
-    lm_config: dict = field(default_factory=dict)  # model_type + kwargs for AutoConfig.for_model
+    lm_config: dict = field(default_factory=dict)  # the LM's config.json (model_type included)
     vision: str = "ViT-L-14"
     vision_pretrained: str = "openai"
     checkpoint_file: str = "checkpoint.pt"
@@ -25,10 +25,23 @@ class OpenFlamingoRelease:
     paper_vqav2_4shot: float | None = None
 
 
-_MPT_1B = {"model_type": "mpt", "d_model": 2048, "n_heads": 16, "n_layers": 24, "expansion_ratio": 4,
-           "max_seq_len": 2048, "vocab_size": 50432, "no_bias": True}
+# The LMs' config.json as the Hub has them (what lm_loading.causal_lm_from_config builds, offline).
+# mpt-1b-redpajama-200b(-dolly): MosaicGPT (remote code, April 2023); the model card: 24 layers, 16 heads,
+# width 2048, ALiBi, QK LayerNorm, no biases, sequence length 2048. Keys as MosaicGPTConfig writes them.
+_MOSAIC_GPT_1B = {"model_type": "mosaic_gpt", "d_model": 2048, "n_heads": 16, "n_layers": 24, "mlp_ratio": 4,
+                  "max_seq_len": 2048, "vocab_size": 50432, "alibi": True, "alibi_bias_max": 8,
+                  "attn_qk_ln": True, "attn_clip_qkv": None, "softmax_scale": None, "logit_scale": None,
+                  "no_bias": True, "prefix_lm": False, "attn_uses_sequence_id": False, "attn_impl": "torch",
+                  "attn_pdrop": 0.0, "resid_pdrop": 0.0, "emb_pdrop": 0.0, "embedding_fraction": 1.0,
+                  "low_precision_layernorm": True}
+# anas-awadalla/mpt-7b: llm-foundry MPT (model_type "mpt"), May 2023.
 _MPT_7B = {"model_type": "mpt", "d_model": 4096, "n_heads": 32, "n_layers": 32, "expansion_ratio": 4,
-           "max_seq_len": 2048, "vocab_size": 50432, "no_bias": True}
+           "max_seq_len": 2048, "vocab_size": 50432, "no_bias": True, "logit_scale": None,
+           "norm_type": "low_precision_layernorm", "learned_pos_emb": True, "emb_pdrop": 0, "resid_pdrop": 0,
+           "embedding_fraction": 1.0,
+           "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_impl": "torch", "attn_pdrop": 0,
+                           "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,
+                           "prefix_lm": False, "qk_ln": False, "softmax_scale": None}}
 _RPJ_3B = {"model_type": "gpt_neox", "hidden_size": 2560, "num_attention_heads": 32, "num_hidden_layers": 32,
            "intermediate_size": 10240, "vocab_size": 50432, "rotary_pct": 1.0, "use_parallel_residual": False,
            "tie_word_embeddings": False, "max_position_embeddings": 2048}
@@ -37,10 +50,10 @@ OPENFLAMINGO_RELEASES: dict[str, OpenFlamingoRelease] = {
     r.repo_id: r
     for r in [
         OpenFlamingoRelease("openflamingo/OpenFlamingo-3B-vitl-mpt1b", "anas-awadalla/mpt-1b-redpajama-200b",
-                            "anas-awadalla/mpt-1b-redpajama-200b", 1, _MPT_1B, paper_coco_4shot=77.3, paper_vqav2_4shot=45.8),
+                            "anas-awadalla/mpt-1b-redpajama-200b", 1, _MOSAIC_GPT_1B, paper_coco_4shot=77.3, paper_vqav2_4shot=45.8),
         OpenFlamingoRelease("openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct",
                             "anas-awadalla/mpt-1b-redpajama-200b-dolly", "anas-awadalla/mpt-1b-redpajama-200b-dolly", 1,
-                            _MPT_1B, paper_coco_4shot=82.7, paper_vqav2_4shot=45.7),
+                            _MOSAIC_GPT_1B, paper_coco_4shot=82.7, paper_vqav2_4shot=45.7),
         OpenFlamingoRelease("openflamingo/OpenFlamingo-4B-vitl-rpj3b", "togethercomputer/RedPajama-INCITE-Base-3B-v1",
                             "togethercomputer/RedPajama-INCITE-Base-3B-v1", 2, _RPJ_3B, paper_coco_4shot=81.8, paper_vqav2_4shot=49.0),
         OpenFlamingoRelease("openflamingo/OpenFlamingo-4B-vitl-rpj3b-langinstruct",
