@@ -19,7 +19,6 @@ from flamingo_vlm import FlamingoProcessor, add_flamingo_tokens
 from flamingo_vlm.data import (
     DatasetSpec,
     ShardDataset,
-    ShardError,
     add_data_subcommand,
     build_datasets,
     expand_urls,
@@ -401,10 +400,11 @@ def test_shard_errors(tmp_path, processor):
         expand_urls(str(tmp_path / "nothing-*.tar"))
     with pytest.raises(FileNotFoundError, match="missing"):
         ShardDataset(DatasetSpec("pairs", [str(tmp_path / "missing-{000..001}.tar")]), processor)
+    # nothing readable at all: the "no full batch" error names the damaged shard and why
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar file at all" * 40)
     ds = ShardDataset(DatasetSpec("pairs", [str(bad)]), processor)
-    with pytest.raises(ShardError, match="bad.tar"):
+    with pytest.raises(RuntimeError, match=r"no full batch.*1 unreadable shard\(s\): .*bad.tar \(not a readable tar"):
         next(iter(ds))
     # a truncated shard yields what it has and is counted
     urls = pair_shards(tmp_path, NAMES[:6], per_shard=6)
@@ -412,7 +412,124 @@ def test_shard_errors(tmp_path, processor):
     Path(urls[0]).write_bytes(data[: 3 * 2048 + 700])  # 3 samples (2 files of 1024 bytes each) and a bit
     ds = ShardDataset(DatasetSpec("pairs", urls, batch_size=3), processor)
     next(iter(ds))
-    assert ds.stats["shard_read_errors"] == 1 and ds.stats["samples"] == 3
+    assert ds.stats["shards_truncated"] == 1 and ds.stats["samples"] == 3
+    assert list(ds.problems()["truncated_shards"]) == urls
+
+
+def _damaged_mix(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """Good pair shards mixed with a non-tar, an empty, a vanished and a truncated one."""
+    good = pair_shards(tmp_path, NAMES[:12], per_shard=4)  # 3 shards of 4 samples
+    garbage, empty, gone = tmp_path / "garbage.tar", tmp_path / "empty.tar", tmp_path / "gone.tar"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    empty.write_bytes(b"")
+    gone.write_bytes(b"")  # expanded as a shard, then deleted before it is read
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(Path(good[2]).read_bytes()[: 5 * 512])  # cut at a header: no end-of-archive marker
+    urls = [good[0], str(garbage), good[1], str(empty), str(gone), str(truncated)]
+    return urls, {"garbage": str(garbage), "empty": str(empty), "gone": str(gone), "truncated": str(truncated)}
+
+
+def test_unreadable_shards_are_skipped_counted_and_named(tmp_path, processor, caplog):
+    urls, bad = _damaged_mix(tmp_path)
+    ds = ShardDataset(DatasetSpec("pairs", urls, batch_size=2, shuffle_buffer=0), processor)
+    Path(bad["gone"]).unlink()
+    with caplog.at_level("WARNING", logger="flamingo_vlm.data"):
+        batches = take(ds, 10)  # 8 or 9 usable samples -> 4 batches per epoch: this reads 2 epochs and more
+    assert ds.stats["epochs"] == 2
+    colours = [colour_name(b["vision_x"][i, 0]) for b in batches[:4] for i in range(2)]
+    assert sorted(colours) == sorted(NAMES[:8])  # the 8 samples of the two good shards, none lost
+    problems = ds.problems()
+    assert sorted(problems["unreadable_shards"]) == sorted([bad["garbage"], bad["empty"], bad["gone"]])
+    assert "not a readable tar file" in problems["unreadable_shards"][bad["garbage"]]
+    assert "cannot open" in problems["unreadable_shards"][bad["gone"]]
+    assert list(problems["truncated_shards"]) == [bad["truncated"]]
+    assert ds.stats["shards_unreadable"] >= 2 * 3 and ds.stats["shards_truncated"] >= 2  # each epoch reads them
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for url in bad.values():  # named in the log, once for the whole run
+        assert sum(url in m for m in warned) == 1, (url, warned)
+
+
+def _tar_layout(data: bytes) -> tuple[list[tuple[int, int]], int]:
+    """(data start, data end) of each member, and where the end-of-archive block starts."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        spans = [(m.offset_data, m.offset_data + m.size) for m in tar.getmembers()]
+    end = -(-spans[-1][1] // 512) * 512
+    return spans, end
+
+
+def test_truncated_tars_are_counted_wherever_they_are_cut(tmp_path):
+    from flamingo_vlm.data.shards import iter_raw_samples
+
+    samples = [{"__key__": f"{i:04d}", "png": png(n), "txt": f"a {n} square"} for i, n in enumerate(NAMES[:4])]
+    full = Path(write_tar(tmp_path / "full.tar", samples)).read_bytes()
+    spans, end = _tar_layout(full)
+    whole = list(iter_raw_samples(str(tmp_path / "full.tar")))
+    assert [s["__key__"] for s in whole] == [s["__key__"] for s in samples]
+    # every block boundary (headers included), a few cuts inside blocks, the end marker itself
+    cuts = sorted(set(range(512, end + 1, 512)) | {100, 700, spans[1][0] + 3, spans[-1][1] - 1, end})
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}.tar"
+        path.write_bytes(full[:cut])
+        stats, errors = Counter(), []
+        got = list(iter_raw_samples(str(path), stats, lambda u, k, r: errors.append((u, k, r))))
+        complete = sum(1 for k in range(len(samples)) if spans[2 * k + 1][1] <= cut)  # png + txt per sample
+        kind = "unreadable" if cut < 512 else "truncated"
+        assert [(u, k) for u, k, _ in errors] == [(str(path), kind)], cut
+        assert stats[f"shards_{kind}"] == 1, cut
+        # a prefix of the shard, every sample whole; at most the last complete one is lost at the cut
+        assert complete - 1 <= len(got) <= complete, (cut, len(got), complete)
+        assert got == [dict(w, __url__=str(path)) for w in whole[: len(got)]], cut
+    for cut in (end + 512, len(full)):  # the end-of-archive block is there: a whole shard
+        (tmp_path / "ok.tar").write_bytes(full[:cut])
+        stats = Counter()
+        assert len(list(iter_raw_samples(str(tmp_path / "ok.tar"), stats, None))) == 4 and not stats
+
+
+def test_inspect_reports_damaged_shards_and_never_crashes(tmp_path, capsys):
+    from flamingo_vlm.cli import main
+
+    urls, bad = _damaged_mix(tmp_path)
+    Path(bad["gone"]).unlink()
+    urls.remove(bad["gone"])
+    summary = inspect_shards(urls)
+    status = {f["shard"]: f["status"] for f in summary["files"]}
+    assert status == {urls[0]: "ok", urls[2]: "ok", bad["garbage"]: "unreadable", bad["empty"]: "unreadable",
+                      bad["truncated"]: "truncated"}
+    assert summary["samples"] == 8 + 1 and summary["shard_read_errors"] == 3
+    assert next(f for f in summary["files"] if f["shard"] == bad["empty"])["error"].endswith("(ReadError: empty file)")
+    assert main(["data", "inspect", *urls]) == 0
+    out = capsys.readouterr().out
+    assert "damaged shards: 3" in out
+    lines = out.splitlines()
+    for url, word in [(bad["garbage"], "unreadable"), (bad["empty"], "unreadable"), (bad["truncated"], "truncated"),
+                      (urls[0], "ok")]:
+        assert any(line.split()[:2] == [word, f"{url}:"] for line in lines), (url, out)
+    # a pattern that matches nothing: one line, exit 1, no traceback
+    assert main(["data", "inspect", str(tmp_path / "nothing-*.tar")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flamingo-vlm data: error: no shards found") and "nothing-*.tar" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_resume_is_exact_with_damaged_shards(tmp_path, processor):
+    urls, bad = _damaged_mix(tmp_path)
+    samples = [{"__key__": f"c{i}", "png": b"not an image", "txt": "corrupt"} for i in range(2)]
+    urls.append(write_tar(tmp_path / "corrupt.tar", samples))
+    spec = DatasetSpec("pairs", urls, batch_size=2, shuffle_buffer=3)
+    a = ShardDataset(spec, processor, seed=5)
+    it = iter(a)
+    for _ in range(6):  # into epoch 1
+        next(it)
+    state = json.loads(json.dumps(a.state_dict()))
+    assert state["epoch"] == 1 and len(state["shard_problems"]) == 4 and state["corrupt"] >= 2
+    expected = [next(it) for _ in range(5)]
+    b = ShardDataset(spec, processor, seed=5)
+    b.load_state_dict(state)
+    got = take(b, 5)
+    for x, y in zip(expected, got):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    # the counts continue those of the interrupted run
+    assert b.problems() == a.problems() and b.state_dict() == a.state_dict()
 
 
 def test_url_expansion(tmp_path):

@@ -62,26 +62,69 @@ def test_sampling_returns_several_sequences(saved, capsys):
     assert code == 0 and len(json.loads(out.out)["outputs"]) == 3
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--prompt", "<image><image>x", "--images", "IM0"], "2 <image> marker(s) but 1 image"),
-    (["--image", "MISSING.png", "--text", "x"], "does not exist"),
-    ([], "give a prompt"),
-    (["--prompt", "x", "--image", "IM0"], "not both"),
-    (["--demo", "--text", "x"], "--demo runs the bundled prompts"),
+@pytest.mark.parametrize("argv, message, code", [
+    (["--prompt", "<image><image>x", "--images", "IM0"], "2 <image> marker(s) but 1 image", 2),
+    (["--image", "MISSING.png", "--text", "x"], "image MISSING.png does not exist", 1),
+    ([], "give a prompt", 2),
+    (["--prompt", "x", "--image", "IM0"], "not both", 2),
+    (["--demo", "--text", "x"], "--demo runs the bundled prompts", 2),
+    (["--prompt", ""], "--prompt is empty", 2),
+    (["--text", ""], "the prompt is empty", 2),
+    (["--text", " ", "--text", ""], "the prompt is empty", 2),
+    (["--text", "<image>x", "--image", "IM0"], "--text must not contain <image>", 2),
+    (["--image", "DIR", "--text", "x"], "image DIR is a directory, not an image file", 1),
+    (["--prompt", "<image>x", "--images", "DIR"], "image DIR is a directory", 1),
+    (["--text", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1", 2),
+    (["--text", "x", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 1", 2),
+    (["--text", "x", "--num-beams", "0"], "--num-beams must be >= 1", 2),
+    (["--text", "x", "--num-return-sequences", "0"], "--num-return-sequences must be >= 1", 2),
+    (["--text", "x", "--num-return-sequences", "2"], "needs --do-sample", 2),
+    (["--text", "x", "--do-sample", "--temperature", "0"], "--temperature must be > 0", 2),
+    (["--text", "x", "--top-p", "0"], "--top-p must be in (0, 1]", 2),
+    (["--text", "x", "--stop", ""], "--stop needs a non-empty string", 2),
+    (["--text", "x", "--device", "nonsense"], "--device 'nonsense' is not a device", 2),
+    (["--text", "x", "--seed", str(2**70)], "--seed must fit in 64 bits", 2),
 ])
-def test_bad_input_is_a_clear_error_before_loading(saved, capsys, argv, message):
+def test_bad_input_is_a_clear_error_before_loading(saved, capsys, argv, message, code):
     root, _ = saved
-    argv = [a.replace("IM0", str(root / "im0.png")) for a in argv]
-    with pytest.raises(SystemExit) as e:
-        main(["generate", "--model", str(root / "does-not-exist"), *argv])
-    assert message in str(e.value)
+    argv = [a.replace("IM0", str(root / "im0.png")).replace("DIR", str(root)) for a in argv]
+    message = message.replace("DIR", str(root))
+    # the model does not exist: each error comes before it would be loaded
+    assert main(["generate", "--model", str(root / "does-not-exist"), *argv]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("flamingo-vlm generate: error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_not_an_image_is_named(saved, tmp_path):
-    bad = tmp_path / "notes.png"
-    bad.write_text("hello")
-    with pytest.raises(SystemExit, match="notes.png is not a readable image"):
-        main(["generate", "--image", str(bad), "--text", "x"])
+def _bad_images(tmp_path, saved):
+    root, _ = saved
+    (tmp_path / "notes.png").write_text("hello")
+    data = (root / "im0.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.png").write_bytes(b"")
+    return {"notes.png": "is not a readable image", "cut.png": "is not a readable image (OSError",
+            "empty.png": "is not a readable image"}
+
+
+def test_unreadable_images_are_named(saved, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    for name, message in _bad_images(tmp_path, saved).items():
+        assert main(["generate", "--image", str(tmp_path / name), "--text", "x"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{tmp_path / name} {message}" in err, err
+    # a decompression bomb (here: any image over a lowered pixel limit) is refused, not a traceback
+    root, _ = saved
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert main(["generate", "--image", str(root / "im0.png"), "--text", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"image {root / 'im0.png'} is too large to decode safely" in err, err
+
+
+def test_an_empty_tokenization_is_an_error_not_an_index_error(saved):
+    _, (model, ip, tok) = saved
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        generate_text(model, ip, tok, ("", []), max_new_tokens=2)
 
 
 def test_demo_prompts_reference_bundled_images():
@@ -123,3 +166,24 @@ def test_rank_candidates_agrees_with_the_models_scores(saved):
     assert ranked[0][0] == ("dax", "wug", "blicket")[int(direct.argmax())]
     with pytest.raises(ValueError, match="no candidates"):
         rank_candidates(model, ip, tok, sample, [])
+
+
+def test_every_subcommand_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    """The rule of `flamingo-vlm` (cli.main): bad input -> `flamingo-vlm CMD: error: ...`, exit 1 or 2,
+    no traceback; FLAMINGO_VLM_TRACEBACK=1 shows it."""
+    cases = [
+        (["data", "write", str(tmp_path / "nowhere.jsonl"), str(tmp_path / "out")], 1, "nowhere.jsonl"),
+        (["data", "inspect", str(tmp_path / "gone.tar")], 1, "gone.tar"),
+        (["convert", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"), "--release", "nope/nope"], 2,
+         "unknown release 'nope/nope'"),
+        (["convert", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"), "--vision", "v", "--lm", "l"], 1,
+         "missing.pt does not exist"),
+    ]
+    for argv, code, named in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"flamingo-vlm {argv[0]}: error: ") and named in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    monkeypatch.setenv("FLAMINGO_VLM_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        main(cases[1][0])

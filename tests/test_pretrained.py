@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import flamingo_vlm.pretrained as pretrained
 from flamingo_vlm import FlamingoProcessor, load_pretrained
 from flamingo_vlm.checkpoints import CheckpointError, _state_key, load_openflamingo_checkpoint
+from flamingo_vlm.lm_loading import causal_lm_from_config
 from flamingo_vlm.cli import main as cli_main
 from flamingo_vlm.modeling.flamingo import Flamingo
 from flamingo_vlm.modeling.vision import OpenCLIPVisionTransformer
@@ -199,7 +200,7 @@ def test_released_architectures_key_names_and_shapes(repo_id):
     release = OPENFLAMINGO_RELEASES[repo_id]
     spec = dict(release.lm_config)
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
+        lm = causal_lm_from_config(spec)  # as load_causal_lm builds it (MosaicGPT for the 3B models)
         lm.resize_token_embeddings(OPENFLAMINGO_TOKENIZER_LEN + 3, mean_resizing=False)
         vision = OpenCLIPVisionTransformer.from_open_clip_name(release.vision)
         n = OPENFLAMINGO_TOKENIZER_LEN
@@ -212,7 +213,7 @@ def test_released_architectures_key_names_and_shapes(repo_id):
     every = release.cross_attn_every_n_layers
     n_layers = spec.get("n_layers") or spec.get("num_hidden_layers")
     d = spec.get("d_model") or spec.get("hidden_size")
-    path = "transformer.blocks" if release.lm_config["model_type"] == "mpt" else "gpt_neox.layers"
+    path = "transformer.blocks" if release.lm_config["model_type"] in ("mpt", "mosaic_gpt") else "gpt_neox.layers"
     with_xattn = [i for i in range(n_layers) if f"lang_encoder.{path}.{i}.gated_cross_attn_layer.attn_gate" in sd]
     assert with_xattn == [i for i in range(n_layers) if (i + 1) % every == 0]
     k = with_xattn[-1]
@@ -246,7 +247,7 @@ def test_mosaic_gpt_checkpoint_maps_onto_transformers_mpt(tmp_path):
         sd[key] = value
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "mosaic_gpt", "d_model": 32, "n_heads": 4, "n_layers": 2, "mlp_ratio": 4, "max_seq_len": 128,
-        "vocab_size": 64, "alibi": True, "alibi_bias_max": 8}))
+        "vocab_size": 64, "alibi": True, "alibi_bias_max": 8, "no_bias": True}))
     torch.save(sd, tmp_path / "pytorch_model.bin")
     loaded = load_causal_lm(str(tmp_path))
     ids = torch.randint(0, 64, (1, 9))
@@ -256,3 +257,35 @@ def test_mosaic_gpt_checkpoint_maps_onto_transformers_mpt(tmp_path):
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="norm_1"):
         load_causal_lm(str(tmp_path))
+
+
+# -- damaged files are named ---------------------------------------------------------------------------
+def test_damaged_weights_files_are_named(tmp_path, capsys):
+    from flamingo_vlm.checkpoints import WeightsFileError, load_weights_file
+
+    model, ip, tok = tiny_flamingo("llama", every=2)
+    out = model.save_pretrained(tmp_path / "m", tokenizer=tok, image_processor=ip)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # an interrupted download
+    with pytest.raises(WeightsFileError, match="truncated or corrupt") as e:
+        load_pretrained(out)
+    assert str(weights) in str(e.value) and e.value.path == weights
+
+    junk = tmp_path / "checkpoint.pt"
+    junk.write_bytes(b"PK\x03\x04 not really a zip" * 10)
+    with pytest.raises(WeightsFileError, match=rf"cannot read torch file {junk}"):
+        load_weights_file(junk)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.safetensors")):
+        load_weights_file(tmp_path / "nope.safetensors")
+    with pytest.raises(IsADirectoryError, match=rf"{out} is a directory"):
+        load_weights_file(out)
+
+    # `convert` reads the checkpoint before it builds the backbones: one line naming the file, exit 1
+    capsys.readouterr()
+    for bad in (junk, weights):
+        code = cli_main(["convert", str(bad), "--out", str(tmp_path / "converted"), "--vision", "ViT-L-14",
+                         "--lm", "some/lm"])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith("flamingo-vlm convert: error: cannot read ") and str(bad) in err
+    assert not (tmp_path / "converted").exists()

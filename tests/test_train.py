@@ -593,3 +593,159 @@ def test_clear_errors(model_dir, shards, tmp_path, capsys):
 
     assert main(["--config", str(cfg), "--set", "optim.lrr=1"]) == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+# -- damaged data, failed writes, damaged checkpoints --------------------------------------------------
+def test_damaged_shards_are_skipped_counted_and_named(model_dir, shards, tmp_path, capsys, caplog):
+    """A non-tar, an empty and a truncated shard among good ones: the run goes on, and the damaged
+    shards are counted in metrics.csv and named in the log and the end-of-run summary."""
+    from flamingo_vlm.train.cli import main
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for p in sorted(shards["pairs"].glob("*.tar")):
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "pairs-garbage.tar").write_bytes(b"<html>502 Bad Gateway</html>" * 30)
+    (data / "pairs-empty.tar").write_bytes(b"")
+    good = (data / "pairs-000001.tar").read_bytes()
+    (data / "pairs-cut.tar").write_bytes(good[: len(good) // 2 // 512 * 512])  # cut at a block boundary
+    cfg = _write_yaml(tmp_path / "d.yaml", model_dir, shards, tmp_path / "out", max_steps=3, checkpoint_every=100)
+    with caplog.at_level("WARNING"):
+        assert main(["--config", str(cfg), "--data", f"pairs={data}", "--max-steps", "3", "--no-export"]) == 0
+    out = capsys.readouterr().out
+    rows = read_metrics(tmp_path / "out" / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["unreadable_shards"] == 2 and rows[-1]["truncated_shards"] == 1
+    summary = next(line for line in out.splitlines() if line.startswith("damaged data:"))
+    assert "2 unreadable shard(s)" in summary and "1 truncated shard(s)" in summary
+    for name in ("pairs-garbage.tar", "pairs-empty.tar", "pairs-cut.tar"):
+        assert str(data / name) in summary
+        assert any(str(data / name) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def _fake_run(model_dir, media_id, out, **kw):
+    t = Trainer(make_config(model_dir, out, **kw), **fake_mixture(media_id))
+    try:
+        return t.fit()
+    finally:
+        t.close()
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("failure", ["torch_save_full_disk", "enospc", "read_only"])
+def test_a_failed_checkpoint_write_says_why_and_leaves_the_previous_one(model_dir, media_id, tmp_path, monkeypatch,
+                                                                         failure):
+    import errno
+
+    from flamingo_vlm.train import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    _fake_run(model_dir, media_id, out, max_steps=2, checkpoint_every=2)
+    before = ckpt.load_checkpoint(out / "checkpoints" / "step_00000002")
+
+    if failure == "torch_save_full_disk":  # what torch.save raises when the disk fills up under it
+        def save(*a, **k):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3990")
+        monkeypatch.setattr(ckpt.torch, "save", save)
+        monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: shutil_usage(free=1000))
+        why = "no space left on device (1000 B free there, about"
+    elif failure == "enospc":
+        def save_file(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(ckpt, "save_file", save_file)
+        why = "no space left on device"
+    else:
+        def mkdtemp(*a, **k):
+            raise OSError(errno.EROFS, "Read-only file system")
+        monkeypatch.setattr(ckpt.tempfile, "mkdtemp", mkdtemp)
+        why = "read-only file system"
+    with pytest.raises(ckpt.WriteError) as e:
+        _fake_run(model_dir, media_id, out, max_steps=4, checkpoint_every=2, resume="latest")
+    message = str(e.value)
+    assert "\n" not in message and why in message, message
+    assert str(out / "checkpoints") in message  # where
+    assert [s for s, _ in list_checkpoints(out)] == [2] and _leftovers(out) == []
+    monkeypatch.undo()
+    after = ckpt.load_checkpoint(out / "checkpoints" / "step_00000002")
+    assert after.state["step"] == 2 and after.trainable.keys() == before.trainable.keys()
+    assert all(torch.equal(after.trainable[k], before.trainable[k]) for k in before.trainable)
+
+
+def shutil_usage(free: int):
+    import collections
+
+    return collections.namedtuple("usage", "total used free")(10**9, 10**9 - free, free)
+
+
+def test_a_failed_rewrite_of_the_same_step_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    from flamingo_vlm.train import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    ckpt._write_atomic(root, 5, {"w": torch.ones(3)}, {"state": {}}, {"step": 5})
+    monkeypatch.setattr(ckpt.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(ckpt.WriteError, match="no space left on device"):
+        ckpt._write_atomic(root, 5, {"w": torch.zeros(3)}, {"state": {}}, {"step": 5})
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000005"]
+    monkeypatch.undo()
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(root / "step_00000005" / "trainable.safetensors")["w"], torch.ones(3))
+
+
+def test_an_unwritable_output_dir_is_one_line(model_dir, shards, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from flamingo_vlm.train.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cfg = _write_yaml(tmp_path / "c.yaml", model_dir, shards, blocker / "out")
+    assert main(["--config", str(cfg), "--max-steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"cannot write output_dir {blocker / 'out'}: a parent of it is a file" in err
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(trainer_mod.tempfile, "TemporaryFile", read_only)
+    cfg = _write_yaml(tmp_path / "c2.yaml", model_dir, shards, tmp_path / "ro")
+    assert main(["--config", str(cfg), "--max-steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write output_dir {tmp_path / 'ro'}: read-only file system" in err
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(model_dir, media_id, tmp_path, caplog):
+    """The newest checkpoint's trainable.safetensors is cut short: --resume warns naming it, continues
+    from the previous one, and computes what the uninterrupted run computed."""
+    from flamingo_vlm.train import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    full = _fake_run(model_dir, media_id, out, max_steps=4, checkpoint_every=2, keep_last=3)
+    bad = out / "checkpoints" / "step_00000004" / ckpt.TRAINABLE
+    bad.write_bytes(bad.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        t = Trainer(make_config(model_dir, out, max_steps=4, checkpoint_every=2, keep_last=3, resume="latest"),
+                    **fake_mixture(media_id))
+    try:
+        assert t.resume_from == out / "checkpoints" / "step_00000002" and t.step == 2
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any(str(bad) in m and "resuming from an earlier one" in m for m in warned), warned
+        resumed = t.fit()
+    finally:
+        t.close()
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[2:]]
+    # the rewritten step 4 replaced the damaged one
+    assert ckpt.load_checkpoint(out / "checkpoints" / "step_00000004").state["step"] == 4
+
+    # naming the damaged checkpoint itself is an error naming the file; so is having no intact one
+    bad.write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"--resume {out / 'checkpoints' / 'step_00000004'}: .*{bad.name}"):
+        Trainer(make_config(model_dir, out, max_steps=4, resume=str(bad.parent)), **fake_mixture(media_id))
+    for step in (2,):
+        (out / "checkpoints" / f"step_0000000{step}" / ckpt.OPTIMIZER).write_bytes(b"junk")
+    with pytest.raises(ConfigError, match=r"no intact checkpoint .*step_00000004: .*trainable.safetensors.*"
+                                          r"step_00000002: .*optimizer.pt"):
+        Trainer(make_config(model_dir, out, max_steps=4, resume="latest"), **fake_mixture(media_id))

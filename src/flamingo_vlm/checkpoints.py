@@ -4,6 +4,9 @@ OpenFlamingo files come as the released filtered dict, as ``{"model_state_dict":
 training script, with ``module.`` prefixes from DDP, or as a full ``state_dict()`` with alias keys.
 Keys renamed by newer transformers are mapped. Every trainable parameter must be filled, or the
 load fails naming what is missing; keys that match nothing are reported.
+
+:func:`load_weights_file` is how every weights file of the package is read (here, ``from_pretrained``,
+training checkpoints): a missing, truncated or corrupt file raises an error that names it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -34,6 +37,45 @@ class CheckpointError(ValueError):
     pass
 
 
+class WeightsFileError(CheckpointError):
+    """A weights file that exists but cannot be read (truncated, corrupt, not that format)."""
+
+    def __init__(self, path: str | Path, message: str):
+        super().__init__(message)
+        self.path = Path(path)
+
+
+def load_weights_file(path: str | Path) -> Any:
+    """Read a ``.safetensors`` file (a dict of CPU tensors) or a torch file (``torch.load`` with
+    ``weights_only=True``, on CPU). Every failure names the file: :class:`FileNotFoundError`,
+    :class:`IsADirectoryError`, :class:`PermissionError`, or :class:`WeightsFileError` for a file
+    that is truncated, corrupt or of another format."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a weights file")
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    safetensors = path.suffix == ".safetensors"
+    try:
+        if safetensors:
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:
+        raise PermissionError(f"cannot read weights file {path}: permission denied") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError, torch's RuntimeError/UnpicklingError/EOFError, ...
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        if "weights only load failed" in detail.lower():
+            why = "it holds objects other than tensors, which torch.load(weights_only=True) refuses"
+        else:
+            why = "it is truncated or corrupt; download or save it again"
+        kind = "safetensors" if safetensors else "torch"
+        raise WeightsFileError(path, f"cannot read {kind} file {path}: {why} ({type(e).__name__}: {detail})") from e
+
+
 @dataclass
 class LoadReport:
     loaded: list[str] = field(default_factory=list)
@@ -53,14 +95,9 @@ def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str
     unwrapping ``model_state_dict``/``state_dict`` and DDP's ``module.`` prefix."""
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_weights_file(path)
     else:
         sd = source
     for wrapper in ("model_state_dict", "state_dict", "model"):
@@ -68,7 +105,8 @@ def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str
             sd = sd[wrapper]
             break
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError("the checkpoint is not a state dict of tensors")
+        where = f"{source}" if isinstance(source, (str, Path)) else "the checkpoint"
+        raise CheckpointError(f"{where} is not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 

@@ -1,23 +1,46 @@
-"""``flamingo-vlm``: a thin command line over the library."""
+"""``flamingo-vlm``: a thin command line over the library.
+
+Errors: a subcommand that fails on bad input prints one line, ``flamingo-vlm CMD: error: ...``,
+naming what was wrong (and the file, for a file), and no traceback. Exit codes: 2 for a usage error
+(argparse's, and :class:`UsageError`: flags that contradict each other or values out of range),
+1 for input that cannot be used (a missing or damaged file, a bad checkpoint, ...: ``OSError``,
+``ValueError`` and the package's own error types), 130 on Ctrl-C. Anything else is a bug and keeps
+its traceback; ``FLAMINGO_VLM_TRACEBACK=1`` shows the traceback of every error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
+class UsageError(ValueError):
+    """Bad command-line input (exit code 2)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, not a bug (exit code 1)."""
+    from .locking import DirectoryBusy
+    from .train.config import ConfigError
+    from .train.trainer import DataError
+
+    return OSError, ValueError, ConfigError, DataError, DirectoryBusy
+
+
 def _convert(args: argparse.Namespace) -> int:
-    from .checkpoints import load_openflamingo_checkpoint
+    from .checkpoints import load_openflamingo_checkpoint, read_state_dict
     from .factory import create_model_and_transforms
     from .registry import get_release
 
     release = get_release(args.release) if args.release else None
     if args.release and release is None:
-        raise SystemExit(f"unknown release {args.release!r}; known: see flamingo_vlm.registry.OPENFLAMINGO_RELEASES")
+        raise UsageError(f"unknown release {args.release!r}; known: see flamingo_vlm.registry.OPENFLAMINGO_RELEASES")
     vision = args.vision or (release.vision if release else None)
     lm = args.lm or (release.lang_encoder if release else None)
     if not vision or not lm:
-        raise SystemExit("convert needs --release, or --vision and --lm (and usually --tokenizer)")
+        raise UsageError("convert needs --release, or --vision and --lm (and usually --tokenizer)")
+    state_dict = read_state_dict(args.checkpoint)  # a missing or damaged file fails before the backbones load
     model, image_processor, tokenizer = create_model_and_transforms(
         vision,
         args.vision_pretrained if args.vision_pretrained is not None else (release.vision_pretrained if release else None),
@@ -29,7 +52,7 @@ def _convert(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         vision_tokens_ln_post=args.vision_tokens_ln_post,
     )
-    report = load_openflamingo_checkpoint(model, args.checkpoint)
+    report = load_openflamingo_checkpoint(model, state_dict)
     print(f"{args.checkpoint}: {report}")
     for key in report.unexpected:
         print(f"  unexpected: {key}")
@@ -77,9 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    name = f"flamingo-vlm {args.command}"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # subcommands that stop with a message (SystemExit("..."))
+        if not isinstance(e.code, str):
+            raise
+        message = e.code.removeprefix(f"{args.command}: ")
+        print(f"{name}: error: {_one_line(message)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if os.environ.get("FLAMINGO_VLM_TRACEBACK") or not isinstance(e, (UsageError, *_user_errors())):
+            raise
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ Images and text go in the order given::
 
 The default ``--model`` is the built-in offline model (:data:`flamingo_vlm.registry.DEFAULT_MODEL`).
 Output streams to the terminal as it is generated (greedy or sampling, one sequence); ``--json``
-prints one JSON object instead.
+prints one JSON object instead. Bad input is refused before the model loads where it can be:
+flags out of range or that contradict each other raise :class:`~flamingo_vlm.cli.UsageError`
+(exit code 2), images that are missing, directories, not images, truncated or decompression bombs
+raise ``FileNotFoundError``/``ValueError`` naming the file (exit code 1).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import UsageError
 from .modeling.fast_linear import fast_bf16
 from .processing import EOC_TOKEN, MEDIA_TOKEN
 from .registry import DEFAULT_MODEL
@@ -94,16 +98,26 @@ def _load(model_name: str, dtype: str | None, device: str | None):
 
 
 def _read_image(path: str):
-    from PIL import Image, UnidentifiedImageError
+    import warnings
+
+    from PIL import Image
 
     p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"generate: image {path} does not exist")
+    if p.is_dir():
+        raise IsADirectoryError(f"image {path} is a directory, not an image file")
+    if not p.exists():
+        raise FileNotFoundError(f"image {path} does not exist")
     try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise SystemExit(f"generate: {path} is not a readable image ({e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path} is too large to decode safely (a decompression bomb?): {e}") from None
+    except PermissionError:
+        raise PermissionError(f"image {path} cannot be read: permission denied") from None
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ValueError, ...
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _model_inputs(model, image_processor, tokenizer, sample):
@@ -123,6 +137,8 @@ def generate_text(model, image_processor, tokenizer, sample, *, stream=None, **g
     returns the decoded continuations and how many tokens were generated. ``stream``: a callable
     that receives text pieces as they are decoded (single sequence only)."""
     vision_x, input_ids, attention_mask = _model_inputs(model, image_processor, tokenizer, sample)
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty (no tokens): give some text or an image")
     streamer = _Streamer(tokenizer, stream) if stream is not None else None
     with torch.inference_mode():
         out = model.generate(vision_x, input_ids, attention_mask, streamer=streamer, **gen_kwargs)
@@ -165,6 +181,35 @@ class _Streamer:
         self.printed = len(text)
 
 
+def _check_args(args) -> None:
+    """Decoding flags in range and consistent (UsageError otherwise), before anything is loaded."""
+    checks = [
+        (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (args.num_beams >= 1, "--num-beams must be >= 1"),
+        (args.num_return_sequences >= 1, "--num-return-sequences must be >= 1"),
+        (args.num_return_sequences <= args.num_beams or args.do_sample,
+         "--num-return-sequences > --num-beams needs --do-sample"),
+        (not args.do_sample or args.temperature > 0, "--temperature must be > 0 (for greedy decoding drop --do-sample)"),
+        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (args.top_k >= 0, "--top-k must be >= 0 (0: no top-k filtering)"),
+        (args.repetition_penalty > 0, "--repetition-penalty must be > 0 (1.0: none)"),
+        (all(args.stop or [True]), "--stop needs a non-empty string"),
+        (args.seed is None or -(2**63) <= args.seed < 2**64, "--seed must fit in 64 bits"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise UsageError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {args.device}: there are only {torch.cuda.device_count()} GPU(s)")
+
+
 def _gen_kwargs(args) -> dict:
     kw = dict(max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, num_beams=args.num_beams,
               num_return_sequences=args.num_return_sequences, do_sample=args.do_sample)
@@ -174,25 +219,31 @@ def _gen_kwargs(args) -> dict:
         kw["repetition_penalty"] = args.repetition_penalty
     if args.stop:
         kw["stop_strings"] = list(args.stop)
-    if args.num_return_sequences > args.num_beams and not args.do_sample:
-        raise SystemExit("generate: --num-return-sequences > --num-beams needs --do-sample")
     return kw
 
 
 def _sample_from_args(args):
     if args.prompt is not None:
         if args.items:
-            raise SystemExit("generate: use either --prompt/--images or --image/--text, not both")
-        images = [_read_image(p) for p in (args.images or [])]
+            raise UsageError("use either --prompt/--images or --image/--text, not both")
         n = args.prompt.count(MEDIA_TOKEN)
-        if n != len(images):
-            raise SystemExit(f"generate: --prompt has {n} {MEDIA_TOKEN} marker(s) but {len(images)} image(s) were given "
-                             f"with --images; give one image per {MEDIA_TOKEN}")
+        if n != len(args.images or []):
+            raise UsageError(f"--prompt has {n} {MEDIA_TOKEN} marker(s) but {len(args.images or [])} image(s) were "
+                             f"given with --images; give one image per {MEDIA_TOKEN}")
+        if not args.prompt.strip():
+            raise UsageError("--prompt is empty: give the text to continue (with one <image> per image of --images)")
+        images = [_read_image(p) for p in (args.images or [])]
         return (args.prompt, images), args.prompt
     if not args.items:
-        raise SystemExit("generate: give a prompt (--image/--text ..., or --prompt with --images), or run --demo")
+        raise UsageError("give a prompt (--image/--text ..., or --prompt with --images), or run --demo")
     if args.images:
-        raise SystemExit("generate: --images goes with --prompt; with --image/--text give each image with --image")
+        raise UsageError("--images goes with --prompt; with --image/--text give each image with --image")
+    texts = [value for kind, value in args.items if kind == "text"]
+    if any(MEDIA_TOKEN in t for t in texts):
+        raise UsageError(f"--text must not contain {MEDIA_TOKEN}: give each image with --image where it goes "
+                         f"(or use --prompt with --images)")
+    if len(texts) == len(args.items) and not "".join(texts).strip():
+        raise UsageError("the prompt is empty: give some text with --text (and images with --image)")
     sample, shown = [], []
     for kind, value in args.items:
         if kind == "image":
@@ -246,7 +297,8 @@ def _run_demo(args, model, image_processor, tokenizer) -> int:
 def _run(args: argparse.Namespace) -> int:
     args.items = getattr(args, "items", None) or []
     if args.demo and (args.items or args.prompt is not None):
-        raise SystemExit("generate: --demo runs the bundled prompts; drop --image/--text/--prompt")
+        raise UsageError("--demo runs the bundled prompts; drop --image/--text/--prompt")
+    _check_args(args)
     sample = shown = None
     if not args.demo:
         sample, shown = _sample_from_args(args)  # check the input before the (slower) model load
@@ -308,15 +360,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--device", help="cpu, cuda, cuda:1 (default: cpu)")
 
 
-def _main_args(args):
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise SystemExit("generate: --max-new-tokens must be >= 1")
-    return _run(args)
-
-
 def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="few-shot generation from images and text (default: the built-in model)",
                               description=__doc__.split("\n\n")[0])
     add_generate_arguments(p)
-    p.set_defaults(func=_main_args)
+    p.set_defaults(func=_run)
     return p

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .checkpoints import CheckpointError, load_openflamingo_checkpoint
+from .checkpoints import CheckpointError, load_openflamingo_checkpoint, load_weights_file
 from .image_processing import ImageProcessor
 
 FORMAT = "flamingo-vlm"
@@ -125,7 +125,7 @@ def build_vision_from_spec(spec: dict, directory: Path, *, cache_dir=None, local
     weights = directory / "vision_encoder" / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the config says the vision encoder is embedded")
-    encoder.load_state_dict(load_file(str(weights)))
+    encoder.load_state_dict(load_weights_file(weights))
     return encoder
 
 
@@ -290,7 +290,7 @@ def from_pretrained(
 
 
 def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .factory import assemble
 
@@ -303,21 +303,21 @@ def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
     tokenizer = AutoTokenizer.from_pretrained(directory)
     vision = build_vision_from_spec(config["vision_encoder"], directory, cache_dir=cache_dir, local_files_only=local_files_only)
     lm_spec = config["lang_encoder"]
-    if lm_spec.get("embedded"):
-        lm = AutoModelForCausalLM.from_pretrained(directory / "language_model", dtype=torch.float32)
-    else:
-        from .lm_loading import load_causal_lm
+    from .lm_loading import load_causal_lm
 
+    if lm_spec.get("embedded"):  # through load_causal_lm: an MPT's qk_ln etc. are honoured, not dropped
+        lm = load_causal_lm(str(directory / "language_model"), dtype=torch.float32)
+    else:
         lm = load_causal_lm(lm_spec["path"], cache_dir=cache_dir, local_files_only=local_files_only)
     model = assemble(vision, lm, tokenizer, config)
     if not lm_spec.get("embedded"):
-        rows = load_file(str(directory / "added_token_rows.safetensors"))
+        rows = load_weights_file(directory / "added_token_rows.safetensors")
         base = config["base_vocab_size"]
         with torch.no_grad():
             model.lang_encoder.get_input_embeddings().weight[base:] = rows["input_rows"]
             if "output_rows" in rows:
                 model.lang_encoder.get_output_embeddings().weight[base:] = rows["output_rows"]
-    weights = load_file(str(directory / WEIGHTS_NAME))
+    weights = load_weights_file(directory / WEIGHTS_NAME)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(trainable - set(weights))
     unexpected = sorted(set(weights) - {n for n, _ in model.named_parameters()})

@@ -11,13 +11,12 @@
 from .custom import add_data_subcommand, inspect_shards, write_shards
 from .dataset import DatasetSpec, ShardDataset, build_datasets
 from .labels import IGNORE_INDEX, make_labels
-from .shards import ShardError, expand_urls
+from .shards import expand_urls
 
 __all__ = [
     "IGNORE_INDEX",
     "DatasetSpec",
     "ShardDataset",
-    "ShardError",
     "add_data_subcommand",
     "build_datasets",
     "expand_urls",

@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SHARD_NAME = re.compile(r"^(pairs|interleaved)-\d{6}\.tar$")
+_LIST_OK_SHARDS = 20  # `data inspect` lists the ok shards one by one up to this many
 
 
 @dataclass
@@ -334,9 +335,11 @@ def inspect_shards(urls: str | Iterable[str], n: int = 3, *, similarity_threshol
     """Read every sample of the shards (decoding all images) and summarise them.
 
     Returns ``{"shards", "samples", "kinds", "images", "images_per_sample", "corrupt",
-    "images_corrupt", "shard_read_errors", "examples"}``; ``examples`` holds the first ``n`` samples'
-    Flamingo text (``<image>`` markers, without eos; interleaved documents after matching with
-    ``similarity_threshold``) and image sizes.
+    "images_corrupt", "shard_read_errors", "files", "examples"}``; ``files`` holds one entry per
+    shard, ``{"shard", "status": "ok" | "unreadable" | "truncated", "samples", "error"}``
+    (``shard_read_errors`` counts the shards that are not ok: they never stop the summary);
+    ``examples`` holds the first ``n`` samples' Flamingo text (``<image>`` markers, without eos;
+    interleaved documents after matching with ``similarity_threshold``) and image sizes.
     """
     shards = expand_urls(urls)
     read_stats: Counter = Counter()
@@ -344,8 +347,13 @@ def inspect_shards(urls: str | Iterable[str], n: int = 3, *, similarity_threshol
     per_sample: Counter = Counter()
     examples: list[dict] = []
     samples = images = corrupt = images_corrupt = 0
+    files: list[dict] = []
     for url in shards:
-        for raw in iter_raw_samples(url, read_stats):
+        problem: list[tuple[str, str]] = []
+        entry = {"shard": url, "status": "ok", "samples": 0, "error": None}
+        files.append(entry)
+        for raw in iter_raw_samples(url, read_stats, lambda _url, kind, reason: problem.append((kind, reason))):
+            entry["samples"] += 1
             samples += 1
             try:
                 kind, text, sizes, bad = _describe(raw, similarity_threshold)
@@ -360,6 +368,8 @@ def inspect_shards(urls: str | Iterable[str], n: int = 3, *, similarity_threshol
             if len(examples) < n:
                 examples.append({"shard": url, "key": raw["__key__"], "kind": kind, "text": text,
                                  "images": len(sizes), "image_sizes": [list(s) for s in sizes]})
+        if problem:
+            entry["status"], entry["error"] = problem[0]
     return {
         "shards": len(shards),
         "samples": samples,
@@ -368,7 +378,8 @@ def inspect_shards(urls: str | Iterable[str], n: int = 3, *, similarity_threshol
         "images_per_sample": dict(sorted(per_sample.items())),
         "corrupt": corrupt,
         "images_corrupt": images_corrupt,
-        "shard_read_errors": read_stats["shard_read_errors"],
+        "shard_read_errors": sum(f["status"] != "ok" for f in files),
+        "files": files,
         "examples": examples,
     }
 
@@ -396,6 +407,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"images: {summary['images']} (per sample: {summary['images_per_sample']})")
     print(f"corrupt samples: {summary['corrupt']}, corrupt images: {summary['images_corrupt']}, "
           f"damaged shards: {summary['shard_read_errors']}")
+    ok = [f for f in summary["files"] if f["status"] == "ok"]
+    for f in summary["files"]:
+        if f["status"] != "ok" or len(ok) <= _LIST_OK_SHARDS:
+            detail = f"{f['samples']} sample(s)" + (f"; {f['error']}" if f["error"] else "")
+            print(f"  {f['status']:<10} {f['shard']}: {detail}")
+    if len(ok) > _LIST_OK_SHARDS:
+        print(f"  ok         {len(ok)} other shard(s)")
     for ex in summary["examples"]:
         print(f"- [{ex['kind']}] {ex['key']} ({ex['images']} image(s) {ex['image_sizes']}): {ex['text']!r}")
     return 0

@@ -34,6 +34,16 @@ next ``iter()`` re-read the shards (bytes only) and skip the first ``consumed`` 
 decoding them*, giving the same following batches bitwise. A state without ``"consumed"`` (only
 epoch and batches) is honoured by replaying the epoch, which decodes the skipped samples. Each rank
 has its own state (ranks that skipped different numbers of samples have different ``consumed``).
+
+Damaged shards
+--------------
+A shard that cannot be read (missing, not a tar, empty) gives no samples and one that is cut gives
+the samples before the cut (see :mod:`.shards`): the run goes on, the shard is named in a warning
+(once) and in :meth:`ShardDataset.problems`. The global sequence stays a pure function of the seed
+and the shards' *contents*, so positions saved with damaged shards resume exactly as long as the
+shards are not repaired or damaged further in between. The state also carries the damaged shards
+seen so far and the number of corrupt samples skipped, so the counts of a resumed run continue
+those of the interrupted one.
 """
 
 from __future__ import annotations
@@ -62,7 +72,7 @@ from .preprocess import (
     plan_interleaved,
     prompt_token_mask,
 )
-from .shards import expand_urls, iter_raw_samples, shuffle_buffer
+from .shards import TRUNCATED, UNREADABLE, expand_urls, iter_raw_samples, shuffle_buffer
 
 __all__ = ["DatasetSpec", "Sample", "ShardDataset", "build_datasets", "collate", "pad_token_id"]
 
@@ -211,7 +221,8 @@ class ShardDataset(IterableDataset):
     ``skipped_single_image``, ``skipped_small_image``, ``skipped_empty_text``) or dropping an image
     of a document (``images_missing``, ``images_corrupt``, ``images_small``,
     ``images_below_threshold``, ``images_unassigned``, ``images_over_max``, ``images_truncated``),
-    plus ``shard_read_errors`` (shards that broke part way).
+    plus ``shards_unreadable`` / ``shards_truncated`` (reads of damaged shards, once per epoch).
+    :meth:`problems` names the damaged shards and counts corrupt samples over the whole run.
     """
 
     def __init__(
@@ -249,13 +260,41 @@ class ShardDataset(IterableDataset):
         self._batches = 0
         self._consumed = 0
         self._replay_batches = 0
+        self.shard_problems: dict[str, tuple[str, str]] = {}  # url -> (kind, reason), over the whole run
+        self._corrupt_before = 0  # corrupt samples skipped before the loaded position
+
+    # -- damaged data --------------------------------------------------------------------------
+    def _on_shard_error(self, url: str, kind: str, reason: str) -> None:
+        if self.shard_problems.get(url, (None,))[0] != kind:
+            # every rank reads every shard: rank 0 tells
+            log = logger.warning if self.rank == 0 else logger.debug
+            log("%s data: skipping %s shard %s: %s", self.spec.kind, kind, url, reason)
+        self.shard_problems[url] = (kind, reason)
+
+    def problems(self) -> dict:
+        """Damaged data so far (the whole run, resumes included): ``{"unreadable_shards": {url:
+        reason}, "truncated_shards": {url: reason}, "corrupt_samples": n}`` (this rank's samples)."""
+        return {
+            "unreadable_shards": {u: r for u, (k, r) in sorted(self.shard_problems.items()) if k == UNREADABLE},
+            "truncated_shards": {u: r for u, (k, r) in sorted(self.shard_problems.items()) if k == TRUNCATED},
+            "corrupt_samples": self._corrupt_before + self.stats["skipped_corrupt"],
+        }
+
+    def _describe_problems(self) -> str:
+        p = self.problems()
+        parts = [f"{len(p[k])} {k.split('_')[0]} shard(s): " + "; ".join(f"{u} ({r})" for u, r in list(p[k].items())[:3])
+                 for k in ("unreadable_shards", "truncated_shards") if p[k]]
+        return ("; " + "; ".join(parts)) if parts else ""
 
     # -- position ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Position after the last yielded batch: ``{"epoch", "batches", "consumed"}``."""
+        """Position after the last yielded batch: ``{"epoch", "batches", "consumed"}``, plus the
+        damaged shards seen and corrupt samples skipped so far (``"shard_problems"``, ``"corrupt"``)."""
+        extra = {"shard_problems": {u: list(v) for u, v in sorted(self.shard_problems.items())},
+                 "corrupt": self.problems()["corrupt_samples"]}
         if self._replay_batches:  # loaded from a state without "consumed", not replayed yet
-            return {"epoch": self._epoch, "batches": self._batches + self._replay_batches, "consumed": None}
-        return {"epoch": self._epoch, "batches": self._batches, "consumed": self._consumed}
+            return {"epoch": self._epoch, "batches": self._batches + self._replay_batches, "consumed": None, **extra}
+        return {"epoch": self._epoch, "batches": self._batches, "consumed": self._consumed, **extra}
 
     def load_state_dict(self, state: dict) -> None:
         """Make the next ``iter()`` continue right after the batch the state was taken at."""
@@ -263,6 +302,11 @@ class ShardDataset(IterableDataset):
         if epoch < 0 or batches < 0:
             raise ValueError(f"invalid data state {state!r}")
         consumed = state.get("consumed")
+        for url, (kind, reason) in (state.get("shard_problems") or {}).items():
+            self.shard_problems.setdefault(url, (kind, reason))
+        # a replayed epoch (no "consumed") processes, and counts, its samples again
+        replay = consumed is None and batches > 0
+        self._corrupt_before = 0 if replay else int(state.get("corrupt") or 0) - self.stats["skipped_corrupt"]
         self._epoch = epoch
         if consumed is not None or batches == 0:
             self._batches, self._consumed, self._replay_batches = batches, int(consumed or 0), 0
@@ -281,7 +325,8 @@ class ShardDataset(IterableDataset):
             if self._batches == 0:  # nothing in this epoch (those before a resume point count)
                 raise RuntimeError(
                     f"{self.spec.kind} data {self._describe_shards()} gave no full batch of {self.spec.batch_size} "
-                    f"in epoch {self._epoch} (rank {self.rank}/{self.world_size}); stats: {dict(self.stats)}"
+                    f"in epoch {self._epoch} (rank {self.rank}/{self.world_size}){self._describe_problems()}; "
+                    f"stats: {dict(self.stats)}"
                 )
             if self._replay_batches:
                 logger.warning("the loaded data position %d batches into epoch %d is past the epoch's end (%d batches)",
@@ -302,7 +347,7 @@ class ShardDataset(IterableDataset):
 
         def raw():
             for url in shards:
-                yield from iter_raw_samples(url, self.stats)
+                yield from iter_raw_samples(url, self.stats, self._on_shard_error)
 
         rng = random.Random(f"{self.seed}:{epoch}:samples")
         return shuffle_buffer(raw(), self.spec.resolved_shuffle_buffer, rng)

@@ -4,6 +4,12 @@ A webdataset shard is a tar whose members are named ``<key>.<ext>``; consecutive
 same key form one sample, e.g. ``000123.jpg`` + ``000123.txt``. Samples come out *raw*
 (``{"__key__", "__url__", ext: bytes}``): nothing is decoded here, so samples can be shuffled, split
 across ranks and skipped (on resume) without paying for image decoding.
+
+Damaged shards never stop a reader: a shard that cannot be read at all (missing, not a tar, empty)
+yields nothing, and a shard that breaks part way yields the samples before the break; both are
+reported to an ``on_error`` callback (default: a warning naming the shard). A tar's end is checked:
+Python's ``tarfile`` ends silently when a shard is cut at a header or block boundary, so a shard
+whose last header is not the end-of-archive (all-zero) block counts as truncated too.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ import logging
 import os
 import re
 import tarfile
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["ShardError", "expand_urls", "iter_raw_samples", "shuffle_buffer"]
+__all__ = ["TRUNCATED", "UNREADABLE", "expand_urls", "iter_raw_samples", "shuffle_buffer"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +35,9 @@ _REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)[.]([^/]*)$")
 
 
-class ShardError(OSError):
-    """A shard could not be opened or is not a tar file."""
+UNREADABLE = "unreadable"  # nothing could be read: missing, unreadable, not a tar, empty
+TRUNCATED = "truncated"  # it broke part way: the samples before the break were read
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -94,23 +102,50 @@ def _open_stream(url: str):
     return open(url, "rb")
 
 
-def iter_raw_samples(url: str, stats: Counter | None = None) -> Iterator[dict]:
-    """Raw samples of one shard, in tar order.
+def _warn(url: str, kind: str, reason: str) -> None:
+    logger.warning("skipping %s shard %s: %s", kind, url, reason)
 
-    A shard that cannot be opened raises :class:`ShardError` naming it. A shard that breaks part way
-    (truncated download) ends early: ``stats["shard_read_errors"]`` is incremented and the partial
-    last sample is dropped, so a run never crashes on it.
+
+def iter_raw_samples(url: str, stats: Counter | None = None,
+                     on_error: Callable[[str, str, str], None] | None = _warn) -> Iterator[dict]:
+    """Raw samples of one shard, in tar order; never raises for a damaged shard.
+
+    A shard that cannot be read at all yields nothing (``stats["shards_unreadable"]``); one that
+    breaks part way, wherever it is cut, yields the samples before the break and drops the partial
+    last one (``stats["shards_truncated"]``). Either way ``on_error(url, kind, reason)`` is called
+    once, with ``kind`` :data:`UNREADABLE` or :data:`TRUNCATED` and a one-line reason.
     """
+
+    def fail(kind: str, reason: str) -> None:
+        if stats is not None:
+            stats[f"shards_{kind}"] += 1
+        if on_error is not None:
+            on_error(url, kind, reason)
+
+    ends: list[Exception] = []  # the header errors that ended the tar (the last one tells how)
+
+    class _Info(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tf):
+            try:
+                return super().fromtarfile(tf)
+            except tarfile.HeaderError as e:
+                ends.append(e)
+                raise
+
     try:
         stream = _open_stream(url)
     except OSError as e:
-        raise ShardError(f"cannot open shard {url!r}: {e}") from e
+        fail(UNREADABLE, f"cannot open it ({e.strerror or e})")
+        return
     try:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|*")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise ShardError(f"cannot open shard {url!r}: not a readable tar file ({e})") from e
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_Info)
+        except _READ_ERRORS as e:
+            fail(UNREADABLE, f"not a readable tar file ({type(e).__name__}: {e})")
+            return
         current: dict | None = None
+        reading = None  # the key of the member whose data is being read
         try:
             for member in tar:
                 if not member.isfile():
@@ -119,23 +154,32 @@ def iter_raw_samples(url: str, stats: Counter | None = None) -> Iterator[dict]:
                 if m is None:
                     continue
                 key, ext = m.group(1), m.group(2).lower()
+                reading = key
                 f = tar.extractfile(member)
                 data = f.read() if f is not None else b""
+                reading = None
                 if current is None or key != current["__key__"] or ext in current:
                     if current is not None:
                         yield current
                     current = {"__key__": key, "__url__": url}
                 current[ext] = data
-        except (tarfile.TarError, OSError, EOFError) as e:
-            if stats is not None:
-                stats["shard_read_errors"] += 1
-            where = f"sample {current['__key__']!r}" if current else "its start"
-            logger.warning("shard %s is damaged at %s: %s (rest of the shard skipped)", url, where, e)
+            if ends and not isinstance(ends[-1], tarfile.EOFHeaderError):
+                # tarfile stops without an error at a cut or garbage header; a whole tar ends with zeros
+                raise tarfile.ReadError(f"no end-of-archive marker ({ends[-1]})")
+        except _READ_ERRORS as e:
+            if current is not None and reading is not None and reading != current["__key__"]:
+                yield current  # the cut is in the next sample's data: this one is whole
+                current = None
+            where = f"at sample {(reading or current['__key__'])!r}" if (reading or current) else "before its first sample"
+            fail(TRUNCATED, f"damaged {where}: {e} (that sample and the rest of the shard are skipped)")
             return
         if current is not None:
             yield current
     finally:
-        stream.close()
+        try:
+            stream.close()
+        except OSError:  # e.g. a pipe: command that failed; already reported as a damaged shard
+            pass
 
 
 def shuffle_buffer(items: Iterable, size: int, rng) -> Iterator:

@@ -12,25 +12,39 @@
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a process
 killed mid-write leaves the previous checkpoints intact and no half-written one that looks complete.
-Only rank 0 writes; tensors sharded by FSDP2 are gathered (a collective every rank joins) first.
+Only rank 0 writes; tensors sharded by FSDP2 are gathered (a collective every rank joins) first. A
+write that fails (disk full, read-only, no permission) removes its temporary directory and raises
+:class:`WriteError` on every rank with one line saying why and where (``torch.save`` reports a
+full disk as ``RuntimeError: ... unexpected pos``; the free space is checked to say so).
+
+Reading: every file is read through :func:`flamingo_vlm.checkpoints.load_weights_file`, so a
+damaged one is named. :func:`load_checkpoint` reads a whole checkpoint up front; :func:`open_resume`
+reads the one ``--resume`` continues, falling back past damaged newer ones with a warning.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import random
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch import nn
 
+from ..checkpoints import CheckpointError, load_weights_file
 from .config import ConfigError
-from .distributed import DistInfo, all_gather_objects, barrier, full_tensor, like_param
+from .distributed import DistInfo, all_gather_objects, broadcast_object, full_tensor, like_param
+
+logger = logging.getLogger("flamingo_vlm.train")
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -38,6 +52,61 @@ COMPLETE = "COMPLETE"
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "trainer_state.pt"
+
+
+class WriteError(OSError):
+    """A run's file could not be written; the message says why (no space, read-only, ...) and where."""
+
+
+_WHY = {
+    errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a parent of it is a file, not a directory", errno.EISDIR: "it is a directory",
+}
+# Messages of writers that do not raise OSError (torch.save's RuntimeError, safetensors' Rust IoError).
+_WHY_TEXT = (("no space left", errno.ENOSPC), ("storagefull", errno.ENOSPC), ("code: 28", errno.ENOSPC),
+             ("read-only file system", errno.EROFS), ("readonlyfilesystem", errno.EROFS), ("code: 30", errno.EROFS),
+             ("permission denied", errno.EACCES), ("code: 13", errno.EACCES))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _free_space(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
+
+
+def explain_write_error(e: BaseException, path: str | os.PathLike, what: str, needed: int | None = None) -> str:
+    """One line: ``cannot write {what} {path}: {why}``, with the free space when it may be the cause."""
+    path = Path(path)
+    code = getattr(e, "errno", None) if isinstance(e, OSError) else None
+    text = str(e).lower()
+    if code not in _WHY:
+        code = next((c for needle, c in _WHY_TEXT if needle in text), code)
+    free = _free_space(path)
+    if code not in _WHY and isinstance(e, RuntimeError) and ("unexpected pos" in text or "write" in text):
+        # torch.save's zip writer: a full disk shows up as "unexpected pos" / "file write failed"
+        if free is not None and free < max(needed or 0, 1 << 20):
+            code = errno.ENOSPC
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        room = f" ({_size(free)} free there" + (f", about {_size(needed)} needed" if needed else "") + ")"
+        why = _WHY[code] + (room if free is not None else "") + "; free some space or choose another output_dir"
+    elif code in _WHY:
+        why = _WHY[code] + "; choose a writable output_dir"
+    else:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = f"{type(e).__name__}: {first}" + (f" ({_size(free)} free there)" if free is not None else "")
+    return f"cannot write {what} {path}: {why}"
 
 
 def checkpoints_root(output_dir: str | os.PathLike) -> Path:
@@ -127,13 +196,14 @@ def save_checkpoint(
     info: DistInfo,
     keep_last: int,
 ) -> Path | None:
-    """Every rank calls this; rank 0 writes. Returns the checkpoint path (rank 0) or None."""
+    """Every rank calls this; rank 0 writes. Returns the checkpoint path (rank 0) or None. A failed
+    write raises :class:`WriteError` on every rank (the previous checkpoints stay as they were)."""
     trainable = gather_trainable(model)
     optim_state = gather_optimizer(optimizer)
     per_rank = all_gather_objects(
         {"rng": rng_state(info.device), "data": [ds.state_dict() for ds in datasets]}, info
     )
-    path = None
+    path = error = None
     if info.is_main:
         state = {
             "step": step,
@@ -143,9 +213,15 @@ def save_checkpoint(
             "data": [r["data"] for r in per_rank],
             "config": config,
         }
-        path = _write_atomic(checkpoints_root(output_dir), step, trainable, optim_state, state)
-        prune(output_dir, keep_last)
-    barrier(info)
+        try:
+            path = _write_atomic(checkpoints_root(output_dir), step, trainable, optim_state, state)
+        except WriteError as e:
+            error = str(e)
+        else:
+            prune(output_dir, keep_last)
+    error = broadcast_object(error, info)  # also the barrier: no rank goes on while rank 0 writes
+    if error:
+        raise WriteError(error)
     return path
 
 
@@ -162,10 +238,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def _write_atomic(root: Path, step: int, trainable, optim_state, state) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
+    """Write into a temporary directory and rename it into place; on any failure remove it (and
+    put back a checkpoint of the same step being replaced). OS and writer errors -> WriteError."""
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    except OSError as e:
+        raise WriteError(explain_write_error(e, root, "checkpoints in")) from e
+    old = None
     try:
         save_file(trainable, str(tmp / TRAINABLE), metadata={"format": "flamingo-vlm-trainable", "step": str(step)})
         torch.save(optim_state, tmp / OPTIMIZER)
@@ -178,14 +270,18 @@ def _write_atomic(root: Path, step: int, trainable, optim_state, state) -> Path:
         if final.exists():  # re-running a step after resuming from an earlier checkpoint
             old = root / f".{final.name}.old-{os.getpid()}"
             final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        tmp.rename(final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not final.exists():
+            old.rename(final)
+        if isinstance(e, (OSError, RuntimeError, SafetensorError)):
+            needed = _nbytes(trainable) + _nbytes(optim_state)
+            raise WriteError(explain_write_error(e, final, "checkpoint", needed)) from e
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -219,14 +315,65 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
     raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (no {COMPLETE} file) nor a run with checkpoints")
 
 
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read into memory: its directory, trainer state, trainable weights, optimizer state."""
+
+    path: Path
+    state: dict
+    trainable: dict
+    optimizer: dict
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    """Read every file of a checkpoint (errors name the damaged file, see ``load_weights_file``)."""
+    path = Path(path)
+    state = load_weights_file(path / STATE)
+    if not isinstance(state, dict) or not {"step", "world_size", "scheduler", "rng", "data"} <= set(state):
+        raise CheckpointError(f"{path / STATE} is not a trainer state (missing step/scheduler/rng/data)")
+    return LoadedCheckpoint(path, state, load_weights_file(path / TRAINABLE), load_weights_file(path / OPTIMIZER))
+
+
+def resume_candidates(output_dir: str | os.PathLike, resume: str | None) -> tuple[list[Path], bool]:
+    """The checkpoints ``--resume`` may use, preferred first, and whether it may fall back to the next
+    one when a checkpoint is damaged (not when one checkpoint directory was named)."""
+    path = resolve_resume(output_dir, resume)
+    if path is None:
+        return [], False
+    if resume not in ("auto", "latest") and (Path(resume) / COMPLETE).is_file():
+        return [path], False
+    run = output_dir if resume in ("auto", "latest") else resume
+    return [p for _, p in reversed(list_checkpoints(run))], True
+
+
+def open_resume(output_dir: str | os.PathLike, resume: str | None, *, warn=logger.warning) -> LoadedCheckpoint | None:
+    """Read the checkpoint to resume from. ``auto``/``latest``/a run directory: the newest checkpoint
+    that reads whole; each damaged one skipped is named in a ``warn``-ing. A named checkpoint
+    directory that is damaged is an error naming the file. Raises :class:`ConfigError`."""
+    candidates, fallback = resume_candidates(output_dir, resume)
+    damaged = []
+    for path in candidates:
+        try:
+            return load_checkpoint(path)
+        except (OSError, CheckpointError) as e:
+            if not fallback:
+                raise ConfigError(f"--resume {path}: {e}") from e
+            damaged.append(f"{path.name}: {e}")
+            warn("checkpoint %s is damaged, resuming from an earlier one: %s", path, e)
+    if damaged:
+        raise ConfigError(f"--resume: no intact checkpoint in {candidates[0].parent} ({'; '.join(damaged)})")
+    return None
+
+
 def load_trainer_state(path: Path) -> dict:
-    return torch.load(path / STATE, map_location="cpu", weights_only=True)
+    return load_weights_file(path / STATE)
 
 
-def load_trainable(model: nn.Module, path: Path) -> None:
+def load_trainable(model: nn.Module, path: Path, weights: dict | None = None) -> None:
     """Copy the checkpoint's trainable weights into ``model`` (before any DDP/FSDP wrapping).
-    The names and shapes must match the model's trainable parameters exactly."""
-    weights = load_file(str(path / TRAINABLE))
+    The names and shapes must match the model's trainable parameters exactly. ``weights``: the
+    checkpoint's ``trainable.safetensors`` when already read."""
+    weights = load_weights_file(path / TRAINABLE) if weights is None else weights
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
@@ -246,9 +393,10 @@ def load_trainable(model: nn.Module, path: Path) -> None:
             p.copy_(weights[name].to(dtype=p.dtype))
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Load a name-keyed optimizer state into ``optimizer`` (whose params may be FSDP2 shards)."""
-    saved = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, saved: dict | None = None) -> None:
+    """Load a name-keyed optimizer state into ``optimizer`` (whose params may be FSDP2 shards);
+    ``saved``: the checkpoint's ``optimizer.pt`` when already read."""
+    saved = load_weights_file(path / OPTIMIZER) if saved is None else saved
     current = optimizer.state_dict()
     if len(saved["param_groups"]) != len(current["param_groups"]):
         raise ConfigError(f"{path / OPTIMIZER}: {len(saved['param_groups'])} parameter groups, the optimizer has "

@@ -97,7 +97,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import CheckpointError
     from ..locking import DirectoryBusy
+    from .checkpoint import WriteError
     from .trainer import DataError
 
     try:
@@ -118,8 +120,15 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, DirectoryBusy) as e:
         print(f"flamingo-vlm train: error: {e}", file=sys.stderr)
         return 2
+    except (WriteError, CheckpointError, OSError) as e:
+        # a file that cannot be written (says why and where; the previous checkpoints are intact) or read
+        print(f"flamingo-vlm train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     if result.export_dir is not None:
         print(f"trained {result.step} steps; model saved to {result.export_dir}")
+    summary = result.data_summary()
+    if summary:
+        print(summary)
     return 0
 
 

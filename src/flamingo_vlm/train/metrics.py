@@ -43,8 +43,13 @@ class MetricsCSV:
         self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="ignore")
 
     def write(self, record: dict) -> None:
-        self._w.writerow({k: _fmt(v) for k, v in record.items()})
-        self._f.flush()
+        try:
+            self._w.writerow({k: _fmt(v) for k, v in record.items()})
+            self._f.flush()
+        except OSError as e:  # a full disk: say so and name the file
+            from .checkpoint import WriteError, explain_write_error
+
+            raise WriteError(explain_write_error(e, self.path, "metrics")) from e
 
     def close(self) -> None:
         self._f.close()

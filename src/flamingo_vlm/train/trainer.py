@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from ..locking import hold_for_job
@@ -86,6 +88,17 @@ class DataError(RuntimeError):
     """The training data could not be found or read."""
 
 
+# Damaged data skipped so far (cumulative over the run, resumes included; summed over datasets):
+# corrupt samples over all ranks, and damaged shards (every rank reads every shard; rank 0's count).
+DATA_PROBLEM_COLUMNS = ("corrupt_samples", "unreadable_shards", "truncated_shards")
+
+
+def _problems(ds) -> dict:
+    """A dataset's damaged data (:meth:`ShardDataset.problems`; nothing for datasets without it)."""
+    get = getattr(ds, "problems", None)
+    return get() if callable(get) else {}
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -93,6 +106,20 @@ class TrainResult:
     output_dir: Path | None = None
     export_dir: Path | None = None
     last_checkpoint: Path | None = None
+    # per dataset name: {"unreadable_shards": {url: reason}, "truncated_shards": {...}, "corrupt_samples": n}
+    data_problems: dict[str, dict] = field(default_factory=dict)
+
+    def data_summary(self) -> str | None:
+        """One line about the damaged data the run skipped, naming the shards; None if there was none."""
+        parts = []
+        for name, p in self.data_problems.items():
+            bits = [f"{len(p[k])} {k.split('_')[0]} shard(s) skipped (" + "; ".join(f"{u}: {r}" for u, r in p[k].items())
+                    + ")" for k in ("unreadable_shards", "truncated_shards") if p.get(k)]
+            if p.get("corrupt_samples"):
+                bits.append(f"{p['corrupt_samples']} corrupt sample(s) skipped")
+            if bits:
+                parts.append(f"{name}: " + ", ".join(bits))
+        return ("damaged data: " + " | ".join(parts)) if parts else None
 
 
 class Callback:
@@ -292,20 +319,35 @@ class Trainer:
 
     def _hold_output_dir(self) -> None:
         """A second run resuming the same output_dir would interleave checkpoints and metrics with
-        this one: refuse it before anything is read or written (rank 0 holds the lock for the job)."""
+        this one: refuse it before anything is read or written (rank 0 holds the lock for the job).
+        An output_dir that cannot be written (read-only, no permission, under a file) is refused
+        first, on every rank, with one line saying why."""
+        error = None
+        if self.info.is_main:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=self.output_dir).close()
+            except OSError as e:
+                error = ckpt.explain_write_error(e, self.output_dir, "output_dir")
+        error = broadcast_object(error, self.info)
+        if error:
+            raise ckpt.WriteError(error)
         hold_for_job(self._hold, self.output_dir, is_main=self.info.is_main,
                      broadcast=lambda obj: broadcast_object(obj, self.info))
 
     # -- setup ---------------------------------------------------------------------------------
     def _setup(self, model, datasets, dataset_names, loss_weights) -> None:
         cfg, info = self.cfg, self.info
-        self.resume_from = ckpt.resolve_resume(self.output_dir, cfg.resume)
+        # The newest checkpoint that reads whole; damaged newer ones are skipped with a warning.
+        loaded = ckpt.open_resume(self.output_dir, cfg.resume,
+                                  warn=logger.warning if info.is_main else logger.debug)
+        self.resume_from = loaded.path if loaded is not None else None
         if self.resume_from is None and ckpt.list_checkpoints(self.output_dir):
             raise ConfigError(
                 f"{self.output_dir} already has checkpoints; pass --resume (or resume: auto) to continue that "
                 "run, or choose another output_dir"
             )
-        state = ckpt.load_trainer_state(self.resume_from) if self.resume_from else None
+        state = loaded.state if loaded is not None else None
         if state is not None and state["world_size"] != info.world_size:
             raise ConfigError(
                 f"checkpoint {self.resume_from} was written by {state['world_size']} process(es) but this run has "
@@ -329,8 +371,8 @@ class Trainer:
             image_processor = tokenizer = None
         self.image_processor, self.tokenizer = image_processor, tokenizer
         self.lora_targets = apply_lora(model, cfg.lora) if cfg.lora.enabled else []
-        if self.resume_from is not None:
-            ckpt.load_trainable(model, self.resume_from)
+        if loaded is not None:
+            ckpt.load_trainable(model, loaded.path, loaded.trainable)
         _set_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
         if cfg.recompute_gelu and cfg.precision != "amp_bf16":  # (autocast would need custom_fwd plumbing)
             recompute_gelu(model)
@@ -360,8 +402,9 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.flamingo, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.max_steps)
-        if state is not None:
-            ckpt.load_optimizer(self.optimizer, self.resume_from)
+        if loaded is not None:
+            ckpt.load_optimizer(self.optimizer, loaded.path, loaded.optimizer)
+            loaded.trainable = loaded.optimizer = None  # copied into the model and optimizer
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
 
@@ -393,7 +436,7 @@ class Trainer:
         barrier(info)
         columns = (["step", "loss"] + [f"loss/{n}" for n in self.dataset_names]
                    + ["lr", "grad_norm", "skipped", "samples", "tokens", "trained_tokens", "step_time",
-                      "samples_per_s", "tokens_per_s"])
+                      "samples_per_s", "tokens_per_s"] + list(DATA_PROBLEM_COLUMNS))
         self.sinks = Sinks(cfg, self.output_dir, columns, enabled=info.is_main, start_step=self.step,
                            resumed=state is not None)
 
@@ -502,13 +545,20 @@ class Trainer:
         info, n_data = self.info, len(self.datasets)
         step = self.step + 1
         dev = info.device
-        # [trained tokens per dataset..., rows, attended tokens]: one all-reduce before any forward.
-        stats = torch.zeros(n_data + 2, dtype=torch.float64, device=dev)
+        # [trained tokens per dataset..., rows, attended tokens, damaged data (DATA_PROBLEM_COLUMNS)]:
+        # one all-reduce before any forward.
+        stats = torch.zeros(n_data + 5, dtype=torch.float64, device=dev)
         for micro in batches:
             for d, batch in enumerate(micro):
                 stats[d] += trained_tokens(batch["labels"])
                 stats[n_data] += batch["input_ids"].shape[0]
                 stats[n_data + 1] += int(batch["attention_mask"].sum())
+        for ds in self.datasets:
+            p = _problems(ds)
+            stats[n_data + 2] += p.get("corrupt_samples", 0)
+            if info.is_main:
+                stats[n_data + 3] += len(p.get("unreadable_shards", ()))
+                stats[n_data + 4] += len(p.get("truncated_shards", ()))
         all_reduce_sum(stats, info)
         counts = stats[:n_data].tolist()
         with matmul_context(self.onednn):
@@ -537,6 +587,7 @@ class Trainer:
             "lr": lr, "grad_norm": grad_norm, "skipped": int(skipped), "samples": int(rows), "tokens": int(tokens),
             "trained_tokens": int(sum(counts)), "step_time": dt, "samples_per_s": rows / dt, "tokens_per_s": tokens / dt,
         })
+        record.update({k: int(v) for k, v in zip(DATA_PROBLEM_COLUMNS, stats[n_data + 2:].tolist())})
         return record
 
     def _accumulate(self, batches, counts, step) -> torch.Tensor:
@@ -581,7 +632,22 @@ class Trainer:
         finally:
             self.sinks.close()
             self._hold.close()  # the run is over: another may resume this directory
-        return TrainResult(self.step, self.history, self.output_dir, export_dir, last_ckpt)
+        result = TrainResult(self.step, self.history, self.output_dir, export_dir, last_ckpt, self._data_problems())
+        summary = result.data_summary()
+        if summary and info.is_main:
+            logger.warning("%s", summary)
+        return result
+
+    def _data_problems(self) -> dict[str, dict]:
+        """Per dataset: the damaged shards (rank 0 reads them all) and corrupt samples of all ranks."""
+        problems = [_problems(ds) for ds in self.datasets]
+        corrupt = torch.tensor([float(p.get("corrupt_samples", 0)) for p in problems], dtype=torch.float64,
+                               device=self.info.device)
+        all_reduce_sum(corrupt, self.info)
+        for p, n in zip(problems, corrupt.tolist()):
+            if p:
+                p["corrupt_samples"] = int(n)
+        return {name: p for name, p in zip(self.dataset_names, problems) if p}
 
     def close(self) -> None:
         self._hold.close()
@@ -597,8 +663,18 @@ class Trainer:
     def export(self, out: str | os.PathLike | None = None) -> Path | None:
         """Write the trained model in the ``from_pretrained`` format (rank 0; default
         ``<output_dir>/final``). LoRA adapters are merged into (a copy of) the LM, which is then saved
-        with the model."""
+        with the model. A failed write raises :class:`~.checkpoint.WriteError` saying why."""
         out = Path(out) if out is not None else self.output_dir / "final"
+        try:
+            return self._export(out)
+        except ckpt.WriteError:
+            raise
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: RuntimeError "unexpected pos", ...
+            if isinstance(e, RuntimeError) and not any(w in str(e).lower() for w in ("unexpected pos", "write")):
+                raise
+            raise ckpt.WriteError(ckpt.explain_write_error(e, out, "the exported model")) from e
+
+    def _export(self, out: Path) -> Path | None:
         info = self.info
         if self.cfg.distributed == "fsdp":
             trainable = ckpt.gather_trainable(self.flamingo)  # collective
@@ -659,10 +735,10 @@ def export_weights(cfg: TrainConfig, trainable: dict[str, torch.Tensor], out: st
 
 def export_checkpoint(config: TrainConfig, checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Export a training checkpoint (``.../checkpoints/step_N``) to the ``from_pretrained`` format."""
-    from safetensors.torch import load_file
+    from ..checkpoints import load_weights_file
 
     path = ckpt.resolve_resume(config.output_dir, str(checkpoint))
-    return export_weights(config, load_file(str(path / ckpt.TRAINABLE)), out)
+    return export_weights(config, load_weights_file(path / ckpt.TRAINABLE), out)
 
 
 def _which_dataset(cfg: TrainConfig, message: str) -> str:
