@@ -1,5 +1,6 @@
 """Our format (save_pretrained/from_pretrained), the Hub path, the release registry, `convert`."""
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -275,6 +276,10 @@ def test_damaged_weights_files_are_named(tmp_path, capsys):
     junk.write_bytes(b"PK\x03\x04 not really a zip" * 10)
     with pytest.raises(WeightsFileError, match=rf"cannot read torch file {junk}"):
         load_weights_file(junk)
+    pickled = tmp_path / "objects.pt"
+    torch.save({"args": argparse.Namespace(lr=1)}, pickled)  # a training script's whole state, not weights
+    with pytest.raises(WeightsFileError, match="holds objects other than tensors.*argparse.Namespace"):
+        load_weights_file(pickled)
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.safetensors")):
         load_weights_file(tmp_path / "nope.safetensors")
     with pytest.raises(IsADirectoryError, match=rf"{out} is a directory"):

@@ -163,6 +163,18 @@ def test_load_from_file_safetensors(tmp_path, reference_dir, inputs, ref_state_d
     torch.testing.assert_close(model.positional_embedding, ref_state_dict["vision_encoder.positional_embedding"])
 
 
+
+@pytest.mark.parametrize("name", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+def test_damaged_open_clip_weights_name_the_file(tmp_path, name):
+    from flamingo_vlm.files import WeightsFileError
+
+    path = tmp_path / name
+    path.write_bytes(b"\x00not weights" * 10)
+    model = OpenCLIPVisionTransformer(image_size=32, patch_size=16, width=32, layers=1, heads=2, embed_dim=16)
+    with pytest.raises(WeightsFileError, match="truncated or corrupt") as e:
+        load_open_clip_state_dict(model, path)
+    assert str(path) in str(e.value) and e.value.path == path
+
 def test_standard_configs_and_quick_gelu():
     cfg = OPEN_CLIP_VISION_CONFIGS["ViT-H-14"]["vision_cfg"]
     assert (cfg["width"], cfg["layers"], cfg["head_width"]) == (1280, 32, 80)

@@ -5,8 +5,9 @@ training script, with ``module.`` prefixes from DDP, or as a full ``state_dict()
 Keys renamed by newer transformers are mapped. Every trainable parameter must be filled, or the
 load fails naming what is missing; keys that match nothing are reported.
 
-:func:`load_weights_file` is how every weights file of the package is read (here, ``from_pretrained``,
-training checkpoints): a missing, truncated or corrupt file raises an error that names it.
+:func:`~flamingo_vlm.files.load_weights_file` is how every weights file of the package is read (here,
+``from_pretrained``, training checkpoints, backbones): a missing, truncated or corrupt file raises an
+error that names it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
+
+from .files import WeightsFileError, load_weights_file  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -35,45 +38,6 @@ ALIAS_KEYS = re.compile(r"^lang_encoder\.(old_decoder_blocks|gated_cross_attn_la
 
 class CheckpointError(ValueError):
     pass
-
-
-class WeightsFileError(CheckpointError):
-    """A weights file that exists but cannot be read (truncated, corrupt, not that format)."""
-
-    def __init__(self, path: str | Path, message: str):
-        super().__init__(message)
-        self.path = Path(path)
-
-
-def load_weights_file(path: str | Path) -> Any:
-    """Read a ``.safetensors`` file (a dict of CPU tensors) or a torch file (``torch.load`` with
-    ``weights_only=True``, on CPU). Every failure names the file: :class:`FileNotFoundError`,
-    :class:`IsADirectoryError`, :class:`PermissionError`, or :class:`WeightsFileError` for a file
-    that is truncated, corrupt or of another format."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory, not a weights file")
-    if not path.exists():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    safetensors = path.suffix == ".safetensors"
-    try:
-        if safetensors:
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError as e:
-        raise PermissionError(f"cannot read weights file {path}: permission denied") from e
-    except MemoryError:
-        raise
-    except Exception as e:  # safetensors' SafetensorError, torch's RuntimeError/UnpicklingError/EOFError, ...
-        detail = (str(e).strip().splitlines() or [""])[0][:300]
-        if "weights only load failed" in detail.lower():
-            why = "it holds objects other than tensors, which torch.load(weights_only=True) refuses"
-        else:
-            why = "it is truncated or corrupt; download or save it again"
-        kind = "safetensors" if safetensors else "torch"
-        raise WeightsFileError(path, f"cannot read {kind} file {path}: {why} ({type(e).__name__}: {detail})") from e
 
 
 @dataclass

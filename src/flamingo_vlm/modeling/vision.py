@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..files import load_weights_file
 from ..image_processing import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
 
 __all__ = [
@@ -343,12 +344,8 @@ class LoadResult(NamedTuple):
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    # weights_only: a checkpoint is data; never let it run code on load.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # weights_only: a checkpoint is data; never let it run code on load. Errors name the file.
+    return load_weights_file(path)
 
 
 def _extract_vision_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:

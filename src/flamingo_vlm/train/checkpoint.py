@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoints import CheckpointError, load_weights_file
+from ..checkpoints import CheckpointError, WeightsFileError, load_weights_file
 from .config import ConfigError
 from .distributed import DistInfo, all_gather_objects, broadcast_object, full_tensor, like_param
 
@@ -355,7 +355,7 @@ def open_resume(output_dir: str | os.PathLike, resume: str | None, *, warn=logge
     for path in candidates:
         try:
             return load_checkpoint(path)
-        except (OSError, CheckpointError) as e:
+        except (OSError, CheckpointError, WeightsFileError) as e:
             if not fallback:
                 raise ConfigError(f"--resume {path}: {e}") from e
             damaged.append(f"{path.name}: {e}")

@@ -97,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import CheckpointError
+    from ..checkpoints import CheckpointError, WeightsFileError
     from ..locking import DirectoryBusy
     from .checkpoint import WriteError
     from .trainer import DataError
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, DirectoryBusy) as e:
         print(f"flamingo-vlm train: error: {e}", file=sys.stderr)
         return 2
-    except (WriteError, CheckpointError, OSError) as e:
+    except (WriteError, CheckpointError, WeightsFileError, OSError) as e:
         # a file that cannot be written (says why and where; the previous checkpoints are intact) or read
         print(f"flamingo-vlm train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
