@@ -640,6 +640,7 @@ def test_a_failed_checkpoint_write_says_why_and_leaves_the_previous_one(model_di
                                                                          failure):
     import errno
 
+    from flamingo_vlm import files
     from flamingo_vlm.train import checkpoint as ckpt
 
     out = tmp_path / "run"
@@ -660,7 +661,7 @@ def test_a_failed_checkpoint_write_says_why_and_leaves_the_previous_one(model_di
     else:
         def mkdtemp(*a, **k):
             raise OSError(errno.EROFS, "Read-only file system")
-        monkeypatch.setattr(ckpt.tempfile, "mkdtemp", mkdtemp)
+        monkeypatch.setattr(files.tempfile, "mkdtemp", mkdtemp)
         why = "read-only file system"
     with pytest.raises(ckpt.WriteError) as e:
         _fake_run(model_dir, media_id, out, max_steps=4, checkpoint_every=2, resume="latest")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_directory
 from .modeling.vision import FeatureGridEncoder
 
 PREFIX = "builtin:"
@@ -84,8 +85,6 @@ def convert_smollm2(target: Path | None = None, *, progress: bool = True) -> Pat
     lm.tie_weights()
     lm.generation_config = quantized.generation_config
     lm.config.eos_token_id = lm.generation_config.eos_token_id = tokenizer.eos_token_id
-    from .pretrained import atomic_directory
-
     with atomic_directory(target, replace=False) as tmp:  # a concurrent converter's copy wins
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

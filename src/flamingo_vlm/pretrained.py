@@ -14,19 +14,17 @@ Released OpenFlamingo repos (see :mod:`.registry`) load through their ``checkpoi
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from .checkpoints import CheckpointError, load_openflamingo_checkpoint, load_weights_file
+from .checkpoints import CheckpointError, load_openflamingo_checkpoint
+from .files import atomic_directory, load_weights_file
 from .image_processing import ImageProcessor
 
 FORMAT = "flamingo-vlm"
@@ -151,44 +149,6 @@ def plain_lm_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 # -- save ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, *, replace: bool = True):
-    """Yield a temp sibling directory to write into; on success it takes ``target``'s place
-    (``replace=False``: an existing ``target`` wins and the new copy is dropped), on failure it is
-    removed, so readers never see a half-written directory."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        _umask_permissions(tmp)
-        if target.exists() and not replace:
-            shutil.rmtree(tmp)
-        elif target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask_permissions(root: Path) -> None:
-    """Give ``root`` and what is in it the modes a plain ``mkdir``/``open`` would have: ``mkdtemp``
-    makes the directory 0700 and safetensors writes its files 0600, so a model saved into a shared
-    folder (or shipped in a package) would be unreadable to other users."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in (root, *root.rglob("*")):
-        if path.is_symlink():
-            continue
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
 def _tokenizer_without_call_state(tokenizer):
     """A copy of a fast tokenizer without the truncation/padding its last call left in its backend
     (a training run's ``max_length`` would otherwise be written into ``tokenizer.json``)."""

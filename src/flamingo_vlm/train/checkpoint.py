@@ -30,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoints import CheckpointError, WeightsFileError, load_weights_file
+from ..checkpoints import CheckpointError
+from ..files import WeightsFileError, atomic_directory, load_weights_file, remove_leftovers
 from .config import ConfigError
 from .distributed import DistInfo, all_gather_objects, broadcast_object, full_tensor, like_param
 
@@ -225,19 +225,6 @@ def save_checkpoint(
     return path
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _nbytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -249,39 +236,18 @@ def _nbytes(obj) -> int:
 
 
 def _write_atomic(root: Path, step: int, trainable, optim_state, state) -> Path:
-    """Write into a temporary directory and rename it into place; on any failure remove it (and
-    put back a checkpoint of the same step being replaced). OS and writer errors -> WriteError."""
+    """Write one checkpoint through :func:`~flamingo_vlm.files.atomic_directory` (a checkpoint of the
+    same step being replaced is put back if the write fails). OS and writer errors -> WriteError."""
     final = root / f"step_{step:08d}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    except OSError as e:
-        raise WriteError(explain_write_error(e, root, "checkpoints in")) from e
-    old = None
-    try:
-        save_file(trainable, str(tmp / TRAINABLE), metadata={"format": "flamingo-vlm-trainable", "step": str(step)})
-        torch.save(optim_state, tmp / OPTIMIZER)
-        torch.save(state, tmp / STATE)
-        (tmp / COMPLETE).write_text(f"{step}\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-running a step after resuming from an earlier checkpoint
-            old = root / f".{final.name}.old-{os.getpid()}"
-            final.rename(old)
-        tmp.rename(final)
-        _fsync_dir(root)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not final.exists():
-            old.rename(final)
-        if isinstance(e, (OSError, RuntimeError, SafetensorError)):
-            needed = _nbytes(trainable) + _nbytes(optim_state)
-            raise WriteError(explain_write_error(e, final, "checkpoint", needed)) from e
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_directory(final) as tmp:
+            save_file(trainable, str(tmp / TRAINABLE), metadata={"format": "flamingo-vlm-trainable", "step": str(step)})
+            torch.save(optim_state, tmp / OPTIMIZER)
+            torch.save(state, tmp / STATE)
+            (tmp / COMPLETE).write_text(f"{step}\n")
+    except (OSError, RuntimeError, SafetensorError) as e:
+        needed = _nbytes(trainable) + _nbytes(optim_state)
+        raise WriteError(explain_write_error(e, final, "checkpoint", needed)) from e
     return final
 
 
@@ -290,9 +256,7 @@ def prune(output_dir: str | os.PathLike, keep_last: int) -> None:
     found = list_checkpoints(output_dir)
     for _, path in found[:-keep_last] if keep_last > 0 else found:
         shutil.rmtree(path, ignore_errors=True)
-    root = checkpoints_root(output_dir)
-    for p in root.glob(".step_*.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    remove_leftovers(checkpoints_root(output_dir), "step_*")
 
 
 # -- reading ---------------------------------------------------------------------------------------
