@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import threading
 import struct
 import time
 import zlib
@@ -27,7 +28,7 @@ openai = require("openai")
 httpx = require("httpx")
 
 LIMITS = dict(max_images=2, max_image_bytes=60_000, max_image_pixels=200_000, request_timeout=1.5,
-              body_timeout=0.5, max_request_bytes=2_000_000)
+              body_timeout=0.5, header_timeout=0.5, max_request_bytes=2_000_000)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +164,56 @@ def test_request_body_too_large(base):
     expect_error(post(base, "/v1/completions", content=b"x" * 2_000_001), 413, "request_too_large")
 
 
+@pytest.mark.parametrize("patch, param", [
+    ({"seed": 2**70}, "seed"),  # more than torch.manual_seed takes
+    ({"seed": -(2**70)}, "seed"),
+])
+def test_out_of_range_numbers(base, patch, param):
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **patch}
+    expect_error(post(base, "/v1/chat/completions", json=body), 400, param=param)
+
+
+def test_the_largest_seed_works(base):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "seed": 2**64 - 1}
+    assert post(base, "/v1/chat/completions", json=body).status_code == 200
+
+
+def test_json_nested_too_deeply(base):
+    for depth in (200_000, 900):  # past Python's json recursion limit, and past pydantic's
+        body = b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * depth + b"]" * depth + b"}"
+        expect_error(post(base, "/v1/chat/completions", content=body), 400, "invalid_json")
+
+
+def test_model_may_be_omitted(base):
+    """This server serves one model: a request without ``model`` gets it (documented choice)."""
+    r = post(base, "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == MODEL_NAME
+
+
+def test_unhandled_errors_are_answered_and_counted(server, monkeypatch):
+    """A bug (an exception no handler expects) is a JSON 500, and /health and /metrics count it."""
+    base, engine = server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    def count_500s() -> tuple[int, str]:
+        h = httpx.get(base + "/health").json()["responses_by_status"].get("500", 0)
+        m = [line for line in httpx.get(base + "/metrics").text.splitlines()
+             if line.startswith('flamingo_http_responses_total{status="500"}')]
+        return h, m[0].split()[-1] if m else "0"
+
+    before = count_500s()
+    monkeypatch.setattr(engine, "encode", broken)
+    err = expect_error(post(base, "/v1/completions", json={"prompt": "a red", "max_tokens": 2}), 500, "internal_error")
+    assert "RuntimeError" in err["message"]
+    monkeypatch.undo()
+    after = count_500s()
+    assert after[0] == before[0] + 1
+    assert float(after[1]) == float(before[1]) + 1
+
+
 # -- images --------------------------------------------------------------------------------------------
 def test_too_many_images(client):
     urls = image_urls(3)
@@ -219,6 +270,16 @@ def test_remote_urls_are_refused_by_default(client):
             "http://127.0.0.1:9/cat.png", "Output:")])
     assert e.value.body["code"] == "remote_images_disabled"
     assert "--allow-remote-images" in e.value.body["message"]
+
+
+@pytest.mark.parametrize("ref, code", [
+    ("cat\u0000.png", "invalid_image_url"),           # no file name holds a NUL
+    ("c" * 5000 + ".png", "invalid_image_url"),         # over the file system's name limit
+    ("d/" * 3000 + "cat.png", "invalid_image_url"),     # over its path limit
+])
+def test_impossible_file_names(base, ref, code):
+    err = expect_error(post(base, "/v1/chat/completions", json=chat(ref)), 400, code)
+    assert len(err["message"]) < 400  # the name is shortened in the message
 
 
 def test_local_files_from_the_image_dir(base, image_dir):
@@ -306,6 +367,72 @@ def test_slow_request_body(base):
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert b'"request_timeout"' in data
     assert time.perf_counter() - t0 < 5
+
+
+def test_unfinished_headers_are_timed_out(base):
+    """A connection that never finishes its request headers is closed after --header-timeout."""
+    url = urlparse(base)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        assert s.recv(65536) == b""  # closed by the server (a hang would raise socket.timeout)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as s:  # nothing sent at all
+        assert s.recv(65536) == b""
+    # A kept-alive connection whose next request stalls in its headers is closed too.
+    with socket.create_connection((url.hostname, url.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /health HTTP/1.1\r\nHo")
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing_and_stalls_no_one(serve_model_dir, monkeypatch):  # noqa: F811
+    """A body of ~20 MB of text is refused by its length (the context cannot hold it: see
+    max_chars_per_token) without being tokenized, and while it is still arriving, a small request
+    is answered."""
+    with running_server(serve_model_dir, max_request_bytes=32 * 1024 * 1024) as (base, engine):
+        assert engine.max_prompt_chars is not None
+        tokenized: list[int] = []
+        real_encode = engine.encode
+
+        def spy(text, **kw):
+            tokenized.append(len(text))
+            return real_encode(text, **kw)
+
+        monkeypatch.setattr(engine, "encode", spy)
+        text = "a red car " * 2_000_000
+        body = ('{"messages": [{"role": "user", "content": "' + text + '"}], "max_tokens": 2}').encode()
+        half = len(body) // 2
+        release = threading.Event()
+        big: dict = {}
+
+        def upload():
+            yield body[:half]
+            release.wait(60)
+            yield body[half:]
+
+        def send_big():
+            big["response"] = httpx.post(base + "/v1/chat/completions", content=upload(), timeout=120,
+                                         headers={"content-type": "application/json"})
+
+        sender = threading.Thread(target=send_big)
+        sender.start()
+        try:
+            small = httpx.post(base + "/v1/completions", json={"prompt": "a red", "max_tokens": 2}, timeout=60)
+            assert small.status_code == 200, small.text
+            assert "response" not in big  # answered while the big one was still on its way
+        finally:
+            release.set()
+            sender.join(120)
+        err = expect_error(big["response"], 400, "context_length_exceeded")
+        assert "characters" in err["message"]
+        assert max(tokenized) < len(text)  # only the small prompt was tokenized
+        assert max(tokenized) <= engine.max_prompt_chars
 
 
 def test_errors_are_counted(base):

@@ -1,9 +1,11 @@
 """Shared helpers for the serving tests (no tests here): a tiny model whose greedy output is legible,
-saved as a model directory, and a context manager that serves it on a free loopback port."""
+saved as a model directory, a context manager that serves it on a free loopback port, and the
+built-in model (loaded once per test session) with its own server."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from pathlib import Path
@@ -70,6 +72,33 @@ def running_server(model_dir: Path, *, max_batch_size: int = 8, batch_wait_ms: f
     app = create_app(engine, ServeConfig(model_name=MODEL_NAME, **config))
     with serve_in_thread(app) as base_url:
         yield base_url, engine
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_model():
+    """``(model, image_processor, tokenizer)`` of the built-in model, loaded once for all the modules
+    that serve it (their servers run one after another and share it)."""
+    from flamingo_vlm.registry import DEFAULT_MODEL
+
+    return load_pretrained(DEFAULT_MODEL)
+
+
+@contextlib.contextmanager
+def running_builtin_server(*, max_batch_size: int = 4, batch_wait_ms: float = 30.0, **config):
+    """Serve the built-in model as ``flamingo-vlm serve`` does by default; yields ``(base_url, engine)``."""
+    from flamingo_vlm.registry import DEFAULT_MODEL
+
+    model, image_processor, tokenizer = builtin_model()
+    engine = Engine(model, image_processor, tokenizer, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+    app = create_app(engine, ServeConfig(model_name=DEFAULT_MODEL, **config))
+    with serve_in_thread(app) as base_url:
+        yield base_url, engine
+
+
+def file_data_url(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
 def image_urls(n: int, seed: int = 0, size: int = 40) -> list[str]:

@@ -1,4 +1,5 @@
-"""The few-shot page at ``/``, end to end in headless Chromium driven by Playwright.
+"""The few-shot page at ``/``, end to end in headless Chromium driven by Playwright, on the built-in
+model (what ``flamingo-vlm serve`` serves by default) and the bundled example images.
 
 Needs Debian's chromium (``apt-get install -y chromium``) and the ``playwright`` Python package (its
 own browser downloads are never used). Outside CI a missing browser skips this test; in CI
@@ -12,10 +13,12 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from test_serve_fixtures import png_bytes, running_server, serve_model_dir  # noqa: F401
+from test_serve_fixtures import running_builtin_server
+
+from flamingo_vlm.generate import example_image
+from flamingo_vlm.registry import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -59,24 +62,15 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(serve_model_dir):  # noqa: F811
-    with running_server(serve_model_dir) as s:
+def server():
+    with running_builtin_server() as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def picture_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pictures")
-    paths = []
-    for i, colour in enumerate([(220, 60, 60), (60, 120, 220)]):
-        y, x = np.mgrid[0:96, 0:128]
-        img = np.zeros((96, 128, 3), np.uint8)
-        img[...] = colour
-        img[(x // 16 + y // 16) % 2 == 0] //= 2  # a checkerboard, so the thumbnails show something
-        path = d / f"picture-{i}.png"
-        path.write_bytes(png_bytes(img))
-        paths.append(path)
-    return paths
+def picture_files():
+    """A demonstration scene and a query scene of the bundled demo (its captioning task)."""
+    return [example_image("scene1.png"), example_image("scene3.png")]
 
 
 def test_few_shot_page_streams_a_completion(browser, server, picture_files):
@@ -85,14 +79,14 @@ def test_few_shot_page_streams_a_completion(browser, server, picture_files):
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(base + "/")
-    page.wait_for_function("document.querySelector('#model-info').textContent.includes('tiny-flamingo')")
+    page.wait_for_function(f"document.querySelector('#model-info').textContent.includes('{DEFAULT_MODEL}')")
 
     # Step 1 (a demonstration): image through the file picker, then its text.
     shots = page.locator("#shots .shot")
     assert shots.count() == 1
     shots.nth(0).locator("input.shot-file").set_input_files(str(picture_files[0]))
     page.wait_for_function("document.querySelectorAll('#shots .shot')[0].dataset.image !== undefined")
-    shots.nth(0).locator("textarea.shot-text").fill("Output: a red car.")
+    shots.nth(0).locator("textarea.shot-text").fill("Output:a small blue square on the left.")
 
     # Step 2 (the query).
     page.click("#add-shot")
@@ -102,7 +96,7 @@ def test_few_shot_page_streams_a_completion(browser, server, picture_files):
     shots.nth(1).locator("textarea.shot-text").fill("Output:")
 
     preview = page.text_content("#prompt-preview")
-    assert preview.replace("\n", "") == "<image>Output: a red car.<|endofchunk|><image>Output:"
+    assert preview.replace("\n", "") == "<image>Output:a small blue square on the left.<|endofchunk|><image>Output:"
     page.fill("#max-tokens", "12")
 
     before = engine.stats.snapshot()["generation_requests"]
@@ -119,7 +113,7 @@ def test_few_shot_page_streams_a_completion(browser, server, picture_files):
 
     images = ["data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in picture_files]
     api = httpx.post(base + "/v1/completions", timeout=60, json={
-        "prompt": "<image>Output: a red car.<|endofchunk|><image>Output:", "images": images,
+        "prompt": "<image>Output:a small blue square on the left.<|endofchunk|><image>Output:", "images": images,
         "max_tokens": 12, "temperature": 0}).json()
     assert output == api["choices"][0]["text"]
 
@@ -148,7 +142,7 @@ def test_few_shot_page_streams_a_completion(browser, server, picture_files):
     assert page.text_content("#prompt-preview").count("<image>") == 3
 
     # An error from the server is shown on the page, and the page keeps working.
-    page.fill("#max-tokens", "4000")
+    page.fill("#max-tokens", str(engine.max_context + 1))
     page.click("#generate")
     page.wait_for_function("document.querySelector('#status').dataset.state === 'error'", timeout=30_000)
     assert "context length" in page.text_content("#output")

@@ -292,3 +292,78 @@ def test_serve_command_in_a_subprocess(serve_model_dir):  # noqa: F811
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# -- the bound on prompt length in characters ------------------------------------------------------
+def _tokenizer_from(backend):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def test_chars_per_token_bound_holds_on_hostile_text():
+    """(len(text) - silent characters) / k tokens at least, for the built-in tokenizer: the longest
+    token repeated, bytes it has no symbol for, and characters of every UTF-8 length."""
+    from transformers import AutoTokenizer
+
+    from flamingo_vlm.registry import DEFAULT_MODEL, builtin_model_dir
+    from flamingo_vlm.serve.engine import max_chars_per_token
+
+    tok = AutoTokenizer.from_pretrained(builtin_model_dir(DEFAULT_MODEL))
+    k, silent = max_chars_per_token(tok)
+    vocab = tok.get_vocab()
+    longest = max(vocab, key=len)
+    texts = [
+        tok.convert_tokens_to_string([longest]) * 50,
+        "<|endofchunk|><image>" * 40,
+        silent * 100 + "a",
+        "a" * 5000, " " * 5000, "\n" * 5000,
+        "é字😀\U00040000" * 300,  # 2-, 3- and 4-byte characters (the last one's lead byte has no symbol)
+    ]
+    for text in texts:
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        assert n * k >= len(text) - sum(text.count(c) for c in silent), (text[:40], n, k)
+    assert k >= len(longest)
+
+
+def test_chars_per_token_bound_only_where_it_holds():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from flamingo_vlm.serve.engine import max_chars_per_token
+
+    # WordPiece: one [UNK] stands for a whole word of any length; whitespace disappears.
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert max_chars_per_token(_tokenizer_from(wordpiece)) is None
+    # BPE whose normalizer strips text, or whose pre-tokenizer drops it.
+    bpe = Tokenizer(models.BPE({"[UNK]": 0, "a": 1, "b": 2}, [], unk_token="[UNK]"))
+    bpe.normalizer = normalizers.Strip()
+    assert max_chars_per_token(_tokenizer_from(bpe)) is None
+    bpe.normalizer = None
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    assert max_chars_per_token(_tokenizer_from(bpe)) is None
+    # NFC composes up to 4 characters into one: the bound allows for it.
+    bpe.pre_tokenizer = None
+    bpe.normalizer = normalizers.NFC()
+    k, silent = max_chars_per_token(_tokenizer_from(bpe))
+    assert k == 4 * len("[UNK]") and silent == ""
+
+
+def test_model_encodes_images_one_by_one():
+    """Flamingo.encode_images is what encode_vision_x gives each image (the engine's only view of
+    the perceiver), with media_passthrough too."""
+    from tiny import random_images, tiny_lm, tiny_tokenizer, tiny_vision
+
+    from flamingo_vlm import create_model_and_transforms
+
+    tokenizer = tiny_tokenizer()
+    model, image_processor, tokenizer = create_model_and_transforms(
+        tiny_vision(), None, tiny_lm("llama", vocab_size=len(tokenizer)), tokenizer,
+        perceiver_kwargs={"media_passthrough": True, "num_latents": 4})
+    pixels = torch.stack([image_processor(im) for im in random_images(3)]).unsqueeze(1)  # (3, F=1, C, H, W)
+    with torch.no_grad():
+        each = model.encode_images(pixels)
+        together = model.encode_vision_x(pixels.unsqueeze(0))[0]
+    assert model.images_encode_independently
+    assert each.shape[0] == 3 and each.shape[1] > 4  # the latents and the passed-through cells
+    torch.testing.assert_close(each, together)

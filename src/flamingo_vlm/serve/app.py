@@ -5,6 +5,10 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (raw interlea
 ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus text),
 and ``GET /`` (a few-shot prompt builder page). Every error is an OpenAI-style JSON body
 ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status.
+
+Bodies are parsed and prompts prepared (images decoded, text tokenized) in worker threads, never
+on the event loop; a prompt whose length in characters already shows it cannot fit the context is
+refused before it is tokenized (:meth:`~.engine.Engine.surely_over_context`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class ServeConfig:
     max_request_bytes: int = 64 * 1024 * 1024
     request_timeout: float = 300.0
     body_timeout: float = 30.0
+    header_timeout: float = 10.0
     default_max_tokens: int = 64
     max_score_candidates: int = 64
     extra_model_names: list[str] = field(default_factory=list)
@@ -93,20 +98,32 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
     return b"".join(chunks)
 
 
-async def read_json(request: Request, config: ServeConfig, schema: type[BaseModel]):
-    raw = await read_body(request, config)
+def parse_json(raw: bytes, schema: type[BaseModel]):
+    """The request body as ``schema`` (runs in a worker thread: a large body never blocks the loop)."""
     if not raw.strip():
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply to be a request", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
+    del obj
     try:
         return schema.model_validate_json(raw)
     except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        if first.get("type") == "json_invalid":  # what json.loads took but pydantic's parser did not
+            detail = first.get("ctx", {}).get("error", first.get("msg", ""))
+            raise bad_request(f"the request body is not valid JSON for a request: {detail}", code="invalid_json") from None
         raise from_validation_error(e) from None
+
+
+async def read_json(request: Request, config: ServeConfig, schema: type[BaseModel]):
+    raw = await read_body(request, config)
+    return await run_in_threadpool(parse_json, raw, schema)
 
 
 def _unsupported(param: str, what: str) -> APIError:
@@ -165,22 +182,44 @@ def _sse(obj: Any) -> str:
 
 
 class _StatusCounter:
-    """Counts responses by status (plain ASGI, so streaming responses pass through untouched)."""
+    """Counts responses by status (plain ASGI, so streaming responses pass through untouched).
+    It wraps the whole middleware stack (see :class:`_App`), so the 500s of Starlette's outermost
+    error middleware are counted too, and so is the 500 the server sends when the app fails
+    before starting a response."""
 
     def __init__(self, app, stats):
         self.app, self.stats = app, stats
 
+    def _count(self, status: int) -> None:
+        with self.stats.lock:
+            self.stats.responses[status] += 1
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
 
         async def counting_send(message):
+            nonlocal started
             if message["type"] == "http.response.start":
-                with self.stats.lock:
-                    self.stats.responses[message["status"]] += 1
+                started = True
+                self._count(message["status"])
             await send(message)
 
-        return await self.app(scope, receive, counting_send)
+        try:
+            return await self.app(scope, receive, counting_send)
+        except Exception:
+            if not started:
+                self._count(500)  # the server answers 500 for an app that failed before responding
+            raise
+
+
+class _App(FastAPI):
+    """FastAPI with the response counter outside everything else (``add_middleware`` would put it
+    inside Starlette's ServerErrorMiddleware, which answers unhandled exceptions)."""
+
+    def build_middleware_stack(self):
+        return _StatusCounter(super().build_middleware_stack(), self.state.engine.stats)
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -202,12 +241,11 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, manage_engi
             if manage_engine:
                 engine.stop()
 
-    app = FastAPI(title="flamingo-vlm", version=__version__, lifespan=lifespan,
+    app = _App(title="flamingo-vlm", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible serving of Flamingo vision-language models")
     app.state.engine = engine
     app.state.config = config
 
-    app.add_middleware(_StatusCounter, stats=engine.stats)
 
     # -- errors --------------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -238,7 +276,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, manage_engi
     def check_model(name: str | None) -> str:
         if name is None or name in names:
             return config.model_name if name is None else name
-        raise APIError(404, f"the model '{name}' does not exist; this server serves {', '.join(map(repr, names))}",
+        shown = name if len(name) <= 100 else name[:100] + f"... ({len(name)} characters)"
+        raise APIError(404, f"the model '{shown}' does not exist; this server serves {', '.join(map(repr, names))}",
                        param="model", code="model_not_found")
 
     def count_images(total: int) -> None:
@@ -248,7 +287,12 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, manage_engi
 
     def build_prompt(text: str, refs: list[tuple[str, str]], max_tokens: int | None, param: str,
                      reserve: int = 0) -> Prompt:
-        """Runs in a worker thread: fetch/decode/preprocess images, tokenize, check the context."""
+        """Runs in a worker thread: fetch/decode/preprocess images, tokenize, check the context.
+        A text too long for the context by its length alone is refused before anything else."""
+        if engine.surely_over_context(text):
+            raise bad_request(f"this model's maximum context length is {engine.max_context} tokens, and the prompt "
+                              f"({len(text)} characters) is longer than that; shorten it", param=param,
+                              code="context_length_exceeded")
         markers = text.count(MEDIA_TOKEN)
         if markers != len(refs):
             raise bad_request(f"the prompt has {markers} {MEDIA_TOKEN} marker(s) but {len(refs)} image(s) were "
@@ -341,6 +385,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, manage_engi
                 try:
                     event = await channel.get()
                 except APIError as e:
+                    job.cancel()  # at once, not when the client has read the error
                     yield _sse(e.body())
                     break
                 kind = event[0]
@@ -377,6 +422,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, manage_engi
             raise _unsupported("tools", "tool calling")
         if body.response_format and body.response_format.get("type") not in (None, "text"):
             raise _unsupported("response_format", "a response_format other than text")
+        engine.check_rows(body.n)
         text, refs = chat_to_prompt(body.messages)
         count_images(len(refs))
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -427,6 +473,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, manage_engi
             if len(per_prompt) != len(texts):
                 raise bad_request(f"{len(texts)} prompts but {len(per_prompt)} image lists", param="images",
                                   code="image_count_mismatch")
+        engine.check_rows(len(texts) * body.n)  # before any prompt is prepared
         count_images(sum(len(x) for x in per_prompt))
         prompts = []
         with engine.incoming():
@@ -472,15 +519,25 @@ def create_app(engine: Engine, config: ServeConfig | None = None, *, manage_engi
         else:
             text, refs = body.prompt, [(ref, f"images[{k}]") for k, ref in enumerate(body.images or [])]
         count_images(len(refs))
-        candidates = []
         for i, cand in enumerate(body.candidates):
             if MEDIA_TOKEN in cand:
                 raise bad_request(f"candidates must not contain {MEDIA_TOKEN}", param=f"candidates[{i}]",
                                   code="invalid_value")
-            ids = await run_in_threadpool(engine.encode, cand, special=False)
-            if not ids:
-                raise bad_request("a candidate must not be empty", param=f"candidates[{i}]", code="invalid_value")
-            candidates.append(ids)
+            if engine.surely_over_context(cand):
+                raise bad_request(f"candidate {i} ({len(cand)} characters) is longer than this model's context of "
+                                  f"{engine.max_context} tokens", param=f"candidates[{i}]",
+                                  code="context_length_exceeded")
+
+        def encode_candidates() -> list[list[int]]:
+            out = []
+            for i, cand in enumerate(body.candidates):
+                ids = engine.encode(cand, special=False)
+                if not ids:
+                    raise bad_request("a candidate must not be empty", param=f"candidates[{i}]", code="invalid_value")
+                out.append(ids)
+            return out
+
+        candidates = await run_in_threadpool(encode_candidates)
         longest = max(len(c) for c in candidates)
         prompt = await run_in_threadpool(build_prompt, text, refs, longest, "messages" if body.messages else "prompt")
         channel = new_channel()

@@ -46,6 +46,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="seconds a request may take, queueing included, before a 504 (300)")
     g.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds to wait for a request's body before a 408 (30)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send its request headers before it is closed (10)")
     g.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, help="request body limit (64 MiB)")
     g.add_argument("--max-images", type=int, default=8, help="images per request (8)")
     g.add_argument("--max-image-bytes", type=int, default=10 * 1024 * 1024, help="bytes per encoded image (10 MiB)")
@@ -103,7 +105,7 @@ def build_server(args: argparse.Namespace):
         image_dir=args.image_dir, allow_remote_images=args.allow_remote_images, remote_timeout=args.remote_timeout,
         max_images=args.max_images, max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
         max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
-        body_timeout=args.body_timeout, default_max_tokens=args.default_max_tokens,
+        body_timeout=args.body_timeout, header_timeout=args.header_timeout, default_max_tokens=args.default_max_tokens,
         max_score_candidates=args.max_score_candidates,
     )
     return create_app(engine, config), engine, config
@@ -123,7 +125,10 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.getLogger("flamingo_vlm.serve").info(
         "serving %r (context %d, batch %d) on http://%s:%d", config.model_name, engine.max_context,
         engine.max_batch_size, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    from .protocol import header_timeout_protocol
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                http=header_timeout_protocol(config.header_timeout))
     return 0
 
 

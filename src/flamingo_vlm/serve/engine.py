@@ -15,10 +15,12 @@ new token of every row, decodes that row's text incrementally and hands the new 
 while it could still be the start of a stop string or an incomplete UTF-8 character) to the
 job's sink; a streaming request forwards it as server-sent events, the others collect it.
 
-Images are encoded (vision encoder + perceiver) once per distinct image per batch, and the
-latents of recently seen images are kept in an LRU cache keyed by a hash of the image's bytes, so
-the demonstration images that few-shot prompts repeat are not encoded again (unless the model's
-perceiver has per-position media embeddings, where an image's latents depend on its place).
+Images are encoded with the model's :meth:`~flamingo_vlm.Flamingo.encode_images` (what the
+cross-attention reads; the engine knows nothing of the perceiver's layout) once per distinct
+image per batch, and the encodings of recently seen images are kept in an LRU cache keyed by a
+hash of the image's bytes, so the demonstration images that few-shot prompts repeat are not
+encoded again (unless the model says an image's encoding depends on its place,
+``images_encode_independently``: then the pixels go to ``generate`` as ``vision_x``).
 
 The batching window: the oldest job waits ``batch_wait_ms`` from its arrival, or from the end of
 the previous batch if it arrived during it (the clients just answered tend to send again at
@@ -27,12 +29,17 @@ into uneven batches), extended up to 4x while requests are still being prepared 
 (:meth:`Engine.incoming`: images being decoded, text tokenized).
 
 Scoring jobs run one at a time on the same worker, between generation batches.
+
+Request threads tokenize with a private copy of the tokenizer each (no lock between requests); a
+text is first checked against a sound bound on its length in characters
+(:func:`max_chars_per_token`), so a prompt far over the context is refused without tokenizing it.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import itertools
 import logging
 import threading
@@ -43,7 +50,7 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..processing import EOC_TOKEN, MEDIA_TOKEN
+from ..processing import EOC_TOKEN, MEDIA_TOKEN, FlamingoProcessor
 from .errors import APIError
 
 log = logging.getLogger("flamingo_vlm.serve")
@@ -53,17 +60,103 @@ _job_ids = itertools.count(1)
 
 
 def max_context_of(model, tokenizer, default: int = 2048) -> int:
-    """The LM's context length: its config's position limit, else the tokenizer's."""
-    lm = model.lang_encoder
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    """The LM's context length: the position limit the trainer checks sequences against
+    (:func:`flamingo_vlm.train.trainer.lm_context_limit`), else the tokenizer's, else ``default``."""
+    from ..train.trainer import lm_context_limit
+
+    limit, _ = lm_context_limit(model.lang_encoder)
+    if limit is not None:
+        return limit
     value = getattr(tokenizer, "model_max_length", None)
     if isinstance(value, int) and 0 < value < 1_000_000:
         return value
     return default
+
+
+# Normalizers that never make the text shorter (a token still stands for at most its own length).
+_NON_SHRINKING_NORMALIZERS = {"Prepend", "NFD", "NFKD", "Lowercase", "Precompiled_nfd"}
+# Pre-tokenizers that keep every character (none drops text the way Whitespace / Split(removed) do).
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts", "Split"}
+
+
+def max_chars_per_token(tokenizer) -> tuple[int, str] | None:
+    """A sound bound on the characters one token can stand for: ``(k, silent)`` such that a text
+    has at least ``(len(text) - number of its characters in silent) / k`` tokens; None when this
+    tokenizer gives no such bound.
+
+    It holds for BPE tokenizers (fast, ``tokenizer.json``) that drop no input but ``silent``:
+    every other input character is covered by the token(s) of its byte(s) or piece, and a token
+    covers at most as many characters as its vocabulary string is long (byte-level: one
+    vocabulary character per byte, and a character is at least one byte; Metaspace: ``▁`` stands
+    for one space; a byte-fallback token ``<0x41>`` covers at most one); an added token covers its
+    own content. NFC/NFKC normalization can compose up to 4 characters into one (the longest
+    canonical decomposition in Unicode), so ``k`` is multiplied by that. A byte-level vocabulary
+    without some byte symbols drops those bytes: the one-byte characters among them are
+    ``silent`` (a multi-byte character keeps a token as long as every continuation byte has one).
+    Anything else gives None: WordPiece/Unigram models (an ``[UNK]`` can swallow a whole word),
+    fused unknowns, normalizers or pre-tokenizers that delete or shorten text.
+    """
+    import json
+    import unicodedata
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        spec = json.loads(backend.to_str())
+    except Exception:  # noqa: BLE001 - an unusual backend: no bound
+        return None
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (model.get("fuse_unk") and not model.get("byte_fallback")):
+        return None
+
+    def parts(node) -> list[dict]:
+        if not node:
+            return []
+        if node.get("type") != "Sequence":
+            return [node]
+        return [p for sub in node.get("normalizers") or node.get("pretokenizers") or [] for p in parts(sub)]
+
+    factor = 1
+    for norm in parts(spec.get("normalizer")):
+        kind = norm.get("type")
+        if kind in ("NFC", "NFKC"):
+            factor = max(factor, max(len(unicodedata.normalize("NFD", chr(c))) for c in range(0x110000)))
+        elif kind == "Replace":
+            # Replacing one character by one or more never shortens the text.
+            pattern = (norm.get("pattern") or {}).get("String")
+            if pattern is None or len(pattern) != 1 or not norm.get("content"):
+                return None
+        elif kind not in _NON_SHRINKING_NORMALIZERS:
+            return None
+    pre_tokenizers = parts(spec.get("pre_tokenizer"))
+    for pre in pre_tokenizers:
+        if pre.get("type") not in _KEEPING_PRE_TOKENIZERS or pre.get("behavior") == "Removed":
+            return None
+    vocab = model.get("vocab") or {}
+    silent = ""
+    if any(pre.get("type") == "ByteLevel" for pre in pre_tokenizers):
+        missing = sorted(b for symbol, b in _BYTE_OF_SYMBOL.items() if symbol not in vocab)
+        if any(0x80 <= b < 0xC0 for b in missing):
+            return None
+        silent = "".join(chr(b) for b in missing if b < 0x80)
+    elif not model.get("byte_fallback") and model.get("unk_token") is None:
+        return None  # a character the vocabulary cannot spell would be dropped
+    longest = max((len(t) for t in vocab), default=0)
+    longest = max([longest, *(len(t.get("content", "")) for t in spec.get("added_tokens") or [])])
+    return (longest * factor, silent) if longest > 0 else None
+
+
+def _byte_symbols() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(rest)})
+    return table
+
+
+_BYTE_OF_SYMBOL = _byte_symbols()
 
 
 @dataclass
@@ -275,21 +368,29 @@ class Engine:
         self.eos_ids = {self.eoc_token_id}
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = model.pad_token_id if model.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_token_id = pad if pad is not None else 0
-        self.image_shape = (1, 3, image_processor.image_size, image_processor.image_size)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; a Flamingo tokenizer gets <PAD> from add_flamingo_tokens()")
+        self.pad_token_id = tokenizer.pad_token_id
+        # Batching of pixels (vision_x) is the processor's; prompts arrive tokenized and are
+        # left-padded with the tokenizer's own padding, as the processor does.
+        self.processor = FlamingoProcessor(tokenizer, image_processor)
+        # Prompts longer than this many characters cannot fit the context whatever they say (None: no
+        # such bound for this tokenizer; the request body limit bounds the work then).
+        bound = max_chars_per_token(tokenizer)
+        self.max_prompt_chars = self.max_context * bound[0] if bound else None
+        self._silent_chars = bound[1] if bound else ""
         self.stats = Stats()
-        # Perceiver latents of recently seen images, by key (few-shot prompts repeat their demos).
-        # Only when an image's latents do not depend on its position in the prompt.
+        # Encodings of recently seen images, by key (few-shot prompts repeat their demos). Only
+        # when an image's encoding does not depend on its place among the prompt's images.
         self.image_cache_size = image_cache_size
         self._image_cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
-        self._per_image_media = getattr(model.perceiver, "media_time_embs", None) is None
+        self._per_image_media = bool(getattr(model, "images_encode_independently", False))
+        self._blank_media: torch.Tensor | None = None
         self._idle_since = 0.0
         self._incoming = 0
-        # Fast tokenizers are not safe to use from several threads at once.
-        self.tokenizer_lock = threading.Lock()
+        # A fast tokenizer's settings are shared state: each request thread encodes with its own copy
+        # (no lock, so one long prompt never holds up the others); the worker decodes with the original.
+        self._thread_tokenizers = threading.local()
         self._pending: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._running = False
@@ -299,12 +400,23 @@ class Engine:
 
     # -- tokenizer / images (called from request threads) ---------------------------------------
     def encode(self, text: str, *, special: bool = True) -> list[int]:
-        with self.tokenizer_lock:
-            return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        """Token ids of ``text``; safe to call from any number of threads at once."""
+        tokenizer = getattr(self._thread_tokenizers, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._thread_tokenizers.tokenizer = copy.deepcopy(self.tokenizer)
+        return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def surely_over_context(self, text: str) -> bool:
+        """True when ``text`` has more tokens than the context holds, told from its length alone
+        (see :func:`max_chars_per_token`; False when the tokenizer gives no bound)."""
+        if self.max_prompt_chars is None or len(text) <= self.max_prompt_chars:
+            return False
+        dropped = sum(text.count(c) for c in self._silent_chars)
+        return len(text) - dropped > self.max_prompt_chars
 
     def decode(self, ids: list[int]) -> str:
-        with self.tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """Text of ``ids`` (the worker thread's decoding of generated tokens)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def preprocess(self, image) -> torch.Tensor:
         return self.image_processor(image).unsqueeze(0)  # (F=1, C, H, W)
@@ -369,10 +481,15 @@ class Engine:
     def busy(self) -> bool:
         return self._busy
 
-    def submit(self, job: GenerationJob | ScoreJob) -> None:
-        if job.rows > self.max_batch_size:
-            raise APIError(400, f"this request needs {job.rows} rows (prompts x n), over this server's batch size "
+    def check_rows(self, rows: int) -> None:
+        """A 400 for a request of more rows (prompts x n) than one batch holds (checked before its
+        prompts are prepared, and again on submit)."""
+        if rows > self.max_batch_size:
+            raise APIError(400, f"this request needs {rows} rows (prompts x n), over this server's batch size "
                            f"of {self.max_batch_size}", param="n", code="too_many_choices")
+
+    def submit(self, job: GenerationJob | ScoreJob) -> None:
+        self.check_rows(job.rows)
         with self._cv:
             if not self._running:
                 raise APIError(503, "the model worker is not running", type="server_error", code="not_running")
@@ -454,70 +571,62 @@ class Engine:
                 with self.stats.lock:
                     self.stats.busy_seconds += time.perf_counter() - start
 
-    def _vision_x(self, image_lists: list[list[torch.Tensor]]) -> torch.Tensor:
-        t_max = max(1, max(len(images) for images in image_lists))
-        shape = next((im.shape for images in image_lists for im in images), self.image_shape)
-        out = torch.zeros(len(image_lists), t_max, *shape)
-        for b, images in enumerate(image_lists):
-            for t, im in enumerate(images):
-                out[b, t] = im
-        dtype = next(self.model.vision_encoder.parameters()).dtype
-        return out.to(device=self.device, dtype=dtype)
-
     def _media(self, image_lists: list[list[torch.Tensor]], key_lists: list[list[str | None]]) -> torch.Tensor:
-        """Perceiver latents (B, T_max, n_latents, D): each distinct image encoded once per batch,
-        and not at all when its key is in the cache."""
-        perceiver = self.model.perceiver
-        n_latents, dim = perceiver.latents.shape[-2:]
+        """``media`` (B, T_max, M, D) from the model's :meth:`encode_images`: each distinct image
+        encoded once per batch, and not at all when its key is in the cache."""
         unique: dict = {}
         for images, keys in zip(image_lists, key_lists):
             for im, key in zip(images, keys):
                 unique.setdefault(key if key is not None else ("object", id(im)), im)
-        latents: dict = {}
+        encoded: dict = {}
         todo = []
         for key in unique:
             hit = self._image_cache.get(key) if isinstance(key, str) else None
             if hit is not None:
                 self._image_cache.move_to_end(key)
-                latents[key] = hit
+                encoded[key] = hit
             else:
                 todo.append(key)
-        param = next(self.model.vision_encoder.parameters())
         for start in range(0, len(todo), 32):
             chunk = todo[start : start + 32]
-            x = torch.stack([unique[k] for k in chunk]).unsqueeze(0).to(device=self.device, dtype=param.dtype)
-            encoded = self.model.encode_vision_x(x)[0]  # (N, n_latents, D)
-            for key, lat in zip(chunk, encoded):
-                latents[key] = lat
+            pixels = torch.stack([unique[k] for k in chunk]).to(self.device)
+            for key, enc in zip(chunk, self.model.encode_images(pixels)):
+                encoded[key] = enc
                 if isinstance(key, str) and self.image_cache_size > 0:
-                    self._image_cache[key] = lat
+                    self._image_cache[key] = enc
                     while len(self._image_cache) > self.image_cache_size:
                         self._image_cache.popitem(last=False)
         with self.stats.lock:
             self.stats.images_encoded += len(todo)
             self.stats.image_cache_hits += len(unique) - len(todo)
+        # Slots no token looks at (padding, rows without images) are zeros shaped like an encoded
+        # image; a batch without any image takes that shape from a blank image, encoded once.
+        if encoded:
+            like = next(iter(encoded.values()))
+        else:
+            if self._blank_media is None:
+                blank = self.processor.images_tensor([[]])[0].to(self.device)  # (1, F, C, H, W) zeros
+                self._blank_media = self.model.encode_images(blank)[0]
+            like = self._blank_media
         t_max = max(1, max(len(images) for images in image_lists))
-        media = torch.zeros(len(image_lists), t_max, n_latents, dim, device=self.device, dtype=perceiver.latents.dtype)
+        media = like.new_zeros(len(image_lists), t_max, *like.shape)
         for b, (images, keys) in enumerate(zip(image_lists, key_lists)):
             for t, (im, key) in enumerate(zip(images, keys)):
-                media[b, t] = latents[key if key is not None else ("object", id(im))]
+                media[b, t] = encoded[key if key is not None else ("object", id(im))]
         return media
 
     def _conditioning_kwargs(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
-        """``media=`` (encoded once per distinct image) when latents are per image, else ``vision_x=``."""
+        """``media=`` (encoded once per distinct image) when images encode independently, else
+        ``vision_x=`` (the processor's batching of the pixels)."""
         image_lists = [p.images for p in prompts]
         if self._per_image_media:
             return {"vision_x": None, "media": self._media(image_lists, [p.keys() for p in prompts])}
-        return {"vision_x": self._vision_x(image_lists)}
+        return {"vision_x": self.processor.images_tensor(image_lists).to(self.device)}
 
     def _left_pad(self, id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = max(len(ids) for ids in id_lists)
-        input_ids = torch.full((len(id_lists), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(id_lists), longest), dtype=torch.long)
-        for b, ids in enumerate(id_lists):
-            input_ids[b, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            mask[b, longest - len(ids) :] = 1
-        return input_ids.to(self.device), mask.to(self.device)
+        enc = self.tokenizer.pad({"input_ids": id_lists}, padding="longest", padding_side="left",
+                                 return_attention_mask=True, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def _generate(self, batch: list[GenerationJob]) -> None:
         rows, row_prompts = [], []

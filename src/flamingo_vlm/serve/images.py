@@ -76,19 +76,34 @@ def _local_bytes(ref: str, limits: ImageLimits, param: str) -> bytes:
             "from DIR); send the image inline as a data: URL instead", param=param, code="local_images_disabled",
         )
     raw = unquote(urlparse(ref).path) if ref.startswith("file://") else ref
+    shown = _short(raw)
+    if "\0" in raw:
+        raise APIError(400, f"image path {shown} contains a NUL character; no file name can", param=param,
+                       code="invalid_image_url")
     root = limits.image_dir.resolve()
-    path = Path(raw)
-    path = (path if path.is_absolute() else root / path).resolve()
-    if path != root and root not in path.parents:
-        raise APIError(403, f"image path {raw!r} is outside the server's image directory", param=param,
-                       code="image_path_forbidden")
-    if not path.is_file():
-        raise APIError(404, f"image file {raw!r} not found in the server's image directory", param=param,
-                       code="image_not_found")
-    size = path.stat().st_size
-    if size > limits.max_bytes:
-        raise _too_large(param, size, limits.max_bytes)
-    return path.read_bytes()
+    try:
+        path = Path(raw)
+        path = (path if path.is_absolute() else root / path).resolve()
+        if path != root and root not in path.parents:
+            raise APIError(403, f"image path {shown} is outside the server's image directory", param=param,
+                           code="image_path_forbidden")
+        if not path.is_file():
+            raise APIError(404, f"image file {shown} not found in the server's image directory", param=param,
+                           code="image_not_found")
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise _too_large(param, size, limits.max_bytes)
+        return path.read_bytes()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a file that vanished, ...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise APIError(400, f"cannot read image file {shown}: {reason}", param=param, code="invalid_image_url") from e
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """``text`` for an error message: repr, with the middle of a long one left out."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[: limit // 2]) + f" ... ({len(text)} characters) ... " + repr(text[-limit // 4 :])
 
 
 def _remote_bytes(ref: str, limits: ImageLimits, param: str) -> bytes:

@@ -1,7 +1,8 @@
 """Running the server inside this process (tests, benchmarks, notebooks).
 
 ``with serve_in_thread(app) as base_url: ...`` starts uvicorn on a free loopback port in a daemon
-thread, waits until it accepts requests, and stops it on leaving the block.
+thread, waits until it accepts requests, and stops it on leaving the block. It uses the server's
+HTTP protocol (:mod:`.protocol`, the app's ``header_timeout``), as ``flamingo-vlm serve`` does.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ def serve_in_thread(app, host: str = "127.0.0.1", *, log_level: str = "warning",
     """Serve ``app`` on ``host`` at a free port; yields the base URL (``http://127.0.0.1:PORT``)."""
     import uvicorn
 
+    from .protocol import header_timeout_protocol
+
+    header_timeout = getattr(getattr(app.state, "config", None), "header_timeout", 10.0)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
+                            http=header_timeout_protocol(header_timeout))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()
