@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..modeling.lm_info import lm_context_limit
 from ..processing import EOC_TOKEN, MEDIA_TOKEN, FlamingoProcessor
 from .errors import APIError
 
@@ -61,9 +62,7 @@ _job_ids = itertools.count(1)
 
 def max_context_of(model, tokenizer, default: int = 2048) -> int:
     """The LM's context length: the position limit the trainer checks sequences against
-    (:func:`flamingo_vlm.train.trainer.lm_context_limit`), else the tokenizer's, else ``default``."""
-    from ..train.trainer import lm_context_limit
-
+    (:func:`flamingo_vlm.modeling.lm_info.lm_context_limit`), else the tokenizer's, else ``default``."""
     limit, _ = lm_context_limit(model.lang_encoder)
     if limit is not None:
         return limit

@@ -31,7 +31,6 @@ after optimizer step ``k`` (before that step's checkpoint), to test exact resump
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +49,7 @@ from torch import nn
 
 from ..locking import hold_for_job
 from ..modeling.fast_linear import fast_bf16
+from ..modeling.lm_info import lm_context_limit
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, TrainConfig
 from .distributed import (
@@ -187,23 +187,6 @@ def set_gates(model, value: float) -> None:
     with torch.no_grad():
         for p in gates:
             p.fill_(math.atanh(value))
-
-
-def lm_context_limit(lm: nn.Module) -> tuple[int | None, bool]:
-    """(max positions from the LM config, whether the LM has learned absolute position embeddings)."""
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    limit = None
-    for name in ("n_positions", "max_position_embeddings", "max_seq_len", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            limit = value
-            break
-    token_emb = lm.get_input_embeddings()
-    absolute = any(
-        isinstance(m, nn.Embedding) and m is not token_emb and ("pos" in n.lower() or n.endswith("wpe"))
-        for n, m in lm.named_modules()
-    )
-    return limit, absolute
 
 
 def _set_gradient_checkpointing(model: nn.Module, mode: bool | str) -> None:
