@@ -14,9 +14,7 @@ import argparse
 import os
 import sys
 
-
-class UsageError(ValueError):
-    """Bad command-line input (exit code 2)."""
+from .errors import UsageError
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

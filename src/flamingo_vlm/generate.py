@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import UsageError
+from .errors import UsageError
 from .modeling.fast_linear import fast_bf16
 from .processing import EOC_TOKEN, MEDIA_TOKEN
 from .registry import DEFAULT_MODEL
