@@ -10,6 +10,17 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   source .venv/bin/activate
 fi
+# Caption metrics tokenise with Stanford's PTBTokenizer (Java), as pycocoevalcap does: install a
+# headless JRE when we can (root with apt); without one the evaluator uses its pure-Python
+# tokenizer and says so in its log and result files. WordNet 3.0 (wordnet-base) lets the tests
+# check the OK-VQA stemmer's lemmas against nltk's WordNetLemmatizer; the package itself needs neither.
+apt_pkgs=()
+command -v java >/dev/null 2>&1 || apt_pkgs+=(default-jre-headless)
+[ -f /usr/share/wordnet/index.verb ] || apt_pkgs+=(wordnet-base)
+if [ "${#apt_pkgs[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null; } ||
+    echo "setup.sh: could not install ${apt_pkgs[*]}; caption metrics will use the Python tokenizer" >&2
+fi
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q "torch==${TORCH_VERSION}"
 python -m pip install -q -e ".[${EXTRAS}]"

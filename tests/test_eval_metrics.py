@@ -90,6 +90,7 @@ def test_vqa_postprocessing():
 ])
 def test_okvqa_stem(word, stem):
     pytest.importorskip("inflection")
+    pytest.importorskip("nltk")  # its word tokenizer (no data download)
     assert okvqa_stem(word) == stem
 
 

@@ -41,10 +41,16 @@ def _cli(root, out, *extra):
     ])
 
 
-def test_full_run_writes_json_and_markdown_then_resumes(tiny, tmp_path, monkeypatch):
+def test_full_run_writes_json_and_markdown_then_resumes(tiny, tmp_path, monkeypatch, caplog):
     root, _ = tiny
     out = tmp_path / "out"
-    assert _cli(root, out) == 0
+    with caplog.at_level("WARNING", logger="flamingo_vlm.eval.evaluator"):
+        assert _cli(root, out) == 0
+    # Captions tokenised without Java: said in the log, the unit, the summary and the markdown.
+    assert [r for r in caplog.records if "pure-Python PTB tokenizer" in r.getMessage()]
+    assert json.loads((out / "coco" / "shots0_seed42.json").read_text())["scoring"] == {"caption_tokenizer": "python"}
+    assert json.loads((out / "results.json").read_text())["results"]["coco"][0]["scoring"]["caption_tokenizer"] == "python"
+    assert "- coco: caption_tokenizer = `python`: captions tokenised with the pure-Python" in (out / "results.md").read_text()
     summary = json.loads((out / "results.json").read_text())
     results = summary["results"]
     assert set(results) == {"coco", "vqav2", "imagenet"}

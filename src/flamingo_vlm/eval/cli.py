@@ -73,6 +73,7 @@ def _run(args: argparse.Namespace) -> int:
         caption_metrics=[m for m in args.caption_metrics.split(",") if m],
         caption_tokenizer=args.caption_tokenizer,
         vqa_gt_normalization=args.vqa_gt_normalization,
+        vqa_compat=args.vqa_compat,
         precision=args.precision,
         save_predictions=not args.no_predictions,
         progress=not args.quiet,
@@ -133,7 +134,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-metrics", default="cider,bleu,rouge", help="cider,bleu,rouge[,meteor (needs java)]")
     p.add_argument("--caption-tokenizer", choices=("auto", "java", "python"), default="auto",
                    help="PTB tokenisation for caption metrics: Stanford's (java) or the pure-Python one")
-    p.add_argument("--vqa-gt-normalization", choices=("official", "always"), default="official")
+    p.add_argument("--vqa-gt-normalization", choices=("official", "always"), default="official",
+                   help="official: normalise answers only when the humans disagree (vqaEval.py); always: every time")
+    p.add_argument("--vqa-compat", choices=("official", "openflamingo"), default="official",
+                   help="openflamingo: score VQA as OpenFlamingo's vqa_metric.py did (answers always normalised; "
+                        "leave-one-out removes every identical answer entry when the file has no answer_id, as "
+                        "VizWiz's), to compare with the paper's numbers; default: the official metric")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "amp_bf16"), default="fp32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--synthetic", action="store_true",

@@ -224,7 +224,9 @@ class VQADataset(EvalDataset):
     Sample: ``{"id": question_id, "image", "image_id", "question", "answers": [10 answers]}``
     (``answers`` absent without annotations), plus the annotation's ``question_type`` and
     ``answer_type`` where it has them (VQAv2 does), for per-type accuracy. Annotations are matched to questions by
-    ``question_id``, not by position (OpenFlamingo assumed the same order).
+    ``question_id``, not by position (OpenFlamingo assumed the same order). When the answers lack
+    ``answer_id`` (VizWiz), ``answer_entries`` holds each answer's other fields (JSON text, e.g.
+    ``{"answer_confidence": "yes"}``) for OpenFlamingo's leave-one-out (``--vqa-compat openflamingo``).
     """
 
     def __init__(
@@ -256,6 +258,12 @@ class VQADataset(EvalDataset):
                 try:
                     answers[ann["question_id"]] = [a["answer"] for a in ann["answers"]]
                     types[ann["question_id"]] = {k: ann[k] for k in ("question_type", "answer_type") if k in ann}
+                    if not all("answer_id" in a for a in ann["answers"]):
+                        # Without answer_id (VizWiz, OpenFlamingo's files), OpenFlamingo's leave-one-out
+                        # tells entries apart by their other fields (--vqa-compat openflamingo).
+                        types[ann["question_id"]]["answer_entries"] = [
+                            json.dumps({k: v for k, v in a.items() if k != "answer"}, sort_keys=True)
+                            for a in ann["answers"]]
                 except (KeyError, TypeError) as e:
                     raise DatasetLayoutError(
                         f"{annotations_json}: annotation {n} lacks {e}; need 'question_id' and 'answers' [{{'answer'}}]"

@@ -31,7 +31,7 @@ from . import prompts as P
 from .datasets import EvalDataset
 from .demos import RICES, FeatureExtractor, RandomDemoSelector
 from .distributed import DistContext, init_distributed, shard_indices
-from .metrics import caption_metrics, okvqa_stem, roc_auc, vqa_accuracy
+from .metrics import caption_metrics, java_available, okvqa_stem, resolve_caption_tokenizer, roc_auc, vqa_accuracy
 from ..locking import hold_for_job
 from .results import atomic_write_json, markdown_table, read_unit, summarize, unit_path
 from .tasks import TaskSpec, get_task, resolve_task_root
@@ -76,10 +76,20 @@ class EvalConfig:
     caption_metrics: list[str] = field(default_factory=lambda: ["cider", "bleu", "rouge"])
     caption_tokenizer: str = "auto"  # "java" (Stanford PTB), "python", or "auto"
     vqa_gt_normalization: str = "official"  # or "always" (OpenFlamingo's variant)
+    vqa_compat: str = "official"  # or "openflamingo": OpenFlamingo's vqa_metric.py (see vqa_scoring)
     precision: str = "fp32"
     save_predictions: bool = True
     progress: bool = True
     model_name: str = ""
+
+    def vqa_scoring(self) -> dict[str, str]:
+        """How VQA answers are scored. ``vqa_compat="openflamingo"`` is OpenFlamingo's
+        ``vqa_metric.py`` at its last revision: every answer normalised (``"always"``) and its
+        leave-one-out by entry equality, which on files without ``answer_id`` (VizWiz) removes
+        every identical (answer, confidence) entry; the default is the official metric."""
+        if self.vqa_compat == "openflamingo":
+            return {"vqa_compat": "openflamingo", "vqa_gt_normalization": "always"}
+        return {"vqa_compat": "official", "vqa_gt_normalization": self.vqa_gt_normalization}
 
     def trial_seeds(self) -> list[int]:
         seeds = list(self.seeds) if self.seeds else []
@@ -97,6 +107,8 @@ class EvalConfig:
             raise ValueError("trials must be >= 1")
         if self.demo_selection not in ("random", "rices"):
             raise ValueError(f"demo_selection must be 'random' or 'rices', got {self.demo_selection!r}")
+        if self.vqa_compat not in ("official", "openflamingo"):
+            raise ValueError(f"vqa_compat must be 'official' or 'openflamingo', got {self.vqa_compat!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.data_root is None and not all(get_task(t).name in self.task_roots for t in self.tasks):
@@ -203,10 +215,11 @@ class Evaluator:
             fp["rices_vision_pretrained"] = c.rices_vision_pretrained
         if spec.kind != "classification":
             fp.update(num_beams=c.num_beams, length_penalty=c.length_penalty, max_new_tokens=self.max_new_tokens(spec))
-        if spec.kind == "captioning":
-            fp.update(caption_tokenizer=c.caption_tokenizer, caption_metrics=sorted(c.caption_metrics))
-        if spec.kind == "vqa":
-            fp["vqa_gt_normalization"] = c.vqa_gt_normalization
+        if spec.kind == "captioning":  # the tokenizer actually used: "auto" differs with and without Java
+            fp.update(caption_tokenizer=resolve_caption_tokenizer(c.caption_tokenizer),
+                      caption_metrics=sorted(c.caption_metrics))
+        if spec.kind == "vqa":  # vqa_compat only when not the default, so older unit files stay valid
+            fp.update({k: v for k, v in c.vqa_scoring().items() if k != "vqa_compat" or v != "official"})
         if spec.kind == "classification":
             fp["ensemble"] = c.ensemble and c.ensemble_max
         return fp
@@ -452,6 +465,18 @@ class Evaluator:
         return out
 
     # -- scoring -----------------------------------------------------------------------------------------
+    def _warn_python_tokenizer(self) -> None:
+        """Say loudly, once, that captions are tokenised without Java (CIDEr then comes from the
+        pure-Python PTB tokenizer; the result files record ``caption_tokenizer: python``)."""
+        if getattr(self, "_warned_tokenizer", False) or resolve_caption_tokenizer(self.config.caption_tokenizer) != "python":
+            return
+        self._warned_tokenizer = True
+        why = "asked for with --caption-tokenizer python" if self.config.caption_tokenizer == "python" else (
+            "no working `java` on the PATH" if not java_available() else "pycocoevalcap's Stanford jar not found")
+        logger.warning("caption metrics use the pure-Python PTB tokenizer (%s), not Stanford's Java one that "
+                       "pycocoevalcap and the papers use; scores can differ slightly. Install a JRE "
+                       "(apt-get install default-jre-headless) for the reference tokenizer.", why)
+
     def _score(self, spec: TaskSpec, test: EvalDataset, records: list[dict], held_out: set[str] | None = None) -> dict:
         scored = self._score_records(spec, test, records)
         if held_out:
@@ -468,14 +493,20 @@ class Evaluator:
         c = self.config
         by_id = {s["id"]: s for s in test}
         if spec.kind == "captioning":
+            self._warn_python_tokenizer()
             m = caption_metrics({r["id"]: r["prediction"] for r in records},
                                 {r["id"]: by_id[r["id"]]["captions"] for r in records},
                                 metrics=c.caption_metrics, tokenizer=c.caption_tokenizer)
             return {"metric": "CIDEr" if "CIDEr" in m else next(k for k in m if k != "tokenizer"),
-                    "score": m.get("CIDEr", next(v for k, v in m.items() if k != "tokenizer")), "metrics": m}
+                    "score": m.get("CIDEr", next(v for k, v in m.items() if k != "tokenizer")), "metrics": m,
+                    "scoring": {"caption_tokenizer": m["tokenizer"]}}
         if spec.kind == "vqa":
+            scoring = c.vqa_scoring()
+            compat = scoring["vqa_compat"] == "openflamingo"
             per_question = {r["id"]: vqa_accuracy(r["prediction"], by_id[r["id"]]["answers"],
-                                                  gt_normalization=c.vqa_gt_normalization) for r in records}
+                                                  gt_normalization=scoring["vqa_gt_normalization"],
+                                                  entries=by_id[r["id"]].get("answer_entries") if compat else None)
+                            for r in records}
             acc = 100.0 * float(np.mean(list(per_question.values())))  # as vqa_score
             metrics = {"accuracy": acc}
             for field, key in (("answer_type", "per_answer_type"), ("question_type", "per_question_type")):
@@ -485,7 +516,7 @@ class Evaluator:
                         groups.setdefault(by_id[qid][field], []).append(a)
                 if groups:  # as the official VQA evaluation reports them
                     metrics[key] = {g: 100.0 * float(np.mean(v)) for g, v in sorted(groups.items())}
-            return {"metric": "accuracy", "score": acc, "metrics": metrics}
+            return {"metric": "accuracy", "score": acc, "metrics": metrics, "scoring": scoring}
         top1 = 100.0 * float(np.mean([r["top5"][0] == r["label"] for r in records]))
         if spec.name == "hateful_memes":
             labels = [int(by_id[r["id"]]["label"]) for r in records]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write_json", "markdown_table", "summarize", "unit_path"]
+__all__ = ["atomic_write_json", "markdown_table", "scoring_notes", "summarize", "unit_path"]
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
@@ -61,7 +61,8 @@ def read_unit(path: str | os.PathLike) -> dict | None:
 
 def summarize(units: Iterable[dict]) -> dict[str, list[dict]]:
     """``{task: [{"shots", "metric", "trials", "seeds", "mean", "stddev", "metrics": {name: mean}}]}``
-    from finished unit records, shots ascending."""
+    from finished unit records, shots ascending; plus ``"scoring"`` (how the scores were computed:
+    ``caption_tokenizer``, ``vqa_compat``) where the units record it."""
     grouped: dict[str, dict[int, list[dict]]] = {}
     for u in units:
         grouped.setdefault(u["task"], {}).setdefault(int(u["shots"]), []).append(u)
@@ -85,8 +86,36 @@ def summarize(units: Iterable[dict]) -> dict[str, list[dict]]:
                     g: {t: float(np.mean([u["metrics"][g][t] for u in us if t in u["metrics"].get(g, {})]))
                         for t in us[0]["metrics"][g]} for g in groups},
             })
+            scoring = {k: v for u in us for k, v in (u.get("scoring") or {}).items()}
+            if scoring:
+                rows[-1]["scoring"] = scoring
         out[task] = rows
     return out
+
+
+_SCORING_NOTES = {
+    ("caption_tokenizer", "python"): "captions tokenised with the pure-Python PTB tokenizer (no Java): "
+                                     "CIDEr/BLEU/ROUGE may differ slightly from pycocoevalcap's",
+    ("caption_tokenizer", "java"): "captions tokenised with Stanford's PTBTokenizer (Java), as pycocoevalcap does",
+    ("vqa_compat", "official"): "VQA accuracy: the official leave-one-out (one human answer left out at a time)",
+    ("vqa_compat", "openflamingo"): "VQA accuracy: OpenFlamingo's leave-one-out (`--vqa-compat openflamingo`: "
+                                    "without answer_id, every identical (answer, confidence) entry is left out), "
+                                    "comparable with the paper's VizWiz/TextVQA numbers, not the official metric",
+}
+
+
+def scoring_notes(summary: dict[str, list[dict]]) -> list[str]:
+    """One markdown bullet per task and scoring setting (``caption_tokenizer``, ``vqa_compat``)."""
+    lines = []
+    for task, rows in summary.items():
+        settings: dict[str, set] = {}
+        for r in rows:
+            for k, v in (r.get("scoring") or {}).items():
+                settings.setdefault(k, set()).add(str(v))
+        for k, values in settings.items():
+            for v in sorted(values):
+                lines.append(f"- {task}: {k} = `{v}`" + (f": {_SCORING_NOTES[(k, v)]}" if (k, v) in _SCORING_NOTES else ""))
+    return lines
 
 
 def _cell(values: list[float]) -> str:
@@ -125,4 +154,7 @@ def markdown_table(summary: dict[str, list[dict]], *, title: str | None = None, 
             trials = max(len(r["trials"]) for r in rows)
             samples = rows[0]["num_samples"]
             lines.append(f"| {task} | {name} | " + " | ".join(cells) + f" | {trials} | {samples} |")
+    notes = scoring_notes(summary)
+    if notes:
+        lines += ["", "Scoring:", ""] + notes
     return "\n".join(lines) + "\n"
