@@ -16,7 +16,6 @@ Finished harness units are reused when run again (the harness is resumable).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

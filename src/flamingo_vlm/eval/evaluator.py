@@ -509,11 +509,11 @@ class Evaluator:
                             for r in records}
             acc = 100.0 * float(np.mean(list(per_question.values())))  # as vqa_score
             metrics = {"accuracy": acc}
-            for field, key in (("answer_type", "per_answer_type"), ("question_type", "per_question_type")):
+            for attr, key in (("answer_type", "per_answer_type"), ("question_type", "per_question_type")):
                 groups: dict[str, list[float]] = {}
                 for qid, a in per_question.items():
-                    if field in by_id[qid]:
-                        groups.setdefault(by_id[qid][field], []).append(a)
+                    if attr in by_id[qid]:
+                        groups.setdefault(by_id[qid][attr], []).append(a)
                 if groups:  # as the official VQA evaluation reports them
                     metrics[key] = {g: 100.0 * float(np.mean(v)) for g, v in sorted(groups.items())}
             return {"metric": "accuracy", "score": acc, "metrics": metrics, "scoring": scoring}

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..modeling.fast_linear import onednn_available
 
 IGNORE_INDEX = -100
 aten = torch.ops.aten
@@ -189,7 +188,7 @@ class GeluLinear(torch.autograd.Function):
 
 
 def _ff_forward(self, x):
-    norm, up, _act, down = self[0], self[1], self[2], self[3]
+    norm, up, down = self[0], self[1], self[3]
     return GeluLinear.apply(up(norm(x)), down.weight, down.bias)
 
 

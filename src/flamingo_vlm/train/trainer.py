@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..locking import hold_for_job
-from ..modeling.fast_linear import fast_bf16
+from ..modeling.fast_linear import fast_bf16, onednn_available
 from ..modeling.lm_info import lm_context_limit
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, TrainConfig
@@ -67,7 +67,6 @@ from .fastpath import (
     capture_hidden,
     head_cross_entropy_sum,
     matmul_context,
-    onednn_available,
     recompute_gelu,
     set_malloc_mmap_threshold,
 )
