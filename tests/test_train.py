@@ -231,8 +231,8 @@ def test_accumulation_is_exact_and_clips_once_per_step(model_dir, media_id, tmp_
     """grad_accum=2 with batch 2 == grad_accum=1 with batch 4 (token-count normalisation over the
     whole step), and the gradient is clipped once per optimizer step (not per micro-batch)."""
     calls = []
-    real = trainer_mod.clip_grad_norm_
-    monkeypatch.setattr(trainer_mod, "clip_grad_norm_", lambda p, m: calls.append(m) or real(p, m))
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m: calls.append(m) or real(p, m))
 
     def run(accum, batch, out):
         cfg = make_config(model_dir, tmp_path / out, grad_accum=accum, optim={"max_grad_norm": 0.05})
@@ -520,11 +520,27 @@ def _write_yaml(path: Path, model_dir, shards, out, **extra) -> Path:
     return path
 
 
-def _cli(args, env_extra=None, check=True):
+# Runs the training CLI and SIGKILLs the process right after optimizer step KILL_AT is logged (before
+# that step's checkpoint would be written): a crash at the worst moment, patched in from outside.
+_KILL_AT_STEP = """
+import os, signal, sys
+from flamingo_vlm.train import metrics
+from flamingo_vlm.train.cli import main
+kill_at, progress = int(sys.argv[1]), metrics.Sinks.progress
+def killing_progress(self, step, record):
+    progress(self, step, record)
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+metrics.Sinks.progress = killing_progress
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _cli(args, env_extra=None, check=True, kill_at_step=None):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    proc = subprocess.run([sys.executable, "-m", "flamingo_vlm.train", *args], env=env, capture_output=True,
-                          text=True, timeout=240)
+    command = ["-m", "flamingo_vlm.train"] if kill_at_step is None else ["-c", _KILL_AT_STEP, str(kill_at_step)]
+    proc = subprocess.run([sys.executable, *command, *args], env=env, capture_output=True, text=True, timeout=240)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -536,7 +552,7 @@ def test_sigkill_and_resume_is_bitwise_identical_on_real_shards(model_dir, shard
     full = _write_yaml(tmp_path / "full.yaml", model_dir, shards, tmp_path / "full")
     _cli(["--config", str(full)])
     killed = _write_yaml(tmp_path / "killed.yaml", model_dir, shards, tmp_path / "killed")
-    proc = _cli(["--config", str(killed)], env_extra={"FLAMINGO_VLM_TEST_KILL_AT_STEP": "5"}, check=False)
+    proc = _cli(["--config", str(killed)], kill_at_step=5, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert [s for s, _ in list_checkpoints(tmp_path / "killed")] == [2, 4]
     assert max(r["step"] for r in read_metrics(tmp_path / "killed" / "metrics.csv")) == 5

@@ -10,7 +10,6 @@ Command line: ``flamingo-vlm train --config configs/train.yaml`` (``python -m fl
 
 from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
 from .trainer import (
-    TEST_KILL_ENV,
     Callback,
     DataError,
     Trainer,
@@ -21,7 +20,6 @@ from .trainer import (
 )
 
 __all__ = [
-    "TEST_KILL_ENV",
     "Callback",
     "ConfigError",
     "DataConfig",

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..data.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 aten = torch.ops.aten
 
 # GEMMs smaller than this (m*k*n) stay on the default path: dispatch overhead would dominate.

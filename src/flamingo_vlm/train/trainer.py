@@ -23,9 +23,6 @@ Speed/memory with the same math (:mod:`.fastpath`, each can be switched off in t
 is computed from the last hidden states in chunks (no full logits; verified once against the
 model's logits, with a fallback), fp32 GEMMs run on oneDNN on CPU, the perceiver/cross-attention
 feed-forwards recompute their GELU in backward, AdamW is the fused kernel.
-
-Test hook: with ``FLAMINGO_VLM_TEST_KILL_AT_STEP=k`` in the environment, the process SIGKILLs itself
-after optimizer step ``k`` (before that step's checkpoint), to test exact resumption.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import tempfile
 import time
 import warnings
@@ -47,6 +43,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
+from ..data.labels import IGNORE_INDEX
 from ..locking import hold_for_job
 from ..modeling.fast_linear import fast_bf16, onednn_available
 from ..modeling.lm_info import lm_context_limit
@@ -76,10 +73,6 @@ from .optim import GATE_NAMES, build_optimizer, build_scheduler
 
 logger = logging.getLogger("flamingo_vlm.train")
 
-# Test hook (documented): after finishing optimizer step k, and before writing that step's
-# checkpoint, the process SIGKILLs itself. Used to test that --resume continues exactly.
-TEST_KILL_ENV = "FLAMINGO_VLM_TEST_KILL_AT_STEP"
-IGNORE_INDEX = -100
 BATCH_KEYS = ("vision_x", "input_ids", "attention_mask", "labels")
 
 
@@ -515,7 +508,8 @@ class Trainer:
     def _clip(self) -> float:
         params = [p for p in self.flamingo.parameters() if p.requires_grad and p.grad is not None]
         max_norm = self.cfg.optim.max_grad_norm
-        norm = clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+        # once per optimizer step on the global norm (works on DTensor gradients)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
         from .distributed import full_tensor
 
         return float(full_tensor(norm))
@@ -592,7 +586,6 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, info = self.cfg, self.info
-        kill_at = int(os.environ.get(TEST_KILL_ENV, "0") or 0)
         last_ckpt = self.resume_from
         try:
             while self.step < cfg.max_steps:
@@ -604,8 +597,6 @@ class Trainer:
                 if step % cfg.log_every == 0 or step == cfg.max_steps or record["skipped"]:
                     self.sinks.log(record)
                 self.sinks.progress(step, record)
-                if kill_at and step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                     last_ckpt = self.save_checkpoint() or last_ckpt
             export_dir = self.export() if cfg.export else None
@@ -684,12 +675,6 @@ class Trainer:
                                              include_backbones=True if lora else None)
         barrier(info)
         return path
-
-
-def clip_grad_norm_(params, max_norm: float):
-    """Clip once per optimizer step on the global norm (works on DTensor gradients). Module-level
-    so tests can count calls."""
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def export_weights(cfg: TrainConfig, trainable: dict[str, torch.Tensor], out: str | os.PathLike) -> Path:
