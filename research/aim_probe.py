@@ -53,10 +53,10 @@ def main(argv=None) -> int:
 def attention_masses(model, image_processor, tokenizer, blocks, args) -> None:
     import torch
 
-    from flamingo_vlm.eval.card import _eval_generator
-    from flamingo_vlm.eval.synthetic import POSITIONS
+    from flamingo_vlm.eval.card import eval_generator
     from flamingo_vlm.generate import _model_inputs
     from flamingo_vlm.modeling.cross_attention import split_heads
+    from flamingo_vlm.synthetic import POSITIONS
 
     attn: dict[int, torch.Tensor] = {}
 
@@ -74,7 +74,7 @@ def attention_masses(model, image_processor, tokenizer, blocks, args) -> None:
     hooks = [b.register_forward_pre_hook(record(i)) for i, b in enumerate(blocks)]
     # masses[where][block]: per scene a (3, heads) tensor: named object, other object, latents
     masses = {where: {i: [] for i in range(len(blocks))} for where in ("answer", "shape word")}
-    gen = _eval_generator()
+    gen = eval_generator()
     index = 0
     try:
         while len(masses["answer"][0]) < args.scenes:
@@ -122,11 +122,11 @@ def query_spread(model, image_processor, tokenizer, blocks, size: int) -> None:
     import torch.nn.functional as F
 
     from attribute_probe import relative_spread  # research/ is on sys.path when a script runs
-    from flamingo_vlm.eval.card import _eval_generator
-    from flamingo_vlm.eval.synthetic import SHAPES
+    from flamingo_vlm.eval.card import eval_generator
     from flamingo_vlm.generate import _model_inputs
+    from flamingo_vlm.synthetic import SHAPES
 
-    gen = _eval_generator()
+    gen = eval_generator()
     rng = np.random.default_rng(5)
     image = gen._scene(rng, [gen._object(rng, "circle", "red", "left"),
                              gen._object(rng, "square", "blue", "right")]).render(size)

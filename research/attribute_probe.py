@@ -38,14 +38,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from flamingo_vlm.eval.card import _eval_generator
-    from flamingo_vlm.eval.synthetic import COLORS, SHAPES
+    from flamingo_vlm.eval.card import eval_generator
     from flamingo_vlm.generate import rank_candidates
     from flamingo_vlm.pretrained import from_pretrained
+    from flamingo_vlm.synthetic import COLORS, SHAPES
 
     model, image_processor, tokenizer = from_pretrained(args.model, dtype=torch.bfloat16)
     model.eval()
-    gen = _eval_generator()
+    gen = eval_generator()
     colours, shapes = list(COLORS), list(SHAPES)
     hits: dict[tuple[str, int], list[bool]] = defaultdict(list)
     by_pair: dict[tuple[str, bool], list[bool]] = defaultdict(list)  # (kind, held out) -> hits

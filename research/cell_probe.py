@@ -27,12 +27,12 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from flamingo_vlm.eval.card import _eval_generator
-    from flamingo_vlm.eval.synthetic import POSITIONS, SHAPES
+    from flamingo_vlm.eval.card import eval_generator
     from flamingo_vlm.pretrained import from_pretrained
+    from flamingo_vlm.synthetic import POSITIONS, SHAPES
 
     model, image_processor, _ = from_pretrained(args.model, dtype=torch.bfloat16)
-    gen = _eval_generator()
+    gen = eval_generator()
     side = 7
 
     def collect(split: str, n: int):

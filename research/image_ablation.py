@@ -2,7 +2,7 @@
 """Does a model read its images? Its loss on episodes with the true images, with images moved to
 another document of the batch, and with blank images.
 
-    python -m flamingo_vlm.eval.synthetic episodes data/ep-ablation --documents 400 --start 90000 \
+    flamingo-vlm data episodes data/ep-ablation --documents 400 --start 90000 \
         --shots 1,4 --mix caption=0.35,vqa=0.45,classify=0.2
     python research/image_ablation.py --model smol-synthetic --data "data/ep-ablation/interleaved-000000.tar"
 

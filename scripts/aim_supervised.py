@@ -39,8 +39,8 @@ import torch
 
 from flamingo_vlm.data.dataset import Sample, collate, pad_token_id
 from flamingo_vlm.data.preprocess import encode, pair_text, prompt_token_mask
-from flamingo_vlm.eval.synthetic import POSITIONS, SIZES, SceneGenerator
 from flamingo_vlm.modeling.cross_attention import MaskedCrossAttention, split_heads
+from flamingo_vlm.synthetic import POSITIONS, SIZES, SceneGenerator
 from flamingo_vlm.train.trainer import Callback, Trainer, trained_tokens
 
 logger = logging.getLogger("flamingo_vlm.train")

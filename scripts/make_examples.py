@@ -8,7 +8,7 @@ held-out evaluation names, so the built-in model never saw any of them in traini
 import json
 from pathlib import Path
 
-from flamingo_vlm.eval.synthetic import SceneGenerator, binding_episode, binding_text
+from flamingo_vlm.synthetic import SceneGenerator, binding_episode, binding_text
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "flamingo_vlm" / "examples"
 

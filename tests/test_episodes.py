@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import tiny_flamingo
 
-from flamingo_vlm.eval.synthetic import (
+from flamingo_vlm.synthetic import (
     NONCE_NAMES_EVAL,
     NONCE_NAMES_TRAIN,
     SceneGenerator,
@@ -120,18 +120,18 @@ def test_model_card_table_and_plot(tmp_path):
 
 
 def test_episodes_command_line(tmp_path, capsys):
-    from flamingo_vlm.eval.synthetic import main
+    from flamingo_vlm.cli import main
 
-    assert main(["episodes", str(tmp_path / "e"), "--documents", "4", "--shots", "1,2", "--mix", "caption=1",
+    assert main(["data", "episodes", str(tmp_path / "e"), "--documents", "4", "--shots", "1,2", "--mix", "caption=1",
                  "--image-size", "32", "--samples-per-shard", "2"]) == 0
     assert len(list((tmp_path / "e").glob("interleaved-*.tar"))) == 2
     for bad in (["--shots", "3,1"], ["--mix", "caption"], ["--question-weights", "what color is the"]):
         with pytest.raises(SystemExit):
-            main(["episodes", str(tmp_path / "f"), "--documents", "1", *bad])
+            main(["data", "episodes", str(tmp_path / "f"), "--documents", "1", *bad])
 
 
 def test_question_weights_make_vqa_documents_ask_some_questions_more_often(tmp_path):
-    from flamingo_vlm.eval.synthetic import SceneGenerator, episode_items, write_episode_shards
+    from flamingo_vlm.synthetic import SceneGenerator, episode_items, write_episode_shards
 
     gen = SceneGenerator(seed=0)
 

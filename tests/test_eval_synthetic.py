@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flamingo_vlm.eval.datasets import CaptionDataset, ImageNetDataset, VQADataset
-from flamingo_vlm.eval.synthetic import POSITIONS, SceneGenerator, write_synthetic_benchmark, write_training_shards
+from flamingo_vlm.synthetic import POSITIONS, SceneGenerator, write_synthetic_benchmark, write_training_shards
 
 
 def test_a_seed_decides_everything():

@@ -81,7 +81,7 @@ def aim():
 
 
 def test_object_cells_cover_the_object_and_its_centre(aim):
-    from flamingo_vlm.eval.synthetic import SceneObject
+    from flamingo_vlm.synthetic import SceneObject
 
     small = SceneObject("circle", "red", "small", "center", (0.0, 0.0))
     assert aim.object_cells(small) == [24]  # the middle of the 7x7 grid
@@ -92,7 +92,7 @@ def test_object_cells_cover_the_object_and_its_centre(aim):
 
 
 def test_named_objects_finds_the_objects_a_question_names(aim):
-    from flamingo_vlm.eval.synthetic import SceneGenerator
+    from flamingo_vlm.synthetic import SceneGenerator
 
     gen = SceneGenerator(seed=0)
     seen = set()
@@ -125,7 +125,7 @@ def test_named_objects_finds_the_objects_a_question_names(aim):
 def test_text_cells_cover_the_written_word(aim):
     import numpy as np
 
-    from flamingo_vlm.eval.synthetic import SceneGenerator
+    from flamingo_vlm.synthetic import SceneGenerator
 
     gen = SceneGenerator(seed=0)
     scenes = [s for s in (gen.scene(i, "pretrain") for i in range(120)) if s.text][:24]

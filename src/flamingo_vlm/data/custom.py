@@ -420,12 +420,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def add_data_subcommand(subparsers) -> argparse.ArgumentParser:
-    """Register ``data write`` and ``data inspect`` on an argparse subparsers object.
+    """Register ``data write`` and ``data inspect``, and the synthetic-data writers ``data
+    synthetic-benchmark``, ``data synthetic-shards`` and ``data episodes``
+    (:mod:`flamingo_vlm.synthetic.cli`), on an argparse subparsers object.
 
     The handlers are stored as ``func`` (they take the parsed namespace and return an exit code).
     """
-    p = subparsers.add_parser("data", help="write and inspect webdataset training shards",
-                              description="Write webdataset training shards from your own data, and inspect shards.")
+    from ..synthetic.cli import add_synthetic_subcommands
+
+    p = subparsers.add_parser("data", help="write and inspect webdataset training shards; write synthetic data",
+                              description="Write webdataset training shards from your own data, and inspect shards; "
+                                          "write the synthetic benchmark and training data (drawn scenes).")
     sub = p.add_subparsers(dest="data_command", required=True)
 
     w = sub.add_parser("write", help="JSONL of interleaved image paths and text, or a folder of images + .txt "
@@ -446,4 +451,6 @@ def add_data_subcommand(subparsers) -> argparse.ArgumentParser:
     i.add_argument("--similarity-threshold", type=float, default=0.24)
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=_cmd_inspect)
+
+    add_synthetic_subcommands(sub)
     return p

@@ -34,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tasks = [get_task(t).name for t in args.tasks.split(",") if t.strip()]
     if args.synthetic:
-        from .synthetic import BENCHMARK_TASKS, write_synthetic_benchmark
+        from ..synthetic import BENCHMARK_TASKS, write_synthetic_benchmark
         from .tasks import TASKS
 
         if args.data_root is None:
@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
 
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise SystemExit("write the synthetic data once before a torchrun evaluation: "
-                                 f"python -m flamingo_vlm.eval.synthetic benchmark {args.data_root} --tasks {','.join(missing)}")
+                                 f"flamingo-vlm data synthetic-benchmark {args.data_root} --tasks {','.join(missing)}")
             write_synthetic_benchmark(args.data_root, seed=args.synthetic_seed, tasks=missing)
     config = EvalConfig(
         tasks=tasks,

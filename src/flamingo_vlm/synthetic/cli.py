@@ -1,0 +1,119 @@
+"""``flamingo-vlm data synthetic-benchmark | synthetic-shards | episodes``: synthetic data on the command line.
+
+:func:`add_synthetic_subcommands` registers the three on the ``data`` command's subparsers
+(:func:`flamingo_vlm.data.custom.add_data_subcommand` calls it). Bad flag values stop with
+argparse's one-line usage error; bad settings the writers reject, with ``flamingo-vlm data: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .benchmark import BENCHMARK_TASKS, write_synthetic_benchmark
+from .episodes import EPISODE_KINDS, write_episode_shards, write_training_shards
+
+__all__ = ["add_synthetic_subcommands"]
+
+_DEFAULT_MIX = "caption=0.25,vqa=0.3,classify=0.15,binding=0.3"
+
+
+# -- argument types (argparse turns their errors into a one-line usage error) -------------------------
+def _shots(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants 'least,most' (e.g. 1,8), got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"must satisfy 1 <= least <= most, got {text!r}")
+    return lo, hi
+
+
+def _weights(text: str, what: str, strip: bool) -> dict[str, float]:
+    out = {}
+    for item in (i for i in text.split(",") if i):
+        try:
+            key, value = item.split("=")
+            out[key.strip() if strip else key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"wants '{what},...', got {text!r}") from None
+    return out
+
+
+def _mix(text: str) -> dict[str, float]:
+    return _weights(text, "kind=share", strip=False)
+
+
+def _question_weights(text: str) -> dict[str, float]:
+    return _weights(text, "question_type=weight", strip=True)
+
+
+# -- handlers -------------------------------------------------------------------------------------------
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    paths = write_synthetic_benchmark(args.out, seed=args.seed, tasks=[t for t in args.tasks.split(",") if t],
+                                      n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                                      image_size=args.image_size, overwrite=args.overwrite)
+    for task, path in paths.items():
+        print(f"{task}: {path}")
+    return 0
+
+
+def _cmd_shards(args: argparse.Namespace) -> int:
+    shards = write_training_shards(args.out, seed=args.seed, n_pairs=args.pairs, n_documents=args.documents,
+                                   image_size=args.image_size, samples_per_shard=args.samples_per_shard,
+                                   overwrite=args.overwrite)
+    for kind, paths in shards.items():
+        print(f"{kind}: {len(paths)} shard(s) in {paths[0].parent if paths else '-'}")
+    return 0
+
+
+def _cmd_episodes(args: argparse.Namespace) -> int:
+    paths = write_episode_shards(args.out, seed=args.seed, n_documents=args.documents, start=args.start,
+                                 shots=args.shots, mix=args.mix, question_weights=args.question_weights or None,
+                                 image_size=args.image_size, samples_per_shard=args.samples_per_shard,
+                                 overwrite=args.overwrite, progress=True)
+    print(f"episodes: {len(paths)} shard(s) in {args.out}")
+    return 0
+
+
+# -- registration ---------------------------------------------------------------------------------------
+def add_synthetic_subcommands(sub) -> None:
+    """Register ``synthetic-benchmark``, ``synthetic-shards`` and ``episodes`` on ``sub`` (the
+    ``data`` command's subparsers); each handler is stored as ``func``."""
+    b = sub.add_parser("synthetic-benchmark", help="write the synthetic evaluation datasets (drawn scenes) in the "
+                                                   "standard COCO/Flickr30K/VQAv2/ImageNet layouts")
+    b.add_argument("out", help="data root to write the task folders and synthetic.json under")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--tasks", default="coco,vqav2,imagenet", help=f"comma-separated, from {','.join(BENCHMARK_TASKS)}")
+    b.add_argument("--n-train", type=int, default=256)
+    b.add_argument("--n-val", type=int, default=32)
+    b.add_argument("--n-test", type=int, default=64)
+    b.add_argument("--image-size", type=int, default=128)
+    b.add_argument("--overwrite", action="store_true", help="replace task folders already in out")
+    b.set_defaults(func=_cmd_benchmark)
+
+    s = sub.add_parser("synthetic-shards", help="write synthetic webdataset training shards (image-caption pairs "
+                                                "and interleaved few-shot documents)")
+    s.add_argument("out", help="output folder (pairs/ and interleaved/ are written in it)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--pairs", type=int, default=1000)
+    s.add_argument("--documents", type=int, default=200)
+    s.add_argument("--image-size", type=int, default=128)
+    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--overwrite", action="store_true", help="replace shards already in out")
+    s.set_defaults(func=_cmd_shards)
+
+    e = sub.add_parser("episodes", help="write synthetic few-shot episode shards (captioning, VQA, classification, "
+                                        "name binding): the built-in model's training data")
+    e.add_argument("out", help="output folder for the interleaved shards")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--documents", type=int, default=16000)
+    e.add_argument("--start", type=int, default=0, help="first document index (to add data in pieces)")
+    e.add_argument("--image-size", type=int, default=224)
+    e.add_argument("--samples-per-shard", type=int, default=500)
+    e.add_argument("--shots", type=_shots, default=(1, 8), help="least,most images per document (default 1,8)")
+    e.add_argument("--mix", type=_mix, default=_mix(_DEFAULT_MIX), help=f"kind=share,... over {','.join(EPISODE_KINDS)} "
+                                                                        f"(default {_DEFAULT_MIX})")
+    e.add_argument("--question-weights", type=_question_weights, default={},
+                   help="question_type=weight,... for VQA documents (others 1), e.g. 'what color is the=4'")
+    e.add_argument("--overwrite", action="store_true", help="replace shards already in out")
+    e.set_defaults(func=_cmd_episodes)
