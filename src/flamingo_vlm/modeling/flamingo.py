@@ -45,8 +45,9 @@ class _ObserveMedia:
         if input_ids is None:
             raise ValueError("a conditioned Flamingo LM call needs input_ids (inputs_embeds cannot carry <image> positions)")
         past = _cache_in(kwargs)
-        continuing = past is not None and _cache_length(past) > 0
-        cond.observe(input_ids, continuing)
+        # The cache's length, not a running count, says where this chunk starts: it is right also
+        # after speculative decoding crops rejected candidates off the cache.
+        cond.observe(input_ids, _cache_length(past) if past is not None else 0)
         return None
 
 
@@ -280,6 +281,23 @@ class Flamingo(nn.Module):
                 tokens[used] = real.reshape(-1, f, *real.shape[1:])
         return self.perceiver(tokens.to(self.perceiver.latents.dtype))
 
+    @property
+    def images_encode_independently(self) -> bool:
+        """Whether an image's encoding depends on that image alone (not on its slot among the row's
+        images): then :meth:`encode_images` results can be cached and placed in any ``media`` slot.
+        False when the perceiver adds per-slot embeddings (``max_num_media``)."""
+        return self.perceiver.media_time_embs is None
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode images one by one: (N, F, C, H, W) pixels -> (N, M, D), what the cross-attention
+        reads for each image. Stack them (zero slots for padding) into ``media`` (B, T_img, M, D) for
+        :meth:`forward` / :meth:`generate` / :meth:`score`. M is whatever the perceiver gives (its
+        latents, plus the vision tokens with ``media_passthrough``); D is ``vis_dim``. Only valid as
+        ``media`` when :attr:`images_encode_independently` (otherwise pass ``vision_x``)."""
+        if images.ndim != 5:
+            raise ValueError(f"images must have shape (N, frames, channels, height, width), got {tuple(images.shape)}")
+        return self.encode_vision_x(images.unsqueeze(1))[:, 0]
+
     def _conditioning(self, vision_x: torch.Tensor | None, media: torch.Tensor | None,
                       lang_x: torch.Tensor | None = None) -> Conditioning:
         if media is None:
@@ -411,7 +429,7 @@ class Flamingo(nn.Module):
         with self._slot.use(cond):
             prefix = self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, use_cache=True, **kwargs)
             first_logprobs = prefix.logits[:, -1].float().log_softmax(-1)  # (B, V)
-            context_seen = cond.seen
+            context_history = cond.history
             for start in range(0, len(candidates), chunk_size):
                 chunk = candidates[start : start + chunk_size]
                 n, longest = len(chunk), max(len(c) for c in chunk)
@@ -429,7 +447,7 @@ class Flamingo(nn.Module):
                 step_kwargs = {}
                 if self._lm_takes_position_ids:
                     step_kwargs["position_ids"] = positions[:, -1:].repeat_interleave(n, 0) + 1 + torch.arange(longest, device=device)
-                cond.seen = context_seen
+                cond.history = context_history
                 out = self.lang_encoder(
                     input_ids=ids_rc, attention_mask=full_mask, use_cache=True, **{self._cache_kwarg: cache}, **step_kwargs
                 )

@@ -9,6 +9,13 @@ The decoder-layer list is found from the model itself (the ``nn.ModuleList`` wit
 Conditioning (image keys/values and which image each token sees) is never stored on the layers.
 It lives in a :class:`ConditioningSlot`, a context variable owned by one model: set for the
 duration of one call and reset in ``finally``, private to the thread/task that set it.
+
+Per LM call, the image index of each token and the attention plan derived from it (mask, or the
+slice of the image keys that every query sees) are made once, before the decoder layers run, and
+shared by all of them. The image index of a position is read from a per-position history indexed
+by the KV cache's length, never from a running counter: when speculative decoding (prompt lookup,
+assisted generation) rejects candidate tokens and crops the cache, the next call starts from the
+cropped length, so a rejected ``<image>`` candidate leaves no trace.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .cross_attention import GatedCrossAttentionBlock
+from .cross_attention import ATTEND_ALL, GatedCrossAttentionBlock, MediaPlan, cut_keys_values
 
 
 @dataclass
@@ -30,35 +37,65 @@ class Conditioning:
     """Everything the cross-attention layers need for one call.
 
     ``media``: perceiver latents (B, T_img, n_latents, D). ``text_media``: per token of the
-    chunk the LM is processing now, the 1-based image index it sees. ``seen``: per row, the
-    number of ``<image>`` tokens already processed (so a decoding step sees its row's last image).
+    chunk the LM is processing now, the 1-based image index it sees (0: no image yet).
+    ``history``: the same for every position so far (rows, positions), what the cache holds plus
+    the current chunk: a chunk that continues a cache of length ``p`` starts from
+    ``history[:, p - 1]``, so a decoding step sees its row's last image.
     """
 
     media: torch.Tensor
     media_token_id: int
     text_media: torch.Tensor | None = None
-    seen: torch.Tensor | None = None
+    history: torch.Tensor | None = None
     _kv: dict = field(default_factory=dict)
+    _plans: dict = field(default_factory=dict)
 
     @property
     def num_media(self) -> int:
         return self.media.shape[1]
 
-    def observe(self, input_ids: torch.Tensor, continuing: bool) -> None:
-        """Record the image index of every token in the chunk about to run through the LM."""
+    def observe(self, input_ids: torch.Tensor, past_length: int) -> None:
+        """Record the image index of every token in the chunk about to run through the LM, which
+        continues a KV cache of ``past_length`` positions (0: a fresh sequence)."""
         counts = (input_ids == self.media_token_id).cumsum(-1)
-        if continuing:
-            if self.seen is None:
+        history = None
+        if past_length > 0:
+            if self.history is None or self.history.shape[1] < past_length:
                 # A cached continuation without history: assume all images came before.
-                offset = torch.full((input_ids.shape[0],), self.num_media, device=input_ids.device)
+                counts = counts + self.num_media
             else:
-                offset = self._expand(self.seen, input_ids.shape[0])
-            counts = counts + offset.unsqueeze(-1)
+                history = self._expand(self.history, input_ids.shape[0])
+                counts = counts + history[:, past_length - 1 : past_length]
         # An <image> token with no image behind it (only if generation was allowed to emit one)
         # keeps seeing the last real image, as in OpenFlamingo's cached decoding.
         counts = counts.clamp(max=self.num_media)
+        if history is not None:
+            if history.shape[1] > past_length:  # the cache was cropped (rejected speculative tokens)
+                history = history[:, :past_length]
+            counts_so_far = torch.cat([history, counts], dim=1)
+        else:
+            counts_so_far = counts
         self.text_media = counts
-        self.seen = counts[:, -1]
+        self.history = counts_so_far
+        self._plans.clear()
+
+    def block_inputs(
+        self, block: GatedCrossAttentionBlock
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], MediaPlan, tuple[torch.Tensor, torch.Tensor]]:
+        """(keys/values, plan, tanh gates) of ``block`` for the current chunk; the plan is made once
+        per chunk for all layers, the keys/values (cut to the plan's image) and gates once per call."""
+        immediate = block.attn.only_attend_immediate_media
+        plan = self._plans.get(immediate)
+        if plan is None:
+            plan = block.attn.plan(self.text_media, self.num_media, self.media.shape[2])
+            self._plans[immediate] = plan
+        key = (id(block), plan.span)
+        cached = self._kv.get(key)
+        if cached is None:
+            kv, gates = self.keys_values(block), self._kv_gates(block)
+            cached = self._kv[key] = (cut_keys_values(kv, plan)[0], gates)
+        kv, gates = cached
+        return kv, (plan if plan.span is None else ATTEND_ALL), gates
 
     def keys_values(self, block: GatedCrossAttentionBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """Image keys/values of ``block`` (one row per image row), computed once per call. Rows that
@@ -66,6 +103,12 @@ class Conditioning:
         key = id(block)
         if key not in self._kv:
             self._kv[key] = block.attn.image_keys_values(self.media)
+        return self._kv[key]
+
+    def _kv_gates(self, block: GatedCrossAttentionBlock) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("gates", id(block))
+        if key not in self._kv:
+            self._kv[key] = block.gates()
         return self._kv[key]
 
     def _expand(self, t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -128,8 +171,9 @@ class FlamingoLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         cond = self._slot.get()
-        if self.gated_cross_attn_layer is not None and cond is not None:
-            kv = cond.keys_values(self.gated_cross_attn_layer)
+        modules = self._modules  # direct: attribute access would go through two __getattr__ frames
+        block = modules.get("gated_cross_attn_layer")  # absent (a plain None attribute) without cross-attention
+        if block is not None and cond is not None:
             text_media = cond.text_media
             if text_media is None or text_media.shape != hidden_states.shape[:2]:
                 raise RuntimeError(
@@ -138,14 +182,14 @@ class FlamingoLayer(nn.Module):
                     f"{None if text_media is None else tuple(text_media.shape)}; the LM must be "
                     "called with input_ids (not inputs_embeds) while images are conditioned"
                 )
+            kv, plan, gates = cond.block_inputs(block)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden_states = torch.utils.checkpoint.checkpoint(
-                    self.gated_cross_attn_layer, hidden_states, kv, text_media, cond.num_media,
-                    use_reentrant=False,
+                    block, hidden_states, kv, plan, None, gates, use_reentrant=False,
                 )
             else:
-                hidden_states = self.gated_cross_attn_layer(hidden_states, kv, text_media, cond.num_media)
-        return self.decoder_layer(hidden_states, *args, **kwargs)
+                hidden_states = block(hidden_states, kv, plan, None, gates)
+        return modules["decoder_layer"](hidden_states, *args, **kwargs)
 
 
 def get_attr_path(obj, path: str):

@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cross_attention import host_values
 from .fast_linear import linear
+
+
+#: Inputs of at most this many ids (decoding steps) are checked on the host for added tokens; without
+#: any (and without gradients) the embedding is a plain lookup.
+_HOST_CHECK_MAX = 64
 
 
 class _NewRows(nn.Module):
@@ -23,6 +29,7 @@ class _NewRows(nn.Module):
 
     def _init_new_rows(self, new_ids: list[int], new_weight: nn.Parameter | None) -> None:
         self.new_id_list = sorted(new_ids)
+        self.new_id_set = frozenset(self.new_id_list)
         ids = torch.tensor(self.new_id_list, dtype=torch.long)
         self.register_buffer("new_ids", ids, persistent=False)
         slot = torch.full((self.weight.shape[0],), -1, dtype=torch.long)
@@ -66,6 +73,13 @@ class ExtendedEmbedding(_NewRows):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = F.embedding(input_ids, self.weight, self.padding_idx)
+        if (
+            input_ids.numel() <= _HOST_CHECK_MAX
+            and not torch.is_grad_enabled()
+            and self.new_id_set.isdisjoint(host_values(input_ids))
+        ):
+            # A decoding step without added tokens: the base rows alone (the result is the same).
+            return out
         slot = self.slot[input_ids]
         new = F.embedding(slot.clamp(min=0), self.new_weight).to(out.dtype)
         return torch.where((slot >= 0).unsqueeze(-1), new, out)
@@ -89,6 +103,9 @@ class ExtendedLMHead(_NewRows):
         h2 = hidden.reshape(-1, hidden.shape[-1])
         logits = linear(h2, self.weight, self.bias)  # oneDNN inside onednn_linears (CPU inference)
         bias = self.bias[self.new_ids] if self.bias is not None else None
-        new_logits = linear(h2, self.new_weight.to(hidden.dtype), bias)
-        logits.index_copy_(-1, self.new_ids, new_logits.to(logits.dtype))  # in place: no second logits tensor
+        new_weight = self.new_weight if self.new_weight.dtype == hidden.dtype else self.new_weight.to(hidden.dtype)
+        new_logits = linear(h2, new_weight, bias)
+        if new_logits.dtype != logits.dtype:
+            new_logits = new_logits.to(logits.dtype)
+        logits.index_copy_(-1, self.new_ids, new_logits)  # in place: no second logits tensor
         return logits.view(*lead, logits.shape[-1])

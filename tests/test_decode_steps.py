@@ -1,0 +1,96 @@
+"""Decoding steps: the per-call attention plan (no mask when every query sees one image), the
+image index of each position derived from the KV cache's length, and speculative decoding
+(prompt lookup) giving plain greedy's output."""
+
+import pytest
+import torch
+
+from flamingo_vlm import FlamingoProcessor
+from flamingo_vlm.modeling import cross_attention, token_embeddings
+from flamingo_vlm.modeling.injection import Conditioning
+from tiny import random_images, tiny_flamingo
+
+
+@pytest.fixture(scope="module", params=["llama", "mpt"])
+def model_and_batch(request):
+    model, ip, tok = tiny_flamingo(request.param, every=1, seed=3)
+    batch = FlamingoProcessor(tok, ip)([("<image>a red car.<|endofchunk|><image>two small", random_images(2, seed=5))])
+    return model, tok, batch
+
+
+def _greedy(model, batch, **kw):
+    out = model.generate(
+        batch["vision_x"], batch["input_ids"], batch["attention_mask"], max_new_tokens=8, min_new_tokens=8,
+        do_sample=False, use_cache=True, return_dict_in_generate=True, output_logits=True, **kw,
+    )
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def test_decode_steps_build_no_mask_and_match_the_masked_path(model_and_batch, monkeypatch):
+    """The mask is built once per LM call (not per layer) and only for the prompt; the decoding
+    steps attend over their image's keys alone. Same tokens and logits as masking every step."""
+    model, _, batch = model_and_batch
+    calls = []
+    real_mask = cross_attention.media_attention_mask
+    monkeypatch.setattr(cross_attention, "media_attention_mask", lambda *a: calls.append(1) or real_mask(*a))
+    fast_ids, fast_logits = _greedy(model, batch)
+    assert len(calls) == 1  # the prompt's call; 2 layers and 7 decoding calls build none
+    monkeypatch.setattr(cross_attention, "UNIFORM_CHECK_MAX", 0)  # always plan with a mask
+    monkeypatch.setattr(token_embeddings, "_HOST_CHECK_MAX", 0)  # always merge the added-token rows
+    masked_ids, masked_logits = _greedy(model, batch)
+    assert len(calls) == 1 + 8
+    assert fast_ids.tolist() == masked_ids.tolist()
+    torch.testing.assert_close(fast_logits, masked_logits, atol=1e-5, rtol=0)
+
+
+def test_a_cropped_cache_rewinds_the_image_index():
+    """Each chunk starts from the image index at the cache's length, whatever later chunks saw."""
+    media_id = 9
+    cond = Conditioning(media=torch.zeros(1, 3, 2, 4), media_token_id=media_id)
+    cond.observe(torch.tensor([[media_id, 1, 2]]), past_length=0)
+    assert cond.text_media.tolist() == [[1, 1, 1]]
+    cond.observe(torch.tensor([[3, media_id, 4]]), past_length=3)  # candidates holding an <image>
+    assert cond.text_media.tolist() == [[1, 2, 2]]
+    cond.observe(torch.tensor([[5]]), past_length=4)  # all but the first candidate rejected: cropped
+    assert cond.text_media.tolist() == [[1]]
+    assert cond.history.tolist() == [[1, 1, 1, 1, 1]]
+    cond.observe(torch.tensor([[media_id]]), past_length=5)
+    assert cond.text_media.tolist() == [[2]]
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt"])
+def test_prompt_lookup_gives_plain_greedy_output_with_image_candidates(family, monkeypatch):
+    """The prompt repeats an n-gram followed by ``<image>``, so prompt lookup proposes candidates
+    holding an ``<image>`` (allowed here, as for OpenFlamingo reproduction), which the model
+    rejects; the cache is cropped and later steps must still see the prompt's last image, not the
+    third image slot the rejected candidate pointed to."""
+    model, ip, tok = tiny_flamingo(family, every=1, seed=1)
+    media_id = model.media_token_id
+    imgs = random_images(3, seed=2)
+    proc = FlamingoProcessor(tok, ip)
+    vision_x = proc([("<image>a<image>b<image>c", imgs)])["vision_x"]
+    media = model.encode_vision_x(vision_x)  # three real images ...
+    text = "<image>a red car<image>the dog a red car<image>the dog a red car"
+    ids = tok(text, return_tensors="pt").input_ids
+    ids = ids[:, : [i for i, t in enumerate(ids[0].tolist()) if t == media_id][2]]  # ... the prompt uses two
+    ids = torch.cat([ids, ids[:, -8:]], 1)  # end on an n-gram that an <image> followed earlier
+    assert (ids == media_id).sum() == 2
+    calls = []
+    real_observe = Conditioning.observe
+
+    def spy(self, input_ids, past_length):
+        calls.append((input_ids.tolist()[0], past_length))
+        return real_observe(self, input_ids, past_length)
+
+    monkeypatch.setattr(Conditioning, "observe", spy)
+    kw = dict(media=media, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True,
+              allow_image_tokens=True)
+    plain = model.generate(None, ids, **kw)
+    assert all(len(chunk) == 1 for chunk, _ in calls[1:])
+    calls.clear()
+    looked_up = model.generate(None, ids, prompt_lookup_num_tokens=4, **kw)
+    assert looked_up.tolist() == plain.tolist()
+    # The scenario happened: a verified chunk held an <image> and the next call started before it.
+    ends = [(past + len(chunk), media_id in chunk[1:]) for chunk, past in calls]
+    rewound = [i for i in range(1, len(calls)) if ends[i - 1][1] and calls[i][1] < ends[i - 1][0]]
+    assert rewound, calls
