@@ -21,9 +21,10 @@ from test_serve_fixtures import MODEL_NAME, png_bytes, readable_tiny, require, s
 httpx = require("httpx")
 
 from flamingo_vlm.serve import add_serve_subcommand  # noqa: E402
-from flamingo_vlm.serve.engine import Engine, GenerationJob, Prompt, RowTracker, _Row  # noqa: E402
+from flamingo_vlm.serve.engine import Engine, RowTracker, _Row  # noqa: E402
 from flamingo_vlm.serve.errors import APIError  # noqa: E402
 from flamingo_vlm.serve.images import ImageLimits, load_image  # noqa: E402
+from flamingo_vlm.serve.jobs import ChoiceFinished, Failed, GenerationJob, JobDone, Prompt, TokenDelta  # noqa: E402
 from flamingo_vlm.serve.prompt import chat_to_prompt  # noqa: E402
 from flamingo_vlm.serve.schemas import ChatCompletionRequest  # noqa: E402
 from flamingo_vlm.serve.testing import free_port  # noqa: E402
@@ -151,11 +152,11 @@ def test_row_tracker_per_row_limits_and_stop_holdback():
         history.append(tracker(seq, None).tolist())
     assert history == [[False, False], [False, False], [True, True]]
     assert rows[0].finish == "length" and rows[0].text == "bbb"
-    assert events_a[-1] == ("finish", 0, "length", 3, "bbb")
+    assert events_a[-1] == ChoiceFinished(0, "length", 3, "bbb")
     # Row b wrote "bcd": "c" was held back (it could start "cd"), and the stop string never went out.
     assert rows[1].finish == "stop" and rows[1].text == "b"
-    assert [e for e in events_b if e[0] == "delta"] == [("delta", 0, "b")]
-    assert events_b[-1] == ("finish", 0, "stop", 3, "b")
+    assert [e for e in events_b if isinstance(e, TokenDelta)] == [TokenDelta(0, "b")]
+    assert events_b[-1] == ChoiceFinished(0, "stop", 3, "b")
 
 
 def test_cancelled_rows_stop_without_output():
@@ -183,7 +184,7 @@ def _job(engine, text, **kw):
 
     def sink(event):
         out.append(event)
-        if event[0] in ("done", "error"):
+        if isinstance(event, (JobDone, Failed)):
             done.set()
 
     job = GenerationJob(prompts=[Prompt(engine.encode(text), [], max_tokens=3)], sink=sink, **kw)
@@ -201,7 +202,7 @@ def test_batches_group_compatible_jobs_only(engine):
     engine.resume()
     for _, done, out in jobs:
         assert done.wait(60)
-        assert out[-1] == ("done",)
+        assert out[-1] == JobDone()
     after = engine.stats.snapshot()
     # greedy: 1 + 2 rows together, then the 2-row greedy job (batch of 4 full); sampling at 0.7: 2 rows.
     assert after["batches"] - before["batches"] == 3
@@ -237,7 +238,7 @@ def test_engine_matches_model_generate(engine):
     got = []
     for done, out in jobs:
         assert done.wait(60)
-        got.append(next(e[4] for e in out if e[0] == "finish"))
+        got.append(next(e.text for e in out if isinstance(e, ChoiceFinished)))
     assert got == expected
 
 
@@ -307,7 +308,7 @@ def test_chars_per_token_bound_holds_on_hostile_text():
     from transformers import AutoTokenizer
 
     from flamingo_vlm.registry import DEFAULT_MODEL, builtin_model_dir
-    from flamingo_vlm.serve.engine import max_chars_per_token
+    from flamingo_vlm.serve.tokens import max_chars_per_token
 
     tok = AutoTokenizer.from_pretrained(builtin_model_dir(DEFAULT_MODEL))
     k, silent = max_chars_per_token(tok)
@@ -329,7 +330,7 @@ def test_chars_per_token_bound_holds_on_hostile_text():
 def test_chars_per_token_bound_only_where_it_holds():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-    from flamingo_vlm.serve.engine import max_chars_per_token
+    from flamingo_vlm.serve.tokens import max_chars_per_token
 
     # WordPiece: one [UNK] stands for a whole word of any length; whitespace disappears.
     wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))

@@ -1,19 +1,21 @@
 """The model behind the server: one worker thread, dynamic batching, per-row streaming.
 
-Requests become *jobs* queued to a single worker thread that owns the model. The worker takes the
-oldest job, waits up to ``batch_wait_ms`` (counted from that job's arrival) for more, then runs
-one left-padded ``generate`` over every queued job that is *compatible* with the oldest (same
-sampling settings: greedy, or sampling with the same temperature and top-p; a job with a
-``seed`` always runs alone so its result is reproducible) up to ``max_batch_size`` rows. A job
-with ``n`` choices is ``n`` rows (its prompt repeated), so requests with different ``n`` share a
-batch. Per-row limits differ freely within a batch: each row has its own ``max_tokens`` and stop
-strings, enforced by a stopping criterion that marks rows done one by one (``generate`` stops
-when every row is done).
+Requests become *jobs* (:mod:`.jobs`) queued to a single worker thread that owns the model. The
+worker takes the oldest job, waits up to ``batch_wait_ms`` (counted from that job's arrival) for
+more, then runs one left-padded ``generate`` over every queued job that is *compatible* with the
+oldest (same sampling settings: greedy, or sampling with the same temperature and top-p; a job
+with a ``seed`` always runs alone so its result is reproducible) up to ``max_batch_size`` rows.
+A job with ``n`` choices is ``n`` rows (its prompt repeated), so requests with different ``n``
+share a batch. Per-row limits differ freely within a batch: each row has its own ``max_tokens``
+and stop strings, enforced by a stopping criterion that marks rows done one by one (``generate``
+stops when every row is done).
 
 Streaming and non-streaming requests are batched together: the stopping criterion sees every
 new token of every row, decodes that row's text incrementally and hands the new text (held back
 while it could still be the start of a stop string or an incomplete UTF-8 character) to the
-job's sink; a streaming request forwards it as server-sent events, the others collect it.
+job's sink as a :class:`~.jobs.TokenDelta` event (then :class:`~.jobs.ChoiceFinished` per choice,
+:class:`~.jobs.JobDone` per job, or :class:`~.jobs.Failed`); a streaming request forwards the text
+as server-sent events, the others collect it.
 
 Images are encoded with the model's :meth:`~flamingo_vlm.Flamingo.encode_images` (what the
 cross-attention reads; the engine knows nothing of the perceiver's layout) once per distinct
@@ -32,7 +34,7 @@ Scoring jobs run one at a time on the same worker, between generation batches.
 
 Request threads tokenize with a private copy of the tokenizer each (no lock between requests); a
 text is first checked against a sound bound on its length in characters
-(:func:`max_chars_per_token`), so a prompt far over the context is refused without tokenizing it.
+(:func:`~.tokens.max_chars_per_token`), so a prompt far over the context is refused without tokenizing it.
 """
 
 from __future__ import annotations
@@ -40,188 +42,26 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..modeling.lm_info import lm_context_limit
 from ..processing import EOC_TOKEN, MEDIA_TOKEN, FlamingoProcessor
 from .errors import APIError
+from .jobs import ChoiceFinished, Failed, GenerationJob, Job, JobDone, Prompt, Scored, ScoreJob, TokenDelta
+from .tokens import max_chars_per_token, max_context_of
 
 log = logging.getLogger("flamingo_vlm.serve")
 
-Sink = Callable[[tuple], None]
-_job_ids = itertools.count(1)
-
-
-def max_context_of(model, tokenizer, default: int = 2048) -> int:
-    """The LM's context length: the position limit the trainer checks sequences against
-    (:func:`flamingo_vlm.modeling.lm_info.lm_context_limit`), else the tokenizer's, else ``default``."""
-    limit, _ = lm_context_limit(model.lang_encoder)
-    if limit is not None:
-        return limit
-    value = getattr(tokenizer, "model_max_length", None)
-    if isinstance(value, int) and 0 < value < 1_000_000:
-        return value
-    return default
-
-
-# Normalizers that never make the text shorter (a token still stands for at most its own length).
-_NON_SHRINKING_NORMALIZERS = {"Prepend", "NFD", "NFKD", "Lowercase", "Precompiled_nfd"}
-# Pre-tokenizers that keep every character (none drops text the way Whitespace / Split(removed) do).
-_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts", "Split"}
-
-
-def max_chars_per_token(tokenizer) -> tuple[int, str] | None:
-    """A sound bound on the characters one token can stand for: ``(k, silent)`` such that a text
-    has at least ``(len(text) - number of its characters in silent) / k`` tokens; None when this
-    tokenizer gives no such bound.
-
-    It holds for BPE tokenizers (fast, ``tokenizer.json``) that drop no input but ``silent``:
-    every other input character is covered by the token(s) of its byte(s) or piece, and a token
-    covers at most as many characters as its vocabulary string is long (byte-level: one
-    vocabulary character per byte, and a character is at least one byte; Metaspace: ``▁`` stands
-    for one space; a byte-fallback token ``<0x41>`` covers at most one); an added token covers its
-    own content. NFC/NFKC normalization can compose up to 4 characters into one (the longest
-    canonical decomposition in Unicode), so ``k`` is multiplied by that. A byte-level vocabulary
-    without some byte symbols drops those bytes: the one-byte characters among them are
-    ``silent`` (a multi-byte character keeps a token as long as every continuation byte has one).
-    Anything else gives None: WordPiece/Unigram models (an ``[UNK]`` can swallow a whole word),
-    fused unknowns, normalizers or pre-tokenizers that delete or shorten text.
-    """
-    import json
-    import unicodedata
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    try:
-        spec = json.loads(backend.to_str())
-    except Exception:  # noqa: BLE001 - an unusual backend: no bound
-        return None
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or (model.get("fuse_unk") and not model.get("byte_fallback")):
-        return None
-
-    def parts(node) -> list[dict]:
-        if not node:
-            return []
-        if node.get("type") != "Sequence":
-            return [node]
-        return [p for sub in node.get("normalizers") or node.get("pretokenizers") or [] for p in parts(sub)]
-
-    factor = 1
-    for norm in parts(spec.get("normalizer")):
-        kind = norm.get("type")
-        if kind in ("NFC", "NFKC"):
-            factor = max(factor, max(len(unicodedata.normalize("NFD", chr(c))) for c in range(0x110000)))
-        elif kind == "Replace":
-            # Replacing one character by one or more never shortens the text.
-            pattern = (norm.get("pattern") or {}).get("String")
-            if pattern is None or len(pattern) != 1 or not norm.get("content"):
-                return None
-        elif kind not in _NON_SHRINKING_NORMALIZERS:
-            return None
-    pre_tokenizers = parts(spec.get("pre_tokenizer"))
-    for pre in pre_tokenizers:
-        if pre.get("type") not in _KEEPING_PRE_TOKENIZERS or pre.get("behavior") == "Removed":
-            return None
-    vocab = model.get("vocab") or {}
-    silent = ""
-    if any(pre.get("type") == "ByteLevel" for pre in pre_tokenizers):
-        missing = sorted(b for symbol, b in _BYTE_OF_SYMBOL.items() if symbol not in vocab)
-        if any(0x80 <= b < 0xC0 for b in missing):
-            return None
-        silent = "".join(chr(b) for b in missing if b < 0x80)
-    elif not model.get("byte_fallback") and model.get("unk_token") is None:
-        return None  # a character the vocabulary cannot spell would be dropped
-    longest = max((len(t) for t in vocab), default=0)
-    longest = max([longest, *(len(t.get("content", "")) for t in spec.get("added_tokens") or [])])
-    return (longest * factor, silent) if longest > 0 else None
-
-
-def _byte_symbols() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    rest = [b for b in range(256) if b not in printable]
-    table = {chr(b): b for b in printable}
-    table.update({chr(256 + i): b for i, b in enumerate(rest)})
-    return table
-
-
-_BYTE_OF_SYMBOL = _byte_symbols()
-
-
-@dataclass
-class Prompt:
-    """One tokenized prompt and its preprocessed images ((F, C, H, W) tensors, in marker order).
-    ``image_keys`` (e.g. a hash of each image's bytes) let the engine reuse an image's encoding
-    across rows and requests; ``None`` entries are encoded every time."""
-
-    ids: list[int]
-    images: list[torch.Tensor]
-    max_tokens: int = 16
-    image_keys: list[str | None] | None = None
-
-    def keys(self) -> list[str | None]:
-        return list(self.image_keys) if self.image_keys is not None else [None] * len(self.images)
-
-
-@dataclass
-class GenerationJob:
-    prompts: list[Prompt]
-    n: int = 1
-    stop: list[str] = field(default_factory=list)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    sink: Sink = lambda event: None
-    id: int = field(default_factory=lambda: next(_job_ids))
-    enqueued_at: float = field(default_factory=time.monotonic)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def rows(self) -> int:
-        return len(self.prompts) * self.n
-
-    @property
-    def key(self) -> tuple:
-        if self.seed is not None:
-            return ("seeded", self.id)
-        if self.temperature == 0:
-            return ("greedy",)
-        return ("sample", float(self.temperature), float(self.top_p))
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
-@dataclass
-class ScoreJob:
-    prompt: Prompt
-    candidates: list[list[int]]
-    normalize: bool = False
-    sink: Sink = lambda event: None
-    id: int = field(default_factory=lambda: next(_job_ids))
-    enqueued_at: float = field(default_factory=time.monotonic)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    rows = 1
-
-    @property
-    def key(self) -> tuple:
-        return ("score", self.id)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
 
 class _Row:
+    """One choice of a job inside a batch: its tokens and text so far, how much of the text has
+    gone out, and whether (and why) it is finished."""
+
     __slots__ = ("job", "choice", "max_tokens", "stop", "tokens", "text", "emitted", "done", "finish")
 
     def __init__(self, job: GenerationJob, choice: int, max_tokens: int):
@@ -255,7 +95,7 @@ class RowTracker(StoppingCriteria):
 
     def _emit(self, row: _Row, upto: int) -> None:
         if upto > row.emitted:
-            row.job.sink(("delta", row.choice, row.text[row.emitted : upto]))
+            row.job.sink(TokenDelta(row.choice, row.text[row.emitted : upto]))
             row.emitted = upto
 
     def finish(self, row: _Row, reason: str) -> None:
@@ -265,7 +105,7 @@ class RowTracker(StoppingCriteria):
         if reason == "cancelled":
             return
         self._emit(row, len(row.text))
-        row.job.sink(("finish", row.choice, reason, len(row.tokens), row.text))
+        row.job.sink(ChoiceFinished(row.choice, reason, len(row.tokens), row.text))
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, -1].tolist()
@@ -301,6 +141,8 @@ class RowTracker(StoppingCriteria):
 
 
 class Stats:
+    """The engine's counters (batches, rows, tokens, image cache, HTTP responses); read with :meth:`snapshot`."""
+
     def __init__(self):
         self.lock = threading.Lock()
         self.started = time.time()
@@ -440,7 +282,7 @@ class Engine:
             pending, self._pending = list(self._pending), collections.deque()
             self._cv.notify_all()
         for job in pending:
-            job.sink(("error", APIError(503, "the server is shutting down", type="server_error", code="shutting_down")))
+            job.sink(Failed(APIError(503, "the server is shutting down", type="server_error", code="shutting_down")))
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -487,7 +329,7 @@ class Engine:
             raise APIError(400, f"this request needs {rows} rows (prompts x n), over this server's batch size "
                            f"of {self.max_batch_size}", param="n", code="too_many_choices")
 
-    def submit(self, job: GenerationJob | ScoreJob) -> None:
+    def submit(self, job: Job) -> None:
         self.check_rows(job.rows)
         with self._cv:
             if not self._running:
@@ -563,7 +405,7 @@ class Engine:
                 err = e if isinstance(e, APIError) else APIError(
                     500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="internal_error")
                 for job in batch:
-                    job.sink(("error", err))
+                    job.sink(Failed(err))
             finally:
                 self._busy = False
                 self._idle_since = time.monotonic()
@@ -666,7 +508,7 @@ class Engine:
         with self.stats.lock:
             self.stats.generated_tokens += sum(len(r.tokens) for r in rows)
         for job in batch:
-            job.sink(("done",))
+            job.sink(JobDone())
 
     def _score(self, job: ScoreJob) -> None:
         with self.stats.lock:
@@ -676,5 +518,5 @@ class Engine:
         conditioning = self._conditioning_kwargs([job.prompt])
         scores = self.model.score(lang_x=input_ids, candidates=job.candidates, attention_mask=mask,
                                   normalize=job.normalize, **conditioning)
-        job.sink(("scores", scores[0].tolist()))
-        job.sink(("done",))
+        job.sink(Scored(scores[0].tolist()))
+        job.sink(JobDone())

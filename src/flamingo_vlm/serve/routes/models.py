@@ -1,0 +1,26 @@
+"""``GET /v1/models`` and ``GET /v1/models/{id}``: the served model ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from ..state import ServerState, get_state
+
+router = APIRouter()
+
+
+def _model_card(state: ServerState, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": state.created, "owned_by": "flamingo-vlm",
+            "max_model_len": state.engine.max_context}
+
+
+@router.get("/v1/models")
+async def list_models(state: ServerState = Depends(get_state)):
+    return {"object": "list", "data": [_model_card(state, n) for n in state.names]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, state: ServerState = Depends(get_state)):
+    return _model_card(state, state.check_model(model_id))
