@@ -18,17 +18,9 @@ from torch import nn
 
 from .fast_linear import onednn_linears
 from .injection import Conditioning, ConditioningSlot, inject_cross_attention
+from .lm_info import lm_hidden_size
 from .perceiver import PerceiverResampler
 from .token_embeddings import ExtendedEmbedding, ExtendedLMHead
-
-
-def lm_hidden_size(lm: nn.Module) -> int:
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    for name in ("d_model", "hidden_size", "n_embd"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot tell the hidden size of {type(lm).__name__} from its config")
 
 
 class _ObserveMedia:
