@@ -233,8 +233,8 @@ def test_builtin_model_ships_within_budget_and_loads_offline(builtin_model, monk
 def test_builtin_model_output_depends_on_the_images(builtin_model):
     """The shipped adapter must read the images: on held-out episodes the loss with the true
     images is lower than with the same images given to the wrong documents."""
-    from flamingo_vlm.eval.synthetic import SceneGenerator, episode_items
     from flamingo_vlm.processing import FlamingoProcessor
+    from flamingo_vlm.synthetic import SceneGenerator, episode_items
 
     model, ip, tok = builtin_model
     gen = SceneGenerator(seed=1)

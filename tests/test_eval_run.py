@@ -13,7 +13,8 @@ from flamingo_vlm.eval import EvalConfig, Evaluator, continuation_ids
 from flamingo_vlm.eval.cli import main as eval_main
 from flamingo_vlm.eval.demos import RICES, FeatureExtractor, RandomDemoSelector
 from flamingo_vlm.eval.distributed import shard_indices
-from flamingo_vlm.eval.synthetic import SceneGenerator, write_synthetic_benchmark
+from flamingo_vlm.eval.task_kinds import demo_orders
+from flamingo_vlm.synthetic import SceneGenerator, write_synthetic_benchmark
 from tiny import tiny_flamingo
 
 pytest.importorskip("pycocoevalcap")
@@ -200,8 +201,8 @@ def test_classification_ensembling_and_continuation_ids(tiny, tmp_path):
     root, (model, ip, tok) = tiny
     ids = continuation_ids(tok, "Output:", "red circle")
     assert ids == tok("red circle", add_special_tokens=False)["input_ids"]  # byte-level BPE: same as alone
-    assert Evaluator._permutations(2, 6, 0, 0) == [[0, 1], [1, 0]]
-    perms = Evaluator._permutations(4, 6, 0, 3)
+    assert demo_orders(2, 6, 0, 0) == [[0, 1], [1, 0]]
+    perms = demo_orders(4, 6, 0, 3)
     assert len(perms) == 6 and len({tuple(p) for p in perms}) == 6 and perms[0] == [0, 1, 2, 3]
     cfg = EvalConfig(tasks=["imagenet"], data_root=str(root / "data"), out_dir=str(tmp_path), shots=[2], trials=1,
                      num_samples=2, batch_size=2, ensemble=True, progress=False)
@@ -232,7 +233,7 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
 
 def test_hateful_memes_run_reports_roc_auc(tiny, tmp_path):
     root, (model, ip, tok) = tiny
-    from flamingo_vlm.eval.synthetic import SceneGenerator as G
+    from flamingo_vlm.synthetic import SceneGenerator as G
 
     hm = tmp_path / "hateful_memes"
     (hm / "img").mkdir(parents=True)

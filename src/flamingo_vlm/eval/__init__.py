@@ -7,7 +7,8 @@ Public API::
 
 Datasets: :class:`CaptionDataset`, :class:`VQADataset`, :class:`HatefulMemesDataset`,
 :class:`ImageNetDataset`. Metrics: :func:`caption_metrics`, :func:`vqa_accuracy`,
-:func:`okvqa_stem`, :func:`roc_auc`. Synthetic data: :mod:`flamingo_vlm.eval.synthetic`.
+:func:`okvqa_stem`, :func:`roc_auc`. Synthetic data: :mod:`flamingo_vlm.synthetic`.
+Tasks: :data:`TASKS` by dataset name, :func:`register_task` (the kinds: :mod:`flamingo_vlm.eval.task_kinds`).
 """
 
 from .datasets import (
@@ -31,7 +32,7 @@ from .metrics import (
     vqa_accuracy,
     vqa_score,
 )
-from .tasks import TASKS, get_task
+from .tasks import TASKS, Task, get_task, register_task
 
 __all__ = [
     "CaptionDataset",
@@ -45,11 +46,13 @@ __all__ = [
     "RICES",
     "RandomDemoSelector",
     "TASKS",
+    "Task",
     "VQADataset",
     "caption_metrics",
     "continuation_ids",
     "evaluate",
     "get_task",
+    "register_task",
     "init_distributed",
     "normalize_vqa_answer",
     "okvqa_stem",

@@ -1,6 +1,6 @@
 """In-context name binding: can the model learn a made-up word for an object from the prompt alone?
 
-An episode (:func:`flamingo_vlm.eval.synthetic.binding_episode`) gives ``ways`` categories made-up
+An episode (:func:`flamingo_vlm.synthetic.binding_episode`) gives ``ways`` categories made-up
 names from a held-out list (``"<image>This is a mott.<|endofchunk|>"``), shows ``shots``
 demonstrations, then a new image of one category followed by ``"This is a"``. The model's answer
 is the name with the highest log-likelihood among the episode's names (chance: ``1/ways``). With
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..processing import EOC_TOKEN, MEDIA_TOKEN, FlamingoProcessor
-from .evaluator import continuation_ids
-from .synthetic import SceneGenerator, binding_episode, binding_text
+from ..synthetic import SceneGenerator, binding_episode, binding_text
+from .task_kinds import continuation_ids
 
 __all__ = ["BindingResult", "binding_prompt", "evaluate_binding"]
 

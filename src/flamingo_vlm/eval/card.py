@@ -31,8 +31,10 @@ LABELS = {"coco": "captioning CIDEr", "vqav2": "VQA accuracy (%)", "imagenet": "
           "binding": "name binding, 2-way (%)"}
 
 
-def _eval_generator():
-    from .synthetic import SceneGenerator
+def eval_generator():
+    """The card's evaluation scene generator: seed 1, with the training run's (seed 0) held-out
+    (shape, colour) pairs held out (the probes in ``research/`` evaluate on it too)."""
+    from ..synthetic import SceneGenerator
 
     held = SceneGenerator(seed=TRAIN_SEED).held_out_pairs
     return SceneGenerator(seed=EVAL_SEED, held_out=held)
@@ -52,10 +54,10 @@ def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes,
     from ..pretrained import from_pretrained
     from .binding import evaluate_binding
     from .evaluator import PRECISIONS, EvalConfig, evaluate
-    from .synthetic import write_synthetic_benchmark
+    from ..synthetic import write_synthetic_benchmark
 
     data = out / "data"
-    gen = _eval_generator()
+    gen = eval_generator()
     if not (data / "synthetic.json").is_file():
         write_synthetic_benchmark(data, generator=gen, tasks=HARNESS_TASKS, n_train=256, n_val=8, n_test=n_test,
                                   n_class_train_per_class=8, n_class_val_per_class=max(1, n_test // 36 + 1),

@@ -1,16 +1,17 @@
 """The few-shot evaluation loop (OpenFlamingo's protocol, its known bugs fixed).
 
 For every task, shot count and trial: pick the evaluated samples, choose demonstrations (random
-from the query set, or RICES), build the prompts, run the model (beam-search generation for
-captioning/VQA, :meth:`Flamingo.score` for classification), gather the predictions of all ranks
-and score them on rank 0, then write the unit's JSON atomically. See ``README.md`` beside this
-file for the protocol table.
+from the query set, or RICES), let the task run the model on each batch (:meth:`Task.predict`:
+its prompts, beam-search generation for captioning/VQA or :meth:`Flamingo.score` for
+classification, its post-processing), gather the predictions of all ranks and score them on rank
+0 (:meth:`Task.score`), then write the unit's JSON atomically. What differs between datasets lives
+in the task objects (:mod:`.task_kinds`, their table in :mod:`.tasks`); this loop is the same for
+all. See ``README.md`` beside this file for the protocol table.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import math
@@ -31,21 +32,15 @@ from . import prompts as P
 from .datasets import EvalDataset
 from .demos import RICES, FeatureExtractor, RandomDemoSelector
 from .distributed import DistContext, init_distributed, shard_indices
-from .metrics import caption_metrics, java_available, okvqa_stem, resolve_caption_tokenizer, roc_auc, vqa_accuracy
 from ..locking import hold_for_job
 from .results import atomic_write_json, markdown_table, read_unit, summarize, unit_path
-from .tasks import TaskSpec, get_task, resolve_task_root
+from .task_kinds import QueryBatch, continuation_ids, score_classes
+from .tasks import Task, extra_metrics, get_task, resolve_task_root
 
-__all__ = ["EvalConfig", "Evaluator", "continuation_ids", "evaluate", "score_classes"]
+__all__ = ["EvalConfig", "Evaluator", "continuation_ids", "evaluate", "held_out_ids", "score_classes"]
 
 logger = logging.getLogger(__name__)
 
-EXTRA_METRICS = {
-    "coco": ["BLEU_4", "ROUGE_L"],
-    "flickr30k": ["BLEU_4", "ROUGE_L"],
-    "imagenet": ["top5"],
-    "hateful_memes": ["accuracy"],
-}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": torch.float32}
 
 
@@ -115,30 +110,6 @@ class EvalConfig:
             raise ValueError("give data_root, or a task root for every task")
 
 
-def continuation_ids(tokenizer, anchor: str, text: str) -> list[int]:
-    """Token ids of ``text`` as it is tokenised right after ``anchor`` (the end of the prompt),
-    so class names get the ids they would have in context (for byte-level BPE this equals
-    tokenising the name alone, what OpenFlamingo did; SentencePiece would add a spurious "▁")."""
-    base = tokenizer(anchor, add_special_tokens=False)["input_ids"]
-    full = tokenizer(anchor + text, add_special_tokens=False)["input_ids"]
-    if full[: len(base)] == base and len(full) > len(base):
-        return full[len(base):]
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def score_classes(model, vision_x, input_ids, attention_mask, candidates: list[list[int]], *, media=None,
-                  chunk_size: int = 128, normalize: bool = True) -> torch.Tensor:
-    """:meth:`Flamingo.score` with the candidates sorted by token length, so that each chunk pads
-    them to about the same length (class names range from 1 to ~10 tokens); the returned columns
-    are in the original order."""
-    order = sorted(range(len(candidates)), key=lambda j: len(candidates[j]))
-    scores = model.score(vision_x, input_ids, [candidates[j] for j in order], attention_mask, media=media,
-                         normalize=normalize, chunk_size=chunk_size)
-    out = torch.empty_like(scores)
-    out[:, torch.as_tensor(order, device=scores.device)] = scores
-    return out
-
-
 class _ImageCache:
     """Preprocessed image tensors by path, least recently used dropped first."""
 
@@ -187,6 +158,7 @@ class Evaluator:
         self.out_dir = Path(config.out_dir)
         self._rices_extractor: FeatureExtractor | None = None
         self._candidates: dict[tuple, list[list[int]]] = {}
+        self._said: set[str] = set()  # task warnings already logged
 
     # -- helpers -------------------------------------------------------------------------------------
     def _autocast(self):
@@ -197,12 +169,7 @@ class Evaluator:
     def _tensors(self, samples: list[dict]) -> list[torch.Tensor]:
         return list(self.pool.map(self.images.get, samples))
 
-    def _batch(self, texts: list[str], images: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = self.processor(list(zip(texts, images)))
-        device = self.ctx.device
-        return {k: v.to(device) for k, v in batch.items()}
-
-    def fingerprint(self, spec: TaskSpec, shots: int, seed: int, n_eval: int) -> dict[str, Any]:
+    def fingerprint(self, spec: Task, shots: int, seed: int, n_eval: int) -> dict[str, Any]:
         c = self.config
         fp = {
             "model": c.model_name, "task": spec.name, "shots": shots, "seed": seed, "num_eval": n_eval,
@@ -213,21 +180,10 @@ class Evaluator:
         else:
             fp["rices_vision_encoder"] = c.rices_vision_encoder or "model"
             fp["rices_vision_pretrained"] = c.rices_vision_pretrained
-        if spec.kind != "classification":
-            fp.update(num_beams=c.num_beams, length_penalty=c.length_penalty, max_new_tokens=self.max_new_tokens(spec))
-        if spec.kind == "captioning":  # the tokenizer actually used: "auto" differs with and without Java
-            fp.update(caption_tokenizer=resolve_caption_tokenizer(c.caption_tokenizer),
-                      caption_metrics=sorted(c.caption_metrics))
-        if spec.kind == "vqa":  # vqa_compat only when not the default, so older unit files stay valid
-            fp.update({k: v for k, v in c.vqa_scoring().items() if k != "vqa_compat" or v != "official"})
-        if spec.kind == "classification":
-            fp["ensemble"] = c.ensemble and c.ensemble_max
+        fp.update(spec.fingerprint(c))  # decoding and scoring settings of the task's kind
         return fp
 
-    def max_new_tokens(self, spec: TaskSpec) -> int:
-        return int(self.config.max_new_tokens.get(spec.name, spec.max_new_tokens or 0))
-
-    def _rices(self, spec: TaskSpec, train: EvalDataset) -> RICES:
+    def _rices(self, spec: Task, train: EvalDataset) -> RICES:
         c = self.config
         if self._rices_extractor is None:
             if c.rices_vision_encoder:
@@ -266,7 +222,7 @@ class Evaluator:
             all_units = self._all_finished_units()
             full = summarize(all_units)
             atomic_write_json(self.out_dir / "results.json", {**result, "all_results": full})
-            md = markdown_table(summary, title=f"Few-shot evaluation of {c.model_name or 'the model'}", extra=EXTRA_METRICS)
+            md = markdown_table(summary, title=f"Few-shot evaluation of {c.model_name or 'the model'}", extra=extra_metrics())
             (self.out_dir / "results.md").write_text(md, encoding="utf-8")
         self.ctx.barrier()
         return result
@@ -280,7 +236,7 @@ class Evaluator:
                 out.append(u)
         return out
 
-    def run_task(self, spec: TaskSpec) -> list[dict]:
+    def run_task(self, spec: Task) -> list[dict]:
         c = self.config
         root = resolve_task_root(spec, c.data_root or ".", c.task_roots)
         train = spec.load(root, spec.demo_split)
@@ -352,10 +308,7 @@ class Evaluator:
                 demo_ids = rices.select(feats, k)
             demos = [[train[j] for j in row] for row in demo_ids]
             with torch.inference_mode(), self._autocast():
-                if spec.kind == "classification":
-                    records += self._classify(spec, test, queries, query_images, demos, shots, seed, idx)
-                else:
-                    records += self._generate(spec, queries, query_images, demos, shots)
+                records += spec.predict(self, QueryBatch(test, queries, query_images, demos, shots, seed, idx))
         gathered = [r for part in self.ctx.gather(records) for r in part]
         result = {
             "task": spec.name, "shots": shots, "trial": trial, "seed": seed, "num_samples": len(gathered),
@@ -367,117 +320,26 @@ class Evaluator:
                 result["predictions"] = sorted(gathered, key=lambda r: str(r["id"]))
         return result
 
-    # -- generation tasks --------------------------------------------------------------------------------
-    def _prompt_images(self, demos: list[dict], query_image: torch.Tensor, shots: int) -> list[torch.Tensor]:
+    # -- what tasks call (see task_kinds.Runner) ---------------------------------------------------------
+    def encode(self, texts: list[str], images: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Prompts and their images as model inputs on this process's device."""
+        batch = self.processor(list(zip(texts, images)))
+        device = self.ctx.device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def prompt_images(self, demos: list[dict], query_image: torch.Tensor, shots: int) -> list[torch.Tensor]:
         # 0 shots: the demos are text only and their images are not passed (OpenFlamingo bug 15).
         return (self._tensors(demos) if shots > 0 else []) + [query_image]
 
-    def _generate(self, spec, queries, query_images, demos, shots) -> list[dict]:
-        texts, images = [], []
-        for q, qi, ds in zip(queries, query_images, demos):
-            if spec.kind == "captioning":
-                demo_texts = [P.caption_prompt(d["caption"].strip()) for d in ds]
-                query = P.caption_prompt()
-            else:
-                demo_texts = [P.vqa_prompt(d["question"], d["answers"][0]) for d in ds]
-                query = P.vqa_prompt(q["question"])
-            texts.append(P.build_prompt(demo_texts, query, separator="\n", with_demo_images=shots > 0))
-            images.append(self._prompt_images(ds, qi, shots))
-        batch = self._batch(texts, images)
-        out = self.model.generate(
-            batch["vision_x"], batch["input_ids"], batch["attention_mask"],
-            num_beams=self.config.num_beams, max_new_tokens=self.max_new_tokens(spec), min_new_tokens=0,
-            length_penalty=self.config.length_penalty, do_sample=False,
-        )
-        raw = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        records = []
-        for q, ds, text in zip(queries, demos, raw):
-            if spec.kind == "captioning":
-                pred = P.postprocess_caption(text)
-            else:
-                pred = P.postprocess_vqa(text)
-                if spec.name == "ok_vqa":
-                    pred = okvqa_stem(pred)
-            records.append({"id": q["id"], "prediction": pred, "raw": text, "demos": [d["id"] for d in ds]})
-        return records
-
-    # -- classification --------------------------------------------------------------------------------
-    def _class_names(self, spec: TaskSpec, test: EvalDataset) -> list[str]:
-        if spec.name == "hateful_memes":
-            return ["no", "yes"]
-        return list(dict.fromkeys(test.class_names))  # duplicates (ImageNet has two) scored once
-
-    def _classify(self, spec, test, queries, query_images, demos, shots, seed, idx) -> list[dict]:
-        names = self._class_names(spec, test)
-        if spec.name == "hateful_memes":
-            demo_fn = lambda d: P.hateful_memes_prompt(d["ocr"], d["class_name"])  # noqa: E731
-            query_fn = lambda q: P.hateful_memes_prompt(q["ocr"])  # noqa: E731
-            anchor = "Answer:"
-        else:
-            demo_fn = lambda d: P.classification_prompt(d["class_name"])  # noqa: E731
-            query_fn = lambda q: P.classification_prompt()  # noqa: E731
-            anchor = "Output:"
+    def candidate_ids(self, anchor: str, names: list[str]) -> list[list[int]]:
+        """Token ids of each name as it continues ``anchor`` (computed once per anchor and names)."""
         key = (anchor, tuple(names))
         if key not in self._candidates:
             self._candidates[key] = [continuation_ids(self.tokenizer, anchor, n) for n in names]
-        candidates = self._candidates[key]
-        k = len(demos[0]) if demos else 0
-        n_perm = min(self.config.ensemble_max, math.factorial(k)) if self.config.ensemble and k > 1 else 1
-        orders = [self._permutations(k, n_perm, seed, i) for i in idx]
-        total = None
-        for p in range(n_perm):
-            texts, images = [], []
-            for q, qi, ds, perms in zip(queries, query_images, demos, orders):
-                ds_p = [ds[j] for j in perms[p]]
-                texts.append(P.build_prompt([demo_fn(d) for d in ds_p], query_fn(q), separator="", with_demo_images=shots > 0))
-                images.append(self._prompt_images(ds_p, qi, shots))
-            batch = self._batch(texts, images)
-            scores = score_classes(self.model, batch["vision_x"], batch["input_ids"], batch["attention_mask"], candidates,
-                                   chunk_size=self.config.class_chunk_size).float().cpu()
-            total = scores if total is None else total + scores
-        logprobs = total / n_perm
-        probs = logprobs.softmax(-1)
-        records = []
-        for q, ds, lp, pr in zip(queries, demos, logprobs, probs):
-            top = lp.topk(min(5, len(names))).indices.tolist()
-            rec = {"id": q["id"], "label": q.get("class_name"), "top5": [names[j] for j in top],
-                   "demos": [d["id"] for d in ds]}
-            if spec.name == "hateful_memes":
-                rec["p_yes"] = float(pr[names.index("yes")])
-            records.append(rec)
-        return records
-
-    @staticmethod
-    def _permutations(k: int, n: int, seed: int, index: int) -> list[list[int]]:
-        """``n`` distinct orders of ``k`` demos: the selected order first, then random others."""
-        base = list(range(k))
-        if n <= 1:
-            return [base]
-        if math.factorial(k) <= n:
-            return [base] + [list(p) for p in itertools.permutations(base) if list(p) != base]
-        rng = np.random.default_rng([seed, int(index), 1])
-        out, seen = [base], {tuple(base)}
-        while len(out) < n:
-            p = rng.permutation(k).tolist()
-            if tuple(p) not in seen:
-                seen.add(tuple(p))
-                out.append(p)
-        return out
+        return self._candidates[key]
 
     # -- scoring -----------------------------------------------------------------------------------------
-    def _warn_python_tokenizer(self) -> None:
-        """Say loudly, once, that captions are tokenised without Java (CIDEr then comes from the
-        pure-Python PTB tokenizer; the result files record ``caption_tokenizer: python``)."""
-        if getattr(self, "_warned_tokenizer", False) or resolve_caption_tokenizer(self.config.caption_tokenizer) != "python":
-            return
-        self._warned_tokenizer = True
-        why = "asked for with --caption-tokenizer python" if self.config.caption_tokenizer == "python" else (
-            "no working `java` on the PATH" if not java_available() else "pycocoevalcap's Stanford jar not found")
-        logger.warning("caption metrics use the pure-Python PTB tokenizer (%s), not Stanford's Java one that "
-                       "pycocoevalcap and the papers use; scores can differ slightly. Install a JRE "
-                       "(apt-get install default-jre-headless) for the reference tokenizer.", why)
-
-    def _score(self, spec: TaskSpec, test: EvalDataset, records: list[dict], held_out: set[str] | None = None) -> dict:
+    def _score(self, spec: Task, test: EvalDataset, records: list[dict], held_out: set[str] | None = None) -> dict:
         scored = self._score_records(spec, test, records)
         if held_out:
             shown = [r for r in records if str(r["id"]) in held_out]
@@ -489,44 +351,12 @@ class Evaluator:
                 scored["metrics"]["held_out_pairs_samples"] = {k: len(v) for k, v in parts.items()}
         return scored
 
-    def _score_records(self, spec: TaskSpec, test: EvalDataset, records: list[dict]) -> dict:
-        c = self.config
-        by_id = {s["id"]: s for s in test}
-        if spec.kind == "captioning":
-            self._warn_python_tokenizer()
-            m = caption_metrics({r["id"]: r["prediction"] for r in records},
-                                {r["id"]: by_id[r["id"]]["captions"] for r in records},
-                                metrics=c.caption_metrics, tokenizer=c.caption_tokenizer)
-            return {"metric": "CIDEr" if "CIDEr" in m else next(k for k in m if k != "tokenizer"),
-                    "score": m.get("CIDEr", next(v for k, v in m.items() if k != "tokenizer")), "metrics": m,
-                    "scoring": {"caption_tokenizer": m["tokenizer"]}}
-        if spec.kind == "vqa":
-            scoring = c.vqa_scoring()
-            compat = scoring["vqa_compat"] == "openflamingo"
-            per_question = {r["id"]: vqa_accuracy(r["prediction"], by_id[r["id"]]["answers"],
-                                                  gt_normalization=scoring["vqa_gt_normalization"],
-                                                  entries=by_id[r["id"]].get("answer_entries") if compat else None)
-                            for r in records}
-            acc = 100.0 * float(np.mean(list(per_question.values())))  # as vqa_score
-            metrics = {"accuracy": acc}
-            for attr, key in (("answer_type", "per_answer_type"), ("question_type", "per_question_type")):
-                groups: dict[str, list[float]] = {}
-                for qid, a in per_question.items():
-                    if attr in by_id[qid]:
-                        groups.setdefault(by_id[qid][attr], []).append(a)
-                if groups:  # as the official VQA evaluation reports them
-                    metrics[key] = {g: 100.0 * float(np.mean(v)) for g, v in sorted(groups.items())}
-            return {"metric": "accuracy", "score": acc, "metrics": metrics, "scoring": scoring}
-        top1 = 100.0 * float(np.mean([r["top5"][0] == r["label"] for r in records]))
-        if spec.name == "hateful_memes":
-            labels = [int(by_id[r["id"]]["label"]) for r in records]
-            try:
-                auc = 100.0 * roc_auc(labels, [r["p_yes"] for r in records])
-            except ValueError:
-                auc = float("nan")  # one class only (tiny subsets)
-            return {"metric": "roc_auc", "score": auc, "metrics": {"roc_auc": auc, "accuracy": top1}}
-        top5 = 100.0 * float(np.mean([r["label"] in r["top5"] for r in records]))
-        return {"metric": "top1", "score": top1, "metrics": {"top1": top1, "top5": top5}}
+    def _score_records(self, spec: Task, test: EvalDataset, records: list[dict]) -> dict:
+        for message in spec.warnings(self.config):  # each said once per evaluator
+            if message not in self._said:
+                self._said.add(message)
+                logger.warning(message)
+        return spec.score(test, records, self.config)
 
 
 def evaluate(model_or_path, config: EvalConfig, *, image_processor=None, tokenizer=None, device: str | None = None) -> dict:

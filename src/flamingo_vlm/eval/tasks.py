@@ -1,68 +1,61 @@
-"""The evaluation tasks: where each dataset lives under ``--data-root``, its splits, prompt,
-decoding budget and metric."""
+"""The evaluation tasks by dataset name: where each dataset lives under ``--data-root``, its splits,
+its kind (which brings its prompt, decoding, post-processing and metric; see :mod:`.task_kinds`)
+and its generation budget.
+
+Adding a dataset of an existing kind is one entry in :data:`TASKS` (or a call to
+:func:`register_task`); a dataset that needs its own prompt or metric is one subclass of a kind.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .datasets import CaptionDataset, DatasetLayoutError, EvalDataset, HatefulMemesDataset, ImageNetDataset, VQADataset
+from .datasets import DatasetLayoutError
+from .task_kinds import CaptioningTask, ClassificationTask, HatefulMemesTask, OKVQATask, Task, VQATask
 
-__all__ = ["TASKS", "TaskSpec", "get_task", "resolve_task_root"]
+__all__ = ["TASKS", "TASK_ALIASES", "Task", "extra_metrics", "get_task", "register_task", "resolve_task_root"]
 
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    kind: str  # "captioning" | "vqa" | "classification"
-    metric: str  # the headline metric key
-    folders: tuple[str, ...]  # candidate folder names under --data-root
-    demo_split: str
-    eval_split: str
-    load: Callable[[Path, str], EvalDataset]
-    max_new_tokens: int | None = None  # generation tasks
-    description: str = ""
-    extra: dict = field(default_factory=dict)
+TASKS: dict[str, Task] = {}
+TASK_ALIASES: dict[str, str] = {}
 
 
-def _caption(dataset):
-    return lambda root, split: CaptionDataset.from_root(root, split, dataset=dataset)
+def register_task(task: Task, aliases: tuple[str, ...] = ()) -> Task:
+    """Add ``task`` to the table under its name (and ``aliases``), replacing one of that name."""
+    TASKS[task.name] = task
+    TASK_ALIASES.update({a: task.name for a in aliases})
+    return task
 
 
-def _vqa(dataset):
-    return lambda root, split: VQADataset.from_root(root, split, dataset=dataset)
+for _task, _aliases in (
+    (CaptioningTask("coco", ("mscoco_karpathy", "coco", "mscoco"), "COCO captions, Karpathy test split",
+                    eval_split="test", max_new_tokens=20), ("mscoco",)),
+    (CaptioningTask("flickr30k", ("flickr30k", "flickr"), "Flickr30K captions, Karpathy test split",
+                    eval_split="test", max_new_tokens=20), ("flickr",)),
+    (VQATask("vqav2", ("vqav2",), "VQAv2 val", max_new_tokens=5), ("vqa",)),
+    (OKVQATask("ok_vqa", ("okvqa", "ok_vqa"), "OK-VQA val (answers stemmed)", max_new_tokens=5), ("okvqa",)),
+    (VQATask("textvqa", ("textvqa",), "TextVQA val", max_new_tokens=10), ()),
+    (VQATask("vizwiz", ("vizwiz",), "VizWiz val", max_new_tokens=5), ()),
+    (HatefulMemesTask("hateful_memes", ("hateful_memes", "hatefulmemes"), "Hateful Memes dev (ROC-AUC of p(yes))",
+                      eval_split="dev"), ("hm", "hatefulmemes")),
+    (ClassificationTask("imagenet", ("imagenet", "ILSVRC2012", "imagenet1k"), "ImageNet-1k val"), ()),
+):
+    register_task(_task, _aliases)
 
 
-TASKS: dict[str, TaskSpec] = {
-    "coco": TaskSpec("coco", "captioning", "CIDEr", ("mscoco_karpathy", "coco", "mscoco"), "train", "test",
-                     _caption("coco"), 20, "COCO captions, Karpathy test split"),
-    "flickr30k": TaskSpec("flickr30k", "captioning", "CIDEr", ("flickr30k", "flickr"), "train", "test",
-                          _caption("flickr30k"), 20, "Flickr30K captions, Karpathy test split"),
-    "vqav2": TaskSpec("vqav2", "vqa", "accuracy", ("vqav2",), "train", "val", _vqa("vqav2"), 5, "VQAv2 val"),
-    "ok_vqa": TaskSpec("ok_vqa", "vqa", "accuracy", ("okvqa", "ok_vqa"), "train", "val", _vqa("ok_vqa"), 5,
-                       "OK-VQA val (answers stemmed)"),
-    "textvqa": TaskSpec("textvqa", "vqa", "accuracy", ("textvqa",), "train", "val", _vqa("textvqa"), 10, "TextVQA val"),
-    "vizwiz": TaskSpec("vizwiz", "vqa", "accuracy", ("vizwiz",), "train", "val", _vqa("vizwiz"), 5, "VizWiz val"),
-    "hateful_memes": TaskSpec("hateful_memes", "classification", "roc_auc", ("hateful_memes", "hatefulmemes"),
-                              "train", "dev", lambda root, split: HatefulMemesDataset.from_root(root, split),
-                              None, "Hateful Memes dev (ROC-AUC of p(yes))"),
-    "imagenet": TaskSpec("imagenet", "classification", "top1", ("imagenet", "ILSVRC2012", "imagenet1k"), "train", "val",
-                         lambda root, split: ImageNetDataset.from_root(root, split), None, "ImageNet-1k val"),
-}
-TASK_ALIASES = {"flickr": "flickr30k", "okvqa": "ok_vqa", "hm": "hateful_memes", "hatefulmemes": "hateful_memes",
-                "vqa": "vqav2", "mscoco": "coco"}
-
-
-def get_task(name: str) -> TaskSpec:
+def get_task(name: str) -> Task:
     key = TASK_ALIASES.get(name.lower(), name.lower())
     if key not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
     return TASKS[key]
 
 
-def resolve_task_root(spec: TaskSpec, data_root: str | os.PathLike, overrides: dict[str, str] | None = None) -> Path:
+def extra_metrics() -> dict[str, list[str]]:
+    """Per task, the metrics ``results.md`` shows beside the headline one."""
+    return {name: list(t.extra_metrics) for name, t in TASKS.items() if t.extra_metrics}
+
+
+def resolve_task_root(spec: Task, data_root: str | os.PathLike, overrides: dict[str, str] | None = None) -> Path:
     """The task's folder: an explicit override, else the first of its usual names under data_root."""
     if overrides and spec.name in overrides:
         return Path(overrides[spec.name])

@@ -1,0 +1,375 @@
+"""The kinds of evaluation task, one class each: what a task does with a batch of queries.
+
+A task object owns its dataset loader, its prompt format (demonstration and query templates from
+:mod:`.prompts`, and how they are joined), its decoding defaults, the post-processing of the
+model's output and its metric. The evaluator (:mod:`.evaluator`) only chooses samples and demos,
+runs :meth:`Task.predict` on batches, and hands the gathered records to :meth:`Task.score`; it
+never asks which dataset it is evaluating. Scoring modes (``--vqa-compat``, the caption tokenizer,
+the caption metrics) and decoding settings travel in as the run's :class:`EvalConfig`.
+
+* :class:`CaptioningTask`: beam search, cut at ``Output``, CIDEr (COCO, Flickr30K);
+* :class:`VQATask` / :class:`OKVQATask`: beam search, cut at ``Question``/``Answer``/``Short``,
+  VQA accuracy (OK-VQA: answers stemmed);
+* :class:`ClassificationTask`: every class name scored as a continuation, top-1/top-5 (ImageNet);
+* :class:`HatefulMemesTask`: ``no``/``yes`` scored the same way, ROC-AUC of p(yes).
+
+The table of tasks by dataset name is in :mod:`.tasks`. A new dataset of an existing kind is one
+entry there; a new kind is one subclass of :class:`Task`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from . import prompts as P
+from .datasets import CaptionDataset, EvalDataset, HatefulMemesDataset, ImageNetDataset, VQADataset
+from .metrics import caption_metrics, java_available, okvqa_stem, resolve_caption_tokenizer, roc_auc, vqa_accuracy
+
+if TYPE_CHECKING:
+    from .evaluator import EvalConfig
+
+__all__ = [
+    "CaptioningTask", "ClassificationTask", "HatefulMemesTask", "OKVQATask", "QueryBatch", "Runner", "Task",
+    "VQATask", "continuation_ids", "demo_orders", "score_classes",
+]
+
+
+@dataclass
+class QueryBatch:
+    """One batch of evaluated samples with their demonstrations (``shots`` of them; two text-only
+    ones at 0 shots), from ``dataset`` at indices ``indices``, in trial ``seed``."""
+
+    dataset: EvalDataset
+    queries: list[dict]
+    images: list[torch.Tensor]  # the queries' preprocessed images
+    demos: list[list[dict]]
+    shots: int
+    seed: int
+    indices: list[int]
+
+
+class Runner(Protocol):
+    """What a task needs from the evaluator to run the model (see :class:`.evaluator.Evaluator`)."""
+
+    model: Any
+    tokenizer: Any
+    config: EvalConfig
+
+    def encode(self, texts: list[str], images: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]: ...
+
+    def prompt_images(self, demos: list[dict], query_image: torch.Tensor, shots: int) -> list[torch.Tensor]: ...
+
+    def candidate_ids(self, anchor: str, names: list[str]) -> list[list[int]]: ...
+
+
+@dataclass(frozen=True)
+class Task:
+    """A dataset and what to do with it. Subclasses give the class attributes and methods below."""
+
+    name: str
+    folders: tuple[str, ...]  # candidate folder names under --data-root
+    description: str = ""
+    demo_split: str = "train"
+    eval_split: str = "val"
+    max_new_tokens: int | None = None  # generation tasks: the default budget (--max-new-tokens overrides)
+
+    kind: ClassVar[str] = ""
+    metric: ClassVar[str] = ""  # the headline metric key
+    extra_metrics: ClassVar[tuple[str, ...]] = ()  # further rows of results.md
+    separator: ClassVar[str] = ""  # between the prompt's pieces
+
+    def load(self, root: Path, split: str) -> EvalDataset:
+        raise NotImplementedError
+
+    def fingerprint(self, config: EvalConfig) -> dict[str, Any]:
+        """The task's own settings that decide its numbers (recorded in each unit file)."""
+        return {}
+
+    def prompt(self, demo_texts: list[str], query_text: str, shots: int) -> str:
+        return P.build_prompt(demo_texts, query_text, separator=self.separator, with_demo_images=shots > 0)
+
+    def predict(self, runner: Runner, batch: QueryBatch) -> list[dict]:
+        """One record per query: its ``id``, prediction and demo ids (rank-local; scored later)."""
+        raise NotImplementedError
+
+    def score(self, test: EvalDataset, records: list[dict], config: EvalConfig) -> dict:
+        """``{"metric", "score", "metrics"[, "scoring"]}`` of the gathered records."""
+        raise NotImplementedError
+
+    def warnings(self, config: EvalConfig) -> list[str]:
+        """Things to say (once per run) about how this task is scored."""
+        return []
+
+
+# -- generation --------------------------------------------------------------------------------------
+class GenerationTask(Task):
+    """Beam-search generation from the prompt, then :meth:`postprocess`."""
+
+    separator: ClassVar[str] = "\n"
+
+    def new_tokens(self, config: EvalConfig) -> int:
+        return int(config.max_new_tokens.get(self.name, self.max_new_tokens or 0))
+
+    def fingerprint(self, config: EvalConfig) -> dict[str, Any]:
+        return {"num_beams": config.num_beams, "length_penalty": config.length_penalty,
+                "max_new_tokens": self.new_tokens(config)}
+
+    def demo_text(self, demo: dict) -> str:
+        raise NotImplementedError
+
+    def query_text(self, query: dict) -> str:
+        raise NotImplementedError
+
+    def postprocess(self, text: str) -> str:
+        raise NotImplementedError
+
+    def predict(self, runner: Runner, batch: QueryBatch) -> list[dict]:
+        config = runner.config
+        texts, images = [], []
+        for q, qi, ds in zip(batch.queries, batch.images, batch.demos):
+            texts.append(self.prompt([self.demo_text(d) for d in ds], self.query_text(q), batch.shots))
+            images.append(runner.prompt_images(ds, qi, batch.shots))
+        enc = runner.encode(texts, images)
+        out = runner.model.generate(
+            enc["vision_x"], enc["input_ids"], enc["attention_mask"],
+            num_beams=config.num_beams, max_new_tokens=self.new_tokens(config), min_new_tokens=0,
+            length_penalty=config.length_penalty, do_sample=False,
+        )
+        raw = runner.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [{"id": q["id"], "prediction": self.postprocess(text), "raw": text, "demos": [d["id"] for d in ds]}
+                for q, ds, text in zip(batch.queries, batch.demos, raw)]
+
+
+class CaptioningTask(GenerationTask):
+    kind: ClassVar[str] = "captioning"
+    metric: ClassVar[str] = "CIDEr"
+    extra_metrics: ClassVar[tuple[str, ...]] = ("BLEU_4", "ROUGE_L")
+
+    def load(self, root: Path, split: str) -> EvalDataset:
+        return CaptionDataset.from_root(root, split, dataset=self.name)
+
+    def fingerprint(self, config: EvalConfig) -> dict[str, Any]:
+        # the tokenizer actually used: "auto" differs with and without Java
+        return super().fingerprint(config) | {"caption_tokenizer": resolve_caption_tokenizer(config.caption_tokenizer),
+                                              "caption_metrics": sorted(config.caption_metrics)}
+
+    def demo_text(self, demo: dict) -> str:
+        return P.caption_prompt(demo["caption"].strip())
+
+    def query_text(self, query: dict) -> str:
+        return P.caption_prompt()
+
+    def postprocess(self, text: str) -> str:
+        return P.postprocess_caption(text)
+
+    def warnings(self, config: EvalConfig) -> list[str]:
+        """Say loudly that captions are tokenised without Java (CIDEr then comes from the pure-Python
+        PTB tokenizer; the result files record ``caption_tokenizer: python``)."""
+        if resolve_caption_tokenizer(config.caption_tokenizer) != "python":
+            return []
+        why = "asked for with --caption-tokenizer python" if config.caption_tokenizer == "python" else (
+            "no working `java` on the PATH" if not java_available() else "pycocoevalcap's Stanford jar not found")
+        return [f"caption metrics use the pure-Python PTB tokenizer ({why}), not Stanford's Java one that "
+                "pycocoevalcap and the papers use; scores can differ slightly. Install a JRE "
+                "(apt-get install default-jre-headless) for the reference tokenizer."]
+
+    def score(self, test: EvalDataset, records: list[dict], config: EvalConfig) -> dict:
+        by_id = {s["id"]: s for s in test}
+        m = caption_metrics({r["id"]: r["prediction"] for r in records},
+                            {r["id"]: by_id[r["id"]]["captions"] for r in records},
+                            metrics=config.caption_metrics, tokenizer=config.caption_tokenizer)
+        return {"metric": "CIDEr" if "CIDEr" in m else next(k for k in m if k != "tokenizer"),
+                "score": m.get("CIDEr", next(v for k, v in m.items() if k != "tokenizer")), "metrics": m,
+                "scoring": {"caption_tokenizer": m["tokenizer"]}}
+
+
+class VQATask(GenerationTask):
+    kind: ClassVar[str] = "vqa"
+    metric: ClassVar[str] = "accuracy"
+
+    def load(self, root: Path, split: str) -> EvalDataset:
+        return VQADataset.from_root(root, split, dataset=self.name)
+
+    def fingerprint(self, config: EvalConfig) -> dict[str, Any]:
+        # vqa_compat only when not the default, so older unit files stay valid
+        return super().fingerprint(config) | {k: v for k, v in config.vqa_scoring().items()
+                                              if k != "vqa_compat" or v != "official"}
+
+    def demo_text(self, demo: dict) -> str:
+        return P.vqa_prompt(demo["question"], demo["answers"][0])
+
+    def query_text(self, query: dict) -> str:
+        return P.vqa_prompt(query["question"])
+
+    def postprocess(self, text: str) -> str:
+        return P.postprocess_vqa(text)
+
+    def score(self, test: EvalDataset, records: list[dict], config: EvalConfig) -> dict:
+        by_id = {s["id"]: s for s in test}
+        scoring = config.vqa_scoring()
+        compat = scoring["vqa_compat"] == "openflamingo"
+        per_question = {r["id"]: vqa_accuracy(r["prediction"], by_id[r["id"]]["answers"],
+                                              gt_normalization=scoring["vqa_gt_normalization"],
+                                              entries=by_id[r["id"]].get("answer_entries") if compat else None)
+                        for r in records}
+        acc = 100.0 * float(np.mean(list(per_question.values())))  # as vqa_score
+        metrics = {"accuracy": acc}
+        for attr, key in (("answer_type", "per_answer_type"), ("question_type", "per_question_type")):
+            groups: dict[str, list[float]] = {}
+            for qid, a in per_question.items():
+                if attr in by_id[qid]:
+                    groups.setdefault(by_id[qid][attr], []).append(a)
+            if groups:  # as the official VQA evaluation reports them
+                metrics[key] = {g: 100.0 * float(np.mean(v)) for g, v in sorted(groups.items())}
+        return {"metric": "accuracy", "score": acc, "metrics": metrics, "scoring": scoring}
+
+
+class OKVQATask(VQATask):
+    """OK-VQA: the post-processed answer is stemmed (as OpenFlamingo did; see :func:`okvqa_stem`)."""
+
+    def postprocess(self, text: str) -> str:
+        return okvqa_stem(super().postprocess(text))
+
+
+# -- classification ----------------------------------------------------------------------------------
+def continuation_ids(tokenizer, anchor: str, text: str) -> list[int]:
+    """Token ids of ``text`` as it is tokenised right after ``anchor`` (the end of the prompt),
+    so class names get the ids they would have in context (for byte-level BPE this equals
+    tokenising the name alone, what OpenFlamingo did; SentencePiece would add a spurious "▁")."""
+    base = tokenizer(anchor, add_special_tokens=False)["input_ids"]
+    full = tokenizer(anchor + text, add_special_tokens=False)["input_ids"]
+    if full[: len(base)] == base and len(full) > len(base):
+        return full[len(base):]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def score_classes(model, vision_x, input_ids, attention_mask, candidates: list[list[int]], *, media=None,
+                  chunk_size: int = 128, normalize: bool = True) -> torch.Tensor:
+    """:meth:`Flamingo.score` with the candidates sorted by token length, so that each chunk pads
+    them to about the same length (class names range from 1 to ~10 tokens); the returned columns
+    are in the original order."""
+    order = sorted(range(len(candidates)), key=lambda j: len(candidates[j]))
+    scores = model.score(vision_x, input_ids, [candidates[j] for j in order], attention_mask, media=media,
+                         normalize=normalize, chunk_size=chunk_size)
+    out = torch.empty_like(scores)
+    out[:, torch.as_tensor(order, device=scores.device)] = scores
+    return out
+
+
+def demo_orders(k: int, n: int, seed: int, index: int) -> list[list[int]]:
+    """``n`` distinct orders of ``k`` demos (prompt ensembling): the selected order first, then
+    random others (OpenFlamingo drew shuffles that could repeat)."""
+    base = list(range(k))
+    if n <= 1:
+        return [base]
+    if math.factorial(k) <= n:
+        return [base] + [list(p) for p in itertools.permutations(base) if list(p) != base]
+    rng = np.random.default_rng([seed, int(index), 1])
+    out, seen = [base], {tuple(base)}
+    while len(out) < n:
+        p = rng.permutation(k).tolist()
+        if tuple(p) not in seen:
+            seen.add(tuple(p))
+            out.append(p)
+    return out
+
+
+class ClassificationTask(Task):
+    """Every class name scored as a continuation of the prompt (length-normalised log-probability);
+    with ``--ensemble``, averaged over up to ``ensemble_max`` demo orders. ImageNet by default."""
+
+    kind: ClassVar[str] = "classification"
+    metric: ClassVar[str] = "top1"
+    extra_metrics: ClassVar[tuple[str, ...]] = ("top5",)
+    anchor: ClassVar[str] = "Output:"  # the end of the query prompt, where the class name follows
+
+    def load(self, root: Path, split: str) -> EvalDataset:
+        return ImageNetDataset.from_root(root, split)
+
+    def fingerprint(self, config: EvalConfig) -> dict[str, Any]:
+        return {"ensemble": config.ensemble and config.ensemble_max}
+
+    def class_names(self, test: EvalDataset) -> list[str]:
+        return list(dict.fromkeys(test.class_names))  # duplicates (ImageNet has two) scored once
+
+    def demo_text(self, demo: dict) -> str:
+        return P.classification_prompt(demo["class_name"])
+
+    def query_text(self, query: dict) -> str:
+        return P.classification_prompt()
+
+    def record_extra(self, names: list[str], probs: torch.Tensor) -> dict:
+        """Further fields of a query's record, from its class probabilities."""
+        return {}
+
+    def predict(self, runner: Runner, batch: QueryBatch) -> list[dict]:
+        config = runner.config
+        names = self.class_names(batch.dataset)
+        candidates = runner.candidate_ids(self.anchor, names)
+        k = len(batch.demos[0]) if batch.demos else 0
+        n_perm = min(config.ensemble_max, math.factorial(k)) if config.ensemble and k > 1 else 1
+        orders = [demo_orders(k, n_perm, batch.seed, i) for i in batch.indices]
+        total = None
+        for p in range(n_perm):
+            texts, images = [], []
+            for q, qi, ds, perms in zip(batch.queries, batch.images, batch.demos, orders):
+                ds_p = [ds[j] for j in perms[p]]
+                texts.append(self.prompt([self.demo_text(d) for d in ds_p], self.query_text(q), batch.shots))
+                images.append(runner.prompt_images(ds_p, qi, batch.shots))
+            enc = runner.encode(texts, images)
+            scores = score_classes(runner.model, enc["vision_x"], enc["input_ids"], enc["attention_mask"], candidates,
+                                   chunk_size=config.class_chunk_size).float().cpu()
+            total = scores if total is None else total + scores
+        logprobs = total / n_perm
+        probs = logprobs.softmax(-1)
+        records = []
+        for q, ds, lp, pr in zip(batch.queries, batch.demos, logprobs, probs):
+            top = lp.topk(min(5, len(names))).indices.tolist()
+            records.append({"id": q["id"], "label": q.get("class_name"), "top5": [names[j] for j in top],
+                            "demos": [d["id"] for d in ds]} | self.record_extra(names, pr))
+        return records
+
+    def score(self, test: EvalDataset, records: list[dict], config: EvalConfig) -> dict:
+        top1 = 100.0 * float(np.mean([r["top5"][0] == r["label"] for r in records]))
+        top5 = 100.0 * float(np.mean([r["label"] in r["top5"] for r in records]))
+        return {"metric": "top1", "score": top1, "metrics": {"top1": top1, "top5": top5}}
+
+
+class HatefulMemesTask(ClassificationTask):
+    """``no``/``yes`` after the meme's OCR text; ROC-AUC of p(yes) (softmax over the two), and accuracy."""
+
+    metric: ClassVar[str] = "roc_auc"
+    extra_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
+    anchor: ClassVar[str] = "Answer:"
+
+    def load(self, root: Path, split: str) -> EvalDataset:
+        return HatefulMemesDataset.from_root(root, split)
+
+    def class_names(self, test: EvalDataset) -> list[str]:
+        return ["no", "yes"]
+
+    def demo_text(self, demo: dict) -> str:
+        return P.hateful_memes_prompt(demo["ocr"], demo["class_name"])
+
+    def query_text(self, query: dict) -> str:
+        return P.hateful_memes_prompt(query["ocr"])
+
+    def record_extra(self, names: list[str], probs: torch.Tensor) -> dict:
+        return {"p_yes": float(probs[names.index("yes")])}
+
+    def score(self, test: EvalDataset, records: list[dict], config: EvalConfig) -> dict:
+        by_id = {s["id"]: s for s in test}
+        top1 = 100.0 * float(np.mean([r["top5"][0] == r["label"] for r in records]))
+        labels = [int(by_id[r["id"]]["label"]) for r in records]
+        try:
+            auc = 100.0 * roc_auc(labels, [r["p_yes"] for r in records])
+        except ValueError:
+            auc = float("nan")  # one class only (tiny subsets)
+        return {"metric": "roc_auc", "score": auc, "metrics": {"roc_auc": auc, "accuracy": top1}}
