@@ -61,38 +61,54 @@ def test_numbers_and_times_stay_whole():
 def _nltk_wordnet():
     """nltk's WordNet reader over Debian's WordNet 3.0 files (they lack nltk's ``lexnames`` list,
     which names the 45 lexicographer files; morphy does not use the names)."""
+    import shutil
     import tempfile
 
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
     tmp = tempfile.mkdtemp(prefix="wordnet_")
     for name in os.listdir(WORDNET_DIR):
-        os.symlink(os.path.join(WORDNET_DIR, name), os.path.join(tmp, name))
+        if os.path.isfile(os.path.join(WORDNET_DIR, name)):
+            shutil.copyfile(os.path.join(WORDNET_DIR, name), os.path.join(tmp, name))  # nltk >= 3.10 refuses links out
     cats = ["adj.all", "adj.pert", "adv.all"] + [f"noun.{i}" for i in range(25)] + [f"verb.{i}" for i in range(15)] + ["adj.ppl"]
     with open(os.path.join(tmp, "lexnames"), "w") as f:
         f.writelines(f"{i:02d}\t{c}\t{ {'adj': 3, 'adv': 4, 'noun': 1, 'verb': 2}[c.split('.')[0]] }\n" for i, c in enumerate(cats))
+    import nltk
+
+    # nltk >= 3.10 reads corpora only under nltk.data.path (its path sandbox): authorise this copy
+    if tmp not in nltk.data.path:
+        nltk.data.path.append(tmp)
+    class Reader(WordNetCorpusReader):
+        def map_wn(self, version="wordnet"):  # nltk >= 3.10 maps to its own corpus for OMW; morphy needs none
+            return None
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return WordNetCorpusReader(tmp, None)
+        return Reader(tmp, None)
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(WORDNET_DIR, "index.verb")), reason="needs Debian's wordnet-base")
-def test_wordnet_lemmas_equal_nltks_lemmatizer():
-    from nltk.stem import WordNetLemmatizer
+def test_wordnet_lemmas_equal_nltks_lemmatizer(monkeypatch):
+    import nltk.corpus
     import nltk.stem.wordnet as nltk_wordnet
+    from nltk.stem import WordNetLemmatizer
 
     reader = _nltk_wordnet()
-    old, nltk_wordnet.wn = nltk_wordnet.wn, reader
-    try:
-        lemmatizer = WordNetLemmatizer()
-        words = set()
-        for name in ("index.noun", "index.verb", "index.adj", "index.adv", "verb.exc"):
-            with open(os.path.join(WORDNET_DIR, name), encoding="utf-8") as f:
-                words |= {line.split()[0] for line in f if not line.startswith(" ") and line.split()[0].endswith("ing")}
-        words |= {"Running", "xinging", "ceiling"}
-        assert len(words) > 4000
-        wrong = {w: (wordnet_verb_lemma(w), lemmatizer.lemmatize(w, "v")) for w in sorted(words)
-                 if wordnet_verb_lemma(w) != lemmatizer.lemmatize(w, "v")}
-        assert not wrong, list(wrong.items())[:10]
-    finally:
-        nltk_wordnet.wn = old
+    # nltk < 3.10 reads the module's `wn`; later releases import nltk.corpus.wordnet inside the method
+    monkeypatch.setattr(nltk.corpus, "wordnet", reader)
+    if hasattr(nltk_wordnet, "wn"):
+        monkeypatch.setattr(nltk_wordnet, "wn", reader)
+    lemmatizer = WordNetLemmatizer()
+    words = set()
+    for name in ("index.noun", "index.verb", "index.adj", "index.adv", "verb.exc"):
+        with open(os.path.join(WORDNET_DIR, name), encoding="utf-8") as f:
+            words |= {line.split()[0] for line in f if not line.startswith(" ") and line.split()[0].endswith("ing")}
+    words |= {"Running", "xinging", "ceiling"}
+    assert len(words) > 4000
+    wrong = {w: (wordnet_verb_lemma(w), lemmatizer.lemmatize(w, "v")) for w in sorted(words)
+             if wordnet_verb_lemma(w) != lemmatizer.lemmatize(w, "v")}
+    # OpenFlamingo scored with nltk 3.8.1, which we reproduce. Later nltk releases changed morphy so
+    # that "focussing" (verb.exc lists it as a form of "focus") stays unchanged; only that word differs.
+    if nltk.__version__.split(".")[:2] != ["3", "8"]:
+        wrong.pop("focussing", None)
+    assert not wrong, list(wrong.items())[:10]

@@ -11,7 +11,14 @@ import textwrap
 import pytest
 import torch
 
+from PIL import ImageFile  # noqa: E402
+
+_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
 pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval not installed (scripts/setup.sh installs it)")
+# Importing lmms-eval sets PIL's process-wide LOAD_TRUNCATED_IMAGES = True (lmms_eval/api/task.py); this
+# module is imported while pytest collects, so put it back for every other test (which check that a
+# truncated image is an error).
+ImageFile.LOAD_TRUNCATED_IMAGES = _truncated
 datasets = pytest.importorskip("datasets")
 
 from PIL import Image  # noqa: E402
