@@ -94,3 +94,26 @@ def test_prompt_lookup_gives_plain_greedy_output_with_image_candidates(family, m
     ends = [(past + len(chunk), media_id in chunk[1:]) for chunk, past in calls]
     rewound = [i for i in range(1, len(calls)) if ends[i - 1][1] and calls[i][1] < ends[i - 1][0]]
     assert rewound, calls
+
+
+def test_generate_uses_the_kv_cache_even_when_the_lm_config_says_not(model_and_batch):
+    """MptConfig defaults to use_cache=False: generate must still decode one new token per step (and
+    give what a cache-less run gives), not re-run the whole prefix."""
+    model, _, batch = model_and_batch
+    lm = model.lang_encoder
+    lengths = []
+    hook = lm.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                        with_kwargs=True)
+    args = (batch["vision_x"], batch["input_ids"], batch["attention_mask"])
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    old = lm.config.use_cache, lm.generation_config.use_cache
+    lm.config.use_cache = lm.generation_config.use_cache = False
+    try:
+        cached = model.generate(*args, **kw)
+        steps = lengths[1:]
+        uncached = model.generate(*args, use_cache=False, **kw)
+    finally:
+        hook.remove()
+        lm.config.use_cache, lm.generation_config.use_cache = old
+    assert steps and set(steps) == {1}, steps
+    assert torch.equal(cached, uncached)

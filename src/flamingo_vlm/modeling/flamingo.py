@@ -369,6 +369,9 @@ class Flamingo(nn.Module):
         cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
         generate_kwargs.setdefault("eos_token_id", self.eoc_token_id)
+        # The KV cache is on unless asked off: some LM configs say use_cache=false (MptConfig's
+        # default), which made every step re-run the whole prefix through LM and cross-attention.
+        generate_kwargs.setdefault("use_cache", True)
         if self.pad_token_id is not None:
             generate_kwargs.setdefault("pad_token_id", self.pad_token_id)
         suppress = set(generate_kwargs.pop("suppress_tokens", None) or [])
