@@ -11,7 +11,7 @@ nearly every scene; a model that pools the objects ("bag of attributes") has the
 
 The attention masses need a model whose perceiver passes its input cells through
 (``media_passthrough``, 49 feature and 49 colour tokens after the latents, as
-``scripts/grow_adapter.py --media-passthrough`` makes). Then, for any model, how much the
+``flamingo-vlm grow-adapter --media-passthrough`` makes). Then, for any model, how much the
 cross-attention's queries at the shape word depend on the word: for one two-object picture and the
 6 shape names, the relative spread (mean pairwise distance over mean norm) of the block's normed
 input and of its query. A query that has stopped depending on the word cannot aim.
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     blocks = [m for m in model.modules() if isinstance(m, MaskedCrossAttention)]
     if model.perceiver.passthrough_norm is None:
         print(f"{args.model}: its perceiver does not pass its input tokens through (media_passthrough; "
-              "grow it with scripts/grow_adapter.py --media-passthrough): query spread only")
+              "grow it with flamingo-vlm grow-adapter --media-passthrough): query spread only")
     else:
         attention_masses(model, image_processor, tokenizer, blocks, args)
     query_spread(model, image_processor, tokenizer, blocks, args.image_size)

@@ -2,7 +2,7 @@
 """Run a flamingo-vlm command or script with the perceiver's latents dropped, so that the gated
 cross-attention sees only the passed-through cells (a pilot for the model card, not a model option).
 
-The model must pass its input tokens through (``scripts/grow_adapter.py --media-passthrough``).
+The model must pass its input tokens through (``flamingo-vlm grow-adapter --media-passthrough``).
 ``--qk-lr-scale S`` multiplies the learning rate of the cross-attention's query and key/value
 projections by S when training.
 

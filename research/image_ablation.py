@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 
 def masked_loss(model, vision_x, batch) -> tuple[float, int]:
-    from flamingo_vlm.train.trainer import cross_entropy_sum, trained_tokens
+    from flamingo_vlm.train.losses import cross_entropy_sum, trained_tokens
 
     out = model(vision_x, batch["input_ids"], attention_mask=batch["attention_mask"])
     return float(cross_entropy_sum(out.logits.float(), batch["labels"])), trained_tokens(batch["labels"])

@@ -1,4 +1,6 @@
-"""Copy a trained model into the package as the built-in model, in bf16 (keeps its model card and card.json).
+"""The release step of the built-in model: copy a trained model into the package, in bf16, checking
+the 50 MB weights budget (keeps its model card and card.json, which are re-measured with
+flamingo_vlm.eval.card). The model card's recipe ends each shipped stage with it.
 
     python scripts/ship_builtin.py runs/smol-synthetic/final [--name smol-synthetic]
 """
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from flamingo_vlm.pretrained import WEIGHTS_NAME, atomic_directory, from_pretrained
+from flamingo_vlm.files import atomic_directory
+from flamingo_vlm.pretrained import WEIGHTS_NAME, from_pretrained
 from flamingo_vlm.registry import builtin_model_dir
 
 LIMIT_MB = 50

@@ -181,7 +181,7 @@ def test_efficientnet_lite0_grid():
         tokens = enc(x)
     assert tokens.shape == (2, 49, 1280) and torch.isfinite(tokens).all()
     assert not torch.allclose(tokens[0], tokens[1])
-    assert enc.source["color_encoding"] is False  # models saved before the option load as they were
+    assert enc.reference.options["color_encoding"] is False  # models saved before the option load as they were
 
 
 def test_efficientnet_lite0_color_code_survives_save_and_load(tmp_path):

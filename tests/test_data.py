@@ -204,6 +204,22 @@ def test_make_labels_matches_reference_loop():
         assert got.tolist() == _reference_labels(ids, mask, 5, 6, eos)
 
 
+def test_processor_labels_are_the_training_datasets_labels(tmp_path, processor):
+    """One set of label rules: FlamingoProcessor(return_labels=True) labels a batch exactly as the
+    training data does (text before the first image ignored, eoc and the final eos trained, padding)."""
+    docs = [mmc4_doc(["Intro text.", "The green one.", "Some words after.", "The blue one.", "The end."],
+                     ["green", "blue"], [[0.1, 0.9, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.9, 0.1]]),
+            mmc4_doc(["A red one.", "Two more words."], ["red"], [[0.9, 0.1]])]
+    batch = next(iter(interleaved_ds(tmp_path, processor, docs, batch_size=2, similarity_threshold=0.5)))
+    samples = [(text, [x[0] for x in batch["vision_x"][b] if x.abs().sum() > 0])
+               for b, text in enumerate(texts(processor, batch))]
+    assert samples[0][0].startswith("Intro text.<image>")  # text the rules ignore, before the first image
+    got = processor(samples, padding_side="right", return_labels=True)
+    assert torch.equal(got["input_ids"], batch["input_ids"])
+    assert torch.equal(got["labels"], batch["labels"])
+    assert (got["labels"] != X).any() and (got["labels"][0, :3] == X).all()
+
+
 # -- pairs --------------------------------------------------------------------------------------------
 def test_pairs_batches(tmp_path, processor):
     names = NAMES[:5]

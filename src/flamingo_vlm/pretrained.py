@@ -2,14 +2,22 @@
 
 A saved model is a directory (local or a Hub repo):
 
-- ``config.json``: how to rebuild the model: backbone references (or embedded copies), perceiver
-  and cross-attention settings, token ids, image preprocessing;
+- ``config.json``: how to rebuild the model: its :class:`~flamingo_vlm.modeling.config.FlamingoConfig`
+  (backbone references or embedded specs, perceiver and cross-attention settings, token ids) plus
+  the image preprocessing, under the keys format 1 has always had (:func:`config_to_json`), so
+  directories written by any earlier version load;
 - ``model.safetensors``: the trainable weights only (perceiver, cross-attention, new-token rows);
 - ``language_model/`` and ``vision_encoder/``: the backbones, only when they cannot be referenced
   (e.g. built from a random config), or when asked with ``include_backbones=True``;
 - the tokenizer files.
 
-Released OpenFlamingo repos (see :mod:`.registry`) load through their ``checkpoint.pt``.
+Released OpenFlamingo repos (see :mod:`.registry`) load through their ``checkpoint.pt``. Which of
+these a name means is decided by :func:`flamingo_vlm.references.model_source`.
+
+This module sits at the top of the loading layer and installs ``save_pretrained``, ``from_pretrained``
+and the validated OpenFlamingo state-dict loader into the model class on import
+(:func:`~flamingo_vlm.modeling.flamingo.install_persistence`): the methods ``Flamingo.save_pretrained``
+/ ``Flamingo.from_pretrained`` call them, and the model layer imports nothing from here.
 """
 
 from __future__ import annotations
@@ -24,8 +32,16 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoints import CheckpointError, load_openflamingo_checkpoint
+from .factory import assemble, create_model_and_transforms, vision_encoder_from_ref
 from .files import atomic_directory, load_weights_file
 from .image_processing import ImageProcessor
+from .lm_loading import load_causal_lm
+from .modeling.config import BackboneRef, FlamingoConfig
+from .modeling.flamingo import install_persistence
+from .modeling.quantize import check_mode as check_quantize_mode
+from .modeling.quantize import check_not_quantized, quantize_model
+from .modeling.vision import HFVisionEncoder, OpenCLIPVisionTransformer
+from .references import lm_ref, model_source, vision_ref, vision_ref_of
 
 FORMAT = "flamingo-vlm"
 FORMAT_VERSION = 1
@@ -70,12 +86,30 @@ def hub_file(repo_id: str, filename: str, *, cache_dir=None, local_files_only=Fa
 
 
 # -- describing backbones --------------------------------------------------------------------------
-def vision_spec(encoder, *, embed: bool) -> dict[str, Any]:
-    from .modeling.vision import HFVisionEncoder, OpenCLIPVisionTransformer
+_REF_KEYS = ("path", "pretrained", "tokens_ln_post")
 
-    source = getattr(encoder, "source", None)
-    if source and not embed:
-        return {"type": "reference", **source}
+
+def vision_ref_to_json(ref: BackboneRef) -> dict[str, Any]:
+    """``{"type": "reference", "path", "pretrained", "tokens_ln_post", <built-in options>}``; the kind
+    is not written: :func:`~flamingo_vlm.references.vision_ref` derives it from the name again."""
+    return {"type": "reference", "path": ref.name, "pretrained": ref.pretrained,
+            "tokens_ln_post": ref.tokens_ln_post, **ref.options}
+
+
+def vision_ref_from_json(spec: dict[str, Any]) -> BackboneRef:
+    """Inverse of :func:`vision_ref_to_json`; entries written earlier lack ``tokens_ln_post`` (False)
+    or a built-in's newer options (their defaults, which is what those models were built with)."""
+    options = {k: v for k, v in spec.items() if k not in ("type", *_REF_KEYS)}
+    return vision_ref(spec["path"], spec.get("pretrained"), tokens_ln_post=spec.get("tokens_ln_post", False),
+                      options=options)
+
+
+def vision_spec(encoder, *, embed: bool, ref: BackboneRef | None = None) -> dict[str, Any]:
+    """The ``vision_encoder`` entry of ``config.json``: a reference (``ref``, else the encoder's own
+    ``reference``) unless ``embed``, else the encoder's architecture (its weights go alongside)."""
+    ref = ref or vision_ref_of(encoder)
+    if ref is not None and not embed:
+        return vision_ref_to_json(ref)
     if isinstance(encoder, OpenCLIPVisionTransformer):
         return {"type": "open_clip", "config": encoder.config}
     if isinstance(encoder, HFVisionEncoder):
@@ -88,25 +122,19 @@ def vision_spec(encoder, *, embed: bool) -> dict[str, Any]:
             "resize_mode": encoder.resize_mode,
             "interpolation": encoder.interpolation,
         }
-    if source:
-        return {"type": "reference", **source}
+    if ref is not None:  # an encoder we cannot describe (a built-in) is referenced even when embedded
+        return vision_ref_to_json(ref)
     raise ValueError(
-        f"cannot save a {type(encoder).__name__} vision encoder: give it a `source` "
-        "(a dict build_vision_encoder understands) or use a built-in or open_clip/HF encoder"
+        f"cannot save a {type(encoder).__name__} vision encoder: give it a `reference` "
+        "(flamingo_vlm.references.vision_ref) or use a built-in or open_clip/HF encoder"
     )
 
 
 def build_vision_from_spec(spec: dict, directory: Path, *, cache_dir=None, local_files_only=False):
-    from .factory import build_vision_encoder
-    from .modeling.vision import HFVisionEncoder, OpenCLIPVisionTransformer
-
     kind = spec["type"]
     if kind == "reference":
-        return build_vision_encoder(
-            spec["path"], spec.get("pretrained"), cache_dir=cache_dir, use_local_files=local_files_only,
-            tokens_ln_post=spec.get("tokens_ln_post", False),
-            builtin_options={k: spec[k] for k in ("position_encoding", "color_encoding") if k in spec},
-        )
+        return vision_encoder_from_ref(vision_ref_from_json(spec), cache_dir=cache_dir,
+                                       local_files_only=local_files_only)
     if kind == "open_clip":
         encoder = OpenCLIPVisionTransformer(**spec["config"])
     elif kind == "hf":
@@ -127,15 +155,43 @@ def build_vision_from_spec(spec: dict, directory: Path, *, cache_dir=None, local
     return encoder
 
 
-def _lm_reference(lm) -> str | None:
-    name = getattr(lm.config, "_name_or_path", "") or ""
-    if not name:
-        return None
-    if name.startswith("builtin:"):
-        return name
-    if Path(name).exists():
-        return str(Path(name).resolve())
-    return name if "/" in name else None
+def config_to_json(config: FlamingoConfig, *, vision_entry: dict[str, Any], embed_lm: bool) -> dict[str, Any]:
+    """``config.json``'s model part: format, architecture (:meth:`FlamingoConfig.architecture_dict`),
+    ``vision_encoder`` (a reference or an embedded spec) and ``lang_encoder`` (``{"path": ...}`` or
+    ``{"embedded": true}``)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **config.architecture_dict(),
+        "vision_encoder": vision_entry,
+        "lang_encoder": {"embedded": True} if embed_lm else {"path": config.lm.name},
+    }
+
+
+def config_from_json(data: dict[str, Any]) -> FlamingoConfig:
+    """The :class:`FlamingoConfig` of a ``config.json`` (any format-1 file, old ones included)."""
+    vision_entry, lm_entry = data["vision_encoder"], data["lang_encoder"]
+    vision = vision_ref_from_json(vision_entry) if vision_entry.get("type") == "reference" else None
+    lm = None if lm_entry.get("embedded") else lm_ref(lm_entry["path"])
+    return FlamingoConfig.from_architecture_dict(data, vision=vision, lm=lm)
+
+
+def read_config(directory: str | os.PathLike) -> tuple[FlamingoConfig, dict[str, Any]]:
+    """``(FlamingoConfig, the raw JSON)`` of a saved model directory, checked to be our format."""
+    config_path = Path(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a flamingo-vlm model directory?")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e}); save the model again") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{config_path} is not a {FORMAT} config (format={got!r})")
+    try:
+        return config_from_json(data), data
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{config_path} does not describe a model ({type(e).__name__}: {e})") from e
 
 
 def plain_lm_state_dict(model) -> dict[str, torch.Tensor]:
@@ -172,23 +228,21 @@ def save_pretrained(
 ) -> Path:
     """Save ``model`` in our format; backbones are embedded when they cannot be referenced
     (``include_backbones=None``), always (True) or never (False, an error if impossible)."""
+    check_not_quantized(model, "save_pretrained")  # its weights are integer buffers: nothing loadable to save
     target = Path(save_directory)
-    lm_ref = _lm_reference(model.lang_encoder)
-    vis_ref = getattr(model.vision_encoder, "source", None)
-    embed_lm = include_backbones if include_backbones is not None else lm_ref is None
-    embed_vis = include_backbones if include_backbones is not None else vis_ref is None
-    if not embed_lm and lm_ref is None:
+    model_config: FlamingoConfig = model.config
+    embed_lm = include_backbones if include_backbones is not None else model_config.lm is None
+    embed_vis = include_backbones if include_backbones is not None else model_config.vision is None
+    if not embed_lm and model_config.lm is None:
         raise ValueError("the language model has no Hub id or path to reference; save with include_backbones=True")
+    base_vocab_size = model_config.tokens.base_vocab_size
     with atomic_directory(target) as tmp:
         cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype else (lambda t: t)
         trainable = {n: cast(p.detach().contiguous()) for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+        vision_entry = vision_spec(model.vision_encoder, embed=embed_vis, ref=model_config.vision)
         config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            **model.build_config,
-            "vision_encoder": vision_spec(model.vision_encoder, embed=embed_vis),
-            "lang_encoder": {"embedded": True} if embed_lm else {"path": lm_ref},
+            **config_to_json(model_config, vision_entry=vision_entry, embed_lm=embed_lm),
             "image_processor": (image_processor or model.vision_encoder.default_image_processor()).to_dict(),
             "vocab_size": model.lang_encoder.get_input_embeddings().weight.shape[0],
         }
@@ -205,10 +259,10 @@ def save_pretrained(
             # New-token rows beyond the referenced LM's vocabulary (the <PAD> row, the output head's rows
             # of untied LMs) are not trainable but must come back identical.
             emb = model.lang_encoder.get_input_embeddings()
-            extra = {"input_rows": emb.weight.detach()[model.build_config["base_vocab_size"]:].clone()}
+            extra = {"input_rows": emb.weight.detach()[base_vocab_size:].clone()}
             head = model.lang_encoder.get_output_embeddings()
             if head is not None and head.weight is not emb.weight:
-                extra["output_rows"] = head.weight.detach()[model.build_config["base_vocab_size"]:].clone()
+                extra["output_rows"] = head.weight.detach()[base_vocab_size:].clone()
             save_file({k: cast(v.contiguous()) for k, v in extra.items()}, str(tmp / "added_token_rows.safetensors"))
         if tokenizer is not None:
             _tokenizer_without_call_state(tokenizer).save_pretrained(tmp)
@@ -224,55 +278,47 @@ def from_pretrained(
     local_files_only: bool = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
 ):
     """Returns ``(model, image_processor, tokenizer)`` for a built-in model name (``"smol-synthetic"``),
-    a directory or Hub repo in our format, or a released OpenFlamingo repo id."""
-    from .registry import builtin_model_dir, get_release
-
-    release = get_release(str(name_or_path))
-    builtin = builtin_model_dir(str(name_or_path)) if not Path(name_or_path).is_dir() else None
-    if builtin is not None:
+    a directory or Hub repo in our format, or a released OpenFlamingo repo id. ``quantize="int8"`` /
+    ``"int4"``: weight-only quantization for CPU inference (:mod:`flamingo_vlm.modeling.quantize`)."""
+    check_quantize_mode(quantize)  # before the (slow) load
+    source = model_source(name_or_path)
+    if source.kind == "builtin":
+        builtin = source.path
         if not (builtin / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(
                 f"the built-in model '{name_or_path}' has no weights in this install ({builtin / WEIGHTS_NAME}); "
                 "reinstall flamingo-vlm from a full checkout or wheel"
             )
         result = _load_directory(builtin, cache_dir=cache_dir, local_files_only=True)
-    elif release is not None and not Path(name_or_path).is_dir():
-        result = load_openflamingo_release(release, cache_dir=cache_dir, local_files_only=local_files_only)
+    elif source.kind == "release":
+        result = load_openflamingo_release(source.release, cache_dir=cache_dir, local_files_only=local_files_only)
     else:
         directory = resolve_directory(name_or_path, cache_dir=cache_dir, local_files_only=local_files_only)
         result = _load_directory(directory, cache_dir=cache_dir, local_files_only=local_files_only)
     model, image_processor, tokenizer = result
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
-    return model.eval(), image_processor, tokenizer
+    quantize_model(model.eval(), quantize)
+    return model, image_processor, tokenizer
 
 
 def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
     from transformers import AutoTokenizer
 
-    from .factory import assemble
-
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a flamingo-vlm model directory?")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{config_path} is not a {FORMAT} config (format={config.get('format')!r})")
+    model_config, config = read_config(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     vision = build_vision_from_spec(config["vision_encoder"], directory, cache_dir=cache_dir, local_files_only=local_files_only)
-    lm_spec = config["lang_encoder"]
-    from .lm_loading import load_causal_lm
-
-    if lm_spec.get("embedded"):  # through load_causal_lm: an MPT's qk_ln etc. are honoured, not dropped
+    if model_config.lm is None:  # embedded; through load_causal_lm: an MPT's qk_ln etc. are honoured, not dropped
         lm = load_causal_lm(str(directory / "language_model"), dtype=torch.float32)
     else:
-        lm = load_causal_lm(lm_spec["path"], cache_dir=cache_dir, local_files_only=local_files_only)
-    model = assemble(vision, lm, tokenizer, config)
-    if not lm_spec.get("embedded"):
+        lm = load_causal_lm(model_config.lm.name, cache_dir=cache_dir, local_files_only=local_files_only)
+    model = assemble(vision, lm, tokenizer, model_config)
+    if model_config.lm is not None:
         rows = load_weights_file(directory / "added_token_rows.safetensors")
-        base = config["base_vocab_size"]
+        base = model_config.tokens.base_vocab_size
         with torch.no_grad():
             model.lang_encoder.get_input_embeddings().weight[base:] = rows["input_rows"]
             if "output_rows" in rows:
@@ -291,8 +337,6 @@ def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
 
 
 def load_openflamingo_release(release, *, cache_dir=None, local_files_only=False):
-    from .factory import create_model_and_transforms
-
     model, image_processor, tokenizer = create_model_and_transforms(
         release.vision, release.vision_pretrained, release.lang_encoder, release.tokenizer,
         cross_attn_every_n_layers=release.cross_attn_every_n_layers, cache_dir=cache_dir,
@@ -301,3 +345,7 @@ def load_openflamingo_release(release, *, cache_dir=None, local_files_only=False
     checkpoint = hub_file(release.repo_id, release.checkpoint_file, cache_dir=cache_dir, local_files_only=local_files_only)
     load_openflamingo_checkpoint(model, checkpoint)
     return model, image_processor, tokenizer
+
+
+install_persistence(save_pretrained=save_pretrained, from_pretrained=from_pretrained,
+                    load_openflamingo_state_dict=load_openflamingo_checkpoint)

@@ -4,6 +4,10 @@ A sample is either a list of items in reading order (``str`` text, images, or ``
 ``{"image": ...}`` dicts), or a pair ``(text, images)`` whose text marks each image with
 ``<image>``. Images are PIL images, numpy arrays, ``pathlib.Path`` files, or already-preprocessed
 tensors (C,H,W) / video (F,C,H,W). A plain ``str`` is always text.
+
+``return_labels=True`` adds training labels by the one set of label rules the training data uses
+too (:func:`flamingo_vlm.data.labels.make_labels`: OpenFlamingo's, except that the end-of-sequence
+token is trained).
 """
 
 from __future__ import annotations
@@ -144,12 +148,15 @@ class FlamingoProcessor:
             "vision_x": self.images_tensor(images),
         }
         if return_labels:
-            batch["labels"] = self.simple_labels(batch["input_ids"], batch["attention_mask"])
+            batch["labels"] = self.labels(batch["input_ids"], batch["attention_mask"])
         return batch
 
-    def simple_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Labels with padding and <image> ignored (-100)."""
-        labels = input_ids.clone()
-        labels[attention_mask == 0] = -100
-        labels[input_ids == self.media_token_id] = -100
-        return labels
+    def labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Training labels of a batch, as the training data makes them (:mod:`flamingo_vlm.data.labels`):
+        padding, ``<image>`` tokens, the text before the first image and the text between an
+        ``<|endofchunk|>`` and the next image are ignored (-100); the end-of-sequence token is trained."""
+        # imported here: the data package's __init__ imports its custom-data module, which imports this one
+        from .data.labels import make_labels
+
+        return make_labels(input_ids, attention_mask, media_token_id=self.media_token_id,
+                           eoc_token_id=self.eoc_token_id, eos_token_id=self.tokenizer.eos_token_id)

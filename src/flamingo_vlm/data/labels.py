@@ -1,4 +1,6 @@
-"""Training labels for Flamingo sequences (vectorised, no per-token Python loops).
+"""Training labels for Flamingo sequences (vectorised, no per-token Python loops): the one set of
+label rules, used by the training data (:mod:`.dataset`, the aiming data of :mod:`flamingo_vlm.train`)
+and by ``FlamingoProcessor(..., return_labels=True)``. ``IGNORE_INDEX`` is defined here only.
 
 Rules, for each row of ``input_ids`` (positions where ``attention_mask == 0`` are padding):
 
@@ -12,6 +14,12 @@ Rules, for each row of ``input_ids`` (positions where ``attention_mask == 0`` ar
 * the end-of-sequence token (``eos_token_id``) is trained wherever it appears after the first image,
   in particular the final one that follows the last ``<|endofchunk|>`` (OpenFlamingo masked it, so
   its MMC4 models never learnt to stop a document).
+
+OpenFlamingo (``train_utils.py``) had two rules: for LAION pairs, padding, ``<image>`` and the first
+token ignored; for MMC4, also the text before the first ``<image>`` and from each ``<|endofchunk|>``
+up to the next ``<image>`` (which masked the final eos). These rules give OpenFlamingo's labels for
+both (a pair ``[bos]<image>caption<|endofchunk|>eos`` comes out the same), except the final eos of
+an MMC4 document, which is trained.
 
 Labels are *not* shifted: the causal-LM loss shifts them, as for Hugging Face models. Left and right
 padding both work, since padding is read from the attention mask.

@@ -41,11 +41,14 @@ class VisionEncoder(nn.Module):
     """Interface: ``forward(pixel_values (N, C, H, W)) -> tokens (N, T, hidden_size)``.
 
     Subclasses set ``hidden_size`` (token width D), ``image_size`` (expected square input side) and
-    implement `default_image_processor` (the preprocessing the weights were trained with).
+    implement `default_image_processor` (the preprocessing the weights were trained with). The
+    loaders set ``reference`` (a :class:`~.config.BackboneRef`) to where the weights came from, so a
+    saved model can name them instead of copying them.
     """
 
     hidden_size: int
     image_size: int
+    reference: Any = None
 
     def default_image_processor(self) -> ImageProcessor:
         raise NotImplementedError
@@ -67,6 +70,8 @@ class QuickGELU(nn.Module):
 
 
 class LayerScale(nn.Module):
+    """open_clip's per-channel learnt scale of a residual branch (``gamma``), for ViTs trained with it."""
+
     def __init__(self, dim: int, init_value: float) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
@@ -97,6 +102,8 @@ class _SelfAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
+    """A pre-LayerNorm ViT block (self-attention then MLP), with open_clip's parameter names."""
+
     def __init__(self, width: int, heads: int, mlp_ratio: float, ls_init_value: float | None, act: str) -> None:
         super().__init__()
         mlp_width = int(width * mlp_ratio)  # open_clip truncates too (e.g. bigG: 1664 * 4.9231 -> 8192)
@@ -119,6 +126,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class _Transformer(nn.Module):
+    """The ViT's stack of blocks (open_clip's ``transformer.resblocks``)."""
+
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, ls_init_value: float | None, act: str):
         super().__init__()
         self.resblocks = nn.ModuleList(
@@ -339,6 +348,8 @@ class OpenCLIPVisionTransformer(VisionEncoder):
 
 
 class LoadResult(NamedTuple):
+    """What :func:`load_open_clip_state_dict` left unfilled and what it did not use."""
+
     missing_keys: list[str]
     unexpected_keys: list[str]
 

@@ -329,6 +329,44 @@ def open_resume(output_dir: str | os.PathLike, resume: str | None, *, warn=logge
     return None
 
 
+def open_run(output_dir: str | os.PathLike, resume: str | None, world_size: int, *,
+             warn=logger.warning) -> LoadedCheckpoint | None:
+    """:func:`open_resume` for a run of ``world_size`` processes writing to ``output_dir``: refuses to
+    start afresh over another run's checkpoints, or to resume a checkpoint of another process count
+    (data positions are per rank). Raises :class:`ConfigError`."""
+    loaded = open_resume(output_dir, resume, warn=warn)
+    if loaded is None and list_checkpoints(output_dir):
+        raise ConfigError(
+            f"{output_dir} already has checkpoints; pass --resume (or resume: auto) to continue that "
+            "run, or choose another output_dir"
+        )
+    if loaded is not None and loaded.state["world_size"] != world_size:
+        raise ConfigError(
+            f"checkpoint {loaded.path} was written by {loaded.state['world_size']} process(es) but this run has "
+            f"{world_size}; resume with the same number of processes (data positions are per rank)"
+        )
+    return loaded
+
+
+def restore_optimizer(loaded: LoadedCheckpoint, optimizer: torch.optim.Optimizer, scheduler) -> int:
+    """Load the optimizer and scheduler states of ``loaded`` (whose trainable weights the model has
+    already taken: both are dropped from it) and return its step."""
+    load_optimizer(optimizer, loaded.path, loaded.optimizer)
+    loaded.trainable = loaded.optimizer = None
+    scheduler.load_state_dict(loaded.state["scheduler"])
+    return int(loaded.state["step"])
+
+
+def restore_data_positions(loaded: LoadedCheckpoint, rank: int, datasets) -> None:
+    """Put every dataset back where this rank's position in the checkpoint says."""
+    positions = loaded.state["data"][rank]
+    if len(positions) != len(datasets):
+        raise ConfigError(f"checkpoint {loaded.path} has {len(positions)} dataset positions, the config "
+                          f"has {len(datasets)} datasets")
+    for ds, pos in zip(datasets, positions):
+        ds.load_state_dict(pos)
+
+
 def load_trainer_state(path: Path) -> dict:
     return load_weights_file(path / STATE)
 

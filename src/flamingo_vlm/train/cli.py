@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import CheckpointError, WeightsFileError
     from ..locking import DirectoryBusy
     from .checkpoint import WriteError
-    from .trainer import DataError
+    from .build import DataError
 
     try:
         config = config_from_args(args)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         _setup_logging()
         if args.export_checkpoint:
-            from .trainer import export_checkpoint
+            from .export import export_checkpoint
 
             out = export_checkpoint(config, args.export_checkpoint, args.export_to or f"{config.output_dir}/final")
             print(f"exported {out}")

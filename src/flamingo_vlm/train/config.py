@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from ..modeling.config import CrossAttentionConfig, PerceiverConfig
+
 PRECISIONS = ("fp32", "amp_bf16", "bf16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -34,6 +36,9 @@ class ModelConfig:
 
     With ``from_pretrained``, architecture fields left at ``None`` take the saved model's values;
     a field that is set must agree with the saved model (otherwise :class:`ConfigError`).
+    ``perceiver`` / ``cross_attention`` are typed (:class:`~flamingo_vlm.modeling.config.PerceiverConfig`,
+    :class:`~flamingo_vlm.modeling.config.CrossAttentionConfig`; options not given take their defaults);
+    YAML may also call them ``perceiver_kwargs`` / ``cross_attn_kwargs``, OpenFlamingo's names.
     """
 
     from_pretrained: str | None = None
@@ -45,8 +50,8 @@ class ModelConfig:
     cross_attn_every_n_layers: int | None = None
     decoder_layers_attr_name: str | None = None
     freeze_lm_embeddings: bool | None = None
-    perceiver_kwargs: dict | None = None
-    cross_attn_kwargs: dict | None = None
+    perceiver: PerceiverConfig | None = None
+    cross_attention: CrossAttentionConfig | None = None
     cache_dir: str | None = None
     local_files_only: bool = False
     # true: LM layers and cross-attention blocks recompute activations in backward; "lm": the LM's
@@ -123,12 +128,40 @@ class LoraConfig:
 
 
 @dataclass
+class AimConfig:
+    """The aiming loss (not in Flamingo; stages 12-14 of the built-in model): an attention loss that
+    tells the first ``heads`` heads of every cross-attention block where to look, on a dataset of
+    one-image synthetic questions added to the mixture as ``aim`` (answer loss weight 1). Off while
+    ``loss_weight`` is 0. Needs a model whose perceiver passes its input cells through
+    (``media_passthrough``; ``flamingo-vlm grow-adapter --media-passthrough``) and a feature-grid
+    vision encoder with colour tokens (``color_encoding: tokens`` or ``both``). See
+    :mod:`flamingo_vlm.train.losses` and :mod:`flamingo_vlm.train.aiming`."""
+
+    loss_weight: float = 0.0  # weight of the attention loss; 0: no aiming data, no loss
+    heads: int = 4  # supervised heads of each block (the first ones)
+    batch_size: int = 16  # aiming questions per micro-step
+    start: int = 800000  # first scene index of the generator's pretrain split (the data's position)
+    questions: list = field(default_factory=lambda: ["color", "shape"])  # of AIM_QUESTIONS
+    # relative weight of a kind when a scene has several, e.g. {word: 4, number: 4}; null: uniform
+    question_weights: dict | None = None
+    max_tokens: int = 64
+
+    @property
+    def enabled(self) -> bool:
+        return self.loss_weight > 0
+
+
+AIM_QUESTIONS = ("color", "shape", "position", "count", "word", "number")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: list = field(default_factory=list)  # list[DataConfig]
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    aim: AimConfig = field(default_factory=AimConfig)
     precision: str = "fp32"
     grad_accum: int = 1
     max_steps: int = 1000
@@ -146,7 +179,7 @@ class TrainConfig:
     plot: bool = True  # loss-curve PNG at the end (needs matplotlib)
     # Same math, less time/memory (see flamingo_vlm.train.fastpath):
     chunked_loss: bool = True  # loss from hidden states in chunks, no full logits (checked once)
-    cpu_matmul: str = "auto"  # "onednn": fp32 GEMMs on oneDNN; "default": torch's; "auto": oneDNN on CPU
+    cpu_matmul: str = "auto"  # "onednn": fp32 GEMMs on oneDNN; "default": torch's; "auto": oneDNN on CPU where measured faster (modeling.kernels)
     recompute_gelu: bool = True  # perceiver/cross-attention feed-forwards keep the GELU input only
     # CPU + glibc: allocations >= this many bytes are returned to the OS when freed (lower peak
     # memory, but fresh pages cost time: ~+40% step time here). null: glibc's default.
@@ -196,6 +229,8 @@ class TrainConfig:
             if not sep:
                 raise ConfigError(f"override {item!r} must look like section.key=value")
             parts = key.strip().split(".")
+            if len(parts) > 1 and parts[0] == "model":
+                parts[1] = _MODEL_ALIASES.get(parts[1], parts[1])
             node = d
             for i, part in enumerate(parts[:-1]):
                 if isinstance(node, list):
@@ -267,10 +302,29 @@ class TrainConfig:
             tm = self.lora.target_modules
             if not (tm == "auto" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
                 raise ConfigError(f"lora.target_modules must be 'auto' or a list of layer names, got {tm!r}")
+        self._validate_aim()
         if self.resume is not None and not isinstance(self.resume, str):
             self.resume = "latest" if self.resume is True else None
 
+    def _validate_aim(self) -> None:
+        a = self.aim
+        if a.loss_weight < 0:
+            raise ConfigError(f"aim.loss_weight must be >= 0 (0: off), got {a.loss_weight}")
+        for name in ("heads", "batch_size", "max_tokens"):
+            if getattr(a, name) < 1:
+                raise ConfigError(f"aim.{name} must be >= 1, got {getattr(a, name)}")
+        if a.start < 0:
+            raise ConfigError(f"aim.start must be >= 0, got {a.start}")
+        if not a.questions or not set(a.questions) <= set(AIM_QUESTIONS):
+            raise ConfigError(f"aim.questions must be a non-empty list of {', '.join(AIM_QUESTIONS)}; got {a.questions!r}")
+        weights = a.question_weights or {}
+        if set(weights) - set(a.questions) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights.values()):
+            raise ConfigError(f"aim.question_weights must give positive numbers to kinds of aim.questions "
+                              f"({', '.join(a.questions)}), got {a.question_weights!r}")
+
     def dataset_names(self) -> list[str]:
+        """Names of the config's datasets (the aiming data, when on, follows them as ``aim``)."""
         return [d.name or f"{d.kind}{i}" for i, d in enumerate(self.data)]
 
 
@@ -279,7 +333,11 @@ def _choice(name: str, value, choices) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-_SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "lora": LoraConfig}
+_SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "lora": LoraConfig,
+             "aim": AimConfig}
+# model keys under their OpenFlamingo names (create_model_and_transforms' arguments), same meaning
+_MODEL_ALIASES = {"perceiver_kwargs": "perceiver", "cross_attn_kwargs": "cross_attention"}
+_TYPED_FIELDS = {"perceiver": PerceiverConfig, "cross_attention": CrossAttentionConfig}
 
 
 def _build(cls, d: dict, where: str):
@@ -288,6 +346,10 @@ def _build(cls, d: dict, where: str):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in d.items():
+        if cls is ModelConfig and key in _MODEL_ALIASES:
+            alias, key = key, _MODEL_ALIASES[key]
+            if key in d:
+                raise ConfigError(f"{where}{alias} and {where}{key} are the same setting; keep one")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -300,6 +362,11 @@ def _build(cls, d: dict, where: str):
             if not isinstance(value, list):
                 raise ConfigError("data must be a list of datasets (each with kind and urls)")
             value = [_build(DataConfig, v, f"data[{i}].") for i, v in enumerate(value)]
+        elif cls is ModelConfig and key in _TYPED_FIELDS and value is not None:
+            try:
+                value = _TYPED_FIELDS[key].coerce(value)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{where + key}: {e}") from None
         else:
             value = _coerce(cls, key, value, where)
         kwargs[key] = value

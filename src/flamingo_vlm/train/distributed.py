@@ -110,6 +110,12 @@ def barrier(info: DistInfo) -> None:
 
 
 # -- wrapping ---------------------------------------------------------------------------------------
+def wrap(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
+    """``model`` for training under ``mode`` (``none``, ``ddp``, ``fsdp``): :func:`wrap_ddp`,
+    :func:`wrap_fsdp` or the model itself."""
+    return wrap_ddp(model, info) if mode == "ddp" else wrap_fsdp(model, info) if mode == "fsdp" else model
+
+
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     """DDP over the trainable parameters only: the frozen LM and vision tower get no gradient
     buckets and compute no weight gradients."""

@@ -1,10 +1,10 @@
 """Speed and memory for the training step, with the same math.
 
-``OneDNNMatmul``: on CPU, routes fp32 ``aten.mm``/``aten.addmm`` (forward *and* backward: a
-dispatch mode sits below autograd) to oneDNN's fp32 GEMM (``torch.ops.mkldnn._linear_pointwise``,
-IEEE fp32, no reduced-precision modes). torch's default fp32 GEMM is MKL, which runs AVX2 code on
-non-Intel CPUs; on this machine (AMD Zen 5) oneDNN's AVX-512 kernels are ~2x faster. Results are
-fp32 with a different summation order (differences at fp32 rounding level).
+``matmul_context``: the model's fp32 linear layers on oneDNN for forward and backward, through the
+one oneDNN route of :mod:`flamingo_vlm.modeling.fast_linear` (inference uses it too), where this
+machine's cached probe (:mod:`flamingo_vlm.modeling.kernels`) measured oneDNN faster than torch's
+default GEMM for training shapes (~2x on AVX-512 AMD; slower on the AVX2-only EPYC we have). Same
+math up to fp32 rounding (another summation order).
 
 ``HeadCrossEntropy``: the causal-LM loss computed from the last hidden states in chunks of trained
 positions, without materialising the (tokens x vocabulary) logits, their log-softmax or their
@@ -23,60 +23,18 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..data.labels import IGNORE_INDEX
-
-aten = torch.ops.aten
-
-# GEMMs smaller than this (m*k*n) stay on the default path: dispatch overhead would dominate.
-ONEDNN_MIN_FLOPS = 1 << 20
+from ..modeling.fast_linear import onednn_linears
 
 
-def _plain(t: torch.Tensor) -> bool:
-    """Row- or column-major 2-D (what oneDNN takes as a plain strided matrix)."""
-    return t.is_contiguous() or t.t().is_contiguous()
-
-
-_PLAIN_TYPES = (torch.Tensor, nn.Parameter)  # not subclasses such as DTensor
-
-
-def _eligible(a, b) -> bool:
-    return (
-        type(a) in _PLAIN_TYPES and type(b) in _PLAIN_TYPES
-        and a.dtype == torch.float32 and b.dtype == torch.float32
-        and a.device.type == "cpu" and b.device.type == "cpu"
-        and a.dim() == 2 and b.dim() == 2
-        and a.shape[0] * a.shape[1] * b.shape[1] >= ONEDNN_MIN_FLOPS
-        and _plain(a) and _plain(b)
-    )
-
-
-class OneDNNMatmul(TorchDispatchMode):
-    """``with OneDNNMatmul(): loss = ...; loss.backward()`` (backward must run inside too)."""
-
-    calls = 0  # how many GEMMs took the oneDNN path (tests)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is aten.mm.default and not kwargs:
-            a, b = args
-            if _eligible(a, b):
-                OneDNNMatmul.calls += 1
-                return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
-        elif func is aten.addmm.default and not kwargs:
-            bias, a, b = args
-            if (
-                _eligible(a, b) and type(bias) in _PLAIN_TYPES and bias.dtype == torch.float32
-                and bias.dim() == 1 and bias.shape[0] == b.shape[1] and bias.is_contiguous()
-            ):
-                OneDNNMatmul.calls += 1
-                return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
-        return func(*args, **kwargs)
-
-
-def matmul_context(enabled: bool):
-    return OneDNNMatmul() if enabled else contextlib.nullcontext()
+def matmul_context(enabled: bool | None, model: nn.Module | None = None):
+    """Around forward *and* backward of a training step: ``model``'s fp32 CPU linear layers on
+    oneDNN, forward and backward (:func:`flamingo_vlm.modeling.fast_linear.onednn_linears`, the
+    same route inference uses). ``None``: as this machine's measured choice for training says."""
+    if model is None or enabled is False:
+        return contextlib.nullcontext()
+    return onednn_linears(model, enabled=enabled)
 
 
 # -- chunked loss ----------------------------------------------------------------------------------

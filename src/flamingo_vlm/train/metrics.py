@@ -1,4 +1,5 @@
-"""Rank-0 metric sinks: CSV (always), TensorBoard and wandb (optional), tqdm, a loss-curve PNG."""
+"""Rank-0 metric sinks: CSV (always), TensorBoard and wandb (optional), tqdm, a loss-curve PNG; and
+the run's result (:class:`TrainResult`, with the damaged data it skipped)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,81 @@ import csv
 import logging
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+
+from .distributed import all_reduce_sum
 
 logger = logging.getLogger("flamingo_vlm.train")
 
 METRICS_CSV = "metrics.csv"
 LOSS_PNG = "loss.png"
+
+# Damaged data skipped so far (cumulative over the run, resumes included; summed over datasets):
+# corrupt samples over all ranks, and damaged shards (every rank reads every shard; rank 0's count).
+DATA_PROBLEM_COLUMNS = ("corrupt_samples", "unreadable_shards", "truncated_shards")
+
+
+def dataset_problems(ds) -> dict:
+    """A dataset's damaged data (:meth:`ShardDataset.problems`; nothing for datasets without it)."""
+    get = getattr(ds, "problems", None)
+    return get() if callable(get) else {}
+
+
+def problem_counts(datasets, is_main: bool) -> list[float]:
+    """This rank's part of :data:`DATA_PROBLEM_COLUMNS` (summed over ranks: damaged shards count on
+    rank 0 only, since every rank reads every shard)."""
+    problems = [dataset_problems(ds) for ds in datasets]
+    return [float(sum(p.get("corrupt_samples", 0) for p in problems)),
+            float(sum(len(p.get("unreadable_shards", ())) for p in problems)) if is_main else 0.0,
+            float(sum(len(p.get("truncated_shards", ())) for p in problems)) if is_main else 0.0]
+
+
+def run_problems(datasets, names: list[str], info) -> dict[str, dict]:
+    """Per dataset name: the damaged shards (rank 0 reads them all) and corrupt samples of all ranks
+    (a collective: every rank calls it)."""
+    problems = [dataset_problems(ds) for ds in datasets]
+    corrupt = torch.tensor([float(p.get("corrupt_samples", 0)) for p in problems], dtype=torch.float64,
+                           device=info.device)
+    all_reduce_sum(corrupt, info)
+    for p, n in zip(problems, corrupt.tolist()):
+        if p:
+            p["corrupt_samples"] = int(n)
+    return {name: p for name, p in zip(names, problems) if p}
+
+
+def record_columns(dataset_names: list[str], *, aim: bool = False) -> list[str]:
+    """The columns of a step's record (``metrics.csv``), in order."""
+    return (["step", "loss"] + [f"loss/{n}" for n in dataset_names]
+            + ["lr", "grad_norm", "skipped", "samples", "tokens", "trained_tokens", "step_time",
+               "samples_per_s", "tokens_per_s"] + list(DATA_PROBLEM_COLUMNS) + (["aim_attention"] if aim else []))
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`~.trainer.Trainer.fit` returns: the last step, every step's record, where things went."""
+
+    step: int
+    history: list[dict] = field(default_factory=list)
+    output_dir: Path | None = None
+    export_dir: Path | None = None
+    last_checkpoint: Path | None = None
+    # per dataset name: {"unreadable_shards": {url: reason}, "truncated_shards": {...}, "corrupt_samples": n}
+    data_problems: dict[str, dict] = field(default_factory=dict)
+
+    def data_summary(self) -> str | None:
+        """One line about the damaged data the run skipped, naming the shards; None if there was none."""
+        parts = []
+        for name, p in self.data_problems.items():
+            bits = [f"{len(p[k])} {k.split('_')[0]} shard(s) skipped (" + "; ".join(f"{u}: {r}" for u, r in p[k].items())
+                    + ")" for k in ("unreadable_shards", "truncated_shards") if p.get(k)]
+            if p.get("corrupt_samples"):
+                bits.append(f"{p['corrupt_samples']} corrupt sample(s) skipped")
+            if bits:
+                parts.append(f"{name}: " + ", ".join(bits))
+        return ("damaged data: " + " | ".join(parts)) if parts else None
 
 
 def _fmt(v) -> str:

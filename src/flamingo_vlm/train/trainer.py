@@ -21,8 +21,15 @@ and optimizer state in bf16). Token ids and masks are never cast; the loss is co
 
 Speed/memory with the same math (:mod:`.fastpath`, each can be switched off in the config): the loss
 is computed from the last hidden states in chunks (no full logits; verified once against the
-model's logits, with a fallback), fp32 GEMMs run on oneDNN on CPU, the perceiver/cross-attention
+model's logits, with a fallback), fp32 GEMMs run on oneDNN on CPUs where a cached probe measured
+it faster (:mod:`..modeling.kernels`), the perceiver/cross-attention
 feed-forwards recompute their GELU in backward, AdamW is the fused kernel.
+
+Aiming (``aim:``, off by default): the aiming data joins the mixture as dataset ``aim`` and its
+batches add ``aim.loss_weight`` times the attention loss to their answer loss (:mod:`.losses`).
+
+Around the loop: :mod:`.build` makes the model and datasets from the config, :mod:`.losses` holds
+the losses, :mod:`.export` writes the trained model, :mod:`.checkpoint` saves and resumes.
 """
 
 from __future__ import annotations
@@ -33,85 +40,38 @@ import math
 import os
 import tempfile
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
-from safetensors import SafetensorError
-from torch import nn
 
-from ..data.labels import IGNORE_INDEX
 from ..locking import hold_for_job
 from ..modeling.fast_linear import fast_bf16, onednn_available
-from ..modeling.lm_info import lm_context_limit
+from ..modeling.kernels import decide
 from . import checkpoint as ckpt
-from .config import ConfigError, ModelConfig, TrainConfig
-from .distributed import (
-    DistInfo,
-    all_reduce_sum,
-    barrier,
-    broadcast_object,
-    setup,
-    teardown,
-    unwrap,
-    wrap_ddp,
-    wrap_fsdp,
+from .build import DataError, build_model, check_batch, prepare_model, run_datasets
+from .config import ConfigError, TrainConfig
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, full_tensor, setup, teardown, wrap
+from .export import export_trained
+from .fastpath import capture_hidden, head_cross_entropy_sum, matmul_context, set_malloc_mmap_threshold
+from .losses import AttentionAim, cross_entropy_sum, losses_agree, trained_tokens
+from .metrics import (
+    DATA_PROBLEM_COLUMNS,
+    LOSS_PNG,
+    METRICS_CSV,
+    Sinks,
+    TrainResult,
+    plot_loss,
+    problem_counts,
+    record_columns,
+    run_problems,
 )
-from .fastpath import (
-    capture_hidden,
-    head_cross_entropy_sum,
-    matmul_context,
-    recompute_gelu,
-    set_malloc_mmap_threshold,
-)
-from .lora import apply_lora, has_lora, merge_lora
-from .metrics import LOSS_PNG, METRICS_CSV, Sinks, plot_loss
-from .optim import GATE_NAMES, build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler
+
+# DataError, TrainResult and build_model live in .build / .metrics; imported from here too
+__all__ = ["Callback", "DataError", "TrainResult", "Trainer", "build_model", "train"]
 
 logger = logging.getLogger("flamingo_vlm.train")
-
-BATCH_KEYS = ("vision_x", "input_ids", "attention_mask", "labels")
-
-
-class DataError(RuntimeError):
-    """The training data could not be found or read."""
-
-
-# Damaged data skipped so far (cumulative over the run, resumes included; summed over datasets):
-# corrupt samples over all ranks, and damaged shards (every rank reads every shard; rank 0's count).
-DATA_PROBLEM_COLUMNS = ("corrupt_samples", "unreadable_shards", "truncated_shards")
-
-
-def _problems(ds) -> dict:
-    """A dataset's damaged data (:meth:`ShardDataset.problems`; nothing for datasets without it)."""
-    get = getattr(ds, "problems", None)
-    return get() if callable(get) else {}
-
-
-@dataclass
-class TrainResult:
-    step: int
-    history: list[dict] = field(default_factory=list)
-    output_dir: Path | None = None
-    export_dir: Path | None = None
-    last_checkpoint: Path | None = None
-    # per dataset name: {"unreadable_shards": {url: reason}, "truncated_shards": {...}, "corrupt_samples": n}
-    data_problems: dict[str, dict] = field(default_factory=dict)
-
-    def data_summary(self) -> str | None:
-        """One line about the damaged data the run skipped, naming the shards; None if there was none."""
-        parts = []
-        for name, p in self.data_problems.items():
-            bits = [f"{len(p[k])} {k.split('_')[0]} shard(s) skipped (" + "; ".join(f"{u}: {r}" for u, r in p[k].items())
-                    + ")" for k in ("unreadable_shards", "truncated_shards") if p.get(k)]
-            if p.get("corrupt_samples"):
-                bits.append(f"{p['corrupt_samples']} corrupt sample(s) skipped")
-            if bits:
-                parts.append(f"{name}: " + ", ".join(bits))
-        return ("damaged data: " + " | ".join(parts)) if parts else None
 
 
 class Callback:
@@ -124,140 +84,7 @@ class Callback:
         pass
 
 
-# -- model -----------------------------------------------------------------------------------------
-_ARCH_FIELDS = ("cross_attn_every_n_layers", "decoder_layers_attr_name", "freeze_lm_embeddings",
-                "perceiver_kwargs", "cross_attn_kwargs")
-
-
-def build_model(cfg: ModelConfig):
-    """``(model, image_processor, tokenizer)`` as the model section says."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        if cfg.from_pretrained:
-            from ..pretrained import from_pretrained
-
-            model, image_processor, tokenizer = from_pretrained(
-                cfg.from_pretrained, cache_dir=cfg.cache_dir, local_files_only=cfg.local_files_only
-            )
-            saved = model.build_config
-            for name in _ARCH_FIELDS:
-                wanted = getattr(cfg, name)
-                have = saved.get(name)
-                if name.endswith("_kwargs"):
-                    have = dict(have or {})
-                if wanted is not None and wanted != have:
-                    raise ConfigError(
-                        f"model.{name}={wanted!r} does not match the model at {cfg.from_pretrained}, which was "
-                        f"built with {name}={have!r}; remove model.{name} (it is read from the saved model)"
-                    )
-        else:
-            from ..factory import create_model_and_transforms
-
-            model, image_processor, tokenizer = create_model_and_transforms(
-                cfg.vision, cfg.vision_pretrained, cfg.lm, cfg.tokenizer or cfg.lm,
-                cross_attn_every_n_layers=cfg.cross_attn_every_n_layers or 1,
-                use_local_files=cfg.local_files_only,
-                decoder_layers_attr_name=cfg.decoder_layers_attr_name,
-                freeze_lm_embeddings=bool(cfg.freeze_lm_embeddings),
-                cache_dir=cfg.cache_dir,
-                vision_tokens_ln_post=cfg.vision_tokens_ln_post,
-                perceiver_kwargs=cfg.perceiver_kwargs,
-                cross_attn_kwargs=cfg.cross_attn_kwargs,
-            )
-    if cfg.gate_init is not None:
-        set_gates(model, cfg.gate_init)
-    return model, image_processor, tokenizer
-
-
-def set_gates(model, value: float) -> None:
-    """Set every cross-attention tanh gate so that ``tanh(gate) == value`` (-1 < value < 1)."""
-    if not -1.0 < value < 1.0:
-        raise ConfigError(f"model.gate_init must be in (-1, 1) (it is tanh(gate)), got {value}")
-    gates = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in GATE_NAMES]
-    if not gates:
-        raise ConfigError("model.gate_init: the model has no cross-attention gates")
-    with torch.no_grad():
-        for p in gates:
-            p.fill_(math.atanh(value))
-
-
-def _set_gradient_checkpointing(model: nn.Module, mode: bool | str) -> None:
-    """``True``: ``model.set_gradient_checkpointing(True)`` (LM layers + cross-attention), with a
-    fallback for transformers >= 5.2x, whose ``activation_checkpointing_enable`` takes
-    ``activation_checkpointing_kwargs`` (Flamingo's method passes ``gradient_checkpointing_kwargs``
-    and raises ``TypeError`` there). ``"lm"``: the LM's decoder layers only."""
-    enabled = bool(mode)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        if mode != "lm":
-            try:
-                model.set_gradient_checkpointing(enabled)
-                return
-            except TypeError:
-                pass
-        lm = model.lang_encoder
-        if getattr(lm, "supports_gradient_checkpointing", False):
-            kwargs = {"use_reentrant": False}
-            if enabled and hasattr(lm, "activation_checkpointing_enable"):
-                lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            elif enabled:
-                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            elif hasattr(lm, "activation_checkpointing_disable"):
-                lm.activation_checkpointing_disable()
-            else:
-                lm.gradient_checkpointing_disable()
-        # Last: transformers sets `gradient_checkpointing` on every module that has the attribute,
-        # our FlamingoLayers (which checkpoint the cross-attention) included.
-        for layer in model.decoder_layers():
-            layer.gradient_checkpointing = enabled and mode != "lm"
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-sum causal LM cross-entropy in fp32: position t predicts ``labels[t+1]``."""
-    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
-def trained_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
 # -- trainer ---------------------------------------------------------------------------------------
-def config_datasets(cfg: TrainConfig, model, tokenizer, image_processor, *, rank: int = 0,
-                    world_size: int = 1) -> list:
-    """The datasets of ``cfg.data`` for one rank (what the trainer builds when none are passed in;
-    scripts that add a dataset of their own build these first and pass all of them)."""
-    from ..data import DatasetSpec, build_datasets
-    from ..processing import FlamingoProcessor
-
-    limit, absolute = lm_context_limit(model.lang_encoder)
-    specs = []
-    for i, d in enumerate(cfg.data):
-        spec = DatasetSpec(
-            kind=d.kind, urls=list(d.urls), batch_size=d.batch_size, loss_weight=d.effective_loss_weight(),
-            max_tokens=d.max_tokens, max_images=d.max_images, min_images=d.min_images,
-            similarity_threshold=d.similarity_threshold, min_image_bytes=d.min_image_bytes,
-            chunk_separator=d.chunk_separator, loss_after=tuple(d.loss_after),
-        )
-        if limit is not None and spec.resolved_max_tokens > limit:
-            msg = (f"data[{i}] ({d.kind}) makes sequences of up to {spec.resolved_max_tokens} tokens but the LM "
-                   f"takes at most {limit} positions; set data[{i}].max_tokens <= {limit}")
-            if absolute:
-                raise ConfigError(msg)
-            if rank == 0:
-                logger.warning(msg)
-        specs.append(spec)
-    processor = FlamingoProcessor(tokenizer, image_processor)
-    try:
-        return build_datasets(specs, processor, seed=cfg.seed, rank=rank, world_size=world_size,
-                              eos_token_id=tokenizer.eos_token_id)
-    except FileNotFoundError as e:
-        idx = _which_dataset(cfg, str(e))
-        raise DataError(f"no training data found{idx}: {e}") from e
-
-
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs the loop (:meth:`fit`).
 
@@ -314,20 +141,10 @@ class Trainer:
     def _setup(self, model, datasets, dataset_names, loss_weights) -> None:
         cfg, info = self.cfg, self.info
         # The newest checkpoint that reads whole; damaged newer ones are skipped with a warning.
-        loaded = ckpt.open_resume(self.output_dir, cfg.resume,
-                                  warn=logger.warning if info.is_main else logger.debug)
+        loaded = ckpt.open_run(self.output_dir, cfg.resume, info.world_size,
+                               warn=logger.warning if info.is_main else logger.debug)
         self.resume_from = loaded.path if loaded is not None else None
-        if self.resume_from is None and ckpt.list_checkpoints(self.output_dir):
-            raise ConfigError(
-                f"{self.output_dir} already has checkpoints; pass --resume (or resume: auto) to continue that "
-                "run, or choose another output_dir"
-            )
         state = loaded.state if loaded is not None else None
-        if state is not None and state["world_size"] != info.world_size:
-            raise ConfigError(
-                f"checkpoint {self.resume_from} was written by {state['world_size']} process(es) but this run has "
-                f"{info.world_size}; resume with the same number of processes (data positions are per rank)"
-            )
 
         if info.device.type == "cpu" and cfg.malloc_mmap_threshold:
             set_malloc_mmap_threshold(cfg.malloc_mmap_threshold)
@@ -345,32 +162,23 @@ class Trainer:
         else:
             image_processor = tokenizer = None
         self.image_processor, self.tokenizer = image_processor, tokenizer
-        self.lora_targets = apply_lora(model, cfg.lora) if cfg.lora.enabled else []
-        if loaded is not None:
-            ckpt.load_trainable(model, loaded.path, loaded.trainable)
-        _set_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
-        if cfg.recompute_gelu and cfg.precision != "amp_bf16":  # (autocast would need custom_fwd plumbing)
-            recompute_gelu(model)
-        if cfg.precision == "bf16":
-            model.to(torch.bfloat16)  # floating tensors only: index buffers stay int64
-        model.to(info.device)
-        model.train()
-        model.vision_encoder.eval()  # frozen feature extractor
+        self.lora_targets = prepare_model(model, cfg, info.device, loaded)
         self.vocab_size = model.lang_encoder.get_input_embeddings().weight.shape[0]
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.flamingo = model
-        if cfg.distributed == "ddp":
-            self.model = wrap_ddp(model, info)
-        elif cfg.distributed == "fsdp":
-            self.model = wrap_fsdp(model, info)
-        else:
-            self.model = model
+        # Data (the aiming data last, when on), built before the model is wrapped.
+        self.datasets, self.dataset_names, self.loss_weights = run_datasets(
+            cfg, model, tokenizer, image_processor, info, datasets, dataset_names, loss_weights)
+        self.aim = AttentionAim(model, cfg.aim.heads) if cfg.aim.enabled else None
+        if loaded is not None:
+            ckpt.restore_data_positions(loaded, info.rank, self.datasets)
+        self._iters = [iter(ds) for ds in self.datasets]
+        self.flamingo, self.model = model, wrap(model, cfg.distributed, info)
 
         self.head = model.lang_encoder.get_output_embeddings()
         self.chunked_loss = bool(cfg.chunked_loss and self.head is not None)
         self._loss_checked = False
         self.onednn = cfg.cpu_matmul == "onednn" or (
-            cfg.cpu_matmul == "auto" and info.device.type == "cpu" and onednn_available()
+            cfg.cpu_matmul == "auto" and info.device.type == "cpu" and decide("gemm")  # measured per machine
         )
         if cfg.cpu_matmul == "onednn" and not onednn_available():
             raise ConfigError("cpu_matmul: onednn, but this torch build has no oneDNN (mkldnn) linear kernel")
@@ -378,42 +186,15 @@ class Trainer:
         self.optimizer = build_optimizer(self.flamingo, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.max_steps)
         if loaded is not None:
-            ckpt.load_optimizer(self.optimizer, loaded.path, loaded.optimizer)
-            loaded.trainable = loaded.optimizer = None  # copied into the model and optimizer
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.step = int(state["step"])
-
-        # Data.
-        if datasets is None:
-            self.datasets = self._build_datasets(model)
-            self.dataset_names = cfg.dataset_names()
-            self.loss_weights = [d.effective_loss_weight() for d in cfg.data]
-        else:
-            self.datasets = list(datasets)
-            self.dataset_names = dataset_names or [f"data{i}" for i in range(len(self.datasets))]
-            self.loss_weights = loss_weights or [float(getattr(getattr(d, "spec", None), "loss_weight", 1.0))
-                                                 for d in self.datasets]
-        if not self.datasets:
-            raise ConfigError("no training data: add at least one dataset under `data:` (or --data)")
-        if state is not None:
-            positions = state["data"][info.rank]
-            if len(positions) != len(self.datasets):
-                raise ConfigError(f"checkpoint {self.resume_from} has {len(positions)} dataset positions, the config "
-                                  f"has {len(self.datasets)} datasets")
-            for ds, pos in zip(self.datasets, positions):
-                ds.load_state_dict(pos)
-        self._iters = [iter(ds) for ds in self.datasets]
+            self.step = ckpt.restore_optimizer(loaded, self.optimizer, self.scheduler)
 
         # Output (rank 0 writes).
         if info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
         barrier(info)
-        columns = (["step", "loss"] + [f"loss/{n}" for n in self.dataset_names]
-                   + ["lr", "grad_norm", "skipped", "samples", "tokens", "trained_tokens", "step_time",
-                      "samples_per_s", "tokens_per_s"] + list(DATA_PROBLEM_COLUMNS))
-        self.sinks = Sinks(cfg, self.output_dir, columns, enabled=info.is_main, start_step=self.step,
-                           resumed=state is not None)
+        self.sinks = Sinks(cfg, self.output_dir, record_columns(self.dataset_names, aim=self.aim is not None),
+                           enabled=info.is_main, start_step=self.step, resumed=state is not None)
 
         # RNG last: whatever building consumed, training continues from the same state.
         if state is not None:
@@ -426,12 +207,6 @@ class Trainer:
                         cfg.distributed, cfg.precision,
                         f"resumed from {self.resume_from} at step {self.step}" if state else "fresh run")
 
-    def _build_datasets(self, model) -> list:
-        if self.tokenizer is None or self.image_processor is None:
-            raise ConfigError("building datasets from the config needs the model's tokenizer and image processor")
-        return config_datasets(self.cfg, model, self.tokenizer, self.image_processor,
-                               rank=self.info.rank, world_size=self.info.world_size)
-
     # -- data ----------------------------------------------------------------------------------
     def _next_batch(self, d: int) -> dict:
         try:
@@ -440,19 +215,7 @@ class Trainer:
             raise DataError(f"dataset {self.dataset_names[d]} ended; training datasets must be endless") from None
         except (OSError, RuntimeError, ValueError) as e:
             raise DataError(f"could not read dataset {self.dataset_names[d]}: {type(e).__name__}: {e}") from e
-        missing = [k for k in BATCH_KEYS if k not in batch]
-        if missing:
-            raise DataError(f"dataset {self.dataset_names[d]} gave a batch without {missing}")
-        ids = batch["input_ids"]
-        if ids.dtype != torch.long:
-            raise DataError(f"dataset {self.dataset_names[d]}: input_ids must be int64, got {ids.dtype}")
-        top = int(ids.max()) if ids.numel() else 0
-        if top >= self.vocab_size:
-            raise ConfigError(
-                f"dataset {self.dataset_names[d]} has token id {top} but the model's vocabulary has {self.vocab_size} "
-                "rows: the data was tokenized with a different tokenizer than the model's"
-            )
-        return batch
+        return check_batch(batch, self.dataset_names[d], self.vocab_size)
 
     def next_batches(self) -> list[list[dict]]:
         """One optimizer step's batches: ``[micro_step][dataset]``."""
@@ -469,7 +232,10 @@ class Trainer:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def _forward_loss(self, batch: dict) -> torch.Tensor:
+    def _forward_loss(self, batch: dict, aim_log: list | None = None) -> torch.Tensor:
+        """The batch's token-sum loss; for aiming batches plus ``aim.loss_weight`` times the attention
+        loss times the trained tokens (so that the dataset's mean is answer + weight x attention);
+        the attention loss goes to ``aim_log``."""
         dev = self.info.device
         vision_x = batch["vision_x"].to(dev, non_blocking=True)
         if self.cfg.precision == "bf16":
@@ -477,13 +243,18 @@ class Trainer:
         input_ids = batch["input_ids"].to(dev, non_blocking=True)
         attention_mask = batch["attention_mask"].to(dev, non_blocking=True)
         labels = batch["labels"].to(dev, non_blocking=True)
-        with self._autocast():
+        aiming = self.aim is not None and "aim_cells" in batch
+        with self._autocast(), (self.aim.capture(batch, dev) if aiming else contextlib.nullcontext()) as aim_losses:
             if self.chunked_loss:
                 with capture_hidden(self.head) as captured:
                     self.model(vision_x, input_ids, attention_mask=attention_mask)
-                return head_cross_entropy_sum(captured.hidden, labels, self.head)
-            out = self.model(vision_x, input_ids, attention_mask=attention_mask)
-            return cross_entropy_sum(out.logits, labels)
+                token_sum = head_cross_entropy_sum(captured.hidden, labels, self.head)
+            else:
+                token_sum = cross_entropy_sum(self.model(vision_x, input_ids, attention_mask=attention_mask).logits,
+                                              labels)
+        if not aiming:
+            return token_sum
+        return self.aim.add(token_sum, aim_losses, batch["labels"], self.cfg.aim.loss_weight, aim_log)
 
     def _check_chunked_loss(self, batch: dict) -> None:
         """Once: the chunked loss must equal the loss from the model's own logits (it would not for
@@ -493,14 +264,7 @@ class Trainer:
             chunked = self._forward_loss(batch)
             self.chunked_loss = False
             full = self._forward_loss(batch)
-        tol = 1e-4 if self.cfg.precision == "fp32" else 2e-2
-        ok = torch.tensor([1.0 if torch.isclose(chunked.float(), full.float(), rtol=tol, atol=tol).item()
-                           or not torch.isfinite(full).item() else 0.0], device=self.info.device)
-        if self.info.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        self.chunked_loss = bool(ok.item())
+        self.chunked_loss = losses_agree(chunked, full, self.cfg.precision, self.info)
         if not self.chunked_loss and self.info.is_main:
             logger.warning("chunked loss differs from the model's logits (%s vs %s): using full logits",
                            float(chunked), float(full))
@@ -510,8 +274,6 @@ class Trainer:
         max_norm = self.cfg.optim.max_grad_norm
         # once per optimizer step on the global norm (works on DTensor gradients)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
-        from .distributed import full_tensor
-
         return float(full_tensor(norm))
 
     def train_step(self, batches: list[list[dict]]) -> dict:
@@ -529,15 +291,10 @@ class Trainer:
                 stats[d] += trained_tokens(batch["labels"])
                 stats[n_data] += batch["input_ids"].shape[0]
                 stats[n_data + 1] += int(batch["attention_mask"].sum())
-        for ds in self.datasets:
-            p = _problems(ds)
-            stats[n_data + 2] += p.get("corrupt_samples", 0)
-            if info.is_main:
-                stats[n_data + 3] += len(p.get("unreadable_shards", ()))
-                stats[n_data + 4] += len(p.get("truncated_shards", ()))
+        stats[n_data + 2:] += stats.new_tensor(problem_counts(self.datasets, info.is_main))
         all_reduce_sum(stats, info)
         counts = stats[:n_data].tolist()
-        with matmul_context(self.onednn):
+        with matmul_context(self.onednn, self.model):
             if self.chunked_loss and not self._loss_checked:
                 self._check_chunked_loss(batches[0][0])
             loss_sums = self._accumulate(batches, counts, step)
@@ -564,23 +321,29 @@ class Trainer:
             "trained_tokens": int(sum(counts)), "step_time": dt, "samples_per_s": rows / dt, "tokens_per_s": tokens / dt,
         })
         record.update({k: int(v) for k, v in zip(DATA_PROBLEM_COLUMNS, stats[n_data + 2:].tolist())})
+        if self.aim is not None:  # mean attention loss of the step's aiming batches (all ranks)
+            record["aim_attention"] = float(loss_sums[n_data]) / max(float(loss_sums[n_data + 1]), 1.0)
         return record
 
     def _accumulate(self, batches, counts, step) -> torch.Tensor:
-        """Forward/backward every micro-batch of every dataset; returns the per-dataset token sums."""
+        """Forward/backward every micro-batch of every dataset; returns the per-dataset token sums, then
+        the sum and count of the aiming batches' attention losses."""
         info, n_data = self.info, len(self.datasets)
-        loss_sums = torch.zeros(n_data, dtype=torch.float64, device=info.device)
+        loss_sums = torch.zeros(n_data + 2, dtype=torch.float64, device=info.device)
+        aim_log: list[torch.Tensor] = []
         last = (len(batches) - 1, n_data - 1)
         for m, micro in enumerate(batches):
             for d, batch in enumerate(micro):
                 scale = self.loss_weights[d] * info.world_size / max(counts[d], 1.0)
                 with self._sync((m, d) == last):
-                    token_sum = self._forward_loss(batch)
+                    token_sum = self._forward_loss(batch, aim_log)
                     loss = token_sum * scale
                     for cb in self.callbacks:
                         loss = cb.on_loss(self, step, m, d, loss)
                     loss.backward()
                 loss_sums[d] += token_sum.detach().double()
+        if aim_log:
+            loss_sums[n_data:] += torch.stack([torch.stack(aim_log).double().sum(), loss_sums.new_tensor(len(aim_log))])
         return loss_sums
 
     # -- the loop ------------------------------------------------------------------------------
@@ -605,22 +368,12 @@ class Trainer:
         finally:
             self.sinks.close()
             self._hold.close()  # the run is over: another may resume this directory
-        result = TrainResult(self.step, self.history, self.output_dir, export_dir, last_ckpt, self._data_problems())
+        problems = run_problems(self.datasets, self.dataset_names, self.info)
+        result = TrainResult(self.step, self.history, self.output_dir, export_dir, last_ckpt, problems)
         summary = result.data_summary()
         if summary and info.is_main:
             logger.warning("%s", summary)
         return result
-
-    def _data_problems(self) -> dict[str, dict]:
-        """Per dataset: the damaged shards (rank 0 reads them all) and corrupt samples of all ranks."""
-        problems = [_problems(ds) for ds in self.datasets]
-        corrupt = torch.tensor([float(p.get("corrupt_samples", 0)) for p in problems], dtype=torch.float64,
-                               device=self.info.device)
-        all_reduce_sum(corrupt, self.info)
-        for p, n in zip(problems, corrupt.tolist()):
-            if p:
-                p["corrupt_samples"] = int(n)
-        return {name: p for name, p in zip(self.dataset_names, problems) if p}
 
     def close(self) -> None:
         self._hold.close()
@@ -635,84 +388,10 @@ class Trainer:
 
     def export(self, out: str | os.PathLike | None = None) -> Path | None:
         """Write the trained model in the ``from_pretrained`` format (rank 0; default
-        ``<output_dir>/final``). LoRA adapters are merged into (a copy of) the LM, which is then saved
-        with the model. A failed write raises :class:`~.checkpoint.WriteError` saying why."""
-        out = Path(out) if out is not None else self.output_dir / "final"
-        try:
-            return self._export(out)
-        except ckpt.WriteError:
-            raise
-        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: RuntimeError "unexpected pos", ...
-            if isinstance(e, RuntimeError) and not any(w in str(e).lower() for w in ("unexpected pos", "write")):
-                raise
-            raise ckpt.WriteError(ckpt.explain_write_error(e, out, "the exported model")) from e
-
-    def _export(self, out: Path) -> Path | None:
-        info = self.info
-        if self.cfg.distributed == "fsdp":
-            trainable = ckpt.gather_trainable(self.flamingo)  # collective
-            path = None
-            if info.is_main:
-                if self._given_model:
-                    logger.warning("export skipped: an FSDP run on a model passed in code cannot be rebuilt; "
-                                   "use the checkpoint's trainable.safetensors")
-                else:
-                    path = export_weights(self.cfg, trainable, out)
-            barrier(info)
-            return path
-        path = None
-        if info.is_main:
-            model = unwrap(self.model)
-            lora = has_lora(model)
-            if lora:
-                import copy
-
-                model = copy.deepcopy(model)
-                merge_lora(model)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                path = model.save_pretrained(out, tokenizer=self.tokenizer, image_processor=self.image_processor,
-                                             include_backbones=True if lora else None)
-        barrier(info)
-        return path
-
-
-def export_weights(cfg: TrainConfig, trainable: dict[str, torch.Tensor], out: str | os.PathLike) -> Path:
-    """Rebuild the model of ``cfg`` on this process, load ``trainable`` (raw names, full tensors),
-    merge LoRA and save in the ``from_pretrained`` format."""
-    torch.manual_seed(cfg.seed)
-    model, image_processor, tokenizer = build_model(cfg.model)
-    if cfg.lora.enabled:
-        apply_lora(model, cfg.lora)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(trainable):
-        raise ConfigError(f"the trained weights do not match the model of the config: "
-                          f"{sorted(set(params) ^ set(trainable))[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(trainable[name].to(p.dtype))
-    lora = has_lora(model)
-    if lora:
-        merge_lora(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return model.save_pretrained(out, tokenizer=tokenizer, image_processor=image_processor,
-                                     include_backbones=True if lora else None)
-
-
-def export_checkpoint(config: TrainConfig, checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Export a training checkpoint (``.../checkpoints/step_N``) to the ``from_pretrained`` format."""
-    from ..checkpoints import load_weights_file
-
-    path = ckpt.resolve_resume(config.output_dir, str(checkpoint))
-    return export_weights(config, load_weights_file(path / ckpt.TRAINABLE), out)
-
-
-def _which_dataset(cfg: TrainConfig, message: str) -> str:
-    for i, d in enumerate(cfg.data):
-        if any(str(u) in message for u in d.urls):
-            return f" for data[{i}] ({d.kind})"
-    return ""
+        ``<output_dir>/final``; see :func:`.export.export_trained`)."""
+        return export_trained(self.cfg, self.flamingo, self.info, out if out is not None else self.output_dir / "final",
+                              tokenizer=self.tokenizer, image_processor=self.image_processor,
+                              rebuildable=not self._given_model)
 
 
 def train(config: TrainConfig, **kwargs) -> TrainResult:
