@@ -419,15 +419,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_data_subcommand(subparsers) -> argparse.ArgumentParser:
-    """Register ``data write`` and ``data inspect``, and the synthetic-data writers ``data
-    synthetic-benchmark``, ``data synthetic-shards`` and ``data episodes``
-    (:mod:`flamingo_vlm.synthetic.cli`), on an argparse subparsers object.
+def add_data_subcommand(subparsers, extra: Iterable = ()) -> argparse.ArgumentParser:
+    """Register ``data write`` and ``data inspect`` on an argparse subparsers object, then call
+    each of ``extra`` on the ``data`` command's own subparsers (the top-level CLI passes
+    :func:`flamingo_vlm.synthetic.cli.add_synthetic_subcommands`: ``data synthetic-benchmark``,
+    ``synthetic-shards``, ``episodes``, ``icl-episodes``; the synthetic package sits above this one and
+    writes through :func:`write_shards`, so this module never imports it).
 
     The handlers are stored as ``func`` (they take the parsed namespace and return an exit code).
     """
-    from ..synthetic.cli import add_synthetic_subcommands
-
     p = subparsers.add_parser("data", help="write and inspect webdataset training shards; write synthetic data",
                               description="Write webdataset training shards from your own data, and inspect shards; "
                                           "write the synthetic benchmark and training data (drawn scenes).")
@@ -452,5 +452,6 @@ def add_data_subcommand(subparsers) -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=_cmd_inspect)
 
-    add_synthetic_subcommands(sub)
+    for register in extra:
+        register(sub)
     return p

@@ -5,13 +5,16 @@ A task object owns its dataset loader, its prompt format (demonstration and quer
 model's output and its metric. The evaluator (:mod:`.evaluator`) only chooses samples and demos,
 runs :meth:`Task.predict` on batches, and hands the gathered records to :meth:`Task.score`; it
 never asks which dataset it is evaluating. Scoring modes (``--vqa-compat``, the caption tokenizer,
-the caption metrics) and decoding settings travel in as the run's :class:`EvalConfig`.
+the caption metrics) and decoding settings travel in as the run's settings (:class:`EvalSettings`,
+which the evaluator's ``EvalConfig`` satisfies: tasks sit below the evaluator and never import it).
 
 * :class:`CaptioningTask`: beam search, cut at ``Output``, CIDEr (COCO, Flickr30K);
 * :class:`VQATask` / :class:`OKVQATask`: beam search, cut at ``Question``/``Answer``/``Short``,
   VQA accuracy (OK-VQA: answers stemmed);
 * :class:`ClassificationTask`: every class name scored as a continuation, top-1/top-5 (ImageNet);
-* :class:`HatefulMemesTask`: ``no``/``yes`` scored the same way, ROC-AUC of p(yes).
+* :class:`HatefulMemesTask`: ``no``/``yes`` scored the same way, ROC-AUC of p(yes);
+* :class:`IclTask`: episodes whose answer format only their own demonstrations show (greedy,
+  exact match per question type and on the answer-format split; the synthetic ``synthetic_icl``).
 
 The table of tasks by dataset name is in :mod:`.tasks`. A new dataset of an existing kind is one
 entry there; a new kind is one subclass of :class:`Task`.
@@ -20,25 +23,40 @@ entry there; a new kind is one subclass of :class:`Task`.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
+from ..processing import EOC_TOKEN, MEDIA_TOKEN
 from . import prompts as P
 from .datasets import CaptionDataset, EvalDataset, HatefulMemesDataset, ImageNetDataset, VQADataset
 from .metrics import caption_metrics, java_available, okvqa_stem, resolve_caption_tokenizer, roc_auc, vqa_accuracy
 
-if TYPE_CHECKING:
-    from .evaluator import EvalConfig
-
 __all__ = [
-    "CaptioningTask", "ClassificationTask", "HatefulMemesTask", "OKVQATask", "QueryBatch", "Runner", "Task",
+    "CaptioningTask", "ClassificationTask", "EvalSettings", "HatefulMemesTask", "IclDataset", "IclTask", "OKVQATask",
+    "QueryBatch", "Runner", "Task",
     "VQATask", "continuation_ids", "demo_orders", "score_classes",
 ]
+
+
+class EvalSettings(Protocol):
+    """The run settings a task reads (:class:`flamingo_vlm.eval.evaluator.EvalConfig` has them)."""
+
+    num_beams: int
+    length_penalty: float
+    max_new_tokens: dict[str, int]
+    ensemble: bool
+    ensemble_max: int
+    class_chunk_size: int
+    caption_metrics: list[str]
+    caption_tokenizer: str
+
+    def vqa_scoring(self) -> dict[str, str]: ...
 
 
 @dataclass
@@ -60,7 +78,7 @@ class Runner(Protocol):
 
     model: Any
     tokenizer: Any
-    config: EvalConfig
+    config: EvalSettings
 
     def encode(self, texts: list[str], images: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]: ...
 
@@ -88,7 +106,7 @@ class Task:
     def load(self, root: Path, split: str) -> EvalDataset:
         raise NotImplementedError
 
-    def fingerprint(self, config: EvalConfig) -> dict[str, Any]:
+    def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         """The task's own settings that decide its numbers (recorded in each unit file)."""
         return {}
 
@@ -99,11 +117,11 @@ class Task:
         """One record per query: its ``id``, prediction and demo ids (rank-local; scored later)."""
         raise NotImplementedError
 
-    def score(self, test: EvalDataset, records: list[dict], config: EvalConfig) -> dict:
+    def score(self, test: EvalDataset, records: list[dict], config: EvalSettings) -> dict:
         """``{"metric", "score", "metrics"[, "scoring"]}`` of the gathered records."""
         raise NotImplementedError
 
-    def warnings(self, config: EvalConfig) -> list[str]:
+    def warnings(self, config: EvalSettings) -> list[str]:
         """Things to say (once per run) about how this task is scored."""
         return []
 
@@ -114,10 +132,10 @@ class GenerationTask(Task):
 
     separator: ClassVar[str] = "\n"
 
-    def new_tokens(self, config: EvalConfig) -> int:
+    def new_tokens(self, config: EvalSettings) -> int:
         return int(config.max_new_tokens.get(self.name, self.max_new_tokens or 0))
 
-    def fingerprint(self, config: EvalConfig) -> dict[str, Any]:
+    def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"num_beams": config.num_beams, "length_penalty": config.length_penalty,
                 "max_new_tokens": self.new_tokens(config)}
 
@@ -155,7 +173,7 @@ class CaptioningTask(GenerationTask):
     def load(self, root: Path, split: str) -> EvalDataset:
         return CaptionDataset.from_root(root, split, dataset=self.name)
 
-    def fingerprint(self, config: EvalConfig) -> dict[str, Any]:
+    def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         # the tokenizer actually used: "auto" differs with and without Java
         return super().fingerprint(config) | {"caption_tokenizer": resolve_caption_tokenizer(config.caption_tokenizer),
                                               "caption_metrics": sorted(config.caption_metrics)}
@@ -169,7 +187,7 @@ class CaptioningTask(GenerationTask):
     def postprocess(self, text: str) -> str:
         return P.postprocess_caption(text)
 
-    def warnings(self, config: EvalConfig) -> list[str]:
+    def warnings(self, config: EvalSettings) -> list[str]:
         """Say loudly that captions are tokenised without Java (CIDEr then comes from the pure-Python
         PTB tokenizer; the result files record ``caption_tokenizer: python``)."""
         if resolve_caption_tokenizer(config.caption_tokenizer) != "python":
@@ -180,7 +198,7 @@ class CaptioningTask(GenerationTask):
                 "pycocoevalcap and the papers use; scores can differ slightly. Install a JRE "
                 "(apt-get install default-jre-headless) for the reference tokenizer."]
 
-    def score(self, test: EvalDataset, records: list[dict], config: EvalConfig) -> dict:
+    def score(self, test: EvalDataset, records: list[dict], config: EvalSettings) -> dict:
         by_id = {s["id"]: s for s in test}
         m = caption_metrics({r["id"]: r["prediction"] for r in records},
                             {r["id"]: by_id[r["id"]]["captions"] for r in records},
@@ -197,7 +215,7 @@ class VQATask(GenerationTask):
     def load(self, root: Path, split: str) -> EvalDataset:
         return VQADataset.from_root(root, split, dataset=self.name)
 
-    def fingerprint(self, config: EvalConfig) -> dict[str, Any]:
+    def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         # vqa_compat only when not the default, so older unit files stay valid
         return super().fingerprint(config) | {k: v for k, v in config.vqa_scoring().items()
                                               if k != "vqa_compat" or v != "official"}
@@ -211,7 +229,7 @@ class VQATask(GenerationTask):
     def postprocess(self, text: str) -> str:
         return P.postprocess_vqa(text)
 
-    def score(self, test: EvalDataset, records: list[dict], config: EvalConfig) -> dict:
+    def score(self, test: EvalDataset, records: list[dict], config: EvalSettings) -> dict:
         by_id = {s["id"]: s for s in test}
         scoring = config.vqa_scoring()
         compat = scoring["vqa_compat"] == "openflamingo"
@@ -293,7 +311,7 @@ class ClassificationTask(Task):
     def load(self, root: Path, split: str) -> EvalDataset:
         return ImageNetDataset.from_root(root, split)
 
-    def fingerprint(self, config: EvalConfig) -> dict[str, Any]:
+    def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"ensemble": config.ensemble and config.ensemble_max}
 
     def class_names(self, test: EvalDataset) -> list[str]:
@@ -336,7 +354,7 @@ class ClassificationTask(Task):
                             "demos": [d["id"] for d in ds]} | self.record_extra(names, pr))
         return records
 
-    def score(self, test: EvalDataset, records: list[dict], config: EvalConfig) -> dict:
+    def score(self, test: EvalDataset, records: list[dict], config: EvalSettings) -> dict:
         top1 = 100.0 * float(np.mean([r["top5"][0] == r["label"] for r in records]))
         top5 = 100.0 * float(np.mean([r["label"] in r["top5"] for r in records]))
         return {"metric": "top1", "score": top1, "metrics": {"top1": top1, "top5": top5}}
@@ -364,7 +382,7 @@ class HatefulMemesTask(ClassificationTask):
     def record_extra(self, names: list[str], probs: torch.Tensor) -> dict:
         return {"p_yes": float(probs[names.index("yes")])}
 
-    def score(self, test: EvalDataset, records: list[dict], config: EvalConfig) -> dict:
+    def score(self, test: EvalDataset, records: list[dict], config: EvalSettings) -> dict:
         by_id = {s["id"]: s for s in test}
         top1 = 100.0 * float(np.mean([r["top5"][0] == r["label"] for r in records]))
         labels = [int(by_id[r["id"]]["label"]) for r in records]
@@ -373,3 +391,112 @@ class HatefulMemesTask(ClassificationTask):
         except ValueError:
             auc = float("nan")  # one class only (tiny subsets)
         return {"metric": "roc_auc", "score": auc, "metrics": {"roc_auc": auc, "accuracy": top1}}
+
+
+# -- in-context episodes ---------------------------------------------------------------------------------
+class IclDataset(EvalDataset):
+    """The episodes of :func:`flamingo_vlm.synthetic.icl.write_icl_benchmark`: each sample is a
+    query (``image``, ``prompt``, ``answer``, ``question_type``, ``answer_format``, ...) with its
+    own ``demos`` (``image``, ``text``)."""
+
+    name = "synthetic_icl"
+    layout = "<root>/episodes.json and <root>/images/ (flamingo-vlm data synthetic-benchmark OUT --tasks synthetic_icl)"
+
+    @classmethod
+    def from_root(cls, root: Path, split: str) -> IclDataset:
+        from .datasets import DatasetLayoutError
+
+        path = Path(root) / "episodes.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            episodes = data["episodes"]
+        except FileNotFoundError:
+            raise DatasetLayoutError(f"{path} not found; expected layout: {cls.layout}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetLayoutError(f"{path} is not an episodes file ({{'meta', 'episodes'}}): {e}") from e
+        for ep in episodes:
+            ep["image"] = str(Path(root) / ep["image"])
+            for d in ep["demos"]:
+                d["image"] = str(Path(root) / d["image"])
+        ds = cls(episodes, split)
+        ds._check_images()
+        return ds
+
+
+class IclTask(GenerationTask):
+    """Few-shot episodes whose answer format only their demonstrations show (the ``synthetic_icl``
+    folder). Each query brings its own demonstrations (same phrasing, answer map, framing and
+    drawing style); a ``k``-shot prompt uses the first ``k``. Deviations from the protocol of the
+    other tasks, on purpose: 0 shots is the query alone (no text-only demos, which would give the
+    answer format away), decoding is greedy (answers are a few tokens), and the answer is cut at
+    the end of the chunk, a new line or the framing's next question. Metric: exact match
+    (whitespace collapsed, case kept: capitalisation is part of the format), overall, per question
+    type, per answer lexicon and on the answer-format split (``answer_format``: the answers are not
+    in the scene's own words); ``content_accuracy`` also counts a right answer in any vocabulary."""
+
+    kind: ClassVar[str] = "icl"
+    metric: ClassVar[str] = "accuracy"
+    extra_metrics: ClassVar[tuple[str, ...]] = ("content_accuracy",)
+
+    def load(self, root: Path, split: str) -> EvalDataset:
+        return IclDataset.from_root(root, split)
+
+    def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
+        return {"decoding": "greedy", "max_new_tokens": self.new_tokens(config), "zero_shot": "query only"}
+
+    def prompt_of(self, query: dict, shots: int) -> tuple[str, list[dict]]:
+        demos = query["demos"][:shots]
+        text = "".join(f"{MEDIA_TOKEN}{d['text']}{EOC_TOKEN}{self.separator}" for d in demos)
+        return text + MEDIA_TOKEN + query["prompt"], demos
+
+    @staticmethod
+    def cut(text: str, framing: str) -> str:
+        """The answer in a generation: up to a new line or the framing's next question marker
+        (``Q:`` of ``Q: {q} A: {a}``; framings without one end at ``<|endofchunk|>`` only)."""
+        text = text.split("\n", 1)[0]
+        marker = framing.split("{q}", 1)[0].strip()
+        if marker and marker in text:
+            text = text.split(marker, 1)[0]
+        return " ".join(text.split())
+
+    def predict(self, runner: Runner, batch: QueryBatch) -> list[dict]:
+        texts, images, used = [], [], []
+        for q, qi in zip(batch.queries, batch.images):
+            text, demos = self.prompt_of(q, batch.shots)
+            texts.append(text)
+            images.append(runner.prompt_images(demos, qi, batch.shots))
+            used.append(demos)
+        enc = runner.encode(texts, images)
+        out = runner.model.generate(enc["vision_x"], enc["input_ids"], enc["attention_mask"], num_beams=1,
+                                    max_new_tokens=self.new_tokens(runner.config), min_new_tokens=0, do_sample=False)
+        raw = runner.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [{"id": q["id"], "prediction": self.cut(r, q["framing"]), "raw": r, "demos": [d["id"] for d in ds]}
+                for q, ds, r in zip(batch.queries, used, raw)]
+
+    @staticmethod
+    def correct(prediction: str, sample: dict) -> tuple[bool, bool]:
+        """(exact, content): the answer in the episode's format, and the right thing named in any vocabulary."""
+        exact = " ".join(prediction.split()) == " ".join(sample["answer"].split())
+        bare = prediction.strip().rstrip(".!").lower()
+        for prefix in ("the answer is ", "it's ", "i see "):
+            bare = bare.removeprefix(prefix)
+        bare = bare.strip("'\" ")
+        if sample["question_type"] == "word":
+            bare = bare.replace("-", "").replace(" ", "")
+        return exact, exact or bare in sample["content_answers"]
+
+    def score(self, test: EvalDataset, records: list[dict], config: EvalSettings) -> dict:
+        by_id = {s["id"]: s for s in test}
+        hits = {r["id"]: self.correct(r["prediction"], by_id[r["id"]]) for r in records}
+
+        def mean(ids, k=0) -> float:
+            return 100.0 * float(np.mean([hits[i][k] for i in ids])) if ids else float("nan")
+
+        ids = list(hits)
+        groups = {"per_question_type": "question_type", "per_lexicon": "lexicon", "per_answer_format": "answer_format"}
+        metrics: dict[str, Any] = {"accuracy": mean(ids), "content_accuracy": mean(ids, 1)}
+        for key, attr in groups.items():
+            values = sorted({str(by_id[i][attr]) for i in ids})
+            metrics[key] = {v: mean([i for i in ids if str(by_id[i][attr]) == v]) for v in values}
+        metrics["answer_format_split"] = metrics["per_answer_format"].get("True", float("nan"))
+        return {"metric": "accuracy", "score": metrics["accuracy"], "metrics": metrics}

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .datasets import DatasetLayoutError
-from .task_kinds import CaptioningTask, ClassificationTask, HatefulMemesTask, OKVQATask, Task, VQATask
+from .task_kinds import CaptioningTask, ClassificationTask, HatefulMemesTask, IclTask, OKVQATask, Task, VQATask
 
 __all__ = ["TASKS", "TASK_ALIASES", "Task", "extra_metrics", "get_task", "register_task", "resolve_task_root"]
 
@@ -39,6 +39,8 @@ for _task, _aliases in (
     (HatefulMemesTask("hateful_memes", ("hateful_memes", "hatefulmemes"), "Hateful Memes dev (ROC-AUC of p(yes))",
                       eval_split="dev"), ("hm", "hatefulmemes")),
     (ClassificationTask("imagenet", ("imagenet", "ILSVRC2012", "imagenet1k"), "ImageNet-1k val"), ()),
+    (IclTask("synthetic_icl", ("synthetic_icl",), "synthetic in-context episodes, held-out phrasings/answer maps/"
+             "framings/styles", demo_split="heldout", eval_split="heldout", max_new_tokens=12), ("icl",)),
 ):
     register_task(_task, _aliases)
 

@@ -6,7 +6,9 @@ VQA (VQAv2 layout) and classification (ImageNet class-folder layout) datasets fr
 :mod:`flamingo_vlm.eval.datasets` read them and ``flamingo-vlm evaluate --data-root DIR`` runs on
 them unchanged. Training examples (few-shot demonstrations) come from the ``train`` splits, which
 never show a held-out (shape, color) pair; each task folder's ``held_out.json`` lists the
-evaluation ids that show one. Command line: ``flamingo-vlm data synthetic-benchmark OUT``.
+evaluation ids that show one. ``synthetic_icl`` writes the folder of that name: ``n_test`` held-out
+in-context episodes (:func:`~flamingo_vlm.synthetic.icl.write_icl_benchmark`), each with its own
+demonstrations. Command line: ``flamingo-vlm data synthetic-benchmark OUT``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from .icl import write_icl_benchmark
 from .scenes import SPLIT_IDS, SceneGenerator
 
 __all__ = ["BENCHMARK_TASKS", "write_synthetic_benchmark"]
 
-BENCHMARK_TASKS = ("coco", "flickr30k", "vqav2", "imagenet")
+BENCHMARK_TASKS = ("coco", "flickr30k", "vqav2", "imagenet", "synthetic_icl")
 #: The ``generator`` recorded in ``synthetic.json``: the module that wrote version 1 of this format.
 #: Kept at the old module path (the code now lives in ``flamingo_vlm.synthetic``) so that data
 #: written by this version stays byte-identical to data written before the move.
@@ -63,9 +66,14 @@ def write_synthetic_benchmark(
     if bad:
         raise ValueError(f"synthetic tasks must be among {BENCHMARK_TASKS}, got {sorted(bad)}")
     out: dict[str, Path] = {}
-    folders = {"coco": "mscoco_karpathy", "flickr30k": "flickr30k", "vqav2": "vqav2", "imagenet": "imagenet"}
+    folders = {"coco": "mscoco_karpathy", "flickr30k": "flickr30k", "vqav2": "vqav2", "imagenet": "imagenet",
+               "synthetic_icl": "synthetic_icl"}
     for task in tasks:
         folder = root / folders[task]
+        if task == "synthetic_icl":  # held-out in-context episodes, n_test of them (see flamingo_vlm.synthetic.icl)
+            out[task] = write_icl_benchmark(folder, n_episodes=n_test, generator=gen, image_size=image_size,
+                                            jpeg_quality=jpeg_quality, overwrite=overwrite)
+            continue
         if folder.exists():
             if not overwrite:
                 raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")

@@ -1,7 +1,7 @@
-"""``flamingo-vlm data synthetic-benchmark | synthetic-shards | episodes``: synthetic data on the command line.
+"""``flamingo-vlm data synthetic-benchmark | synthetic-shards | episodes | icl-episodes``: synthetic data.
 
-:func:`add_synthetic_subcommands` registers the three on the ``data`` command's subparsers
-(:func:`flamingo_vlm.data.custom.add_data_subcommand` calls it). Bad flag values stop with
+:func:`add_synthetic_subcommands` registers the four on the ``data`` command's subparsers (the
+top-level CLI passes it to :func:`flamingo_vlm.data.custom.add_data_subcommand`). Bad flag values stop with
 argparse's one-line usage error; bad settings the writers reject, with ``flamingo-vlm data: error: ...``.
 """
 
@@ -11,6 +11,7 @@ import argparse
 
 from .benchmark import BENCHMARK_TASKS, write_synthetic_benchmark
 from .episodes import EPISODE_KINDS, write_episode_shards, write_training_shards
+from .icl import ICL_SPLITS, write_icl_shards
 
 __all__ = ["add_synthetic_subcommands"]
 
@@ -75,6 +76,14 @@ def _cmd_episodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_icl(args: argparse.Namespace) -> int:
+    paths = write_icl_shards(args.out, split=args.split, n_documents=args.documents, start=args.start, shots=args.shots,
+                             seed=args.seed, image_size=args.image_size, samples_per_shard=args.samples_per_shard,
+                             overwrite=args.overwrite, progress=True, workers=args.workers)
+    print(f"icl episodes ({args.split}): {len(paths)} shard(s) in {args.out}")
+    return 0
+
+
 # -- registration ---------------------------------------------------------------------------------------
 def add_synthetic_subcommands(sub) -> None:
     """Register ``synthetic-benchmark``, ``synthetic-shards`` and ``episodes`` on ``sub`` (the
@@ -117,3 +126,18 @@ def add_synthetic_subcommands(sub) -> None:
                    help="question_type=weight,... for VQA documents (others 1), e.g. 'what color is the=4'")
     e.add_argument("--overwrite", action="store_true", help="replace shards already in out")
     e.set_defaults(func=_cmd_episodes)
+
+    i = sub.add_parser("icl-episodes", help="write in-context episodes whose answer format only the demonstrations "
+                                            "show (many phrasings, answer maps, framings, drawing styles)")
+    i.add_argument("out", help="output folder for the interleaved shards")
+    i.add_argument("--split", choices=ICL_SPLITS, default="train",
+                   help="train, or heldout: phrasings/answer maps/framings/styles kept for evaluation")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--documents", type=int, default=10000)
+    i.add_argument("--start", type=int, default=0, help="first document index (to add data in pieces)")
+    i.add_argument("--image-size", type=int, default=224)
+    i.add_argument("--samples-per-shard", type=int, default=500)
+    i.add_argument("--shots", type=_shots, default=(1, 8), help="least,most demonstrations per document (default 1,8)")
+    i.add_argument("--workers", type=int, default=1, help="processes drawing images (same output for any number)")
+    i.add_argument("--overwrite", action="store_true", help="replace shards already in out")
+    i.set_defaults(func=_cmd_icl)

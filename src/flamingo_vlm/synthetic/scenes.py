@@ -4,7 +4,8 @@ A :class:`Scene` holds 1-4 coloured shapes (:data:`SHAPES` x :data:`COLORS`), ea
 each at its own position (:data:`POSITIONS`), and optionally a word or a number written in a
 corner. Its reference captions, VQA questions (10 human-style answers each) and class label
 (``"<color> <shape>"``, single-object scenes only) are pure functions of it; its pixels come from
-:mod:`flamingo_vlm.synthetic.render`.
+:mod:`flamingo_vlm.synthetic.render` (which this module imports; the renderer never imports it), as
+do the drawable shapes, colours, sizes and positions.
 
 A :class:`SceneGenerator` decides everything from a seed: scene ``i`` of split ``s`` is drawn from
 ``numpy.random.default_rng([seed, s, i])``, so any scene can be regenerated alone. Some (shape,
@@ -21,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
+from .render import COLORS, POSITIONS, SHAPES, SIZES, Style, render_scene, text_layout
+
 __all__ = [
     "COLORS",
     "POSITIONS",
@@ -34,19 +37,7 @@ __all__ = [
 ]
 
 # -- vocabulary ---------------------------------------------------------------------------------------
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "hexagon")
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 215),
-    "yellow": (235, 200, 30),
-    "purple": (135, 55, 175),
-    "orange": (240, 130, 25),
-}
-SIZES: dict[str, float] = {"small": 0.075, "large": 0.13}  # radius / image side
-POSITIONS: dict[str, tuple[float, float]] = {
-    "left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8), "center": (0.5, 0.5),
-}
+# SHAPES, COLORS (their RGB), SIZES (radius / image side), POSITIONS (anchors): see .render
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                     "center": "in the center"}
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
@@ -83,15 +74,12 @@ class Scene:
     seed: int = 0  # drives the wording of captions and answers
 
     # -- pixels (drawn by flamingo_vlm.synthetic.render) --------------------------------------------
-    def render(self, size: int = 128) -> Image.Image:
-        from .render import render_scene
-
-        return render_scene(self, size)
+    def render(self, size: int = 128, style: Style | None = None) -> Image.Image:
+        """The scene's pixels; ``style`` (:class:`~flamingo_vlm.synthetic.render.Style`) varies the drawing."""
+        return render_scene(self, size, style)
 
     def text_box(self, size: int = 128) -> tuple[int, int, int, int] | None:
         """Pixel box (left, top, right, bottom) of the written word in :meth:`render` at ``size``."""
-        from .render import text_layout
-
         return text_layout(self, size)[2] if self.text else None
 
     # -- language -----------------------------------------------------------------------------------
