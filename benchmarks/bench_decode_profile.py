@@ -232,7 +232,8 @@ def render(result: dict[str, Any]) -> str:
         "# Batch-1 decode: profile and floor", "",
         f"CPU: {env['cpu']} ({', '.join(env['cpu_flags']) or 'no AVX2'}), {env['threads']} threads, "
         f"torch {env['torch']}; measured memory bandwidth {env['bandwidth_gbps']:.1f} GB/s; "
-        f"other processes used {env['others_cores_max']:.2f} cores at most during the timings.", "",
+        f"other processes used {env['others_cores_max']:.2f} cores at most during the timings.",
+        *([f"Kernels: {env['kernels']}."] if env.get("kernels") else []), "",
         "| LM | dtype | model | ms/token | floor (ms) | x floor | matmul GB/s | matmul GFLOP/s | outside ops | "
         "top groups (ms/step, profiled) |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__, "bandwidth_gbps": bandwidth,
         "others_cores_max": max((r["others_cores"] for r in rows if r["others_cores"] == r["others_cores"]), default=0.0),
         "shape": s.__dict__, "cross_attn_every": args.cross_attn_every,
+        "kernels": __import__("flamingo_vlm.modeling.kernels", fromlist=["summary"]).summary(),
     }
     result = {"env": env, "rows": rows}
     text = render(result)

@@ -15,10 +15,11 @@ Workloads (each also run on the *bare* LM, the same LM without Flamingo, for an 
 * encode: 8 images through the vision encoder + perceiver (baseline: vision encoder alone).
 
 Kernels: ``fp32`` is the library's default inference path, where Flamingo's generate/score/no-grad
-forward run fp32 linear layers on oneDNN (:mod:`flamingo_vlm.modeling.fast_linear`); its bare-LM
-baseline runs under the same ``onednn_linears`` block, so the ratio compares like with like.
-``fp32-mkl`` is torch's default kernels for both (``Flamingo.cpu_onednn = False``), and
-``fp32+onednn`` routes every fp32 GEMM through the training fast path's dispatch mode.
+forward run fp32 linear layers on oneDNN where this machine's probe chose it
+(:mod:`flamingo_vlm.modeling.kernels`); its bare-LM baseline runs under the same ``onednn_linears``
+block, so the ratio compares like with like. ``fp32-mkl`` is torch's default kernels for both
+(``Flamingo.cpu_onednn = False``), and ``fp32+onednn`` forces oneDNN linear layers for both,
+forward and backward (the route the trainer uses). The header names the CPU and the choices.
 
 For fp32 on CPU with the MPT LM, a "speed-up vs OpenFlamingo" column compares against the original
 OpenFlamingo's figures for this shape measured on this machine. For bf16 the whole model is cast
@@ -284,23 +285,25 @@ def to_dev(x, device):
     return x
 
 
-def matmul_mode(dtype_name: str) -> Callable[[], Any]:
-    """``fp32+onednn``: fp32 GEMMs through oneDNN (the training fast path's dispatch mode;
-    torch's default fp32 GEMM on CPU is MKL, which runs AVX2 code on non-Intel CPUs)."""
-    if dtype_name != "fp32+onednn":
+def matmul_mode(dtype_name: str, model: torch.nn.Module | None = None) -> Callable[[], Any]:
+    """``fp32+onednn``: every fp32 linear layer of ``model`` on oneDNN, forward and backward
+    (forced; the route the trainer uses where the probe picks it)."""
+    if dtype_name != "fp32+onednn" or model is None:
         return contextlib.nullcontext
-    from flamingo_vlm.train.fastpath import OneDNNMatmul
+    from flamingo_vlm.modeling.fast_linear import onednn_linears
 
-    return OneDNNMatmul
+    return lambda: onednn_linears(model, enabled=True)
 
 
 def baseline_mode(dtype_name: str, modules: list[torch.nn.Module], mode: Callable[[], Any]) -> Callable[[], Any]:
-    """The baselines' kernels: for ``fp32``, the same oneDNN linear layers Flamingo uses."""
-    if dtype_name != "fp32":
+    """The baselines' kernels: the same linear-layer kernels Flamingo uses (``fp32``: the machine's
+    choice; ``fp32+onednn``: forced)."""
+    if dtype_name not in ("fp32", "fp32+onednn"):
         return mode
     from flamingo_vlm.modeling.fast_linear import onednn_linears
 
-    return lambda: onednn_linears(torch.nn.ModuleList(modules))
+    forced = True if dtype_name == "fp32+onednn" else None
+    return lambda: onednn_linears(torch.nn.ModuleList(modules), enabled=forced)
 
 
 def in_mode(fn: Callable[[], Any], mode: Callable[[], Any]) -> Callable[[], Any]:
@@ -321,8 +324,8 @@ def run_dtype(
     device = torch.device(args.device)
     rows: list[dict[str, Any]] = []
     n = s.new_tokens
-    mode = matmul_mode(dtype_name)
-    model.cpu_onednn = dtype_name in ("fp32", "bf16")  # (bf16 weights never take the fp32 oneDNN path)
+    mode = matmul_mode(dtype_name, model)
+    model.cpu_onednn = {"fp32-mkl": False, "fp32+onednn": True}.get(dtype_name)  # None: the machine's choice
     base_mode = baseline_mode(dtype_name, [bare, model.vision_encoder], mode)
     gen_kwargs = dict(min_new_tokens=n, max_new_tokens=n, do_sample=False, num_beams=1)
 
@@ -423,7 +426,7 @@ def forward_logits(
 ):
     vx, lang, labels = to_dev(inputs["forward"], device)
     mask = torch.ones_like(lang)
-    with matmul_mode(dtype_name)():
+    with matmul_mode(dtype_name, model)():
         out = model(input_ids=lang, attention_mask=mask, labels=labels) if bare else model(vx, lang, mask, labels=labels)
     return out.logits.float().cpu(), float(out.loss)
 
@@ -509,6 +512,10 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     }
     if torch.device(args.device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    else:
+        from flamingo_vlm.modeling import kernels
+
+        env["kernels"] = kernels.summary()  # the CPU and the kernel choices this run used
     return env
 
 
@@ -528,6 +535,7 @@ def render(result: dict[str, Any]) -> str:
         f"- torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}",
         f"- CPU: {env['cpu']} ({env['logical_cpus']} logical CPUs; {', '.join(env['cpu_flags']) or 'no AVX-512'}),"
         f" torch threads: {env['threads']}" + (f"; GPU: {env['gpu']}" if "gpu" in env else ""),
+        *([f"- kernels: {env['kernels']}"] if env.get("kernels") else []),
         f"- model: {result['config']['description']}",
         f"- params: Flamingo {result['params']['flamingo_m']:.1f} M (LM {result['params']['lm_m']:.1f} M,"
         f" vision {result['params']['vision_m']:.1f} M, perceiver {result['params']['perceiver_m']:.1f} M,"
@@ -765,10 +773,11 @@ def main(argv: list[str] | None = None) -> int:
         if dtype_name == "fp32" and ("bf16" in dtypes or "fp32+onednn" in dtypes):
             ref_logits, ref_bare = forward_logits(model, inputs, device), forward_logits(bare, inputs, device, True)
         if dtype_name == "fp32" and device.type == "cpu":  # oneDNN linear layers vs torch's default kernels
+            model.cpu_onednn = True  # forced: the accuracy of oneDNN whatever the machine chose
             onednn_out = forward_logits(model, inputs, device)
             model.cpu_onednn = False
             result["onednn_linear_accuracy"] = logits_diff(*forward_logits(model, inputs, device), *onednn_out)
-            model.cpu_onednn = True
+            model.cpu_onednn = None
         if dtype_name == "fp32+onednn" and ref_logits is not None:
             result["onednn_accuracy"] = logits_diff(*ref_logits, *forward_logits(model, inputs, device, False, dtype_name))
         if dtype_name == "bf16":

@@ -21,10 +21,10 @@ def test_block_routes_fp32_linears_and_restores_them_even_on_error():
     x = torch.randn(3, 5, 24)
     with torch.no_grad():
         ref = net[:3](x)
-        with onednn_linears(net) as n:
+        with onednn_linears(net, enabled=True) as n:
             assert n == 2 and routed(net) == 2  # the bf16 layer keeps torch's kernel
             got = net[:3](x)
-            with onednn_linears(net) as inner:  # nested: nothing left to route, nothing undone early
+            with onednn_linears(net, enabled=True) as inner:  # nested: nothing left to route, nothing undone early
                 assert inner == 0
             assert routed(net) == 2
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -32,24 +32,37 @@ def test_block_routes_fp32_linears_and_restores_them_even_on_error():
         # modules that are not nn.Linear (the LM head with new-token rows) call linear(), which follows
         # the block: oneDNN inside (same values), F.linear outside
         w, b = net[0].weight, net[0].bias
-        with onednn_linears(net):
+        with onednn_linears(net, enabled=True):
             inside = linear(x, w, b)
         torch.testing.assert_close(inside, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
         assert torch.equal(linear(x, w, b), torch.nn.functional.linear(x, w, b))
         with pytest.raises(RuntimeError, match="boom"):
-            with onednn_linears(net):
+            with onednn_linears(net, enabled=True):
                 raise RuntimeError("boom")
         assert routed(net) == 0
 
 
-def test_gradients_take_the_autograd_path_inside_the_block():
+def test_gradients_inside_the_block_match_torchs_and_skip_frozen_weights():
+    """The training route: oneDNN forward and backward, the gradients of F.linear."""
+    from flamingo_vlm.modeling import kernels
+
     torch.manual_seed(0)
-    layer = nn.Linear(6, 4)
-    x = torch.randn(2, 6, requires_grad=True)
-    with onednn_linears(layer):
-        layer(x).sum().backward()
-    assert x.grad is not None and layer.weight.grad is not None
-    torch.testing.assert_close(layer.weight.grad, x.detach().sum(0).expand(4, 6).contiguous())
+    x0 = torch.randn(2, 5, 6)
+    grads = {}
+    for on in (True, False):
+        torch.manual_seed(1)  # the same weights for both runs
+        layer, frozen = nn.Linear(6, 4), nn.Linear(4, 3)
+        frozen.requires_grad_(False)
+        x = x0.clone().requires_grad_(True)
+        before = kernels.calls
+        with onednn_linears(nn.Sequential(layer, frozen), enabled=on):
+            frozen(layer(x)).square().sum().backward()
+        # forward 2, backward: layer's input and weight gradients, frozen layer's input gradient only
+        assert kernels.calls - before == (5 if on else 0)
+        assert frozen.weight.grad is None
+        grads[on] = (x.grad, layer.weight.grad, layer.bias.grad)
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_flamingo_generate_and_score_agree_with_default_kernels():
@@ -69,3 +82,9 @@ def test_flamingo_generate_and_score_agree_with_default_kernels():
     assert torch.equal(outs[True][0], outs[False][0])
     torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[True][2], outs[False][2], rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_keeps_its_bf16_linears_inside_the_block():
+    layer = nn.Linear(8, 4)
+    with onednn_linears(layer, enabled=True), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(3, 8)).dtype == torch.bfloat16

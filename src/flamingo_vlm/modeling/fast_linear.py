@@ -1,15 +1,19 @@
-"""oneDNN for fp32 linear layers during CPU inference.
+"""oneDNN for fp32 linear layers on CPU: the one route, for inference and training alike.
 
-torch's fp32 ``F.linear`` on CPU goes to MKL, which runs AVX2 code on non-Intel CPUs and is slow
-for the thin products of decoding (one token per row: a matrix-vector product that should run
-at memory bandwidth). oneDNN's linear kernel (``torch.ops.mkldnn._linear_pointwise``, IEEE fp32,
-no reduced-precision modes) does the same product 2-3x faster there; the results differ from
-MKL's at fp32 rounding level (another summation order).
+torch's fp32 ``F.linear`` on CPU goes to MKL. oneDNN's linear kernel
+(``torch.ops.mkldnn._linear_pointwise``, IEEE fp32, no reduced-precision modes) computes the same
+product with another summation order (results differ at fp32 rounding level). Which one is faster
+depends on the CPU and the shape (2x either way on the CPUs we measured), so whether it is used is
+decided per machine by :mod:`flamingo_vlm.modeling.kernels` (a cached probe), not assumed.
 
-:func:`onednn_linears` routes the ``nn.Linear`` layers of a module to that kernel for the length
-of a ``with`` block (generation, scoring, forward without gradients) and restores them after,
-also when the block raises. A layer falls back to ``F.linear`` whenever its call is not plain
-fp32 CPU inference (gradients wanted, another dtype or device), so the math never changes.
+:func:`~.kernels.onednn_linear` is ``F.linear`` on oneDNN with its own backward (the input and weight
+gradients are oneDNN GEMMs too; frozen weights get no gradient work). :func:`onednn_linears`
+routes the ``nn.Linear`` layers of a module for the length of a ``with`` block and restores them
+after, also when the block raises: ``Flamingo.generate/score/forward`` use it without gradients,
+the trainer around forward + backward. Each call goes to oneDNN or ``F.linear`` by its size: calls
+with few rows (decoding) follow the probe's decode choice, larger ones (prefill, training) its
+GEMM choice. A call that
+is not plain fp32 CPU (another dtype or device, tensor subclasses) falls back to ``F.linear``.
 """
 
 from __future__ import annotations
@@ -22,66 +26,69 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fast_bf16", "linear", "onednn_available", "onednn_linears"]
+from .kernels import DECODE_ROWS, PLAIN_TYPES, decide, onednn_available, onednn_linear
 
-# Set inside an ``onednn_linears`` block (per thread / async context): modules that compute their
-# products with :func:`linear` instead of being ``nn.Linear`` (the LM head with new-token rows) follow it.
-_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("flamingo_vlm_onednn_linears", default=False)
+__all__ = ["fast_bf16", "linear", "onednn_available", "onednn_linear", "onednn_linears"]
 
-
-def onednn_available() -> bool:
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Set inside an ``onednn_linears`` block (per thread / async context): "force" or "auto" (per call, by
+# the call's row count and the machine's choice). Modules that compute their products with
+# :func:`linear` instead of being ``nn.Linear`` (the LM head with new-token rows) follow it too.
+_ACTIVE: contextvars.ContextVar[str | None] = contextvars.ContextVar("flamingo_vlm_onednn_linears", default=None)
 
 
 def fast_bf16(device: str | None = None) -> bool:
-    """Whether bf16 runs natively here (CUDA, or a CPU with AVX512-BF16/AMX), not emulated."""
+    """Whether bf16 pays here: CUDA with bf16, or a CPU whose native bf16 (AVX512-BF16/AMX)
+    measured faster than fp32 (:mod:`.kernels`; emulated bf16 never is)."""
     if device and str(device).startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+    return decide("bf16")
+
+
+def _use_onednn(x: torch.Tensor) -> bool:
+    mode = _ACTIVE.get()
+    if mode is None:
         return False
-
-
-def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    if (
-        x.dtype != torch.float32
-        or w.dtype != torch.float32
-        or x.device.type != "cpu"
-        or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-    ):
-        return F.linear(x, w, b)
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-
-def _forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return _onednn(x, layer.weight, layer.bias)
+    if mode == "force":
+        return True
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return False  # (no probe for calls that could not take the route anyway)
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    return decide("decode" if rows <= DECODE_ROWS else "gemm")
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, on oneDNN inside an :func:`onednn_linears` block (same rules as its layers)."""
-    return _onednn(x, w, b) if _ACTIVE.get() else F.linear(x, w, b)
+    """``F.linear``, on oneDNN inside an :func:`onednn_linears` block where the block's policy
+    picks it for this call (decode-sized calls and larger GEMMs are decided apart)."""
+    return onednn_linear(x, w, b) if _use_onednn(x) else F.linear(x, w, b)
+
+
+def _forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, layer.weight, layer.bias)
 
 
 def _eligible(layer: nn.Module) -> bool:
     return (
         type(layer) is nn.Linear  # subclasses (quantized, LoRA-wrapped, ...) keep their own forward
         and "forward" not in vars(layer)  # already routed by an enclosing block, or patched by someone else
+        and type(layer.weight) in PLAIN_TYPES
         and layer.weight.device.type == "cpu"
         and layer.weight.dtype == torch.float32
     )
 
 
 @contextlib.contextmanager
-def onednn_linears(module: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Inside the block, ``module``'s fp32 CPU ``nn.Linear`` layers run on oneDNN; yields how many.
+def onednn_linears(module: nn.Module, enabled: bool | None = None) -> Iterator[int]:
+    """Inside the block, ``module``'s fp32 CPU ``nn.Linear`` layers are routed; yields how many.
 
-    Nesting is fine (an inner block leaves already routed layers alone). With ``enabled=False``,
-    or where this torch has no oneDNN linear kernel, nothing changes.
+    ``enabled=None``: each call runs on oneDNN where this machine's measured choice says so for its
+    size (up to ``DECODE_ROWS`` rows: the decode choice; more: the GEMM choice, which also covers
+    its backward); the probe runs at the first call that needs it. ``True``: always oneDNN;
+    ``False``: nothing changes. Nesting is fine (an inner block leaves routed layers alone).
+    Where this torch has no oneDNN linear kernel, nothing changes.
     """
-    on = enabled and onednn_available()
+    on = enabled is not False and onednn_available()
     layers = [m for m in module.modules() if _eligible(m)] if on else []
-    token = _ACTIVE.set(True) if on else None
+    token = _ACTIVE.set("force" if enabled else "auto") if on else None
     try:
         for layer in layers:
             layer.forward = _forward.__get__(layer)

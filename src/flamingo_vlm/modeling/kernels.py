@@ -1,0 +1,310 @@
+"""Which CPU kernels this machine should use, decided by measuring them once (cached).
+
+Defaults that depend on the CPU are not assumed from its name: oneDNN's fp32 GEMM beats torch's
+default (MKL) by 2x on some CPUs (AVX-512 AMD, where MKL runs AVX2 code) and loses to it on others
+(measured here on an AVX2-only AMD EPYC: slower for training-sized GEMMs, faster for some decode
+shapes). So a short probe times both on the shapes that matter and the faster one wins, with a 10%
+margin: oneDNN is used only where it measured clearly faster, never where it was slower.
+
+* ``decode``: fp32 linear layers at 1 and 4 rows over ~110 MB of distinct weights (so the product
+  runs from memory, as in decoding), oneDNN vs ``F.linear``; ~0.5 s. Used for calls with up to
+  ``DECODE_ROWS`` rows.
+* ``gemm``: fp32 linear forward + backward at 512 rows, oneDNN (:func:`onednn_linear`, defined
+  here; routed by :mod:`.fast_linear`) vs ``F.linear``; ~1-2 s. Used for calls with more rows
+  (prompt prefill, a forward with labels, the training step).
+* ``bf16``: a bf16 GEMM vs the fp32 one at 1024 rows, only on CPUs that report native bf16
+  (AVX512-BF16/AMX): whether bf16 weights/autocast pay here (emulated bf16 never does); ~0.5 s.
+
+Each part runs the first time something needs it (an fp32 CPU ``generate``, a CPU training run, a
+``dtype="auto"`` load) and is cached in ``$FLAMINGO_VLM_CACHE/kernels/`` (default
+``~/.cache/flamingo-vlm/kernels/``), one JSON file per CPU model, torch version and thread count.
+Thread counts stay torch's (one per physical core, or ``OMP_NUM_THREADS``); the allocator is the
+process's (``LD_PRELOAD``); both are reported with the choice.
+
+Nothing is assumed for CPUs we could not measure (AMX, AVX-512 Intel): there too the decisions
+are these timings. A probe taken while other processes load the CPU can be off; the 10% margin
+keeps torch's default in close calls, and ``probe`` measures again.
+
+Override with ``FLAMINGO_VLM_CPU_KERNELS``: ``auto`` (default: probe once, then the cache),
+``onednn`` (oneDNN for decode and training), ``default`` (torch's kernels everywhere), ``probe``
+(measure again and rewrite the cache). This module imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DECODE_ROWS", "ENV", "KernelChoice", "cpu_model", "decide", "kernel_choice", "onednn_available", "onednn_linear", "summary"]
+
+ENV = "FLAMINGO_VLM_CPU_KERNELS"
+_MODES = ("auto", "onednn", "default", "probe")
+DECODE_ROWS = 8  # a linear call with at most this many rows (tokens x batch) follows the decode choice
+MARGIN = 0.9  # oneDNN / bf16 must take <= 90% of the default's time to be chosen
+_LOCK = threading.Lock()
+_MEMO: dict[str, bool] = {}
+
+
+def onednn_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _allocator() -> str:
+    pre = os.environ.get("LD_PRELOAD", "")
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if name in pre:
+            return name
+    return "glibc malloc"
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: expected one of {', '.join(_MODES)}")
+    return mode
+
+
+def cache_file() -> Path:
+    root = Path(os.environ.get("FLAMINGO_VLM_CACHE") or Path.home() / ".cache" / "flamingo-vlm")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", cpu_model()).strip("-")[:60] or "cpu"
+    version = re.sub(r"[^A-Za-z0-9.]+", "-", torch.__version__)
+    return root / "kernels" / f"{slug}-torch{version}-t{torch.get_num_threads()}.json"
+
+
+# -- the oneDNN GEMM -----------------------------------------------------------------------------------
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # not subclasses such as DTensor or quantized tensors
+calls = 0  # products that took the oneDNN path (tests)
+
+
+def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    global calls
+    calls += 1
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def _plain_fp32(*ts: torch.Tensor | None) -> bool:
+    return all(t is None or (type(t) in PLAIN_TYPES and t.dtype == torch.float32 and t.device.type == "cpu") for t in ts)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _lp(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:  # dL/dx = g @ W: W^T as oneDNN's (out, in) weight
+            gx = _lp(g2, w.t(), None).view(x.shape)
+        if ctx.needs_input_grad[1]:  # dL/dW = g^T @ x
+            gw = _lp(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` on oneDNN (forward and backward) for plain fp32 CPU tensors."""
+    if not (_plain_fp32(x, w, b) and x.dim() >= 1 and x.shape[-1] > 0 and x.numel()) or torch.is_autocast_enabled("cpu"):
+        return F.linear(x, w, b)  # (under autocast F.linear computes in bf16, as asked)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return _OneDNNLinear.apply(x.contiguous(), w, b)
+    return _lp(x, w, b)
+
+
+# -- timing -------------------------------------------------------------------------------------------
+def _best(fn, reps: int) -> float:
+    fn()  # warm-up (oneDNN primitive creation, page faults)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _race(a, b, reps: int = 5, rounds: int = 3) -> tuple[float, float]:
+    """Best times of ``a`` and ``b``, interleaved in rounds so drifting load hits both alike."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(_best(a, reps))
+        tb.append(_best(b, reps))
+    return min(ta), min(tb)
+
+
+def _probe_decode() -> dict:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 4  # 16 layers, ~113 MB fp32
+    weights = [torch.randn(o, i, generator=g) * 0.02 for i, o in shapes]
+    out = {}
+    with torch.no_grad():
+        for rows in (1, 4):
+            xs = {i: torch.randn(rows, 1, i, generator=g) for i, _ in shapes}
+
+            def run(f):
+                return lambda: [f(xs[w.shape[1]], w, None) for w in weights]
+
+            out[f"rows{rows}"] = _race(run(F.linear), run(onednn_linear))
+    default, onednn = (sum(v[k] for v in out.values()) for k in (0, 1))
+    return {"onednn_decode": onednn <= MARGIN * default,
+            "decode_ms": {"default": round(default * 1e3, 3), "onednn": round(onednn * 1e3, 3)}}
+
+
+def _probe_gemm() -> dict:
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for i, o in ((768, 3072), (3072, 768)):
+        x = torch.randn(512, i, generator=g, requires_grad=True)
+        w = (torch.randn(o, i, generator=g) * 0.02).requires_grad_(True)
+        b = torch.zeros(o, requires_grad=True)
+        cases.append((x, w, b))
+
+    def run(f):
+        def step():
+            for x, w, b in cases:
+                f(x, w, b).sum().backward()
+                x.grad = w.grad = b.grad = None
+        return step
+
+    default, onednn = _race(run(F.linear), run(onednn_linear), reps=1, rounds=2)
+    return {"onednn_gemm": onednn <= MARGIN * default,
+            "gemm_ms": {"default": round(default * 1e3, 3), "onednn": round(onednn * 1e3, 3)}}
+
+
+def _bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _probe_bf16() -> dict:
+    if not _bf16_supported():  # emulated bf16: slower than fp32 on every CPU we measured, no need to time it
+        return {"bf16_fast": False, "bf16_ms": None}
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(1024, 768, generator=g), torch.randn(3072, 768, generator=g)
+    a16, w16 = a.bfloat16(), w.bfloat16()
+    with torch.no_grad():
+        fp32, bf16 = _race(lambda: F.linear(a, w), lambda: F.linear(a16, w16))
+    return {"bf16_fast": bf16 <= MARGIN * fp32, "bf16_ms": {"fp32": round(fp32 * 1e3, 3), "bf16": round(bf16 * 1e3, 3)}}
+
+
+_PROBES = {"decode": _probe_decode, "gemm": _probe_gemm, "bf16": _probe_bf16}
+_KEYS = {"decode": "onednn_decode", "gemm": "onednn_gemm", "bf16": "bf16_fast"}
+
+
+# -- the choice ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """What this process runs with, and where each decision came from."""
+
+    cpu: str
+    torch: str
+    threads: int
+    allocator: str
+    onednn_decode: bool  # fp32 linears with few rows (<= DECODE_ROWS: decoding) on oneDNN
+    onednn_gemm: bool  # fp32 linears with more rows (prefill, forward+loss, training, with backward) on oneDNN
+    bf16_fast: bool  # bf16 GEMMs beat fp32 here (native bf16 and measured faster)
+    source: str  # "probe", "cache <file>", "env FLAMINGO_VLM_CPU_KERNELS=..."
+    timings: dict
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: measure again (the file is rewritten whole)
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the choice still holds for this process
+
+
+def decide(part: str) -> bool:
+    """One decision (``decode``, ``gemm`` or ``bf16``): from the env override, the memo, the cache
+    file, or by running that part's probe (then cached)."""
+    mode = _mode()
+    if mode in ("onednn", "default") and part != "bf16":
+        return mode == "onednn" and onednn_available()
+    if part != "bf16" and not onednn_available():
+        return False
+    key = _KEYS[part]
+    with _LOCK:
+        if part in _MEMO:  # decided earlier in this process (``probe`` re-measures once per process)
+            return _MEMO[part]
+        path = cache_file()
+        data = _read_cache(path)
+        if not isinstance(data.get(key), bool) or mode == "probe":
+            # (the first call may come from inside generate's no_grad / inference_mode)
+            with torch.inference_mode(False), torch.enable_grad():
+                data.update(_PROBES[part]())
+            data.update(cpu=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads())
+            _write_cache(path, data)
+        _MEMO[part] = data[key]
+        return _MEMO[part]
+
+
+def kernel_choice(parts: tuple[str, ...] = ("decode", "gemm", "bf16")) -> KernelChoice:
+    """Every decision (probing what is not cached yet), for reports and benchmarks."""
+    decisions = {p: decide(p) for p in parts}
+    mode = _mode()
+    path = cache_file()
+    source = f"env {ENV}={mode}" if mode in ("onednn", "default") else f"probe, cached in {path}"
+    data = _read_cache(path)
+    return KernelChoice(
+        cpu=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads(), allocator=_allocator(),
+        onednn_decode=decisions.get("decode", False), onednn_gemm=decisions.get("gemm", False),
+        bf16_fast=decisions.get("bf16", False), source=source,
+        timings={k: data.get(k) for k in ("decode_ms", "gemm_ms", "bf16_ms") if k in data},
+    )
+
+
+def summary(choice: KernelChoice | None = None, allocator: str | None = None) -> str:
+    """One line for benchmark headers: the CPU and the choices it ran with (``allocator``: that of
+    the processes that ran the timings, where not this one)."""
+    c = choice or kernel_choice()
+    if allocator:
+        c = dataclasses.replace(c, allocator=allocator)
+    flags = [f"{'oneDNN' if c.onednn_decode else 'torch default'} for decode-sized fp32 linears",
+             f"{'oneDNN' if c.onednn_gemm else 'torch default'} for larger ones (prefill, forward, training)",
+             f"bf16 {'native and faster' if c.bf16_fast else 'not faster than fp32'}"]
+    t = c.timings
+    if t.get("decode_ms"):
+        flags.append(f"probe decode {t['decode_ms']['default']:.1f}/{t['decode_ms']['onednn']:.1f} ms")
+    if t.get("gemm_ms"):
+        flags.append(f"GEMM fwd+bwd {t['gemm_ms']['default']:.0f}/{t['gemm_ms']['onednn']:.0f} ms (default/oneDNN)")
+    return (f"CPU: {c.cpu}; torch {c.torch}, {c.threads} threads, {c.allocator}; kernels ({c.source}): "
+            + ", ".join(flags))

@@ -1,0 +1,110 @@
+"""Per-machine kernel choice: decided by a cached probe, overridable, never oneDNN where it was slower."""
+
+import json
+
+import pytest
+import torch
+
+from flamingo_vlm import FlamingoProcessor
+from flamingo_vlm.modeling import kernels
+from tiny import random_images, tiny_flamingo
+
+pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="this torch has no oneDNN linear kernel")
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """No decision memoised in this process, an empty cache dir, the default mode."""
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    monkeypatch.setenv("FLAMINGO_VLM_CACHE", str(tmp_path))
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    return tmp_path
+
+
+def fake_race(ratio, log):
+    """``_race`` stand-in: oneDNN takes ``ratio`` times the default's time."""
+    def race(a, b, reps=5, rounds=3):
+        log.append(1)
+        return 1.0, ratio
+    return race
+
+
+@pytest.mark.parametrize("ratio, chosen", [(0.5, True), (0.95, False), (1.5, False)])
+def test_onednn_is_chosen_only_where_it_measured_clearly_faster(fresh, monkeypatch, ratio, chosen):
+    log = []
+    monkeypatch.setattr(kernels, "_race", fake_race(ratio, log))
+    assert kernels.decide("decode") is chosen and kernels.decide("gemm") is chosen
+    assert len(log) == 3  # decode: 1 and 4 rows; gemm
+
+
+def test_the_probe_runs_once_then_the_cache_answers_and_a_damaged_cache_is_measured_again(fresh, monkeypatch):
+    log = []
+    monkeypatch.setattr(kernels, "_race", fake_race(0.5, log))
+    assert kernels.decide("decode") and kernels.decide("decode")
+    path = kernels.cache_file()
+    assert path.parent == fresh / "kernels" and f"torch{torch.__version__.split('+')[0]}" in path.name
+    data = json.loads(path.read_text())
+    assert data["onednn_decode"] is True and data["cpu"] == kernels.cpu_model() and len(log) == 2
+    monkeypatch.setattr(kernels, "_MEMO", {})  # a new process: the file answers, no probe
+    assert kernels.decide("decode") and len(log) == 2
+    path.write_text("{not json")
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    monkeypatch.setattr(kernels, "_race", fake_race(2.0, log))
+    assert kernels.decide("decode") is False and len(log) == 4
+    assert json.loads(path.read_text())["onednn_decode"] is False
+    monkeypatch.setenv(kernels.ENV, "probe")  # measure again although cached
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    monkeypatch.setattr(kernels, "_race", fake_race(0.5, log))
+    assert kernels.decide("decode") is True and len(log) == 6
+
+
+def test_env_override_needs_no_probe_and_a_bad_value_is_named(fresh, monkeypatch):
+    monkeypatch.setattr(kernels, "_race", lambda *a, **k: pytest.fail("probed despite the override"))
+    monkeypatch.setenv(kernels.ENV, "default")
+    assert not kernels.decide("decode") and not kernels.decide("gemm")
+    monkeypatch.setenv(kernels.ENV, "onednn")
+    assert kernels.decide("decode") and kernels.decide("gemm")
+    assert "FLAMINGO_VLM_CPU_KERNELS=onednn" in kernels.summary(kernels.kernel_choice(("decode", "gemm")))
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(ValueError, match="FLAMINGO_VLM_CPU_KERNELS='fast'.*auto, onednn, default, probe"):
+        kernels.decide("decode")
+
+
+def test_generate_follows_the_machine_choice_unless_the_model_forces_it(fresh, monkeypatch):
+    model, ip, tok = tiny_flamingo("llama", every=1, seed=3)
+    batch = FlamingoProcessor(tok, ip)([("<image>a red car.<|endofchunk|><image>a", random_images(2, seed=1))])
+    args = (batch["vision_x"], batch["input_ids"], batch["attention_mask"])
+    used = {}
+    for mode, flag in (("default", None), ("onednn", None), ("onednn", False), ("default", True)):
+        monkeypatch.setenv(kernels.ENV, mode)
+        model.cpu_onednn = flag
+        before = kernels.calls
+        ids = model.generate(*args, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        used[(mode, flag)] = (kernels.calls > before, ids)
+    assert {k: v[0] for k, v in used.items()} == {
+        ("default", None): False, ("onednn", None): True, ("onednn", False): False, ("default", True): True}
+    assert all(torch.equal(v[1], used[("default", None)][1]) for v in used.values())
+
+
+def test_the_real_probe_decides_and_reports(fresh):
+    with torch.inference_mode():  # as from inside generate: the GEMM probe still gets its backward
+        assert isinstance(kernels.decide("gemm"), bool)
+    choice = kernels.kernel_choice()
+    assert isinstance(choice.onednn_decode, bool) and isinstance(choice.onednn_gemm, bool)
+    assert choice.timings["decode_ms"]["default"] > 0 and choice.timings["gemm_ms"]["onednn"] > 0
+    assert choice.cpu in kernels.summary(choice) and kernels.cache_file().is_file()
+
+
+def test_each_call_follows_the_choice_for_its_size(fresh, monkeypatch):
+    """Decode-sized calls (few rows) and larger GEMMs are decided apart (oneDNN can win one, lose the other)."""
+    from flamingo_vlm.modeling.fast_linear import onednn_linears
+
+    monkeypatch.setattr(kernels, "_MEMO", {"decode": True, "gemm": False})
+    layer = torch.nn.Linear(8, 4)
+    used = {}
+    with torch.no_grad(), onednn_linears(layer):
+        for rows in (1, kernels.DECODE_ROWS, kernels.DECODE_ROWS + 1, 64):
+            before = kernels.calls
+            layer(torch.randn(rows, 8))
+            used[rows] = kernels.calls > before
+    assert used == {1: True, kernels.DECODE_ROWS: True, kernels.DECODE_ROWS + 1: False, 64: False}
