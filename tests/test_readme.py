@@ -189,3 +189,17 @@ def test_readme_block_runs(block, tmp_path):
         f"README block at line {block.line} failed (exit {proc.returncode}):\n"
         f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     )
+
+
+CONFIG_FILES = sorted(
+    p.relative_to(REPO).as_posix()
+    for pattern in ("configs/*.yaml", "research/configs/*.yaml")
+    for p in REPO.glob(pattern)
+)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES)
+def test_config_file_loads(path, capsys):
+    """Every config the README or the model card points at resolves as `--print-config` would."""
+    assert cli_main(["train", "--config", str(REPO / path), "--print-config"]) == 0
+    assert "output_dir:" in capsys.readouterr().out

@@ -84,14 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_subcommand(sub)
     from .data.custom import add_data_subcommand
+    from .synthetic.cli import add_synthetic_subcommands
 
-    add_data_subcommand(sub)
+    add_data_subcommand(sub, extra=[add_synthetic_subcommands])
     from .eval.cli import add_evaluate_subcommand
 
     add_evaluate_subcommand(sub)
     from .train.cli import add_train_subcommand
+    from .train.grow import add_grow_subcommand
 
     add_train_subcommand(sub)
+    add_grow_subcommand(sub)
     from .serve.cli import add_serve_subcommand
 
     add_serve_subcommand(sub)

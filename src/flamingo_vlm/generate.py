@@ -88,13 +88,13 @@ def rank_candidates(model, image_processor, tokenizer, sample, candidates) -> li
     return sorted(zip(candidates, probs), key=lambda cp: -cp[1])
 
 
-def _load(model_name: str, dtype: str | None, device: str | None):
+def _load(model_name: str, dtype: str | None, device: str | None, quantize: str | None = None):
     from .pretrained import from_pretrained
 
     if dtype in (None, "auto"):
         dtype = "bfloat16" if fast_bf16(device) else "float32"
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    return from_pretrained(model_name, dtype=torch_dtype, device=device)
+    return from_pretrained(model_name, dtype=torch_dtype, device=device, quantize=quantize)
 
 
 def _read_image(path: str):
@@ -305,7 +305,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     start = time.perf_counter()
-    model, image_processor, tokenizer = _load(args.model, args.dtype, args.device)
+    model, image_processor, tokenizer = _load(args.model, args.dtype, args.device, args.quantize)
     load_s = time.perf_counter() - start
     if not args.json:
         print(f"[{args.model} loaded in {load_s:.1f} s]", file=sys.stderr)
@@ -358,6 +358,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto (default): bfloat16 where it runs natively (GPUs, CPUs with AVX512-BF16), else float32")
     o.add_argument("--device", help="cpu, cuda, cuda:1 (default: cpu)")
+    o.add_argument("--quantize", choices=["int8", "int4"],
+                    help="weight-only quantized LM, cross-attention and perceiver linears (CPU only; "
+                         "int4 is the faster one where bf16 is not native, int8 mainly saves memory)")
 
 
 def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:

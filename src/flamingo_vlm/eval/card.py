@@ -7,6 +7,9 @@
    the evaluation scenes);
 2. runs the standard harness (:mod:`flamingo_vlm.eval.evaluator`): captioning (CIDEr), VQA
    (VQAv2 accuracy) and classification (top-1 over the 36 colour-shape classes);
+   and the in-context episodes (``synthetic_icl``: held-out phrasings, answer maps, framings and
+   drawing styles; accuracy per question type and on the answer-format split, whose answers only
+   the demonstrations show; see :mod:`flamingo_vlm.synthetic.icl`);
 3. runs in-context name binding (:mod:`flamingo_vlm.eval.binding`) with held-out names;
 4. writes ``card.json``, ``card.md`` (a table) and ``shots.png`` (score vs shots).
 
@@ -26,9 +29,10 @@ from .results import atomic_write_json
 
 TRAIN_SEED = 0
 EVAL_SEED = 1
-HARNESS_TASKS = ("coco", "vqav2", "imagenet")
+HARNESS_TASKS = ("coco", "vqav2", "imagenet", "synthetic_icl")
 LABELS = {"coco": "captioning CIDEr", "vqav2": "VQA accuracy (%)", "imagenet": "classification top-1 (%)",
-          "binding": "name binding, 2-way (%)"}
+          "synthetic_icl": "in-context episodes, held out (%)", "binding": "name binding, 2-way (%)"}
+_FOLDERS = {"coco": "mscoco_karpathy", "vqav2": "vqav2", "imagenet": "imagenet", "synthetic_icl": "synthetic_icl"}
 
 
 def eval_generator():
@@ -42,15 +46,16 @@ def eval_generator():
 
 def run_card(model: str, out: str | Path, *, shots=(0, 1, 2, 4, 8), n_test: int = 100, trials: int = 1,
              binding_episodes: int = 200, precision: str = "bf16", num_beams: int = 3, batch_size: int = 8,
-             progress: bool = True) -> dict:
+             progress: bool = True, quantize: str | None = None) -> dict:
     out = Path(out)
     with exclusive_directory(out):  # the benchmark data and the harness units are shared by reruns
         return _run_card(model, out, shots=shots, n_test=n_test, trials=trials, binding_episodes=binding_episodes,
-                         precision=precision, num_beams=num_beams, batch_size=batch_size, progress=progress)
+                         precision=precision, num_beams=num_beams, batch_size=batch_size, progress=progress,
+                         quantize=quantize)
 
 
 def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes, precision, num_beams, batch_size,
-              progress) -> dict:
+              progress, quantize=None) -> dict:
     from ..pretrained import from_pretrained
     from .binding import evaluate_binding
     from .evaluator import PRECISIONS, EvalConfig, evaluate
@@ -58,16 +63,17 @@ def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes,
 
     data = out / "data"
     gen = eval_generator()
-    if not (data / "synthetic.json").is_file():
-        write_synthetic_benchmark(data, generator=gen, tasks=HARNESS_TASKS, n_train=256, n_val=8, n_test=n_test,
+    missing = [t for t in HARNESS_TASKS if not (data / "synthetic.json").is_file() or not (data / _FOLDERS[t]).is_dir()]
+    if missing:  # a card folder from before a task was added gets just that task's data
+        write_synthetic_benchmark(data, generator=gen, tasks=missing, n_train=256, n_val=8, n_test=n_test,
                                   n_class_train_per_class=8, n_class_val_per_class=max(1, n_test // 36 + 1),
                                   image_size=224, overwrite=True)
     dtype = PRECISIONS[precision]
-    loaded = from_pretrained(model, dtype=None if dtype == torch.float32 else dtype)
+    loaded = from_pretrained(model, dtype=None if dtype == torch.float32 else dtype, quantize=quantize)
     t0 = time.perf_counter()
     config = EvalConfig(tasks=list(HARNESS_TASKS), data_root=str(data), out_dir=str(out / "harness"), shots=list(shots),
                         trials=trials, num_samples=n_test, batch_size=batch_size, num_beams=num_beams,
-                        precision=precision, progress=progress, model_name=model)
+                        precision=precision, quantize=quantize, progress=progress, model_name=model)
     harness = evaluate(loaded[0], config, image_processor=loaded[1], tokenizer=loaded[2])["results"]
     binding = {}
     for k in shots:
@@ -80,6 +86,13 @@ def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes,
     for r in harness.get("vqav2", []):
         for qtype, acc in r["metrics"].get("per_question_type", {}).items():
             vqa_types.setdefault(qtype, {})[int(r["shots"])] = acc
+    icl: dict[str, dict[int, float]] = {}  # in-context episodes by question type, and the answer-format split
+    for r in harness.get("synthetic_icl", []):
+        m = r["metrics"]
+        for qtype, acc in m.get("per_question_type", {}).items():
+            icl.setdefault(qtype, {})[int(r["shots"])] = acc
+        icl.setdefault("answer-format split", {})[int(r["shots"])] = m.get("answer_format_split", float("nan"))
+        icl.setdefault("content (any vocabulary)", {})[int(r["shots"])] = m.get("content_accuracy", float("nan"))
     by_pair: dict[str, dict[int, dict[str, float]]] = {}  # scenes that show a held-out pair, and the others
     for task, rows in harness.items():
         for r in rows:
@@ -87,9 +100,9 @@ def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes,
             if split:
                 by_pair.setdefault(task, {})[int(r["shots"])] = dict(split)
     card = {"model": model, "shots": list(shots), "scores": table, "labels": LABELS, "vqa_by_question": vqa_types,
-            "by_held_out_pair": by_pair,
+            "icl_by_question": icl, "by_held_out_pair": by_pair,
             "n_test": n_test,
-            "trials": trials, "binding_episodes": binding_episodes, "precision": precision, "num_beams": num_beams,
+            "trials": trials, "binding_episodes": binding_episodes, "precision": precision, "quantize": quantize, "num_beams": num_beams,
             "eval_seed": EVAL_SEED, "held_out_pairs": sorted(map(list, gen.held_out_pairs)), "seconds": round(seconds, 1)}
     atomic_write_json(out / "card.json", card)
     (out / "card.md").write_text(markdown(card), encoding="utf-8")
@@ -115,6 +128,15 @@ def markdown(card: dict) -> str:
             row = {int(k): v for k, v in row.items()}  # JSON keys are strings
             lines.append(f"| {qtype} ... | " + " | ".join(f"{row[k]:.0f}" if k in row else "-" for k in
                                                           (int(s) for s in shots)) + " |")
+    icl = card.get("icl_by_question")
+    if icl:
+        lines += ["", "In-context episodes (held-out phrasings, answer maps, framings, styles; 0 shots = the query "
+                  "alone), accuracy (%) by question type; the answer-format split's answers only the demos show:", "",
+                  "| episodes | " + " | ".join(f"{k} shots" for k in shots) + " |", "|---|" + "---|" * len(shots)]
+        for name, row in icl.items():
+            row = {int(k): v for k, v in row.items()}
+            lines.append(f"| {name} | " + " | ".join(f"{row[k]:.0f}" if k in row else "-" for k in
+                                                     (int(s) for s in shots)) + " |")
     by_pair = card.get("by_held_out_pair")
     if by_pair:
         lines += ["", "Scores on the queries that show a (shape, colour) pair held out of training, and on the others:",
@@ -137,7 +159,7 @@ def plot(card: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for task in ("vqav2", "imagenet", "binding"):
+    for task in ("vqav2", "imagenet", "synthetic_icl", "binding"):
         row = {int(k): v for k, v in card["scores"].get(task, {}).items()}
         if row:
             ax1.plot(list(row), list(row.values()), marker="o", label=card["labels"][task])
@@ -171,12 +193,13 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("fp32", "bf16", "amp_bf16"), default="bf16")
     p.add_argument("--num-beams", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized LM/cross-attention/perceiver")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     try:
         card = run_card(a.model, a.out, shots=[int(s) for s in a.shots.split(",")], n_test=a.n_test, trials=a.trials,
                         binding_episodes=a.binding_episodes, precision=a.precision, num_beams=a.num_beams,
-                        batch_size=a.batch_size, progress=not a.quiet)
+                        batch_size=a.batch_size, progress=not a.quiet, quantize=a.quantize)
     except DirectoryBusy as e:
         raise SystemExit(str(e)) from None
     print(markdown(card))

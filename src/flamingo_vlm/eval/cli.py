@@ -61,7 +61,8 @@ def _run(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         query_set_size=args.query_set_size,
         batch_size=args.batch_size,
-        demo_selection="rices" if args.rices else "random",
+        demo_selection="rices" if args.rices else args.demo_selection,
+        prefix_cache_mb=args.prefix_cache_mb,
         rices_vision_encoder=args.rices_vision_encoder,
         rices_vision_pretrained=args.rices_vision_pretrained,
         rices_cache_dir=args.rices_cache_dir,
@@ -75,6 +76,7 @@ def _run(args: argparse.Namespace) -> int:
         vqa_gt_normalization=args.vqa_gt_normalization,
         vqa_compat=args.vqa_compat,
         precision=args.precision,
+        quantize=args.quantize,
         save_predictions=not args.no_predictions,
         progress=not args.quiet,
         model_name=args.model,
@@ -112,7 +114,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in model, model directory or Hub id (flamingo_vlm.load_pretrained; default {DEFAULT_MODEL})")
     p.add_argument("--tasks", required=True,
-                   help="comma-separated: coco,flickr30k,vqav2,ok_vqa,textvqa,vizwiz,hateful_memes,imagenet")
+                   help="comma-separated: coco,flickr30k,vqav2,ok_vqa,textvqa,vizwiz,hateful_memes,imagenet,synthetic_icl")
     p.add_argument("--data-root", help="folder holding one folder per dataset (mscoco_karpathy/, vqav2/, ...)")
     p.add_argument("--task-root", action="append", metavar="TASK=PATH", help="a dataset's folder (repeatable)")
     p.add_argument("--out", default="results", help="results folder (resumable: finished units are skipped)")
@@ -123,6 +125,11 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-set-size", type=int, default=2048, help="training examples random demos come from")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rices", action="store_true", help="choose demos by image similarity (RICES)")
+    p.add_argument("--demo-selection", choices=["random", "shared"], default="random",
+                   help="random: demos drawn per query (default); shared: one draw per trial for every query")
+    p.add_argument("--prefix-cache-mb", type=float, default=0,
+                   help="MiB for reusing the keys/values of prompt prefixes queries share (with --demo-selection "
+                        "shared); same results, faster (default 0: off)")
     p.add_argument("--rices-vision-encoder", help="encoder for RICES features (open_clip name or HF id); default: the model's")
     p.add_argument("--rices-vision-pretrained", help="its weights (e.g. openai)")
     p.add_argument("--rices-cache-dir", help="where RICES features are cached (default OUT/rices)")
@@ -141,6 +148,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                         "leave-one-out removes every identical answer entry when the file has no answer_id, as "
                         "VizWiz's), to compare with the paper's numbers; default: the official metric")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "amp_bf16"), default="fp32")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                    help="weight-only quantized LM, cross-attention and perceiver linears (CPU only; "
+                         "int4 is the faster one where bf16 is not native, int8 mainly saves memory)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--synthetic", action="store_true",
                    help="write the synthetic benchmark into --data-root first when its datasets are missing")

@@ -41,6 +41,9 @@ __all__ = ["EvalConfig", "Evaluator", "continuation_ids", "evaluate", "held_out_
 
 logger = logging.getLogger(__name__)
 
+#: The sample index whose random draw is the shared demo set (``demo_selection="shared"``).
+SHARED_DEMOS_INDEX = 2**40
+
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": torch.float32}
 
 
@@ -58,7 +61,7 @@ class EvalConfig:
     num_samples: int | None = None  # evaluate a random subset (per trial seed); None: the whole split
     query_set_size: int = 2048
     batch_size: int = 8
-    demo_selection: str = "random"  # or "rices"
+    demo_selection: str = "random"  # or "rices", or "shared": one demo set per trial for every query
     rices_vision_encoder: str | None = None  # open_clip name / HF id; None: the model's own encoder
     rices_vision_pretrained: str | None = None
     rices_cache_dir: str | None = None  # default <out_dir>/rices
@@ -73,7 +76,11 @@ class EvalConfig:
     vqa_gt_normalization: str = "official"  # or "always" (OpenFlamingo's variant)
     vqa_compat: str = "official"  # or "openflamingo": OpenFlamingo's vqa_metric.py (see vqa_scoring)
     precision: str = "fp32"
+    quantize: str | None = None  # "int8"/"int4": weight-only, applied when the model is loaded from a path
     save_predictions: bool = True
+    # MiB for the LM keys/values (and image latents) of prompt prefixes that queries share (0: off);
+    # pays with demo_selection="shared" (every query starts with the same demos). Results are unchanged.
+    prefix_cache_mb: float = 0.0
     progress: bool = True
     model_name: str = ""
 
@@ -100,8 +107,10 @@ class EvalConfig:
             raise ValueError(f"shots must be non-negative, got {self.shots}")
         if self.trials < 1:
             raise ValueError("trials must be >= 1")
-        if self.demo_selection not in ("random", "rices"):
-            raise ValueError(f"demo_selection must be 'random' or 'rices', got {self.demo_selection!r}")
+        if self.demo_selection not in ("random", "rices", "shared"):
+            raise ValueError(f"demo_selection must be 'random', 'rices' or 'shared', got {self.demo_selection!r}")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0: no prefix cache), got {self.prefix_cache_mb}")
         if self.vqa_compat not in ("official", "openflamingo"):
             raise ValueError(f"vqa_compat must be 'official' or 'openflamingo', got {self.vqa_compat!r}")
         if self.precision not in PRECISIONS:
@@ -151,6 +160,12 @@ class Evaluator:
     def __init__(self, model, image_processor, tokenizer, config: EvalConfig, ctx: DistContext | None = None):
         config.validate()
         self.model, self.image_processor, self.tokenizer, self.config = model.eval(), image_processor, tokenizer, config
+        self.prefix_cache = None
+        if config.prefix_cache_mb > 0:  # tasks call self.model.generate/score: they go through the cache
+            from ..prefix_cache import PrefixCache
+
+            self.prefix_cache = PrefixCache(int(config.prefix_cache_mb * 2**20))
+            self.model = self.prefix_cache.wrap(self.model)
         self.ctx = ctx or DistContext(device=model.device)
         self.processor = FlamingoProcessor(tokenizer, image_processor)
         self.images = _ImageCache(image_processor)
@@ -175,7 +190,9 @@ class Evaluator:
             "model": c.model_name, "task": spec.name, "shots": shots, "seed": seed, "num_eval": n_eval,
             "num_samples": c.num_samples, "demo_selection": c.demo_selection, "precision": c.precision,
         }
-        if c.demo_selection == "random":
+        if c.quantize:  # a quantized model's units are not the full-precision model's
+            fp["quantize"] = c.quantize
+        if c.demo_selection in ("random", "shared"):
             fp["query_set_size"] = c.query_set_size
         else:
             fp["rices_vision_encoder"] = c.rices_vision_encoder or "model"
@@ -287,7 +304,7 @@ class Evaluator:
     def run_unit(self, spec, train, test, shots, trial, seed, order, rices, held_out: set[str] | None = None) -> dict:
         c = self.config
         k = shots if shots > 0 else P.TEXT_ONLY_DEMOS_AT_ZERO_SHOT
-        selector = RandomDemoSelector(train, c.query_set_size, seed) if c.demo_selection == "random" else None
+        selector = RandomDemoSelector(train, c.query_set_size, seed) if c.demo_selection != "rices" else None
         mine = [order[i] for i in shard_indices(len(order), self.ctx.rank, self.ctx.world_size)]
         batches = [mine[i : i + c.batch_size] for i in range(0, len(mine), c.batch_size)]
         if c.progress and self.ctx.is_main:
@@ -299,7 +316,9 @@ class Evaluator:
         for idx in batches:
             queries = [test[i] for i in idx]
             query_images = self._tensors(queries)
-            if selector is not None:
+            if c.demo_selection == "shared":  # one draw per trial (an index no sample has), for every query
+                demo_ids = [selector.select(SHARED_DEMOS_INDEX, k)] * len(idx)
+            elif selector is not None:
                 demo_ids = [selector.select(i, k) for i in idx]
             else:
                 feats = self._rices_extractor(
@@ -369,7 +388,8 @@ def evaluate(model_or_path, config: EvalConfig, *, image_processor=None, tokeniz
 
             dtype = PRECISIONS[config.precision]
             model, image_processor, tokenizer = from_pretrained(model_or_path, device=ctx.device,
-                                                                dtype=None if dtype == torch.float32 else dtype)
+                                                                dtype=None if dtype == torch.float32 else dtype,
+                                                                quantize=config.quantize)
             config.model_name = config.model_name or str(model_or_path)
         else:
             model = model_or_path

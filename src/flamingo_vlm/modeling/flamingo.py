@@ -3,23 +3,35 @@ Perceiver Resampler and gated cross-attention layers.
 
 Data flows one way: pixels -> vision tokens -> perceiver latents -> per-layer image keys/values
 -> cross-attention inside the LM -> logits. Nothing about the images is stored on the modules
-between calls (see :mod:`.injection`).
+between calls (see :mod:`.injection`). How the model is put together is ``model.config``, a
+:class:`~.config.FlamingoConfig`.
+
+Saving and loading (``save_pretrained``, ``from_pretrained``, OpenFlamingo checkpoints through
+``load_state_dict(strict=False)``) live in the loading layer above (:mod:`flamingo_vlm.pretrained`,
+:mod:`flamingo_vlm.checkpoints`), which builds models with this class; this module imports nothing
+above :mod:`flamingo_vlm.modeling`. The loading layer installs those functions here when it is
+imported (:func:`install_persistence`), and ``import flamingo_vlm`` (which every import of a submodule
+runs first) imports it, so the methods are always there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from .config import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, TokenConfig
 from .fast_linear import onednn_linears
 from .injection import Conditioning, ConditioningSlot, inject_cross_attention
 from .lm_info import lm_hidden_size
 from .perceiver import PerceiverResampler
+from .speculative import assistant_conditioning, generate_rows, is_speculative
 from .token_embeddings import ExtendedEmbedding, ExtendedLMHead
 
 
@@ -81,21 +93,48 @@ def _cache_length(past) -> int:
 
 def _onednn_inference(method):
     """Run ``method`` with the model's fp32 CPU linear layers on oneDNN when no gradients are
-    wanted and ``cpu_onednn`` is on (see :mod:`flamingo_vlm.modeling.fast_linear`)."""
+    wanted and ``cpu_onednn`` allows it (see :mod:`flamingo_vlm.modeling.fast_linear`)."""
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
-        with onednn_linears(self, enabled=self.cpu_onednn and not torch.is_grad_enabled()):
+        with onednn_linears(self, enabled=False if torch.is_grad_enabled() else self.cpu_onednn):
             return method(self, *args, **kwargs)
 
     return wrapped
 
 
+# -- persistence, installed by the loading layer ---------------------------------------------------
+_PERSISTENCE: dict[str, Callable[..., Any]] = {}
+
+
+def install_persistence(
+    *, save_pretrained: Callable[..., Any], from_pretrained: Callable[..., Any],
+    load_openflamingo_state_dict: Callable[..., Any],
+) -> None:
+    """Called by :mod:`flamingo_vlm.pretrained` on import: the functions behind
+    :meth:`Flamingo.save_pretrained`, :meth:`Flamingo.from_pretrained` and
+    ``Flamingo.load_state_dict(..., strict=False)``. Dependency inversion instead of an upward
+    import: the loading layer depends on the model, never the other way round."""
+    _PERSISTENCE.update(save_pretrained=save_pretrained, from_pretrained=from_pretrained,
+                        load_openflamingo_state_dict=load_openflamingo_state_dict)
+
+
+def _persistence(name: str) -> Callable[..., Any]:
+    try:
+        return _PERSISTENCE[name]
+    except KeyError:  # only reachable if the package's __init__ was bypassed
+        raise RuntimeError(f"Flamingo.{name} needs flamingo_vlm's loading layer: `import flamingo_vlm` first") from None
+
+
 class Flamingo(nn.Module):
+    """A frozen vision encoder and a frozen causal LM joined by a trainable Perceiver Resampler and
+    gated cross-attention; OpenFlamingo's constructor, ``forward``, ``generate`` and state-dict names."""
+
     #: Inference without gradients (generate, score, no-grad forward) runs fp32 CPU linear layers on
-    #: oneDNN (:mod:`flamingo_vlm.modeling.fast_linear`): 2-3x faster decoding, same math up to fp32
-    #: rounding. Set to False on an instance to use torch's default kernels.
-    cpu_onednn: bool = True
+    #: oneDNN (:mod:`flamingo_vlm.modeling.fast_linear`) where this machine's cached probe measured it
+    #: faster than torch's default (:mod:`.kernels`; up to 2x faster decoding, same math up to fp32
+    #: rounding). ``None``: that measured choice; ``True``/``False`` on an instance force it.
+    cpu_onednn: bool | None = None
 
     def __init__(
         self,
@@ -111,11 +150,13 @@ class Flamingo(nn.Module):
         new_token_ids: list[int] | None = None,
         pad_token_id: int | None = None,
         freeze_lm_embeddings: bool = False,
-        perceiver_kwargs: dict[str, Any] | None = None,
-        cross_attn_kwargs: dict[str, Any] | None = None,
+        perceiver_kwargs: Mapping[str, Any] | PerceiverConfig | None = None,
+        cross_attn_kwargs: Mapping[str, Any] | CrossAttentionConfig | None = None,
         base_vocab_size: int | None = None,
     ):
         super().__init__()
+        perceiver_config = PerceiverConfig.coerce(perceiver_kwargs)
+        xattn_config = CrossAttentionConfig.coerce(cross_attn_kwargs)
         self.eoc_token_id = eoc_token_id
         self.media_token_id = media_token_id
         self.pad_token_id = pad_token_id
@@ -125,7 +166,7 @@ class Flamingo(nn.Module):
         self._slot = ConditioningSlot()
 
         self.vision_encoder = vision_encoder
-        self.perceiver = PerceiverResampler(dim=vis_dim, **(perceiver_kwargs or {}))
+        self.perceiver = PerceiverResampler(dim=vis_dim, **perceiver_config.to_dict())
         self.lang_encoder = lang_encoder
         self.decoder_layers_attr_name = inject_cross_attention(
             lang_encoder,
@@ -134,7 +175,7 @@ class Flamingo(nn.Module):
             vis_dim=vis_dim,
             every_n_layers=cross_attn_every_n_layers,
             decoder_layers_attr_name=decoder_layers_attr_name,
-            **(cross_attn_kwargs or {}),
+            **xattn_config.to_dict(),
         )
         lang_encoder.register_forward_pre_hook(_ObserveMedia(self._slot), with_kwargs=True)
         lm_params = inspect.signature(lang_encoder.forward).parameters
@@ -150,18 +191,19 @@ class Flamingo(nn.Module):
                 layer.gated_cross_attn_layer.requires_grad_(True)
         # Only <|endofchunk|> and <image> train, as in OpenFlamingo (the <PAD> row never does).
         self._install_new_token_rows(new_token_ids or [eoc_token_id, media_token_id], freeze_lm_embeddings)
-        # How this model was put together, as data: saved with it so it can be rebuilt.
-        self.build_config = {
-            "cross_attn_every_n_layers": cross_attn_every_n_layers,
-            "decoder_layers_attr_name": self.decoder_layers_attr_name,
-            "freeze_lm_embeddings": freeze_lm_embeddings,
-            "perceiver_kwargs": dict(perceiver_kwargs or {}),
-            "cross_attn_kwargs": dict(cross_attn_kwargs or {}),
-            "eoc_token_id": eoc_token_id,
-            "media_token_id": media_token_id,
-            "pad_token_id": pad_token_id,
-            "base_vocab_size": base_vocab_size if base_vocab_size is not None else min(eoc_token_id, media_token_id),
-        }
+        # How this model was put together, as data: saved with it so it can be rebuilt. The backbone
+        # references are filled in by whoever loaded the backbones (the factory, from_pretrained).
+        self.config = FlamingoConfig(
+            perceiver=perceiver_config,
+            cross_attention=xattn_config,
+            tokens=TokenConfig(
+                eoc_token_id=eoc_token_id, media_token_id=media_token_id, pad_token_id=pad_token_id,
+                base_vocab_size=base_vocab_size if base_vocab_size is not None else min(eoc_token_id, media_token_id),
+            ),
+            cross_attn_every_n_layers=cross_attn_every_n_layers,
+            decoder_layers_attr_name=self.decoder_layers_attr_name,
+            freeze_lm_embeddings=freeze_lm_embeddings,
+        )
 
         ref = next(lang_encoder.parameters())
         self.perceiver.to(device=ref.device, dtype=ref.dtype)
@@ -169,6 +211,30 @@ class Flamingo(nn.Module):
             if layer.gated_cross_attn_layer is not None:
                 layer.gated_cross_attn_layer.to(device=ref.device, dtype=ref.dtype)
         self.set_gradient_checkpointing(gradient_checkpointing)
+
+    @classmethod
+    def from_config(cls, vision_encoder: nn.Module, lang_encoder: nn.Module, config: FlamingoConfig, *,
+                    gradient_checkpointing: bool = False) -> "Flamingo":
+        """A model of these backbones as ``config`` says (its ``tokens`` are required; the backbone
+        references are kept as given)."""
+        if config.tokens is None:
+            raise ValueError("FlamingoConfig.tokens is required to build a model (the factory fills it in from the tokenizer)")
+        t = config.tokens
+        model = cls(
+            vision_encoder, lang_encoder, eoc_token_id=t.eoc_token_id, media_token_id=t.media_token_id,
+            vis_dim=vision_encoder.hidden_size, cross_attn_every_n_layers=config.cross_attn_every_n_layers,
+            gradient_checkpointing=gradient_checkpointing, decoder_layers_attr_name=config.decoder_layers_attr_name,
+            pad_token_id=t.pad_token_id, freeze_lm_embeddings=config.freeze_lm_embeddings,
+            perceiver_kwargs=config.perceiver, cross_attn_kwargs=config.cross_attention,
+            base_vocab_size=t.base_vocab_size,
+        )
+        model.config = model.config.replace(vision=config.vision, lm=config.lm)
+        return model
+
+    @property
+    def build_config(self) -> dict[str, Any]:
+        """The architecture as the plain dict ``config.json`` stores (:meth:`FlamingoConfig.architecture_dict`)."""
+        return self.config.architecture_dict()
 
     # -- structure -------------------------------------------------------------------------
     def decoder_layers(self) -> nn.ModuleList:
@@ -220,16 +286,13 @@ class Flamingo(nn.Module):
         validated loader: renamed keys are mapped and a missing trainable parameter is an error."""
         if strict or _validated:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        from ..checkpoints import load_openflamingo_checkpoint
-
-        report = load_openflamingo_checkpoint(self, state_dict)
+        # flamingo_vlm.checkpoints.load_openflamingo_checkpoint, installed by the loading layer
+        report = _persistence("load_openflamingo_state_dict")(self, state_dict)
         return torch.nn.modules.module._IncompatibleKeys(report.missing_frozen, report.unexpected)
 
     def save_pretrained(self, save_directory, *, tokenizer=None, image_processor=None, include_backbones=None, dtype=None):
         """Save in flamingo-vlm's format (see :mod:`flamingo_vlm.pretrained`)."""
-        from ..pretrained import save_pretrained
-
-        return save_pretrained(
+        return _persistence("save_pretrained")(
             self, save_directory, tokenizer=tokenizer, image_processor=image_processor,
             include_backbones=include_backbones, dtype=dtype,
         )
@@ -238,9 +301,7 @@ class Flamingo(nn.Module):
     def from_pretrained(cls, name_or_path, **kwargs) -> "Flamingo":
         """A model from a directory or Hub repo in our format, or a released OpenFlamingo repo id.
         :func:`flamingo_vlm.load_pretrained` also returns the image processor and tokenizer."""
-        from ..pretrained import from_pretrained
-
-        return from_pretrained(name_or_path, **kwargs)[0]
+        return _persistence("from_pretrained")(name_or_path, **kwargs)[0]
 
     # -- images ------------------------------------------------------------------------------
     def encode_vision_x(self, vision_x: torch.Tensor, num_media: torch.Tensor | None = None) -> torch.Tensor:
@@ -364,7 +425,10 @@ class Flamingo(nn.Module):
         Image keys/values are computed once per call; each decoding step sees its row's last
         image. Returns prompt + new tokens. ``<|endofchunk|>`` is the default eos and
         ``<image>`` is never generated (``allow_image_tokens=True`` lifts that, as OpenFlamingo
-        did, to reproduce its outputs).
+        did, to reproduce its outputs). Speculative decoding (``prompt_lookup_num_tokens``,
+        ``assistant_model``: a Flamingo or a bare LM) gives plain greedy's output (:mod:`.speculative`).
+        A KV cache passed in (``cache=``) that holds the first positions of ``lang_x`` is continued
+        (a reused prompt prefix, :mod:`flamingo_vlm.prefix_cache`).
         """
         cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
@@ -385,7 +449,16 @@ class Flamingo(nn.Module):
             generate_kwargs["suppress_tokens"] = sorted(suppress)
         if attention_mask is None:
             attention_mask = torch.ones_like(lang_x)
-        with self._slot.use(cond):
+        if is_speculative(generate_kwargs) and lang_x.shape[0] > 1:  # transformers' assisted decoding is batch-1
+            return generate_rows(self, vision_x, cond.media, lang_x, attention_mask, allow_image_tokens, **generate_kwargs)
+        given = _cache_in(generate_kwargs)
+        if given is not None and _cache_length(given) > 0:
+            # Continuing a given KV cache (a reused prefix, flamingo_vlm.prefix_cache): lang_x is the whole
+            # sequence (transformers' convention), so the cached positions' image indices come from it.
+            cond.observe(lang_x[:, : _cache_length(given)], 0)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._slot.use(cond))
+            assistant_conditioning(self, generate_kwargs, vision_x, cond.media, lang_x, stack)
             return self.lang_encoder.generate(
                 input_ids=lang_x, attention_mask=attention_mask, **generate_kwargs
             )
@@ -403,6 +476,7 @@ class Flamingo(nn.Module):
         media: torch.Tensor | None = None,
         normalize: bool = False,
         chunk_size: int = 64,
+        cache=None,
     ) -> torch.Tensor:
         """Log-likelihood of each candidate continuation after each (left-padded) context row.
 
@@ -410,6 +484,9 @@ class Flamingo(nn.Module):
         their mean with ``normalize=True`` (OpenFlamingo's length-normalised class score). The
         context runs once; each chunk of candidates continues from a private copy of its cache,
         so no candidate's score depends on another's (OpenFlamingo reused a mutated cache).
+        ``cache``: a KV cache holding the context's first positions (a reused prefix,
+        :mod:`flamingo_vlm.prefix_cache`); only the rest of ``lang_x`` runs, and the cache is
+        extended in place to the whole context.
         """
         if not candidates or any(len(c) == 0 for c in candidates):
             raise ValueError("every candidate continuation needs at least one token")
@@ -421,8 +498,14 @@ class Flamingo(nn.Module):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         kwargs = {"position_ids": positions} if self._lm_takes_position_ids else {}
         scores = torch.empty(rows, len(candidates), device=device)
+        past = _cache_length(cache) if cache is not None else 0
+        if past:
+            cond.observe(lang_x[:, :past], 0)  # the cached positions' image indices
+            kwargs = {k: v[:, past:] for k, v in kwargs.items()}
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache
         with self._slot.use(cond):
-            prefix = self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, use_cache=True, **kwargs)
+            prefix = self.lang_encoder(input_ids=lang_x[:, past:], attention_mask=attention_mask, use_cache=True, **kwargs)
             first_logprobs = prefix.logits[:, -1].float().log_softmax(-1)  # (B, V)
             context_history = cond.history
             for start in range(0, len(candidates), chunk_size):

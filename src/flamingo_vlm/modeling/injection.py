@@ -92,8 +92,15 @@ class Conditioning:
         key = (id(block), plan.span)
         cached = self._kv.get(key)
         if cached is None:
-            kv, gates = self.keys_values(block), self._kv_gates(block)
-            cached = self._kv[key] = (cut_keys_values(kv, plan)[0], gates)
+            gates = self._kv_gates(block)
+            n = self.media.shape[2]
+            if plan.span is not None and id(block) not in self._kv and plan.span[0] % n == 0 == plan.span[1] % n:
+                # Only the images the span covers (a chunk that continues a reused prefix sees one of
+                # many): the same keys/values as cutting all of them, for a fraction of the work.
+                kv = block.attn.image_keys_values(self.media[:, plan.span[0] // n : plan.span[1] // n])
+            else:
+                kv = cut_keys_values(self.keys_values(block), plan)[0]
+            cached = self._kv[key] = (kv, gates)
         kv, gates = cached
         return kv, (plan if plan.span is None else ATTEND_ALL), gates
 

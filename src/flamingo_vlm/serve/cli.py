@@ -29,6 +29,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the model to this dtype")
+    g.add_argument("--quantize", choices=["int8", "int4"],
+                    help="weight-only quantized LM, cross-attention and perceiver linears (CPU only; "
+                         "int4 is the faster one where bf16 is not native, int8 mainly saves memory)")
     g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     g.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face Hub")
     g.add_argument("--cache-dir", help="Hugging Face cache directory")
@@ -40,6 +43,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-queue", type=int, default=256, help="queued requests before answering 503 (256)")
     g.add_argument("--image-cache-size", type=int, default=256,
                    help="images whose encodings are kept for reuse, e.g. few-shot demos (256; 0 disables)")
+    g.add_argument("--prefix-cache-mb", type=float, default=256,
+                   help="memory for the LM keys/values of prompt prefixes that requests share (few-shot "
+                        "demonstrations), least recently used dropped first (256 MiB; 0 disables)")
     g = p.add_argument_group("limits")
     g.add_argument("--default-max-tokens", type=int, default=64, help="max_tokens when a request gives none (64)")
     g.add_argument("--request-timeout", type=float, default=300.0,
@@ -96,10 +102,11 @@ def build_server(args: argparse.Namespace):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, image_processor, tokenizer = from_pretrained(
         args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only, dtype=dtype, device=args.device,
+        quantize=getattr(args, "quantize", None),
     )
     engine = Engine(model, image_processor, tokenizer, max_batch_size=args.max_batch_size,
                     batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, max_context=args.max_context,
-                    image_cache_size=args.image_cache_size)
+                    image_cache_size=args.image_cache_size, prefix_cache_mb=args.prefix_cache_mb)
     config = ServeConfig(
         model_name=args.served_model_name or _model_name(args.model),
         image_dir=args.image_dir, allow_remote_images=args.allow_remote_images, remote_timeout=args.remote_timeout,

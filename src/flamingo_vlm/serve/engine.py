@@ -22,7 +22,10 @@ cross-attention reads; the engine knows nothing of the perceiver's layout) once 
 image per batch, and the encodings of recently seen images are kept in an LRU cache keyed by a
 hash of the image's bytes, so the demonstration images that few-shot prompts repeat are not
 encoded again (unless the model says an image's encoding depends on its place,
-``images_encode_independently``: then the pixels go to ``generate`` as ``vision_x``).
+``images_encode_independently``: then the pixels go to ``generate`` as ``vision_x``). The LM keys/values
+of prompt prefixes are kept too (:class:`~flamingo_vlm.prefix_cache.PrefixCache`, LRU by bytes,
+``prefix_cache_mb``): a request that starts with the demonstrations of an earlier one (its tokens
+and, by hash, its images) runs only the rest of its prompt; scoring requests reuse them as well.
 
 The batching window: the oldest job waits ``batch_wait_ms`` from its arrival, or from the end of
 the previous batch if it arrived during it (the clients just answered tend to send again at
@@ -42,6 +45,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
 import logging
 import threading
 import time
@@ -50,12 +54,17 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..prefix_cache import PrefixCache
 from ..processing import EOC_TOKEN, MEDIA_TOKEN, FlamingoProcessor
 from .errors import APIError
 from .jobs import ChoiceFinished, Failed, GenerationJob, Job, JobDone, Prompt, Scored, ScoreJob, TokenDelta
 from .tokens import max_chars_per_token, max_context_of
 
 log = logging.getLogger("flamingo_vlm.serve")
+
+#: ``--prefix-cache-mb``'s default: room for the keys/values of ~30 4-shot prompts of the built-in model
+#: (about 7 MB each in fp32), a few for a 7B LM.
+DEFAULT_PREFIX_CACHE_MB = 256
 
 
 class _Row:
@@ -159,6 +168,7 @@ class Stats:
         self.cancelled = 0
         self.busy_seconds = 0.0
         self.responses = collections.Counter()  # HTTP status -> count
+        self.prefix_cache = None  # the engine's PrefixCache, if on (its own counters)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -177,6 +187,7 @@ class Stats:
                 "cancelled_requests": self.cancelled,
                 "busy_s": round(self.busy_seconds, 3),
                 "responses_by_status": {str(k): v for k, v in sorted(self.responses.items())},
+                "prefix_cache": self.prefix_cache.snapshot() if self.prefix_cache is not None else None,
             }
 
 
@@ -194,6 +205,7 @@ class Engine:
         max_queue: int = 256,
         max_context: int | None = None,
         image_cache_size: int = 256,
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -221,6 +233,11 @@ class Engine:
         self.max_prompt_chars = self.max_context * bound[0] if bound else None
         self._silent_chars = bound[1] if bound else ""
         self.stats = Stats()
+        # LM keys/values of prompt prefixes (few-shot demonstrations) shared between requests.
+        if prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0 disables the prefix cache), got {prefix_cache_mb}")
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.stats.prefix_cache = self.prefix_cache
         # Encodings of recently seen images, by key (few-shot prompts repeat their demos). Only
         # when an image's encoding does not depend on its place among the prompt's images.
         self.image_cache_size = image_cache_size
@@ -500,7 +517,11 @@ class Engine:
         if first.seed is not None:
             torch.manual_seed(first.seed)
         try:
-            self.model.generate(lang_x=input_ids, attention_mask=mask, **conditioning, **kwargs)
+            if self.prefix_cache is not None:
+                self.prefix_cache.generate(self.model, lang_x=input_ids, attention_mask=mask,
+                                           image_keys=[p.keys() for p in row_prompts], **conditioning, **kwargs)
+            else:
+                self.model.generate(lang_x=input_ids, attention_mask=mask, **conditioning, **kwargs)
         finally:
             for row in rows:  # rows generate() ended without the tracker (an eos of the LM's own config)
                 if not row.done:
@@ -516,7 +537,9 @@ class Engine:
             self.stats.prompt_tokens += len(job.prompt.ids)
         input_ids, mask = self._left_pad([job.prompt.ids])
         conditioning = self._conditioning_kwargs([job.prompt])
-        scores = self.model.score(lang_x=input_ids, candidates=job.candidates, attention_mask=mask,
-                                  normalize=job.normalize, **conditioning)
+        score = self.model.score if self.prefix_cache is None else functools.partial(
+            self.prefix_cache.score, self.model, image_keys=[job.prompt.keys()])
+        scores = score(lang_x=input_ids, candidates=job.candidates, attention_mask=mask,
+                       normalize=job.normalize, **conditioning)
         job.sink(Scored(scores[0].tolist()))
         job.sink(JobDone())

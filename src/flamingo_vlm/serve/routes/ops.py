@@ -51,4 +51,12 @@ async def metrics(state: ServerState = Depends(get_state)):
     metric("queue_depth", "gauge", "requests waiting", [("", engine.queue_depth())])
     metric("http_responses_total", "counter", "HTTP responses by status",
            [(f'{{status="{k}"}}', v) for k, v in s["responses_by_status"].items()])
+    pc = s["prefix_cache"]
+    if pc is not None:
+        metric("prefix_cache_lookups_total", "counter", "prompt rows looked up in the prefix cache", [("", pc["rows"])])
+        metric("prefix_cache_hits_total", "counter", "prompt rows that reused a cached prefix", [("", pc["hits"])])
+        metric("prefix_cache_reused_tokens_total", "counter", "prompt tokens whose keys/values came from the cache",
+               [("", pc["reused_tokens"])])
+        metric("prefix_cache_evictions_total", "counter", "prefix cache entries dropped for room", [("", pc["evictions"])])
+        metric("prefix_cache_bytes", "gauge", "bytes held by the prefix cache", [("", pc["bytes"])])
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

@@ -1,0 +1,230 @@
+"""Weight-only int8 / int4 quantization of a Flamingo's linear layers, for inference on CPU.
+
+``quantize_model(model, "int8" | "int4")`` replaces, in place, the ``nn.Linear`` layers of the
+language model's decoder blocks, the gated cross-attention blocks and the perceiver resampler by
+:class:`QuantizedLinear`. Left in full precision: the vision encoder (it runs once per prompt on
+many rows, where these kernels are not faster), the token embeddings and the LM head (their new-token
+rows are trainable and split off, see :mod:`.token_embeddings`; ``head=True`` quantizes the head as
+well, keeping those rows in fp), norms, latents and gates, and any layer whose shape the kernel
+cannot take (counted in the returned report).
+
+Schemes (what torchao calls int8/int4 weight-only; no torchao needed):
+
+* ``int8``: symmetric, one fp scale per output row: ``w ~ q * s``, ``q`` in [-127, 127];
+  product by ``torch.ops.aten._weight_int8pack_mm``.
+* ``int4``: asymmetric, per group of ``group_size`` (default 32) input columns of each row:
+  ``w ~ q * s + min``, ``q`` in [0, 15], packed two per byte by
+  ``aten._convert_weight_to_int4pack_for_cpu``; product by ``aten._weight_int4pack_mm_for_cpu``.
+  Needs in_features % group_size == 0; out_features are padded to a multiple of 16 (zero rows).
+
+Kernel choice, by measurement (``benchmarks/bench_quantize.py``) on an AVX2-only AMD EPYC with
+torch 2.13: both kernels are fast only with **bf16 activations** (with fp32 activations they took
+8-30x longer than the fp32 ``F.linear`` they replace), so a layer converts its input to bf16, runs the
+kernel and returns the result in the input's dtype; the rest of the model keeps its own dtype (fp32
+where bf16 is emulated). Measured there on 24 decode-sized layers at batch 1: fp32 11 ms, bf16
+13 ms, int8 12 ms, int4 3.3-3.9 ms. A ``torch.compile``'d dequantize-then-matmul was 20-40x slower
+than fp32 there and is not used; torchao 0.18's eager int8 was slower than bf16 (issue 27). So int4 is
+the setting that is faster on such a CPU; int8 saves memory (4x vs fp32) at about fp32 speed.
+
+Only CPU has these kernels in torch: quantizing a model on another device, or running a quantized
+layer on one, raises a one-line ``ValueError``. A quantized model cannot be trained (its weights are
+integer buffers) or saved with ``save_pretrained`` (it refuses, see :func:`check_not_quantized`):
+quantize at load time instead (``from_pretrained(..., quantize="int4")``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MODES", "QuantizedLinear", "check_not_quantized", "quantization_of", "quantize_model", "weight_bytes"]
+
+MODES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+_COMPUTE = torch.bfloat16  # the kernels' activation dtype (see the module docstring)
+
+
+def check_mode(mode: str | None) -> str | None:
+    """``None`` or a valid mode, else a one-line error naming the choices."""
+    if mode is None or mode in MODES:
+        return mode
+    raise ValueError(f"quantize={mode!r} is not supported: use one of {', '.join(map(repr, MODES))} or None")
+
+
+def _kernels_available(mode: str) -> bool:
+    ops = ("_weight_int8pack_mm",) if mode == "int8" else ("_weight_int4pack_mm_for_cpu",
+                                                           "_convert_weight_to_int4pack_for_cpu")
+    return all(hasattr(torch.ops.aten, op) for op in ops)
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen ``nn.Linear`` with int8 or int4 weights (buffers); same input/output shapes and dtype."""
+
+    def __init__(self, linear: nn.Linear, mode: str, group_size: int = 32):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.mode, self.group_size = mode, group_size
+        w = linear.weight.detach().float()
+        if mode == "int8":
+            scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+            q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            self.register_buffer("qweight", q.contiguous())
+            self.register_buffer("scales", scale.to(_COMPUTE))
+        else:
+            pad = -w.shape[0] % 16  # the kernel packs 16 output rows at a time: zero rows, sliced off after
+            w = torch.cat([w, w.new_zeros(pad, w.shape[1])]) if pad else w
+            n, k = w.shape
+            g = w.reshape(n, k // group_size, group_size)
+            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+            scale = ((hi - lo) / 15).clamp(min=1e-12)
+            q = torch.round((g - lo) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
+            # the kernel dequantizes as (q - 8) * scale + zero, so zero = min + 8 * scale
+            zero = lo + 8 * scale
+            sz = torch.cat([scale, zero], -1).transpose(0, 1).contiguous()  # (k // group, n, 2)
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            self.register_buffer("scales", sz.to(_COMPUTE))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    @staticmethod
+    def supports(linear: nn.Linear, mode: str, group_size: int = 32) -> bool:
+        if mode == "int4":
+            return linear.in_features % group_size == 0
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise ValueError(f"quantize={self.mode!r} runs on CPU only (torch has no such kernel on {x.device.type}); "
+                             "load the model without quantize= to use this device")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(_COMPUTE)
+        scales = self.scales.to(_COMPUTE)
+        if self.mode == "int8":
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, scales)
+            out = out[:, : self.out_features] if out.shape[1] != self.out_features else out
+        out = out.to(x.dtype).reshape(*lead, self.out_features)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight this layer computes with (for tests and error reports)."""
+        if self.mode == "int8":
+            return self.qweight.float() * self.scales.float()[:, None]
+        eye = torch.eye(self.in_features, dtype=_COMPUTE)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.qweight, self.group_size, self.scales.to(_COMPUTE)).float().t()[: self.out_features]
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{g}"
+
+
+class QuantizedTiedHead(nn.Module):
+    """The LM head of a tied-embedding LM (:class:`~.token_embeddings.ExtendedLMHead`) with its product
+    quantized: the full vocabulary from a quantized copy of the (tied, fp) weight, then the added
+    tokens' logits from their trainable fp rows, as ``ExtendedLMHead.forward`` does. The embedding keeps
+    the fp weight for its look-ups, so this adds the quantized copy's bytes and saves reading the fp
+    matrix at every decoding step."""
+
+    def __init__(self, head: nn.Module, mode: str, group_size: int = 32):
+        super().__init__()
+        self.quantized = QuantizedLinear(head, mode, group_size)
+        self.head = head  # its new-token rows and ids (the fp weight is the embedding's, shared)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        lead, head = hidden.shape[:-1], self.head
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        logits = self.quantized(h2)
+        bias = head.bias[head.new_ids] if head.bias is not None else None
+        new_logits = F.linear(h2, head.new_weight.to(h2.dtype), bias).to(logits.dtype)
+        logits.index_copy_(-1, head.new_ids, new_logits)
+        return logits.view(*lead, logits.shape[-1])
+
+
+def _quantize_head(model: nn.Module, mode: str, group_size: int) -> int:
+    lm = getattr(model, "lang_encoder", model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if head is None or not QuantizedLinear.supports(head, mode, group_size):
+        return 0
+    if type(head) is nn.Linear:
+        lm.set_output_embeddings(QuantizedLinear(head, mode, group_size))
+    elif hasattr(head, "new_ids") and hasattr(head, "new_weight"):
+        lm.set_output_embeddings(QuantizedTiedHead(head, mode, group_size))
+    else:
+        return 0
+    return 1
+
+
+def _targets(model: nn.Module) -> Iterable[nn.Module]:
+    """The modules whose ``nn.Linear`` layers are quantized: a Flamingo's decoder layers (each with
+    its injected cross-attention block) and its perceiver; any other module (a bare LM): all of it
+    but its output head (see :func:`quantize_model`)."""
+    if not hasattr(model, "decoder_layers") or not hasattr(model, "perceiver"):
+        yield model
+        return
+    yield from model.decoder_layers()
+    yield model.perceiver
+
+
+def quantize_model(model: nn.Module, mode: str | None, *, group_size: int = 32, head: bool = False) -> dict[str, int]:
+    """Quantize ``model``'s linear layers in place (see the module docstring); returns
+    ``{"quantized": n, "skipped": m}`` (layers left in full precision because of their shape).
+    ``head=True`` also quantizes the LM's output head (a tied one through :class:`QuantizedTiedHead`).
+    ``mode=None`` does nothing. The model should be in eval mode; it is marked so that saving refuses."""
+    if check_mode(mode) is None:
+        return {"quantized": 0, "skipped": 0}
+    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size={group_size} is not supported: use one of {INT4_GROUP_SIZES}")
+    if not _kernels_available(mode):
+        raise ValueError(f"quantize={mode!r} needs torch's packed {mode} CPU kernels, which torch {torch.__version__} lacks")
+    if quantization_of(model):
+        raise ValueError(f"the model is already quantized ({quantization_of(model)}); load it again to change that")
+    devices = {p.device.type for p in model.parameters()}
+    if devices - {"cpu"}:
+        raise ValueError(f"quantize={mode!r} runs on CPU only (torch has these kernels for CPU); the model is on "
+                         f"{', '.join(sorted(devices - {'cpu'}))}: quantize before moving it, or drop quantize=")
+    done = skipped = 0
+    bare_head = getattr(model, "get_output_embeddings", lambda: None)()  # a bare LM's: only with head=True
+    seen: set[int] = {id(bare_head)} if bare_head is not None else set()
+    with torch.no_grad():
+        for root in _targets(model):
+            for parent in list(root.modules()):
+                for name, child in list(parent.named_children()):
+                    if type(child) is not nn.Linear or id(child) in seen:
+                        continue
+                    seen.add(id(child))
+                    if QuantizedLinear.supports(child, mode, group_size):
+                        setattr(parent, name, QuantizedLinear(child, mode, group_size))
+                        done += 1
+                    else:
+                        skipped += 1
+        if head:
+            done += _quantize_head(model, mode, group_size)
+    model.quantization = mode  # read by quantization_of / check_not_quantized
+    return {"quantized": done, "skipped": skipped}
+
+
+def quantization_of(model: nn.Module) -> str | None:
+    """``"int8"``/``"int4"`` if ``model`` was quantized by :func:`quantize_model`, else None."""
+    return getattr(model, "quantization", None) if isinstance(getattr(model, "quantization", None), str) else None
+
+
+def check_not_quantized(model: nn.Module, action: str) -> None:
+    """Refuse ``action`` (``"save_pretrained"``, training) on a quantized model, in one line."""
+    mode = quantization_of(model)
+    if mode:
+        raise ValueError(f"cannot {action} a model quantized to {mode}: its weights are rounded integer buffers; "
+                         "save or train the unquantized model and quantize when loading (quantize=...)")
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (quantized weights, their scales, everything else)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
