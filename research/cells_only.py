@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Run a flamingo-vlm command or script with the perceiver's latents dropped, so that the gated
-cross-attention sees only the passed-through cells (a pilot for the model card, not a model option).
+cross-attention sees only the passed-through cells (a pilot of research/smol-synthetic-history.md,
+not a model option).
 
 The model must pass its input tokens through (``flamingo-vlm grow-adapter --media-passthrough``).
 ``--qk-lr-scale S`` multiplies the learning rate of the cross-attention's query and key/value
