@@ -34,8 +34,6 @@ figures taken on a busy machine are not comparable.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import statistics
 import sys
 import time
@@ -58,6 +56,7 @@ from bench_inference import (  # noqa: E402
     cpu_model,
     decode_weight_floor,
     interleaved_prompt,
+    write_results,
 )
 
 SHAPE = Shape(mpt_vocab=400, llama_vocab=400, prompt_len=54, new_tokens=32, n_images=3, decode_batches=(1,))
@@ -284,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(result)
     print(text)
     stem = Path(args.out) if args.out else HERE / "results" / ("decode-profile" + ("-quick" if args.quick else ""))
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    write_results(stem, text, result)
     return 0
 
 

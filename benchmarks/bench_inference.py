@@ -475,13 +475,24 @@ def calibrate(device: torch.device) -> dict[str, float]:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from flamingo_vlm.modeling.kernels import cpu_model as model_name
+
+    return model_name()
+
+
+def write_results(stem: Path, text: str, result: dict) -> None:
+    """``stem.md`` (the printed table) and ``stem.json`` (the numbers), for every benchmark here."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+
+
+def contention_line(others_cores: float, load_at_start: float) -> str:
+    """The machine and how busy it was: a figure is only a quiet-machine figure when both loads are near 0."""
+    return (f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}. "
+            f"Contention: other processes used {others_cores:.2f} cores during the run; load average "
+            f"{load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end (figures are not quiet-machine figures "
+            "unless both are near 0).")
 
 
 def cpu_flags() -> list[str]:
@@ -710,13 +721,13 @@ def main(argv: list[str] | None = None) -> int:
     known = ("fp32", "fp32-mkl", "fp32+onednn", "bf16")
     bad = [d for d in dtypes if d not in known]
     if bad:
-        p.error(f"unknown dtype(s) {bad}")
+        raise SystemExit("bench_inference.py: error: " + f"unknown dtype(s) {bad}")
     dtypes.sort(key=known.index)  # fp32 first: the bf16 model is the fp32 one cast in place
     device = torch.device(args.device)
     if ("fp32+onednn" in dtypes or "fp32-mkl" in dtypes) and device.type != "cpu":
-        p.error("fp32+onednn and fp32-mkl are CPU modes")
+        raise SystemExit("bench_inference.py: error: " + "fp32+onednn and fp32-mkl are CPU modes")
     if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False")
+        raise SystemExit("bench_inference.py: error: " + "--device cuda but torch.cuda.is_available() is False")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.threads or cores)
     args.reference_applies = device.type == "cpu" and args.lm == "mpt" and not args.quick and args.cross_attn_every == 1

@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import io
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -42,6 +41,7 @@ import torch  # noqa: E402
 from flamingo_vlm.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_inference import contention_line  # noqa: E402
 from bench_speculative import caption_prompts  # noqa: E402
 from bench_train import OthersLoad, kernel_summary  # noqa: E402
 
@@ -143,10 +143,7 @@ def main(argv=None) -> int:
           f"{stats['max_bytes'] / 2**20:.0f} MiB; {stats['reused_tokens']} of {stats['prompt_tokens']} prompt tokens "
           f"reused over {stats['rows']} requests. Same output in every mode: {outputs.pop()!r}.")
     print(kernels)
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}. "
-          f"Contention: other processes used {others.cores():.2f} cores during the run; load average "
-          f"{load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end (figures are not quiet-machine figures "
-          "unless both are near 0).")
+    print(contention_line(others.cores(), load0[0]))
     return 0
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 from pathlib import Path
@@ -48,7 +47,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from bench_decode_profile import SHAPE, step_ms  # noqa: E402
-from bench_inference import QUICK, Shape, build_models, cpu_flags, cpu_model, interleaved_prompt  # noqa: E402
+from bench_inference import QUICK, Shape, build_models, cpu_flags, cpu_model, interleaved_prompt, write_results  # noqa: E402
 
 from flamingo_vlm.modeling.quantize import quantize_model, weight_bytes  # noqa: E402
 
@@ -202,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(result) + f"\n{env['kernels']}\n"
     print(text)
     stem = Path(args.out) if args.out else HERE / "results" / ("quantize" + ("-quick" if args.quick else ""))
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    write_results(stem, text, result)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ if str(REPO / "src") not in sys.path:
 import torch  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_inference import contention_line  # noqa: E402
 from bench_train import OthersLoad, kernel_summary  # noqa: E402
 
 
@@ -141,10 +141,7 @@ def main(argv=None) -> int:
               f"{r['calls'] / r['tokens']:.2f} | yes |")
     print()
     print(kernels)
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}. "
-          f"Contention: other processes used {others.cores():.2f} cores during the run; load average "
-          f"{load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end (figures are not quiet-machine figures "
-          "unless both are near 0).")
+    print(contention_line(others.cores(), load0[0]))
     return 0
 
 
