@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import random_images, tiny_flamingo
 
-from flamingo_vlm.modeling.vision import FeatureGridEncoder
+from flamingo_vlm.modeling.feature_grid import FeatureGridEncoder
 
 
 def _need(module: str):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from flamingo_vlm import FlamingoProcessor, create_model_and_transforms
-from flamingo_vlm.modeling.vision import FeatureGridEncoder
+from flamingo_vlm.modeling.feature_grid import FeatureGridEncoder
 from flamingo_vlm.train import ConfigError, TrainConfig, Trainer
 from flamingo_vlm.train import aiming, losses
 from flamingo_vlm.train.build import aim_dataset

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from flamingo_vlm.image_processing import IMAGENET_MEAN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
+from flamingo_vlm.modeling.feature_grid import FeatureGridEncoder
 from flamingo_vlm.modeling.vision import (
     OPEN_CLIP_VISION_CONFIGS,
-    FeatureGridEncoder,
     HFVisionEncoder,
     OpenCLIPVisionTransformer,
     load_open_clip_state_dict,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .files import atomic_directory
-from .modeling.vision import FeatureGridEncoder
+from .modeling.feature_grid import FeatureGridEncoder
 from .references import BUILTIN_PREFIX, vision_ref
 
 SMOLLM2 = BUILTIN_PREFIX + "smollm2-135m-instruct"

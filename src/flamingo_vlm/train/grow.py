@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..files import atomic_directory
-from ..modeling.vision import FeatureGridEncoder
+from ..modeling.feature_grid import FeatureGridEncoder
 from ..pretrained import WEIGHTS_NAME
 
 LATENTS = "perceiver.latents"
