@@ -257,6 +257,8 @@ def decide(part: str) -> bool:
     """One decision (``decode``, ``gemm`` or ``bf16``): from the env override, the memo, the cache
     file, or by running that part's probe (then cached)."""
     mode = _mode()
+    if mode == "auto" and part in _MEMO:  # every linear call lands here: no lock, no kernel lookup
+        return _MEMO[part]
     if mode in ("onednn", "default") and part != "bf16":
         return mode == "onednn" and onednn_available()
     if part != "bf16" and not onednn_available():
