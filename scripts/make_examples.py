@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 
 from flamingo_vlm.synthetic import SceneGenerator, binding_episode, binding_text
+from flamingo_vlm.synthetic.scenes import NUMBER_WORDS
 
+END = "<|endofchunk|>\n"  # demonstrations end their chunk and a new line, as in training and evaluation
 OUT = Path(__file__).resolve().parents[1] / "src" / "flamingo_vlm" / "examples"
 
 
@@ -28,7 +30,7 @@ def main() -> None:
     cap = [x for x in s if len(x.objects) <= 2][:3]
     caption_items = []
     for k, scene in enumerate(cap[:2]):
-        caption_items += [("image", save(scene, f"scene{k + 1}.png")), ("text", f"Output:{scene.captions(5)[0]}<|endofchunk|>")]
+        caption_items += [("image", save(scene, f"scene{k + 1}.png")), ("text", f"Output:{scene.captions(5)[0]}" + END)]
     caption_items += [("image", save(cap[2], "scene3.png")), ("text", "Output:")]
     # VQA on other scenes
     vqa = [x for x in s if x not in cap][:3]
@@ -37,20 +39,35 @@ def main() -> None:
     for k in range(2):
         q = qs[k][0]
         vqa_items += [("image", save(vqa[k], f"scene{k + 4}.png")),
-                      ("text", f"Question:{q['question']} Short answer:{q['answer']}<|endofchunk|>")]
+                      ("text", f"Question:{q['question']} Short answer:{q['answer']}" + END)]
     q = qs[2][0]
     vqa_items += [("image", save(vqa[2], "scene6.png")), ("text", f"Question:{q['question']} Short answer:")]
     # name binding: 2 ways, 2 shots, held-out names
     ep = binding_episode(gen, 7, ways=2, shots=2, split="test")
     bind_items = []
     for k, (scene, name) in enumerate(ep.demos):
-        bind_items += [("image", save(scene, f"object{k + 1}.png")), ("text", binding_text(name) + "<|endofchunk|>")]
+        bind_items += [("image", save(scene, f"object{k + 1}.png")), ("text", binding_text(name) + END)]
     bind_items += [("image", save(ep.query, "object3.png")), ("text", binding_text())]
+    # counting answered in words, in a framing and phrasing of the user's own: only the demos say so
+    # (the training templates answer counts in digits after "Short answer:")
+    want = [2, 1, 3, 4, 3]
+    pool = [gen.scene(i, "test") for i in range(40, 120)]
+    picked = []
+    for n in want:
+        picked.append(next(x for x in pool if len(x.objects) == n and not x.text and x not in picked))
+    question = "How many figures appear in the image?"
+    count_items = []
+    for k, (scene, n) in enumerate(zip(picked[:-1], want[:-1])):
+        count_items += [("image", save(scene, f"count{k + 1}.png")),
+                        ("text", f"Q: {question} A: {NUMBER_WORDS[n]}" + END)]
+    count_items += [("image", save(picked[-1], "count5.png")), ("text", f"Q: {question} A:")]
     tasks = [
         {"title": "Captioning, 2 shots", "items": caption_items, "expected": cap[2].captions(5)[0], "max_new_tokens": 40},
         {"title": "Visual question answering, 2 shots", "items": vqa_items, "expected": q["answer"], "max_new_tokens": 8},
         {"title": "Made-up names bound in context (2-way, 2 shots)", "items": bind_items, "expected": ep.answer,
-         "max_new_tokens": 8},
+         "max_new_tokens": 8, "candidates": list(ep.names)},
+        {"title": "Counting in words, as the demonstrations answer (4 shots)", "items": count_items,
+         "expected": NUMBER_WORDS[want[-1]], "max_new_tokens": 6},
     ]
     (OUT / "demo.json").write_text(json.dumps({"tasks": tasks, "scenes": files}, indent=1) + "\n")
     print(f"wrote {len(files)} images and demo.json to {OUT}")
