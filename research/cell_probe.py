@@ -8,6 +8,10 @@ information for "what shape is the red object" is in the tokens, cell by cell; w
 the adapter to look in the right cell.
 
     python research/cell_probe.py --model smol-synthetic --train-scenes 500 --test-scenes 200
+
+``--style train`` (or ``heldout``) draws every scene as the in-context episodes do (a random style of
+that split, objects off the grid; see ``style_probe.py``), training and testing the probe on those:
+whether the frozen features still hold the shape when the drawing varies.
 """
 
 from __future__ import annotations
@@ -21,8 +25,12 @@ def main(argv=None) -> int:
     p.add_argument("--train-scenes", type=int, default=500)
     p.add_argument("--test-scenes", type=int, default=200)
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="fp32 where bf16 is emulated (AVX2 only)")
+    p.add_argument("--style", choices=["none", "train", "heldout"], default="none",
+                   help="draw the scenes in the episodes' random styles of this split, off the grid")
     args = p.parse_args(argv)
 
+    import numpy as np
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -30,22 +38,27 @@ def main(argv=None) -> int:
     from flamingo_vlm.eval.card import eval_generator
     from flamingo_vlm.pretrained import from_pretrained
     from flamingo_vlm.synthetic import POSITIONS, SHAPES
+    from flamingo_vlm.synthetic.icl import restyle
 
-    model, image_processor, _ = from_pretrained(args.model, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model, image_processor, _ = from_pretrained(args.model, dtype=dtype)
     gen = eval_generator()
     side = 7
 
     def collect(split: str, n: int):
         feats, labels, counts = [], [], []
         for i in tqdm(range(n), desc=f"{split} scenes"):
-            scene = gen.scene(i, split=split)
-            pixels = image_processor(scene.render(args.image_size))[None].to(torch.bfloat16)
+            scene, style = gen.scene(i, split=split), None
+            if args.style != "none":
+                rng = np.random.default_rng([7, i, split == "test"])
+                scene, style = restyle(scene, rng, args.style)
+            pixels = image_processor(scene.render(args.image_size, style))[None].to(dtype)
             with torch.no_grad():
                 tokens = model.vision_encoder(pixels)[0].float()
             if tokens.shape[0] < side * side:
                 raise SystemExit(f"{args.model}'s vision encoder gives {tokens.shape[0]} tokens, not a {side}x{side} grid")
             for obj in scene.objects:
-                x, y = POSITIONS[obj.position]
+                x, y = POSITIONS[obj.position][0] + obj.offset[0], POSITIONS[obj.position][1] + obj.offset[1]
                 feats.append(tokens[int(y * side) * side + int(x * side)])
                 labels.append(SHAPES.index(obj.shape))
                 counts.append(len(scene.objects))
@@ -71,7 +84,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         hit = logits(x_test).argmax(1) == y_test
     print(f"\n{args.model}: shape from the token of the object's own cell, linear probe "
-          f"({args.train_scenes} train / {args.test_scenes} test scenes); chance {100 / len(SHAPES):.0f}%")
+          f"({args.train_scenes} train / {args.test_scenes} test scenes, style {args.style}); chance {100 / len(SHAPES):.0f}%")
     print("| objects in the scene | 1 | 2 | 3 | 4 |")
     print("|---|---|---|---|---|")
     print("| accuracy (%) | " + " | ".join(f"{100 * hit[n_test == n].float().mean():.0f}" for n in range(1, 5)) + " |")

@@ -146,3 +146,25 @@ def test_question_weights_make_vqa_documents_ask_some_questions_more_often(tmp_p
     assert episode_items(gen, 3, "caption", 2, question_weights={"what color is the": 4.0}) == episode_items(gen, 3, "caption", 2)
     with pytest.raises(ValueError, match="question weights must be >= 0"):
         write_episode_shards(tmp_path / "bad", n_documents=1, question_weights={"how many": -1.0})
+
+
+def test_style_rate_draws_documents_in_the_episodes_styles(tmp_path):
+    import json
+    import tarfile
+
+    from flamingo_vlm.synthetic import write_episode_shards
+
+    def documents(out, rate):
+        write_episode_shards(out, n_documents=12, shots=(1, 2), mix={"vqa": 1}, image_size=48, style_rate=rate)
+        with tarfile.open(next(out.glob("interleaved-*.tar"))) as tar:
+            rows = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+        return [r["text_list"] for r in rows], [json.dumps(r["image_info"]) for r in rows]
+
+    plain_text, plain = documents(tmp_path / "a", 0.0)
+    assert documents(tmp_path / "b", 0.0)[1] == plain  # deterministic
+    half_text, half = documents(tmp_path / "c", 0.5)
+    assert half_text == plain_text  # the texts do not change, only how the scenes are drawn
+    changed = sum(a != b for a, b in zip(plain, half))
+    assert 0 < changed < len(plain)
+    with pytest.raises(ValueError, match="style_rate"):
+        write_episode_shards(tmp_path / "bad", n_documents=1, style_rate=1.5)

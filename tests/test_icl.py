@@ -238,3 +238,27 @@ def test_card_tabulates_the_episodes():
     md = markdown(card)
     assert "| in-context episodes, held out (%) | 10.0 | 55.0 |" in md
     assert "| count | 5 | 61 |" in md and "| answer-format split | 1 | 40 |" in md
+
+
+def test_restyle_moves_objects_off_the_grid_and_keeps_every_answer():
+    from flamingo_vlm.synthetic.icl import MAX_OFFSET, restyle
+
+    gen = SceneGenerator(seed=0)
+    moved = styled = 0
+    for i in range(40):
+        scene = gen.scene(i, "pretrain")
+        again, style = restyle(scene, np.random.default_rng(i))
+        assert again == restyle(scene, np.random.default_rng(i))[0]  # deterministic in the generator
+        assert style.fill in STYLE_AXES["fill"]["train"] and style.background in STYLE_AXES["background"]["train"]
+        styled += style.fill != "solid" or style.background != "plain"
+        assert again.questions() == scene.questions() and again.captions(5) == scene.captions(5)
+        assert [(o.shape, o.color, o.size, o.position) for o in again.objects] == \
+               [(o.shape, o.color, o.size, o.position) for o in scene.objects]
+        assert all(max(abs(v) for v in o.offset) <= MAX_OFFSET for o in again.objects)
+        moved += again != scene
+        _check_drawn(again, style)
+        # a given style is kept (one style per document)
+        assert restyle(scene, np.random.default_rng(99), style=style)[1] == style
+    assert moved >= 30 and styled >= 20
+    with pytest.raises(ValueError, match="split must be one of"):
+        restyle(gen.scene(0), np.random.default_rng(0), split="test")

@@ -160,6 +160,38 @@ def test_aim_dataset_rows_mark_the_named_word_the_answer_position_and_the_cells(
     torch.testing.assert_close(next(iter(again))["input_ids"], after["input_ids"])
 
 
+def test_aim_dataset_style_rate_draws_styled_scenes_and_moves_the_cells_with_them(aim):
+    import numpy as np
+
+    from flamingo_vlm.synthetic.icl import restyle
+    from tiny import tiny_flamingo
+
+    _, ip, tok = tiny_flamingo("llama")
+    kinds = list(aim.QUESTION_TYPES.values())
+    plain = aim.AimDataset(FlamingoProcessor(tok, ip), batch_size=1, start=0, image_size=32, question_types=kinds)
+    styled = aim.AimDataset(FlamingoProcessor(tok, ip), batch_size=1, start=0, image_size=32, question_types=kinds,
+                            style_rate=1.0)
+    moved = checked = 0
+    for index in range(12):
+        a, b = plain.sample(index), styled.sample(index)
+        if a is None:
+            assert b is None
+            continue
+        assert a["sample"].input_ids == b["sample"].input_ids  # the same question and answer
+        assert not torch.equal(a["sample"].images[0], b["sample"].images[0])
+        # the target cells are those of the scene as drawn: off the grid, at the style's scale
+        rng = np.random.default_rng([styled.gen.seed, 4243, index])
+        rng.random()
+        scene, style = restyle(styled.gen.scene(index, "pretrain"), rng)
+        question = tok.decode(b["sample"].input_ids).split("Question:")[1].split(" Short answer:")[0]
+        q = next(q for q in scene.questions() if q["question"] == question)
+        cells, _ = aim.question_target(scene, q, 32, scale=style.scale)
+        assert b["cells"].nonzero().flatten().tolist() == cells
+        moved += not torch.equal(a["cells"], b["cells"])
+        checked += 1
+    assert checked >= 8 and moved >= 1
+
+
 # -- the training option ------------------------------------------------------------------------------
 def test_aim_section_reads_from_yaml_and_rejects_bad_values(tmp_path):
     path = tmp_path / "aim.yaml"
@@ -171,7 +203,7 @@ def test_aim_section_reads_from_yaml_and_rejects_bad_values(tmp_path):
         0.5, 2, 8, 1300000, ["color", "count", "word"], {"word": 4})
     assert a.enabled and not TrainConfig.from_dict({"model": {"from_pretrained": "m"}}).aim.enabled  # off by default
     for bad, match in [({"questions": ["colour"]}, "aim.questions"), ({"loss_weight": -1}, "aim.loss_weight"),
-                       ({"question_weights": {"word": 2}}, "aim.question_weights"), ({"heads": 0}, "aim.heads"),
+                       ({"question_weights": {"word": 2}}, "aim.question_weights"), ({"heads": 0}, "aim.heads"), ({"style_rate": 1.5}, "aim.style_rate"),
                        ({"weight": 1}, "did you mean")]:
         with pytest.raises(ConfigError, match=match):
             TrainConfig.from_dict({"model": {"from_pretrained": "m"}, "aim": bad})

@@ -40,6 +40,16 @@ def _weights(text: str, what: str, strip: bool) -> dict[str, float]:
     return out
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}")
+    return value
+
+
 def _mix(text: str) -> dict[str, float]:
     return _weights(text, "kind=share", strip=False)
 
@@ -70,6 +80,7 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 def _cmd_episodes(args: argparse.Namespace) -> int:
     paths = write_episode_shards(args.out, seed=args.seed, n_documents=args.documents, start=args.start,
                                  shots=args.shots, mix=args.mix, question_weights=args.question_weights or None,
+                                 style_rate=args.style_rate,
                                  image_size=args.image_size, samples_per_shard=args.samples_per_shard,
                                  overwrite=args.overwrite, progress=True)
     print(f"episodes: {len(paths)} shard(s) in {args.out}")
@@ -124,6 +135,9 @@ def add_synthetic_subcommands(sub) -> None:
                                                                         f"(default {_DEFAULT_MIX})")
     e.add_argument("--question-weights", type=_question_weights, default={},
                    help="question_type=weight,... for VQA documents (others 1), e.g. 'what color is the=4'")
+    e.add_argument("--style-rate", type=_rate, default=0.0,
+                   help="share of documents drawn in the in-context episodes' training styles (outlines, textured "
+                        "fills and backgrounds, blur, objects off the grid); default 0")
     e.add_argument("--overwrite", action="store_true", help="replace shards already in out")
     e.set_defaults(func=_cmd_episodes)
 

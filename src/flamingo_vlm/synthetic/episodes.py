@@ -226,17 +226,24 @@ def write_episode_shards(
     overwrite: bool = False,
     progress: bool = False,
     question_weights: dict[str, float] | None = None,
+    style_rate: float = 0.0,
 ) -> list[Path]:
     """Interleaved webdataset shards of few-shot episodes (``pretrain`` split, held-out pairs and
     evaluation names excluded), ``mix`` giving each :data:`EPISODE_KINDS` kind's share. Documents
     ``start .. start+n_documents`` of a seed are always the same, so data can be added in pieces.
-    ``question_weights``: see :func:`episode_items`."""
+    ``question_weights``: see :func:`episode_items`. ``style_rate``: the share of documents whose
+    scenes are drawn as the in-context episodes draw theirs (one random training style per
+    document, objects off the grid: :func:`~flamingo_vlm.synthetic.icl.restyle`); the texts, and
+    with ``style_rate=0`` the images, are the same as without it."""
     from ..data.custom import write_shards
+    from .icl import restyle
 
     mix = dict(mix or {"caption": 0.25, "vqa": 0.3, "classify": 0.15, "binding": 0.3})
     bad = set(mix) - set(EPISODE_KINDS)
     if bad:
         raise ValueError(f"unknown episode kinds {sorted(bad)}; choose from {EPISODE_KINDS}")
+    if not 0.0 <= style_rate <= 1.0:
+        raise ValueError(f"style_rate must be between 0 and 1, got {style_rate}")
     if question_weights and any(w < 0 for w in question_weights.values()):
         raise ValueError(f"question weights must be >= 0, got {question_weights}")
     kinds, weights = list(mix), np.asarray([mix[k] for k in mix], dtype=np.float64)
@@ -259,9 +266,13 @@ def write_episode_shards(
             kind = kinds[int(rng.choice(len(kinds), p=weights))]
             k = int(rng.integers(shots[0], shots[1] + 1))
             items = []
+            srng = np.random.default_rng([gen.seed, 31338, int(d)])
+            styled, style = srng.random() < style_rate, None
             for scene, text in episode_items(gen, d, kind, k, question_weights=question_weights):
                 rel = f"images/{n_img:08d}.png"
-                scene.render(image_size).save(src / rel)
+                if styled:  # one style per document, as an episode has; offsets per scene
+                    scene, style = restyle(scene, srng, style=style)
+                scene.render(image_size, style).save(src / rel)
                 n_img += 1
                 items += [{"image": rel}, {"text": text}]
             rows.append(json.dumps({"items": items}))

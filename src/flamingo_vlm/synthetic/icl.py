@@ -29,6 +29,7 @@ the same (``numpy.random.default_rng([seed, 2525, split, i])``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ from .scenes import COLORS, CORNERS, SHAPES, WORDS, Scene, SceneGenerator, Scene
 
 __all__ = [
     "FRAMINGS", "ICL_SPLITS", "LEXICONS", "LOSS_MARKERS", "MAX_OFFSET", "PHRASINGS", "QUESTION_TYPES", "STYLE_AXES",
-    "WRAPS", "AnswerMap", "IclEpisode", "icl_episode", "write_icl_benchmark", "write_icl_shards",
+    "WRAPS", "AnswerMap", "IclEpisode", "icl_episode", "restyle", "write_icl_benchmark", "write_icl_shards",
 ]
 
 QUESTION_TYPES = ("color", "shape", "count", "position", "word")
@@ -250,6 +251,34 @@ def _style(rng, split: str) -> Style:
                  scale=float(np.round(rng.uniform(0.8, 1.15), 3)))
 
 
+def _fits(positions, offsets, radii) -> bool:
+    """Whether shapes of ``radii`` at grid ``positions`` moved by ``offsets`` lie inside the image
+    and do not touch one another."""
+    centres = [(POSITIONS[p][0] + o[0], POSITIONS[p][1] + o[1]) for p, o in zip(positions, offsets)]
+    inside = all(r + 0.01 < x < 0.99 - r and r + 0.01 < y < 0.99 - r for (x, y), r in zip(centres, radii))
+    n = len(centres)
+    return inside and all(np.hypot(centres[i][0] - centres[j][0], centres[i][1] - centres[j][1]) > radii[i] + radii[j] + 0.02
+                          for i in range(n) for j in range(i + 1, n))
+
+
+def restyle(scene: Scene, rng, split: str = "train", style: Style | None = None) -> tuple[Scene, Style]:
+    """``scene`` as an episode of ``split`` draws its scenes: in ``style`` (default: a random drawing
+    style of that split), its objects moved off their grid anchors by up to :data:`MAX_OFFSET` where
+    they fit (after 15 tries they stay on them). Every question about the scene keeps its answer, so
+    the card's kinds of documents and the aiming data can be drawn this way too (``style_rate``)."""
+    if split not in ICL_SPLITS:
+        raise ValueError(f"split must be one of {ICL_SPLITS}, got {split!r}")
+    style = style or _style(rng, split)
+    radii = [SIZES[o.size] * style.scale for o in scene.objects]
+    positions = [o.position for o in scene.objects]
+    for _ in range(15):
+        offsets = [tuple(float(x) for x in np.round(rng.uniform(-MAX_OFFSET, MAX_OFFSET, 2), 4)) for _ in positions]
+        if _fits(positions, offsets, radii):
+            objects = tuple(dataclasses.replace(o, offset=off) for o, off in zip(scene.objects, offsets))
+            return dataclasses.replace(scene, objects=objects), style
+    return scene, style
+
+
 def _place(rng, specs: list[tuple[str, str]], scale: float, text: str | None, first_at: str | None = None) -> Scene:
     """``specs`` (shape, color) at distinct grid positions (the first at ``first_at`` if given),
     each moved off its anchor by up to :data:`MAX_OFFSET`, inside the image and not touching another
@@ -267,12 +296,7 @@ def _place(rng, specs: list[tuple[str, str]], scale: float, text: str | None, fi
         offsets = [tuple(float(x) for x in np.round(rng.uniform(-limit, limit, 2), 4)) for _ in specs]
         if attempt >= 15:
             sizes = ["small"] * n
-        centres = [(POSITIONS[p][0] + o[0], POSITIONS[p][1] + o[1]) for p, o in zip(positions, offsets)]
-        radii = [SIZES[z] * scale for z in sizes]
-        inside = all(r + 0.01 < x < 0.99 - r and r + 0.01 < y < 0.99 - r for (x, y), r in zip(centres, radii))
-        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-        if inside and all(np.hypot(centres[i][0] - centres[j][0], centres[i][1] - centres[j][1]) > radii[i] + radii[j] + 0.02
-                          for i, j in pairs):
+        if _fits(positions, offsets, [SIZES[z] * scale for z in sizes]):
             break
     objects = tuple(SceneObject(s, c, z, p, o) for (s, c), z, p, o in zip(specs, sizes, positions, offsets))
     base = int(rng.integers(228, 252))

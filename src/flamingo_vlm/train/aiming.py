@@ -18,6 +18,7 @@ import torch
 from ..data.dataset import Sample, collate, pad_token_id
 from ..data.preprocess import encode, pair_text, prompt_token_mask
 from ..synthetic import POSITIONS, SIZES, SceneGenerator
+from ..synthetic.icl import restyle
 
 #: the ``aim.questions`` kinds and the generator's question types they select
 QUESTION_TYPES = {"color": "what color is the", "shape": "what shape is the", "position": "where is the",
@@ -26,11 +27,11 @@ TEXT_TYPES = (QUESTION_TYPES["word"], QUESTION_TYPES["number"])  # about the wri
 GRID = 7  # the built-in EfficientNet-Lite0's feature grid at 224 px
 
 
-def object_cells(obj, grid: int = GRID) -> list[int]:
-    """Row-major cells whose centre lies inside the object's bounding box, and always the cell
-    under its centre."""
+def object_cells(obj, grid: int = GRID, scale: float = 1.0) -> list[int]:
+    """Row-major cells whose centre lies inside the object's bounding box (drawn ``scale`` times its
+    size), and always the cell under its centre."""
     ax, ay = POSITIONS[obj.position]
-    cx, cy, r = ax + obj.offset[0], ay + obj.offset[1], SIZES[obj.size]
+    cx, cy, r = ax + obj.offset[0], ay + obj.offset[1], SIZES[obj.size] * scale
     centre = min(int(cy * grid), grid - 1) * grid + min(int(cx * grid), grid - 1)
     inside = [row * grid + col for row in range(grid) for col in range(grid)
               if abs((col + 0.5) / grid - cx) <= r and abs((row + 0.5) / grid - cy) <= r]
@@ -75,13 +76,14 @@ def text_cells(scene, size: int, grid: int = GRID) -> list[int]:
     return out
 
 
-def question_target(scene, question: dict, size: int, grid: int = GRID) -> tuple[list[int], str]:
+def question_target(scene, question: dict, size: int, grid: int = GRID, scale: float = 1.0) -> tuple[list[int], str]:
     """The cells a question is about and the word of the question that names them: the named
-    objects' cells, or, for "What word/number is written in the image?", the written word's."""
+    objects' cells (shapes drawn ``scale`` times their size), or, for "What word/number is written
+    in the image?", the written word's."""
     if question["question_type"] in TEXT_TYPES:
         return text_cells(scene, size, grid), question["question"].split()[1]
     objs, word = named_objects(scene, question)
-    return sorted({c for o in objs for c in object_cells(o, grid)}), word
+    return sorted({c for o in objs for c in object_cells(o, grid, scale)}), word
 
 
 class AimDataset:
@@ -89,13 +91,15 @@ class AimDataset:
     (``grid * grid`` bools: the target cells) and ``aim_positions`` (the named word's last token, the
     last prompt token). Deterministic in ``start``; its position is the next scene index.
     ``question_weights`` (question type -> weight): how a scene's question is drawn when it has
-    several (None: uniformly)."""
+    several (None: uniformly). ``style_rate``: the share of scenes drawn as the in-context episodes
+    draw theirs (:func:`~flamingo_vlm.synthetic.icl.restyle`), their target cells moved with them."""
 
     def __init__(self, processor, *, batch_size: int, start: int, image_size: int = 224, max_tokens: int = 64,
                  question_types=("what color is the", "what shape is the"), generator: SceneGenerator | None = None,
-                 question_weights: dict[str, float] | None = None, grid: int = GRID):
+                 question_weights: dict[str, float] | None = None, grid: int = GRID, style_rate: float = 0.0):
         self.question_types = tuple(question_types)
         self.question_weights = question_weights
+        self.style_rate = style_rate
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.batch_size, self.image_size, self.max_tokens, self.grid = batch_size, image_size, max_tokens, grid
         self.gen = generator or SceneGenerator(seed=0)
@@ -121,7 +125,11 @@ class AimDataset:
         else:
             w = np.array([self.question_weights.get(q["question_type"], 1.0) for q in questions])
             q = questions[int(rng.choice(len(questions), p=w / w.sum()))]
-        cell_ids, word = question_target(scene, q, self.image_size, self.grid)
+        style = None
+        srng = np.random.default_rng([self.gen.seed, 4243, index])
+        if srng.random() < self.style_rate:  # drawn as an in-context episode would be; answers unchanged
+            scene, style = restyle(scene, srng)
+        cell_ids, word = question_target(scene, q, self.image_size, self.grid, style.scale if style else 1.0)
         text = pair_text(f"Question:{q['question']} Short answer:{q['answer']}")
         ids = encode(self.tokenizer, text, self.max_tokens, self.eos_token_id)
         offsets = self.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
@@ -130,7 +138,7 @@ class AimDataset:
         positions = [max(i for i, (a, _) in enumerate(offsets) if a < end) for end in (word_end, prompt_end)]
         cells = torch.zeros(self.grid * self.grid, dtype=torch.bool)
         cells[cell_ids] = True
-        image = self.processor.image_processor(scene.render(self.image_size))
+        image = self.processor.image_processor(scene.render(self.image_size, style))
         trainable = prompt_token_mask(self.tokenizer, text, len(ids), ("Short answer:",))
         return {"sample": Sample(ids, [image], trainable), "cells": cells, "positions": positions}
 

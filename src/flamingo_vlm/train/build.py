@@ -243,7 +243,7 @@ def aim_dataset(cfg: TrainConfig, model, tokenizer, image_processor):
                       image_size=size, max_tokens=a.max_tokens, grid=grid,
                       question_types=[QUESTION_TYPES[k] for k in a.questions],
                       question_weights=({QUESTION_TYPES[k]: float(w) for k, w in a.question_weights.items()}
-                                        if a.question_weights else None))
+                                        if a.question_weights else None), style_rate=a.style_rate)
 
 
 def _which_dataset(cfg: TrainConfig, message: str) -> str:

@@ -145,6 +145,8 @@ class AimConfig:
     # relative weight of a kind when a scene has several, e.g. {word: 4, number: 4}; null: uniform
     question_weights: dict | None = None
     max_tokens: int = 64
+    # share of the scenes drawn as the in-context episodes draw theirs (random training style, off the grid)
+    style_rate: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -315,6 +317,8 @@ class TrainConfig:
                 raise ConfigError(f"aim.{name} must be >= 1, got {getattr(a, name)}")
         if a.start < 0:
             raise ConfigError(f"aim.start must be >= 0, got {a.start}")
+        if not 0.0 <= a.style_rate <= 1.0:
+            raise ConfigError(f"aim.style_rate must be between 0 and 1, got {a.style_rate}")
         if not a.questions or not set(a.questions) <= set(AIM_QUESTIONS):
             raise ConfigError(f"aim.questions must be a non-empty list of {', '.join(AIM_QUESTIONS)}; got {a.questions!r}")
         weights = a.question_weights or {}
