@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from flamingo_vlm.eval.card import eval_generator
     from flamingo_vlm.pretrained import from_pretrained
-    from flamingo_vlm.synthetic import POSITIONS, SHAPES
+    from flamingo_vlm.synthetic import SHAPES
     from flamingo_vlm.synthetic.icl import restyle
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
             if tokens.shape[0] < side * side:
                 raise SystemExit(f"{args.model}'s vision encoder gives {tokens.shape[0]} tokens, not a {side}x{side} grid")
             for obj in scene.objects:
-                x, y = POSITIONS[obj.position][0] + obj.offset[0], POSITIONS[obj.position][1] + obj.offset[1]
+                x, y = obj.centre
                 feats.append(tokens[int(y * side) * side + int(x * side)])
                 labels.append(SHAPES.index(obj.shape))
                 counts.append(len(scene.objects))

@@ -62,6 +62,12 @@ class SceneObject:
     def name(self) -> str:
         return f"{self.color} {self.shape}"
 
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Where the object is drawn: its grid anchor moved by its offset (fractions of the side)."""
+        ax, ay = POSITIONS[self.position]
+        return ax + self.offset[0], ay + self.offset[1]
+
 
 @dataclass(frozen=True)
 class Scene:

@@ -17,7 +17,7 @@ import torch
 
 from ..data.dataset import Sample, collate, pad_token_id
 from ..data.preprocess import encode, pair_text, prompt_token_mask
-from ..synthetic import POSITIONS, SIZES, SceneGenerator
+from ..synthetic import SIZES, SceneGenerator
 from ..synthetic.icl import restyle
 
 #: the ``aim.questions`` kinds and the generator's question types they select
@@ -30,8 +30,7 @@ GRID = 7  # the built-in EfficientNet-Lite0's feature grid at 224 px
 def object_cells(obj, grid: int = GRID, scale: float = 1.0) -> list[int]:
     """Row-major cells whose centre lies inside the object's bounding box (drawn ``scale`` times its
     size), and always the cell under its centre."""
-    ax, ay = POSITIONS[obj.position]
-    cx, cy, r = ax + obj.offset[0], ay + obj.offset[1], SIZES[obj.size] * scale
+    (cx, cy), r = obj.centre, SIZES[obj.size] * scale
     centre = min(int(cy * grid), grid - 1) * grid + min(int(cx * grid), grid - 1)
     inside = [row * grid + col for row in range(grid) for col in range(grid)
               if abs((col + 0.5) / grid - cx) <= r and abs((row + 0.5) / grid - cy) <= r]
@@ -126,8 +125,8 @@ class AimDataset:
             w = np.array([self.question_weights.get(q["question_type"], 1.0) for q in questions])
             q = questions[int(rng.choice(len(questions), p=w / w.sum()))]
         style = None
-        srng = np.random.default_rng([self.gen.seed, 4243, index])
-        if srng.random() < self.style_rate:  # drawn as an in-context episode would be; answers unchanged
+        srng = np.random.default_rng([self.gen.seed, 4243, index]) if self.style_rate else None
+        if srng is not None and srng.random() < self.style_rate:  # drawn as an in-context episode would be; answers unchanged
             scene, style = restyle(scene, srng)
         cell_ids, word = question_target(scene, q, self.image_size, self.grid, style.scale if style else 1.0)
         text = pair_text(f"Question:{q['question']} Short answer:{q['answer']}")
