@@ -204,6 +204,9 @@ def test_aim_section_reads_from_yaml_and_rejects_bad_values(tmp_path):
     assert a.enabled and not TrainConfig.from_dict({"model": {"from_pretrained": "m"}}).aim.enabled  # off by default
     for bad, match in [({"questions": ["colour"]}, "aim.questions"), ({"loss_weight": -1}, "aim.loss_weight"),
                        ({"question_weights": {"word": 2}}, "aim.question_weights"), ({"heads": 0}, "aim.heads"), ({"style_rate": 1.5}, "aim.style_rate"),
+                       ({"episode_rate": 2}, "aim.episode_rate"), ({"episode_shots": 0}, "aim.episode_shots"),
+                       ({"episode_rate": 0.5, "max_tokens": 64}, "aim.max_tokens"),
+                       ({"episode_rate": 0.5, "max_tokens": 200, "questions": ["number"]}, "aim.episode_rate"),
                        ({"weight": 1}, "did you mean")]:
         with pytest.raises(ConfigError, match=match):
             TrainConfig.from_dict({"model": {"from_pretrained": "m"}, "aim": bad})
@@ -265,3 +268,71 @@ def test_aim_refuses_a_model_it_cannot_aim(tmp_path):
 
     with pytest.raises(ConfigError, match="grow-adapter .*--media-passthrough"):
         Trainer(aim_config(tmp_path / "run"), model=tiny_flamingo("llama"))
+
+
+def test_episode_rows_aim_at_the_query_image_in_any_wording(aim):
+    """episode_rate 1: every row is an in-context episode; the cells are the query's named object
+    (as its scene says, whatever the phrasing), the positions its naming word and the end of its
+    prompt, only the query's answer is trained and ``aim_media`` is the query's image."""
+    from flamingo_vlm.synthetic.icl import icl_episode
+    from tiny import tiny_flamingo
+
+    _, ip, tok = tiny_flamingo("llama")
+    kinds = ["color", "shape", "position", "count", "word"]
+    ds = aim.AimDataset(FlamingoProcessor(tok, ip), batch_size=6, start=0, image_size=32, max_tokens=400,
+                        episode_rate=1.0, episode_shots=3, episode_types=kinds)
+    seen = set()
+    for index in range(15):
+        row = ds.sample(index)
+        ids, images = row["sample"].input_ids, row["sample"].images
+        assert row["media"] == len(images) - 1 and 2 <= len(images) <= 4
+        text = tok.decode(ids)
+        assert text.count("<image>") == len(images)
+        query = text.split("<image>")[-1]
+        word_pos, prompt_pos = row["positions"]
+        named = tok.decode(ids[: word_pos + 1])
+        assert "<image>" in named and named.rsplit("<image>", 1)[1] in query  # the word is in the query's chunk
+        trained = tok.decode([t for t, keep in zip(ids, row["sample"].trainable) if keep])
+        prompt = tok.decode(ids[: prompt_pos + 1]).rsplit("<image>", 1)[1]
+        assert query.startswith(prompt) and trained.strip().startswith(query[len(prompt):].strip()[:3])
+        # the target: recomputed from the episode's own scene with the objects' attributes
+        rng = __import__("numpy").random.default_rng([ds.gen.seed, 4245, index])
+        shots = int(rng.integers(1, 4))
+        qtype = kinds[int(rng.integers(len(kinds)))]
+        ep = icl_episode(index, split="train", shots=shots, qtype=qtype, generator=ds.gen)
+        scene, question, _ = ep.query
+        assert question in query and len(images) == shots + 1
+        if qtype in ("color", "shape", "position"):
+            obj = next(o for o in scene.objects if (o.color if qtype == "color" else o.shape if qtype == "shape"
+                                                    else o.position) == ep.value
+                       and (qtype != "position" or (o.color in question and o.shape in question)))
+            cells = aim.object_cells(obj, 7, ep.style.scale)
+            assert set(cells) <= set(row["cells"].nonzero().flatten().tolist())
+            assert named.rstrip().lower().endswith(obj.shape if qtype != "shape" else obj.color)
+        seen.add(qtype)
+    assert seen >= {"color", "shape", "count"}
+    batch = next(iter(ds))
+    assert batch["aim_media"].tolist() == [int(n) for n in (batch["vision_x"].abs().flatten(2).sum(-1) > 0).sum(1) - 1]
+
+
+def test_the_attention_loss_reads_the_query_image_of_an_episode_row(tmp_path):
+    """With ``aim_media`` the loss sees only that image's keys: cells marked in another image do not count."""
+    t = Trainer(aim_config(tmp_path / "run", 1.0, aim={"loss_weight": 1.0, "batch_size": 2, "heads": 2,
+                                                       "questions": ["color", "shape"], "episode_rate": 1.0,
+                                                       "episode_shots": 2, "max_tokens": 400}),
+                model=aimable_model())
+    try:
+        batch = t.next_batches()[0][0]
+        assert batch["vision_x"].shape[1] >= 2 and (batch["aim_media"] >= 1).all()
+        with t.aim.capture(batch) as on_query:
+            t.model(batch["vision_x"], batch["input_ids"], attention_mask=batch["attention_mask"])
+        moved = dict(batch, vision_x=batch["vision_x"].clone())
+        first = moved["vision_x"][:, 0].clone()
+        moved["vision_x"][:, 0] = torch.rand_like(first)  # another image changes; the query's loss does not
+        with t.aim.capture(moved) as after:
+            t.model(moved["vision_x"], moved["input_ids"], attention_mask=moved["attention_mask"])
+        torch.testing.assert_close(torch.stack(on_query), torch.stack(after))
+        step = t.train_step(t.next_batches())
+        assert torch.isfinite(torch.tensor(step["aim_attention"]))
+    finally:
+        t.close()

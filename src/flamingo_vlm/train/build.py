@@ -220,7 +220,7 @@ def aim_dataset(cfg: TrainConfig, model, tokenizer, image_processor):
     can be aimed: its perceiver passes the vision tokens through and they are a grid of feature
     tokens followed by one colour token per cell (the grid size is read from one blank image)."""
     from ..processing import FlamingoProcessor
-    from .aiming import QUESTION_TYPES, AimDataset
+    from .aiming import EPISODE_TYPES, QUESTION_TYPES, AimDataset
 
     if getattr(model.perceiver, "passthrough_norm", None) is None:
         raise ConfigError("aim: the model's perceiver does not pass its input cells through; grow it with "
@@ -243,7 +243,9 @@ def aim_dataset(cfg: TrainConfig, model, tokenizer, image_processor):
                       image_size=size, max_tokens=a.max_tokens, grid=grid,
                       question_types=[QUESTION_TYPES[k] for k in a.questions],
                       question_weights=({QUESTION_TYPES[k]: float(w) for k, w in a.question_weights.items()}
-                                        if a.question_weights else None), style_rate=a.style_rate)
+                                        if a.question_weights else None), style_rate=a.style_rate,
+                      episode_rate=a.episode_rate, episode_shots=a.episode_shots,
+                      episode_types=[EPISODE_TYPES[k] for k in a.questions if k in EPISODE_TYPES])
 
 
 def _which_dataset(cfg: TrainConfig, message: str) -> str:

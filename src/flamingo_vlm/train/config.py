@@ -147,6 +147,10 @@ class AimConfig:
     max_tokens: int = 64
     # share of the scenes drawn as the in-context episodes draw theirs (random training style, off the grid)
     style_rate: float = 0.0
+    # share of the rows that are in-context episodes (1 to episode_shots demonstrations and a query in
+    # the training split's phrasings, framings, answer maps and styles; max_tokens must hold them)
+    episode_rate: float = 0.0
+    episode_shots: int = 4
 
     @property
     def enabled(self) -> bool:
@@ -319,6 +323,16 @@ class TrainConfig:
             raise ConfigError(f"aim.start must be >= 0, got {a.start}")
         if not 0.0 <= a.style_rate <= 1.0:
             raise ConfigError(f"aim.style_rate must be between 0 and 1, got {a.style_rate}")
+        if not 0.0 <= a.episode_rate <= 1.0:
+            raise ConfigError(f"aim.episode_rate must be between 0 and 1, got {a.episode_rate}")
+        if a.episode_shots < 1:
+            raise ConfigError(f"aim.episode_shots must be >= 1, got {a.episode_shots}")
+        if a.episode_rate and a.max_tokens < 32 * (a.episode_shots + 1):
+            raise ConfigError(f"aim.max_tokens ({a.max_tokens}) cannot hold episodes of {a.episode_shots} "
+                              f"demonstrations; set it to at least {32 * (a.episode_shots + 1)}")
+        if a.episode_rate and not set(a.questions) - {"number"}:
+            raise ConfigError("aim.episode_rate needs a kind of aim.questions that the episodes ask "
+                              "(color, shape, position, count, word)")
         if not a.questions or not set(a.questions) <= set(AIM_QUESTIONS):
             raise ConfigError(f"aim.questions must be a non-empty list of {', '.join(AIM_QUESTIONS)}; got {a.questions!r}")
         weights = a.question_weights or {}

@@ -92,15 +92,22 @@ class AttentionAim:
 
     @contextlib.contextmanager
     def capture(self, batch: dict, device=None):
-        """For an aiming batch: ``aim_cells`` (B, C) bool, the target cells, and ``aim_positions``
-        (B, P), the token positions whose queries are supervised."""
+        """For an aiming batch: ``aim_cells`` (B, C) bool, the target cells, ``aim_positions``
+        (B, P), the token positions whose queries are supervised, and optionally ``aim_media`` (B,),
+        which of a row's images the cells are in (default: each row has one)."""
         cells, positions = batch["aim_cells"].to(device), batch["aim_positions"].to(device)
+        media = batch.get("aim_media")
+        num_media = batch["vision_x"].shape[1]
         losses: list[torch.Tensor] = []
 
         def hook(module, args):
             x, k = args[0], args[1][0]
-            rows = torch.arange(x.shape[0], device=x.device)[:, None]
-            q = split_heads(module.to_q(module.norm(x[rows, positions])), module.heads)[:, : self.heads]
+            rows = torch.arange(x.shape[0], device=x.device)
+            if media is not None and num_media > 1:  # the target image's keys only: a query sees no other
+                if k.shape[-2] % num_media:
+                    raise RuntimeError(f"aim: {k.shape[-2]} cross-attention keys are not {num_media} images' worth")
+                k = k.unflatten(-2, (num_media, -1))[rows, :, media.to(k.device)]
+            q = split_heads(module.to_q(module.norm(x[rows[:, None], positions])), module.heads)[:, : self.heads]
             losses.append(aim_loss(q, k[:, : self.heads], cells))
 
         handles = [b.register_forward_pre_hook(hook) for b in self.blocks]
