@@ -57,8 +57,6 @@ OPENFLAMINGO_STEP_S = 9.9
 OPENFLAMINGO_PEAK_GB = 5.6
 SPEEDUP_TARGET = 2.0
 MEMORY_TARGET = 0.6
-TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
-                  "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
 CASES = ("fp32", "fp32+gc", "fp32+gclm", "fp32-default", "amp_bf16", "bf16", "lm-fp32", "lm-bf16")
 
 
@@ -410,7 +408,9 @@ def main() -> int:
 
     preload = None
     if args.allocator != "glibc":
-        preload = next((p for p in TCMALLOC_PATHS if Path(p).is_file()), None)
+        from flamingo_vlm.allocator import find_tcmalloc  # the library the flamingo-vlm command preloads
+
+        preload = find_tcmalloc()
         if preload is None and args.allocator == "tcmalloc":
             raise SystemExit("tcmalloc not found (apt-get install libtcmalloc-minimal4)")
     allocator = "tcmalloc" if preload else "glibc malloc"
@@ -421,8 +421,9 @@ def main() -> int:
         cmd += ["--threads", str(args.threads)] if args.threads else []
         print(f"running {case} ...", file=sys.stderr, flush=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+        env.pop("LD_PRELOAD", None)
         if preload:
-            env["LD_PRELOAD"] = preload
+            env.update(LD_PRELOAD=preload, TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(1 << 40))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode or line is None:

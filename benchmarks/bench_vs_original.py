@@ -27,6 +27,11 @@ others >= 0.25 cores are not quiet).
     PYTHONPATH=src python benchmarks/bench_vs_original.py                    # all cases, fp32 + bf16
     PYTHONPATH=src python benchmarks/bench_vs_original.py --cases train --precisions fp32
     PYTHONPATH=src python benchmarks/bench_vs_original.py --sides ours       # no peer venv needed
+    PYTHONPATH=src python benchmarks/bench_vs_original.py --cases train --allocator both   # tcmalloc on both sides
+
+Allocator: our side runs with the allocator the ``flamingo-vlm`` command uses (tcmalloc where
+installed, :mod:`flamingo_vlm.allocator`), the original with the system's, as each one's users get
+it; ``--allocator both|none`` makes them the same. The header says which ran with which.
 
 Writes ``benchmarks/results/vs-original-<cases>.{md,json}``.
 """
@@ -222,8 +227,22 @@ def _ours_step(model, tok, bf16):
 
 
 # -- the driver -------------------------------------------------------------------------------------
-def _run(side, case, precision, reps) -> dict:
+def _allocators(mode: str) -> dict[str, str | None]:
+    """Library to preload per side: ``ours`` preloads what the ``flamingo-vlm`` command would
+    (:mod:`flamingo_vlm.allocator`: tcmalloc where installed) for our side only, the original
+    running as its users run it; ``both``: for both sides; ``none``: the system's allocator for both."""
+    sys.path.insert(0, str(REPO / "src"))
+    from flamingo_vlm.allocator import find_tcmalloc
+
+    lib = None if mode == "none" else find_tcmalloc()
+    return {"ours": lib, "original": lib if mode == "both" else None}
+
+
+def _run(side, case, precision, reps, preload=None) -> dict:
     env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    if preload:
+        env.update(LD_PRELOAD=preload, TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(1 << 40))
     if side == "ours":
         py = sys.executable
         env["PYTHONPATH"] = str(REPO / "src")
@@ -250,6 +269,9 @@ def main() -> int:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
     ap.add_argument("--sides", nargs="+", default=["ours", "original"], choices=("ours", "original"))
     ap.add_argument("--reps", type=int, default=2, help="timed runs after 1 warm-up (median)")
+    ap.add_argument("--allocator", default="ours", choices=("ours", "both", "none"),
+                    help="preload tcmalloc (where installed) for our side only, as the flamingo-vlm command does "
+                         "(ours, default), for both sides (both), or for neither (none)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -260,14 +282,17 @@ def main() -> int:
         raise SystemExit(f"bench_vs_original: the original's venv {PEER_PY} is missing: run `bash {PEER}/setup.sh` "
                          "(or set PEER_VENV), or pass --sides ours")
     load = os.getloadavg()
+    preload = _allocators(args.allocator)
     results: dict = {}
     for case in args.cases:
         for precision in args.precisions:
             for side in args.sides:
-                results[(case, precision, side)] = _run(side, case, precision, args.reps)
+                results[(case, precision, side)] = _run(side, case, precision, args.reps, preload[side])
     kerns = [r.pop("_kernels") for r in results.values() if "_kernels" in r]
     kern = kerns[0] if kerns else "ours not run"
     lines = [f"flamingo-vlm vs the original OpenFlamingo, same machine, same run. {kern}.",
+             "Allocator: " + "; ".join(f"{side} {'tcmalloc' if preload[side] else 'system (glibc malloc)'}"
+                                       for side in args.sides) + ".",
              f"Load average at start {load[0]:.2f}; `others` = cores other processes used during the timed runs "
              "(>= 0.25: not a quiet figure).", "",
              "| workload | precision | ours (s) | original (s) | speed-up | ours peak RSS (GB) | original peak RSS (GB) | memory ratio | others (ours/orig) |",
@@ -292,7 +317,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = "vs-original-" + "-".join(args.cases) + ("" if args.sides == ["ours", "original"] else "-" + "-".join(args.sides))
     (out / f"{stem}.md").write_text(table + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"load_at_start": load, "kernels": kern,
+    (out / f"{stem}.json").write_text(json.dumps({"load_at_start": load, "kernels": kern, "allocator": preload,
                                                   "results": {"|".join(k): v for k, v in results.items()}}, indent=1))
     return 0
 

@@ -17,9 +17,9 @@ fi
 apt_pkgs=()
 command -v java >/dev/null 2>&1 || apt_pkgs+=(default-jre-headless)
 [ -f /usr/share/wordnet/index.verb ] || apt_pkgs+=(wordnet-base)
-# tcmalloc: a CPU training step ran ~10% faster with ~9% less peak memory with it preloaded (AMD Zen 5,
-# benchmarks/results/train-cpu*.md) than with glibc malloc; benchmarks/bench_train.py uses it when installed.
-# Not preloaded for you (it would reach every program of the venv): the last line says how to opt in.
+# tcmalloc: a CPU training step runs ~9% faster with ~15% less peak memory with it than with glibc malloc
+# (README, "Memory allocator"). The flamingo-vlm command preloads it itself (flamingo_vlm/allocator.py);
+# your own Python programs get it with the LD_PRELOAD the last line prints.
 TCMALLOC=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 [ "$(uname -m)" != x86_64 ] || [ -f "$TCMALLOC" ] || apt_pkgs+=(libtcmalloc-minimal4)
 if [ "${#apt_pkgs[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
@@ -38,4 +38,4 @@ case ",${EXTRAS}," in
   *,test,*|*,lmms,*) python -m pip install -q --no-deps "lmms-eval==0.7.3" ;;
 esac
 echo "flamingo-vlm installed in $(python -c 'import sys; print(sys.prefix)')"
-[ ! -f "$TCMALLOC" ] || echo "optional, faster CPU training: export LD_PRELOAD=$TCMALLOC"
+[ ! -f "$TCMALLOC" ] || echo "the flamingo-vlm command runs with tcmalloc; your own scripts: LD_PRELOAD=$TCMALLOC python ..."

@@ -1,9 +1,8 @@
 """flamingo-vlm: Flamingo-style vision-language models on any Hugging Face causal LM."""
 
-from .factory import create_model_and_transforms
-from .modeling.flamingo import Flamingo
-from .pretrained import from_pretrained as load_pretrained
-from .processing import FlamingoProcessor, add_flamingo_tokens
+from __future__ import annotations
+
+import importlib
 
 __all__ = [
     "Flamingo",
@@ -13,3 +12,26 @@ __all__ = [
     "load_pretrained",
 ]
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562), so that `import flamingo_vlm.allocator` or the command line's
+# start does not load torch: the command re-executes itself with its allocator before it does.
+_LAZY = {
+    "create_model_and_transforms": (".factory", "create_model_and_transforms"),
+    "Flamingo": (".modeling.flamingo", "Flamingo"),
+    "load_pretrained": (".pretrained", "from_pretrained"),
+    "FlamingoProcessor": (".processing", "FlamingoProcessor"),
+    "add_flamingo_tokens": (".processing", "add_flamingo_tokens"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

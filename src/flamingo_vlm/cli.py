@@ -127,5 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(e, UsageError) else 1
 
 
+def run() -> int:
+    """The ``flamingo-vlm`` command: :func:`main`, in a process with the memory allocator that
+    :mod:`.allocator` chooses (re-executed once with tcmalloc preloaded where it is installed)."""
+    from .allocator import reexec_with_allocator
+
+    try:
+        reexec_with_allocator("flamingo_vlm")
+    except ValueError as e:
+        print(f"flamingo-vlm: error: {e}", file=sys.stderr)
+        return 2
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

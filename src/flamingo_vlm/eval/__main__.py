@@ -1,5 +1,9 @@
 """``python -m flamingo_vlm.eval`` (and ``torchrun ... -m flamingo_vlm.eval``): the evaluate command."""
 
-from .cli import main
+from ..allocator import reexec_with_allocator
+
+reexec_with_allocator("flamingo_vlm.eval")  # tcmalloc where installed (flamingo_vlm.allocator), as the flamingo-vlm command
+
+from .cli import main  # noqa: E402
 
 raise SystemExit(main())

@@ -10,8 +10,10 @@ Saving and loading (``save_pretrained``, ``from_pretrained``, OpenFlamingo check
 ``load_state_dict(strict=False)``) live in the loading layer above (:mod:`flamingo_vlm.pretrained`,
 :mod:`flamingo_vlm.checkpoints`), which builds models with this class; this module imports nothing
 above :mod:`flamingo_vlm.modeling`. The loading layer installs those functions here when it is
-imported (:func:`install_persistence`), and ``import flamingo_vlm`` (which every import of a submodule
-runs first) imports it, so the methods are always there.
+imported (:func:`install_persistence`). ``import flamingo_vlm`` loads its names on first use (so that
+the command line starts without torch, see :mod:`flamingo_vlm.allocator`), so a model built from this
+layer alone may call a method before the loading layer was imported: the method then imports it by
+name (:data:`LOADING_LAYER`), at call time; nothing here imports it when this module loads.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -119,11 +122,16 @@ def install_persistence(
                         load_openflamingo_state_dict=load_openflamingo_state_dict)
 
 
+LOADING_LAYER = "flamingo_vlm.pretrained"  # installs the functions below when imported
+
+
 def _persistence(name: str) -> Callable[..., Any]:
+    if name not in _PERSISTENCE:  # a model built from this layer before anything imported the loading layer
+        importlib.import_module(LOADING_LAYER)
     try:
         return _PERSISTENCE[name]
-    except KeyError:  # only reachable if the package's __init__ was bypassed
-        raise RuntimeError(f"Flamingo.{name} needs flamingo_vlm's loading layer: `import flamingo_vlm` first") from None
+    except KeyError:
+        raise RuntimeError(f"Flamingo.{name}: {LOADING_LAYER} did not install it") from None
 
 
 class Flamingo(nn.Module):

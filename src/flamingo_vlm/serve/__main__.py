@@ -1,5 +1,11 @@
+"""``python -m flamingo_vlm.serve``: the serve command."""
+
 import sys
 
-from .cli import main
+from ..allocator import reexec_with_allocator
+
+reexec_with_allocator("flamingo_vlm.serve")  # tcmalloc where installed (flamingo_vlm.allocator), as the flamingo-vlm command
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

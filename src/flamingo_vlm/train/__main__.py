@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+from ..allocator import reexec_with_allocator
+
+reexec_with_allocator("flamingo_vlm.train")  # tcmalloc where installed (flamingo_vlm.allocator), as the flamingo-vlm command
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..allocator import preload_hint
 from ..locking import hold_for_job
 from ..modeling.fast_linear import fast_bf16, onednn_available
 from ..modeling.kernels import decide
@@ -148,6 +149,10 @@ class Trainer:
 
         if info.device.type == "cpu" and cfg.malloc_mmap_threshold:
             set_malloc_mmap_threshold(cfg.malloc_mmap_threshold)
+        if info.device.type == "cpu" and info.is_main and (hint := preload_hint()):
+            # the flamingo-vlm command preloads it itself; code that calls the Trainer cannot
+            logger.info("CPU training is faster and smaller with tcmalloc (README, 'Memory allocator'): "
+                        "start this program as `%s python ...`", hint)
         if info.device.type == "cpu" and cfg.precision != "fp32" and not fast_bf16("cpu"):
             logger.warning(
                 "precision %s on a CPU without bf16 instructions (%s): bf16 matrix products are emulated and a "
