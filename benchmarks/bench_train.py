@@ -118,11 +118,14 @@ class OthersLoad:
 
 # -- models ------------------------------------------------------------------------------------------
 def build_lm(s: Shape):
-    from transformers import MptConfig, MptForCausalLM
+    """The MPT class flamingo-vlm loads every MPT / MosaicGPT checkpoint into (SDPA attention)."""
+    from transformers import MptConfig
+
+    from flamingo_vlm.modeling.mpt import MosaicMptForCausalLM
 
     cfg = MptConfig(d_model=s.lm_dim, n_heads=s.lm_heads, n_layers=s.lm_layers, expansion_ratio=s.expansion_ratio,
                     vocab_size=s.vocab, max_seq_len=2048, use_cache=False)
-    lm = MptForCausalLM(cfg)
+    lm = MosaicMptForCausalLM(cfg)
     lm.resize_token_embeddings(s.vocab + 3, mean_resizing=False)
     return lm
 
@@ -277,11 +280,11 @@ def distributed_smoke(mode: str) -> int:
 
 
 # -- profile -----------------------------------------------------------------------------------------
-def matmul_gflops(seconds: float = 1.0) -> float:
-    """This CPU's fp32 GEMM rate with torch's default kernel at training shape (1024 x 768 x 3072)."""
+def matmul_gflops(seconds: float = 1.0, dtype=None) -> float:
+    """This CPU's GEMM rate (fp32, or ``dtype``) with torch's default kernel at training shape (1024 x 768 x 3072)."""
     import torch
 
-    a, b = torch.randn(1024, 768), torch.randn(768, 3072)
+    a, b = torch.randn(1024, 768, dtype=dtype), torch.randn(768, 3072, dtype=dtype)
     a @ b
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -303,9 +306,10 @@ _GROUPS = (  # (group, substrings of aten op names), first match wins
 )
 
 
-def profile_step(s: Shape, threads: int | None) -> int:
-    """One fp32 step of the real Trainer under torch.profiler: self CPU time per op group, GEMM
-    FLOP/s against the matmul rate measured here, and time outside ops (Python, autograd)."""
+def profile_step(s: Shape, threads: int | None, precision: str = "fp32") -> int:
+    """One step (``precision``: fp32 or amp_bf16) of the real Trainer under torch.profiler: self CPU
+    time per op group, GEMM FLOP/s against the matmul rate measured here (in bf16 for amp_bf16), and
+    time outside ops (Python, autograd)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -315,10 +319,10 @@ def profile_step(s: Shape, threads: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    peak = matmul_gflops()
+    peak = matmul_gflops(dtype=torch.bfloat16 if precision == "amp_bf16" else None)
     model = build_flamingo(s)
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig.from_dict({"precision": "fp32", "max_steps": 10, "checkpoint_every": 10_000,
+        cfg = TrainConfig.from_dict({"precision": precision, "max_steps": 10, "checkpoint_every": 10_000,
                                      "output_dir": out, "schedule": {"warmup_steps": 0}, "progress": False,
                                      "export": False, "tensorboard": False, "plot": False}, require_model=False)
         trainer = Trainer(cfg, model=model, datasets=[RandomBatches(s)], loss_weights=[1.0])
@@ -342,11 +346,12 @@ def profile_step(s: Shape, threads: int | None) -> int:
         acc[1] += ev.flops or 0
         acc[2] += ev.count
     in_ops = sum(v[0] for v in groups.values())
-    lines = [f"One fp32 training step, batch {s.batch} x {s.length} tokens x {s.images} images (Trainer defaults), "
+    lines = [f"One {precision} training step, batch {s.batch} x {s.length} tokens x {s.images} images (Trainer defaults), "
              f"{wall:.2f} s wall ({wall - in_ops:.2f} s outside ops: Python, autograd, profiler); "
              f"other processes used {others:.2f} cores.",
              kernels.summary() + ".",
-             f"This CPU's fp32 matmul rate (1024x768x3072, torch default kernel): {peak:.0f} GFLOP/s.", "",
+             f"This CPU's {'bf16' if precision == 'amp_bf16' else 'fp32'} matmul rate (1024x768x3072, torch default "
+             f"kernel): {peak:.0f} GFLOP/s.", "",
              "| op group | self CPU s | share of step | calls | GFLOP | GFLOP/s | of matmul rate |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for g, (t, flops, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
@@ -366,7 +371,7 @@ def profile_step(s: Shape, threads: int | None) -> int:
     print(table)
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train-profile.md").write_text(table + "\n")
+    (out_dir / ("train-profile.md" if precision == "fp32" else f"train-profile-{precision}.md")).write_text(table + "\n")
     return 0
 
 
@@ -389,8 +394,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
     ap.add_argument("--allocator", default="auto", choices=("auto", "tcmalloc", "glibc"),
                     help="memory allocator of the case processes: tcmalloc (LD_PRELOAD) if installed (auto)")
-    ap.add_argument("--profile", action="store_true",
-                    help="instead of the table: where one fp32 training step goes (torch.profiler), against this CPU's matmul FLOP/s")
+    ap.add_argument("--profile", nargs="?", const="fp32", choices=("fp32", "amp_bf16"),
+                    help="instead of the table: where one training step (fp32, or amp_bf16) goes (torch.profiler), "
+                         "against this CPU's matmul FLOP/s")
     ap.add_argument("--distributed-smoke", choices=("ddp", "fsdp"),
                     help="under torchrun: 2 steps of the quick model with DDP or FSDP2 (scripts/gpu_check.sh)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -399,7 +405,7 @@ def main() -> int:
     if args.distributed_smoke:
         return distributed_smoke(args.distributed_smoke)
     if args.profile:
-        return profile_step(shape, args.threads)
+        return profile_step(shape, args.threads, args.profile)
     if args.child:
         print("RESULT " + json.dumps(run_case(args.child, shape, args.steps, args.threads)), flush=True)
         return 0

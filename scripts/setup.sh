@@ -17,7 +17,7 @@ fi
 apt_pkgs=()
 command -v java >/dev/null 2>&1 || apt_pkgs+=(default-jre-headless)
 [ -f /usr/share/wordnet/index.verb ] || apt_pkgs+=(wordnet-base)
-# tcmalloc: a CPU training step runs ~9% faster with ~15% less peak memory with it than with glibc malloc
+# tcmalloc: a CPU training step runs 5-10% faster with 5-12% less peak memory with it than with glibc malloc
 # (README, "Memory allocator"). The flamingo-vlm command preloads it itself (flamingo_vlm/allocator.py);
 # your own Python programs get it with the LD_PRELOAD the last line prints.
 TCMALLOC=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4

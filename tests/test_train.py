@@ -766,3 +766,39 @@ def test_resume_falls_back_past_a_damaged_checkpoint(model_dir, media_id, tmp_pa
     with pytest.raises(ConfigError, match=r"no intact checkpoint .*step_00000004: .*trainable.safetensors.*"
                                           r"step_00000002: .*optimizer.pt"):
         Trainer(make_config(model_dir, out, max_steps=4, resume="latest"), **fake_mixture(media_id))
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_chunked_loss_under_autocast_equals_the_per_chunk_cast(trainable_head):
+    """A frozen Linear head is cast to bf16 once per call (fastpath._head_call), not per chunk:
+    the loss and the hidden states' gradient are those of autocast casting it for every chunk."""
+    from flamingo_vlm.train import fastpath
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(trainable_head)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = -100
+    results = []
+    for once in (True, False):
+        hidden.grad = head.weight.grad = None
+        call = fastpath._head_call
+        if not once:
+            fastpath._head_call = lambda h, d: (lambda x: fastpath._real_forward(h, x))
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = fastpath.head_cross_entropy_sum(hidden, labels, head, chunk_size=4)
+        finally:
+            fastpath._head_call = call
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), None if head.weight.grad is None else head.weight.grad.clone()))
+    (l1, g1, w1), (l2, g2, w2) = results
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    assert (w1 is None) == (not trainable_head) and (w1 is None or torch.equal(w1, w2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the frozen head's cast is made once, up front
+        cells = [c.cell_contents for c in fastpath._head_call(head, "cpu").__closure__ or ()]
+    assert any(isinstance(c, torch.Tensor) and c.dtype == torch.bfloat16 for c in cells) == (not trainable_head)
+    reference = torch.nn.functional.cross_entropy(  # and it is the causal-LM loss (bf16 logits)
+        (hidden[:, :-1].detach().bfloat16() @ head.weight.detach().bfloat16().t()).float().flatten(0, 1),
+        labels[:, 1:].flatten(), reduction="sum")
+    assert torch.allclose(l1, reference, rtol=1e-4)

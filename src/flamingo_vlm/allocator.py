@@ -4,8 +4,8 @@ A training step or a decode frees and re-allocates the same large tensors again 
 malloc hands large freed blocks back to the OS and faults fresh, zeroed pages in for the next step
 (or, past its moving mmap threshold, keeps them and fragments); tcmalloc keeps them for reuse. The
 measurements are in the README's benchmark section ("Memory allocator"): a CPU training step was
-faster and smaller with tcmalloc on both CPUs we measured, an AVX2-only AMD EPYC and an AVX-512
-AMD Zen 5, and decoding no slower.
+smaller (5-12% of peak memory) and mostly faster (5-10%, within run-to-run noise once) with tcmalloc
+on both CPUs we measured, AMD EPYC Zen 4 and AMD Zen 5, and decoding no slower.
 
 An allocator can only be chosen before a process starts, so the command line re-executes itself
 once, at start, with the library preloaded (``LD_PRELOAD``), as torch's own CPU launcher

@@ -95,8 +95,22 @@ def head_cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.
     """``hidden`` (B, L, D) before the head, ``labels`` (B, L) unshifted; returns the token-sum loss."""
     shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
     params = [p for p in head.parameters() if p.requires_grad]
-    return HeadCrossEntropy.apply(hidden.flatten(0, 1), shifted.flatten(), lambda h: _real_forward(head, h),
+    return HeadCrossEntropy.apply(hidden.flatten(0, 1), shifted.flatten(), _head_call(head, hidden.device.type),
                                   chunk_size, *params)
+
+
+def _head_call(head: nn.Module, device_type: str):
+    """The head as a function of the hidden states. Under autocast a frozen ``nn.Linear`` head (a
+    tied 50k-row embedding, typically) is cast to the autocast dtype once per call here, instead
+    of once per chunk by autocast (it caches casts only for weights that require grad): the same
+    values (autocast's cast), ~0.2 s less per bf16 step of bench_train.py's shape on a 2-core CPU."""
+    frozen = not any(p.requires_grad for p in head.parameters())
+    if type(head) is nn.Linear and frozen and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        weight = head.weight.to(dtype)
+        bias = head.bias.to(dtype) if head.bias is not None else None
+        return lambda h: F.linear(h, weight, bias)
+    return lambda h: _real_forward(head, h)
 
 
 def _real_forward(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
