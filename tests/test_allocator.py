@@ -60,6 +60,8 @@ def test_no_reexec_without_a_library(monkeypatch):
     (["python", "-m", "pytest", "tests"], "flamingo_vlm.train", False),  # a test running __main__ in-process
     (["python", "-c", "import flamingo_vlm"], "flamingo_vlm", False),
     (["python", "script.py"], "flamingo_vlm", False),
+    (["python", "script.py", "-m", "flamingo_vlm"], "flamingo_vlm", False),  # the script's own arguments
+    (["python", "-X", "importtime", "-W", "ignore", "-m", "flamingo_vlm"], "flamingo_vlm", True),
 ])
 def test_launched_as(argv, entry, expected):
     assert allocator.launched_as(entry, argv) is expected

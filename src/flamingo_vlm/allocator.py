@@ -73,14 +73,17 @@ def _choice(environ) -> str | None:
 def launched_as(module: str, orig_argv=None) -> bool:
     """Whether this process was started as the ``flamingo-vlm`` command or ``python -m module``
     (and not, say, a test running that module's ``__main__`` inside its own process)."""
-    args = list((sys.orig_argv if orig_argv is None else orig_argv)[1:])
-    if "-m" in args:
-        i = args.index("-m")
-        return i + 1 < len(args) and args[i + 1] == module
-    if "-c" in args:
-        return False
-    script = next((a for a in args if not a.startswith("-")), None)
-    return script is not None and Path(script).name in ("flamingo-vlm", "flamingo-vlm.exe")
+    args = iter(list((sys.orig_argv if orig_argv is None else orig_argv)[1:]))
+    for arg in args:  # the interpreter's options, up to what it runs
+        if arg == "-m":
+            return next(args, None) == module
+        if arg == "-c":
+            return False
+        if arg in ("-X", "-W", "--check-hash-based-pycs"):  # options that take a value
+            next(args, None)
+        elif not arg.startswith("-"):  # a script
+            return Path(arg).name in ("flamingo-vlm", "flamingo-vlm.exe")
+    return False
 
 
 def reexec_with_allocator(entry: str | None = None, environ=None, execve=os.execve) -> None:
