@@ -14,7 +14,8 @@ once, at start, with the library preloaded (``LD_PRELOAD``), as torch's own CPU 
 ``libtcmalloc-minimal4``) where it can; without it nothing changes.
 
 ``FLAMINGO_VLM_ALLOCATOR``: ``auto`` (default: tcmalloc if found), ``system`` (never preload), or
-the path of an allocator library to preload. A process that already preloads an allocator keeps it.
+the path of an allocator library to preload. A process that already has an ``LD_PRELOAD`` keeps it
+as it is (an allocator, or a sanitizer runtime that must come first).
 Code that imports ``flamingo_vlm`` in its own process keeps that process's allocator:
 :func:`preload_hint` says what to prepend to the command.
 
@@ -28,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["ENV", "KNOWN", "find_tcmalloc", "launched_as", "preload_hint", "preloaded", "reexec_with_allocator"]
+__all__ = ["ENV", "KNOWN", "find_tcmalloc", "launched_as", "preload_hint", "preloaded", "reexec_with_allocator", "start"]
 
 ENV = "FLAMINGO_VLM_ALLOCATOR"
 _DONE = "_FLAMINGO_VLM_ALLOCATOR_SET"  # set in the re-executed process: never re-execute twice
@@ -61,7 +62,11 @@ def find_tcmalloc() -> str | None:
 def _choice(environ) -> str | None:
     """The library to preload, or None (already preloaded, asked not to, or none found)."""
     mode = environ.get(ENV, "auto").strip() or "auto"
-    if mode == "system" or environ.get(_DONE) or preloaded(environ) or sys.platform != "linux":
+    if mode.lower() in ("auto", "system"):
+        mode = mode.lower()
+    # a process that already preloads anything keeps its preloads as they are (an allocator, or a
+    # sanitizer runtime that must come first)
+    if mode == "system" or environ.get(_DONE) or environ.get("LD_PRELOAD") or sys.platform != "linux":
         return None
     if mode == "auto":
         return find_tcmalloc()
@@ -98,18 +103,32 @@ def reexec_with_allocator(entry: str | None = None, environ=None, execve=os.exec
     if lib is None:
         return
     environ[_DONE] = lib
-    environ["LD_PRELOAD"] = os.pathsep.join(p for p in (lib, environ.get("LD_PRELOAD", "")) if p)
+    environ["LD_PRELOAD"] = lib
     # tcmalloc reports every allocation over 1 GB on stderr ("large alloc ..."): a model's weights are
     environ.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
     sys.stdout.flush()
     sys.stderr.flush()
-    execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    try:
+        execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    except OSError:  # could not re-execute (no interpreter path, ...): go on with the system's allocator
+        return
+
+
+def start(entry: str) -> None:
+    """For a command's entry point: :func:`reexec_with_allocator`, a bad ``FLAMINGO_VLM_ALLOCATOR``
+    being a one-line error (exit 2)."""
+    try:
+        reexec_with_allocator(entry)
+    except ValueError as e:
+        print(f"flamingo-vlm: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def preload_hint() -> str:
     """What to prepend to a command that imports flamingo_vlm, for the allocator the CLI would use
     (empty when it already runs with one, or none is installed)."""
-    if preloaded():
+    mode = os.environ.get(ENV, "auto").strip().lower()
+    if sys.platform != "linux" or mode == "system" or os.environ.get("LD_PRELOAD"):
         return ""
     lib = find_tcmalloc()
-    return f"LD_PRELOAD={lib}" if lib else ""
+    return f"LD_PRELOAD={lib} TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD={1 << 40}" if lib else ""

@@ -130,13 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> int:
     """The ``flamingo-vlm`` command: :func:`main`, in a process with the memory allocator that
     :mod:`.allocator` chooses (re-executed once with tcmalloc preloaded where it is installed)."""
-    from .allocator import reexec_with_allocator
+    from .allocator import start
 
-    try:
-        reexec_with_allocator("flamingo_vlm")
-    except ValueError as e:
-        print(f"flamingo-vlm: error: {e}", file=sys.stderr)
-        return 2
+    start("flamingo_vlm")
     return main()
 
 

@@ -11,28 +11,9 @@ Datasets: :class:`CaptionDataset`, :class:`VQADataset`, :class:`HatefulMemesData
 Tasks: :data:`TASKS` by dataset name, :func:`register_task` (the kinds: :mod:`flamingo_vlm.eval.task_kinds`).
 """
 
-from .datasets import (
-    CaptionDataset,
-    DatasetLayoutError,
-    EvalDataset,
-    HatefulMemesDataset,
-    ImageNetDataset,
-    VQADataset,
-)
-from .demos import RICES, FeatureExtractor, RandomDemoSelector
-from .distributed import init_distributed, shard_indices
-from .evaluator import EvalConfig, Evaluator, continuation_ids, evaluate
-from .metrics import (
-    caption_metrics,
-    normalize_vqa_answer,
-    okvqa_stem,
-    ptb_tokenize,
-    roc_auc,
-    topk_accuracy,
-    vqa_accuracy,
-    vqa_score,
-)
-from .tasks import TASKS, Task, get_task, register_task
+from __future__ import annotations
+
+import importlib
 
 __all__ = [
     "CaptionDataset",
@@ -63,3 +44,47 @@ __all__ = [
     "vqa_accuracy",
     "vqa_score",
 ]
+
+_LAZY = {
+    "CaptionDataset": ".datasets",
+    "DatasetLayoutError": ".datasets",
+    "EvalDataset": ".datasets",
+    "HatefulMemesDataset": ".datasets",
+    "ImageNetDataset": ".datasets",
+    "VQADataset": ".datasets",
+    "RICES": ".demos",
+    "FeatureExtractor": ".demos",
+    "RandomDemoSelector": ".demos",
+    "init_distributed": ".distributed",
+    "shard_indices": ".distributed",
+    "EvalConfig": ".evaluator",
+    "Evaluator": ".evaluator",
+    "continuation_ids": ".evaluator",
+    "evaluate": ".evaluator",
+    "caption_metrics": ".metrics",
+    "normalize_vqa_answer": ".metrics",
+    "okvqa_stem": ".metrics",
+    "ptb_tokenize": ".metrics",
+    "roc_auc": ".metrics",
+    "topk_accuracy": ".metrics",
+    "vqa_accuracy": ".metrics",
+    "vqa_score": ".metrics",
+    "TASKS": ".tasks",
+    "Task": ".tasks",
+    "get_task": ".tasks",
+    "register_task": ".tasks",
+}
+
+
+def __getattr__(name: str):
+    # Loaded on first use (PEP 562): `python -m flamingo_vlm.eval` imports this package before its __main__,
+    # which must choose the allocator (flamingo_vlm.allocator) before torch is imported.
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

@@ -1,8 +1,8 @@
 """``python -m flamingo_vlm.eval`` (and ``torchrun ... -m flamingo_vlm.eval``): the evaluate command."""
 
-from ..allocator import reexec_with_allocator
+from ..allocator import start
 
-reexec_with_allocator("flamingo_vlm.eval")  # tcmalloc where installed (flamingo_vlm.allocator), as the flamingo-vlm command
+start("flamingo_vlm.eval")  # tcmalloc where installed (flamingo_vlm.allocator), as the flamingo-vlm command
 
 from .cli import main  # noqa: E402
 

@@ -2,9 +2,9 @@
 
 import sys
 
-from ..allocator import reexec_with_allocator
+from ..allocator import start
 
-reexec_with_allocator("flamingo_vlm.serve")  # tcmalloc where installed (flamingo_vlm.allocator), as the flamingo-vlm command
+start("flamingo_vlm.serve")  # tcmalloc where installed (flamingo_vlm.allocator), as the flamingo-vlm command
 
 from .cli import main  # noqa: E402
 

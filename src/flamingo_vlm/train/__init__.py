@@ -11,20 +11,9 @@ torchrun, exact resume from atomic checkpoints, and the attention-aiming loss (`
 Command line: ``flamingo-vlm train --config configs/train.yaml`` (``python -m flamingo_vlm.train``).
 """
 
-from .build import DataError, build_model
-from .config import (
-    AimConfig,
-    ConfigError,
-    DataConfig,
-    LoraConfig,
-    ModelConfig,
-    OptimConfig,
-    ScheduleConfig,
-    TrainConfig,
-)
-from .export import export_checkpoint
-from .metrics import TrainResult
-from .trainer import Callback, Trainer, train
+from __future__ import annotations
+
+import importlib
 
 __all__ = [
     "AimConfig",
@@ -43,3 +32,35 @@ __all__ = [
     "export_checkpoint",
     "train",
 ]
+
+_LAZY = {
+    "DataError": ".build",
+    "build_model": ".build",
+    "AimConfig": ".config",
+    "ConfigError": ".config",
+    "DataConfig": ".config",
+    "LoraConfig": ".config",
+    "ModelConfig": ".config",
+    "OptimConfig": ".config",
+    "ScheduleConfig": ".config",
+    "TrainConfig": ".config",
+    "export_checkpoint": ".export",
+    "TrainResult": ".metrics",
+    "Callback": ".trainer",
+    "Trainer": ".trainer",
+    "train": ".trainer",
+}
+
+
+def __getattr__(name: str):
+    # Loaded on first use (PEP 562): `python -m flamingo_vlm.train` imports this package before its __main__,
+    # which must choose the allocator (flamingo_vlm.allocator) before torch is imported.
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
