@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from .lazy import lazy_names
 
 __all__ = [
     "Flamingo",
@@ -23,15 +23,4 @@ _LAZY = {
     "add_flamingo_tokens": (".processing", "add_flamingo_tokens"),
 }
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attr = _LAZY[name]
-    value = getattr(importlib.import_module(module, __name__), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -13,7 +13,7 @@ Command line: ``flamingo-vlm train --config configs/train.yaml`` (``python -m fl
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_names
 
 __all__ = [
     "AimConfig",
@@ -51,16 +51,5 @@ _LAZY = {
     "train": ".trainer",
 }
 
-
-def __getattr__(name: str):
-    # Loaded on first use (PEP 562): `python -m flamingo_vlm.train` imports this package before its __main__,
-    # which must choose the allocator (flamingo_vlm.allocator) before torch is imported.
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+# Loaded on first use: see flamingo_vlm.lazy.
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
