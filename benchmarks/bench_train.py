@@ -414,7 +414,7 @@ def main() -> int:
 
     preload = None
     if args.allocator != "glibc":
-        from flamingo_vlm.allocator import find_tcmalloc  # the library the flamingo-vlm command preloads
+        from flamingo_vlm.allocator import find_tcmalloc, preload_env  # what the flamingo-vlm command preloads
 
         preload = find_tcmalloc()
         if preload is None and args.allocator == "tcmalloc":
@@ -429,7 +429,7 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
         env.pop("LD_PRELOAD", None)
         if preload:
-            env.update(LD_PRELOAD=preload, TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(1 << 40))
+            env.update(preload_env(preload))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode or line is None:

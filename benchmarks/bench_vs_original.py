@@ -227,22 +227,22 @@ def _ours_step(model, tok, bf16):
 
 
 # -- the driver -------------------------------------------------------------------------------------
-def _allocators(mode: str) -> dict[str, str | None]:
-    """Library to preload per side: ``ours`` preloads what the ``flamingo-vlm`` command would
+def _allocators(mode: str) -> dict[str, dict[str, str]]:
+    """Environment variables that preload the allocator, per side (empty: the system's): ``ours`` preloads what the ``flamingo-vlm`` command would
     (:mod:`flamingo_vlm.allocator`: tcmalloc where installed) for our side only, the original
     running as its users run it; ``both``: for both sides; ``none``: the system's allocator for both."""
     sys.path.insert(0, str(REPO / "src"))
-    from flamingo_vlm.allocator import find_tcmalloc
+    from flamingo_vlm.allocator import find_tcmalloc, preload_env
 
     lib = None if mode == "none" else find_tcmalloc()
-    return {"ours": lib, "original": lib if mode == "both" else None}
+    env = preload_env(lib) if lib else {}
+    return {"ours": env, "original": env if mode == "both" else {}}
 
 
-def _run(side, case, precision, reps, preload=None) -> dict:
+def _run(side, case, precision, reps, preload_vars=None) -> dict:
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
-    if preload:
-        env.update(LD_PRELOAD=preload, TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(1 << 40))
+    env.update(preload_vars or {})
     if side == "ours":
         py = sys.executable
         env["PYTHONPATH"] = str(REPO / "src")

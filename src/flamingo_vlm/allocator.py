@@ -29,7 +29,8 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["ENV", "KNOWN", "find_tcmalloc", "launched_as", "preload_hint", "preloaded", "reexec_with_allocator", "start"]
+__all__ = ["ENV", "KNOWN", "find_tcmalloc", "launched_as", "preload_env", "preload_hint", "preloaded",
+           "reexec_with_allocator", "start"]
 
 ENV = "FLAMINGO_VLM_ALLOCATOR"
 _DONE = "_FLAMINGO_VLM_ALLOCATOR_SET"  # set in the re-executed process: never re-execute twice
@@ -45,6 +46,12 @@ def preloaded(environ=None) -> str | None:
     """The allocator named in ``LD_PRELOAD`` (tcmalloc, jemalloc, mimalloc), or None."""
     pre = (environ if environ is not None else os.environ).get("LD_PRELOAD", "")
     return next((name for name in KNOWN if name in pre), None)
+
+
+def preload_env(lib: str) -> dict[str, str]:
+    """The environment variables that preload ``lib``. tcmalloc reports every allocation over 1 GB
+    on stderr ("large alloc ..."), which a model's weights are: the report threshold is raised."""
+    return {"LD_PRELOAD": lib, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 
 
 def find_tcmalloc() -> str | None:
@@ -102,10 +109,7 @@ def reexec_with_allocator(entry: str | None = None, environ=None, execve=os.exec
     lib = _choice(environ)
     if lib is None:
         return
-    environ[_DONE] = lib
-    environ["LD_PRELOAD"] = lib
-    # tcmalloc reports every allocation over 1 GB on stderr ("large alloc ..."): a model's weights are
-    environ.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+    environ = {**environ, **preload_env(lib), _DONE: lib}
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -127,8 +131,8 @@ def start(entry: str) -> None:
 def preload_hint() -> str:
     """What to prepend to a command that imports flamingo_vlm, for the allocator the CLI would use
     (empty when it already runs with one, or none is installed)."""
-    mode = os.environ.get(ENV, "auto").strip().lower()
-    if sys.platform != "linux" or mode == "system" or os.environ.get("LD_PRELOAD"):
+    try:
+        lib = _choice(os.environ)
+    except ValueError:
         return ""
-    lib = find_tcmalloc()
-    return f"LD_PRELOAD={lib} TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD={1 << 40}" if lib else ""
+    return " ".join(f"{k}={v}" for k, v in preload_env(lib).items()) if lib else ""

@@ -27,7 +27,8 @@ keeps torch's default in close calls, and ``probe`` measures again.
 
 Override with ``FLAMINGO_VLM_CPU_KERNELS``: ``auto`` (default: probe once, then the cache),
 ``onednn`` (oneDNN for decode and training), ``default`` (torch's kernels everywhere), ``probe``
-(measure again and rewrite the cache). This module imports only torch and the standard library.
+(measure again and rewrite the cache). This module imports only torch, the standard library and
+:mod:`flamingo_vlm.allocator` (itself standard library only).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..allocator import preloaded
 
 __all__ = ["DECODE_ROWS", "ENV", "KernelChoice", "cpu_model", "decide", "kernel_choice", "onednn_available", "onednn_linear", "summary"]
 
@@ -71,11 +74,7 @@ def cpu_model() -> str:
 
 
 def _allocator() -> str:
-    pre = os.environ.get("LD_PRELOAD", "")
-    for name in ("tcmalloc", "jemalloc", "mimalloc"):
-        if name in pre:
-            return name
-    return "glibc malloc"
+    return preloaded() or "glibc malloc"
 
 
 def _mode() -> str:
