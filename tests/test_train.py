@@ -768,20 +768,40 @@ def test_resume_falls_back_past_a_damaged_checkpoint(model_dir, media_id, tmp_pa
         Trainer(make_config(model_dir, out, max_steps=4, resume="latest"), **fake_mixture(media_id))
 
 
-@pytest.mark.parametrize("trainable_head", [False, True])
-def test_chunked_loss_under_autocast_equals_the_per_chunk_cast(trainable_head):
-    """A frozen Linear head is cast to bf16 once per call (fastpath._head_call), not per chunk:
-    the loss and the hidden states' gradient are those of autocast casting it for every chunk."""
+def _tied_head(vocab: int, dim: int):
+    """An ExtendedLMHead as Flamingo installs it on a tied LM (the last two rows train)."""
+    from flamingo_vlm.modeling.token_embeddings import ExtendedEmbedding, ExtendedLMHead
+
+    emb = torch.nn.Embedding(vocab, dim)
+    out = torch.nn.Linear(dim, vocab, bias=False)
+    out.weight = emb.weight
+    return ExtendedLMHead(out, ExtendedEmbedding(emb, [vocab - 2, vocab - 1]))
+
+
+@pytest.mark.parametrize("kind", ["frozen", "trainable", "tied-new-rows"])
+def test_chunked_loss_under_autocast_equals_the_per_chunk_cast(kind):
+    """A frozen Linear head, or the frozen base rows of a tied head with trainable added rows, is
+    cast to bf16 once per call (fastpath._head_call), not per chunk: the loss and the gradients are
+    those of autocast casting it for every chunk."""
     from flamingo_vlm.train import fastpath
 
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(trainable_head)
+    if kind == "tied-new-rows":
+        head = _tied_head(50, 16)
+        weight, trained = head.weight, head.new_weight
+    else:
+        head = torch.nn.Linear(16, 50, bias=False).requires_grad_(kind == "trainable")
+        weight = head.weight
+        trained = head.weight if kind == "trainable" else None
     hidden = torch.randn(2, 9, 16, requires_grad=True)
     labels = torch.randint(0, 50, (2, 9))
     labels[0, :3] = -100
+    labels[1, 4] = 49  # an added token's logit is trained
     results = []
     for once in (True, False):
-        hidden.grad = head.weight.grad = None
+        hidden.grad = None
+        if trained is not None:
+            trained.grad = None
         call = fastpath._head_call
         if not once:
             fastpath._head_call = lambda h, d: (lambda x: fastpath._real_forward(h, x))
@@ -791,14 +811,15 @@ def test_chunked_loss_under_autocast_equals_the_per_chunk_cast(trainable_head):
         finally:
             fastpath._head_call = call
         loss.backward()
-        results.append((loss.detach(), hidden.grad.clone(), None if head.weight.grad is None else head.weight.grad.clone()))
+        results.append((loss.detach(), hidden.grad.clone(), None if trained is None else trained.grad.clone()))
     (l1, g1, w1), (l2, g2, w2) = results
     assert torch.equal(l1, l2) and torch.equal(g1, g2)
-    assert (w1 is None) == (not trainable_head) and (w1 is None or torch.equal(w1, w2))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the frozen head's cast is made once, up front
+    assert (w1 is None) == (trained is None) and (w1 is None or (w1.abs().sum() > 0 and torch.equal(w1, w2)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the frozen weight's cast is made once, up front
         cells = [c.cell_contents for c in fastpath._head_call(head, "cpu").__closure__ or ()]
-    assert any(isinstance(c, torch.Tensor) and c.dtype == torch.bfloat16 for c in cells) == (not trainable_head)
+    assert any(isinstance(c, torch.Tensor) and c.dtype == torch.bfloat16 for c in cells) == (kind != "trainable")
+    full = head.merged_weight() if kind == "tied-new-rows" else weight.detach()
     reference = torch.nn.functional.cross_entropy(  # and it is the causal-LM loss (bf16 logits)
-        (hidden[:, :-1].detach().bfloat16() @ head.weight.detach().bfloat16().t()).float().flatten(0, 1),
+        (hidden[:, :-1].detach().bfloat16() @ full.bfloat16().t()).float().flatten(0, 1),
         labels[:, 1:].flatten(), reduction="sum")
     assert torch.allclose(l1, reference, rtol=1e-4)

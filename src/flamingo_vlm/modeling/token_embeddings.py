@@ -96,12 +96,14 @@ class ExtendedLMHead(_NewRows):
         self.in_features, self.out_features = base.in_features, base.out_features
         self._init_new_rows(embedding.new_id_list, embedding.new_weight)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight``: the frozen base rows to use instead of ``self.weight`` (the training loss
+        passes them cast to the autocast dtype once per call, see ``train.fastpath``)."""
         # As 2-D: a strided 3-D input (e.g. hidden[:, -1:]) against a frozen weight makes torch run
         # bmm over a per-row expanded weight, which bf16 CPU kernels materialise (a vocab-sized copy).
         lead = hidden.shape[:-1]
         h2 = hidden.reshape(-1, hidden.shape[-1])
-        logits = linear(h2, self.weight, self.bias)  # oneDNN inside onednn_linears (CPU inference)
+        logits = linear(h2, self.weight if weight is None else weight, self.bias)  # oneDNN inside onednn_linears (CPU inference)
         bias = self.bias[self.new_ids] if self.bias is not None else None
         new_weight = self.new_weight if self.new_weight.dtype == hidden.dtype else self.new_weight.to(hidden.dtype)
         new_logits = linear(h2, new_weight, bias)
