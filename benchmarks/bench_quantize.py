@@ -15,8 +15,11 @@ its LM, cross-attention and perceiver linears quantized by
 :func:`flamingo_vlm.modeling.quantize.quantize_model`; activations stay fp32 outside those layers);
 on request (``--variants``) ``int8+head`` / ``int4+head``: the LM's output head quantized too.
 
-Columns: **weights MB** (all parameters and buffers of the model), **ms/token** (one decode step:
-(t(32 new tokens) - t(1)) / 31, median of ``--repeats``, as ``bench_decode_profile.py``), speed-up vs
+Columns: **weights MB** (all parameters and buffers of the model), **+ packed MB** (copies of bf16
+weights in oneDNN's blocked layout that bf16 decoding keeps where this CPU measured them faster, see
+:func:`flamingo_vlm.modeling.kernels.packed_linear`), **ms/token** (one decode step:
+(t(32 new tokens) - t(1)) / 31, median of ``--repeats``, as ``bench_decode_profile.py``; then the median of
+``--rounds`` rounds in which the variants take turns, so that all of them see the same machine), speed-up vs
 our fp32 and bf16, and for the built-in model the **greedy agreement** with fp32 and bf16 on the
 demo prompts (share of positions where the generated token ids are equal, and whether the whole
 output is identical). The CPU, its flags, the kernel choices and the CPU time other processes used
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from bench_decode_profile import SHAPE, step_ms  # noqa: E402
 from bench_inference import QUICK, Shape, build_models, cpu_flags, cpu_model, interleaved_prompt, write_results  # noqa: E402
 
+from flamingo_vlm.modeling.kernels import packed_bytes  # noqa: E402
 from flamingo_vlm.modeling.quantize import quantize_model, weight_bytes  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "int8", "int4", "int8+head", "int4+head")
@@ -108,30 +113,50 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, int]:
 
 
 def run_model(label: str, base, prompts, new_tokens: int, args, log) -> list[dict[str, Any]]:
+    """Times every variant once per round, the variants interleaved (a bandwidth-bound step drifts by
+    20% and more over minutes on a shared VM: interleaving lets every variant see the same drift);
+    ms/token is the median over the rounds, and each round's ratio to bf16 is kept."""
+    names = args.variants.split(",")
+    models = {name: variant(base, name) for name in names}
+    lang_x, vision_x = prompts[0]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    others: dict[str, float] = {name: 0.0 for name in names}
+    for k in range(args.rounds):
+        for name, model in models.items():
+            dtype = next(model.perceiver.parameters()).dtype
+            ms, o = step_ms(model, lang_x, vision_x.to(dtype), True, new_tokens, args.repeats)
+            times[name].append(ms)
+            others[name] = max(others[name], o)
+            log(f"{label} {name}: round {k + 1}/{args.rounds}: {ms:.1f} ms/token (other processes {o:.2f} cores)")
     rows, outputs = [], {}
-    for name in args.variants.split(","):
-        model = variant(base, name)
-        lang_x, vision_x = prompts[0]
-        dtype = next(model.perceiver.parameters()).dtype
-        log(f"{label} {name}: timing")
-        ms, others = step_ms(model, lang_x, vision_x.to(dtype), True, new_tokens, args.repeats)
-        row = {"model": label, "variant": name, "weights_mb": weight_bytes(model) / 1e6, "ms_per_token": ms,
-               "others_cores": others}
-        log(f"{label} {name}: {row['weights_mb']:.0f} MB, {ms:.1f} ms/token (other processes {others:.2f} cores)")
+    for name, model in models.items():
+        row = {"model": label, "variant": name, "weights_mb": weight_bytes(model) / 1e6,
+               "packed_mb": packed_bytes(model) / 1e6,
+               "ms_per_token": statistics.median(times[name]), "ms_per_token_rounds": times[name],
+               "others_cores": others[name]}
         if args.quality:
             outputs[name] = greedy(model, prompts, new_tokens)
             log(f"{label} {name}: greedy {outputs[name]}")
         rows.append(row)
-        del model
+    del models
     by = {r["variant"]: r for r in rows}
     for r in rows:
         for ref in ("fp32", "bf16"):
             if ref in by:
                 r[f"x_vs_{ref}"] = by[ref]["ms_per_token"] / r["ms_per_token"]
+                rounds = [a / b for a, b in zip(by[ref]["ms_per_token_rounds"], r["ms_per_token_rounds"])]
+                r[f"x_vs_{ref}_range"] = [min(rounds), max(rounds)]
             if ref in outputs and r["variant"] in outputs:
                 share, identical = agreement(outputs[ref], outputs[r["variant"]])
                 r[f"agree_{ref}"] = f"{share:.0%} ({identical}/{len(prompts)} identical)"
     return rows
+
+
+def _x(row: dict[str, Any], ref: str) -> str:
+    if f"x_vs_{ref}" not in row:
+        return "-"
+    lo, hi = row[f"x_vs_{ref}_range"]
+    return f"{row[f'x_vs_{ref}']:.2f}" + (f" ({lo:.2f}-{hi:.2f})" if hi - lo >= 0.005 else "")
 
 
 def render(result: dict[str, Any]) -> str:
@@ -141,19 +166,23 @@ def render(result: dict[str, Any]) -> str:
         f"CPU: {env['cpu']} ({', '.join(env['cpu_flags']) or 'no AVX2'}), {env['threads']} threads, torch "
         f"{env['torch']}; load average {env['loadavg']}; other processes used {env['others_cores_max']:.2f} cores "
         "at most during the timings.", "",
-        "| model | variant | weights MB | ms/token | x vs fp32 | x vs bf16 | other procs (cores) | greedy = fp32 | "
-        "greedy = bf16 |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| model | variant | weights MB | + packed MB | ms/token | x vs fp32 | x vs bf16 (rounds: min-max) | "
+        "other procs (cores) | greedy = fp32 | greedy = bf16 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['weights_mb']:.0f} | {r['ms_per_token']:.1f} | "
-            f"{r.get('x_vs_fp32', float('nan')):.2f} | {r.get('x_vs_bf16', float('nan')):.2f} | "
+            f"| {r['model']} | {r['variant']} | {r['weights_mb']:.0f} | {r.get('packed_mb', 0):.0f} | "
+            f"{r['ms_per_token']:.1f} | "
+            f"{_x(r, 'fp32')} | {_x(r, 'bf16')} | "
             f"{r['others_cores']:.2f} | {r.get('agree_fp32', '-')} | {r.get('agree_bf16', '-')} |"
         )
-    lines += ["", "ms/token: (t(N new tokens) - t(1)) / (N - 1), median of the repeats; int8/int4 run their "
+    lines += ["", "ms/token: (t(N new tokens) - t(1)) / (N - 1), median of the repeats, then median of "
+              f"{result.get('rounds', 1)} rounds in which the variants take turns; int8/int4 run their "
               "layers with bf16 activations and everything else in fp32 (see flamingo_vlm/modeling/quantize.py). "
-              "Greedy agreement: token ids equal position by position over the prompts."]
+              "Greedy agreement: token ids equal position by position over the prompts. + packed MB: copies of bf16 "
+              "weights in oneDNN's layout that decoding made (flamingo_vlm.modeling.kernels.packed_linear), on top "
+              "of the weights."]
     return "\n".join(lines) + "\n"
 
 
@@ -162,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="shape,builtin", help="comma-separated: shape,builtin")
     p.add_argument("--lm", default="mpt", choices=["mpt", "llama"], help="the LM family of the 'shape' model")
     p.add_argument("--variants", default=",".join(VARIANTS[:4]), help="comma-separated: " + ",".join(VARIANTS))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timings per variant per round (their median)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all variants, interleaved (median of rounds)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-quality", dest="quality", action="store_false", help="skip the greedy-agreement runs")
     p.add_argument("--quick", action="store_true", help="tiny shape and 4 tokens: checks that the script runs")
@@ -197,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
            "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()), "kernels": kernels,
            "others_cores_max": max((r["others_cores"] for r in rows if r["others_cores"] == r["others_cores"]),
                                    default=0.0)}
-    result = {"env": env, "rows": rows}
+    result = {"env": env, "rows": rows, "rounds": args.rounds}
     text = render(result) + f"\n{env['kernels']}\n"
     print(text)
     stem = Path(args.out) if args.out else HERE / "results" / ("quantize" + ("-quick" if args.quick else ""))

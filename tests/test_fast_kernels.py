@@ -108,3 +108,92 @@ def test_each_call_follows_the_choice_for_its_size(fresh, monkeypatch):
             layer(torch.randn(rows, 8))
             used[rows] = kernels.calls > before
     assert used == {1: True, kernels.DECODE_ROWS: True, kernels.DECODE_ROWS + 1: False, 64: False}
+
+
+# -- bf16 weights packed for oneDNN (decode) -------------------------------------------------------
+def _packing_works() -> bool:
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.randn(16, 8).bfloat16(), 1)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+needs_packing = pytest.mark.skipif(not _packing_works(), reason="this torch cannot pack bf16 weights for oneDNN")
+
+
+@pytest.fixture
+def no_packed(monkeypatch):
+    kernels.clear_packed()
+    monkeypatch.delenv(kernels.PACKED_ENV, raising=False)
+    yield
+    kernels.clear_packed()
+
+
+@needs_packing
+def test_packed_bf16_linear_matches_f_linear_and_lives_as_long_as_its_weight_unchanged(no_packed, monkeypatch):
+    import gc
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 64).bfloat16(), torch.randn(48).bfloat16()
+    with torch.inference_mode():  # as inside generate
+        for rows in (1, 4):
+            x = torch.randn(rows, 1, 64).bfloat16()
+            torch.testing.assert_close(kernels.packed_linear(x, w, b), F.linear(x, w, b))
+    packs = kernels.packs
+    assert kernels.packed_bytes() == w.numel() * 2  # packed once, for both row counts
+    w.mul_(2)  # updated in place (e.g. load_state_dict): packed again, the new values used
+    x = torch.randn(1, 64).bfloat16()
+    torch.testing.assert_close(kernels.packed_linear(x, w), F.linear(x, w))
+    assert kernels.packs == packs + 1 and kernels.packed_bytes() == w.numel() * 2
+    w.data = torch.randn(48, 64).bfloat16()  # new storage (as module.to() gives): packed again
+    torch.testing.assert_close(kernels.packed_linear(x, w), F.linear(x, w))
+    assert kernels.packs == packs + 2
+    del w
+    gc.collect()
+    assert kernels.packed_bytes() == 0  # the copy went with its weight
+    monkeypatch.setenv(kernels.PACKED_ENV, "0")  # no budget: F.linear, nothing kept
+    w2 = torch.randn(48, 64).bfloat16()
+    torch.testing.assert_close(kernels.packed_linear(x, w2), F.linear(x, w2))
+    assert kernels.packs == packs + 2 and kernels.packed_bytes() == 0
+    monkeypatch.setenv(kernels.PACKED_ENV, "lots")
+    with pytest.raises(ValueError, match="FLAMINGO_VLM_PACKED_GB='lots'.*number of GB"):
+        kernels.packed_linear(x, w2)
+    # not plain bf16 CPU tensors: F.linear
+    x32, w32 = torch.randn(1, 64), torch.randn(48, 64)
+    assert torch.equal(kernels.packed_linear(x32, w32), F.linear(x32, w32))
+
+
+@needs_packing
+@pytest.mark.skipif(not kernels.packed_supported(), reason="no native bf16: packed bf16 decoding is never chosen")
+def test_bf16_generate_on_packed_weights_gives_the_tokens_of_torchs_kernels(fresh, no_packed, monkeypatch):
+    model, ip, tok = tiny_flamingo("llama", every=1, seed=3)
+    model = model.to(torch.bfloat16)
+    batch = FlamingoProcessor(tok, ip)([("<image>a red car.<|endofchunk|><image>a", random_images(2, seed=1))])
+    args = (batch["vision_x"].bfloat16(), batch["input_ids"], batch["attention_mask"])
+    out = {}
+    for mode in ("default", "onednn"):
+        monkeypatch.setenv(kernels.ENV, mode)
+        before = kernels.packs
+        out[mode] = model.generate(*args, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert (kernels.packs > before) == (mode == "onednn")
+    assert torch.equal(out["default"], out["onednn"])
+    assert 0 < kernels.packed_bytes(model) == kernels.packed_bytes() <= sum(
+        p.numel() * 2 for p in model.parameters())
+    with torch.enable_grad():  # a forward that wants gradients never takes the packed route
+        before = kernels.packs
+        kernels.clear_packed()
+        model(*args[:2], attention_mask=args[2])
+        assert kernels.packs == before
+
+
+@pytest.mark.parametrize("ratio, chosen", [(0.5, True), (0.95, False)])
+def test_packed_bf16_decode_is_chosen_only_where_it_measured_faster(fresh, monkeypatch, ratio, chosen):
+    log = []
+    monkeypatch.setattr(kernels, "_race", fake_race(ratio, log))
+    expected = chosen and kernels.packed_supported()
+    assert kernels.decide("bf16_decode") is expected
+    assert len(log) == (2 if kernels.packed_supported() else 0)  # 1 and 4 rows; no probe without native bf16
+    assert ("packed oneDNN for decode-sized bf16" in kernels.summary(kernels.kernel_choice(("bf16_decode",)))) == expected
