@@ -17,7 +17,8 @@ Workloads (each also run on the *bare* LM, the same LM without Flamingo, for an 
 Kernels: ``fp32`` is the library's default inference path, where Flamingo's generate/score/no-grad
 forward run fp32 linear layers on oneDNN where this machine's probe chose it
 (:mod:`flamingo_vlm.modeling.kernels`); its bare-LM baseline runs under the same ``onednn_linears``
-block, so the ratio compares like with like. ``fp32-mkl`` is torch's default kernels for both
+block, so the ratio compares like with like (``bf16`` too: decode-sized bf16 calls of both run on
+packed weights where the machine's probe chose it). ``fp32-mkl`` is torch's default kernels for both
 (``Flamingo.cpu_onednn = False``), and ``fp32+onednn`` forces oneDNN linear layers for both,
 forward and backward (the route the trainer uses). The header names the CPU and the choices.
 
@@ -297,8 +298,9 @@ def matmul_mode(dtype_name: str, model: torch.nn.Module | None = None) -> Callab
 
 def baseline_mode(dtype_name: str, modules: list[torch.nn.Module], mode: Callable[[], Any]) -> Callable[[], Any]:
     """The baselines' kernels: the same linear-layer kernels Flamingo uses (``fp32``: the machine's
-    choice; ``fp32+onednn``: forced)."""
-    if dtype_name not in ("fp32", "fp32+onednn"):
+    choice; ``fp32+onednn``: forced; ``bf16``: the machine's choice of packed bf16 weights for
+    decode-sized calls)."""
+    if dtype_name not in ("fp32", "fp32+onednn", "bf16"):
         return mode
     from flamingo_vlm.modeling.fast_linear import onednn_linears
 
