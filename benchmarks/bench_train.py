@@ -15,6 +15,11 @@ Each case runs in a fresh process (so its peak memory is its own) through the re
 * ``lm-fp32`` / ``lm-bf16``: the bare MPT LM (no images), forward + loss + backward with all of its
   weights trainable (no optimizer step), as a reference for what the LM alone costs.
 
+``--memory-phases`` adds, per case, the live heap at its peak in each phase of the step (vision
+encoder, perceiver, LM, loss, backward, clip + AdamW), read from tcmalloc's counters every 2 ms,
+beside the weights, gradients and AdamW state computed from the parameters: where the peak is and
+what it is made of.
+
 Reported: median step time over the timed steps (after one warm-up step), samples/s, and peak
 memory: the process's peak RSS (``ru_maxrss``: weights, optimizer state, activations, the Python and
 torch runtime) and its growth over the RSS right after building the model. For scale, the original
@@ -29,6 +34,7 @@ Usage::
     PYTHONPATH=src python benchmarks/bench_train.py              # all cases, 3 timed steps each
     PYTHONPATH=src python benchmarks/bench_train.py --quick      # tiny shapes (seconds)
     PYTHONPATH=src python benchmarks/bench_train.py --cases fp32 bf16 --steps 5
+    PYTHONPATH=src python benchmarks/bench_train.py --cases fp32 fp32+gclm --memory-phases
 
 Results: a markdown table on stdout and ``benchmarks/results/train-<device>[-quick].{md,json}``.
 """
@@ -117,6 +123,69 @@ class OthersLoad:
 
 
 # -- models ------------------------------------------------------------------------------------------
+class PhaseMemory:
+    """Live heap bytes per phase of a training step, sampled every 2 ms from tcmalloc
+    (``generic.current_allocated_bytes``; needs tcmalloc preloaded, as the cases run by default):
+    what is allocated, not what the allocator holds, so it shows where the peak is and what it is
+    made of. Phases: vision encoder, perceiver, LM, loss (after the LM, the chunked head), backward,
+    clip + AdamW step."""
+
+    PHASES = ("vision", "perceiver", "lm", "loss", "backward", "clip+step")
+
+    def __init__(self, trainer, model) -> None:
+        import ctypes
+        import threading
+
+        try:
+            fn = ctypes.CDLL(None).MallocExtension_GetNumericProperty
+        except AttributeError as e:
+            raise RuntimeError("--memory-phases needs tcmalloc preloaded (--allocator tcmalloc)") from e
+        fn.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)]
+        value = ctypes.c_size_t()
+
+        def allocated() -> int:
+            fn(b"generic.current_allocated_bytes", ctypes.byref(value))
+            return value.value
+
+        self.allocated, self.phase, self.peaks, self.on = allocated, "start", {}, False
+        for module, name in ((model.vision_encoder, "vision"), (model.perceiver, "perceiver"),
+                             (model.lang_encoder, "lm")):
+            module.register_forward_pre_hook(lambda *a, n=name: self._enter(n))
+            module.register_forward_hook(lambda *a, n=name: self._enter("loss" if n == "lm" else "start"))
+        forward_loss, clip = trainer._forward_loss, trainer._clip
+
+        def wrapped_forward_loss(*a, **k):
+            out = forward_loss(*a, **k)
+            self._enter("backward")
+            return out
+
+        def wrapped_clip(*a, **k):
+            self._enter("clip+step")
+            return clip(*a, **k)
+
+        trainer._forward_loss, trainer._clip = wrapped_forward_loss, wrapped_clip
+        self.stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _enter(self, phase: str) -> None:
+        self._note()
+        self.phase = phase
+
+    def _note(self) -> None:
+        if self.on:
+            b = self.allocated()
+            if b > self.peaks.get(self.phase, 0):
+                self.peaks[self.phase] = b
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.002):
+            self._note()
+
+    def result(self) -> dict:
+        self.stop.set()
+        return {p: round(self.peaks[p] / 1e9, 3) for p in self.PHASES if p in self.peaks}
+
+
 def build_lm(s: Shape):
     """The MPT class flamingo-vlm loads every MPT / MosaicGPT checkpoint into (SDPA attention)."""
     from transformers import MptConfig
@@ -175,7 +244,7 @@ class RandomBatches:
 
 
 # -- one case (child process) -------------------------------------------------------------------------
-def run_case(case: str, s: Shape, steps: int, threads: int | None) -> dict:
+def run_case(case: str, s: Shape, steps: int, threads: int | None, phases: bool = False) -> dict:
     import torch
 
     if threads:
@@ -200,12 +269,15 @@ def run_case(case: str, s: Shape, steps: int, threads: int | None) -> dict:
         trainer = Trainer(cfg, model=model, datasets=[RandomBatches(s)], loss_weights=[1.0])
         model_rss = rss_gb()
         load = None
+        memory = PhaseMemory(trainer, model) if phases else None
         try:
             times = []
             for i in range(steps + 1):
                 batches = trainer.next_batches()
                 if i == 1:
                     load = OthersLoad()
+                    if memory:
+                        memory.on = True  # steady state: the AdamW state exists from the first step on
                 t0 = time.perf_counter()
                 rec = trainer.train_step(batches)
                 if i:
@@ -215,6 +287,12 @@ def run_case(case: str, s: Shape, steps: int, threads: int | None) -> dict:
             trainer.close()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gpu = {"gpu_peak_gb": torch.cuda.max_memory_allocated() / 1e9} if torch.cuda.is_available() else {}
+    if memory:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        gpu["memory_phases_gb"] = memory.result()
+        gpu["memory_static_gb"] = {"weights": round(weights / 1e9, 3), "gradients": round(trained / 1e9, 3),
+                                   "adamw_state": round(2 * trained / 1e9, 3)}  # fp32 exp_avg + exp_avg_sq
     return _result(case, s, times, base_rss, model_rss, others, loss=rec["loss"], trainable=n_train, **gpu)
 
 
@@ -399,6 +477,8 @@ def main() -> int:
                          "against this CPU's matmul FLOP/s")
     ap.add_argument("--distributed-smoke", choices=("ddp", "fsdp"),
                     help="under torchrun: 2 steps of the quick model with DDP or FSDP2 (scripts/gpu_check.sh)")
+    ap.add_argument("--memory-phases", action="store_true",
+                    help="also report each case's live heap by phase of the step (needs tcmalloc)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     shape = QUICK if args.quick else Shape()
@@ -407,17 +487,19 @@ def main() -> int:
     if args.profile:
         return profile_step(shape, args.threads, args.profile)
     if args.child:
-        print("RESULT " + json.dumps(run_case(args.child, shape, args.steps, args.threads)), flush=True)
+        print("RESULT " + json.dumps(run_case(args.child, shape, args.steps, args.threads, args.memory_phases)), flush=True)
         return 0
 
     import torch
 
     preload = None
+    if args.memory_phases and args.allocator == "glibc":
+        ap.error("--memory-phases reads tcmalloc's counters: use --allocator auto or tcmalloc")
     if args.allocator != "glibc":
         from flamingo_vlm.allocator import find_tcmalloc, preload_env  # what the flamingo-vlm command preloads
 
         preload = find_tcmalloc()
-        if preload is None and args.allocator == "tcmalloc":
+        if preload is None and (args.allocator == "tcmalloc" or args.memory_phases):
             raise SystemExit("tcmalloc not found (apt-get install libtcmalloc-minimal4)")
     allocator = "tcmalloc" if preload else "glibc malloc"
     results = []
@@ -425,6 +507,7 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--child", case, "--steps", str(args.steps)]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
+        cmd += ["--memory-phases"] if args.memory_phases and not case.startswith("lm-") else []
         print(f"running {case} ...", file=sys.stderr, flush=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
         env.pop("LD_PRELOAD", None)
@@ -469,6 +552,16 @@ def main() -> int:
         if verdicts:
             lines += ["", f"fp32 targets (>= {SPEEDUP_TARGET:.0f}x faster, <= {MEMORY_TARGET:.0%} of the peak memory): "
                       + "; ".join(verdicts) + "."]
+    phased = [r for r in results if r.get("memory_phases_gb")]
+    if phased:
+        lines += ["", "Live heap (tcmalloc's allocated bytes), peak per phase of the timed steps, GB; the static "
+                      "part as computed from the parameters:", "",
+                  "| case | " + " | ".join(PhaseMemory.PHASES) + " | weights | gradients | AdamW state |",
+                  "|---|" + "---:|" * (len(PhaseMemory.PHASES) + 3)]
+        for r in phased:
+            ph, st = r["memory_phases_gb"], r["memory_static_gb"]
+            lines.append(f"| {r['case']} | " + " | ".join(f"{ph[p]:.2f}" if p in ph else "-" for p in PhaseMemory.PHASES)
+                         + f" | {st['weights']:.2f} | {st['gradients']:.2f} | {st['adamw_state']:.2f} |")
     table = "\n".join(lines)
     print(table)
     out = REPO / "benchmarks" / "results"
