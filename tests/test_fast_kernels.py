@@ -151,13 +151,22 @@ def test_packed_bf16_linear_matches_f_linear_and_lives_as_long_as_its_weight_unc
     w.data = torch.randn(48, 64).bfloat16()  # new storage (as module.to() gives): packed again
     torch.testing.assert_close(kernels.packed_linear(x, w), F.linear(x, w))
     assert kernels.packs == packs + 2
+    w.data.mul_(-3)  # through .data: the version counter does not move, the sampled elements do
+    torch.testing.assert_close(kernels.packed_linear(x, w), F.linear(x, w))
+    assert kernels.packs == packs + 3
+    verified: set[int] = set()  # inside a block the sample is compared once per block
+    kernels.packed_linear(x, w, verified=verified)
+    w.data.copy_(torch.randn(48, 64).bfloat16())
+    stale = kernels.packed_linear(x, w, verified=verified)  # same block: the copy is trusted
+    torch.testing.assert_close(kernels.packed_linear(x, w, verified=set()), F.linear(x, w))  # the next block
+    assert not torch.allclose(stale.float(), F.linear(x, w).float()) and kernels.packs == packs + 4
     del w
     gc.collect()
     assert kernels.packed_bytes() == 0  # the copy went with its weight
     monkeypatch.setenv(kernels.PACKED_ENV, "0")  # no budget: F.linear, nothing kept
     w2 = torch.randn(48, 64).bfloat16()
     torch.testing.assert_close(kernels.packed_linear(x, w2), F.linear(x, w2))
-    assert kernels.packs == packs + 2 and kernels.packed_bytes() == 0
+    assert kernels.packs == packs + 4 and kernels.packed_bytes() == 0
     monkeypatch.setenv(kernels.PACKED_ENV, "lots")
     with pytest.raises(ValueError, match="FLAMINGO_VLM_PACKED_GB='lots'.*number of GB"):
         kernels.packed_linear(x, w2)
@@ -197,3 +206,47 @@ def test_packed_bf16_decode_is_chosen_only_where_it_measured_faster(fresh, monke
     assert kernels.decide("bf16_decode") is expected
     assert len(log) == (2 if kernels.packed_supported() else 0)  # 1 and 4 rows; no probe without native bf16
     assert ("packed oneDNN for decode-sized bf16" in kernels.summary(kernels.kernel_choice(("bf16_decode",)))) == expected
+
+
+@needs_packing
+def test_packed_weights_made_in_inference_mode_and_from_two_threads(no_packed):
+    """Inference tensors have no version counter; two threads packing the same weights keep one copy
+    each and an exact byte count."""
+    import gc
+    import threading
+
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        w = torch.randn(32, 16).bfloat16()
+        x = torch.randn(1, 16).bfloat16()
+        torch.testing.assert_close(kernels.packed_linear(x, w), F.linear(x, w))
+    del w
+    weights = [torch.randn(32, 16).bfloat16() for _ in range(60)]
+    x = torch.randn(1, 16).bfloat16()
+    barrier = threading.Barrier(2)
+
+    def work():
+        barrier.wait()
+        for w in weights:
+            kernels.packed_linear(x, w)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert kernels.packed_bytes() == len(weights) * 32 * 16 * 2
+    del weights, work
+    gc.collect()
+    assert kernels.packed_bytes() == 0
+
+
+def test_a_trainable_bias_keeps_its_gradient_in_a_decode_sized_bf16_call(no_packed):
+    from flamingo_vlm.modeling.fast_linear import onednn_linears
+
+    lin = torch.nn.Linear(16, 8).bfloat16()
+    lin.weight.requires_grad_(False)
+    with onednn_linears(lin, enabled=True):
+        lin(torch.randn(1, 16).bfloat16()).sum().backward()
+    assert lin.bias.grad is not None and kernels.packed_bytes() == 0

@@ -38,6 +38,9 @@ __all__ = ["fast_bf16", "linear", "onednn_available", "onednn_linear", "onednn_l
 # the call's row count and the machine's choice). Modules that compute their products with
 # :func:`linear` instead of being ``nn.Linear`` (the LM head with new-token rows) follow it too.
 _ACTIVE: contextvars.ContextVar[str | None] = contextvars.ContextVar("flamingo_vlm_onednn_linears", default=None)
+# The weights whose packed bf16 copies were checked against them in the outermost block (one check
+# per weight per generate call, see kernels.packed_linear).
+_VERIFIED: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar("flamingo_vlm_packed_verified", default=None)
 
 
 def fast_bf16(device: str | None = None) -> bool:
@@ -58,12 +61,12 @@ def _use_onednn(x: torch.Tensor) -> bool:
     return decide("decode" if rows <= DECODE_ROWS else "gemm")
 
 
-def _use_packed(x: torch.Tensor, w: torch.Tensor) -> bool:
+def _use_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
     """A decode-sized bf16 CPU call without gradients, inside a block whose policy packs it."""
     mode = _ACTIVE.get()
     if mode is None or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu":
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return False
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     return 0 < rows <= DECODE_ROWS and (packed_supported() if mode == "force" else decide("bf16_decode"))
@@ -75,8 +78,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     bf16 calls on packed weights)."""
     if _use_onednn(x):
         return onednn_linear(x, w, b)
-    if _use_packed(x, w):
-        return packed_linear(x, w, b)
+    if _use_packed(x, w, b):
+        return packed_linear(x, w, b, _VERIFIED.get())
     return F.linear(x, w, b)
 
 
@@ -107,6 +110,7 @@ def onednn_linears(module: nn.Module, enabled: bool | None = None) -> Iterator[i
     on = enabled is not False and onednn_available()
     layers = [m for m in module.modules() if _eligible(m)] if on else []
     token = _ACTIVE.set("force" if enabled else "auto") if on else None
+    verified = _VERIFIED.set(set()) if on and _VERIFIED.get() is None else None
     try:
         for layer in layers:
             layer.forward = _forward.__get__(layer)
@@ -114,5 +118,7 @@ def onednn_linears(module: nn.Module, enabled: bool | None = None) -> Iterator[i
     finally:
         for layer in layers:
             vars(layer).pop("forward", None)
+        if verified is not None:
+            _VERIFIED.reset(verified)
         if token is not None:
             _ACTIVE.reset(token)

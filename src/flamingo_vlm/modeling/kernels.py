@@ -149,7 +149,20 @@ def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
 # -- bf16 weights packed for oneDNN (decoding) ------------------------------------------------------
 PACKED_ENV = "FLAMINGO_VLM_PACKED_GB"
 PACKED_FRACTION = 0.25  # default budget for packed copies: a quarter of the machine's memory
-_PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref, data_ptr, version, packed copy, bytes)
+_FINGERPRINT = 64  # elements sampled across a weight to notice writes its version counter misses
+
+
+@dataclasses.dataclass
+class _Packed:
+    ref: weakref.ref  # the weight
+    ptr: int  # its storage address when packed
+    version: int | None  # its version counter then (None: an inference tensor, which has none)
+    fingerprint: torch.Tensor  # _FINGERPRINT elements of it then
+    packed: torch.Tensor  # the copy in oneDNN's blocked layout
+    nbytes: int
+
+
+_PACKED: dict[int, _Packed] = {}  # id(weight) -> its packed copy
 _PACKED_LOCK = threading.RLock()  # re-entrant: a weakref callback may run inside the locked region (GC)
 _packed_total = 0
 packs = 0  # weights packed so far (tests)
@@ -161,18 +174,21 @@ def packed_supported() -> bool:
     return onednn_available() and _bf16_supported() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def _packed_budget() -> int:
-    raw = os.environ.get(PACKED_ENV, "").strip()
+@functools.cache
+def _budget_for(raw: str) -> int:
     if raw:
         try:
-            gb = float(raw)
+            return int(float(raw) * 1e9)
         except ValueError:
             raise ValueError(f"{PACKED_ENV}={raw!r}: expected a number of GB (0 turns packing off)") from None
-        return int(gb * 1e9)
     try:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * PACKED_FRACTION)
     except (ValueError, OSError, AttributeError):
         return 2 * 10**9
+
+
+def _packed_budget() -> int:
+    return _budget_for(os.environ.get(PACKED_ENV, "").strip())
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
@@ -180,46 +196,80 @@ def _forget(key: int, ref: weakref.ref) -> None:
     global _packed_total
     with _PACKED_LOCK:
         entry = _PACKED.get(key)
-        if entry is not None and entry[0] is ref:
+        if entry is not None and entry.ref is ref:
             del _PACKED[key]
-            _packed_total -= entry[4]
+            _packed_total -= entry.nbytes
 
 
-def _packed_weight(w: torch.Tensor) -> torch.Tensor | None:
-    """``w``'s packed copy, made at its first use and kept while ``w`` lives and is unchanged
-    (same storage, no in-place update since); ``None`` where the budget is spent."""
+def _version(w: torch.Tensor) -> int | None:
+    return None if w.is_inference() else w._version
+
+
+def _sample(w: torch.Tensor) -> torch.Tensor:
+    flat = w.detach().view(-1)
+    return flat[:: max(1, flat.numel() // _FINGERPRINT)][:_FINGERPRINT].clone()
+
+
+def _valid(entry: _Packed | None, w: torch.Tensor, verify: bool) -> bool:
+    """``entry`` is ``w``'s copy and ``w`` has not changed since: same tensor, storage and version
+    counter, and (``verify``) the same sampled elements, which catches writes through ``.data`` that
+    the version counter does not see (``p.data.mul_()``, PEFT's adapter merge)."""
+    return (entry is not None and entry.ref() is w and entry.ptr == w.data_ptr() and entry.version == _version(w)
+            and (not verify or torch.equal(entry.fingerprint, _sample(w))))
+
+
+def _packed_weight(w: torch.Tensor, verify: bool) -> torch.Tensor | None:
+    """``w``'s packed copy, made at its first use and kept while ``w`` lives and is unchanged;
+    ``None`` where the budget is spent."""
     global _packed_total, packs
     key = id(w)
     entry = _PACKED.get(key)
-    if entry is not None and entry[0]() is w and entry[1] == w.data_ptr() and entry[2] == w._version:
-        return entry[3]
+    if _valid(entry, w, verify):
+        return entry.packed
     nbytes = w.numel() * w.element_size()
-    with _PACKED_LOCK:
-        if entry is not None:  # stale (updated in place, given new data, or a new tensor at a reused id)
-            _PACKED.pop(key, None)
-            _packed_total -= entry[4]
-        if _packed_total + nbytes > _packed_budget():
+    budget = _packed_budget()
+    with _PACKED_LOCK:  # (another thread may have packed it meanwhile: look again)
+        entry = _PACKED.get(key)
+        if _valid(entry, w, verify):
+            return entry.packed
+        stale = _PACKED.pop(key, None)
+        if stale is not None:
+            _packed_total -= stale.nbytes
+        if _packed_total + nbytes > budget:
             return None
+        version, fingerprint = _version(w), _sample(w)  # (read before packing: a copy of what was packed)
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 1)
-        _PACKED[key] = (weakref.ref(w, lambda ref, k=key: _forget(k, ref)), w.data_ptr(), w._version, packed, nbytes)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+        _PACKED[key] = _Packed(weakref.ref(w, lambda ref, k=key: _forget(k, ref)), w.data_ptr(), version,
+                               fingerprint, packed, nbytes)
         _packed_total += nbytes
         packs += 1
     return packed
 
 
-def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+                  verified: set[int] | None = None) -> torch.Tensor:
     """``F.linear`` for bf16 CPU tensors without gradients, on oneDNN with ``w`` packed once into its
-    blocked layout (a copy the size of ``w``, kept with it). The copies together stay within a budget
-    (``FLAMINGO_VLM_PACKED_GB``, default a quarter of the machine's memory); past it, and for anything
-    but plain bf16 CPU tensors, this is ``F.linear``."""
+    blocked layout: a copy the size of ``w``, kept while ``w`` lives and made again when ``w``
+    changes. The copies together stay within a budget (``FLAMINGO_VLM_PACKED_GB``, default a quarter
+    of the machine's memory); past it, and for anything but a plain contiguous bf16 CPU weight and
+    input, this is ``F.linear``.
+
+    Whether ``w`` changed: its storage and version counter at every call, and a sample of its
+    elements once per ``verified`` set (once per ``generate`` call: the set of the enclosing
+    :func:`~.fast_linear.onednn_linears` block), or at every call without one. A write through
+    ``.data`` that changes none of the sampled elements goes unnoticed: call :func:`clear_packed`
+    after such surgery."""
     if not (type(x) in PLAIN_TYPES and type(w) in PLAIN_TYPES and x.dtype == w.dtype == torch.bfloat16
             and x.device.type == w.device.type == "cpu" and (b is None or b.dtype == torch.bfloat16)
-            and x.dim() >= 1 and x.numel() and w.dim() == 2):
+            and x.dim() >= 1 and x.numel() and w.dim() == 2 and w.is_contiguous()):
         return F.linear(x, w, b)
-    packed = _packed_weight(w)
+    verify = verified is None or id(w) not in verified
+    packed = _packed_weight(w, verify)
     if packed is None:
         return F.linear(x, w, b)
+    if verified is not None:
+        verified.add(id(w))
     return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
@@ -229,7 +279,7 @@ def packed_bytes(module: torch.nn.Module | None = None) -> int:
         return _packed_total
     ids = {id(p) for p in module.parameters()}
     with _PACKED_LOCK:
-        return sum(e[4] for k, e in _PACKED.items() if k in ids and e[0]() is not None)
+        return sum(e.nbytes for k, e in _PACKED.items() if k in ids and e.ref() is not None)
 
 
 def clear_packed() -> None:
