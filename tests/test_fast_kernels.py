@@ -250,3 +250,19 @@ def test_a_trainable_bias_keeps_its_gradient_in_a_decode_sized_bf16_call(no_pack
     with onednn_linears(lin, enabled=True):
         lin(torch.randn(1, 16).bfloat16()).sum().backward()
     assert lin.bias.grad is not None and kernels.packed_bytes() == 0
+
+
+def test_the_packing_budget_is_a_quarter_of_the_containers_memory_where_it_is_limited(monkeypatch, tmp_path):
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(kernels, "_CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
+    kernels._budget_for.cache_clear()
+    try:
+        limit.write_text("max\n")  # no limit: the machine's memory
+        host = kernels._budget_for("")
+        assert host > 0
+        kernels._budget_for.cache_clear()
+        limit.write_text(f"{4 * 10**9}\n")
+        assert kernels._budget_for("") == min(host, 10**9)
+        assert kernels._budget_for("0.5") == 5 * 10**8  # FLAMINGO_VLM_PACKED_GB wins
+    finally:
+        kernels._budget_for.cache_clear()

@@ -33,8 +33,9 @@ keeps torch's default in close calls, and ``probe`` measures again.
 Override with ``FLAMINGO_VLM_CPU_KERNELS``: ``auto`` (default: probe once, then the cache),
 ``onednn`` (oneDNN for decode and training, packed bf16 decode where bf16 is native), ``default``
 (torch's kernels everywhere), ``probe`` (measure again and rewrite the cache). Packed copies of bf16
-weights are bounded by ``FLAMINGO_VLM_PACKED_GB`` (default: a quarter of the machine's memory; past
-it the remaining layers run on ``F.linear``; ``0`` turns packing off). This module imports only torch, the standard library and
+weights are bounded by ``FLAMINGO_VLM_PACKED_GB`` (default: a quarter of the machine's memory, or of
+the container's where a cgroup limits it; past it the remaining layers run on ``F.linear``; ``0``
+turns packing off). This module imports only torch, the standard library and
 :mod:`flamingo_vlm.allocator` (itself standard library only).
 """
 
@@ -148,7 +149,7 @@ def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
 
 # -- bf16 weights packed for oneDNN (decoding) ------------------------------------------------------
 PACKED_ENV = "FLAMINGO_VLM_PACKED_GB"
-PACKED_FRACTION = 0.25  # default budget for packed copies: a quarter of the machine's memory
+PACKED_FRACTION = 0.25  # default budget for packed copies: a quarter of the memory (the container's, if limited)
 _FINGERPRINT = 64  # elements sampled across a weight to notice writes its version counter misses
 
 
@@ -182,9 +183,25 @@ def _budget_for(raw: str) -> int:
         except ValueError:
             raise ValueError(f"{PACKED_ENV}={raw!r}: expected a number of GB (0 turns packing off)") from None
     try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * PACKED_FRACTION)
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 2 * 10**9
+        memory = 8 * 10**9
+    return int(min(memory, _cgroup_limit() or memory) * PACKED_FRACTION)
+
+
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
+def _cgroup_limit() -> int | None:
+    """The container's memory limit, where one is set (a container sees the host's memory in sysconf)."""
+    for path in _CGROUP_LIMITS:
+        try:
+            raw = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < 2**60:  # "max" / a huge number: no limit
+            return int(raw)
+    return None
 
 
 def _packed_budget() -> int:
@@ -252,7 +269,7 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     """``F.linear`` for bf16 CPU tensors without gradients, on oneDNN with ``w`` packed once into its
     blocked layout: a copy the size of ``w``, kept while ``w`` lives and made again when ``w``
     changes. The copies together stay within a budget (``FLAMINGO_VLM_PACKED_GB``, default a quarter
-    of the machine's memory); past it, and for anything but a plain contiguous bf16 CPU weight and
+    of the machine's or the container's memory); past it, and for anything but a plain contiguous bf16 CPU weight and
     input, this is ``F.linear``.
 
     Whether ``w`` changed: its storage and version counter at every call, and a sample of its
