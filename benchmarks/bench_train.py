@@ -405,7 +405,11 @@ def profile_step(s: Shape, threads: int | None, precision: str = "fp32") -> int:
                                      "export": False, "tensorboard": False, "plot": False}, require_model=False)
         trainer = Trainer(cfg, model=model, datasets=[RandomBatches(s)], loss_weights=[1.0])
         try:
-            trainer.train_step(trainer.next_batches())  # warm-up (and the one-off chunked-loss check)
+            # Two warm-up steps: the first makes the AdamW state, so the second's forward reaches a new peak
+            # and first touches that memory (page faults land in whichever op allocates it: ~0.6 s of
+            # copies in a bf16 step); from the third on the heap is warm.
+            for _ in range(2):
+                trainer.train_step(trainer.next_batches())
             batches = trainer.next_batches()
             load = OthersLoad()
             with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
