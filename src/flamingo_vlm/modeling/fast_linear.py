@@ -16,7 +16,7 @@ GEMM choice. A call that
 is not plain fp32 CPU (another dtype or device, tensor subclasses) falls back to ``F.linear``,
 except decode-sized bf16 calls without gradients: those run on oneDNN with the weight packed once
 into its blocked layout (:func:`~.kernels.packed_linear`, a copy kept with the weight) where the
-machine's ``bf16_decode`` probe measured it faster (1.3-1.5x per batch-1 bf16 decode step on an
+machine's ``bf16_decode`` probe measured it faster (a batch-1 bf16 decode step 1.2x faster on an
 AMD EPYC Zen 4: ``F.linear`` hands oneDNN the plain matrix, which it re-lays at every call).
 """
 

@@ -18,7 +18,7 @@ margin: oneDNN is used only where it measured clearly faster, never where it was
   ``F.linear`` vs oneDNN on weights packed once into oneDNN's blocked layout (:func:`packed_linear`),
   only on CPUs with native bf16. ``F.linear`` hands oneDNN the plain (out, in) matrix, which it
   re-lays at every call: measured on an AMD EPYC Zen 4, 13.6 GB/s for the plain matrix against 22
-  GB/s packed (the machine copies at 32 GB/s), a batch-1 bf16 decode step 1.3-1.5x faster. ~0.5 s.
+  GB/s packed (the machine copies at 32 GB/s), a batch-1 bf16 decode step 1.2x faster. ~0.5 s.
 
 Each part runs the first time something needs it (an fp32 CPU ``generate``, a CPU training run, a
 ``dtype="auto"`` load) and is cached in ``$FLAMINGO_VLM_CACHE/kernels/`` (default
@@ -165,7 +165,6 @@ class _Packed:
 
 _PACKED: dict[int, _Packed] = {}  # id(weight) -> its packed copy
 _PACKED_LOCK = threading.RLock()  # re-entrant: a weakref callback may run inside the locked region (GC)
-_packed_total = 0
 packs = 0  # weights packed so far (tests)
 
 
@@ -208,14 +207,20 @@ def _packed_budget() -> int:
     return _budget_for(os.environ.get(PACKED_ENV, "").strip())
 
 
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w, 1)
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
 def _forget(key: int, ref: weakref.ref) -> None:
     """The weight behind ``ref`` was freed: drop its packed copy."""
-    global _packed_total
     with _PACKED_LOCK:
         entry = _PACKED.get(key)
         if entry is not None and entry.ref is ref:
             del _PACKED[key]
-            _packed_total -= entry.nbytes
 
 
 def _version(w: torch.Tensor) -> int | None:
@@ -238,7 +243,7 @@ def _valid(entry: _Packed | None, w: torch.Tensor, verify: bool) -> bool:
 def _packed_weight(w: torch.Tensor, verify: bool) -> torch.Tensor | None:
     """``w``'s packed copy, made at its first use and kept while ``w`` lives and is unchanged;
     ``None`` where the budget is spent."""
-    global _packed_total, packs
+    global packs
     key = id(w)
     entry = _PACKED.get(key)
     if _valid(entry, w, verify):
@@ -249,17 +254,14 @@ def _packed_weight(w: torch.Tensor, verify: bool) -> torch.Tensor | None:
         entry = _PACKED.get(key)
         if _valid(entry, w, verify):
             return entry.packed
-        stale = _PACKED.pop(key, None)
-        if stale is not None:
-            _packed_total -= stale.nbytes
-        if _packed_total + nbytes > budget:
+        _PACKED.pop(key, None)  # stale, if there
+        if packed_bytes() + nbytes > budget:
             return None
         version, fingerprint = _version(w), _sample(w)  # (read before packing: a copy of what was packed)
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+            packed = _pack(w.detach())
         _PACKED[key] = _Packed(weakref.ref(w, lambda ref, k=key: _forget(k, ref)), w.data_ptr(), version,
                                fingerprint, packed, nbytes)
-        _packed_total += nbytes
         packs += 1
     return packed
 
@@ -269,8 +271,8 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     """``F.linear`` for bf16 CPU tensors without gradients, on oneDNN with ``w`` packed once into its
     blocked layout: a copy the size of ``w``, kept while ``w`` lives and made again when ``w``
     changes. The copies together stay within a budget (``FLAMINGO_VLM_PACKED_GB``, default a quarter
-    of the machine's or the container's memory); past it, and for anything but a plain contiguous bf16 CPU weight and
-    input, this is ``F.linear``.
+    of the machine's or the container's memory); past it, and for anything but a plain contiguous
+    bf16 CPU weight and input, this is ``F.linear``.
 
     Whether ``w`` changed: its storage and version counter at every call, and a sample of its
     elements once per ``verified`` set (once per ``generate`` call: the set of the enclosing
@@ -287,24 +289,20 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
         return F.linear(x, w, b)
     if verified is not None:
         verified.add(id(w))
-    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    return _packed_product(x, packed, b)
 
 
 def packed_bytes(module: torch.nn.Module | None = None) -> int:
     """Bytes held by packed copies now: all of them, or those of ``module``'s parameters."""
-    if module is None:
-        return _packed_total
-    ids = {id(p) for p in module.parameters()}
+    ids = None if module is None else {id(p) for p in module.parameters()}
     with _PACKED_LOCK:
-        return sum(e.nbytes for k, e in _PACKED.items() if k in ids and e.ref() is not None)
+        return sum(e.nbytes for k, e in _PACKED.items() if ids is None or (k in ids and e.ref() is not None))
 
 
 def clear_packed() -> None:
     """Drop every packed copy (they are made again at their next use)."""
-    global _packed_total
     with _PACKED_LOCK:
         _PACKED.clear()
-        _packed_total = 0
 
 
 # -- timing -------------------------------------------------------------------------------------------
@@ -327,20 +325,25 @@ def _race(a, b, reps: int = 5, rounds: int = 3) -> tuple[float, float]:
     return min(ta), min(tb)
 
 
-def _probe_decode() -> dict:
+def _decode_race(dtype: torch.dtype, copies: int, prepare, fast) -> tuple[float, float]:
+    """``F.linear`` against ``fast(x, prepare(w))`` at 1 and 4 rows over distinct decode-sized
+    weights (so the products run from memory, as in decoding); the best times, summed over both."""
     g = torch.Generator().manual_seed(0)
-    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 4  # 16 layers, ~113 MB fp32
-    weights = [torch.randn(o, i, generator=g) * 0.02 for i, o in shapes]
-    out = {}
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * copies
+    weights = [(torch.randn(o, i, generator=g) * 0.02).to(dtype) for i, o in shapes]
+    operands = [prepare(w) for w in weights]
+    default = other = 0.0
     with torch.no_grad():
         for rows in (1, 4):
-            xs = {i: torch.randn(rows, 1, i, generator=g) for i, _ in shapes}
+            xs = {i: torch.randn(rows, 1, i, generator=g).to(dtype) for i, _ in shapes}
+            a, b = _race(lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+                         lambda: [fast(xs[w.shape[1]], o) for w, o in zip(weights, operands)])
+            default, other = default + a, other + b
+    return default, other
 
-            def run(f):
-                return lambda: [f(xs[w.shape[1]], w, None) for w in weights]
 
-            out[f"rows{rows}"] = _race(run(F.linear), run(onednn_linear))
-    default, onednn = (sum(v[k] for v in out.values()) for k in (0, 1))
+def _probe_decode() -> dict:
+    default, onednn = _decode_race(torch.float32, 4, lambda w: w, onednn_linear)  # 16 layers, ~113 MB fp32
     return {"onednn_decode": onednn <= MARGIN * default,
             "decode_ms": {"default": round(default * 1e3, 3), "onednn": round(onednn * 1e3, 3)}}
 
@@ -387,19 +390,7 @@ def _probe_bf16() -> dict:
 def _probe_bf16_decode() -> dict:
     if not packed_supported():
         return {"onednn_bf16_decode": False, "bf16_decode_ms": None}
-    g = torch.Generator().manual_seed(0)
-    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 8  # 32 layers, ~113 MB bf16
-    weights = [(torch.randn(o, i, generator=g) * 0.02).bfloat16() for i, o in shapes]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
-    out = {}
-    with torch.no_grad():
-        for rows in (1, 4):
-            xs = {i: torch.randn(rows, 1, i, generator=g).bfloat16() for i, _ in shapes}
-            out[f"rows{rows}"] = _race(
-                lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
-                lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
-                         for w, p in zip(weights, packed)])
-    default, onednn = (sum(v[k] for v in out.values()) for k in (0, 1))
+    default, onednn = _decode_race(torch.bfloat16, 8, _pack, _packed_product)  # 32 layers, ~113 MB bf16
     return {"onednn_bf16_decode": onednn <= MARGIN * default,
             "bf16_decode_ms": {"default": round(default * 1e3, 3), "onednn": round(onednn * 1e3, 3)}}
 

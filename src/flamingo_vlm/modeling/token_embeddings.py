@@ -103,7 +103,8 @@ class ExtendedLMHead(_NewRows):
         # bmm over a per-row expanded weight, which bf16 CPU kernels materialise (a vocab-sized copy).
         lead = hidden.shape[:-1]
         h2 = hidden.reshape(-1, hidden.shape[-1])
-        logits = linear(h2, self.weight if weight is None else weight, self.bias)  # oneDNN inside onednn_linears (CPU inference)
+        weight = self.weight if weight is None else weight
+        logits = linear(h2, weight, self.bias)  # oneDNN inside onednn_linears (CPU inference)
         bias = self.bias[self.new_ids] if self.bias is not None else None
         new_weight = self.new_weight if self.new_weight.dtype == hidden.dtype else self.new_weight.to(hidden.dtype)
         new_logits = linear(h2, new_weight, bias)
