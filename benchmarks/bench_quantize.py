@@ -12,8 +12,11 @@ Models:
 
 Variants: ``fp32``; ``bf16`` (``model.to(torch.bfloat16)``); ``int8`` and ``int4`` (the fp32 model with
 its LM, cross-attention and perceiver linears quantized by
-:func:`flamingo_vlm.modeling.quantize.quantize_model`; activations stay fp32 outside those layers);
-on request (``--variants``) ``int8+head`` / ``int4+head``: the LM's output head quantized too.
+:func:`flamingo_vlm.modeling.quantize.quantize_model`, and with int8 its LM head, as by default;
+activations stay fp32 outside those layers); on request (``--variants``) ``int4+head``: the LM's
+output head quantized too (``int8+head`` is ``int8``), and
+``int8-aten``: int8 on torch's ``aten._weight_int8pack_mm`` only (``int8`` takes our C kernel for
+decode-sized calls where this machine measured it faster, see :mod:`flamingo_vlm.modeling.native`).
 
 Columns: **weights MB** (all parameters and buffers of the model), **+ packed MB** (copies of bf16
 weights in oneDNN's blocked layout that bf16 decoding keeps where this CPU measured them faster, see
@@ -54,9 +57,9 @@ from bench_decode_profile import SHAPE, step_ms  # noqa: E402
 from bench_inference import QUICK, Shape, build_models, cpu_flags, cpu_model, interleaved_prompt, write_results  # noqa: E402
 
 from flamingo_vlm.modeling.kernels import packed_bytes  # noqa: E402
-from flamingo_vlm.modeling.quantize import quantize_model, weight_bytes  # noqa: E402
+from flamingo_vlm.modeling.quantize import QuantizedLinear, quantize_model, weight_bytes  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "int8", "int4", "int8+head", "int4+head")
+VARIANTS = ("fp32", "bf16", "int8", "int4", "int8+head", "int4+head", "int8-aten")
 
 
 def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -64,7 +67,11 @@ def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
     if name == "bf16":
         return model.to(torch.bfloat16)
     if name.startswith("int"):
-        quantize_model(model, name.split("+")[0], head=name.endswith("+head"))
+        quantize_model(model, name.split("+")[0].split("-")[0], head=True if name.endswith("+head") else None)
+    if name.endswith("-aten"):  # int8 on torch's kernel only, beside our C kernel's "int8"
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m.native = False
     return model
 
 
@@ -218,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_model(label, base.eval(), prompts, n, args, log)
         del base
     try:  # the CPU kernel choices the rest of the model ran with
-        from flamingo_vlm.modeling.kernels import summary
+        from flamingo_vlm.modeling.kernels import kernel_choice, summary
 
-        kernels = summary()
+        kernels = summary(kernel_choice(("decode", "gemm", "bf16", "bf16_decode", "int8_decode")))
     except Exception as e:  # noqa: BLE001 (a report line, not a reason to lose the figures)
         kernels = f"kernel choices unavailable: {type(e).__name__}: {e}"
     env = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,

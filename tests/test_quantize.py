@@ -71,11 +71,13 @@ def test_quantized_model_logits_close_to_unquantized(tiny, mode):
     report = quantize_model(q, mode)
     n = sum(isinstance(m, QuantizedLinear) for m in q.modules())
     assert report["quantized"] == n > 0 and quantization_of(q) == mode
-    # LM blocks, cross-attention and perceiver are quantized; vision encoder, embeddings, head are not
+    # LM blocks, cross-attention and perceiver are quantized (and with int8 the head); vision encoder and
+    # embeddings are not
     assert any(isinstance(m, QuantizedLinear) for m in q.perceiver.modules())
     assert all(isinstance(m, QuantizedLinear) for m in (b.to_out for b in [x.attn for x in q.gated_cross_attn_layers()]))
     assert not any(isinstance(m, QuantizedLinear) for m in q.vision_encoder.modules())
-    assert type(q.lang_encoder.get_output_embeddings()) is type(model.lang_encoder.get_output_embeddings())
+    head_quantized = type(q.lang_encoder.get_output_embeddings()) is not type(model.lang_encoder.get_output_embeddings())
+    assert head_quantized == (mode == "int8")
     assert weight_bytes(q) < weight_bytes(model)
     out = _logits(q, vision_x, lang_x)
     assert out.shape == ref.shape
@@ -198,7 +200,8 @@ def test_head_quantization_keeps_the_added_token_rows(tied, mode):
     vision_x = torch.stack([ip(im) for im in random_images(1, size=32)]).unsqueeze(0).unsqueeze(2)
     ref = _logits(model, vision_x, lang_x)
     q = copy.deepcopy(model)
-    before = quantize_model(copy.deepcopy(model), mode)["quantized"]
+    before = quantize_model(copy.deepcopy(model), mode, head=False)["quantized"]
+    assert quantize_model(copy.deepcopy(model), mode)["quantized"] == before + (mode == "int8")  # the default
     assert quantize_model(q, mode, head=True)["quantized"] == before + 1
     head = q.lang_encoder.get_output_embeddings()
     assert isinstance(head, QuantizedLinear) or isinstance(head.quantized, QuantizedLinear)

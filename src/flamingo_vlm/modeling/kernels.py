@@ -19,6 +19,12 @@ margin: oneDNN is used only where it measured clearly faster, never where it was
   only on CPUs with native bf16. ``F.linear`` hands oneDNN the plain (out, in) matrix, which it
   re-lays at every call: measured on an AMD EPYC Zen 4, 13.6 GB/s for the plain matrix against 22
   GB/s packed (the machine copies at 32 GB/s), a batch-1 bf16 decode step 1.2x faster. ~0.5 s.
+* ``int8_decode``: int8 weight-only linear layers (``quantize="int8"``) at 1 and 4 rows over ~85 MB
+  of distinct int8 weights, torch's ``aten._weight_int8pack_mm`` vs our C kernel
+  (:func:`flamingo_vlm.modeling.native.int8_linear`) in each SIMD path this CPU has; the fastest
+  wins (ours with the margin). Measured on an AMD EPYC Zen 4: torch's 15-17 GB/s, ours 34 GB/s at
+  one row in its AVX2 path (the AVX-512 one: 32 GB/s, and slower at more rows). Runs only where the
+  C kernel builds (a C compiler; see :mod:`.native`); ~1 s with the build.
 
 Each part runs the first time something needs it (an fp32 CPU ``generate``, a CPU training run, a
 ``dtype="auto"`` load) and is cached in ``$FLAMINGO_VLM_CACHE/kernels/`` (default
@@ -32,11 +38,12 @@ keeps torch's default in close calls, and ``probe`` measures again.
 
 Override with ``FLAMINGO_VLM_CPU_KERNELS``: ``auto`` (default: probe once, then the cache),
 ``onednn`` (oneDNN for decode and training, packed bf16 decode where bf16 is native), ``default``
-(torch's kernels everywhere), ``probe`` (measure again and rewrite the cache). Packed copies of bf16
+(torch's kernels everywhere), ``probe`` (measure again and rewrite the cache); ``onednn`` also
+takes our int8 kernel where it builds, in its widest SIMD path. Packed copies of bf16
 weights are bounded by ``FLAMINGO_VLM_PACKED_GB`` (default: a quarter of the machine's memory, or of
 the container's where a cgroup limits it; past it the remaining layers run on ``F.linear``; ``0``
-turns packing off). This module imports only torch, the standard library and
-:mod:`flamingo_vlm.allocator` (itself standard library only).
+turns packing off). This module imports only torch, the standard library, :mod:`.native` and
+:mod:`flamingo_vlm.allocator` (both torch and standard library only).
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from ..allocator import preloaded
+from . import native
 
 __all__ = ["DECODE_ROWS", "ENV", "KernelChoice", "clear_packed", "cpu_model", "decide", "kernel_choice",
            "onednn_available", "onednn_linear", "packed_bytes", "packed_linear", "summary"]
@@ -325,6 +333,15 @@ def _race(a, b, reps: int = 5, rounds: int = 3) -> tuple[float, float]:
     return min(ta), min(tb)
 
 
+def _fastest(runs: dict, reps: int = 5, rounds: int = 3) -> dict[str, float]:
+    """Best time of each run, the runs interleaved in rounds (as :func:`_race`, for more than two)."""
+    best = {name: float("inf") for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            best[name] = min(best[name], _best(fn, reps))
+    return best
+
+
 def _decode_race(dtype: torch.dtype, copies: int, prepare, fast) -> tuple[float, float]:
     """``F.linear`` against ``fast(x, prepare(w))`` at 1 and 4 rows over distinct decode-sized
     weights (so the products run from memory, as in decoding); the best times, summed over both."""
@@ -387,6 +404,45 @@ def _probe_bf16() -> dict:
     return {"bf16_fast": bf16 <= MARGIN * fp32, "bf16_ms": {"fp32": round(fp32 * 1e3, 3), "bf16": round(bf16 * 1e3, 3)}}
 
 
+def _probe_int8_decode() -> dict:
+    lib = native.library()
+    if lib is None or not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return {"native_int8_decode": False, "native_int8_isa": None, "int8_decode_ms": None,
+                "int8_decode_note": native.unavailable_reason() or "torch has no _weight_int8pack_mm"}
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
+    base = [torch.randint(-127, 128, s, generator=g, dtype=torch.int8) for s in shapes]
+    weights = [w.clone() for _ in range(12) for w in base]  # 48 layers, ~85 MB: from memory, as in decoding
+    scales = [torch.rand(w.shape[0], generator=g).mul_(0.01).bfloat16() for w in weights]
+    isas = list(range(1, lib.fv_isa() + 1))  # AVX2, AVX-512 where the CPU has them (portable C never wins)
+    totals = {"torch": 0.0, **{native.ISA_NAMES[i]: 0.0 for i in isas}}
+    with torch.no_grad():
+        for rows in (1, 4):
+            xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k in (768, 3072)}
+            runs = {"torch": lambda: [torch.ops.aten._weight_int8pack_mm(xs[w.shape[1]], w, s)
+                                      for w, s in zip(weights, scales)]}
+            for i in isas:
+                runs[native.ISA_NAMES[i]] = (lambda i=i: [native.int8_linear(xs[w.shape[1]], w, s, isa=i)
+                                                          for w, s in zip(weights, scales)])
+            for name, t in _fastest(runs).items():
+                totals[name] += t
+    ours = min((native.ISA_NAMES[i] for i in isas), key=totals.__getitem__, default=None)
+    chosen = ours is not None and totals[ours] <= MARGIN * totals["torch"]
+    return {"native_int8_decode": chosen,
+            "native_int8_isa": next(i for i in isas if native.ISA_NAMES[i] == ours) if chosen else None,
+            "int8_decode_ms": {k: round(v * 1e3, 3) for k, v in totals.items()}}
+
+
+def int8_isa() -> int | None:
+    """The SIMD path (:mod:`.native`'s ``isa``) of our int8 kernel where :func:`decide` chose it
+    (``int8_decode``), else ``None``: torch's kernel."""
+    if not decide("int8_decode"):
+        return None
+    if _mode() == "onednn":
+        return native.library().fv_isa()
+    return _MEMO.get("int8_isa")
+
+
 def _probe_bf16_decode() -> dict:
     if not packed_supported():
         return {"onednn_bf16_decode": False, "bf16_decode_ms": None}
@@ -395,8 +451,10 @@ def _probe_bf16_decode() -> dict:
             "bf16_decode_ms": {"default": round(default * 1e3, 3), "onednn": round(onednn * 1e3, 3)}}
 
 
-_PROBES = {"decode": _probe_decode, "gemm": _probe_gemm, "bf16": _probe_bf16, "bf16_decode": _probe_bf16_decode}
-_KEYS = {"decode": "onednn_decode", "gemm": "onednn_gemm", "bf16": "bf16_fast", "bf16_decode": "onednn_bf16_decode"}
+_PROBES = {"decode": _probe_decode, "gemm": _probe_gemm, "bf16": _probe_bf16, "bf16_decode": _probe_bf16_decode,
+           "int8_decode": _probe_int8_decode}
+_KEYS = {"decode": "onednn_decode", "gemm": "onednn_gemm", "bf16": "bf16_fast", "bf16_decode": "onednn_bf16_decode",
+         "int8_decode": "native_int8_decode"}
 
 
 # -- the choice ---------------------------------------------------------------------------------------
@@ -412,6 +470,7 @@ class KernelChoice:
     onednn_gemm: bool  # fp32 linears with more rows (prefill, forward+loss, training, with backward) on oneDNN
     bf16_fast: bool  # bf16 GEMMs beat fp32 here (native bf16 and measured faster)
     onednn_bf16_decode: bool  # bf16 linears with few rows on oneDNN with packed weights (packed_linear)
+    native_int8_decode: bool  # int8 weight-only linears with few rows on our C kernel (native.int8_linear)
     source: str  # "probe", "cache <file>", "env FLAMINGO_VLM_CPU_KERNELS=..."
     timings: dict
 
@@ -436,14 +495,16 @@ def _write_cache(path: Path, data: dict) -> None:
 
 
 def decide(part: str) -> bool:
-    """One decision (``decode``, ``gemm``, ``bf16`` or ``bf16_decode``): from the env override, the
-    memo, the cache file, or by running that part's probe (then cached)."""
+    """One decision (``decode``, ``gemm``, ``bf16``, ``bf16_decode`` or ``int8_decode``): from the env
+    override, the memo, the cache file, or by running that part's probe (then cached)."""
     mode = _mode()
     if mode == "auto" and part in _MEMO:  # every linear call lands here: no lock, no kernel lookup
         return _MEMO[part]
     if mode in ("onednn", "default") and part != "bf16":
+        if part == "int8_decode":
+            return mode == "onednn" and native.library() is not None
         return mode == "onednn" and (packed_supported() if part == "bf16_decode" else onednn_available())
-    if part != "bf16" and not onednn_available():
+    if part not in ("bf16", "int8_decode") and not onednn_available():
         return False
     key = _KEYS[part]
     with _LOCK:
@@ -457,6 +518,8 @@ def decide(part: str) -> bool:
                 data.update(_PROBES[part]())
             data.update(cpu=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads())
             _write_cache(path, data)
+        if part == "int8_decode":
+            _MEMO["int8_isa"] = data.get("native_int8_isa")
         _MEMO[part] = data[key]
         return _MEMO[part]
 
@@ -472,7 +535,9 @@ def kernel_choice(parts: tuple[str, ...] = ("decode", "gemm", "bf16", "bf16_deco
         cpu=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads(), allocator=_allocator(),
         onednn_decode=decisions.get("decode", False), onednn_gemm=decisions.get("gemm", False),
         bf16_fast=decisions.get("bf16", False), onednn_bf16_decode=decisions.get("bf16_decode", False),
-        source=source, timings={k: data.get(k) for k in ("decode_ms", "gemm_ms", "bf16_ms", "bf16_decode_ms") if k in data},
+        native_int8_decode=decisions.get("int8_decode", False), source=source,
+        timings={k: data.get(k) for k in ("decode_ms", "gemm_ms", "bf16_ms", "bf16_decode_ms", "int8_decode_ms")
+                 if k in data},
     )
 
 
@@ -494,5 +559,8 @@ def summary(choice: KernelChoice | None = None, allocator: str | None = None) ->
     if t.get("bf16_decode_ms"):
         flags.append(f"bf16 decode {t['bf16_decode_ms']['default']:.1f}/{t['bf16_decode_ms']['onednn']:.1f} ms "
                      "(default/packed)")
+    if t.get("int8_decode_ms"):
+        flags.append(f"{'our C kernel' if c.native_int8_decode else 'torch default'} for decode-sized int8 linears "
+                     "(" + "/".join(f"{k} {v:.1f}" for k, v in t["int8_decode_ms"].items()) + " ms)")
     return (f"CPU: {c.cpu}; torch {c.torch}, {c.threads} threads, {c.allocator}; kernels ({c.source}): "
             + ", ".join(flags))

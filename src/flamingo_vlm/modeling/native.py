@@ -1,0 +1,149 @@
+"""C kernels torch lacks, compiled on first use with this machine's C compiler and cached.
+
+One kernel so far: :func:`int8_linear`, the weight-only int8 product for a few rows (decoding),
+from ``csrc/int8_linear.c``. torch's ``aten._weight_int8pack_mm`` streams the int8 weights at
+~15 GB/s on an AMD EPYC Zen 4 (2 threads; the machine reads 33-35 GB/s), which kept int8 decoding
+at 1.3x bf16's; this one reads them at ~32 GB/s on the same matrices (the C file says why). It is
+used where :func:`flamingo_vlm.modeling.kernels.decide` measured it faster (probe part
+``int8_decode``), so a machine where it is not keeps torch's kernel.
+
+Build: ``$CC`` (else ``cc``, ``gcc``, ``clang``) ``-O3 -shared -fPIC -fopenmp``, into
+``$FLAMINGO_VLM_CACHE/native/`` (default ``~/.cache/flamingo-vlm/native/``), named by a hash of the
+source, compiler and flags; it is written to a temporary file and renamed, so a concurrent or
+interrupted build leaves nothing half-written. ~0.3 s, once per machine. No compiler, a failed
+build, or ``FLAMINGO_VLM_NATIVE=0``: :func:`library` returns ``None``, :func:`unavailable_reason`
+says why, and callers keep torch's kernels. The SIMD path (AVX-512, AVX2, portable C) is chosen at
+run time, so one build serves any x86-64 CPU.
+
+Threads: the library links ``libgomp.so.1``, the soname torch's wheel loads, so it runs in torch's
+OpenMP thread pool with torch's thread count. Where that is not so (a second OpenMP runtime in the
+process, whose idle threads would spin against torch's), it is not used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["ENV", "ISA_NAMES", "int8_linear", "isa", "library", "unavailable_reason"]
+
+ENV = "FLAMINGO_VLM_NATIVE"
+_SOURCE = Path(__file__).with_name("csrc") / "int8_linear.c"
+_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
+ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX-512"}
+_reason: str | None = None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FLAMINGO_VLM_CACHE") or Path.home() / ".cache" / "flamingo-vlm") / "native"
+
+
+def _build(cc: str) -> Path:
+    """The shared library for this source, compiler and flags: from the cache, else compiled."""
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(),
+                                     sys.platform.encode()])).hexdigest()[:16]
+    out = _cache_dir() / f"int8_linear-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".int8_linear-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise RuntimeError(f"{cc} could not compile {_SOURCE}: {done.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtimes mapped into this process (Linux; empty where /proc is not readable)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {os.path.realpath(line.split()[-1]) for line in maps.splitlines()
+            if any(n in line for n in ("libgomp", "libiomp", "libomp."))}
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or ``None`` (see :func:`unavailable_reason`)."""
+    global _reason
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        _reason = f"{ENV}={os.environ[ENV]}"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _reason = "no C compiler found (set CC, or install gcc or clang)"
+        return None
+    before = _openmp_runtimes()
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _reason = f"build failed: {e}"
+        return None
+    if before and len(_openmp_runtimes()) > len(before):
+        _reason = "it would load a second OpenMP runtime beside torch's"
+        return None
+    lib.fv_isa.restype = ctypes.c_int
+    lib.fv_int8_linear.restype = None
+    lib.fv_int8_linear.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+                                   + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2)
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`library` is ``None`` (after it was called), else ``None``."""
+    return _reason
+
+
+def isa() -> str:
+    """The SIMD path the kernels take on this CPU."""
+    lib = library()
+    return "unavailable" if lib is None else ISA_NAMES[lib.fv_isa()]
+
+
+_FLOAT = (torch.float32, torch.bfloat16)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *, isa: int = 2) -> torch.Tensor:
+    """``(x @ qweight.T) * scales`` in ``x``'s dtype: ``x`` (M, K) fp32 or bf16, ``qweight`` (N, K)
+    int8, ``scales`` (N,) fp32 or bf16, all contiguous on CPU; accumulated in fp32. No autograd.
+    ``isa`` (0 C, 1 AVX2, 2 AVX-512; lowered to what the CPU has) picks the SIMD path. Call only
+    where :func:`library` is not ``None``."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native int8 kernel is unavailable: {unavailable_reason()}")
+    m, k = x.shape
+    n = qweight.shape[0]
+    if (qweight.dtype != torch.int8 or qweight.shape[1] != k or x.dtype not in _FLOAT or scales.dtype not in _FLOAT
+            or not (x.is_contiguous() and qweight.is_contiguous() and scales.is_contiguous())):
+        raise ValueError(f"int8_linear: needs contiguous fp32/bf16 input and scales and an int8 weight, got input "
+                         f"{tuple(x.shape)} {x.dtype}, weight {tuple(qweight.shape)} {qweight.dtype}, scales {scales.dtype}")
+    y = torch.empty(m, n, dtype=x.dtype)
+    bf16 = x.dtype == torch.bfloat16
+    lib.fv_int8_linear(x.data_ptr(), bf16, qweight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16,
+                       y.data_ptr(), bf16, m, n, k, isa, torch.get_num_threads())
+    return y

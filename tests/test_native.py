@@ -1,0 +1,179 @@
+"""Our C kernels (flamingo_vlm.modeling.native): built on first use, exact against a float64
+reference in every SIMD path this CPU has, chosen per machine, and used by int8 layers."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flamingo_vlm.modeling import kernels, native
+from flamingo_vlm.modeling.quantize import QuantizedLinear, quantize_model
+from tiny import tiny_flamingo
+
+needs_native = pytest.mark.skipif(native.library() is None, reason=f"no native kernels: {native.unavailable_reason()}")
+ISAS = [0, 1, 2][: (native.library().fv_isa() + 1) if native.library() is not None else 1]
+
+
+def reference(x, q, s):
+    return x.double() @ (q.double() * s.double()[:, None]).t()
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native.ISA_NAMES[i])
+@pytest.mark.parametrize("n, k", [(40, 128), (10, 37), (1, 1), (7, 8), (9, 16), (6, 3072)])
+def test_kernel_matches_float64_in_every_simd_path(isa, n, k):
+    """Shapes cover the tails: rows not a multiple of 4, columns not a multiple of 16 (AVX-512) or 8 (AVX2)."""
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    for m in (1, 2, 3, 5, 9):
+        x = torch.randn(m, k, generator=g)
+        for sdt in (torch.float32, torch.bfloat16):
+            s = (torch.rand(n, generator=g) + 0.5).to(sdt)
+            y = native.int8_linear(x, q, s, isa=isa)
+            ref = reference(x, q, s)
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6
+            # bf16 input and output: the fp32 result of the widened input, rounded to nearest even, as torch rounds
+            yb = native.int8_linear(x.bfloat16(), q, s, isa=isa)
+            assert yb.dtype == torch.bfloat16
+            assert torch.equal(yb, native.int8_linear(x.bfloat16().float(), q, s, isa=isa).bfloat16())
+
+
+@needs_native
+def test_kernel_rejects_what_it_cannot_take():
+    q, s = torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(ValueError, match="int8 weight"):
+        native.int8_linear(torch.randn(1, 9), q, s)  # wrong width
+    with pytest.raises(ValueError, match="float16"):
+        native.int8_linear(torch.randn(1, 8).half(), q, s)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.int8_linear(torch.randn(8, 2).t(), q, s)
+
+
+def test_unavailable_where_turned_off_or_without_a_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLAMINGO_VLM_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        monkeypatch.setenv(native.ENV, "0")
+        assert native.library() is None and native.ENV in native.unavailable_reason()
+        with pytest.raises(RuntimeError, match="unavailable"):
+            native.int8_linear(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(4))
+        native.library.cache_clear()
+        monkeypatch.delenv(native.ENV)
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        monkeypatch.setenv("PATH", str(tmp_path))  # and no cc, gcc or clang on the PATH
+        assert native.library() is None and "no C compiler" in native.unavailable_reason()
+        assert not (tmp_path / "native").exists()
+    finally:
+        native.library.cache_clear()
+
+
+@needs_native
+def test_build_is_cached_whole_and_a_failed_build_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLAMINGO_VLM_CACHE", str(tmp_path))
+    cc = native._compiler()
+    out = native._build(cc)
+    assert out.parent == tmp_path / "native" and out.is_file()
+    assert native._build(cc) == out  # cached: same file, not rebuilt
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "_SOURCE", broken)
+    with pytest.raises(RuntimeError, match="broken.c"):
+        native._build(cc)
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    monkeypatch.setenv("FLAMINGO_VLM_CACHE", str(tmp_path))
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    return tmp_path
+
+
+@needs_native
+@pytest.mark.parametrize("ours, chosen", [(0.5, True), (0.95, False)])
+def test_our_int8_kernel_is_chosen_only_where_it_measured_faster(fresh, monkeypatch, ours, chosen):
+    def fastest(runs, reps=5, rounds=3):
+        return {name: 1.0 if name == "torch" else ours + 0.1 * (name == "AVX-512") for name in runs}
+
+    monkeypatch.setattr(kernels, "_fastest", fastest)
+    chosen = chosen and len(ISAS) > 1  # no SIMD path (not x86-64): torch's kernel, whatever the timings
+    assert kernels.decide("int8_decode") is chosen
+    data = json.loads(kernels.cache_file().read_text())
+    assert set(data["int8_decode_ms"]) == {"torch", *(native.ISA_NAMES[i] for i in ISAS[1:])}
+    assert kernels.int8_isa() == (1 if chosen else None)  # the faster of the SIMD paths (AVX2 in these timings)
+    line = kernels.summary(kernels.kernel_choice(("int8_decode",)))
+    assert ("our C kernel for decode-sized int8" in line) == chosen
+    monkeypatch.setenv(kernels.ENV, "default")
+    assert kernels.int8_isa() is None
+    monkeypatch.setenv(kernels.ENV, "onednn")
+    assert kernels.int8_isa() == native.library().fv_isa()
+
+
+@needs_native
+def test_int8_layer_uses_our_kernel_for_few_rows_only(fresh, monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(kernels, "_MEMO", {"int8_decode": True, "int8_isa": ISAS[-1]})
+    layer = nn.Linear(96, 40)
+    q = QuantizedLinear(layer, "int8")
+    calls = []
+    real = native.int8_linear
+    monkeypatch.setattr(native, "int8_linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    w = q.dequantized_weight()
+    for shape in [(1, 96), (2, 1, 96), (8, 96), (9, 96), (3, 5, 96)]:
+        x = torch.randn(*shape)
+        out = q(x)
+        assert out.shape == (*shape[:-1], 40)
+        # ours computes from the fp32 input, torch's kernel from the input rounded to bf16
+        tol = 1e-5 if x[..., 0].numel() <= kernels.DECODE_ROWS else 1e-2
+        ref = F.linear(x, w, layer.bias)
+        assert (out - ref).norm() <= tol * ref.norm()
+    assert calls == [(1, 96), (2, 96), (8, 96)]
+    q(torch.randn(1, 96, requires_grad=True))  # a gradient wanted: torch's op, which autograd knows
+    q.native = False
+    q(torch.randn(1, 96))
+    assert len(calls) == 3
+    assert q(torch.randn(1, 96).bfloat16()).dtype == torch.bfloat16
+
+
+@needs_native
+def test_generate_through_our_kernel_equals_generate_through_a_float64_reference(fresh, monkeypatch):
+    """The whole decode path with our kernel in every decode-sized int8 call, against the same model
+    with that kernel swapped for a float64 product: the same greedy tokens, logits to fp32 rounding."""
+    import copy
+
+    monkeypatch.setattr(kernels, "_MEMO", {"int8_decode": True, "int8_isa": ISAS[-1]})
+    model, _ip, _tok = tiny_flamingo()
+    q = copy.deepcopy(model)
+    quantize_model(q, "int8")
+    g = torch.Generator().manual_seed(0)
+    vision_x = torch.randn(1, 2, 1, 3, 32, 32, generator=g)
+    media = q.media_token_id if hasattr(q, "media_token_id") else _tok.convert_tokens_to_ids("<image>")
+    lang_x = torch.tensor([[media, 5, 6, media, 7, 8]])  # 6 rows: every LM call is decode-sized
+    calls = []
+    real = native.int8_linear
+
+    def ours(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    def float64(x, w, s, **_):
+        return reference(x, w, s).to(x.dtype)
+
+    def run(kernel):
+        monkeypatch.setattr(native, "int8_linear", kernel)
+        with torch.inference_mode():
+            tokens = q.generate(vision_x, lang_x, torch.ones_like(lang_x), max_new_tokens=6, min_new_tokens=6,
+                                do_sample=False, num_beams=1)
+            logits = q(vision_x, lang_x, attention_mask=torch.ones_like(lang_x)).logits
+        return tokens, logits
+
+    tokens, logits = run(ours)
+    assert calls, "no call reached our kernel"
+    ref_tokens, ref_logits = run(float64)
+    assert torch.equal(tokens, ref_tokens)
+    assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
