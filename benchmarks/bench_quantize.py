@@ -185,8 +185,10 @@ def render(result: dict[str, Any]) -> str:
             f"{r['others_cores']:.2f} | {r.get('agree_fp32', '-')} | {r.get('agree_bf16', '-')} |"
         )
     lines += ["", "ms/token: (t(N new tokens) - t(1)) / (N - 1), median of the repeats, then median of "
-              f"{result.get('rounds', 1)} rounds in which the variants take turns; int8/int4 run their "
-              "layers with bf16 activations and everything else in fp32 (see flamingo_vlm/modeling/quantize.py). "
+              f"{result.get('rounds', 1)} rounds in which the variants take turns; everything but the "
+              "quantized layers runs in fp32; int4 and int8-aten run those layers on torch's kernels with bf16 "
+              "activations, int8 its decode-sized calls on our C kernel (fp32 activations) where the kernel "
+              "probe chose it (see flamingo_vlm/modeling/quantize.py and native.py); int8 quantizes the LM head. "
               "Greedy agreement: token ids equal position by position over the prompts. + packed MB: copies of bf16 "
               "weights in oneDNN's layout that decoding made (flamingo_vlm.modeling.kernels.packed_linear), on top "
               "of the weights."]

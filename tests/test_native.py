@@ -110,6 +110,11 @@ def test_our_int8_kernel_is_chosen_only_where_it_measured_faster(fresh, monkeypa
     assert ("our C kernel for decode-sized int8" in line) == chosen
     monkeypatch.setenv(kernels.ENV, "default")
     assert kernels.int8_isa() is None
+    with monkeypatch.context() as mp:  # a cached choice of our kernel, but the kernel no longer builds here
+        mp.setenv(kernels.ENV, "auto")
+        mp.setattr(kernels, "_MEMO", {})
+        mp.setattr(native, "library", lambda: None)
+        assert kernels.int8_isa() is None
     monkeypatch.setenv(kernels.ENV, "onednn")
     assert kernels.int8_isa() == native.library().fv_isa()
 

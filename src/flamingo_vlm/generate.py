@@ -360,7 +360,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--device", help="cpu, cuda, cuda:1 (default: cpu)")
     o.add_argument("--quantize", choices=["int8", "int4"],
                     help="weight-only quantized LM, cross-attention and perceiver linears (CPU only; "
-                         "int4 is the faster one where bf16 is not native, int8 mainly saves memory)")
+                         "int8 also the LM head; speeds per CPU in the README's Quantized weights)")
 
 
 def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:

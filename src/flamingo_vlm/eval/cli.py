@@ -150,7 +150,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "amp_bf16"), default="fp32")
     p.add_argument("--quantize", choices=["int8", "int4"],
                     help="weight-only quantized LM, cross-attention and perceiver linears (CPU only; "
-                         "int4 is the faster one where bf16 is not native, int8 mainly saves memory)")
+                         "int8 also the LM head; speeds per CPU in the README's Quantized weights)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--synthetic", action="store_true",
                    help="write the synthetic benchmark into --data-root first when its datasets are missing")

@@ -506,6 +506,8 @@ def decide(part: str) -> bool:
         return mode == "onednn" and (packed_supported() if part == "bf16_decode" else onednn_available())
     if part not in ("bf16", "int8_decode") and not onednn_available():
         return False
+    if part == "int8_decode" and native.library() is None:  # whatever a cache says: no kernel, no choice
+        return False
     key = _KEYS[part]
     with _LOCK:
         if part in _MEMO:  # decided earlier in this process (``probe`` re-measures once per process)

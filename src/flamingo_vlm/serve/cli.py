@@ -31,7 +31,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the model to this dtype")
     g.add_argument("--quantize", choices=["int8", "int4"],
                     help="weight-only quantized LM, cross-attention and perceiver linears (CPU only; "
-                         "int4 is the faster one where bf16 is not native, int8 mainly saves memory)")
+                         "int8 also the LM head; speeds per CPU in the README's Quantized weights)")
     g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     g.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face Hub")
     g.add_argument("--cache-dir", help="Hugging Face cache directory")
