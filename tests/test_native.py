@@ -50,6 +50,15 @@ def test_kernel_rejects_what_it_cannot_take():
         native.int8_linear(torch.randn(1, 8).half(), q, s)
     with pytest.raises(ValueError, match="contiguous"):
         native.int8_linear(torch.randn(8, 2).t(), q, s)
+    with pytest.raises(ValueError, match=r"scales \(2,\)"):  # would have read past the scales' end
+        native.int8_linear(torch.randn(1, 8), q, torch.ones(2))
+    with pytest.raises(ValueError, match=r"input \(8,\)"):
+        native.int8_linear(torch.randn(8), q, s)
+    with pytest.raises(ValueError, match="meta"):  # a pointer C cannot read
+        native.int8_linear(torch.randn(1, 8), q.to("meta"), s)
+    layer = QuantizedLinear(nn.Linear(64, 8), "int8").to("meta")  # a layer moved off the CPU: torch's error
+    with pytest.raises((RuntimeError, ValueError, NotImplementedError)):
+        layer(torch.randn(1, 64))
 
 
 def test_unavailable_where_turned_off_or_without_a_compiler(monkeypatch, tmp_path):
@@ -81,9 +90,29 @@ def test_build_is_cached_whole_and_a_failed_build_leaves_nothing(monkeypatch, tm
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
     monkeypatch.setattr(native, "_SOURCE", broken)
-    with pytest.raises(RuntimeError, match="broken.c"):
+    with pytest.raises(RuntimeError, match=r"broken\.c: .*error") as e:  # the compiler's own error line
         native._build(cc)
+    assert "\n" not in str(e.value)
     assert [p.name for p in out.parent.iterdir()] == [out.name]
+    assert out.stat().st_mode & 0o755 == 0o755  # loadable by the other users of a shared cache
+
+
+@needs_native
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FLAMINGO_VLM_CACHE", str(tmp_path / "file" / "cache"))  # under a file: cannot be made
+    out = native._build(native._compiler())
+    assert out.parent == native._cache_dirs()[-1] and out.is_file()
+
+
+def test_cc_may_carry_flags(monkeypatch, tmp_path):
+    cc = native._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("CC", f"{cc[0]} -O2")
+    assert native._compiler() == [cc[0], "-O2"]
+    monkeypatch.setenv("CC", str(tmp_path / "missing-cc"))  # not there: the usual names
+    assert native._compiler() is not None and native._compiler()[0] != str(tmp_path / "missing-cc")
 
 
 @pytest.fixture
@@ -108,6 +137,7 @@ def test_our_int8_kernel_is_chosen_only_where_it_measured_faster(fresh, monkeypa
     assert kernels.int8_isa() == (1 if chosen else None)  # the faster of the SIMD paths (AVX2 in these timings)
     line = kernels.summary(kernels.kernel_choice(("int8_decode",)))
     assert ("our C kernel for decode-sized int8" in line) == chosen
+    assert "int8 linears" not in kernels.summary(kernels.kernel_choice(("bf16",)))  # only the parts asked for
     monkeypatch.setenv(kernels.ENV, "default")
     assert kernels.int8_isa() is None
     with monkeypatch.context() as mp:  # a cached choice of our kernel, but the kernel no longer builds here

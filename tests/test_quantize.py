@@ -113,6 +113,11 @@ def test_unsupported_shapes_are_left_in_full_precision():
     # 10 output rows (not a multiple of the kernel's 16): padded with zero rows, sliced off
     x = torch.randn(3, 64)
     assert net[0](x).shape == (3, 10) and net[0].dequantized_weight().shape == (10, 64)
+    # int8: torch's kernel needs in_features % 16 == 0 (it crashed or was wrong at 8, 37, 40 inputs)
+    net = nn.Sequential(nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 8))
+    assert quantize_model(net, "int8") == {"quantized": 1, "skipped": 1}
+    x = torch.randn(12, 48)  # 12 rows: torch's kernel, also where ours takes decode-sized calls
+    assert rel_err(net(x), net[2](F.relu(F.linear(x, net[0].dequantized_weight(), net[0].bias)))) < 0.01
 
 
 def test_bad_modes_and_devices_are_one_line_errors():

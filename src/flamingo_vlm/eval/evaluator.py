@@ -33,6 +33,7 @@ from .datasets import EvalDataset
 from .demos import RICES, FeatureExtractor, RandomDemoSelector
 from .distributed import DistContext, init_distributed, shard_indices
 from ..locking import hold_for_job
+from ..modeling.quantize import scheme as quant_scheme
 from .results import atomic_write_json, markdown_table, read_unit, summarize, unit_path
 from .task_kinds import QueryBatch, continuation_ids, score_classes
 from .tasks import Task, extra_metrics, get_task, resolve_task_root
@@ -191,7 +192,7 @@ class Evaluator:
             "num_samples": c.num_samples, "demo_selection": c.demo_selection, "precision": c.precision,
         }
         if c.quantize:  # a quantized model's units are not the full-precision model's
-            fp["quantize"] = c.quantize
+            fp["quantize"] = quant_scheme(c.quantize)
         if c.demo_selection in ("random", "shared"):
             fp["query_set_size"] = c.query_set_size
         else:

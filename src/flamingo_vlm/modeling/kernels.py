@@ -538,8 +538,7 @@ def kernel_choice(parts: tuple[str, ...] = ("decode", "gemm", "bf16", "bf16_deco
         onednn_decode=decisions.get("decode", False), onednn_gemm=decisions.get("gemm", False),
         bf16_fast=decisions.get("bf16", False), onednn_bf16_decode=decisions.get("bf16_decode", False),
         native_int8_decode=decisions.get("int8_decode", False), source=source,
-        timings={k: data.get(k) for k in ("decode_ms", "gemm_ms", "bf16_ms", "bf16_decode_ms", "int8_decode_ms")
-                 if k in data},
+        timings={f"{p}_ms": data.get(f"{p}_ms") for p in parts if f"{p}_ms" in data},  # of the parts asked for
     )
 
 

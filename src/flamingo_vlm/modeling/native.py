@@ -8,9 +8,10 @@ used where :func:`flamingo_vlm.modeling.kernels.decide` measured it faster (prob
 ``int8_decode``), so a machine where it is not keeps torch's kernel.
 
 Build: ``$CC`` (else ``cc``, ``gcc``, ``clang``) ``-O3 -shared -fPIC -fopenmp``, into
-``$FLAMINGO_VLM_CACHE/native/`` (default ``~/.cache/flamingo-vlm/native/``), named by a hash of the
-source, compiler and flags; it is written to a temporary file and renamed, so a concurrent or
-interrupted build leaves nothing half-written. ~0.3 s, once per machine. No compiler, a failed
+``$FLAMINGO_VLM_CACHE/native/`` (default ``~/.cache/flamingo-vlm/native/``; the temporary directory
+where that cannot be written), named by a hash of the source, compiler, flags and architecture; it
+is written to a temporary file and renamed, so a concurrent or interrupted build leaves nothing
+half-written. ~0.5 s, once per machine. fp16 inputs and scales stay on torch's kernel. No compiler, a failed
 build, or ``FLAMINGO_VLM_NATIVE=0``: :func:`library` returns ``None``, :func:`unavailable_reason`
 says why, and callers keep torch's kernels. The SIMD path (AVX-512, AVX2, portable C) is chosen at
 run time, so one build serves any x86-64 CPU.
@@ -26,6 +27,8 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,33 +46,51 @@ ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX-512"}
 _reason: str | None = None
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+def _compiler() -> list[str] | None:
+    """The C compiler's command: ``$CC`` (which may carry flags), else the first of cc, gcc, clang."""
+    cc = shlex.split(os.environ.get("CC", ""))
+    if cc and shutil.which(cc[0]):
+        return [shutil.which(cc[0]), *cc[1:]]
+    found = next((shutil.which(n) for n in ("cc", "gcc", "clang") if shutil.which(n)), None)
+    return [found] if found else None
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("FLAMINGO_VLM_CACHE") or Path.home() / ".cache" / "flamingo-vlm") / "native"
+def _cache_dirs() -> list[Path]:
+    home = Path(os.environ.get("FLAMINGO_VLM_CACHE") or Path.home() / ".cache" / "flamingo-vlm") / "native"
+    return [home, Path(tempfile.gettempdir()) / f"flamingo-vlm-native-{os.getuid() if hasattr(os, 'getuid') else 0}"]
 
 
-def _build(cc: str) -> Path:
-    """The shared library for this source, compiler and flags: from the cache, else compiled."""
+def _compile_error(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    return next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "no message")
+
+
+def _build(cc: list[str]) -> Path:
+    """The shared library for this source, compiler and flags: from the cache, else compiled there
+    (or, where the cache cannot be written, in the temporary directory)."""
     source = _SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(),
-                                     sys.platform.encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"int8_linear-{key}.so"
-    if out.exists():
-        return out
+    version = subprocess.run([cc[0], "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join([*cc[1:], *_FLAGS]).encode(),
+                                     sys.platform.encode(), platform.machine().encode()])).hexdigest()[:16]
+    name = f"int8_linear-{key}.so"
+    *first, last = _cache_dirs()
+    for d in first:
+        try:
+            return d / name if (d / name).exists() else _compile_into(cc, d / name)
+        except OSError:  # this directory cannot be written: the next one
+            pass
+    return last / name if (last / name).exists() else _compile_into(cc, last / name)
+
+
+def _compile_into(cc: list[str], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".int8_linear-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode:
-            raise RuntimeError(f"{cc} could not compile {_SOURCE}: {done.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{cc[0]} could not compile {_SOURCE}: {_compile_error(done.stderr)}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep the other users of a shared cache out
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -136,12 +157,16 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *,
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native int8 kernel is unavailable: {unavailable_reason()}")
+    if (x.dim() != 2 or qweight.dim() != 2 or qweight.dtype != torch.int8 or qweight.shape[1] != x.shape[1]
+            or tuple(scales.shape) != (qweight.shape[0],) or x.dtype not in _FLOAT or scales.dtype not in _FLOAT
+            or {t.device.type for t in (x, qweight, scales)} != {"cpu"}
+            or not (x.is_contiguous() and qweight.is_contiguous() and scales.is_contiguous())):
+        raise ValueError(f"int8_linear: needs a contiguous CPU (M, K) fp32/bf16 input, (N, K) int8 weight and (N,) "
+                         f"fp32/bf16 scales, got input {tuple(x.shape)} {x.dtype} {x.device}, weight "
+                         f"{tuple(qweight.shape)} {qweight.dtype} {qweight.device}, scales {tuple(scales.shape)} "
+                         f"{scales.dtype} {scales.device}")
     m, k = x.shape
     n = qweight.shape[0]
-    if (qweight.dtype != torch.int8 or qweight.shape[1] != k or x.dtype not in _FLOAT or scales.dtype not in _FLOAT
-            or not (x.is_contiguous() and qweight.is_contiguous() and scales.is_contiguous())):
-        raise ValueError(f"int8_linear: needs contiguous fp32/bf16 input and scales and an int8 weight, got input "
-                         f"{tuple(x.shape)} {x.dtype}, weight {tuple(qweight.shape)} {qweight.dtype}, scales {scales.dtype}")
     y = torch.empty(m, n, dtype=x.dtype)
     bf16 = x.dtype == torch.bfloat16
     lib.fv_int8_linear(x.data_ptr(), bf16, qweight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16,

@@ -26,13 +26,15 @@ Schemes (what torchao calls int8/int4 weight-only; no torchao needed):
   Needs in_features % group_size == 0; out_features are padded to a multiple of 16 (zero rows).
 
 Kernel choice, by measurement (``benchmarks/bench_quantize.py``) on an AVX2-only AMD EPYC with
-torch 2.13: both kernels are fast only with **bf16 activations** (with fp32 activations they took
-8-30x longer than the fp32 ``F.linear`` they replace), so a layer converts its input to bf16, runs the
-kernel and returns the result in the input's dtype; the rest of the model keeps its own dtype (fp32
-where bf16 is emulated). Measured there on 24 decode-sized layers at batch 1: fp32 11 ms, bf16
-13 ms, int8 12 ms, int4 3.3-3.9 ms. A ``torch.compile``'d dequantize-then-matmul was 20-40x slower
-than fp32 there and is not used; torchao 0.18's eager int8 was slower than bf16 (issue 27). So int4 is
-the setting that is faster on such a CPU; int8 saves memory (4x vs fp32) at about fp32 speed.
+torch 2.13: torch's two kernels are fast only with **bf16 activations** (with fp32 activations they
+took 8-30x longer than the fp32 ``F.linear`` they replace), so a layer on them converts its input to
+bf16, runs the kernel and returns the result in the input's dtype; the rest of the model keeps its
+own dtype (fp32 where bf16 is emulated). Measured there on 24 decode-sized layers at batch 1: fp32
+11 ms, bf16 13 ms, int8 (torch's kernel) 12 ms, int4 3.3-3.9 ms. A ``torch.compile``'d
+dequantize-then-matmul was 20-40x slower than fp32 there and is not used; torchao 0.18's eager int8
+was slower than bf16 (issue 27). Our int8 kernel takes the layer's input as it is (fp32 or bf16) and
+has not been timed on that CPU (its probe decides there). On an AMD EPYC Zen 4, whole-model batch-1
+decode: int8 1.69x / 1.66x bf16 (benchmark shape / built-in model), int4 1.69x / 1.43x.
 
 Only CPU has these kernels in torch: quantizing a model on another device, or running a quantized
 layer on one, raises a one-line ``ValueError``. A quantized model cannot be trained (its weights are
@@ -105,7 +107,9 @@ class QuantizedLinear(nn.Module):
     def supports(linear: nn.Linear, mode: str, group_size: int = 32) -> bool:
         if mode == "int4":
             return linear.in_features % group_size == 0
-        return True
+        # torch 2.13's _weight_int8pack_mm on CPU crashes or returns wrong values where in_features is
+        # not a multiple of 16 (e.g. 8, 37, 40; 16, 48, 64 are right): such layers stay in fp
+        return linear.in_features % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -129,10 +133,10 @@ class QuantizedLinear(nn.Module):
 
     def _native(self, x2: torch.Tensor) -> bool:
         """Whether this call runs on our C kernel: decode-sized, fp32/bf16, no gradient wanted, not
-        traced by ``torch.compile``, and chosen for this machine (:func:`.kernels.decide`)."""
+        traced by ``torch.compile`` or ``torch.jit.trace`` (they would not see a ctypes call), and chosen for this machine (:func:`.kernels.decide`)."""
         return (self.native and x2.dtype in (torch.float32, torch.bfloat16) and self.scales.dtype in (torch.float32, torch.bfloat16)
-                and not (x2.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
-                and int8_isa() is not None)
+                and self.qweight.device.type == "cpu" and not (x2.requires_grad and torch.is_grad_enabled())
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and int8_isa() is not None)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 weight this layer computes with (for tests and error reports)."""
@@ -219,7 +223,7 @@ def quantize_model(model: nn.Module, mode: str | None, *, group_size: int = 32, 
         raise ValueError(f"quantize={mode!r} runs on CPU only (torch has these kernels for CPU); the model is on "
                          f"{', '.join(sorted(devices - {'cpu'}))}: quantize before moving it, or drop quantize=")
     done = skipped = 0
-    bare_head = getattr(model, "get_output_embeddings", lambda: None)()  # a bare LM's: only with head=True
+    bare_head = getattr(model, "get_output_embeddings", lambda: None)()  # a bare LM's: only through `head`
     seen: set[int] = {id(bare_head)} if bare_head is not None else set()
     with torch.no_grad():
         for root in _targets(model):
@@ -237,6 +241,12 @@ def quantize_model(model: nn.Module, mode: str | None, *, group_size: int = 32, 
             done += _quantize_head(model, mode, group_size)
     model.quantization = mode  # read by quantization_of / check_not_quantized
     return {"quantized": done, "skipped": skipped}
+
+
+def scheme(mode: str | None) -> str | None:
+    """What a mode means now, for cache keys: int8 gained its quantized LM head after int8 results were
+    cached (evaluation units cached under plain ``"int8"`` are not reused)."""
+    return {"int8": "int8+head"}.get(mode, mode)
 
 
 def quantization_of(model: nn.Module) -> str | None:

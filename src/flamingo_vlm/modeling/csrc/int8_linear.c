@@ -58,7 +58,8 @@ typedef struct {
 
 /* isa: 0 portable C, 1 AVX2 + FMA, 2 AVX-512 (F, BW, VL) */
 int fv_isa(void) {
-    static int isa = -1;
+    static int cached = -1;  /* computed once; threads racing on the first call all store the same value */
+    int isa = __atomic_load_n(&cached, __ATOMIC_RELAXED);
     if (isa < 0) {
         isa = 0;
 #ifdef FV_X86
@@ -68,6 +69,7 @@ int fv_isa(void) {
         else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
             isa = 1;
 #endif
+        __atomic_store_n(&cached, isa, __ATOMIC_RELAXED);
     }
     return isa;
 }
