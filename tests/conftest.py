@@ -39,3 +39,14 @@ def _one_thread():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """Kernel choices: no decision memoised in this process, an empty cache dir, the default mode."""
+    from flamingo_vlm.modeling import kernels
+
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    monkeypatch.setenv("FLAMINGO_VLM_CACHE", str(tmp_path))
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    return tmp_path

@@ -12,15 +12,6 @@ from tiny import random_images, tiny_flamingo
 pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="this torch has no oneDNN linear kernel")
 
 
-@pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    """No decision memoised in this process, an empty cache dir, the default mode."""
-    monkeypatch.setattr(kernels, "_MEMO", {})
-    monkeypatch.setenv("FLAMINGO_VLM_CACHE", str(tmp_path))
-    monkeypatch.delenv(kernels.ENV, raising=False)
-    return tmp_path
-
-
 def fake_race(ratio, log):
     """``_race`` stand-in: oneDNN takes ``ratio`` times the default's time."""
     def race(a, b, reps=5, rounds=3):

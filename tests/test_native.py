@@ -115,14 +115,6 @@ def test_cc_may_carry_flags(monkeypatch, tmp_path):
     assert native._compiler() is not None and native._compiler()[0] != str(tmp_path / "missing-cc")
 
 
-@pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_MEMO", {})
-    monkeypatch.setenv("FLAMINGO_VLM_CACHE", str(tmp_path))
-    monkeypatch.delenv(kernels.ENV, raising=False)
-    return tmp_path
-
-
 @needs_native
 @pytest.mark.parametrize("ours, chosen", [(0.5, True), (0.95, False)])
 def test_our_int8_kernel_is_chosen_only_where_it_measured_faster(fresh, monkeypatch, ours, chosen):
