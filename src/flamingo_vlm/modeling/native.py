@@ -3,7 +3,8 @@
 One kernel so far: :func:`int8_linear`, the weight-only int8 product for a few rows (decoding),
 from ``csrc/int8_linear.c``. torch's ``aten._weight_int8pack_mm`` streams the int8 weights at
 ~15 GB/s on an AMD EPYC Zen 4 (2 threads; the machine reads 33-35 GB/s), which kept int8 decoding
-at 1.3x bf16's; this one reads them at ~32 GB/s on the same matrices (the C file says why). It is
+at 1.3x bf16's; this one reads them at ~34 GB/s on the same matrices in its AVX2 path (32 GB/s in
+the AVX-512 one, which Zen 4 runs as two 256-bit halves; the C file says why). It is
 used where :func:`flamingo_vlm.modeling.kernels.decide` measured it faster (probe part
 ``int8_decode``), so a machine where it is not keeps torch's kernel.
 
@@ -11,8 +12,8 @@ Build: ``$CC`` (else ``cc``, ``gcc``, ``clang``) ``-O3 -shared -fPIC -fopenmp``,
 ``$FLAMINGO_VLM_CACHE/native/`` (default ``~/.cache/flamingo-vlm/native/``; the temporary directory
 where that cannot be written), named by a hash of the source, compiler, flags and architecture; it
 is written to a temporary file and renamed, so a concurrent or interrupted build leaves nothing
-half-written. ~0.5 s, once per machine. fp16 inputs and scales stay on torch's kernel. No compiler, a failed
-build, or ``FLAMINGO_VLM_NATIVE=0``: :func:`library` returns ``None``, :func:`unavailable_reason`
+half-written. ~0.5 s, once per machine. fp16 inputs and scales stay on torch's kernel. No
+compiler, a failed build, or ``FLAMINGO_VLM_NATIVE=0``: :func:`library` returns ``None``, :func:`unavailable_reason`
 says why, and callers keep torch's kernels. The SIMD path (AVX-512, AVX2, portable C) is chosen at
 run time, so one build serves any x86-64 CPU.
 
