@@ -443,6 +443,8 @@ def _probe_int8_decode() -> dict:
 def int8_isa() -> int | None:
     """The SIMD path (:mod:`.native`'s ``isa``) of our int8 kernel where :func:`decide` chose it
     (``int8_decode``), else ``None``: torch's kernel."""
+    if "int8_decode" in _MEMO and _mode() == "auto":  # every decode-sized int8 call: one env read, no lock
+        return _MEMO["int8_isa"] if _MEMO["int8_decode"] else None
     if not decide("int8_decode"):
         return None
     if _mode() == "onednn":

@@ -34,7 +34,7 @@ own dtype (fp32 where bf16 is emulated). Measured there on 24 decode-sized layer
 dequantize-then-matmul was 20-40x slower than fp32 there and is not used; torchao 0.18's eager int8
 was slower than bf16 (issue 27). Our int8 kernel takes the layer's input as it is (fp32 or bf16) and
 has not been timed on that CPU (its probe decides there). On an AMD EPYC Zen 4, whole-model batch-1
-decode: int8 1.69x / 1.66x bf16 (benchmark shape / built-in model), int4 1.69x / 1.43x.
+decode: int8 1.75x / 1.73x bf16 (benchmark shape / built-in model), int4 1.69x / 1.50x.
 
 Only CPU has these kernels in torch: quantizing a model on another device, or running a quantized
 layer on one, raises a one-line ``ValueError``. A quantized model cannot be trained (its weights are
@@ -57,7 +57,8 @@ __all__ = ["MODES", "QuantizedLinear", "check_not_quantized", "quantization_of",
 
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-_COMPUTE = torch.bfloat16  # the kernels' activation dtype (see the module docstring)
+_COMPUTE = torch.bfloat16  # torch's kernels' activation dtype (see the module docstring)
+_FLOATS = (torch.float32, torch.bfloat16)  # what our int8 kernel takes
 
 
 def check_mode(mode: str | None) -> str | None:
@@ -117,8 +118,10 @@ class QuantizedLinear(nn.Module):
                              "load the model without quantize= to use this device")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.mode == "int8" and x2.shape[0] <= DECODE_ROWS and self._native(x2):
-            out = native.int8_linear(x2.contiguous(), self.qweight, self.scales, isa=int8_isa())
+        if self.mode == "int8" and x2.shape[0] <= DECODE_ROWS and (isa := self._native_isa(x2)) is not None:
+            # operands as int8_linear needs them: checked here (x2: (rows, in) of a float dtype, made
+            # contiguous; qweight, scales: this layer's CPU buffers, (out, in) int8 and (out,) float)
+            out = native.int8_linear(x2.contiguous(), self.qweight, self.scales, isa=isa, check=False)
             out = out.reshape(*lead, self.out_features)
             return out if self.bias is None else out + self.bias.to(x.dtype)
         x2 = x2.to(_COMPUTE)
@@ -131,12 +134,18 @@ class QuantizedLinear(nn.Module):
         out = out.to(x.dtype).reshape(*lead, self.out_features)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
-    def _native(self, x2: torch.Tensor) -> bool:
-        """Whether this call runs on our C kernel: decode-sized, fp32/bf16, no gradient wanted, not
-        traced by ``torch.compile`` or ``torch.jit.trace`` (they would not see a ctypes call), and chosen for this machine (:func:`.kernels.decide`)."""
-        return (self.native and x2.dtype in (torch.float32, torch.bfloat16) and self.scales.dtype in (torch.float32, torch.bfloat16)
-                and self.qweight.device.type == "cpu" and not (x2.requires_grad and torch.is_grad_enabled())
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and int8_isa() is not None)
+    def _native_isa(self, x2: torch.Tensor) -> int | None:
+        """Our C kernel's SIMD path for this call, or ``None`` for torch's kernel. Ours takes
+        decode-sized fp32/bf16 calls of a layer whose buffers are on the CPU and contiguous, without a
+        gradient wanted, not traced by ``torch.compile`` or ``torch.jit.trace`` (they would not see a
+        ctypes call), where it was chosen for this machine (:func:`.kernels.int8_isa`)."""
+        q, s = self.qweight, self.scales
+        if not (self.native and x2.dtype in _FLOATS and s.dtype in _FLOATS and q.device.type == "cpu"
+                and s.device.type == "cpu" and q.is_contiguous() and s.is_contiguous()
+                and not (x2.requires_grad and torch.is_grad_enabled())
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+            return None
+        return int8_isa()
 
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 weight this layer computes with (for tests and error reports)."""
