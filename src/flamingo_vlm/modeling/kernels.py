@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from ..allocator import preloaded
+from ..files import cache_root
 from . import native
 
 __all__ = ["DECODE_ROWS", "ENV", "KernelChoice", "clear_packed", "cpu_model", "decide", "kernel_choice",
@@ -104,7 +105,7 @@ def _mode() -> str:
 
 
 def cache_file() -> Path:
-    root = Path(os.environ.get("FLAMINGO_VLM_CACHE") or Path.home() / ".cache" / "flamingo-vlm")
+    root = cache_root()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", cpu_model()).strip("-")[:60] or "cpu"
     version = re.sub(r"[^A-Za-z0-9.]+", "-", torch.__version__)
     return root / "kernels" / f"{slug}-torch{version}-t{torch.get_num_threads()}.json"
@@ -464,6 +465,9 @@ _PROBES = {"decode": _probe_decode, "gemm": _probe_gemm, "bf16": _probe_bf16, "b
            "int8_decode": _probe_int8_decode}
 _KEYS = {"decode": "onednn_decode", "gemm": "onednn_gemm", "bf16": "bf16_fast", "bf16_decode": "onednn_bf16_decode",
          "int8_decode": "native_int8_decode"}
+# Whether the faster kernel a part decides on exists in this process at all (bf16 GEMMs: torch's own).
+_AVAILABLE = {"decode": onednn_available, "gemm": onednn_available, "bf16": lambda: True,
+              "bf16_decode": packed_supported, "int8_decode": lambda: native.library() is not None}
 
 
 # -- the choice ---------------------------------------------------------------------------------------
@@ -510,12 +514,8 @@ def decide(part: str) -> bool:
     if mode == "auto" and part in _MEMO:  # every linear call lands here: no lock, no kernel lookup
         return _MEMO[part]
     if mode in ("onednn", "default") and part != "bf16":
-        if part == "int8_decode":
-            return mode == "onednn" and native.library() is not None
-        return mode == "onednn" and (packed_supported() if part == "bf16_decode" else onednn_available())
-    if part not in ("bf16", "int8_decode") and not onednn_available():
-        return False
-    if part == "int8_decode" and native.library() is None:  # whatever a cache says: no kernel, no choice
+        return mode == "onednn" and _AVAILABLE[part]()
+    if not _AVAILABLE[part]():  # whatever a cache says: no kernel, no choice
         return False
     key = _KEYS[part]
     with _LOCK:

@@ -38,7 +38,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV", "ISA_NAMES", "int8_linear", "isa", "library", "unavailable_reason"]
+from ..files import cache_root
+
+__all__ = ["ENV", "FLOAT_DTYPES", "ISA_NAMES", "int8_linear", "library", "unavailable_reason"]
 
 ENV = "FLAMINGO_VLM_NATIVE"
 _SOURCE = Path(__file__).with_name("csrc") / "int8_linear.c"
@@ -57,7 +59,7 @@ def _compiler() -> list[str] | None:
 
 
 def _cache_dirs() -> list[Path]:
-    home = Path(os.environ.get("FLAMINGO_VLM_CACHE") or Path.home() / ".cache" / "flamingo-vlm") / "native"
+    home = cache_root() / "native"
     return [home, Path(tempfile.gettempdir()) / f"flamingo-vlm-native-{os.getuid() if hasattr(os, 'getuid') else 0}"]
 
 
@@ -141,13 +143,7 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def isa() -> str:
-    """The SIMD path the kernels take on this CPU."""
-    lib = library()
-    return "unavailable" if lib is None else ISA_NAMES[lib.fv_isa()]
-
-
-_FLOAT = (torch.float32, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16)  # what int8_linear takes for its input and scales
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *, isa: int = 2,
@@ -162,7 +158,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *,
     if lib is None:
         raise RuntimeError(f"the native int8 kernel is unavailable: {unavailable_reason()}")
     if check and (x.dim() != 2 or qweight.dim() != 2 or qweight.dtype != torch.int8 or qweight.shape[1] != x.shape[1]
-            or tuple(scales.shape) != (qweight.shape[0],) or x.dtype not in _FLOAT or scales.dtype not in _FLOAT
+            or tuple(scales.shape) != (qweight.shape[0],) or x.dtype not in FLOAT_DTYPES or scales.dtype not in FLOAT_DTYPES
             or {t.device.type for t in (x, qweight, scales)} != {"cpu"}
             or not (x.is_contiguous() and qweight.is_contiguous() and scales.is_contiguous())):
         raise ValueError(f"int8_linear: needs a contiguous CPU (M, K) fp32/bf16 input, (N, K) int8 weight and (N,) "

@@ -58,7 +58,6 @@ __all__ = ["MODES", "QuantizedLinear", "check_not_quantized", "quantization_of",
 MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _COMPUTE = torch.bfloat16  # torch's kernels' activation dtype (see the module docstring)
-_FLOATS = (torch.float32, torch.bfloat16)  # what our int8 kernel takes
 
 
 def check_mode(mode: str | None) -> str | None:
@@ -140,7 +139,7 @@ class QuantizedLinear(nn.Module):
         gradient wanted, not traced by ``torch.compile`` or ``torch.jit.trace`` (they would not see a
         ctypes call), where it was chosen for this machine (:func:`.kernels.int8_isa`)."""
         q, s = self.qweight, self.scales
-        if not (self.native and x2.dtype in _FLOATS and s.dtype in _FLOATS and q.device.type == "cpu"
+        if not (self.native and x2.dtype in native.FLOAT_DTYPES and s.dtype in native.FLOAT_DTYPES and q.device.type == "cpu"
                 and s.device.type == "cpu" and q.is_contiguous() and s.is_contiguous()
                 and not (x2.requires_grad and torch.is_grad_enabled())
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
