@@ -16,7 +16,9 @@ its LM, cross-attention and perceiver linears quantized by
 activations stay fp32 outside those layers); on request (``--variants``) ``int4+head``: the LM's
 output head quantized too (``int8+head`` is ``int8``), and
 ``int8-aten``: int8 on torch's ``aten._weight_int8pack_mm`` only (``int8`` takes our C kernel for
-decode-sized calls where this machine measured it faster, see :mod:`flamingo_vlm.modeling.native`).
+decode-sized calls where this machine measured it faster, see :mod:`flamingo_vlm.modeling.native`),
+and ``bf16-packed``: bf16 with every decode-sized call on oneDNN's packed copies (``bf16`` takes our C
+kernel or those, as this machine measured for each row count).
 
 Columns: **weights MB** (all parameters and buffers of the model), **+ packed MB** (copies of bf16
 weights in oneDNN's blocked layout that bf16 decoding keeps where this CPU measured them faster, see
@@ -40,6 +42,7 @@ Writes the table to stdout and ``benchmarks/results/quantize[-quick].{md,json}``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -56,15 +59,16 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from bench_decode_profile import SHAPE, step_ms  # noqa: E402
 from bench_inference import QUICK, Shape, build_models, cpu_flags, cpu_model, interleaved_prompt, write_results  # noqa: E402
 
+from flamingo_vlm.modeling import kernels  # noqa: E402
 from flamingo_vlm.modeling.kernels import packed_bytes  # noqa: E402
 from flamingo_vlm.modeling.quantize import QuantizedLinear, quantize_model, weight_bytes  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "int8", "int4", "int8+head", "int4+head", "int8-aten")
+VARIANTS = ("fp32", "bf16", "int8", "int4", "int8+head", "int4+head", "int8-aten", "bf16-packed")
 
 
 def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
     model = copy.deepcopy(base)
-    if name == "bf16":
+    if name.startswith("bf16"):
         return model.to(torch.bfloat16)
     if name.startswith("int"):
         quantize_model(model, name.split("+")[0].split("-")[0], head=True if name.endswith("+head") else None)
@@ -73,6 +77,22 @@ def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
             if isinstance(m, QuantizedLinear):
                 m.native = False
     return model
+
+
+@contextlib.contextmanager
+def routes(name: str):
+    """``bf16-packed``: decode-sized bf16 calls on oneDNN's packed copies at every row count, beside
+    ``bf16``, which takes what this machine measured fastest (our C kernel or the packed copies)."""
+    if name != "bf16-packed":
+        yield
+        return
+    kernels.decide("bf16_decode")
+    saved = kernels._MEMO.get("bf16_routes")
+    kernels._MEMO["bf16_routes"] = ("packed",) * len(kernels.BF16_BUCKETS)
+    try:
+        yield
+    finally:
+        kernels._MEMO["bf16_routes"] = saved
 
 
 def shape_inputs(s: Shape, kind: str):
@@ -131,7 +151,8 @@ def run_model(label: str, base, prompts, new_tokens: int, args, log) -> list[dic
     for k in range(args.rounds):
         for name, model in models.items():
             dtype = next(model.perceiver.parameters()).dtype
-            ms, o = step_ms(model, lang_x, vision_x.to(dtype), True, new_tokens, args.repeats)
+            with routes(name):
+                ms, o = step_ms(model, lang_x, vision_x.to(dtype), True, new_tokens, args.repeats)
             times[name].append(ms)
             others[name] = max(others[name], o)
             log(f"{label} {name}: round {k + 1}/{args.rounds}: {ms:.1f} ms/token (other processes {o:.2f} cores)")
@@ -142,7 +163,8 @@ def run_model(label: str, base, prompts, new_tokens: int, args, log) -> list[dic
                "ms_per_token": statistics.median(times[name]), "ms_per_token_rounds": times[name],
                "others_cores": others[name]}
         if args.quality:
-            outputs[name] = greedy(model, prompts, new_tokens)
+            with routes(name):
+                outputs[name] = greedy(model, prompts, new_tokens)
             log(f"{label} {name}: greedy {outputs[name]}")
         rows.append(row)
     del models

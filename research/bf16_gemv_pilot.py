@@ -2,7 +2,7 @@
 
 Question: bf16 decoding routes decode-sized bf16 linear calls to oneDNN on weights packed into its
 blocked layout (flamingo_vlm.modeling.kernels.packed_linear), at the cost of a second copy of the
-weights (+292-303 MB). The int8 kernel (src/flamingo_vlm/modeling/csrc/int8_linear.c) reaches the
+weights (+292-303 MB). The int8 kernel (src/flamingo_vlm/modeling/csrc/decode_linear.c, then int8_linear.c) reaches the
 machine's read bandwidth on the plain matrix with a software prefetch of the next 4-row block. Does
 the same loop on bf16 weights beat the packed copies, without them?
 

@@ -189,14 +189,70 @@ def test_bf16_generate_on_packed_weights_gives_the_tokens_of_torchs_kernels(fres
         assert kernels.packs == before
 
 
-@pytest.mark.parametrize("ratio, chosen", [(0.5, True), (0.95, False)])
-def test_packed_bf16_decode_is_chosen_only_where_it_measured_faster(fresh, monkeypatch, ratio, chosen):
+@pytest.mark.parametrize("ours, packed, route", [
+    (0.5, 0.6, "ours"),  # ours fastest
+    (0.6, 0.55, "ours"),  # packed faster, but not by the margin: ours, which needs no copy
+    (0.8, 0.5, "packed"),  # packed faster by more than the margin
+    (0.95, 0.95, "default"),  # neither clearly faster than F.linear
+])
+def test_bf16_decode_route_is_the_measured_one(fresh, monkeypatch, ours, packed, route):
+    from flamingo_vlm.modeling import native
+
+    def fastest(runs, reps=5, rounds=3):
+        log.append(sorted(runs))
+        return {k: {"default": 1.0, "packed": packed}.get(k, ours + 0.01 * (k != "native:1")) for k in runs}
+
     log = []
-    monkeypatch.setattr(kernels, "_race", fake_race(ratio, log))
-    expected = chosen and kernels.packed_supported()
-    assert kernels.decide("bf16_decode") is expected
-    assert len(log) == (2 if kernels.packed_supported() else 0)  # 1 and 4 rows; no probe without native bf16
-    assert ("packed oneDNN for decode-sized bf16" in kernels.summary(kernels.kernel_choice(("bf16_decode",)))) == expected
+    monkeypatch.setattr(kernels, "_fastest", fastest)
+    has_packed, has_native = kernels.packed_supported(), native.library() is not None and native.library().fv_isa() > 0
+    expected = {"ours": 1 if has_native else ("packed" if has_packed and packed <= 0.9 else "default"),
+                "packed": "packed" if has_packed else (1 if has_native and ours <= 0.9 else "default"),
+                "default": "default"}[route]
+    assert kernels.decide("bf16_decode") is (expected != "default")
+    assert len(log) == (len(kernels.BF16_BUCKETS) if has_packed or has_native else 0)  # one race per row bucket
+    assert all(("packed" in names) == has_packed for names in log)
+    assert [kernels.bf16_route(r) for r in range(1, kernels.DECODE_ROWS + 1)] == [expected] * kernels.DECODE_ROWS
+    line = kernels.summary(kernels.kernel_choice(("bf16_decode",)))
+    name = {"default": "torch default", "packed": "packed oneDNN", 1: "ours AVX2"}[expected]
+    assert f"{name} for decode-sized bf16 linears" in line
+    monkeypatch.setenv(kernels.ENV, "default")
+    assert kernels.bf16_route(1) == "default"
+
+
+def test_bf16_decode_routes_per_row_count_are_named_in_the_summary(fresh, monkeypatch):
+    monkeypatch.setattr(kernels, "_MEMO", {"bf16_decode": True, "bf16_routes": ("native:3", "native:1", "native:1", "packed")})
+    monkeypatch.setattr(kernels, "packed_supported", lambda: True)
+    assert [kernels.bf16_route(r) for r in range(1, 9)] == [3, 1, 1, 1, "packed", "packed", "packed", "packed"]
+    c = kernels.KernelChoice(cpu="x", torch="t", threads=2, allocator="a", onednn_decode=False, onednn_gemm=False,
+                             bf16_fast=True, bf16_decode=kernels._bf16_routes_named(), native_int8_decode=False,
+                             source="s", timings={})
+    assert ("decode-sized bf16 linears: ours AVX512-BF16 at 1 row, ours AVX2 at 2-4 rows, packed oneDNN at 5-8 rows"
+            in kernels.summary(c))
+
+
+@needs_packing
+@pytest.mark.skipif(not kernels.packed_supported(), reason="no native bf16: no packed copies")
+def test_bf16_decode_on_our_kernel_makes_no_packed_copies_and_gives_the_tokens_of_torchs_kernels(fresh, no_packed,
+                                                                                                monkeypatch):
+    from flamingo_vlm.modeling import native
+
+    if native.library() is None:
+        pytest.skip(f"no native kernels: {native.unavailable_reason()}")
+    model, ip, tok = tiny_flamingo("llama", every=1, seed=3)
+    model = model.to(torch.bfloat16)
+    batch = FlamingoProcessor(tok, ip)([("<image>a red car.<|endofchunk|><image>a", random_images(2, seed=1))])
+    args = (batch["vision_x"].bfloat16(), batch["input_ids"], batch["attention_mask"])
+    calls = []
+    real = native.bf16_linear
+    monkeypatch.setattr(native, "bf16_linear", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    monkeypatch.setenv(kernels.ENV, "default")
+    reference = model.generate(*args, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    monkeypatch.setenv(kernels.ENV, "auto")
+    monkeypatch.setattr(kernels, "_MEMO", {"bf16_decode": True, "bf16_routes": (f"native:{native.library().fv_isa()}",) * 4})
+    before = kernels.packs
+    out = model.generate(*args, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(out, reference)
+    assert 1 in calls and kernels.packs == before and kernels.packed_bytes() == 0  # decode steps: 1 row
 
 
 @needs_packing

@@ -13,7 +13,8 @@ from flamingo_vlm.modeling.quantize import QuantizedLinear, quantize_model
 from tiny import tiny_flamingo
 
 needs_native = pytest.mark.skipif(native.library() is None, reason=f"no native kernels: {native.unavailable_reason()}")
-ISAS = [0, 1, 2][: (native.library().fv_isa() + 1) if native.library() is not None else 1]
+ISAS = [0, 1, 2, 3][: (native.library().fv_isa() + 1) if native.library() is not None else 1]
+INT8_ISAS = [i for i in ISAS if i <= 2]  # (the AVX512-BF16 path is the AVX-512 one for int8 weights)
 
 
 def reference(x, q, s):
@@ -39,6 +40,48 @@ def test_kernel_matches_float64_in_every_simd_path(isa, n, k):
             yb = native.int8_linear(x.bfloat16(), q, s, isa=isa)
             assert yb.dtype == torch.bfloat16
             assert torch.equal(yb, native.int8_linear(x.bfloat16().float(), q, s, isa=isa).bfloat16())
+            # a bias, added in fp32 before the one rounding
+            b = torch.randn(n, generator=g)
+            yb = native.int8_linear(x, q, s, b.to(sdt), isa=isa)
+            ref = reference(x, q, s) + b.to(sdt).double()
+            assert (yb.double() - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native.ISA_NAMES[i])
+@pytest.mark.parametrize("n, k", [(40, 128), (10, 37), (1, 1), (7, 8), (9, 16), (6, 3072), (5, 17)])
+def test_bf16_kernel_matches_float64_in_every_simd_path(isa, n, k):
+    """bf16 weights as they are: products exact in fp32 and summed in fp32, so within fp32 rounding
+    of the float64 product of the same bf16 values; a bf16 result is that, rounded once."""
+    g = torch.Generator().manual_seed(n * 1000 + k + 7)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    for m in (1, 2, 3, 4, 5, 8, 9):
+        x = torch.randn(m, k, generator=g)
+        for b in (None, torch.randn(n, generator=g), torch.randn(n, generator=g).bfloat16()):
+            for xdt in (torch.float32, torch.bfloat16):
+                xs = x.to(xdt)
+                y = native.bf16_linear(xs, w, b, isa=isa)
+                ref = xs.double() @ w.double().t() + (0 if b is None else b.double())
+                assert y.shape == (m, n) and y.dtype == xdt
+                scale = (xs.double().abs() @ w.double().abs().t()).max() + (0 if b is None else b.double().abs().max())
+                tol = 1e-5 * scale + 1e-6 if xdt == torch.float32 else 2 ** -8 * ref.abs().max() + 1e-5 * scale
+                assert (y.double() - ref).abs().max() <= tol, (m, xdt, b is None)
+                if xdt == torch.bfloat16 and isa < 3:  # the widening paths: the fp32 result, rounded to nearest even
+                    assert torch.equal(y, native.bf16_linear(xs.float(), w, None if b is None else b.float(),
+                                                             isa=isa).bfloat16())
+
+
+@needs_native
+def test_bf16_kernel_rejects_what_it_cannot_take():
+    w = torch.zeros(4, 8).bfloat16()
+    with pytest.raises(ValueError, match="bf16 weight"):
+        native.bf16_linear(torch.randn(1, 8), w.float())
+    with pytest.raises(ValueError, match=r"input \(1, 9\)"):
+        native.bf16_linear(torch.randn(1, 9), w)
+    with pytest.raises(ValueError, match=r"bias \(3,\)"):
+        native.bf16_linear(torch.randn(1, 8), w, torch.zeros(3))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.bf16_linear(torch.randn(1, 8), torch.zeros(8, 4).bfloat16().t())
 
 
 @needs_native
@@ -125,7 +168,7 @@ def test_our_int8_kernel_is_chosen_only_where_it_measured_faster(fresh, monkeypa
     chosen = chosen and len(ISAS) > 1  # no SIMD path (not x86-64): torch's kernel, whatever the timings
     assert kernels.decide("int8_decode") is chosen
     data = json.loads(kernels.cache_file().read_text())
-    assert set(data["int8_decode_ms"]) == {"torch", *(native.ISA_NAMES[i] for i in ISAS[1:])}
+    assert set(data["int8_decode_ms"]) == {"torch", *(native.ISA_NAMES[i] for i in INT8_ISAS[1:])}
     assert kernels.int8_isa() == (1 if chosen else None)  # the faster of the SIMD paths (AVX2 in these timings)
     line = kernels.summary(kernels.kernel_choice(("int8_decode",)))
     assert ("our C kernel for decode-sized int8" in line) == chosen
@@ -138,7 +181,7 @@ def test_our_int8_kernel_is_chosen_only_where_it_measured_faster(fresh, monkeypa
         mp.setattr(native, "library", lambda: None)
         assert kernels.int8_isa() is None
     monkeypatch.setenv(kernels.ENV, "onednn")
-    assert kernels.int8_isa() == native.library().fv_isa()
+    assert kernels.int8_isa() == INT8_ISAS[-1]
 
 
 @needs_native
@@ -188,8 +231,8 @@ def test_generate_through_our_kernel_equals_generate_through_a_float64_reference
         calls.append(1)
         return real(*a, **k)
 
-    def float64(x, w, s, **_):
-        return reference(x, w, s).to(x.dtype)
+    def float64(x, w, s, b=None, **_):
+        return (reference(x, w, s) + (0 if b is None else b.double())).to(x.dtype)
 
     def run(kernel):
         monkeypatch.setattr(native, "int8_linear", kernel)

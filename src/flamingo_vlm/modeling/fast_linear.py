@@ -14,10 +14,13 @@ the trainer around forward + backward. Each call goes to oneDNN or ``F.linear`` 
 with few rows (decoding) follow the probe's decode choice, larger ones (prefill, training) its
 GEMM choice. A call that
 is not plain fp32 CPU (another dtype or device, tensor subclasses) falls back to ``F.linear``,
-except decode-sized bf16 calls without gradients: those run on oneDNN with the weight packed once
-into its blocked layout (:func:`~.kernels.packed_linear`, a copy kept with the weight) where the
-machine's ``bf16_decode`` probe measured it faster (a batch-1 bf16 decode step 1.2x faster on an
-AMD EPYC Zen 4: ``F.linear`` hands oneDNN the plain matrix, which it re-lays at every call).
+except decode-sized bf16 calls without gradients: those take the route the machine's
+``bf16_decode`` probe measured fastest for their row count (:func:`~.kernels.bf16_route`): our C
+kernel on the weight as it is (:func:`~.native.bf16_linear`), or oneDNN with the weight packed once
+into its blocked layout (:func:`~.kernels.packed_linear`, a copy kept with the weight). On an AMD
+EPYC Zen 4, ours at 1-4 rows (no copies; a batch-1 bf16 decode step of the built-in model 1.3x
+faster than on packed copies) and packed copies at 5-8 rows; ``F.linear`` hands oneDNN the plain
+matrix, which it re-lays at every call.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import DECODE_ROWS, PLAIN_TYPES, decide, onednn_available, onednn_linear, packed_linear, packed_supported
+from . import native
+from .kernels import (DECODE_ROWS, PLAIN_TYPES, bf16_route, decide, onednn_available, onednn_linear, packed_linear,
+                      packed_supported)
 
 __all__ = ["fast_bf16", "linear", "onednn_available", "onednn_linear", "onednn_linears"]
 
@@ -51,9 +56,9 @@ def fast_bf16(device: str | None = None) -> bool:
     return decide("bf16")
 
 
-def _use_onednn(x: torch.Tensor) -> bool:
-    mode = _ACTIVE.get()
-    if mode is None or x.dtype != torch.float32 or x.device.type != "cpu":
+def _use_onednn(x: torch.Tensor, mode: str) -> bool:
+    """An fp32 CPU call inside a routing block (``mode``): on oneDNN?"""
+    if x.device.type != "cpu":
         return False  # (no probe for calls that could not take the route anyway)
     if mode == "force":
         return True
@@ -61,25 +66,50 @@ def _use_onednn(x: torch.Tensor) -> bool:
     return decide("decode" if rows <= DECODE_ROWS else "gemm")
 
 
-def _use_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
-    """A decode-sized bf16 CPU call without gradients, inside a block whose policy packs it."""
-    mode = _ACTIVE.get()
-    if mode is None or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu":
-        return False
+def _bf16_decode_route(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mode: str) -> str | int | None:
+    """For a decode-sized bf16 CPU call without gradients inside a routing block (``mode``):
+    ``"packed"`` (:func:`~.kernels.packed_linear`) or our C kernel's SIMD path (an ``int``), as this
+    machine's ``bf16_decode`` probe chose for its row count; else ``None`` (``F.linear``)."""
+    if w.dtype is not torch.bfloat16 or not x.is_cpu:
+        return None
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-        return False
+        return None
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-    return 0 < rows <= DECODE_ROWS and (packed_supported() if mode == "force" else decide("bf16_decode"))
+    if not 0 < rows <= DECODE_ROWS:
+        return None
+    route = ("packed" if packed_supported() else "default") if mode == "force" else bf16_route(rows)
+    if route == "packed" or (route != "default" and _native_ok(x, w, b)):
+        return route
+    return None
+
+
+def _native_ok(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Operands :func:`~.native.bf16_linear` takes besides a bf16 CPU ``x`` (made contiguous here),
+    outside ``torch.compile`` and ``torch.jit.trace`` (they would not see a ctypes call)."""
+    return (type(x) in PLAIN_TYPES and type(w) in PLAIN_TYPES and w.is_cpu and w.dim() == 2 and w.is_contiguous()
+            and x.shape[-1] == w.shape[1]
+            and (b is None or (type(b) in PLAIN_TYPES and b.is_cpu and b.dim() == 1 and b.shape[0] == w.shape[0]
+                               and b.dtype in native.FLOAT_DTYPES and b.is_contiguous()))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, on oneDNN inside an :func:`onednn_linears` block where the block's policy
     picks it for this call (decode-sized calls and larger GEMMs are decided apart; decode-sized
-    bf16 calls on packed weights)."""
-    if _use_onednn(x):
-        return onednn_linear(x, w, b)
-    if _use_packed(x, w, b):
-        return packed_linear(x, w, b, _VERIFIED.get())
+    bf16 calls on our C kernel or packed weights, as measured for their row count)."""
+    mode = _ACTIVE.get()
+    if mode is None:
+        return F.linear(x, w, b)
+    if x.dtype is torch.float32:
+        if _use_onednn(x, mode):
+            return onednn_linear(x, w, b)
+    elif x.dtype is torch.bfloat16:
+        route = _bf16_decode_route(x, w, b, mode)
+        if route == "packed":
+            return packed_linear(x, w, b, _VERIFIED.get())
+        if route is not None:
+            y = native.bf16_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, b, isa=route, check=False)
+            return y.view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, b)
 
 

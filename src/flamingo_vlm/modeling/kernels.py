@@ -14,11 +14,15 @@ margin: oneDNN is used only where it measured clearly faster, never where it was
   (prompt prefill, a forward with labels, the training step).
 * ``bf16``: a bf16 GEMM vs the fp32 one at 1024 rows, only on CPUs that report native bf16
   (AVX512-BF16/AMX): whether bf16 weights/autocast pay here (emulated bf16 never does); ~0.5 s.
-* ``bf16_decode``: bf16 linear layers at 1 and 4 rows over ~110 MB of distinct weights, torch's
-  ``F.linear`` vs oneDNN on weights packed once into oneDNN's blocked layout (:func:`packed_linear`),
-  only on CPUs with native bf16. ``F.linear`` hands oneDNN the plain (out, in) matrix, which it
-  re-lays at every call: measured on an AMD EPYC Zen 4, 13.6 GB/s for the plain matrix against 22
-  GB/s packed (the machine copies at 32 GB/s), a batch-1 bf16 decode step 1.2x faster. ~0.5 s.
+* ``bf16_decode``: bf16 linear layers over ~113 MB of distinct weights, at each row count of
+  ``BF16_BUCKETS`` (1, 2, 4, 8): torch's ``F.linear``, oneDNN on weights packed once into its blocked
+  layout (:func:`packed_linear`, a copy the size of the weight; CPUs with native bf16 only) and our
+  C kernel on the weight as it is (:func:`flamingo_vlm.modeling.native.bf16_linear`, in its AVX2
+  and widest SIMD paths). Ours, which needs no copy, is taken where it is within the margin of
+  ``F.linear`` and packed is not faster than it by the margin; else packed, where within the
+  margin; else ``F.linear``. A call takes the route of the first row count >= its rows. Measured on
+  an AMD EPYC Zen 4 (32 layers): ``F.linear`` 10.4 ms, packed 4.7, ours 3.2 (AVX512-BF16) at one row;
+  at 8 rows packed 4.8 and ours 6.9, so 5-8-row calls take packed copies there. ~1.5 s.
 * ``int8_decode``: int8 weight-only linear layers (``quantize="int8"``) at 1 and 4 rows over ~85 MB
   of distinct int8 weights, torch's ``aten._weight_int8pack_mm`` vs our C kernel
   (:func:`flamingo_vlm.modeling.native.int8_linear`) in each SIMD path this CPU has; the path with
@@ -66,8 +70,8 @@ from ..allocator import preloaded
 from ..files import cache_root
 from . import native
 
-__all__ = ["DECODE_ROWS", "ENV", "KernelChoice", "clear_packed", "cpu_model", "decide", "kernel_choice",
-           "onednn_available", "onednn_linear", "packed_bytes", "packed_linear", "summary"]
+__all__ = ["BF16_BUCKETS", "DECODE_ROWS", "ENV", "KernelChoice", "bf16_route", "clear_packed", "cpu_model", "decide",
+           "kernel_choice", "onednn_available", "onednn_linear", "packed_bytes", "packed_linear", "summary"]
 
 ENV = "FLAMINGO_VLM_CPU_KERNELS"
 _MODES = ("auto", "onednn", "default", "probe")
@@ -97,10 +101,17 @@ def _allocator() -> str:
     return preloaded() or "glibc malloc"
 
 
+_MODE_SEEN = ["auto", "auto"]  # the last raw value of the variable and its mode (read at every linear call)
+
+
 def _mode() -> str:
-    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    raw = os.environ.get(ENV, "auto")
+    if raw == _MODE_SEEN[0]:
+        return _MODE_SEEN[1]
+    mode = raw.strip().lower() or "auto"
     if mode not in _MODES:
-        raise ValueError(f"{ENV}={os.environ[ENV]!r}: expected one of {', '.join(_MODES)}")
+        raise ValueError(f"{ENV}={raw!r}: expected one of {', '.join(_MODES)}")
+    _MODE_SEEN[:] = [raw, mode]
     return mode
 
 
@@ -415,7 +426,8 @@ def _probe_int8_decode() -> dict:
     base = [torch.randint(-127, 128, s, generator=g, dtype=torch.int8) for s in shapes]
     weights = [w.clone() for _ in range(12) for w in base]  # 48 layers, ~85 MB: from memory, as in decoding
     scales = [torch.rand(w.shape[0], generator=g).mul_(0.01).bfloat16() for w in weights]
-    isas = list(range(1, lib.fv_isa() + 1))  # AVX2, AVX-512 where the CPU has them (portable C never wins)
+    # AVX2, AVX-512 where the CPU has them (portable C never wins; the AVX512-BF16 path is AVX-512's for int8)
+    isas = list(range(1, min(lib.fv_isa(), 2) + 1))
     totals = {"torch": 0.0, **{native.ISA_NAMES[i]: 0.0 for i in isas}}
     ratios = {native.ISA_NAMES[i]: 1.0 for i in isas}  # geometric mean over the row counts of ours / torch's
     with torch.no_grad():
@@ -449,25 +461,84 @@ def int8_isa() -> int | None:
     if not decide("int8_decode"):
         return None
     if _mode() == "onednn":
-        return native.library().fv_isa()
+        return min(native.library().fv_isa(), 2)
     return _MEMO.get("int8_isa")
 
 
+BF16_BUCKETS = (1, 2, 4, 8)  # a bf16 call with r rows takes the route measured at the first bucket >= r
+
+
+def _bf16_decode_available() -> bool:
+    return packed_supported() or native.library() is not None
+
+
 def _probe_bf16_decode() -> dict:
-    if not packed_supported():
-        return {"onednn_bf16_decode": False, "bf16_decode_ms": None}
-    default, onednn = _decode_race(torch.bfloat16, 8, _pack, _packed_product)  # 32 layers, ~113 MB bf16
-    return {"onednn_bf16_decode": onednn <= MARGIN * default,
-            "bf16_decode_ms": {"default": round(default * 1e3, 3), "onednn": round(onednn * 1e3, 3)}}
+    """Per row count in ``BF16_BUCKETS``: ``F.linear``, oneDNN on packed copies (where native bf16 has
+    them) and our C kernel in each SIMD path, over 32 distinct decode-sized bf16 layers (~113 MB).
+    Ours (no copy) is taken where it is within the margin of the default and packed is not faster
+    than it by the margin; else packed, if within the margin of the default; else the default."""
+    lib = native.library()
+    g = torch.Generator().manual_seed(0)
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 8
+    base = {(i, o): (torch.randn(o, i, generator=g) * 0.02).bfloat16() for i, o in shapes}
+    weights = [base[s].clone() for s in shapes]  # distinct copies: from memory, as in decoding
+    packed = [_pack(w) for w in weights] if packed_supported() else None
+    isas = sorted({1, lib.fv_isa()}) if lib is not None and lib.fv_isa() >= 1 else []  # AVX2 and the widest
+    routes, timings = {}, {}
+    with torch.no_grad():
+        for rows in BF16_BUCKETS:
+            xs = {i: torch.randn(rows, i, generator=g).bfloat16() for i, _ in shapes}
+            runs = {"default": lambda: [F.linear(xs[w.shape[1]], w) for w in weights]}
+            if packed is not None:
+                runs["packed"] = lambda: [_packed_product(xs[w.shape[1]], p) for w, p in zip(weights, packed)]
+            for i in isas:
+                runs[f"native:{i}"] = lambda i=i: [native.bf16_linear(xs[w.shape[1]], w, isa=i, check=False)
+                                                   for w in weights]
+            best = _fastest(runs, reps=3, rounds=2)
+            ours = min((k for k in best if k.startswith("native:")), key=best.__getitem__, default=None)
+            if ours and best[ours] <= MARGIN * best["default"] and not best.get("packed", 1e9) <= MARGIN * best[ours]:
+                route = ours
+            elif packed is not None and best["packed"] <= MARGIN * best["default"]:
+                route = "packed"
+            else:
+                route = "default"
+            routes[str(rows)] = route
+            timings[str(rows)] = {k: round(v * 1e3, 3) for k, v in best.items()}
+    return {"bf16_decode_routes": routes, "bf16_decode_ms": timings,
+            "onednn_bf16_decode": "packed" in routes.values(),
+            "native_bf16_decode": any(r.startswith("native:") for r in routes.values())}
+
+
+def _routes_valid(routes) -> bool:
+    return (isinstance(routes, dict) and set(routes) == {str(b) for b in BF16_BUCKETS}
+            and all(r in ("default", "packed") or (isinstance(r, str) and r.startswith("native:")) for r in routes.values()))
+
+
+def bf16_route(rows: int) -> str | int:
+    """How a decode-sized bf16 call of ``rows`` rows runs here: ``"default"`` (``F.linear``),
+    ``"packed"`` (:func:`packed_linear`) or the SIMD path (an ``int``) of our C kernel
+    (:func:`flamingo_vlm.modeling.native.bf16_linear`), as the ``bf16_decode`` probe measured."""
+    mode = _mode()
+    by_rows = _MEMO.get("bf16_by_rows") if mode == "auto" else None
+    if by_rows is not None:  # every decode-sized bf16 call: one env read, one look-up
+        return by_rows[rows] if rows < len(by_rows) else "default"
+    if mode == "default":
+        return "default"
+    if mode == "onednn":
+        return "packed" if packed_supported() else "default"
+    if not decide("bf16_decode"):
+        return "default"
+    route = next((r for b, r in zip(BF16_BUCKETS, _MEMO["bf16_routes"]) if rows <= b), "default")
+    return int(route[7:]) if route.startswith("native:") else route
 
 
 _PROBES = {"decode": _probe_decode, "gemm": _probe_gemm, "bf16": _probe_bf16, "bf16_decode": _probe_bf16_decode,
            "int8_decode": _probe_int8_decode}
-_KEYS = {"decode": "onednn_decode", "gemm": "onednn_gemm", "bf16": "bf16_fast", "bf16_decode": "onednn_bf16_decode",
+_KEYS = {"decode": "onednn_decode", "gemm": "onednn_gemm", "bf16": "bf16_fast", "bf16_decode": "bf16_decode_routes",
          "int8_decode": "native_int8_decode"}
 # Whether the faster kernel a part decides on exists in this process at all (bf16 GEMMs: torch's own).
 _AVAILABLE = {"decode": onednn_available, "gemm": onednn_available, "bf16": lambda: True,
-              "bf16_decode": packed_supported, "int8_decode": lambda: native.library() is not None}
+              "bf16_decode": _bf16_decode_available, "int8_decode": lambda: native.library() is not None}
 
 
 # -- the choice ---------------------------------------------------------------------------------------
@@ -482,7 +553,9 @@ class KernelChoice:
     onednn_decode: bool  # fp32 linears with few rows (<= DECODE_ROWS: decoding) on oneDNN
     onednn_gemm: bool  # fp32 linears with more rows (prefill, forward+loss, training, with backward) on oneDNN
     bf16_fast: bool  # bf16 GEMMs beat fp32 here (native bf16 and measured faster)
-    onednn_bf16_decode: bool  # bf16 linears with few rows on oneDNN with packed weights (packed_linear)
+    # bf16 linears with few rows, per row count of BF16_BUCKETS: "torch default", "packed oneDNN"
+    # (packed_linear) or "ours <SIMD path>" (native.bf16_linear)
+    bf16_decode: tuple[str, ...]
     native_int8_decode: bool  # int8 weight-only linears with few rows on our C kernel (native.int8_linear)
     source: str  # "probe", "cache <file>", "env FLAMINGO_VLM_CPU_KERNELS=..."
     timings: dict
@@ -523,7 +596,8 @@ def decide(part: str) -> bool:
             return _MEMO[part]
         path = cache_file()
         data = _read_cache(path)
-        if not isinstance(data.get(key), bool) or mode == "probe":
+        cached = data.get(key)
+        if not (_routes_valid(cached) if part == "bf16_decode" else isinstance(cached, bool)) or mode == "probe":
             # (the first call may come from inside generate's no_grad / inference_mode)
             with torch.inference_mode(False), torch.enable_grad():
                 data.update(_PROBES[part]())
@@ -531,7 +605,16 @@ def decide(part: str) -> bool:
             _write_cache(path, data)
         if part == "int8_decode":
             _MEMO["int8_isa"] = data.get("native_int8_isa")
-        _MEMO[part] = data[key]
+        if part == "bf16_decode":
+            routes = tuple(data[key][str(b)] for b in BF16_BUCKETS)
+            if "packed" in routes and not packed_supported():  # (a cache written by a process that had it)
+                routes = tuple("default" if r == "packed" else r for r in routes)
+            _MEMO["bf16_routes"] = routes
+            by_rows = [next(r for b, r in zip(BF16_BUCKETS, routes) if n <= b) for n in range(1, BF16_BUCKETS[-1] + 1)]
+            _MEMO["bf16_by_rows"] = ("default", *(int(r[7:]) if r.startswith("native:") else r for r in by_rows))
+            _MEMO[part] = any(r != "default" for r in routes)
+        else:
+            _MEMO[part] = data[key]
         return _MEMO[part]
 
 
@@ -545,10 +628,33 @@ def kernel_choice(parts: tuple[str, ...] = ("decode", "gemm", "bf16", "bf16_deco
     return KernelChoice(
         cpu=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads(), allocator=_allocator(),
         onednn_decode=decisions.get("decode", False), onednn_gemm=decisions.get("gemm", False),
-        bf16_fast=decisions.get("bf16", False), onednn_bf16_decode=decisions.get("bf16_decode", False),
+        bf16_fast=decisions.get("bf16", False), bf16_decode=_bf16_routes_named() if "bf16_decode" in parts else (),
         native_int8_decode=decisions.get("int8_decode", False), source=source,
         timings={f"{p}_ms": data.get(f"{p}_ms") for p in parts if f"{p}_ms" in data},  # of the parts asked for
     )
+
+
+def _route_name(route: str | int) -> str:
+    return {"default": "torch default", "packed": "packed oneDNN"}.get(route, f"ours {native.ISA_NAMES.get(route, route)}")
+
+
+def _bf16_routes_named() -> tuple[str, ...]:
+    return tuple(_route_name(bf16_route(b)) for b in BF16_BUCKETS)
+
+
+def _bf16_flag(c: KernelChoice) -> str:
+    """'<route> for decode-sized bf16 linears', the row counts named where the routes differ."""
+    routes = c.bf16_decode or ("torch default",)
+    if len(set(routes)) == 1:
+        return f"{routes[0]} for decode-sized bf16 linears"
+    spans, lo = [], 1
+    for b, r in zip(BF16_BUCKETS, routes):
+        if spans and spans[-1][1] == r:
+            spans[-1][0] = f"{spans[-1][0].split('-')[0]}-{b}"
+        else:
+            spans.append([f"{lo}" if lo == b else f"{lo}-{b}", r])
+        lo = b + 1
+    return "decode-sized bf16 linears: " + ", ".join(f"{r} at {rows} row{'' if rows == '1' else 's'}" for rows, r in spans)
 
 
 def summary(choice: KernelChoice | None = None, allocator: str | None = None) -> str:
@@ -560,15 +666,16 @@ def summary(choice: KernelChoice | None = None, allocator: str | None = None) ->
     flags = [f"{'oneDNN' if c.onednn_decode else 'torch default'} for decode-sized fp32 linears",
              f"{'oneDNN' if c.onednn_gemm else 'torch default'} for larger ones (prefill, forward, training)",
              f"bf16 {'native and faster' if c.bf16_fast else 'not faster than fp32'}",
-             f"{'packed oneDNN' if c.onednn_bf16_decode else 'torch default'} for decode-sized bf16 linears"]
+             _bf16_flag(c)]
     t = c.timings
     if t.get("decode_ms"):
         flags.append(f"probe decode {t['decode_ms']['default']:.1f}/{t['decode_ms']['onednn']:.1f} ms")
     if t.get("gemm_ms"):
         flags.append(f"GEMM fwd+bwd {t['gemm_ms']['default']:.0f}/{t['gemm_ms']['onednn']:.0f} ms (default/oneDNN)")
-    if t.get("bf16_decode_ms"):
-        flags.append(f"bf16 decode {t['bf16_decode_ms']['default']:.1f}/{t['bf16_decode_ms']['onednn']:.1f} ms "
-                     "(default/packed)")
+    if isinstance(t.get("bf16_decode_ms"), dict) and "1" in t["bf16_decode_ms"]:
+        one = t["bf16_decode_ms"]["1"]
+        flags.append("bf16 decode at 1 row " + "/".join(f"{_route_name(int(k[7:]) if k.startswith('native:') else k)} "
+                                                         f"{v:.1f}" for k, v in one.items()) + " ms")
     if t.get("int8_decode_ms"):
         flags.append(f"{'our C kernel' if c.native_int8_decode else 'torch default'} for decode-sized int8 linears "
                      "(" + "/".join(f"{k} {v:.1f}" for k, v in t["int8_decode_ms"].items()) + " ms)")

@@ -1,21 +1,29 @@
 """C kernels torch lacks, compiled on first use with this machine's C compiler and cached.
 
-One kernel so far: :func:`int8_linear`, the weight-only int8 product for a few rows (decoding),
-from ``csrc/int8_linear.c``. torch's ``aten._weight_int8pack_mm`` streams the int8 weights at
-~15 GB/s on an AMD EPYC Zen 4 (2 threads; the machine reads 33-35 GB/s), which kept int8 decoding
-at 1.3x bf16's; this one reads them at ~34 GB/s on the same matrices in its AVX2 path (32 GB/s in
-the AVX-512 one, which Zen 4 runs as two 256-bit halves; the C file says why). It is
-used where :func:`flamingo_vlm.modeling.kernels.decide` measured it faster (probe part
-``int8_decode``), so a machine where it is not keeps torch's kernel.
+From ``csrc/decode_linear.c``, the linear layer for a few rows (decoding) on the weight matrix as
+torch keeps it:
+
+* :func:`int8_linear`, weight-only int8. torch's ``aten._weight_int8pack_mm`` streams the int8
+  weights at ~15 GB/s on an AMD EPYC Zen 4 (2 threads; the machine reads 33-35 GB/s); this one at
+  ~34 GB/s in its AVX2 path (32 GB/s in the AVX-512 one, which Zen 4 runs as two 256-bit halves; the
+  C file says why).
+* :func:`bf16_linear`, bf16 weights. torch's ``F.linear`` reads them at 14-18 GB/s there, oneDNN on
+  a re-laid copy of every weight (:func:`~.kernels.packed_linear`, the model's size again in
+  memory) at 25-28 GB/s; this one at 30-39 GB/s with no copy, at one and two rows. With bf16 input
+  on a CPU with AVX512-BF16 it multiplies with the CPU's bf16 dot product; elsewhere it widens the
+  weights to fp32 (exactly), so it also runs where bf16 is emulated.
+
+Each is used where :func:`flamingo_vlm.modeling.kernels.decide` measured it faster (probe parts
+``int8_decode`` and ``bf16_decode``), so a machine where it is not keeps torch's kernels.
 
 Build: ``$CC`` (else ``cc``, ``gcc``, ``clang``) ``-O3 -shared -fPIC -fopenmp``, into
 ``$FLAMINGO_VLM_CACHE/native/`` (default ``~/.cache/flamingo-vlm/native/``; the temporary directory
 where that cannot be written), named by a hash of the source, compiler, flags and architecture; it
 is written to a temporary file and renamed, so a concurrent or interrupted build leaves nothing
-half-written. ~0.5 s, once per machine. fp16 inputs and scales stay on torch's kernel. No
+half-written. ~0.5 s, once per machine. fp16 inputs, scales and biases stay on torch's kernels. No
 compiler, a failed build, or ``FLAMINGO_VLM_NATIVE=0``: :func:`library` returns ``None``, :func:`unavailable_reason`
-says why, and callers keep torch's kernels. The SIMD path (AVX-512, AVX2, portable C) is chosen at
-run time, so one build serves any x86-64 CPU.
+says why, and callers keep torch's kernels. The SIMD path (AVX-512 with BF16, AVX-512, AVX2, portable
+C) is chosen at run time, so one build serves any x86-64 CPU.
 
 Threads: the library links ``libgomp.so.1``, the soname torch's wheel loads, so it runs in torch's
 OpenMP thread pool with torch's thread count. Where that is not so (a second OpenMP runtime in the
@@ -40,12 +48,12 @@ import torch
 
 from ..files import cache_root
 
-__all__ = ["ENV", "FLOAT_DTYPES", "ISA_NAMES", "int8_linear", "library", "unavailable_reason"]
+__all__ = ["ENV", "FLOAT_DTYPES", "ISA_NAMES", "bf16_linear", "int8_linear", "library", "unavailable_reason"]
 
 ENV = "FLAMINGO_VLM_NATIVE"
-_SOURCE = Path(__file__).with_name("csrc") / "int8_linear.c"
+_SOURCE = Path(__file__).with_name("csrc") / "decode_linear.c"
 _FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
-ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX-512"}
+ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX-512", 3: "AVX512-BF16"}
 _reason: str | None = None
 
 
@@ -75,7 +83,7 @@ def _build(cc: list[str]) -> Path:
     version = subprocess.run([cc[0], "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join([*cc[1:], *_FLAGS]).encode(),
                                      sys.platform.encode(), platform.machine().encode()])).hexdigest()[:16]
-    name = f"int8_linear-{key}.so"
+    name = f"{_SOURCE.stem}-{key}.so"
     *first, last = _cache_dirs()
     for d in first:
         try:
@@ -87,7 +95,7 @@ def _build(cc: list[str]) -> Path:
 
 def _compile_into(cc: list[str], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".int8_linear-", suffix=".so")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{_SOURCE.stem}-", suffix=".so")
     os.close(fd)
     try:
         done = subprocess.run([*cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
@@ -132,9 +140,12 @@ def library() -> ctypes.CDLL | None:
         _reason = "it would load a second OpenMP runtime beside torch's"
         return None
     lib.fv_isa.restype = ctypes.c_int
-    lib.fv_int8_linear.restype = None
-    lib.fv_int8_linear.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-                                   + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2)
+    ptr, flag, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.fv_int8_linear.restype = lib.fv_bf16_linear.restype = None
+    # (x, x_bf16, q, s, s_bf16, b, b_bf16, y, y_bf16, M, N, K, isa, nthreads)
+    lib.fv_int8_linear.argtypes = [ptr, flag, ptr, ptr, flag, ptr, flag, ptr, flag, size, size, size, flag, flag]
+    # (x, x_bf16, w, b, b_bf16, y, y_bf16, M, N, K, isa, nthreads)
+    lib.fv_bf16_linear.argtypes = [ptr, flag, ptr, ptr, flag, ptr, flag, size, size, size, flag, flag]
     return lib
 
 
@@ -143,32 +154,69 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16)  # what int8_linear takes for its input and scales
+FLOAT_DTYPES = (torch.float32, torch.bfloat16)  # what the kernels take for inputs, scales and biases
 
 
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, *, isa: int = 2,
-                check: bool = True) -> torch.Tensor:
-    """``(x @ qweight.T) * scales`` in ``x``'s dtype: ``x`` (M, K) fp32 or bf16, ``qweight`` (N, K)
-    int8, ``scales`` (N,) fp32 or bf16, all contiguous on CPU; accumulated in fp32. No autograd.
-    ``isa`` (0 C, 1 AVX2, 2 AVX-512; lowered to what the CPU has) picks the SIMD path. Call only
-    where :func:`library` is not ``None``. ``check=False`` skips the checks of the operands (~3 us,
-    a tenth of a decode-sized call), for callers that guarantee them (``QuantizedLinear``); a wrong
-    operand then reads memory it should not."""
+def _lib() -> ctypes.CDLL:
     lib = library()
     if lib is None:
-        raise RuntimeError(f"the native int8 kernel is unavailable: {unavailable_reason()}")
-    if check and (x.dim() != 2 or qweight.dim() != 2 or qweight.dtype != torch.int8 or qweight.shape[1] != x.shape[1]
-            or tuple(scales.shape) != (qweight.shape[0],) or x.dtype not in FLOAT_DTYPES or scales.dtype not in FLOAT_DTYPES
-            or {t.device.type for t in (x, qweight, scales)} != {"cpu"}
-            or not (x.is_contiguous() and qweight.is_contiguous() and scales.is_contiguous())):
-        raise ValueError(f"int8_linear: needs a contiguous CPU (M, K) fp32/bf16 input, (N, K) int8 weight and (N,) "
-                         f"fp32/bf16 scales, got input {tuple(x.shape)} {x.dtype} {x.device}, weight "
-                         f"{tuple(qweight.shape)} {qweight.dtype} {qweight.device}, scales {tuple(scales.shape)} "
-                         f"{scales.dtype} {scales.device}")
+        raise RuntimeError(f"the native kernels are unavailable: {unavailable_reason()}")
+    return lib
+
+
+def _operands_ok(x: torch.Tensor, w: torch.Tensor, wdtype: torch.dtype, *vectors: torch.Tensor | None) -> bool:
+    return (x.dim() == 2 and w.dim() == 2 and w.dtype == wdtype and w.shape[1] == x.shape[1]
+            and x.dtype in FLOAT_DTYPES and x.is_contiguous() and w.is_contiguous()
+            and all(v is None or (tuple(v.shape) == (w.shape[0],) and v.dtype in FLOAT_DTYPES and v.is_contiguous())
+                    for v in vectors)
+            and {t.device.type for t in (x, w, *vectors) if t is not None} == {"cpu"})
+
+
+def _describe(**tensors: torch.Tensor | None) -> str:
+    return ", ".join(f"{k} {tuple(t.shape)} {t.dtype} {t.device}" for k, t in tensors.items() if t is not None)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
+                isa: int = 2, check: bool = True) -> torch.Tensor:
+    """``(x @ qweight.T) * scales + bias`` in ``x``'s dtype: ``x`` (M, K) fp32 or bf16, ``qweight``
+    (N, K) int8, ``scales`` and ``bias`` (N,) fp32 or bf16 (``bias`` optional), all contiguous on
+    CPU; accumulated in fp32. No autograd. ``isa`` (0 C, 1 AVX2, 2 AVX-512; lowered to what the CPU
+    has) picks the SIMD path. Call only where :func:`library` is not ``None``. ``check=False`` skips
+    the checks of the operands (~3 us, a tenth of a decode-sized call), for callers that guarantee
+    them (``QuantizedLinear``); a wrong operand then reads memory it should not."""
+    lib = _lib()
+    if check and not _operands_ok(x, qweight, torch.int8, scales, bias):
+        raise ValueError("int8_linear: needs a contiguous CPU (M, K) fp32/bf16 input, (N, K) int8 weight, (N,) "
+                         "fp32/bf16 scales and optional (N,) bias, got "
+                         + _describe(input=x, weight=qweight, scales=scales, bias=bias))
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
     bf16 = x.dtype == torch.bfloat16
     lib.fv_int8_linear(x.data_ptr(), bf16, qweight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16,
+                       _ptr(bias), bias is not None and bias.dtype == torch.bfloat16,
+                       y.data_ptr(), bf16, m, n, k, isa, torch.get_num_threads())
+    return y
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, isa: int = 2,
+                check: bool = True) -> torch.Tensor:
+    """``x @ weight.T + bias`` in ``x``'s dtype, on the bf16 ``weight`` as it is (no re-laid copy):
+    ``x`` (M, K) fp32 or bf16, ``weight`` (N, K) bf16, ``bias`` (N,) fp32 or bf16 or ``None``, all
+    contiguous on CPU; products and sums in fp32, a bf16 result rounded once. No autograd. ``isa``
+    and ``check`` as :func:`int8_linear`."""
+    lib = _lib()
+    if check and not _operands_ok(x, weight, torch.bfloat16, bias):
+        raise ValueError("bf16_linear: needs a contiguous CPU (M, K) fp32/bf16 input, (N, K) bf16 weight and "
+                         "optional (N,) fp32/bf16 bias, got " + _describe(input=x, weight=weight, bias=bias))
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    bf16 = x.dtype == torch.bfloat16
+    lib.fv_bf16_linear(x.data_ptr(), bf16, weight.data_ptr(), _ptr(bias), bias is not None and bias.dtype == torch.bfloat16,
                        y.data_ptr(), bf16, m, n, k, isa, torch.get_num_threads())
     return y

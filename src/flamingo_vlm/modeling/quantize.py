@@ -119,10 +119,9 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.mode == "int8" and x2.shape[0] <= DECODE_ROWS and (isa := self._native_isa(x2)) is not None:
             # operands as int8_linear needs them: checked here (x2: (rows, in) of a float dtype, made
-            # contiguous; qweight, scales: this layer's CPU buffers, (out, in) int8 and (out,) float)
-            out = native.int8_linear(x2.contiguous(), self.qweight, self.scales, isa=isa, check=False)
-            out = out.reshape(*lead, self.out_features)
-            return out if self.bias is None else out + self.bias.to(x.dtype)
+            # contiguous; qweight, scales, bias: this layer's CPU buffers, (out, in) int8, (out,) float)
+            out = native.int8_linear(x2.contiguous(), self.qweight, self.scales, self.bias, isa=isa, check=False)
+            return out.reshape(*lead, self.out_features)
         x2 = x2.to(_COMPUTE)
         scales = self.scales.to(_COMPUTE)
         if self.mode == "int8":
@@ -138,9 +137,10 @@ class QuantizedLinear(nn.Module):
         decode-sized fp32/bf16 calls of a layer whose buffers are on the CPU and contiguous, without a
         gradient wanted, not traced by ``torch.compile`` or ``torch.jit.trace`` (they would not see a
         ctypes call), where it was chosen for this machine (:func:`.kernels.int8_isa`)."""
-        q, s = self.qweight, self.scales
+        q, s, b = self.qweight, self.scales, self.bias
         if not (self.native and x2.dtype in native.FLOAT_DTYPES and s.dtype in native.FLOAT_DTYPES and q.device.type == "cpu"
                 and s.device.type == "cpu" and q.is_contiguous() and s.is_contiguous()
+                and (b is None or (b.dtype in native.FLOAT_DTYPES and b.device.type == "cpu" and b.is_contiguous()))
                 and not (x2.requires_grad and torch.is_grad_enabled())
                 and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             return None

@@ -1,0 +1,300 @@
+/* Linear layers for a few rows (decoding) on CPU, on the weight matrix as torch keeps it.
+ *
+ *   y[m, n] = s[n] * sum_k x[m, k] * w[n, k] + b[n]     w: (N, K) int8 or bf16, row-major
+ *   x: (M, K), y: (M, N); s (int8 only): (N,); b: (N,) or none. x, y, s, b: fp32 or bf16.
+ *
+ * int8: torch's plain row-major int8 matrix (QuantizedLinear.qweight), unchanged. bf16: the layer's
+ * own bf16 weight, so bf16 decoding needs no re-laid copy (oneDNN's packed weights cost the model's
+ * size again in memory). Each thread takes a contiguous run of 4-row blocks; a block's 4 rows are
+ * contiguous in memory, so a thread reads one forward stream. What made the difference is the
+ * software prefetch: while a block is multiplied, the next block is prefetched at the rate it is
+ * consumed. Without it the int8 loop streamed 7 GB/s per core on an AMD EPYC Zen 4; with it, 32-34
+ * GB/s on two cores, the machine's read bandwidth (torch's aten._weight_int8pack_mm: 15 GB/s).
+ *
+ * Weights are widened to fp32 (bf16 exactly, by a shift) and multiplied with fp32 FMAs (bf16 x is
+ * widened too; bf16 y is rounded to nearest even once, after the bias): at one row this is bound by
+ * memory, at more rows by the FMAs, so it is used for few rows. Rows of x are taken in tiles (2 in
+ * the AVX2 path, 4 in the AVX-512 one) that share each loaded weight block; the next tile reads the
+ * block from cache. On Zen 4 the AVX2 path is the faster one (its 512-bit ops are split in two);
+ * which path a machine runs is measured (modeling/kernels.py). Built and loaded by
+ * flamingo_vlm/modeling/native.py (cc -O3 -fopenmp); each SIMD path is compiled with a target
+ * attribute and picked at run time, so one build runs on any x86-64 CPU.
+ */
+#include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FV_X86 1
+#endif
+
+enum { FV_INT8 = 0, FV_BF16 = 1 };  /* weight kinds */
+
+static inline float fv_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float fv_get(const void *p, int bf16, int64_t i) {
+    return bf16 ? fv_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void fv_put(void *p, int bf16, int64_t i, float v) {
+    if (!bf16) {
+        ((float *)p)[i] = v;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) u |= 0x00400000u;  /* NaN stays a (quiet) NaN */
+    else u += 0x7fffu + ((u >> 16) & 1u);                  /* round to nearest even */
+    ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+}
+
+/* Operands: x, y, s and b are fp32, or bf16 where their flag is set; s and b may be NULL. */
+typedef struct {
+    const void *x;
+    const void *w;
+    const void *s;
+    const void *b;
+    void *y;
+    int64_t M, N, K;
+    int wk, xb, sb, bb, yb;
+} fv_args;
+
+static inline float fv_weight(const fv_args *a, int64_t n, int64_t k) {
+    return a->wk == FV_BF16 ? fv_bf16(((const uint16_t *)a->w)[n * a->K + k]) : (float)((const int8_t *)a->w)[n * a->K + k];
+}
+
+static inline void fv_store(const fv_args *a, int64_t m, int64_t n, float acc) {
+    if (a->s) acc *= fv_get(a->s, a->sb, n);
+    if (a->b) acc += fv_get(a->b, a->bb, n);
+    fv_put(a->y, a->yb, m * a->N + n, acc);
+}
+
+/* isa: 0 portable C, 1 AVX2 + FMA, 2 AVX-512 (F, BW, VL), 3 AVX-512 with BF16 (for bf16 weights and
+ * input; otherwise as 2) */
+int fv_isa(void) {
+    static int cached = -1;  /* computed once; threads racing on the first call all store the same value */
+    int isa = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (isa < 0) {
+        isa = 0;
+#ifdef FV_X86
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+            isa = __builtin_cpu_supports("avx512bf16") ? 3 : 2;
+        else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+            isa = 1;
+#endif
+        __atomic_store_n(&cached, isa, __ATOMIC_RELAXED);
+    }
+    return isa;
+}
+
+/* -- portable -------------------------------------------------------------------------------------- */
+static void fv_block_c(const fv_args *a, int64_t n0, int64_t nb) {
+    for (int64_t m = 0; m < a->M; m++)
+        for (int64_t r = 0; r < nb; r++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < a->K; k++) acc += fv_get(a->x, a->xb, m * a->K + k) * fv_weight(a, n0 + r, k);
+            fv_store(a, m, n0 + r, acc);
+        }
+}
+
+#ifdef FV_X86
+/* The next 4-row block, prefetched at the rate this one is consumed: `bytes` per step. */
+static inline __attribute__((always_inline)) void fv_prefetch(const char *next, int64_t k, int64_t step_bytes, int64_t k_step) {
+    const char *p = next + k / k_step * step_bytes;
+    _mm_prefetch(p, _MM_HINT_T0);
+    if (step_bytes > 64) _mm_prefetch(p + 64, _MM_HINT_T0);
+}
+
+/* -- AVX-512: 16 columns per step, up to 4 rows of x per pass (16 accumulators) --------------------- */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __m512
+fv_x512(const fv_args *a, int64_t i, int64_t k, __mmask16 mk) {
+    if (a->xb)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)a->x + i * a->K + k)), 16));
+    return _mm512_maskz_loadu_ps(mk, (const float *)a->x + i * a->K + k);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __attribute__((always_inline)) __m512
+fv_w512(const void *row, int64_t k, __mmask16 mk, const int wk) {
+    if (wk == FV_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)row + k)), 16));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, (const int8_t *)row + k)));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __attribute__((always_inline)) void
+fv_tile512(const fv_args *a, const char *blk, int64_t n0, int64_t nb, int64_t m0, const int mb, const int wk) {
+    const int64_t K = a->K, esize = wk == FV_BF16 ? 2 : 1;
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int r = 0; r < 4; r++) acc[i][r] = _mm512_setzero_ps();
+    const char *row[4];
+    for (int r = 0; r < 4; r++) row[r] = blk + (r < nb ? r : 0) * K * esize;  /* a short last block repeats row 0 */
+    for (int64_t k = 0; k < K; k += 16) {
+        fv_prefetch(blk + 4 * K * esize, k, 64 * esize, 16);
+        __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        __m512 w[4];
+        for (int r = 0; r < 4; r++) w[r] = fv_w512(row[r], k, mk, wk);
+        for (int i = 0; i < mb; i++) {
+            __m512 xv = fv_x512(a, m0 + i, k, mk);
+            for (int r = 0; r < 4; r++) acc[i][r] = _mm512_fmadd_ps(xv, w[r], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < nb; r++) fv_store(a, m0 + i, n0 + r, _mm512_reduce_add_ps(acc[i][r]));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __attribute__((always_inline)) void
+fv_rows512(const fv_args *a, const char *blk, int64_t n0, int64_t nb, const int wk) {
+    for (int64_t m0 = 0; m0 < a->M; m0 += 4) {
+        switch (a->M - m0 < 4 ? a->M - m0 : 4) {  /* a constant row count keeps the accumulators in registers */
+        case 1: fv_tile512(a, blk, n0, nb, m0, 1, wk); break;
+        case 2: fv_tile512(a, blk, n0, nb, m0, 2, wk); break;
+        case 3: fv_tile512(a, blk, n0, nb, m0, 3, wk); break;
+        default: fv_tile512(a, blk, n0, nb, m0, 4, wk); break;
+        }
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void fv_block512(const fv_args *a, int64_t n0, int64_t nb) {
+    if (a->wk == FV_BF16) fv_rows512(a, (const char *)a->w + n0 * a->K * 2, n0, nb, FV_BF16);
+    else fv_rows512(a, (const char *)a->w + n0 * a->K, n0, nb, FV_INT8);
+}
+
+/* -- AVX2: 8 columns per step, up to 2 rows of x per pass (16 registers) ----------------------------- */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) float fv_hsum256(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 fv_x256(const fv_args *a, int64_t i, int64_t k) {
+    if (a->xb)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)a->x + i * a->K + k))), 16));
+    return _mm256_loadu_ps((const float *)a->x + i * a->K + k);
+}
+
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) __m256
+fv_w256(const char *row, int64_t k, const int wk) {
+    if (wk == FV_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + 2 * k))), 16));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + k))));
+}
+
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+fv_tile256(const fv_args *a, const char *blk, int64_t n0, int64_t nb, int64_t m0, const int mb, const int wk) {
+    const int64_t K = a->K, esize = wk == FV_BF16 ? 2 : 1;
+    __m256 acc[2][4];
+    for (int i = 0; i < 2; i++)
+        for (int r = 0; r < 4; r++) acc[i][r] = _mm256_setzero_ps();
+    const char *row[4];
+    for (int r = 0; r < 4; r++) row[r] = blk + (r < nb ? r : 0) * K * esize;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        fv_prefetch(blk + 4 * K * esize, k, 32 * esize, 8);
+        __m256 w[4];
+        for (int r = 0; r < 4; r++) w[r] = fv_w256(row[r], k, wk);
+        for (int i = 0; i < mb; i++) {
+            __m256 xv = fv_x256(a, m0 + i, k);
+            for (int r = 0; r < 4; r++) acc[i][r] = _mm256_fmadd_ps(xv, w[r], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < nb; r++) {
+            float t = fv_hsum256(acc[i][r]);
+            for (int64_t j = k; j < K; j++) t += fv_get(a->x, a->xb, (m0 + i) * K + j) * fv_weight(a, n0 + r, j);
+            fv_store(a, m0 + i, n0 + r, t);
+        }
+}
+
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+fv_rows256(const fv_args *a, const char *blk, int64_t n0, int64_t nb, const int wk) {
+    for (int64_t m0 = 0; m0 < a->M; m0 += 2) {
+        if (a->M - m0 >= 2) fv_tile256(a, blk, n0, nb, m0, 2, wk);
+        else fv_tile256(a, blk, n0, nb, m0, 1, wk);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void fv_block256(const fv_args *a, int64_t n0, int64_t nb) {
+    if (a->wk == FV_BF16) fv_rows256(a, (const char *)a->w + n0 * a->K * 2, n0, nb, FV_BF16);
+    else fv_rows256(a, (const char *)a->w + n0 * a->K, n0, nb, FV_INT8);
+}
+
+/* -- AVX512-BF16, bf16 weights and bf16 x only: the CPU's bf16 dot product (vdpbf16ps) on 256-bit
+ * vectors, 16 columns per step, up to 4 rows of x per pass (16 of the 32 registers). No widening:
+ * a quarter of the widening paths' instructions, which is what bounds them at 4-8 rows. Products of
+ * bf16 pairs are exact in fp32; sums in fp32, rounded to nearest even, denormals flushed to zero
+ * (as oneDNN's bf16 kernels on these CPUs). -------------------------------------------------------- */
+#define FV_DP_TARGET __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+FV_DP_TARGET static inline __attribute__((always_inline)) void
+fv_tile_dp(const fv_args *a, const char *blk, int64_t n0, int64_t nb, int64_t m0, const int mb) {
+    const int64_t K = a->K;
+    __m256 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int r = 0; r < 4; r++) acc[i][r] = _mm256_setzero_ps();
+    const uint16_t *row[4];
+    for (int r = 0; r < 4; r++) row[r] = (const uint16_t *)blk + (r < nb ? r : 0) * K;
+    const uint16_t *x = (const uint16_t *)a->x + m0 * K;
+    for (int64_t k = 0; k < K; k += 16) {
+        fv_prefetch(blk + 8 * K, k, 128, 16);
+        __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        __m256i w[4];
+        for (int r = 0; r < 4; r++) w[r] = _mm256_maskz_loadu_epi16(mk, row[r] + k);
+        for (int i = 0; i < mb; i++) {
+            __m256bh xv = (__m256bh)_mm256_maskz_loadu_epi16(mk, x + i * K + k);
+            for (int r = 0; r < 4; r++) acc[i][r] = _mm256_dpbf16_ps(acc[i][r], xv, (__m256bh)w[r]);
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < nb; r++) fv_store(a, m0 + i, n0 + r, fv_hsum256(acc[i][r]));
+}
+
+FV_DP_TARGET static void fv_block_dp(const fv_args *a, int64_t n0, int64_t nb) {
+    const char *blk = (const char *)a->w + n0 * a->K * 2;
+    for (int64_t m0 = 0; m0 < a->M; m0 += 4) {
+        switch (a->M - m0 < 4 ? a->M - m0 : 4) {
+        case 1: fv_tile_dp(a, blk, n0, nb, m0, 1); break;
+        case 2: fv_tile_dp(a, blk, n0, nb, m0, 2); break;
+        case 3: fv_tile_dp(a, blk, n0, nb, m0, 3); break;
+        default: fv_tile_dp(a, blk, n0, nb, m0, 4); break;
+        }
+    }
+}
+#endif
+
+static void fv_run(const fv_args *a, int isa, int nthreads) {
+    int64_t nblocks = (a->N + 3) / 4;
+    if (isa > fv_isa()) isa = fv_isa();
+    #pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        int64_t n0 = blk * 4, nb = a->N - n0 < 4 ? a->N - n0 : 4;
+#ifdef FV_X86
+        if (isa == 3 && a->wk == FV_BF16 && a->xb) { fv_block_dp(a, n0, nb); continue; }
+        if (isa >= 2) { fv_block512(a, n0, nb); continue; }
+        if (isa == 1) { fv_block256(a, n0, nb); continue; }
+#endif
+        fv_block_c(a, n0, nb);
+    }
+}
+
+/* y (M, N) = x (M, K) @ q (N, K)^T, row n scaled by s[n], plus b[n] (b may be NULL); x, s, b, y fp32,
+ * or bf16 where their flag is set. isa: the path to take (as fv_isa(), lowered to what this CPU has);
+ * nthreads: OpenMP threads (torch's). */
+void fv_int8_linear(const void *x, int x_bf16, const int8_t *q, const void *s, int s_bf16, const void *b, int b_bf16,
+                    void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int isa, int nthreads) {
+    const fv_args a = {x, q, s, b, y, M, N, K, FV_INT8, x_bf16, s_bf16, b_bf16, y_bf16};
+    fv_run(&a, isa, nthreads);
+}
+
+/* y (M, N) = x (M, K) @ w (N, K)^T + b (b may be NULL); w bf16; x, b, y fp32, or bf16 where their flag is set. */
+void fv_bf16_linear(const void *x, int x_bf16, const uint16_t *w, const void *b, int b_bf16,
+                    void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int isa, int nthreads) {
+    const fv_args a = {x, w, NULL, b, y, M, N, K, FV_BF16, x_bf16, 0, b_bf16, y_bf16};
+    fv_run(&a, isa, nthreads);
+}
