@@ -734,6 +734,25 @@ def test_an_unwritable_output_dir_is_one_line(model_dir, shards, tmp_path, capsy
     assert err.count("\n") == 1 and f"cannot write output_dir {tmp_path / 'ro'}: read-only file system" in err
 
 
+def test_a_run_extended_on_resume_takes_the_new_schedules_lr(model_dir, media_id, tmp_path):
+    """Saved at the end of a 2-step decay to 0, resumed with max_steps 4: the first resumed step uses
+    the 4-step schedule's lr for step 2, not the 0 the 2-step run had saved."""
+    from flamingo_vlm.train.optim import lr_factor
+
+    out = tmp_path / "run"
+    sched = {"warmup_steps": 0, "kind": "linear", "min_lr_ratio": 0.0}
+    _fake_run(model_dir, media_id, out, max_steps=2, checkpoint_every=2, schedule=sched)
+    cfg = make_config(model_dir, out, max_steps=4, checkpoint_every=2, resume="latest", schedule=sched)
+    t = Trainer(cfg, **fake_mixture(media_id))
+    try:
+        assert lr_factor(2, cfg.schedule, 4) > 0
+        assert t.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(2, cfg.schedule, 4))
+        resumed = t.fit()
+    finally:
+        t.close()
+    assert [h["lr"] for h in resumed.history] == pytest.approx([1e-3 * lr_factor(k, cfg.schedule, 4) for k in (2, 3)])
+
+
 def test_resume_falls_back_past_a_damaged_checkpoint(model_dir, media_id, tmp_path, caplog):
     """The newest checkpoint's trainable.safetensors is cut short: --resume warns naming it, continues
     from the previous one, and computes what the uninterrupted run computed."""

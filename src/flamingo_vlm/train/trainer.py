@@ -67,7 +67,7 @@ from .metrics import (
     record_columns,
     run_problems,
 )
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, lr_factor
 
 # DataError, TrainResult and build_model live in .build / .metrics; imported from here too
 __all__ = ["Callback", "DataError", "TrainResult", "Trainer", "build_model", "train"]
@@ -192,6 +192,13 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.max_steps)
         if loaded is not None:
             self.step = ckpt.restore_optimizer(loaded, self.optimizer, self.scheduler)
+            # The next update's lr on this run's schedule: the saved lr unless the schedule or max_steps
+            # changed. A run extended from 30 to 60 steps had saved where its 30-step schedule ends (0 for
+            # a decay to 0), and its first resumed step would have trained with that.
+            factor = lr_factor(self.scheduler.last_epoch, cfg.schedule, cfg.max_steps)
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * factor
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
         # Output (rank 0 writes).
         if info.is_main:
