@@ -17,8 +17,8 @@ activations stay fp32 outside those layers); on request (``--variants``) ``int4+
 output head quantized too (``int8+head`` is ``int8``), and
 ``int8-aten``: int8 on torch's ``aten._weight_int8pack_mm`` only (``int8`` takes our C kernel for
 decode-sized calls where this machine measured it faster, see :mod:`flamingo_vlm.modeling.native`),
-and ``bf16-packed``: bf16 with every decode-sized call on oneDNN's packed copies (``bf16`` takes our C
-kernel or those, as this machine measured for each row count).
+``bf16-packed`` and ``fp32-onednn``: every decode-sized call on oneDNN (bf16: on its packed copies;
+``bf16`` and ``fp32`` take our C kernel or oneDNN, as this machine measured for each row count).
 
 Columns: **weights MB** (all parameters and buffers of the model), **+ packed MB** (copies of bf16
 weights in oneDNN's blocked layout that bf16 decoding keeps where this CPU measured them faster, see
@@ -63,7 +63,7 @@ from flamingo_vlm.modeling import kernels  # noqa: E402
 from flamingo_vlm.modeling.kernels import packed_bytes  # noqa: E402
 from flamingo_vlm.modeling.quantize import QuantizedLinear, quantize_model, weight_bytes  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "int8", "int4", "int8+head", "int4+head", "int8-aten", "bf16-packed")
+VARIANTS = ("fp32", "bf16", "int8", "int4", "int8+head", "int4+head", "int8-aten", "bf16-packed", "fp32-onednn")
 
 
 def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -79,20 +79,25 @@ def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
     return model
 
 
+PINNED = {"bf16-packed": ("bf16", "packed"), "fp32-onednn": ("fp32", "onednn")}
+
+
 @contextlib.contextmanager
 def routes(name: str):
-    """``bf16-packed``: decode-sized bf16 calls on oneDNN's packed copies at every row count, beside
-    ``bf16``, which takes what this machine measured fastest (our C kernel or the packed copies)."""
-    if name != "bf16-packed":
+    """``bf16-packed`` / ``fp32-onednn``: every decode-sized call on oneDNN (bf16: its packed copies),
+    beside ``bf16`` / ``fp32``, which take what this machine measured fastest per row count (our C
+    kernel or oneDNN)."""
+    if name not in PINNED:
         yield
         return
-    kernels.decide("bf16_decode")
-    saved = kernels._MEMO.get("bf16_routes")
-    kernels._MEMO["bf16_routes"] = ("packed",) * len(kernels.BF16_BUCKETS)
+    kind, route = PINNED[name]
+    kernels.decide(f"{kind}_decode")
+    saved = kernels._MEMO[f"{kind}_routes"]
+    kernels.set_routes(kind, (route,) * len(kernels.DECODE_BUCKETS))
     try:
         yield
     finally:
-        kernels._MEMO["bf16_routes"] = saved
+        kernels.set_routes(kind, saved)
 
 
 def shape_inputs(s: Shape, kind: str):
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the CPU kernel choices the rest of the model ran with
         from flamingo_vlm.modeling.kernels import kernel_choice, summary
 
-        kernels = summary(kernel_choice(("decode", "gemm", "bf16", "bf16_decode", "int8_decode")))
+        kernels = summary(kernel_choice(("decode", "gemm", "bf16", "fp32_decode", "bf16_decode", "int8_decode")))
     except Exception as e:  # noqa: BLE001 (a report line, not a reason to lose the figures)
         kernels = f"kernel choices unavailable: {type(e).__name__}: {e}"
     env = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,

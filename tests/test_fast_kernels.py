@@ -91,6 +91,7 @@ def test_each_call_follows_the_choice_for_its_size(fresh, monkeypatch):
     from flamingo_vlm.modeling.fast_linear import onednn_linears
 
     monkeypatch.setattr(kernels, "_MEMO", {"decode": True, "gemm": False})
+    kernels.set_routes("fp32", ("onednn",) * len(kernels.DECODE_BUCKETS))
     layer = torch.nn.Linear(8, 4)
     used = {}
     with torch.no_grad(), onednn_linears(layer):
@@ -99,6 +100,29 @@ def test_each_call_follows_the_choice_for_its_size(fresh, monkeypatch):
             layer(torch.randn(rows, 8))
             used[rows] = kernels.calls > before
     assert used == {1: True, kernels.DECODE_ROWS: True, kernels.DECODE_ROWS + 1: False, 64: False}
+    with onednn_linears(layer):  # a decode-sized call that wants gradients: the "decode" choice (oneDNN here)
+        before = kernels.calls
+        layer(torch.randn(2, 8, requires_grad=True)).sum().backward()
+        assert kernels.calls > before
+
+
+def test_fp32_decode_calls_take_our_kernel_where_it_was_chosen(fresh, monkeypatch):
+    from flamingo_vlm.modeling import native
+    from flamingo_vlm.modeling.fast_linear import onednn_linears
+
+    if native.library() is None:
+        pytest.skip(f"no native kernels: {native.unavailable_reason()}")
+    monkeypatch.setattr(kernels, "_MEMO", {"decode": False, "gemm": False})
+    kernels.set_routes("fp32", ("native:1", "native:1", "default", "default"))
+    calls = []
+    real = native.fp32_linear
+    monkeypatch.setattr(native, "fp32_linear", lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k))
+    layer = torch.nn.Linear(40, 24)
+    with torch.no_grad(), onednn_linears(layer):
+        for shape in [(1, 40), (2, 1, 40), (3, 40), (9, 40)]:
+            x = torch.randn(*shape)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert calls == [1, 2]  # 3 rows: the 4-row bucket's route (F.linear); 9: not decode-sized
 
 
 # -- bf16 weights packed for oneDNN (decode) -------------------------------------------------------
@@ -189,45 +213,71 @@ def test_bf16_generate_on_packed_weights_gives_the_tokens_of_torchs_kernels(fres
         assert kernels.packs == before
 
 
-@pytest.mark.parametrize("ours, packed, route", [
+@pytest.mark.parametrize("kind", ["bf16", "fp32"])
+@pytest.mark.parametrize("ours, other, route", [
     (0.5, 0.6, "ours"),  # ours fastest
-    (0.6, 0.55, "ours"),  # packed faster, but not by the margin: ours, which needs no copy
-    (0.8, 0.5, "packed"),  # packed faster by more than the margin
+    (0.6, 0.55, "ours"),  # the other faster, but not by the margin: ours (for bf16, no packed copy)
+    (0.8, 0.5, "other"),  # the other faster by more than the margin
     (0.95, 0.95, "default"),  # neither clearly faster than F.linear
 ])
-def test_bf16_decode_route_is_the_measured_one(fresh, monkeypatch, ours, packed, route):
+def test_decode_route_is_the_measured_one(fresh, monkeypatch, kind, ours, other, route):
     from flamingo_vlm.modeling import native
+
+    name = {"bf16": "packed", "fp32": "onednn"}[kind]
 
     def fastest(runs, reps=5, rounds=3):
         log.append(sorted(runs))
-        return {k: {"default": 1.0, "packed": packed}.get(k, ours + 0.01 * (k != "native:1")) for k in runs}
+        return {k: {"default": 1.0, name: other}.get(k, ours + 0.01 * (k != "native:1")) for k in runs}
 
     log = []
     monkeypatch.setattr(kernels, "_fastest", fastest)
-    has_packed, has_native = kernels.packed_supported(), native.library() is not None and native.library().fv_isa() > 0
-    expected = {"ours": 1 if has_native else ("packed" if has_packed and packed <= 0.9 else "default"),
-                "packed": "packed" if has_packed else (1 if has_native and ours <= 0.9 else "default"),
+    has_other = kernels.packed_supported() if kind == "bf16" else kernels.onednn_available()
+    has_native = native.library() is not None and native.library().fv_isa() > 0
+    expected = {"ours": 1 if has_native else (name if has_other and other <= 0.9 else "default"),
+                "other": name if has_other else (1 if has_native and ours <= 0.9 else "default"),
                 "default": "default"}[route]
-    assert kernels.decide("bf16_decode") is (expected != "default")
-    assert len(log) == (len(kernels.BF16_BUCKETS) if has_packed or has_native else 0)  # one race per row bucket
-    assert all(("packed" in names) == has_packed for names in log)
-    assert [kernels.bf16_route(r) for r in range(1, kernels.DECODE_ROWS + 1)] == [expected] * kernels.DECODE_ROWS
-    line = kernels.summary(kernels.kernel_choice(("bf16_decode",)))
-    name = {"default": "torch default", "packed": "packed oneDNN", 1: "ours AVX2"}[expected]
-    assert f"{name} for decode-sized bf16 linears" in line
+    assert kernels.decide(f"{kind}_decode") is (expected != "default")
+    assert len(log) == (len(kernels.DECODE_BUCKETS) if has_other or has_native else 0)  # one race per row bucket
+    assert all((name in names) == has_other for names in log)
+    rows = range(1, kernels.DECODE_ROWS + 1)
+    assert [kernels.decode_route(kind, r) for r in rows] == [expected] * kernels.DECODE_ROWS
+    assert kernels.decode_route(kind, 0) == kernels.decode_route(kind, kernels.DECODE_ROWS + 1) == "default"
+    line = kernels.summary(kernels.kernel_choice((f"{kind}_decode",)))
+    label = {"default": "torch default", "packed": "packed oneDNN", "onednn": "oneDNN", 1: "ours AVX2"}[expected]
+    assert f"{label} for decode-sized {kind} linears" in line
     monkeypatch.setenv(kernels.ENV, "default")
-    assert kernels.bf16_route(1) == "default"
+    assert kernels.decode_route(kind, 1) == "default"
 
 
-def test_bf16_decode_routes_per_row_count_are_named_in_the_summary(fresh, monkeypatch):
-    monkeypatch.setattr(kernels, "_MEMO", {"bf16_decode": True, "bf16_routes": ("native:3", "native:1", "native:1", "packed")})
+def test_decode_routes_per_row_count_are_named_in_the_summary(fresh, monkeypatch):
     monkeypatch.setattr(kernels, "packed_supported", lambda: True)
+    kernels.set_routes("bf16", ("native:3", "native:1", "native:1", "packed"))
     assert [kernels.bf16_route(r) for r in range(1, 9)] == [3, 1, 1, 1, "packed", "packed", "packed", "packed"]
     c = kernels.KernelChoice(cpu="x", torch="t", threads=2, allocator="a", onednn_decode=False, onednn_gemm=False,
-                             bf16_fast=True, bf16_decode=kernels._bf16_routes_named(), native_int8_decode=False,
-                             source="s", timings={})
+                             bf16_fast=True, fp32_decode=(), bf16_decode=kernels._routes_named("bf16"),
+                             native_int8_decode=False, source="s", timings={})
     assert ("decode-sized bf16 linears: ours AVX512-BF16 at 1 row, ours AVX2 at 2-4 rows, packed oneDNN at 5-8 rows"
             in kernels.summary(c))
+
+
+def test_routes_this_process_cannot_run_and_damaged_cached_routes_are_not_taken(fresh, monkeypatch):
+    """A cache written where our kernel built, read where it does not (FLAMINGO_VLM_NATIVE=0, no
+    compiler): F.linear, not a crash; a damaged route in the cache: measured again."""
+    from flamingo_vlm.modeling import native
+
+    path = kernels.cache_file()
+    path.parent.mkdir(parents=True)
+    routes = {"1": "native:1", "2": "native:1", "4": "native:2", "8": "default"}
+    path.write_text(json.dumps({"bf16_decode_routes": routes, "fp32_decode_routes": routes}))
+    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr(kernels, "packed_supported", lambda: True)
+    for kind in ("bf16", "fp32"):
+        assert [kernels.decode_route(kind, r) for r in (1, 4, 8)] == ["default"] * 3
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    path.write_text(json.dumps({"bf16_decode_routes": {**routes, "1": "native:"}}))
+    log = []
+    monkeypatch.setattr(kernels, "_fastest", lambda runs, **k: log.append(1) or {n: 1.0 for n in runs})
+    assert kernels.decode_route("bf16", 1) == "default" and len(log) == len(kernels.DECODE_BUCKETS)
 
 
 @needs_packing
@@ -248,7 +298,8 @@ def test_bf16_decode_on_our_kernel_makes_no_packed_copies_and_gives_the_tokens_o
     monkeypatch.setenv(kernels.ENV, "default")
     reference = model.generate(*args, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     monkeypatch.setenv(kernels.ENV, "auto")
-    monkeypatch.setattr(kernels, "_MEMO", {"bf16_decode": True, "bf16_routes": (f"native:{native.library().fv_isa()}",) * 4})
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    kernels.set_routes("bf16", (f"native:{native.library().fv_isa()}",) * len(kernels.DECODE_BUCKETS))
     before = kernels.packs
     out = model.generate(*args, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(out, reference)

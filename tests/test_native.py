@@ -72,6 +72,24 @@ def test_bf16_kernel_matches_float64_in_every_simd_path(isa, n, k):
 
 
 @needs_native
+@pytest.mark.parametrize("isa", INT8_ISAS, ids=lambda i: native.ISA_NAMES[i])
+@pytest.mark.parametrize("n, k", [(40, 128), (10, 37), (1, 1), (9, 16), (6, 3072), (5, 17)])
+def test_fp32_kernel_matches_float64_in_every_simd_path(isa, n, k):
+    g = torch.Generator().manual_seed(n * 1000 + k + 11)
+    w = torch.randn(n, k, generator=g)
+    for m in (1, 2, 3, 5, 8, 9):
+        x = torch.randn(m, k, generator=g)
+        for b in (None, torch.randn(n, generator=g)):
+            y = native.fp32_linear(x, w, b, isa=isa)
+            ref = x.double() @ w.double().t() + (0 if b is None else b.double())
+            scale = (x.double().abs() @ w.double().abs().t()).max() + (0 if b is None else b.double().abs().max())
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            assert (y.double() - ref).abs().max() <= 1e-6 * scale + 1e-7
+    with pytest.raises(ValueError, match="fp32 weight"):
+        native.fp32_linear(torch.randn(1, 8), torch.zeros(4, 8).bfloat16())
+
+
+@needs_native
 def test_bf16_kernel_rejects_what_it_cannot_take():
     w = torch.zeros(4, 8).bfloat16()
     with pytest.raises(ValueError, match="bf16 weight"):

@@ -13,14 +13,14 @@ after, also when the block raises: ``Flamingo.generate/score/forward`` use it wi
 the trainer around forward + backward. Each call goes to oneDNN or ``F.linear`` by its size: calls
 with few rows (decoding) follow the probe's decode choice, larger ones (prefill, training) its
 GEMM choice. A call that
-is not plain fp32 CPU (another dtype or device, tensor subclasses) falls back to ``F.linear``,
-except decode-sized bf16 calls without gradients: those take the route the machine's
-``bf16_decode`` probe measured fastest for their row count (:func:`~.kernels.bf16_route`): our C
-kernel on the weight as it is (:func:`~.native.bf16_linear`), or oneDNN with the weight packed once
-into its blocked layout (:func:`~.kernels.packed_linear`, a copy kept with the weight). On an AMD
-EPYC Zen 4, ours at 1-4 rows (no copies; a batch-1 bf16 decode step of the built-in model 1.3x
-faster than on packed copies) and packed copies at 5-8 rows; ``F.linear`` hands oneDNN the plain
-matrix, which it re-lays at every call.
+is not plain fp32 CPU (another dtype or device, tensor subclasses) falls back to ``F.linear``.
+Decode-sized fp32 and bf16 calls without gradients take the route the machine's ``fp32_decode`` /
+``bf16_decode`` probe measured fastest for their row count (:func:`~.kernels.decode_route`): our C
+kernel on the weight as it is (:func:`~.native.fp32_linear` / ``bf16_linear``), oneDNN (fp32), or
+oneDNN with the weight packed once into its blocked layout (bf16, :func:`~.kernels.packed_linear`, a
+copy kept with the weight; ``F.linear`` hands oneDNN the plain matrix, which it re-lays at every
+call). On an AMD EPYC Zen 4: ours for fp32 at every row count and for bf16 at 1-4 rows (no copies),
+packed copies for bf16 at 5-8 rows.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .kernels import (DECODE_ROWS, PLAIN_TYPES, bf16_route, decide, onednn_available, onednn_linear, packed_linear,
+from .kernels import (DECODE_ROWS, PLAIN_TYPES, decide, decode_route, onednn_available, onednn_linear, packed_linear,
                       packed_supported)
 
 __all__ = ["fast_bf16", "linear", "onednn_available", "onednn_linear", "onednn_linears"]
@@ -66,50 +66,67 @@ def _use_onednn(x: torch.Tensor, mode: str) -> bool:
     return decide("decode" if rows <= DECODE_ROWS else "gemm")
 
 
-def _bf16_decode_route(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mode: str) -> str | int | None:
-    """For a decode-sized bf16 CPU call without gradients inside a routing block (``mode``):
-    ``"packed"`` (:func:`~.kernels.packed_linear`) or our C kernel's SIMD path (an ``int``), as this
-    machine's ``bf16_decode`` probe chose for its row count; else ``None`` (``F.linear``)."""
-    if w.dtype is not torch.bfloat16 or not x.is_cpu:
+def _decode_route(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mode: str) -> str | int | None:
+    """For a decode-sized fp32 or bf16 CPU call without gradients inside a routing block (``mode``), ``x``
+    and ``w`` of one dtype: the route this machine's ``fp32_decode`` / ``bf16_decode`` probe chose for its
+    row count (:func:`~.kernels.decode_route`; ``"onednn"``, ``"packed"``, ``"default"`` or our C
+    kernel's SIMD path, an ``int``, where it can take these operands); else ``None``."""
+    if w.dtype is not x.dtype or not x.is_cpu:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return None
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     if not 0 < rows <= DECODE_ROWS:
         return None
-    route = ("packed" if packed_supported() else "default") if mode == "force" else bf16_route(rows)
-    if route == "packed" or (route != "default" and _native_ok(x, w, b)):
-        return route
-    return None
+    kind = "fp32" if x.dtype is torch.float32 else "bf16"
+    if mode == "force":
+        return "onednn" if kind == "fp32" else ("packed" if packed_supported() else "default")
+    route = decode_route(kind, rows)
+    if isinstance(route, int) and not _native_ok(x, w, b):
+        return "onednn" if kind == "fp32" and decide("decode") else "default"
+    return route
 
 
 def _native_ok(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
-    """Operands :func:`~.native.bf16_linear` takes besides a bf16 CPU ``x`` (made contiguous here),
-    outside ``torch.compile`` and ``torch.jit.trace`` (they would not see a ctypes call)."""
+    """Operands our C kernel takes besides an fp32/bf16 CPU ``x`` (made contiguous here) and a ``w`` of
+    its dtype, outside ``torch.compile``, ``torch.jit.trace`` and functorch transforms (they would not
+    see a ctypes call, or have no storage to hand it)."""
     return (type(x) in PLAIN_TYPES and type(w) in PLAIN_TYPES and w.is_cpu and w.dim() == 2 and w.is_contiguous()
             and x.shape[-1] == w.shape[1]
-            and (b is None or (type(b) in PLAIN_TYPES and b.is_cpu and b.dim() == 1 and b.shape[0] == w.shape[0]
-                               and b.dtype in native.FLOAT_DTYPES and b.is_contiguous()))
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+            and (b is None or (type(b) in PLAIN_TYPES and b.dtype is w.dtype and b.is_cpu and b.dim() == 1
+                               and b.shape[0] == w.shape[0] and b.is_contiguous()))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not _functorch_wrapped(x) and native.library() is not None)
+
+
+def _functorch_wrapped(x: torch.Tensor) -> bool:
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False
+
+
+_KINDS = (torch.float32, torch.bfloat16)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, on oneDNN inside an :func:`onednn_linears` block where the block's policy
     picks it for this call (decode-sized calls and larger GEMMs are decided apart; decode-sized
-    bf16 calls on our C kernel or packed weights, as measured for their row count)."""
+    fp32 and bf16 calls without gradients on our C kernel, oneDNN or packed weights, as measured for
+    their row count)."""
     mode = _ACTIVE.get()
-    if mode is None:
+    if mode is None or x.dtype not in _KINDS:
         return F.linear(x, w, b)
-    if x.dtype is torch.float32:
-        if _use_onednn(x, mode):
+    route = _decode_route(x, w, b, mode)
+    if route is None:
+        if x.dtype is torch.float32 and _use_onednn(x, mode):
             return onednn_linear(x, w, b)
-    elif x.dtype is torch.bfloat16:
-        route = _bf16_decode_route(x, w, b, mode)
-        if route == "packed":
-            return packed_linear(x, w, b, _VERIFIED.get())
-        if route is not None:
-            y = native.bf16_linear(x.reshape(-1, x.shape[-1]).contiguous(), w, b, isa=route, check=False)
-            return y.view(*x.shape[:-1], w.shape[0])
+    elif isinstance(route, int):
+        kernel = native.fp32_linear if x.dtype is torch.float32 else native.bf16_linear
+        y = kernel(x.reshape(-1, x.shape[-1]).contiguous(), w, b, isa=route, check=False)
+        return y.view(*x.shape[:-1], w.shape[0])
+    elif route == "onednn":
+        return onednn_linear(x, w, b)
+    elif route == "packed":
+        return packed_linear(x, w, b, _VERIFIED.get())
     return F.linear(x, w, b)
 
 

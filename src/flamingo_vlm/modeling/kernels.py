@@ -8,21 +8,25 @@ margin: oneDNN is used only where it measured clearly faster, never where it was
 
 * ``decode``: fp32 linear layers at 1 and 4 rows over ~110 MB of distinct weights (so the product
   runs from memory, as in decoding), oneDNN vs ``F.linear``; ~0.5 s. Used for calls with up to
-  ``DECODE_ROWS`` rows.
+  ``DECODE_ROWS`` rows that want gradients (those without follow ``fp32_decode``).
 * ``gemm``: fp32 linear forward + backward at 512 rows, oneDNN (:func:`onednn_linear`, defined
   here; routed by :mod:`.fast_linear`) vs ``F.linear``; ~1-2 s. Used for calls with more rows
   (prompt prefill, a forward with labels, the training step).
 * ``bf16``: a bf16 GEMM vs the fp32 one at 1024 rows, only on CPUs that report native bf16
   (AVX512-BF16/AMX): whether bf16 weights/autocast pay here (emulated bf16 never does); ~0.5 s.
-* ``bf16_decode``: bf16 linear layers over ~113 MB of distinct weights, at each row count of
-  ``BF16_BUCKETS`` (1, 2, 4, 8): torch's ``F.linear``, oneDNN on weights packed once into its blocked
-  layout (:func:`packed_linear`, a copy the size of the weight; CPUs with native bf16 only) and our
-  C kernel on the weight as it is (:func:`flamingo_vlm.modeling.native.bf16_linear`, in its AVX2
-  and widest SIMD paths). Ours, which needs no copy, is taken where it is within the margin of
-  ``F.linear`` and packed is not faster than it by the margin; else packed, where within the
-  margin; else ``F.linear``. A call takes the route of the first row count >= its rows. Measured on
-  an AMD EPYC Zen 4 (32 layers): ``F.linear`` 10.4 ms, packed 4.7, ours 3.2 (AVX512-BF16) at one row;
-  at 8 rows packed 4.8 and ours 6.9, so 5-8-row calls take packed copies there. ~1.5 s.
+* ``fp32_decode`` and ``bf16_decode``: fp32 / bf16 linear layers without gradients over ~113 MB of
+  distinct weights, at each row count of ``DECODE_BUCKETS`` (1, 2, 4, 8): torch's ``F.linear``,
+  torch's faster kernel for the dtype where this build has it (fp32: oneDNN; bf16: oneDNN on weights
+  packed once into its blocked layout, :func:`packed_linear`, a copy the size of the weight, CPUs
+  with native bf16 only) and our C kernel on the weight as it is
+  (:func:`flamingo_vlm.modeling.native.fp32_linear` / ``bf16_linear``, in its AVX2 and widest SIMD
+  paths). Ours, which needs no copy, is taken where it is within the margin of ``F.linear`` and the
+  other is not faster than it by the margin; else the other, where within the margin; else
+  ``F.linear``. A call takes the route of the first row count >= its rows (:func:`decode_route`).
+  Measured on an AMD EPYC Zen 4: bf16 at one row ``F.linear`` 6.8 ms, packed 4.9, ours 3.4
+  (AVX512-BF16), at 8 rows packed faster, so 5-8-row bf16 calls take packed copies there; fp32 ours
+  at every row count (1 row: 302 MB in 10.4 ms, oneDNN 12.8, ``F.linear`` 22.9). ~1.5 s each.
+  (``decode`` still decides decode-sized fp32 calls that want gradients.)
 * ``int8_decode``: int8 weight-only linear layers (``quantize="int8"``) at 1 and 4 rows over ~85 MB
   of distinct int8 weights, torch's ``aten._weight_int8pack_mm`` vs our C kernel
   (:func:`flamingo_vlm.modeling.native.int8_linear`) in each SIMD path this CPU has; the path with
@@ -70,8 +74,9 @@ from ..allocator import preloaded
 from ..files import cache_root
 from . import native
 
-__all__ = ["BF16_BUCKETS", "DECODE_ROWS", "ENV", "KernelChoice", "bf16_route", "clear_packed", "cpu_model", "decide",
-           "kernel_choice", "onednn_available", "onednn_linear", "packed_bytes", "packed_linear", "summary"]
+__all__ = ["DECODE_BUCKETS", "DECODE_ROWS", "ENV", "KernelChoice", "bf16_route", "clear_packed", "cpu_model", "decide",
+           "decode_route", "kernel_choice", "onednn_available", "onednn_linear", "packed_bytes", "packed_linear",
+           "set_routes", "summary"]
 
 ENV = "FLAMINGO_VLM_CPU_KERNELS"
 _MODES = ("auto", "onednn", "default", "probe")
@@ -465,80 +470,120 @@ def int8_isa() -> int | None:
     return _MEMO.get("int8_isa")
 
 
-BF16_BUCKETS = (1, 2, 4, 8)  # a bf16 call with r rows takes the route measured at the first bucket >= r
+DECODE_BUCKETS = (1, 2, 4, 8)  # a decode-sized call of r rows takes the route measured at the first bucket >= r
+_NATIVE_ROUTE = re.compile(r"native:(\d+)")
+_OTHER = {"fp32": "onednn", "bf16": "packed"}  # torch's faster kernel each dtype races ours against
 
 
 def _bf16_decode_available() -> bool:
     return packed_supported() or native.library() is not None
 
 
-def _probe_bf16_decode() -> dict:
-    """Per row count in ``BF16_BUCKETS``: ``F.linear``, oneDNN on packed copies (where native bf16 has
-    them) and our C kernel in each SIMD path, over 32 distinct decode-sized bf16 layers (~113 MB).
-    Ours (no copy) is taken where it is within the margin of the default and packed is not faster
-    than it by the margin; else packed, if within the margin of the default; else the default."""
+def _fp32_decode_available() -> bool:
+    return onednn_available() or native.library() is not None
+
+
+def _probe_routes(kind: str) -> dict:
+    """Per row count in ``DECODE_BUCKETS``, over ~113 MB of distinct decode-sized layers of ``kind``
+    (``fp32``/``bf16``) weights: torch's ``F.linear``, torch's faster kernel for that dtype where this
+    build has it (fp32: oneDNN; bf16: oneDNN on packed copies, native bf16 only) and our C kernel in
+    its AVX2 and widest SIMD paths. Ours is taken where it is within the margin of ``F.linear`` and
+    the other is not faster than it by the margin (ours needs no copy); else the other, where within
+    the margin; else ``F.linear``."""
     lib = native.library()
+    dtype, other = (torch.float32, "onednn") if kind == "fp32" else (torch.bfloat16, "packed")
     g = torch.Generator().manual_seed(0)
-    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 8
-    base = {(i, o): (torch.randn(o, i, generator=g) * 0.02).bfloat16() for i, o in shapes}
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * (4 if kind == "fp32" else 8)
+    base = {(i, o): (torch.randn(o, i, generator=g) * 0.02).to(dtype) for i, o in shapes}
     weights = [base[s].clone() for s in shapes]  # distinct copies: from memory, as in decoding
-    packed = [_pack(w) for w in weights] if packed_supported() else None
-    isas = sorted({1, lib.fv_isa()}) if lib is not None and lib.fv_isa() >= 1 else []  # AVX2 and the widest
+    if kind == "fp32":
+        fast = (lambda x, w, _: onednn_linear(x, w)) if onednn_available() else None
+        operands = weights
+    else:
+        fast = (lambda x, _, p: _packed_product(x, p)) if packed_supported() else None
+        operands = [_pack(w) for w in weights] if fast else weights
+    widest = lib.fv_isa() if lib is not None else 0
+    isas = sorted({1, widest if kind == "bf16" else min(widest, 2)}) if widest >= 1 else []  # AVX2 and the widest
+    call = native.bf16_linear if kind == "bf16" else native.fp32_linear
     routes, timings = {}, {}
     with torch.no_grad():
-        for rows in BF16_BUCKETS:
-            xs = {i: torch.randn(rows, i, generator=g).bfloat16() for i, _ in shapes}
+        for rows in DECODE_BUCKETS:
+            xs = {i: torch.randn(rows, i, generator=g).to(dtype) for i, _ in shapes}
             runs = {"default": lambda: [F.linear(xs[w.shape[1]], w) for w in weights]}
-            if packed is not None:
-                runs["packed"] = lambda: [_packed_product(xs[w.shape[1]], p) for w, p in zip(weights, packed)]
+            if fast is not None:
+                runs[other] = lambda: [fast(xs[w.shape[1]], w, o) for w, o in zip(weights, operands)]
             for i in isas:
-                runs[f"native:{i}"] = lambda i=i: [native.bf16_linear(xs[w.shape[1]], w, isa=i, check=False)
-                                                   for w in weights]
+                runs[f"native:{i}"] = lambda i=i: [call(xs[w.shape[1]], w, isa=i, check=False) for w in weights]
             best = _fastest(runs, reps=3, rounds=2)
             ours = min((k for k in best if k.startswith("native:")), key=best.__getitem__, default=None)
-            if ours and best[ours] <= MARGIN * best["default"] and not best.get("packed", 1e9) <= MARGIN * best[ours]:
+            if ours and best[ours] <= MARGIN * best["default"] and not best.get(other, 1e9) <= MARGIN * best[ours]:
                 route = ours
-            elif packed is not None and best["packed"] <= MARGIN * best["default"]:
-                route = "packed"
+            elif fast is not None and best[other] <= MARGIN * best["default"]:
+                route = other
             else:
                 route = "default"
             routes[str(rows)] = route
             timings[str(rows)] = {k: round(v * 1e3, 3) for k, v in best.items()}
-    return {"bf16_decode_routes": routes, "bf16_decode_ms": timings,
-            "onednn_bf16_decode": "packed" in routes.values(),
-            "native_bf16_decode": any(r.startswith("native:") for r in routes.values())}
+    return {f"{kind}_decode_routes": routes, f"{kind}_decode_ms": timings}
 
 
-def _routes_valid(routes) -> bool:
-    return (isinstance(routes, dict) and set(routes) == {str(b) for b in BF16_BUCKETS}
-            and all(r in ("default", "packed") or (isinstance(r, str) and r.startswith("native:")) for r in routes.values()))
+def _routes_valid(routes, kind: str) -> bool:
+    return (isinstance(routes, dict) and set(routes) == {str(b) for b in DECODE_BUCKETS}
+            and all(isinstance(r, str) and (r in ("default", _OTHER[kind]) or _NATIVE_ROUTE.fullmatch(r))
+                    for r in routes.values()))
+
+
+def set_routes(kind: str, routes: tuple[str, ...]) -> bool:
+    """Take ``routes`` (one per ``DECODE_BUCKETS`` entry) for decode-sized ``kind`` calls in this process,
+    each route this process cannot run (no C kernel, no packing, no oneDNN) replaced by ``F.linear``'s;
+    returns whether any route is not ``F.linear``'s (benchmarks use this to pin a route)."""
+    lib = native.library()
+    has_other = packed_supported() if kind == "bf16" else onednn_available()
+    usable = tuple(r if (r == _OTHER[kind] and has_other) or (_NATIVE_ROUTE.fullmatch(r) and lib is not None)
+                   else "default" for r in routes)
+    per_row = [next(r for b, r in zip(DECODE_BUCKETS, usable) if n <= b) for n in range(1, DECODE_ROWS + 1)]
+    _MEMO[f"{kind}_routes"] = usable
+    _MEMO[f"{kind}_by_rows"] = ("default", *(int(r[7:]) if r.startswith("native:") else r for r in per_row))
+    _MEMO[f"{kind}_decode"] = any(r != "default" for r in usable)
+    return _MEMO[f"{kind}_decode"]
+
+
+def decode_route(kind: str, rows: int) -> str | int:
+    """How a decode-sized (``0 < rows <= DECODE_ROWS``) call with ``kind`` (``fp32``/``bf16``) weights and
+    no gradient runs here: ``"default"`` (``F.linear``), torch's faster kernel (fp32: ``"onednn"``; bf16:
+    ``"packed"``, :func:`packed_linear`) or the SIMD path (an ``int``) of our C kernel
+    (:func:`flamingo_vlm.modeling.native.fp32_linear` / ``bf16_linear``), as the ``<kind>_decode`` probe
+    measured for its row count. Other row counts: ``"default"``."""
+    if not 0 < rows <= DECODE_ROWS:
+        return "default"
+    mode = _mode()
+    by_rows = _MEMO.get(f"{kind}_by_rows") if mode == "auto" else None
+    if by_rows is None:
+        if mode == "default":
+            return "default"
+        if mode == "onednn":
+            return _OTHER[kind] if _AVAILABLE[f"{kind}_decode"]() and (
+                packed_supported() if kind == "bf16" else onednn_available()) else "default"
+        if not decide(f"{kind}_decode"):
+            return "default"
+        by_rows = _MEMO[f"{kind}_by_rows"]
+    return by_rows[rows]  # every decode-sized call: one env read, one look-up
 
 
 def bf16_route(rows: int) -> str | int:
-    """How a decode-sized bf16 call of ``rows`` rows runs here: ``"default"`` (``F.linear``),
-    ``"packed"`` (:func:`packed_linear`) or the SIMD path (an ``int``) of our C kernel
-    (:func:`flamingo_vlm.modeling.native.bf16_linear`), as the ``bf16_decode`` probe measured."""
-    mode = _mode()
-    by_rows = _MEMO.get("bf16_by_rows") if mode == "auto" else None
-    if by_rows is not None:  # every decode-sized bf16 call: one env read, one look-up
-        return by_rows[rows] if rows < len(by_rows) else "default"
-    if mode == "default":
-        return "default"
-    if mode == "onednn":
-        return "packed" if packed_supported() else "default"
-    if not decide("bf16_decode"):
-        return "default"
-    route = next((r for b, r in zip(BF16_BUCKETS, _MEMO["bf16_routes"]) if rows <= b), "default")
-    return int(route[7:]) if route.startswith("native:") else route
+    """:func:`decode_route` for bf16 weights."""
+    return decode_route("bf16", rows)
 
 
-_PROBES = {"decode": _probe_decode, "gemm": _probe_gemm, "bf16": _probe_bf16, "bf16_decode": _probe_bf16_decode,
+_PROBES = {"decode": _probe_decode, "gemm": _probe_gemm, "bf16": _probe_bf16,
+           "bf16_decode": lambda: _probe_routes("bf16"), "fp32_decode": lambda: _probe_routes("fp32"),
            "int8_decode": _probe_int8_decode}
 _KEYS = {"decode": "onednn_decode", "gemm": "onednn_gemm", "bf16": "bf16_fast", "bf16_decode": "bf16_decode_routes",
-         "int8_decode": "native_int8_decode"}
+         "fp32_decode": "fp32_decode_routes", "int8_decode": "native_int8_decode"}
 # Whether the faster kernel a part decides on exists in this process at all (bf16 GEMMs: torch's own).
 _AVAILABLE = {"decode": onednn_available, "gemm": onednn_available, "bf16": lambda: True,
-              "bf16_decode": _bf16_decode_available, "int8_decode": lambda: native.library() is not None}
+              "bf16_decode": _bf16_decode_available, "fp32_decode": _fp32_decode_available,
+              "int8_decode": lambda: native.library() is not None}
 
 
 # -- the choice ---------------------------------------------------------------------------------------
@@ -553,8 +598,9 @@ class KernelChoice:
     onednn_decode: bool  # fp32 linears with few rows (<= DECODE_ROWS: decoding) on oneDNN
     onednn_gemm: bool  # fp32 linears with more rows (prefill, forward+loss, training, with backward) on oneDNN
     bf16_fast: bool  # bf16 GEMMs beat fp32 here (native bf16 and measured faster)
-    # bf16 linears with few rows, per row count of BF16_BUCKETS: "torch default", "packed oneDNN"
-    # (packed_linear) or "ours <SIMD path>" (native.bf16_linear)
+    # fp32 / bf16 linears with few rows and no gradient, per row count of DECODE_BUCKETS: "torch default",
+    # "oneDNN" (fp32), "packed oneDNN" (bf16, packed_linear) or "ours <SIMD path>" (native.fp32/bf16_linear)
+    fp32_decode: tuple[str, ...]
     bf16_decode: tuple[str, ...]
     native_int8_decode: bool  # int8 weight-only linears with few rows on our C kernel (native.int8_linear)
     source: str  # "probe", "cache <file>", "env FLAMINGO_VLM_CPU_KERNELS=..."
@@ -597,7 +643,8 @@ def decide(part: str) -> bool:
         path = cache_file()
         data = _read_cache(path)
         cached = data.get(key)
-        if not (_routes_valid(cached) if part == "bf16_decode" else isinstance(cached, bool)) or mode == "probe":
+        routes = part in ("bf16_decode", "fp32_decode")
+        if not (_routes_valid(cached, part[:4]) if routes else isinstance(cached, bool)) or mode == "probe":
             # (the first call may come from inside generate's no_grad / inference_mode)
             with torch.inference_mode(False), torch.enable_grad():
                 data.update(_PROBES[part]())
@@ -605,20 +652,13 @@ def decide(part: str) -> bool:
             _write_cache(path, data)
         if part == "int8_decode":
             _MEMO["int8_isa"] = data.get("native_int8_isa")
-        if part == "bf16_decode":
-            routes = tuple(data[key][str(b)] for b in BF16_BUCKETS)
-            if "packed" in routes and not packed_supported():  # (a cache written by a process that had it)
-                routes = tuple("default" if r == "packed" else r for r in routes)
-            _MEMO["bf16_routes"] = routes
-            by_rows = [next(r for b, r in zip(BF16_BUCKETS, routes) if n <= b) for n in range(1, BF16_BUCKETS[-1] + 1)]
-            _MEMO["bf16_by_rows"] = ("default", *(int(r[7:]) if r.startswith("native:") else r for r in by_rows))
-            _MEMO[part] = any(r != "default" for r in routes)
-        else:
-            _MEMO[part] = data[key]
+        if routes:
+            return set_routes(part[:4], tuple(data[key][str(b)] for b in DECODE_BUCKETS))
+        _MEMO[part] = data[key]
         return _MEMO[part]
 
 
-def kernel_choice(parts: tuple[str, ...] = ("decode", "gemm", "bf16", "bf16_decode")) -> KernelChoice:
+def kernel_choice(parts: tuple[str, ...] = ("decode", "gemm", "bf16", "fp32_decode", "bf16_decode")) -> KernelChoice:
     """Every decision (probing what is not cached yet), for reports and benchmarks."""
     decisions = {p: decide(p) for p in parts}
     mode = _mode()
@@ -628,33 +668,45 @@ def kernel_choice(parts: tuple[str, ...] = ("decode", "gemm", "bf16", "bf16_deco
     return KernelChoice(
         cpu=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads(), allocator=_allocator(),
         onednn_decode=decisions.get("decode", False), onednn_gemm=decisions.get("gemm", False),
-        bf16_fast=decisions.get("bf16", False), bf16_decode=_bf16_routes_named() if "bf16_decode" in parts else (),
+        bf16_fast=decisions.get("bf16", False),
+        fp32_decode=_routes_named("fp32") if "fp32_decode" in parts else (),
+        bf16_decode=_routes_named("bf16") if "bf16_decode" in parts else (),
         native_int8_decode=decisions.get("int8_decode", False), source=source,
         timings={f"{p}_ms": data.get(f"{p}_ms") for p in parts if f"{p}_ms" in data},  # of the parts asked for
     )
 
 
 def _route_name(route: str | int) -> str:
-    return {"default": "torch default", "packed": "packed oneDNN"}.get(route, f"ours {native.ISA_NAMES.get(route, route)}")
+    if isinstance(route, str) and _NATIVE_ROUTE.fullmatch(route):
+        route = int(route[7:])
+    return {"default": "torch default", "packed": "packed oneDNN", "onednn": "oneDNN"}.get(
+        route, f"ours {native.ISA_NAMES.get(route, route)}")
 
 
-def _bf16_routes_named() -> tuple[str, ...]:
-    return tuple(_route_name(bf16_route(b)) for b in BF16_BUCKETS)
+def _routes_named(kind: str) -> tuple[str, ...]:
+    return tuple(_route_name(decode_route(kind, b)) for b in DECODE_BUCKETS)
 
 
-def _bf16_flag(c: KernelChoice) -> str:
-    """'<route> for decode-sized bf16 linears', the row counts named where the routes differ."""
-    routes = c.bf16_decode or ("torch default",)
+def _routes_flag(routes: tuple[str, ...], kind: str) -> str:
+    """'<route> for decode-sized <kind> linears', the row counts named where the routes differ."""
+    routes = routes or ("torch default",)
     if len(set(routes)) == 1:
-        return f"{routes[0]} for decode-sized bf16 linears"
+        return f"{routes[0]} for decode-sized {kind} linears"
     spans, lo = [], 1
-    for b, r in zip(BF16_BUCKETS, routes):
+    for b, r in zip(DECODE_BUCKETS, routes):
         if spans and spans[-1][1] == r:
             spans[-1][0] = f"{spans[-1][0].split('-')[0]}-{b}"
         else:
             spans.append([f"{lo}" if lo == b else f"{lo}-{b}", r])
         lo = b + 1
-    return "decode-sized bf16 linears: " + ", ".join(f"{r} at {rows} row{'' if rows == '1' else 's'}" for rows, r in spans)
+    return f"decode-sized {kind} linears: " + ", ".join(
+        f"{r} at {rows} row{'' if rows == '1' else 's'}" for rows, r in spans)
+
+
+def _probe_line(name: str, timings) -> str | None:
+    if not (isinstance(timings, dict) and isinstance(timings.get("1"), dict)):
+        return None
+    return f"{name} at 1 row " + "/".join(f"{_route_name(k)} {v:.1f}" for k, v in timings["1"].items()) + " ms"
 
 
 def summary(choice: KernelChoice | None = None, allocator: str | None = None) -> str:
@@ -663,19 +715,18 @@ def summary(choice: KernelChoice | None = None, allocator: str | None = None) ->
     c = choice or kernel_choice()
     if allocator:
         c = dataclasses.replace(c, allocator=allocator)
-    flags = [f"{'oneDNN' if c.onednn_decode else 'torch default'} for decode-sized fp32 linears",
-             f"{'oneDNN' if c.onednn_gemm else 'torch default'} for larger ones (prefill, forward, training)",
+    fp32 = (_routes_flag(c.fp32_decode, "fp32") if c.fp32_decode
+            else f"{'oneDNN' if c.onednn_decode else 'torch default'} for decode-sized fp32 linears")
+    flags = [fp32, f"{'oneDNN' if c.onednn_gemm else 'torch default'} for larger ones (prefill, forward, training)",
              f"bf16 {'native and faster' if c.bf16_fast else 'not faster than fp32'}",
-             _bf16_flag(c)]
+             _routes_flag(c.bf16_decode, "bf16")]
     t = c.timings
     if t.get("decode_ms"):
         flags.append(f"probe decode {t['decode_ms']['default']:.1f}/{t['decode_ms']['onednn']:.1f} ms")
     if t.get("gemm_ms"):
         flags.append(f"GEMM fwd+bwd {t['gemm_ms']['default']:.0f}/{t['gemm_ms']['onednn']:.0f} ms (default/oneDNN)")
-    if isinstance(t.get("bf16_decode_ms"), dict) and "1" in t["bf16_decode_ms"]:
-        one = t["bf16_decode_ms"]["1"]
-        flags.append("bf16 decode at 1 row " + "/".join(f"{_route_name(int(k[7:]) if k.startswith('native:') else k)} "
-                                                         f"{v:.1f}" for k, v in one.items()) + " ms")
+    flags += [line for line in (_probe_line("fp32 decode", t.get("fp32_decode_ms")),
+                                _probe_line("bf16 decode", t.get("bf16_decode_ms"))) if line]
     if t.get("int8_decode_ms"):
         flags.append(f"{'our C kernel' if c.native_int8_decode else 'torch default'} for decode-sized int8 linears "
                      "(" + "/".join(f"{k} {v:.1f}" for k, v in t["int8_decode_ms"].items()) + " ms)")

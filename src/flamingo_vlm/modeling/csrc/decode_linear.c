@@ -27,7 +27,7 @@
 #define FV_X86 1
 #endif
 
-enum { FV_INT8 = 0, FV_BF16 = 1 };  /* weight kinds */
+enum { FV_INT8 = 0, FV_BF16 = 1, FV_FP32 = 2 };  /* weight kinds */
 
 static inline float fv_bf16(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -64,6 +64,7 @@ typedef struct {
 } fv_args;
 
 static inline float fv_weight(const fv_args *a, int64_t n, int64_t k) {
+    if (a->wk == FV_FP32) return ((const float *)a->w)[n * a->K + k];
     return a->wk == FV_BF16 ? fv_bf16(((const uint16_t *)a->w)[n * a->K + k]) : (float)((const int8_t *)a->w)[n * a->K + k];
 }
 
@@ -103,11 +104,10 @@ static void fv_block_c(const fv_args *a, int64_t n0, int64_t nb) {
 }
 
 #ifdef FV_X86
-/* The next 4-row block, prefetched at the rate this one is consumed: `bytes` per step. */
+/* The next 4-row block, prefetched at the rate this one is consumed: `step_bytes` per step of `k_step` columns. */
 static inline __attribute__((always_inline)) void fv_prefetch(const char *next, int64_t k, int64_t step_bytes, int64_t k_step) {
     const char *p = next + k / k_step * step_bytes;
-    _mm_prefetch(p, _MM_HINT_T0);
-    if (step_bytes > 64) _mm_prefetch(p + 64, _MM_HINT_T0);
+    for (int64_t o = 0; o < step_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
 /* -- AVX-512: 16 columns per step, up to 4 rows of x per pass (16 accumulators) --------------------- */
@@ -121,6 +121,7 @@ fv_x512(const fv_args *a, int64_t i, int64_t k, __mmask16 mk) {
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __attribute__((always_inline)) __m512
 fv_w512(const void *row, int64_t k, __mmask16 mk, const int wk) {
+    if (wk == FV_FP32) return _mm512_maskz_loadu_ps(mk, (const float *)row + k);
     if (wk == FV_BF16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)row + k)), 16));
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, (const int8_t *)row + k)));
@@ -128,7 +129,7 @@ fv_w512(const void *row, int64_t k, __mmask16 mk, const int wk) {
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __attribute__((always_inline)) void
 fv_tile512(const fv_args *a, const char *blk, int64_t n0, int64_t nb, int64_t m0, const int mb, const int wk) {
-    const int64_t K = a->K, esize = wk == FV_BF16 ? 2 : 1;
+    const int64_t K = a->K, esize = wk == FV_FP32 ? 4 : wk == FV_BF16 ? 2 : 1;
     __m512 acc[4][4];
     for (int i = 0; i < 4; i++)
         for (int r = 0; r < 4; r++) acc[i][r] = _mm512_setzero_ps();
@@ -161,7 +162,8 @@ fv_rows512(const fv_args *a, const char *blk, int64_t n0, int64_t nb, const int 
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static void fv_block512(const fv_args *a, int64_t n0, int64_t nb) {
-    if (a->wk == FV_BF16) fv_rows512(a, (const char *)a->w + n0 * a->K * 2, n0, nb, FV_BF16);
+    if (a->wk == FV_FP32) fv_rows512(a, (const char *)a->w + n0 * a->K * 4, n0, nb, FV_FP32);
+    else if (a->wk == FV_BF16) fv_rows512(a, (const char *)a->w + n0 * a->K * 2, n0, nb, FV_BF16);
     else fv_rows512(a, (const char *)a->w + n0 * a->K, n0, nb, FV_INT8);
 }
 
@@ -182,6 +184,7 @@ __attribute__((target("avx2,fma"))) static inline __m256 fv_x256(const fv_args *
 
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) __m256
 fv_w256(const char *row, int64_t k, const int wk) {
+    if (wk == FV_FP32) return _mm256_loadu_ps((const float *)row + k);
     if (wk == FV_BF16)
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + 2 * k))), 16));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + k))));
@@ -189,7 +192,7 @@ fv_w256(const char *row, int64_t k, const int wk) {
 
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
 fv_tile256(const fv_args *a, const char *blk, int64_t n0, int64_t nb, int64_t m0, const int mb, const int wk) {
-    const int64_t K = a->K, esize = wk == FV_BF16 ? 2 : 1;
+    const int64_t K = a->K, esize = wk == FV_FP32 ? 4 : wk == FV_BF16 ? 2 : 1;
     __m256 acc[2][4];
     for (int i = 0; i < 2; i++)
         for (int r = 0; r < 4; r++) acc[i][r] = _mm256_setzero_ps();
@@ -222,7 +225,8 @@ fv_rows256(const fv_args *a, const char *blk, int64_t n0, int64_t nb, const int 
 }
 
 __attribute__((target("avx2,fma"))) static void fv_block256(const fv_args *a, int64_t n0, int64_t nb) {
-    if (a->wk == FV_BF16) fv_rows256(a, (const char *)a->w + n0 * a->K * 2, n0, nb, FV_BF16);
+    if (a->wk == FV_FP32) fv_rows256(a, (const char *)a->w + n0 * a->K * 4, n0, nb, FV_FP32);
+    else if (a->wk == FV_BF16) fv_rows256(a, (const char *)a->w + n0 * a->K * 2, n0, nb, FV_BF16);
     else fv_rows256(a, (const char *)a->w + n0 * a->K, n0, nb, FV_INT8);
 }
 
@@ -296,5 +300,12 @@ void fv_int8_linear(const void *x, int x_bf16, const int8_t *q, const void *s, i
 void fv_bf16_linear(const void *x, int x_bf16, const uint16_t *w, const void *b, int b_bf16,
                     void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int isa, int nthreads) {
     const fv_args a = {x, w, NULL, b, y, M, N, K, FV_BF16, x_bf16, 0, b_bf16, y_bf16};
+    fv_run(&a, isa, nthreads);
+}
+
+/* y (M, N) = x (M, K) @ w (N, K)^T + b (b may be NULL); w fp32; x, b, y fp32, or bf16 where their flag is set. */
+void fv_fp32_linear(const void *x, int x_bf16, const float *w, const void *b, int b_bf16,
+                    void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int isa, int nthreads) {
+    const fv_args a = {x, w, NULL, b, y, M, N, K, FV_FP32, x_bf16, 0, b_bf16, y_bf16};
     fv_run(&a, isa, nthreads);
 }
