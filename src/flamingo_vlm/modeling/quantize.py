@@ -34,7 +34,8 @@ own dtype (fp32 where bf16 is emulated). Measured there on 24 decode-sized layer
 dequantize-then-matmul was 20-40x slower than fp32 there and is not used; torchao 0.18's eager int8
 was slower than bf16 (issue 27). Our int8 kernel takes the layer's input as it is (fp32 or bf16) and
 has not been timed on that CPU (its probe decides there). On an AMD EPYC Zen 4, whole-model batch-1
-decode: int8 1.75x / 1.73x bf16 (benchmark shape / built-in model), int4 1.69x / 1.50x.
+decode: int8 1.42x / 1.27x bf16 (benchmark shape / built-in model), int4 1.37x / 1.15x, where bf16
+decodes on our own bf16 kernel (against bf16 on oneDNN's packed copies, int8 was 1.75x / 1.73x).
 
 Only CPU has these kernels in torch: quantizing a model on another device, or running a quantized
 layer on one, raises a one-line ``ValueError``. A quantized model cannot be trained (its weights are
