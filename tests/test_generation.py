@@ -104,6 +104,46 @@ def test_image_and_pad_are_never_generated(llama):
             model.lang_encoder.lm_head.weight[model.media_token_id] /= 50
 
 
+def test_suppression_samples_as_transformers_own_suppress_tokens(llama):
+    """<image> and <PAD> are masked by our own processor (no isin over the vocabulary at every step),
+    at the place in the processor chain where transformers' suppress_tokens step ran: the same sampled
+    tokens for the same seed, also with a processor of the caller's and top-k."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    from flamingo_vlm.modeling import flamingo as flamingo_mod
+
+    model, ip, tok = llama
+    batch = make_batch(model, ip, tok)
+    suppress = sorted({model.media_token_id, model.pad_token_id})
+    kw = dict(max_new_tokens=8, do_sample=True, top_k=3, temperature=1.7,
+              logits_processor=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)]))
+
+    torch.manual_seed(0)
+    ours = gen(model, batch, **kw)
+    real = flamingo_mod.SuppressTokens
+    try:  # the same call with transformers' processor in place of ours
+        flamingo_mod.SuppressTokens = _HFSuppress
+        torch.manual_seed(0)
+        theirs = gen(model, batch, **kw)
+    finally:
+        flamingo_mod.SuppressTokens = real
+    assert torch.equal(ours, theirs)
+    scores = torch.randn(2, model.lang_encoder.get_output_embeddings().weight.shape[0])
+    masked = real(suppress)(None, scores)
+    assert torch.isinf(masked[:, suppress]).all() and torch.equal(
+        masked, _HFSuppress(suppress)(None, scores)) and not torch.isinf(scores).any()
+
+
+class _HFSuppress:
+    def __init__(self, ids):
+        from transformers.generation.logits_process import SuppressTokensLogitsProcessor
+
+        self.p = SuppressTokensLogitsProcessor(ids)
+
+    def __call__(self, input_ids, scores):
+        return self.p(input_ids, scores)
+
+
 def test_stop_strings_and_streamer(llama):
     model, ip, tok = llama
     batch = make_batch(model, ip, tok)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .config import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, TokenConfig
 from .fast_linear import onednn_linears
@@ -132,6 +133,18 @@ def _persistence(name: str) -> Callable[..., Any]:
         return _PERSISTENCE[name]
     except KeyError:
         raise RuntimeError(f"Flamingo.{name}: {LOADING_LAYER} did not install it") from None
+
+
+class SuppressTokens(LogitsProcessor):
+    """transformers' ``SuppressTokensLogitsProcessor`` (the given token ids get score -inf) without its
+    per-step ``isin`` over the whole vocabulary (~0.15 ms per step at a 50k vocabulary on CPU)."""
+
+    def __init__(self, token_ids: list[int]):
+        self.token_ids = torch.tensor(token_ids, dtype=torch.long)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        ids = self.token_ids.to(scores.device)
+        return scores.index_fill(-1, ids[ids < scores.shape[-1]], -float("inf"))
 
 
 class Flamingo(nn.Module):
@@ -454,7 +467,10 @@ class Flamingo(nn.Module):
             if self.pad_token_id is not None and self.pad_token_id not in eos:
                 suppress.add(self.pad_token_id)  # padding is never a sensible next token
         if suppress:
-            generate_kwargs["suppress_tokens"] = sorted(suppress)
+            # first among the caller's processors: where transformers' own suppress_tokens step would run
+            # (after its default processors, before sampling's warpers), at a few microseconds per step
+            generate_kwargs["logits_processor"] = LogitsProcessorList(
+                [SuppressTokens(sorted(suppress)), *(generate_kwargs.get("logits_processor") or [])])
         if attention_mask is None:
             attention_mask = torch.ones_like(lang_x)
         if is_speculative(generate_kwargs) and lang_x.shape[0] > 1:  # transformers' assisted decoding is batch-1
