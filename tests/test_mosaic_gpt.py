@@ -237,6 +237,39 @@ def test_sequence_longer_than_max_seq_len_is_an_error(tmp_path):
         lm.generate(torch.zeros(1, 12, dtype=torch.long), max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
 
 
+def test_bf16_decoding_attends_in_fp32_with_the_logits_of_bf16_attention(tmp_path, monkeypatch):
+    """bf16 on CPU: decode steps (few queries, no gradient) run SDPA on fp32 copies (torch's bf16 kernel
+    is 3-4x slower there); prompts and training keep bf16. The logits stay those of bf16 attention to
+    bf16's resolution, and at least as close to the fp32 model's."""
+    from flamingo_vlm.modeling import mpt
+
+    write_mosaic_gpt(tmp_path / "lm", {**RELEASE_LIKE, "max_seq_len": 2048})
+    lm32 = load_causal_lm(str(tmp_path / "lm"))
+    lm16 = load_causal_lm(str(tmp_path / "lm"), dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(mpt.F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: seen.append((q.shape[-2], q.dtype)) or real(q, *a, **k))
+
+    def steps(lm):
+        with torch.no_grad():
+            out = lm(ids[:, :32], use_cache=True)
+            logits, cache = [], out.past_key_values
+            for i in range(32, 40):
+                out = lm(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+                logits.append(out.logits[:, -1].float())
+        return torch.cat(logits)
+
+    ours = steps(lm16)
+    assert {d for n, d in seen if n == 32} == {torch.bfloat16} and {d for n, d in seen if n == 1} == {torch.float32}
+    monkeypatch.setattr(mpt, "FP32_ATTENTION_MAX_QUERIES", 0)
+    bf16_sdpa = steps(lm16)
+    ref = steps(lm32)
+    assert (ours - bf16_sdpa).norm() <= 0.02 * ref.norm()
+    assert (ours - ref).norm() <= 1.05 * (bf16_sdpa - ref).norm()
+
+
 def test_bf16_close_to_fp32(tmp_path):
     write_mosaic_gpt(tmp_path / "lm", {**RELEASE_LIKE, "max_seq_len": 2048})
     lm32 = load_causal_lm(str(tmp_path / "lm"))
