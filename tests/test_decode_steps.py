@@ -117,3 +117,33 @@ def test_generate_uses_the_kv_cache_even_when_the_lm_config_says_not(model_and_b
         lm.config.use_cache, lm.generation_config.use_cache = old
     assert steps and set(steps) == {1}, steps
     assert torch.equal(cached, uncached)
+
+
+def test_bf16_decode_steps_of_a_transformers_lm_attend_in_fp32(monkeypatch):
+    """The LM's "sdpa" is switched to ours: a bf16 decode step's attention runs on fp32 copies (torch's
+    CPU SDPA is 3-4x slower on one bf16 query), the prompt's in bf16; the logits match bf16 SDPA's to
+    bf16's resolution and greedy tokens are the same."""
+    from transformers.integrations import sdpa_attention
+
+    from flamingo_vlm.modeling import attention
+
+    model, ip, tok = tiny_flamingo("llama", every=1, seed=3)
+    assert model.lang_encoder.config._attn_implementation == attention.NAME
+    model = model.to(torch.bfloat16)
+    text = "<image>a red car on a long grey road next to a tall green tree.<|endofchunk|><image>a"
+    batch = FlamingoProcessor(tok, ip)([(text, random_images(2, seed=1))])
+    assert batch["input_ids"].shape[1] > attention.FP32_MAX_QUERIES
+    args = (batch["vision_x"].bfloat16(), batch["input_ids"], batch["attention_mask"])
+    seen = []
+    real = sdpa_attention.sdpa_attention_forward  # the LM's attention (transformers' SDPA call)
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda m, q, *a, **k: seen.append((q.shape[-2], q.dtype)) or real(m, q, *a, **k))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ours = model.generate(*args, **kw)
+    prompt = batch["input_ids"].shape[1]
+    assert {d for n, d in seen if n == prompt} == {torch.bfloat16} and {d for n, d in seen if n == 1} == {torch.float32}
+    monkeypatch.setattr(attention, "FP32_MAX_QUERIES", 0)
+    theirs = model.generate(*args, **kw)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    a, b = torch.stack(ours.logits).float(), torch.stack(theirs.logits).float()
+    assert (a - b).norm() <= 0.02 * b.norm()

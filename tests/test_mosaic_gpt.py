@@ -241,7 +241,7 @@ def test_bf16_decoding_attends_in_fp32_with_the_logits_of_bf16_attention(tmp_pat
     """bf16 on CPU: decode steps (few queries, no gradient) run SDPA on fp32 copies (torch's bf16 kernel
     is 3-4x slower there); prompts and training keep bf16. The logits stay those of bf16 attention to
     bf16's resolution, and at least as close to the fp32 model's."""
-    from flamingo_vlm.modeling import mpt
+    from flamingo_vlm.modeling import attention, mpt
 
     write_mosaic_gpt(tmp_path / "lm", {**RELEASE_LIKE, "max_seq_len": 2048})
     lm32 = load_causal_lm(str(tmp_path / "lm"))
@@ -263,7 +263,7 @@ def test_bf16_decoding_attends_in_fp32_with_the_logits_of_bf16_attention(tmp_pat
 
     ours = steps(lm16)
     assert {d for n, d in seen if n == 32} == {torch.bfloat16} and {d for n, d in seen if n == 1} == {torch.float32}
-    monkeypatch.setattr(mpt, "FP32_ATTENTION_MAX_QUERIES", 0)
+    monkeypatch.setattr(attention, "FP32_MAX_QUERIES", 0)
     bf16_sdpa = steps(lm16)
     ref = steps(lm32)
     assert (ours - bf16_sdpa).norm() <= 0.02 * ref.norm()

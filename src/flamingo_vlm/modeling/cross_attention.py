@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import fp32_decode
 from .perceiver import feed_forward, merge_heads, split_heads
 
 
@@ -158,7 +159,10 @@ class MaskedCrossAttention(nn.Module):
         q = q.view(b, self.heads, 1, -1) if length == 1 else split_heads(q, self.heads)
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = self._attend(q, k, v, plan.mask)
+        if fp32_decode(q, k, v, self.training):  # bf16 decode step on CPU: SDPA on fp32 copies (.attention)
+            out = self._attend(q.float(), k.float(), v.float(), plan.mask).to(q.dtype)
+        else:
+            out = self._attend(q, k, v, plan.mask)
         out = self.to_out(out.reshape(b, 1, -1) if length == 1 else merge_heads(out))
         return out if plan.has_media is None else out * plan.has_media.to(out.dtype)
 

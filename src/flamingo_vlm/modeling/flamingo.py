@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .attention import use_for as use_fp32_decode_attention
 from .config import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, TokenConfig
 from .fast_linear import onednn_linears
 from .injection import Conditioning, ConditioningSlot, inject_cross_attention
@@ -189,6 +190,7 @@ class Flamingo(nn.Module):
         self.vision_encoder = vision_encoder
         self.perceiver = PerceiverResampler(dim=vis_dim, **perceiver_config.to_dict())
         self.lang_encoder = lang_encoder
+        use_fp32_decode_attention(lang_encoder)  # bf16 decode steps' attention in fp32 on CPU (.attention)
         self.decoder_layers_attr_name = inject_cross_attention(
             lang_encoder,
             slot=self._slot,

@@ -30,7 +30,7 @@ where MosaicGPT, which builds its buffer in the model dtype, rounds it early in 
 Both are ``m = alibi_bias_max``, and they agree whenever ``n_heads`` is a power of two (16 for mpt-1b).
 
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` with that bias as the
-mask. A bf16 model on CPU runs its decode steps' attention (<= ``FP32_ATTENTION_MAX_QUERIES`` queries,
+mask. A bf16 model on CPU runs its decode steps' attention (<= ``attention.FP32_MAX_QUERIES`` queries,
 no gradient) on fp32 copies of the queries, keys and values, rounded back to bf16: torch's CPU SDPA
 took 3-4x longer on one bf16 query than on fp32 ones (300-2000 cached keys, AMD EPYC Zen 4), more
 than the casts cost; a decode step with 512 / 1500 tokens of context 10% / 16% faster (bare MPT
@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import MptConfig, MptForCausalLM
 from transformers.models.mpt.modeling_mpt import MptModel, MptPreTrainedModel
+
+from .attention import fp32_decode
 
 ALIBI_SLOPE_SCHEMES = ("mpt", "mosaic_gpt")
 
@@ -116,17 +118,6 @@ class AlibiBias:
         return bias
 
 
-#: Queries per row up to which bf16 attention on CPU runs in fp32 (decoding steps, speculative checks).
-FP32_ATTENTION_MAX_QUERIES = 8
-
-
-def _fp32_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, training: bool) -> bool:
-    """A bf16 attention call on CPU with few queries and no gradient wanted."""
-    return (query.dtype == torch.bfloat16 and query.device.type == "cpu" and not training
-            and query.shape[-2] <= FP32_ATTENTION_MAX_QUERIES
-            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)))
-
-
 class MosaicMptAttention(nn.Module):
     """MosaicGPT/MPT multi-head attention (see the module docstring); takes the place of
     transformers' ``MptAttention`` and is called the same way by ``MptBlock``."""
@@ -169,7 +160,7 @@ class MosaicMptAttention(nn.Module):
         if not isinstance(position_bias, AlibiBias):
             raise TypeError("MosaicMptAttention must run inside MosaicMptModel (it builds the ALiBi bias)")
         dtype = query.dtype
-        if _fp32_decode_attention(query, key, value, self.training):
+        if fp32_decode(query, key, value, self.training):
             # torch's CPU SDPA is 3-4x slower on one bf16 query than on fp32 ones (decode, 300-2000
             # cached keys, AMD EPYC Zen 4), more than the casts cost: the product runs in fp32
             query, key, value = query.float(), key.float(), value.float()
