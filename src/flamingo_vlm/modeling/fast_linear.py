@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .kernels import (DECODE_ROWS, PLAIN_TYPES, decide, decode_route, onednn_available, onednn_linear, packed_linear,
-                      packed_supported)
+from .kernels import (DECODE_ROWS, PLAIN_TYPES, decide, decode_route, onednn_available, onednn_linear, onednn_route,
+                      packed_linear)
 
 __all__ = ["fast_bf16", "linear", "onednn_available", "onednn_linear", "onednn_linears"]
 
@@ -56,52 +56,48 @@ def fast_bf16(device: str | None = None) -> bool:
     return decide("bf16")
 
 
-def _use_onednn(x: torch.Tensor, mode: str) -> bool:
-    """An fp32 CPU call inside a routing block (``mode``): on oneDNN?"""
+def _use_onednn(x: torch.Tensor, rows: int, mode: str) -> bool:
+    """An fp32 CPU call of ``rows`` rows inside a routing block (``mode``): on oneDNN?"""
     if x.device.type != "cpu":
         return False  # (no probe for calls that could not take the route anyway)
     if mode == "force":
         return True
-    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     return decide("decode" if rows <= DECODE_ROWS else "gemm")
 
 
-def _decode_route(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mode: str) -> str | int | None:
+def _decode_route(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: int, mode: str) -> str | int | None:
     """For a decode-sized fp32 or bf16 CPU call without gradients inside a routing block (``mode``), ``x``
     and ``w`` of one dtype: the route this machine's ``fp32_decode`` / ``bf16_decode`` probe chose for its
     row count (:func:`~.kernels.decode_route`; ``"onednn"``, ``"packed"``, ``"default"`` or our C
     kernel's SIMD path, an ``int``, where it can take these operands); else ``None``."""
-    if w.dtype is not x.dtype or not x.is_cpu:
+    if not 0 < rows <= DECODE_ROWS or w.dtype is not x.dtype or not x.is_cpu:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return None
-    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-    if not 0 < rows <= DECODE_ROWS:
-        return None
     kind = "fp32" if x.dtype is torch.float32 else "bf16"
     if mode == "force":
-        return "onednn" if kind == "fp32" else ("packed" if packed_supported() else "default")
+        return onednn_route(kind)
     route = decode_route(kind, rows)
     if isinstance(route, int) and not _native_ok(x, w, b):
         return "onednn" if kind == "fp32" and decide("decode") else "default"
     return route
 
 
+# functorch's batched/grad tensors have no storage to hand a C kernel (None where torch lacks the check)
+_FUNCTORCH_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def _native_ok(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
     """Operands our C kernel takes besides an fp32/bf16 CPU ``x`` (made contiguous here) and a ``w`` of
     its dtype, outside ``torch.compile``, ``torch.jit.trace`` and functorch transforms (they would not
-    see a ctypes call, or have no storage to hand it)."""
+    see a ctypes call, or have no storage to hand it). (Where the kernel cannot load, no route names
+    it: :func:`~.kernels.set_routes`.)"""
     return (type(x) in PLAIN_TYPES and type(w) in PLAIN_TYPES and w.is_cpu and w.dim() == 2 and w.is_contiguous()
             and x.shape[-1] == w.shape[1]
             and (b is None or (type(b) in PLAIN_TYPES and b.dtype is w.dtype and b.is_cpu and b.dim() == 1
                                and b.shape[0] == w.shape[0] and b.is_contiguous()))
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not _functorch_wrapped(x) and native.library() is not None)
-
-
-def _functorch_wrapped(x: torch.Tensor) -> bool:
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(check(x)) if check is not None else False
+            and not (_FUNCTORCH_WRAPPED is not None and _FUNCTORCH_WRAPPED(x)))
 
 
 _KINDS = (torch.float32, torch.bfloat16)
@@ -115,9 +111,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     mode = _ACTIVE.get()
     if mode is None or x.dtype not in _KINDS:
         return F.linear(x, w, b)
-    route = _decode_route(x, w, b, mode)
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    route = _decode_route(x, w, b, rows, mode)
     if route is None:
-        if x.dtype is torch.float32 and _use_onednn(x, mode):
+        if x.dtype is torch.float32 and _use_onednn(x, rows, mode):
             return onednn_linear(x, w, b)
     elif isinstance(route, int):
         kernel = native.fp32_linear if x.dtype is torch.float32 else native.bf16_linear

@@ -75,8 +75,8 @@ from ..files import cache_root
 from . import native
 
 __all__ = ["DECODE_BUCKETS", "DECODE_ROWS", "ENV", "KernelChoice", "bf16_route", "clear_packed", "cpu_model", "decide",
-           "decode_route", "kernel_choice", "onednn_available", "onednn_linear", "packed_bytes", "packed_linear",
-           "set_routes", "summary"]
+           "decode_route", "kernel_choice", "onednn_available", "onednn_linear", "onednn_route", "packed_bytes",
+           "packed_linear", "set_routes", "summary"]
 
 ENV = "FLAMINGO_VLM_CPU_KERNELS"
 _MODES = ("auto", "onednn", "default", "probe")
@@ -533,14 +533,19 @@ def _routes_valid(routes, kind: str) -> bool:
                     for r in routes.values()))
 
 
+def onednn_route(kind: str) -> str:
+    """The route of ``kind`` calls on oneDNN (fp32: ``"onednn"``; bf16: ``"packed"``), or ``"default"``
+    where this process has no such kernel."""
+    has = packed_supported() if kind == "bf16" else onednn_available()
+    return _OTHER[kind] if has else "default"
+
+
 def set_routes(kind: str, routes: tuple[str, ...]) -> bool:
     """Take ``routes`` (one per ``DECODE_BUCKETS`` entry) for decode-sized ``kind`` calls in this process,
     each route this process cannot run (no C kernel, no packing, no oneDNN) replaced by ``F.linear``'s;
     returns whether any route is not ``F.linear``'s (benchmarks use this to pin a route)."""
-    lib = native.library()
-    has_other = packed_supported() if kind == "bf16" else onednn_available()
-    usable = tuple(r if (r == _OTHER[kind] and has_other) or (_NATIVE_ROUTE.fullmatch(r) and lib is not None)
-                   else "default" for r in routes)
+    lib, other = native.library(), onednn_route(kind)
+    usable = tuple(r if r == other or (_NATIVE_ROUTE.fullmatch(r) and lib is not None) else "default" for r in routes)
     per_row = [next(r for b, r in zip(DECODE_BUCKETS, usable) if n <= b) for n in range(1, DECODE_ROWS + 1)]
     _MEMO[f"{kind}_routes"] = usable
     _MEMO[f"{kind}_by_rows"] = ("default", *(int(r[7:]) if r.startswith("native:") else r for r in per_row))
@@ -562,8 +567,7 @@ def decode_route(kind: str, rows: int) -> str | int:
         if mode == "default":
             return "default"
         if mode == "onednn":
-            return _OTHER[kind] if _AVAILABLE[f"{kind}_decode"]() and (
-                packed_supported() if kind == "bf16" else onednn_available()) else "default"
+            return onednn_route(kind)
         if not decide(f"{kind}_decode"):
             return "default"
         by_rows = _MEMO[f"{kind}_by_rows"]

@@ -188,8 +188,8 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
                 isa: int = 2, check: bool = True) -> torch.Tensor:
     """``(x @ qweight.T) * scales + bias`` in ``x``'s dtype: ``x`` (M, K) fp32 or bf16, ``qweight``
     (N, K) int8, ``scales`` and ``bias`` (N,) fp32 or bf16 (``bias`` optional), all contiguous on
-    CPU; accumulated in fp32. No autograd. ``isa`` (0 C, 1 AVX2, 2 AVX-512; lowered to what the CPU
-    has) picks the SIMD path. Call only where :func:`library` is not ``None``. ``check=False`` skips
+    CPU; accumulated in fp32. No autograd. ``isa`` (0 C, 1 AVX2, 2 AVX-512, 3 AVX-512 with BF16, which
+    is 2 but for bf16 weights and input; lowered to what the CPU has) picks the SIMD path. Call only where :func:`library` is not ``None``. ``check=False`` skips
     the checks of the operands (~3 us, a tenth of a decode-sized call), for callers that guarantee
     them (``QuantizedLinear``); a wrong operand then reads memory it should not."""
     lib = _lib()
