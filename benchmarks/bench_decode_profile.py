@@ -126,10 +126,16 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def step_ms(model, lang_x, vision_x, flamingo: bool, new_tokens: int, repeats: int) -> tuple[float, float]:
+    ms, _first, others = decode_ms(model, lang_x, vision_x, flamingo, new_tokens, repeats)
+    return ms, others
+
+
+def decode_ms(model, lang_x, vision_x, flamingo: bool, new_tokens: int, repeats: int) -> tuple[float, float, float]:
+    """(ms per decode step, ms to the first token: images, prompt and one step, the cores other processes used)."""
     with torch.inference_mode():
         t_long, o1 = timed(decode_fn(model, lang_x, vision_x, new_tokens, flamingo), repeats)
         t_one, o2 = timed(decode_fn(model, lang_x, vision_x, 1, flamingo), repeats)
-    return (t_long - t_one) / (new_tokens - 1) * 1e3, max(o1, o2)
+    return (t_long - t_one) / (new_tokens - 1) * 1e3, t_one * 1e3, max(o1, o2)
 
 
 def matmul_bytes_flops(name: str, shapes: list, elem: int) -> tuple[float, float]:

@@ -22,7 +22,8 @@ decode-sized calls where this machine measured it faster, see :mod:`flamingo_vlm
 
 Columns: **weights MB** (all parameters and buffers of the model), **+ packed MB** (copies of bf16
 weights in oneDNN's blocked layout that bf16 decoding keeps where this CPU measured them faster, see
-:func:`flamingo_vlm.modeling.kernels.packed_linear`), **ms/token** (one decode step:
+:func:`flamingo_vlm.modeling.kernels.packed_linear`), **first token ms** (t(1): encoding the images, the
+prompt's prefill and one step; median of the rounds), **ms/token** (one decode step:
 (t(32 new tokens) - t(1)) / 31, median of ``--repeats``, as ``bench_decode_profile.py``; then the median of
 ``--rounds`` rounds in which the variants take turns, so that all of them see the same machine), speed-up vs
 our fp32 and bf16, and for the built-in model the **greedy agreement** with fp32 and bf16 on the
@@ -56,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from bench_decode_profile import SHAPE, step_ms  # noqa: E402
+from bench_decode_profile import SHAPE, decode_ms  # noqa: E402
 from bench_inference import QUICK, Shape, build_models, cpu_flags, cpu_model, interleaved_prompt, write_results  # noqa: E402
 
 from flamingo_vlm.modeling import kernels  # noqa: E402
@@ -152,20 +153,24 @@ def run_model(label: str, base, prompts, new_tokens: int, args, log) -> list[dic
     models = {name: variant(base, name) for name in names}
     lang_x, vision_x = prompts[0]
     times: dict[str, list[float]] = {name: [] for name in names}
+    firsts: dict[str, list[float]] = {name: [] for name in names}
     others: dict[str, float] = {name: 0.0 for name in names}
     for k in range(args.rounds):
         for name, model in models.items():
             dtype = next(model.perceiver.parameters()).dtype
             with routes(name):
-                ms, o = step_ms(model, lang_x, vision_x.to(dtype), True, new_tokens, args.repeats)
+                ms, first, o = decode_ms(model, lang_x, vision_x.to(dtype), True, new_tokens, args.repeats)
             times[name].append(ms)
+            firsts[name].append(first)
             others[name] = max(others[name], o)
-            log(f"{label} {name}: round {k + 1}/{args.rounds}: {ms:.1f} ms/token (other processes {o:.2f} cores)")
+            log(f"{label} {name}: round {k + 1}/{args.rounds}: {ms:.1f} ms/token, first token {first:.0f} ms "
+                f"(other processes {o:.2f} cores)")
     rows, outputs = [], {}
     for name, model in models.items():
         row = {"model": label, "variant": name, "weights_mb": weight_bytes(model) / 1e6,
                "packed_mb": packed_bytes(model) / 1e6,
                "ms_per_token": statistics.median(times[name]), "ms_per_token_rounds": times[name],
+               "first_token_ms": statistics.median(firsts[name]),
                "others_cores": others[name]}
         if args.quality:
             with routes(name):
@@ -200,18 +205,19 @@ def render(result: dict[str, Any]) -> str:
         f"CPU: {env['cpu']} ({', '.join(env['cpu_flags']) or 'no AVX2'}), {env['threads']} threads, torch "
         f"{env['torch']}; load average {env['loadavg']}; other processes used {env['others_cores_max']:.2f} cores "
         "at most during the timings.", "",
-        "| model | variant | weights MB | + packed MB | ms/token | x vs fp32 | x vs bf16 (rounds: min-max) | "
-        "other procs (cores) | greedy = fp32 | greedy = bf16 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| model | variant | weights MB | + packed MB | first token ms | ms/token | x vs fp32 | "
+        "x vs bf16 (rounds: min-max) | other procs (cores) | greedy = fp32 | greedy = bf16 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['weights_mb']:.0f} | {r.get('packed_mb', 0):.0f} | "
-            f"{r['ms_per_token']:.1f} | "
+            f"{r.get('first_token_ms', float('nan')):.0f} | {r['ms_per_token']:.1f} | "
             f"{_x(r, 'fp32')} | {_x(r, 'bf16')} | "
             f"{r['others_cores']:.2f} | {r.get('agree_fp32', '-')} | {r.get('agree_bf16', '-')} |"
         )
-    lines += ["", "ms/token: (t(N new tokens) - t(1)) / (N - 1), median of the repeats, then median of "
+    lines += ["", "first token ms: t(1), the images, the prompt and one decode step (median, as ms/token). "
+              "ms/token: (t(N new tokens) - t(1)) / (N - 1), median of the repeats, then median of "
               f"{result.get('rounds', 1)} rounds in which the variants take turns; everything but the "
               "quantized layers runs in fp32; int4 and int8-aten run those layers on torch's kernels with bf16 "
               "activations, int8 its decode-sized calls on our C kernel (fp32 activations) where the kernel "
@@ -256,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the CPU kernel choices the rest of the model ran with
         from flamingo_vlm.modeling.kernels import kernel_choice, summary
 
-        kernels = summary(kernel_choice(("decode", "gemm", "bf16", "fp32_decode", "bf16_decode", "int8_decode")))
+        kernels = summary(kernel_choice(("decode", "gemm", "bf16", "fp32_decode", "bf16_decode", "int8_decode",
+                                         "int8_gemm")))
     except Exception as e:  # noqa: BLE001 (a report line, not a reason to lose the figures)
         kernels = f"kernel choices unavailable: {type(e).__name__}: {e}"
     env = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,

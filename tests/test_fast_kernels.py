@@ -125,6 +125,36 @@ def test_fp32_decode_calls_take_our_kernel_where_it_was_chosen(fresh, monkeypatc
     assert calls == [1, 2]  # 3 rows: the 4-row bucket's route (F.linear); 9: not decode-sized
 
 
+def test_a_routed_layer_follows_what_changes_inside_the_block(fresh, monkeypatch):
+    """The weight and bias checks our kernel needs are made once per block: a weight replaced inside
+    the block, a non-contiguous input or a gradient wanted still get the right product (torch's)."""
+    from flamingo_vlm.modeling import native
+    from flamingo_vlm.modeling.fast_linear import onednn_linears
+
+    if native.library() is None:
+        pytest.skip(f"no native kernels: {native.unavailable_reason()}")
+    monkeypatch.setattr(kernels, "_MEMO", {"decode": False, "gemm": False})
+    kernels.set_routes("fp32", ("native:1",) * len(kernels.DECODE_BUCKETS))
+    calls = []
+    real = native.fp32_linear
+    monkeypatch.setattr(native, "fp32_linear", lambda x, *a, **k: calls.append(tuple(x.shape)) or real(x, *a, **k))
+    layer = torch.nn.Linear(40, 24)
+    x = torch.randn(2, 1, 40)
+    with onednn_linears(layer):
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+            assert calls == [(2, 1, 40)]  # leading dimensions kept, no copy
+            strided = torch.randn(40, 3).t()  # (3, 40), not contiguous
+            torch.testing.assert_close(layer(strided), torch.nn.functional.linear(strided, layer.weight, layer.bias))
+            layer.weight = torch.nn.Parameter(torch.randn(24, 40).t().contiguous().t())  # replaced, not contiguous
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+            # the strided input went to our kernel as a contiguous copy; the replaced (strided) weight did not
+            assert calls == [(2, 1, 40), (3, 40)]
+        y = layer(x.requires_grad_())
+        y.sum().backward()  # a gradient wanted: autograd's ops
+        assert x.grad is not None and len(calls) == 2
+
+
 # -- bf16 weights packed for oneDNN (decode) -------------------------------------------------------
 def _packing_works() -> bool:
     try:

@@ -210,7 +210,7 @@ def test_int8_layer_uses_our_kernel_for_few_rows_only(fresh, monkeypatch):
     q = QuantizedLinear(layer, "int8")
     calls = []
     real = native.int8_linear
-    monkeypatch.setattr(native, "int8_linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(native, "int8_linear", lambda *a, **k: calls.append(a[0].numel() // 96) or real(*a, **k))
     w = q.dequantized_weight()
     for shape in [(1, 96), (2, 1, 96), (8, 96), (9, 96), (3, 5, 96)]:
         x = torch.randn(*shape)
@@ -220,12 +220,24 @@ def test_int8_layer_uses_our_kernel_for_few_rows_only(fresh, monkeypatch):
         tol = 1e-5 if x[..., 0].numel() <= kernels.DECODE_ROWS else 1e-2
         ref = F.linear(x, w, layer.bias)
         assert (out - ref).norm() <= tol * ref.norm()
-    assert calls == [(1, 96), (2, 96), (8, 96)]
+    assert calls == [1, 2, 8]  # rows
     q(torch.randn(1, 96, requires_grad=True))  # a gradient wanted: torch's op, which autograd knows
     q.native = False
     q(torch.randn(1, 96))
     assert len(calls) == 3
     assert q(torch.randn(1, 96).bfloat16()).dtype == torch.bfloat16
+    # the buffers are checked once per set of tensors: a replaced one (here strided) is checked again
+    q.native = True
+    del calls[:]
+    x = torch.randn(1, 96)
+    before = q(x)
+    q.scales = torch.stack([q.scales, q.scales], 1)[:, 0]
+    assert not q.scales.is_contiguous()
+    assert (q(x) - before).norm() <= 1e-2 * before.norm()  # torch's kernel: x rounded to bf16
+    assert calls == [1]
+    q.scales = q.scales.contiguous()
+    q(x)
+    assert calls == [1, 1]
 
 
 @needs_native
@@ -265,3 +277,76 @@ def test_generate_through_our_kernel_equals_generate_through_a_float64_reference
     ref_tokens, ref_logits = run(float64)
     assert torch.equal(tokens, ref_tokens)
     assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
+
+
+ROUTES8 = ["aten", "fp32"] + (["bf16"] if kernels._bf16_supported() else [])
+
+
+@pytest.mark.parametrize("route", ROUTES8)
+def test_int8_gemm_routes_compute_the_scaled_product(route):
+    """Every route of larger int8 calls is (x @ q.T) * s + b in x's dtype: fp32 to fp32 rounding, the
+    bf16 ones (torch's kernel rounds x to bf16; ours rounds the product once more) to bf16 rounding."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (48, 96), generator=g, dtype=torch.int8)
+    s = (torch.rand(48, generator=g) + 0.5).bfloat16()
+    b = torch.randn(48, generator=g)
+    x = torch.randn(40, 96, generator=g)
+    ref = reference(x, q, s) + b.double()
+    out = kernels.int8_gemm(x, q, s, b, route)
+    assert out.shape == (40, 48) and out.dtype == torch.float32
+    tol = 1e-6 if route == "fp32" else 1e-2
+    assert (out.double() - ref).norm() <= tol * ref.norm()
+    assert kernels.int8_gemm(x.bfloat16(), q, s, None, route).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("winner, ratio", [("bf16", 0.5), ("fp32", 0.5), ("bf16", 0.95)])
+def test_larger_int8_calls_take_the_route_that_measured_faster(fresh, monkeypatch, winner, ratio):
+    if winner == "bf16" and not kernels._bf16_supported():
+        pytest.skip("bf16 is not native here: the probe does not time it")
+
+    def fastest(runs, reps=5, rounds=3):
+        return {name: ratio if name == winner else 1.0 + 0.1 * (name != "aten") for name in runs}
+
+    monkeypatch.setattr(kernels, "_fastest", fastest)
+    chosen = ratio <= kernels.MARGIN
+    assert kernels.decide("int8_gemm") is chosen
+    data = json.loads(kernels.cache_file().read_text())
+    assert set(data["int8_gemm_routes"]) == {"16", "64"}
+    expected = winner if chosen else "aten"
+    assert [kernels.int8_gemm_route(r) for r in (9, 32, 33, 500)] == [expected] * 4
+    line = kernels.summary(kernels.kernel_choice(("int8_gemm",)))
+    assert {"aten": "torch default", "bf16": "bf16 GEMM", "fp32": "fp32 GEMM"}[expected] + " for larger int8" in line
+    # per bucket: a cached table with two routes, read by a new process
+    data["int8_gemm_routes"] = {"16": "aten", "64": "fp32"}
+    kernels.cache_file().write_text(json.dumps(data))
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    assert [kernels.int8_gemm_route(r) for r in (9, 32, 33)] == ["aten", "aten", "fp32"]
+    # a damaged cached table is measured again, not trusted
+    data["int8_gemm_routes"] = {"16": "mkl", "64": "fp32"}
+    kernels.cache_file().write_text(json.dumps(data))
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    assert kernels.int8_gemm_route(100) == expected
+    monkeypatch.setenv(kernels.ENV, "default")
+    assert kernels.int8_gemm_route(100) == "aten"
+    monkeypatch.setenv(kernels.ENV, "onednn")
+    assert kernels.int8_gemm_route(100) == ("bf16" if kernels._bf16_supported() else "aten")
+
+
+def test_int8_layer_takes_the_larger_calls_route(fresh, monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(kernels, "_MEMO", {"int8_decode": False, "int8_isa": None,
+                                           "int8_gemm": True, "int8_gemm_by": ("fp32", "aten")})
+    layer = nn.Linear(96, 40)
+    q = QuantizedLinear(layer, "int8")
+    routes = []
+    real = kernels.int8_gemm
+    monkeypatch.setattr("flamingo_vlm.modeling.quantize.int8_gemm", lambda *a: routes.append(a[-1]) or real(*a))
+    ref_w = q.dequantized_weight()
+    for shape in [(1, 96), (9, 96), (4, 8, 96), (2, 40, 96)]:
+        x = torch.randn(*shape)
+        out = q(x)
+        assert out.shape == (*shape[:-1], 40)
+        ref = F.linear(x, ref_w, layer.bias)
+        tol = 1e-5 if routes[-1] == "fp32" else 1e-2
+        assert (out - ref).norm() <= tol * ref.norm()
+    assert routes == ["aten", "fp32", "fp32", "aten"]  # 1 row: torch's (ours not chosen); 9 and 32: fp32; 80: aten

@@ -127,8 +127,33 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
-def _forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return linear(x, layer.weight, layer.bias)
+def _routed_forward(layer: nn.Linear, mode: str):
+    """``layer``'s forward inside a routing block (``mode``): :func:`linear`, with the checks of the
+    weight and bias that a decode-sized call on our C kernel needs made once for the block instead of
+    at every call (a decode step makes hundreds of such calls, and each check costs microseconds). A
+    call whose layer holds other tensors than at entry, or that is not a plain contiguous CPU input
+    of the weight's dtype, takes :func:`linear` as before."""
+    params = layer._parameters
+    w, b = params["weight"], params["bias"]
+    kind = "fp32" if w.dtype is torch.float32 else "bf16"
+    kernel = native.fp32_linear if kind == "fp32" else native.bf16_linear
+    k = w.shape[1] if w.dim() == 2 else -1
+    fast = mode == "auto" and k > 0 and _native_ok(w.new_empty(1, k), w, b)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if (fast and x.dtype is w.dtype and type(x) in PLAIN_TYPES and x.is_cpu and x.shape[-1] == k
+                and params["weight"] is w and params["bias"] is b and x.is_contiguous()
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                      or (b is not None and b.requires_grad)))):
+            rows = x.numel() // k
+            if 0 < rows <= DECODE_ROWS:
+                route = decode_route(kind, rows)
+                if type(route) is int and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not (
+                        _FUNCTORCH_WRAPPED is not None and _FUNCTORCH_WRAPPED(x)):
+                    return kernel(x, w, b, isa=route, check=False)
+        return linear(x, params["weight"], params["bias"])
+
+    return forward
 
 
 def _eligible(layer: nn.Module) -> bool:
@@ -157,7 +182,7 @@ def onednn_linears(module: nn.Module, enabled: bool | None = None) -> Iterator[i
     verified = _VERIFIED.set(set()) if on and _VERIFIED.get() is None else None
     try:
         for layer in layers:
-            layer.forward = _forward.__get__(layer)
+            layer.forward = _routed_forward(layer, "force" if enabled else "auto")
         yield len(layers)
     finally:
         for layer in layers:

@@ -197,10 +197,10 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
         raise ValueError("int8_linear: needs a contiguous CPU (M, K) fp32/bf16 input, (N, K) int8 weight, (N,) "
                          "fp32/bf16 scales and optional (N,) bias, got "
                          + _describe(input=x, weight=qweight, scales=scales, bias=bias))
-    m, k = x.shape
-    n = qweight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype)
+    n, k = qweight.shape
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)  # (check=False also takes a contiguous (..., K) x)
     bf16 = x.dtype == torch.bfloat16
+    m = y.numel() // n if n else 0
     lib.fv_int8_linear(x.data_ptr(), bf16, qweight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16,
                        _ptr(bias), bias is not None and bias.dtype == torch.bfloat16,
                        y.data_ptr(), bf16, m, n, k, isa, torch.get_num_threads())
@@ -228,10 +228,10 @@ def _float_linear(x, weight, bias, wdtype, symbol, isa, check) -> torch.Tensor:
         name = "bf16" if wdtype == torch.bfloat16 else "fp32"
         raise ValueError(f"{name}_linear: needs a contiguous CPU (M, K) fp32/bf16 input, (N, K) {name} weight and "
                          "optional (N,) fp32/bf16 bias, got " + _describe(input=x, weight=weight, bias=bias))
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype)
+    n, k = weight.shape
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)  # (check=False also takes a contiguous (..., K) x)
     bf16 = x.dtype == torch.bfloat16
+    m = y.numel() // n if n else 0
     getattr(lib, symbol)(x.data_ptr(), bf16, weight.data_ptr(), _ptr(bias), bias is not None and bias.dtype == torch.bfloat16,
                          y.data_ptr(), bf16, m, n, k, isa, torch.get_num_threads())
     return y
