@@ -155,6 +155,53 @@ def test_a_routed_layer_follows_what_changes_inside_the_block(fresh, monkeypatch
         assert x.grad is not None and len(calls) == 2
 
 
+def test_a_routed_layer_is_right_after_in_place_changes_copies_pruning_and_nesting(fresh, monkeypatch):
+    """What keeps the Parameter object but changes its tensor (``.to()``, ``.data =``), a deep copy of
+    the layer taken inside the block, a pruned layer (its weight a plain attribute) and a nested
+    ``enabled=True`` block all get the product of the layer's current weights."""
+    import copy
+
+    from torch.nn.utils import prune
+
+    from flamingo_vlm.modeling import native
+    from flamingo_vlm.modeling.fast_linear import onednn_linears
+
+    if native.library() is None:
+        pytest.skip(f"no native kernels: {native.unavailable_reason()}")
+    monkeypatch.setattr(kernels, "_MEMO", {"decode": False, "gemm": False})
+    kernels.set_routes("fp32", ("native:1",) * len(kernels.DECODE_BUCKETS))
+    kernels.set_routes("bf16", ("native:1",) * len(kernels.DECODE_BUCKETS))
+    torch.manual_seed(0)
+
+    def check(layer, x):
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+    layer = torch.nn.Linear(40, 32)
+    x = torch.randn(1, 40)
+    with torch.no_grad(), onednn_linears(layer):
+        check(layer, x)
+        layer.to(torch.bfloat16)  # the same Parameter objects, bf16 tensors
+        check(layer, x.bfloat16())
+        layer.float()
+        layer.weight.data = torch.randn(40, 32).t()  # strided, same object
+        check(layer, x)
+        layer.weight.data = torch.randn(32, 40)
+        clone = copy.deepcopy(layer)
+        clone.weight.zero_()
+        clone.bias.zero_()
+        assert clone(x).abs().max() == 0
+        with onednn_linears(layer, enabled=True):  # forced: oneDNN, not our kernel
+            before = kernels.calls
+            check(layer, x)
+            assert kernels.calls > before
+    assert clone(x).abs().max() == 0  # after the block too
+    pruned = torch.nn.Linear(40, 32)
+    prune.l1_unstructured(pruned, "weight", amount=0.5)
+    with torch.no_grad(), onednn_linears(pruned) as n:
+        assert n == 1
+        check(pruned, x)
+
+
 # -- bf16 weights packed for oneDNN (decode) -------------------------------------------------------
 def _packing_works() -> bool:
     try:

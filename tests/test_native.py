@@ -238,6 +238,19 @@ def test_int8_layer_uses_our_kernel_for_few_rows_only(fresh, monkeypatch):
     q.scales = q.scales.contiguous()
     q(x)
     assert calls == [1, 1]
+    q.bias.data = q.bias.data.double()  # the same tensor object, another dtype: checked again
+    ref = F.linear(x, q.dequantized_weight(), layer.bias)
+    assert (q(x) - ref).norm() <= 1e-2 * ref.norm()
+    assert calls == [1, 1]
+
+
+def test_a_damaged_timing_table_in_the_cache_does_not_break_the_summary(fresh):
+    kernels.cache_file().parent.mkdir(parents=True, exist_ok=True)
+    kernels.cache_file().write_text(json.dumps({"int8_gemm_routes": {"16": "aten", "64": "aten"},
+                                                "int8_gemm_ms": {"64": 3.0}, "native_int8_decode": False,
+                                                "int8_decode_ms": {"torch": "x"}}))
+    line = kernels.summary(kernels.kernel_choice(("int8_gemm", "int8_decode")))
+    assert "torch default for larger int8 linears" in line and "64 rows" not in line
 
 
 @needs_native

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import types
 from collections.abc import Iterator
 
 import torch
@@ -127,22 +128,35 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
-def _routed_forward(layer: nn.Linear, mode: str):
-    """``layer``'s forward inside a routing block (``mode``): :func:`linear`, with the checks of the
-    weight and bias that a decode-sized call on our C kernel needs made once for the block instead of
-    at every call (a decode step makes hundreds of such calls, and each check costs microseconds). A
-    call whose layer holds other tensors than at entry, or that is not a plain contiguous CPU input
-    of the weight's dtype, takes :func:`linear` as before."""
-    params = layer._parameters
-    w, b = params["weight"], params["bias"]
+def _routed_forward(layer: nn.Linear):
+    """``layer``'s forward inside a routing block: :func:`linear`, with the checks of the weight and bias
+    that a decode-sized call on our C kernel needs made once for the block instead of at every call
+    (a decode step makes hundreds of such calls, and each check costs microseconds). Per call only
+    what can change cheaply is compared: the layer still holds the same weight and bias tensors, with
+    the same data pointer, dtype, shape and contiguity, and the calling context routes per call
+    (``"auto"``). Anything else (a weight replaced or moved, a copy of the layer, a nested
+    ``enabled=True`` block, another thread, an input that is not a plain contiguous CPU tensor of
+    the weight's dtype) takes :func:`linear` with the layer's current tensors."""
+    w = layer._parameters.get("weight")  # (absent where pruning or weight_norm made it a plain attribute)
+    b = layer._parameters.get("bias")
+    if w is None or w.dim() != 2 or w.shape[1] == 0 or not _native_ok(w.new_empty(1, w.shape[1]), w, b):
+        return types.MethodType(lambda self, x: linear(x, self.weight, self.bias), layer)
     kind = "fp32" if w.dtype is torch.float32 else "bf16"
     kernel = native.fp32_linear if kind == "fp32" else native.bf16_linear
-    k = w.shape[1] if w.dim() == 2 else -1
-    fast = mode == "auto" and k > 0 and _native_ok(w.new_empty(1, k), w, b)
+    dtype, shape, ptr = w.dtype, w.shape, w.data_ptr()
+    k = shape[1]
+    bstate = None if b is None else (b.dtype, b.shape, b.data_ptr())
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if (fast and x.dtype is w.dtype and type(x) in PLAIN_TYPES and x.is_cpu and x.shape[-1] == k
-                and params["weight"] is w and params["bias"] is b and x.is_contiguous()
+    def same(self) -> bool:
+        params = self._parameters
+        cw, cb = params.get("weight"), params.get("bias")
+        return (cw is w and cb is b and cw.data_ptr() == ptr and cw.dtype is dtype and cw.shape == shape
+                and cw.is_contiguous() and (cb is None or ((cb.dtype, cb.shape, cb.data_ptr()) == bstate
+                                                            and cb.is_contiguous())))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype is dtype and type(x) in PLAIN_TYPES and x.is_cpu and x.shape[-1] == k and x.is_contiguous()
+                and _ACTIVE.get() == "auto" and same(self)
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                       or (b is not None and b.requires_grad)))):
             rows = x.numel() // k
@@ -151,9 +165,10 @@ def _routed_forward(layer: nn.Linear, mode: str):
                 if type(route) is int and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not (
                         _FUNCTORCH_WRAPPED is not None and _FUNCTORCH_WRAPPED(x)):
                     return kernel(x, w, b, isa=route, check=False)
-        return linear(x, params["weight"], params["bias"])
+        return linear(x, self.weight, self.bias)
 
-    return forward
+    # a bound method: a deep copy of the layer rebinds it to the copy, whose other tensors then take linear()
+    return types.MethodType(forward, layer)
 
 
 def _eligible(layer: nn.Module) -> bool:
@@ -182,7 +197,7 @@ def onednn_linears(module: nn.Module, enabled: bool | None = None) -> Iterator[i
     verified = _VERIFIED.set(set()) if on and _VERIFIED.get() is None else None
     try:
         for layer in layers:
-            layer.forward = _routed_forward(layer, "force" if enabled else "auto")
+            layer.forward = _routed_forward(layer)
         yield len(layers)
     finally:
         for layer in layers:

@@ -517,8 +517,8 @@ def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     rounds like a linear layer of its compute dtype; ``"bf16"`` rounds the unscaled product to bf16
     once more than ``"aten"``."""
     if route == "aten":
-        # (torch's kernel reads strided scales as if contiguous: wrong values, no error)
-        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), qweight.contiguous(),
+        # (torch's kernel reads strided scales as if contiguous: wrong values, no error; it refuses a strided x)
+        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), qweight.contiguous(),
                                                  scales.to(torch.bfloat16).contiguous())
         out = out.to(x.dtype)
     else:
@@ -798,6 +798,13 @@ def _probe_line(name: str, timings) -> str | None:
     return f"{name} at 1 row " + "/".join(f"{_route_name(k)} {v:.1f}" for k, v in timings["1"].items()) + " ms"
 
 
+def _ms_text(timings) -> str | None:
+    """``name v/name v`` of a cached ``{name: ms}`` table, or None where the cache holds something else."""
+    if not (isinstance(timings, dict) and timings and all(isinstance(v, (int, float)) for v in timings.values())):
+        return None
+    return "/".join(f"{k} {v:.1f}" for k, v in timings.items())
+
+
 def summary(choice: KernelChoice | None = None, allocator: str | None = None) -> str:
     """One line for benchmark headers: the CPU and the choices it ran with (``allocator``: that of
     the processes that ran the timings, where not this one)."""
@@ -816,14 +823,14 @@ def summary(choice: KernelChoice | None = None, allocator: str | None = None) ->
         flags.append(f"GEMM fwd+bwd {t['gemm_ms']['default']:.0f}/{t['gemm_ms']['onednn']:.0f} ms (default/oneDNN)")
     flags += [line for line in (_probe_line("fp32 decode", t.get("fp32_decode_ms")),
                                 _probe_line("bf16 decode", t.get("bf16_decode_ms"))) if line]
-    if t.get("int8_decode_ms"):
+    if (ms := _ms_text(t.get("int8_decode_ms"))) is not None:
         flags.append(f"{'our C kernel' if c.native_int8_decode else 'torch default'} for decode-sized int8 linears "
-                     "(" + "/".join(f"{k} {v:.1f}" for k, v in t["int8_decode_ms"].items()) + " ms)")
+                     f"({ms} ms)")
     if c.int8_gemm:
         names = {"aten": "torch default", "bf16": "bf16 GEMM", "fp32": "fp32 GEMM"}
         spans = "/".join(names[r] for r in c.int8_gemm) if len(set(c.int8_gemm)) > 1 else names[c.int8_gemm[0]]
-        ms = t.get("int8_gemm_ms") or {}
-        flags.append(f"{spans} for larger int8 linears" + (
-            " (64 rows " + "/".join(f"{k} {v:.1f}" for k, v in ms["64"].items()) + " ms)" if "64" in ms else ""))
+        ms = t.get("int8_gemm_ms")
+        ms = _ms_text(ms.get("64") if isinstance(ms, dict) else None)
+        flags.append(f"{spans} for larger int8 linears" + (f" (64 rows {ms} ms)" if ms else ""))
     return (f"CPU: {c.cpu}; torch {c.torch}, {c.threads} threads, {c.allocator}; kernels ({c.source}): "
             + ", ".join(flags))

@@ -151,10 +151,12 @@ class QuantizedLinear(nn.Module):
     def _buffers_ok(self) -> bool:
         """Whether the buffers are what our C kernel takes (CPU, contiguous, float scales and bias): checked
         once per set of buffer tensors (a decode step makes hundreds of these calls), again after
-        ``.to()``, ``load_state_dict(assign=True)`` or anything else that replaces one."""
+        ``.to()``, ``load_state_dict(assign=True)``, ``.data = ...`` or anything else that replaces one or
+        its storage."""
         bufs = self._buffers
         q, s, b = bufs["qweight"], bufs["scales"], bufs["bias"]
-        key = (id(q), id(s), id(b), q.data_ptr(), s.data_ptr())
+        # identity alone is not enough: ``.data = ...`` and ``.to()`` in place keep the tensor object
+        key = tuple((id(t), t.data_ptr(), t.dtype, t.stride()) if t is not None else None for t in (q, s, b))
         seen = self.__dict__.get("_buffers_checked")
         if seen is None or seen[0] != key:
             ok = (s.dtype in native.FLOAT_DTYPES and q.device.type == "cpu" and s.device.type == "cpu"
