@@ -53,3 +53,17 @@ def test_quick_decode_run_writes_a_partial_table(bench, tmp_path, monkeypatch):
 )
 def test_results_file_names(bench, argv, stem):
     assert bench.results_stem(bench.parse_args(argv), "cpu") == stem
+
+
+def test_quantize_large_quick_run_times_both_variants_in_their_own_processes(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_quantize_large", BENCH.parent / "bench_quantize_large.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stem = tmp_path / "large"
+    assert module.main(["--quick", "--rounds", "1", "--repeats", "1", "--tokens", "2", "--out", str(stem)]) == 0
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert set(result["rows"]) == {"bf16", "int8"} and len(result["ratios"]) == 1
+    # (a difference of two timings of a tiny model: finite, its sign left to the machine)
+    assert all(abs(r["ms_per_token"]) < 1e6 and r["first_token_ms"] > 0 for v in result["rows"].values() for r in v)
+    assert result["median"]["int8"]["weights_gb"] < result["median"]["bf16"]["weights_gb"] * 1.5
+    assert "| int8 |" in stem.with_suffix(".md").read_text().replace("(quick) ", "")
