@@ -119,8 +119,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
             return onednn_linear(x, w, b)
     elif isinstance(route, int):
         kernel = native.fp32_linear if x.dtype is torch.float32 else native.bf16_linear
-        y = kernel(x.reshape(-1, x.shape[-1]).contiguous(), w, b, isa=route, check=False)
-        return y.view(*x.shape[:-1], w.shape[0])
+        return kernel(x.contiguous(), w, b, isa=route, check=False)  # (it keeps x's leading dimensions)
     elif route == "onednn":
         return onednn_linear(x, w, b)
     elif route == "packed":

@@ -138,12 +138,12 @@ class QuantizedLinear(nn.Module):
         out = out.to(x.dtype).reshape(*lead, self.out_features)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
-    def _native_isa(self, x2: torch.Tensor) -> int | None:
+    def _native_isa(self, x: torch.Tensor) -> int | None:
         """Our C kernel's SIMD path for this call, or ``None`` for torch's kernel. Ours takes
         decode-sized fp32/bf16 calls of a layer whose buffers are on the CPU and contiguous, without a
         gradient wanted, not traced by ``torch.compile`` or ``torch.jit.trace`` (they would not see a
         ctypes call), where it was chosen for this machine (:func:`.kernels.int8_isa`)."""
-        if not (self.native and x2.dtype in native.FLOAT_DTYPES and not (x2.requires_grad and torch.is_grad_enabled())
+        if not (self.native and x.dtype in native.FLOAT_DTYPES and not (x.requires_grad and torch.is_grad_enabled())
                 and self._buffers_ok() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             return None
         return int8_isa()
