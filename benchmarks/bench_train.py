@@ -264,6 +264,8 @@ def run_case(case: str, s: Shape, steps: int, threads: int | None, phases: bool 
             "precision": precision, "max_steps": steps + 1, "checkpoint_every": 10_000, "output_dir": out,
             "schedule": {"warmup_steps": 0}, "progress": False, "export": False, "tensorboard": False,
             "plot": False, "model": {"gradient_checkpointing": gc},
+            # what `flamingo-vlm train` does for the model it builds (off by default for models passed in)
+            **({"frozen_bf16": True} if precision == "amp_bf16" and not default else {}),
             **({"chunked_loss": False, "cpu_matmul": "default", "malloc_mmap_threshold": None} if default else {}),
         }, require_model=False)
         trainer = Trainer(cfg, model=model, datasets=[RandomBatches(s)], loss_weights=[1.0])

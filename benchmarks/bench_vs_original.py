@@ -221,7 +221,9 @@ def _ours_step(model, tok, bf16):
     cfg = TrainConfig.from_dict({
         "precision": "amp_bf16" if bf16 else "fp32", "max_steps": 1000, "checkpoint_every": 100_000,
         "output_dir": out, "schedule": {"warmup_steps": 0}, "progress": False, "export": False,
-        "tensorboard": False, "plot": False}, require_model=False)
+        "tensorboard": False, "plot": False,
+        # what `flamingo-vlm train` does for the model it builds (off by default for models passed in)
+        **({"frozen_bf16": True} if bf16 else {})}, require_model=False)
     trainer = Trainer(cfg, model=model, datasets=[Batches()], loss_weights=[1.0])
     return lambda: trainer.train_step(trainer.next_batches())
 

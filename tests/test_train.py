@@ -290,7 +290,7 @@ def test_bf16_precisions_train_and_keep_token_ids_int64(model_dir, media_id, tmp
         t.close()
     assert seen and all(d == torch.int64 for d in seen)
     assert all(math.isfinite(h["loss"]) and not h["skipped"] for h in res.history)
-    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    want = torch.bfloat16 if precision == "bf16" else torch.float32  # amp_bf16: back to fp32 at close()
     assert {p.dtype for p in t.flamingo.parameters() if p.is_floating_point()} == {want}
     assert not torch.equal(before, trainable_vector(t.flamingo))
 
@@ -327,6 +327,69 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_losses(model_dir, 
         assert calls == {"lm": 2 + 4 * per[0], "xattn": 2 + 4 * per[1]}, (gc, calls)
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)
     assert losses["lm"] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_frozen_bf16_under_autocast_trains_bitwise_the_same_and_exports_exact_backbones(
+        model_dir, media_id, tmp_path):
+    """amp_bf16 with the frozen linear/convolution weights stored in bf16 (the default for a model the
+    trainer builds) computes what autocast computes from fp32 weights, bit for bit; the export still
+    writes the backbones' original fp32 weights; close() hands the model back in fp32."""
+    from flamingo_vlm.pretrained import from_pretrained
+
+    runs = {}
+    for frozen in (False, None):
+        cfg = make_config(model_dir, tmp_path / str(frozen), precision="amp_bf16", frozen_bf16=frozen, export=True)
+        t = Trainer(cfg, **fake_mixture(media_id))
+        try:
+            lm = t.flamingo.lang_encoder
+            dtypes = {n: p.dtype for n, p in t.flamingo.named_parameters()}
+            res = t.fit()
+        finally:
+            t.close()
+        runs[frozen] = (res, trainable_vector(t.flamingo), dtypes)
+        assert {p.dtype for p in t.flamingo.parameters()} == {torch.float32}
+    (ref, ref_w, ref_dt), (got, got_w, got_dt) = runs[False], runs[None]
+    assert [h["loss"] for h in got.history] == [h["loss"] for h in ref.history]
+    assert [h["grad_norm"] for h in got.history] == [h["grad_norm"] for h in ref.history]
+    assert torch.equal(ref_w, got_w)
+    assert set(ref_dt.values()) == {torch.float32}
+    cast = {n for n, d in got_dt.items() if d == torch.bfloat16}
+    frozen_names = {n for n, p in t.flamingo.named_parameters() if not p.requires_grad}
+    assert cast and cast <= frozen_names
+    assert any(n.startswith("vision_encoder.") for n in cast) and any(n.startswith("lang_encoder.") for n in cast)
+    assert not any("norm" in n or "embed" in n for n in cast)  # LayerNorms and embeddings stay fp32
+    assert lm.get_output_embeddings().weight.dtype == torch.float32
+    source, exported = from_pretrained(model_dir)[0], from_pretrained(got.export_dir)[0]
+    want = {n: p for n, p in source.named_parameters() if not p.requires_grad}
+    for n, p in exported.named_parameters():
+        # (the input/output embeddings hold the trained new-token rows)
+        backbone = n.split(".")[0] in ("vision_encoder", "lang_encoder")
+        if n in want and backbone and "embed" not in n and "head" not in n:
+            assert p.dtype == torch.float32 and torch.equal(p, want[n]), n
+
+
+def test_gelu_recomputation_under_autocast_gives_the_same_training(model_dir, media_id, tmp_path):
+    """GeluLinear under bf16 autocast: forward in autocast's dtype, backward's products in it too."""
+    runs = {}
+    for recompute in (False, True):
+        cfg = make_config(model_dir, tmp_path / str(recompute), precision="amp_bf16", recompute_gelu=recompute)
+        t = Trainer(cfg, **fake_mixture(media_id))
+        try:
+            runs[recompute] = (t.fit().history, trainable_vector(t.flamingo))
+        finally:
+            t.close()
+    (ref, ref_w), (got, got_w) = runs[False], runs[True]
+    for a, b in zip(ref, got):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    assert torch.allclose(ref_w, got_w, rtol=0, atol=1e-5)
+
+
+def test_frozen_bf16_refuses_combinations_it_cannot_serve(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="needs precision: amp_bf16"):
+        make_config(model_dir, tmp_path, frozen_bf16=True)
+    with pytest.raises(ConfigError, match="LoRA"):
+        make_config(model_dir, tmp_path, precision="amp_bf16", frozen_bf16=True, lora={"enabled": True})
 
 
 def test_fast_paths_compute_the_same_training(model_dir, media_id, tmp_path, monkeypatch):

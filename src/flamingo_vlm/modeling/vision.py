@@ -80,6 +80,9 @@ class LayerScale(nn.Module):
 class _SelfAttention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names, run through SDPA."""
 
+    # used only through F.linear (training may store them in the autocast dtype when frozen)
+    AUTOCAST_MATRIX_PARAMS = ("in_proj_weight", "in_proj_bias")
+
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         if width % heads:

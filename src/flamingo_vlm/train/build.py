@@ -127,7 +127,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, device, loaded=None) -> li
     if loaded is not None:
         ckpt.load_trainable(model, loaded.path, loaded.trainable)
     set_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
-    if cfg.recompute_gelu and cfg.precision != "amp_bf16":  # (autocast would need custom_fwd plumbing)
+    if cfg.recompute_gelu:
         recompute_gelu(model)
     if cfg.precision == "bf16":
         model.to(torch.bfloat16)  # floating tensors only: index buffers stay int64

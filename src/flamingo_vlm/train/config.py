@@ -187,6 +187,10 @@ class TrainConfig:
     chunked_loss: bool = True  # loss from hidden states in chunks, no full logits (checked once)
     cpu_matmul: str = "auto"  # "onednn": fp32 GEMMs on oneDNN; "default": torch's; "auto": oneDNN on CPU where measured faster (modeling.kernels)
     recompute_gelu: bool = True  # perceiver/cross-attention feed-forwards keep the GELU input only
+    # amp_bf16: frozen linear/convolution weights stored in bf16 (what autocast computes with anyway).
+    # null: on when the trainer builds the model, without LoRA or FSDP; true: also for a model passed
+    # in; false: off. close() puts them back in fp32 (values bf16-rounded).
+    frozen_bf16: bool | None = None
     # CPU + glibc: allocations >= this many bytes are returned to the OS when freed (lower peak
     # memory, but fresh pages cost time: ~+40% step time here). null: glibc's default.
     malloc_mmap_threshold: int | None = None
@@ -264,6 +268,12 @@ class TrainConfig:
         for name in ("grad_accum", "max_steps", "checkpoint_every", "keep_last", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.frozen_bf16 and self.precision != "amp_bf16":
+            raise ConfigError(f"frozen_bf16: true stores frozen weights in autocast's dtype and needs "
+                              f"precision: amp_bf16, got {self.precision}")
+        if self.frozen_bf16 and (self.lora.enabled or self.distributed == "fsdp"):
+            raise ConfigError("frozen_bf16: true cannot be combined with LoRA (merging the adapters writes the "
+                              "frozen weights out) or FSDP (one shard unit needs one dtype); leave it null")
         if self.schedule.warmup_steps < 0:
             raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.schedule.warmup_steps}")
         if self.optim.lr <= 0:

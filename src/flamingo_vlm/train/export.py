@@ -28,13 +28,14 @@ logger = logging.getLogger("flamingo_vlm.train")
 
 
 def export_trained(cfg: TrainConfig, model, info: DistInfo, out: str | os.PathLike, *, tokenizer=None,
-                   image_processor=None, rebuildable: bool = True) -> Path | None:
+                   image_processor=None, rebuildable: bool = True, rebuild: bool = False) -> Path | None:
     """Save the (possibly DDP/FSDP-wrapped) trained ``model`` to ``out``; every rank calls it, rank 0
     writes and returns the path. ``rebuildable``: the model was built from ``cfg.model`` (FSDP needs
-    that to rebuild it on one process)."""
+    that to rebuild it on one process); ``rebuild``: save its trained weights into a model rebuilt
+    from ``cfg.model`` (its frozen weights are not the original ones, e.g. held in bf16)."""
     out = Path(out)
     try:
-        return _export(cfg, model, info, out, tokenizer, image_processor, rebuildable)
+        return _export(cfg, model, info, out, tokenizer, image_processor, rebuildable, rebuild)
     except ckpt.WriteError:
         raise
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: RuntimeError "unexpected pos", ...
@@ -43,8 +44,8 @@ def export_trained(cfg: TrainConfig, model, info: DistInfo, out: str | os.PathLi
         raise ckpt.WriteError(ckpt.explain_write_error(e, out, "the exported model")) from e
 
 
-def _export(cfg, model, info, out, tokenizer, image_processor, rebuildable) -> Path | None:
-    if cfg.distributed == "fsdp":
+def _export(cfg, model, info, out, tokenizer, image_processor, rebuildable, rebuild) -> Path | None:
+    if cfg.distributed == "fsdp" or (rebuild and rebuildable):
         trainable = ckpt.gather_trainable(unwrap(model))  # collective
         path = None
         if info.is_main:

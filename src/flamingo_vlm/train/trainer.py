@@ -54,7 +54,14 @@ from .build import DataError, build_model, check_batch, prepare_model, run_datas
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, full_tensor, setup, teardown, wrap
 from .export import export_trained
-from .fastpath import capture_hidden, head_cross_entropy_sum, matmul_context, set_malloc_mmap_threshold
+from .fastpath import (
+    capture_hidden,
+    frozen_matrices_to,
+    head_cross_entropy_sum,
+    matmul_context,
+    restore_frozen_matrices,
+    set_malloc_mmap_threshold,
+)
 from .losses import AttentionAim, cross_entropy_sum, losses_agree, trained_tokens
 from .metrics import (
     DATA_PROBLEM_COLUMNS,
@@ -168,6 +175,14 @@ class Trainer:
             image_processor = tokenizer = None
         self.image_processor, self.tokenizer = image_processor, tokenizer
         self.lora_targets = prepare_model(model, cfg, info.device, loaded)
+        self._frozen_cast = []
+        if self._frozen_bf16():
+            self._frozen_cast = frozen_matrices_to(model, torch.bfloat16,
+                                                   skip=(model.lang_encoder.get_output_embeddings(),))
+            if info.is_main and self._frozen_cast:
+                n = sum(getattr(m, name).numel() for m, name in self._frozen_cast)
+                logger.info("amp_bf16: %d frozen linear/convolution weights (%.0f MB) stored in bf16, as autocast "
+                            "computes with them (frozen_bf16)", len(self._frozen_cast), n * 2 / 1e6)
         self.vocab_size = model.lang_encoder.get_input_embeddings().weight.shape[0]
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         # Data (the aiming data last, when on), built before the model is wrapped.
@@ -218,6 +233,26 @@ class Trainer:
             logger.info("training %d parameters on %d process(es) (%s, %s); %s", n_train, info.world_size,
                         cfg.distributed, cfg.precision,
                         f"resumed from {self.resume_from} at step {self.step}" if state else "fresh run")
+
+    def _frozen_bf16(self) -> bool:
+        cfg = self.cfg
+        if cfg.frozen_bf16 is not None:
+            return cfg.frozen_bf16
+        return (cfg.precision == "amp_bf16" and not self._given_model and not cfg.lora.enabled
+                and cfg.distributed != "fsdp")
+
+    def _embeds_backbones(self) -> bool:
+        """Whether an export writes the LM or vision encoder weights (they are not referenced by a Hub
+        id or path): then frozen weights held in bf16 must not be what it writes."""
+        config = getattr(self.flamingo, "config", None)
+        return config is None or config.lm is None or config.vision is None
+
+    def _restore_frozen(self) -> None:
+        """The model goes back with fp32 frozen weights (their values bf16-rounded; the export, where it
+        writes backbones, rebuilds them from the config instead)."""
+        if self._frozen_cast:
+            restore_frozen_matrices(self._frozen_cast)
+            self._frozen_cast = []
 
     # -- data ----------------------------------------------------------------------------------
     def _next_batch(self, d: int) -> dict:
@@ -388,6 +423,8 @@ class Trainer:
         return result
 
     def close(self) -> None:
+        if getattr(self, "_frozen_cast", None):
+            self._restore_frozen()
         self._hold.close()
         teardown(self.info)
 
@@ -400,10 +437,15 @@ class Trainer:
 
     def export(self, out: str | os.PathLike | None = None) -> Path | None:
         """Write the trained model in the ``from_pretrained`` format (rank 0; default
-        ``<output_dir>/final``; see :func:`.export.export_trained`)."""
+        ``<output_dir>/final``; see :func:`.export.export_trained`). With frozen weights held in bf16
+        (``frozen_bf16``), a model the trainer built is rebuilt from the config for the export (exact
+        fp32 backbones); a model passed in gets its frozen weights back in fp32 first."""
+        if self._given_model:
+            self._restore_frozen()
         return export_trained(self.cfg, self.flamingo, self.info, out if out is not None else self.output_dir / "final",
                               tokenizer=self.tokenizer, image_processor=self.image_processor,
-                              rebuildable=not self._given_model)
+                              rebuildable=not self._given_model,
+                              rebuild=bool(self._frozen_cast) and self._embeds_backbones())
 
 
 def train(config: TrainConfig, **kwargs) -> TrainResult:
