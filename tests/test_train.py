@@ -385,6 +385,35 @@ def test_gelu_recomputation_under_autocast_gives_the_same_training(model_dir, me
     assert torch.allclose(ref_w, got_w, rtol=0, atol=1e-5)
 
 
+def test_frozen_matrices_leave_no_tensor_reading_a_mapped_weights_file(tmp_path):
+    """transformers maps an fp32 checkpoint and makes its tensors views of the file; once the frozen
+    matrices are bf16 copies, what stays (a LayerNorm) is copied too, so the mapping can go."""
+    from flamingo_vlm.train.fastpath import _file_ranges, frozen_matrices_to
+
+    if not _file_ranges():
+        pytest.skip("no /proc/self/maps here")
+    path = tmp_path / "weights.bin"
+    src = torch.randn(8 * 8 + 8 + 8)
+    path.write_bytes(src.numpy().tobytes())
+    mapped = torch.from_file(str(path), shared=True, size=src.numel(), dtype=torch.float32)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.LayerNorm(8))
+    with torch.no_grad():
+        model[0].weight.data = mapped[:64].view(8, 8)
+        model[1].weight.data, model[1].bias.data = mapped[64:72], mapped[72:80]
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def in_file(t):
+        return any(a <= t.untyped_storage().data_ptr() < b for a, b in _file_ranges())
+
+    assert all(in_file(p) for p in model.parameters())
+    cast = frozen_matrices_to(model, torch.bfloat16)
+    assert [(type(m).__name__, n) for m, n in cast] == [("Linear", "weight")]
+    assert not any(in_file(p) for p in model.parameters())
+    assert torch.equal(model[0].weight, src[:64].view(8, 8).bfloat16())
+    assert model[1].weight.dtype == torch.float32 and torch.equal(model[1].weight, src[64:72])
+
+
 def test_frozen_bf16_refuses_combinations_it_cannot_serve(model_dir, tmp_path):
     with pytest.raises(ConfigError, match="needs precision: amp_bf16"):
         make_config(model_dir, tmp_path, frozen_bf16=True)
