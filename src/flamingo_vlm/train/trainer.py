@@ -181,7 +181,7 @@ class Trainer:
                                                    skip=(model.lang_encoder.get_output_embeddings(),))
             if info.is_main and self._frozen_cast:
                 n = sum(getattr(m, name).numel() for m, name in self._frozen_cast)
-                logger.info("amp_bf16: %d frozen linear/convolution weights (%.0f MB) stored in bf16, as autocast "
+                logger.info("amp_bf16: %d frozen linear/convolution weights (%.1f MB) stored in bf16, as autocast "
                             "computes with them (frozen_bf16)", len(self._frozen_cast), n * 2 / 1e6)
         self.vocab_size = model.lang_encoder.get_input_embeddings().weight.shape[0]
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
