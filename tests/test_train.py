@@ -414,6 +414,26 @@ def test_frozen_matrices_leave_no_tensor_reading_a_mapped_weights_file(tmp_path)
     assert model[1].weight.dtype == torch.float32 and torch.equal(model[1].weight, src[64:72])
 
 
+def test_glibc_reuse_sets_glibcs_thresholds_only_without_a_preloaded_allocator(monkeypatch):
+    import ctypes
+
+    from flamingo_vlm.train import fastpath
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    assert not fastpath.glibc_reuse_freed_memory() and calls == []
+    monkeypatch.delenv("LD_PRELOAD")
+    assert fastpath.glibc_reuse_freed_memory()
+    assert dict(calls) == {-3: 32 << 20, -1: 8 << 30, -2: 256 << 20}  # mmap threshold, trim threshold, top pad
+
+
 def test_frozen_bf16_refuses_combinations_it_cannot_serve(model_dir, tmp_path):
     with pytest.raises(ConfigError, match="needs precision: amp_bf16"):
         make_config(model_dir, tmp_path, frozen_bf16=True)

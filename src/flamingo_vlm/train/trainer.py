@@ -58,6 +58,7 @@ from .export import export_trained
 from .fastpath import (
     capture_hidden,
     frozen_matrices_to,
+    glibc_reuse_freed_memory,
     head_cross_entropy_sum,
     matmul_context,
     restore_frozen_matrices,
@@ -157,6 +158,8 @@ class Trainer:
 
         if info.device.type == "cpu" and cfg.malloc_mmap_threshold:
             set_malloc_mmap_threshold(cfg.malloc_mmap_threshold)
+        elif info.device.type == "cpu" and cfg.glibc_reuse and glibc_reuse_freed_memory():
+            logger.debug("glibc malloc: freed blocks kept for reuse (glibc_reuse)")
         if info.device.type == "cpu" and info.is_main and (hint := preload_hint()):
             # the flamingo-vlm command preloads it itself; code that calls the Trainer cannot
             logger.info("CPU training is faster and smaller with tcmalloc (README, 'Memory allocator'): "
