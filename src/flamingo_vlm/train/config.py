@@ -196,7 +196,8 @@ class TrainConfig:
     malloc_mmap_threshold: int | None = None
     # CPU + glibc with no allocator preloaded (code calling the Trainer; the CLI preloads tcmalloc):
     # keep freed blocks for reuse instead of returning them to the OS (fastpath.glibc_reuse_freed_memory;
-    # amp_bf16 steps 5-14% faster at the same peak, fp32 the same). Process-wide. Off where malloc_mmap_threshold is set.
+    # amp_bf16 steps 5-14% faster at the same peak, fp32 the same). Process-wide. Off where
+    # malloc_mmap_threshold is set.
     glibc_reuse: bool = True
 
     # -- loading -------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ gradient w.r.t. the hidden states (tokens x hidden) is kept for backward. Same F
 path (no recomputation), ~0.6 GB less memory for 4 x 256 tokens and a 50k vocabulary, and
 positions with label -100 never get logits. Chunks of 64 positions: the loss's transient memory
 is the peak of the step, and 64 instead of 128 lowered it by 50 MB at the same step time
-(``bench_train.py``, AMD EPYC Zen 4; 32 was 10% slower). The LM's own head call is stubbed out during the forward
-(``capture_hidden``); whether the model's logits are exactly ``head(hidden)`` (no soft-capping or
+(``bench_train.py``, AMD EPYC Zen 4; 32 was 10% slower). The LM's own head call is stubbed out
+during the forward (``capture_hidden``); whether the model's logits are exactly ``head(hidden)`` (no soft-capping or
 scaling after the head) is checked once against the regular path before it is used.
 """
 

@@ -18,7 +18,8 @@ clipped once per optimizer step, on the global norm.
 
 Precision. ``fp32``; ``amp_bf16`` (fp32 weights, bf16 autocast; the frozen linear/convolution
 weights held in bf16, as autocast uses them: ``frozen_bf16``, :func:`.fastpath.frozen_matrices_to`);
-``bf16`` (every weight, gradient and optimizer state in bf16). Token ids and masks are never cast; the loss is computed in fp32.
+``bf16`` (every weight, gradient and optimizer state in bf16). Token ids and masks are never cast;
+the loss is computed in fp32.
 
 Speed/memory with the same math (:mod:`.fastpath`, each can be switched off in the config): the loss
 is computed from the last hidden states in chunks (no full logits; verified once against the
