@@ -213,11 +213,16 @@ def set_malloc_mmap_threshold(nbytes: int) -> bool:
     freed. glibc's default threshold grows with the freed blocks (up to 32 MB), after which freed
     activations stay in the heap and the peak resident memory of a training step grows by ~0.7 GB
     (ViT-B/32 + 125M LM). Fixing it keeps the peak at what is live. Returns False if not glibc."""
+    return _mallopt({-3: int(nbytes)})  # M_MMAP_THRESHOLD
+
+
+def _mallopt(settings: dict[int, int]) -> bool:
+    """glibc's ``mallopt(param, value)`` for each item; False if not glibc or one was refused."""
     import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD
+        return all(libc.mallopt(param, value) for param, value in settings.items())
     except (OSError, AttributeError):
         return False
 
@@ -234,17 +239,9 @@ def glibc_reuse_freed_memory() -> bool:
     same peak RSS (tcmalloc, which the ``flamingo-vlm`` command preloads, needs none of this: 4.0-4.4
     s). Process-wide, for the rest of the process. Returns False where it does not apply (another
     allocator preloaded, not glibc)."""
-    import ctypes
-
     from ..allocator import preloaded
 
-    if preloaded() is not None:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return all(libc.mallopt(param, value) for param, value in GLIBC_REUSE.items())
-    except (OSError, AttributeError):
-        return False
+    return preloaded() is None and _mallopt(GLIBC_REUSE)
 
 
 # -- feed-forward memory ---------------------------------------------------------------------------

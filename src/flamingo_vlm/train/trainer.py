@@ -122,6 +122,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._given_model = model is not None
+        self._frozen_cast: list = []  # frozen weights held in bf16 (frozen_bf16), put back by close()
         self._hold = contextlib.ExitStack()  # the output directory's lock, released by close()
         try:
             self._hold_output_dir()
@@ -180,7 +181,6 @@ class Trainer:
             image_processor = tokenizer = None
         self.image_processor, self.tokenizer = image_processor, tokenizer
         self.lora_targets = prepare_model(model, cfg, info.device, loaded)
-        self._frozen_cast = []
         if self._frozen_bf16():
             self._frozen_cast = frozen_matrices_to(model, torch.bfloat16,
                                                    skip=(model.lang_encoder.get_output_embeddings(),))
@@ -428,8 +428,7 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        if getattr(self, "_frozen_cast", None):
-            self._restore_frozen()
+        self._restore_frozen()
         self._hold.close()
         teardown(self.info)
 
