@@ -266,7 +266,8 @@ def run_case(case: str, s: Shape, steps: int, threads: int | None, phases: bool 
             "plot": False, "model": {"gradient_checkpointing": gc},
             # what `flamingo-vlm train` does for the model it builds (off by default for models passed in)
             **({"frozen_bf16": True} if precision == "amp_bf16" and not default else {}),
-            **({"chunked_loss": False, "cpu_matmul": "default", "malloc_mmap_threshold": None, "glibc_reuse": False}
+            **({"chunked_loss": False, "cpu_matmul": "default", "malloc_mmap_threshold": None, "glibc_reuse": False,
+                "lean_backward": False}
                if default else {}),
         }, require_model=False)
         trainer = Trainer(cfg, model=model, datasets=[RandomBatches(s)], loss_weights=[1.0])

@@ -14,7 +14,7 @@ Cases (each side and precision in a fresh process, so its peak memory is its own
   256 tokens x 3 images, vocab 400.
 * ``train``: one training step at bench_train.py's shape (4 x 256 tokens x 3 images; the tokenizer's
   vocabulary padded to 50277 entries so the LM is MPT-125M-sized, vocab ~50k): ours through
-  ``flamingo_vlm.train.Trainer`` (its defaults: chunked loss, GELU recompute, machine-chosen kernels,
+  ``flamingo_vlm.train.Trainer`` (its defaults: chunked loss, lean backward, machine-chosen kernels,
   fused AdamW, new-token rows only); the original as its ``train_one_epoch`` does it (forward with
   labels, backward, clip 1.0, AdamW over what its factory leaves trainable, which includes the whole
   input embedding). ``fp32`` and ``amp_bf16`` (bf16 autocast).

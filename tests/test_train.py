@@ -368,21 +368,24 @@ def test_frozen_bf16_under_autocast_trains_bitwise_the_same_and_exports_exact_ba
             assert p.dtype == torch.float32 and torch.equal(p, want[n]), n
 
 
-def test_gelu_recomputation_under_autocast_gives_the_same_training(model_dir, media_id, tmp_path):
-    """GeluLinear under bf16 autocast: forward in autocast's dtype, backward's products in it too."""
+def test_lean_backward_under_autocast_trains_like_the_stock_graph(model_dir, media_id, tmp_path):
+    """lean_backward under bf16 autocast (train.lean; tests/test_lean.py checks its gradients): the
+    first step's forward is bitwise the stock one and its gradients agree to bf16 rounding; later
+    steps start from weights that differ by rounding, so they agree loosely."""
     runs = {}
-    for recompute in (False, True):
-        cfg = make_config(model_dir, tmp_path / str(recompute), precision="amp_bf16", recompute_gelu=recompute)
+    for lean in (False, True):
+        cfg = make_config(model_dir, tmp_path / str(lean), precision="amp_bf16", lean_backward=lean)
         t = Trainer(cfg, **fake_mixture(media_id))
         try:
-            runs[recompute] = (t.fit().history, trainable_vector(t.flamingo))
+            runs[lean] = (t.fit().history, trainable_vector(t.flamingo))
         finally:
             t.close()
     (ref, ref_w), (got, got_w) = runs[False], runs[True]
-    for a, b in zip(ref, got):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
-    assert torch.allclose(ref_w, got_w, rtol=0, atol=1e-5)
+    assert got[0]["loss"] == ref[0]["loss"]
+    assert got[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=1e-2)
+    for a, b in zip(ref[1:], got[1:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+    assert torch.allclose(ref_w, got_w, rtol=0, atol=3 * 1e-3 * len(ref))  # (AdamW moves a weight <= ~lr per step)
 
 
 def test_frozen_matrices_leave_no_tensor_reading_a_mapped_weights_file(tmp_path):
@@ -446,11 +449,11 @@ def test_fast_paths_compute_the_same_training(model_dir, media_id, tmp_path, mon
     give the losses and gradients of the plain implementation."""
     from flamingo_vlm.modeling import kernels
 
-    plain = make_config(model_dir, tmp_path / "plain", chunked_loss=False, cpu_matmul="default", recompute_gelu=False)
+    plain = make_config(model_dir, tmp_path / "plain", chunked_loss=False, cpu_matmul="default", lean_backward=False)
     before = kernels.calls
     ref = train(plain, **fake_mixture(media_id)).history
     assert kernels.calls == before  # "default": torch's kernels only
-    fast = make_config(model_dir, tmp_path / "fast", chunked_loss=True, cpu_matmul="onednn", recompute_gelu=True)
+    fast = make_config(model_dir, tmp_path / "fast", chunked_loss=True, cpu_matmul="onednn", lean_backward=True)
     t = Trainer(fast, **fake_mixture(media_id))
     try:
         got = t.fit().history

@@ -19,7 +19,7 @@ from torch import nn
 from ..modeling.lm_info import lm_context_limit
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, TrainConfig
-from .fastpath import recompute_gelu
+from .lean import make_lean
 from .lora import apply_lora
 from .optim import GATE_NAMES
 
@@ -120,15 +120,15 @@ def set_gradient_checkpointing(model: nn.Module, mode: bool | str) -> None:
 
 def prepare_model(model: nn.Module, cfg: TrainConfig, device, loaded=None) -> list[str]:
     """Make ``model`` ready to train as ``cfg`` says, in place: LoRA adapters, the trained weights of
-    a checkpoint being resumed (``loaded``), gradient checkpointing, the GELU recomputation,
+    a checkpoint being resumed (``loaded``), gradient checkpointing, the lean backward (:mod:`.lean`),
     precision, device, train mode with the frozen vision encoder in eval mode. Returns the LoRA
     target layers."""
     targets = apply_lora(model, cfg.lora) if cfg.lora.enabled else []
     if loaded is not None:
         ckpt.load_trainable(model, loaded.path, loaded.trainable)
     set_gradient_checkpointing(model, cfg.model.gradient_checkpointing)
-    if cfg.recompute_gelu:
-        recompute_gelu(model)
+    if cfg.lean_backward:
+        make_lean(model, autocast=cfg.precision == "amp_bf16")
     if cfg.precision == "bf16":
         model.to(torch.bfloat16)  # floating tensors only: index buffers stay int64
     model.to(device)

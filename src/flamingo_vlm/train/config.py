@@ -186,7 +186,10 @@ class TrainConfig:
     # Same math, less time/memory (see flamingo_vlm.train.fastpath):
     chunked_loss: bool = True  # loss from hidden states in chunks, no full logits (checked once)
     cpu_matmul: str = "auto"  # "onednn": fp32 GEMMs on oneDNN; "default": torch's; "auto": oneDNN on CPU where measured faster (modeling.kernels)
-    recompute_gelu: bool = True  # perceiver/cross-attention feed-forwards keep the GELU input only
+    # perceiver and cross-attention keep less for backward: LayerNorm/GELU outputs recomputed, tanh gates
+    # folded into the last products, under amp_bf16 trained weights re-cast in backward (train.lean; same
+    # forward, gradients equal up to rounding). Formerly recompute_gelu (still accepted).
+    lean_backward: bool = True
     # amp_bf16: frozen linear/convolution weights stored in bf16 (what autocast computes with anyway).
     # null: on when the trainer builds the model, without LoRA or FSDP; true: also for a model passed
     # in; false: off. close() puts them back in fp32 (values bf16-rounded).
@@ -370,6 +373,8 @@ _SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleCon
              "aim": AimConfig}
 # model keys under their OpenFlamingo names (create_model_and_transforms' arguments), same meaning
 _MODEL_ALIASES = {"perceiver_kwargs": "perceiver", "cross_attn_kwargs": "cross_attention"}
+# top-level keys under an earlier name, same meaning
+_TOP_ALIASES = {"recompute_gelu": "lean_backward"}
 _TYPED_FIELDS = {"perceiver": PerceiverConfig, "cross_attention": CrossAttentionConfig}
 
 
@@ -379,8 +384,9 @@ def _build(cls, d: dict, where: str):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in d.items():
-        if cls is ModelConfig and key in _MODEL_ALIASES:
-            alias, key = key, _MODEL_ALIASES[key]
+        aliases = _MODEL_ALIASES if cls is ModelConfig else _TOP_ALIASES if cls is TrainConfig else {}
+        if key in aliases:
+            alias, key = key, aliases[key]
             if key in d:
                 raise ConfigError(f"{where}{alias} and {where}{key} are the same setting; keep one")
         if key not in names:

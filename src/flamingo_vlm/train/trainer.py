@@ -24,8 +24,10 @@ the loss is computed in fp32.
 Speed/memory with the same math (:mod:`.fastpath`, each can be switched off in the config): the loss
 is computed from the last hidden states in chunks (no full logits; verified once against the
 model's logits, with a fallback), fp32 GEMMs run on oneDNN on CPUs where a cached probe measured
-it faster (:mod:`..modeling.kernels`), the perceiver/cross-attention
-feed-forwards recompute their GELU in backward, AdamW is the fused kernel.
+it faster (:mod:`..modeling.kernels`), AdamW is the fused kernel. Less memory with the same forward
+and gradients equal up to rounding (:mod:`.lean`, ``lean_backward``): the perceiver and the
+cross-attention recompute their LayerNorm and GELU outputs in backward, fold the tanh gates into
+their last products, and under bf16 autocast keep the fp32 trained weights instead of bf16 copies.
 
 Aiming (``aim:``, off by default): the aiming data joins the mixture as dataset ``aim`` and its
 batches add ``aim.loss_weight`` times the attention loss to their answer loss (:mod:`.losses`).

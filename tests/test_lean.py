@@ -1,0 +1,156 @@
+"""train.lean: the trained layers keep less for backward, with the stock forward and gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from flamingo_vlm.modeling.cross_attention import GatedCrossAttentionBlock, plan_media_attention
+from flamingo_vlm.modeling.perceiver import PerceiverResampler
+from flamingo_vlm.train.lean import make_lean
+
+TEXT_MEDIA = torch.tensor([[0, 0, 1, 1, 1, 1, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 2, 2]])  # rows without an image too
+
+
+def block(seed: int = 0) -> GatedCrossAttentionBlock:
+    torch.manual_seed(seed)
+    b = GatedCrossAttentionBlock(dim=64, dim_visual=48, dim_head=16, heads=4)
+    with torch.no_grad():
+        b.attn_gate.fill_(0.3)
+        b.ff_gate.fill_(-0.2)
+        for p in b.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # LayerNorm weights and biases away from 1 and 0
+    return b
+
+
+def run_block(m, x, media, amp: bool, dtype=torch.float32):
+    """Forward + backward of a weighted sum; returns (output, [dL/dx, dL/dparams...], saved bytes)."""
+    saved = {}
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    x = x.to(dtype).clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            kv = m.attn.image_keys_values(media.to(dtype))
+            y = m(x, kv, plan_media_attention(TEXT_MEDIA, 2, 5, True))
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    return y.detach(), [x.grad] + [p.grad for p in m.parameters()], sum(saved.values())
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 10, 64, generator=g), torch.randn(2, 2, 5, 48, generator=g)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def test_fp32_block_same_forward_same_gradients_less_kept():
+    stock = block()
+    lean = copy.deepcopy(stock)
+    assert make_lean(lean, autocast=False) == {"feed_forward": 1, "cross_attention": 1, "linear": 0}
+    x, media = inputs()
+    y0, g0, kept0 = run_block(stock, x, media, amp=False)
+    y1, g1, kept1 = run_block(lean, x, media, amp=False)
+    assert torch.equal(y0, y1)
+    names = ["x"] + [n for n, _ in stock.named_parameters()]
+    for n, a, b in zip(names, g0, g1):
+        assert rel(b, a) < 1e-5, n
+    # not kept any more: both LayerNorm outputs and both gated outputs (tokens x dim, fp32 each)
+    assert kept0 - kept1 >= 4 * x.numel() * 4
+
+
+def test_autocast_block_bitwise_forward_and_gradients_as_accurate_as_stock():
+    stock = block()
+    lean = copy.deepcopy(stock)
+    assert make_lean(lean, autocast=True) == {"feed_forward": 1, "cross_attention": 1, "linear": 5}
+    x, media = inputs()
+    y0, g0, kept0 = run_block(stock, x, media, amp=True)
+    y1, g1, kept1 = run_block(lean, x, media, amp=True)
+    assert torch.equal(y0, y1)  # the same casts and products in the same order
+    exact = copy.deepcopy(stock).double()
+    _, g64, _ = run_block(exact, x, media, amp=False, dtype=torch.float64)
+    names = ["x"] + [n for n, _ in stock.named_parameters()]
+    for n, a, b, want in zip(names, g0, g1, g64):
+        assert b.dtype == a.dtype, n
+        # bf16 rounding, placed elsewhere for the gated products (a wrong formula is off by O(1))
+        assert rel(b, want) <= max(2 * rel(a, want), 2e-2), n
+    # the bf16 copies of the trained weights are not kept (the fp32 parameters are, anyway)
+    weights = sum(p.numel() for n, p in stock.named_parameters() if p.dim() == 2)
+    assert kept0 - kept1 >= 2 * weights
+
+
+def test_perceiver_under_autocast_same_forward_and_gradients():
+    torch.manual_seed(0)
+    stock = PerceiverResampler(dim=64, depth=2, dim_head=16, heads=4, num_latents=8)
+    lean = copy.deepcopy(stock)
+    counts = make_lean(lean, autocast=True)
+    assert counts["feed_forward"] == 2 and counts["linear"] == 2 * 3 + 2 * 2
+    x = torch.randn(2, 3, 1, 7, 64)
+    outs = []
+    for m in (stock, lean):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().mean().backward()
+        outs.append((y.detach(), [p.grad for p in m.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert torch.equal(a, b)  # no gates here: the same products from the same bf16 operands
+
+
+def test_lean_forwards_fall_back_without_gradients_and_leave_wrapped_layers_alone():
+    stock = block()
+    lean = copy.deepcopy(stock)
+    make_lean(lean, autocast=True)
+    x, media = inputs()
+    with torch.no_grad():
+        plan = plan_media_attention(TEXT_MEDIA, 2, 5, True)
+        assert torch.equal(stock(x, stock.attn.image_keys_values(media), plan),
+                           lean(x, lean.attn.image_keys_values(media), plan))
+
+    class Wrapped(nn.Linear):  # e.g. a LoRA or quantized layer: keeps its own forward
+        pass
+
+    other = block()
+    other.attn.to_q = Wrapped(64, 64, bias=False)
+    counts = make_lean(other, autocast=True)
+    assert counts["cross_attention"] == 0 and "forward" not in vars(other.attn.to_q)
+    assert "forward" in vars(other.ff)  # its feed-forward is still lean
+    seen = []  # a hook on a module whose call the lean path would replace (the aiming loss's): the stock path runs
+    handle = lean.attn.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    y0, g0, _ = run_block(stock, x, media, amp=True)
+    y1, g1, _ = run_block(lean, x, media, amp=True)
+    handle.remove()
+    assert seen == [x.shape] and torch.equal(y0, y1)
+    again = make_lean(lean, autocast=True)  # patching twice changes nothing
+    assert again == {"feed_forward": 0, "cross_attention": 0, "linear": 0}
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_gradient_checkpointing_of_a_lean_block(amp):
+    from torch.utils.checkpoint import checkpoint
+
+    stock = block()
+    lean = copy.deepcopy(stock)
+    make_lean(lean, autocast=amp)
+    x, media = inputs()
+    grads = []
+    for m in (stock, lean):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            kv = m.attn.image_keys_values(media)
+            y = checkpoint(m, xx, kv, plan_media_attention(TEXT_MEDIA, 2, 5, True), use_reentrant=False)
+        y.float().sum().backward()
+        grads.append([xx.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert rel(b, a) < (2e-2 if amp else 1e-5)
