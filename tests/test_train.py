@@ -957,3 +957,22 @@ def test_chunked_loss_under_autocast_equals_the_per_chunk_cast(kind):
         (hidden[:, :-1].detach().bfloat16() @ full.bfloat16().t()).float().flatten(0, 1),
         labels[:, 1:].flatten(), reduction="sum")
     assert torch.allclose(l1, reference, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_cross_entropy_and_gradient_equal_autograds(dtype):
+    """fastpath._cross_entropy_and_grad (the chunked loss's per-chunk loss, computed in place in the
+    logits' fp32 storage) gives F.cross_entropy's summed loss and its gradient, in the logits' dtype."""
+    from flamingo_vlm.train.fastpath import _cross_entropy_and_grad
+
+    torch.manual_seed(0)
+    logits = (torch.randn(7, 300) * 8).to(dtype)  # large logits: the max-shift matters
+    labels = torch.randint(0, 300, (7,))
+    ref_in = logits.detach().float().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(ref_in, labels, reduction="sum")
+    ref.backward()
+    loss, grad = _cross_entropy_and_grad(logits.clone(), labels)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(grad.float(), ref_in.grad.to(dtype).float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 4e-3)
+    assert torch.allclose(grad.float().sum(-1), torch.zeros(7), atol=1e-2)  # softmax minus one-hot
