@@ -116,7 +116,7 @@ def _cross_entropy_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     the logits' gradient). Under autocast the bf16 logits are overwritten with the bf16 gradient
     (they are not needed by the head's backward)."""
     with torch.no_grad():
-        z = logits.detach().float()  # fp32 logits: the same storage (written in place below)
+        z = logits.detach().float()  # fp32 logits (fp32 ones: the same storage), written in place below
         picked = z.gather(1, labels[:, None])
         top = z.amax(-1, keepdim=True)
         total = z.sub_(top).exp_().sum(-1, keepdim=True)  # (no vocabulary-wide temporaries, as logsumexp makes)
