@@ -154,3 +154,14 @@ def test_gradient_checkpointing_of_a_lean_block(amp):
         grads.append([xx.grad] + [p.grad for p in m.parameters()])
     for a, b in zip(*grads):
         assert rel(b, a) < (2e-2 if amp else 1e-5)
+
+
+def test_lean_backward_config_key_and_its_old_name():
+    from flamingo_vlm.train import TrainConfig
+    from flamingo_vlm.train.config import ConfigError
+
+    base = {"model": {"from_pretrained": "m"}}
+    assert TrainConfig.from_dict(base).lean_backward is True
+    assert TrainConfig.from_dict({**base, "recompute_gelu": False}).lean_backward is False  # the earlier name
+    with pytest.raises(ConfigError, match="same setting"):
+        TrainConfig.from_dict({**base, "recompute_gelu": False, "lean_backward": True})
