@@ -55,13 +55,19 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def test_fp32_block_same_forward_same_gradients_less_kept():
+def stock_and_lean(amp: bool):
+    """A block and its lean copy run on the same inputs: (patch counts, stock block, x, media,
+    run_block's results for the stock block, for the lean one)."""
     stock = block()
     lean = copy.deepcopy(stock)
-    assert make_lean(lean, autocast=False) == {"feed_forward": 1, "cross_attention": 1, "linear": 0}
+    counts = make_lean(lean, autocast=amp)
     x, media = inputs()
-    y0, g0, kept0 = run_block(stock, x, media, amp=False)
-    y1, g1, kept1 = run_block(lean, x, media, amp=False)
+    return counts, stock, x, media, run_block(stock, x, media, amp=amp), run_block(lean, x, media, amp=amp)
+
+
+def test_fp32_block_same_forward_same_gradients_less_kept():
+    counts, stock, x, media, (y0, g0, kept0), (y1, g1, kept1) = stock_and_lean(amp=False)
+    assert counts == {"feed_forward": 1, "cross_attention": 1, "linear": 0}
     assert torch.equal(y0, y1)
     names = ["x"] + [n for n, _ in stock.named_parameters()]
     for n, a, b in zip(names, g0, g1):
@@ -71,12 +77,8 @@ def test_fp32_block_same_forward_same_gradients_less_kept():
 
 
 def test_autocast_block_bitwise_forward_and_gradients_as_accurate_as_stock():
-    stock = block()
-    lean = copy.deepcopy(stock)
-    assert make_lean(lean, autocast=True) == {"feed_forward": 1, "cross_attention": 1, "linear": 5}
-    x, media = inputs()
-    y0, g0, kept0 = run_block(stock, x, media, amp=True)
-    y1, g1, kept1 = run_block(lean, x, media, amp=True)
+    counts, stock, x, media, (y0, g0, kept0), (y1, g1, kept1) = stock_and_lean(amp=True)
+    assert counts == {"feed_forward": 1, "cross_attention": 1, "linear": 5}
     assert torch.equal(y0, y1)  # the same casts and products in the same order
     exact = copy.deepcopy(stock).double()
     _, g64, _ = run_block(exact, x, media, amp=False, dtype=torch.float64)

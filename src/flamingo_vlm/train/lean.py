@@ -57,7 +57,7 @@ class Prologue(NamedTuple):
     keep_input: bool = False  # "none" under autocast: keep the input as given (shared) instead of its cast
 
 
-NONE, GELU = Prologue(), Prologue("gelu")
+NONE, GELU, KEEP = Prologue(), Prologue("gelu"), Prologue(keep_input=True)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -153,7 +153,7 @@ def lean_linear(x: torch.Tensor, layer: nn.Linear, *, norm: nn.LayerNorm | None 
         pro = Prologue("norm", norm.eps)
         nw, nb = norm.weight, norm.bias
     else:
-        pro = GELU if gelu else (Prologue(keep_input=True) if keep_input else NONE)
+        pro = GELU if gelu else KEEP if keep_input else NONE
         nw = nb = None
     return LeanLinear.apply(x, layer.weight, layer.bias, gate, row_scale, nw, nb, pro, _compute_dtype(x))
 
