@@ -60,11 +60,12 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from bench_decode_profile import SHAPE, decode_ms  # noqa: E402
 from bench_inference import QUICK, Shape, build_models, cpu_flags, cpu_model, interleaved_prompt, write_results  # noqa: E402
 
-from flamingo_vlm.modeling import kernels  # noqa: E402
+from flamingo_vlm.modeling import fused_decode, kernels  # noqa: E402
 from flamingo_vlm.modeling.kernels import packed_bytes  # noqa: E402
 from flamingo_vlm.modeling.quantize import QuantizedLinear, quantize_model, weight_bytes  # noqa: E402
 
-VARIANTS = ("fp32", "bf16", "int8", "int4", "int8+head", "int4+head", "int8-aten", "bf16-packed", "fp32-onednn")
+VARIANTS = ("fp32", "bf16", "int8", "int4", "int8+head", "int4+head", "int8-aten", "bf16-packed", "fp32-onednn",
+            "fp32-unfused", "bf16-unfused", "int8-unfused")
 
 
 def variant(base: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -87,7 +88,19 @@ PINNED = {"bf16-packed": ("bf16", "packed"), "fp32-onednn": ("fp32", "onednn")}
 def routes(name: str):
     """``bf16-packed`` / ``fp32-onednn``: every decode-sized call on oneDNN (bf16: its packed copies),
     beside ``bf16`` / ``fp32``, which take what this machine measured fastest per row count (our C
-    kernel or oneDNN)."""
+    kernel or oneDNN). ``<dtype>-unfused``: the cross-attention blocks' decoding steps run module by
+    module (``FLAMINGO_VLM_FUSED=0``), not as one native call each (``flamingo_vlm.modeling.fused_decode``)."""
+    if name.endswith("-unfused"):
+        old = os.environ.get(fused_decode.ENV)
+        os.environ[fused_decode.ENV] = "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ[fused_decode.ENV]
+            else:
+                os.environ[fused_decode.ENV] = old
+        return
     if name not in PINNED:
         yield
         return
@@ -264,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
         kernels = summary(kernel_choice(("decode", "gemm", "bf16", "fp32_decode", "bf16_decode", "int8_decode",
                                          "int8_gemm")))
+        kernels += f", cross-attention decoding steps {'fused' if fused_decode.enabled() else 'module by module'}"
     except Exception as e:  # noqa: BLE001 (a report line, not a reason to lose the figures)
         kernels = f"kernel choices unavailable: {type(e).__name__}: {e}"
     env = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -38,7 +38,7 @@ from . import native
 from .kernels import (DECODE_ROWS, PLAIN_TYPES, decide, decode_route, onednn_available, onednn_linear, onednn_route,
                       packed_linear)
 
-__all__ = ["fast_bf16", "linear", "onednn_available", "onednn_linear", "onednn_linears"]
+__all__ = ["fast_bf16", "linear", "native_decode_isa", "onednn_available", "onednn_linear", "onednn_linears"]
 
 # Set inside an ``onednn_linears`` block (per thread / async context): "force" or "auto" (per call, by
 # the call's row count and the machine's choice). Modules that compute their products with
@@ -93,12 +93,15 @@ def _native_ok(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool
     its dtype, outside ``torch.compile``, ``torch.jit.trace`` and functorch transforms (they would not
     see a ctypes call, or have no storage to hand it). (Where the kernel cannot load, no route names
     it: :func:`~.kernels.set_routes`.)"""
-    return (type(x) in PLAIN_TYPES and type(w) in PLAIN_TYPES and w.is_cpu and w.dim() == 2 and w.is_contiguous()
-            and x.shape[-1] == w.shape[1]
-            and (b is None or (type(b) in PLAIN_TYPES and b.dtype is w.dtype and b.is_cpu and b.dim() == 1
-                               and b.shape[0] == w.shape[0] and b.is_contiguous()))
+    return (type(x) in PLAIN_TYPES and x.shape[-1] == w.shape[1] and _weight_ok(w, b)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not (_FUNCTORCH_WRAPPED is not None and _FUNCTORCH_WRAPPED(x)))
+
+
+def _weight_ok(w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return (type(w) in PLAIN_TYPES and w.is_cpu and w.dim() == 2 and w.is_contiguous()
+            and (b is None or (type(b) in PLAIN_TYPES and b.dtype is w.dtype and b.is_cpu and b.dim() == 1
+                               and b.shape[0] == w.shape[0] and b.is_contiguous())))
 
 
 _KINDS = (torch.float32, torch.bfloat16)
@@ -166,8 +169,25 @@ def _routed_forward(layer: nn.Linear):
                     return kernel(x, w, b, isa=route, check=False)
         return linear(x, self.weight, self.bias)
 
+    forward.routed = True  # (read by native_decode_isa)
     # a bound method: a deep copy of the layer rebinds it to the copy, whose other tensors then take linear()
     return types.MethodType(forward, layer)
+
+
+def native_decode_isa(layer: nn.Module, dtype: torch.dtype, rows: int) -> int | None:
+    """The SIMD path of our C kernel that ``layer``, an ``nn.Linear`` routed by the enclosing
+    :func:`onednn_linears` block, takes for a call of ``rows`` (decode-sized) rows of ``dtype`` without
+    gradients, as this machine's ``fp32_decode`` / ``bf16_decode`` probe chose for that row count;
+    ``None`` where it would take another kernel. For callers that run the product themselves (a fused
+    block) and have checked their input (a plain contiguous CPU tensor, not traced or compiled)."""
+    forward = vars(layer).get("forward")
+    if _ACTIVE.get() != "auto" or not getattr(forward, "routed", False) or dtype not in _KINDS:
+        return None
+    w, b = layer._parameters.get("weight"), layer._parameters.get("bias")
+    if w is None or w.dtype is not dtype or not 0 < rows <= DECODE_ROWS or not _weight_ok(w, b):
+        return None
+    route = decode_route("fp32" if dtype is torch.float32 else "bf16", rows)
+    return route if type(route) is int else None
 
 
 def _eligible(layer: nn.Module) -> bool:

@@ -29,6 +29,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from . import fused_decode
 from .cross_attention import ATTEND_ALL, GatedCrossAttentionBlock, MediaPlan, cut_keys_values
 
 
@@ -49,6 +50,7 @@ class Conditioning:
     history: torch.Tensor | None = None
     _kv: dict = field(default_factory=dict)
     _plans: dict = field(default_factory=dict)
+    _steps: dict = field(default_factory=dict)
 
     @property
     def num_media(self) -> int:
@@ -103,6 +105,14 @@ class Conditioning:
             cached = self._kv[key] = (kv, gates)
         kv, gates = cached
         return kv, (plan if plan.span is None else ATTEND_ALL), gates
+
+    def decode_step(self, block: GatedCrossAttentionBlock, x: torch.Tensor, gates: tuple[torch.Tensor, torch.Tensor]):
+        """``block``'s decoding step on inputs like ``x`` as one native call (:func:`.fused_decode.prepare`),
+        prepared once per call for each block, dtype and row count; ``None`` where it is not taken."""
+        key = (id(block), x.dtype, x.shape[0])
+        if key not in self._steps:
+            self._steps[key] = fused_decode.prepare(block, x, gates)
+        return self._steps[key]
 
     def keys_values(self, block: GatedCrossAttentionBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """Image keys/values of ``block`` (one row per image row), computed once per call. Rows that
@@ -195,7 +205,11 @@ class FlamingoLayer(nn.Module):
                     block, hidden_states, kv, plan, None, gates, use_reentrant=False,
                 )
             else:
-                hidden_states = block(hidden_states, kv, plan, None, gates)
+                y = None
+                if hidden_states.shape[1] == 1 and plan.mask is None and not torch.is_grad_enabled():
+                    step = cond.decode_step(block, hidden_states, gates)  # a decoding step: one native call
+                    y = None if step is None else step(hidden_states, kv, plan.blind)
+                hidden_states = block(hidden_states, kv, plan, None, gates) if y is None else y
         return modules["decoder_layer"](hidden_states, *args, **kwargs)
 
 

@@ -15,10 +15,14 @@ torch keeps it (no gradients):
 * :func:`fp32_linear`, fp32 weights: 33 GB/s at one row there, against oneDNN's 26 and ``F.linear``'s
   15 on the same 302 MB of layers.
 
+and :class:`XattnStep`, a gated cross-attention block's whole decoding step (two LayerNorms, the
+four products on the kernels above, the attention over the image keys/values, exact GELU, the tanh
+gates) in one call, where ``fused_decode`` finds the block's products would run on them anyway.
+
 Each is used where :func:`flamingo_vlm.modeling.kernels.decide` measured it faster (probe parts
 ``int8_decode``, ``bf16_decode`` and ``fp32_decode``), so a machine where it is not keeps torch's kernels.
 
-Build: ``$CC`` (else ``cc``, ``gcc``, ``clang``) ``-O3 -shared -fPIC -fopenmp``, into
+Build: ``$CC`` (else ``cc``, ``gcc``, ``clang``) ``-O3 -shared -fPIC -fopenmp ... -lm``, into
 ``$FLAMINGO_VLM_CACHE/native/`` (default ``~/.cache/flamingo-vlm/native/``; the temporary directory
 where that cannot be written), named by a hash of the source, compiler, flags and architecture; it
 is written to a temporary file and renamed, so a concurrent or interrupted build leaves nothing
@@ -44,17 +48,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..files import cache_root
 
-__all__ = ["ENV", "FLOAT_DTYPES", "ISA_NAMES", "bf16_linear", "fp32_linear", "int8_linear", "library", "unavailable_reason"]
+__all__ = ["ENV", "FLOAT_DTYPES", "ISA_NAMES", "Norm", "Product", "XattnStep", "bf16_linear", "fp32_linear", "int8_linear",
+           "library", "unavailable_reason"]
 
 ENV = "FLAMINGO_VLM_NATIVE"
 _SOURCE = Path(__file__).with_name("csrc") / "decode_linear.c"
 _FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
+_LIBS = ("-lm",)  # after the source, where linkers that drop unneeded libraries look for them
 ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX-512", 3: "AVX512-BF16"}
 _reason: str | None = None
 
@@ -83,7 +91,7 @@ def _build(cc: list[str]) -> Path:
     (or, where the cache cannot be written, in the temporary directory)."""
     source = _SOURCE.read_bytes()
     version = subprocess.run([cc[0], "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join([*cc[1:], *_FLAGS]).encode(),
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join([*cc[1:], *_FLAGS, *_LIBS]).encode(),
                                      sys.platform.encode(), platform.machine().encode()])).hexdigest()[:16]
     name = f"{_SOURCE.stem}-{key}.so"
     *first, last = _cache_dirs()
@@ -100,7 +108,7 @@ def _compile_into(cc: list[str], out: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{_SOURCE.stem}-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*cc, *_FLAGS, str(_SOURCE), "-o", tmp, *_LIBS], capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{cc[0]} could not compile {_SOURCE}: {_compile_error(done.stderr)}")
         os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep the other users of a shared cache out
@@ -150,6 +158,10 @@ def library() -> ctypes.CDLL | None:
     lib.fv_bf16_linear.argtypes = lib.fv_fp32_linear.argtypes = [ptr, flag, ptr, ptr, flag, ptr, flag, size, size, size,
                                                                  flag, flag]
     lib.fv_fp32_linear.restype = None
+    lib.fv_xattn_step.restype = ctypes.c_int
+    # (block, x, y, x_bf16, M, k, v, S, kv_rows, strides, attn_gate, ff_gate, blind, nthreads)
+    lib.fv_xattn_step.argtypes = [ctypes.POINTER(_Block), ptr, ptr, flag, size, ptr, ptr, size, size,
+                                  ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_float, flag, flag]
     return lib
 
 
@@ -235,3 +247,113 @@ def _float_linear(x, weight, bias, wdtype, symbol, isa, check) -> torch.Tensor:
     getattr(lib, symbol)(x.data_ptr(), bf16, weight.data_ptr(), _ptr(bias), bias is not None and bias.dtype == torch.bfloat16,
                          y.data_ptr(), bf16, m, n, k, isa, torch.get_num_threads())
     return y
+
+
+# -- a gated cross-attention block's decoding step ------------------------------------------------------
+_KIND = {torch.int8: 0, torch.bfloat16: 1, torch.float32: 2}  # fv_layer.kind (FV_INT8, FV_BF16, FV_FP32)
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("b", ctypes.c_void_p), ("N", ctypes.c_int64),
+                ("K", ctypes.c_int64), ("kind", ctypes.c_int32), ("sb", ctypes.c_int32), ("bb", ctypes.c_int32),
+                ("isa", ctypes.c_int32)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("q", _Layer), ("out", _Layer), ("fc1", _Layer), ("fc2", _Layer),
+                ("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p), ("ln2_w", ctypes.c_void_p),
+                ("ln2_b", ctypes.c_void_p), ("eps1", ctypes.c_double), ("eps2", ctypes.c_double),
+                ("D", ctypes.c_int64), ("heads", ctypes.c_int64), ("dim_head", ctypes.c_int64)]
+
+
+class Product(NamedTuple):
+    """One product of a block as the kernels take it: ``weight`` (N, K) int8, bf16 or fp32; for int8
+    its (N,) ``scales``; an optional (N,) ``bias``; ``isa`` the SIMD path (as :func:`int8_linear`)."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor | None
+    bias: torch.Tensor | None
+    isa: int
+
+
+class Norm(NamedTuple):
+    """A LayerNorm over the last dimension: (D,) ``weight`` and ``bias`` (either may be ``None``), ``eps``."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+
+class XattnStep:
+    """One decoding step of a gated cross-attention block (:class:`~.cross_attention.GatedCrossAttentionBlock`)
+    in one call of the C library: LayerNorm, query product, attention over the image keys/values,
+    output product, tanh-gated residual; LayerNorm, feed-forward with exact GELU, gated residual.
+    Activations in ``dtype`` (fp32 or bf16), rounded where the torch modules round them (see
+    ``fv_xattn_step`` in the C file). No autograd. ``products``: query, output, feed-forward in and out.
+
+    Built once from a block's tensors and called at every step. It keeps weak references to them (a
+    cached step must not keep a replaced weight's memory alive): a call after one of them was freed
+    or its storage moved raises ``ValueError``."""
+
+    def __init__(self, products: tuple[Product, Product, Product, Product], norms: tuple[Norm, Norm], *,
+                 heads: int, dtype: torch.dtype):
+        q, out, fc1, fc2 = products
+        d = q.weight.shape[1]
+        inner = q.weight.shape[0]
+        if dtype not in FLOAT_DTYPES or heads <= 0 or inner % heads:
+            raise ValueError(f"XattnStep: dtype {dtype} and {heads} heads for a query of {inner} features")
+        shapes = [(q, inner, d), (out, d, inner), (fc1, fc1.weight.shape[0], d), (fc2, d, fc1.weight.shape[0])]
+        for p, n, k in shapes:
+            w = p.weight
+            if not (_operands_ok(w.new_empty(0, k, dtype=dtype), w, w.dtype, p.scales, p.bias)
+                    and w.shape == (n, k) and w.dtype in _KIND and (p.scales is not None) == (w.dtype == torch.int8)):
+                raise ValueError(f"XattnStep: a product needs a contiguous CPU ({n}, {k}) int8 (with scales), bf16 or fp32 "
+                                 "weight and optional (n,) bias, got " + _describe(weight=w, scales=p.scales, bias=p.bias))
+        for n in norms:
+            if not all(t is None or (t.shape == (d,) and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu")
+                       for t in (n.weight, n.bias)):
+                raise ValueError(f"XattnStep: LayerNorm parameters must be contiguous CPU ({d},) {dtype}, got "
+                                 + _describe(weight=n.weight, bias=n.bias))
+        self.dtype, self.dim, self.heads, self.dim_head = dtype, d, heads, inner // heads
+        # the tensors whose memory the C struct points into
+        kept = [t for p in (*products, *norms) for t in p if isinstance(t, torch.Tensor)]
+        self._kept = [(weakref.ref(t), t.data_ptr()) for t in kept]
+
+        def layer(p: Product) -> _Layer:
+            bf16 = torch.bfloat16
+            return _Layer(p.weight.data_ptr(), _ptr(p.scales), _ptr(p.bias), p.weight.shape[0], p.weight.shape[1],
+                          _KIND[p.weight.dtype], p.scales is not None and p.scales.dtype == bf16,
+                          p.bias is not None and p.bias.dtype == bf16, p.isa)
+
+        (n1, n2) = norms
+        self._block = _Block(layer(q), layer(out), layer(fc1), layer(fc2), _ptr(n1.weight), _ptr(n1.bias),
+                             _ptr(n2.weight), _ptr(n2.bias), n1.eps, n2.eps, d, heads, inner // heads)
+
+    def fits(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Whether a call takes these operands: ``x`` (..., D) contiguous on CPU in ``dtype``; ``keys`` and
+        ``values`` (kv_rows, heads, S, dim_head) of one shape, in ``dtype`` on CPU with a contiguous last
+        dimension, ``x``'s rows a multiple of kv_rows; and every tensor it was built from still there."""
+        m = x.numel() // self.dim if self.dim else 0
+        return (x.dtype == self.dtype and x.is_contiguous() and x.device.type == "cpu" and x.shape[-1] == self.dim
+                and m > 0 and keys.shape == values.shape and keys.dim() == 4 and keys.shape[0] > 0
+                and m % keys.shape[0] == 0 and keys.shape[1] == self.heads and keys.shape[3] == self.dim_head
+                and all(t.dtype == self.dtype and t.stride(3) == 1 and t.device.type == "cpu" for t in (keys, values))
+                and all((t := ref()) is not None and t.data_ptr() == ptr for ref, ptr in self._kept))
+
+    def __call__(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_gate: float, ff_gate: float,
+                 blind: bool = False, *, check: bool = True) -> torch.Tensor:
+        """y (as ``x``) for M rows of one token ``x``, row ``m`` attending to row ``m // (M // kv_rows)``
+        of ``keys``/``values`` (:meth:`fits`; ``check=False`` skips that for callers that did it);
+        ``blind``: no image to see (the attention branch adds zero; ``keys`` may have no positions)."""
+        if check and not self.fits(x, keys, values):
+            raise ValueError(f"XattnStep: needs a contiguous CPU (..., {self.dim}) {self.dtype} input and CPU "
+                             f"(rows, {self.heads}, S, {self.dim_head}) {self.dtype} keys/values whose rows divide the "
+                             "input's, built from tensors that are all still there; got "
+                             + _describe(input=x, keys=keys, values=values))
+        y = torch.empty_like(x)
+        strides = (ctypes.c_int64 * 6)(*keys.stride()[:3], *values.stride()[:3])
+        if _lib().fv_xattn_step(ctypes.byref(self._block), x.data_ptr(), y.data_ptr(), self.dtype == torch.bfloat16,
+                                x.numel() // self.dim, keys.data_ptr(), values.data_ptr(), keys.shape[2], keys.shape[0],
+                                strides, attn_gate, ff_gate, bool(blind), torch.get_num_threads()):
+            raise MemoryError("XattnStep: the C library could not allocate its scratch memory")
+        return y

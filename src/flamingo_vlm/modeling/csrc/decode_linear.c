@@ -20,7 +20,9 @@
  * flamingo_vlm/modeling/native.py (cc -O3 -fopenmp); each SIMD path is compiled with a target
  * attribute and picked at run time, so one build runs on any x86-64 CPU.
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -321,4 +323,270 @@ void fv_fp32_linear(const void *x, int x_bf16, const float *w, const void *b, in
                     void *y, int y_bf16, int64_t M, int64_t N, int64_t K, int isa, int nthreads) {
     const fv_args a = {x, w, NULL, b, y, M, N, K, FV_FP32, x_bf16, 0, b_bf16, y_bf16};
     fv_run(&a, isa, nthreads);
+}
+
+
+/* -- A gated cross-attention block's decoding step, in one call ---------------------------------------
+ *
+ *   x1 = x + attn_gate * to_out(attention(to_q(LN1(x)), K, V))      (skipped where `blind`)
+ *   y  = x1 + ff_gate * fc2(GELU(fc1(LN2(x1))))
+ *
+ * for M rows of one token each (flamingo_vlm/modeling/cross_attention.py computes the same with ~40
+ * torch calls; at decode sizes their dispatch cost as much as the four products). Activations are fp32,
+ * or bf16 where `xb` is set, and are rounded to that dtype wherever the torch modules round them: after
+ * each LayerNorm, product, the attention, GELU, each gate's product and each sum. Within those the
+ * arithmetic is fp32: LayerNorm's moments in double, attention as torch's SDPA on fp32 copies
+ * (bf16 decoding on CPU runs it so, modeling/attention.py), GELU as torch's own erf (Abramowitz and
+ * Stegun 7.1.26, what ATen's vectorized erf computes) with a Cephes-style exp. The four products are
+ * the kernels above, each on its own weight kind and SIMD path. Row m attends to keys/values row
+ * m / (M / kv_rows) (generate() repeats rows with repeat_interleave; their image rows are not copied). */
+typedef struct {
+    const void *w, *s, *b;  /* (N, K) weight; int8: (N,) scales, else NULL; (N,) bias or NULL */
+    int64_t N, K;
+    int32_t kind, sb, bb, isa;  /* weight kind; scales, bias bf16; SIMD path */
+} fv_layer;
+
+typedef struct {
+    fv_layer q, out, fc1, fc2;
+    const void *ln1_w, *ln1_b, *ln2_w, *ln2_b;  /* (D,) in the activations' dtype, or NULL */
+    double eps1, eps2;
+    int64_t D, heads, dim_head;
+} fv_block;
+
+static void fv_layer_run(const fv_layer *l, const void *x, void *y, int64_t M, int xb, int nthreads) {
+    const fv_args a = {x, l->w, l->s, l->b, y, M, l->N, l->K, l->kind, xb, l->sb, l->bb, xb};
+    fv_run(&a, l->isa, nthreads);
+}
+
+static void fv_layer_norm(const void *x, void *y, int xb, int64_t M, int64_t D, const void *w, const void *b, double eps) {
+    for (int64_t m = 0; m < M; m++) {
+        double sum = 0, sq = 0;
+        for (int64_t d = 0; d < D; d++) sum += fv_get(x, xb, m * D + d);
+        const double mean = sum / (double)D;
+        for (int64_t d = 0; d < D; d++) {
+            double c = fv_get(x, xb, m * D + d) - mean;
+            sq += c * c;
+        }
+        const float mu = (float)mean, rstd = (float)(1.0 / sqrt(sq / (double)D + eps));
+        for (int64_t d = 0; d < D; d++) {
+            float v = (fv_get(x, xb, m * D + d) - mu) * rstd;
+            if (w) v *= fv_get(w, xb, d);
+            if (b) v += fv_get(b, xb, d);
+            fv_put(y, xb, m * D + d, v);
+        }
+    }
+}
+
+/* exp for the x <= 0 it is used on here (softmax, GELU): Cephes' range reduction and polynomial,
+ * relative error ~1 ulp; 0 under -87.3 (no denormals), +inf over 88; written once for scalars and
+ * once for 8 lanes. */
+#define FV_EXP_HI 88.0f
+#define FV_EXP_LO (-87.3365447505531f)
+static inline float fv_expf(float x) {
+    if (x != x) return x;
+    if (x > FV_EXP_HI) return INFINITY;
+    if (x < FV_EXP_LO) return 0.f;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    uint32_t e = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+/* GELU(v) = v/2 (1 + erf(v / sqrt 2)), erf(z) = sign(z) (1 - t (p1 + t (p2 + t (p3 + t (p4 + t p5)))) exp(-z^2)),
+ * t = 1 / (1 + p |z|) */
+static inline float fv_gelu1(float v) {
+    const float z = v * 0.70710678118654752f, a = fabsf(z);
+    const float t = 1.f / (0.3275911f * a + 1.f);
+    float r = 1.061405429f * t - 1.453152027f;
+    r = r * t + 1.421413741f;
+    r = r * t - 0.284496736f;
+    r = r * t + 0.254829592f;
+    float e = 1.f - r * t * fv_expf(-(z * z));
+    return 0.5f * v * (1.f + (z < 0 ? -e : e));
+}
+
+#ifdef FV_X86
+__attribute__((target("avx2,fma"))) static inline __m256 fv_exp8(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(FV_EXP_HI), lo = _mm256_set1_ps(FV_EXP_LO);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    __m256 c = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(c, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), c);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), under);
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), over);
+    return _mm256_blendv_ps(y, x, nan);
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 fv_gelu8(__m256 v) {
+    const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+    const __m256 z = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
+    const __m256 a = _mm256_andnot_ps(sign, z);
+    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
+    __m256 r = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
+    const __m256 ex = fv_exp8(_mm256_xor_ps(sign, _mm256_mul_ps(z, z)));
+    const __m256 e = _mm256_fnmadd_ps(_mm256_mul_ps(r, t), ex, one);
+    const __m256 erf = _mm256_or_ps(e, _mm256_and_ps(sign, z));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(one, erf));
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 fv_load8(const void *p, int bf16, int64_t i) {
+    if (bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+__attribute__((target("avx2,fma"))) static void fv_gelu_avx2(void *h, int xb, int64_t n) {
+    int64_t i = 0;
+    if (!xb)
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps((float *)h + i, fv_gelu8(_mm256_loadu_ps((float *)h + i)));
+    else {
+        float tmp[8];
+        for (; i + 8 <= n; i += 8) {
+            _mm256_storeu_ps(tmp, fv_gelu8(fv_load8(h, 1, i)));
+            for (int j = 0; j < 8; j++) fv_put(h, 1, i + j, tmp[j]);
+        }
+    }
+    for (; i < n; i++) fv_put(h, xb, i, fv_gelu1(fv_get(h, xb, i)));
+}
+
+/* sum_d q[d] k[d] over 8-lane blocks then the tail; q fp32, k in the activations' dtype */
+__attribute__((target("avx2,fma"))) static float fv_dot_avx2(const float *q, const void *k, int kb, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), fv_load8(k, kb, d), acc);
+    float s = fv_hsum256(acc);
+    for (; d < n; d++) s += q[d] * fv_get(k, kb, d);
+    return s;
+}
+
+__attribute__((target("avx2,fma"))) static void fv_axpy_avx2(float *o, float p, const void *v, int vb, int64_t n) {
+    const __m256 pv = _mm256_set1_ps(p);
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, fv_load8(v, vb, d), _mm256_loadu_ps(o + d)));
+    for (; d < n; d++) o[d] += p * fv_get(v, vb, d);
+}
+#endif
+
+static void fv_gelu(void *h, int xb, int64_t n, int simd) {
+#ifdef FV_X86
+    if (simd) { fv_gelu_avx2(h, xb, n); return; }
+#endif
+    (void)simd;
+    for (int64_t i = 0; i < n; i++) fv_put(h, xb, i, fv_gelu1(fv_get(h, xb, i)));
+}
+
+static float fv_dot(const float *q, const void *k, int kb, int64_t n, int simd) {
+#ifdef FV_X86
+    if (simd) return fv_dot_avx2(q, k, kb, n);
+#endif
+    (void)simd;
+    float s = 0.f;
+    for (int64_t d = 0; d < n; d++) s += q[d] * fv_get(k, kb, d);
+    return s;
+}
+
+static void fv_axpy(float *o, float p, const void *v, int vb, int64_t n, int simd) {
+#ifdef FV_X86
+    if (simd) { fv_axpy_avx2(o, p, v, vb, n); return; }
+#endif
+    (void)simd;
+    for (int64_t d = 0; d < n; d++) o[d] += p * fv_get(v, vb, d);
+}
+
+/* a (M, heads * dim_head) = softmax(q k^T / sqrt(dim_head)) v per row and head, over S keys. k, v:
+ * element (r, h, s, d) at r * st[0] + h * st[1] + s * st[2] + d (st[3..5] for v). scratch: S + dim_head
+ * floats per thread. */
+static void fv_attend(const void *q, void *a, int xb, int64_t M, int64_t heads, int64_t dh, const void *k,
+                      const void *v, int64_t S, int64_t kv_rows, const int64_t *st, int simd, int nthreads) {
+    const int64_t r = M / kv_rows, esize = xb ? 2 : 4;
+    const float scale = 1.f / sqrtf((float)dh);
+    const int64_t work = M * heads * S * dh;
+    #pragma omp parallel num_threads(work >= 65536 && nthreads > 1 ? nthreads : 1)
+    {
+        float *buf = malloc((size_t)(S + 2 * dh) * sizeof(float));
+        if (buf) {
+            float *p = buf, *qh = buf + S, *o = buf + S + dh;
+            #pragma omp for schedule(static)
+            for (int64_t mh = 0; mh < M * heads; mh++) {
+                const int64_t m = mh / heads, h = mh % heads, row = m / r;
+                for (int64_t d = 0; d < dh; d++) qh[d] = fv_get(q, xb, m * heads * dh + h * dh + d) * scale;
+                const char *kh = (const char *)k + (row * st[0] + h * st[1]) * esize;
+                const char *vh = (const char *)v + (row * st[3] + h * st[4]) * esize;
+                float mx = -INFINITY, sum = 0.f;
+                for (int64_t s = 0; s < S; s++) {
+                    p[s] = fv_dot(qh, kh + s * st[2] * esize, xb, dh, simd);
+                    if (p[s] > mx) mx = p[s];
+                }
+                for (int64_t s = 0; s < S; s++) sum += (p[s] = fv_expf(p[s] - mx));
+                for (int64_t d = 0; d < dh; d++) o[d] = 0.f;
+                for (int64_t s = 0; s < S; s++) fv_axpy(o, p[s], vh + s * st[5] * esize, xb, dh, simd);
+                for (int64_t d = 0; d < dh; d++) fv_put(a, xb, m * heads * dh + h * dh + d, o[d] / sum);
+            }
+            free(buf);
+        }
+    }
+}
+
+/* y = x + g * t (each product and the sum rounded to the activations' dtype, as torch's `t * g + x`) */
+static void fv_gated_add(const void *x, const void *t, float g, void *y, int xb, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float gt = fv_get(t, xb, i) * g;
+        if (xb) {
+            fv_put(y, 1, i, gt);
+            gt = fv_get(y, 1, i);
+        }
+        fv_put(y, xb, i, gt + fv_get(x, xb, i));
+    }
+}
+
+/* One decoding step of a gated cross-attention block (above). x, y: (M, D); k, v and st as fv_attend;
+ * returns 0, or -1 where scratch memory could not be had (y is then not written). */
+int fv_xattn_step(const fv_block *p, const void *x, void *y, int xb, int64_t M, const void *k, const void *v,
+                  int64_t S, int64_t kv_rows, const int64_t *st, float attn_gate, float ff_gate, int blind,
+                  int nthreads) {
+    const int64_t D = p->D, inner = p->heads * p->dim_head, F = p->fc1.N, esize = xb ? 2 : 4;
+    const int simd = p->q.isa >= 1 && fv_isa() >= 1;
+    if (M <= 0 || kv_rows <= 0 || M % kv_rows) return -1;
+    char *mem = malloc((size_t)(M * (3 * D + 2 * inner + F)) * (size_t)esize);
+    if (!mem) return -1;
+    void *h = mem, *x1 = mem + M * D * esize, *t = mem + 2 * M * D * esize;
+    void *qb = mem + 3 * M * D * esize, *ab = (char *)qb + M * inner * esize, *f = (char *)ab + M * inner * esize;
+    if (blind || S == 0) memcpy(x1, x, (size_t)(M * D * esize));
+    else {
+        fv_layer_norm(x, h, xb, M, D, p->ln1_w, p->ln1_b, p->eps1);
+        fv_layer_run(&p->q, h, qb, M, xb, nthreads);
+        fv_attend(qb, ab, xb, M, p->heads, p->dim_head, k, v, S, kv_rows, st, simd, nthreads);
+        fv_layer_run(&p->out, ab, t, M, xb, nthreads);
+        fv_gated_add(x, t, attn_gate, x1, xb, M * D);
+    }
+    fv_layer_norm(x1, h, xb, M, D, p->ln2_w, p->ln2_b, p->eps2);
+    fv_layer_run(&p->fc1, h, f, M, xb, nthreads);
+    fv_gelu(f, xb, M * F, simd);
+    fv_layer_run(&p->fc2, f, t, M, xb, nthreads);
+    fv_gated_add(x1, t, ff_gate, y, xb, M * D);
+    free(mem);
+    return 0;
 }

@@ -1,0 +1,219 @@
+"""A gated cross-attention block's decoding step in one native call (modeling/fused_decode.py,
+native.XattnStep): what the modules compute, in every SIMD path and weight kind, taken by generate
+only where the modules' products would have run on our kernels anyway."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from flamingo_vlm.modeling import fused_decode, kernels, native
+from flamingo_vlm.modeling.cross_attention import ATTEND_ALL, GatedCrossAttentionBlock, MediaPlan
+from flamingo_vlm.modeling.fast_linear import onednn_linears
+from flamingo_vlm.modeling.quantize import QuantizedLinear, quantize_model
+from tiny import tiny_flamingo
+
+needs_native = pytest.mark.skipif(native.library() is None, reason=f"no native kernels: {native.unavailable_reason()}")
+ISAS = [0, 1, 2, 3][: (native.library().fv_isa() + 1) if native.library() is not None else 1]
+LAYERS = ("attn.to_q", "attn.to_out", "ff.1", "ff.3")
+
+
+def block(dim=40, heads=3, dim_head=12, seed=0) -> GatedCrossAttentionBlock:
+    """Odd sizes (no multiple of 8 or 16), open gates, LayerNorms that are not the identity."""
+    torch.manual_seed(seed)
+    b = GatedCrossAttentionBlock(dim=dim, dim_visual=24, dim_head=dim_head, heads=heads).eval()
+    with torch.no_grad():
+        b.attn_gate.fill_(0.8)
+        b.ff_gate.fill_(-0.6)
+        for n in (b.attn.norm, b.ff[0]):
+            n.weight.add_(torch.randn_like(n.weight) * 0.2)
+            n.bias.add_(torch.randn_like(n.bias) * 0.2)
+    return b
+
+
+def products(b, weights: str, isa: int):
+    """The block's four products as the C code takes them, and the float weights they stand for."""
+    out, dense = [], []
+    for name in LAYERS:
+        layer = b.get_submodule(name)
+        if weights == "int8":
+            q = QuantizedLinear(layer, "int8")
+            out.append(native.Product(q.qweight, q.scales, q.bias, isa))
+            dense.append(q.dequantized_weight())
+        else:
+            w = layer.weight.detach().to(torch.bfloat16 if weights == "bf16" else torch.float32)
+            out.append(native.Product(w, None, None, isa))
+            dense.append(w.float())
+    return tuple(out), dense
+
+
+def step_for(b, weights, dtype, isa):
+    """(the step, the float weights of its products); the step keeps its tensors, which it only refers to."""
+    prods, dense = products(b, weights, isa)
+    norms = tuple(native.Norm(n.weight.detach().to(dtype), n.bias.detach().to(dtype), n.eps) for n in (b.attn.norm, b.ff[0]))
+    step = native.XattnStep(prods, norms, heads=b.attn.heads, dtype=dtype)
+    step.tensors = (prods, norms)
+    return step, dense
+
+
+def as_modules(b, dense, dtype):
+    """The block with the weights the products stand for, in ``dtype``: the modules' own computation."""
+    ref = copy.deepcopy(b)
+    with torch.no_grad():
+        for name, w in zip(LAYERS, dense):
+            ref.get_submodule(name).weight.copy_(w)
+    return ref.to(dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native.ISA_NAMES[i])
+@pytest.mark.parametrize("weights, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                            ("int8", torch.float32), ("int8", torch.bfloat16)])
+@pytest.mark.parametrize("rows, kv_rows, keys", [(1, 1, 64), (3, 1, 5), (4, 2, 70)])
+def test_one_call_computes_what_the_modules_compute(isa, weights, dtype, rows, kv_rows, keys):
+    """fp32: within fp32 rounding of the modules in float64. bf16: rounded at the places the modules
+    round, so within a few bf16 steps of the modules' own bf16 computation and as close to float64
+    as it (a product summed in another order may round the other way, and that carries on). Rows
+    beyond the keys' rows attend to row m // (rows // kv_rows), as generate's repeated rows do;
+    keys/values may be strided views (a span cut out of all the images)."""
+    b = block()
+    step, dense = step_for(b, weights, dtype, isa)
+    g = torch.Generator().manual_seed(rows * 100 + keys)
+    x = torch.randn(rows, 1, 40, generator=g).to(dtype)
+    media = torch.randn(kv_rows, 1, keys + 7, 24, generator=g)
+    ref = as_modules(b, dense, torch.float64)
+    with torch.no_grad():
+        k, v = ref.attn.image_keys_values(media.double())
+        k, v = k[:, :, 7:], v[:, :, 7:]  # strided: a span of the keys
+        gates = ref.gates()
+        want = ref(x.double(), (k, v), ATTEND_ALL, None, gates)
+        got = step(x, k.to(dtype), v.to(dtype), float(gates[0]), float(gates[1]))
+        assert got.dtype == dtype and got.shape == x.shape
+        if dtype == torch.float32:
+            assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        else:
+            mods = as_modules(b, dense, dtype)
+            stock = mods(x, (k.to(dtype), v.to(dtype)), ATTEND_ALL, None, mods.gates())
+            assert (got.double() - stock.double()).abs().max() <= 2 ** -6 * stock.double().abs().max()
+            assert (got.double() - want).abs().max() <= 3 * (stock.double() - want).abs().max() + 1e-6
+        # with no image to see, only the feed-forward half
+        blind = ref(x.double(), (k, v), MediaPlan(blind=True), None, gates)
+        nothing = torch.empty(1, 3, 0, 12, dtype=dtype)
+        got = step(x, nothing, nothing, float(gates[0]), float(gates[1]), blind=True)
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+        assert (got.double() - blind).abs().max() <= tol * blind.abs().max()
+
+
+@needs_native
+def test_it_refuses_operands_it_cannot_take_and_weights_that_are_gone():
+    b = block()
+    step, _ = step_for(b, "fp32", torch.float32, ISAS[-1])
+    x = torch.randn(2, 1, 40)
+    k = torch.randn(2, 3, 5, 12)
+    step(x, k, k, 0.5, 0.5)
+    for bad in [(x.double(), k, k), (x, k.bfloat16(), k.bfloat16()), (torch.randn(2, 1, 80)[..., ::2], k, k),
+                (x, k[:, :2], k[:, :2]), (x, k.transpose(-1, -2), k.transpose(-1, -2)), (torch.randn(3, 1, 40), k, k),
+                (x, k, k[:, :, :4])]:
+        with pytest.raises(ValueError, match="XattnStep"):
+            step(*bad, 0.5, 0.5)
+    no_norms = (native.Norm(None, None, 1e-5),) * 2
+    with pytest.raises(ValueError, match="XattnStep"):  # products that do not chain
+        native.XattnStep(products(block(dim=48), "fp32", 1)[0][:2] + products(b, "fp32", 1)[0][2:], no_norms,
+                         heads=3, dtype=torch.float32)
+    prods, dense = products(b, "fp32", 1)
+    own = native.XattnStep(prods, no_norms, heads=3, dtype=torch.float32)
+    own(x, k, k, 0.5, 0.5)
+    del prods, dense  # the only references to these weights: a step must not read freed memory
+    with pytest.raises(ValueError, match="still there"):
+        own(x, k, k, 0.5, 0.5)
+
+
+def native_routes(monkeypatch):
+    """This process decides that decode-sized fp32, bf16 and int8 products run on our kernel."""
+    kernels.set_routes("fp32", ("native:1",) * len(kernels.DECODE_BUCKETS))
+    kernels.set_routes("bf16", ("native:1",) * len(kernels.DECODE_BUCKETS))
+    monkeypatch.setitem(kernels._MEMO, "int8_decode", True)
+    monkeypatch.setitem(kernels._MEMO, "int8_isa", ISAS[-1])
+
+
+def count_steps(monkeypatch) -> list:
+    calls = []
+    real = native.XattnStep.__call__
+    monkeypatch.setattr(native.XattnStep, "__call__", lambda self, x, *a, **k: calls.append(x.shape[0]) or real(self, x, *a, **k))
+    return calls
+
+
+def generate(model, monkeypatch, fused: bool, **kwargs):
+    monkeypatch.setenv(fused_decode.ENV, "1" if fused else "0")
+    media = model.media_token_id
+    g = torch.Generator().manual_seed(0)
+    vision_x = torch.randn(2, 2, 1, 3, 32, 32, generator=g).to(next(model.parameters()).dtype)
+    lang_x = torch.tensor([[media, 5, 6, media, 7, 8], [media, 9, 6, media, 7, 5]])
+    with torch.inference_mode():
+        out = model.generate(vision_x, lang_x, torch.ones_like(lang_x), max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, output_scores=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.scores)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+def test_generate_takes_one_call_per_block_and_step_with_the_modules_answers(fresh, monkeypatch, kind):
+    native_routes(monkeypatch)
+    model, _ip, _tok = tiny_flamingo()
+    if kind == "int8":
+        quantize_model(model, "int8")
+    elif kind == "bf16":
+        model.to(torch.bfloat16)
+    calls = count_steps(monkeypatch)
+    tokens, scores = generate(model, monkeypatch, fused=True)
+    blocks = sum(isinstance(m, GatedCrossAttentionBlock) for m in model.modules())
+    assert len(calls) == blocks * 5 and set(calls) == {2}  # 5 decoding steps of 2 rows after the prompt
+    del calls[:]
+    ref_tokens, ref_scores = generate(model, monkeypatch, fused=False)
+    assert not calls
+    if kind != "bf16":  # (bf16: rounding differences may pick another of two near-equal tokens)
+        assert torch.equal(tokens, ref_tokens)
+        finite = ref_scores.isfinite()  # (suppressed tokens score -inf)
+        assert torch.equal(scores.isfinite(), finite)
+        assert (scores - ref_scores)[finite].abs().max() <= 1e-4 * ref_scores[finite].abs().max()
+    # beams: rows repeated per image row, two rows of keys/values for 4 query rows
+    del calls[:]
+    beams, _ = generate(model, monkeypatch, fused=True, num_beams=2)
+    assert calls and set(calls) == {4}
+    ref_beams, _ = generate(model, monkeypatch, fused=False, num_beams=2)
+    if kind != "bf16":
+        assert torch.equal(beams, ref_beams)
+
+
+@needs_native
+def test_not_taken_where_the_modules_would_not_run_on_our_kernels(fresh, monkeypatch):
+    model, _ip, _tok = tiny_flamingo()
+    calls = count_steps(monkeypatch)
+    kernels.set_routes("fp32", ("default",) * len(kernels.DECODE_BUCKETS))  # torch's F.linear measured faster
+    generate(model, monkeypatch, fused=True)
+    assert not calls
+    native_routes(monkeypatch)
+    generate(model, monkeypatch, fused=True)
+    assert calls
+    blk = next(m for m in model.modules() if isinstance(m, GatedCrossAttentionBlock))
+    x = torch.randn(1, 1, blk.attn.norm.normalized_shape[0])
+    with torch.no_grad(), onednn_linears(model):
+        assert fused_decode.prepare(blk, x, blk.gates()) is not None
+        handle = blk.ff[1].register_forward_hook(lambda *a: None)  # a hook must see its module's call
+        assert fused_decode.prepare(blk, x, blk.gates()) is None
+        handle.remove()
+        blk.train()
+        assert fused_decode.prepare(blk, x, blk.gates()) is None
+        blk.eval()
+        lora_like = type("Wrapped", (nn.Linear,), {})(*blk.ff[3].weight.shape[::-1], bias=False)
+        original, blk.ff[3] = blk.ff[3], lora_like
+        assert fused_decode.prepare(blk, x, blk.gates()) is None
+        blk.ff[3] = original
+        assert fused_decode.prepare(blk, x.bfloat16(), blk.gates()) is None  # activations and weights of two dtypes
+        monkeypatch.setenv(fused_decode.ENV, "0")
+        assert fused_decode.prepare(blk, x, blk.gates()) is None
+    with onednn_linears(model):  # gradients wanted
+        assert fused_decode.prepare(blk, x, blk.gates()) is None
+    with torch.no_grad():  # outside a routing block: the float layers run F.linear
+        assert fused_decode.prepare(blk, x, blk.gates()) is None
