@@ -217,3 +217,109 @@ def test_not_taken_where_the_modules_would_not_run_on_our_kernels(fresh, monkeyp
         assert fused_decode.prepare(blk, x, blk.gates()) is None
     with torch.no_grad():  # outside a routing block: the float layers run F.linear
         assert fused_decode.prepare(blk, x, blk.gates()) is None
+
+
+# -- the LM's MLPs ------------------------------------------------------------------------------------
+def lm_mlp(kind: str, seed: int = 0) -> nn.Module:
+    """transformers' MPT or LLaMA MLP at odd sizes (hidden 40, intermediate 120 / 72; LLaMA with biases)."""
+    from transformers import LlamaConfig, MptConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.mpt.modeling_mpt import MptMLP
+
+    torch.manual_seed(seed)
+    if kind == "mpt":
+        return MptMLP(MptConfig(d_model=40, n_heads=4, expansion_ratio=3)).eval()
+    return LlamaMLP(LlamaConfig(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, intermediate_size=72,
+                                hidden_act="silu", mlp_bias=True)).eval()
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native.ISA_NAMES[i])
+@pytest.mark.parametrize("weights, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                            ("int8", torch.float32), ("int8", torch.bfloat16)])
+@pytest.mark.parametrize("kind", ["mpt", "llama"])
+def test_one_mlp_call_computes_what_the_module_computes(isa, weights, dtype, kind):
+    mlp = lm_mlp(kind)
+    names = ("up_proj", "down_proj", "gate_proj") if kind == "llama" else ("up_proj", "down_proj")
+    prods, dense = [], []
+    for name in names:
+        layer = getattr(mlp, name)
+        if weights == "int8":
+            q = QuantizedLinear(layer, "int8")
+            prods.append(native.Product(q.qweight, q.scales, q.bias, isa))
+            dense.append(q.dequantized_weight())
+        else:
+            w = layer.weight.detach().to(torch.bfloat16 if weights == "bf16" else torch.float32)
+            b = None if layer.bias is None else layer.bias.detach().to(dtype)
+            prods.append(native.Product(w, None, b, isa))
+            dense.append(w.float())
+    step = native.MlpStep(*prods, act="silu" if kind == "llama" else "gelu", dtype=dtype)
+    ref = copy.deepcopy(mlp)
+    with torch.no_grad():
+        for name, w in zip(names, dense):
+            getattr(ref, name).weight.copy_(w)
+    g = torch.Generator().manual_seed(len(names))
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 1, 40, generator=g).to(dtype) * 2
+        residual = torch.randn(rows, 1, 40, generator=g).to(dtype) if kind == "mpt" else None
+        args = (residual,) if kind == "mpt" else ()
+        with torch.no_grad():
+            want = ref.double()(x.double(), *(a.double() for a in args))
+            got = step(x, residual)
+            assert got.dtype == dtype and got.shape == x.shape
+            if dtype == torch.float32:
+                assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+            else:
+                mods = ref.to(dtype)
+                stock = mods(x, *args)
+                assert (got.double() - stock.double()).abs().max() <= 2 ** -6 * stock.double().abs().max()
+                assert (got.double() - want).abs().max() <= 3 * (stock.double() - want).abs().max() + 1e-6
+    with pytest.raises(ValueError, match="MlpStep"):
+        step(torch.randn(2, 41).to(dtype))
+    with pytest.raises(ValueError, match="MlpStep"):
+        native.MlpStep(prods[0], prods[0], act="gelu", dtype=dtype)  # products that do not chain
+
+
+@needs_native
+@pytest.mark.parametrize("lm", ["llama", "mpt"])
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+def test_generate_runs_each_mlp_in_one_call_with_the_modules_answers(fresh, monkeypatch, lm, kind):
+    native_routes(monkeypatch)
+    model, _ip, _tok = tiny_flamingo(lm)
+    if kind == "int8":
+        quantize_model(model, "int8")
+    elif kind == "bf16":
+        model.to(torch.bfloat16)
+    calls = []
+    real = native.MlpStep.__call__
+    monkeypatch.setattr(native.MlpStep, "__call__", lambda self, x, *a, **k: calls.append(x.shape[0]) or real(self, x, *a, **k))
+    tokens, scores = generate(model, monkeypatch, fused=True)
+    mlps = sum(fused_decode.mlp_kind(m) is not None for m in model.modules())
+    assert mlps == 2 and len(calls) == mlps * 5 and set(calls) == {2}  # 2 layers, 5 decoding steps of 2 rows
+    assert not any("forward" in vars(m) for m in model.modules())  # restored after the call
+    del calls[:]
+    ref_tokens, ref_scores = generate(model, monkeypatch, fused=False)
+    assert not calls
+    if kind != "bf16":
+        assert torch.equal(tokens, ref_tokens)
+        finite = ref_scores.isfinite()
+        assert (scores - ref_scores)[finite].abs().max() <= 1e-4 * ref_scores[finite].abs().max()
+    monkeypatch.setenv(fused_decode.ENV, "1")
+    mlp = next(m for m in model.modules() if fused_decode.mlp_kind(m))
+    handle = mlp.down_proj.register_forward_hook(lambda *a: None)  # a hook must see its module's call
+    generate(model, monkeypatch, fused=True)
+    assert len(calls) == 5  # the other layer's MLP only
+    handle.remove()
+    with fused_decode.fused_mlps(model) as patched:  # gradients enabled at entry: nothing changes
+        assert patched == 0
+
+
+def test_mlp_kinds_are_recognised_by_their_class_and_activation():
+    assert fused_decode.mlp_kind(lm_mlp("mpt")) == "mpt" and fused_decode.mlp_kind(lm_mlp("llama")) == "llama"
+    mlp = lm_mlp("mpt")
+    mlp.act = nn.GELU(approximate="tanh")
+    assert fused_decode.mlp_kind(mlp) is None
+    mlp = lm_mlp("llama")
+    mlp.act_fn = nn.GELU()
+    assert fused_decode.mlp_kind(mlp) is None
+    assert fused_decode.mlp_kind(type("MptMLP", (nn.Module,), {})()) is None  # another module of that name

@@ -22,8 +22,9 @@ turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from .fast_linear import _FUNCTORCH_WRAPPED, native_decode_isa
 from .kernels import DECODE_ROWS, PLAIN_TYPES
 from .quantize import QuantizedLinear
 
-__all__ = ["ENV", "enabled", "prepare"]
+__all__ = ["ENV", "enabled", "fused_mlps", "mlp_kind", "prepare"]
 
 ENV = "FLAMINGO_VLM_FUSED"
 _FLOATS = (torch.float32, torch.bfloat16)
@@ -114,3 +115,85 @@ def prepare(block: GatedCrossAttentionBlock, x: torch.Tensor, gates: tuple[torch
         return step(x, k, v, ag, fg, blind, check=False)
 
     return run
+
+
+# -- the LM's MLPs ------------------------------------------------------------------------------------
+# transformers' MLP classes whose forward is one of the two MlpStep computes, by (module, class name):
+# MPT: down(GELU(up(x))) + residual (forward(hidden_states, residual)); LLaMA: down(act(gate(x)) * up(x)).
+_MLPS = {("transformers.models.mpt.modeling_mpt", "MptMLP"): "mpt",
+         ("transformers.models.llama.modeling_llama", "LlamaMLP"): "llama"}
+
+
+def _is_silu(act: nn.Module) -> bool:
+    kind = type(act)
+    return "forward" not in vars(act) and (kind is nn.SiLU or (
+        kind.__module__ == "transformers.activations" and kind.__name__ == "SiLUActivation"
+        and kind.forward.__qualname__ == "SiLUActivation.forward"))
+
+
+def mlp_kind(module: nn.Module) -> str | None:
+    """``"mpt"`` / ``"llama"`` for the transformers MLPs :class:`.native.MlpStep` computes (exact GELU;
+    SiLU), else ``None``."""
+    kind = _MLPS.get((type(module).__module__, type(module).__name__))
+    if kind == "mpt":
+        act = getattr(module, "act", None)
+        ok = type(act) is nn.GELU and act.approximate == "none" and "forward" not in vars(act)
+    elif kind == "llama":
+        ok = _is_silu(getattr(module, "act_fn", None))
+    else:
+        return None
+    return kind if ok else None
+
+
+def _prepare_mlp(mlp: nn.Module, kind: str, x: torch.Tensor) -> native.MlpStep | None:
+    if mlp.training or _hooked((mlp, *mlp.children())):
+        return None
+    names = ("up_proj", "down_proj", "gate_proj") if kind == "llama" else ("up_proj", "down_proj")
+    products = [_product(getattr(mlp, n), x) for n in names]
+    if any(p is None for p in products):
+        return None
+    try:
+        return native.MlpStep(*products, act="silu" if kind == "llama" else "gelu", dtype=x.dtype)
+    except ValueError:
+        return None
+
+
+def _fused_mlp_forward(mlp: nn.Module, kind: str):
+    stock = type(mlp).forward
+    steps: dict = {}  # (module, dtype, rows) -> MlpStep or None, for the length of the block
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        residual = (args[0] if args else kwargs.get("residual")) if kind == "mpt" else None
+        if (type(x) in PLAIN_TYPES and x.dtype in _FLOATS and x.is_cpu and x.is_contiguous() and x.dim() >= 2
+                and 0 < x.numel() // max(x.shape[-1], 1) <= DECODE_ROWS and not torch.is_grad_enabled()
+                and len(args) + len(kwargs) == (kind == "mpt")):
+            rows = x.numel() // x.shape[-1]
+            key = (id(self), x.dtype, rows)  # (a deep copy of the module inside the block is bound to itself)
+            if key not in steps:
+                steps[key] = (_prepare_mlp(self, kind, x.reshape(rows, 1, -1)) if not (
+                    torch.compiler.is_compiling() or torch.jit.is_tracing() or _wrapped(x)) else None)
+            step = steps[key]
+            if step is not None and step.fits(x, residual):
+                return step(x, residual, check=False)
+        return stock(self, x, *args, **kwargs)
+
+    forward.fused = True
+    return forward
+
+
+@contextlib.contextmanager
+def fused_mlps(module: nn.Module) -> Iterator[int]:
+    """Inside the block, the LM MLPs of ``module`` that :func:`mlp_kind` knows run their decode-sized
+    calls without gradients (at most ``DECODE_ROWS`` rows) as one native call each (:class:`.native.MlpStep`),
+    where each of their products would have run on our C kernel (as for the cross-attention steps:
+    module docstring); yields how many MLPs it patched. Nothing changes where gradients are enabled
+    at entry or ``FLAMINGO_VLM_FUSED=0``. Restored on exit, also when the block raises."""
+    on = enabled() and not torch.is_grad_enabled()
+    mlps = [(m, k) for m in module.modules() if "forward" not in vars(m) and (k := mlp_kind(m))] if on else []
+    try:
+        for m, kind in mlps:
+            m.forward = _fused_mlp_forward(m, kind).__get__(m)
+        yield len(mlps)
+    finally:
+        for m, _ in mlps:
+            vars(m).pop("forward", None)

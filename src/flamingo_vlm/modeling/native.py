@@ -56,7 +56,7 @@ import torch
 
 from ..files import cache_root
 
-__all__ = ["ENV", "FLOAT_DTYPES", "ISA_NAMES", "Norm", "Product", "XattnStep", "bf16_linear", "fp32_linear", "int8_linear",
+__all__ = ["ENV", "FLOAT_DTYPES", "ISA_NAMES", "MlpStep", "Norm", "Product", "XattnStep", "bf16_linear", "fp32_linear", "int8_linear",
            "library", "unavailable_reason"]
 
 ENV = "FLAMINGO_VLM_NATIVE"
@@ -158,7 +158,9 @@ def library() -> ctypes.CDLL | None:
     lib.fv_bf16_linear.argtypes = lib.fv_fp32_linear.argtypes = [ptr, flag, ptr, ptr, flag, ptr, flag, size, size, size,
                                                                  flag, flag]
     lib.fv_fp32_linear.restype = None
-    lib.fv_xattn_step.restype = ctypes.c_int
+    lib.fv_xattn_step.restype = lib.fv_mlp_step.restype = ctypes.c_int
+    # (mlp, x, residual, y, x_bf16, M, nthreads)
+    lib.fv_mlp_step.argtypes = [ctypes.POINTER(_Mlp), ptr, ptr, ptr, flag, size, flag]
     # (block, x, y, x_bf16, M, k, v, S, kv_rows, strides, attn_gate, ff_gate, blind, nthreads)
     lib.fv_xattn_step.argtypes = [ctypes.POINTER(_Block), ptr, ptr, flag, size, ptr, ptr, size, size,
                                   ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_float, flag, flag]
@@ -284,6 +286,30 @@ class Norm(NamedTuple):
     eps: float
 
 
+def _layer(p: Product) -> _Layer:
+    bf16 = torch.bfloat16
+    return _Layer(p.weight.data_ptr(), _ptr(p.scales), _ptr(p.bias), p.weight.shape[0], p.weight.shape[1],
+                  _KIND[p.weight.dtype], p.scales is not None and p.scales.dtype == bf16,
+                  p.bias is not None and p.bias.dtype == bf16, p.isa)
+
+
+def _check_product(p: Product, n: int, k: int, dtype: torch.dtype, what: str) -> None:
+    w = p.weight
+    if not (_operands_ok(w.new_empty(0, k, dtype=dtype), w, w.dtype, p.scales, p.bias)
+            and w.shape == (n, k) and w.dtype in _KIND and (p.scales is not None) == (w.dtype == torch.int8)):
+        raise ValueError(f"{what}: a product needs a contiguous CPU ({n}, {k}) int8 (with scales), bf16 or fp32 "
+                         "weight and optional (n,) bias, got " + _describe(weight=w, scales=p.scales, bias=p.bias))
+
+
+def _weak_refs(*groups: tuple) -> list:
+    """(weak reference, data pointer) of every tensor in ``groups`` (Products, Norms)."""
+    return [(weakref.ref(t), t.data_ptr()) for g in groups for t in g if isinstance(t, torch.Tensor)]
+
+
+def _alive(kept: list) -> bool:
+    return all((t := ref()) is not None and t.data_ptr() == ptr for ref, ptr in kept)
+
+
 class XattnStep:
     """One decoding step of a gated cross-attention block (:class:`~.cross_attention.GatedCrossAttentionBlock`)
     in one call of the C library: LayerNorm, query product, attention over the image keys/values,
@@ -304,29 +330,16 @@ class XattnStep:
             raise ValueError(f"XattnStep: dtype {dtype} and {heads} heads for a query of {inner} features")
         shapes = [(q, inner, d), (out, d, inner), (fc1, fc1.weight.shape[0], d), (fc2, d, fc1.weight.shape[0])]
         for p, n, k in shapes:
-            w = p.weight
-            if not (_operands_ok(w.new_empty(0, k, dtype=dtype), w, w.dtype, p.scales, p.bias)
-                    and w.shape == (n, k) and w.dtype in _KIND and (p.scales is not None) == (w.dtype == torch.int8)):
-                raise ValueError(f"XattnStep: a product needs a contiguous CPU ({n}, {k}) int8 (with scales), bf16 or fp32 "
-                                 "weight and optional (n,) bias, got " + _describe(weight=w, scales=p.scales, bias=p.bias))
+            _check_product(p, n, k, dtype, "XattnStep")
         for n in norms:
             if not all(t is None or (t.shape == (d,) and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu")
                        for t in (n.weight, n.bias)):
                 raise ValueError(f"XattnStep: LayerNorm parameters must be contiguous CPU ({d},) {dtype}, got "
                                  + _describe(weight=n.weight, bias=n.bias))
         self.dtype, self.dim, self.heads, self.dim_head = dtype, d, heads, inner // heads
-        # the tensors whose memory the C struct points into
-        kept = [t for p in (*products, *norms) for t in p if isinstance(t, torch.Tensor)]
-        self._kept = [(weakref.ref(t), t.data_ptr()) for t in kept]
-
-        def layer(p: Product) -> _Layer:
-            bf16 = torch.bfloat16
-            return _Layer(p.weight.data_ptr(), _ptr(p.scales), _ptr(p.bias), p.weight.shape[0], p.weight.shape[1],
-                          _KIND[p.weight.dtype], p.scales is not None and p.scales.dtype == bf16,
-                          p.bias is not None and p.bias.dtype == bf16, p.isa)
-
+        self._kept = _weak_refs(*products, *norms)  # the tensors whose memory the C struct points into
         (n1, n2) = norms
-        self._block = _Block(layer(q), layer(out), layer(fc1), layer(fc2), _ptr(n1.weight), _ptr(n1.bias),
+        self._block = _Block(_layer(q), _layer(out), _layer(fc1), _layer(fc2), _ptr(n1.weight), _ptr(n1.bias),
                              _ptr(n2.weight), _ptr(n2.bias), n1.eps, n2.eps, d, heads, inner // heads)
 
     def fits(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -338,7 +351,7 @@ class XattnStep:
                 and m > 0 and keys.shape == values.shape and keys.dim() == 4 and keys.shape[0] > 0
                 and m % keys.shape[0] == 0 and keys.shape[1] == self.heads and keys.shape[3] == self.dim_head
                 and all(t.dtype == self.dtype and t.stride(3) == 1 and t.device.type == "cpu" for t in (keys, values))
-                and all((t := ref()) is not None and t.data_ptr() == ptr for ref, ptr in self._kept))
+                and _alive(self._kept))
 
     def __call__(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_gate: float, ff_gate: float,
                  blind: bool = False, *, check: bool = True) -> torch.Tensor:
@@ -356,4 +369,46 @@ class XattnStep:
                                 x.numel() // self.dim, keys.data_ptr(), values.data_ptr(), keys.shape[2], keys.shape[0],
                                 strides, attn_gate, ff_gate, bool(blind), torch.get_num_threads()):
             raise MemoryError("XattnStep: the C library could not allocate its scratch memory")
+        return y
+
+
+class _Mlp(ctypes.Structure):
+    _fields_ = [("up", _Layer), ("gate", _Layer), ("down", _Layer), ("gated", ctypes.c_int32), ("act", ctypes.c_int32)]
+
+
+class MlpStep:
+    """An LM's MLP for a few rows in one call of the C library: ``down(act(up(x)))`` (``gate`` None;
+    MPT: exact GELU) or ``down(act(gate(x)) * up(x))`` (LLaMA and its kin: SiLU), plus an optional
+    residual; activations in ``dtype`` (fp32 or bf16), rounded where the torch modules round. Keeps
+    weak references to its tensors, as :class:`XattnStep`."""
+
+    ACTS = ("gelu", "silu")
+
+    def __init__(self, up: Product, down: Product, gate: Product | None = None, *, act: str, dtype: torch.dtype):
+        if dtype not in FLOAT_DTYPES or act not in self.ACTS:
+            raise ValueError(f"MlpStep: dtype {dtype} and act {act!r} (use one of {self.ACTS})")
+        d, f = up.weight.shape[1], up.weight.shape[0]
+        for p, n, k in [(up, f, d), (down, d, f), *([(gate, f, d)] if gate is not None else [])]:
+            _check_product(p, n, k, dtype, "MlpStep")
+        self.dtype, self.dim = dtype, d
+        self._kept = _weak_refs(up, down, *([gate] if gate is not None else []))
+        self._mlp = _Mlp(_layer(up), _layer(gate if gate is not None else up), _layer(down), gate is not None,
+                         self.ACTS.index(act))
+
+    def fits(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+        """``x`` (..., D) and ``residual`` (as ``x``) contiguous on CPU in ``dtype``; its tensors still there."""
+        return (x.dtype == self.dtype and x.is_contiguous() and x.device.type == "cpu" and x.shape[-1] == self.dim
+                and x.numel() > 0 and (residual is None or (residual.shape == x.shape and residual.dtype == self.dtype
+                                                            and residual.is_contiguous() and residual.device.type == "cpu"))
+                and _alive(self._kept))
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
+        if check and not self.fits(x, residual):
+            raise ValueError(f"MlpStep: needs a contiguous CPU (..., {self.dim}) {self.dtype} input (and residual of "
+                             "its shape), built from tensors that are all still there; got "
+                             + _describe(input=x, residual=residual))
+        y = torch.empty_like(x)
+        if _lib().fv_mlp_step(ctypes.byref(self._mlp), x.data_ptr(), _ptr(residual), y.data_ptr(),
+                              self.dtype == torch.bfloat16, x.numel() // self.dim, torch.get_num_threads()):
+            raise MemoryError("MlpStep: the C library could not allocate its scratch memory")
         return y

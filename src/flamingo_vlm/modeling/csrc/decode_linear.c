@@ -590,3 +590,66 @@ int fv_xattn_step(const fv_block *p, const void *x, void *y, int xb, int64_t M, 
     free(mem);
     return 0;
 }
+
+/* -- An LM's MLP for a few rows, in one call ---------------------------------------------------------
+ *
+ *   y = down(act(up(x)))                 act: exact GELU (MPT)
+ *   y = down(act(gate(x)) * up(x))       act: SiLU (LLaMA and its kin), when `gate` is given
+ *   y += residual                        where `residual` is given (MPT's MLP adds it)
+ *
+ * rounded to the activations' dtype where the torch modules round: each product, the activation, the
+ * gated product and the sum. SiLU(v) = v / (1 + exp(-v)), as ATen computes it. */
+typedef struct {
+    fv_layer up, gate, down;
+    int32_t gated, act;  /* act: 0 exact GELU, 1 SiLU */
+} fv_mlp;
+
+static inline float fv_silu1(float v) { return v / (1.f + fv_expf(-v)); }
+
+#ifdef FV_X86
+__attribute__((target("avx2,fma"))) static void fv_silu_avx2(void *h, int xb, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+    float tmp[8];
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = fv_load8(h, xb, i);
+        __m256 y = _mm256_div_ps(v, _mm256_add_ps(one, fv_exp8(_mm256_xor_ps(sign, v))));
+        if (!xb) _mm256_storeu_ps((float *)h + i, y);
+        else {
+            _mm256_storeu_ps(tmp, y);
+            for (int j = 0; j < 8; j++) fv_put(h, 1, i + j, tmp[j]);
+        }
+    }
+    for (; i < n; i++) fv_put(h, xb, i, fv_silu1(fv_get(h, xb, i)));
+}
+#endif
+
+static void fv_silu(void *h, int xb, int64_t n, int simd) {
+#ifdef FV_X86
+    if (simd) { fv_silu_avx2(h, xb, n); return; }
+#endif
+    (void)simd;
+    for (int64_t i = 0; i < n; i++) fv_put(h, xb, i, fv_silu1(fv_get(h, xb, i)));
+}
+
+/* x (M, D) -> y (M, D); residual (M, D) or NULL. Returns 0, or -1 where scratch memory could not be had. */
+int fv_mlp_step(const fv_mlp *p, const void *x, const void *residual, void *y, int xb, int64_t M, int nthreads) {
+    const int64_t F = p->up.N, esize = xb ? 2 : 4;
+    const int simd = p->up.isa >= 1 && fv_isa() >= 1;
+    if (M <= 0) return -1;
+    char *mem = malloc((size_t)(M * F * (p->gated ? 2 : 1)) * (size_t)esize);
+    if (!mem) return -1;
+    void *h = mem, *g = mem + M * F * esize;
+    fv_layer_run(&p->up, x, h, M, xb, nthreads);
+    if (p->gated) {
+        fv_layer_run(&p->gate, x, g, M, xb, nthreads);
+        if (p->act == 1) fv_silu(g, xb, M * F, simd);
+        else fv_gelu(g, xb, M * F, simd);
+        for (int64_t i = 0; i < M * F; i++) fv_put(h, xb, i, fv_get(g, xb, i) * fv_get(h, xb, i));
+    } else if (p->act == 1) fv_silu(h, xb, M * F, simd);
+    else fv_gelu(h, xb, M * F, simd);
+    fv_layer_run(&p->down, h, y, M, xb, nthreads);
+    if (residual) fv_gated_add(residual, y, 1.f, y, xb, M * p->down.N);
+    free(mem);
+    return 0;
+}
