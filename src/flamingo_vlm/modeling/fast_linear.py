@@ -38,7 +38,8 @@ from . import native
 from .kernels import (DECODE_ROWS, PLAIN_TYPES, decide, decode_route, onednn_available, onednn_linear, onednn_route,
                       packed_linear)
 
-__all__ = ["fast_bf16", "linear", "native_decode_isa", "onednn_available", "onednn_linear", "onednn_linears"]
+__all__ = ["fast_bf16", "linear", "native_decode_isa", "onednn_available", "onednn_linear", "onednn_linears",
+           "outside_tracing"]
 
 # Set inside an ``onednn_linears`` block (per thread / async context): "force" or "auto" (per call, by
 # the call's row count and the machine's choice). Modules that compute their products with
@@ -96,6 +97,13 @@ def _native_ok(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool
     return (type(x) in PLAIN_TYPES and x.shape[-1] == w.shape[1] and _weight_ok(w, b)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not (_FUNCTORCH_WRAPPED is not None and _FUNCTORCH_WRAPPED(x)))
+
+
+def outside_tracing(x: torch.Tensor) -> bool:
+    """Whether a C call may take ``x`` here: not under ``torch.compile`` or ``torch.jit.trace`` (they
+    would not see the call), not a functorch-wrapped tensor (no storage to hand it)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or (_FUNCTORCH_WRAPPED is not None and _FUNCTORCH_WRAPPED(x)))
 
 
 def _weight_ok(w: torch.Tensor, b: torch.Tensor | None) -> bool:

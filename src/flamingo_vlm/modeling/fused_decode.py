@@ -32,7 +32,7 @@ from torch.nn.modules import module as _module
 
 from . import native
 from .cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
-from .fast_linear import _FUNCTORCH_WRAPPED, native_decode_isa
+from .fast_linear import native_decode_isa, outside_tracing
 from .kernels import DECODE_ROWS, PLAIN_TYPES
 from .quantize import QuantizedLinear
 
@@ -44,10 +44,6 @@ _FLOATS = (torch.float32, torch.bfloat16)
 
 def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off") and native.library() is not None
-
-
-def _wrapped(x: torch.Tensor) -> bool:
-    return _FUNCTORCH_WRAPPED is not None and _FUNCTORCH_WRAPPED(x)
 
 
 def _hooked(modules) -> bool:
@@ -88,7 +84,7 @@ def prepare(block: GatedCrossAttentionBlock, x: torch.Tensor, gates: tuple[torch
     if (block.training or torch.is_grad_enabled() or type(x) not in PLAIN_TYPES or x.dtype not in _FLOATS
             or not x.is_cpu or x.dim() != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= DECODE_ROWS
             or attn_gate.dtype is not x.dtype or ff_gate.dtype is not x.dtype or not enabled()
-            or torch.compiler.is_compiling() or torch.jit.is_tracing() or _wrapped(x)):
+            or not outside_tracing(x)):
         return None
     attn, ff = block.attn, block.ff
     if not (type(block) is GatedCrossAttentionBlock and type(attn) is MaskedCrossAttention and type(ff) is nn.Sequential
@@ -166,18 +162,16 @@ def _fused_mlp_forward(mlp: nn.Module, kind: str):
         residual = (args[0] if args else kwargs.get("residual")) if kind == "mpt" else None
         if (type(x) in PLAIN_TYPES and x.dtype in _FLOATS and x.is_cpu and x.is_contiguous() and x.dim() >= 2
                 and 0 < x.numel() // max(x.shape[-1], 1) <= DECODE_ROWS and not torch.is_grad_enabled()
-                and len(args) + len(kwargs) == (kind == "mpt")):
+                and len(args) + len(kwargs) == (kind == "mpt") and outside_tracing(x)):
             rows = x.numel() // x.shape[-1]
             key = (id(self), x.dtype, rows)  # (a deep copy of the module inside the block is bound to itself)
             if key not in steps:
-                steps[key] = (_prepare_mlp(self, kind, x.reshape(rows, 1, -1)) if not (
-                    torch.compiler.is_compiling() or torch.jit.is_tracing() or _wrapped(x)) else None)
+                steps[key] = _prepare_mlp(self, kind, x.reshape(rows, 1, -1))
             step = steps[key]
             if step is not None and step.fits(x, residual):
                 return step(x, residual, check=False)
         return stock(self, x, *args, **kwargs)
 
-    forward.fused = True
     return forward
 
 
