@@ -5,9 +5,10 @@ and the ~40 torch calls around them (two LayerNorms, the head split, SDPA, GELU,
 as much again in dispatch: on an AMD EPYC Zen 4 (2 threads, benchmark shape, int8 weights) a block
 took 289 us, its four products 170 us. :func:`prepare` hands the whole step to
 :class:`.native.XattnStep` instead, which computes what the modules compute (the same roundings in
-bf16; fp32 within rounding), its products on the C kernels the layers would have used. Whole decode
-steps there (``bench_quantize.py --variants bf16,int8,bf16-unfused,int8-unfused --rounds 5``): bf16
-17.9 -> 15.4 ms/token, int8 12.7 -> 11.1; the same greedy tokens on the benchmark's prompt.
+bf16; fp32 within rounding), its products on the C kernels the layers would have used. The LM's
+MLPs get the same (:func:`fused_mlps`, :class:`.native.MlpStep`). Whole decode steps there, both fused
+(``bench_quantize.py --variants bf16,int8,bf16-unfused,int8-unfused --rounds 5``): bf16 18.3 -> 15.4
+ms/token, int8 12.2 -> 10.1; the built-in model 25.4 -> 24.5 and 20.5 -> 17.9; the same greedy tokens.
 
 It is prepared once per block per LM call sequence (``injection.Conditioning``, one ``generate`` or
 forward call: the weights, routes and gates do not change within it), and taken only where every
