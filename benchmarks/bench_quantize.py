@@ -277,7 +277,6 @@ def main(argv: list[str] | None = None) -> int:
 
         kernels = summary(kernel_choice(("decode", "gemm", "bf16", "fp32_decode", "bf16_decode", "int8_decode",
                                          "int8_gemm")))
-        kernels += f", cross-attention decoding steps {'fused' if fused_decode.enabled() else 'module by module'}"
     except Exception as e:  # noqa: BLE001 (a report line, not a reason to lose the figures)
         kernels = f"kernel choices unavailable: {type(e).__name__}: {e}"
     env = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -323,3 +323,14 @@ def test_mlp_kinds_are_recognised_by_their_class_and_activation():
     mlp.act_fn = nn.GELU()
     assert fused_decode.mlp_kind(mlp) is None
     assert fused_decode.mlp_kind(type("MptMLP", (nn.Module,), {})()) is None  # another module of that name
+
+
+def test_benchmark_headers_say_whether_decoding_steps_were_fused(monkeypatch):
+    c = kernels.KernelChoice(cpu="x", torch="t", threads=2, allocator="a", onednn_decode=False, onednn_gemm=False,
+                             bf16_fast=True, fp32_decode=(), bf16_decode=(), native_int8_decode=False, source="s",
+                             timings={})
+    monkeypatch.delenv(fused_decode.ENV, raising=False)
+    assert "LM MLPs fused where their products run on our C kernels" in kernels.summary(c)
+    monkeypatch.setenv(fused_decode.ENV, "0")
+    assert "decoding module by module (FLAMINGO_VLM_FUSED=0)" in kernels.summary(c)
+    assert not fused_decode.enabled()

@@ -24,7 +24,6 @@ turns it off.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -39,12 +38,13 @@ from .quantize import QuantizedLinear
 
 __all__ = ["ENV", "enabled", "fused_mlps", "mlp_kind", "prepare"]
 
-ENV = "FLAMINGO_VLM_FUSED"
+ENV = native.FUSED_ENV
 _FLOATS = (torch.float32, torch.bfloat16)
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off") and native.library() is not None
+    """``FLAMINGO_VLM_FUSED`` is not ``0`` and our C library loads."""
+    return native.fused_allowed() and native.library() is not None
 
 
 def _hooked(modules) -> bool:

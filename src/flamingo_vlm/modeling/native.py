@@ -56,10 +56,12 @@ import torch
 
 from ..files import cache_root
 
-__all__ = ["ENV", "FLOAT_DTYPES", "ISA_NAMES", "MlpStep", "Norm", "Product", "XattnStep", "bf16_linear", "fp32_linear", "int8_linear",
-           "library", "unavailable_reason"]
+__all__ = ["ENV", "FLOAT_DTYPES", "FUSED_ENV", "ISA_NAMES", "MlpStep", "Norm", "Product", "XattnStep", "bf16_linear", "fp32_linear", "int8_linear",
+           "fused_allowed", "library", "unavailable_reason"]
 
 ENV = "FLAMINGO_VLM_NATIVE"
+FUSED_ENV = "FLAMINGO_VLM_FUSED"  # 0: decoding runs block by block in torch (modeling/fused_decode.py)
+_OFF = ("0", "false", "no", "off")
 _SOURCE = Path(__file__).with_name("csrc") / "decode_linear.c"
 _FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
 _LIBS = ("-lm",)  # after the source, where linkers that drop unneeded libraries look for them
@@ -133,7 +135,7 @@ def _openmp_runtimes() -> set[str]:
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or ``None`` (see :func:`unavailable_reason`)."""
     global _reason
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if os.environ.get(ENV, "1").strip().lower() in _OFF:
         _reason = f"{ENV}={os.environ[ENV]}"
         return None
     cc = _compiler()
@@ -165,6 +167,11 @@ def library() -> ctypes.CDLL | None:
     lib.fv_xattn_step.argtypes = [ctypes.POINTER(_Block), ptr, ptr, flag, size, ptr, ptr, size, size,
                                   ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_float, flag, flag]
     return lib
+
+
+def fused_allowed() -> bool:
+    """Whether ``FLAMINGO_VLM_FUSED`` leaves the fused decoding steps on (:class:`XattnStep`, :class:`MlpStep`)."""
+    return os.environ.get(FUSED_ENV, "1").strip().lower() not in _OFF
 
 
 def unavailable_reason() -> str | None:
