@@ -129,6 +129,29 @@ def test_it_refuses_operands_it_cannot_take_and_weights_that_are_gone():
         own(x, k, k, 0.5, 0.5)
 
 
+@needs_native
+def test_long_key_spans_split_over_threads_give_the_one_thread_result():
+    """Enough attention work (rows x heads x keys x dim >= 65536) runs the heads on torch's threads,
+    each (row, head) on one thread, in the same order: the same bits as one thread."""
+    b = block(dim=64, heads=4, dim_head=16)
+    step, _ = step_for(b, "fp32", torch.float32, ISAS[-1])
+    g = torch.Generator().manual_seed(3)
+    x, k, v = torch.randn(4, 1, 64, generator=g), torch.randn(2, 4, 600, 16, generator=g), torch.randn(2, 4, 600, 16, generator=g)
+    gates = tuple(gt.detach() for gt in b.gates())
+    ag, fg = float(gates[0]), float(gates[1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = step(x, k, v, ag, fg)
+        torch.set_num_threads(2)
+        assert torch.equal(step(x, k, v, ag, fg), one)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        ref = b.double()(x.double(), (k.double(), v.double()), ATTEND_ALL, None, tuple(gt.double() for gt in gates))
+    assert (one.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def native_routes(monkeypatch):
     """This process decides that decode-sized fp32, bf16 and int8 products run on our kernel."""
     kernels.set_routes("fp32", ("native:1",) * len(kernels.DECODE_BUCKETS))

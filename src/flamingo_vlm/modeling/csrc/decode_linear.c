@@ -21,6 +21,7 @@
  * attribute and picked at run time, so one build runs on any x86-64 CPU.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -517,35 +518,36 @@ static void fv_axpy(float *o, float p, const void *v, int vb, int64_t n, int sim
 }
 
 /* a (M, heads * dim_head) = softmax(q k^T / sqrt(dim_head)) v per row and head, over S keys. k, v:
- * element (r, h, s, d) at r * st[0] + h * st[1] + s * st[2] + d (st[3..5] for v). scratch: S + dim_head
- * floats per thread. */
+ * element (r, h, s, d) at r * st[0] + h * st[1] + s * st[2] + d (st[3..5] for v). scratch: S + 2 *
+ * dim_head floats for each of `team` threads (fv_attend_team), allocated by the caller: a thread of an
+ * OpenMP team must not fail alone (the others would wait for it at the loop's barrier). */
+static int fv_attend_team(int64_t M, int64_t heads, int64_t dh, int64_t S, int nthreads) {
+    return M * heads * S * dh >= 65536 && nthreads > 1 ? nthreads : 1;
+}
+
 static void fv_attend(const void *q, void *a, int xb, int64_t M, int64_t heads, int64_t dh, const void *k,
-                      const void *v, int64_t S, int64_t kv_rows, const int64_t *st, int simd, int nthreads) {
+                      const void *v, int64_t S, int64_t kv_rows, const int64_t *st, int simd, int team,
+                      float *scratch) {
     const int64_t r = M / kv_rows, esize = xb ? 2 : 4;
     const float scale = 1.f / sqrtf((float)dh);
-    const int64_t work = M * heads * S * dh;
-    #pragma omp parallel num_threads(work >= 65536 && nthreads > 1 ? nthreads : 1)
+    #pragma omp parallel num_threads(team)
     {
-        float *buf = malloc((size_t)(S + 2 * dh) * sizeof(float));
-        if (buf) {
-            float *p = buf, *qh = buf + S, *o = buf + S + dh;
-            #pragma omp for schedule(static)
-            for (int64_t mh = 0; mh < M * heads; mh++) {
-                const int64_t m = mh / heads, h = mh % heads, row = m / r;
-                for (int64_t d = 0; d < dh; d++) qh[d] = fv_get(q, xb, m * heads * dh + h * dh + d) * scale;
-                const char *kh = (const char *)k + (row * st[0] + h * st[1]) * esize;
-                const char *vh = (const char *)v + (row * st[3] + h * st[4]) * esize;
-                float mx = -INFINITY, sum = 0.f;
-                for (int64_t s = 0; s < S; s++) {
-                    p[s] = fv_dot(qh, kh + s * st[2] * esize, xb, dh, simd);
-                    if (p[s] > mx) mx = p[s];
-                }
-                for (int64_t s = 0; s < S; s++) sum += (p[s] = fv_expf(p[s] - mx));
-                for (int64_t d = 0; d < dh; d++) o[d] = 0.f;
-                for (int64_t s = 0; s < S; s++) fv_axpy(o, p[s], vh + s * st[5] * esize, xb, dh, simd);
-                for (int64_t d = 0; d < dh; d++) fv_put(a, xb, m * heads * dh + h * dh + d, o[d] / sum);
+        float *p = scratch + (int64_t)omp_get_thread_num() * (S + 2 * dh), *qh = p + S, *o = p + S + dh;
+        #pragma omp for schedule(static)
+        for (int64_t mh = 0; mh < M * heads; mh++) {
+            const int64_t m = mh / heads, h = mh % heads, row = m / r;
+            for (int64_t d = 0; d < dh; d++) qh[d] = fv_get(q, xb, m * heads * dh + h * dh + d) * scale;
+            const char *kh = (const char *)k + (row * st[0] + h * st[1]) * esize;
+            const char *vh = (const char *)v + (row * st[3] + h * st[4]) * esize;
+            float mx = -INFINITY, sum = 0.f;
+            for (int64_t s = 0; s < S; s++) {
+                p[s] = fv_dot(qh, kh + s * st[2] * esize, xb, dh, simd);
+                if (p[s] > mx) mx = p[s];
             }
-            free(buf);
+            for (int64_t s = 0; s < S; s++) sum += (p[s] = fv_expf(p[s] - mx));
+            for (int64_t d = 0; d < dh; d++) o[d] = 0.f;
+            for (int64_t s = 0; s < S; s++) fv_axpy(o, p[s], vh + s * st[5] * esize, xb, dh, simd);
+            for (int64_t d = 0; d < dh; d++) fv_put(a, xb, m * heads * dh + h * dh + d, o[d] / sum);
         }
     }
 }
@@ -570,15 +572,18 @@ int fv_xattn_step(const fv_block *p, const void *x, void *y, int xb, int64_t M, 
     const int64_t D = p->D, inner = p->heads * p->dim_head, F = p->fc1.N, esize = xb ? 2 : 4;
     const int simd = p->q.isa >= 1 && fv_isa() >= 1;
     if (M <= 0 || kv_rows <= 0 || M % kv_rows) return -1;
-    char *mem = malloc((size_t)(M * (3 * D + 2 * inner + F)) * (size_t)esize);
+    const int team = fv_attend_team(M, p->heads, p->dim_head, S, nthreads);
+    const int64_t acts = M * (3 * D + 2 * inner + F) * esize, attn = team * (S + 2 * p->dim_head) * 4;
+    char *mem = malloc((size_t)(acts + 4 + attn));
     if (!mem) return -1;
     void *h = mem, *x1 = mem + M * D * esize, *t = mem + 2 * M * D * esize;
     void *qb = mem + 3 * M * D * esize, *ab = (char *)qb + M * inner * esize, *f = (char *)ab + M * inner * esize;
+    float *scratch = (float *)(mem + (acts + 3) / 4 * 4);  /* (acts is a multiple of 2; aligned to 4 here) */
     if (blind || S == 0) memcpy(x1, x, (size_t)(M * D * esize));
     else {
         fv_layer_norm(x, h, xb, M, D, p->ln1_w, p->ln1_b, p->eps1);
         fv_layer_run(&p->q, h, qb, M, xb, nthreads);
-        fv_attend(qb, ab, xb, M, p->heads, p->dim_head, k, v, S, kv_rows, st, simd, nthreads);
+        fv_attend(qb, ab, xb, M, p->heads, p->dim_head, k, v, S, kv_rows, st, simd, team, scratch);
         fv_layer_run(&p->out, ab, t, M, xb, nthreads);
         fv_gated_add(x, t, attn_gate, x1, xb, M * D);
     }
