@@ -357,3 +357,24 @@ def test_benchmark_headers_say_whether_decoding_steps_were_fused(monkeypatch):
     monkeypatch.setenv(fused_decode.ENV, "0")
     assert "decoding module by module (FLAMINGO_VLM_FUSED=0)" in kernels.summary(c)
     assert not fused_decode.enabled()
+
+
+@needs_native
+def test_a_patched_mlp_takes_its_module_s_arguments_and_leaves_others_to_the_module(fresh, monkeypatch):
+    native_routes(monkeypatch)
+    mlp = lm_mlp("mpt")
+    calls = []
+    real = native.MlpStep.__call__
+    monkeypatch.setattr(native.MlpStep, "__call__", lambda self, x, *a, **k: calls.append(1) or real(self, x, *a, **k))
+    x, r = torch.randn(2, 1, 40), torch.randn(2, 1, 40)
+    with torch.no_grad():
+        want = mlp(x, r)
+        with onednn_linears(mlp), fused_decode.fused_mlps(mlp) as patched:
+            assert patched == 1
+            for got in (mlp(x, r), mlp(x, residual=r)):
+                assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+            assert len(calls) == 2
+            with pytest.raises(TypeError):  # what the module itself does with no residual
+                mlp(x, None)
+            assert len(calls) == 2
+        assert "forward" not in vars(mlp)

@@ -160,10 +160,14 @@ def _fused_mlp_forward(mlp: nn.Module, kind: str):
     steps: dict = {}  # (module, dtype, rows) -> MlpStep or None, for the length of the block
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
+        # MPT's forward(hidden_states, residual), LLaMA's forward(x): anything else runs the module's own
         residual = (args[0] if args else kwargs.get("residual")) if kind == "mpt" else None
-        if (type(x) in PLAIN_TYPES and x.dtype in _FLOATS and x.is_cpu and x.is_contiguous() and x.dim() >= 2
+        expected = (len(args) == 1 and not kwargs) or (not args and list(kwargs) == ["residual"]) if kind == "mpt" \
+            else not (args or kwargs)
+        if (expected and (kind != "mpt" or type(residual) in PLAIN_TYPES) and type(x) in PLAIN_TYPES
+                and x.dtype in _FLOATS and x.is_cpu and x.is_contiguous() and x.dim() >= 2
                 and 0 < x.numel() // max(x.shape[-1], 1) <= DECODE_ROWS and not torch.is_grad_enabled()
-                and len(args) + len(kwargs) == (kind == "mpt") and outside_tracing(x)):
+                and outside_tracing(x)):
             rows = x.numel() // x.shape[-1]
             key = (id(self), x.dtype, rows)  # (a deep copy of the module inside the block is bound to itself)
             if key not in steps:
