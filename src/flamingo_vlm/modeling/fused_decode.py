@@ -1,4 +1,4 @@
-"""A gated cross-attention block's decoding step in one native call.
+"""Decoding steps in one native call: a gated cross-attention block's, and an LM MLP's.
 
 At a decoding step (one token per row, a few rows) the block's four products read ~5.5 M weights,
 and the ~40 torch calls around them (two LayerNorms, the head split, SDPA, GELU, gates, sums) cost
