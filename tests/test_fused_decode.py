@@ -32,18 +32,20 @@ def block(dim=40, heads=3, dim_head=12, seed=0) -> GatedCrossAttentionBlock:
     return b
 
 
-def products(b, weights: str, isa: int):
-    """The block's four products as the C code takes them, and the float weights they stand for."""
+def products(module, weights: str, isa: int, names=LAYERS, dtype=torch.float32):
+    """The products of ``module`` (its ``names`` layers, by default a block's four) as the C code takes
+    them, float biases in ``dtype``, and the float weights they stand for."""
     out, dense = [], []
-    for name in LAYERS:
-        layer = b.get_submodule(name)
+    for name in names:
+        layer = module.get_submodule(name)
         if weights == "int8":
             q = QuantizedLinear(layer, "int8")
             out.append(native.Product(q.qweight, q.scales, q.bias, isa))
             dense.append(q.dequantized_weight())
         else:
             w = layer.weight.detach().to(torch.bfloat16 if weights == "bf16" else torch.float32)
-            out.append(native.Product(w, None, None, isa))
+            b = None if layer.bias is None else layer.bias.detach().to(dtype)
+            out.append(native.Product(w, None, b, isa))
             dense.append(w.float())
     return tuple(out), dense
 
@@ -264,18 +266,7 @@ def lm_mlp(kind: str, seed: int = 0) -> nn.Module:
 def test_one_mlp_call_computes_what_the_module_computes(isa, weights, dtype, kind):
     mlp = lm_mlp(kind)
     names = ("up_proj", "down_proj", "gate_proj") if kind == "llama" else ("up_proj", "down_proj")
-    prods, dense = [], []
-    for name in names:
-        layer = getattr(mlp, name)
-        if weights == "int8":
-            q = QuantizedLinear(layer, "int8")
-            prods.append(native.Product(q.qweight, q.scales, q.bias, isa))
-            dense.append(q.dequantized_weight())
-        else:
-            w = layer.weight.detach().to(torch.bfloat16 if weights == "bf16" else torch.float32)
-            b = None if layer.bias is None else layer.bias.detach().to(dtype)
-            prods.append(native.Product(w, None, b, isa))
-            dense.append(w.float())
+    prods, dense = products(mlp, weights, isa, names, dtype)
     step = native.MlpStep(*prods, act="silu" if kind == "llama" else "gelu", dtype=dtype)
     ref = copy.deepcopy(mlp)
     with torch.no_grad():

@@ -39,7 +39,6 @@ from .quantize import QuantizedLinear
 __all__ = ["ENV", "enabled", "fused_mlps", "mlp_kind", "prepare"]
 
 ENV = native.FUSED_ENV
-_FLOATS = (torch.float32, torch.bfloat16)
 
 
 def enabled() -> bool:
@@ -82,7 +81,7 @@ def prepare(block: GatedCrossAttentionBlock, x: torch.Tensor, gates: tuple[torch
     attend to all of ``keys_values`` (cut to what they see; ``blind``: to nothing), or ``None`` where a
     call's operands do not fit (then, as where this returns ``None``, the caller runs the modules)."""
     attn_gate, ff_gate = gates
-    if (block.training or torch.is_grad_enabled() or type(x) not in PLAIN_TYPES or x.dtype not in _FLOATS
+    if (block.training or torch.is_grad_enabled() or type(x) not in PLAIN_TYPES or x.dtype not in native.FLOAT_DTYPES
             or not x.is_cpu or x.dim() != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= DECODE_ROWS
             or attn_gate.dtype is not x.dtype or ff_gate.dtype is not x.dtype or not enabled()
             or not outside_tracing(x)):
@@ -165,7 +164,7 @@ def _fused_mlp_forward(mlp: nn.Module, kind: str):
         expected = (len(args) == 1 and not kwargs) or (not args and list(kwargs) == ["residual"]) if kind == "mpt" \
             else not (args or kwargs)
         if (expected and (kind != "mpt" or type(residual) in PLAIN_TYPES) and type(x) in PLAIN_TYPES
-                and x.dtype in _FLOATS and x.is_cpu and x.is_contiguous() and x.dim() >= 2
+                and x.dtype in native.FLOAT_DTYPES and x.is_cpu and x.is_contiguous() and x.dim() >= 2
                 and 0 < x.numel() // max(x.shape[-1], 1) <= DECODE_ROWS and not torch.is_grad_enabled()
                 and outside_tracing(x)):
             rows = x.numel() // x.shape[-1]

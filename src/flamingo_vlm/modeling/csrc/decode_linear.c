@@ -415,6 +415,13 @@ static inline float fv_gelu1(float v) {
     return 0.5f * v * (1.f + (z < 0 ? -e : e));
 }
 
+/* SiLU(v) = v / (1 + exp(-v)), as ATen computes it */
+static inline float fv_silu1(float v) { return v / (1.f + fv_expf(-v)); }
+
+enum { FV_GELU = 0, FV_SILU = 1 };  /* activations (fv_mlp.act) */
+
+static inline float fv_act1(float v, int act) { return act == FV_SILU ? fv_silu1(v) : fv_gelu1(v); }
+
 #ifdef FV_X86
 __attribute__((target("avx2,fma"))) static inline __m256 fv_exp8(__m256 x) {
     const __m256 hi = _mm256_set1_ps(FV_EXP_HI), lo = _mm256_set1_ps(FV_EXP_LO);
@@ -459,18 +466,25 @@ __attribute__((target("avx2,fma"))) static inline __m256 fv_load8(const void *p,
     return _mm256_loadu_ps((const float *)p + i);
 }
 
-__attribute__((target("avx2,fma"))) static void fv_gelu_avx2(void *h, int xb, int64_t n) {
+__attribute__((target("avx2,fma"))) static inline __m256 fv_silu8(__m256 v) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    return _mm256_div_ps(v, _mm256_add_ps(one, fv_exp8(_mm256_xor_ps(_mm256_set1_ps(-0.f), v))));
+}
+
+/* h = act(h) in place, 8 lanes at a time (a bf16 h widened, then rounded once) */
+__attribute__((target("avx2,fma"))) static void fv_act_avx2(void *h, int xb, int64_t n, int act) {
+    float tmp[8];
     int64_t i = 0;
-    if (!xb)
-        for (; i + 8 <= n; i += 8) _mm256_storeu_ps((float *)h + i, fv_gelu8(_mm256_loadu_ps((float *)h + i)));
-    else {
-        float tmp[8];
-        for (; i + 8 <= n; i += 8) {
-            _mm256_storeu_ps(tmp, fv_gelu8(fv_load8(h, 1, i)));
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = fv_load8(h, xb, i);
+        __m256 y = act == FV_SILU ? fv_silu8(v) : fv_gelu8(v);
+        if (!xb) _mm256_storeu_ps((float *)h + i, y);
+        else {
+            _mm256_storeu_ps(tmp, y);
             for (int j = 0; j < 8; j++) fv_put(h, 1, i + j, tmp[j]);
         }
     }
-    for (; i < n; i++) fv_put(h, xb, i, fv_gelu1(fv_get(h, xb, i)));
+    for (; i < n; i++) fv_put(h, xb, i, fv_act1(fv_get(h, xb, i), act));
 }
 
 /* sum_d q[d] k[d] over 8-lane blocks then the tail; q fp32, k in the activations' dtype */
@@ -491,12 +505,12 @@ __attribute__((target("avx2,fma"))) static void fv_axpy_avx2(float *o, float p, 
 }
 #endif
 
-static void fv_gelu(void *h, int xb, int64_t n, int simd) {
+static void fv_activate(void *h, int xb, int64_t n, int act, int simd) {
 #ifdef FV_X86
-    if (simd) { fv_gelu_avx2(h, xb, n); return; }
+    if (simd) { fv_act_avx2(h, xb, n, act); return; }
 #endif
     (void)simd;
-    for (int64_t i = 0; i < n; i++) fv_put(h, xb, i, fv_gelu1(fv_get(h, xb, i)));
+    for (int64_t i = 0; i < n; i++) fv_put(h, xb, i, fv_act1(fv_get(h, xb, i), act));
 }
 
 static float fv_dot(const float *q, const void *k, int kb, int64_t n, int simd) {
@@ -589,7 +603,7 @@ int fv_xattn_step(const fv_block *p, const void *x, void *y, int xb, int64_t M, 
     }
     fv_layer_norm(x1, h, xb, M, D, p->ln2_w, p->ln2_b, p->eps2);
     fv_layer_run(&p->fc1, h, f, M, xb, nthreads);
-    fv_gelu(f, xb, M * F, simd);
+    fv_activate(f, xb, M * F, FV_GELU, simd);
     fv_layer_run(&p->fc2, f, t, M, xb, nthreads);
     fv_gated_add(x1, t, ff_gate, y, xb, M * D);
     free(mem);
@@ -603,39 +617,11 @@ int fv_xattn_step(const fv_block *p, const void *x, void *y, int xb, int64_t M, 
  *   y += residual                        where `residual` is given (MPT's MLP adds it)
  *
  * rounded to the activations' dtype where the torch modules round: each product, the activation, the
- * gated product and the sum. SiLU(v) = v / (1 + exp(-v)), as ATen computes it. */
+ * gated product and the sum. */
 typedef struct {
     fv_layer up, gate, down;
-    int32_t gated, act;  /* act: 0 exact GELU, 1 SiLU */
+    int32_t gated, act;  /* act: FV_GELU (exact) or FV_SILU */
 } fv_mlp;
-
-static inline float fv_silu1(float v) { return v / (1.f + fv_expf(-v)); }
-
-#ifdef FV_X86
-__attribute__((target("avx2,fma"))) static void fv_silu_avx2(void *h, int xb, int64_t n) {
-    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
-    float tmp[8];
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = fv_load8(h, xb, i);
-        __m256 y = _mm256_div_ps(v, _mm256_add_ps(one, fv_exp8(_mm256_xor_ps(sign, v))));
-        if (!xb) _mm256_storeu_ps((float *)h + i, y);
-        else {
-            _mm256_storeu_ps(tmp, y);
-            for (int j = 0; j < 8; j++) fv_put(h, 1, i + j, tmp[j]);
-        }
-    }
-    for (; i < n; i++) fv_put(h, xb, i, fv_silu1(fv_get(h, xb, i)));
-}
-#endif
-
-static void fv_silu(void *h, int xb, int64_t n, int simd) {
-#ifdef FV_X86
-    if (simd) { fv_silu_avx2(h, xb, n); return; }
-#endif
-    (void)simd;
-    for (int64_t i = 0; i < n; i++) fv_put(h, xb, i, fv_silu1(fv_get(h, xb, i)));
-}
 
 /* x (M, D) -> y (M, D); residual (M, D) or NULL. Returns 0, or -1 where scratch memory could not be had. */
 int fv_mlp_step(const fv_mlp *p, const void *x, const void *residual, void *y, int xb, int64_t M, int nthreads) {
@@ -648,11 +634,9 @@ int fv_mlp_step(const fv_mlp *p, const void *x, const void *residual, void *y, i
     fv_layer_run(&p->up, x, h, M, xb, nthreads);
     if (p->gated) {
         fv_layer_run(&p->gate, x, g, M, xb, nthreads);
-        if (p->act == 1) fv_silu(g, xb, M * F, simd);
-        else fv_gelu(g, xb, M * F, simd);
+        fv_activate(g, xb, M * F, p->act, simd);
         for (int64_t i = 0; i < M * F; i++) fv_put(h, xb, i, fv_get(g, xb, i) * fv_get(h, xb, i));
-    } else if (p->act == 1) fv_silu(h, xb, M * F, simd);
-    else fv_gelu(h, xb, M * F, simd);
+    } else fv_activate(h, xb, M * F, p->act, simd);
     fv_layer_run(&p->down, h, y, M, xb, nthreads);
     if (residual) fv_gated_add(residual, y, 1.f, y, xb, M * p->down.N);
     free(mem);
