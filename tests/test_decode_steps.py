@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flamingo_vlm import FlamingoProcessor
-from flamingo_vlm.modeling import cross_attention, token_embeddings
+from flamingo_vlm.modeling import cross_attention, native, token_embeddings
 from flamingo_vlm.modeling.injection import Conditioning
 from tiny import random_images, tiny_flamingo
 
@@ -127,6 +127,7 @@ def test_bf16_decode_steps_of_a_transformers_lm_attend_in_fp32(monkeypatch):
 
     from flamingo_vlm.modeling import attention
 
+    monkeypatch.setenv(native.FUSED_ENV, "0")  # (fused, a decoder layer's step attends in C, also in fp32)
     model, ip, tok = tiny_flamingo("llama", every=1, seed=3)
     assert model.lang_encoder.config._attn_implementation == attention.NAME
     model = model.to(torch.bfloat16)

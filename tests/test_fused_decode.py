@@ -297,19 +297,25 @@ def test_one_mlp_call_computes_what_the_module_computes(isa, weights, dtype, kin
 @needs_native
 @pytest.mark.parametrize("lm", ["llama", "mpt"])
 @pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
-def test_generate_runs_each_mlp_in_one_call_with_the_modules_answers(fresh, monkeypatch, lm, kind):
+def test_generate_runs_each_lm_layer_or_mlp_in_native_calls_with_the_modules_answers(fresh, monkeypatch, lm, kind):
+    """LLaMA: each decoder layer's step in LlamaStep (its MLP inside); MPT: each MLP's in MlpStep."""
     native_routes(monkeypatch)
     model, _ip, _tok = tiny_flamingo(lm)
     if kind == "int8":
         quantize_model(model, "int8")
     elif kind == "bf16":
         model.to(torch.bfloat16)
-    calls = []
-    real = native.MlpStep.__call__
-    monkeypatch.setattr(native.MlpStep, "__call__", lambda self, x, *a, **k: calls.append(x.shape[0]) or real(self, x, *a, **k))
+    calls, kinds = [], []  # rows per native call; which step took it
+    for cls, name in ((native.LlamaStep, "post"), (native.MlpStep, "__call__")):
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, x, *a, _real=real, _cls=cls, **k:
+                            calls.append(x.shape[0]) or kinds.append(_cls) or _real(self, x, *a, **k))
     tokens, scores = generate(model, monkeypatch, fused=True)
     mlps = sum(fused_decode.mlp_kind(m) is not None for m in model.modules())
-    assert mlps == 2 and len(calls) == mlps * 5 and set(calls) == {2}  # 2 layers, 5 decoding steps of 2 rows
+    layers = sum(fused_decode.layer_kind(m) is not None for m in model.modules())
+    assert mlps == 2 and layers == (2 if lm == "llama" else 0)
+    assert set(kinds) == {native.LlamaStep if lm == "llama" else native.MlpStep}  # a LLaMA layer's step computes its MLP
+    assert len(calls) == mlps * 5 and set(calls) == {2}  # 2 layers, 5 decoding steps of 2 rows
     assert not any("forward" in vars(m) for m in model.modules())  # restored after the call
     del calls[:]
     ref_tokens, ref_scores = generate(model, monkeypatch, fused=False)
@@ -322,9 +328,9 @@ def test_generate_runs_each_mlp_in_one_call_with_the_modules_answers(fresh, monk
     mlp = next(m for m in model.modules() if fused_decode.mlp_kind(m))
     handle = mlp.down_proj.register_forward_hook(lambda *a: None)  # a hook must see its module's call
     generate(model, monkeypatch, fused=True)
-    assert len(calls) == 5  # the other layer's MLP only
+    assert len(calls) == 5  # the other layer's (MLP's) step only
     handle.remove()
-    with fused_decode.fused_mlps(model) as patched:  # gradients enabled at entry: nothing changes
+    with fused_decode.fused_lm(model) as patched:  # gradients enabled at entry: nothing changes
         assert patched == 0
 
 
@@ -344,7 +350,7 @@ def test_benchmark_headers_say_whether_decoding_steps_were_fused(monkeypatch):
                              bf16_fast=True, fp32_decode=(), bf16_decode=(), native_int8_decode=False, source="s",
                              timings={})
     monkeypatch.delenv(fused_decode.ENV, raising=False)
-    assert "LM MLPs fused where their products run on our C kernels" in kernels.summary(c)
+    assert "LLaMA decoder layers and LM MLPs fused where their products run on our C kernels" in kernels.summary(c)
     monkeypatch.setenv(fused_decode.ENV, "0")
     assert "decoding module by module (FLAMINGO_VLM_FUSED=0)" in kernels.summary(c)
     assert not fused_decode.enabled()
@@ -360,7 +366,7 @@ def test_a_patched_mlp_takes_its_module_s_arguments_and_leaves_others_to_the_mod
     x, r = torch.randn(2, 1, 40), torch.randn(2, 1, 40)
     with torch.no_grad():
         want = mlp(x, r)
-        with onednn_linears(mlp), fused_decode.fused_mlps(mlp) as patched:
+        with onednn_linears(mlp), fused_decode.fused_lm(mlp) as patched:
             assert patched == 1
             for got in (mlp(x, r), mlp(x, residual=r)):
                 assert (got - want).abs().max() <= 1e-5 * want.abs().max()
@@ -369,3 +375,122 @@ def test_a_patched_mlp_takes_its_module_s_arguments_and_leaves_others_to_the_mod
                 mlp(x, None)
             assert len(calls) == 2
         assert "forward" not in vars(mlp)
+
+
+# -- LLaMA decoder layers ------------------------------------------------------------------------------
+LLAMA_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj",
+                "mlp.down_proj", "mlp.gate_proj")
+
+
+def llama_layer(seed: int = 0):
+    """transformers' LlamaDecoderLayer at odd sizes (hidden 44, 4 heads of 12 over 2 key/value heads,
+    intermediate 52, biases, RMSNorm weights that are not ones), and its rotary embedding."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=44, num_attention_heads=4, num_key_value_heads=2, head_dim=12, intermediate_size=52,
+                      attention_bias=True, mlp_bias=True, hidden_act="silu", rms_norm_eps=1e-5)
+    cfg._attn_implementation = "sdpa"
+    layer = LlamaDecoderLayer(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        for n in (layer.input_layernorm, layer.post_attention_layernorm):
+            n.weight.add_(torch.randn_like(n.weight) * 0.3)
+    return layer, LlamaRotaryEmbedding(cfg)
+
+
+def llama_inputs(rows: int, dtype: torch.dtype, rope, past: int = 7, seed: int = 1):
+    """x (rows, 1, 44), the cached keys/values of ``past`` positions, and (cos, sin) for the next position."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, 1, 44, generator=g) * 2).to(dtype)
+    keys, values = (torch.randn(rows, 2, past, 12, generator=g).to(dtype) for _ in range(2))
+    position_ids = torch.full((rows, 1), past)
+    return x, keys, values, position_ids, rope(x, position_ids)
+
+
+def run_layer(layer, x, keys, values, position_ids, pe, **kwargs):
+    """The layer's output on x after the cached keys/values, and the cache's keys/values after it."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.update(keys.clone(), values.clone(), 0)
+    kwargs = {"attention_mask": None, "position_ids": position_ids, "cache": cache, "use_cache": True,
+              "position_embeddings": pe, **kwargs}
+    out = layer(x, **kwargs)
+    return out, cache.layers[0].keys, cache.layers[0].values
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native.ISA_NAMES[i])
+@pytest.mark.parametrize("weights, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                            ("int8", torch.float32), ("int8", torch.bfloat16)])
+def test_a_llama_layer_step_computes_what_the_layer_computes(isa, weights, dtype):
+    layer, rope = llama_layer()
+    prods, dense = products(layer, weights, isa, LLAMA_LAYERS, dtype)
+    norms = tuple((n.weight.detach().to(dtype), n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm))
+    step = native.LlamaStep(prods, norms, heads=4, kv_heads=2, dtype=dtype)
+    ref = copy.deepcopy(layer)
+    with torch.no_grad():
+        for name, w in zip(LLAMA_LAYERS, dense):
+            ref.get_submodule(name).weight.copy_(w)
+    for rows in (1, 3):
+        x, keys, values, pids, (cos, sin) = llama_inputs(rows, dtype, rope)
+        with torch.no_grad():
+            want, want_k, want_v = run_layer(ref.double(), x.double(), keys.double(), values.double(), pids,
+                                             (cos.double(), sin.double()))
+            q, k, v = step.pre(x, cos, sin)
+            assert k.shape == v.shape == (rows, 2, 1, 12) and q.shape == (rows, 1, 48)
+            got = step.post(x, q, torch.cat([keys, k], 2), torch.cat([values, v], 2))
+            assert got.dtype == dtype and got.shape == x.shape
+            if dtype == torch.float32:
+                for a, b in ((got, want), (k, want_k[:, :, -1:]), (v, want_v[:, :, -1:])):
+                    assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+            else:  # against the modules' own bf16, and no further from float64 than they are
+                stock, stock_k, _ = run_layer(copy.deepcopy(ref).to(dtype), x, keys, values, pids, (cos, sin))
+                assert (got.double() - stock.double()).abs().max() <= 2 ** -6 * stock.double().abs().max()
+                assert (got.double() - want).abs().max() <= 3 * (stock.double() - want).abs().max() + 1e-6
+                assert (k.double() - stock_k[:, :, -1:].double()).abs().max() <= 2 ** -7 * stock_k.double().abs().max()
+    with pytest.raises(ValueError, match="LlamaStep"):
+        step.pre(torch.randn(2, 1, 45).to(dtype), cos, sin)
+    with pytest.raises(ValueError, match="LlamaStep"):
+        native.LlamaStep(prods, norms, heads=3, kv_heads=2, dtype=dtype)  # heads that do not group
+
+
+@needs_native
+def test_a_patched_llama_layer_runs_the_module_wherever_the_step_does_not_fit(fresh, monkeypatch):
+    native_routes(monkeypatch)
+    layer, rope = llama_layer()
+    calls = []
+    real = native.LlamaStep.post
+    monkeypatch.setattr(native.LlamaStep, "post", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    x, keys, values, pids, pe = llama_inputs(2, torch.float32, rope)
+
+    def same(**kwargs) -> bool:
+        """the patched layer's output and cache as the module's; whether the step ran"""
+        n = len(calls)
+        want = run_layer(layer, x, keys, values, pids, pe, **kwargs)
+        with onednn_linears(layer), fused_decode.fused_lm(layer) as patched:
+            assert patched == 2  # the layer and its MLP
+            got = run_layer(layer, x, keys, values, pids, pe, **kwargs)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max()
+        return len(calls) > n
+
+    with torch.no_grad():
+        assert same()
+        assert not same(attention_mask=torch.zeros(2, 1, 1, 8))  # a mask (padding): the module's attention
+        assert not same(output_attentions=False)  # arguments the step does not know
+        handle = layer.self_attn.k_proj.register_forward_hook(lambda *a: None)
+        assert not same()
+        handle.remove()
+        layer.self_attn.config._attn_implementation = "flex_attention"
+        assert fused_decode.layer_kind(layer) is None
+        layer.self_attn.config._attn_implementation = "sdpa"
+        assert fused_decode.layer_kind(layer) == "llama"
+    from transformers import StaticCache
+
+    cache = StaticCache(config=layer.self_attn.config, max_cache_len=16)
+    assert fused_decode._cache_layer(cache, 0, x, 2) is None  # only a DynamicCache's cat is what the step expects
+    with onednn_linears(layer), fused_decode.fused_lm(layer) as patched:  # gradients wanted
+        assert patched == 0
+    assert "forward" not in vars(layer) and "forward" not in vars(layer.mlp)

@@ -33,7 +33,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .attention import use_for as use_fp32_decode_attention
 from .config import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, TokenConfig
 from .fast_linear import onednn_linears
-from .fused_decode import fused_mlps
+from .fused_decode import fused_lm
 from .injection import Conditioning, ConditioningSlot, inject_cross_attention
 from .lm_info import lm_hidden_size
 from .perceiver import PerceiverResampler
@@ -101,11 +101,11 @@ def _onednn_inference(method):
     """Run ``method`` with the model's fp32 CPU linear layers on oneDNN when no gradients are
     wanted and ``cpu_onednn`` allows it (see :mod:`flamingo_vlm.modeling.fast_linear`), and the LM's
     MLPs' decode-sized calls in one native call each where their products run on our kernels
-    (:func:`~.fused_decode.fused_mlps`)."""
+    (:func:`~.fused_decode.fused_lm`)."""
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
-        with onednn_linears(self, enabled=False if torch.is_grad_enabled() else self.cpu_onednn), fused_mlps(self):
+        with onednn_linears(self, enabled=False if torch.is_grad_enabled() else self.cpu_onednn), fused_lm(self):
             return method(self, *args, **kwargs)
 
     return wrapped

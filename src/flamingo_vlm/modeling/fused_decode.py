@@ -30,13 +30,13 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from . import native
+from . import attention, native
 from .cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
 from .fast_linear import native_decode_isa, outside_tracing
 from .kernels import DECODE_ROWS, PLAIN_TYPES
 from .quantize import QuantizedLinear
 
-__all__ = ["ENV", "enabled", "fused_mlps", "mlp_kind", "prepare"]
+__all__ = ["ENV", "enabled", "fused_lm", "layer_kind", "mlp_kind", "prepare"]
 
 ENV = native.FUSED_ENV
 
@@ -179,19 +179,123 @@ def _fused_mlp_forward(mlp: nn.Module, kind: str):
     return forward
 
 
-@contextlib.contextmanager
-def fused_mlps(module: nn.Module) -> Iterator[int]:
-    """Inside the block, the LM MLPs of ``module`` that :func:`mlp_kind` knows run their decode-sized
-    calls without gradients (at most ``DECODE_ROWS`` rows) as one native call each (:class:`.native.MlpStep`),
-    where each of their products would have run on our C kernel (as for the cross-attention steps:
-    module docstring); yields how many MLPs it patched. Nothing changes where gradients are enabled
-    at entry or ``FLAMINGO_VLM_FUSED=0``. Restored on exit, also when the block raises."""
-    on = enabled() and not torch.is_grad_enabled()
-    mlps = [(m, k) for m in module.modules() if "forward" not in vars(m) and (k := mlp_kind(m))] if on else []
+# -- LLaMA decoder layers -----------------------------------------------------------------------------
+# transformers' LlamaDecoderLayer (LLaMA, SmolLM2 and their kin: the built-in model's LM) at a decoding
+# step, as native.LlamaStep: its ~60 torch calls around seven products (RMSNorm, head split, rotary
+# embedding, SDPA, residuals) cost more than the products: on the built-in model, int8, a layer took
+# 364 us, its products and MLP ~150 us (AMD EPYC Zen 4, 2 threads).
+_LLAMA = "transformers.models.llama.modeling_llama"
+_LAYER_KWARGS = frozenset({"attention_mask", "position_ids", "use_cache", "cache_position", "position_embeddings",
+                           "cache", "past_key_values"})  # what LlamaModel passes its layers (5.0: past_key_values)
+
+
+def _is(module: object, name: str, where: str = _LLAMA) -> bool:
+    return type(module).__module__ == where and type(module).__name__ == name and "forward" not in vars(module)
+
+
+def layer_kind(layer: nn.Module) -> str | None:
+    """``"llama"`` for a transformers ``LlamaDecoderLayer`` as built (its attention, SiLU-gated MLP and
+    RMSNorms of their own classes, SDPA, eager or our ``flamingo_sdpa`` attention (which the C step
+    computes as it does: bf16 decoding attends in fp32, rounded once) at the usual scale), else ``None``."""
+    if not _is(layer, "LlamaDecoderLayer"):
+        return None
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+    ok = (_is(attn, "LlamaAttention") and mlp_kind(mlp) == "llama" and all(_is(n, "LlamaRMSNorm") for n in norms)
+          and getattr(attn.config, "_attn_implementation", None) in ("sdpa", "eager", attention.NAME)
+          and abs(attn.scaling - attn.head_dim ** -0.5) <= 1e-12 * attn.scaling)
+    return "llama" if ok else None
+
+
+def _prepare_llama(layer: nn.Module, x: torch.Tensor) -> native.LlamaStep | None:
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if layer.training or _hooked((layer, attn, mlp, *norms, *attn.children(), *mlp.children())):
+        return None
+    products = [_product(getattr(attn, n), x) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    products += [_product(getattr(mlp, n), x) for n in ("up_proj", "down_proj", "gate_proj")]
+    if any(p is None for p in products) or any(type(n.weight) not in PLAIN_TYPES for n in norms):
+        return None
     try:
-        for m, kind in mlps:
-            m.forward = _fused_mlp_forward(m, kind).__get__(m)
-        yield len(mlps)
+        return native.LlamaStep(tuple(products), tuple((n.weight, float(n.variance_epsilon)) for n in norms),
+                                heads=attn.config.num_attention_heads, kv_heads=attn.config.num_key_value_heads,
+                                dtype=x.dtype)
+    except ValueError:
+        return None
+
+
+def _cache_layer(cache, index: int, x: torch.Tensor, kv_heads: int):
+    """``cache``'s layer ``index`` where appending to it is a ``torch.cat`` of keys/values we can read:
+    a transformers ``DynamicCache`` (not offloading) whose ``DynamicLayer`` holds (rows of ``x``,
+    kv_heads, S, head size) tensors in ``x``'s dtype; else ``None`` (static, sliding-window, quantized
+    caches: the module runs)."""
+    if not (_is(cache, "DynamicCache", "transformers.cache_utils") and not getattr(cache, "offloading", False)):
+        return None
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or not 0 <= index < len(layers):
+        return None
+    layer = layers[index]
+    keys = getattr(layer, "keys", None)
+    if not (_is(layer, "DynamicLayer", "transformers.cache_utils") and getattr(layer, "is_initialized", False)
+            and type(keys) in PLAIN_TYPES and type(layer.values) in PLAIN_TYPES):
+        return None
+    if not all(t.dim() == 4 and t.dtype is x.dtype and t.shape[0] == x.shape[0] and t.shape[1] == kv_heads
+               and t.shape[2] > 0 and t.is_cpu for t in (keys, layer.values)):
+        return None
+    return layer
+
+
+def _fused_layer_forward(layer: nn.Module):
+    stock = type(layer).forward
+    steps: dict = {}  # (dtype, rows) -> LlamaStep or None, for the length of the block
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        x = hidden_states
+        if (not args and kwargs.keys() <= _LAYER_KWARGS and kwargs.get("attention_mask") is None
+                and type(x) in PLAIN_TYPES and x.dtype in native.FLOAT_DTYPES and x.is_cpu and x.dim() == 3
+                and x.shape[1] == 1 and 0 < x.shape[0] <= DECODE_ROWS and x.is_contiguous()
+                and not torch.is_grad_enabled() and not self.training and outside_tracing(x)):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            pe = kwargs.get("position_embeddings")
+            index = self.self_attn.layer_idx
+            if (type(pe) is tuple and len(pe) == 2 and all(type(t) in PLAIN_TYPES for t in pe)
+                    and _cache_layer(cache, index, x, self.self_attn.config.num_key_value_heads) is not None):
+                key = (x.dtype, x.shape[0])
+                if key not in steps:
+                    steps[key] = _prepare_llama(self, x)
+                step = steps[key]
+                if step is not None and step.fits(x, *pe):
+                    q, k, v = step.pre(x, *pe, check=False)
+                    keys, values = cache.update(k, v, index)  # (a cat: its keys/values were checked above)
+                    return step.post(x, q, keys, values)
+        return stock(self, hidden_states, *args, **kwargs)
+
+    return forward
+
+
+@contextlib.contextmanager
+def fused_lm(module: nn.Module) -> Iterator[int]:
+    """Inside the block, the LM layers of ``module`` that :func:`layer_kind` knows and the LM MLPs that
+    :func:`mlp_kind` knows run their decode-sized calls without gradients (one token per row, at most
+    ``DECODE_ROWS`` rows) as native calls (:class:`.native.LlamaStep`, :class:`.native.MlpStep`), where
+    each of their products would have run on our C kernel (as for the cross-attention steps: module
+    docstring), and a layer's KV cache is transformers' ``DynamicCache`` with no attention mask (no
+    padding); yields how many modules it patched. Nothing changes where gradients are enabled at entry
+    or ``FLAMINGO_VLM_FUSED=0``. Restored on exit, also when the block raises."""
+    on = enabled() and not torch.is_grad_enabled()
+    patched = []
+    if on:
+        for m in module.modules():
+            if "forward" in vars(m):
+                continue
+            if kind := mlp_kind(m):
+                patched.append((m, _fused_mlp_forward(m, kind)))
+            elif layer_kind(m):
+                patched.append((m, _fused_layer_forward(m)))
+    try:
+        for m, forward in patched:
+            m.forward = forward.__get__(m)
+        yield len(patched)
     finally:
-        for m, _ in mlps:
+        for m, _ in patched:
             vars(m).pop("forward", None)

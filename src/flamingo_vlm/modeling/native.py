@@ -56,7 +56,7 @@ import torch
 
 from ..files import cache_root
 
-__all__ = ["ENV", "FLOAT_DTYPES", "FUSED_ENV", "ISA_NAMES", "MlpStep", "Norm", "Product", "XattnStep", "bf16_linear", "fp32_linear", "int8_linear",
+__all__ = ["ENV", "FLOAT_DTYPES", "FUSED_ENV", "ISA_NAMES", "LlamaStep", "MlpStep", "Norm", "Product", "XattnStep", "bf16_linear", "fp32_linear", "int8_linear",
            "fused_allowed", "library", "unavailable_reason"]
 
 ENV = "FLAMINGO_VLM_NATIVE"
@@ -160,12 +160,17 @@ def library() -> ctypes.CDLL | None:
     lib.fv_bf16_linear.argtypes = lib.fv_fp32_linear.argtypes = [ptr, flag, ptr, ptr, flag, ptr, flag, size, size, size,
                                                                  flag, flag]
     lib.fv_fp32_linear.restype = None
-    lib.fv_xattn_step.restype = lib.fv_mlp_step.restype = ctypes.c_int
+    lib.fv_xattn_step.restype = lib.fv_mlp_step.restype = lib.fv_llama_pre.restype = lib.fv_llama_post.restype = ctypes.c_int
     # (mlp, x, residual, y, x_bf16, M, nthreads)
     lib.fv_mlp_step.argtypes = [ctypes.POINTER(_Mlp), ptr, ptr, ptr, flag, size, flag]
     # (block, x, y, x_bf16, M, k, v, S, kv_rows, strides, attn_gate, ff_gate, blind, nthreads)
     lib.fv_xattn_step.argtypes = [ctypes.POINTER(_Block), ptr, ptr, flag, size, ptr, ptr, size, size,
                                   ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_float, flag, flag]
+    # (layer, x, cos, sin, cos_sin_row_stride, q, k, v, x_bf16, M, nthreads)
+    lib.fv_llama_pre.argtypes = [ctypes.POINTER(_Llama), ptr, ptr, ptr, size, ptr, ptr, ptr, flag, size, flag]
+    # (layer, x, q, k, v, S, strides, y, x_bf16, M, nthreads)
+    lib.fv_llama_post.argtypes = [ctypes.POINTER(_Llama), ptr, ptr, ptr, ptr, size, ctypes.POINTER(ctypes.c_int64),
+                                  ptr, flag, size, flag]
     return lib
 
 
@@ -418,4 +423,98 @@ class MlpStep:
         if _lib().fv_mlp_step(ctypes.byref(self._mlp), x.data_ptr(), _ptr(residual), y.data_ptr(),
                               self.dtype == torch.bfloat16, x.numel() // self.dim, torch.get_num_threads()):
             raise MemoryError("MlpStep: the C library could not allocate its scratch memory")
+        return y
+
+
+class _Llama(ctypes.Structure):
+    _fields_ = [("q", _Layer), ("k", _Layer), ("v", _Layer), ("o", _Layer), ("mlp", _Mlp),
+                ("norm1_w", ctypes.c_void_p), ("norm2_w", ctypes.c_void_p), ("eps1", ctypes.c_double),
+                ("eps2", ctypes.c_double), ("D", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("dim_head", ctypes.c_int64)]
+
+
+class LlamaStep:
+    """A LLaMA decoder layer's decoding step (transformers' ``LlamaDecoderLayer``: RMSNorm, grouped-query
+    attention with rotary embeddings, RMSNorm, SiLU-gated MLP, two residuals) in two calls of the C
+    library around the KV cache's update: :meth:`pre` gives the step's query, key and value (rotary
+    applied), the caller appends key and value to its cache, :meth:`post` attends over all of them and
+    finishes the layer. No mask: every cached position is seen. Activations in ``dtype`` (fp32 or
+    bf16), rounded where the modules round (``fv_llama_pre`` in the C file). ``products``: q, k, v, o,
+    up, down, gate; ``norms``: the two RMSNorm weights (D,) and their eps. Keeps weak references to its
+    tensors, as :class:`XattnStep`."""
+
+    def __init__(self, products: tuple[Product, ...], norms: tuple[tuple[torch.Tensor, float], tuple[torch.Tensor, float]],
+                 *, heads: int, kv_heads: int, dtype: torch.dtype):
+        q, k, v, o, up, down, gate = products
+        d, inner = q.weight.shape[1], q.weight.shape[0]
+        if (dtype not in FLOAT_DTYPES or heads <= 0 or kv_heads <= 0 or heads % kv_heads or inner % heads
+                or (inner // heads) % 2 or inner // heads > 512):
+            raise ValueError(f"LlamaStep: dtype {dtype}, {heads} heads over {kv_heads} key/value heads for a query "
+                             f"of {inner} features (an even head size up to 512)")
+        dh = inner // heads
+        f = up.weight.shape[0]
+        for p, n, kk in [(q, inner, d), (k, kv_heads * dh, d), (v, kv_heads * dh, d), (o, d, inner),
+                         (up, f, d), (down, d, f), (gate, f, d)]:
+            _check_product(p, n, kk, dtype, "LlamaStep")
+        for w, _eps in norms:
+            if not (w.shape == (d,) and w.dtype == dtype and w.is_contiguous() and w.device.type == "cpu"):
+                raise ValueError(f"LlamaStep: RMSNorm weights must be contiguous CPU ({d},) {dtype}, got "
+                                 + _describe(weight=w))
+        self.dtype, self.dim, self.heads, self.kv_heads, self.dim_head = dtype, d, heads, kv_heads, dh
+        self._kept = _weak_refs(*products, *norms)
+        (n1, e1), (n2, e2) = norms
+        mlp = _Mlp(_layer(up), _layer(gate), _layer(down), True, MlpStep.ACTS.index("silu"))
+        self._layer = _Llama(_layer(q), _layer(k), _layer(v), _layer(o), mlp, n1.data_ptr(), n2.data_ptr(), e1, e2,
+                             d, heads, kv_heads, dh)
+
+    def fits(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """``x`` (rows, 1, D) contiguous on CPU in ``dtype``; ``cos``/``sin`` (rows or 1, 1, head size) in
+        ``dtype`` with contiguous rows; every tensor it was built from still there."""
+        dh = self.dim_head
+        return (x.dtype == self.dtype and x.dim() == 3 and x.shape[1] == 1 and x.shape[2] == self.dim
+                and x.shape[0] > 0 and x.is_contiguous() and x.device.type == "cpu"
+                and all(t.dtype == self.dtype and t.dim() == 3 and t.shape[0] in (1, x.shape[0]) and t.shape[1:] == (1, dh)
+                        and t.stride(2) == 1 and t.device.type == "cpu" for t in (cos, sin))
+                and cos.stride(0) == sin.stride(0) and _alive(self._kept))
+
+    def pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, check: bool = True):
+        """The step's query (rows, 1, heads * head size) and key and value (rows, kv_heads, 1, head size),
+        rotary embedding applied to query and key."""
+        if check and not self.fits(x, cos, sin):
+            raise ValueError(f"LlamaStep: needs a contiguous CPU (rows, 1, {self.dim}) {self.dtype} input, cos and sin "
+                             f"(rows or 1, 1, {self.dim_head}) {self.dtype}, built from tensors that are all still "
+                             "there; got " + _describe(input=x, cos=cos, sin=sin))
+        m = x.shape[0]
+        q = torch.empty(m, 1, self.heads * self.dim_head, dtype=x.dtype)
+        k = torch.empty(m, 1, self.kv_heads, self.dim_head, dtype=x.dtype)
+        v = torch.empty_like(k)
+        stride = cos.stride(0) if cos.shape[0] > 1 else 0
+        if _lib().fv_llama_pre(ctypes.byref(self._layer), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), stride,
+                               q.data_ptr(), k.data_ptr(), v.data_ptr(), self.dtype == torch.bfloat16, m,
+                               torch.get_num_threads()):
+            raise MemoryError("LlamaStep: the C library could not allocate its scratch memory")
+        return q, k.transpose(1, 2), v.transpose(1, 2)
+
+    def post_fits(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """``keys``/``values`` (rows of ``x``, kv_heads, S >= 1, head size) in ``dtype`` on CPU with a
+        contiguous last dimension."""
+        return (keys.shape == values.shape and keys.dim() == 4 and keys.shape[0] == x.shape[0]
+                and keys.shape[1] == self.kv_heads and keys.shape[2] > 0 and keys.shape[3] == self.dim_head
+                and all(t.dtype == self.dtype and t.stride(3) == 1 and t.device.type == "cpu" for t in (keys, values)))
+
+    def post(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *,
+             check: bool = True) -> torch.Tensor:
+        """The layer's output (as ``x``) from its input ``x``, :meth:`pre`'s query and all keys/values."""
+        if check and not (self.fits(x, x.new_empty(1, 1, self.dim_head), x.new_empty(1, 1, self.dim_head))
+                          and self.post_fits(x, keys, values) and q.shape == (x.shape[0], 1, self.heads * self.dim_head)
+                          and q.dtype == self.dtype and q.is_contiguous()):
+            raise ValueError(f"LlamaStep: needs the input, its query from pre() and CPU (rows, {self.kv_heads}, S, "
+                             f"{self.dim_head}) {self.dtype} keys/values; got "
+                             + _describe(input=x, query=q, keys=keys, values=values))
+        y = torch.empty_like(x)
+        strides = (ctypes.c_int64 * 6)(*keys.stride()[:3], *values.stride()[:3])
+        if _lib().fv_llama_post(ctypes.byref(self._layer), x.data_ptr(), q.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                keys.shape[2], strides, y.data_ptr(), self.dtype == torch.bfloat16, x.shape[0],
+                                torch.get_num_threads()):
+            raise MemoryError("LlamaStep: the C library could not allocate its scratch memory")
         return y

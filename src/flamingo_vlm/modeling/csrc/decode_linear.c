@@ -532,7 +532,8 @@ static void fv_axpy(float *o, float p, const void *v, int vb, int64_t n, int sim
 }
 
 /* a (M, heads * dim_head) = softmax(q k^T / sqrt(dim_head)) v per row and head, over S keys. k, v:
- * element (r, h, s, d) at r * st[0] + h * st[1] + s * st[2] + d (st[3..5] for v). scratch: S + 2 *
+ * element (r, h, s, d) at r * st[0] + h * st[1] + s * st[2] + d (st[3..5] for v); query head h reads
+ * key/value head h / groups (grouped-query attention; 1: one each). scratch: S + 2 *
  * dim_head floats for each of `team` threads (fv_attend_team), allocated by the caller: a thread of an
  * OpenMP team must not fail alone (the others would wait for it at the loop's barrier). */
 static int fv_attend_team(int64_t M, int64_t heads, int64_t dh, int64_t S, int nthreads) {
@@ -540,8 +541,8 @@ static int fv_attend_team(int64_t M, int64_t heads, int64_t dh, int64_t S, int n
 }
 
 static void fv_attend(const void *q, void *a, int xb, int64_t M, int64_t heads, int64_t dh, const void *k,
-                      const void *v, int64_t S, int64_t kv_rows, const int64_t *st, int simd, int team,
-                      float *scratch) {
+                      const void *v, int64_t S, int64_t kv_rows, int64_t groups, const int64_t *st, int simd,
+                      int team, float *scratch) {
     const int64_t r = M / kv_rows, esize = xb ? 2 : 4;
     const float scale = 1.f / sqrtf((float)dh);
     #pragma omp parallel num_threads(team)
@@ -551,8 +552,8 @@ static void fv_attend(const void *q, void *a, int xb, int64_t M, int64_t heads, 
         for (int64_t mh = 0; mh < M * heads; mh++) {
             const int64_t m = mh / heads, h = mh % heads, row = m / r;
             for (int64_t d = 0; d < dh; d++) qh[d] = fv_get(q, xb, m * heads * dh + h * dh + d) * scale;
-            const char *kh = (const char *)k + (row * st[0] + h * st[1]) * esize;
-            const char *vh = (const char *)v + (row * st[3] + h * st[4]) * esize;
+            const char *kh = (const char *)k + (row * st[0] + h / groups * st[1]) * esize;
+            const char *vh = (const char *)v + (row * st[3] + h / groups * st[4]) * esize;
             float mx = -INFINITY, sum = 0.f;
             for (int64_t s = 0; s < S; s++) {
                 p[s] = fv_dot(qh, kh + s * st[2] * esize, xb, dh, simd);
@@ -597,7 +598,7 @@ int fv_xattn_step(const fv_block *p, const void *x, void *y, int xb, int64_t M, 
     else {
         fv_layer_norm(x, h, xb, M, D, p->ln1_w, p->ln1_b, p->eps1);
         fv_layer_run(&p->q, h, qb, M, xb, nthreads);
-        fv_attend(qb, ab, xb, M, p->heads, p->dim_head, k, v, S, kv_rows, st, simd, team, scratch);
+        fv_attend(qb, ab, xb, M, p->heads, p->dim_head, k, v, S, kv_rows, 1, st, simd, team, scratch);
         fv_layer_run(&p->out, ab, t, M, xb, nthreads);
         fv_gated_add(x, t, attn_gate, x1, xb, M * D);
     }
@@ -641,4 +642,102 @@ int fv_mlp_step(const fv_mlp *p, const void *x, const void *residual, void *y, i
     if (residual) fv_gated_add(residual, y, 1.f, y, xb, M * p->down.N);
     free(mem);
     return 0;
+}
+
+/* -- A LLaMA decoder layer's decoding step, in two calls around the KV cache's update --------------
+ *
+ *   pre:   h = RMSNorm1(x);  q, k = rotary(q(h)), rotary(k(h));  v = v(h)
+ *   (the caller appends k, v to its cache and passes all keys/values to post)
+ *   post:  x1 = x + o(attention(q, K, V));  y = x1 + down(SiLU(gate(h2)) * up(h2)),  h2 = RMSNorm2(x1)
+ *
+ * for M rows of one token each, as transformers' LlamaDecoderLayer computes them (LLaMA, SmolLM2 and
+ * their kin): grouped-query attention, no mask (every cached position is seen, as at a decoding step
+ * without padding). Rounded to the activations' dtype where the modules round: RMSNorm's normalised
+ * value before its weight and after, each product, each of the rotary embedding's two products and
+ * their sum, the attention's output, each sum; RMSNorm's mean square in double (torch: fp32), the
+ * attention as fv_attend (fp32 throughout; torch's bf16 SDPA on CPU rounds the probabilities to bf16
+ * before multiplying them with V, so bf16 outputs may differ by a rounding step). */
+typedef struct {
+    fv_layer q, k, v, o;
+    fv_mlp mlp;
+    const void *norm1_w, *norm2_w;  /* (D,) in the activations' dtype */
+    double eps1, eps2;
+    int64_t D, heads, kv_heads, dim_head;
+} fv_llama;
+
+/* torch's RMSNorm: w * (x * rsqrt(mean(x^2) + eps)).to(dtype) */
+static void fv_rms_norm(const void *x, void *y, int xb, int64_t M, int64_t D, const void *w, double eps) {
+    for (int64_t m = 0; m < M; m++) {
+        double sq = 0;
+        for (int64_t d = 0; d < D; d++) {
+            const double v = fv_get(x, xb, m * D + d);
+            sq += v * v;
+        }
+        const float r = (float)(1.0 / sqrt((double)(float)(sq / (double)D) + eps));
+        for (int64_t d = 0; d < D; d++) {
+            fv_put(y, xb, m * D + d, fv_get(x, xb, m * D + d) * r);
+            if (w) fv_put(y, xb, m * D + d, fv_get(w, xb, d) * fv_get(y, xb, m * D + d));
+        }
+    }
+}
+
+/* t (M, heads * dh) in place: t * cos + rotate_half(t) * sin, rotate_half(t) = (-t[dh/2:], t[:dh/2]);
+ * cos, sin: row m at m * cs_stride (dh values) */
+static void fv_rotary(void *t, const void *cos, const void *sin, int64_t cs_stride, int xb, int64_t M,
+                      int64_t heads, int64_t dh) {
+    float tmp[512];
+    const int64_t half = dh / 2;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t base = (m * heads + h) * dh;
+            for (int64_t d = 0; d < dh; d++) tmp[d] = fv_get(t, xb, base + d);
+            for (int64_t d = 0; d < dh; d++) {
+                const float rot = d < half ? -tmp[d + half] : tmp[d - half];
+                float a = tmp[d] * fv_get(cos, xb, m * cs_stride + d), b = rot * fv_get(sin, xb, m * cs_stride + d);
+                if (xb) {
+                    fv_put(&a, 1, 0, a); a = fv_get(&a, 1, 0);
+                    fv_put(&b, 1, 0, b); b = fv_get(&b, 1, 0);
+                }
+                fv_put(t, xb, base + d, a + b);
+            }
+        }
+}
+
+/* x (M, D) -> q (M, heads * dh), k and v (M, kv_heads * dh). Returns 0, or -1 (bad sizes, no memory). */
+int fv_llama_pre(const fv_llama *p, const void *x, const void *cos, const void *sin, int64_t cs_stride, void *q,
+                 void *k, void *v, int xb, int64_t M, int nthreads) {
+    const int64_t esize = xb ? 2 : 4;
+    if (M <= 0 || p->dim_head > 512 || p->dim_head % 2) return -1;
+    void *h = malloc((size_t)(M * p->D * esize));
+    if (!h) return -1;
+    fv_rms_norm(x, h, xb, M, p->D, p->norm1_w, p->eps1);
+    fv_layer_run(&p->q, h, q, M, xb, nthreads);
+    fv_layer_run(&p->k, h, k, M, xb, nthreads);
+    fv_layer_run(&p->v, h, v, M, xb, nthreads);
+    fv_rotary(q, cos, sin, cs_stride, xb, M, p->heads, p->dim_head);
+    fv_rotary(k, cos, sin, cs_stride, xb, M, p->kv_heads, p->dim_head);
+    free(h);
+    return 0;
+}
+
+/* x, y (M, D); q from pre; k, v: (M, kv_heads, S, dh) with strides st (as fv_attend), the new position
+ * included. Returns 0, or -1 (bad sizes, no memory; y is then not written). */
+int fv_llama_post(const fv_llama *p, const void *x, const void *q, const void *k, const void *v, int64_t S,
+                  const int64_t *st, void *y, int xb, int64_t M, int nthreads) {
+    const int64_t D = p->D, inner = p->heads * p->dim_head, esize = xb ? 2 : 4;
+    const int simd = p->o.isa >= 1 && fv_isa() >= 1;
+    if (M <= 0 || S <= 0 || p->kv_heads <= 0 || p->heads % p->kv_heads) return -1;
+    const int team = fv_attend_team(M, p->heads, p->dim_head, S, nthreads);
+    const int64_t acts = M * (inner + 3 * D) * esize, attn = team * (S + 2 * p->dim_head) * 4;
+    char *mem = malloc((size_t)(acts + 4 + attn));
+    if (!mem) return -1;
+    void *a = mem, *t = mem + M * inner * esize, *x1 = (char *)t + M * D * esize, *h = (char *)x1 + M * D * esize;
+    float *scratch = (float *)(mem + (acts + 3) / 4 * 4);
+    fv_attend(q, a, xb, M, p->heads, p->dim_head, k, v, S, M, p->heads / p->kv_heads, st, simd, team, scratch);
+    fv_layer_run(&p->o, a, t, M, xb, nthreads);
+    fv_gated_add(x, t, 1.f, x1, xb, M * D);
+    fv_rms_norm(x1, h, xb, M, D, p->norm2_w, p->eps2);
+    const int rc = fv_mlp_step(&p->mlp, h, x1, y, xb, M, nthreads);
+    free(mem);
+    return rc;
 }
