@@ -298,7 +298,7 @@ def test_one_mlp_call_computes_what_the_module_computes(isa, weights, dtype, kin
 @pytest.mark.parametrize("lm", ["llama", "mpt"])
 @pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
 def test_generate_runs_each_lm_layer_or_mlp_in_native_calls_with_the_modules_answers(fresh, monkeypatch, lm, kind):
-    """LLaMA: each decoder layer's step in LlamaStep (its MLP inside); MPT: each MLP's in MlpStep."""
+    """Each decoder layer's step in LlamaStep / MptStep, its MLP inside."""
     native_routes(monkeypatch)
     model, _ip, _tok = tiny_flamingo(lm)
     if kind == "int8":
@@ -306,15 +306,15 @@ def test_generate_runs_each_lm_layer_or_mlp_in_native_calls_with_the_modules_ans
     elif kind == "bf16":
         model.to(torch.bfloat16)
     calls, kinds = [], []  # rows per native call; which step took it
-    for cls, name in ((native.LlamaStep, "post"), (native.MlpStep, "__call__")):
+    for cls, name in ((native.LlamaStep, "post"), (native.MptStep, "post"), (native.MlpStep, "__call__")):
         real = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, x, *a, _real=real, _cls=cls, **k:
                             calls.append(x.shape[0]) or kinds.append(_cls) or _real(self, x, *a, **k))
     tokens, scores = generate(model, monkeypatch, fused=True)
     mlps = sum(fused_decode.mlp_kind(m) is not None for m in model.modules())
     layers = sum(fused_decode.layer_kind(m) is not None for m in model.modules())
-    assert mlps == 2 and layers == (2 if lm == "llama" else 0)
-    assert set(kinds) == {native.LlamaStep if lm == "llama" else native.MlpStep}  # a LLaMA layer's step computes its MLP
+    assert mlps == 2 and layers == 2
+    assert set(kinds) == {native.LlamaStep if lm == "llama" else native.MptStep}  # (a layer's step computes its MLP)
     assert len(calls) == mlps * 5 and set(calls) == {2}  # 2 layers, 5 decoding steps of 2 rows
     assert not any("forward" in vars(m) for m in model.modules())  # restored after the call
     del calls[:]
@@ -328,7 +328,7 @@ def test_generate_runs_each_lm_layer_or_mlp_in_native_calls_with_the_modules_ans
     mlp = next(m for m in model.modules() if fused_decode.mlp_kind(m))
     handle = mlp.down_proj.register_forward_hook(lambda *a: None)  # a hook must see its module's call
     generate(model, monkeypatch, fused=True)
-    assert len(calls) == 5  # the other layer's (MLP's) step only
+    assert len(calls) == 5  # the other layer's step only
     handle.remove()
     with fused_decode.fused_lm(model) as patched:  # gradients enabled at entry: nothing changes
         assert patched == 0
@@ -494,3 +494,101 @@ def test_a_patched_llama_layer_runs_the_module_wherever_the_step_does_not_fit(fr
     with onednn_linears(layer), fused_decode.fused_lm(layer) as patched:  # gradients wanted
         assert patched == 0
     assert "forward" not in vars(layer) and "forward" not in vars(layer.mlp)
+
+
+# -- MPT blocks ----------------------------------------------------------------------------------------
+MPT_LAYERS = ("attn.Wqkv", "attn.out_proj", "ffn.up_proj", "ffn.down_proj")
+
+
+def mpt_block(clip=None, seed: int = 0):
+    """transformers' MptBlock at odd sizes (d 44, 4 heads of 11), LayerNorms that are not the identity,
+    and its model's ALiBi bias (max_seq_len 16)."""
+    from transformers import MptConfig
+    from transformers.models.mpt.modeling_mpt import MptBlock, build_mpt_alibi_tensor
+
+    torch.manual_seed(seed)
+    cfg = MptConfig(d_model=44, n_heads=4, expansion_ratio=3, max_seq_len=16, attn_config={"clip_qkv": clip})
+    block = MptBlock(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        for n in (block.norm_1, block.norm_2):
+            n.weight.add_(torch.randn_like(n.weight) * 0.3)
+    return block, build_mpt_alibi_tensor(4, 16)
+
+
+def run_mpt(block, x, keys, values, bias, mask=None, **kwargs):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.update(keys.clone(), values.clone(), 0)
+    out = block(x, position_bias=bias, attention_mask=mask, layer_past=cache, use_cache=True, **kwargs)
+    return out[0], cache.layers[0].keys, cache.layers[0].values
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: native.ISA_NAMES[i])
+@pytest.mark.parametrize("weights, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                            ("int8", torch.float32), ("int8", torch.bfloat16)])
+def test_an_mpt_block_step_computes_what_the_block_computes(isa, weights, dtype):
+    block, bias = mpt_block(clip=1.5)
+    prods, dense = products(block, weights, isa, MPT_LAYERS, dtype)
+    norms = tuple(native.Norm(n.weight.detach().to(dtype), None, n.eps) for n in (block.norm_1, block.norm_2))
+    step = native.MptStep(prods, norms, heads=4, clip=1.5, scale=block.attn.softmax_scale, dtype=dtype)
+    ref = copy.deepcopy(block)
+    with torch.no_grad():
+        for name, w in zip(MPT_LAYERS, dense):
+            ref.get_submodule(name).weight.copy_(w)
+    g = torch.Generator().manual_seed(2)
+    for rows, masked in ((1, False), (3, True)):
+        x = (torch.randn(rows, 1, 44, generator=g) * 2).to(dtype)
+        keys, values = (torch.randn(rows, 4, 6, 11, generator=g).to(dtype) for _ in range(2))
+        mask = torch.zeros(rows, 1, 1, 7, dtype=torch.bool)
+        if masked:
+            mask[1, ..., :3] = True  # a left-padded row
+        with torch.no_grad():
+            want, want_k, _ = run_mpt(ref.double(), x.double(), keys.double(), values.double(), bias.double(), mask)
+            qkv, k, v = step.pre(x)
+            got = step.post(x, qkv, torch.cat([keys, k], 2), torch.cat([values, v], 2), bias, mask)
+            assert got.dtype == dtype and got.shape == x.shape
+            if dtype == torch.float32:
+                for a, b in ((got, want), (k, want_k[:, :, -1:])):
+                    assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+            else:
+                stock, stock_k, _ = run_mpt(copy.deepcopy(ref).to(dtype), x, keys, values, bias, mask)
+                assert (got.double() - stock.double()).abs().max() <= 2 ** -6 * stock.double().abs().max()
+                assert (got.double() - want).abs().max() <= 3 * (stock.double() - want).abs().max() + 1e-6
+                assert (k.double() - stock_k[:, :, -1:].double()).abs().max() <= 2 ** -7 * stock_k.double().abs().max()
+    with pytest.raises(ValueError, match="MptStep"):
+        step.post(x, qkv, keys, values, bias[:, :, :3], mask)  # a bias shorter than the keys
+
+
+@needs_native
+def test_a_patched_mpt_block_runs_the_module_wherever_the_step_does_not_fit(fresh, monkeypatch):
+    native_routes(monkeypatch)
+    block, bias = mpt_block()
+    calls = []
+    real = native.MptStep.post
+    monkeypatch.setattr(native.MptStep, "post", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 44, generator=g)
+    keys, values = (torch.randn(2, 4, 6, 11, generator=g) for _ in range(2))
+    mask = torch.zeros(2, 1, 1, 7, dtype=torch.bool)
+
+    def same(bias=bias, mask=mask, **kwargs) -> bool:
+        n = len(calls)
+        want = run_mpt(block, x, keys, values, bias, mask, **kwargs)
+        with onednn_linears(block), fused_decode.fused_lm(block) as patched:
+            assert patched == 2  # the block and its MLP
+            got = run_mpt(block, x, keys, values, bias, mask, **kwargs)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max()
+        return len(calls) > n
+
+    with torch.no_grad():
+        assert same() and same(mask=None)
+        assert not same(output_attentions=True)  # the module's attention weights are wanted
+        assert not same(bias=bias.to(torch.float64))
+        handle = block.attn.Wqkv.register_forward_hook(lambda *a: None)
+        assert not same()
+        handle.remove()
+        block.ffn.act = nn.GELU(approximate="tanh")
+        assert fused_decode.layer_kind(block) is None

@@ -198,7 +198,7 @@ def layer_kind(layer: nn.Module) -> str | None:
     RMSNorms of their own classes, SDPA, eager or our ``flamingo_sdpa`` attention (which the C step
     computes as it does: bf16 decoding attends in fp32, rounded once) at the usual scale), else ``None``."""
     if not _is(layer, "LlamaDecoderLayer"):
-        return None
+        return _mpt_kind(layer)
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
     ok = (_is(attn, "LlamaAttention") and mlp_kind(mlp) == "llama" and all(_is(n, "LlamaRMSNorm") for n in norms)
@@ -273,6 +273,73 @@ def _fused_layer_forward(layer: nn.Module):
     return forward
 
 
+# -- MPT blocks ----------------------------------------------------------------------------------------
+# transformers' MptBlock (the benchmark shape's LM) at a decoding step, as native.MptStep.
+_MPT = "transformers.models.mpt.modeling_mpt"
+_MPT_ARGS = ("position_bias", "attention_mask", "layer_past", "use_cache", "output_attentions", "cache_position")
+
+
+def _mpt_kind(block: nn.Module) -> str | None:
+    if not _is(block, "MptBlock", _MPT):
+        return None
+    attn, ffn = getattr(block, "attn", None), getattr(block, "ffn", None)
+    norms = (getattr(block, "norm_1", None), getattr(block, "norm_2", None))
+    ok = (_is(attn, "MptAttention", _MPT) and mlp_kind(ffn) == "mpt" and all(type(n) is nn.LayerNorm for n in norms)
+          and type(getattr(block, "resid_attn_dropout", None)) is nn.Dropout and isinstance(attn.layer_idx, int)
+          and not any("forward" in vars(n) for n in norms))
+    return "mpt" if ok else None
+
+
+def _prepare_mpt(block: nn.Module, x: torch.Tensor) -> native.MptStep | None:
+    attn, ffn = block.attn, block.ffn
+    if block.training or _hooked((block, attn, ffn, block.norm_1, block.norm_2, block.resid_attn_dropout,
+                                   *attn.children(), *ffn.children())):
+        return None
+    products = [_product(attn.Wqkv, x), _product(attn.out_proj, x), _product(ffn.up_proj, x), _product(ffn.down_proj, x)]
+    norms = [_norm(block.norm_1, x.dtype, x.shape[-1]), _norm(block.norm_2, x.dtype, x.shape[-1])]
+    if any(p is None for p in products) or any(n is None for n in norms):
+        return None
+    try:
+        return native.MptStep(tuple(products), tuple(norms), heads=attn.n_heads, clip=attn.clip_qkv,
+                              scale=float(attn.softmax_scale), dtype=x.dtype)
+    except ValueError:
+        return None
+
+
+def _fused_mpt_forward(block: nn.Module):
+    stock = type(block).forward
+    steps: dict = {}  # (dtype, rows) -> MptStep or None, for the length of the block
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        x = hidden_states
+        call = dict(zip(_MPT_ARGS, args))
+        if (len(args) <= len(_MPT_ARGS) and not call.keys() & kwargs.keys() and kwargs.keys() <= set(_MPT_ARGS)
+                and not (call := {**call, **kwargs}).get("output_attentions")
+                and type(x) in PLAIN_TYPES and x.dtype in native.FLOAT_DTYPES and x.is_cpu and x.dim() == 3
+                and x.shape[1] == 1 and 0 < x.shape[0] <= DECODE_ROWS and x.is_contiguous()
+                and not torch.is_grad_enabled() and not self.training and outside_tracing(x)):
+            cache, bias, mask = call.get("layer_past"), call.get("position_bias"), call.get("attention_mask")
+            index, heads = self.attn.layer_idx, self.attn.n_heads
+            kept = _cache_layer(cache, index, x, heads)
+            s = kept.keys.shape[2] + 1 if kept is not None else 0
+            if (kept is not None and type(bias) in PLAIN_TYPES and bias.dtype is torch.float32 and bias.dim() == 3
+                    and bias.shape[:2] == (heads, 1) and bias.shape[2] >= s and bias.stride(2) == 1 and bias.is_cpu
+                    and (mask is None or (type(mask) in PLAIN_TYPES and mask.dtype is torch.bool and mask.dim() == 4
+                                          and mask.shape[0] in (1, x.shape[0]) and tuple(mask.shape[1:]) == (1, 1, s)
+                                          and mask.stride(3) == 1 and mask.is_cpu))):
+                key = (x.dtype, x.shape[0])
+                if key not in steps:
+                    steps[key] = _prepare_mpt(self, x)
+                step = steps[key]
+                if step is not None and step.fits(x):
+                    qkv, k, v = step.pre(x, check=False)
+                    keys, values = cache.update(k, v, index)  # (a cat: its keys/values were checked above)
+                    return step.post(x, qkv, keys, values, bias, mask, check=False), None
+        return stock(self, hidden_states, *args, **kwargs)
+
+    return forward
+
+
 @contextlib.contextmanager
 def fused_lm(module: nn.Module) -> Iterator[int]:
     """Inside the block, the LM layers of ``module`` that :func:`layer_kind` knows and the LM MLPs that
@@ -290,8 +357,10 @@ def fused_lm(module: nn.Module) -> Iterator[int]:
                 continue
             if kind := mlp_kind(m):
                 patched.append((m, _fused_mlp_forward(m, kind)))
-            elif layer_kind(m):
+            elif layer_kind(m) == "llama":
                 patched.append((m, _fused_layer_forward(m)))
+            elif layer_kind(m) == "mpt":
+                patched.append((m, _fused_mpt_forward(m)))
     try:
         for m, forward in patched:
             m.forward = forward.__get__(m)

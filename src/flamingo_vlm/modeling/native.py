@@ -56,7 +56,7 @@ import torch
 
 from ..files import cache_root
 
-__all__ = ["ENV", "FLOAT_DTYPES", "FUSED_ENV", "ISA_NAMES", "LlamaStep", "MlpStep", "Norm", "Product", "XattnStep", "bf16_linear", "fp32_linear", "int8_linear",
+__all__ = ["ENV", "FLOAT_DTYPES", "FUSED_ENV", "ISA_NAMES", "LlamaStep", "MlpStep", "MptStep", "Norm", "Product", "XattnStep", "bf16_linear", "fp32_linear", "int8_linear",
            "fused_allowed", "library", "unavailable_reason"]
 
 ENV = "FLAMINGO_VLM_NATIVE"
@@ -171,6 +171,12 @@ def library() -> ctypes.CDLL | None:
     # (layer, x, q, k, v, S, strides, y, x_bf16, M, nthreads)
     lib.fv_llama_post.argtypes = [ctypes.POINTER(_Llama), ptr, ptr, ptr, ptr, size, ctypes.POINTER(ctypes.c_int64),
                                   ptr, flag, size, flag]
+    lib.fv_mpt_pre.restype = lib.fv_mpt_post.restype = ctypes.c_int
+    # (block, x, qkv, x_bf16, M, nthreads)
+    lib.fv_mpt_pre.argtypes = [ctypes.POINTER(_Mpt), ptr, ptr, flag, size, flag]
+    # (block, x, qkv, k, v, S, strides, bias, bias_head_stride, bias_offset, mask, mask_row_stride, y, x_bf16, M, nthreads)
+    lib.fv_mpt_post.argtypes = [ctypes.POINTER(_Mpt), ptr, ptr, ptr, ptr, size, ctypes.POINTER(ctypes.c_int64), ptr,
+                                size, size, ptr, size, ptr, flag, size, flag]
     return lib
 
 
@@ -517,4 +523,98 @@ class LlamaStep:
                                 keys.shape[2], strides, y.data_ptr(), self.dtype == torch.bfloat16, x.shape[0],
                                 torch.get_num_threads()):
             raise MemoryError("LlamaStep: the C library could not allocate its scratch memory")
+        return y
+
+
+class _Mpt(ctypes.Structure):
+    _fields_ = [("qkv", _Layer), ("out", _Layer), ("mlp", _Mlp), ("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p),
+                ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p), ("eps1", ctypes.c_double),
+                ("eps2", ctypes.c_double), ("clip", ctypes.c_float), ("scale", ctypes.c_float), ("D", ctypes.c_int64),
+                ("heads", ctypes.c_int64), ("dim_head", ctypes.c_int64)]
+
+
+class MptStep:
+    """An MPT block's decoding step (transformers' ``MptBlock``: LayerNorm, fused qkv product, attention
+    with an ALiBi bias and a mask, output product, residual; LayerNorm, GELU MLP, residual) in two
+    calls of the C library around the KV cache's update: :meth:`pre` gives the step's ``qkv`` (its
+    key and value thirds go to the cache), :meth:`post` attends over all keys/values and finishes the
+    block. Activations in ``dtype`` (fp32 or bf16), rounded where the modules round (``fv_mpt`` in the
+    C file). ``products``: Wqkv, out, up, down; ``norms``: the two LayerNorms; ``clip``: the qkv clamp
+    (``None``: none); ``scale``: the softmax scale. Keeps weak references to its tensors, as
+    :class:`XattnStep`."""
+
+    def __init__(self, products: tuple[Product, Product, Product, Product], norms: tuple[Norm, Norm], *, heads: int,
+                 clip: float | None, scale: float, dtype: torch.dtype):
+        qkv, out, up, down = products
+        d = out.weight.shape[0]
+        if dtype not in FLOAT_DTYPES or heads <= 0 or d % heads:
+            raise ValueError(f"MptStep: dtype {dtype} and {heads} heads for {d} features")
+        f = up.weight.shape[0]
+        for p, n, k in [(qkv, 3 * d, d), (out, d, d), (up, f, d), (down, d, f)]:
+            _check_product(p, n, k, dtype, "MptStep")
+        for n in norms:
+            if not all(t is None or (t.shape == (d,) and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu")
+                       for t in (n.weight, n.bias)):
+                raise ValueError(f"MptStep: LayerNorm parameters must be contiguous CPU ({d},) {dtype}, got "
+                                 + _describe(weight=n.weight, bias=n.bias))
+        self.dtype, self.dim, self.heads, self.dim_head = dtype, d, heads, d // heads
+        self._kept = _weak_refs(*products, *norms)
+        n1, n2 = norms
+        mlp = _Mlp(_layer(up), _layer(up), _layer(down), False, MlpStep.ACTS.index("gelu"))
+        self._block = _Mpt(_layer(qkv), _layer(out), mlp, _ptr(n1.weight), _ptr(n1.bias), _ptr(n2.weight), _ptr(n2.bias),
+                           n1.eps, n2.eps, float(clip or 0.0), float(scale), d, heads, d // heads)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """``x`` (rows, 1, D) contiguous on CPU in ``dtype``; every tensor it was built from still there."""
+        return (x.dtype == self.dtype and x.dim() == 3 and x.shape[1] == 1 and x.shape[2] == self.dim and x.shape[0] > 0
+                and x.is_contiguous() and x.device.type == "cpu" and _alive(self._kept))
+
+    def pre(self, x: torch.Tensor, *, check: bool = True):
+        """``(qkv, key, value)``: the step's (rows, 1, 3 D) qkv and its key and value thirds as (rows,
+        heads, 1, head size) views."""
+        if check and not self.fits(x):
+            raise ValueError(f"MptStep: needs a contiguous CPU (rows, 1, {self.dim}) {self.dtype} input, built from "
+                             "tensors that are all still there; got " + _describe(input=x))
+        m, d = x.shape[0], self.dim
+        qkv = torch.empty(m, 1, 3 * d, dtype=x.dtype)
+        if _lib().fv_mpt_pre(ctypes.byref(self._block), x.data_ptr(), qkv.data_ptr(), self.dtype == torch.bfloat16, m,
+                             torch.get_num_threads()):
+            raise MemoryError("MptStep: the C library could not allocate its scratch memory")
+        heads = qkv.view(m, 1, 3, self.heads, self.dim_head)
+        return qkv, heads[:, :, 1].transpose(1, 2), heads[:, :, 2].transpose(1, 2)
+
+    def post_fits(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                  mask: torch.Tensor | None) -> bool:
+        """``keys``/``values`` (rows of ``x``, heads, S >= 1, head size) in ``dtype`` on CPU with a
+        contiguous last dimension; ``bias`` fp32 (heads, 1, >= S) with a contiguous last dimension;
+        ``mask`` ``None`` or bool (rows or 1, 1, 1, S) with a contiguous last dimension."""
+        rows, s = x.shape[0], keys.shape[2] if keys.dim() == 4 else 0
+        return (keys.shape == values.shape and keys.dim() == 4 and keys.shape[0] == rows and keys.shape[1] == self.heads
+                and s > 0 and keys.shape[3] == self.dim_head
+                and all(t.dtype == self.dtype and t.stride(3) == 1 and t.device.type == "cpu" for t in (keys, values))
+                and bias.dtype == torch.float32 and bias.dim() == 3 and bias.shape[:2] == (self.heads, 1)
+                and bias.shape[2] >= s and bias.stride(2) == 1 and bias.device.type == "cpu"
+                and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] in (1, rows)
+                                      and mask.shape[1:] == (1, 1, s) and mask.stride(3) == 1
+                                      and mask.device.type == "cpu")))
+
+    def post(self, x: torch.Tensor, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+             mask: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
+        """The block's output (as ``x``) from its input, :meth:`pre`'s ``qkv``, all keys/values, the ALiBi
+        ``bias`` (its last S positions are used, as the module does) and the ``mask`` (True: not seen)."""
+        if check and not (self.fits(x) and self.post_fits(x, keys, values, bias, mask)
+                          and qkv.shape == (x.shape[0], 1, 3 * self.dim) and qkv.dtype == self.dtype
+                          and qkv.is_contiguous()):
+            raise ValueError(f"MptStep: needs the input, its qkv from pre(), CPU (rows, {self.heads}, S, {self.dim_head}) "
+                             f"{self.dtype} keys/values, an fp32 ({self.heads}, 1, >= S) bias and a bool (rows, 1, 1, S) "
+                             "mask or None; got " + _describe(input=x, qkv=qkv, keys=keys, values=values, bias=bias,
+                                                              mask=mask))
+        y = torch.empty_like(x)
+        s = keys.shape[2]
+        strides = (ctypes.c_int64 * 6)(*keys.stride()[:3], *values.stride()[:3])
+        mask_rows = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
+        if _lib().fv_mpt_post(ctypes.byref(self._block), x.data_ptr(), qkv.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                              s, strides, bias.data_ptr(), bias.stride(0), bias.shape[2] - s, _ptr(mask), mask_rows,
+                              y.data_ptr(), self.dtype == torch.bfloat16, x.shape[0], torch.get_num_threads()):
+            raise MemoryError("MptStep: the C library could not allocate its scratch memory")
         return y

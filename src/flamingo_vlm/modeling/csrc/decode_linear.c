@@ -20,6 +20,7 @@
  * flamingo_vlm/modeling/native.py (cc -O3 -fopenmp); each SIMD path is compiled with a target
  * attribute and picked at run time, so one build runs on any x86-64 CPU.
  */
+#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -737,6 +738,106 @@ int fv_llama_post(const fv_llama *p, const void *x, const void *q, const void *k
     fv_layer_run(&p->o, a, t, M, xb, nthreads);
     fv_gated_add(x, t, 1.f, x1, xb, M * D);
     fv_rms_norm(x1, h, xb, M, D, p->norm2_w, p->eps2);
+    const int rc = fv_mlp_step(&p->mlp, h, x1, y, xb, M, nthreads);
+    free(mem);
+    return rc;
+}
+
+/* -- An MPT block's decoding step, in two calls around the KV cache's update ------------------------
+ *
+ *   pre:   qkv = Wqkv(LN1(x))  (clamped to +-clip where clip > 0)
+ *   (the caller appends k, v (qkv's second and third thirds) to its cache and passes all of them)
+ *   post:  x1 = x + out(attention(q, K, V) with ALiBi and mask);  y = x1 + down(GELU(up(LN2(x1))))
+ *
+ * as transformers' MptBlock computes them: scores = (q k^T) * scale + bias, masked positions set to
+ * the dtype's lowest value, softmax in fp32, the probabilities in the activations' dtype times V. In
+ * bf16 rounded where it rounds: q k^T, its scaling, the probabilities, their product with V (the
+ * bias is fp32 there, so the sum with it is fp32), and as fv_mlp_step / the LayerNorms. */
+typedef struct {
+    fv_layer qkv, out;
+    fv_mlp mlp;
+    const void *ln1_w, *ln1_b, *ln2_w, *ln2_b;  /* (D,) in the activations' dtype, or NULL */
+    double eps1, eps2;
+    float clip, scale;  /* clip <= 0: none */
+    int64_t D, heads, dim_head;
+} fv_mpt;
+
+static inline float fv_round(float v, int xb) {
+    if (!xb) return v;
+    fv_put(&v, 1, 0, v);
+    return fv_get(&v, 1, 0);
+}
+
+/* a (M, heads * dh) from q (row m at m * q_stride), k, v as fv_attend (kv row m for query row m);
+ * bias: fp32, head h's value for key s at bias[h * bias_h + bias_off + s]; mask: NULL or bytes,
+ * row m's key s masked where mask[m * mask_m + s] != 0. */
+static void fv_attend_alibi(const void *q, int64_t q_stride, void *a, int xb, int64_t M, int64_t heads, int64_t dh,
+                            const void *k, const void *v, int64_t S, const int64_t *st, float scale, const float *bias,
+                            int64_t bias_h, int64_t bias_off, const uint8_t *mask, int64_t mask_m, int simd, int team,
+                            float *scratch) {
+    const int64_t esize = xb ? 2 : 4;
+    const float lowest = xb ? -3.38953139e38f : -FLT_MAX;
+    #pragma omp parallel num_threads(team)
+    {
+        float *p = scratch + (int64_t)omp_get_thread_num() * (S + 2 * dh), *qh = p + S, *o = p + S + dh;
+        #pragma omp for schedule(static)
+        for (int64_t mh = 0; mh < M * heads; mh++) {
+            const int64_t m = mh / heads, h = mh % heads;
+            for (int64_t d = 0; d < dh; d++) qh[d] = fv_get(q, xb, m * q_stride + h * dh + d);
+            const char *kh = (const char *)k + (m * st[0] + h * st[1]) * esize;
+            const char *vh = (const char *)v + (m * st[3] + h * st[4]) * esize;
+            float mx = -INFINITY, sum = 0.f;
+            for (int64_t s = 0; s < S; s++) {
+                float sc = fv_round(fv_round(fv_dot(qh, kh + s * st[2] * esize, xb, dh, simd), xb) * scale, xb);
+                if (bias) sc += bias[h * bias_h + bias_off + s];
+                if (mask && mask[m * mask_m + s]) sc = lowest;
+                p[s] = sc;
+                if (sc > mx) mx = sc;
+            }
+            for (int64_t s = 0; s < S; s++) sum += (p[s] = fv_expf(p[s] - mx));
+            for (int64_t d = 0; d < dh; d++) o[d] = 0.f;
+            for (int64_t s = 0; s < S; s++) fv_axpy(o, fv_round(p[s] / sum, xb), vh + s * st[5] * esize, xb, dh, simd);
+            for (int64_t d = 0; d < dh; d++) fv_put(a, xb, m * heads * dh + h * dh + d, o[d]);
+        }
+    }
+}
+
+/* x (M, D) -> qkv (M, 3 D). Returns 0, or -1 (bad sizes, no memory). */
+int fv_mpt_pre(const fv_mpt *p, const void *x, void *qkv, int xb, int64_t M, int nthreads) {
+    const int64_t esize = xb ? 2 : 4, n = M * 3 * p->D;
+    if (M <= 0) return -1;
+    void *h = malloc((size_t)(M * p->D * esize));
+    if (!h) return -1;
+    fv_layer_norm(x, h, xb, M, p->D, p->ln1_w, p->ln1_b, p->eps1);
+    fv_layer_run(&p->qkv, h, qkv, M, xb, nthreads);
+    if (p->clip > 0)
+        for (int64_t i = 0; i < n; i++) {
+            const float v = fv_get(qkv, xb, i);
+            if (v > p->clip || v < -p->clip) fv_put(qkv, xb, i, v > 0 ? p->clip : -p->clip);
+        }
+    free(h);
+    return 0;
+}
+
+/* x, y (M, D); qkv from pre; k, v: (M, heads, S, dh) with strides st, the new position included; bias
+ * and mask as fv_attend_alibi. Returns 0, or -1 (bad sizes, no memory; y is then not written). */
+int fv_mpt_post(const fv_mpt *p, const void *x, const void *qkv, const void *k, const void *v, int64_t S,
+                const int64_t *st, const float *bias, int64_t bias_h, int64_t bias_off, const uint8_t *mask,
+                int64_t mask_m, void *y, int xb, int64_t M, int nthreads) {
+    const int64_t D = p->D, esize = xb ? 2 : 4;
+    const int simd = p->out.isa >= 1 && fv_isa() >= 1;
+    if (M <= 0 || S <= 0) return -1;
+    const int team = fv_attend_team(M, p->heads, p->dim_head, S, nthreads);
+    const int64_t acts = M * 4 * D * esize, attn = team * (S + 2 * p->dim_head) * 4;
+    char *mem = malloc((size_t)(acts + 4 + attn));
+    if (!mem) return -1;
+    void *a = mem, *t = mem + M * D * esize, *x1 = (char *)t + M * D * esize, *h = (char *)x1 + M * D * esize;
+    float *scratch = (float *)(mem + (acts + 3) / 4 * 4);
+    fv_attend_alibi(qkv, 3 * D, a, xb, M, p->heads, p->dim_head, k, v, S, st, p->scale, bias, bias_h, bias_off, mask,
+                    mask_m, simd, team, scratch);
+    fv_layer_run(&p->out, a, t, M, xb, nthreads);
+    fv_gated_add(x, t, 1.f, x1, xb, M * D);
+    fv_layer_norm(x1, h, xb, M, D, p->ln2_w, p->ln2_b, p->eps2);
     const int rc = fv_mlp_step(&p->mlp, h, x1, y, xb, M, nthreads);
     free(mem);
     return rc;
