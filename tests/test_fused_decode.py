@@ -592,3 +592,67 @@ def test_a_patched_mpt_block_runs_the_module_wherever_the_step_does_not_fit(fres
         handle.remove()
         block.ffn.act = nn.GELU(approximate="tanh")
         assert fused_decode.layer_kind(block) is None
+
+
+def tiny_mosaic_flamingo(**attn):
+    """A Flamingo on our MosaicGPT (modeling/mpt.py): biases, qk_ln, clip_qkv, the MosaicGPT slopes."""
+    from transformers import MptConfig
+
+    from flamingo_vlm import create_model_and_transforms
+    from flamingo_vlm.modeling.mpt import MosaicMptForCausalLM
+    from tiny import randomize_gates, tiny_tokenizer, tiny_vision
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    cfg = MptConfig(d_model=44, n_layers=2, n_heads=4, expansion_ratio=3, max_seq_len=64, vocab_size=len(tok),
+                    no_bias=False, attn_config={"qk_ln": True, "clip_qkv": 2.0, "alibi": True, **attn})
+    cfg.alibi_slopes = "mosaic_gpt"
+    lm = MosaicMptForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n in lm.modules():
+            if isinstance(n, nn.LayerNorm):
+                n.weight.add_(torch.randn_like(n.weight) * 0.3)
+                n.bias.add_(torch.randn_like(n.bias) * 0.3)
+    model, _ip, tok = create_model_and_transforms(tiny_vision(), None, lm, tok, cross_attn_every_n_layers=1)
+    randomize_gates(model)
+    return model.eval()
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
+def test_generate_on_our_mosaic_gpt_runs_each_block_in_native_calls_with_the_modules_answers(fresh, monkeypatch, kind):
+    native_routes(monkeypatch)
+    model = tiny_mosaic_flamingo()
+    if kind == "int8":
+        quantize_model(model, "int8")
+    elif kind == "bf16":
+        model.to(torch.bfloat16)
+    assert sum(fused_decode.layer_kind(m) == "mpt" for m in model.modules()) == 2
+    calls = []
+    real = native.MptStep.post
+    monkeypatch.setattr(native.MptStep, "post", lambda self, x, *a, **k: calls.append(x.shape[0]) or real(self, x, *a, **k))
+    tokens, scores = generate(model, monkeypatch, fused=True)
+    assert len(calls) == 2 * 5 and set(calls) == {2}
+    ref_tokens, ref_scores = generate(model, monkeypatch, fused=False)
+    assert len(calls) == 10
+    finite = ref_scores.isfinite()
+    if kind != "bf16":
+        assert torch.equal(tokens, ref_tokens)
+        assert (scores - ref_scores)[finite].abs().max() <= 1e-4 * ref_scores[finite].abs().max()
+    else:  # (the attention in fp32 as the module's; products summed in another order)
+        assert (scores - ref_scores)[finite].float().norm() <= 0.02 * ref_scores[finite].float().norm()
+    # a left-padded row: the mask reaches the step
+    media = model.media_token_id
+    lang_x = torch.tensor([[media, 5, 6, media, 7, 8], [0, 0, 0, media, 7, 5]])
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    vision_x = torch.randn(2, 2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(next(model.parameters()).dtype)
+    outs = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv(fused_decode.ENV, fused)
+        with torch.inference_mode():
+            outs.append(model.generate(vision_x, lang_x, mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                       output_scores=True, return_dict_in_generate=True))
+    assert len(calls) == 10 + 2 * 3  # 3 decoding steps after the first token
+    a, b = torch.stack(outs[0].scores).float(), torch.stack(outs[1].scores).float()
+    finite = b.isfinite()
+    assert (a - b)[finite].norm() <= (1e-4 if kind != "bf16" else 0.02) * b[finite].norm()

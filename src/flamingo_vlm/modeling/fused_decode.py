@@ -34,6 +34,7 @@ from . import attention, native
 from .cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
 from .fast_linear import native_decode_isa, outside_tracing
 from .kernels import DECODE_ROWS, PLAIN_TYPES
+from .mpt import AlibiBias, MosaicMptAttention
 from .quantize import QuantizedLinear
 
 __all__ = ["ENV", "enabled", "fused_lm", "layer_kind", "mlp_kind", "prepare"]
@@ -274,7 +275,9 @@ def _fused_layer_forward(layer: nn.Module):
 
 
 # -- MPT blocks ----------------------------------------------------------------------------------------
-# transformers' MptBlock (the benchmark shape's LM) at a decoding step, as native.MptStep.
+# transformers' MptBlock at a decoding step, as native.MptStep: with transformers' MptAttention (the
+# benchmark shape's LM) or our MosaicMptAttention (every MPT and MosaicGPT checkpoint we load, so
+# OpenFlamingo-3B/4B/9B's LMs; modeling/mpt.py).
 _MPT = "transformers.models.mpt.modeling_mpt"
 _MPT_ARGS = ("position_bias", "attention_mask", "layer_past", "use_cache", "output_attentions", "cache_position")
 
@@ -284,7 +287,11 @@ def _mpt_kind(block: nn.Module) -> str | None:
         return None
     attn, ffn = getattr(block, "attn", None), getattr(block, "ffn", None)
     norms = (getattr(block, "norm_1", None), getattr(block, "norm_2", None))
-    ok = (_is(attn, "MptAttention", _MPT) and mlp_kind(ffn) == "mpt" and all(type(n) is nn.LayerNorm for n in norms)
+    mosaic = type(attn) is MosaicMptAttention and "forward" not in vars(attn)
+    if mosaic and attn.qk_ln:
+        norms += (getattr(attn, "q_ln", None), getattr(attn, "k_ln", None))
+    ok = ((mosaic or _is(attn, "MptAttention", _MPT)) and mlp_kind(ffn) == "mpt"
+          and all(type(n) is nn.LayerNorm for n in norms)
           and type(getattr(block, "resid_attn_dropout", None)) is nn.Dropout and isinstance(attn.layer_idx, int)
           and not any("forward" in vars(n) for n in norms))
     return "mpt" if ok else None
@@ -297,11 +304,14 @@ def _prepare_mpt(block: nn.Module, x: torch.Tensor) -> native.MptStep | None:
         return None
     products = [_product(attn.Wqkv, x), _product(attn.out_proj, x), _product(ffn.up_proj, x), _product(ffn.down_proj, x)]
     norms = [_norm(block.norm_1, x.dtype, x.shape[-1]), _norm(block.norm_2, x.dtype, x.shape[-1])]
-    if any(p is None for p in products) or any(n is None for n in norms):
+    mosaic = type(attn) is MosaicMptAttention
+    qk = [_norm(attn.q_ln, x.dtype, x.shape[-1]), _norm(attn.k_ln, x.dtype, x.shape[-1])] if mosaic and attn.qk_ln else []
+    if any(p is None for p in products) or any(n is None for n in norms + qk):
         return None
-    try:
+    try:  # (our MosaicGPT's decoding steps attend in fp32: mpt.py)
         return native.MptStep(tuple(products), tuple(norms), heads=attn.n_heads, clip=attn.clip_qkv,
-                              scale=float(attn.softmax_scale), dtype=x.dtype)
+                              scale=float(attn.softmax_scale), dtype=x.dtype, qk_norms=tuple(qk) or None,
+                              fp32_scores=mosaic)
     except ValueError:
         return None
 
@@ -322,6 +332,8 @@ def _fused_mpt_forward(block: nn.Module):
             index, heads = self.attn.layer_idx, self.attn.n_heads
             kept = _cache_layer(cache, index, x, heads)
             s = kept.keys.shape[2] + 1 if kept is not None else 0
+            if isinstance(bias, AlibiBias) and type(self.attn) is MosaicMptAttention:
+                bias = bias.last_row(s)  # (None past the model's length: the module's error)
             if (kept is not None and type(bias) in PLAIN_TYPES and bias.dtype is torch.float32 and bias.dim() == 3
                     and bias.shape[:2] == (heads, 1) and bias.shape[2] >= s and bias.stride(2) == 1 and bias.is_cpu
                     and (mask is None or (type(mask) in PLAIN_TYPES and mask.dtype is torch.bool and mask.dim() == 4

@@ -96,6 +96,20 @@ class AlibiBias:
         self.slopes = slopes
         self.max_seq_len = max_seq_len
         self._cached: tuple | None = None
+        self._last_row: torch.Tensor | None = None
+
+    def last_row(self, k_len: int) -> torch.Tensor | None:
+        """fp32 ``(heads, 1, k_len)``: the bias of the last of ``k_len`` positions over all of them, mask
+        aside (the values :meth:`__call__` gives that row in fp32), for the fused decoding steps
+        (``fused_decode``): built once per forward, shared by the blocks. ``None`` past ``max_seq_len``
+        (where :meth:`__call__` raises)."""
+        if not 0 < k_len <= self.max_seq_len:
+            return None
+        row = self._last_row
+        if row is None or row.shape[-1] != k_len:
+            distance = torch.arange(1 - k_len, 1, dtype=torch.float32, device=self.slopes.device)  # j - i
+            row = self._last_row = self.slopes.view(-1, 1, 1) * distance
+        return row
 
     def __call__(self, mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:

@@ -528,8 +528,11 @@ class LlamaStep:
 
 class _Mpt(ctypes.Structure):
     _fields_ = [("qkv", _Layer), ("out", _Layer), ("mlp", _Mlp), ("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p),
-                ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p), ("eps1", ctypes.c_double),
-                ("eps2", ctypes.c_double), ("clip", ctypes.c_float), ("scale", ctypes.c_float), ("D", ctypes.c_int64),
+                ("ln2_w", ctypes.c_void_p), ("ln2_b", ctypes.c_void_p), ("lnq_w", ctypes.c_void_p),
+                ("lnq_b", ctypes.c_void_p), ("lnk_w", ctypes.c_void_p), ("lnk_b", ctypes.c_void_p),
+                ("eps1", ctypes.c_double), ("eps2", ctypes.c_double), ("eps_q", ctypes.c_double),
+                ("eps_k", ctypes.c_double), ("clip", ctypes.c_float), ("scale", ctypes.c_float),
+                ("qk_ln", ctypes.c_int32), ("fp32_scores", ctypes.c_int32), ("D", ctypes.c_int64),
                 ("heads", ctypes.c_int64), ("dim_head", ctypes.c_int64)]
 
 
@@ -540,11 +543,14 @@ class MptStep:
     key and value thirds go to the cache), :meth:`post` attends over all keys/values and finishes the
     block. Activations in ``dtype`` (fp32 or bf16), rounded where the modules round (``fv_mpt`` in the
     C file). ``products``: Wqkv, out, up, down; ``norms``: the two LayerNorms; ``clip``: the qkv clamp
-    (``None``: none); ``scale``: the softmax scale. Keeps weak references to its tensors, as
-    :class:`XattnStep`."""
+    (``None``: none); ``scale``: the softmax scale; ``qk_norms``: MosaicGPT's LayerNorms of q and k
+    (``qk_ln``), or ``None``; ``fp32_scores``: the attention in fp32 throughout (our MosaicGPT's bf16
+    decoding) instead of rounded as transformers' ``MptAttention`` rounds. Keeps weak references to
+    its tensors, as :class:`XattnStep`."""
 
     def __init__(self, products: tuple[Product, Product, Product, Product], norms: tuple[Norm, Norm], *, heads: int,
-                 clip: float | None, scale: float, dtype: torch.dtype):
+                 clip: float | None, scale: float, dtype: torch.dtype, qk_norms: tuple[Norm, Norm] | None = None,
+                 fp32_scores: bool = False):
         qkv, out, up, down = products
         d = out.weight.shape[0]
         if dtype not in FLOAT_DTYPES or heads <= 0 or d % heads:
@@ -552,17 +558,19 @@ class MptStep:
         f = up.weight.shape[0]
         for p, n, k in [(qkv, 3 * d, d), (out, d, d), (up, f, d), (down, d, f)]:
             _check_product(p, n, k, dtype, "MptStep")
-        for n in norms:
+        for n in (*norms, *(qk_norms or ())):
             if not all(t is None or (t.shape == (d,) and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu")
                        for t in (n.weight, n.bias)):
                 raise ValueError(f"MptStep: LayerNorm parameters must be contiguous CPU ({d},) {dtype}, got "
                                  + _describe(weight=n.weight, bias=n.bias))
         self.dtype, self.dim, self.heads, self.dim_head = dtype, d, heads, d // heads
-        self._kept = _weak_refs(*products, *norms)
+        self._kept = _weak_refs(*products, *norms, *(qk_norms or ()))
         n1, n2 = norms
+        nq, nk = qk_norms or (Norm(None, None, 0.0), Norm(None, None, 0.0))
         mlp = _Mlp(_layer(up), _layer(up), _layer(down), False, MlpStep.ACTS.index("gelu"))
         self._block = _Mpt(_layer(qkv), _layer(out), mlp, _ptr(n1.weight), _ptr(n1.bias), _ptr(n2.weight), _ptr(n2.bias),
-                           n1.eps, n2.eps, float(clip or 0.0), float(scale), d, heads, d // heads)
+                           _ptr(nq.weight), _ptr(nq.bias), _ptr(nk.weight), _ptr(nk.bias), n1.eps, n2.eps, nq.eps, nk.eps,
+                           float(clip or 0.0), float(scale), qk_norms is not None, bool(fp32_scores), d, heads, d // heads)
 
     def fits(self, x: torch.Tensor) -> bool:
         """``x`` (rows, 1, D) contiguous on CPU in ``dtype``; every tensor it was built from still there."""

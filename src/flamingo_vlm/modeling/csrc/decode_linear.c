@@ -752,13 +752,18 @@ int fv_llama_post(const fv_llama *p, const void *x, const void *q, const void *k
  * as transformers' MptBlock computes them: scores = (q k^T) * scale + bias, masked positions set to
  * the dtype's lowest value, softmax in fp32, the probabilities in the activations' dtype times V. In
  * bf16 rounded where it rounds: q k^T, its scaling, the probabilities, their product with V (the
- * bias is fp32 there, so the sum with it is fp32), and as fv_mlp_step / the LayerNorms. */
+ * bias is fp32 there, so the sum with it is fp32), and as fv_mlp_step / the LayerNorms.
+ * With `fp32_scores` (our MosaicGPT, modeling/mpt.py, whose bf16 decoding attends on fp32 copies)
+ * the attention is fp32 throughout and its output rounded once; with `qk_ln` (OpenFlamingo-3B's
+ * MosaicGPT) q and k each get a LayerNorm over all of D after the clamp, before the head split. */
 typedef struct {
     fv_layer qkv, out;
     fv_mlp mlp;
     const void *ln1_w, *ln1_b, *ln2_w, *ln2_b;  /* (D,) in the activations' dtype, or NULL */
-    double eps1, eps2;
+    const void *lnq_w, *lnq_b, *lnk_w, *lnk_b;  /* qk_ln's, as those */
+    double eps1, eps2, eps_q, eps_k;
     float clip, scale;  /* clip <= 0: none */
+    int32_t qk_ln, fp32_scores;
     int64_t D, heads, dim_head;
 } fv_mpt;
 
@@ -773,10 +778,11 @@ static inline float fv_round(float v, int xb) {
  * row m's key s masked where mask[m * mask_m + s] != 0. */
 static void fv_attend_alibi(const void *q, int64_t q_stride, void *a, int xb, int64_t M, int64_t heads, int64_t dh,
                             const void *k, const void *v, int64_t S, const int64_t *st, float scale, const float *bias,
-                            int64_t bias_h, int64_t bias_off, const uint8_t *mask, int64_t mask_m, int simd, int team,
-                            float *scratch) {
+                            int64_t bias_h, int64_t bias_off, const uint8_t *mask, int64_t mask_m, int fp32_scores,
+                            int simd, int team, float *scratch) {
     const int64_t esize = xb ? 2 : 4;
-    const float lowest = xb ? -3.38953139e38f : -FLT_MAX;
+    const int rb = xb && !fp32_scores;  /* scores and probabilities rounded to bf16 */
+    const float lowest = rb ? -3.38953139e38f : -FLT_MAX;
     #pragma omp parallel num_threads(team)
     {
         float *p = scratch + (int64_t)omp_get_thread_num() * (S + 2 * dh), *qh = p + S, *o = p + S + dh;
@@ -788,7 +794,7 @@ static void fv_attend_alibi(const void *q, int64_t q_stride, void *a, int xb, in
             const char *vh = (const char *)v + (m * st[3] + h * st[4]) * esize;
             float mx = -INFINITY, sum = 0.f;
             for (int64_t s = 0; s < S; s++) {
-                float sc = fv_round(fv_round(fv_dot(qh, kh + s * st[2] * esize, xb, dh, simd), xb) * scale, xb);
+                float sc = fv_round(fv_round(fv_dot(qh, kh + s * st[2] * esize, xb, dh, simd), rb) * scale, rb);
                 if (bias) sc += bias[h * bias_h + bias_off + s];
                 if (mask && mask[m * mask_m + s]) sc = lowest;
                 p[s] = sc;
@@ -796,7 +802,7 @@ static void fv_attend_alibi(const void *q, int64_t q_stride, void *a, int xb, in
             }
             for (int64_t s = 0; s < S; s++) sum += (p[s] = fv_expf(p[s] - mx));
             for (int64_t d = 0; d < dh; d++) o[d] = 0.f;
-            for (int64_t s = 0; s < S; s++) fv_axpy(o, fv_round(p[s] / sum, xb), vh + s * st[5] * esize, xb, dh, simd);
+            for (int64_t s = 0; s < S; s++) fv_axpy(o, fv_round(p[s] / sum, rb), vh + s * st[5] * esize, xb, dh, simd);
             for (int64_t d = 0; d < dh; d++) fv_put(a, xb, m * heads * dh + h * dh + d, o[d]);
         }
     }
@@ -814,6 +820,12 @@ int fv_mpt_pre(const fv_mpt *p, const void *x, void *qkv, int xb, int64_t M, int
         for (int64_t i = 0; i < n; i++) {
             const float v = fv_get(qkv, xb, i);
             if (v > p->clip || v < -p->clip) fv_put(qkv, xb, i, v > 0 ? p->clip : -p->clip);
+        }
+    if (p->qk_ln)
+        for (int64_t m = 0; m < M; m++) {  /* (in place: each element is read before it is written) */
+            char *row = (char *)qkv + m * 3 * p->D * esize;
+            fv_layer_norm(row, row, xb, 1, p->D, p->lnq_w, p->lnq_b, p->eps_q);
+            fv_layer_norm(row + p->D * esize, row + p->D * esize, xb, 1, p->D, p->lnk_w, p->lnk_b, p->eps_k);
         }
     free(h);
     return 0;
@@ -834,7 +846,7 @@ int fv_mpt_post(const fv_mpt *p, const void *x, const void *qkv, const void *k, 
     void *a = mem, *t = mem + M * D * esize, *x1 = (char *)t + M * D * esize, *h = (char *)x1 + M * D * esize;
     float *scratch = (float *)(mem + (acts + 3) / 4 * 4);
     fv_attend_alibi(qkv, 3 * D, a, xb, M, p->heads, p->dim_head, k, v, S, st, p->scale, bias, bias_h, bias_off, mask,
-                    mask_m, simd, team, scratch);
+                    mask_m, p->fp32_scores, simd, team, scratch);
     fv_layer_run(&p->out, a, t, M, xb, nthreads);
     fv_gated_add(x, t, 1.f, x1, xb, M * D);
     fv_layer_norm(x1, h, xb, M, D, p->ln2_w, p->ln2_b, p->eps2);
