@@ -17,7 +17,7 @@ Workloads (each also run on the *bare* LM, the same LM without Flamingo, for an 
 Kernels: ``fp32`` is the library's default inference path, where Flamingo's generate/score/no-grad
 forward run fp32 linear layers on oneDNN where this machine's probe chose it
 (:mod:`flamingo_vlm.modeling.kernels`); its bare-LM baseline runs under the same ``onednn_linears``
-block, and decodes with the same fused MLP steps (:func:`flamingo_vlm.modeling.fused_decode.fused_lm`),
+block, and decodes with the same fused LM layer steps (:func:`flamingo_vlm.modeling.fused_decode.fused_lm`),
 so the ratio compares like with like (``bf16`` too: decode-sized bf16 calls of both run on
 packed weights where the machine's probe chose it). ``fp32-mkl`` is torch's default kernels for both
 (``Flamingo.cpu_onednn = False``), and ``fp32+onednn`` forces oneDNN linear layers for both,
@@ -365,7 +365,7 @@ def run_dtype(
             assert out.shape[1] == lang.shape[1] + n, out.shape
 
         def lm_only(lang=lang, mask=mask):
-            # the same fused MLP steps as Flamingo.generate gives its LM (flamingo_vlm.modeling.fused_decode)
+            # the same fused LM layer steps as Flamingo.generate gives its LM (flamingo_vlm.modeling.fused_decode)
             with torch.no_grad(), fused_lm(bare):
                 out = bare.generate(
                     input_ids=lang, attention_mask=mask, eos_token_id=ids["eoc"], pad_token_id=ids["pad"], **gen_kwargs

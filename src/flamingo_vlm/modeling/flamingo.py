@@ -100,7 +100,7 @@ def _cache_length(past) -> int:
 def _onednn_inference(method):
     """Run ``method`` with the model's fp32 CPU linear layers on oneDNN when no gradients are
     wanted and ``cpu_onednn`` allows it (see :mod:`flamingo_vlm.modeling.fast_linear`), and the LM's
-    MLPs' decode-sized calls in one native call each where their products run on our kernels
+    decoder layers' (or MLPs') decoding steps in native calls where their products run on our kernels
     (:func:`~.fused_decode.fused_lm`)."""
 
     @functools.wraps(method)

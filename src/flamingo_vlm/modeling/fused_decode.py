@@ -1,4 +1,4 @@
-"""Decoding steps in one native call: a gated cross-attention block's, and an LM MLP's.
+"""Decoding steps in native calls: a gated cross-attention block's, an LM decoder layer's, an LM MLP's.
 
 At a decoding step (one token per row, a few rows) the block's four products read ~5.5 M weights,
 and the ~40 torch calls around them (two LayerNorms, the head split, SDPA, GELU, gates, sums) cost
@@ -6,12 +6,16 @@ as much again in dispatch: on an AMD EPYC Zen 4 (2 threads, benchmark shape, int
 took 289 us, its four products 170 us. :func:`prepare` hands the whole step to
 :class:`.native.XattnStep` instead, which computes what the modules compute (the same roundings in
 bf16; fp32 within rounding), its products on the C kernels the layers would have used. The LM's
-MLPs get the same (:func:`fused_mlps`, :class:`.native.MlpStep`). Whole decode steps there, both fused
-(``bench_quantize.py --variants bf16,int8,bf16-unfused,int8-unfused --rounds 5``): bf16 18.3 -> 15.4
-ms/token, int8 12.2 -> 10.1; the built-in model 25.4 -> 24.5 and 20.5 -> 17.9; the same greedy tokens.
+decoder layers get the same in two calls around the KV cache's own update (:func:`fused_lm`):
+transformers' LLaMA layers (:class:`.native.LlamaStep`; the built-in model's LM, where a layer took
+364 us with int8 weights, its products ~150 us) and MPT blocks, with transformers' attention or our
+MosaicGPT's (:class:`.native.MptStep`); and where a layer's step is not taken (another LM, a
+LLaMA layer with a padding mask, another cache), its MLP where it is transformers' MPT or LLaMA MLP
+(:class:`.native.MlpStep`).
 
 It is prepared once per block per LM call sequence (``injection.Conditioning``, one ``generate`` or
-forward call: the weights, routes and gates do not change within it), and taken only where every
+forward call: the weights, routes and gates do not change within it; the LM's layers once per
+:func:`fused_lm` block), and taken only where every
 product would have run on our C kernel anyway (``QuantizedLinear`` int8 layers where their probe
 chose it; ``nn.Linear`` layers routed by ``onednn_linears`` whose decode probe chose it for this row
 count), so a machine where torch's kernels measured faster keeps them; and only for the modules as

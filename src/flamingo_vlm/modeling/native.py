@@ -17,7 +17,9 @@ torch keeps it (no gradients):
 
 and :class:`XattnStep`, a gated cross-attention block's whole decoding step (two LayerNorms, the
 four products on the kernels above, the attention over the image keys/values, exact GELU, the tanh
-gates) in one call, where ``fused_decode`` finds the block's products would run on them anyway.
+gates) in one call, where ``fused_decode`` finds the block's products would run on them anyway;
+:class:`MlpStep`, an LM's MLP in one call; :class:`LlamaStep` and :class:`MptStep`, an LM decoder
+layer's decoding step in two calls around the KV cache's update.
 
 Each is used where :func:`flamingo_vlm.modeling.kernels.decide` measured it faster (probe parts
 ``int8_decode``, ``bf16_decode`` and ``fp32_decode``), so a machine where it is not keeps torch's kernels.
