@@ -289,18 +289,38 @@ FV_DP_TARGET static void fv_block_dp(const fv_args *a, int64_t n0, int64_t nb) {
 }
 #endif
 
+static inline void fv_one_block(const fv_args *a, int isa, int64_t blk) {
+    int64_t n0 = blk * 4, nb = a->N - n0 < 4 ? a->N - n0 : 4;
+#ifdef FV_X86
+    if (isa == 3 && a->wk == FV_BF16 && a->xb) { fv_block_dp(a, n0, nb); return; }
+    if (isa >= 2) { fv_block512(a, n0, nb); return; }
+    if (isa == 1) { fv_block256(a, n0, nb); return; }
+#endif
+    fv_block_c(a, n0, nb);
+}
+
 static void fv_run(const fv_args *a, int isa, int nthreads) {
     int64_t nblocks = (a->N + 3) / 4;
     if (isa > fv_isa()) isa = fv_isa();
     #pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        int64_t n0 = blk * 4, nb = a->N - n0 < 4 ? a->N - n0 : 4;
-#ifdef FV_X86
-        if (isa == 3 && a->wk == FV_BF16 && a->xb) { fv_block_dp(a, n0, nb); continue; }
-        if (isa >= 2) { fv_block512(a, n0, nb); continue; }
-        if (isa == 1) { fv_block256(a, n0, nb); continue; }
-#endif
-        fv_block_c(a, n0, nb);
+    for (int64_t blk = 0; blk < nblocks; blk++) fv_one_block(a, isa, blk);
+}
+
+/* Up to 4 products in one OpenMP loop (the 4-row blocks of all of them split over the threads): one
+ * thread team and one join instead of one per product, for products of one input that are
+ * independent (q, k and v; up and gate). Each block is computed as fv_run computes it. */
+static void fv_run_many(const fv_args *a, const int *isa, int n, int nthreads) {
+    int64_t start[5] = {0};
+    int lowered[4];
+    for (int j = 0; j < n; j++) {
+        start[j + 1] = start[j] + (a[j].N + 3) / 4;
+        lowered[j] = isa[j] > fv_isa() ? fv_isa() : isa[j];
+    }
+    #pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1)
+    for (int64_t g = 0; g < start[n]; g++) {
+        int j = 0;
+        while (g >= start[j + 1]) j++;
+        fv_one_block(&a[j], lowered[j], g - start[j]);
     }
 }
 
@@ -358,6 +378,20 @@ typedef struct {
 static void fv_layer_run(const fv_layer *l, const void *x, void *y, int64_t M, int xb, int nthreads) {
     const fv_args a = {x, l->w, l->s, l->b, y, M, l->N, l->K, l->kind, xb, l->sb, l->bb, xb};
     fv_run(&a, l->isa, nthreads);
+}
+
+/* n (<= 4) layers on one input x, layer j into y[j], in one thread team (fv_run_many) */
+static void fv_layers_run(const fv_layer *const *l, const void *x, void *const *y, int n, int64_t M, int xb,
+                          int nthreads) {
+    fv_args a[4];
+    int isa[4];
+    for (int j = 0; j < n; j++) {
+        const fv_args one = {x, l[j]->w, l[j]->s, l[j]->b, y[j], M, l[j]->N, l[j]->K, l[j]->kind, xb, l[j]->sb,
+                             l[j]->bb, xb};
+        a[j] = one;
+        isa[j] = l[j]->isa;
+    }
+    fv_run_many(a, isa, n, nthreads);
 }
 
 static void fv_layer_norm(const void *x, void *y, int xb, int64_t M, int64_t D, const void *w, const void *b, double eps) {
@@ -633,12 +667,16 @@ int fv_mlp_step(const fv_mlp *p, const void *x, const void *residual, void *y, i
     char *mem = malloc((size_t)(M * F * (p->gated ? 2 : 1)) * (size_t)esize);
     if (!mem) return -1;
     void *h = mem, *g = mem + M * F * esize;
-    fv_layer_run(&p->up, x, h, M, xb, nthreads);
     if (p->gated) {
-        fv_layer_run(&p->gate, x, g, M, xb, nthreads);
+        const fv_layer *l[2] = {&p->up, &p->gate};
+        void *const out[2] = {h, g};
+        fv_layers_run(l, x, out, 2, M, xb, nthreads);
         fv_activate(g, xb, M * F, p->act, simd);
         for (int64_t i = 0; i < M * F; i++) fv_put(h, xb, i, fv_get(g, xb, i) * fv_get(h, xb, i));
-    } else fv_activate(h, xb, M * F, p->act, simd);
+    } else {
+        fv_layer_run(&p->up, x, h, M, xb, nthreads);
+        fv_activate(h, xb, M * F, p->act, simd);
+    }
     fv_layer_run(&p->down, h, y, M, xb, nthreads);
     if (residual) fv_gated_add(residual, y, 1.f, y, xb, M * p->down.N);
     free(mem);
@@ -712,9 +750,9 @@ int fv_llama_pre(const fv_llama *p, const void *x, const void *cos, const void *
     void *h = malloc((size_t)(M * p->D * esize));
     if (!h) return -1;
     fv_rms_norm(x, h, xb, M, p->D, p->norm1_w, p->eps1);
-    fv_layer_run(&p->q, h, q, M, xb, nthreads);
-    fv_layer_run(&p->k, h, k, M, xb, nthreads);
-    fv_layer_run(&p->v, h, v, M, xb, nthreads);
+    const fv_layer *l[3] = {&p->q, &p->k, &p->v};
+    void *const out[3] = {q, k, v};
+    fv_layers_run(l, h, out, 3, M, xb, nthreads);
     fv_rotary(q, cos, sin, cs_stride, xb, M, p->heads, p->dim_head);
     fv_rotary(k, cos, sin, cs_stride, xb, M, p->kv_heads, p->dim_head);
     free(h);
