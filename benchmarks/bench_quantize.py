@@ -88,8 +88,8 @@ PINNED = {"bf16-packed": ("bf16", "packed"), "fp32-onednn": ("fp32", "onednn")}
 def routes(name: str):
     """``bf16-packed`` / ``fp32-onednn``: every decode-sized call on oneDNN (bf16: its packed copies),
     beside ``bf16`` / ``fp32``, which take what this machine measured fastest per row count (our C
-    kernel or oneDNN). ``<dtype>-unfused``: the cross-attention blocks' decoding steps run module by
-    module (``FLAMINGO_VLM_FUSED=0``), not as one native call each (``flamingo_vlm.modeling.fused_decode``)."""
+    kernel or oneDNN). ``<dtype>-unfused``: the decoding steps of the cross-attention blocks and the LM's
+    layers run module by module (``FLAMINGO_VLM_FUSED=0``), not as native calls (``flamingo_vlm.modeling.fused_decode``)."""
     if name.endswith("-unfused"):
         old = os.environ.get(fused_decode.ENV)
         os.environ[fused_decode.ENV] = "0"
