@@ -324,6 +324,13 @@ def test_generate_runs_each_lm_layer_or_mlp_in_native_calls_with_the_modules_ans
         assert torch.equal(tokens, ref_tokens)
         finite = ref_scores.isfinite()
         assert (scores - ref_scores)[finite].abs().max() <= 1e-4 * ref_scores[finite].abs().max()
+    del calls[:]  # beams: 4 rows, the cache reordered between steps
+    beams, _ = generate(model, monkeypatch, fused=True, num_beams=2)
+    assert calls and set(calls) == {4}
+    ref_beams, _ = generate(model, monkeypatch, fused=False, num_beams=2)
+    if kind != "bf16":
+        assert torch.equal(beams, ref_beams)
+    del calls[:]
     monkeypatch.setenv(fused_decode.ENV, "1")
     mlp = next(m for m in model.modules() if fused_decode.mlp_kind(m))
     handle = mlp.down_proj.register_forward_hook(lambda *a: None)  # a hook must see its module's call
