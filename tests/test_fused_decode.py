@@ -236,6 +236,8 @@ def test_not_taken_where_the_modules_would_not_run_on_our_kernels(fresh, monkeyp
         assert fused_decode.prepare(blk, x, blk.gates()) is None
         blk.ff[3] = original
         assert fused_decode.prepare(blk, x.bfloat16(), blk.gates()) is None  # activations and weights of two dtypes
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the modules would run parts of the step in bf16
+            assert fused_decode.prepare(blk, x, blk.gates()) is None
         monkeypatch.setenv(fused_decode.ENV, "0")
         assert fused_decode.prepare(blk, x, blk.gates()) is None
     with onednn_linears(model):  # gradients wanted
@@ -475,7 +477,8 @@ def test_a_patched_llama_layer_runs_the_module_wherever_the_step_does_not_fit(fr
     def same(**kwargs) -> bool:
         """the patched layer's output and cache as the module's; whether the step ran"""
         n = len(calls)
-        want = run_layer(layer, x, keys, values, pids, pe, **kwargs)
+        with onednn_linears(layer):  # (the same routes: under autocast they differ from F.linear's)
+            want = run_layer(layer, x, keys, values, pids, pe, **kwargs)
         with onednn_linears(layer), fused_decode.fused_lm(layer) as patched:
             assert patched == 2  # the layer and its MLP
             got = run_layer(layer, x, keys, values, pids, pe, **kwargs)
@@ -487,6 +490,8 @@ def test_a_patched_llama_layer_runs_the_module_wherever_the_step_does_not_fit(fr
         assert same()
         assert not same(attention_mask=torch.zeros(2, 1, 1, 8))  # a mask (padding): the module's attention
         assert not same(output_attentions=False)  # arguments the step does not know
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the modules would run SDPA and o_proj in bf16
+            assert not same()
         handle = layer.self_attn.k_proj.register_forward_hook(lambda *a: None)
         assert not same()
         handle.remove()
@@ -582,7 +587,8 @@ def test_a_patched_mpt_block_runs_the_module_wherever_the_step_does_not_fit(fres
 
     def same(bias=bias, mask=mask, **kwargs) -> bool:
         n = len(calls)
-        want = run_mpt(block, x, keys, values, bias, mask, **kwargs)
+        with onednn_linears(block):
+            want = run_mpt(block, x, keys, values, bias, mask, **kwargs)
         with onednn_linears(block), fused_decode.fused_lm(block) as patched:
             assert patched == 2  # the block and its MLP
             got = run_mpt(block, x, keys, values, bias, mask, **kwargs)
@@ -593,10 +599,15 @@ def test_a_patched_mpt_block_runs_the_module_wherever_the_step_does_not_fit(fres
     with torch.no_grad():
         assert same() and same(mask=None)
         assert not same(output_attentions=True)  # the module's attention weights are wanted
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not same()
         assert not same(bias=bias.to(torch.float64))
         handle = block.attn.Wqkv.register_forward_hook(lambda *a: None)
         assert not same()
         handle.remove()
+        block.attn.train()  # a submodule left in training mode (its dropout would apply)
+        assert not same()
+        block.attn.eval()
         block.ffn.act = nn.GELU(approximate="tanh")
         assert fused_decode.layer_kind(block) is None
 

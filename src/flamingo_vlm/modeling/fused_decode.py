@@ -20,8 +20,8 @@ product would have run on our C kernel anyway (``QuantizedLinear`` int8 layers w
 chose it; ``nn.Linear`` layers routed by ``onednn_linears`` whose decode probe chose it for this row
 count), so a machine where torch's kernels measured faster keeps them; and only for the modules as
 they are built here: exact types, exact GELU, no hooks on the block, its modules or globally, the
-activations, norms and gates in one dtype, no gradients, not training, not under ``torch.compile``
-or tracing. Anything else gets ``None`` and the caller runs the modules. ``FLAMINGO_VLM_FUSED=0``
+activations, norms and gates in one dtype, no gradients, not training, not under CPU autocast (where
+the modules run parts of a step in bf16), ``torch.compile`` or tracing. Anything else gets ``None`` and the caller runs the modules. ``FLAMINGO_VLM_FUSED=0``
 turns it off.
 """
 
@@ -49,6 +49,12 @@ ENV = native.FUSED_ENV
 def enabled() -> bool:
     """``FLAMINGO_VLM_FUSED`` is not ``0`` and our C library loads."""
     return native.fused_allowed() and native.library() is not None
+
+
+def _plain_call(x: torch.Tensor) -> bool:
+    """No gradient, no CPU autocast (under which the modules would run parts of the step in bf16, as
+    asked), not traced or compiled."""
+    return not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and outside_tracing(x)
 
 
 def _hooked(modules) -> bool:
@@ -89,7 +95,7 @@ def prepare(block: GatedCrossAttentionBlock, x: torch.Tensor, gates: tuple[torch
     if (block.training or torch.is_grad_enabled() or type(x) not in PLAIN_TYPES or x.dtype not in native.FLOAT_DTYPES
             or not x.is_cpu or x.dim() != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= DECODE_ROWS
             or attn_gate.dtype is not x.dtype or ff_gate.dtype is not x.dtype or not enabled()
-            or not outside_tracing(x)):
+            or not _plain_call(x)):
         return None
     attn, ff = block.attn, block.ff
     if not (type(block) is GatedCrossAttentionBlock and type(attn) is MaskedCrossAttention and type(ff) is nn.Sequential
@@ -111,7 +117,7 @@ def prepare(block: GatedCrossAttentionBlock, x: torch.Tensor, gates: tuple[torch
 
     def run(x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], blind: bool) -> torch.Tensor | None:
         k, v = (nothing, nothing) if blind else keys_values
-        if torch.is_grad_enabled() or not step.fits(x, k, v):
+        if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not step.fits(x, k, v):
             return None
         return step(x, k, v, ag, fg, blind, check=False)
 
@@ -170,8 +176,7 @@ def _fused_mlp_forward(mlp: nn.Module, kind: str):
             else not (args or kwargs)
         if (expected and (kind != "mpt" or type(residual) in PLAIN_TYPES) and type(x) in PLAIN_TYPES
                 and x.dtype in native.FLOAT_DTYPES and x.is_cpu and x.is_contiguous() and x.dim() >= 2
-                and 0 < x.numel() // max(x.shape[-1], 1) <= DECODE_ROWS and not torch.is_grad_enabled()
-                and outside_tracing(x)):
+                and 0 < x.numel() // max(x.shape[-1], 1) <= DECODE_ROWS and _plain_call(x)):
             rows = x.numel() // x.shape[-1]
             key = (id(self), x.dtype, rows)  # (a deep copy of the module inside the block is bound to itself)
             if key not in steps:
@@ -200,14 +205,15 @@ def _is(module: object, name: str, where: str = _LLAMA) -> bool:
 
 def layer_kind(layer: nn.Module) -> str | None:
     """``"llama"`` for a transformers ``LlamaDecoderLayer`` as built (its attention, SiLU-gated MLP and
-    RMSNorms of their own classes, SDPA, eager or our ``flamingo_sdpa`` attention (which the C step
-    computes as it does: bf16 decoding attends in fp32, rounded once) at the usual scale), else ``None``."""
+    RMSNorms of their own classes, our ``flamingo_sdpa`` attention, which the C step computes as it does
+    (bf16 decoding attends in fp32, rounded once), or transformers' SDPA (the same in fp32; in bf16 its
+    CPU kernel rounds the probabilities to bf16, the C step does not), at the usual scale), else ``None``."""
     if not _is(layer, "LlamaDecoderLayer"):
         return _mpt_kind(layer)
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
     ok = (_is(attn, "LlamaAttention") and mlp_kind(mlp) == "llama" and all(_is(n, "LlamaRMSNorm") for n in norms)
-          and getattr(attn.config, "_attn_implementation", None) in ("sdpa", "eager", attention.NAME)
+          and getattr(attn.config, "_attn_implementation", None) in ("sdpa", attention.NAME)
           and abs(attn.scaling - attn.head_dim ** -0.5) <= 1e-12 * attn.scaling)
     return "llama" if ok else None
 
@@ -215,7 +221,8 @@ def layer_kind(layer: nn.Module) -> str | None:
 def _prepare_llama(layer: nn.Module, x: torch.Tensor) -> native.LlamaStep | None:
     attn, mlp = layer.self_attn, layer.mlp
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if layer.training or _hooked((layer, attn, mlp, *norms, *attn.children(), *mlp.children())):
+    modules = (layer, attn, mlp, *norms, *attn.children(), *mlp.children())
+    if layer.training or attn.training or _hooked(modules):  # (attn: its dropout)
         return None
     products = [_product(getattr(attn, n), x) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     products += [_product(getattr(mlp, n), x) for n in ("up_proj", "down_proj", "gate_proj")]
@@ -259,7 +266,7 @@ def _fused_layer_forward(layer: nn.Module):
         if (not args and kwargs.keys() <= _LAYER_KWARGS and kwargs.get("attention_mask") is None
                 and type(x) in PLAIN_TYPES and x.dtype in native.FLOAT_DTYPES and x.is_cpu and x.dim() == 3
                 and x.shape[1] == 1 and 0 < x.shape[0] <= DECODE_ROWS and x.is_contiguous()
-                and not torch.is_grad_enabled() and not self.training and outside_tracing(x)):
+                and not self.training and _plain_call(x)):
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             pe = kwargs.get("position_embeddings")
             index = self.self_attn.layer_idx
@@ -303,9 +310,10 @@ def _mpt_kind(block: nn.Module) -> str | None:
 
 def _prepare_mpt(block: nn.Module, x: torch.Tensor) -> native.MptStep | None:
     attn, ffn = block.attn, block.ffn
-    if block.training or _hooked((block, attn, ffn, block.norm_1, block.norm_2, block.resid_attn_dropout,
-                                   *attn.children(), *ffn.children())):
-        return None
+    modules = (block, attn, ffn, block.norm_1, block.norm_2, block.resid_attn_dropout, *attn.children(), *ffn.children())
+    if (any(m.training for m in (block, attn, ffn, block.resid_attn_dropout)) or _hooked(modules)  # (their dropouts)
+            or (attn.clip_qkv is not None and not attn.clip_qkv >= 0)):
+        return None  # (a negative clip_qkv: the module clamps every value to it)
     products = [_product(attn.Wqkv, x), _product(attn.out_proj, x), _product(ffn.up_proj, x), _product(ffn.down_proj, x)]
     norms = [_norm(block.norm_1, x.dtype, x.shape[-1]), _norm(block.norm_2, x.dtype, x.shape[-1])]
     mosaic = type(attn) is MosaicMptAttention
@@ -331,13 +339,13 @@ def _fused_mpt_forward(block: nn.Module):
                 and not (call := {**call, **kwargs}).get("output_attentions")
                 and type(x) in PLAIN_TYPES and x.dtype in native.FLOAT_DTYPES and x.is_cpu and x.dim() == 3
                 and x.shape[1] == 1 and 0 < x.shape[0] <= DECODE_ROWS and x.is_contiguous()
-                and not torch.is_grad_enabled() and not self.training and outside_tracing(x)):
+                and not self.training and _plain_call(x)):
             cache, bias, mask = call.get("layer_past"), call.get("position_bias"), call.get("attention_mask")
             index, heads = self.attn.layer_idx, self.attn.n_heads
             kept = _cache_layer(cache, index, x, heads)
             s = kept.keys.shape[2] + 1 if kept is not None else 0
-            if isinstance(bias, AlibiBias) and type(self.attn) is MosaicMptAttention:
-                bias = bias.last_row(s)  # (None past the model's length: the module's error)
+            if type(self.attn) is MosaicMptAttention:  # (it takes only an AlibiBias: anything else, its error)
+                bias = bias.last_row(s) if isinstance(bias, AlibiBias) else None  # (None past its length too)
             if (kept is not None and type(bias) in PLAIN_TYPES and bias.dtype is torch.float32 and bias.dim() == 3
                     and bias.shape[:2] == (heads, 1) and bias.shape[2] >= s and bias.stride(2) == 1 and bias.is_cpu
                     and (mask is None or (type(mask) in PLAIN_TYPES and mask.dtype is torch.bool and mask.dim() == 4
