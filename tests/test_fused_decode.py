@@ -359,7 +359,7 @@ def test_benchmark_headers_say_whether_decoding_steps_were_fused(monkeypatch):
                              bf16_fast=True, fp32_decode=(), bf16_decode=(), native_int8_decode=False, source="s",
                              timings={})
     monkeypatch.delenv(fused_decode.ENV, raising=False)
-    assert "LLaMA decoder layers and LM MLPs fused where their products run on our C kernels" in kernels.summary(c)
+    assert "LM decoder layers (LLaMA, MPT) and LM MLPs fused where their products run on our C kernels" in kernels.summary(c)
     monkeypatch.setenv(fused_decode.ENV, "0")
     assert "decoding module by module (FLAMINGO_VLM_FUSED=0)" in kernels.summary(c)
     assert not fused_decode.enabled()

@@ -832,7 +832,7 @@ def summary(choice: KernelChoice | None = None, allocator: str | None = None) ->
         ms = t.get("int8_gemm_ms")
         ms = _ms_text(ms.get("64") if isinstance(ms, dict) else None)
         flags.append(f"{spans} for larger int8 linears" + (f" (64 rows {ms} ms)" if ms else ""))
-    flags.append("decoding steps of cross-attention blocks, LLaMA decoder layers and LM MLPs fused where their products run on our C kernels"
+    flags.append("decoding steps of cross-attention blocks, LM decoder layers (LLaMA, MPT) and LM MLPs fused where their products run on our C kernels"
                  if native.fused_allowed() else f"decoding module by module ({native.FUSED_ENV}=0)")
     return (f"CPU: {c.cpu}; torch {c.torch}, {c.threads} threads, {c.allocator}; kernels ({c.source}): "
             + ", ".join(flags))
