@@ -17,8 +17,10 @@ bare LM, and the Flamingo built on a copy of it) it measures:
   copy and sum on the same threads, best of 5);
 * a **profile** of 32-token decoding (torch.profiler, CPU): self time per op group per step, and for
   the matrix products their achieved GFLOP/s and GB/s (bytes of their operands, from the recorded
-  shapes); "outside ops" is wall time not spent inside any aten op (Python, generate's logic,
-  dispatch), as a share of the profiled step.
+  shapes); our C library's calls (the fused decoding steps and the decode-sized products on our
+  kernels, ``flamingo_vlm.modeling.native``) are recorded as ``native::`` spans, the group
+  "native"; "outside ops" is wall time spent in neither (Python, generate's logic, dispatch), as a
+  share of the profiled step.
 
 Usage::
 
@@ -34,6 +36,7 @@ figures taken on a busy machine are not comparable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -63,6 +66,7 @@ SHAPE = Shape(mpt_vocab=400, llama_vocab=400, prompt_len=54, new_tokens=32, n_im
 
 # op group by aten name (self time); the first matching rule wins
 GROUPS = [
+    ("native", ("native::",)),  # our C library's calls (_native_spans)
     ("matmul", ("addmm", "aten::mm", "bmm", "linear_pointwise", "mkldnn_linear", "aten::matmul", "aten::linear",
                 "_weight_int", "mkl_linear")),
     ("attention", ("scaled_dot_product", "flash_attention", "softmax", "baddbmm")),
@@ -162,11 +166,40 @@ def matmul_bytes_flops(name: str, shapes: list, elem: int) -> tuple[float, float
     return 0.0, 0.0
 
 
+# our C library's entry points: not aten ops, so the profiler sees them only as spans we record
+_NATIVE_CALLS = [("LlamaStep", "pre"), ("LlamaStep", "post"), ("MptStep", "pre"), ("MptStep", "post"),
+                 ("XattnStep", "__call__"), ("MlpStep", "__call__"), (None, "int8_linear"), (None, "fp32_linear"),
+                 (None, "bf16_linear")]
+
+
+@contextlib.contextmanager
+def _native_spans():
+    """Each call into our C library recorded as a ``native::<name>`` span for the length of the block."""
+    from flamingo_vlm.modeling import native
+
+    saved = []
+    for owner_name, attr in _NATIVE_CALLS:
+        owner = getattr(native, owner_name) if owner_name else native
+        real = getattr(owner, attr)
+
+        def span(*a, _real=real, _name=f"native::{owner_name or ''}{'.' if owner_name else ''}{attr}", **k):
+            with torch.profiler.record_function(_name):
+                return _real(*a, **k)
+
+        saved.append((owner, attr, real))
+        setattr(owner, attr, span)
+    try:
+        yield
+    finally:
+        for owner, attr, real in saved:
+            setattr(owner, attr, real)
+
+
 def _profiled(fn) -> tuple[float, dict[str, float], list[float]]:
     """Wall ms, self ms per op group, and [matmul bytes, FLOPs, ms] of one profiled call."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    with torch.inference_mode():
+    with torch.inference_mode(), _native_spans():
         fn()
         with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             t0 = time.perf_counter()
@@ -251,7 +284,9 @@ def render(result: dict[str, Any]) -> str:
             f"{(r['outside_ops_share'] or 0):.0%} | {top} |"
         )
     lines += ["", "ms/token: unprofiled, (t(32 tokens) - t(1 token)) / 31. floor: weights read per step x bytes per "
-              "weight / measured bandwidth. Groups, matmul rates and the share outside aten ops: a profiled 32-token "
+              "weight / measured bandwidth. Groups (native: our C library's calls, the fused decoding steps and decode-sized "
+              "products on our kernels), matmul rates (aten's products only) and the share outside aten ops and native "
+              "calls: a profiled 32-token "
               "call minus a profiled 1-token call, per step (the profiler adds overhead per op, so its steps are "
               "slower than the unprofiled ms/token; read the shares, not the sums)."]
     return "\n".join(lines) + "\n"
