@@ -162,11 +162,26 @@ def native_routes(monkeypatch):
     monkeypatch.setitem(kernels._MEMO, "int8_isa", ISAS[-1])
 
 
-def count_steps(monkeypatch) -> list:
+def count_steps(monkeypatch, cls=native.XattnStep, name: str = "__call__") -> list:
+    """The rows of each call of ``cls.name`` (a native step) from here on."""
     calls = []
-    real = native.XattnStep.__call__
-    monkeypatch.setattr(native.XattnStep, "__call__", lambda self, x, *a, **k: calls.append(x.shape[0]) or real(self, x, *a, **k))
+    real = getattr(cls, name)
+    monkeypatch.setattr(cls, name, lambda self, x, *a, **k: calls.append(x.shape[0]) or real(self, x, *a, **k))
     return calls
+
+
+def fused_like_module(module, run, calls: list) -> bool:
+    """``run()`` (the outputs of ``module`` on fixed inputs) inside ``fused_lm`` as outside it, under the
+    same routes (under autocast they differ from F.linear's); whether a native step ran (``calls`` grew)."""
+    n = len(calls)
+    with onednn_linears(module):
+        want = run()
+    with onednn_linears(module), fused_decode.fused_lm(module) as patched:
+        assert patched == 2  # the layer and its MLP
+        got = run()
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max()
+    return len(calls) > n
 
 
 def generate(model, monkeypatch, fused: bool, **kwargs):
@@ -469,22 +484,12 @@ def test_a_llama_layer_step_computes_what_the_layer_computes(isa, weights, dtype
 def test_a_patched_llama_layer_runs_the_module_wherever_the_step_does_not_fit(fresh, monkeypatch):
     native_routes(monkeypatch)
     layer, rope = llama_layer()
-    calls = []
-    real = native.LlamaStep.post
-    monkeypatch.setattr(native.LlamaStep, "post", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    calls = count_steps(monkeypatch, native.LlamaStep, "post")
     x, keys, values, pids, pe = llama_inputs(2, torch.float32, rope)
 
     def same(**kwargs) -> bool:
         """the patched layer's output and cache as the module's; whether the step ran"""
-        n = len(calls)
-        with onednn_linears(layer):  # (the same routes: under autocast they differ from F.linear's)
-            want = run_layer(layer, x, keys, values, pids, pe, **kwargs)
-        with onednn_linears(layer), fused_decode.fused_lm(layer) as patched:
-            assert patched == 2  # the layer and its MLP
-            got = run_layer(layer, x, keys, values, pids, pe, **kwargs)
-        for a, b in zip(got, want):
-            assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max()
-        return len(calls) > n
+        return fused_like_module(layer, lambda: run_layer(layer, x, keys, values, pids, pe, **kwargs), calls)
 
     with torch.no_grad():
         assert same()
@@ -577,24 +582,14 @@ def test_an_mpt_block_step_computes_what_the_block_computes(isa, weights, dtype)
 def test_a_patched_mpt_block_runs_the_module_wherever_the_step_does_not_fit(fresh, monkeypatch):
     native_routes(monkeypatch)
     block, bias = mpt_block()
-    calls = []
-    real = native.MptStep.post
-    monkeypatch.setattr(native.MptStep, "post", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    calls = count_steps(monkeypatch, native.MptStep, "post")
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 1, 44, generator=g)
     keys, values = (torch.randn(2, 4, 6, 11, generator=g) for _ in range(2))
     mask = torch.zeros(2, 1, 1, 7, dtype=torch.bool)
 
     def same(bias=bias, mask=mask, **kwargs) -> bool:
-        n = len(calls)
-        with onednn_linears(block):
-            want = run_mpt(block, x, keys, values, bias, mask, **kwargs)
-        with onednn_linears(block), fused_decode.fused_lm(block) as patched:
-            assert patched == 2  # the block and its MLP
-            got = run_mpt(block, x, keys, values, bias, mask, **kwargs)
-        for a, b in zip(got, want):
-            assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * b.abs().max()
-        return len(calls) > n
+        return fused_like_module(block, lambda: run_mpt(block, x, keys, values, bias, mask, **kwargs), calls)
 
     with torch.no_grad():
         assert same() and same(mask=None)
@@ -646,9 +641,7 @@ def test_generate_on_our_mosaic_gpt_runs_each_block_in_native_calls_with_the_mod
     elif kind == "bf16":
         model.to(torch.bfloat16)
     assert sum(fused_decode.layer_kind(m) == "mpt" for m in model.modules()) == 2
-    calls = []
-    real = native.MptStep.post
-    monkeypatch.setattr(native.MptStep, "post", lambda self, x, *a, **k: calls.append(x.shape[0]) or real(self, x, *a, **k))
+    calls = count_steps(monkeypatch, native.MptStep, "post")
     tokens, scores = generate(model, monkeypatch, fused=True)
     assert len(calls) == 2 * 5 and set(calls) == {2}
     ref_tokens, ref_scores = generate(model, monkeypatch, fused=False)

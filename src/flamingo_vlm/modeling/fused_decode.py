@@ -57,6 +57,13 @@ def _plain_call(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and outside_tracing(x)
 
 
+def _decode_input(x: torch.Tensor) -> bool:
+    """``x`` a decoding step's hidden states for a layer's step: a plain contiguous CPU (rows, 1, D)
+    fp32/bf16 tensor of at most ``DECODE_ROWS`` rows, in a :func:`_plain_call`."""
+    return (type(x) in PLAIN_TYPES and x.dtype in native.FLOAT_DTYPES and x.is_cpu and x.dim() == 3
+            and x.shape[1] == 1 and 0 < x.shape[0] <= DECODE_ROWS and x.is_contiguous() and _plain_call(x))
+
+
 def _hooked(modules) -> bool:
     return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
                 or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
@@ -264,9 +271,7 @@ def _fused_layer_forward(layer: nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         x = hidden_states
         if (not args and kwargs.keys() <= _LAYER_KWARGS and kwargs.get("attention_mask") is None
-                and type(x) in PLAIN_TYPES and x.dtype in native.FLOAT_DTYPES and x.is_cpu and x.dim() == 3
-                and x.shape[1] == 1 and 0 < x.shape[0] <= DECODE_ROWS and x.is_contiguous()
-                and not self.training and _plain_call(x)):
+                and not self.training and _decode_input(x)):
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             pe = kwargs.get("position_embeddings")
             index = self.self_attn.layer_idx
@@ -291,6 +296,7 @@ def _fused_layer_forward(layer: nn.Module):
 # OpenFlamingo-3B/4B/9B's LMs; modeling/mpt.py).
 _MPT = "transformers.models.mpt.modeling_mpt"
 _MPT_ARGS = ("position_bias", "attention_mask", "layer_past", "use_cache", "output_attentions", "cache_position")
+_MPT_KWARGS = frozenset(_MPT_ARGS)
 
 
 def _mpt_kind(block: nn.Module) -> str | None:
@@ -335,11 +341,9 @@ def _fused_mpt_forward(block: nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         x = hidden_states
         call = dict(zip(_MPT_ARGS, args))
-        if (len(args) <= len(_MPT_ARGS) and not call.keys() & kwargs.keys() and kwargs.keys() <= set(_MPT_ARGS)
+        if (len(args) <= len(_MPT_ARGS) and not call.keys() & kwargs.keys() and kwargs.keys() <= _MPT_KWARGS
                 and not (call := {**call, **kwargs}).get("output_attentions")
-                and type(x) in PLAIN_TYPES and x.dtype in native.FLOAT_DTYPES and x.is_cpu and x.dim() == 3
-                and x.shape[1] == 1 and 0 < x.shape[0] <= DECODE_ROWS and x.is_contiguous()
-                and not self.training and _plain_call(x)):
+                and not self.training and _decode_input(x)):
             cache, bias, mask = call.get("layer_past"), call.get("position_bias"), call.get("attention_mask")
             index, heads = self.attn.layer_idx, self.attn.n_heads
             kept = _cache_layer(cache, index, x, heads)

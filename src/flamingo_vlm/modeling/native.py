@@ -479,11 +479,14 @@ class LlamaStep:
         """``x`` (rows, 1, D) contiguous on CPU in ``dtype``; ``cos``/``sin`` (rows or 1, 1, head size) in
         ``dtype`` with contiguous rows; every tensor it was built from still there."""
         dh = self.dim_head
-        return (x.dtype == self.dtype and x.dim() == 3 and x.shape[1] == 1 and x.shape[2] == self.dim
-                and x.shape[0] > 0 and x.is_contiguous() and x.device.type == "cpu"
+        return (self._input_fits(x)
                 and all(t.dtype == self.dtype and t.dim() == 3 and t.shape[0] in (1, x.shape[0]) and t.shape[1:] == (1, dh)
                         and t.stride(2) == 1 and t.device.type == "cpu" for t in (cos, sin))
                 and cos.stride(0) == sin.stride(0) and _alive(self._kept))
+
+    def _input_fits(self, x: torch.Tensor) -> bool:
+        return (x.dtype == self.dtype and x.dim() == 3 and x.shape[1] == 1 and x.shape[2] == self.dim
+                and x.shape[0] > 0 and x.is_contiguous() and x.device.type == "cpu")
 
     def pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, check: bool = True):
         """The step's query (rows, 1, heads * head size) and key and value (rows, kv_heads, 1, head size),
@@ -513,7 +516,7 @@ class LlamaStep:
     def post(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *,
              check: bool = True) -> torch.Tensor:
         """The layer's output (as ``x``) from its input ``x``, :meth:`pre`'s query and all keys/values."""
-        if check and not (self.fits(x, x.new_empty(1, 1, self.dim_head), x.new_empty(1, 1, self.dim_head))
+        if check and not (self._input_fits(x) and _alive(self._kept)
                           and self.post_fits(x, keys, values) and q.shape == (x.shape[0], 1, self.heads * self.dim_head)
                           and q.dtype == self.dtype and q.is_contiguous()):
             raise ValueError(f"LlamaStep: needs the input, its query from pre() and CPU (rows, {self.kv_heads}, S, "
