@@ -493,6 +493,15 @@ def test_a_patched_llama_layer_runs_the_module_wherever_the_step_does_not_fit(fr
 
     with torch.no_grad():
         assert same()
+        with onednn_linears(layer), fused_decode.fused_lm(layer):  # a copy made inside the block: its own weights
+            run_layer(layer, x, keys, values, pids, pe)
+            twin = copy.deepcopy(layer)
+            twin.self_attn.o_proj.weight.mul_(2)
+            got = run_layer(twin, x, keys, values, pids, pe)[0]
+        del twin.forward, twin.mlp.forward  # (the copy took the patched forwards along)
+        with onednn_linears(twin):
+            want = run_layer(twin, x, keys, values, pids, pe)[0]
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
         assert not same(attention_mask=torch.zeros(2, 1, 1, 8))  # a mask (padding): the module's attention
         assert not same(output_attentions=False)  # arguments the step does not know
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the modules would run SDPA and o_proj in bf16

@@ -266,7 +266,7 @@ def _cache_layer(cache, index: int, x: torch.Tensor, kv_heads: int):
 
 def _fused_layer_forward(layer: nn.Module):
     stock = type(layer).forward
-    steps: dict = {}  # (dtype, rows) -> LlamaStep or None, for the length of the block
+    steps: dict = {}  # (module, dtype, rows) -> LlamaStep or None, for the length of the block
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         x = hidden_states
@@ -277,7 +277,7 @@ def _fused_layer_forward(layer: nn.Module):
             index = self.self_attn.layer_idx
             if (type(pe) is tuple and len(pe) == 2 and all(type(t) in PLAIN_TYPES for t in pe)
                     and _cache_layer(cache, index, x, self.self_attn.config.num_key_value_heads) is not None):
-                key = (x.dtype, x.shape[0])
+                key = (id(self), x.dtype, x.shape[0])  # (a deep copy of the layer inside the block is bound to itself)
                 if key not in steps:
                     steps[key] = _prepare_llama(self, x)
                 step = steps[key]
@@ -336,7 +336,7 @@ def _prepare_mpt(block: nn.Module, x: torch.Tensor) -> native.MptStep | None:
 
 def _fused_mpt_forward(block: nn.Module):
     stock = type(block).forward
-    steps: dict = {}  # (dtype, rows) -> MptStep or None, for the length of the block
+    steps: dict = {}  # (module, dtype, rows) -> MptStep or None, for the length of the block
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         x = hidden_states
@@ -355,7 +355,7 @@ def _fused_mpt_forward(block: nn.Module):
                     and (mask is None or (type(mask) in PLAIN_TYPES and mask.dtype is torch.bool and mask.dim() == 4
                                           and mask.shape[0] in (1, x.shape[0]) and tuple(mask.shape[1:]) == (1, 1, s)
                                           and mask.stride(3) == 1 and mask.is_cpu))):
-                key = (x.dtype, x.shape[0])
+                key = (id(self), x.dtype, x.shape[0])  # (as for LLaMA layers)
                 if key not in steps:
                     steps[key] = _prepare_mpt(self, x)
                 step = steps[key]
