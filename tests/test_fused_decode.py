@@ -522,6 +522,81 @@ def test_a_patched_llama_layer_runs_the_module_wherever_the_step_does_not_fit(fr
     assert "forward" not in vars(layer) and "forward" not in vars(layer.mlp)
 
 
+# -- a LLaMA model's whole decoding step ----------------------------------------------------------------
+def run_llama_model(lm, ids, keys, values, **kwargs):
+    """``lm`` (a LlamaModel) on ``ids`` after a DynamicCache of ``keys``/``values`` in every layer: its
+    output and the cache's keys."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.config)
+    for i in range(lm.config.num_hidden_layers):
+        cache.update(keys.clone(), values.clone(), i)
+    out = lm(input_ids=ids, cache=cache, use_cache=True, **kwargs)
+    return out, torch.stack([cache.layers[i].keys for i in range(lm.config.num_hidden_layers)])
+
+
+@needs_native
+def test_a_llama_models_decoding_step_runs_its_layers_in_one_loop_with_the_stock_answers(fresh, monkeypatch):
+    """At a decoding step LlamaModel's patched forward calls no layer module (neither the Flamingo wrapper
+    nor the decoder layer): each layer's cross-attention and step, as the stock forward computes them;
+    anything it does not take (padding, asked outputs, hooks, another cache) runs the stock forward."""
+    from flamingo_vlm.modeling.injection import FlamingoLayer
+
+    native_routes(monkeypatch)
+    model, _ip, _tok = tiny_flamingo("llama", every=2, num_hidden_layers=4)
+    lm = model.lang_encoder.model
+    assert fused_decode.llama_model_kind(lm) == "llama"
+    wrapped = []
+    real = FlamingoLayer.forward
+    monkeypatch.setattr(FlamingoLayer, "forward", lambda self, *a, **k: wrapped.append(1) or real(self, *a, **k))
+    calls = count_steps(monkeypatch, native.LlamaStep, "post")
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 40, (2, 1), generator=g)
+    keys, values = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(2))
+
+    def same(**kwargs):
+        """(the patched forward's output and cache as the stock one's, whether it ran no layer module)"""
+        with onednn_linears(model):
+            want, want_keys = run_llama_model(lm, ids, keys, values, **kwargs)
+        del wrapped[:], calls[:]
+        with onednn_linears(model), fused_decode.fused_lm(model):
+            got, got_keys = run_llama_model(lm, ids, keys, values, **kwargs)
+        assert type(got) is type(want)
+        for a, b in zip(got if isinstance(got, tuple) else got.to_tuple(),
+                        want if isinstance(want, tuple) else want.to_tuple()):
+            for t, u in (zip(a, b) if isinstance(a, tuple) else [(a, b)]):
+                if isinstance(t, torch.Tensor):
+                    assert (t - u).abs().max() <= 1e-5 * u.abs().max()
+        assert got_keys.shape == want_keys.shape and (got_keys - want_keys).abs().max() <= 1e-5 * want_keys.abs().max()
+        return not wrapped
+
+    with torch.no_grad():
+        assert same() and len(calls) == 4  # every layer's step, no module call
+        assert same(attention_mask=torch.ones(2, 6, dtype=torch.long))  # a mask without padding
+        mask = torch.ones(2, 6, dtype=torch.long)
+        mask[0, 0] = 0
+        assert not same(attention_mask=mask)  # padding: the stock forward (its layers' own mask)
+        assert not same(return_dict=False)
+        handle = lm.layers[1].register_forward_pre_hook(lambda *a: None)  # a hook must see its module's call
+        assert not same()
+        handle.remove()
+        handle = lm.layers[2].decoder_layer.self_attn.o_proj.register_forward_hook(lambda *a: None)
+        assert same() and len(calls) == 3  # that layer as the stock forward calls it, the others' steps
+        handle.remove()
+        assert same(position_ids=torch.tensor([[9], [9]]))  # positions given
+        # asked outputs: the stock forward collects them (with hooks on the layers that transformers leaves
+        # there, so the stock forward runs from then on)
+        assert not same(output_hidden_states=True)
+    with fused_decode.fused_lm(model) as patched:  # gradients wanted: nothing patched
+        assert patched == 0
+    with torch.no_grad(), fused_decode.fused_lm(model):
+        model.train()  # training mode: the stock forward
+        del wrapped[:]
+        run_llama_model(lm, ids, keys, values)
+        assert wrapped
+    model.eval()
+
+
 # -- MPT blocks ----------------------------------------------------------------------------------------
 MPT_LAYERS = ("attn.Wqkv", "attn.out_proj", "ffn.up_proj", "ffn.down_proj")
 

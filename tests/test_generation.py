@@ -134,6 +134,47 @@ def test_suppression_samples_as_transformers_own_suppress_tokens(llama):
         masked, _HFSuppress(suppress)(None, scores)) and not torch.isinf(scores).any()
 
 
+@pytest.mark.parametrize("kw", [dict(min_new_tokens=5), dict(min_length=9), dict(min_new_tokens=5, min_length=30),
+                                dict(min_new_tokens=4, num_beams=2), dict(min_new_tokens=5, do_sample=True, top_k=3)])
+def test_min_lengths_are_kept_as_transformers_own_processors_keep_them(llama, monkeypatch, kw):
+    """``min_new_tokens``/``min_length`` run as our processor (no isin over the vocabulary, no copy of the
+    scores at every step): with eos the likeliest token everywhere, the same tokens as transformers' two
+    processors give, for the same seed."""
+    from flamingo_vlm.modeling import flamingo as flamingo_mod
+
+    model, ip, tok = llama
+    batch = make_batch(model, ip, tok)
+    n = batch["input_ids"].shape[1]
+    with torch.no_grad():  # make <|endofchunk|> the most likely token everywhere
+        model.lang_encoder.lm_head.weight[model.eoc_token_id] *= 50
+    from transformers.generation import logits_process
+
+    theirs_ran = []
+    def counted(real):
+        def __call__(self, input_ids, scores):  # (the processor list reads the signature)
+            theirs_ran.append(1)
+            return real(self, input_ids, scores)
+        return __call__
+
+    for cls in (logits_process.MinLengthLogitsProcessor, logits_process.MinNewTokensLengthLogitsProcessor):
+        monkeypatch.setattr(cls, "__call__", counted(cls.__call__))
+    try:
+        torch.manual_seed(0)
+        ours = gen(model, batch, max_new_tokens=8, **kw)
+        assert not theirs_ran
+        monkeypatch.setattr(flamingo_mod, "_min_length", lambda kwargs, prompt: 0)  # transformers' processors
+        torch.manual_seed(0)
+        theirs = gen(model, batch, max_new_tokens=8, **kw)
+    finally:
+        with torch.no_grad():
+            model.lang_encoder.lm_head.weight[model.eoc_token_id] /= 50
+    assert theirs_ran and torch.equal(ours, theirs)
+    least = kw["min_new_tokens"] if "min_new_tokens" in kw else kw["min_length"] - n
+    new = ours[:, n:]
+    assert model.eoc_token_id not in new[:, :least].flatten().tolist()
+    assert (new[:, least] == model.eoc_token_id).any()  # (then eos, made likely)
+
+
 class _HFSuppress:
     def __init__(self, ids):
         from transformers.generation.logits_process import SuppressTokensLogitsProcessor

@@ -11,7 +11,10 @@ transformers' LLaMA layers (:class:`.native.LlamaStep`; the built-in model's LM,
 364 us with int8 weights, its products ~150 us) and MPT blocks, with transformers' attention or our
 MosaicGPT's (:class:`.native.MptStep`); and where a layer's step is not taken (another LM, a
 LLaMA layer with a padding mask, another cache), its MLP where it is transformers' MPT or LLaMA MLP
-(:class:`.native.MlpStep`).
+(:class:`.native.MlpStep`). With every layer's step taken, what was left was Python around them (two
+module calls a layer, their checks, transformers' decorators): a LLaMA model's decoding step
+(``LlamaModel``, the built-in model's) runs as one loop over its layers instead
+(:func:`_fused_llama_model_forward`).
 
 It is prepared once per block per LM call sequence (``injection.Conditioning``, one ``generate`` or
 forward call: the weights, routes and gates do not change within it; the LM's layers once per
@@ -28,11 +31,13 @@ turns it off.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from . import attention, native
 from .cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
@@ -243,15 +248,16 @@ def _prepare_llama(layer: nn.Module, x: torch.Tensor) -> native.LlamaStep | None
         return None
 
 
-def _cache_layer(cache, index: int, x: torch.Tensor, kv_heads: int):
-    """``cache``'s layer ``index`` where appending to it is a ``torch.cat`` of keys/values we can read:
-    a transformers ``DynamicCache`` (not offloading) whose ``DynamicLayer`` holds (rows of ``x``,
-    kv_heads, S, head size) tensors in ``x``'s dtype; else ``None`` (static, sliding-window, quantized
-    caches: the module runs)."""
-    if not (_is(cache, "DynamicCache", "transformers.cache_utils") and not getattr(cache, "offloading", False)):
-        return None
-    layers = getattr(cache, "layers", None)
-    if not isinstance(layers, list) or not 0 <= index < len(layers):
+def _dynamic_cache(cache) -> bool:
+    """``cache`` is transformers' ``DynamicCache`` (not offloading), whose layers' update is a
+    ``torch.cat`` of keys/values (:func:`_cache_layer`)."""
+    return (_is(cache, "DynamicCache", "transformers.cache_utils") and not getattr(cache, "offloading", False)
+            and isinstance(getattr(cache, "layers", None), list))
+
+
+def _cached(layers: list, index: int, x: torch.Tensor, kv_heads: int):
+    """:func:`_cache_layer` for the ``layers`` of a cache :func:`_dynamic_cache` took."""
+    if not 0 <= index < len(layers):
         return None
     layer = layers[index]
     keys = getattr(layer, "keys", None)
@@ -262,6 +268,14 @@ def _cache_layer(cache, index: int, x: torch.Tensor, kv_heads: int):
                and t.shape[2] > 0 and t.is_cpu for t in (keys, layer.values)):
         return None
     return layer
+
+
+def _cache_layer(cache, index: int, x: torch.Tensor, kv_heads: int):
+    """``cache``'s layer ``index`` where appending to it is a ``torch.cat`` of keys/values we can read:
+    a transformers ``DynamicCache`` (not offloading) whose ``DynamicLayer`` holds (rows of ``x``,
+    kv_heads, S, head size) tensors in ``x``'s dtype; else ``None`` (static, sliding-window, quantized
+    caches: the module runs)."""
+    return _cached(cache.layers, index, x, kv_heads) if _dynamic_cache(cache) else None
 
 
 def _fused_layer_forward(layer: nn.Module):
@@ -286,6 +300,112 @@ def _fused_layer_forward(layer: nn.Module):
                     keys, values = cache.update(k, v, index)  # (a cat: its keys/values were checked above)
                     return step.post(x, q, keys, values, check=False)
         return stock(self, hidden_states, *args, **kwargs)
+
+    return forward
+
+
+# -- a LLaMA model's whole decoding step ----------------------------------------------------------------
+# With every layer's step taken, what was left of a step was Python: per layer two module calls (the
+# Flamingo wrapper's and the decoder layer's), their argument checks and transformers' decorators, ~50 us
+# a layer (the built-in model, int8: 10.3 ms a step, 1.5-2 ms of it this). LlamaModel's forward at a
+# decoding step runs the same parts in one loop instead: embedding, rotary table, then per layer the
+# wrapper's cross-attention (``cross_attend``) and the layer's step, then the final norm.
+_MODEL_KWARGS = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
+                           "use_cache", "cache_position", "return_dict", "output_attentions", "output_hidden_states"})
+_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+_CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"  # (5.0: past_key_values)
+
+
+def _unwrap(layer: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """(the wrapper, the decoder layer) for a layer that wraps one (``decoder_layer`` and a
+    ``cross_attend(hidden_states)`` that its forward runs first: ``injection.FlamingoLayer``), else
+    (``None``, the layer)."""
+    inner = layer._modules.get("decoder_layer")
+    if inner is not None and callable(getattr(type(layer), "cross_attend", None)) and "forward" not in vars(layer):
+        return layer, inner
+    return None, layer
+
+
+def llama_model_kind(model: nn.Module) -> str | None:
+    """``"llama"`` for a transformers ``LlamaModel`` whose decoder layers (or the layers that
+    :func:`_unwrap` finds inside them) are all ones :func:`layer_kind` takes, else ``None``."""
+    if not (_is(model, "LlamaModel") and isinstance(getattr(model, "layers", None), nn.ModuleList)
+            and all(hasattr(model, n) for n in ("embed_tokens", "rotary_emb", "norm"))):
+        return None
+    layers = model.layers[: model.config.num_hidden_layers]
+    ok = len(layers) > 0 and all(layer_kind(_unwrap(m)[1]) == "llama" for m in layers)
+    return "llama" if ok else None
+
+
+def _model_decode_call(model: nn.Module, kw: dict):
+    """``(input_ids, cache, past length)`` where a ``LlamaModel`` call with keywords ``kw`` is a plain
+    decoding step its fused forward runs as the stock one would: one token per row (at most
+    ``DECODE_ROWS`` rows) from ``input_ids``, nothing asked beyond the last hidden state and the cache,
+    transformers' ``DynamicCache`` holding positions, no padding (no mask, or one of all ones), the
+    layers without hooks; else ``None``."""
+    config, ids = model.config, kw.get("input_ids")
+    use_cache = kw.get("use_cache")
+    if (kw.get("inputs_embeds") is not None or type(ids) not in PLAIN_TYPES or ids.dim() != 2 or ids.shape[1] != 1
+            or not 0 < ids.shape[0] <= DECODE_ROWS or model.training
+            or kw.get("output_attentions") or kw.get("output_hidden_states")
+            or getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False)
+            or kw.get("return_dict", getattr(config, "return_dict", True)) is False
+            or not (use_cache if use_cache is not None else getattr(config, "use_cache", False))
+            or getattr(config, "is_causal", True) is not True or not _plain_call(ids)):
+        return None
+    cache = kw.get("cache", kw.get("past_key_values"))
+    if not _dynamic_cache(cache):
+        return None
+    first = cache.layers[0] if cache.layers else None
+    if not (_is(first, "DynamicLayer", "transformers.cache_utils") and getattr(first, "is_initialized", False)
+            and type(first.keys) in PLAIN_TYPES and first.keys.dim() == 4):
+        return None
+    past = first.keys.shape[2]
+    mask = kw.get("attention_mask")
+    if mask is not None and not (type(mask) in PLAIN_TYPES and mask.dim() == 2
+                                 and tuple(mask.shape) == (ids.shape[0], past + 1) and bool(mask.all())):
+        return None  # (padding: a mask the layers' steps do not take)
+    return ids, cache, past
+
+
+def _fused_llama_model_forward(model: nn.Module):
+    stock = type(model).forward
+    steps: dict = {}  # (layer, dtype, rows) -> LlamaStep or None, for the length of the block
+
+    def forward(self, *args, **kwargs):
+        call = None if args or not kwargs.keys() <= _MODEL_KWARGS else _model_decode_call(self, kwargs)
+        if call is None:
+            return stock(self, *args, **kwargs)
+        ids, cache, past = call
+        stack = [_unwrap(m) for m in self.layers[: self.config.num_hidden_layers]]
+        if _hooked([m for pair in stack for m in pair if m is not None]):
+            return stock(self, *args, **kwargs)  # (a hook on a layer: its module call runs it)
+        x = self.embed_tokens(ids)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # (as the stock forward makes them)
+            position_ids = (torch.arange(x.shape[1], device=x.device) + past).unsqueeze(0)
+        cos, sin = position_embeddings = self.rotary_emb(x, position_ids=position_ids)
+        layer_kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "inputs_embeds",
+                                                                      "return_dict", "position_ids")}
+        rope = None  # whether cos/sin fit the steps (one dtype and head size: checked once)
+        for wrapper, layer in stack:
+            if wrapper is not None:
+                x = wrapper.cross_attend(x)
+            key = (id(layer), x.dtype, x.shape[0])
+            if key not in steps:
+                steps[key] = _prepare_llama(layer, x) if _decode_input(x) else None
+            step, index = steps[key], layer.self_attn.layer_idx
+            if step is not None and rope is None:
+                rope = step.rope_fits(x, cos, sin)
+            if (step is not None and rope and step.input_fits(x) and step.alive()
+                    and (kept := _cached(cache.layers, index, x, step.kv_heads)) is not None):
+                q, k, v = step.pre(x, cos, sin, check=False)
+                keys, values = kept.update(k, v)  # (what cache.update calls: a cat, its keys/values checked above)
+                x = step.post(x, q, keys, values, check=False)
+            else:  # the layer as the stock forward calls it
+                x = layer(x, attention_mask=None, position_embeddings=position_embeddings, position_ids=position_ids,
+                          **layer_kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{_CACHE_FIELD: cache})
 
     return forward
 
@@ -387,6 +507,8 @@ def fused_lm(module: nn.Module) -> Iterator[int]:
                 patched.append((m, _fused_mlp_forward(m, kind)))
             elif layer_kind(m) == "llama":
                 patched.append((m, _fused_layer_forward(m)))
+            elif llama_model_kind(m) == "llama":
+                patched.append((m, _fused_llama_model_forward(m)))
             elif layer_kind(m) == "mpt":
                 patched.append((m, _fused_mpt_forward(m)))
     try:

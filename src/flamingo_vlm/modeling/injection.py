@@ -187,30 +187,33 @@ class FlamingoLayer(nn.Module):
             return getattr(self._modules["decoder_layer"], name)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return self._modules["decoder_layer"](self.cross_attend(hidden_states), *args, **kwargs)
+
+    def cross_attend(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The hidden states after this layer's gated cross-attention (as they are without a block or
+        outside a conditioned call): what :meth:`forward` hands the decoder layer. The LM's fused
+        decoding step (:func:`.fused_decode.fused_lm`) calls it, then the decoder layer's step."""
         cond = self._slot.get()
-        modules = self._modules  # direct: attribute access would go through two __getattr__ frames
-        block = modules.get("gated_cross_attn_layer")  # absent (a plain None attribute) without cross-attention
-        if block is not None and cond is not None:
-            text_media = cond.text_media
-            if text_media is None or text_media.shape != hidden_states.shape[:2]:
-                raise RuntimeError(
-                    "cross-attention got hidden states of shape "
-                    f"{tuple(hidden_states.shape[:2])} but media positions for "
-                    f"{None if text_media is None else tuple(text_media.shape)}; the LM must be "
-                    "called with input_ids (not inputs_embeds) while images are conditioned"
-                )
-            kv, plan, gates = cond.block_inputs(block)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden_states = torch.utils.checkpoint.checkpoint(
-                    block, hidden_states, kv, plan, None, gates, use_reentrant=False,
-                )
-            else:
-                y = None
-                if hidden_states.shape[1] == 1 and plan.mask is None and not torch.is_grad_enabled():
-                    step = cond.decode_step(block, hidden_states, gates)  # a decoding step: one native call
-                    y = None if step is None else step(hidden_states, kv, plan.blind)
-                hidden_states = block(hidden_states, kv, plan, None, gates) if y is None else y
-        return modules["decoder_layer"](hidden_states, *args, **kwargs)
+        block = self._modules.get("gated_cross_attn_layer")  # absent (a plain None attribute) without cross-attention
+        if block is None or cond is None:
+            return hidden_states
+        text_media = cond.text_media
+        if text_media is None or text_media.shape != hidden_states.shape[:2]:
+            raise RuntimeError(
+                "cross-attention got hidden states of shape "
+                f"{tuple(hidden_states.shape[:2])} but media positions for "
+                f"{None if text_media is None else tuple(text_media.shape)}; the LM must be "
+                "called with input_ids (not inputs_embeds) while images are conditioned"
+            )
+        kv, plan, gates = cond.block_inputs(block)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, hidden_states, kv, plan, None, gates, use_reentrant=False)
+        if hidden_states.shape[1] == 1 and plan.mask is None and not torch.is_grad_enabled():
+            step = cond.decode_step(block, hidden_states, gates)  # a decoding step: one native call
+            y = None if step is None else step(hidden_states, kv, plan.blind)
+            if y is not None:
+                return y
+        return block(hidden_states, kv, plan, None, gates)
 
 
 def get_attr_path(obj, path: str):

@@ -478,15 +478,23 @@ class LlamaStep:
     def fits(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         """``x`` (rows, 1, D) contiguous on CPU in ``dtype``; ``cos``/``sin`` (rows or 1, 1, head size) in
         ``dtype`` with contiguous rows; every tensor it was built from still there."""
-        dh = self.dim_head
-        return (self._input_fits(x)
-                and all(t.dtype == self.dtype and t.dim() == 3 and t.shape[0] in (1, x.shape[0]) and t.shape[1:] == (1, dh)
-                        and t.stride(2) == 1 and t.device.type == "cpu" for t in (cos, sin))
-                and cos.stride(0) == sin.stride(0) and _alive(self._kept))
+        return self.input_fits(x) and self.rope_fits(x, cos, sin) and self.alive()
 
-    def _input_fits(self, x: torch.Tensor) -> bool:
+    def input_fits(self, x: torch.Tensor) -> bool:
+        """:meth:`fits` for ``x`` alone."""
         return (x.dtype == self.dtype and x.dim() == 3 and x.shape[1] == 1 and x.shape[2] == self.dim
                 and x.shape[0] > 0 and x.is_contiguous() and x.device.type == "cpu")
+
+    def rope_fits(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """:meth:`fits` for ``cos``/``sin`` (the same for every layer of a model at a step)."""
+        dh = self.dim_head
+        return (all(t.dtype == self.dtype and t.dim() == 3 and t.shape[0] in (1, x.shape[0]) and t.shape[1:] == (1, dh)
+                    and t.stride(2) == 1 and t.device.type == "cpu" for t in (cos, sin))
+                and cos.stride(0) == sin.stride(0))
+
+    def alive(self) -> bool:
+        """Every tensor it was built from still there."""
+        return _alive(self._kept)
 
     def pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, check: bool = True):
         """The step's query (rows, 1, heads * head size) and key and value (rows, kv_heads, 1, head size),
@@ -497,14 +505,16 @@ class LlamaStep:
                              "there; got " + _describe(input=x, cos=cos, sin=sin))
         m = x.shape[0]
         q = torch.empty(m, 1, self.heads * self.dim_head, dtype=x.dtype)
-        k = torch.empty(m, 1, self.kv_heads, self.dim_head, dtype=x.dtype)
+        # (rows, kv_heads, 1, head size): for one position, the memory of the (rows, 1, kv_heads, head size) the C
+        # code writes
+        k = torch.empty(m, self.kv_heads, 1, self.dim_head, dtype=x.dtype)
         v = torch.empty_like(k)
         stride = cos.stride(0) if cos.shape[0] > 1 else 0
         if _lib().fv_llama_pre(ctypes.byref(self._layer), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), stride,
                                q.data_ptr(), k.data_ptr(), v.data_ptr(), self.dtype == torch.bfloat16, m,
                                torch.get_num_threads()):
             raise MemoryError("LlamaStep: the C library could not allocate its scratch memory")
-        return q, k.transpose(1, 2), v.transpose(1, 2)
+        return q, k, v
 
     def post_fits(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """``keys``/``values`` (rows of ``x``, kv_heads, S >= 1, head size) in ``dtype`` on CPU with a
@@ -516,7 +526,7 @@ class LlamaStep:
     def post(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *,
              check: bool = True) -> torch.Tensor:
         """The layer's output (as ``x``) from its input ``x``, :meth:`pre`'s query and all keys/values."""
-        if check and not (self._input_fits(x) and _alive(self._kept)
+        if check and not (self.input_fits(x) and self.alive()
                           and self.post_fits(x, keys, values) and q.shape == (x.shape[0], 1, self.heads * self.dim_head)
                           and q.dtype == self.dtype and q.is_contiguous()):
             raise ValueError(f"LlamaStep: needs the input, its query from pre() and CPU (rows, {self.kv_heads}, S, "
