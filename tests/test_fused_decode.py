@@ -716,6 +716,67 @@ def tiny_mosaic_flamingo(**attn):
 
 
 @needs_native
+@pytest.mark.parametrize("lm", ["mpt", "mosaic"])
+def test_an_mpt_models_decoding_step_runs_its_blocks_in_one_loop_with_the_stock_answers(fresh, monkeypatch, lm):
+    """MptModel's (and our MosaicGPT's) patched forward at a decoding step: no block module called, each
+    block's cross-attention and step with the ALiBi row and the padding mask made once, the stock answers;
+    the stock forward where it does not take the call."""
+    from transformers import DynamicCache
+
+    from flamingo_vlm.modeling.injection import FlamingoLayer
+
+    native_routes(monkeypatch)
+    model = tiny_mosaic_flamingo() if lm == "mosaic" else tiny_flamingo("mpt", every=2, n_layers=4)[0]
+    body = model.lang_encoder.transformer
+    layers = len(body.blocks)
+    assert fused_decode.mpt_model_kind(body) == "mpt"
+    wrapped = []
+    real = FlamingoLayer.forward
+    monkeypatch.setattr(FlamingoLayer, "forward", lambda self, *a, **k: wrapped.append(1) or real(self, *a, **k))
+    calls = count_steps(monkeypatch, native.MptStep, "post")
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 40, (2, 1), generator=g)
+    heads, dh = body.num_heads, body.config.d_model // body.num_heads
+    keys, values = (torch.randn(2, heads, 5, dh, generator=g) for _ in range(2))
+
+    def run(*args, **kwargs):
+        cache = DynamicCache(config=body.config)
+        for i in range(layers):
+            cache.update(keys.clone(), values.clone(), i)
+        out = body(*args, cache=cache, use_cache=True, **kwargs)
+        return out, torch.stack([cache.layers[i].keys for i in range(layers)])
+
+    def same(*args, **kwargs):
+        """(the patched forward's output and cache as the stock one's, whether it ran no block module)"""
+        args = args or (() if "input_ids" in kwargs else (ids,))
+        with onednn_linears(model):
+            want, want_keys = run(*args, **kwargs)
+        del wrapped[:], calls[:]
+        with onednn_linears(model), fused_decode.fused_lm(model):
+            got, got_keys = run(*args, **kwargs)
+        assert type(got) is type(want)
+        a, b = (got[0], want[0]) if isinstance(got, tuple) else (got.last_hidden_state, want.last_hidden_state)
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+        assert got_keys.shape == want_keys.shape and (got_keys - want_keys).abs().max() <= 1e-5 * want_keys.abs().max()
+        return not wrapped
+
+    with torch.no_grad():
+        assert same() and len(calls) == layers  # every block's step, no module call
+        assert same(input_ids=ids, attention_mask=torch.ones(2, 6, dtype=torch.long))
+        mask = torch.ones(2, 6, dtype=torch.long)
+        mask[0, :2] = 0  # a left-padded row: the steps take its mask
+        assert same(attention_mask=mask) and len(calls) == layers
+        assert not same(return_dict=False)
+        handle = body.blocks[1].register_forward_pre_hook(lambda *a: None)
+        assert not same()
+        handle.remove()
+        handle = body.blocks[0].decoder_layer.attn.out_proj.register_forward_hook(lambda *a: None)
+        assert same(attention_mask=mask) and len(calls) == layers - 1  # that block as the stock forward calls it
+        handle.remove()
+        assert not same(output_attentions=True)
+
+
+@needs_native
 @pytest.mark.parametrize("kind", ["fp32", "int8", "bf16"])
 def test_generate_on_our_mosaic_gpt_runs_each_block_in_native_calls_with_the_modules_answers(fresh, monkeypatch, kind):
     native_routes(monkeypatch)

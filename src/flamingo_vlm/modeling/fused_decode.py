@@ -14,7 +14,8 @@ LLaMA layer with a padding mask, another cache), its MLP where it is transformer
 (:class:`.native.MlpStep`). With every layer's step taken, what was left was Python around them (two
 module calls a layer, their checks, transformers' decorators): a LLaMA model's decoding step
 (``LlamaModel``, the built-in model's) runs as one loop over its layers instead
-(:func:`_fused_llama_model_forward`).
+(:func:`_fused_llama_model_forward`), and so does an MPT model's (transformers' ``MptModel`` and our
+MosaicGPT's, with its ALiBi row and padding mask made once: :func:`_fused_mpt_model_forward`).
 
 It is prepared once per block per LM call sequence (``injection.Conditioning``, one ``generate`` or
 forward call: the weights, routes and gates do not change within it; the LM's layers once per
@@ -37,13 +38,13 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPastAndCrossAttentions
 
 from . import attention, native
 from .cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
 from .fast_linear import native_decode_isa, outside_tracing
 from .kernels import DECODE_ROWS, PLAIN_TYPES
-from .mpt import AlibiBias, MosaicMptAttention
+from .mpt import AlibiBias, MosaicMptAttention, MosaicMptModel
 from .quantize import QuantizedLinear
 
 __all__ = ["ENV", "enabled", "fused_lm", "layer_kind", "mlp_kind", "prepare"]
@@ -337,19 +338,21 @@ def llama_model_kind(model: nn.Module) -> str | None:
     return "llama" if ok else None
 
 
-def _model_decode_call(model: nn.Module, kw: dict):
-    """``(input_ids, cache, past length)`` where a ``LlamaModel`` call with keywords ``kw`` is a plain
-    decoding step its fused forward runs as the stock one would: one token per row (at most
-    ``DECODE_ROWS`` rows) from ``input_ids``, nothing asked beyond the last hidden state and the cache,
-    transformers' ``DynamicCache`` holding positions, no padding (no mask, or one of all ones), the
-    layers without hooks; else ``None``."""
+def _model_decode_call(model: nn.Module, kw: dict, return_dict_default):
+    """``(input_ids, cache, past length, padding)`` where an LM model's call with keywords ``kw`` is a
+    plain decoding step its fused forward runs as the stock one would: one token per row (at most
+    ``DECODE_ROWS`` rows) from ``input_ids``, nothing asked beyond the last hidden state and the cache
+    (``return_dict_default``: what the stock forward takes for a ``return_dict`` of ``None``),
+    transformers' ``DynamicCache`` holding positions; ``padding`` the (rows, 1, 1, positions) bool mask
+    of the keys a row does not see (True), ``None`` where there is no padding (no mask, or one of all
+    ones); else ``None``."""
     config, ids = model.config, kw.get("input_ids")
-    use_cache = kw.get("use_cache")
+    use_cache, return_dict = kw.get("use_cache"), kw.get("return_dict")
     if (kw.get("inputs_embeds") is not None or type(ids) not in PLAIN_TYPES or ids.dim() != 2 or ids.shape[1] != 1
             or not 0 < ids.shape[0] <= DECODE_ROWS or model.training
             or kw.get("output_attentions") or kw.get("output_hidden_states")
             or getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False)
-            or kw.get("return_dict", getattr(config, "return_dict", True)) is False
+            or not (return_dict if return_dict is not None else return_dict_default)
             or not (use_cache if use_cache is not None else getattr(config, "use_cache", False))
             or getattr(config, "is_causal", True) is not True or not _plain_call(ids)):
         return None
@@ -362,10 +365,13 @@ def _model_decode_call(model: nn.Module, kw: dict):
         return None
     past = first.keys.shape[2]
     mask = kw.get("attention_mask")
-    if mask is not None and not (type(mask) in PLAIN_TYPES and mask.dim() == 2
-                                 and tuple(mask.shape) == (ids.shape[0], past + 1) and bool(mask.all())):
-        return None  # (padding: a mask the layers' steps do not take)
-    return ids, cache, past
+    if mask is None:
+        return ids, cache, past, None
+    if not (type(mask) in PLAIN_TYPES and mask.dim() == 2 and tuple(mask.shape) == (ids.shape[0], past + 1)
+            and mask.is_cpu and mask.dtype in (torch.bool, torch.int64, torch.int32)):
+        return None
+    unseen = mask == 0
+    return ids, cache, past, (unseen.view(ids.shape[0], 1, 1, past + 1) if bool(unseen.any()) else None)
 
 
 def _fused_llama_model_forward(model: nn.Module):
@@ -373,10 +379,10 @@ def _fused_llama_model_forward(model: nn.Module):
     steps: dict = {}  # (layer, dtype, rows) -> LlamaStep or None, for the length of the block
 
     def forward(self, *args, **kwargs):
-        call = None if args or not kwargs.keys() <= _MODEL_KWARGS else _model_decode_call(self, kwargs)
-        if call is None:
+        call = None if args or not kwargs.keys() <= _MODEL_KWARGS else _model_decode_call(self, kwargs, True)
+        if call is None or call[3] is not None:  # (padding: a mask the layers' steps do not take)
             return stock(self, *args, **kwargs)
-        ids, cache, past = call
+        ids, cache, past, _ = call
         stack = [_unwrap(m) for m in self.layers[: self.config.num_hidden_layers]]
         if _hooked([m for pair in stack for m in pair if m is not None]):
             return stock(self, *args, **kwargs)  # (a hook on a layer: its module call runs it)
@@ -488,6 +494,75 @@ def _fused_mpt_forward(block: nn.Module):
     return forward
 
 
+# -- an MPT model's whole decoding step ----------------------------------------------------------------
+# As for LLaMA: transformers' MptModel (the benchmark shape's LM) and our MosaicGPT (OpenFlamingo-3B/4B/9B's)
+# at a decoding step run their blocks in one loop; the ALiBi row and the padding mask are made once.
+_MPT_MODEL_KWARGS = frozenset({"input_ids", "cache", "past_key_values", "attention_mask", "inputs_embeds", "use_cache",
+                               "output_attentions", "output_hidden_states", "return_dict"})
+
+
+def mpt_model_kind(model: nn.Module) -> str | None:
+    """``"mpt"`` for transformers' ``MptModel`` or our MosaicGPT's (:class:`.mpt.MosaicMptModel`) whose
+    blocks (or the blocks that :func:`_unwrap` finds inside them) are all ones :func:`layer_kind` takes,
+    else ``None``."""
+    if not ((_is(model, "MptModel", _MPT) or (type(model) is MosaicMptModel and "forward" not in vars(model)))
+            and isinstance(getattr(model, "blocks", None), nn.ModuleList) and hasattr(model, "wte")
+            and hasattr(model, "norm_f")):
+        return None
+    ok = len(model.blocks) > 0 and all(_mpt_kind(_unwrap(m)[1]) == "mpt" for m in model.blocks)
+    return "mpt" if ok else None
+
+
+def _alibi_row(alibi, heads: int, s: int) -> torch.Tensor | None:
+    """The fp32 (heads, 1, >= s) bias whose last ``s`` positions the steps add, from what the model
+    built: our :class:`.mpt.AlibiBias` (its last row) or transformers' (heads, 1, max_seq_len) tensor."""
+    bias = alibi.last_row(s) if isinstance(alibi, AlibiBias) else alibi
+    if (type(bias) in PLAIN_TYPES and bias.dtype is torch.float32 and bias.dim() == 3 and bias.shape[:2] == (heads, 1)
+            and bias.shape[2] >= s and bias.stride(2) == 1 and bias.is_cpu):
+        return bias
+    return None
+
+
+def _fused_mpt_model_forward(model: nn.Module):
+    stock = type(model).forward
+    steps: dict = {}  # (block, dtype, rows) -> MptStep or None, for the length of the block
+
+    def forward(self, *args, **kwargs):
+        call = None
+        if len(args) <= 1 and not (args and "input_ids" in kwargs) and kwargs.keys() <= _MPT_MODEL_KWARGS:
+            kw = {"input_ids": args[0], **kwargs} if args else kwargs  # (MptForCausalLM passes input_ids first)
+            call = _model_decode_call(self, kw, getattr(self.config, "return_dict", True))
+        stack = None if call is None else [_unwrap(m) for m in self.blocks]
+        if call is None or _hooked([m for pair in stack for m in pair if m is not None]):
+            return stock(self, *args, **kwargs)
+        ids, cache, past, mask = call
+        heads, s = self.num_heads, past + 1
+        alibi = self.build_mpt_alibi_tensor(heads, self.config.max_seq_len, device=ids.device)  # (as the stock does)
+        bias = _alibi_row(alibi, heads, s)
+        if bias is None:  # (past max_seq_len: the stock forward's error)
+            return stock(self, *args, **kwargs)
+        x = self.wte(ids)
+        for wrapper, block in stack:
+            if wrapper is not None:
+                x = wrapper.cross_attend(x)
+            key = (id(block), x.dtype, x.shape[0])
+            if key not in steps:
+                steps[key] = _prepare_mpt(block, x) if _decode_input(x) else None
+            step = steps[key]
+            if (step is not None and step.fits(x)
+                    and (kept := _cached(cache.layers, block.attn.layer_idx, x, heads)) is not None
+                    and kept.keys.shape[2] == past):
+                qkv, k, v = step.pre(x, check=False)
+                keys, values = kept.update(k, v)  # (what cache.update calls: a cat, its keys/values checked above)
+                x = step.post(x, qkv, keys, values, bias, mask, check=False)
+            else:  # the block as the stock forward calls it (its mask for the one query: the padding)
+                x = block(x, layer_past=cache, attention_mask=mask, use_cache=True, output_attentions=False,
+                          position_bias=alibi)[0]
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=self.norm_f(x), **{_CACHE_FIELD: cache})
+
+    return forward
+
+
 @contextlib.contextmanager
 def fused_lm(module: nn.Module) -> Iterator[int]:
     """Inside the block, the LM layers of ``module`` that :func:`layer_kind` knows and the LM MLPs that
@@ -509,6 +584,8 @@ def fused_lm(module: nn.Module) -> Iterator[int]:
                 patched.append((m, _fused_layer_forward(m)))
             elif llama_model_kind(m) == "llama":
                 patched.append((m, _fused_llama_model_forward(m)))
+            elif mpt_model_kind(m) == "mpt":
+                patched.append((m, _fused_mpt_model_forward(m)))
             elif layer_kind(m) == "mpt":
                 patched.append((m, _fused_mpt_forward(m)))
     try:
