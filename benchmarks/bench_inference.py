@@ -8,7 +8,8 @@ cross-attention in every LM layer, gates drawn from U(-1, 1) so the cross-attent
 Workloads (each also run on the *bare* LM, the same LM without Flamingo, for an overhead ratio):
 
 * decode: 32 new tokens, greedy, from a 64-token prompt with 3 images, batch 1 and batch 4
-  (``min_new_tokens == max_new_tokens`` so eos never stops it). Flamingo's time includes
+  (``min_new_tokens == max_new_tokens`` so eos never stops it; the bare LM gets the same
+  min-length processor as ``Flamingo.generate``, ``flamingo.MinLength``). Flamingo's time includes
   encoding the images; a "media precomputed" row shows the LM-side cost alone.
 * forward+loss: batch 4 x 256 tokens with 3 images per row, no grad (as OpenFlamingo measured);
   optionally forward+backward (``--backward``, on by default).
@@ -55,13 +56,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from transformers import LogitsProcessorList
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
 from flamingo_vlm.modeling.fused_decode import fused_lm  # noqa: E402
-from flamingo_vlm.modeling.flamingo import Flamingo  # noqa: E402
+from flamingo_vlm.modeling.flamingo import Flamingo, MinLength  # noqa: E402
 from flamingo_vlm.modeling.vision import OpenCLIPVisionTransformer  # noqa: E402
 
 # OpenFlamingo (original code, MPT-124M + ViT-B/32, fp32) on this machine, seconds.
@@ -365,10 +367,14 @@ def run_dtype(
             assert out.shape[1] == lang.shape[1] + n, out.shape
 
         def lm_only(lang=lang, mask=mask):
-            # the same fused LM layer steps as Flamingo.generate gives its LM (flamingo_vlm.modeling.fused_decode)
+            # the same fused LM layer steps as Flamingo.generate gives its LM (flamingo_vlm.modeling.fused_decode),
+            # and its min_new_tokens processor (flamingo.MinLength: transformers' two cost ~0.5 ms a step more)
+            kw = {k: v for k, v in gen_kwargs.items() if k != "min_new_tokens"}
+            least = LogitsProcessorList([MinLength(lang.shape[1] + n, [ids["eoc"]])])
             with torch.no_grad(), fused_lm(bare):
                 out = bare.generate(
-                    input_ids=lang, attention_mask=mask, eos_token_id=ids["eoc"], pad_token_id=ids["pad"], **gen_kwargs
+                    input_ids=lang, attention_mask=mask, eos_token_id=ids["eoc"], pad_token_id=ids["pad"],
+                    logits_processor=least, **kw
                 )
             assert out.shape[1] == lang.shape[1] + n, out.shape
 
@@ -683,8 +689,8 @@ def results_stem(args, device_type: str) -> str:
             + ("" if args.cross_attn_every == 1 else f"-xattn{args.cross_attn_every}") + ("-quick" if args.quick else ""))
     if args.tag:
         return f"{stem}-{args.tag}"
-    if args.only:
-        stem += "-only-" + "-".join(args.only)
+    if args.only:  # (words as a name: "batch 1" -> batch-1)
+        stem += "-only-" + "-".join("-".join(w.split()) for w in args.only)
     if args.dtypes != "fp32,bf16":
         stem += "-" + args.dtypes.replace(",", "-").replace("+", "")
     return stem

@@ -531,11 +531,14 @@ def run_llama_model(lm, ids, keys, values, **kwargs):
     cache = DynamicCache(config=lm.config)
     for i in range(lm.config.num_hidden_layers):
         cache.update(keys.clone(), values.clone(), i)
-    out = lm(input_ids=ids, cache=cache, use_cache=True, **kwargs)
-    return out, torch.stack([cache.layers[i].keys for i in range(lm.config.num_hidden_layers)])
+    name = kwargs.pop("cache_name", "cache")  # (past_key_values: the name transformers 5.0 used)
+    out = lm(input_ids=ids, use_cache=True, **{name: cache}, **kwargs)
+    n = lm.config.num_hidden_layers
+    return out, torch.stack([cache.layers[i].keys for i in range(n)] + [cache.layers[i].values for i in range(n)])
 
 
 @needs_native
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
 def test_a_llama_models_decoding_step_runs_its_layers_in_one_loop_with_the_stock_answers(fresh, monkeypatch):
     """At a decoding step LlamaModel's patched forward calls no layer module (neither the Flamingo wrapper
     nor the decoder layer): each layer's cross-attention and step, as the stock forward computes them;
@@ -584,6 +587,14 @@ def test_a_llama_models_decoding_step_runs_its_layers_in_one_loop_with_the_stock
         assert same() and len(calls) == 3  # that layer as the stock forward calls it, the others' steps
         handle.remove()
         assert same(position_ids=torch.tensor([[9], [9]]))  # positions given
+        assert same(cache_name="past_key_values")
+        assert not same(cache_position=torch.tensor([5]))  # (5.0 made the positions from it)
+        lm.config.return_dict = False  # the stock forward's default for return_dict: a tuple
+        assert not same()
+        lm.config.return_dict = True
+        lm.layers[3].forward = lambda *a, **k: FlamingoLayer.forward(lm.layers[3], *a, **k)  # a replaced forward
+        assert not same()
+        del lm.layers[3].forward
         # asked outputs: the stock forward collects them (with hooks on the layers that transformers leaves
         # there, so the stock forward runs from then on)
         assert not same(output_hidden_states=True)
@@ -774,6 +785,18 @@ def test_an_mpt_models_decoding_step_runs_its_blocks_in_one_loop_with_the_stock_
         assert same(attention_mask=mask) and len(calls) == layers - 1  # that block as the stock forward calls it
         handle.remove()
         assert not same(output_attentions=True)
+        if lm == "mosaic":  # past max_seq_len: the stock forward's error
+            long = torch.randn(2, heads, body.config.max_seq_len, dh, generator=g)
+            keys, values = long, long.clone()
+            with onednn_linears(model), fused_decode.fused_lm(model), pytest.raises(ValueError, match="max_seq_len"):
+                run(ids)
+    model.train()  # training mode: the stock forward
+    with torch.no_grad(), onednn_linears(model), fused_decode.fused_lm(model):
+        del wrapped[:]
+        keys, values = keys[:, :, :5], values[:, :, :5]
+        run(ids)
+        assert wrapped
+    model.eval()
 
 
 @needs_native

@@ -162,7 +162,7 @@ def test_min_lengths_are_kept_as_transformers_own_processors_keep_them(llama, mo
         torch.manual_seed(0)
         ours = gen(model, batch, max_new_tokens=8, **kw)
         assert not theirs_ran
-        monkeypatch.setattr(flamingo_mod, "_min_length", lambda kwargs, prompt: 0)  # transformers' processors
+        monkeypatch.setattr(flamingo_mod, "_min_length", lambda kwargs, prompt, config: 0)  # transformers' processors
         torch.manual_seed(0)
         theirs = gen(model, batch, max_new_tokens=8, **kw)
     finally:
@@ -173,6 +173,29 @@ def test_min_lengths_are_kept_as_transformers_own_processors_keep_them(llama, mo
     new = ours[:, n:]
     assert model.eoc_token_id not in new[:, :least].flatten().tolist()
     assert (new[:, least] == model.eoc_token_id).any()  # (then eos, made likely)
+
+
+def test_min_lengths_are_left_to_transformers_where_its_processors_act_otherwise(llama, monkeypatch):
+    """A forced eos (run after transformers' min-length processors) or a minimum in the LM's own
+    generation config (which the keywords override): transformers' processors, as without ours."""
+    from transformers.generation import logits_process
+
+    model, ip, tok = llama
+    batch = make_batch(model, ip, tok)
+    theirs_ran = []
+    real = logits_process.MinNewTokensLengthLogitsProcessor.__call__
+
+    def counted(self, input_ids, scores):  # (the processor list reads the signature)
+        theirs_ran.append(1)
+        return real(self, input_ids, scores)
+
+    monkeypatch.setattr(logits_process.MinNewTokensLengthLogitsProcessor, "__call__", counted)
+    out = gen(model, batch, max_new_tokens=4, min_new_tokens=4, forced_eos_token_id=model.eoc_token_id)
+    assert theirs_ran and (out[:, -1] == model.eoc_token_id).all()  # the forced eos at the last step
+    del theirs_ran[:]
+    monkeypatch.setattr(model.lang_encoder.generation_config, "min_length", 3)
+    gen(model, batch, max_new_tokens=4, min_new_tokens=2)
+    assert theirs_ran
 
 
 class _HFSuppress:

@@ -177,13 +177,27 @@ class MinLength(LogitsProcessor):
         return scores.index_fill(-1, _ids_in(self.token_ids, scores), -float("inf"))
 
 
-def _min_length(generate_kwargs: dict, prompt_length: int) -> int:
+# what makes transformers' min-length processors act otherwise than MinLength: processors it runs after
+# them (a forced eos on the last step, a length penalty on eos, -inf replaced), a length from a generation
+# config the keywords would override, an assistant that drops them from its own list
+_MIN_LENGTH_OWN = ("forced_eos_token_id", "exponential_decay_length_penalty", "remove_invalid_values",
+                   "assistant_model", "assistant_tokenizer", "prompt_lookup_num_tokens", "generation_config")
+
+
+def _min_length(generate_kwargs: dict, prompt_length: int, config) -> int:
     """The length (prompt included) below which eos is barred, as transformers reads ``min_new_tokens``
-    (which wins) and ``min_length`` from ``generate``'s keywords; popped from them."""
-    min_new, min_length = generate_kwargs.pop("min_new_tokens", None), generate_kwargs.pop("min_length", None)
-    if min_new is not None:
-        return prompt_length + min_new if min_new > 0 else 0
-    return min_length or 0
+    (which wins) and ``min_length`` from ``generate``'s keywords, popped from them; 0 with the keywords
+    left to transformers' own processors where they would act otherwise than :class:`MinLength`
+    (``_MIN_LENGTH_OWN`` in the keywords or the LM's generation ``config``, or a minimum set there)."""
+    min_new, min_length = generate_kwargs.get("min_new_tokens"), generate_kwargs.get("min_length")
+    if (min_new or 0) <= 0 and (min_length or 0) <= 0:
+        return 0
+    if (any(generate_kwargs.get(k) for k in _MIN_LENGTH_OWN)
+            or any(getattr(config, k, None) for k in (*_MIN_LENGTH_OWN[:3], "min_new_tokens", "min_length"))):
+        return 0
+    del generate_kwargs["min_new_tokens" if min_new is not None else "min_length"]
+    generate_kwargs.pop("min_length", None)
+    return prompt_length + min_new if min_new is not None else min_length
 
 
 class Flamingo(nn.Module):
@@ -515,7 +529,8 @@ class Flamingo(nn.Module):
             attention_mask = torch.ones_like(lang_x)
         if is_speculative(generate_kwargs) and lang_x.shape[0] > 1:  # transformers' assisted decoding is batch-1
             return generate_rows(self, vision_x, cond.media, lang_x, attention_mask, allow_image_tokens, **generate_kwargs)
-        if least := _min_length(generate_kwargs, lang_x.shape[1]):  # (after the rows split: their own lengths)
+        config = getattr(self.lang_encoder, "generation_config", None)
+        if least := _min_length(generate_kwargs, lang_x.shape[1], config):  # (after the rows split: their own lengths)
             eos = generate_kwargs["eos_token_id"]
             eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
             if eos and all(isinstance(e, int) for e in eos):

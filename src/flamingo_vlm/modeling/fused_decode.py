@@ -44,6 +44,7 @@ from . import attention, native
 from .cross_attention import GatedCrossAttentionBlock, MaskedCrossAttention
 from .fast_linear import native_decode_isa, outside_tracing
 from .kernels import DECODE_ROWS, PLAIN_TYPES
+from .lm_info import lm_context_limit
 from .mpt import AlibiBias, MosaicMptAttention, MosaicMptModel
 from .quantize import QuantizedLinear
 
@@ -327,6 +328,15 @@ def _unwrap(layer: nn.Module) -> tuple[nn.Module | None, nn.Module]:
     return None, layer
 
 
+def _stack(layers) -> list | None:
+    """:func:`_unwrap` of each of ``layers`` for a decoding step's loop, or ``None`` where one of them may not
+    be bypassed: a hook on it, or a wrapper whose forward was replaced (the loop would skip what it does)."""
+    stack = [_unwrap(m) for m in layers]
+    if any(w is None and "decoder_layer" in m._modules for w, m in stack):
+        return None
+    return None if _hooked([m for pair in stack for m in pair if m is not None]) else stack
+
+
 def llama_model_kind(model: nn.Module) -> str | None:
     """``"llama"`` for a transformers ``LlamaModel`` whose decoder layers (or the layers that
     :func:`_unwrap` finds inside them) are all ones :func:`layer_kind` takes, else ``None``."""
@@ -379,13 +389,15 @@ def _fused_llama_model_forward(model: nn.Module):
     steps: dict = {}  # (layer, dtype, rows) -> LlamaStep or None, for the length of the block
 
     def forward(self, *args, **kwargs):
-        call = None if args or not kwargs.keys() <= _MODEL_KWARGS else _model_decode_call(self, kwargs, True)
-        if call is None or call[3] is not None:  # (padding: a mask the layers' steps do not take)
+        call = None
+        if not args and kwargs.keys() <= _MODEL_KWARGS and (kwargs.get("position_ids") is not None
+                                                            or kwargs.get("cache_position") is None):
+            # (cache_position without position_ids: transformers 5.0 made the positions from it)
+            call = _model_decode_call(self, kwargs, getattr(self.config, "return_dict", True))
+        stack = None if call is None or call[3] is not None else _stack(self.layers[: self.config.num_hidden_layers])
+        if stack is None:  # (padding: a mask the layers' steps do not take; a hook a module call must run)
             return stock(self, *args, **kwargs)
         ids, cache, past, _ = call
-        stack = [_unwrap(m) for m in self.layers[: self.config.num_hidden_layers]]
-        if _hooked([m for pair in stack for m in pair if m is not None]):
-            return stock(self, *args, **kwargs)  # (a hook on a layer: its module call runs it)
         x = self.embed_tokens(ids)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:  # (as the stock forward makes them)
@@ -393,7 +405,7 @@ def _fused_llama_model_forward(model: nn.Module):
         cos, sin = position_embeddings = self.rotary_emb(x, position_ids=position_ids)
         layer_kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "inputs_embeds",
                                                                       "return_dict", "position_ids")}
-        rope = None  # whether cos/sin fit the steps (one dtype and head size: checked once)
+        rope = {}  # whether cos/sin fit the steps of a dtype (checked once per step)
         for wrapper, layer in stack:
             if wrapper is not None:
                 x = wrapper.cross_attend(x)
@@ -401,9 +413,9 @@ def _fused_llama_model_forward(model: nn.Module):
             if key not in steps:
                 steps[key] = _prepare_llama(layer, x) if _decode_input(x) else None
             step, index = steps[key], layer.self_attn.layer_idx
-            if step is not None and rope is None:
-                rope = step.rope_fits(x, cos, sin)
-            if (step is not None and rope and step.input_fits(x) and step.alive()
+            if step is not None and step.dtype not in rope:
+                rope[step.dtype] = step.rope_fits(x, cos, sin)
+            if (step is not None and rope[step.dtype] and step.input_fits(x) and step.alive()
                     and (kept := _cached(cache.layers, index, x, step.kv_heads)) is not None):
                 q, k, v = step.pre(x, cos, sin, check=False)
                 keys, values = kept.update(k, v)  # (what cache.update calls: a cat, its keys/values checked above)
@@ -526,18 +538,19 @@ def _alibi_row(alibi, heads: int, s: int) -> torch.Tensor | None:
 def _fused_mpt_model_forward(model: nn.Module):
     stock = type(model).forward
     steps: dict = {}  # (block, dtype, rows) -> MptStep or None, for the length of the block
+    length = lm_context_limit(model)[0]  # (the config's max_seq_len, which the stock forward builds ALiBi for)
 
     def forward(self, *args, **kwargs):
         call = None
         if len(args) <= 1 and not (args and "input_ids" in kwargs) and kwargs.keys() <= _MPT_MODEL_KWARGS:
             kw = {"input_ids": args[0], **kwargs} if args else kwargs  # (MptForCausalLM passes input_ids first)
             call = _model_decode_call(self, kw, getattr(self.config, "return_dict", True))
-        stack = None if call is None else [_unwrap(m) for m in self.blocks]
-        if call is None or _hooked([m for pair in stack for m in pair if m is not None]):
+        stack = None if call is None or length is None else _stack(self.blocks)
+        if stack is None:
             return stock(self, *args, **kwargs)
         ids, cache, past, mask = call
         heads, s = self.num_heads, past + 1
-        alibi = self.build_mpt_alibi_tensor(heads, self.config.max_seq_len, device=ids.device)  # (as the stock does)
+        alibi = self.build_mpt_alibi_tensor(heads, length, device=ids.device)  # (as the stock does)
         bias = _alibi_row(alibi, heads, s)
         if bias is None:  # (past max_seq_len: the stock forward's error)
             return stock(self, *args, **kwargs)
