@@ -523,6 +523,34 @@ def test_a_patched_llama_layer_runs_the_module_wherever_the_step_does_not_fit(fr
 
 
 # -- a LLaMA model's whole decoding step ----------------------------------------------------------------
+def count_wrapper_calls(monkeypatch) -> list:
+    """An entry per call of a Flamingo wrapper's forward (what a model's decoding-step loop bypasses) from here on."""
+    from flamingo_vlm.modeling.injection import FlamingoLayer
+
+    calls = []
+    real = FlamingoLayer.forward
+    monkeypatch.setattr(FlamingoLayer, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
+def loop_like_stock(model, run, wrapped: list, calls: list) -> bool:
+    """``run()`` (an LM model's output and its cache's tensors) inside ``fused_lm`` as outside it, under the same
+    routes; whether the patched forward ran no wrapper module (``wrapped`` stayed empty)."""
+    with onednn_linears(model):
+        want, want_cache = run()
+    del wrapped[:], calls[:]
+    with onednn_linears(model), fused_decode.fused_lm(model):
+        got, got_cache = run()
+    assert type(got) is type(want)
+    for a, b in zip(got if isinstance(got, tuple) else got.to_tuple(),
+                    want if isinstance(want, tuple) else want.to_tuple()):
+        for t, u in (zip(a, b) if isinstance(a, tuple) else [(a, b)]):
+            if isinstance(t, torch.Tensor):
+                assert (t - u).abs().max() <= 1e-5 * u.abs().max()
+    assert got_cache.shape == want_cache.shape and (got_cache - want_cache).abs().max() <= 1e-5 * want_cache.abs().max()
+    return not wrapped
+
+
 def run_llama_model(lm, ids, keys, values, **kwargs):
     """``lm`` (a LlamaModel) on ``ids`` after a DynamicCache of ``keys``/``values`` in every layer: its
     output and the cache's keys."""
@@ -549,9 +577,7 @@ def test_a_llama_models_decoding_step_runs_its_layers_in_one_loop_with_the_stock
     model, _ip, _tok = tiny_flamingo("llama", every=2, num_hidden_layers=4)
     lm = model.lang_encoder.model
     assert fused_decode.llama_model_kind(lm) == "llama"
-    wrapped = []
-    real = FlamingoLayer.forward
-    monkeypatch.setattr(FlamingoLayer, "forward", lambda self, *a, **k: wrapped.append(1) or real(self, *a, **k))
+    wrapped = count_wrapper_calls(monkeypatch)
     calls = count_steps(monkeypatch, native.LlamaStep, "post")
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(3, 40, (2, 1), generator=g)
@@ -559,19 +585,7 @@ def test_a_llama_models_decoding_step_runs_its_layers_in_one_loop_with_the_stock
 
     def same(**kwargs):
         """(the patched forward's output and cache as the stock one's, whether it ran no layer module)"""
-        with onednn_linears(model):
-            want, want_keys = run_llama_model(lm, ids, keys, values, **kwargs)
-        del wrapped[:], calls[:]
-        with onednn_linears(model), fused_decode.fused_lm(model):
-            got, got_keys = run_llama_model(lm, ids, keys, values, **kwargs)
-        assert type(got) is type(want)
-        for a, b in zip(got if isinstance(got, tuple) else got.to_tuple(),
-                        want if isinstance(want, tuple) else want.to_tuple()):
-            for t, u in (zip(a, b) if isinstance(a, tuple) else [(a, b)]):
-                if isinstance(t, torch.Tensor):
-                    assert (t - u).abs().max() <= 1e-5 * u.abs().max()
-        assert got_keys.shape == want_keys.shape and (got_keys - want_keys).abs().max() <= 1e-5 * want_keys.abs().max()
-        return not wrapped
+        return loop_like_stock(model, lambda: run_llama_model(lm, ids, keys, values, **kwargs), wrapped, calls)
 
     with torch.no_grad():
         assert same() and len(calls) == 4  # every layer's step, no module call
@@ -734,16 +748,12 @@ def test_an_mpt_models_decoding_step_runs_its_blocks_in_one_loop_with_the_stock_
     the stock forward where it does not take the call."""
     from transformers import DynamicCache
 
-    from flamingo_vlm.modeling.injection import FlamingoLayer
-
     native_routes(monkeypatch)
     model = tiny_mosaic_flamingo() if lm == "mosaic" else tiny_flamingo("mpt", every=2, n_layers=4)[0]
     body = model.lang_encoder.transformer
     layers = len(body.blocks)
     assert fused_decode.mpt_model_kind(body) == "mpt"
-    wrapped = []
-    real = FlamingoLayer.forward
-    monkeypatch.setattr(FlamingoLayer, "forward", lambda self, *a, **k: wrapped.append(1) or real(self, *a, **k))
+    wrapped = count_wrapper_calls(monkeypatch)
     calls = count_steps(monkeypatch, native.MptStep, "post")
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 40, (2, 1), generator=g)
@@ -760,16 +770,7 @@ def test_an_mpt_models_decoding_step_runs_its_blocks_in_one_loop_with_the_stock_
     def same(*args, **kwargs):
         """(the patched forward's output and cache as the stock one's, whether it ran no block module)"""
         args = args or (() if "input_ids" in kwargs else (ids,))
-        with onednn_linears(model):
-            want, want_keys = run(*args, **kwargs)
-        del wrapped[:], calls[:]
-        with onednn_linears(model), fused_decode.fused_lm(model):
-            got, got_keys = run(*args, **kwargs)
-        assert type(got) is type(want)
-        a, b = (got[0], want[0]) if isinstance(got, tuple) else (got.last_hidden_state, want.last_hidden_state)
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
-        assert got_keys.shape == want_keys.shape and (got_keys - want_keys).abs().max() <= 1e-5 * want_keys.abs().max()
-        return not wrapped
+        return loop_like_stock(model, lambda: run(*args, **kwargs), wrapped, calls)
 
     with torch.no_grad():
         assert same() and len(calls) == layers  # every block's step, no module call

@@ -314,6 +314,7 @@ def _fused_layer_forward(layer: nn.Module):
 # wrapper's cross-attention (``cross_attend``) and the layer's step, then the final norm.
 _MODEL_KWARGS = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
                            "use_cache", "cache_position", "return_dict", "output_attentions", "output_hidden_states"})
+_MODEL_ONLY = frozenset({"input_ids", "attention_mask", "inputs_embeds", "return_dict", "position_ids"})  # not a layer's
 _OUTPUT_FIELDS = {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
 _CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"  # (5.0: past_key_values)
 
@@ -335,6 +336,17 @@ def _stack(layers) -> list | None:
     if any(w is None and "decoder_layer" in m._modules for w, m in stack):
         return None
     return None if _hooked([m for pair in stack for m in pair if m is not None]) else stack
+
+
+def _enter_layer(steps: dict, prepare: Callable, wrapper: nn.Module | None, layer: nn.Module, x: torch.Tensor):
+    """``x`` after the wrapper's cross-attention (if any), and ``layer``'s step for it: ``prepare(layer,
+    x)``, made once per layer, dtype and row count in ``steps`` (the block's), ``None`` where not taken."""
+    if wrapper is not None:
+        x = wrapper.cross_attend(x)
+    key = (id(layer), x.dtype, x.shape[0])
+    if key not in steps:
+        steps[key] = prepare(layer, x) if _decode_input(x) else None
+    return x, steps[key]
 
 
 def llama_model_kind(model: nn.Module) -> str | None:
@@ -403,16 +415,10 @@ def _fused_llama_model_forward(model: nn.Module):
         if position_ids is None:  # (as the stock forward makes them)
             position_ids = (torch.arange(x.shape[1], device=x.device) + past).unsqueeze(0)
         cos, sin = position_embeddings = self.rotary_emb(x, position_ids=position_ids)
-        layer_kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "inputs_embeds",
-                                                                      "return_dict", "position_ids")}
         rope = {}  # whether cos/sin fit the steps of a dtype (checked once per step)
         for wrapper, layer in stack:
-            if wrapper is not None:
-                x = wrapper.cross_attend(x)
-            key = (id(layer), x.dtype, x.shape[0])
-            if key not in steps:
-                steps[key] = _prepare_llama(layer, x) if _decode_input(x) else None
-            step, index = steps[key], layer.self_attn.layer_idx
+            x, step = _enter_layer(steps, _prepare_llama, wrapper, layer, x)
+            index = layer.self_attn.layer_idx
             if step is not None and step.dtype not in rope:
                 rope[step.dtype] = step.rope_fits(x, cos, sin)
             if (step is not None and rope[step.dtype] and step.input_fits(x) and step.alive()
@@ -421,8 +427,9 @@ def _fused_llama_model_forward(model: nn.Module):
                 keys, values = kept.update(k, v)  # (what cache.update calls: a cat, its keys/values checked above)
                 x = step.post(x, q, keys, values, check=False)
             else:  # the layer as the stock forward calls it
+                rest = {k: v for k, v in kwargs.items() if k not in _MODEL_ONLY}
                 x = layer(x, attention_mask=None, position_embeddings=position_embeddings, position_ids=position_ids,
-                          **layer_kwargs)
+                          **rest)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{_CACHE_FIELD: cache})
 
     return forward
@@ -556,12 +563,7 @@ def _fused_mpt_model_forward(model: nn.Module):
             return stock(self, *args, **kwargs)
         x = self.wte(ids)
         for wrapper, block in stack:
-            if wrapper is not None:
-                x = wrapper.cross_attend(x)
-            key = (id(block), x.dtype, x.shape[0])
-            if key not in steps:
-                steps[key] = _prepare_mpt(block, x) if _decode_input(x) else None
-            step = steps[key]
+            x, step = _enter_layer(steps, _prepare_mpt, wrapper, block, x)
             if (step is not None and step.fits(x)
                     and (kept := _cached(cache.layers, block.attn.layer_idx, x, heads)) is not None
                     and kept.keys.shape[2] == past):
