@@ -48,21 +48,28 @@ def test_gradients_inside_the_block_match_torchs_and_skip_frozen_weights():
 
     torch.manual_seed(0)
     x0 = torch.randn(2, 5, 6)
-    grads = {}
+    grads, kept = {}, {}
     for on in (True, False):
         torch.manual_seed(1)  # the same weights for both runs
         layer, frozen = nn.Linear(6, 4), nn.Linear(4, 3)
         frozen.requires_grad_(False)
         x = x0.clone().requires_grad_(True)
+        params = {p.data_ptr() for p in (*layer.parameters(), *frozen.parameters())}
+        saved = []  # activations kept for backward (weights aside): what a training step's peak is made of
         before = kernels.calls
-        with onednn_linears(nn.Sequential(layer, frozen), enabled=on):
-            frozen(layer(x)).square().sum().backward()
+        with onednn_linears(nn.Sequential(layer, frozen), enabled=on), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: (saved.append(t) if t.data_ptr() not in params else None, t)[1], lambda t: t):
+            out = frozen(layer(x)).square()
+        kept[on] = sorted(t.numel() for t in saved)
+        out.sum().backward()
         # forward 2, backward: layer's input and weight gradients, frozen layer's input gradient only
         assert kernels.calls - before == (5 if on else 0)
         assert frozen.weight.grad is None
         grads[on] = (x.grad, layer.weight.grad, layer.bias.grad)
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # as torch's linear: the trained layer keeps its input, the frozen one nothing (not the trained layer's output)
+    assert kept[True] == kept[False] == [2 * 5 * 3, 2 * 5 * 6]  # x, and square's input
 
 
 def test_flamingo_generate_and_score_agree_with_default_kernels():
