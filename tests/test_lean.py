@@ -67,7 +67,7 @@ def stock_and_lean(amp: bool):
 
 def test_fp32_block_same_forward_same_gradients_less_kept():
     counts, stock, x, media, (y0, g0, kept0), (y1, g1, kept1) = stock_and_lean(amp=False)
-    assert counts == {"feed_forward": 1, "cross_attention": 1, "linear": 0}
+    assert counts == {"feed_forward": 1, "cross_attention": 1, "gated_mlp": 0, "linear": 0}
     assert torch.equal(y0, y1)
     names = ["x"] + [n for n, _ in stock.named_parameters()]
     for n, a, b in zip(names, g0, g1):
@@ -78,7 +78,7 @@ def test_fp32_block_same_forward_same_gradients_less_kept():
 
 def test_autocast_block_bitwise_forward_and_gradients_as_accurate_as_stock():
     counts, stock, x, media, (y0, g0, kept0), (y1, g1, kept1) = stock_and_lean(amp=True)
-    assert counts == {"feed_forward": 1, "cross_attention": 1, "linear": 5}
+    assert counts == {"feed_forward": 1, "cross_attention": 1, "gated_mlp": 0, "linear": 5}
     assert torch.equal(y0, y1)  # the same casts and products in the same order
     exact = copy.deepcopy(stock).double()
     _, g64, _ = run_block(exact, x, media, amp=False, dtype=torch.float64)
@@ -135,7 +135,7 @@ def test_lean_forwards_fall_back_without_gradients_and_leave_wrapped_layers_alon
     handle.remove()
     assert seen == [x.shape] and torch.equal(y0, y1)
     again = make_lean(lean, autocast=True)  # patching twice changes nothing
-    assert again == {"feed_forward": 0, "cross_attention": 0, "linear": 0}
+    assert again == {"feed_forward": 0, "cross_attention": 0, "gated_mlp": 0, "linear": 0}
 
 
 @pytest.mark.parametrize("amp", [False, True])
@@ -167,3 +167,53 @@ def test_lean_backward_config_key_and_its_old_name():
     assert TrainConfig.from_dict({**base, "recompute_gelu": False}).lean_backward is False  # the earlier name
     with pytest.raises(ConfigError, match="same setting"):
         TrainConfig.from_dict({**base, "recompute_gelu": False, "lean_backward": True})
+
+
+def llama_mlp(trained: bool):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    m = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=48, hidden_act="silu"))
+    return m.requires_grad_(trained)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("amp", [False, True])
+def test_gated_mlp_keeps_two_hidden_tensors_with_the_stock_forward_and_gradients(trained, amp):
+    """LLaMA's MLP (frozen in a Flamingo's LM, or trained): silu(gate(x)) is not kept, the rest is as
+    autograd computes it, bit for bit."""
+    lean = llama_mlp(trained)
+    assert make_lean(lean, autocast=amp)["gated_mlp"] == 1
+    stock = copy.deepcopy(lean)  # the same otherwise (trained linear layers under autocast are lean too)
+    del stock.forward
+    x0 = torch.randn(2, 5, 32)
+    results = []
+    for m in (stock, lean):
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        kept = {}
+        x = x0.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: (kept.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                           if t.untyped_storage().data_ptr() not in params else None, t)[1], lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                y = m(x)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), [x.grad] + [p.grad for p in m.parameters()], sum(kept.values())))
+    (y0, g0, kept0), (y1, g1, kept1) = results
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert (a is None and b is None) or torch.equal(a, b)
+    hidden = 2 * 5 * 48 * (2 if amp else 4)
+    assert kept0 - kept1 == hidden  # silu(gate(x)), one hidden-sized tensor
+
+
+def test_gated_mlp_runs_the_stock_forward_without_gradients_or_with_a_hooked_activation():
+    stock, lean = llama_mlp(False), llama_mlp(False)
+    make_lean(lean, autocast=False)
+    x = torch.randn(3, 32, requires_grad=True)
+    calls = []
+    lean.act_fn.register_forward_hook(lambda *a: calls.append(1))
+    assert torch.equal(stock(x), lean(x)) and calls == [1]  # the hooked activation is called
+    with torch.no_grad():
+        assert torch.equal(stock(x), lean(x))
