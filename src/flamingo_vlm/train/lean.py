@@ -21,7 +21,7 @@ either recomputed in microseconds or already kept by another node:
   of a LLaMA-based Flamingo, the built-in model's included), ``silu(gate(x))``, kept by the product
   with ``up(x)`` while the SiLU keeps its input: recomputed (:class:`SiluMul`). The frozen
   projections keep nothing, so the MLP keeps two of its hidden-sized tensors instead of three: on a
-  SmolLM2-135M-shaped LM (30 layers, hidden 1536) with the benchmark's 4 x 256 tokens, 0.19 GB of the
+  SmolLM2-135M-shaped LM (30 layers, MLP width 1536) with the benchmark's 4 x 256 tokens, 0.19 GB of the
   1.77 GB an fp32 step kept.
 
 The forward is computed as the stock modules compute it (under autocast: the same casts in the
@@ -36,8 +36,8 @@ within the run-to-run spread (amp_bf16 4.35 / 4.27 -> 4.10 / 4.42 s, fp32 8.30 /
 7.89 s).
 
 :func:`make_lean` patches ``forward`` of a model's feed-forwards, cross-attention blocks, SiLU-gated
-MLPs and (under autocast) trained linear layers; the patched forwards take the lean path only while gradients are
-recorded and fall back to the stock forward otherwise (evaluation, generation).
+MLPs and (under autocast) trained linear layers; the patched forwards take the lean path only while
+gradients are recorded and fall back to the stock forward otherwise (evaluation, generation).
 """
 
 from __future__ import annotations
