@@ -28,6 +28,7 @@ OpenFlamingo code took ~9.9 s per step and 5.6 GB peak for this shape in fp32 on
 ``bench_vs_original.py --cases train``. Targets in fp32: >= 2x faster and <= 60 % of the memory.
 The header names the CPU and the kernel choices (:mod:`flamingo_vlm.modeling.kernels`).
 ``--profile``: where one fp32 step goes (torch.profiler) against this CPU's matmul FLOP/s.
+``--saved``: what one step keeps for backward (its activation memory), by module.
 
 Usage::
 
@@ -35,6 +36,7 @@ Usage::
     PYTHONPATH=src python benchmarks/bench_train.py --quick      # tiny shapes (seconds)
     PYTHONPATH=src python benchmarks/bench_train.py --cases fp32 bf16 --steps 5
     PYTHONPATH=src python benchmarks/bench_train.py --cases fp32 fp32+gclm --memory-phases
+    PYTHONPATH=src python benchmarks/bench_train.py --saved              # kept for backward, by module
 
 Results: a markdown table on stdout and ``benchmarks/results/train-<device>[-quick].{md,json}``.
 """
@@ -461,6 +463,89 @@ def profile_step(s: Shape, threads: int | None, precision: str = "fp32") -> int:
     return 0
 
 
+def saved_census(s: Shape, threads: int | None, precision: str = "fp32") -> int:
+    """What one training step (``precision``: fp32 or amp_bf16, Trainer defaults) keeps from forward to
+    backward, by module: every tensor autograd saves (``torch.autograd.graph.saved_tensors_hooks``),
+    counted once per storage, parameters aside. The module is the innermost ``nn.Module`` method on the
+    Python stack when the tensor is saved, so no module hook is added (hooks turn the lean paths off);
+    layer indices are folded into ``N``. This is the activation memory of the step's peak: where it
+    comes from, tensor by tensor."""
+    import collections
+    import re
+
+    import torch
+
+    from flamingo_vlm.train import Trainer, TrainConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_flamingo(s)
+    names = {m: n for n, m in model.named_modules()}
+
+    def where() -> str:
+        f = sys._getframe(2)
+        while f is not None:
+            owner = f.f_locals.get("self")
+            if isinstance(owner, torch.nn.Module) and owner in names:
+                return re.sub(r"\.\d+(?=\.|$)", ".N", names[owner] or "(model)")
+            f = f.f_back
+        return "(outside modules)"
+
+    kept: dict[int, tuple[str, tuple, str, int]] = {}
+    params: set[int] = set()
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # (tensors without storage)
+            return t
+        ptr = storage.data_ptr()
+        if ptr not in params and ptr not in kept:
+            kept[ptr] = (where(), tuple(t.shape), str(t.dtype).removeprefix("torch."), storage.nbytes())
+        return t
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig.from_dict({"precision": precision, "max_steps": 10, "checkpoint_every": 10_000,
+                                     "output_dir": out, "schedule": {"warmup_steps": 0}, "progress": False,
+                                     "export": False, "tensorboard": False, "plot": False,
+                                     **({"frozen_bf16": True} if precision == "amp_bf16" else {})},
+                                    require_model=False)
+        trainer = Trainer(cfg, model=model, datasets=[RandomBatches(s)], loss_weights=[1.0])
+        try:
+            trainer.train_step(trainer.next_batches())
+            params.update(p.untyped_storage().data_ptr() for p in model.parameters())  # (after any casts)
+            batches = trainer.next_batches()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                trainer.train_step(batches)
+        finally:
+            trainer.close()
+    groups: dict[str, list] = collections.defaultdict(lambda: [0, 0, collections.Counter()])
+    for module, shape, dtype, nbytes in kept.values():
+        g = groups[module]
+        g[0] += nbytes
+        g[1] += 1
+        g[2][f"{shape} {dtype}"] += 1
+    total = sum(g[0] for g in groups.values())
+    lines = [f"What one {precision} training step keeps for backward, batch {s.batch} x {s.length} tokens x "
+             f"{s.images} images (Trainer defaults): {total / 1e9:.3f} GB in {len(kept)} tensors (one count per "
+             "storage, parameters aside), by the module that saved them.",
+             kernel_summary() + ".", "",
+             "| module | MB | tensors | most common shapes (count) |", "|---|---:|---:|---|"]
+    for module, (nbytes, n, shapes) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        common = ", ".join(f"{k} ({c})" for k, c in shapes.most_common(3))
+        lines.append(f"| {module} | {nbytes / 1e6:.1f} | {n} | {common} |")
+    lines += ["", "The LM head's tensors are saved and freed inside the chunked loss's forward, which runs the head's "
+              "backward chunk by chunk there: they are not kept until the step's backward."]
+    table = "\n".join(lines)
+    print(table)
+    out_dir = REPO / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "train-saved" + ("" if precision == "fp32" else f"-{precision}") + ("-quick" if s is QUICK else "")
+    (out_dir / f"{name}.md").write_text(table + "\n")
+    return 0
+
+
 def kernel_summary(allocator: str | None = None) -> str:
     import torch
 
@@ -483,6 +568,9 @@ def main() -> int:
     ap.add_argument("--profile", nargs="?", const="fp32", choices=("fp32", "amp_bf16"),
                     help="instead of the table: where one training step (fp32, or amp_bf16) goes (torch.profiler), "
                          "against this CPU's matmul FLOP/s")
+    ap.add_argument("--saved", nargs="?", const="fp32", choices=("fp32", "amp_bf16"),
+                    help="instead of the table: what one training step keeps for backward, by module "
+                         "(saved-tensor hooks; benchmarks/results/train-saved*.md)")
     ap.add_argument("--distributed-smoke", choices=("ddp", "fsdp"),
                     help="under torchrun: 2 steps of the quick model with DDP or FSDP2 (scripts/gpu_check.sh)")
     ap.add_argument("--memory-phases", action="store_true",
@@ -494,6 +582,8 @@ def main() -> int:
         return distributed_smoke(args.distributed_smoke)
     if args.profile:
         return profile_step(shape, args.threads, args.profile)
+    if args.saved:
+        return saved_census(shape, args.threads, args.saved)
     if args.child:
         print("RESULT " + json.dumps(run_case(args.child, shape, args.steps, args.threads, args.memory_phases)), flush=True)
         return 0
