@@ -271,6 +271,17 @@ def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["results"]["vqav2"][0]["num_samples"] == 2
 
 
+@pytest.mark.parametrize("flags, message", [(["--shots", "-1"], "shots must be non-negative"),
+                                           (["--num-samples", "0"], "num_samples must be >= 1")])
+def test_cli_values_out_of_range_are_usage_errors_before_the_model_loads(flags, message, tmp_path, monkeypatch, capsys):
+    from flamingo_vlm import cli
+    from flamingo_vlm.eval import evaluator
+
+    monkeypatch.setattr(evaluator, "evaluate", lambda *a, **k: pytest.fail("the evaluation started"))
+    code = cli.main(["evaluate", "--model", "m", "--tasks", "vqav2", "--data-root", str(tmp_path), *flags])
+    assert code == 2 and message in capsys.readouterr().err
+
+
 class _Oracle:
     """Stands in for the model: answers from the ground truth of the query image it is shown, so
     the whole pipeline (prompts, ids, post-processing, gathering, metrics) must score it perfectly."""

@@ -262,6 +262,29 @@ def test_add_serve_subcommand():
     assert parser.parse_args(["serve"]).model == "smol-synthetic"  # the built-in model by default
 
 
+def test_a_bad_address_is_a_one_line_error_before_the_model_loads(monkeypatch, capsys):
+    import socket
+
+    from flamingo_vlm import cli
+    from flamingo_vlm.serve import cli as serve_cli
+
+    monkeypatch.setattr(serve_cli, "build_server", lambda args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--port", "99999"])
+    assert e.value.code == 2 and "'99999' is not a port" in capsys.readouterr().err
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        assert cli.main(["serve", "--port", str(taken.getsockname()[1])]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("flamingo-vlm serve: error: cannot listen on 127.0.0.1:") and "--port" in err
+    finally:
+        taken.close()
+    assert cli.main(["serve", "--host", "no-such-host.invalid"]) == 1
+    assert "--host no-such-host.invalid: cannot listen there" in capsys.readouterr().err
+
+
 def test_serve_command_in_a_subprocess(serve_model_dir):  # noqa: F811
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))

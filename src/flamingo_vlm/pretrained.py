@@ -69,7 +69,7 @@ def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_
         raise OSError(
             f"could not get model '{name_or_path}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
             "It is not a local directory either. Download it where the Hub is reachable "
-            "(`huggingface-cli download " + str(name_or_path) + "`) and pass the directory, or pass cache_dir."
+            "(`hf download " + str(name_or_path) + " --local-dir DIR`) and pass the directory, or pass cache_dir."
         ) from e
 
 

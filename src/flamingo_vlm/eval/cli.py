@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..errors import UsageError
 from ..registry import DEFAULT_MODEL
 
 __all__ = ["add_evaluate_subcommand", "build_parser", "main"]
@@ -81,6 +82,10 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         model_name=args.model,
     )
+    try:  # values out of range or in conflict: a usage error (exit code 2), before the model loads
+        config.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     from ..locking import DirectoryBusy
 
     try:
@@ -117,13 +122,17 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: coco,flickr30k,vqav2,ok_vqa,textvqa,vizwiz,hateful_memes,imagenet,synthetic_icl")
     p.add_argument("--data-root", help="folder holding one folder per dataset (mscoco_karpathy/, vqav2/, ...)")
     p.add_argument("--task-root", action="append", metavar="TASK=PATH", help="a dataset's folder (repeatable)")
-    p.add_argument("--out", default="results", help="results folder (resumable: finished units are skipped)")
-    p.add_argument("--shots", type=_ints, default=[0, 4, 8, 16, 32], help="comma-separated shot counts")
-    p.add_argument("--trials", type=int, default=3, help="trials per shot count (different demos)")
+    p.add_argument("--out", default="results",
+                   help="results folder (default ./results; resumable: finished units are skipped)")
+    p.add_argument("--shots", type=_ints, default=[0, 4, 8, 16, 32],
+                   help="comma-separated shot counts (default 0,4,8,16,32: the paper's)")
+    p.add_argument("--trials", type=int, default=3, help="trials per shot count, with different demos (default 3)")
     p.add_argument("--seeds", type=_ints, default=None, help="trial seeds (default 42,43,...)")
-    p.add_argument("--num-samples", type=int, default=None, help="evaluate a random subset of this size per trial")
-    p.add_argument("--query-set-size", type=int, default=2048, help="training examples random demos come from")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="evaluate a random subset of this size per trial (default: the whole split)")
+    p.add_argument("--query-set-size", type=int, default=2048,
+                   help="training examples random demos come from (default 2048)")
+    p.add_argument("--batch-size", type=int, default=8, help="queries per batch (default 8)")
     p.add_argument("--rices", action="store_true", help="choose demos by image similarity (RICES)")
     p.add_argument("--demo-selection", choices=["random", "shared"], default="random",
                    help="random: demos drawn per query (default); shared: one draw per trial for every query")
@@ -133,11 +142,11 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rices-vision-encoder", help="encoder for RICES features (open_clip name or HF id); default: the model's")
     p.add_argument("--rices-vision-pretrained", help="its weights (e.g. openai)")
     p.add_argument("--rices-cache-dir", help="where RICES features are cached (default OUT/rices)")
-    p.add_argument("--num-beams", type=int, default=3)
-    p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--num-beams", type=int, default=3, help="beams for generated answers (default 3)")
+    p.add_argument("--length-penalty", type=float, default=0.0, help="beam search length penalty (default 0)")
     p.add_argument("--max-new-tokens", action="append", metavar="TASK=N", help="override a task's generation budget")
     p.add_argument("--ensemble", action="store_true", help="classification: average over up to 6 demo orders")
-    p.add_argument("--class-chunk-size", type=int, default=128, help="class names scored per chunk")
+    p.add_argument("--class-chunk-size", type=int, default=128, help="class names scored per chunk (default 128)")
     p.add_argument("--caption-metrics", default="cider,bleu,rouge", help="cider,bleu,rouge[,meteor (needs java)]")
     p.add_argument("--caption-tokenizer", choices=("auto", "java", "python"), default="auto",
                    help="PTB tokenisation for caption metrics: Stanford's (java) or the pure-Python one")
@@ -147,7 +156,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="openflamingo: score VQA as OpenFlamingo's vqa_metric.py did (answers always normalised; "
                         "leave-one-out removes every identical answer entry when the file has no answer_id, as "
                         "VizWiz's), to compare with the paper's numbers; default: the official metric")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "amp_bf16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "amp_bf16"), default="fp32", help="(default fp32)")
     p.add_argument("--quantize", choices=["int8", "int4"],
                     help="weight-only quantized LM, cross-attention and perceiver linears (CPU only; "
                          "int8 also the LM head; speeds per CPU in the README's Quantized weights)")

@@ -108,6 +108,8 @@ class EvalConfig:
             raise ValueError(f"shots must be non-negative, got {self.shots}")
         if self.trials < 1:
             raise ValueError("trials must be >= 1")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples} (leave it out to evaluate the whole split)")
         if self.demo_selection not in ("random", "rices", "shared"):
             raise ValueError(f"demo_selection must be 'random', 'rices' or 'shared', got {self.demo_selection!r}")
         if self.prefix_cache_mb < 0:

@@ -455,7 +455,7 @@ def resolve_open_clip_pretrained(
             errors.append(f"{filename}: {type(e).__name__}: {e}")
     raise OSError(
         f"could not get {' or '.join(filenames)} from the Hugging Face Hub repo {repo_id!r} "
-        f"(cache_dir={cache_dir}). Download it (e.g. `huggingface-cli download {repo_id} {filenames[-1]}`) "
+        f"(cache_dir={cache_dir}). Download it (e.g. `hf download {repo_id} {filenames[-1]}`) "
         f"or pass a local checkpoint path as `pretrained`.\n" + "\n".join(errors)
     )
 

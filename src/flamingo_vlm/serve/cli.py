@@ -8,7 +8,9 @@ server starts, so the rest of the command line works without them.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -19,13 +21,46 @@ DESCRIPTION = """Serve a Flamingo model over HTTP: OpenAI-compatible /v1/chat/co
 Concurrent requests are batched dynamically into shared generate calls."""
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 0-65535 (0 picks a free one)")
+    return port
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound to ``host:port`` before the model loads, so that an address in use
+    or a host that does not resolve is a one-line error at once, not a traceback after the model
+    loaded (uvicorn's own socket options: SO_REUSEADDR, inheritable)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SystemExit(f"--host {host}: cannot listen there ({e.strerror or e}); give a local address "
+                         "such as 127.0.0.1 or 0.0.0.0") from e
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = "; another process listens there: pick another --port (0 picks a free one)" \
+            if e.errno == errno.EADDRINUSE else ""
+        raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="model to serve: a built-in model name, a flamingo-vlm model directory (save_pretrained), a "
                         f"Hub repo in that format, or a released OpenFlamingo repo id (default: {DEFAULT_MODEL}, offline)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the --model directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     g = p.add_argument_group("model")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the model to this dtype")
@@ -127,16 +162,22 @@ def run_serve(args: argparse.Namespace) -> int:
                          "pip install 'flamingo-vlm[serve]'") from e
     if args.image_dir is not None and not args.image_dir.is_dir():
         raise SystemExit(f"--image-dir {args.image_dir} is not a directory")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app, engine, config = build_server(args)
-    logging.getLogger("flamingo_vlm.serve").info(
-        "serving %r (context %d, batch %d) on http://%s:%d", config.model_name, engine.max_context,
-        engine.max_batch_size, args.host, args.port)
-    from .protocol import header_timeout_protocol
+    sock = listen_socket(args.host, args.port)  # before the model loads: a bad address fails at once
+    try:
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app, engine, config = build_server(args)
+        port = sock.getsockname()[1]  # (the one picked, for --port 0)
+        logging.getLogger("flamingo_vlm.serve").info(
+            "serving %r (context %d, batch %d) on http://%s:%d", config.model_name, engine.max_context,
+            engine.max_batch_size, args.host, port)
+        from .protocol import header_timeout_protocol
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                http=header_timeout_protocol(config.header_timeout))
-    return 0
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
+                                               http=header_timeout_protocol(config.header_timeout)))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0 if server.started else 1
 
 
 def main(argv: list[str] | None = None) -> int:
