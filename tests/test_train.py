@@ -726,6 +726,28 @@ def test_clear_errors(model_dir, shards, tmp_path, capsys):
     assert "did you mean" in capsys.readouterr().err
 
 
+def test_data_flag_keeps_the_settings_of_the_configs_dataset_of_that_kind(model_dir, shards, tmp_path, capsys):
+    """`--data KIND=URLS` replaces the config's datasets; one of a kind the config has keeps that entry's
+    batch size and token limit (a user's `--data interleaved=mine/` trains as the config says)."""
+    import yaml
+
+    from flamingo_vlm.train.cli import main
+
+    cfg = _write_yaml(tmp_path / "c.yaml", model_dir, shards, tmp_path / "out")
+    assert main(["--config", str(cfg), "--data", "interleaved=mine/", "--print-config"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert [(d["kind"], d["urls"]) for d in data] == [("interleaved", ["mine/"])]
+    assert (data[0]["batch_size"], data[0]["max_tokens"]) == (2, 48)  # the config's interleaved entry, not 8 / 256
+    other = _write_yaml(tmp_path / "p.yaml", model_dir, {**shards, "interleaved": tmp_path}, tmp_path / "out")
+    text = yaml.safe_load(other.read_text())
+    text["data"] = text["data"][:1]  # pairs only
+    other.write_text(yaml.safe_dump(text))
+    assert main(["--config", str(other), "--data", "interleaved=mine/", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"][0]["batch_size"] != 2  # a kind it lacks: the defaults
+    assert main(["--config", str(cfg), "--data", "interleaved=mine/", "--batch-size", "3", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"][0]["batch_size"] == 3  # the flag still wins
+
+
 # -- damaged data, failed writes, damaged checkpoints --------------------------------------------------
 def test_damaged_shards_are_skipped_counted_and_named(model_dir, shards, tmp_path, capsys, caplog):
     """A non-tar, an empty and a truncated shard among good ones: the run goes on, and the damaged

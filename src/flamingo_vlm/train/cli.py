@@ -24,7 +24,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", default=[], metavar="KIND=URLS",
                    help=f"a dataset (replaces the config's data when given): KIND in {DATA_KINDS}, URLS a shard "
                         "pattern (brace ranges, globs, a directory), e.g. "
-                        "interleaved=shards/interleaved-{000000..000009}.tar (repeatable)")
+                        "interleaved=shards/interleaved-{000000..000009}.tar (repeatable); the config's first "
+                        "dataset of that KIND lends its settings (batch size, token limit, ...)")
     p.add_argument("--batch-size", type=int, help="batch size of every dataset")
     p.add_argument("--output-dir")
     p.add_argument("--max-steps", type=int)
@@ -60,12 +61,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         for k in ("vision", "vision_pretrained", "lm", "tokenizer"):
             cfg["model"][k] = None
     if args.data:
-        data = []
+        data, configured = [], {}
+        for entry in cfg.get("data") or []:
+            configured.setdefault(entry.get("kind"), entry)
         for item in args.data:
             kind, sep, urls = item.partition("=")
             if not sep or kind not in DATA_KINDS:
                 raise ConfigError(f"--data {item!r} must look like KIND=URLS with KIND in {DATA_KINDS}")
-            data.append({"kind": kind, "urls": [urls]})
+            # the config's first dataset of this kind lends its settings (batch size, token limit, ...)
+            data.append({**configured.get(kind, {}), "kind": kind, "urls": [urls]})
         cfg["data"] = data
     if args.batch_size is not None:
         for d in cfg["data"]:
