@@ -493,6 +493,7 @@ def saved_census(s: Shape, threads: int | None, precision: str = "fp32") -> int:
         return "(outside modules)"
 
     kept: dict[int, tuple[str, tuple, str, int]] = {}
+    alive: list = []
     params: set[int] = set()
 
     def pack(t):
@@ -503,6 +504,7 @@ def saved_census(s: Shape, threads: int | None, precision: str = "fp32") -> int:
         ptr = storage.data_ptr()
         if ptr not in params and ptr not in kept:
             kept[ptr] = (where(), tuple(t.shape), str(t.dtype).removeprefix("torch."), storage.nbytes())
+            alive.append(t)  # (a storage freed within forward, the loss's, would free its address for another)
         return t
 
     with tempfile.TemporaryDirectory() as out:

@@ -217,3 +217,20 @@ def test_gated_mlp_runs_the_stock_forward_without_gradients_or_with_a_hooked_act
     assert torch.equal(stock(x), lean(x)) and calls == [1]  # the hooked activation is called
     with torch.no_grad():
         assert torch.equal(stock(x), lean(x))
+
+
+def test_gated_mlp_under_double_backward_torch_func_and_a_decoding_block():
+    from flamingo_vlm.modeling import fused_decode
+    from flamingo_vlm.train.lean import SiluMul
+
+    g, u = (torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradgradcheck(SiluMul.apply, (g, u))  # a differentiable backward with create_graph
+    lean = llama_mlp(False)
+    make_lean(lean, autocast=False)
+    x, stock = torch.randn(2, 32), llama_mlp(False)
+    torch.testing.assert_close(torch.func.grad(lambda t: lean(t).sum())(x),
+                               torch.func.grad(lambda t: stock(t).sum())(x))  # (the stock path there)
+    # decoding replaces the forward for its block only, and gives the lean one back
+    with torch.no_grad(), fused_decode.fused_lm(lean) as patched:
+        assert patched == 1 and vars(lean)["forward"].__func__ is not type(lean).forward
+    assert vars(lean)["forward"].__func__.__name__ == "_gated_mlp"

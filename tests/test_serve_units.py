@@ -283,6 +283,13 @@ def test_a_bad_address_is_a_one_line_error_before_the_model_loads(monkeypatch, c
         taken.close()
     assert cli.main(["serve", "--host", "no-such-host.invalid"]) == 1
     assert "--host no-such-host.invalid: cannot listen there" in capsys.readouterr().err
+    first = serve_cli.listen_socket("127.0.0.1", 0)  # a second server on the port of one still loading its model
+    try:
+        assert cli.main(["serve", "--port", str(first.getsockname()[1])]) == 1
+        assert "Address already in use" in capsys.readouterr().err
+    finally:
+        first.close()
+    assert serve_cli.listen_socket("localhost", 0).getsockname()[0] == "127.0.0.1"  # as uvicorn binds names
 
 
 def test_serve_command_in_a_subprocess(serve_model_dir):  # noqa: F811

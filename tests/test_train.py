@@ -738,6 +738,14 @@ def test_data_flag_keeps_the_settings_of_the_configs_dataset_of_that_kind(model_
     data = yaml.safe_load(capsys.readouterr().out)["data"]
     assert [(d["kind"], d["urls"]) for d in data] == [("interleaved", ["mine/"])]
     assert (data[0]["batch_size"], data[0]["max_tokens"]) == (2, 48)  # the config's interleaved entry, not 8 / 256
+    named = yaml.safe_load(cfg.read_text())
+    named["data"] = [{**named["data"][1], "name": "mine"}, {**named["data"][1], "batch_size": 5}]
+    cfg.write_text(yaml.safe_dump(named))
+    assert main(["--config", str(cfg), "--data", "interleaved=a/", "--data", "interleaved=b/", "--data",
+                 "interleaved=c/", "--print-config"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert [d["batch_size"] for d in data] == [2, 5, 5]  # the i-th of the config's (its last past them)
+    assert all(d.get("name") != "mine" for d in data)  # a config's dataset name does not name other data
     other = _write_yaml(tmp_path / "p.yaml", model_dir, {**shards, "interleaved": tmp_path}, tmp_path / "out")
     text = yaml.safe_load(other.read_text())
     text["data"] = text["data"][:1]  # pairs only

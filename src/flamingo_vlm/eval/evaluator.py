@@ -59,7 +59,7 @@ class EvalConfig:
     shots: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 32])
     trials: int = 3
     seeds: list[int] | None = None  # default 42, 43, ...
-    num_samples: int | None = None  # evaluate a random subset (per trial seed); None: the whole split
+    num_samples: int | None = None  # evaluate a random subset (per trial seed), >= 1; None: the whole split
     query_set_size: int = 2048
     batch_size: int = 8
     demo_selection: str = "random"  # or "rices", or "shared": one demo set per trial for every query
@@ -300,7 +300,7 @@ class Evaluator:
         """Indices of the evaluated samples: all, or a random subset of ``num_samples`` drawn with
         the trial seed (as OpenFlamingo did), in ascending order."""
         k = self.config.num_samples
-        if k is None or k <= 0 or k >= n:
+        if k is None or k >= n:  # (validate() refuses k < 1)
             return list(range(n))
         return sorted(np.random.default_rng(seed).choice(n, k, replace=False).tolist())
 

@@ -591,8 +591,9 @@ def fused_lm(module: nn.Module) -> Iterator[int]:
     patched = []
     if on:
         for m in module.modules():
-            if "forward" in vars(m):
-                continue
+            own = vars(m).get("forward")
+            if own is not None and not getattr(own, "stock_without_grad", False):
+                continue  # (a forward of its own; those marked are the stock one where no gradient is taken)
             if kind := mlp_kind(m):
                 patched.append((m, _fused_mlp_forward(m, kind)))
             elif layer_kind(m) == "llama":
@@ -603,10 +604,14 @@ def fused_lm(module: nn.Module) -> Iterator[int]:
                 patched.append((m, _fused_mpt_model_forward(m)))
             elif layer_kind(m) == "mpt":
                 patched.append((m, _fused_mpt_forward(m)))
+    before = [vars(m).get("forward") for m, _ in patched]
     try:
         for m, forward in patched:
             m.forward = forward.__get__(m)
         yield len(patched)
     finally:
-        for m, _ in patched:
-            vars(m).pop("forward", None)
+        for (m, _), own in zip(patched, before):
+            if own is None:
+                vars(m).pop("forward", None)
+            else:
+                m.forward = own

@@ -32,19 +32,22 @@ def _port(text: str) -> int:
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound to ``host:port`` before the model loads, so that an address in use
-    or a host that does not resolve is a one-line error at once, not a traceback after the model
-    loaded (uvicorn's own socket options: SO_REUSEADDR, inheritable)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise SystemExit(f"--host {host}: cannot listen there ({e.strerror or e}); give a local address "
-                         "such as 127.0.0.1 or 0.0.0.0") from e
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
+    """The server's socket, bound to ``host:port`` and listening before the model loads, so that an
+    address in use or a host that does not resolve is a one-line error at once, not a traceback
+    after the model loaded. As uvicorn's own ``bind_socket``: IPv6 where ``host`` has a colon, else
+    IPv4 (``localhost``: 127.0.0.1; ``""``: every interface), SO_REUSEADDR, inheritable; listening
+    right away, so that a second server on the same port is refused here (SO_REUSEADDR lets two
+    sockets bind a port that neither listens on yet), and connections made while the model loads
+    wait in the backlog."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(address)
+        sock.bind((host, port))
+        sock.listen(2048)  # (uvicorn's default backlog)
+    except socket.gaierror as e:
+        sock.close()
+        raise SystemExit(f"--host {host}: cannot listen there ({e.strerror or e}); give a local address "
+                         "such as 127.0.0.1 or 0.0.0.0") from e
     except OSError as e:
         sock.close()
         hint = "; another process listens there: pick another --port (0 picks a free one)" \
@@ -169,7 +172,7 @@ def run_serve(args: argparse.Namespace) -> int:
         port = sock.getsockname()[1]  # (the one picked, for --port 0)
         logging.getLogger("flamingo_vlm.serve").info(
             "serving %r (context %d, batch %d) on http://%s:%d", config.model_name, engine.max_context,
-            engine.max_batch_size, args.host, port)
+            engine.max_batch_size, f"[{args.host}]" if ":" in args.host else args.host, port)
         from .protocol import header_timeout_protocol
 
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,

@@ -24,8 +24,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", default=[], metavar="KIND=URLS",
                    help=f"a dataset (replaces the config's data when given): KIND in {DATA_KINDS}, URLS a shard "
                         "pattern (brace ranges, globs, a directory), e.g. "
-                        "interleaved=shards/interleaved-{000000..000009}.tar (repeatable); the config's first "
-                        "dataset of that KIND lends its settings (batch size, token limit, ...)")
+                        "interleaved=shards/interleaved-{000000..000009}.tar (repeatable); the i-th of a KIND takes the "
+                        "settings of the config's i-th dataset of that KIND (batch size, token limit, ...)")
     p.add_argument("--batch-size", type=int, help="batch size of every dataset")
     p.add_argument("--output-dir")
     p.add_argument("--max-steps", type=int)
@@ -63,13 +63,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.data:
         data, configured = [], {}
         for entry in cfg.get("data") or []:
-            configured.setdefault(entry.get("kind"), entry)
+            configured.setdefault(entry.get("kind"), []).append(entry)
         for item in args.data:
             kind, sep, urls = item.partition("=")
             if not sep or kind not in DATA_KINDS:
                 raise ConfigError(f"--data {item!r} must look like KIND=URLS with KIND in {DATA_KINDS}")
-            # the config's first dataset of this kind lends its settings (batch size, token limit, ...)
-            data.append({**configured.get(kind, {}), "kind": kind, "urls": [urls]})
+            # The i-th --data of a kind takes the settings of the config's i-th dataset of that kind (its
+            # last, past them): batch size, token limit, ...; not its name, which named other data.
+            same = configured.get(kind, [])
+            given = sum(d["kind"] == kind for d in data)
+            settings = {k: v for k, v in same[min(given, len(same) - 1)].items() if k != "name"} if same else {}
+            data.append({**settings, "kind": kind, "urls": [urls]})
         cfg["data"] = data
     if args.batch_size is not None:
         for d in cfg["data"]:

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.cross_attention import GatedCrossAttentionBlock, cut_keys_values
-from ..modeling.fast_linear import linear
+from ..modeling.fast_linear import linear, outside_tracing
 from ..modeling.fused_decode import mlp_kind
 from ..modeling.kernels import PLAIN_TYPES
 from ..modeling.perceiver import merge_heads, split_heads
@@ -238,7 +238,11 @@ class SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         g, u = ctx.saved_tensors
-        grad_g = torch.ops.aten.silu_backward(grad * u, g) if ctx.needs_input_grad[0] else None
+        if torch.is_grad_enabled():  # a backward that is itself differentiated (create_graph): silu's
+            s = torch.sigmoid(g)     # derivative in differentiable ops (aten's silu_backward has none)
+            grad_g = grad * u * (s * (1 + g * (1 - s))) if ctx.needs_input_grad[0] else None
+        else:
+            grad_g = torch.ops.aten.silu_backward(grad * u, g) if ctx.needs_input_grad[0] else None
         grad_u = grad * F.silu(g) if ctx.needs_input_grad[1] else None
         return grad_g, grad_u
 
@@ -246,12 +250,15 @@ class SiluMul(torch.autograd.Function):
 def _gated_mlp(self, x: torch.Tensor) -> torch.Tensor:
     """``LlamaMLP.forward`` keeping ``silu(gate(x))`` out of the graph; its three products are called
     as modules (their hooks, LoRA wrappers and routes as usual)."""
-    if not torch.is_grad_enabled() or _hooked(self.act_fn):
+    if not torch.is_grad_enabled() or _hooked(self.act_fn) or not outside_tracing(x):  # (torch.func, compile)
         return type(self).forward(self, x)
     g, u = self.gate_proj(x), self.up_proj(x)
     if not (_plain(g, u) and g.dtype == u.dtype and g.shape == u.shape):
         return self.down_proj(self.act_fn(g) * u)
     return self.down_proj(SiluMul.apply(g, u))
+
+
+_gated_mlp.stock_without_grad = True  # (read by fused_decode.fused_lm: decoding may replace it for its block)
 
 
 def _is_feed_forward(m: nn.Module) -> bool:
