@@ -1,10 +1,15 @@
-"""flamingo_vlm.files: the atomic directory writer every saved directory goes through."""
+"""flamingo_vlm.files: the atomic directory writer every saved directory goes through, and giving
+back the resident pages of mapped weights a model no longer uses."""
 
+import mmap
 import os
+import re
+from pathlib import Path
 
 import pytest
+import torch
 
-from flamingo_vlm.files import atomic_directory, remove_leftovers
+from flamingo_vlm.files import atomic_directory, release_file_pages, remove_leftovers
 
 
 def _hidden(parent):
@@ -68,3 +73,75 @@ def test_keep_existing_and_leftovers(tmp_path):
     (tmp_path / ".other.tmp-abc").mkdir()
     remove_leftovers(tmp_path, "step_*")
     assert _hidden(tmp_path) == [".other.tmp-abc"]
+
+
+# -- release_file_pages: pages of a mapped weights file that only a replaced tensor used ----------------
+def _resident(path) -> int:
+    """Bytes of ``path``'s mappings resident in this process (0 where smaps is missing)."""
+    total, mine = 0, False
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return 0
+    for line in smaps.read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            mine = line.split()[-1] == str(Path(path).resolve())
+        elif mine and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps")
+
+
+def _mapped(tmp_path, n_bytes=4 << 20):
+    path = tmp_path / "w.bin"
+    data = torch.arange(n_bytes // 4, dtype=torch.float32)
+    path.write_bytes(data.numpy().tobytes())
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private and writable, as safetensors maps
+    return path, mm, torch.frombuffer(mm, dtype=torch.float32), data
+
+
+@linux_only
+def test_released_pages_leave_resident_memory_and_read_back_the_same(tmp_path):
+    path, mm, t, data = _mapped(tmp_path)
+    assert t.sum() == data.sum()  # every page read in
+    before = _resident(path)
+    q = t.numel() // 4
+    released = release_file_pages([t[: 3 * q]], live=[t[q: 2 * q]])  # the middle quarter stays in use
+    assert released >= 2 * q * 4 - 3 * 4096
+    assert before - _resident(path) >= released - 4096
+    torch.testing.assert_close(t, data, rtol=0, atol=0)  # a later read gets the file's bytes back
+
+
+@linux_only
+def test_a_mapping_written_to_is_left_alone(tmp_path):
+    path, mm, t, _ = _mapped(tmp_path)
+    t[5] = -7.0  # a private copy of that page now exists; dropping it would lose the write
+    assert release_file_pages([t]) == 0
+    assert t[5] == -7.0
+    assert release_file_pages([torch.ones(1 << 20)]) == 0  # anonymous memory: nothing to do
+
+
+@linux_only
+def test_resized_embeddings_do_not_stay_resident_from_the_lms_file(tmp_path):
+    from safetensors.torch import load_file
+    from tiny import tiny_lm, tiny_tokenizer, tiny_vision
+
+    from flamingo_vlm import create_model_and_transforms
+
+    tok = tiny_tokenizer()
+    lm_dir, tok_dir = tmp_path / "lm", tmp_path / "tok"
+    tiny_lm("llama", vocab_size=len(tok), hidden_size=256, num_attention_heads=4).save_pretrained(lm_dir)
+    tok.save_pretrained(tok_dir)
+    weights = lm_dir / "model.safetensors"
+    model, _, tok = create_model_and_transforms(tiny_vision(), None, str(lm_dir), str(tok_dir))
+    for p in model.parameters():  # read every live weight, as a forward does
+        p.sum()
+    resident = _resident(weights)
+    saved = load_file(weights)  # (maps the file once more)
+    old = saved["model.embed_tokens.weight"]  # its own, and the untied head of the same size
+    assert resident <= weights.stat().st_size - 2 * old.nbytes + 4 * 4096
+    lm = model.lang_encoder
+    torch.testing.assert_close(lm.get_input_embeddings().weight[: old.shape[0]], old, rtol=0, atol=0)
+    torch.testing.assert_close(lm.get_output_embeddings().weight[: old.shape[0]], saved["lm_head.weight"], rtol=0, atol=0)

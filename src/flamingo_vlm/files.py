@@ -5,6 +5,7 @@ directories atomically.
 (``from_pretrained``, OpenFlamingo checkpoints, MosaicGPT weights) and training checkpoints;
 :func:`atomic_directory` by ``save_pretrained``, the built-in LM's conversion cache and training
 checkpoints.
+:func:`release_file_pages` by the factory, after resizing a loaded LM's embeddings.
 """
 
 from __future__ import annotations
@@ -64,6 +65,75 @@ def load_weights_file(path: str | Path) -> Any:
             why = "it is truncated or corrupt; download or save it again"
         kind = "safetensors" if safetensors else "torch"
         raise WeightsFileError(path, f"cannot read {kind} file {path}: {why} ({type(e).__name__}: {detail})") from e
+
+
+def release_file_pages(dropped, live=()) -> int:
+    """Take the pages of memory-mapped weight files that back ``dropped`` (tensors the caller has
+    just replaced) out of this process's resident memory; returns the bytes given up.
+
+    Weights loaded from safetensors are views of the file's mapping, which stays mapped while any of
+    its tensors lives. A tensor replaced after loading (the embeddings that
+    ``resize_token_embeddings`` copies into a larger matrix) was read once, so its pages stay
+    resident, and count in the process's memory, for the life of the model: the whole embedding
+    again (0.15 GB for MPT-125M, 0.5 GB for a 7B LLaMA in fp32, twice where the head is untied).
+
+    Only pages wholly inside a dropped tensor and outside every ``live`` tensor are released, and
+    only in private file mappings no page of which was ever written (smaps ``Anonymous: 0``): such a
+    page holds nothing but the file's bytes, so a later read of it, if any, faults the same bytes
+    back in. Anywhere else (another OS, anonymous memory, a mapping written to) nothing is done."""
+    import ctypes
+    import re
+
+    if not os.path.exists("/proc/self/smaps"):
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def span(t):
+        if t is None or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+            return None
+        return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+    want = [s for s in map(span, dropped) if s]
+    keep = [s for s in map(span, live) if s]
+    if not want:
+        return 0
+    clean = []  # (lo, hi) of private file mappings without written pages
+    lo = hi = None
+    ok = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+)\s*(\S*)", line)
+            if m:
+                lo, hi = int(m[1], 16), int(m[2], 16)
+                ok = m[3].endswith("p") and m[4] != "0" and m[5].startswith("/")
+            elif ok and line.startswith("Anonymous:"):
+                if int(line.split()[1]) == 0:
+                    clean.append((lo, hi))
+                ok = False
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    released = 0
+    for a, b in want:
+        for mlo, mhi in clean:
+            lo, hi = max(a, mlo), min(b, mhi)
+            lo = -(-lo // page) * page
+            hi = hi // page * page
+            for k_lo, k_hi in sorted(keep):  # cut out what live tensors use
+                if k_hi <= lo or k_lo >= hi:
+                    continue
+                if k_lo > lo and (k_lo // page * page) - lo > 0:
+                    released += _dontneed(madvise, lo, k_lo // page * page)
+                lo = max(lo, -(-k_hi // page) * page)
+            if hi > lo:
+                released += _dontneed(madvise, lo, hi)
+    return released
+
+
+def _dontneed(madvise, lo: int, hi: int) -> int:
+    return hi - lo if madvise(lo, hi - lo, 4) == 0 else 0  # MADV_DONTNEED
 
 
 @contextlib.contextmanager
