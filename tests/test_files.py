@@ -145,3 +145,30 @@ def test_resized_embeddings_do_not_stay_resident_from_the_lms_file(tmp_path):
     lm = model.lang_encoder
     torch.testing.assert_close(lm.get_input_embeddings().weight[: old.shape[0]], old, rtol=0, atol=0)
     torch.testing.assert_close(lm.get_output_embeddings().weight[: old.shape[0]], saved["lm_head.weight"], rtol=0, atol=0)
+
+
+@linux_only
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_matrices_do_not_stay_resident_from_the_lms_file(tmp_path, mode):
+    from tiny import tiny_lm, tiny_tokenizer, tiny_vision
+
+    from flamingo_vlm import create_model_and_transforms
+    from flamingo_vlm.modeling.quantize import quantization_of
+
+    tok = tiny_tokenizer()
+    lm_dir, tok_dir = tmp_path / "lm", tmp_path / "tok"
+    tiny_lm("llama", vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_attention_heads=4).save_pretrained(lm_dir)
+    tok.save_pretrained(tok_dir)
+    weights = (lm_dir / "model.safetensors").resolve()
+    model, _, tok = create_model_and_transforms(tiny_vision(), None, str(lm_dir), str(tok_dir), quantize=mode)
+    assert quantization_of(model) == mode
+    spans = [tuple(int(x, 16) for x in line.split()[0].split("-"))
+             for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(str(weights))]
+    tensors = [*model.parameters(), *model.buffers()]
+    for t in tensors:
+        t.float().sum()  # read every live weight, as a forward does
+    in_file = [t for t in tensors if any(lo <= t.data_ptr() < hi for lo, hi in spans)]
+    assert in_file, "the test expects the LM's norms to stay views of its file"
+    # (a read maps up to 16 pages around it that the page cache holds: the kernel's fault-around)
+    limit = sum(t.nbytes for t in in_file) + 16 * 4096 * (len(in_file) + 1)
+    assert _resident(weights) <= limit < weights.stat().st_size // 4

@@ -81,6 +81,7 @@ def release_file_pages(dropped, live=()) -> int:
     only in private file mappings no page of which was ever written (smaps ``Anonymous: 0``): such a
     page holds nothing but the file's bytes, so a later read of it, if any, faults the same bytes
     back in. Anywhere else (another OS, anonymous memory, a mapping written to) nothing is done."""
+    import bisect
     import ctypes
     import re
 
@@ -93,11 +94,10 @@ def release_file_pages(dropped, live=()) -> int:
             return None
         return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
-    want = [s for s in map(span, dropped) if s]
-    keep = [s for s in map(span, live) if s]
+    want = sorted(s for s in map(span, dropped) if s)
     if not want:
         return 0
-    clean = []  # (lo, hi) of private file mappings without written pages
+    clean = []  # (lo, hi) of private file mappings without written pages, in address order
     lo = hi = None
     ok = False
     with open("/proc/self/smaps") as f:
@@ -110,26 +110,45 @@ def release_file_pages(dropped, live=()) -> int:
                 if int(line.split()[1]) == 0:
                     clean.append((lo, hi))
                 ok = False
+    clean.sort()
+    # pages to give back: the dropped tensors' whole pages inside a clean mapping ...
+    cut = []
+    for a, b in want:
+        i = bisect.bisect_right(clean, (a, float("inf"))) - 1
+        if i >= 0 and clean[i][0] <= a < clean[i][1]:
+            lo, hi = -(-a // page) * page, min(b, clean[i][1]) // page * page
+            if hi > lo:
+                cut.append((lo, hi))
+    # ... less every page a live tensor touches
+    keep = _merge((a // page * page, -(-b // page) * page) for a, b in filter(None, map(span, live)))
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
         return 0
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     released = 0
-    for a, b in want:
-        for mlo, mhi in clean:
-            lo, hi = max(a, mlo), min(b, mhi)
-            lo = -(-lo // page) * page
-            hi = hi // page * page
-            for k_lo, k_hi in sorted(keep):  # cut out what live tensors use
-                if k_hi <= lo or k_lo >= hi:
-                    continue
-                if k_lo > lo and (k_lo // page * page) - lo > 0:
-                    released += _dontneed(madvise, lo, k_lo // page * page)
-                lo = max(lo, -(-k_hi // page) * page)
-            if hi > lo:
-                released += _dontneed(madvise, lo, hi)
+    for lo, hi in _merge(cut):
+        j = max(bisect.bisect_left(keep, (lo, 0)) - 1, 0)  # (the one before may reach into lo)
+        while j < len(keep) and keep[j][0] < hi:
+            k_lo, k_hi = keep[j]
+            if k_hi > lo:
+                if k_lo > lo:
+                    released += _dontneed(madvise, lo, k_lo)
+                lo = max(lo, k_hi)
+            j += 1
+        if hi > lo:
+            released += _dontneed(madvise, lo, hi)
     return released
+
+
+def _merge(ranges):
+    out = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _dontneed(madvise, lo: int, hi: int) -> int:

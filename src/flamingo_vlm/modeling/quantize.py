@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import release_file_pages
 from . import native
 from .kernels import DECODE_ROWS, int8_gemm, int8_gemm_route, int8_isa
 
@@ -250,6 +251,7 @@ def quantize_model(model: nn.Module, mode: str | None, *, group_size: int = 32, 
     if devices - {"cpu"}:
         raise ValueError(f"quantize={mode!r} runs on CPU only (torch has these kernels for CPU); the model is on "
                          f"{', '.join(sorted(devices - {'cpu'}))}: quantize before moving it, or drop quantize=")
+    before = [t.detach() for t in (*model.parameters(), *model.buffers())]  # (detached: the old storages)
     done = skipped = 0
     bare_head = getattr(model, "get_output_embeddings", lambda: None)()  # a bare LM's: only through `head`
     seen: set[int] = {id(bare_head)} if bare_head is not None else set()
@@ -267,6 +269,11 @@ def quantize_model(model: nn.Module, mode: str | None, *, group_size: int = 32, 
                         skipped += 1
         if head:
             done += _quantize_head(model, mode, group_size)
+    # A model loaded from safetensors keeps its file mapped for the weights left in full precision
+    # (norms, embeddings); the replaced matrices' pages, read once to quantize them, would stay
+    # resident with it: the built-in model's LM, 0.3 GB of fp32 pages next to its int8 weights.
+    release_file_pages(before, live=[*model.parameters(), *model.buffers()])
+    del before
     model.quantization = mode  # read by quantization_of / check_not_quantized
     return {"quantized": done, "skipped": skipped}
 
