@@ -234,3 +234,17 @@ def test_gated_mlp_under_double_backward_torch_func_and_a_decoding_block():
     with torch.no_grad(), fused_decode.fused_lm(lean) as patched:
         assert patched == 1 and vars(lean)["forward"].__func__ is not type(lean).forward
     assert vars(lean)["forward"].__func__.__name__ == "_gated_mlp"
+
+
+def test_perceiver_attention_keeps_no_attention_weights_and_matches_per_image_attention():
+    """Its (b, T) images go to SDPA as one batch dimension: torch's CPU flash kernel takes only 4-D
+    inputs, and a 5-D call runs the math path, which keeps the (latents x tokens) weights."""
+    torch.manual_seed(0)
+    m = PerceiverResampler(dim=64, depth=1, dim_head=16, heads=4, num_latents=8)
+    x = torch.randn(2, 3, 1, 7, 64)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        y = m(x)
+    assert not [s for s in shapes if s[-2:] == (8, 7 + 8)], shapes  # latents x (tokens + latents)
+    one = torch.stack([m(x[:, i: i + 1])[:, 0] for i in range(3)], 1)  # each image alone
+    torch.testing.assert_close(y, one, rtol=1e-5, atol=1e-6)

@@ -55,8 +55,11 @@ class PerceiverAttention(nn.Module):
         # Latents attend to the media tokens and to themselves.
         k, v = self.to_kv(torch.cat((x, latents), dim=-2)).chunk(2, dim=-1)
         q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(merge_heads(out))
+        # One batch dimension (b * T): torch's CPU flash kernel takes 4-D inputs only, and a 5-D
+        # call runs the math path (2x slower here, and it keeps the attention weights for backward).
+        lead = q.shape[:-3]
+        out = F.scaled_dot_product_attention(*(t.reshape(-1, *t.shape[-3:]) for t in (q, k, v)))
+        return self.to_out(merge_heads(out.reshape(*lead, *out.shape[1:])))
 
 
 class PerceiverResampler(nn.Module):

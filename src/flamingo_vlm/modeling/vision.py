@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..files import load_weights_file
 from ..image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
+from .fast_linear import linear
 
 __all__ = [
     "OPEN_CLIP_PRETRAINED",
@@ -80,7 +81,8 @@ class LayerScale(nn.Module):
 class _SelfAttention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names, run through SDPA."""
 
-    # used only through F.linear (training may store them in the autocast dtype when frozen)
+    # used only through fast_linear.linear, which is F.linear unless a routing block sends the call to
+    # oneDNN (plain fp32 only; training may store them in the autocast dtype when frozen)
     AUTOCAST_MATRIX_PARAMS = ("in_proj_weight", "in_proj_bias")
 
     def __init__(self, width: int, heads: int) -> None:
@@ -95,7 +97,7 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # (routed like the nn.Linear layers)
         qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (n, heads, length, head_dim)
         return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
