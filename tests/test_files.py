@@ -108,10 +108,20 @@ def test_released_pages_leave_resident_memory_and_read_back_the_same(tmp_path):
     assert t.sum() == data.sum()  # every page read in
     before = _resident(path)
     q = t.numel() // 4
-    released = release_file_pages([t[: 3 * q]], live=[t[q: 2 * q]])  # the middle quarter stays in use
+    middle = torch.frombuffer(mm, dtype=torch.float32, offset=q * 4, count=q)  # a storage of its own
+    released = release_file_pages([t[: 3 * q]], live=[middle])  # the middle quarter stays in use
     assert released >= 2 * q * 4 - 3 * 4096
     assert before - _resident(path) >= released - 4096
     torch.testing.assert_close(t, data, rtol=0, atol=0)  # a later read gets the file's bytes back
+
+
+@linux_only
+def test_pages_of_a_live_tensors_storage_stay_also_through_a_strided_view(tmp_path):
+    path, mm, t, data = _mapped(tmp_path)
+    assert t.sum() == data.sum()
+    before = _resident(path)
+    assert release_file_pages([t[: t.numel() // 2]], live=[t[1::2]]) == 0  # the view reaches every page
+    assert _resident(path) == before
 
 
 @linux_only

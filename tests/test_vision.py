@@ -301,3 +301,12 @@ def test_feature_grid_encoder():
         FeatureGridEncoder(conv, hidden_size=8, image_size=16, method="hidden")
     with pytest.raises(ValueError, match="neither"):
         FeatureGridEncoder(Backbone(), hidden_size=5, image_size=16, method="extract_features")(x)
+
+
+def test_the_vit_compiles_as_one_graph():
+    """Its in-projection goes through fast_linear.linear (routed like nn.Linear in a routing block),
+    which must not break a compiled graph outside one."""
+    vit = OpenCLIPVisionTransformer(image_size=32, patch_size=16, width=32, layers=2, heads=2, embed_dim=16).eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(vit, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), vit(x))

@@ -77,10 +77,12 @@ def release_file_pages(dropped, live=()) -> int:
     resident, and count in the process's memory, for the life of the model: the whole embedding
     again (0.15 GB for MPT-125M, 0.5 GB for a 7B LLaMA in fp32, twice where the head is untied).
 
-    Only pages wholly inside a dropped tensor and outside every ``live`` tensor are released, and
-    only in private file mappings no page of which was ever written (smaps ``Anonymous: 0``): such a
-    page holds nothing but the file's bytes, so a later read of it, if any, faults the same bytes
-    back in. Anywhere else (another OS, anonymous memory, a mapping written to) nothing is done."""
+    Only pages wholly inside a dropped tensor and outside the storage of every ``live`` tensor are
+    released, and only in private file mappings no page of which was ever written (smaps
+    ``Anonymous``, ``Swap`` and ``Private_Hugetlb`` all 0: a written page is one of these, in memory,
+    swapped out or huge): such a page holds nothing but the file's bytes, so a later read of it, if
+    any, faults the same bytes back in. Anywhere else (another OS, anonymous memory, a mapping
+    written to) nothing is done."""
     import bisect
     import ctypes
     import re
@@ -94,22 +96,36 @@ def release_file_pages(dropped, live=()) -> int:
             return None
         return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
+    def storage_span(t):  # a live tensor's whole storage: its views, contiguous or not, are kept
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_sparse or t.is_meta:
+            return None
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # (tensor subclasses without one)
+            return None
+        return (st.data_ptr(), st.data_ptr() + st.nbytes()) if st.nbytes() else None
+
     want = sorted(s for s in map(span, dropped) if s)
     if not want:
         return 0
     clean = []  # (lo, hi) of private file mappings without written pages, in address order
-    lo = hi = None
-    ok = False
+    current = None  # [lo, hi, counted] of the private file mapping being read; None once a written page shows
     with open("/proc/self/smaps") as f:
         for line in f:
             m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+)\s*(\S*)", line)
             if m:
-                lo, hi = int(m[1], 16), int(m[2], 16)
-                ok = m[3].endswith("p") and m[4] != "0" and m[5].startswith("/")
-            elif ok and line.startswith("Anonymous:"):
-                if int(line.split()[1]) == 0:
-                    clean.append((lo, hi))
-                ok = False
+                if current and current[2]:
+                    clean.append((current[0], current[1]))
+                current = None
+                if m[3].endswith("p") and m[4] != "0" and m[5].startswith("/"):
+                    current = [int(m[1], 16), int(m[2], 16), False]
+            elif current and line.startswith(("Anonymous:", "Swap:", "Private_Hugetlb:")):
+                if int(line.split()[1]):  # written pages: in memory, swapped out, or huge
+                    current = None
+                elif line.startswith("Anonymous:"):
+                    current[2] = True  # (a kernel that does not count them leaves the mapping alone)
+        if current and current[2]:
+            clean.append((current[0], current[1]))
     clean.sort()
     # pages to give back: the dropped tensors' whole pages inside a clean mapping ...
     cut = []
@@ -120,7 +136,7 @@ def release_file_pages(dropped, live=()) -> int:
             if hi > lo:
                 cut.append((lo, hi))
     # ... less every page a live tensor touches
-    keep = _merge((a // page * page, -(-b // page) * page) for a, b in filter(None, map(span, live)))
+    keep = _merge((a // page * page, -(-b // page) * page) for a, b in filter(None, map(storage_span, live)))
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):

@@ -120,6 +120,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     picks it for this call (decode-sized calls and larger GEMMs are decided apart; decode-sized
     fp32 and bf16 calls without gradients on our C kernel, oneDNN or packed weights, as measured for
     their row count)."""
+    if torch.compiler.is_compiling():  # (dynamo cannot trace the context variable; compiled code routes nothing)
+        return F.linear(x, w, b)
     mode = _ACTIVE.get()
     if mode is None or x.dtype not in _KINDS:
         return F.linear(x, w, b)
