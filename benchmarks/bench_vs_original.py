@@ -28,10 +28,14 @@ others >= 0.25 cores are not quiet).
     PYTHONPATH=src python benchmarks/bench_vs_original.py --cases train --precisions fp32
     PYTHONPATH=src python benchmarks/bench_vs_original.py --sides ours       # no peer venv needed
     PYTHONPATH=src python benchmarks/bench_vs_original.py --cases train --allocator both   # tcmalloc on both sides
+    PYTHONPATH=src python benchmarks/bench_vs_original.py --cases train --gradient-checkpointing lm   # ours with that option
 
 Allocator: our side runs with the allocator the ``flamingo-vlm`` command uses (tcmalloc where
 installed, :mod:`flamingo_vlm.allocator`), the original with the system's, as each one's users get
 it; ``--allocator both|none`` makes them the same. The header says which ran with which.
+
+``--gradient-checkpointing lm|all`` trains our side with ``model.gradient_checkpointing: lm`` / ``true``
+(less memory for more time; the original as always); the rows and the file name say so.
 
 Writes ``benchmarks/results/vs-original-<cases>.{md,json}``.
 """
@@ -173,7 +177,9 @@ def child(side: str, case: str, precision: str, reps: int) -> dict:
         model, tok = _build(50277)
         step = _ours_step(model, tok, bf16) if side == "ours" else _original_step(model, tok, bf16)
         times, others = _timed(step, reps)
-        out["train step 4x256"] = {"s": statistics.median(times), "runs": times, "others": others}
+        gc = os.environ.get("BENCH_OURS_GC", "") if side == "ours" else ""
+        name = "train step 4x256" + (f" (ours: gradient_checkpointing {'lm' if gc == 'lm' else 'true'})" if gc else "")
+        out[name] = {"s": statistics.median(times), "runs": times, "others": others}
     for v in out.values():
         v["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     if side == "ours":
@@ -218,8 +224,10 @@ def _ours_step(model, tok, bf16):
             pass
 
     out = tempfile.mkdtemp()
+    gc = {"": False, "lm": "lm", "all": True}[os.environ.get("BENCH_OURS_GC", "")]
     cfg = TrainConfig.from_dict({
         "precision": "amp_bf16" if bf16 else "fp32", "max_steps": 1000, "checkpoint_every": 100_000,
+        "model": {"gradient_checkpointing": gc},
         "output_dir": out, "schedule": {"warmup_steps": 0}, "progress": False, "export": False,
         "tensorboard": False, "plot": False,
         # what `flamingo-vlm train` does for the model it builds (off by default for models passed in)
@@ -241,9 +249,10 @@ def _allocators(mode: str) -> dict[str, dict[str, str]]:
     return {"ours": env, "original": env if mode == "both" else {}}
 
 
-def _run(side, case, precision, reps, preload_vars=None) -> dict:
+def _run(side, case, precision, reps, preload_vars=None, gc: str = "") -> dict:
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
+    env["BENCH_OURS_GC"] = gc
     env.update(preload_vars or {})
     if side == "ours":
         py = sys.executable
@@ -274,6 +283,8 @@ def main() -> int:
     ap.add_argument("--allocator", default="ours", choices=("ours", "both", "none"),
                     help="preload tcmalloc (where installed) for our side only, as the flamingo-vlm command does "
                          "(ours, default), for both sides (both), or for neither (none)")
+    ap.add_argument("--gradient-checkpointing", default="", choices=("lm", "all"),
+                    help="train case: our side with model.gradient_checkpointing lm or true (default: off)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -289,7 +300,8 @@ def main() -> int:
     for case in args.cases:
         for precision in args.precisions:
             for side in args.sides:
-                results[(case, precision, side)] = _run(side, case, precision, args.reps, preload[side])
+                results[(case, precision, side)] = _run(side, case, precision, args.reps, preload[side],
+                                                        args.gradient_checkpointing if case == "train" else "")
     kerns = [r.pop("_kernels") for r in results.values() if "_kernels" in r]
     kern = kerns[0] if kerns else "ours not run"
     lines = [f"flamingo-vlm vs the original OpenFlamingo, same machine, same run. {kern}.",
@@ -304,7 +316,7 @@ def main() -> int:
             ours = results.get((case, precision, "ours"), {})
             orig = results.get((case, precision, "original"), {})
             for name in (ours or orig):
-                a, b = ours.get(name), orig.get(name)
+                a, b = ours.get(name), orig.get(name, orig.get(name.partition(" (ours:")[0]))
                 f = lambda r, k, fmt: format(r[k], fmt) if r else "—"  # noqa: E731
                 speed = f"{b['s'] / a['s']:.2f}x" if a and b else "—"
                 mem = f"{a['peak_rss_gb'] / b['peak_rss_gb']:.0%}" if a and b else "—"
@@ -318,6 +330,7 @@ def main() -> int:
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     stem = "vs-original-" + "-".join(args.cases) + ("" if args.sides == ["ours", "original"] else "-" + "-".join(args.sides))
+    stem += f"-gc{args.gradient_checkpointing}" if args.gradient_checkpointing and "train" in args.cases else ""
     (out / f"{stem}.md").write_text(table + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"load_at_start": load, "kernels": kern, "allocator": preload,
                                                   "results": {"|".join(k): v for k, v in results.items()}}, indent=1))
