@@ -187,3 +187,25 @@ def test_every_subcommand_reports_bad_input_in_one_line(tmp_path, capsys, monkey
     monkeypatch.setenv("FLAMINGO_VLM_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         main(cases[1][0])
+
+
+def test_help_texts_show_no_docstring_markup():
+    """--help of flamingo-vlm, of each subcommand (and theirs) and of python -m flamingo_vlm.train
+    shows the docstrings they come from as plain text."""
+    import argparse
+
+    from flamingo_vlm.cli import build_parser
+    from flamingo_vlm.train.cli import build_parser as train_parser
+
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in set(action.choices.values()):
+                    yield from parsers(sub)
+
+    seen = list(parsers(build_parser())) + [train_parser()]
+    assert len(seen) > 6
+    for p in seen:
+        text = p.format_help()
+        assert "``" not in text and ":class:`" not in text and ":func:`" not in text, p.prog

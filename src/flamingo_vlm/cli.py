@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from .errors import UsageError
+from .errors import UsageError, plain_help
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -98,25 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_serve_subcommand
 
     add_serve_subcommand(sub)
-    _plain_help(parser)
+    plain_help(parser)
     return parser
-
-
-def _plain_help(parser: argparse.ArgumentParser) -> None:
-    """Descriptions taken from docstrings, without their reST markup (``x``, :class:`X`), in ``--help``
-    of the command and of its subcommands (and theirs: ``data write``, ...)."""
-    import re
-
-    def plain(text: str | None) -> str | None:
-        return text and re.sub(r"``([^`]*)``", r"\1", re.sub(r":[a-z]+:`~?([^`]*)`", r"\1", text))
-
-    parser.description = plain(parser.description)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for choice in action._choices_actions:
-                choice.help = plain(choice.help)
-            for sub in set(action.choices.values()):
-                _plain_help(sub)
 
 
 def _one_line(e: BaseException) -> str:

@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 
+from ..errors import plain_help
 from .config import DATA_KINDS, DISTRIBUTED, PRECISIONS, SCHEDULES, ConfigError, TrainConfig
 
 
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flamingo_vlm.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
-    return p
+    return plain_help(p)
 
 
 def main(argv: list[str] | None = None) -> int:
