@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flamingo_vlm.files import atomic_directory, release_file_pages, remove_leftovers
+from flamingo_vlm.files import atomic_directory, byte_span, release_file_pages, remove_leftovers
 
 
 def _hidden(parent):
@@ -109,7 +109,8 @@ def test_released_pages_leave_resident_memory_and_read_back_the_same(tmp_path):
     before = _resident(path)
     q = t.numel() // 4
     middle = torch.frombuffer(mm, dtype=torch.float32, offset=q * 4, count=q)  # a storage of its own
-    released = release_file_pages([t[: 3 * q]], live=[middle])  # the middle quarter stays in use
+    # (the dropped part as its addresses: a caller need not keep a tensor alive to release it)
+    released = release_file_pages([byte_span(t[: 3 * q])], live=[middle])  # the middle quarter stays in use
     assert released >= 2 * q * 4 - 3 * 4096
     assert before - _resident(path) >= released - 4096
     torch.testing.assert_close(t, data, rtol=0, atol=0)  # a later read gets the file's bytes back

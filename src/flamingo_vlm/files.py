@@ -69,7 +69,8 @@ def load_weights_file(path: str | Path) -> Any:
 
 def release_file_pages(dropped, live=()) -> int:
     """Take the pages of memory-mapped weight files that back ``dropped`` (tensors the caller has
-    just replaced) out of this process's resident memory; returns the bytes given up.
+    just replaced, or their :func:`byte_span` taken before, so as not to keep them alive) out of this
+    process's resident memory; returns the bytes given up.
 
     Weights loaded from safetensors are views of the file's mapping, which stays mapped while any of
     its tensors lives. A tensor replaced after loading (the embeddings that
@@ -92,6 +93,8 @@ def release_file_pages(dropped, live=()) -> int:
     page = os.sysconf("SC_PAGE_SIZE")
 
     def span(t):
+        if isinstance(t, tuple):  # (start, end) addresses, taken while the tensor lived
+            return t if t[1] > t[0] else None
         if t is None or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
             return None
         return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
@@ -155,6 +158,14 @@ def release_file_pages(dropped, live=()) -> int:
         if hi > lo:
             released += _dontneed(madvise, lo, hi)
     return released
+
+
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``(start, end)`` addresses of a contiguous CPU tensor's bytes (``(0, 0)`` for any other), for
+    :func:`release_file_pages` after the tensor is gone."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return (0, 0)
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
 
 def _merge(ranges):

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..files import release_file_pages
+from ..files import byte_span, release_file_pages
 from . import native
 from .kernels import DECODE_ROWS, int8_gemm, int8_gemm_route, int8_isa
 
@@ -251,7 +251,7 @@ def quantize_model(model: nn.Module, mode: str | None, *, group_size: int = 32, 
     if devices - {"cpu"}:
         raise ValueError(f"quantize={mode!r} runs on CPU only (torch has these kernels for CPU); the model is on "
                          f"{', '.join(sorted(devices - {'cpu'}))}: quantize before moving it, or drop quantize=")
-    before = [t.detach() for t in (*model.parameters(), *model.buffers())]  # (detached: the old storages)
+    before = [byte_span(t) for t in (*model.parameters(), *model.buffers())]  # (addresses: each layer is freed as replaced)
     done = skipped = 0
     bare_head = getattr(model, "get_output_embeddings", lambda: None)()  # a bare LM's: only through `head`
     seen: set[int] = {id(bare_head)} if bare_head is not None else set()
