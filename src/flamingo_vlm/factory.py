@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .backbones import build_builtin_tokenizer, build_builtin_vision
-from .files import release_file_pages
+from .files import byte_span, release_file_pages
 from .image_processing import ImageProcessor
 from .modeling.config import BackboneRef, CrossAttentionConfig, FlamingoConfig, PerceiverConfig, TokenConfig
 from .modeling.flamingo import Flamingo
@@ -118,13 +118,12 @@ def assemble(vision: VisionEncoder, lm: nn.Module, tokenizer, config: FlamingoCo
     if base_vocab_size is None:
         base_vocab_size = min(eoc_id, media_id)
     if lm.get_input_embeddings().weight.shape[0] != len(tokenizer):
-        head = lm.get_output_embeddings()
-        # detached: resize_token_embeddings gives the Parameter objects their new data in place
-        old = [w.detach() for w in (lm.get_input_embeddings().weight, getattr(head, "weight", None)) if w is not None]
+        # (addresses taken before: resize_token_embeddings gives the Parameter objects their new data in place)
+        old = [byte_span(m.weight) for m in (lm.get_input_embeddings(), lm.get_output_embeddings())
+               if isinstance(getattr(m, "weight", None), torch.Tensor)]
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         # the old matrices' pages in a mapped weights file would stay resident for the model's life
         release_file_pages(old, live=[*lm.parameters(), *lm.buffers()])
-        del old
     tokens = TokenConfig(eoc_token_id=eoc_id, media_token_id=media_id, pad_token_id=tokenizer.pad_token_id,
                          base_vocab_size=base_vocab_size)
     return Flamingo.from_config(vision, lm, config.replace(tokens=tokens), gradient_checkpointing=gradient_checkpointing)

@@ -5,13 +5,17 @@ directories atomically.
 (``from_pretrained``, OpenFlamingo checkpoints, MosaicGPT weights) and training checkpoints;
 :func:`atomic_directory` by ``save_pretrained``, the built-in LM's conversion cache and training
 checkpoints.
-:func:`release_file_pages` by the factory, after resizing a loaded LM's embeddings.
+:func:`release_file_pages` by the factory, after resizing a loaded LM's embeddings, and by
+``quantize_model``, after replacing its linear layers.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import ctypes
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -84,20 +88,9 @@ def release_file_pages(dropped, live=()) -> int:
     swapped out or huge): such a page holds nothing but the file's bytes, so a later read of it, if
     any, faults the same bytes back in. Anywhere else (another OS, anonymous memory, a mapping
     written to) nothing is done."""
-    import bisect
-    import ctypes
-    import re
-
     if not os.path.exists("/proc/self/smaps"):
         return 0
     page = os.sysconf("SC_PAGE_SIZE")
-
-    def span(t):
-        if isinstance(t, tuple):  # (start, end) addresses, taken while the tensor lived
-            return t if t[1] > t[0] else None
-        if t is None or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
-            return None
-        return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
     def storage_span(t):  # a live tensor's whole storage: its views, contiguous or not, are kept
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_sparse or t.is_meta:
@@ -108,7 +101,8 @@ def release_file_pages(dropped, live=()) -> int:
             return None
         return (st.data_ptr(), st.data_ptr() + st.nbytes()) if st.nbytes() else None
 
-    want = sorted(s for s in map(span, dropped) if s)
+    spans = (t if isinstance(t, tuple) else byte_span(t) for t in dropped if t is not None)
+    want = sorted(s for s in spans if s[1] > s[0])
     if not want:
         return 0
     clean = []  # (lo, hi) of private file mappings without written pages, in address order
