@@ -75,6 +75,55 @@ def test_keep_existing_and_leftovers(tmp_path):
     assert _hidden(tmp_path) == [".other.tmp-abc"]
 
 
+
+def test_entries_the_new_directory_lacks_are_kept_where_asked(tmp_path):
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("old")
+        (tmp / "stale_shard").write_text("old")
+    (target / "notes.txt").write_text("mine")
+    (target / "plots").mkdir()
+    (target / "plots" / "a.png").write_text("png")
+    with atomic_directory(target, keep_other=lambda name: name != "stale_shard") as tmp:
+        (tmp / "weights").write_text("new")
+        (tmp / "notes.txt").write_text("written by the save")  # the new directory's own file wins
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt", "plots", "weights"]
+    assert (target / "weights").read_text() == "new" and (target / "notes.txt").read_text() == "written by the save"
+    assert (target / "plots" / "a.png").read_text() == "png" and _hidden(tmp_path) == []
+
+
+def test_an_entry_that_cannot_be_moved_stays_in_the_old_directory_and_a_link_stays_a_link(tmp_path, monkeypatch, caplog):
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("old")
+    (target / "notes.txt").write_text("mine")
+    real_rename = type(target).rename
+
+    def rename(self, dst):
+        if self.name == "notes.txt":
+            raise OSError(13, "Permission denied")
+        return real_rename(self, dst)
+
+    monkeypatch.setattr(type(target), "rename", rename)
+    with caplog.at_level("WARNING", logger="flamingo_vlm.files"):
+        with atomic_directory(target, keep_other=lambda name: True) as tmp:
+            (tmp / "weights").write_text("new")
+    monkeypatch.undo()
+    assert (target / "weights").read_text() == "new"  # the write itself succeeded
+    [old] = [p for p in tmp_path.iterdir() if p.name.startswith(".model.old-")]
+    assert (old / "notes.txt").read_text() == "mine" and str(old) in caplog.text and "notes.txt" in caplog.text
+    # a symbolic link at the target is replaced as a link: the directory it pointed to is untouched
+    elsewhere = tmp_path / "run3"
+    elsewhere.mkdir()
+    (elsewhere / "tokenizer.json").write_text("{}")
+    link = tmp_path / "latest"
+    link.symlink_to(elsewhere)
+    with atomic_directory(link, keep_other=lambda name: True) as tmp:
+        (tmp / "weights").write_text("new")
+    assert not link.is_symlink() and sorted(p.name for p in link.iterdir()) == ["weights"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["tokenizer.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".latest")]
+
 # -- release_file_pages: pages of a mapped weights file that only a replaced tensor used ----------------
 def _resident(path) -> int:
     """Bytes of ``path``'s mappings resident in this process (0 where smaps is missing)."""

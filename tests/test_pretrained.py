@@ -102,6 +102,68 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert not target.exists() and list(tmp_path.iterdir()) == []
 
 
+
+def test_save_refuses_a_file_or_a_folder_of_other_things_and_keeps_notes_beside_a_model(tmp_path, monkeypatch):
+    model, ip, tok = tiny_flamingo()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt is a file, not a directory"):
+        model.save_pretrained(a_file, tokenizer=tok)
+    assert a_file.read_text() == "mine"
+    folder = tmp_path / "models"
+    (folder / "other-model").mkdir(parents=True)
+    (folder / "readme.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="does not hold a saved flamingo-vlm model .other-model, readme.md."):
+        model.save_pretrained(folder, tokenizer=tok)
+    assert sorted(p.name for p in folder.iterdir()) == ["other-model", "readme.md"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # a saved model is replaced; what the save does not write stays
+    out = model.save_pretrained(tmp_path / "m", tokenizer=tok, image_processor=ip)
+    (out / "NOTES.md").write_text("trained on ...")
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+    model.save_pretrained(tmp_path / "m", tokenizer=tok, image_processor=ip)
+    assert (out / "NOTES.md").read_text() == "trained on ..."
+    loaded, _, _ = load_pretrained(out)
+    name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    torch.testing.assert_close(dict(loaded.named_parameters())[name], param)
+    # the current directory (or one holding it) is never replaced, nor is '.' an error about names
+    monkeypatch.chdir(out)
+    with pytest.raises(FileExistsError, match="is the current directory"):
+        model.save_pretrained(".", tokenizer=tok)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    model.save_pretrained("sub", tokenizer=tok)
+    assert (empty / "sub" / "config.json").is_file()
+
+
+
+def test_save_through_a_link_home_and_hidden_files_and_without_a_tokenizer(tmp_path, monkeypatch):
+    model, ip, tok = tiny_flamingo()
+    run3 = model.save_pretrained(tmp_path / "run3", tokenizer=tok, image_processor=ip)
+    (tmp_path / "latest").symlink_to(run3)
+    model.save_pretrained(tmp_path / "latest", tokenizer=tok, image_processor=ip)  # the save goes where it points
+    assert (tmp_path / "latest").is_symlink() and (run3 / "tokenizer_config.json").is_file()
+    load_pretrained(tmp_path / "latest")
+    # saved again without a tokenizer: the old tokenizer's files are not kept as if they were notes
+    model.save_pretrained(run3, image_processor=ip)
+    assert not [p.name for p in run3.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
+    # a folder holding only hidden files counts as empty; '~' is the home directory, in and out
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / ".DS_Store").write_text("")
+    model.save_pretrained(tmp_path / "fresh", tokenizer=tok)
+    assert (tmp_path / "fresh" / ".DS_Store").exists() and (tmp_path / "fresh" / "config.json").is_file()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = model.save_pretrained("~/home-model", tokenizer=tok, image_processor=ip)
+    assert out == tmp_path / "home-model" and (out / "config.json").is_file()
+    load_pretrained("~/home-model")
+
+def test_a_path_that_is_not_there_is_named_as_a_directory(tmp_path):
+    for name in (f"{tmp_path}/no-such-dir", "./no-such-dir", "runs/a/final"):
+        with pytest.raises(FileNotFoundError, match=f"model directory {name} does not exist"):
+            load_pretrained(name)
+
 def test_saved_directory_is_readable_by_others(tmp_path):
     model, ip, tok = tiny_flamingo()
     old = os.umask(0o022)

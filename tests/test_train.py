@@ -696,6 +696,9 @@ def test_sigkill_and_resume_is_bitwise_identical_on_real_shards(model_dir, shard
     step6 = tmp_path / "killed" / "checkpoints" / "step_00000006"
     assert main(["--config", str(killed), "--export-checkpoint", str(step6), "--export-to", str(tmp_path / "e6")]) == 0
     assert (tmp_path / "e6" / "model.safetensors").is_file()
+    # without --config: the run's own config.yaml, beside its checkpoints
+    assert main(["--export-checkpoint", str(step6), "--export-to", str(tmp_path / "e6b")]) == 0
+    assert load_file(tmp_path / "e6b" / "model.safetensors").keys() == load_file(tmp_path / "e6" / "model.safetensors").keys()
 
     model, _, _ = flamingo_vlm.load_pretrained(tmp_path / "killed" / "final")
     trained = load_file(tmp_path / "killed" / "checkpoints" / "step_00000008" / "trainable.safetensors")
@@ -724,6 +727,14 @@ def test_clear_errors(model_dir, shards, tmp_path, capsys):
 
     assert main(["--config", str(cfg), "--set", "optim.lrr=1"]) == 2
     assert "did you mean" in capsys.readouterr().err
+
+    # an output_dir/final the export could not replace is refused at the start, not after training
+    (tmp_path / "out2" / "final").mkdir(parents=True)
+    (tmp_path / "out2" / "final" / "notes.txt").write_text("mine")
+    assert main(["--config", str(cfg), "--output-dir", str(tmp_path / "out2")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot export the trained model at the end" in err and "notes.txt" in err
+    assert not list((tmp_path / "out2").glob("checkpoints/*")) and not (tmp_path / "out2" / "metrics.csv").exists()
 
 
 def test_data_flag_keeps_the_settings_of_the_configs_dataset_of_that_kind(model_dir, shards, tmp_path, capsys):

@@ -29,15 +29,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _convert(args: argparse.Namespace) -> int:
     from .checkpoints import load_openflamingo_checkpoint, read_state_dict
     from .factory import create_model_and_transforms
-    from .registry import get_release
+    from .pretrained import check_save_target
+    from .registry import OPENFLAMINGO_RELEASES, get_release
 
     release = get_release(args.release) if args.release else None
     if args.release and release is None:
-        raise UsageError(f"unknown release {args.release!r}; known: see flamingo_vlm.registry.OPENFLAMINGO_RELEASES")
+        raise UsageError(f"unknown release {args.release!r}; known: {', '.join(OPENFLAMINGO_RELEASES)}")
     vision = args.vision or (release.vision if release else None)
     lm = args.lm or (release.lang_encoder if release else None)
     if not vision or not lm:
         raise UsageError("convert needs --release, or --vision and --lm (and usually --tokenizer)")
+    check_save_target(args.out)  # a file, or a folder of other things, is refused before anything loads
     state_dict = read_state_dict(args.checkpoint)  # a missing or damaged file fails before the backbones load
     model, image_processor, tokenizer = create_model_and_transforms(
         vision,
@@ -108,7 +110,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # (imports torch and transformers: seconds)
+    except KeyboardInterrupt:
+        print("flamingo-vlm: interrupted", file=sys.stderr)
+        return 130
     name = f"flamingo-vlm {args.command}"
     try:
         return args.func(args)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hub
 from .backbones import build_builtin_tokenizer, build_builtin_vision
 from .files import byte_span, release_file_pages
 from .image_processing import ImageProcessor
@@ -80,7 +81,8 @@ def vision_encoder_from_ref(ref: BackboneRef, *, cache_dir=None, local_files_onl
     else:
         raise ValueError(f"unknown vision encoder kind {ref.kind!r} (of {ref.name!r})")
     if ref.pretrained:
-        weights = resolve_open_clip_pretrained(ref.name, ref.pretrained, cache_dir=cache_dir)
+        weights = resolve_open_clip_pretrained(ref.name, ref.pretrained, cache_dir=cache_dir,
+                                               local_files_only=local_files_only)
         load_open_clip_state_dict(encoder, weights)
     encoder.reference = ref  # without weights it is not reloadable, and a saved model embeds it
     return encoder
@@ -157,6 +159,8 @@ def create_model_and_transforms(
     linears for CPU inference (:mod:`.modeling.quantize`; the model cannot then be trained or saved).
     """
     check_quantize_mode(quantize)
+    if not use_local_files and any(hub.may_download(p) for p in (clip_vision_encoder_path, lang_encoder_path, tokenizer_path)):
+        use_local_files = hub.local_files_only(use_local_files)  # offline: the cache at once, not ~30 s of retries
     vision = build_vision_encoder(
         clip_vision_encoder_path,
         clip_vision_encoder_pretrained,

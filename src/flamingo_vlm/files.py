@@ -14,14 +14,17 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import logging
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class WeightsFileError(ValueError):
@@ -177,7 +180,8 @@ def _dontneed(madvise, lo: int, hi: int) -> int:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, *, replace: bool = True,
+                     keep_other: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Yield a hidden temporary sibling of ``target`` to write into; when the block succeeds it takes
     ``target``'s place, so readers never see a half-written directory.
 
@@ -187,7 +191,14 @@ def atomic_directory(target: str | os.PathLike, *, replace: bool = True) -> Iter
     or packaged model), and the parent is fsynced after the rename. An existing ``target`` is replaced
     (``replace=False``: it wins and the new copy is dropped); if the swap fails, the old one is put
     back. On any failure the temporary directory is removed. Temporary names are
-    ``.{name}.tmp-*`` (see :func:`remove_leftovers`)."""
+    ``.{name}.tmp-*`` (see :func:`remove_leftovers`).
+
+    ``keep_other(name)``: entries of a replaced directory that the new one does not have and for
+    which it returns True are moved into the new one after the swap (a user's notes beside a saved
+    model survive a save over it, as they would with transformers' ``save_pretrained``); a crash
+    while moving leaves them in the hidden ``.{name}.old-*`` directory (a unique name: a later write
+    never deletes it), as does an entry that cannot be moved (logged). A symbolic link at ``target``
+    is replaced as a link: what it pointed to is left alone."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -203,18 +214,32 @@ def atomic_directory(target: str | os.PathLike, *, replace: bool = True) -> Iter
         if target.exists() and not replace:
             shutil.rmtree(tmp)
             return
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(target):
+            old = target.with_name(f".{target.name}.old-{os.getpid()}-{os.urandom(4).hex()}")  # (never an earlier one)
             target.rename(old)
         tmp.rename(target)
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not target.exists():
+        if old is not None and os.path.lexists(old) and not os.path.lexists(target):
             old.rename(target)
         raise
-    if old is not None:
+    if old is None:
+        return
+    if old.is_symlink():  # a link was replaced: what it pointed to is not ours to move or delete
+        old.unlink()
+        return
+    left = []
+    if keep_other is not None:
+        for entry in old.iterdir():
+            if keep_other(entry.name) and not os.path.lexists(target / entry.name):
+                try:
+                    entry.rename(target / entry.name)
+                except OSError as e:
+                    left.append(f"{entry.name} ({e.strerror or e})")
+    if left:  # the save itself succeeded: say where the rest is, delete nothing
+        logger.warning("%s is saved; %s could not be moved into it and stay in %s", target, ", ".join(left), old)
+    else:
         shutil.rmtree(old, ignore_errors=True)
 
 

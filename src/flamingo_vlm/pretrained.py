@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from . import hub
 from .checkpoints import CheckpointError, load_openflamingo_checkpoint
 from .factory import assemble, create_model_and_transforms, vision_encoder_from_ref
 from .files import atomic_directory, load_weights_file
@@ -52,12 +53,19 @@ WEIGHTS_NAME = "model.safetensors"
 # -- Hub -------------------------------------------------------------------------------------------
 def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_files_only=False, revision=None) -> Path:
     """A local directory, or a Hub repo id downloaded (or found in the cache) with huggingface_hub."""
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise ValueError(f"{path} is a file; expected a model directory or a Hub repo id")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:  # ("./my_model", "/models/x", "runs/a/final"): meant as a directory
+        raise FileNotFoundError(f"model directory {name_or_path} does not exist (nor is it a Hub repo id); "
+                                "check the path") from None
 
     try:
         return Path(
@@ -180,6 +188,9 @@ def read_config(directory: str | os.PathLike) -> tuple[FlamingoConfig, dict[str,
     """``(FlamingoConfig, the raw JSON)`` of a saved model directory, checked to be our format."""
     config_path = Path(directory) / CONFIG_NAME
     if not config_path.is_file():
+        if (Path(directory) / "final" / CONFIG_NAME).is_file():  # a training run's output directory
+            raise FileNotFoundError(f"{directory} is a training run's directory, not a model: its exported model is "
+                                    f"{Path(directory) / 'final'}")
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a flamingo-vlm model directory?")
     try:
         data = json.loads(config_path.read_text())
@@ -217,6 +228,47 @@ def _tokenizer_without_call_state(tokenizer):
     return clean
 
 
+# What a save writes, and the files a tokenizer may write: a directory saved over keeps everything else.
+_MODEL_ENTRIES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "added_token_rows.safetensors", "vision_encoder", "language_model",
+                            "special_tokens_map.json", "added_tokens.json", "merges.txt"})
+_TOKENIZER_PREFIXES = ("tokenizer", "vocab.", "chat_template", "spiece.", "sentencepiece.")
+
+
+def _written_by_a_save(name: str) -> bool:
+    return name in _MODEL_ENTRIES or name.startswith(_TOKENIZER_PREFIXES) or name.endswith(".model")
+
+
+def check_save_target(save_directory: str | os.PathLike) -> Path:
+    """The directory a model may be saved to (absolute): a new or empty one, or one holding a saved
+    flamingo-vlm model (replaced; files it does not write are kept). A file, or a non-empty
+    directory that holds something else, is refused before anything is built or written, so a
+    mistyped ``--out ~/models`` cannot delete what was there."""
+    target = Path(save_directory).expanduser().absolute()
+    if target.is_symlink():  # a link to a saved model ("latest -> run3"): the save goes where it points
+        target = target.resolve()
+    cwd = Path.cwd()
+    if target.is_dir() and (cwd == target.resolve() or target.resolve() in cwd.parents):
+        raise FileExistsError(f"{save_directory} is the current directory (or holds it), which a save would replace; "
+                              "save into a subdirectory")
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{save_directory} is a file, not a directory; name a new directory to save the model in")
+    if not target.is_dir():
+        return target
+    entries = sorted(p.name for p in target.iterdir() if not p.name.startswith("."))  # (.DS_Store, ...)
+    if not entries:
+        return target
+    try:
+        saved = json.loads((target / CONFIG_NAME).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        saved = False
+    if not saved:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise FileExistsError(
+            f"{save_directory} is a directory that does not hold a saved flamingo-vlm model ({shown}); "
+            "save into a new or empty directory (or remove this one first)")
+    return target
+
+
 def save_pretrained(
     model,
     save_directory: str | os.PathLike,
@@ -229,14 +281,14 @@ def save_pretrained(
     """Save ``model`` in our format; backbones are embedded when they cannot be referenced
     (``include_backbones=None``), always (True) or never (False, an error if impossible)."""
     check_not_quantized(model, "save_pretrained")  # its weights are integer buffers: nothing loadable to save
-    target = Path(save_directory)
+    target = check_save_target(save_directory)  # absolute: '.' has no name to make a sibling from
     model_config: FlamingoConfig = model.config
     embed_lm = include_backbones if include_backbones is not None else model_config.lm is None
     embed_vis = include_backbones if include_backbones is not None else model_config.vision is None
     if not embed_lm and model_config.lm is None:
         raise ValueError("the language model has no Hub id or path to reference; save with include_backbones=True")
     base_vocab_size = model_config.tokens.base_vocab_size
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, keep_other=lambda name: not _written_by_a_save(name)) as tmp:
         cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype else (lambda t: t)
         trainable = {n: cast(p.detach().contiguous()) for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
@@ -267,7 +319,7 @@ def save_pretrained(
         if tokenizer is not None:
             _tokenizer_without_call_state(tokenizer).save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-    return target
+    return Path(save_directory).expanduser()
 
 
 # -- load ------------------------------------------------------------------------------------------
@@ -294,8 +346,11 @@ def from_pretrained(
             )
         result = _load_directory(builtin, cache_dir=cache_dir, local_files_only=True)
     elif source.kind == "release":
+        local_files_only = hub.local_files_only(local_files_only)  # offline: the cache at once, not ~30 s of retries
         result = load_openflamingo_release(source.release, cache_dir=cache_dir, local_files_only=local_files_only)
     else:
+        if source.kind == "hub":
+            local_files_only = hub.local_files_only(local_files_only)
         directory = resolve_directory(name_or_path, cache_dir=cache_dir, local_files_only=local_files_only)
         result = _load_directory(directory, cache_dir=cache_dir, local_files_only=local_files_only)
     model, image_processor, tokenizer = result
@@ -309,6 +364,10 @@ def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
     from transformers import AutoTokenizer
 
     model_config, config = read_config(directory)
+    vision_entry = config["vision_encoder"]
+    if (model_config.lm is not None and hub.may_download(model_config.lm.name)) or (
+            vision_entry.get("type") == "reference" and hub.may_download(vision_entry.get("path"))):
+        local_files_only = hub.local_files_only(local_files_only)  # backbones by reference may need the Hub
     tokenizer = AutoTokenizer.from_pretrained(directory)
     vision = build_vision_from_spec(config["vision_encoder"], directory, cache_dir=cache_dir, local_files_only=local_files_only)
     if model_config.lm is None:  # embedded; through load_causal_lm: an MPT's qk_ln etc. are honoured, not dropped

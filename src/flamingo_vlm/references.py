@@ -112,8 +112,8 @@ class ModelSource:
 def model_source(name_or_path: str | Path) -> ModelSource:
     """A local directory wins over a built-in model or release of the same name."""
     name = str(name_or_path)
-    if Path(name).is_dir():
-        return ModelSource("directory", name, Path(name))
+    if Path(name).expanduser().is_dir():
+        return ModelSource("directory", name, Path(name).expanduser())
     builtin = builtin_model_dir(name)
     if builtin is not None:
         return ModelSource("builtin", name, builtin)

@@ -417,12 +417,13 @@ def load_open_clip_state_dict(
 
 
 def resolve_open_clip_pretrained(
-    model_name: str, pretrained: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+    model_name: str, pretrained: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
 ) -> Path:
     """Path of an open_clip checkpoint: ``pretrained`` is a local file (or a directory holding
     ``open_clip_pytorch_model.bin`` / ``open_clip_model.safetensors``), an ``hf-hub:org/repo`` id, or a
-    tag from `OPEN_CLIP_PRETRAINED` (e.g. ``"openai"``) downloaded from the Hugging Face Hub (the
-    local cache is used when ``HF_HUB_OFFLINE=1``)."""
+    tag from `OPEN_CLIP_PRETRAINED` (e.g. ``"openai"``) downloaded from the Hugging Face Hub (only
+    the local cache with ``local_files_only`` or ``HF_HUB_OFFLINE=1``)."""
     local = Path(pretrained).expanduser()
     if local.is_file():
         return local
@@ -452,7 +453,7 @@ def resolve_open_clip_pretrained(
     errors = []
     for filename in filenames:
         try:
-            return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+            return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_files_only))
         except Exception as e:  # offline, missing repo/file, HTTP errors: all get the same advice
             errors.append(f"{filename}: {type(e).__name__}: {e}")
     raise OSError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from ..errors import plain_help
 from .config import DATA_KINDS, DISTRIBUTED, PRECISIONS, SCHEDULES, ConfigError, TrainConfig
@@ -48,7 +49,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--no-export", action="store_true", help="do not write output_dir/final at the end")
     p.add_argument("--export-checkpoint", metavar="CHECKPOINT",
-                   help="do not train: export this checkpoint to the from_pretrained format (see --export-to)")
+                   help="do not train: export this checkpoint to the from_pretrained format (see --export-to); "
+                        "without --config, the config.yaml of the run that wrote it")
     p.add_argument("--export-to", metavar="DIR", help="where --export-checkpoint writes (default: output_dir/final)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
@@ -111,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import WriteError
     from .build import DataError
 
+    if args.export_checkpoint and not args.config and not args.from_pretrained:
+        # the run's own config, written beside its checkpoints (output_dir/config.yaml)
+        run_config = Path(args.export_checkpoint).resolve().parent.parent / "config.yaml"
+        if run_config.is_file():
+            args.config = str(run_config)
     try:
         config = config_from_args(args)
         if args.print_config:

@@ -53,6 +53,7 @@ from ..allocator import preload_hint
 from ..locking import hold_for_job
 from ..modeling.fast_linear import fast_bf16, onednn_available
 from ..modeling.kernels import decide
+from ..pretrained import check_save_target
 from . import checkpoint as ckpt
 from .build import DataError, build_model, check_batch, prepare_model, run_datasets
 from .config import ConfigError, TrainConfig
@@ -145,6 +146,11 @@ class Trainer:
                 tempfile.TemporaryFile(dir=self.output_dir).close()
             except OSError as e:
                 error = ckpt.explain_write_error(e, self.output_dir, "output_dir")
+            if error is None and self.cfg.export:
+                try:  # the export at the end would refuse it: say so now, not after training
+                    check_save_target(self.output_dir / "final")
+                except FileExistsError as e:
+                    error = f"cannot export the trained model at the end: {e}"
         error = broadcast_object(error, self.info)
         if error:
             raise ckpt.WriteError(error)

@@ -1,0 +1,100 @@
+"""Offline, loads that would need the Hub use the local cache at once instead of retrying (~30 s)."""
+
+import socket
+
+import pytest
+
+from flamingo_vlm import hub, load_pretrained
+
+
+@pytest.fixture(autouse=True)
+def fresh_answer(monkeypatch):
+    for name in hub._PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub.forget()
+    yield
+    hub.forget()
+
+
+def _no_dns(*args, **kwargs):
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+def test_a_host_that_does_not_resolve_means_the_cache_only(monkeypatch):
+    monkeypatch.setattr(socket, "getaddrinfo", _no_dns)
+    assert hub.hub_unreachable() and hub.local_files_only(False)
+    hub.forget()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # a proxy resolves names itself
+    assert not hub.hub_unreachable() and not hub.local_files_only(False) and hub.local_files_only(True)
+
+
+def test_a_resolving_host_leaves_downloads_on(monkeypatch):
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("1.2.3.4", 443))])
+    assert not hub.hub_unreachable() and not hub.local_files_only(False)
+
+
+def test_an_offline_release_load_asks_the_cache_only(monkeypatch, tmp_path):
+    import flamingo_vlm.pretrained as pretrained
+
+    monkeypatch.setattr(socket, "getaddrinfo", _no_dns)
+    seen = {}
+
+    def fake_release(release, *, cache_dir=None, local_files_only=False):
+        seen["local_files_only"] = local_files_only
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(pretrained, "load_openflamingo_release", fake_release)
+    with pytest.raises(OSError, match="not in the cache"):
+        load_pretrained("openflamingo/OpenFlamingo-3B-vitl-mpt1b", cache_dir=tmp_path)
+    assert seen == {"local_files_only": True}
+
+
+def test_loads_that_need_no_hub_ask_no_dns(monkeypatch, tmp_path):
+    """The built-in model, and a model saved from it (its backbones referenced as built-ins): no lookup."""
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail("a DNS lookup for a local load"))
+    model, ip, tok = load_pretrained("smol-synthetic")
+    model.save_pretrained(tmp_path / "tuned", tokenizer=tok, image_processor=ip)
+    load_pretrained(tmp_path / "tuned")
+    from tiny import tiny_flamingo
+
+    tiny, tip, ttok = tiny_flamingo()  # embedded backbones
+    tiny.save_pretrained(tmp_path / "tiny", tokenizer=ttok, image_processor=tip)
+    load_pretrained(tmp_path / "tiny")
+
+
+def test_an_offline_hub_id_asks_the_cache_only(monkeypatch, tmp_path):
+    import flamingo_vlm.pretrained as pretrained
+
+    monkeypatch.setattr(socket, "getaddrinfo", _no_dns)
+    seen = {}
+    real = pretrained.resolve_directory
+
+    def spy(name, *, cache_dir=None, local_files_only=False, revision=None):
+        seen["local_files_only"] = local_files_only
+        return real(name, cache_dir=cache_dir, local_files_only=local_files_only, revision=revision)
+
+    monkeypatch.setattr(pretrained, "resolve_directory", spy)
+    with pytest.raises(OSError, match="someone/no-such-flamingo"):
+        load_pretrained("someone/no-such-flamingo", cache_dir=tmp_path)
+    assert seen == {"local_files_only": True}
+
+
+def test_open_clip_weights_honour_local_files_only(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from flamingo_vlm.factory import build_vision_encoder
+
+    calls = []
+
+    def fake_download(repo_id, filename, *, cache_dir=None, local_files_only=False, **kwargs):
+        calls.append(local_files_only)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(OSError, match="timm/vit_large_patch14_clip_224.openai"):
+        build_vision_encoder("ViT-L-14", "openai", cache_dir=tmp_path, use_local_files=True)
+    assert calls == [True]
