@@ -209,3 +209,28 @@ def test_help_texts_show_no_docstring_markup():
     for p in seen:
         text = p.format_help()
         assert "``" not in text and ":class:`" not in text and ":func:`" not in text, p.prog
+
+
+def test_stop_strings_end_the_output_at_the_stop(saved, capsys):
+    root, _ = saved
+    common = ["--model", str(root / "model"), "--prompt", "<image>Output:", "--images", str(root / "im0.png"),
+              "--max-new-tokens", "12", "--json"]
+    code, full = _run(capsys, *common)
+    text = json.loads(full.out)["outputs"][0]
+    assert code == 0 and len(text) >= 2, text
+    stop = text[1:3]  # a piece of what greedy decoding writes, after its first character
+    code, cut = _run(capsys, *common, "--stop", stop)
+    assert code == 0, cut.err
+    out = json.loads(cut.out)["outputs"][0]
+    assert len(out) < len(text) and text.startswith(out) and stop in out, (text, out)
+
+
+def test_a_prompt_past_the_context_is_a_clear_error(saved, capsys):
+    root, _ = saved  # the tiny LM has 256 positions
+    common = ["--model", str(root / "model"), "--images", str(root / "im0.png")]
+    assert main(["generate", *common, "--prompt", "a " * 300 + "<image>Output:"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the load's progress lines)
+    assert last.startswith("flamingo-vlm generate: error: ") and "more than this model's context of 256" in last
+    assert main(["generate", *common, "--prompt", "<image>Output:", "--max-new-tokens", "300"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "max_new_tokens asks for 300 more" in last and "(at most" in last, last

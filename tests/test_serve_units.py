@@ -262,6 +262,33 @@ def test_add_serve_subcommand():
     assert parser.parse_args(["serve"]).model == "smol-synthetic"  # the built-in model by default
 
 
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--threads", "0", "give a whole number >= 1"), ("--threads", "-3", "give a whole number >= 1"),
+    ("--default-max-tokens", "0", ">= 1"), ("--max-batch-size", "0", ">= 1"), ("--max-queue", "0", ">= 1"),
+    ("--max-context", "0", ">= 1"), ("--image-cache-size", "-1", ">= 0"), ("--prefix-cache-mb", "-1", ">= 0"),
+    ("--batch-wait-ms", "-5", "give a number >= 0"), ("--request-timeout", "0", "give a number > 0"),
+    ("--header-timeout", "-1", "> 0"), ("--remote-timeout", "nan", "> 0"), ("--max-request-bytes", "0", ">= 1"),
+    ("--max-images", "-1", ">= 0"), ("--max-image-pixels", "0", ">= 1"), ("--max-score-candidates", "x", ">= 1"),
+    ("--remote-timeout", "inf", "> 0"), ("--batch-wait-ms", "1e400", ">= 0"), ("--prefix-cache-mb", "inf", ">= 0"),
+])
+def test_serve_limits_out_of_range_are_usage_errors_before_the_model_loads(flag, value, message, monkeypatch, capsys):
+    from flamingo_vlm import cli
+    from flamingo_vlm.serve import cli as serve_cli
+
+    monkeypatch.setattr(serve_cli, "build_server", lambda args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", flag, value])
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert e.value.code == 2 and f"argument {flag}: '{value}': give " in last and message in last, err
+
+
+def test_a_context_past_the_lms_positions_is_refused(engine):
+    limit = engine.max_context
+    with pytest.raises(ValueError, match=f"--max-context. {limit + 1} is more than this model's context of {limit}"):
+        Engine(engine.model, engine.image_processor, engine.tokenizer, max_context=limit + 1)
+
 def test_a_bad_address_is_a_one_line_error_before_the_model_loads(monkeypatch, capsys):
     import socket
 

@@ -28,6 +28,7 @@ import torch
 
 from .errors import UsageError
 from .modeling.fast_linear import fast_bf16
+from .modeling.lm_info import lm_context_limit
 from .processing import EOC_TOKEN, MEDIA_TOKEN
 from .registry import DEFAULT_MODEL
 
@@ -139,6 +140,9 @@ def generate_text(model, image_processor, tokenizer, sample, *, stream=None, **g
     vision_x, input_ids, attention_mask = _model_inputs(model, image_processor, tokenizer, sample)
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty (no tokens): give some text or an image")
+    _check_context(model, input_ids.shape[1], gen_kwargs.get("max_new_tokens"))
+    if gen_kwargs.get("stop_strings") and "tokenizer" not in gen_kwargs:
+        gen_kwargs["tokenizer"] = tokenizer  # transformers matches stop strings through the tokenizer
     streamer = _Streamer(tokenizer, stream) if stream is not None else None
     with torch.inference_mode():
         out = model.generate(vision_x, input_ids, attention_mask, streamer=streamer, **gen_kwargs)
@@ -147,6 +151,20 @@ def generate_text(model, image_processor, tokenizer, sample, *, stream=None, **g
     eoc = model.eoc_token_id
     n_tokens = int(sum(int((row != eoc).sum()) for row in new))
     return texts, n_tokens
+
+
+def _check_context(model, n_prompt: int, max_new_tokens: int | None) -> None:
+    """A prompt that with the tokens asked for does not fit the LM's context is refused (transformers
+    only warns, then generates from positions the LM never saw, or fails on an index)."""
+    limit, _ = lm_context_limit(model.lang_encoder)
+    if limit is None:
+        return
+    if n_prompt >= limit:
+        raise ValueError(f"the prompt has {n_prompt} tokens, more than this model's context of {limit}; shorten it")
+    if max_new_tokens is not None and n_prompt + max_new_tokens > limit:
+        raise ValueError(f"the prompt has {n_prompt} tokens and max_new_tokens asks for {max_new_tokens} more, past "
+                         f"this model's context of {limit} tokens; shorten the prompt or lower max_new_tokens "
+                         f"(at most {limit - n_prompt})")
 
 
 class _Streamer:

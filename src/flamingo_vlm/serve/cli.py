@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import socket
 import sys
 from pathlib import Path
@@ -29,6 +30,25 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 0-65535 (0 picks a free one)")
     return port
+
+
+def _at_least(low: float, *, integer: bool = True, strict: bool = False):
+    """An argparse type: a whole number (``integer``) or a number, ``>= low`` (``> low`` if ``strict``),
+    so a bad limit is a usage error at once, not a server that refuses every request."""
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (strict and value == low):
+            kind = "a whole number" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r}: give {kind} {'>' if strict else '>='} {low:g}")
+        return value
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
+SECONDS = _at_least(0, integer=False, strict=True)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -70,41 +90,41 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--quantize", choices=["int8", "int4"],
                     help="weight-only quantized LM, cross-attention and perceiver linears (CPU only; "
                          "int8 also the LM head; speeds per CPU in the README's Quantized weights)")
-    g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    g.add_argument("--threads", type=POSITIVE, help="torch intra-op threads (default: torch's choice)")
     g.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face Hub")
     g.add_argument("--cache-dir", help="Hugging Face cache directory")
-    g.add_argument("--max-context", type=int, help="context length (default: the LM's position limit)")
+    g.add_argument("--max-context", type=POSITIVE, help="context length (default: the LM's position limit)")
     g = p.add_argument_group("batching")
-    g.add_argument("--max-batch-size", type=int, default=8, help="most rows (prompts x n) in one generate call (8)")
-    g.add_argument("--batch-wait-ms", type=float, default=5.0,
+    g.add_argument("--max-batch-size", type=POSITIVE, default=8, help="most rows (prompts x n) in one generate call (8)")
+    g.add_argument("--batch-wait-ms", type=_at_least(0, integer=False), default=5.0,
                    help="how long the oldest queued request waits for others to share its batch (5 ms)")
-    g.add_argument("--max-queue", type=int, default=256, help="queued requests before answering 503 (256)")
-    g.add_argument("--image-cache-size", type=int, default=256,
+    g.add_argument("--max-queue", type=POSITIVE, default=256, help="queued requests before answering 503 (256)")
+    g.add_argument("--image-cache-size", type=NON_NEGATIVE, default=256,
                    help="images whose encodings are kept for reuse, e.g. few-shot demos (256; 0 disables)")
-    g.add_argument("--prefix-cache-mb", type=float, default=256,
+    g.add_argument("--prefix-cache-mb", type=_at_least(0, integer=False), default=256,
                    help="memory for the LM keys/values of prompt prefixes that requests share (few-shot "
                         "demonstrations), least recently used dropped first (256 MiB; 0 disables)")
     g = p.add_argument_group("limits")
-    g.add_argument("--default-max-tokens", type=int, default=64, help="max_tokens when a request gives none (64)")
-    g.add_argument("--request-timeout", type=float, default=300.0,
+    g.add_argument("--default-max-tokens", type=POSITIVE, default=64, help="max_tokens when a request gives none (64)")
+    g.add_argument("--request-timeout", type=SECONDS, default=300.0,
                    help="seconds a request may take, queueing included, before a 504 (300)")
-    g.add_argument("--body-timeout", type=float, default=30.0,
+    g.add_argument("--body-timeout", type=SECONDS, default=30.0,
                    help="seconds to wait for a request's body before a 408 (30)")
-    g.add_argument("--header-timeout", type=float, default=10.0,
+    g.add_argument("--header-timeout", type=SECONDS, default=10.0,
                    help="seconds a connection may take to send its request headers before it is closed (10)")
-    g.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, help="request body limit (64 MiB)")
-    g.add_argument("--max-images", type=int, default=8, help="images per request (8)")
-    g.add_argument("--max-image-bytes", type=int, default=10 * 1024 * 1024, help="bytes per encoded image (10 MiB)")
-    g.add_argument("--max-image-pixels", type=int, default=25_000_000,
+    g.add_argument("--max-request-bytes", type=POSITIVE, default=64 * 1024 * 1024, help="request body limit (64 MiB)")
+    g.add_argument("--max-images", type=NON_NEGATIVE, default=8, help="images per request (8)")
+    g.add_argument("--max-image-bytes", type=POSITIVE, default=10 * 1024 * 1024, help="bytes per encoded image (10 MiB)")
+    g.add_argument("--max-image-pixels", type=POSITIVE, default=25_000_000,
                    help="pixels per image, checked from the header before decoding (25M); also PIL's "
                         "MAX_IMAGE_PIXELS in this process")
-    g.add_argument("--max-score-candidates", type=int, default=64, help="candidates per /v1/score request (64)")
+    g.add_argument("--max-score-candidates", type=POSITIVE, default=64, help="candidates per /v1/score request (64)")
     g = p.add_argument_group("images")
     g.add_argument("--image-dir", type=Path,
                    help="allow image references that are file paths inside this folder (off by default)")
     g.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (off by default: such requests get a 400)")
-    g.add_argument("--remote-timeout", type=float, default=10.0, help="seconds per remote image fetch (10)")
+    g.add_argument("--remote-timeout", type=SECONDS, default=10.0, help="seconds per remote image fetch (10)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 

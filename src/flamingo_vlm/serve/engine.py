@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..modeling.lm_info import lm_context_limit
 from ..prefix_cache import PrefixCache
 from ..processing import EOC_TOKEN, MEDIA_TOKEN, FlamingoProcessor
 from .errors import APIError
@@ -215,6 +216,10 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_queue = max_queue
+        limit, _ = lm_context_limit(model.lang_encoder)  # (None: the LM's config names no limit)
+        if max_context is not None and limit is not None and max_context > limit:
+            raise ValueError(f"max_context (--max-context) {max_context} is more than this model's context of {limit} "
+                             f"tokens; give at most {limit}, or leave it out")
         self.max_context = max_context or max_context_of(model, tokenizer)
         self.media_token_id = tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
         self.eoc_token_id = tokenizer.convert_tokens_to_ids(EOC_TOKEN)

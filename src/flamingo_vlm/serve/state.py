@@ -37,11 +37,12 @@ class ServerState:
         raise APIError(404, f"the model '{shown}' does not exist; this server serves {served}",
                        param="model", code="model_not_found")
 
-    def count_images(self, total: int) -> None:
-        """A 400 for a request of more images than ``--max-images``."""
+    def count_images(self, total: int, param: str = "images") -> None:
+        """A 400 for a request of more images than ``--max-images`` (``param``: the request field
+        that holds them)."""
         if total > self.config.max_images:
             raise bad_request(f"{total} images in this request, over this server's limit of {self.config.max_images} "
-                              "(--max-images)", param="images", code="too_many_images")
+                              "(--max-images)", param=param, code="too_many_images")
 
 
 async def get_state(request: Request) -> ServerState:

@@ -32,7 +32,7 @@ async def chat_completions(request: Request, state: ServerState = Depends(get_st
         raise unsupported("response_format", "a response_format other than text")
     engine.check_rows(body.n)
     text, refs = chat_to_prompt(body.messages)
-    state.count_images(len(refs))
+    state.count_images(len(refs), "messages")
     max_tokens = body.max_completion_tokens or body.max_tokens
     with engine.incoming():
         prompt = await run_in_threadpool(build_prompt, state, text, refs, max_tokens, "messages")

@@ -47,7 +47,7 @@ async def score(request: Request, state: ServerState = Depends(get_state)):
         text, refs = chat_to_prompt(body.messages)
     else:
         text, refs = body.prompt, [(ref, f"images[{k}]") for k, ref in enumerate(body.images or [])]
-    state.count_images(len(refs))
+    state.count_images(len(refs), "messages" if body.messages is not None else "images")
     for i, cand in enumerate(body.candidates):
         if MEDIA_TOKEN in cand:
             raise bad_request(f"candidates must not contain {MEDIA_TOKEN}", param=f"candidates[{i}]",
