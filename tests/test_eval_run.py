@@ -409,3 +409,24 @@ def test_scores_are_split_by_whether_the_query_shows_a_held_out_pair(tiny, tmp_p
         assert metrics["held_out_pairs"] == {"shown": 0.0, "not_shown": 100.0}
         assert sum(metrics["held_out_pairs_samples"].values()) == results[task][0]["num_samples"]
     assert held_out_ids(tmp_path) is None  # a folder without a list: no split
+
+
+def test_units_of_another_model_saved_at_the_same_path_are_evaluated_again(tiny, tmp_path, monkeypatch):
+    root, (model, ip, tok) = tiny
+    path, out = tmp_path / "model", tmp_path / "out"
+
+    def run():
+        return eval_main(["--model", str(path), "--data-root", str(root / "data"), "--out", str(out),
+                          "--tasks", "vqav2", "--shots", "0", "--trials", "1", "--num-samples", "2", "--quiet"])
+
+    model.save_pretrained(path, tokenizer=tok, image_processor=ip)
+    assert run() == 0
+    ran = []
+    original = Evaluator.run_unit
+    monkeypatch.setattr(Evaluator, "run_unit", lambda self, spec, *a, **k: ran.append(spec.name) or original(self, spec, *a, **k))
+    assert run() == 0 and ran == []  # the same weights: nothing to redo
+    other, _, _ = tiny_flamingo("llama", max_position_embeddings=512)  # the same architecture and weights
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.requires_grad).mul_(0.5)  # ... as after more training
+    other.save_pretrained(path, tokenizer=tok, image_processor=ip)
+    assert run() == 0 and ran == ["vqav2"]

@@ -25,7 +25,8 @@ from torch import nn
 
 from .datasets import EvalDataset
 
-__all__ = ["FeatureExtractor", "RICES", "RandomDemoSelector", "encoder_fingerprint", "query_set_indices"]
+__all__ = ["FeatureExtractor", "RICES", "RandomDemoSelector", "encoder_fingerprint", "query_set_indices",
+           "weights_fingerprint"]
 
 
 def query_set_indices(n: int, size: int, seed: int) -> np.ndarray:
@@ -61,6 +62,25 @@ def encoder_fingerprint(encoder: nn.Module, extra: str = "") -> str:
     for _, t in params[:2] + params[-2:]:
         flat = t.detach().flatten()
         h.update(flat[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short id of a model's weights, so that the results of another model saved at the same path
+    (a run resumed and exported again, a folder overwritten) are not taken for this one's: every
+    tensor by its name, shape and dtype, and its values, in full up to 1M per trained weight
+    (``requires_grad``: what ``save_pretrained`` writes) and 4096 per other tensor (a merged LoRA
+    changes every entry), else at an even stride (training changes every value; the hash of a
+    9B model's ~1.4B trained weights stays a few hundred MB read)."""
+    if not isinstance(model, nn.Module):  # (a stand-in object that answers like a model)
+        return type(model).__name__
+    h = hashlib.sha1()
+    for name, t in model.state_dict(keep_vars=True).items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        data = t.detach().reshape(-1)
+        budget = 1 << 20 if isinstance(t, nn.Parameter) and t.requires_grad else 4096
+        data = data[:: -(-data.numel() // budget)] if data.numel() > budget else data
+        h.update(data.contiguous().cpu().view(torch.uint8).numpy())
     return h.hexdigest()[:16]
 
 

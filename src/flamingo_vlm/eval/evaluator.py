@@ -30,7 +30,7 @@ import torch
 from ..processing import FlamingoProcessor
 from . import prompts as P
 from .datasets import EvalDataset
-from .demos import RICES, FeatureExtractor, RandomDemoSelector
+from .demos import RICES, FeatureExtractor, RandomDemoSelector, weights_fingerprint
 from .distributed import DistContext, init_distributed, shard_indices
 from ..locking import hold_for_job
 from ..modeling.quantize import scheme as quant_scheme
@@ -104,7 +104,9 @@ class EvalConfig:
     def validate(self) -> None:
         for t in self.tasks:
             get_task(t)
-        if not self.shots or any(s < 0 for s in self.shots):
+        if not self.shots:
+            raise ValueError("shots is empty: give at least one number of demonstrations (--shots 0,4,8)")
+        if any(s < 0 for s in self.shots):
             raise ValueError(f"shots must be non-negative, got {self.shots}")
         if self.trials < 1:
             raise ValueError("trials must be >= 1")
@@ -119,7 +121,8 @@ class EvalConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.data_root is None and not all(get_task(t).name in self.task_roots for t in self.tasks):
-            raise ValueError("give data_root, or a task root for every task")
+            raise ValueError("give data_root (--data-root DIR: a folder with one subfolder per task; with --synthetic "
+                             "the synthetic tasks are written there), or a task root for every task")
 
 
 class _ImageCache:
@@ -163,6 +166,7 @@ class Evaluator:
     def __init__(self, model, image_processor, tokenizer, config: EvalConfig, ctx: DistContext | None = None):
         config.validate()
         self.model, self.image_processor, self.tokenizer, self.config = model.eval(), image_processor, tokenizer, config
+        self._raw_model, self._weights_id = model, None  # (see weights_id)
         self.prefix_cache = None
         if config.prefix_cache_mb > 0:  # tasks call self.model.generate/score: they go through the cache
             from ..prefix_cache import PrefixCache
@@ -187,10 +191,18 @@ class Evaluator:
     def _tensors(self, samples: list[dict]) -> list[torch.Tensor]:
         return list(self.pool.map(self.images.get, samples))
 
+    @property
+    def weights_id(self) -> str:
+        """:func:`~.demos.weights_fingerprint` of the model, computed once when a unit's fingerprint
+        is first needed (rank 0): units of another model saved at the same path are redone."""
+        if self._weights_id is None:
+            self._weights_id = weights_fingerprint(self._raw_model)
+        return self._weights_id
+
     def fingerprint(self, spec: Task, shots: int, seed: int, n_eval: int) -> dict[str, Any]:
         c = self.config
         fp = {
-            "model": c.model_name, "task": spec.name, "shots": shots, "seed": seed, "num_eval": n_eval,
+            "model": c.model_name, "weights": self.weights_id, "task": spec.name, "shots": shots, "seed": seed, "num_eval": n_eval,
             "num_samples": c.num_samples, "demo_selection": c.demo_selection, "precision": c.precision,
         }
         if c.quantize:  # a quantized model's units are not the full-precision model's
