@@ -414,8 +414,11 @@ def test_min_image_bytes(tmp_path, processor):
 def test_shard_errors(tmp_path, processor):
     with pytest.raises(FileNotFoundError, match=r"nothing-\*\.tar"):
         expand_urls(str(tmp_path / "nothing-*.tar"))
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(FileNotFoundError, match="missing-000.tar'; 2 of the 2 shards of .* are missing"):
         ShardDataset(DatasetSpec("pairs", [str(tmp_path / "missing-{000..001}.tar")]), processor)
+    (tmp_path / "some-000.tar").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"some-001.tar'; 2 of the 3 shards of .*some-\{000..002\}.tar' are"):
+        expand_urls(str(tmp_path / "some-{000..002}.tar"))
     # nothing readable at all: the "no full batch" error names the damaged shard and why
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar file at all" * 40)
@@ -733,6 +736,25 @@ def test_cli_write_and_inspect(tmp_path, capsys):
     assert args.func(args) == 0
     assert "4 sample(s)" in capsys.readouterr().out
 
+
+
+def test_cli_write_names_skipped_files_and_fails_when_nothing_was_written(tmp_path, capsys, caplog):
+    parser = argparse.ArgumentParser(prog="flamingo-vlm")
+    add_data_subcommand(parser.add_subparsers(dest="command", required=True))
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_text("not an image")
+    (folder / "a.txt").write_text("a caption")
+    (folder / "b.png").write_bytes((folder / "a.png").read_bytes())  # no caption file
+    args = parser.parse_args(["data", "write", str(folder), str(tmp_path / "out")])
+    with caplog.at_level("WARNING"):
+        assert args.func(args) == 1
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{folder / 'a.png'} is not a readable image" in logged and "BytesIO" not in logged
+    assert f"skipping {folder / 'b.png'}: no caption file b.txt" in logged
+    captured = capsys.readouterr()
+    assert "wrote 0 sample(s)" in captured.out and "auto" not in captured.out
+    assert captured.err.startswith("flamingo-vlm data write: error: no sample of") and captured.err.count("\n") == 1
 
 def test_plan_chunk_separator_goes_between_chunks_and_is_not_trained(tmp_path, processor):
     sim = np.array([[0.9, 0.1], [0.1, 0.9]])

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -142,10 +143,12 @@ def read_source(source: str | os.PathLike, stats: Counter | None = None, strict:
                 if strict:
                     raise SourceError(f"{path}: no caption file {cap.name}")
                 stats["missing_caption"] += 1
+                logger.warning("skipping %s: no caption file %s beside it", path, cap.name)
                 continue
             text = clean_text(cap.read_text(encoding="utf-8", errors="replace")).strip()
             if not text:
                 stats["empty_caption"] += 1
+                logger.warning("skipping %s: its caption file %s is empty", path, cap.name)
                 continue
             docs.append(Document([("image", path), ("text", text)], str(path)))
     else:
@@ -162,7 +165,10 @@ def _image_bytes(path: Path) -> tuple[bytes, str]:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
-    image = decode_image(data)  # raises ValueError when undecodable
+    try:
+        image = decode_image(data)
+    except ValueError as e:  # (PIL's message names an in-memory buffer, not the file)
+        raise ValueError(f"{path} is not a readable image ({re.sub(r' <_io.BytesIO object at 0x[0-9a-f]+>', '', str(e))})") from None
     with Image.open(io.BytesIO(data)) as im:
         fmt = im.format
     ext = _KEEP_FORMATS.get(fmt or "")
@@ -252,7 +258,8 @@ def write_shards(
     existing = sorted(out.glob("*.tar"))
     if existing:
         if not overwrite:
-            raise FileExistsError(f"{out} already holds {len(existing)} .tar file(s); pass overwrite=True (--overwrite)")
+            raise FileExistsError(f"{out} already holds {len(existing)} .tar file(s); pass --overwrite (overwrite=True) "
+                                  "to replace them")
         for p in existing:
             if _SHARD_NAME.match(p.name):
                 p.unlink()
@@ -389,12 +396,16 @@ def _cmd_write(args: argparse.Namespace) -> int:
     stats: Counter = Counter()
     paths = write_shards(args.source, args.out_dir, kind=args.kind, samples_per_shard=args.samples_per_shard,
                          overwrite=args.overwrite, strict=args.strict, stats=stats)
-    kind = paths[0].name.split("-")[0] if paths else args.kind
+    kind = paths[0].name.split("-")[0] if paths else ("" if args.kind == "auto" else args.kind)
     for p in paths:
         print(p)
     skipped = {k: v for k, v in stats.items() if k in ("bad_records", "missing_caption", "empty_caption", "bad_images")}
-    print(f"wrote {stats['written']} {kind} sample(s) with {stats['images']} image(s) in {len(paths)} shard(s)"
+    print(f"wrote {stats['written']} {kind + ' ' if kind else ''}sample(s) with {stats['images']} image(s) in {len(paths)} shard(s)"
           + (f"; skipped {skipped}" if skipped else ""))
+    if not stats["written"]:
+        print(f"flamingo-vlm data write: error: no sample of {args.source} could be written (see the skipped "
+              "records above)", file=sys.stderr)
+        return 1
     return 0
 
 

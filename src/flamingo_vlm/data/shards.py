@@ -77,7 +77,13 @@ def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[s
             out.extend(_expand_braces(pattern))
             continue
         found: list[str] = []
-        for item in _expand_braces(os.path.expanduser(pattern)):
+        items = _expand_braces(os.path.expanduser(pattern))
+        missing = [item for item in items if not _GLOB_CHARS.search(item) and not os.path.exists(item)]
+        if missing:
+            some = f"{len(missing)} of the {len(items)} shards of {pattern!r} are" if len(items) > 1 else f"{pattern!r} is"
+            raise FileNotFoundError(f"shard not found: {missing[0]!r}; {some} missing: write them, or give "
+                                    "the folder or a pattern that matches the shards there are")
+        for item in items:
             if _GLOB_CHARS.search(item):
                 found.extend(sorted(p for p in glob.glob(item) if os.path.isfile(p)))
             elif os.path.isdir(item):
@@ -85,7 +91,7 @@ def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[s
             elif os.path.isfile(item):
                 found.append(item)
             else:
-                raise FileNotFoundError(f"shard not found: {item!r} (from {pattern!r})")
+                raise FileNotFoundError(f"shard not found: {item!r} (from {pattern!r}): not a file or folder")
         if not found:
             raise FileNotFoundError(f"no shards found for {pattern!r}")
         out.extend(found)

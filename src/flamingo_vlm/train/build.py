@@ -168,7 +168,7 @@ def config_datasets(cfg: TrainConfig, model, tokenizer, image_processor, *, rank
                               eos_token_id=tokenizer.eos_token_id)
     except FileNotFoundError as e:
         idx = _which_dataset(cfg, str(e))
-        raise DataError(f"no training data found{idx}: {e}") from e
+        raise DataError(f"no training data found{idx}: {e} (the config's data[].urls, or --data KIND=PATH)") from e
 
 
 def run_datasets(cfg: TrainConfig, model, tokenizer, image_processor, info, datasets=None, names=None,
