@@ -149,6 +149,25 @@ def test_saving_a_quantized_model_is_refused(tiny, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_loading_a_checkpoint_into_a_quantized_model_is_refused(tiny, mode):
+    """(The Quickstart's load_state_dict after quantize=: the fp32 weights would match nothing, and the
+    model would run on its random adapter.)"""
+    import copy
+
+    from flamingo_vlm.checkpoints import CheckpointError
+
+    model, *_ = tiny
+    sd = model.state_dict()
+    q = copy.deepcopy(model)
+    quantize_model(q, mode)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    with pytest.raises(CheckpointError, match=f"this model is quantized to {mode}: load the checkpoint into") as e:
+        q.load_state_dict(sd, strict=False)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+
 def test_factory_and_from_pretrained_take_quantize(tiny, tmp_path):
     from tiny import tiny_lm, tiny_tokenizer, tiny_vision
 

@@ -100,6 +100,14 @@ def _state_key(param_name: str) -> str:
 
 def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = True) -> LoadReport:
     """Load an OpenFlamingo checkpoint (any of its shapes) into ``model``, validated."""
+    from .modeling.quantize import quantization_of
+
+    mode = quantization_of(model)
+    if mode:  # its linear weights are integer buffers now: the checkpoint's fp32 weights match no parameter
+        raise CheckpointError(
+            f"this model is quantized to {mode}: load the checkpoint into the model built without quantize=, "
+            f"then quantize it (flamingo_vlm.modeling.quantize.quantize_model(model, {mode!r})); a saved model "
+            f"loads quantized with load_pretrained(dir, quantize={mode!r})")
     sd = normalise_openflamingo_keys(read_state_dict(source))
     own = model.state_dict()
     # Tied weights: fill every name of a shared tensor from whichever name the file has.
