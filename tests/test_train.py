@@ -344,6 +344,10 @@ def test_frozen_bf16_under_autocast_trains_bitwise_the_same_and_exports_exact_ba
             lm = t.flamingo.lang_encoder
             dtypes = {n: p.dtype for n, p in t.flamingo.named_parameters()}
             res = t.fit()
+            # right after fit() the model generates outside autocast (its frozen weights are fp32 again)
+            assert {p.dtype for p in t.flamingo.parameters()} == {torch.float32}
+            ids = torch.tensor([[media_id, 5, 6]])
+            t.flamingo.eval().generate(torch.zeros(1, 1, 1, 3, 32, 32), ids, torch.ones_like(ids), max_new_tokens=2)
         finally:
             t.close()
         runs[frozen] = (res, trainable_vector(t.flamingo), dtypes)
@@ -436,6 +440,19 @@ def test_glibc_reuse_sets_glibcs_thresholds_only_without_a_preloaded_allocator(m
     assert fastpath.glibc_reuse_freed_memory()
     assert dict(calls) == {-3: 32 << 20, -1: 8 << 30, -2: 256 << 20}  # mmap threshold, trim threshold, top pad
 
+
+
+def test_a_config_built_in_code_is_checked_by_the_trainer(model_dir, media_id, tmp_path):
+    from flamingo_vlm.train.config import ConfigError
+
+    for bad, message in (({"checkpoint_every": 0}, "checkpoint_every must be >= 1"),
+                         ({"precision": "fp16"}, "precision"), ({"max_steps": 0}, "max_steps must be >= 1")):
+        cfg = make_config(model_dir, tmp_path / "ok")
+        for key, value in bad.items():
+            setattr(cfg, key, value)  # (from_dict/from_yaml would have refused it)
+        with pytest.raises(ConfigError, match=message):
+            Trainer(cfg, **fake_mixture(media_id))
+        assert not (tmp_path / "ok" / "checkpoints").exists()
 
 def test_frozen_bf16_refuses_combinations_it_cannot_serve(model_dir, tmp_path):
     with pytest.raises(ConfigError, match="needs precision: amp_bf16"):

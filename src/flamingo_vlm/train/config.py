@@ -192,7 +192,7 @@ class TrainConfig:
     lean_backward: bool = True
     # amp_bf16: frozen linear/convolution weights stored in bf16 (what autocast computes with anyway).
     # null: on when the trainer builds the model, without LoRA or FSDP; true: also for a model passed
-    # in; false: off. close() puts them back in fp32 (values bf16-rounded).
+    # in; false: off. fit() (at its end) and close() put them back in fp32 (values bf16-rounded).
     frozen_bf16: bool | None = None
     # CPU + glibc: allocations >= this many bytes are returned to the OS when freed (lower peak
     # memory, but fresh pages cost time: ~+40% step time here). null: glibc's default.

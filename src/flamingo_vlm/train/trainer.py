@@ -118,6 +118,7 @@ class Trainer:
         dataset_names: list[str] | None = None,
         loss_weights: list[float] | None = None,
     ):
+        config.validate(require_model=model is None)  # (a TrainConfig built in code was never checked)
         self.cfg = config
         self.callbacks = list(callbacks)
         self.info: DistInfo = setup(config.distributed)
@@ -428,6 +429,7 @@ class Trainer:
         finally:
             self.sinks.close()
             self._hold.close()  # the run is over: another may resume this directory
+            self._restore_frozen()  # the model generates as it is, outside autocast, right after fit()
         problems = run_problems(self.datasets, self.dataset_names, self.info)
         result = TrainResult(self.step, self.history, self.output_dir, export_dir, last_ckpt, problems)
         summary = result.data_summary()
