@@ -81,7 +81,10 @@ def run_mode(model, inputs, kw, repeats):
             new = out.shape[1] - batch["input_ids"].shape[1]
             outs_r.append(out[0].tolist())
             calls_r += len(c.chunks)
-            proposed_r += sum(k - 1 for k in c.chunks[1:])
+            # The first call carries the prompt, plus the candidates already proposed from it (an
+            # assistant or a lookup can propose before the main LM's first forward); each later call
+            # carries the last token and its candidates.
+            proposed_r += max(0, c.chunks[0] - batch["input_ids"].shape[1]) + sum(k - 1 for k in c.chunks[1:])
             new_r += new
         if total < best:
             best, outs, calls, proposed, new_total = total, outs_r, calls_r, proposed_r, new_r

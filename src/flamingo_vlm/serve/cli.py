@@ -204,7 +204,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flamingo-vlm serve", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="python -m flamingo_vlm.serve", description=DESCRIPTION)
     add_serve_arguments(parser)
     return run_serve(parser.parse_args(argv))
 
