@@ -159,8 +159,8 @@ def create_model_and_transforms(
     linears for CPU inference (:mod:`.modeling.quantize`; the model cannot then be trained or saved).
     """
     check_quantize_mode(quantize)
-    if not use_local_files and any(hub.may_download(p) for p in (clip_vision_encoder_path, lang_encoder_path, tokenizer_path)):
-        use_local_files = hub.local_files_only(use_local_files)  # offline: the cache at once, not ~30 s of retries
+    # offline: the cache at once, not ~30 s of retries
+    use_local_files = hub.local_files_only(use_local_files, clip_vision_encoder_path, lang_encoder_path, tokenizer_path)
     vision = build_vision_encoder(
         clip_vision_encoder_path,
         clip_vision_encoder_pretrained,

@@ -72,6 +72,12 @@ def _ask() -> tuple[bool, str]:
     return False, ""
 
 
-def local_files_only(asked: bool) -> bool:
-    """``local_files_only`` for a load: as asked, or True where the Hub cannot be reached."""
-    return bool(asked) or hub_unreachable()
+def local_files_only(asked: bool, *names) -> bool:
+    """``local_files_only`` for a load of ``names`` (model ids, backbone names or paths): as asked, or
+    True where one of them may need the Hub (:func:`may_download`) and the Hub cannot be reached.
+    Without names: True wherever the Hub cannot be reached."""
+    if asked:
+        return True
+    if names and not any(may_download(n) for n in names):
+        return False  # (built-in or local only: no lookup)
+    return hub_unreachable()

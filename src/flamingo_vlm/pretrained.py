@@ -346,11 +346,10 @@ def from_pretrained(
             )
         result = _load_directory(builtin, cache_dir=cache_dir, local_files_only=True)
     elif source.kind == "release":
-        local_files_only = hub.local_files_only(local_files_only)  # offline: the cache at once, not ~30 s of retries
+        local_files_only = hub.local_files_only(local_files_only, name_or_path)  # offline: the cache at once
         result = load_openflamingo_release(source.release, cache_dir=cache_dir, local_files_only=local_files_only)
     else:
-        if source.kind == "hub":
-            local_files_only = hub.local_files_only(local_files_only)
+        local_files_only = hub.local_files_only(local_files_only, name_or_path)  # (a directory: no lookup)
         directory = resolve_directory(name_or_path, cache_dir=cache_dir, local_files_only=local_files_only)
         result = _load_directory(directory, cache_dir=cache_dir, local_files_only=local_files_only)
     model, image_processor, tokenizer = result
@@ -364,10 +363,9 @@ def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
     from transformers import AutoTokenizer
 
     model_config, config = read_config(directory)
-    vision_entry = config["vision_encoder"]
-    if (model_config.lm is not None and hub.may_download(model_config.lm.name)) or (
-            vision_entry.get("type") == "reference" and hub.may_download(vision_entry.get("path"))):
-        local_files_only = hub.local_files_only(local_files_only)  # backbones by reference may need the Hub
+    referenced = [model_config.lm.name if model_config.lm is not None else None,
+                  config["vision_encoder"].get("path") if config["vision_encoder"].get("type") == "reference" else None]
+    local_files_only = hub.local_files_only(local_files_only, *referenced)  # backbones by reference may need the Hub
     tokenizer = AutoTokenizer.from_pretrained(directory)
     vision = build_vision_from_spec(config["vision_encoder"], directory, cache_dir=cache_dir, local_files_only=local_files_only)
     if model_config.lm is None:  # embedded; through load_causal_lm: an MPT's qk_ln etc. are honoured, not dropped

@@ -167,8 +167,8 @@ def _image_bytes(path: Path) -> tuple[bytes, str]:
         raise ValueError(f"cannot read image {path}: {e}") from e
     try:
         image = decode_image(data)
-    except ValueError as e:  # (PIL's message names an in-memory buffer, not the file)
-        raise ValueError(f"{path} is not a readable image ({re.sub(r' <_io.BytesIO object at 0x[0-9a-f]+>', '', str(e))})") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not a readable image ({e})") from None
     with Image.open(io.BytesIO(data)) as im:
         fmt = im.format
     ext = _KEEP_FORMATS.get(fmt or "")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -53,7 +54,8 @@ def decode_image(data: bytes) -> Image.Image:
                     raise ValueError(f"empty image {im.size}")
                 return im.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, DecompressionBombError, ...
-        raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from e
+        why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # (PIL names the in-memory buffer)
+        raise ValueError(f"undecodable image ({type(e).__name__}: {why})") from e
 
 
 def pair_text(caption: str) -> str:
