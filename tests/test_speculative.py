@@ -2,6 +2,7 @@
 gives plain greedy's tokens, batch 1 and a left-padded batch of 2, and does accept candidates."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -105,3 +106,30 @@ def test_the_model_as_its_own_assistant_is_refused(setup):
     batch = proc(samples[:1])
     with pytest.raises(ValueError, match="assistant_model is the model itself"):
         _greedy(model, batch, assistant_model=model)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_assisted_generation_does_not_pass_on_transformers_deprecation_of_its_own_call(setup):
+    # transformers' candidate generator calls the assistant's generate with a generation_config and
+    # min/max_new_tokens together, then warns (once per process) that this "is deprecated"
+    model, tok, proc, samples = setup
+    batch = proc(samples[:1])
+    logger = logging.getLogger("transformers.generation.utils")
+    records = _Records()
+    logger.addHandler(records)
+    try:
+        logging.Logger.warning_once.cache_clear()  # transformers' warning_once: once per message per process
+        _greedy(model, batch, assistant_model=copy.deepcopy(model).to(torch.bfloat16))
+        logger.warning("Passing `generation_config` together with generation-related arguments: outside a call")
+    finally:
+        logger.removeHandler(records)
+    assert not [m for m in records.messages if "deprecated" in m], records.messages
+    assert records.messages[-1].endswith("outside a call")  # the filter is gone after the call

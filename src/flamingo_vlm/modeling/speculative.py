@@ -21,6 +21,7 @@ the left-padded prompt, then each row's new tokens, padded on the right with the
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
@@ -39,6 +40,8 @@ def assistant_conditioning(model: nn.Module, generate_kwargs: dict[str, Any], vi
     """When ``assistant_model`` is a Flamingo: replace it by its LM (what transformers drives) and
     enter its image conditioning on ``stack`` for the length of the call."""
     assistant = generate_kwargs.get("assistant_model")
+    if assistant is not None:
+        stack.enter_context(_without_assistant_deprecation())
     if not isinstance(assistant, type(model)):  # a bare LM drafts from text alone
         return
     if assistant is model:
@@ -56,6 +59,27 @@ def assistant_conditioning(model: nn.Module, generate_kwargs: dict[str, Any], vi
     cond = assistant._conditioning(vision_x, media if vision_x is None else None, lang_x.to(assistant.device))
     stack.enter_context(assistant._slot.use(cond))
     generate_kwargs["assistant_model"] = assistant.lang_encoder
+
+
+class _AssistantDeprecation(logging.Filter):
+    """transformers' own candidate generator calls the assistant's ``generate`` with a
+    ``generation_config`` and ``min_new_tokens``/``max_new_tokens`` together, and the same
+    ``generate`` then warns that doing so "is deprecated": a message about transformers' code that
+    reached users of ``assistant_model=`` as if they had passed something wrong. Dropped for the
+    length of an assisted call; every other warning passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passing `generation_config` together with generation-related")
+
+
+@contextlib.contextmanager
+def _without_assistant_deprecation():
+    logger, quiet = logging.getLogger("transformers.generation.utils"), _AssistantDeprecation()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def generate_rows(model: nn.Module, vision_x, media: torch.Tensor, lang_x: torch.Tensor,
