@@ -1,6 +1,7 @@
 """The README cannot drift from the program.
 
-- Every command line in a ``bash`` block of the README (``flamingo-vlm ...``, ``python -m flamingo_vlm...``,
+- Every command line in a ``bash`` block of the README and of the benchmark documents (``benchmarks/README.md``,
+  ``docs/benchmarks.md``) (``flamingo-vlm ...``, ``python -m flamingo_vlm...``,
   ``torchrun ... -m flamingo_vlm...``, ``python benchmarks/...``, ``bash scripts/...``) is parsed by the
   program's own argument parser: an unknown subcommand, flag or choice fails here with the line.
 - Every ``python`` block compiles.
@@ -28,6 +29,8 @@ from flamingo_vlm.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+# documents whose bash blocks hold commands a reader copies (only the README's blocks are also run)
+COMMAND_DOCS = [README, REPO / "benchmarks" / "README.md", REPO / "docs" / "benchmarks.md"]
 RUN_MARK = "<!-- readme-test: run -->"
 
 
@@ -39,8 +42,8 @@ class Block:
     run: bool
 
 
-def readme_blocks() -> list[Block]:
-    blocks, lines = [], README.read_text().splitlines()
+def readme_blocks(path: Path = README) -> list[Block]:
+    blocks, lines = [], path.read_text().splitlines()
     i = 0
     while i < len(lines):
         m = re.match(r"^```(\w*)\s*$", lines[i])
@@ -78,6 +81,8 @@ def command_lines(block: Block) -> list[tuple[int, list[str]]]:
         if line.startswith("$ "):
             continue
         argv = [a.strip("[]") for a in argv if a.strip("[]")]
+        while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):  # PYTHONPATH=src python ...
+            argv = argv[1:]
         if argv:
             out.append((first, argv))
     return out
@@ -129,28 +134,31 @@ def _entry(argv: list[str]):
     return None
 
 
-COMMANDS = [(b.line, n, argv) for b in readme_blocks() if b.lang in ("bash", "sh", "") for n, argv in command_lines(b)]
+COMMANDS = [(doc.relative_to(REPO), n, argv) for doc in COMMAND_DOCS for b in readme_blocks(doc)
+            if b.lang in ("bash", "sh", "") for n, argv in command_lines(b)]
 
 
 def test_readme_has_commands_and_runnable_blocks():
-    assert sum(1 for *_, argv in COMMANDS if argv[0] == "flamingo-vlm") >= 10
+    assert sum(1 for doc, _, argv in COMMANDS if doc == Path("README.md") and argv[0] == "flamingo-vlm") >= 10
+    assert sum(1 for doc, _, argv in COMMANDS if doc != Path("README.md") and argv[0] == "python") >= 5
     assert sum(b.run for b in readme_blocks()) >= 2
 
 
-@pytest.mark.parametrize("line,argv", [(n, a) for _, n, a in COMMANDS], ids=lambda v: str(v) if isinstance(v, int) else "")
+@pytest.mark.parametrize("line,argv", [(f"{doc}:{n}", a) for doc, n, a in COMMANDS],
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_readme_command_parses(line, argv, monkeypatch):
     if argv[0] == "bash":
         script = next(a for a in argv[1:] if not a.startswith("-"))
-        assert (REPO / script).is_file(), f"README line {line}: {script} does not exist"
+        assert (REPO / script).is_file(), f"{line}: {script} does not exist"
         return
     call = _entry(argv)
     if call is None:
-        pytest.skip(f"README line {line}: not a flamingo-vlm entry point ({argv[0]})")
+        pytest.skip(f"{line}: not a flamingo-vlm entry point ({argv[0]})")
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     try:
         _parse_only(monkeypatch, call)
     except SystemExit as e:
-        pytest.fail(f"README line {line}: `{shlex.join(argv)}` is refused by the program's parser (exit {e.code})",
+        pytest.fail(f"{line}: `{shlex.join(argv)}` is refused by the program's parser (exit {e.code})",
                     pytrace=False)
 
 
