@@ -430,3 +430,27 @@ def test_units_of_another_model_saved_at_the_same_path_are_evaluated_again(tiny,
         next(p for p in other.parameters() if p.requires_grad).mul_(0.5)  # ... as after more training
     other.save_pretrained(path, tokenizer=tok, image_processor=ip)
     assert run() == 0 and ran == ["vqav2"]
+
+
+def test_one_beam_passes_no_length_penalty_so_transformers_does_not_warn(tiny, tmp_path):
+    """``length_penalty`` only applies to beam search: with ``--num-beams 1`` transformers warned
+    "generation flags are not valid ... ['length_penalty']" to every user of ``evaluate``."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    _, (model, ip, tok) = tiny
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    hf_logging.warning_once.cache_clear()  # said once per process: a test before this one may have said it
+    try:
+        for beams in (1, 2):
+            cfg = EvalConfig(tasks=["vqav2"], data_root=str(tiny[0] / "data"), out_dir=str(tmp_path / str(beams)),
+                             shots=[0], trials=1, num_samples=2, batch_size=2, num_beams=beams, progress=False)
+            Evaluator(model, ip, tok, cfg).run()
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [m for m in messages if "length_penalty" in m], messages
