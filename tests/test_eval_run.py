@@ -454,3 +454,22 @@ def test_one_beam_passes_no_length_penalty_so_transformers_does_not_warn(tiny, t
     finally:
         hf_logger.removeHandler(handler)
     assert not [m for m in messages if "length_penalty" in m], messages
+
+
+def test_quantized_and_reduced_precision_runs_say_so_in_the_results(tiny, tmp_path):
+    """``--quantize`` entered the units' fingerprints but not results.md / results.json, so a table of
+    int8 numbers read like the full-precision model's; it is now listed with the scoring settings."""
+    root, _ = tiny
+    out = tmp_path / "out"
+    assert eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(out),
+                      "--tasks", "vqav2", "--shots", "0", "--trials", "1", "--num-samples", "2", "--quiet",
+                      "--quantize", "int8"]) == 0
+    md = (out / "results.md").read_text()
+    assert "- vqav2: quantize = `int8+head`: weight-only int8" in md, md
+    assert json.loads((out / "results.json").read_text())["results"]["vqav2"][0]["scoring"]["quantize"] == "int8+head"
+    out = tmp_path / "bf16"
+    assert eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(out),
+                      "--tasks", "vqav2", "--shots", "0", "--trials", "1", "--num-samples", "2", "--quiet",
+                      "--precision", "bf16"]) == 0
+    md = (out / "results.md").read_text()
+    assert "- vqav2: precision = `bf16`: weights cast to bf16" in md and "quantize" not in md, md
