@@ -195,6 +195,8 @@ def test_rices_run(tiny, tmp_path):
     unit = json.loads((tmp_path / "coco" / "shots2_seed42.json").read_text())
     assert unit["demo_selection"] == "rices" and unit["fingerprint"]["rices_vision_encoder"] == "model"
     assert list((tmp_path / "rices").glob("coco_train_*.pt"))
+    # results.md says the demos were RICES' (the paper's RICES numbers are another table than random demos')
+    assert "- coco: demo_selection = `rices`: demos chosen by image similarity" in (tmp_path / "results.md").read_text()
 
 
 def test_classification_ensembling_and_continuation_ids(tiny, tmp_path):
