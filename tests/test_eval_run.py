@@ -475,3 +475,23 @@ def test_quantized_and_reduced_precision_runs_say_so_in_the_results(tiny, tmp_pa
                       "--precision", "bf16"]) == 0
     md = (out / "results.md").read_text()
     assert "- vqav2: precision = `bf16`: weights cast to bf16" in md and "quantize" not in md, md
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shots", "0,2,8"], r"coco: --shots 8 needs 8 demonstrations, but its train split in .*mscoco_karpathy holds 6; "
+                           r"use --shots up to 6$"),
+    (["--shots", "0,4", "--query-set-size", "3"], r"coco: --shots 4 needs 4 demonstrations, but --query-set-size is 3; "
+                                                  r"use --shots up to 3 or give a larger --query-set-size$"),
+    (["--shots", "0", "--query-set-size", "1"], r"coco: 0 shots uses 2 text-only demonstrations, but --query-set-size is 1"),
+    (["--shots", "8", "--rices"], r"coco: --shots 8 needs 8 demonstrations, but its train split"),
+])
+def test_more_shots_than_the_demo_pool_is_refused_before_any_unit(tiny, tmp_path, flags, message):
+    """It failed at the first unit that asked for too many ("asked for 8 demos but the query set holds
+    6 examples", naming neither task nor flag), after the smaller shot counts had been evaluated."""
+    root, _ = tiny
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(out),
+                   "--tasks", "coco", "--trials", "1", "--num-samples", "2", "--caption-tokenizer", "python",
+                   "--quiet", *flags])
+    assert not list(out.glob("*/shots*.json"))

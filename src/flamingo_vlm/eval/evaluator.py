@@ -274,6 +274,8 @@ class Evaluator:
         train = spec.load(root, spec.demo_split)
         test = spec.load(root, spec.eval_split)
         held_out = held_out_ids(root)
+        own_demos = spec.own_demos(test)
+        self._check_shots(spec, root, train, own_demos)
         units = []
         rices = None
         for shots in c.shots:
@@ -294,10 +296,11 @@ class Evaluator:
                         print(f"[{spec.name}] {shots}-shot seed {seed}: done before ({done['metric']} {done['score']:.2f}), skipped")
                     units.append(done)
                     continue
-                if c.demo_selection == "rices" and rices is None:
+                if c.demo_selection == "rices" and rices is None and own_demos is None:
                     rices = self._rices(spec, train)
                 t0 = time.time()
-                unit = self.run_unit(spec, train, test, shots, trial, seed, order, rices, held_out=held_out)
+                unit = self.run_unit(spec, train, test, shots, trial, seed, order, rices, held_out=held_out,
+                                     own_demos=own_demos is not None)
                 unit["elapsed_s"] = time.time() - t0
                 unit["fingerprint"] = fp
                 if self.ctx.is_main:
@@ -308,6 +311,29 @@ class Evaluator:
                 units.append(self.ctx.broadcast(unit))  # the scores exist on rank 0 only
         return units
 
+    def _check_shots(self, spec: Task, root: Path, train: EvalDataset, own_demos: int | None) -> None:
+        """Refuse shot counts the demonstrations cannot fill, before the task's first unit runs (they
+        failed mid-run after the smaller shot counts, and a task whose queries bring their own demos
+        silently ran its 8 demos under the label 16 or 32 shots)."""
+        c = self.config
+        if own_demos is not None:
+            if max(c.shots) > own_demos:
+                raise ValueError(f"{spec.name}: --shots {max(c.shots)} needs {max(c.shots)} demonstrations per query, "
+                                 f"but the queries in {root} bring {own_demos}; use --shots up to {own_demos}")
+            return
+        needed = max(s if s > 0 else P.TEXT_ONLY_DEMOS_AT_ZERO_SHOT for s in c.shots)
+        if c.demo_selection == "rices" or c.query_set_size <= 0 or c.query_set_size >= len(train):
+            pool, what = len(train), f"its {spec.demo_split} split in {root} holds"
+        else:
+            pool, what = c.query_set_size, "--query-set-size is"
+        if needed > pool:
+            larger = "" if what.startswith("its") else " or give a larger --query-set-size"
+            if max(c.shots) < needed:  # only 0 shots asked for more: its two text-only demos
+                raise ValueError(f"{spec.name}: 0 shots uses {needed} text-only demonstrations, but {what} {pool}; "
+                                 f"leave 0 out of --shots{larger}")
+            raise ValueError(f"{spec.name}: --shots {max(c.shots)} needs {needed} demonstrations, but {what} {pool}; "
+                             f"use --shots up to {pool}{larger}")
+
     def _eval_order(self, n: int, seed: int) -> list[int]:
         """Indices of the evaluated samples: all, or a random subset of ``num_samples`` drawn with
         the trial seed (as OpenFlamingo did), in ascending order."""
@@ -316,7 +342,8 @@ class Evaluator:
             return list(range(n))
         return sorted(np.random.default_rng(seed).choice(n, k, replace=False).tolist())
 
-    def run_unit(self, spec, train, test, shots, trial, seed, order, rices, held_out: set[str] | None = None) -> dict:
+    def run_unit(self, spec, train, test, shots, trial, seed, order, rices, held_out: set[str] | None = None,
+                 own_demos: bool = False) -> dict:
         c = self.config
         k = shots if shots > 0 else P.TEXT_ONLY_DEMOS_AT_ZERO_SHOT
         selector = RandomDemoSelector(train, c.query_set_size, seed) if c.demo_selection != "rices" else None
@@ -331,7 +358,9 @@ class Evaluator:
         for idx in batches:
             queries = [test[i] for i in idx]
             query_images = self._tensors(queries)
-            if c.demo_selection == "shared":  # one draw per trial (an index no sample has), for every query
+            if own_demos:  # the queries bring their demonstrations (the task takes them from the query)
+                demo_ids = [[] for _ in idx]
+            elif c.demo_selection == "shared":  # one draw per trial (an index no sample has), for every query
                 demo_ids = [selector.select(SHARED_DEMOS_INDEX, k)] * len(idx)
             elif selector is not None:
                 demo_ids = [selector.select(i, k) for i in idx]

@@ -110,6 +110,10 @@ class Task:
         """The task's own settings that decide its numbers (recorded in each unit file)."""
         return {}
 
+    def own_demos(self, test: EvalDataset) -> int | None:
+        """How many demonstrations every query brings itself (None: they are chosen from the demo split)."""
+        return None
+
     def prompt(self, demo_texts: list[str], query_text: str, shots: int) -> str:
         return P.build_prompt(demo_texts, query_text, separator=self.separator, with_demo_images=shots > 0)
 
@@ -446,6 +450,9 @@ class IclTask(GenerationTask):
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"decoding": "greedy", "max_new_tokens": self.new_tokens(config), "zero_shot": "query only"}
+
+    def own_demos(self, test: EvalDataset) -> int | None:
+        return min(len(q["demos"]) for q in test)
 
     def prompt_of(self, query: dict, shots: int) -> tuple[str, list[dict]]:
         demos = query["demos"][:shots]
