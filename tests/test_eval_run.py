@@ -495,3 +495,15 @@ def test_more_shots_than_the_demo_pool_is_refused_before_any_unit(tiny, tmp_path
                    "--tasks", "coco", "--trials", "1", "--num-samples", "2", "--caption-tokenizer", "python",
                    "--quiet", *flags])
     assert not list(out.glob("*/shots*.json"))
+
+
+def test_a_missing_dataset_folder_is_said_before_the_model_loads(tiny, tmp_path, monkeypatch):
+    from flamingo_vlm import pretrained
+    from flamingo_vlm.eval.datasets import DatasetLayoutError
+
+    root, _ = tiny
+    monkeypatch.setattr(pretrained, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(DatasetLayoutError, match=r"no folder for task 'ok_vqa' under .*data \(tried okvqa, ok_vqa\); "
+                                                 r"pass --task-root ok_vqa=PATH"):
+        eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(tmp_path),
+                   "--tasks", "vqav2,ok_vqa", "--shots", "0", "--trials", "1", "--quiet"])

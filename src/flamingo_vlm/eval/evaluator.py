@@ -425,6 +425,9 @@ class Evaluator:
 def evaluate(model_or_path, config: EvalConfig, *, image_processor=None, tokenizer=None, device: str | None = None) -> dict:
     """Evaluate a model (a :class:`Flamingo` with its ``image_processor`` and ``tokenizer``, or a
     directory / Hub id for :func:`flamingo_vlm.load_pretrained`) under ``torchrun`` or alone."""
+    config.validate()
+    for name in config.tasks:  # a dataset folder missing under --data-root is said before the model loads (minutes)
+        resolve_task_root(get_task(name), config.data_root or ".", config.task_roots)
     ctx = init_distributed(device)
     try:
         if isinstance(model_or_path, (str, Path)):
