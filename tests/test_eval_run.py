@@ -274,7 +274,15 @@ def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [(["--shots", "-1"], "shots must be non-negative"),
-                                           (["--num-samples", "0"], "num_samples must be >= 1")])
+                                           (["--num-samples", "0"], "num_samples must be >= 1"),
+                                           # a ZeroDivisionError traceback; "range() arg 3 must not be zero"
+                                           (["--num-beams", "0"], "num_beams must be >= 1, got 0"),
+                                           (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+                                           # silently ignored; transformers' error after the model loaded
+                                           (["--max-new-tokens", "vqa3=4"],
+                                            "max_new_tokens (--max-new-tokens): unknown task 'vqa3'; choose from coco"),
+                                           (["--max-new-tokens", "vqav2=0"], "must be >= 1, got {'vqav2': 0}"),
+                                           (["--task-root", "vqa3=x"], "task_roots (--task-root): unknown task 'vqa3'")])
 def test_cli_values_out_of_range_are_usage_errors_before_the_model_loads(flags, message, tmp_path, monkeypatch, capsys):
     from flamingo_vlm import cli
     from flamingo_vlm.eval import evaluator
@@ -507,3 +515,14 @@ def test_a_missing_dataset_folder_is_said_before_the_model_loads(tiny, tmp_path,
                                                  r"pass --task-root ok_vqa=PATH"):
         eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(tmp_path),
                    "--tasks", "vqav2,ok_vqa", "--shots", "0", "--trials", "1", "--quiet"])
+
+
+def test_task_aliases_key_task_roots_and_max_new_tokens():
+    """``--max-new-tokens vqa=1`` and ``--task-root vqa=DIR`` (``vqa`` is vqav2's alias, as in --tasks)
+    were silently ignored: both dicts are keyed by the task's own name."""
+    from flamingo_vlm.eval.tasks import get_task
+
+    cfg = EvalConfig(tasks=["vqa"], max_new_tokens={"vqa": 1}, task_roots={"VQA": "somewhere"})
+    cfg.validate()  # (no data_root: the alias gives vqav2 its root)
+    assert get_task("vqav2").new_tokens(cfg) == 1
+    assert cfg.task_roots == {"vqav2": "somewhere"}

@@ -102,8 +102,25 @@ class EvalConfig:
         return seeds[: self.trials]
 
     def validate(self) -> None:
+        """Refuse values out of range or unknown (the CLI's usage errors, before the model loads); the
+        task names keying ``task_roots`` and ``max_new_tokens`` are replaced by the tasks' own names (an
+        alias such as ``vqa`` was silently ignored there)."""
         for t in self.tasks:
             get_task(t)
+        for field, flag in (("task_roots", "--task-root"), ("max_new_tokens", "--max-new-tokens")):
+            named = {}
+            for key, value in getattr(self, field).items():
+                try:
+                    named[get_task(key).name] = value
+                except ValueError as e:
+                    raise ValueError(f"{field} ({flag}): {e}") from None
+            setattr(self, field, named)
+        bad = {t: n for t, n in self.max_new_tokens.items() if int(n) < 1}
+        if bad:
+            raise ValueError(f"max_new_tokens (--max-new-tokens) must be >= 1, got {bad}")
+        for field, least in (("batch_size", 1), ("num_beams", 1), ("class_chunk_size", 1), ("ensemble_max", 1)):
+            if getattr(self, field) < least:
+                raise ValueError(f"{field} must be >= {least}, got {getattr(self, field)}")
         if not self.shots:
             raise ValueError("shots is empty: give at least one number of demonstrations (--shots 0,4,8)")
         if any(s < 0 for s in self.shots):
