@@ -282,7 +282,11 @@ def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
                                            (["--max-new-tokens", "vqa3=4"],
                                             "max_new_tokens (--max-new-tokens): unknown task 'vqa3'; choose from coco"),
                                            (["--max-new-tokens", "vqav2=0"], "must be >= 1, got {'vqav2': 0}"),
-                                           (["--task-root", "vqa3=x"], "task_roots (--task-root): unknown task 'vqa3'")])
+                                           (["--task-root", "vqa3=x"], "task_roots (--task-root): unknown task 'vqa3'"),
+                                           # a unit listed twice was reported as 2 trials of itself
+                                           (["--tasks", "vqav2,vqa"], "tasks lists vqav2 more than once (--tasks: an alias"),
+                                           (["--shots", "0,4,0"], "shots lists 0 more than once (--shots)"),
+                                           (["--trials", "2", "--seeds", "5,5"], "seeds lists 5 more than once (--seeds)")])
 def test_cli_values_out_of_range_are_usage_errors_before_the_model_loads(flags, message, tmp_path, monkeypatch, capsys):
     from flamingo_vlm import cli
     from flamingo_vlm.eval import evaluator

@@ -105,8 +105,13 @@ class EvalConfig:
         """Refuse values out of range or unknown (the CLI's usage errors, before the model loads); the
         task names keying ``task_roots`` and ``max_new_tokens`` are replaced by the tasks' own names (an
         alias such as ``vqa`` was silently ignored there)."""
-        for t in self.tasks:
-            get_task(t)
+        # a unit listed twice was summarised as two trials of itself ("trials 2", ± 0.00)
+        for what, values in (("tasks", [get_task(t).name for t in self.tasks]), ("shots", list(self.shots)),
+                             ("seeds", self.trial_seeds())):
+            twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if twice:
+                raise ValueError(f"{what} lists {', '.join(map(str, twice))} more than once (--{what}"
+                                 + (": an alias names the same task)" if what == "tasks" else ")"))
         for field, flag in (("task_roots", "--task-root"), ("max_new_tokens", "--max-new-tokens")):
             named = {}
             for key, value in getattr(self, field).items():
