@@ -115,6 +115,11 @@ def test_model_card_table_and_plot(tmp_path):
     md = markdown(card)
     assert "| VQA accuracy (%) | held-out pair | - | 25.0 |" in md
     assert "| VQA accuracy (%) | seen pairs only | - | 75.0 |" in md
+    assert "Run:" not in md
+    card |= {"precision": "bf16", "quantize": "int8", "num_beams": 3, "n_test": 50, "trials": 1}
+    # card.json recorded how the model was run, the page did not (int8 numbers read as the model's own)
+    assert markdown(card).endswith("\nRun: precision `bf16`, quantized `int8`, beams `3`, 50 queries per task and "
+                                   "shot count, 1 trial(s).\n")
     png = plot(card, tmp_path / "shots.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
 

@@ -156,6 +156,12 @@ def test_imagenet_builtin_names_and_errors(tmp_path):
     _img(tmp_path / "val" / wnids[1] / "x.JPEG")
     ds = ImageNetDataset.from_root(tmp_path, "val")
     assert ds.class_names == list(IMAGENET_CLASSNAMES) and ds[0]["class_name"] == IMAGENET_CLASSNAMES[1]
+    # the download's LOC_synset_mapping.txt (WordNet names) beside the 1000 folders: still the protocol's
+    # CLIP names, as OpenFlamingo evaluated with (it took the mapping's names, e.g. "cock" for "rooster")
+    (tmp_path / "LOC_synset_mapping.txt").write_text("".join(f"{w} wordnet name {i}, other\n" for i, w in enumerate(wnids)))
+    assert ImageNetDataset.from_root(tmp_path, "val").class_names == list(IMAGENET_CLASSNAMES)
+    (tmp_path / "classnames.txt").write_text("".join(f"{w} mine {i}\n" for i, w in enumerate(wnids)))  # a choice
+    assert ImageNetDataset.from_root(tmp_path, "val").class_names[:2] == ["mine 0", "mine 1"]
 
     other = tmp_path / "other"
     _img(other / "val" / "cats" / "x.png")

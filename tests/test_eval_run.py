@@ -195,6 +195,8 @@ def test_rices_run(tiny, tmp_path):
     unit = json.loads((tmp_path / "coco" / "shots2_seed42.json").read_text())
     assert unit["demo_selection"] == "rices" and unit["fingerprint"]["rices_vision_encoder"] == "model"
     assert list((tmp_path / "rices").glob("coco_train_*.pt"))
+    # results.md says the demos were RICES' (the paper's RICES numbers are another table than random demos')
+    assert "- coco: demo_selection = `rices`: demos chosen by image similarity" in (tmp_path / "results.md").read_text()
 
 
 def test_classification_ensembling_and_continuation_ids(tiny, tmp_path):
@@ -272,7 +274,19 @@ def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [(["--shots", "-1"], "shots must be non-negative"),
-                                           (["--num-samples", "0"], "num_samples must be >= 1")])
+                                           (["--num-samples", "0"], "num_samples must be >= 1"),
+                                           # a ZeroDivisionError traceback; "range() arg 3 must not be zero"
+                                           (["--num-beams", "0"], "num_beams must be >= 1, got 0"),
+                                           (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+                                           # silently ignored; transformers' error after the model loaded
+                                           (["--max-new-tokens", "vqa3=4"],
+                                            "max_new_tokens (--max-new-tokens): unknown task 'vqa3'; choose from coco"),
+                                           (["--max-new-tokens", "vqav2=0"], "must be >= 1, got {'vqav2': 0}"),
+                                           (["--task-root", "vqa3=x"], "task_roots (--task-root): unknown task 'vqa3'"),
+                                           # a unit listed twice was reported as 2 trials of itself
+                                           (["--tasks", "vqav2,vqa"], "tasks lists vqav2 more than once (--tasks: an alias"),
+                                           (["--shots", "0,4,0"], "shots lists 0 more than once (--shots)"),
+                                           (["--trials", "2", "--seeds", "5,5"], "seeds lists 5 more than once (--seeds)")])
 def test_cli_values_out_of_range_are_usage_errors_before_the_model_loads(flags, message, tmp_path, monkeypatch, capsys):
     from flamingo_vlm import cli
     from flamingo_vlm.eval import evaluator
@@ -430,3 +444,89 @@ def test_units_of_another_model_saved_at_the_same_path_are_evaluated_again(tiny,
         next(p for p in other.parameters() if p.requires_grad).mul_(0.5)  # ... as after more training
     other.save_pretrained(path, tokenizer=tok, image_processor=ip)
     assert run() == 0 and ran == ["vqav2"]
+
+
+def test_one_beam_passes_no_length_penalty_so_transformers_does_not_warn(tiny, tmp_path):
+    """``length_penalty`` only applies to beam search: with ``--num-beams 1`` transformers warned
+    "generation flags are not valid ... ['length_penalty']" to every user of ``evaluate``."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    _, (model, ip, tok) = tiny
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    hf_logging.warning_once.cache_clear()  # said once per process: a test before this one may have said it
+    try:
+        for beams in (1, 2):
+            cfg = EvalConfig(tasks=["vqav2"], data_root=str(tiny[0] / "data"), out_dir=str(tmp_path / str(beams)),
+                             shots=[0], trials=1, num_samples=2, batch_size=2, num_beams=beams, progress=False)
+            Evaluator(model, ip, tok, cfg).run()
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [m for m in messages if "length_penalty" in m], messages
+
+
+def test_quantized_and_reduced_precision_runs_say_so_in_the_results(tiny, tmp_path):
+    """``--quantize`` entered the units' fingerprints but not results.md / results.json, so a table of
+    int8 numbers read like the full-precision model's; it is now listed with the scoring settings."""
+    root, _ = tiny
+    out = tmp_path / "out"
+    assert eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(out),
+                      "--tasks", "vqav2", "--shots", "0", "--trials", "1", "--num-samples", "2", "--quiet",
+                      "--quantize", "int8"]) == 0
+    md = (out / "results.md").read_text()
+    assert "- vqav2: quantize = `int8+head`: weight-only int8" in md, md
+    assert json.loads((out / "results.json").read_text())["results"]["vqav2"][0]["scoring"]["quantize"] == "int8+head"
+    out = tmp_path / "bf16"
+    assert eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(out),
+                      "--tasks", "vqav2", "--shots", "0", "--trials", "1", "--num-samples", "2", "--quiet",
+                      "--precision", "bf16"]) == 0
+    md = (out / "results.md").read_text()
+    assert "- vqav2: precision = `bf16`: weights cast to bf16" in md and "quantize" not in md, md
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shots", "0,2,8"], r"coco: --shots 8 needs 8 demonstrations, but its train split in .*mscoco_karpathy holds 6; "
+                           r"use --shots up to 6$"),
+    (["--shots", "0,4", "--query-set-size", "3"], r"coco: --shots 4 needs 4 demonstrations, but --query-set-size is 3; "
+                                                  r"use --shots up to 3 or give a larger --query-set-size$"),
+    (["--shots", "0", "--query-set-size", "1"], r"coco: 0 shots uses 2 text-only demonstrations, but --query-set-size is 1"),
+    (["--shots", "8", "--rices"], r"coco: --shots 8 needs 8 demonstrations, but its train split"),
+])
+def test_more_shots_than_the_demo_pool_is_refused_before_any_unit(tiny, tmp_path, flags, message):
+    """It failed at the first unit that asked for too many ("asked for 8 demos but the query set holds
+    6 examples", naming neither task nor flag), after the smaller shot counts had been evaluated."""
+    root, _ = tiny
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(out),
+                   "--tasks", "coco", "--trials", "1", "--num-samples", "2", "--caption-tokenizer", "python",
+                   "--quiet", *flags])
+    assert not list(out.glob("*/shots*.json"))
+
+
+def test_a_missing_dataset_folder_is_said_before_the_model_loads(tiny, tmp_path, monkeypatch):
+    from flamingo_vlm import pretrained
+    from flamingo_vlm.eval.datasets import DatasetLayoutError
+
+    root, _ = tiny
+    monkeypatch.setattr(pretrained, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(DatasetLayoutError, match=r"no folder for task 'ok_vqa' under .*data \(tried okvqa, ok_vqa\); "
+                                                 r"pass --task-root ok_vqa=PATH"):
+        eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(tmp_path),
+                   "--tasks", "vqav2,ok_vqa", "--shots", "0", "--trials", "1", "--quiet"])
+
+
+def test_task_aliases_key_task_roots_and_max_new_tokens():
+    """``--max-new-tokens vqa=1`` and ``--task-root vqa=DIR`` (``vqa`` is vqav2's alias, as in --tasks)
+    were silently ignored: both dicts are keyed by the task's own name."""
+    from flamingo_vlm.eval.tasks import get_task
+
+    cfg = EvalConfig(tasks=["vqa"], max_new_tokens={"vqa": 1}, task_roots={"VQA": "somewhere"})
+    cfg.validate()  # (no data_root: the alias gives vqav2 its root)
+    assert get_task("vqav2").new_tokens(cfg) == 1
+    assert cfg.task_roots == {"vqav2": "somewhere"}

@@ -262,3 +262,24 @@ def test_restyle_moves_objects_off_the_grid_and_keeps_every_answer():
     assert moved >= 30 and styled >= 20
     with pytest.raises(ValueError, match="split must be one of"):
         restyle(gen.scene(0), np.random.default_rng(0), split="test")
+
+
+def test_more_shots_than_the_episodes_hold_is_refused_before_any_unit(tmp_path):
+    """The episodes hold 8 demonstrations: --shots 16 ran them under the label 16 shots. And with
+    fewer episodes than shots, demos were drawn from them that the task never uses, and failed."""
+    from tiny import tiny_flamingo
+
+    from flamingo_vlm.eval.evaluator import EvalConfig, evaluate
+    from flamingo_vlm.synthetic import write_synthetic_benchmark
+
+    write_synthetic_benchmark(tmp_path / "data", tasks=["synthetic_icl"], n_test=3, image_size=32)
+    n_demos = len(json.loads((tmp_path / "data/synthetic_icl/episodes.json").read_text())["episodes"][0]["demos"])
+    model, ip, tok = tiny_flamingo("llama", max_position_embeddings=512)
+    cfg = EvalConfig(tasks=["icl"], data_root=str(tmp_path / "data"), out_dir=str(tmp_path / "out"),
+                     shots=[0, n_demos, n_demos + 1], trials=1, batch_size=3, progress=False)
+    with pytest.raises(ValueError, match=rf"synthetic_icl: --shots {n_demos + 1} needs .* bring {n_demos}; use --shots up to {n_demos}"):
+        evaluate(model, cfg, image_processor=ip, tokenizer=tok)
+    assert not list((tmp_path / "out").glob("*/shots*.json"))  # nothing ran
+    cfg.shots = [n_demos]  # more shots than there are episodes (3): the episodes' own demos serve
+    unit = evaluate(model, cfg, image_processor=ip, tokenizer=tok)["results"]["synthetic_icl"][0]
+    assert unit["shots"] == n_demos and unit["num_samples"] == 3

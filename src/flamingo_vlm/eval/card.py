@@ -149,6 +149,13 @@ def markdown(card: dict) -> str:
             for part, name in (("shown", "held-out pair"), ("not_shown", "seen pairs only")):
                 lines.append(f"| {label} | {name} | " + " | ".join(
                     f"{row[k][part]:.1f}" if k in row else "-" for k in (int(s) for s in shots)) + " |")
+    # how the model was run (card.json had it, the page did not: int8 numbers read as the model's own)
+    run = [f"{name} `{card[key]}`" for key, name in (("precision", "precision"), ("quantize", "quantized"),
+                                                      ("num_beams", "beams")) if card.get(key) is not None]
+    run += [f"{card['n_test']} queries per task and shot count"] if card.get("n_test") else []
+    run += [f"{card['trials']} trial(s)"] if card.get("trials") else []
+    if run:
+        lines += ["", "Run: " + ", ".join(run) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -169,11 +176,14 @@ def plot(card: dict, path: Path) -> Path:
     row = {int(k): v for k, v in card["scores"].get("coco", {}).items()}
     ax2.plot(list(row), list(row.values()), marker="o", color="C3")
     ax2.set(xlabel="shots", ylabel="CIDEr", title="captioning CIDEr vs shots")
-    ax2.set_ylim(bottom=0)  # a zoomed axis makes a few points of noise look like a trend
+    # from 0 (a zoomed axis makes a few points of noise look like a trend), with room above the highest point
+    # (a flat line sat on the frame, its markers cut in half)
+    ax2.set_ylim(0, 1.1 * max(row.values(), default=0) or None)
     for ax in (ax1, ax2):
         ax.set_xticks(card["shots"])
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{card['model']} on held-out synthetic scenes (seed {card['eval_seed']})")
+    quantized = f", {card['quantize']}" if card.get("quantize") else ""
+    fig.suptitle(f"{card['model']}{quantized} on held-out synthetic scenes (seed {card['eval_seed']})")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

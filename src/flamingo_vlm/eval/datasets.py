@@ -19,9 +19,9 @@ TextVQA            ``{split}_questions_vqa_format.json``, ``{split}_annotations_
 VizWiz             ``{split}_questions_vqa_format.json``, ``{split}_annotations_vqa_format.json``,
                    ``{split}/{image_id}`` (the image id is the file name)
 Hateful Memes      ``{split}.jsonl`` (or ``.json`` holding JSON lines; ``dev_seen.jsonl``) + ``img/``
-ImageNet           ``{split}/<wnid>/<image>`` + class names: ``classnames.txt`` / ``LOC_synset_mapping.txt``
-                   (``<wnid> <name>[, other names]`` per line), or the built-in 1000 names when
-                   the folders are the 1000 ImageNet-1k WordNet ids
+ImageNet           ``{split}/<wnid>/<image>`` + class names: the built-in 1000 (OpenAI CLIP's) when
+                   the folders are the 1000 ImageNet-1k WordNet ids and there is no ``classnames.txt``,
+                   else ``classnames.txt`` / ``LOC_synset_mapping.txt`` (``<wnid> <name>[, other names]``)
 =================  ==========================================================================
 """
 
@@ -411,8 +411,9 @@ def read_class_names(path: str | os.PathLike) -> dict[str, str]:
 class ImageNetDataset(EvalDataset):
     """ImageNet-style class folders: ``<root>/<split>/<wnid>/<image>``.
 
-    The class list (and class index) comes from the class-name file in file order, or from the
-    built-in ImageNet-1k names (sorted WordNet ids) when the split has the 1000 ImageNet folders.
+    The class list (and class index) comes from the built-in ImageNet-1k names (OpenAI CLIP's, sorted
+    WordNet ids) when the split has the 1000 ImageNet folders and the root no ``classnames.txt``,
+    else from the class-name file in file order.
     Sample: ``{"id": "<wnid>/<file>", "image", "class_id", "class_name"}``.
     """
 
@@ -434,6 +435,11 @@ class ImageNetDataset(EvalDataset):
             raise DatasetLayoutError(f"{split_dir} has no class folders. Expected layout: {self.layout}")
         if class_names is None:
             names_file = _first_existing(root, _CLASSNAME_FILES)
+            if names_file is not None and names_file.name != _CLASSNAME_FILES[0] and self._is_imagenet_1k(folders):
+                # the download's WordNet mapping ("cock", "hammerhead", "maillot") is not the protocol's class
+                # names: the 1000 ImageNet-1k folders get OpenAI CLIP's, as OpenFlamingo's evaluation used, unless a
+                # classnames.txt says otherwise
+                names_file = None
             if names_file is not None:
                 class_names = read_class_names(names_file)
             else:
@@ -459,11 +465,15 @@ class ImageNetDataset(EvalDataset):
             raise DatasetLayoutError(f"{split_dir}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
         super().__init__(samples, split)
 
+    @staticmethod
+    def _is_imagenet_1k(folders: list[str]) -> bool:
+        return len(folders) == 1000 and all(_WNID.match(f) for f in folders)
+
     @classmethod
     def _builtin_names(cls, root: Path, folders: list[str]) -> dict[str, str]:
         from .imagenet_classnames import IMAGENET_CLASSNAMES
 
-        if len(folders) == len(IMAGENET_CLASSNAMES) and all(_WNID.match(f) for f in folders):
+        if cls._is_imagenet_1k(folders):
             return dict(zip(folders, IMAGENET_CLASSNAMES))
         raise DatasetLayoutError(
             f"no class-name file in {root} (tried {', '.join(_CLASSNAME_FILES)}) and the {len(folders)} folders are not "

@@ -102,8 +102,30 @@ class EvalConfig:
         return seeds[: self.trials]
 
     def validate(self) -> None:
-        for t in self.tasks:
-            get_task(t)
+        """Refuse values out of range or unknown (the CLI's usage errors, before the model loads); the
+        task names keying ``task_roots`` and ``max_new_tokens`` are replaced by the tasks' own names (an
+        alias such as ``vqa`` was silently ignored there)."""
+        # a unit listed twice was summarised as two trials of itself ("trials 2", ± 0.00)
+        for what, values in (("tasks", [get_task(t).name for t in self.tasks]), ("shots", list(self.shots)),
+                             ("seeds", self.trial_seeds())):
+            twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if twice:
+                raise ValueError(f"{what} lists {', '.join(map(str, twice))} more than once (--{what}"
+                                 + (": an alias names the same task)" if what == "tasks" else ")"))
+        for field, flag in (("task_roots", "--task-root"), ("max_new_tokens", "--max-new-tokens")):
+            named = {}
+            for key, value in getattr(self, field).items():
+                try:
+                    named[get_task(key).name] = value
+                except ValueError as e:
+                    raise ValueError(f"{field} ({flag}): {e}") from None
+            setattr(self, field, named)
+        bad = {t: n for t, n in self.max_new_tokens.items() if int(n) < 1}
+        if bad:
+            raise ValueError(f"max_new_tokens (--max-new-tokens) must be >= 1, got {bad}")
+        for field, least in (("batch_size", 1), ("num_beams", 1), ("class_chunk_size", 1), ("ensemble_max", 1)):
+            if getattr(self, field) < least:
+                raise ValueError(f"{field} must be >= {least}, got {getattr(self, field)}")
         if not self.shots:
             raise ValueError("shots is empty: give at least one number of demonstrations (--shots 0,4,8)")
         if any(s < 0 for s in self.shots):
@@ -274,6 +296,8 @@ class Evaluator:
         train = spec.load(root, spec.demo_split)
         test = spec.load(root, spec.eval_split)
         held_out = held_out_ids(root)
+        own_demos = spec.own_demos(test)
+        self._check_shots(spec, root, train, own_demos)
         units = []
         rices = None
         for shots in c.shots:
@@ -294,10 +318,11 @@ class Evaluator:
                         print(f"[{spec.name}] {shots}-shot seed {seed}: done before ({done['metric']} {done['score']:.2f}), skipped")
                     units.append(done)
                     continue
-                if c.demo_selection == "rices" and rices is None:
+                if c.demo_selection == "rices" and rices is None and own_demos is None:
                     rices = self._rices(spec, train)
                 t0 = time.time()
-                unit = self.run_unit(spec, train, test, shots, trial, seed, order, rices, held_out=held_out)
+                unit = self.run_unit(spec, train, test, shots, trial, seed, order, rices, held_out=held_out,
+                                     own_demos=own_demos is not None)
                 unit["elapsed_s"] = time.time() - t0
                 unit["fingerprint"] = fp
                 if self.ctx.is_main:
@@ -308,6 +333,29 @@ class Evaluator:
                 units.append(self.ctx.broadcast(unit))  # the scores exist on rank 0 only
         return units
 
+    def _check_shots(self, spec: Task, root: Path, train: EvalDataset, own_demos: int | None) -> None:
+        """Refuse shot counts the demonstrations cannot fill, before the task's first unit runs (they
+        failed mid-run after the smaller shot counts, and a task whose queries bring their own demos
+        silently ran its 8 demos under the label 16 or 32 shots)."""
+        c = self.config
+        if own_demos is not None:
+            if max(c.shots) > own_demos:
+                raise ValueError(f"{spec.name}: --shots {max(c.shots)} needs {max(c.shots)} demonstrations per query, "
+                                 f"but the queries in {root} bring {own_demos}; use --shots up to {own_demos}")
+            return
+        needed = max(s if s > 0 else P.TEXT_ONLY_DEMOS_AT_ZERO_SHOT for s in c.shots)
+        if c.demo_selection == "rices" or c.query_set_size <= 0 or c.query_set_size >= len(train):
+            pool, what = len(train), f"its {spec.demo_split} split in {root} holds"
+        else:
+            pool, what = c.query_set_size, "--query-set-size is"
+        if needed > pool:
+            larger = "" if what.startswith("its") else " or give a larger --query-set-size"
+            if max(c.shots) < needed:  # only 0 shots asked for more: its two text-only demos
+                raise ValueError(f"{spec.name}: 0 shots uses {needed} text-only demonstrations, but {what} {pool}; "
+                                 f"leave 0 out of --shots{larger}")
+            raise ValueError(f"{spec.name}: --shots {max(c.shots)} needs {needed} demonstrations, but {what} {pool}; "
+                             f"use --shots up to {pool}{larger}")
+
     def _eval_order(self, n: int, seed: int) -> list[int]:
         """Indices of the evaluated samples: all, or a random subset of ``num_samples`` drawn with
         the trial seed (as OpenFlamingo did), in ascending order."""
@@ -316,7 +364,8 @@ class Evaluator:
             return list(range(n))
         return sorted(np.random.default_rng(seed).choice(n, k, replace=False).tolist())
 
-    def run_unit(self, spec, train, test, shots, trial, seed, order, rices, held_out: set[str] | None = None) -> dict:
+    def run_unit(self, spec, train, test, shots, trial, seed, order, rices, held_out: set[str] | None = None,
+                 own_demos: bool = False) -> dict:
         c = self.config
         k = shots if shots > 0 else P.TEXT_ONLY_DEMOS_AT_ZERO_SHOT
         selector = RandomDemoSelector(train, c.query_set_size, seed) if c.demo_selection != "rices" else None
@@ -331,7 +380,9 @@ class Evaluator:
         for idx in batches:
             queries = [test[i] for i in idx]
             query_images = self._tensors(queries)
-            if c.demo_selection == "shared":  # one draw per trial (an index no sample has), for every query
+            if own_demos:  # the queries bring their demonstrations (the task takes them from the query)
+                demo_ids = [[] for _ in idx]
+            elif c.demo_selection == "shared":  # one draw per trial (an index no sample has), for every query
                 demo_ids = [selector.select(SHARED_DEMOS_INDEX, k)] * len(idx)
             elif selector is not None:
                 demo_ids = [selector.select(i, k) for i in idx]
@@ -396,6 +447,9 @@ class Evaluator:
 def evaluate(model_or_path, config: EvalConfig, *, image_processor=None, tokenizer=None, device: str | None = None) -> dict:
     """Evaluate a model (a :class:`Flamingo` with its ``image_processor`` and ``tokenizer``, or a
     directory / Hub id for :func:`flamingo_vlm.load_pretrained`) under ``torchrun`` or alone."""
+    config.validate()
+    for name in config.tasks:  # a dataset folder missing under --data-root is said before the model loads (minutes)
+        resolve_task_root(get_task(name), config.data_root or ".", config.task_roots)
     ctx = init_distributed(device)
     try:
         if isinstance(model_or_path, (str, Path)):

@@ -62,7 +62,9 @@ def read_unit(path: str | os.PathLike) -> dict | None:
 def summarize(units: Iterable[dict]) -> dict[str, list[dict]]:
     """``{task: [{"shots", "metric", "trials", "seeds", "mean", "stddev", "metrics": {name: mean}}]}``
     from finished unit records, shots ascending; plus ``"scoring"`` (how the scores were computed:
-    ``caption_tokenizer``, ``vqa_compat``) where the units record it."""
+    ``caption_tokenizer``, ``vqa_compat``, where the units record it; and from their fingerprints
+    ``quantize``/``precision`` where the model was not run in full precision, ``demo_selection``
+    where demos were not drawn at random per query)."""
     grouped: dict[str, dict[int, list[dict]]] = {}
     for u in units:
         grouped.setdefault(u["task"], {}).setdefault(int(u["shots"]), []).append(u)
@@ -87,6 +89,17 @@ def summarize(units: Iterable[dict]) -> dict[str, list[dict]]:
                         for t in us[0]["metrics"][g]} for g in groups},
             })
             scoring = {k: v for u in us for k, v in (u.get("scoring") or {}).items()}
+            # the model as it was run, where it is not the full-precision one, and demos not drawn at random
+            # per query (the paper's RICES numbers are another table), from the units' fingerprints (so units
+            # written before this was recorded say it too)
+            for u in us:
+                fp = u.get("fingerprint") or {}
+                if fp.get("demo_selection", "random") != "random":
+                    scoring["demo_selection"] = fp["demo_selection"]
+                if fp.get("quantize"):
+                    scoring["quantize"] = fp["quantize"]
+                if fp.get("precision", "fp32") != "fp32":
+                    scoring["precision"] = fp["precision"]
             if scoring:
                 rows[-1]["scoring"] = scoring
         out[task] = rows
@@ -98,6 +111,17 @@ _SCORING_NOTES = {
                                      "CIDEr/BLEU/ROUGE may differ slightly from pycocoevalcap's",
     ("caption_tokenizer", "java"): "captions tokenised with Stanford's PTBTokenizer (Java), as pycocoevalcap does",
     ("vqa_compat", "official"): "VQA accuracy: the official leave-one-out (one human answer left out at a time)",
+    ("quantize", "int8+head"): "weight-only int8 LM (its head included), cross-attention and perceiver "
+                               "(`--quantize int8`), not the full-precision model",
+    ("quantize", "int4"): "weight-only int4 LM, cross-attention and perceiver (`--quantize int4`), "
+                          "not the full-precision model",
+    ("demo_selection", "rices"): "demos chosen by image similarity (`--rices`; compare with the paper's RICES "
+                                 "table, not the random-demo one)",
+    ("demo_selection", "shared"): "one random demo set per trial for every query (`--demo-selection shared`; "
+                                  "not OpenFlamingo's protocol)",
+    ("precision", "bf16"): "weights cast to bf16 (`--precision bf16`)",
+    ("precision", "fp16"): "weights cast to fp16 (`--precision fp16`)",
+    ("precision", "amp_bf16"): "fp32 weights under bf16 autocast (`--precision amp_bf16`)",
     ("vqa_compat", "openflamingo"): "VQA accuracy: OpenFlamingo's leave-one-out (`--vqa-compat openflamingo`: "
                                     "without answer_id, every identical (answer, confidence) entry is left out), "
                                     "comparable with the paper's VizWiz/TextVQA numbers, not the official metric",
@@ -105,7 +129,8 @@ _SCORING_NOTES = {
 
 
 def scoring_notes(summary: dict[str, list[dict]]) -> list[str]:
-    """One markdown bullet per task and scoring setting (``caption_tokenizer``, ``vqa_compat``)."""
+    """One markdown bullet per task and scoring setting (``caption_tokenizer``, ``vqa_compat``,
+    ``quantize``, ``precision``, ``demo_selection``)."""
     lines = []
     for task, rows in summary.items():
         settings: dict[str, set] = {}

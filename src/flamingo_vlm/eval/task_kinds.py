@@ -110,6 +110,10 @@ class Task:
         """The task's own settings that decide its numbers (recorded in each unit file)."""
         return {}
 
+    def own_demos(self, test: EvalDataset) -> int | None:
+        """How many demonstrations every query brings itself (None: they are chosen from the demo split)."""
+        return None
+
     def prompt(self, demo_texts: list[str], query_text: str, shots: int) -> str:
         return P.build_prompt(demo_texts, query_text, separator=self.separator, with_demo_images=shots > 0)
 
@@ -155,10 +159,13 @@ class GenerationTask(Task):
             texts.append(self.prompt([self.demo_text(d) for d in ds], self.query_text(q), batch.shots))
             images.append(runner.prompt_images(ds, qi, batch.shots))
         enc = runner.encode(texts, images)
+        # length_penalty only exists for beam search: with one beam transformers warns that the flag
+        # is not valid, so it is passed only with several beams (the fingerprint records it either way)
+        beam = {"length_penalty": config.length_penalty} if config.num_beams > 1 else {}
         out = runner.model.generate(
             enc["vision_x"], enc["input_ids"], enc["attention_mask"],
             num_beams=config.num_beams, max_new_tokens=self.new_tokens(config), min_new_tokens=0,
-            length_penalty=config.length_penalty, do_sample=False,
+            do_sample=False, **beam,
         )
         raw = runner.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return [{"id": q["id"], "prediction": self.postprocess(text), "raw": text, "demos": [d["id"] for d in ds]}
@@ -443,6 +450,9 @@ class IclTask(GenerationTask):
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"decoding": "greedy", "max_new_tokens": self.new_tokens(config), "zero_shot": "query only"}
+
+    def own_demos(self, test: EvalDataset) -> int | None:
+        return min(len(q["demos"]) for q in test)
 
     def prompt_of(self, query: dict, shots: int) -> tuple[str, list[dict]]:
         demos = query["demos"][:shots]
