@@ -124,6 +124,21 @@ def test_remote_images_only_when_allowed(image_host):
     with pytest.raises(APIError) as e:
         load_image(image_host + "/missing.png", ImageLimits(allow_remote=True), "p")
     assert e.value.code == "image_fetch_failed"
+    # The error names the URL that failed (a request may hold several).
+    assert "/missing.png" in e.value.message
+
+
+def test_file_url_with_a_host_is_refused_clearly(tmp_path):
+    """file://scene.png parses as host 'scene.png' and an empty path: it was answered "image file ''
+    not found"; it gets a 400 that names the URL and says how to write one."""
+    (tmp_path / "scene.png").write_bytes(png_bytes(np.full((4, 4, 3), 9, np.uint8)))
+    limits = ImageLimits(image_dir=tmp_path)
+    with pytest.raises(APIError) as e:
+        load_image("file://scene.png", limits, "p")
+    assert e.value.status == 400 and e.value.code == "invalid_image_url"
+    assert "file://scene.png" in e.value.message and "file:///" in e.value.message
+    assert load_image(f"file://{tmp_path}/scene.png", limits, "p").size == (4, 4)
+    assert load_image(f"file://localhost{tmp_path}/scene.png", limits, "p").size == (4, 4)
 
 
 def test_image_modes_become_rgb():
