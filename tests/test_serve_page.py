@@ -147,3 +147,25 @@ def test_few_shot_page_streams_a_completion(browser, server, picture_files):
     page.wait_for_function("document.querySelector('#status').dataset.state === 'error'", timeout=30_000)
     assert "context length" in page.text_content("#output")
     page.close()
+
+
+def test_an_image_error_names_the_step_and_file(browser, server, picture_files, tmp_path):
+    """The server names a bad image by its place in the request (param "images[1]"); the page said
+    only "cannot decode the image", leaving the user to guess which of the dropped files it was."""
+    base, _ = server
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a PNG")
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.wait_for_function(f"document.querySelector('#model-info').textContent.includes('{DEFAULT_MODEL}')")
+    shots = page.locator("#shots .shot")
+    shots.nth(0).locator("input.shot-file").set_input_files(str(picture_files[0]))
+    page.wait_for_function("document.querySelectorAll('#shots .shot')[0].dataset.image !== undefined")
+    page.click("#add-shot")
+    shots.nth(1).locator("input.shot-file").set_input_files(str(broken))
+    page.wait_for_function("document.querySelectorAll('#shots .shot')[1].dataset.image !== undefined")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').dataset.state === 'error'", timeout=30_000)
+    output = page.text_content("#output")
+    assert "step 2 (broken.png)" in output and "cannot decode the image" in output, output
+    page.close()

@@ -99,20 +99,36 @@ function addShot(text = "") {
 }
 
 function steps() {
-  return [...shotsEl.children].map((li) => ({ image: li.dataset.image || null, text: $(".shot-text", li).value }));
+  return [...shotsEl.children].map((li) => ({
+    image: li.dataset.image || null, filename: li.dataset.filename || null, text: $(".shot-text", li).value,
+  }));
 }
 
 // The prompt: every step is <image>text; every step but the last is a demonstration closed by <|endofchunk|>.
+// `sources[k]` says where images[k] came from, so that an error about an image can name it.
 function buildPrompt() {
   const all = steps();
   let prompt = "";
   const images = [];
+  const sources = [];
   all.forEach((s, i) => {
-    if (s.image) { prompt += MEDIA; images.push(s.image); }
+    if (s.image) {
+      prompt += MEDIA;
+      images.push(s.image);
+      sources.push(`step ${i + 1}` + (s.filename ? ` (${s.filename})` : ""));
+    }
     prompt += s.text;
     if (i < all.length - 1) prompt += EOC;
   });
-  return { prompt, images };
+  return { prompt, images, sources };
+}
+
+// The server's error names the image by its place in the request (param "images[2]"): say which
+// step and file that is.
+function errorMessage(error, sources) {
+  const m = /^images\[(\d+)\]/.exec(error.param || "");
+  const where = m && sources[Number(m[1])];
+  return where ? `${where}: ${error.message}` : error.message;
 }
 
 function escapeHTML(s) {
@@ -149,7 +165,7 @@ function showError(message) {
 }
 
 async function generate() {
-  const { prompt, images } = buildPrompt();
+  const { prompt, images, sources } = buildPrompt();
   if (!prompt.trim() && !images.length) { showError("The prompt is empty: add an image or some text."); return; }
   const out = $("#output");
   out.classList.remove("error");
@@ -180,7 +196,7 @@ async function generate() {
     });
     if (!resp.ok) {
       let msg = `HTTP ${resp.status}`;
-      try { const j = await resp.json(); if (j.error) msg += `: ${j.error.message}`; } catch (e) { /* not JSON */ }
+      try { const j = await resp.json(); if (j.error) msg += `: ${errorMessage(j.error, sources)}`; } catch (e) { /* not JSON */ }
       showError(msg);
       return;
     }
@@ -200,7 +216,7 @@ async function generate() {
           const data = line.slice(5).trim();
           if (data === "[DONE]") continue;
           const msg = JSON.parse(data);
-          if (msg.error) { showError(msg.error.message); return; }
+          if (msg.error) { showError(errorMessage(msg.error, sources)); return; }
           if (msg.usage) usage = msg.usage;
           for (const choice of msg.choices || []) {
             if (choice.text) {
