@@ -169,3 +169,21 @@ def test_an_image_error_names_the_step_and_file(browser, server, picture_files, 
     output = page.text_content("#output")
     assert "step 2 (broken.png)" in output and "cannot decode the image" in output, output
     page.close()
+
+
+def test_settings_out_of_range_are_refused_not_replaced(browser, server):
+    """Max tokens 0 was sent as 32 (and top-p 0 as 1) without a word; the server's error shows now."""
+    base, _ = server
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.wait_for_function(f"document.querySelector('#model-info').textContent.includes('{DEFAULT_MODEL}')")
+    page.fill("#max-tokens", "0")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').dataset.state === 'error'", timeout=30_000)
+    assert "max_tokens" in page.text_content("#output")
+    page.fill("#max-tokens", "2")
+    page.fill("#top-p", "0")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').dataset.state === 'error'", timeout=30_000)
+    assert "top_p" in page.text_content("#output")
+    page.close()

@@ -164,6 +164,13 @@ function showError(message) {
   setStatus("error", "error");
 }
 
+// A settings field's number; its default when left empty. A value out of range goes to the server as
+// typed, which says what is wrong (0 max tokens was sent as 32, top-p 0 as 1, without a word).
+function numberField(sel, fallback) {
+  const v = $(sel).value.trim();
+  return v === "" ? fallback : Number(v);
+}
+
 async function generate() {
   const { prompt, images, sources } = buildPrompt();
   if (!prompt.trim() && !images.length) { showError("The prompt is empty: add an image or some text."); return; }
@@ -177,9 +184,9 @@ async function generate() {
     model: modelId || undefined,
     prompt,
     images,
-    max_tokens: Number($("#max-tokens").value) || 32,
-    temperature: Number($("#temperature").value),
-    top_p: Number($("#top-p").value) || 1,
+    max_tokens: numberField("#max-tokens", 32),
+    temperature: numberField("#temperature", 0),
+    top_p: numberField("#top-p", 1),
     stream: true,
     stream_options: { include_usage: true },
   };
