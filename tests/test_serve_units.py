@@ -264,6 +264,31 @@ def test_too_many_rows_and_full_queue(engine):
     assert e.value.status == 400
 
 
+def test_cancelled_jobs_hold_no_place_in_a_full_queue():
+    """Requests whose clients went away stayed in the queue, counted against --max-queue, until the
+    worker's next batch: the server answered 503 to live requests while the queue held only dead ones."""
+    model, ip, tok = readable_tiny()
+    eng = Engine(model, ip, tok, max_batch_size=4, batch_wait_ms=0, max_queue=2).start()
+    try:
+        eng.pause()  # (as a worker busy with a long batch)
+        gone = [_job(eng, "a red", temperature=0) for _ in range(2)]
+        for job, _, _ in gone:
+            eng.submit(job)
+        with pytest.raises(APIError) as e:
+            eng.submit(_job(eng, "a dog", temperature=0)[0])
+        assert e.value.status == 503
+        for job, _, _ in gone:
+            job.cancel()
+        assert eng.queue_depth() == 0 and eng.stats.snapshot()["cancelled_requests"] == 2
+        live, done, out = _job(eng, "a dog", temperature=0)
+        eng.submit(live)
+        eng.resume()
+        assert done.wait(60) and out[-1] == JobDone()
+        assert all(not o for _, _, o in gone)
+    finally:
+        eng.stop()
+
+
 # -- command line --------------------------------------------------------------------------------------
 def test_add_serve_subcommand():
     parser = argparse.ArgumentParser(prog="flamingo-vlm")
