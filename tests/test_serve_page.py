@@ -187,3 +187,22 @@ def test_settings_out_of_range_are_refused_not_replaced(browser, server):
     page.wait_for_function("document.querySelector('#status').dataset.state === 'error'", timeout=30_000)
     assert "top_p" in page.text_content("#output")
     page.close()
+
+
+def test_a_cut_stream_is_an_error_not_an_answer(browser, server):
+    """A stream that ends without [DONE] (server gone, a proxy's timeout) was shown as "done (stop)"
+    with the partial text as the answer."""
+    base, _ = server
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.wait_for_function(f"document.querySelector('#model-info').textContent.includes('{DEFAULT_MODEL}')")
+    page.route("**/v1/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"},
+        body='data: {"choices": [{"index": 0, "text": "a large", "finish_reason": null}]}\n\n'))
+    page.click("#generate")
+    page.wait_for_function("['done', 'error'].includes(document.querySelector('#status').dataset.state)",
+                           timeout=30_000)
+    assert page.get_attribute("#status", "data-state") == "error"
+    output = page.text_content("#output")
+    assert "closed before the answer was finished" in output and "a large" in output, output
+    page.close()

@@ -196,7 +196,7 @@ async function generate() {
   $("#stop-btn").disabled = false;
   setStatus("streaming", "waiting…");
   const t0 = performance.now();
-  let firstTokenAt = null, finish = null, usage = null;
+  let firstTokenAt = null, finish = null, usage = null, complete = false;
   try {
     const resp = await fetch("/v1/completions", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal: controller.signal,
@@ -221,7 +221,7 @@ async function generate() {
         for (const line of event.split("\n")) {
           if (!line.startsWith("data:")) continue;
           const data = line.slice(5).trim();
-          if (data === "[DONE]") continue;
+          if (data === "[DONE]") { complete = true; continue; }
           const msg = JSON.parse(data);
           if (msg.error) { showError(errorMessage(msg.error, sources)); return; }
           if (msg.usage) usage = msg.usage;
@@ -234,6 +234,13 @@ async function generate() {
           }
         }
       }
+    }
+    // A stream that ends without [DONE] was cut (the server went away, a proxy closed it): not an
+    // answer that ended, which the page showed it as.
+    if (!complete) {
+      const partial = out.textContent;
+      showError("the connection closed before the answer was finished" + (partial ? `; what came: ${partial}` : ""));
+      return;
     }
     out.classList.remove("streaming");
     const secs = ((performance.now() - t0) / 1000).toFixed(2);
