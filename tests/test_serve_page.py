@@ -206,3 +206,25 @@ def test_a_cut_stream_is_an_error_not_an_answer(browser, server):
     output = page.text_content("#output")
     assert "closed before the answer was finished" in output and "a large" in output, output
     page.close()
+
+
+def test_a_thin_strip_image_is_sent(browser, server, tmp_path):
+    """The page downscales images over 1024 px; a 1 x 5000 strip rounded to a 0-pixel-wide canvas,
+    whose data URL ("data:,") the server refused as malformed."""
+    from PIL import Image
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1, 5000), (200, 30, 30)).save(strip)
+    base, _ = server
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.wait_for_function(f"document.querySelector('#model-info').textContent.includes('{DEFAULT_MODEL}')")
+    page.locator("#shots .shot").nth(0).locator("input.shot-file").set_input_files(str(strip))
+    page.wait_for_function("document.querySelectorAll('#shots .shot')[0].dataset.image !== undefined")
+    assert page.evaluate("document.querySelector('#shots .shot').dataset.image.length") > 30
+    page.fill("#max-tokens", "2")
+    page.click("#generate")
+    page.wait_for_function("['done', 'error'].includes(document.querySelector('#status').dataset.state)",
+                           timeout=60_000)
+    assert page.get_attribute("#status", "data-state") == "done", page.text_content("#output")
+    page.close()
