@@ -138,6 +138,8 @@ def test_unknown_endpoint_and_method(base):
     ({"logprobs": True}, "logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),  # (was ignored: a plain answer)
+    ({"top_logprobs": 3}, "top_logprobs"),  # (was ignored: no log-probabilities in the answer)
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
 ])
 def test_unsupported_parameters(base, patch, param):

@@ -147,3 +147,84 @@ def test_few_shot_page_streams_a_completion(browser, server, picture_files):
     page.wait_for_function("document.querySelector('#status').dataset.state === 'error'", timeout=30_000)
     assert "context length" in page.text_content("#output")
     page.close()
+
+
+def test_an_image_error_names_the_step_and_file(browser, server, picture_files, tmp_path):
+    """The server names a bad image by its place in the request (param "images[1]"); the page said
+    only "cannot decode the image", leaving the user to guess which of the dropped files it was."""
+    base, _ = server
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a PNG")
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.wait_for_function(f"document.querySelector('#model-info').textContent.includes('{DEFAULT_MODEL}')")
+    shots = page.locator("#shots .shot")
+    shots.nth(0).locator("input.shot-file").set_input_files(str(picture_files[0]))
+    page.wait_for_function("document.querySelectorAll('#shots .shot')[0].dataset.image !== undefined")
+    page.click("#add-shot")
+    shots.nth(1).locator("input.shot-file").set_input_files(str(broken))
+    page.wait_for_function("document.querySelectorAll('#shots .shot')[1].dataset.image !== undefined")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').dataset.state === 'error'", timeout=30_000)
+    output = page.text_content("#output")
+    assert "step 2 (broken.png)" in output and "cannot decode the image" in output, output
+    page.close()
+
+
+def test_settings_out_of_range_are_refused_not_replaced(browser, server):
+    """Max tokens 0 was sent as 32 (and top-p 0 as 1) without a word; the server's error shows now."""
+    base, _ = server
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.wait_for_function(f"document.querySelector('#model-info').textContent.includes('{DEFAULT_MODEL}')")
+    page.fill("#max-tokens", "0")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').dataset.state === 'error'", timeout=30_000)
+    assert "max_tokens" in page.text_content("#output")
+    page.fill("#max-tokens", "2")
+    page.fill("#top-p", "0")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').dataset.state === 'error'", timeout=30_000)
+    assert "top_p" in page.text_content("#output")
+    page.close()
+
+
+def test_a_cut_stream_is_an_error_not_an_answer(browser, server):
+    """A stream that ends without [DONE] (server gone, a proxy's timeout) was shown as "done (stop)"
+    with the partial text as the answer."""
+    base, _ = server
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.wait_for_function(f"document.querySelector('#model-info').textContent.includes('{DEFAULT_MODEL}')")
+    page.route("**/v1/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"},
+        body='data: {"choices": [{"index": 0, "text": "a large", "finish_reason": null}]}\n\n'))
+    page.click("#generate")
+    page.wait_for_function("['done', 'error'].includes(document.querySelector('#status').dataset.state)",
+                           timeout=30_000)
+    assert page.get_attribute("#status", "data-state") == "error"
+    output = page.text_content("#output")
+    assert "closed before the answer was finished" in output and "a large" in output, output
+    page.close()
+
+
+def test_a_thin_strip_image_is_sent(browser, server, tmp_path):
+    """The page downscales images over 1024 px; a 1 x 5000 strip rounded to a 0-pixel-wide canvas,
+    whose data URL ("data:,") the server refused as malformed."""
+    from PIL import Image
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1, 5000), (200, 30, 30)).save(strip)
+    base, _ = server
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.wait_for_function(f"document.querySelector('#model-info').textContent.includes('{DEFAULT_MODEL}')")
+    page.locator("#shots .shot").nth(0).locator("input.shot-file").set_input_files(str(strip))
+    page.wait_for_function("document.querySelectorAll('#shots .shot')[0].dataset.image !== undefined")
+    assert page.evaluate("document.querySelector('#shots .shot').dataset.image.length") > 30
+    page.fill("#max-tokens", "2")
+    page.click("#generate")
+    page.wait_for_function("['done', 'error'].includes(document.querySelector('#status').dataset.state)",
+                           timeout=60_000)
+    assert page.get_attribute("#status", "data-state") == "done", page.text_content("#output")
+    page.close()

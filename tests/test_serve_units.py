@@ -124,6 +124,21 @@ def test_remote_images_only_when_allowed(image_host):
     with pytest.raises(APIError) as e:
         load_image(image_host + "/missing.png", ImageLimits(allow_remote=True), "p")
     assert e.value.code == "image_fetch_failed"
+    # The error names the URL that failed (a request may hold several).
+    assert "/missing.png" in e.value.message
+
+
+def test_file_url_with_a_host_is_refused_clearly(tmp_path):
+    """file://scene.png parses as host 'scene.png' and an empty path: it was answered "image file ''
+    not found"; it gets a 400 that names the URL and says how to write one."""
+    (tmp_path / "scene.png").write_bytes(png_bytes(np.full((4, 4, 3), 9, np.uint8)))
+    limits = ImageLimits(image_dir=tmp_path)
+    with pytest.raises(APIError) as e:
+        load_image("file://scene.png", limits, "p")
+    assert e.value.status == 400 and e.value.code == "invalid_image_url"
+    assert "file://scene.png" in e.value.message and "file:///" in e.value.message
+    assert load_image(f"file://{tmp_path}/scene.png", limits, "p").size == (4, 4)
+    assert load_image(f"file://localhost{tmp_path}/scene.png", limits, "p").size == (4, 4)
 
 
 def test_image_modes_become_rgb():
@@ -247,6 +262,31 @@ def test_too_many_rows_and_full_queue(engine):
     with pytest.raises(APIError) as e:
         engine.submit(job)
     assert e.value.status == 400
+
+
+def test_cancelled_jobs_hold_no_place_in_a_full_queue():
+    """Requests whose clients went away stayed in the queue, counted against --max-queue, until the
+    worker's next batch: the server answered 503 to live requests while the queue held only dead ones."""
+    model, ip, tok = readable_tiny()
+    eng = Engine(model, ip, tok, max_batch_size=4, batch_wait_ms=0, max_queue=2).start()
+    try:
+        eng.pause()  # (as a worker busy with a long batch)
+        gone = [_job(eng, "a red", temperature=0) for _ in range(2)]
+        for job, _, _ in gone:
+            eng.submit(job)
+        with pytest.raises(APIError) as e:
+            eng.submit(_job(eng, "a dog", temperature=0)[0])
+        assert e.value.status == 503
+        for job, _, _ in gone:
+            job.cancel()
+        assert eng.queue_depth() == 0 and eng.stats.snapshot()["cancelled_requests"] == 2
+        live, done, out = _job(eng, "a dog", temperature=0)
+        eng.submit(live)
+        eng.resume()
+        assert done.wait(60) and out[-1] == JobDone()
+        assert all(not o for _, _, o in gone)
+    finally:
+        eng.stop()
 
 
 # -- command line --------------------------------------------------------------------------------------

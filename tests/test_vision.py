@@ -74,6 +74,26 @@ def test_preprocessing_inputs_and_modes(inputs, tmp_path):
     assert ImageProcessor.from_dict(json.loads(json.dumps(proc.to_dict()))) == proc
 
 
+def test_extreme_aspect_ratio_resamples_only_the_crop(monkeypatch):
+    """A 1 x 20,000 image (a few hundred bytes of PNG) was first resized whole to 224 x 4,480,000
+    pixels (3.7 GB, 11 s; 1 x 25M, within the server's pixel limit: terabytes). Past 64:1 only the
+    centre crop is resampled; ordinary images keep open_clip's resize-then-crop (test above)."""
+    asked = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: asked.append(size) or resize(self, size, *a, **k))
+    proc = ImageProcessor(224)
+    # A vertical stripe: left half red, right half blue; the crop is its centre, as the whole resize gives.
+    arr = np.zeros((20_000, 2, 3), np.uint8)
+    arr[:, 0, 0] = 255
+    arr[:, 1, 2] = 255
+    x = proc(arr) * torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1) + torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+    assert x.shape == (3, 224, 224) and asked == [(224, 224)]
+    assert x[0, :, :40].min() > 0.9 and x[2, :, :40].max() < 0.1 and x[2, :, -40:].min() > 0.9
+    asked.clear()
+    proc(np.zeros((300, 200, 3), np.uint8))
+    assert asked == [(224, 336)]  # an ordinary image: the whole resize, as open_clip
+
+
 def test_preprocessing_errors(tmp_path):
     proc = ImageProcessor(32)
     with pytest.raises(TypeError, match="uint8"):

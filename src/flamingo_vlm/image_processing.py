@@ -28,6 +28,8 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 _RESIZE_MODES = ("shortest", "squash")
+# Past this long/short side ratio, "shortest" resamples only the centre crop (see _resize_crop).
+_MAX_ASPECT = 64
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
 
@@ -103,11 +105,20 @@ class ImageProcessor:
         short, long = (w, h) if w <= h else (h, w)
         new_long = int(size * long / short)  # torchvision truncates, it does not round
         new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), resample=resample)
         # torchvision's CenterCrop rounds the offsets: top = int(round((h - size) / 2)).
         top = int(round((new_h - size) / 2.0))
         left = int(round((new_w - size) / 2.0))
+        if new_long > _MAX_ASPECT * size:
+            # (Deviation from open_clip.) An extreme aspect ratio: resizing the whole image first would
+            # make it new_long x size pixels (a 1 x 20,000 PNG of a few hundred bytes: 224 x 4.5M,
+            # 3.7 GB and 11 s; 1 x 25M, within any pixel limit, terabytes), so only the part the crop
+            # keeps is resampled, at the same scale (PIL's box: its pixels differ a little from the
+            # whole image's, which is why ordinary images keep open_clip's exact path).
+            sx, sy = w / new_w, h / new_h
+            return image.resize((size, size), resample=resample,
+                                box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), resample=resample)
         return image.crop((left, top, left + size, top + size))
 
     def __call__(self, image: ImageInput) -> torch.Tensor:

@@ -338,7 +338,18 @@ class Engine:
 
     def queue_depth(self) -> int:
         with self._cv:
+            self._drop_cancelled()
             return len(self._pending)
+
+    def _drop_cancelled(self) -> None:
+        """Drop queued jobs whose clients went away or timed out (call with ``_cv`` held). The worker
+        drops them too, but only between batches: until then they held places in ``--max-queue``, and
+        a server whose queue had filled with abandoned requests refused live ones with a 503."""
+        if any(j.cancelled.is_set() for j in self._pending):
+            live = collections.deque(j for j in self._pending if not j.cancelled.is_set())
+            with self.stats.lock:
+                self.stats.cancelled += len(self._pending) - len(live)
+            self._pending = live
 
     @property
     def busy(self) -> bool:
@@ -356,6 +367,8 @@ class Engine:
         with self._cv:
             if not self._running:
                 raise APIError(503, "the model worker is not running", type="server_error", code="not_running")
+            if len(self._pending) >= self.max_queue:
+                self._drop_cancelled()
             if len(self._pending) >= self.max_queue:
                 raise APIError(503, f"the server is overloaded ({self.max_queue} requests queued); retry later",
                                type="server_error", code="overloaded")

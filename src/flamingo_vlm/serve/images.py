@@ -75,7 +75,18 @@ def _local_bytes(ref: str, limits: ImageLimits, param: str) -> bytes:
             400, "local image files are disabled on this server (start it with --image-dir DIR to serve files "
             "from DIR); send the image inline as a data: URL instead", param=param, code="local_images_disabled",
         )
-    raw = unquote(urlparse(ref).path) if ref.startswith("file://") else ref
+    raw = ref
+    if ref.startswith("file://"):
+        # file://HOST/PATH: a host there is most often the first folder of a relative path
+        # (file://scene1.png), which the path alone would silently drop (looking for '').
+        parsed = urlparse(ref)
+        if parsed.netloc not in ("", "localhost"):
+            raise APIError(
+                400, f"file URL {_short(ref)} names a host ({parsed.netloc!r}); write file:///ABSOLUTE/PATH inside "
+                "the server's image directory, or the path relative to it without file://", param=param,
+                code="invalid_image_url",
+            )
+        raw = unquote(parsed.path)
     shown = _short(raw)
     if "\0" in raw:
         raise APIError(400, f"image path {shown} contains a NUL character; no file name can", param=param,
@@ -118,8 +129,8 @@ def _remote_bytes(ref: str, limits: ImageLimits, param: str) -> bytes:
         with httpx.Client(timeout=limits.remote_timeout, follow_redirects=True, max_redirects=3) as client:
             with client.stream("GET", ref) as resp:
                 if resp.status_code != 200:
-                    raise APIError(400, f"fetching the image failed: HTTP {resp.status_code}", param=param,
-                                   code="image_fetch_failed")
+                    raise APIError(400, f"fetching the image {_short(ref)} failed: HTTP {resp.status_code}",
+                                   param=param, code="image_fetch_failed")
                 declared = resp.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > limits.max_bytes:
                     raise _too_large(param, int(declared), limits.max_bytes)
@@ -130,7 +141,7 @@ def _remote_bytes(ref: str, limits: ImageLimits, param: str) -> bytes:
                         raise _too_large(param, f"more than {limits.max_bytes}", limits.max_bytes)
                 return bytes(buf)
     except httpx.HTTPError as e:
-        raise APIError(400, f"fetching the image failed ({type(e).__name__}: {e})", param=param,
+        raise APIError(400, f"fetching the image {_short(ref)} failed ({type(e).__name__}: {e})", param=param,
                        code="image_fetch_failed") from e
 
 

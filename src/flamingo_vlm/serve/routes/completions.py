@@ -28,6 +28,13 @@ async def chat_completions(request: Request, state: ServerState = Depends(get_st
     check_sampling(body)
     if body.tools:
         raise unsupported("tools", "tool calling")
+    # Fields the schema does not name (so they would be ignored) that ask for what this server cannot
+    # give: the deprecated form of tools, and log-probabilities asked without logprobs.
+    extra = body.model_extra or {}
+    if extra.get("functions"):
+        raise unsupported("functions", "function calling")
+    if extra.get("top_logprobs"):
+        raise unsupported("top_logprobs", "top_logprobs")
     if body.response_format and body.response_format.get("type") not in (None, "text"):
         raise unsupported("response_format", "a response_format other than text")
     engine.check_rows(body.n)

@@ -29,8 +29,9 @@ async function toDataURL(file) {
     const scale = Math.min(1, MAX_SIDE / Math.max(bitmap.width, bitmap.height));
     if (scale >= 1) return original;
     const canvas = document.createElement("canvas");
-    canvas.width = Math.round(bitmap.width * scale);
-    canvas.height = Math.round(bitmap.height * scale);
+    // (at least 1: a 1 x 5000 strip scaled by 0.2 rounded to a 0-pixel canvas, sent as "data:,")
+    canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+    canvas.height = Math.max(1, Math.round(bitmap.height * scale));
     canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
     return canvas.toDataURL("image/jpeg", 0.92);
   } catch (e) {
@@ -99,20 +100,36 @@ function addShot(text = "") {
 }
 
 function steps() {
-  return [...shotsEl.children].map((li) => ({ image: li.dataset.image || null, text: $(".shot-text", li).value }));
+  return [...shotsEl.children].map((li) => ({
+    image: li.dataset.image || null, filename: li.dataset.filename || null, text: $(".shot-text", li).value,
+  }));
 }
 
 // The prompt: every step is <image>text; every step but the last is a demonstration closed by <|endofchunk|>.
+// `sources[k]` says where images[k] came from, so that an error about an image can name it.
 function buildPrompt() {
   const all = steps();
   let prompt = "";
   const images = [];
+  const sources = [];
   all.forEach((s, i) => {
-    if (s.image) { prompt += MEDIA; images.push(s.image); }
+    if (s.image) {
+      prompt += MEDIA;
+      images.push(s.image);
+      sources.push(`step ${i + 1}` + (s.filename ? ` (${s.filename})` : ""));
+    }
     prompt += s.text;
     if (i < all.length - 1) prompt += EOC;
   });
-  return { prompt, images };
+  return { prompt, images, sources };
+}
+
+// The server's error names the image by its place in the request (param "images[2]"): say which
+// step and file that is.
+function errorMessage(error, sources) {
+  const m = /^images\[(\d+)\]/.exec(error.param || "");
+  const where = m && sources[Number(m[1])];
+  return where ? `${where}: ${error.message}` : error.message;
 }
 
 function escapeHTML(s) {
@@ -148,8 +165,15 @@ function showError(message) {
   setStatus("error", "error");
 }
 
+// A settings field's number; its default when left empty. A value out of range goes to the server as
+// typed, which says what is wrong (0 max tokens was sent as 32, top-p 0 as 1, without a word).
+function numberField(sel, fallback) {
+  const v = $(sel).value.trim();
+  return v === "" ? fallback : Number(v);
+}
+
 async function generate() {
-  const { prompt, images } = buildPrompt();
+  const { prompt, images, sources } = buildPrompt();
   if (!prompt.trim() && !images.length) { showError("The prompt is empty: add an image or some text."); return; }
   const out = $("#output");
   out.classList.remove("error");
@@ -161,9 +185,9 @@ async function generate() {
     model: modelId || undefined,
     prompt,
     images,
-    max_tokens: Number($("#max-tokens").value) || 32,
-    temperature: Number($("#temperature").value),
-    top_p: Number($("#top-p").value) || 1,
+    max_tokens: numberField("#max-tokens", 32),
+    temperature: numberField("#temperature", 0),
+    top_p: numberField("#top-p", 1),
     stream: true,
     stream_options: { include_usage: true },
   };
@@ -173,14 +197,14 @@ async function generate() {
   $("#stop-btn").disabled = false;
   setStatus("streaming", "waiting…");
   const t0 = performance.now();
-  let firstTokenAt = null, finish = null, usage = null;
+  let firstTokenAt = null, finish = null, usage = null, complete = false;
   try {
     const resp = await fetch("/v1/completions", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal: controller.signal,
     });
     if (!resp.ok) {
       let msg = `HTTP ${resp.status}`;
-      try { const j = await resp.json(); if (j.error) msg += `: ${j.error.message}`; } catch (e) { /* not JSON */ }
+      try { const j = await resp.json(); if (j.error) msg += `: ${errorMessage(j.error, sources)}`; } catch (e) { /* not JSON */ }
       showError(msg);
       return;
     }
@@ -198,9 +222,9 @@ async function generate() {
         for (const line of event.split("\n")) {
           if (!line.startsWith("data:")) continue;
           const data = line.slice(5).trim();
-          if (data === "[DONE]") continue;
+          if (data === "[DONE]") { complete = true; continue; }
           const msg = JSON.parse(data);
-          if (msg.error) { showError(msg.error.message); return; }
+          if (msg.error) { showError(errorMessage(msg.error, sources)); return; }
           if (msg.usage) usage = msg.usage;
           for (const choice of msg.choices || []) {
             if (choice.text) {
@@ -211,6 +235,13 @@ async function generate() {
           }
         }
       }
+    }
+    // A stream that ends without [DONE] was cut (the server went away, a proxy closed it): not an
+    // answer that ended, which the page showed it as.
+    if (!complete) {
+      const partial = out.textContent;
+      showError("the connection closed before the answer was finished" + (partial ? `; what came: ${partial}` : ""));
+      return;
     }
     out.classList.remove("streaming");
     const secs = ((performance.now() - t0) / 1000).toFixed(2);
