@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -301,6 +302,35 @@ def test_add_serve_subcommand():
     assert callable(args.func)
     assert parser.parse_args(["serve"]).model == "smol-synthetic"  # the built-in model by default
 
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_serve_and_generate_load_the_model_in_the_same_dtype_by_default(native_bf16, monkeypatch):
+    # the same prompt must get the same greedy answer from both: a near-tie can differ between dtypes
+    import flamingo_vlm.pretrained as pretrained
+    from flamingo_vlm import cli, generate
+    from flamingo_vlm.modeling import fast_linear
+    from flamingo_vlm.serve import cli as serve_cli
+
+    class Loaded(Exception):
+        pass
+
+    asked = []
+
+    def from_pretrained(name, *, dtype=None, **kw):
+        asked.append(dtype)
+        raise Loaded
+
+    monkeypatch.setattr(fast_linear, "fast_bf16", lambda device=None: native_bf16)
+    monkeypatch.setattr(pretrained, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(serve_cli, "listen_socket", lambda host, port: socket.socket())
+    for call in (lambda: cli.main(["serve"]), lambda: generate._load("smol-synthetic", "auto", None)):
+        with pytest.raises(Loaded):
+            call()
+    assert asked == [torch.bfloat16 if native_bf16 else torch.float32] * 2
+    args = argparse.ArgumentParser()
+    serve_cli.add_serve_arguments(args)
+    assert args.parse_args(["--dtype", "float32"]).dtype == "float32"
 
 
 @pytest.mark.parametrize("flag, value, message", [

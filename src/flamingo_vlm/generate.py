@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
-from .modeling.fast_linear import fast_bf16
+from .modeling.fast_linear import auto_dtype
 from .modeling.lm_info import lm_context_limit
 from .processing import EOC_TOKEN, MEDIA_TOKEN
 from .registry import DEFAULT_MODEL
@@ -92,9 +92,7 @@ def rank_candidates(model, image_processor, tokenizer, sample, candidates) -> li
 def _load(model_name: str, dtype: str | None, device: str | None, quantize: str | None = None):
     from .pretrained import from_pretrained
 
-    if dtype in (None, "auto"):
-        dtype = "bfloat16" if fast_bf16(device) else "float32"
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = auto_dtype(device) if dtype in (None, "auto") else {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     return from_pretrained(model_name, dtype=torch_dtype, device=device, quantize=quantize)
 
 

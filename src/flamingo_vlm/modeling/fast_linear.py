@@ -38,7 +38,7 @@ from . import native
 from .kernels import (DECODE_ROWS, PLAIN_TYPES, decide, decode_route, onednn_available, onednn_linear, onednn_route,
                       packed_linear)
 
-__all__ = ["fast_bf16", "linear", "native_decode_isa", "onednn_available", "onednn_linear", "onednn_linears",
+__all__ = ["auto_dtype", "fast_bf16", "linear", "native_decode_isa", "onednn_available", "onednn_linear", "onednn_linears",
            "outside_tracing"]
 
 # Set inside an ``onednn_linears`` block (per thread / async context): "force" or "auto" (per call, by
@@ -56,6 +56,12 @@ def fast_bf16(device: str | None = None) -> bool:
     if device and str(device).startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return decide("bf16")
+
+
+def auto_dtype(device: str | None = None) -> torch.dtype:
+    """What ``--dtype auto`` means (``generate``, ``serve``): bf16 where it pays (:func:`fast_bf16`),
+    else fp32."""
+    return torch.bfloat16 if fast_bf16(device) else torch.float32
 
 
 def _use_onednn(x: torch.Tensor, rows: int, mode: str) -> bool:

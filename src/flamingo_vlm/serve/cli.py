@@ -86,7 +86,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     g = p.add_argument_group("model")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the model to this dtype")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto (default, as flamingo-vlm generate): bfloat16 where it runs natively (GPUs, CPUs "
+                        "with AVX512-BF16 that measured it faster), else float32")
     g.add_argument("--quantize", choices=["int8", "int4"],
                     help="weight-only quantized LM, cross-attention and perceiver linears (CPU only; "
                          "int8 also the LM head; speeds per CPU in the README's Quantized weights)")
@@ -148,6 +150,7 @@ def build_server(args: argparse.Namespace):
     import torch
     from PIL import Image
 
+    from ..modeling.fast_linear import auto_dtype
     from ..pretrained import from_pretrained
     from .app import ServeConfig, create_app
     from .engine import Engine
@@ -157,7 +160,8 @@ def build_server(args: argparse.Namespace):
     # Decompression bombs: PIL itself refuses (DecompressionBombError) past twice this; the server
     # refuses past it from the header, before decoding.
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    # auto as generate's: the same answers from both for the same prompt (a near-tie can differ between dtypes)
+    dtype = auto_dtype(args.device) if args.dtype in (None, "auto") else getattr(torch, args.dtype)
     model, image_processor, tokenizer = from_pretrained(
         args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only, dtype=dtype, device=args.device,
         quantize=getattr(args, "quantize", None),
@@ -191,8 +195,8 @@ def run_serve(args: argparse.Namespace) -> int:
         app, engine, config = build_server(args)
         port = sock.getsockname()[1]  # (the one picked, for --port 0)
         logging.getLogger("flamingo_vlm.serve").info(
-            "serving %r (context %d, batch %d) on http://%s:%d", config.model_name, engine.max_context,
-            engine.max_batch_size, f"[{args.host}]" if ":" in args.host else args.host, port)
+            "serving %r (%s, context %d, batch %d) on http://%s:%d", config.model_name,
+            str(next(engine.model.perceiver.parameters()).dtype).removeprefix("torch."), engine.max_context, engine.max_batch_size, f"[{args.host}]" if ":" in args.host else args.host, port)
         from .protocol import header_timeout_protocol
 
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
