@@ -169,6 +169,18 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         TrainConfig.from_dict({"model": {"from_pretrained": "x"}, "data": [{"urls": ["a.tar"], "loss_after": [3]}]})
 
 
+def test_a_broken_yaml_file_is_one_line_naming_the_file_and_place(tmp_path):
+    """PyYAML's message spans lines and names '<unicode string>'; a binary file raised a bare decode error."""
+    bad = tmp_path / "train.yaml"
+    bad.write_text("model:\n  from_pretrained: x\n max_steps: 3\n")
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_yaml(bad)
+    assert "\n" not in str(e.value) and str(bad) in str(e.value) and "line 3, column 2" in str(e.value)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ConfigError, match=f"{bad}.*UTF-8"):
+        TrainConfig.from_yaml(bad)
+
+
 def test_schedules():
     from flamingo_vlm.train.config import ScheduleConfig
 

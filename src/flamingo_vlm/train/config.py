@@ -221,7 +221,13 @@ class TrainConfig:
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+            # one line naming the file and the place (str(e) spans lines and says "<unicode string>")
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            what = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+            raise ConfigError(f"{path} is not valid YAML{where}: {what or ' '.join(str(e).split())}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not a text (UTF-8) YAML file: {e}") from e
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections, got {type(raw).__name__}")
         try:
