@@ -577,7 +577,11 @@ def _worker(rank, world, port, model_dir, out, mode, media, kwargs, nan_rank, re
         weights = torch.cat([v.float().flatten() for v in gather_trainable(t.flamingo).values()])
     finally:
         t.close()
-    torch.save({"history": res.history, "weights": weights}, Path(result_dir) / f"rank{rank}.pt")
+    # DDP's C++ reducer owned the process group and freed it holding the GIL when the trainer was
+    # dropped after close(): a deadlock with gloo's worker threads (see distributed.release)
+    owns_group = getattr(t.model, "reducer", None) is not None
+    torch.save({"history": res.history, "weights": weights, "owns_group": owns_group},
+               Path(result_dir) / f"rank{rank}.pt")
 
 
 def _spawn(mode, model_dir, tmp_path, media, kwargs, nan_rank=None):
@@ -625,6 +629,7 @@ def test_ddp_two_processes_equal_one_process_and_skip_nonfinite_together(model_d
     single, w_single = _single(model_dir, media_id, tmp_path / "single", kwargs, nan=True)
     h0, h1 = ranks[0]["history"], ranks[1]["history"]
     assert [h["skipped"] for h in h0] == [0, 0, 1, 0] == [h["skipped"] for h in h1]
+    assert not ranks[0]["owns_group"] and not ranks[1]["owns_group"]  # close() freed the reducer
     _same_losses(h0, h1, rtol=0)  # every logged value is global
     _same_losses(h0, single, rtol=1e-5)
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
