@@ -742,6 +742,19 @@ def test_sigkill_and_resume_is_bitwise_identical_on_real_shards(model_dir, shard
 
 
 # -- errors ------------------------------------------------------------------------------------------
+def test_ctrl_c_under_torchrun_is_one_line(monkeypatch, capsys):
+    """torchrun passes Ctrl-C on to every rank's `python -m flamingo_vlm.train`, which printed a
+    KeyboardInterrupt traceback; `flamingo-vlm train` said one line."""
+    from flamingo_vlm.train import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    assert cli.main(["--config", "x.yaml"]) == 130
+    assert capsys.readouterr().err == "flamingo-vlm train: interrupted\n"
+
+
 def test_clear_errors(model_dir, shards, tmp_path, capsys):
     from flamingo_vlm.train.cli import main
 

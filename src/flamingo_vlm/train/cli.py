@@ -173,4 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    """``python -m flamingo_vlm.train`` (what torchrun starts on every rank)."""
+    try:
+        return run(build_parser().parse_args(argv))
+    except KeyboardInterrupt:  # Ctrl-C (torchrun passes it on to every rank): one line, as `flamingo-vlm train`
+        print("flamingo-vlm train: interrupted", file=sys.stderr)
+        return 130
