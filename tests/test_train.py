@@ -741,6 +741,30 @@ def test_sigkill_and_resume_is_bitwise_identical_on_real_shards(model_dir, shard
             assert torch.equal(p.detach(), trained[name]), name
 
 
+def test_export_checkpoint_copied_elsewhere_or_a_run_directory(model_dir, shards, tmp_path, capsys):
+    """Without --config, --export-checkpoint took the config.yaml two levels up: a checkpoint copied
+    elsewhere, or a run directory, got 'model needs from_pretrained'; a wrong path was named --resume."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from flamingo_vlm.train.cli import main
+
+    cfg = _write_yaml(tmp_path / "c.yaml", model_dir, shards, tmp_path / "run", max_steps=2, export=False)
+    assert main(["--config", str(cfg)]) == 0
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    shutil.copytree(step, tmp_path / "copy" / "step_00000002")
+    assert main(["--export-checkpoint", str(tmp_path / "copy" / "step_00000002"), "--export-to", str(tmp_path / "a")]) == 0
+    assert main(["--export-checkpoint", str(tmp_path / "run"), "--export-to", str(tmp_path / "b")]) == 0
+    trained = load_file(step / "trainable.safetensors")
+    for out in ("a", "b"):
+        saved = load_file(tmp_path / out / "model.safetensors")
+        assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    capsys.readouterr()
+    assert main(["--export-checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert f"--export-checkpoint {tmp_path / 'nowhere'}: not a complete checkpoint" in capsys.readouterr().err
+
+
 # -- errors ------------------------------------------------------------------------------------------
 def test_ctrl_c_under_torchrun_is_one_line(monkeypatch, capsys):
     """torchrun passes Ctrl-C on to every rank's `python -m flamingo_vlm.train`, which printed a
