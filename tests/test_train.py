@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,6 +168,15 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         TrainConfig.from_dict({**answers, "data": [{"urls": ["a.tar"], "loss_after": "Short answer:"}]})
     with pytest.raises(ConfigError, match="loss_after must be a list of non-empty marker strings"):
         TrainConfig.from_dict({"model": {"from_pretrained": "x"}, "data": [{"urls": ["a.tar"], "loss_after": [3]}]})
+
+
+def test_override_of_a_list_entry_that_is_not_there_is_named():
+    """--set data.5.batch_size=2 with one dataset raised a bare IndexError (a traceback)."""
+    cfg = TrainConfig.from_dict({"model": {"from_pretrained": "x"}, "data": [{"kind": "pairs", "urls": ["a.tar"]}]})
+    assert cfg.override(["data.0.batch_size=2"]).data[0].batch_size == 2
+    for bad in ("data.5.batch_size=2", "data.x.batch_size=2", "data.1=3"):
+        with pytest.raises(ConfigError, match=rf"override '{re.escape(bad)}': data has 1 entry; give an index 0..0"):
+            cfg.override([bad])
 
 
 def test_a_broken_yaml_file_is_one_line_naming_the_file_and_place(tmp_path):

@@ -258,7 +258,7 @@ class TrainConfig:
             node = d
             for i, part in enumerate(parts[:-1]):
                 if isinstance(node, list):
-                    node = node[int(part)]
+                    node = node[_list_index(node, part, item, ".".join(parts[:i]))]
                 else:
                     if part not in node:
                         raise ConfigError(f"override {item!r}: no config section {'.'.join(parts[: i + 1])!r}")
@@ -268,7 +268,7 @@ class TrainConfig:
             last = parts[-1]
             parsed = yaml.safe_load(value) if value.strip() else None
             if isinstance(node, list):
-                node[int(last)] = parsed
+                node[_list_index(node, last, item, ".".join(parts[:-1]))] = parsed
             else:
                 node[last] = parsed
         return TrainConfig.from_dict(d)
@@ -368,6 +368,14 @@ class TrainConfig:
     def dataset_names(self) -> list[str]:
         """Names of the config's datasets (the aiming data, when on, follows them as ``aim``)."""
         return [d.name or f"{d.kind}{i}" for i, d in enumerate(self.data)]
+
+
+def _list_index(node: list, part: str, item: str, where: str) -> int:
+    """The entry ``part`` of the list ``where`` in an override (an IndexError or ValueError before)."""
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(f"override {item!r}: {where} has {len(node)} entr{'y' if len(node) == 1 else 'ies'}; "
+                          f"give an index 0..{len(node) - 1}, e.g. {where}.0")
+    return int(part)
 
 
 def _choice(name: str, value, choices) -> None:
