@@ -789,6 +789,20 @@ def test_ctrl_c_under_torchrun_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "flamingo-vlm train: interrupted\n"
 
 
+def test_python_m_train_words_bad_input_as_flamingo_vlm_train_does(model_dir, shards, tmp_path, capsys):
+    """A model directory whose config.json is not ours raised ValueError: one line from `flamingo-vlm
+    train`, a traceback from `python -m flamingo_vlm.train` (what torchrun runs)."""
+    from flamingo_vlm.train.cli import main
+
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"x": 1}')
+    cfg = _write_yaml(tmp_path / "c.yaml", model_dir, shards, tmp_path / "out")
+    assert main(["--config", str(cfg), "--set", f"model.from_pretrained={bad}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flamingo-vlm train: error: ") and str(bad / "config.json") in err and err.count("\n") == 1
+
+
 def test_clear_errors(model_dir, shards, tmp_path, capsys):
     from flamingo_vlm.train.cli import main
 

@@ -194,8 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m flamingo_vlm.train`` (what torchrun starts on every rank)."""
+    import os
+
+    from ..cli import _one_line, _user_errors
+
     try:
         return run(build_parser().parse_args(argv))
     except KeyboardInterrupt:  # Ctrl-C (torchrun passes it on to every rank): one line, as `flamingo-vlm train`
         print("flamingo-vlm train: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # bad input that run() does not word itself: one line, as `flamingo-vlm train`
+        if os.environ.get("FLAMINGO_VLM_TRACEBACK") or not isinstance(e, _user_errors()):
+            raise
+        print(f"flamingo-vlm train: error: {_one_line(e)}", file=sys.stderr)
+        return 1
