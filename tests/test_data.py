@@ -6,6 +6,7 @@ import argparse
 import base64
 import io
 import json
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -736,6 +737,26 @@ def test_cli_write_and_inspect(tmp_path, capsys):
     assert args.func(args) == 0
     assert "4 sample(s)" in capsys.readouterr().out
 
+
+
+def test_write_shows_progress_on_a_terminal(tmp_path, capsys, monkeypatch):
+    """Writing checks every image: minutes for a large folder, which passed in silence."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), "red").save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"caption {i}")
+    write_shards(folder, tmp_path / "a", progress=True)
+    err = capsys.readouterr().err
+    assert "write: 100%" in err and "3/3" in err
+    parser = argparse.ArgumentParser(prog="flamingo-vlm")
+    add_data_subcommand(parser.add_subparsers(dest="command", required=True))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    args = parser.parse_args(["data", "write", str(folder), str(tmp_path / "b")])
+    assert args.func(args) == 0
+    assert "write: 100%" in capsys.readouterr().err
 
 
 def test_cli_write_names_skipped_files_and_fails_when_nothing_was_written(tmp_path, capsys, caplog):

@@ -229,6 +229,32 @@ def test_openflamingo_checkpoint_shapes_load_and_validate():
     assert load_openflamingo_checkpoint(dst, extra).unexpected == ["lang_encoder.not_a_param"]
 
 
+@pytest.mark.parametrize("lm_type", ["llama", "mpt"])
+def test_our_own_weights_files_load_the_openflamingo_way(tmp_path, lm_type):
+    """save_pretrained's model.safetensors (and a training checkpoint's trainable.safetensors, the same
+    names) hold the added-token rows as `...new_weight`: `load_state_dict(sd, strict=False)` takes
+    them (it refused the file: 'does not fill ... embed_tokens.weight')."""
+    from safetensors.torch import load_file
+
+    src, ip, tok = tiny_flamingo(lm_type, seed=1)
+    with torch.no_grad():
+        for p in src.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # trained: differs from a fresh model everywhere
+    out = src.save_pretrained(tmp_path / "m", tokenizer=tok, image_processor=ip)
+    sd = load_file(out / "model.safetensors")
+    assert any(k.endswith(".new_weight") for k in sd)
+    dst, _, _ = tiny_flamingo(lm_type, seed=1)
+    batch = batch_for(src, ip, tok)
+    assert not torch.equal(logits_of(dst, batch), logits_of(src, batch))
+    dst.load_state_dict(sd, strict=False)
+    trained = dict(src.named_parameters())
+    for name, p in dst.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, trained[name]), name
+    torch.testing.assert_close(logits_of(dst, batch), logits_of(src, batch), atol=0, rtol=0)
+
+
 def test_convert_cli_round_trip(tmp_path):
     src, ip, tok = tiny_flamingo("llama", seed=3)
     lm_dir, tok_dir = tmp_path / "lm", tmp_path / "tok"

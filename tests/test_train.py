@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,6 +168,27 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         TrainConfig.from_dict({**answers, "data": [{"urls": ["a.tar"], "loss_after": "Short answer:"}]})
     with pytest.raises(ConfigError, match="loss_after must be a list of non-empty marker strings"):
         TrainConfig.from_dict({"model": {"from_pretrained": "x"}, "data": [{"urls": ["a.tar"], "loss_after": [3]}]})
+
+
+def test_override_of_a_list_entry_that_is_not_there_is_named():
+    """--set data.5.batch_size=2 with one dataset raised a bare IndexError (a traceback)."""
+    cfg = TrainConfig.from_dict({"model": {"from_pretrained": "x"}, "data": [{"kind": "pairs", "urls": ["a.tar"]}]})
+    assert cfg.override(["data.0.batch_size=2"]).data[0].batch_size == 2
+    for bad in ("data.5.batch_size=2", "data.x.batch_size=2", "data.1=3"):
+        with pytest.raises(ConfigError, match=rf"override '{re.escape(bad)}': data has 1 entry; give an index 0..0"):
+            cfg.override([bad])
+
+
+def test_a_broken_yaml_file_is_one_line_naming_the_file_and_place(tmp_path):
+    """PyYAML's message spans lines and names '<unicode string>'; a binary file raised a bare decode error."""
+    bad = tmp_path / "train.yaml"
+    bad.write_text("model:\n  from_pretrained: x\n max_steps: 3\n")
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_yaml(bad)
+    assert "\n" not in str(e.value) and str(bad) in str(e.value) and "line 3, column 2" in str(e.value)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ConfigError, match=f"{bad}.*UTF-8"):
+        TrainConfig.from_yaml(bad)
 
 
 def test_schedules():
@@ -565,7 +587,11 @@ def _worker(rank, world, port, model_dir, out, mode, media, kwargs, nan_rank, re
         weights = torch.cat([v.float().flatten() for v in gather_trainable(t.flamingo).values()])
     finally:
         t.close()
-    torch.save({"history": res.history, "weights": weights}, Path(result_dir) / f"rank{rank}.pt")
+    # DDP's C++ reducer owned the process group and freed it holding the GIL when the trainer was
+    # dropped after close(): a deadlock with gloo's worker threads (see distributed.release)
+    owns_group = getattr(t.model, "reducer", None) is not None
+    torch.save({"history": res.history, "weights": weights, "owns_group": owns_group},
+               Path(result_dir) / f"rank{rank}.pt")
 
 
 def _spawn(mode, model_dir, tmp_path, media, kwargs, nan_rank=None):
@@ -613,6 +639,7 @@ def test_ddp_two_processes_equal_one_process_and_skip_nonfinite_together(model_d
     single, w_single = _single(model_dir, media_id, tmp_path / "single", kwargs, nan=True)
     h0, h1 = ranks[0]["history"], ranks[1]["history"]
     assert [h["skipped"] for h in h0] == [0, 0, 1, 0] == [h["skipped"] for h in h1]
+    assert not ranks[0]["owns_group"] and not ranks[1]["owns_group"]  # close() freed the reducer
     _same_losses(h0, h1, rtol=0)  # every logged value is global
     _same_losses(h0, single, rtol=1e-5)
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
@@ -724,7 +751,58 @@ def test_sigkill_and_resume_is_bitwise_identical_on_real_shards(model_dir, shard
             assert torch.equal(p.detach(), trained[name]), name
 
 
+def test_export_checkpoint_copied_elsewhere_or_a_run_directory(model_dir, shards, tmp_path, capsys):
+    """Without --config, --export-checkpoint took the config.yaml two levels up: a checkpoint copied
+    elsewhere, or a run directory, got 'model needs from_pretrained'; a wrong path was named --resume."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from flamingo_vlm.train.cli import main
+
+    cfg = _write_yaml(tmp_path / "c.yaml", model_dir, shards, tmp_path / "run", max_steps=2, export=False)
+    assert main(["--config", str(cfg)]) == 0
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    shutil.copytree(step, tmp_path / "copy" / "step_00000002")
+    assert main(["--export-checkpoint", str(tmp_path / "copy" / "step_00000002"), "--export-to", str(tmp_path / "a")]) == 0
+    assert main(["--export-checkpoint", str(tmp_path / "run"), "--export-to", str(tmp_path / "b")]) == 0
+    trained = load_file(step / "trainable.safetensors")
+    for out in ("a", "b"):
+        saved = load_file(tmp_path / out / "model.safetensors")
+        assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    capsys.readouterr()
+    assert main(["--export-checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert f"--export-checkpoint {tmp_path / 'nowhere'}: not a complete checkpoint" in capsys.readouterr().err
+
+
 # -- errors ------------------------------------------------------------------------------------------
+def test_ctrl_c_under_torchrun_is_one_line(monkeypatch, capsys):
+    """torchrun passes Ctrl-C on to every rank's `python -m flamingo_vlm.train`, which printed a
+    KeyboardInterrupt traceback; `flamingo-vlm train` said one line."""
+    from flamingo_vlm.train import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    assert cli.main(["--config", "x.yaml"]) == 130
+    assert capsys.readouterr().err == "flamingo-vlm train: interrupted\n"
+
+
+def test_python_m_train_words_bad_input_as_flamingo_vlm_train_does(model_dir, shards, tmp_path, capsys):
+    """A model directory whose config.json is not ours raised ValueError: one line from `flamingo-vlm
+    train`, a traceback from `python -m flamingo_vlm.train` (what torchrun runs)."""
+    from flamingo_vlm.train.cli import main
+
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"x": 1}')
+    cfg = _write_yaml(tmp_path / "c.yaml", model_dir, shards, tmp_path / "out")
+    assert main(["--config", str(cfg), "--set", f"model.from_pretrained={bad}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flamingo-vlm train: error: ") and str(bad / "config.json") in err and err.count("\n") == 1
+
+
 def test_clear_errors(model_dir, shards, tmp_path, capsys):
     from flamingo_vlm.train.cli import main
 

@@ -110,6 +110,13 @@ def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = Tru
             f"loads quantized with load_pretrained(dir, quantize={mode!r})")
     sd = normalise_openflamingo_keys(read_state_dict(source))
     own = model.state_dict()
+    # Our own files (a training checkpoint's trainable.safetensors, save_pretrained's model.safetensors)
+    # hold the trainable added-token rows as "<module>.new_weight", which state_dict() folds into the
+    # full matrix and leaves out: accept them under that name (OpenFlamingo's files have the matrix).
+    params = dict(model.named_parameters())
+    for key in sd:
+        if key.endswith(".new_weight") and key not in own and key in params:
+            own[key] = params[key].detach()
     # Tied weights: fill every name of a shared tensor from whichever name the file has.
     for group in _tied_aliases(model):
         present = [n for n in group if n in sd]
@@ -131,7 +138,7 @@ def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = Tru
             "was trained with?):\n  " + "\n  ".join(mismatched)
         )
     trainable = {_state_key(n) for n, p in model.named_parameters() if p.requires_grad}
-    loaded = set(report.loaded)
+    loaded = set(report.loaded) | {_state_key(k) for k in report.loaded}
     report.missing_trainable = sorted(k for k in trainable if k not in loaded)
     report.missing_frozen = sorted(k for k in own if k not in loaded and k not in trainable)
     if require_trainable and report.missing_trainable:

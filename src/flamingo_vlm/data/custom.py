@@ -226,12 +226,14 @@ def write_shards(
     overwrite: bool = False,
     strict: bool = False,
     stats: Counter | None = None,
+    progress: bool = False,
 ) -> list[Path]:
     """Write ``source`` (JSONL file or image/caption folder) as webdataset shards in ``out_dir``.
 
     Documents whose images are missing or undecodable are skipped and counted in ``stats``
     (``strict=True`` raises instead). ``out_dir`` must not already hold ``*.tar`` files unless
     ``overwrite`` (which removes the earlier ``pairs-*.tar``/``interleaved-*.tar`` shards).
+    ``progress``: a tqdm bar of the documents written (on stderr).
     Returns the shard paths.
     """
     if kind not in ("auto", "pairs", "interleaved"):
@@ -279,8 +281,13 @@ def write_shards(
             paths.append(final)
             writer = tmp = f = None
 
+    rows = docs
+    if progress:  # reading and checking every image takes minutes for a large folder
+        from tqdm.auto import tqdm
+
+        rows = tqdm(docs, desc="write", unit="doc")
     try:
-        for doc in docs:
+        for doc in rows:
             try:
                 sample = make(doc, f"{stats['written']:09d}")
             except ValueError as e:
@@ -302,6 +309,8 @@ def write_shards(
                 close()
         close()
     finally:
+        if rows is not docs:
+            rows.close()
         if writer is not None:  # an exception left a shard half-written
             writer.close()
             f.close()
@@ -395,7 +404,7 @@ def inspect_shards(urls: str | Iterable[str], n: int = 3, *, similarity_threshol
 def _cmd_write(args: argparse.Namespace) -> int:
     stats: Counter = Counter()
     paths = write_shards(args.source, args.out_dir, kind=args.kind, samples_per_shard=args.samples_per_shard,
-                         overwrite=args.overwrite, strict=args.strict, stats=stats)
+                         overwrite=args.overwrite, strict=args.strict, stats=stats, progress=sys.stderr.isatty())
     kind = paths[0].name.split("-")[0] if paths else ("" if args.kind == "auto" else args.kind)
     for p in paths:
         print(p)

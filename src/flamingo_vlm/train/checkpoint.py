@@ -260,9 +260,10 @@ def prune(output_dir: str | os.PathLike, keep_last: int) -> None:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
+def resolve_resume(output_dir: str | os.PathLike, resume: str | None, *, flag: str = "--resume") -> Path | None:
     """``None`` -> no resume; ``"auto"`` -> the latest checkpoint if any; ``"latest"`` -> the latest
-    (an error if none); anything else -> that checkpoint directory (or a run directory's latest)."""
+    (an error if none); anything else -> that checkpoint directory (or a run directory's latest).
+    ``flag``: the option errors name (``--export-checkpoint`` names a checkpoint too)."""
     if resume is None:
         return None
     if resume in ("auto", "latest"):
@@ -276,7 +277,7 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
     latest = latest_checkpoint(path)
     if latest is not None:
         return latest
-    raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (no {COMPLETE} file) nor a run with checkpoints")
+    raise ConfigError(f"{flag} {resume}: not a complete checkpoint directory (no {COMPLETE} file) nor a run with checkpoints")
 
 
 @dataclass

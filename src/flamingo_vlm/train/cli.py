@@ -49,15 +49,20 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--no-export", action="store_true", help="do not write output_dir/final at the end")
     p.add_argument("--export-checkpoint", metavar="CHECKPOINT",
-                   help="do not train: export this checkpoint to the from_pretrained format (see --export-to); "
-                        "without --config, the config.yaml of the run that wrote it")
+                   help="do not train: export this checkpoint (or a run's latest) to the from_pretrained format "
+                        "(see --export-to); without --config, the config of the run that wrote it (its config.yaml, "
+                        "else the copy in the checkpoint)")
     p.add_argument("--export-to", metavar="DIR", help="where --export-checkpoint writes (default: output_dir/final)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig.from_yaml(args.config).to_dict() if args.config else TrainConfig().to_dict()
-    if not args.config:
+    saved = getattr(args, "checkpoint_config", None)  # --export-checkpoint: the config the checkpoint holds
+    if saved is not None:
+        cfg = TrainConfig.from_dict(saved).to_dict()
+    else:
+        cfg = TrainConfig.from_yaml(args.config).to_dict() if args.config else TrainConfig().to_dict()
+    if not args.config and saved is None:
         cfg["model"]["lm"] = cfg["model"]["vision"] = None
     if args.from_pretrained:
         cfg["model"]["from_pretrained"] = args.from_pretrained
@@ -113,12 +118,9 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import WriteError
     from .build import DataError
 
-    if args.export_checkpoint and not args.config and not args.from_pretrained:
-        # the run's own config, written beside its checkpoints (output_dir/config.yaml)
-        run_config = Path(args.export_checkpoint).resolve().parent.parent / "config.yaml"
-        if run_config.is_file():
-            args.config = str(run_config)
     try:
+        if args.export_checkpoint and not args.config and not args.from_pretrained:
+            _run_config(args)
         config = config_from_args(args)
         if args.print_config:
             print(config.to_yaml())
@@ -148,6 +150,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace) -> None:
+    """``--export-checkpoint`` without ``--config``: the run's own config, written beside its checkpoints
+    (output_dir/config.yaml), else the one the checkpoint holds (a checkpoint copied elsewhere)."""
+    from ..checkpoints import load_weights_file
+    from .checkpoint import STATE, resolve_resume
+
+    path = resolve_resume(".", args.export_checkpoint, flag="--export-checkpoint")
+    run_config = path.resolve().parent.parent / "config.yaml"
+    if run_config.is_file():
+        args.config = str(run_config)
+        return
+    state = load_weights_file(path / STATE)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ConfigError(f"--export-checkpoint {args.export_checkpoint}: no config.yaml of its run at {run_config} "
+                          f"and none in {path / STATE}; pass --config (the run's config)")
+    args.checkpoint_config = state["config"]
+
+
 def _setup_logging() -> None:
     import os
 
@@ -173,4 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    """``python -m flamingo_vlm.train`` (what torchrun starts on every rank)."""
+    import os
+
+    from ..cli import _one_line, _user_errors
+
+    try:
+        return run(build_parser().parse_args(argv))
+    except KeyboardInterrupt:  # Ctrl-C (torchrun passes it on to every rank): one line, as `flamingo-vlm train`
+        print("flamingo-vlm train: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # bad input that run() does not word itself: one line, as `flamingo-vlm train`
+        if os.environ.get("FLAMINGO_VLM_TRACEBACK") or not isinstance(e, _user_errors()):
+            raise
+        print(f"flamingo-vlm train: error: {_one_line(e)}", file=sys.stderr)
+        return 1

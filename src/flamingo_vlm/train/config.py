@@ -221,7 +221,13 @@ class TrainConfig:
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+            # one line naming the file and the place (str(e) spans lines and says "<unicode string>")
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            what = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+            raise ConfigError(f"{path} is not valid YAML{where}: {what or ' '.join(str(e).split())}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not a text (UTF-8) YAML file: {e}") from e
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections, got {type(raw).__name__}")
         try:
@@ -252,7 +258,7 @@ class TrainConfig:
             node = d
             for i, part in enumerate(parts[:-1]):
                 if isinstance(node, list):
-                    node = node[int(part)]
+                    node = node[_list_index(node, part, item, ".".join(parts[:i]))]
                 else:
                     if part not in node:
                         raise ConfigError(f"override {item!r}: no config section {'.'.join(parts[: i + 1])!r}")
@@ -262,7 +268,7 @@ class TrainConfig:
             last = parts[-1]
             parsed = yaml.safe_load(value) if value.strip() else None
             if isinstance(node, list):
-                node[int(last)] = parsed
+                node[_list_index(node, last, item, ".".join(parts[:-1]))] = parsed
             else:
                 node[last] = parsed
         return TrainConfig.from_dict(d)
@@ -362,6 +368,14 @@ class TrainConfig:
     def dataset_names(self) -> list[str]:
         """Names of the config's datasets (the aiming data, when on, follows them as ``aim``)."""
         return [d.name or f"{d.kind}{i}" for i, d in enumerate(self.data)]
+
+
+def _list_index(node: list, part: str, item: str, where: str) -> int:
+    """The entry ``part`` of the list ``where`` in an override (an IndexError or ValueError before)."""
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(f"override {item!r}: {where} has {len(node)} entr{'y' if len(node) == 1 else 'ies'}; "
+                          f"give an index 0..{len(node) - 1}, e.g. {where}.0")
+    return int(part)
 
 
 def _choice(name: str, value, choices) -> None:

@@ -68,9 +68,31 @@ def setup(mode: str, device: str | None = None) -> DistInfo:
     )
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, model: nn.Module | None = None) -> None:
+    """End the process group (when :func:`setup` made it); ``model``: the wrapped model, whose DDP
+    reducer is freed first (:func:`release`)."""
+    if model is not None:
+        release(model)
     if info.initialized_here and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def release(model: nn.Module) -> None:
+    """Free a DDP wrapper's C++ reducer and logger now, while the process group is still registered.
+
+    They own the process group, and their Python bindings free it without releasing the GIL: had
+    they been the last owners (after ``destroy_process_group``, when the trainer is dropped), gloo's
+    destructor would join its worker threads holding the GIL while a worker waits for the GIL to
+    free the tensors of its last all-reduce: a deadlock at the end of a run that has finished and
+    saved everything (pytorch/pytorch#56297). The process group's own binding releases the GIL.
+    The wrapper cannot run after this.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(model, DDP):
+        for name in ("logger", "reducer"):  # the logger holds the reducer
+            if getattr(model, name, None) is not None:
+                setattr(model, name, None)
 
 
 def _free_port() -> int:

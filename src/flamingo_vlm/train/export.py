@@ -98,5 +98,5 @@ def export_checkpoint(config: TrainConfig, checkpoint: str | os.PathLike, out: s
     """Export a training checkpoint (``.../checkpoints/step_N``) to the ``from_pretrained`` format."""
     from ..checkpoints import load_weights_file
 
-    path = ckpt.resolve_resume(config.output_dir, str(checkpoint))
+    path = ckpt.resolve_resume(config.output_dir, str(checkpoint), flag="--export-checkpoint")
     return export_weights(config, load_weights_file(path / ckpt.TRAINABLE), out)

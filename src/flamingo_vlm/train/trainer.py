@@ -440,7 +440,7 @@ class Trainer:
     def close(self) -> None:
         self._restore_frozen()
         self._hold.close()
-        teardown(self.info)
+        teardown(self.info, getattr(self, "model", None))
 
     # -- checkpoints and export ------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
