@@ -14,16 +14,15 @@ import argparse
 import os
 import sys
 
-from .errors import UsageError, plain_help
+from .errors import UsageError, one_line, plain_help
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input, not a bug (exit code 1)."""
-    from .locking import DirectoryBusy
-    from .train.config import ConfigError
-    from .train.trainer import DataError
+    """Exception types that mean bad input, not a bug (exit code 1): training's are the only ones
+    beyond OSError and ValueError, and ``python -m flamingo_vlm.train`` words them the same."""
+    from .train.cli import user_errors
 
-    return OSError, ValueError, ConfigError, DataError, DirectoryBusy
+    return user_errors()
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -104,11 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 2000 else text[:2000] + " ..."
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # (imports torch and transformers: seconds)
@@ -125,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e.code, str):
             raise
         message = e.code.removeprefix(f"{args.command}: ")
-        print(f"{name}: error: {_one_line(message)}", file=sys.stderr)
+        print(f"{name}: error: {one_line(message)}", file=sys.stderr)
         return 1
     except Exception as e:
         if os.environ.get("FLAMINGO_VLM_TRACEBACK") or not isinstance(e, (UsageError, *_user_errors())):
             raise
-        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
 
 

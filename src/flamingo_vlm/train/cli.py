@@ -192,11 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     return plain_help(p)
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, not a bug (one line, exit code 1), here and in ``flamingo-vlm``."""
+    from ..locking import DirectoryBusy
+    from .config import ConfigError
+    from .trainer import DataError
+
+    return OSError, ValueError, ConfigError, DataError, DirectoryBusy
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m flamingo_vlm.train`` (what torchrun starts on every rank)."""
     import os
 
-    from ..cli import _one_line, _user_errors
+    from ..errors import one_line
 
     try:
         return run(build_parser().parse_args(argv))
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print("flamingo-vlm train: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # bad input that run() does not word itself: one line, as `flamingo-vlm train`
-        if os.environ.get("FLAMINGO_VLM_TRACEBACK") or not isinstance(e, _user_errors()):
+        if os.environ.get("FLAMINGO_VLM_TRACEBACK") or not isinstance(e, user_errors()):
             raise
-        print(f"flamingo-vlm train: error: {_one_line(e)}", file=sys.stderr)
+        print(f"flamingo-vlm train: error: {one_line(e)}", file=sys.stderr)
         return 1
