@@ -123,13 +123,15 @@ def test_assisted_generation_does_not_pass_on_transformers_deprecation_of_its_ow
     model, tok, proc, samples = setup
     batch = proc(samples[:1])
     logger = logging.getLogger("transformers.generation.utils")
-    records = _Records()
+    records, level = _Records(), logger.level
     logger.addHandler(records)
+    logger.setLevel(logging.WARNING)  # (whatever verbosity another test left transformers at)
     try:
         logging.Logger.warning_once.cache_clear()  # transformers' warning_once: once per message per process
         _greedy(model, batch, assistant_model=copy.deepcopy(model).to(torch.bfloat16))
         logger.warning("Passing `generation_config` together with generation-related arguments: outside a call")
     finally:
         logger.removeHandler(records)
+        logger.setLevel(level)
     assert not [m for m in records.messages if "deprecated" in m], records.messages
     assert records.messages[-1].endswith("outside a call")  # the filter is gone after the call
