@@ -243,7 +243,8 @@ def test_checkpoint_without_an_untied_output_head_warns_that_the_added_rows_are_
     assert "lang_encoder.lm_head.weight" in caplog.text and "<|endofchunk|>" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="flamingo_vlm.checkpoints"):
-        load_openflamingo_checkpoint(dst, dict(ckpt, **{"lang_encoder.lm_head.weight": src.state_dict()["lang_encoder.lm_head.weight"]}))
+        head = src.state_dict()["lang_encoder.lm_head.weight"]
+        load_openflamingo_checkpoint(dst, dict(ckpt, **{"lang_encoder.lm_head.weight": head}))
         tied, _, _ = tiny_flamingo("mpt", seed=2)
         load_openflamingo_checkpoint(tied, released_format(tiny_flamingo("mpt", seed=1)[0]))
     assert "lm_head" not in caplog.text
