@@ -83,7 +83,7 @@ EXTRA_FAMILIES = {
 # (a documented bug of the original); there ours' padded batch is compared with the original's rows alone.
 ABSOLUTE_POSITIONS = {"gpt2", "gpt_neo"}
 BATCH_CASES = {"fwd_logits", "fwd_loss", "greedy2", "beam3_b2", "scores_b2", "greedy4", "greedy2_eos",
-               "greedy2_eos_min4", "beam3_b2_eos", "beam3_b2_eos_lp0"}
+               "greedy2_eos_min4", "beam3_b2_eos", "beam3_b2_eos_lp0", "beam3_b2_ret2"}
 
 
 def settings(family_xattn: int):
@@ -123,6 +123,8 @@ def make_inputs(tokenizer, immediate: bool, seed: int = 0):
     right_labels = right["input_ids"].clone()
     right_labels[(right_labels == pad_id) | (right_labels == media_id)] = -100
     inputs.update(right_ids=right["input_ids"], right_mask=right["attention_mask"], right_labels=right_labels)
+    # a continuation scored on a KV cache (classification-style scoring)
+    inputs["cont_ids"] = tokenizer(" two cats on a red car", return_tensors="pt")["input_ids"]
     # generation right after an <image> (the prompt's last token)
     inputs["last_ids"] = tokenizer("<image>A red car.<|endofchunk|><image>", return_tensors="pt")["input_ids"]
     inputs["last_vision_x"] = torch.randn(1, 2, 1, 3, 64, 64, generator=g)
@@ -149,6 +151,22 @@ def run_cases(model, inputs, gen_extra: dict, forward_only: bool = False):
             out["pre_image_logits"] = model(inputs["pre_image_vision_x"], inputs["pre_image_ids"]).logits
         if forward_only:
             return out
+        # the context, then a continuation on its KV cache (row 0). The original's way, as its
+        # evaluation code scores classes: cache_media, then forward with vision_x=None; ours keeps no
+        # conditioning state: the images are passed again with the cache.
+        ctx, cont = inputs["singles"][0], inputs["cont_ids"]
+        v = vx[:1, :inputs["n_img"][0]]
+        if hasattr(model, "cache_media"):  # the original
+            model.cache_media(input_ids=ctx, vision_x=v)
+            first = model(None, ctx, clear_conditioned_layers=False, use_cache=True)
+            nxt = model(None, cont, past_key_values=first.past_key_values, clear_conditioned_layers=False,
+                        use_cache=True)
+            model.uncache_media()
+        else:
+            first = model(v, ctx, use_cache=True)
+            cache = getattr(first, "past_key_values", None) or getattr(first, "cache", None)
+            nxt = model(v, cont, past_key_values=cache, use_cache=True)
+        out["cached_continuation_logits"] = torch.cat([first.logits, nxt.logits], 1)
         kw = dict(max_new_tokens=MAX_NEW, pad_token_id=inputs["pad_id"], **gen_extra)
         for r in (0, 1):
             x = inputs["singles"][r]
@@ -175,6 +193,13 @@ def run_cases(model, inputs, gen_extra: dict, forward_only: bool = False):
         # the evaluation's beam settings (OpenFlamingo's eval: 3 beams, length_penalty 0)
         out["beam3_b2_eos_lp0"] = model.generate(vx[:2], ids[:2], mask[:2], num_beams=3, length_penalty=0.0,
                                                  **kw)[:, n:]
+        out["beam3_b2_ret2"] = model.generate(vx[:2], ids[:2], mask[:2], num_beams=3, num_return_sequences=2,
+                                              **kw)[:, n:]
+        # sampling at batch 1 (the original's vision_x expansion covers num_beams only), same seed
+        torch.manual_seed(0)
+        x = inputs["singles"][0]
+        out["sample_row0"] = model.generate(vx[:1], x, torch.ones_like(x), do_sample=True, top_k=0,
+                                            **kw)[:, x.shape[1]:]
     # gradients of the perceiver and cross-attention (a training step's, on the right-padded batch;
     # eval mode: no dropout)
     model.zero_grad(set_to_none=True)
@@ -453,6 +478,7 @@ def main():
         compare(peer_out, ours, inputs, rows)
         table.append((setting_name(job["family"], job["xattn"], job["immediate"]), rows, rep))
 
+    plan.write_text(json.dumps({"jobs": jobs}))  # (less the families the original cannot run)
     subprocess.run(peer + ["--side", "peer-load"], check=True, env=env)
     for (name, rows, rep), job in zip(table, jobs):
         d = Path(job["work"])
