@@ -156,7 +156,7 @@ def run_cases(model, inputs, gen_extra: dict, forward_only: bool = False):
         # conditioning state: the images are passed again with the cache.
         ctx, cont = inputs["singles"][0], inputs["cont_ids"]
         v = vx[:1, :inputs["n_img"][0]]
-        if hasattr(model, "cache_media"):  # the original
+        if type(model).__module__.startswith("open_flamingo"):  # the original
             model.cache_media(input_ids=ctx, vision_x=v)
             first = model(None, ctx, clear_conditioned_layers=False, use_cache=True)
             nxt = model(None, cont, past_key_values=first.past_key_values, clear_conditioned_layers=False,
