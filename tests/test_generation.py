@@ -275,6 +275,17 @@ def test_forward_continues_a_cache_under_either_name(llama):
             model(vx, ids, mask, past_key_values=past, cache=past)
 
 
+def test_openflamingo_cache_media_is_a_clear_error_naming_the_way_instead(llama):
+    """OpenFlamingo's scoring code calls model.cache_media(...) then forward(None, ...): here that is an
+    error saying to pass the images with the KV cache (an AttributeError before); uncache_media, its
+    cleanup, is harmless."""
+    model, ip, tok = llama
+    batch = make_batch(model, ip, tok)
+    with pytest.raises(NotImplementedError, match="past_key_values"):
+        model.cache_media(input_ids=batch["input_ids"], vision_x=batch["vision_x"])
+    model.uncache_media()
+
+
 @pytest.mark.parametrize("immediate", [True, False])
 def test_media_masks(immediate):
     """At a cross-attention layer: which image latents each token's output depends on."""

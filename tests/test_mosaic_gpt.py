@@ -377,6 +377,24 @@ def test_plain_mpt_matches_transformers(tmp_path):
                                    ref(ids, attention_mask=mask).logits[mask.bool()], atol=1e-5, rtol=0)
 
 
+def test_mpt_saved_by_transformers_with_another_expansion_ratio_loads(tmp_path):
+    """transformers' own MptForCausalLM builds a 4 x d_model MLP whatever expansion_ratio says, and
+    save_pretrained keeps the config's value: its directory (which the original OpenFlamingo loads
+    with that class) loads, with the 4x weights it holds, and computes what transformers computes."""
+    config = MptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB, expansion_ratio=2)
+    torch.manual_seed(0)
+    ref = MptForCausalLM(config).eval()
+    assert ref.transformer.blocks[0].ffn.up_proj.weight.shape == (128, 32)  # 4x, not the config's 2x
+    ref.save_pretrained(tmp_path / "mpt")
+    assert json.loads((tmp_path / "mpt" / "config.json").read_text())["expansion_ratio"] == 2
+    loaded = load_causal_lm(str(tmp_path / "mpt"))
+    assert isinstance(loaded, MosaicMptForCausalLM)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits[mask.bool()],
+                                   ref(ids, attention_mask=mask).logits[mask.bool()], atol=1e-5, rtol=0)
+
+
 # -- the audit: every refused field is refused --------------------------------------------------------------
 def _refused_cases():
     for table, rules in [("mosaic_gpt", MOSAIC_GPT_RULES), ("mpt", MPT_RULES), ("mpt_attn", MPT_ATTN_RULES)]:

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -253,6 +254,26 @@ def test_our_own_weights_files_load_the_openflamingo_way(tmp_path, lm_type):
         if p.requires_grad:
             assert torch.equal(p, trained[name]), name
     torch.testing.assert_close(logits_of(dst, batch), logits_of(src, batch), atol=0, rtol=0)
+
+
+def test_checkpoint_without_an_untied_output_head_warns_that_the_added_rows_are_random(caplog):
+    """OpenFlamingo's checkpoints hold no separate lm_head (frozen, no "embed" in its name): its rows of
+    the added tokens, <|endofchunk|>'s included, stay as initialised. Said, not silent; tied heads
+    (MPT, OPT, ...) and a checkpoint that has the head say nothing."""
+    src, _, _ = tiny_flamingo("llama", seed=1, tie_word_embeddings=False)
+    dst, _, _ = tiny_flamingo("llama", seed=2, tie_word_embeddings=False)
+    ckpt = released_format(src)
+    assert "lang_encoder.lm_head.weight" not in ckpt
+    with caplog.at_level(logging.WARNING, logger="flamingo_vlm.checkpoints"):
+        load_openflamingo_checkpoint(dst, ckpt)
+    assert "lang_encoder.lm_head.weight" in caplog.text and "<|endofchunk|>" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flamingo_vlm.checkpoints"):
+        head = src.state_dict()["lang_encoder.lm_head.weight"]
+        load_openflamingo_checkpoint(dst, dict(ckpt, **{"lang_encoder.lm_head.weight": head}))
+        tied, _, _ = tiny_flamingo("mpt", seed=2)
+        load_openflamingo_checkpoint(tied, released_format(tiny_flamingo("mpt", seed=1)[0]))
+    assert "lm_head" not in caplog.text
 
 
 def test_convert_cli_round_trip(tmp_path):

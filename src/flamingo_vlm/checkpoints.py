@@ -93,6 +93,15 @@ def _tied_aliases(model) -> list[tuple[str, str]]:
     return [tuple(v) for v in names.values() if len(v) > 1]
 
 
+def _untied_head_key(model) -> str | None:
+    """The state-dict key of the LM's output head when it is a matrix of its own (not tied)."""
+    lm = model.lang_encoder
+    head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if head is None or getattr(head, "weight", None) is None or head.weight is getattr(emb, "weight", None):
+        return None
+    return next((f"{name}.weight" for name, module in model.named_modules() if module is head), None)
+
+
 def _state_key(param_name: str) -> str:
     # Trainable new-token rows are saved inside the full matrix of their module.
     return param_name[: -len("new_weight")] + "weight" if param_name.endswith(".new_weight") else param_name
@@ -149,5 +158,14 @@ def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = Tru
         )
     if report.unexpected:
         logger.warning("checkpoint keys that match no parameter: %s", ", ".join(report.unexpected[:20]))
+    head = _untied_head_key(model)
+    if head is not None and head not in loaded:
+        # OpenFlamingo's training script keeps frozen parameters only when their name holds "embed":
+        # a separate output head (LLaMA's lm_head, GPT-NeoX's after transformers 5 renamed embed_out)
+        # is not in its checkpoints, and its added rows were random in the original on every load.
+        logger.warning(
+            "the checkpoint has no %s: the output head keeps the backbone's rows for the added tokens "
+            "(<|endofchunk|>, <image>, <PAD>), random where the vocabulary resize created them (as in "
+            "OpenFlamingo); <|endofchunk|>'s logit, the default eos, is then arbitrary", head)
     model.load_state_dict({k: sd[k] for k in report.loaded}, strict=False, _validated=True)
     return report

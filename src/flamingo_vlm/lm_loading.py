@@ -350,6 +350,13 @@ def load_causal_lm(name_or_path: str, *, cache_dir=None, local_files_only=False,
         return model.to(dtype).eval()
     if model_type == "mpt":
         audit_mpt_config(cfg, where)
+        if cfg.get("architectures") == ["MptForCausalLM"] and cfg.get("expansion_ratio", 4) != 4:
+            # Written by transformers' own MptForCausalLM, which builds a 4 x d_model MLP whatever
+            # expansion_ratio says: the weights are 4x (and the original OpenFlamingo, loading the
+            # directory with that class, runs them as such). MosaicML's exports name MPTForCausalLM.
+            logger.info("%s: saved by transformers' MptForCausalLM, whose MLP is 4 x d_model; "
+                        "expansion_ratio=%s is not what its weights hold", where, cfg["expansion_ratio"])
+            kwargs = {**kwargs, "expansion_ratio": 4}
         model, info = MosaicMptForCausalLM.from_pretrained(
             name_or_path, cache_dir=cache_dir, local_files_only=local_files_only, dtype=dtype,
             output_loading_info=True, **kwargs,

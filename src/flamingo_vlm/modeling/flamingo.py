@@ -442,6 +442,17 @@ class Flamingo(nn.Module):
             raise ValueError(f"lang_x has {lang_x.shape[0]} rows but vision_x has {media.shape[0]}")
 
     # -- forward -------------------------------------------------------------------------------
+    def cache_media(self, input_ids=None, vision_x=None):
+        """OpenFlamingo's stateful conditioning (later ``forward(None, ...)`` calls attended to these
+        images) is not kept: an error saying what to do instead, rather than an AttributeError."""
+        raise NotImplementedError(
+            "cache_media: flamingo-vlm keeps no image state between calls; pass vision_x (or media=) to each "
+            "forward call, with past_key_values= to continue a KV cache (tokens after the context's last "
+            "<image> attend to it, as after OpenFlamingo's cache_media), or use model.score(...)")
+
+    def uncache_media(self):
+        """OpenFlamingo's counterpart of :meth:`cache_media`: nothing is cached, nothing to clear."""
+
     @_onednn_inference
     def forward(
         self,
