@@ -377,16 +377,23 @@ def test_plain_mpt_matches_transformers(tmp_path):
                                    ref(ids, attention_mask=mask).logits[mask.bool()], atol=1e-5, rtol=0)
 
 
-def test_mpt_saved_by_transformers_with_another_expansion_ratio_loads(tmp_path):
-    """transformers' own MptForCausalLM builds a 4 x d_model MLP whatever expansion_ratio says, and
-    save_pretrained keeps the config's value: its directory (which the original OpenFlamingo loads
-    with that class) loads, with the 4x weights it holds, and computes what transformers computes."""
-    config = MptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB, expansion_ratio=2)
+@pytest.mark.parametrize("settings", [
+    {"expansion_ratio": 2},
+    {"no_bias": False, "logit_scale": 0.5, "attn_config": {"qk_ln": True, "alibi_bias_max": 4}},
+])
+def test_an_mpt_saved_by_transformers_runs_as_transformers_computes(tmp_path, settings):
+    """transformers' own MptForCausalLM ignores expansion_ratio (a 4 x d_model MLP), no_bias=False,
+    logit_scale, qk_ln and alibi_bias_max, and save_pretrained keeps the config's values: its
+    directory (which the original OpenFlamingo loads with that class) loads with the weights it holds
+    and computes what transformers computes (it failed to load, or computed MosaicML's meaning)."""
+    config = MptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB, **settings)
     torch.manual_seed(0)
     ref = MptForCausalLM(config).eval()
-    assert ref.transformer.blocks[0].ffn.up_proj.weight.shape == (128, 32)  # 4x, not the config's 2x
+    assert ref.transformer.blocks[0].ffn.up_proj.weight.shape == (128, 32)  # 4x whatever the config says
     ref.save_pretrained(tmp_path / "mpt")
-    assert json.loads((tmp_path / "mpt" / "config.json").read_text())["expansion_ratio"] == 2
+    saved = json.loads((tmp_path / "mpt" / "config.json").read_text())
+    assert saved["architectures"] == ["MptForCausalLM"]
+    assert all(saved[k] == v for k, v in settings.items() if k != "attn_config")  # kept, though ignored
     loaded = load_causal_lm(str(tmp_path / "mpt"))
     assert isinstance(loaded, MosaicMptForCausalLM)
     ids, mask = padded_batch()

@@ -6,6 +6,8 @@
   No remote code is run.
 - ``model_type: mpt``: loaded into the same class, because transformers' own ``MptForCausalLM``
   ignores ``qk_ln``, ``alibi_bias_max``, ``logit_scale``, ``no_bias=false`` and ``expansion_ratio``.
+  A directory that class saved (``architectures: ["MptForCausalLM"]``) is the exception: its
+  weights are what that class computes, so it runs as that class does (:func:`_as_transformers_mpt`).
 - anything else: ``AutoModelForCausalLM.from_pretrained`` (transformers honours its own configs).
 
 Rule: a setting of the source config that changes the math is honoured, or refused with an error
@@ -317,6 +319,30 @@ def _check_loaded(name: str, missing, unexpected, mismatched=()) -> None:
         )
 
 
+# What transformers' own MptForCausalLM computes whatever its config says: a 4 x d_model MLP, no biases,
+# no q/k LayerNorm, ALiBi slopes for 8, unscaled logits (its save_pretrained keeps the config's values).
+_TRANSFORMERS_MPT = {"expansion_ratio": 4, "no_bias": True, "logit_scale": None}
+_TRANSFORMERS_MPT_ATTN = {"qk_ln": False, "alibi_bias_max": 8}
+
+
+def _as_transformers_mpt(cfg: dict, where: str) -> dict:
+    """Config overrides for an MPT directory that transformers' own ``MptForCausalLM`` saved
+    (``architectures: ["MptForCausalLM"]``; MosaicML's exports name ``MPTForCausalLM``): its weights
+    were made, and the original OpenFlamingo runs them, as that class computes, which ignores the
+    settings above. MosaicML's meaning of them (what we honour elsewhere) would compute something else
+    or expect weights the directory does not hold (biases, q/k norms, a narrower MLP)."""
+    if cfg.get("architectures") != ["MptForCausalLM"]:
+        return {}
+    attn = dict(cfg.get("attn_config") or {})
+    changed = [f"{k}={cfg[k]!r}" for k, v in _TRANSFORMERS_MPT.items() if k in cfg and cfg[k] != v]
+    changed += [f"attn_config.{k}={attn[k]!r}" for k, v in _TRANSFORMERS_MPT_ATTN.items() if k in attn and attn[k] != v]
+    if not changed:
+        return {}
+    logger.info("%s: saved by transformers' MptForCausalLM, which ignores %s: run as it computes", where,
+                ", ".join(changed))
+    return {**_TRANSFORMERS_MPT, "attn_config": {**attn, **_TRANSFORMERS_MPT_ATTN}}
+
+
 def load_causal_lm(name_or_path: str, *, cache_dir=None, local_files_only=False, dtype=torch.float32, **kwargs):
     """A causal LM (eval mode) from a Hub id, a local directory or a ``builtin:`` name; see the module
     docstring for MosaicGPT/MPT. Weights that do not match the config exactly are an error."""
@@ -350,13 +376,7 @@ def load_causal_lm(name_or_path: str, *, cache_dir=None, local_files_only=False,
         return model.to(dtype).eval()
     if model_type == "mpt":
         audit_mpt_config(cfg, where)
-        if cfg.get("architectures") == ["MptForCausalLM"] and cfg.get("expansion_ratio", 4) != 4:
-            # Written by transformers' own MptForCausalLM, which builds a 4 x d_model MLP whatever
-            # expansion_ratio says: the weights are 4x (and the original OpenFlamingo, loading the
-            # directory with that class, runs them as such). MosaicML's exports name MPTForCausalLM.
-            logger.info("%s: saved by transformers' MptForCausalLM, whose MLP is 4 x d_model; "
-                        "expansion_ratio=%s is not what its weights hold", where, cfg["expansion_ratio"])
-            kwargs = {**kwargs, "expansion_ratio": 4}
+        kwargs = {**kwargs, **_as_transformers_mpt(cfg, where)}
         model, info = MosaicMptForCausalLM.from_pretrained(
             name_or_path, cache_dir=cache_dir, local_files_only=local_files_only, dtype=dtype,
             output_loading_info=True, **kwargs,
