@@ -19,6 +19,7 @@ import runpy
 import shlex
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,9 @@ def _entry(argv: list[str]):
 
         def run_module():
             sys.argv = [module, *rest]
-            runpy.run_module(module, run_name="__main__", alter_sys=False)
+            with warnings.catch_warnings():  # (another test imported the module already: runpy says so)
+                warnings.filterwarnings("ignore", "'flamingo_vlm.* found in sys.modules", RuntimeWarning)
+                runpy.run_module(module, run_name="__main__", alter_sys=False)
 
         return run_module
     if argv[0] in ("python", "python3") and len(argv) > 1 and argv[1].startswith("benchmarks/"):
