@@ -144,7 +144,7 @@ def start_server(model_dir: Path, args) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "flamingo_vlm.serve", "--model", str(model_dir), "--port", str(port),
            "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
-           "--batch-wait-ms", str(args.batch_wait_ms), "--log-level", "warning"]
+           "--batch-wait-ms", str(args.batch_wait_ms), "--dtype", args.dtype, "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="server torch threads (1: the client keeps a core)")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="the server's --dtype (auto, its default: bfloat16 where native and faster, else float32)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--quick", action="store_true", help="a few requests per level (smoke run)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve.md")
@@ -217,6 +219,7 @@ def main(argv=None) -> int:
         f"Model: {model_desc}. Requests: few-shot chat completions with 2 images (data URLs: the same "
         "demonstration image each time, a new query image each time), greedy, "
         f"{args.max_tokens} new tokens each. Server: `--threads {args.threads} --max-batch-size {args.max_batch_size} "
+        f"--dtype {args.dtype} "
         f"--batch-wait-ms {args.batch_wait_ms:g}`, client and server on the same machine "
         f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average "
         f"{load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after: other work on the machine shows here).",
