@@ -258,6 +258,50 @@ def test_engine_matches_model_generate(engine):
     assert got == expected
 
 
+@pytest.mark.parametrize("prefix_cache_mb", [256, 0.01])
+def test_a_long_prompt_prefills_in_chunks_while_others_are_served(prefix_cache_mb):
+    """A prompt much longer than --prefill-chunk goes through the prefix cache a chunk at a time; a
+    short request sent after it is answered first; the long one's answer is plain generate's. A cache
+    too small for the prompt's keys/values: one pass, the same answer."""
+    from flamingo_vlm import FlamingoProcessor
+    from tiny import random_images
+
+    model, ip, tok = readable_tiny()
+    eng = Engine(model, ip, tok, max_batch_size=4, batch_wait_ms=0, prefill_chunk=16, prefix_cache_mb=prefix_cache_mb)
+    imgs = random_images(3, seed=5)
+    text = ("<image>Output: a cat.<|endofchunk|>" + " the red car is on the road." * 12
+            + "<image>Output: two dogs.<|endofchunk|><image>Output:")
+    batch = FlamingoProcessor(tok, ip)([(text, imgs)])
+    n = batch["input_ids"].shape[1]
+    assert n > 6 * 16
+    expected = eng.decode(model.generate(batch["vision_x"], batch["input_ids"], batch["attention_mask"],
+                                         max_new_tokens=5)[0, n:].tolist())
+    finished = []
+    eng.start()
+    try:
+        eng.pause()
+        long_job, long_done, long_out = _job(eng, text, temperature=0)
+        long_job.prompts[0].images = [eng.preprocess(im) for im in imgs]
+        long_job.prompts[0].image_keys = [f"chunk-{i}" for i in range(3)]
+        long_job.prompts[0].max_tokens = 5
+        short_job, short_done, short_out = _job(eng, "a red car", temperature=0)
+        for job, name in ((long_job, "long"), (short_job, "short")):
+            sink = job.sink
+            job.sink = lambda event, sink=sink, name=name: (finished.append(name) if event == JobDone() else None,
+                                                           sink(event))
+            eng.submit(job)
+        eng.resume()
+        assert long_done.wait(120) and short_done.wait(120)
+    finally:
+        eng.stop()
+    assert next(e.text for e in long_out if isinstance(e, ChoiceFinished)) == expected
+    chunks = eng.stats.snapshot()["prefill_chunks"]
+    if prefix_cache_mb == 256:
+        assert finished == ["short", "long"] and chunks >= (n - 24) // 16, (finished, chunks)
+    else:
+        assert not long_job.prefill_in_chunks and chunks < (n - 24) // 16  # the cache lost the prefix: one pass
+
+
 def test_too_many_rows_and_full_queue(engine):
     job, _, _ = _job(engine, "a", n=5)
     with pytest.raises(APIError) as e:
@@ -337,6 +381,7 @@ def test_serve_and_generate_load_the_model_in_the_same_dtype_by_default(native_b
     ("--threads", "0", "give a whole number >= 1"), ("--threads", "-3", "give a whole number >= 1"),
     ("--default-max-tokens", "0", ">= 1"), ("--max-batch-size", "0", ">= 1"), ("--max-queue", "0", ">= 1"),
     ("--max-context", "0", ">= 1"), ("--image-cache-size", "-1", ">= 0"), ("--prefix-cache-mb", "-1", ">= 0"),
+    ("--prefill-chunk", "-1", ">= 0"),
     ("--batch-wait-ms", "-5", "give a number >= 0"), ("--request-timeout", "0", "give a number > 0"),
     ("--header-timeout", "-1", "> 0"), ("--remote-timeout", "nan", "> 0"), ("--max-request-bytes", "0", ">= 1"),
     ("--max-images", "-1", ">= 0"), ("--max-image-pixels", "0", ">= 1"), ("--max-score-candidates", "x", ">= 1"),

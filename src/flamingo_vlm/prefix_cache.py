@@ -147,6 +147,18 @@ class PrefixCache:
             out.append(h)
         return out
 
+    def cached_tokens(self, model, ids: list[int], image_keys: list[str | None]) -> int:
+        """How many leading tokens of the prompt ``ids`` (one row, unpadded; its images' keys in
+        order) the cache holds keys/values for now (without touching the LRU order)."""
+        if self.max_bytes == 0:
+            return 0
+        n = 0
+        for h in self._block_keys(self._root(model), list(ids), list(image_keys), model.media_token_id):
+            if not self._has(("kv", h)):
+                break
+            n += self.block_size
+        return n
+
     # -- the calls ----------------------------------------------------------------------------------
     def wrap(self, model) -> "PrefixCachedModel":
         return PrefixCachedModel(model, self)

@@ -33,6 +33,14 @@ once; without this, requests that queued during a batch would leave alone and sp
 into uneven batches), extended up to 4x while requests are still being prepared by the server
 (:meth:`Engine.incoming`: images being decoded, text tokenized).
 
+Long prompts are prefilled in chunks (``prefill_chunk`` tokens, with the prefix cache on): a
+prompt whose uncached part is longer than 1.5 chunks runs one chunk through the LM into the prefix
+cache, and its job goes back to the end of the queue, so the requests that came meanwhile run
+before its next chunk, and a client that went away stops it at the next chunk. Once the rest fits a
+chunk it generates as any job, from the cached prefix (the same output as without chunks: the
+cache holds the keys/values one pass would compute). Where the cache cannot keep the prefix (it is
+smaller than the prompt's keys/values) the job generates in one pass.
+
 Scoring jobs run one at a time on the same worker, between generation batches.
 
 Request threads tokenize with a private copy of the tokenizer each (no lock between requests); a
@@ -66,6 +74,7 @@ log = logging.getLogger("flamingo_vlm.serve")
 #: ``--prefix-cache-mb``'s default: room for the keys/values of ~30 4-shot prompts of the built-in model
 #: (about 7 MB each in fp32), a few for a 7B LM.
 DEFAULT_PREFIX_CACHE_MB = 256
+DEFAULT_PREFILL_CHUNK = 2048
 
 
 class _Row:
@@ -167,6 +176,7 @@ class Stats:
         self.images_encoded = 0
         self.image_cache_hits = 0
         self.cancelled = 0
+        self.prefill_chunks = 0
         self.busy_seconds = 0.0
         self.responses = collections.Counter()  # HTTP status -> count
         self.prefix_cache = None  # the engine's PrefixCache, if on (its own counters)
@@ -186,6 +196,7 @@ class Stats:
                 "images_encoded": self.images_encoded,
                 "image_cache_hits": self.image_cache_hits,
                 "cancelled_requests": self.cancelled,
+                "prefill_chunks": self.prefill_chunks,
                 "busy_s": round(self.busy_seconds, 3),
                 "responses_by_status": {str(k): v for k, v in sorted(self.responses.items())},
                 "prefix_cache": self.prefix_cache.snapshot() if self.prefix_cache is not None else None,
@@ -207,6 +218,7 @@ class Engine:
         max_context: int | None = None,
         image_cache_size: int = 256,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -243,6 +255,10 @@ class Engine:
             raise ValueError(f"prefix_cache_mb must be >= 0 (0 disables the prefix cache), got {prefix_cache_mb}")
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.stats.prefix_cache = self.prefix_cache
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: prompts prefill in one pass), got {prefill_chunk}")
+        # long prompts prefill this many tokens at a time, other requests served in between
+        self.prefill_chunk = prefill_chunk - prefill_chunk % self.prefix_cache.block_size if self.prefix_cache else 0
         # Encodings of recently seen images, by key (few-shot prompts repeat their demos). Only
         # when an image's encoding does not depend on its place among the prompt's images.
         self.image_cache_size = image_cache_size
@@ -504,7 +520,53 @@ class Engine:
                                  return_attention_mask=True, return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
+    def _prefill_in_chunks(self, batch: list[GenerationJob]) -> list[GenerationJob]:
+        """Prefill the next chunk of every long prompt in ``batch`` into the prefix cache and put
+        those jobs back at the end of the queue (see the module docstring); return the rest, to
+        generate now."""
+        if not self.prefill_chunk:
+            return batch
+        now, later = [], []
+        for job in batch:
+            (later if job.prefill_in_chunks and self._prefill_chunk_of(job) else now).append(job)
+        if later:
+            with self._cv:
+                self._pending.extend(later)  # behind the requests that came meanwhile
+                self._cv.notify_all()
+        return now
+
+    def _prefill_chunk_of(self, job: GenerationJob) -> bool:
+        """One chunk of each of ``job``'s prompts that are still longer than 1.5 chunks past the
+        cached prefix; False when none is (or the cache did not keep what was prefilled: then the
+        job prefills in one pass from now on)."""
+        chunked = False
+        for prompt in job.prompts:
+            if job.cancelled.is_set():
+                return False
+            keys = prompt.keys()
+            cached = self.prefix_cache.cached_tokens(self.model, prompt.ids, keys)
+            if len(prompt.ids) - cached <= self.prefill_chunk * 3 // 2:
+                continue
+            end = cached - cached % self.prefix_cache.block_size + self.prefill_chunk
+            ids = prompt.ids[: end + 1]  # (the cache keeps the blocks before a prompt's last token)
+            n = ids.count(self.media_token_id)
+            part = Prompt(ids=ids, images=prompt.images[:n], image_keys=keys[:n])
+            self.prefix_cache.score(self.model, lang_x=torch.tensor([ids], device=self.device),
+                                    candidates=[[self.eoc_token_id]], image_keys=[part.keys()],
+                                    **self._conditioning_kwargs([part]))
+            with self.stats.lock:
+                self.stats.prefill_chunks += 1
+            if self.prefix_cache.cached_tokens(self.model, prompt.ids, keys) <= cached:
+                log.info("prefix cache too small to prefill job %s in chunks: one pass", job.id)
+                job.prefill_in_chunks = False
+                return False
+            chunked = True
+        return chunked
+
     def _generate(self, batch: list[GenerationJob]) -> None:
+        batch = self._prefill_in_chunks(batch)
+        if not batch:
+            return
         rows, row_prompts = [], []
         for job in batch:
             for p_index, prompt in enumerate(job.prompts):

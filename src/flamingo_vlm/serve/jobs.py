@@ -102,6 +102,7 @@ class GenerationJob:
     id: int = field(default_factory=lambda: next(_job_ids))
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    prefill_in_chunks: bool = True  # (the engine's: False once the prefix cache could not keep a chunk)
 
     @property
     def rows(self) -> int:

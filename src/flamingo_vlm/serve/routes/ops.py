@@ -47,6 +47,8 @@ async def metrics(state: ServerState = Depends(get_state)):
     metric("prompt_tokens_total", "counter", "prompt tokens processed", [("", s["prompt_tokens"])])
     metric("generated_tokens_total", "counter", "tokens generated", [("", s["generated_tokens"])])
     metric("cancelled_requests_total", "counter", "requests dropped from the queue", [("", s["cancelled_requests"])])
+    metric("prefill_chunks_total", "counter", "chunks of long prompts prefilled between other batches",
+           [("", s["prefill_chunks"])])
     metric("busy_seconds_total", "counter", "seconds the model worker was busy", [("", s["busy_s"])])
     metric("queue_depth", "gauge", "requests waiting", [("", engine.queue_depth())])
     metric("http_responses_total", "counter", "HTTP responses by status",
