@@ -302,6 +302,19 @@ def test_a_long_prompt_prefills_in_chunks_while_others_are_served(prefix_cache_m
         assert not long_job.prefill_in_chunks and chunks < (n - 24) // 16  # the cache lost the prefix: one pass
 
 
+def test_a_long_prompt_whose_client_went_away_stops_at_the_next_chunk():
+    model, ip, tok = readable_tiny()
+    eng = Engine(model, ip, tok, batch_wait_ms=0, prefill_chunk=16)
+    job, _, out = _job(eng, " the red car is on the road." * 12)
+    assert eng._prefill_in_chunks([job]) == [] and list(eng._pending) == [job]  # one chunk, then queued again
+    assert eng.stats.snapshot()["prefill_chunks"] == 1
+    eng._pending.clear()
+    job.cancel()
+    assert eng._prefill_in_chunks([job]) == [] and not eng._pending  # no more chunks, no generate
+    snap = eng.stats.snapshot()
+    assert snap["prefill_chunks"] == 1 and snap["cancelled_requests"] == 1 and not out
+
+
 def test_too_many_rows_and_full_queue(engine):
     job, _, _ = _job(engine, "a", n=5)
     with pytest.raises(APIError) as e:

@@ -528,7 +528,13 @@ class Engine:
             return batch
         now, later = [], []
         for job in batch:
-            (later if job.prefill_in_chunks and self._prefill_chunk_of(job) else now).append(job)
+            if job.prefill_in_chunks and self._prefill_chunk_of(job):
+                later.append(job)
+            elif job.cancelled.is_set():  # (its client went away during a chunk: no generate for it)
+                with self.stats.lock:
+                    self.stats.cancelled += 1
+            else:
+                now.append(job)
         if later:
             with self._cv:
                 self._pending.extend(later)  # behind the requests that came meanwhile
