@@ -11,10 +11,9 @@ its traceback; ``FLAMINGO_VLM_TRACEBACK=1`` shows the traceback of every error.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from .errors import UsageError, one_line, plain_help
+from .errors import UsageError, plain_help, report_errors
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -109,23 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flamingo-vlm: interrupted", file=sys.stderr)
         return 130
-    name = f"flamingo-vlm {args.command}"
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return 130
-    except SystemExit as e:  # subcommands that stop with a message (SystemExit("..."))
-        if not isinstance(e.code, str):
-            raise
-        message = e.code.removeprefix(f"{args.command}: ")
-        print(f"{name}: error: {one_line(message)}", file=sys.stderr)
-        return 1
-    except Exception as e:
-        if os.environ.get("FLAMINGO_VLM_TRACEBACK") or not isinstance(e, (UsageError, *_user_errors())):
-            raise
-        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
+    return report_errors(f"flamingo-vlm {args.command}", lambda: args.func(args), _user_errors(),
+                         prefix=f"{args.command}: ")
 
 
 def run() -> int:

@@ -1,10 +1,13 @@
 """Error types the command line maps to exit codes (see :mod:`flamingo_vlm.cli`), kept below the
-modules that raise them so that nothing imports the CLI; :func:`one_line`, how every entry point
-prints an error; and :func:`plain_help`, which every parser
+modules that raise them so that nothing imports the CLI; :func:`one_line` and :func:`report_errors`,
+how every entry point prints an error; and :func:`plain_help`, which every parser
 built from docstrings (``flamingo-vlm``, ``python -m flamingo_vlm.train``) shares."""
 
 import argparse
+import os
 import re
+import sys
+from collections.abc import Callable
 
 
 class UsageError(ValueError):
@@ -15,6 +18,29 @@ def one_line(e: BaseException | str) -> str:
     """An error's message as the command line prints it: one line, at most 2000 characters."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def report_errors(name: str, call: Callable[[], int], user_errors: tuple[type[BaseException], ...],
+                  prefix: str = "") -> int:
+    """``call()`` as an entry point (``name``: how it signs its lines) runs it: Ctrl-C is one line and
+    exit 130; ``SystemExit("message")`` (``prefix`` removed from it) and ``user_errors`` (bad input) one
+    line ``{name}: error: ...`` and exit 1 (:class:`UsageError`: 2); anything else is a bug and keeps
+    its traceback, as every error does with ``FLAMINGO_VLM_TRACEBACK=1``."""
+    try:
+        return call()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # subcommands that stop with a message (SystemExit("..."))
+        if not isinstance(e.code, str):
+            raise
+        print(f"{name}: error: {one_line(e.code.removeprefix(prefix))}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if os.environ.get("FLAMINGO_VLM_TRACEBACK") or not isinstance(e, (UsageError, *user_errors)):
+            raise
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
 
 
 def plain_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -202,18 +202,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flamingo_vlm.train`` (what torchrun starts on every rank)."""
-    import os
+    """``python -m flamingo_vlm.train`` (what torchrun starts on every rank): bad input and Ctrl-C in
+    one line, as ``flamingo-vlm train`` (torchrun passes Ctrl-C on to every rank)."""
+    from ..errors import report_errors
 
-    from ..errors import one_line
-
-    try:
-        return run(build_parser().parse_args(argv))
-    except KeyboardInterrupt:  # Ctrl-C (torchrun passes it on to every rank): one line, as `flamingo-vlm train`
-        print("flamingo-vlm train: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # bad input that run() does not word itself: one line, as `flamingo-vlm train`
-        if os.environ.get("FLAMINGO_VLM_TRACEBACK") or not isinstance(e, user_errors()):
-            raise
-        print(f"flamingo-vlm train: error: {one_line(e)}", file=sys.stderr)
-        return 1
+    return report_errors("flamingo-vlm train", lambda: run(build_parser().parse_args(argv)), user_errors())
