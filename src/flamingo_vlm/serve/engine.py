@@ -549,6 +549,8 @@ class Engine:
         for prompt in job.prompts:
             if job.cancelled.is_set():
                 return False
+            if len(prompt.ids) <= self.prefill_chunk * 3 // 2:
+                continue  # (most prompts: no hashing of their blocks on every batch)
             keys = prompt.keys()
             cached = self.prefix_cache.cached_tokens(self.model, prompt.ids, keys)
             if len(prompt.ids) - cached <= self.prefill_chunk * 3 // 2:
