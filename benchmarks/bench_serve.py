@@ -16,6 +16,11 @@ Usage::
     PYTHONPATH=src python benchmarks/bench_serve.py --quick         # smoke run (seconds)
     PYTHONPATH=src python benchmarks/bench_serve.py --model DIR     # a saved model instead
     PYTHONPATH=src python benchmarks/bench_serve.py --url http://127.0.0.1:8000   # a running server
+    PYTHONPATH=src python benchmarks/bench_serve.py --mixed 0,64    # a long generation and short requests
+
+``--mixed SLICES``: instead of the load test, one long request (``--long-tokens``, 400) and, while it
+runs, short requests one after another; a server per ``--decode-slice`` value in ``SLICES`` (taking
+turns, ``--rounds`` times): how long the short ones wait behind the long one, and what pausing costs it.
 
 Results: a markdown table on stdout and in ``benchmarks/results/serve.md``.
 """
@@ -137,14 +142,82 @@ async def run_level(base: str, model: str, urls: list[str], concurrency: int, to
     }
 
 
-def start_server(model_dir: Path, args) -> tuple[subprocess.Popen, str]:
+async def run_mixed(base: str, model: str, urls: list[str], long_tokens: int, max_tokens: int) -> dict:
+    """One long request; short ones sent one after another (from 0.2 s on) until it ends."""
+    before = httpx.get(base + "/health").json()
+    short: list[float] = []
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        async def long_one():
+            t0 = time.perf_counter()
+            r = await client.post("/v1/chat/completions", json=request_body(model, urls, 0, long_tokens))
+            r.raise_for_status()
+            return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+
+        task = asyncio.create_task(long_one())
+        await asyncio.sleep(0.2)
+        i = 1
+        while not task.done():
+            t0 = time.perf_counter()
+            r = await client.post("/v1/chat/completions", json=request_body(model, urls, i, max_tokens))
+            r.raise_for_status()
+            short.append(time.perf_counter() - t0)
+            i += 1
+        long_s, long_n = await task
+    after = httpx.get(base + "/health").json()
+    return {"long_s": long_s, "long_tokens": long_n, "short": sorted(short), "short_first": short[0],
+            "slices": after.get("decode_slices", 0) - before.get("decode_slices", 0)}
+
+
+def mixed(args, model_dir: Path, model_desc: str) -> int:
+    slices = [int(x) for x in args.mixed.split(",")]
+    urls = images(64)
+    runs: dict[int, list[dict]] = {sl: [] for sl in slices}
+    load_before = os.getloadavg()[0]
+    for _ in range(args.rounds):
+        for sl in slices:
+            proc, base = start_server(model_dir, args, ["--decode-slice", str(sl)])
+            try:
+                model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+                asyncio.run(run_level(base, model, urls[:3], 1, 2, args.max_tokens))  # warm-up
+                runs[sl].append(asyncio.run(run_mixed(base, model, urls, args.long_tokens, args.max_tokens)))
+            finally:
+                proc.terminate()
+                proc.wait(20)
+    lines = [
+        "# flamingo-vlm serve: a long generation and short requests",
+        "",
+        f"Model: {model_desc}. One few-shot chat completion of {args.long_tokens} greedy tokens; from 0.2 s after "
+        f"it, chat completions of {args.max_tokens} tokens sent one after another until it ends. Server: "
+        f"`--threads {args.threads} --dtype {args.dtype}`, one server per `--decode-slice` value, taking turns, "
+        f"{args.rounds} rounds (medians; {platform.machine()}, {os.cpu_count()} cores; load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after: other work on the machine shows here).",
+        "",
+        "| `--decode-slice` | long request (s) | short requests during it | first short (ms) | short p50 (ms) | short max (ms) | pauses |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for sl, rs in runs.items():
+        med = statistics.median
+        lines.append(f"| {sl} | {med(r['long_s'] for r in rs):.2f} | {med(len(r['short']) for r in rs):g} | "
+                     f"{1000 * med(r['short_first'] for r in rs):.0f} | "
+                     f"{1000 * med(statistics.median(r['short']) for r in rs):.0f} | "
+                     f"{1000 * med(max(r['short']) for r in rs):.0f} | {med(r['slices'] for r in rs):g} |")
+    table = "\n".join(lines + [""])
+    print(table)
+    if not args.quick:
+        out = args.out.with_name("serve-mixed.md")
+        out.write_text(table)
+        print(f"saved {out}")
+    return 0
+
+
+def start_server(model_dir: Path, args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     from flamingo_vlm.serve.testing import free_port
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "flamingo_vlm.serve", "--model", str(model_dir), "--port", str(port),
            "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size),
-           "--batch-wait-ms", str(args.batch_wait_ms), "--dtype", args.dtype, "--log-level", "warning"]
+           "--batch-wait-ms", str(args.batch_wait_ms), "--dtype", args.dtype, "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -176,7 +249,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--quick", action="store_true", help="a few requests per level (smoke run)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve.md")
+    p.add_argument("--mixed", metavar="SLICES", help="instead: a long request and short ones, on a server per "
+                   "--decode-slice value (comma-separated, e.g. 0,64)")
+    p.add_argument("--long-tokens", type=int, default=400, help="--mixed: the long request's tokens (400)")
+    p.add_argument("--rounds", type=int, default=2, help="--mixed: rounds over the --decode-slice values (2)")
     args = p.parse_args(argv)
+    if args.mixed:
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+            model_dir = args.model or build_small_model(Path(tmp) / "small-flamingo")
+            return mixed(args, model_dir, str(args.model) if args.model else "small random Flamingo (see the load test)")
     if args.url and not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("--url must be a loopback address")
     levels = [int(x) for x in args.levels.split(",")]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flamingo_vlm import FlamingoProcessor
-from flamingo_vlm.prefix_cache import PrefixCache
+from flamingo_vlm.prefix_cache import PrefixCache, image_hash
 from tiny import random_images, tiny_flamingo
 
 DEMOS = ("<image>a red car.<|endofchunk|><image>two small dogs on the left.<|endofchunk|>"
@@ -55,6 +55,38 @@ def test_scores_through_the_cache_match(setup):
         args = (batch["vision_x"], batch["input_ids"], cands, batch["attention_mask"])
         torch.testing.assert_close(cache.score(model, *args), model.score(*args), atol=1e-5, rtol=0)
     assert cache.snapshot()["hits"] >= 2
+
+
+def test_kept_generated_tokens_let_a_continuation_run_only_its_last_tokens(setup):
+    """``keep_generated``: the rows it names have their generated tokens' keys/values stored as a
+    prompt's would be, so continuing from prompt + generated reuses all but the last (< one block)
+    and gives what one uninterrupted call gives; rows it does not name store their prompt only."""
+    model, tok, proc, imgs = setup
+    cache = PrefixCache(10**8, block_size=4)
+    samples = [(DEMOS + "<image>the", imgs[:4]), ("<image>a photo of", imgs[4:5])]
+    batch = proc(samples)
+    n = batch["input_ids"].shape[1]
+    whole = model.generate(batch["vision_x"], batch["input_ids"], batch["attention_mask"], max_new_tokens=16,
+                           min_new_tokens=16, do_sample=False)
+    first = cache.generate(model, batch["vision_x"], batch["input_ids"], batch["attention_mask"], max_new_tokens=9,
+                           min_new_tokens=9, do_sample=False, keep_generated=lambda: [True, False])
+    assert first.tolist() == whole[:, : n + 9].tolist()
+    rows = [batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist() for b in range(2)]
+    again = [rows[b] + first[b, n:].tolist() for b in range(2)]
+    keys = [[image_hash(batch["vision_x"][b, t]) for t in range(len(images))] for b, (_, images) in enumerate(samples)]
+    held = [cache.cached_tokens(model, ids, k) for ids, k in zip(again, keys)]
+    assert held[0] == (len(again[0]) - 1) // 4 * 4  # prompt + generated, all but the last partial block
+    assert held[1] == (len(rows[1]) - 1) // 4 * 4  # the prompt only
+    cont = proc.tokenizer.pad({"input_ids": again}, padding="longest", padding_side="left", return_tensors="pt")
+    rest = cache.generate(model, batch["vision_x"], cont["input_ids"], cont["attention_mask"], max_new_tokens=7,
+                          min_new_tokens=7, do_sample=False)
+    m = cont["input_ids"].shape[1]
+    assert rest[:, m:].tolist() == whole[:, n + 9 :].tolist()
+    before = cache.snapshot()["reused_tokens"]
+    alone = cache.generate(model, batch["vision_x"][:1], torch.tensor([again[0]]), max_new_tokens=7, min_new_tokens=7,
+                           do_sample=False)
+    assert alone[0, len(again[0]):].tolist() == whole[0, n + 9 :].tolist()
+    assert cache.snapshot()["reused_tokens"] - before == held[0]
 
 
 def test_prefix_ending_mid_chunk_or_before_a_different_image(setup):

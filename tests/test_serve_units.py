@@ -168,11 +168,11 @@ def test_row_tracker_per_row_limits_and_stop_holdback():
         history.append(tracker(seq, None).tolist())
     assert history == [[False, False], [False, False], [True, True]]
     assert rows[0].finish == "length" and rows[0].text == "bbb"
-    assert events_a[-1] == ChoiceFinished(0, "length", 3, "bbb")
+    assert events_a[-2:] == [ChoiceFinished(0, "length", 3, "bbb"), JobDone()]  # answered when its row ends
     # Row b wrote "bcd": "c" was held back (it could start "cd"), and the stop string never went out.
     assert rows[1].finish == "stop" and rows[1].text == "b"
     assert [e for e in events_b if isinstance(e, TokenDelta)] == [TokenDelta(0, "b")]
-    assert events_b[-1] == ChoiceFinished(0, "stop", 3, "b")
+    assert events_b[-2:] == [ChoiceFinished(0, "stop", 3, "b"), JobDone()]
 
 
 def test_cancelled_rows_stop_without_output():
@@ -182,7 +182,7 @@ def test_cancelled_rows_stop_without_output():
     tracker = RowTracker(rows, lambda ids: "x" * len(ids), eos_ids=set())
     job.cancel()
     assert tracker(torch.ones(1, 2, dtype=torch.long), None).tolist() == [True]
-    assert events == []
+    assert events == [JobDone()]
 
 
 # -- the batcher ---------------------------------------------------------------------------------------
@@ -313,6 +313,137 @@ def test_a_long_prompt_whose_client_went_away_stops_at_the_next_chunk():
     assert eng._prefill_in_chunks([job]) == [] and not eng._pending  # no more chunks, no generate
     snap = eng.stats.snapshot()
     assert snap["prefill_chunks"] == 1 and snap["cancelled_requests"] == 1 and not out
+
+
+def test_a_request_is_answered_when_its_rows_end_not_when_its_batch_does():
+    """A short request batched with a long one got its answer only when the long one ended; and a
+    failure after it was answered must not send it a second, contradictory end."""
+    model, ip, tok = readable_tiny()
+    eng = Engine(model, ip, tok, max_batch_size=4, batch_wait_ms=0, decode_slice=0)
+    long, long_done, long_out = _job(eng, "one two", temperature=0)
+    long.prompts[0].max_tokens = 24
+    short, short_done, short_out = _job(eng, "a red", temperature=0)
+    events = []
+    for job, name in ((long, "long"), (short, "short")):
+        sink = job.sink
+        job.sink = lambda event, sink=sink, name=name: (events.append((name, type(event).__name__)), sink(event))
+    decode = eng.decode
+
+    def failing_decode(ids):  # the long row fails after its 8th token
+        if len(ids) > 8:
+            raise RuntimeError("decoder broke")
+        return decode(ids)
+
+    eng.decode = failing_decode
+    eng.start()
+    try:
+        eng.pause()
+        eng.submit(long)
+        eng.submit(short)
+        eng.resume()
+        assert long_done.wait(60) and short_done.wait(60)
+    finally:
+        eng.stop()
+    assert [e for e in events if e[0] == "short"][-2:] == [("short", "ChoiceFinished"), ("short", "JobDone")]
+    assert [e for e in events if e[0] == "long"] [-1:] == [("long", "Failed")]
+    assert events.index(("short", "JobDone")) < events.index(("long", "Failed"))
+    assert eng.stats.snapshot()["batch_size_histogram"] == {"2": 1}  # (one batch: both rows together)
+
+
+def _run_alone(eng, job):
+    """``job``'s choices on an engine with nothing else queued (so no pause): {choice: (reason, text)}."""
+    out = []
+    fresh = GenerationJob(prompts=job.prompts, n=job.n, stop=job.stop, temperature=job.temperature,
+                          top_p=job.top_p, seed=job.seed, sink=out.append)
+    eng._generate([fresh])
+    assert out[-1] == JobDone()
+    return {e.choice: (e.reason, e.text) for e in out if isinstance(e, ChoiceFinished)}
+
+
+def test_a_long_generation_pauses_for_requests_queued_meanwhile():
+    """A batch that has generated --decode-slice tokens while others queue pauses; the queued requests
+    run (a compatible one in the same batch as the paused rows), then the paused rows continue from the
+    prefix cache with the output they would have had alone: greedy with images, seeded sampling with two
+    choices and a stop string (its random state kept across the pause)."""
+    from tiny import random_images
+
+    model, ip, tok = readable_tiny()
+    eng = Engine(model, ip, tok, max_batch_size=4, batch_wait_ms=0, decode_slice=4)
+    imgs = random_images(2, seed=5)
+    greedy, greedy_done, greedy_out = _job(eng, "<image>Output: a cat.<|endofchunk|><image>Output:", temperature=0)
+    greedy.prompts[0].images = [eng.preprocess(im) for im in imgs]
+    greedy.prompts[0].image_keys = ["slice-0", "slice-1"]
+    greedy.prompts[0].max_tokens = 14
+    seeded, seeded_done, seeded_out = _job(eng, "one two", temperature=0.9, seed=3, n=2, stop=[". do an"])
+    seeded.prompts[0].max_tokens = 30
+    short, short_done, short_out = _job(eng, "a dog", temperature=0)
+    alone = Engine(model, ip, tok, batch_wait_ms=0)
+    expected = {name: _run_alone(alone, job) for name, job in (("greedy", greedy), ("seeded", seeded), ("short", short))}
+    assert any(reason == "stop" for reason, _ in expected["seeded"].values())  # (the stop string cuts a choice)
+    finished = []
+    for job, name in ((seeded, "seeded"), (greedy, "greedy"), (short, "short")):
+        sink = job.sink
+        job.sink = lambda event, sink=sink, name=name: (finished.append(name) if event == JobDone() else None,
+                                                       sink(event))
+    eng.start()
+    try:
+        eng.pause()
+        for job in (seeded, greedy, short):
+            eng.submit(job)
+        eng.resume()
+        assert seeded_done.wait(120) and greedy_done.wait(120) and short_done.wait(120)
+    finally:
+        eng.stop()
+    got = {name: {e.choice: (e.reason, e.text) for e in out if isinstance(e, ChoiceFinished)}
+           for name, out in (("greedy", greedy_out), ("seeded", seeded_out), ("short", short_out))}
+    assert got == expected
+    assert finished.index("short") < finished.index("seeded") and finished.index("short") < finished.index("greedy")
+    for out in (greedy_out, seeded_out):  # the streamed pieces add up to each choice's text
+        for choice, (_, text) in expected["seeded" if out is seeded_out else "greedy"].items():
+            assert "".join(e.text for e in out if isinstance(e, TokenDelta) and e.choice == choice) == text
+    snap = eng.stats.snapshot()
+    assert snap["decode_slices"] >= 2 and snap["generation_requests"] == 3 and snap["generated_rows"] == 4
+    assert snap["generated_tokens"] == sum(e.tokens for out in (greedy_out, seeded_out, short_out)
+                                           for e in out if isinstance(e, ChoiceFinished))
+    assert any(int(k) > 1 for k in snap["requests_per_batch_histogram"])  # the short one joined the paused rows
+
+
+def test_a_paused_generation_whose_client_went_away_is_dropped():
+    model, ip, tok = readable_tiny()
+    eng = Engine(model, ip, tok, batch_wait_ms=0, decode_slice=2)
+    long, _, long_out = _job(eng, "one two", temperature=0)
+    long.prompts[0].max_tokens = 20
+    other, other_done, other_out = _job(eng, "a dog", temperature=0.5)
+    eng._pending.append(other)  # (queued while the long one generates)
+    eng._generate([long])
+    assert list(eng._pending) == [other, long] and len(long.resume) == 1 and len(long.resume[0].tokens) == 2
+    assert not any(isinstance(e, (ChoiceFinished, JobDone)) for e in long_out)
+    long.cancel()
+    eng.start()
+    try:
+        assert other_done.wait(60) and other_out[-1] == JobDone()
+        deadline = time.monotonic() + 30
+        while eng.queue_depth() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        eng.stop()
+    snap = eng.stats.snapshot()
+    assert snap["cancelled_requests"] == 1 and snap["decode_slices"] == 1
+    assert not any(isinstance(e, (ChoiceFinished, JobDone)) for e in long_out)
+
+
+def test_decode_slice_zero_or_no_prefix_cache_never_pauses():
+    model, ip, tok = readable_tiny()
+    for kw in ({"decode_slice": 0}, {"prefix_cache_mb": 0}):
+        eng = Engine(model, ip, tok, batch_wait_ms=0, **kw)
+        long, _, long_out = _job(eng, "one two", temperature=0)
+        long.prompts[0].max_tokens = 20
+        other, _, _ = _job(eng, "a dog", temperature=0.5)
+        eng._pending.append(other)
+        eng._generate([long])
+        assert list(eng._pending) == [other] and long.resume is None and long_out[-1] == JobDone()
+    with pytest.raises(ValueError, match="decode_slice"):
+        Engine(model, ip, tok, decode_slice=-1)
 
 
 def test_too_many_rows_and_full_queue(engine):

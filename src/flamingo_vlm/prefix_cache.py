@@ -40,7 +40,7 @@ import hashlib
 import threading
 import uuid
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -165,9 +165,12 @@ class PrefixCache:
 
     @torch.no_grad()
     def generate(self, model, vision_x, lang_x, attention_mask=None, *, media=None, image_keys=None,
-                 **generate_kwargs) -> torch.Tensor:
+                 keep_generated: Callable[[], list[bool]] | None = None, **generate_kwargs) -> torch.Tensor:
         """:meth:`Flamingo.generate` through the cache. ``image_keys``: per row, a key of each of
-        its images in order (e.g. a hash of the file's bytes); hashed from the pixels if not given."""
+        its images in order (e.g. a hash of the file's bytes); hashed from the pixels if not given.
+        ``keep_generated``: called after the call, which rows' generated tokens to store as well (as
+        if they were part of the prompt), for a call that will continue from them (the server's paused
+        generations); each such row must have generated up to the end of the output."""
         if (self.max_bytes == 0 or generate_kwargs.get("prompt_lookup_num_tokens") is not None
                 or generate_kwargs.get("assistant_model") is not None or generate_kwargs.get("use_cache") is False
                 or any(generate_kwargs.get(k) is not None for k in ("cache", "past_key_values"))):
@@ -184,7 +187,9 @@ class PrefixCache:
             cache.batch_repeat_interleave(expand)
         out = model.generate(lang_x=lang_x, attention_mask=attention_mask, **cond_kwargs,
                              **{_cache_name(model): cache}, **generate_kwargs)
-        after(cache, expand)
+        keep = keep_generated() if keep_generated is not None and expand == 1 else None
+        after(cache, expand, None if keep is None else [out[b, lang_x.shape[1]:].tolist() if k else [] for b, k in
+                                                        enumerate(keep)])
         return out
 
     @torch.no_grad()
@@ -272,10 +277,13 @@ class PrefixCache:
         self.stats["reused_tokens"] += reused
         cond_kwargs = self._conditioning(model, vision_x, media, image_keys, n_images)
 
-        def after(cache, expand: int) -> None:
+        def after(cache, expand: int, generated: list[list[int]] | None = None) -> None:
+            """Store the new full blocks of each row's prompt (and of ``generated[b]`` after it)."""
             kv = [(layer.keys, layer.values) for layer in cache.layers]
             for b, (chain, blocks) in enumerate(zip(chains, found)):
                 row = b * expand
+                if generated is not None and generated[b]:  # (the cache holds all but the last token's)
+                    chain = self._block_keys(root, id_rows[b] + generated[b], image_keys[b], media_id)
                 for j in range(len(blocks), len(chain)):
                     if self._has(("kv", chain[j])):
                         continue

@@ -110,6 +110,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a prompt more than 1.5x this many tokens past what the prefix cache holds is prefilled "
                         "this many at a time, the requests that arrive meanwhile served in between (2048; 0: "
                         "one pass; smaller: shorter waits for the others, a slower long prompt)")
+    g.add_argument("--decode-slice", type=NON_NEGATIVE, default=64,
+                   help="a batch that has generated this many tokens while other requests queue pauses for them "
+                        "and continues after, through the prefix cache (64; 0: a batch generates to its end)")
     g = p.add_argument_group("limits")
     g.add_argument("--default-max-tokens", type=POSITIVE, default=64, help="max_tokens when a request gives none (64)")
     g.add_argument("--request-timeout", type=SECONDS, default=300.0,
@@ -173,7 +176,7 @@ def build_server(args: argparse.Namespace):
     engine = Engine(model, image_processor, tokenizer, max_batch_size=args.max_batch_size,
                     batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, max_context=args.max_context,
                     image_cache_size=args.image_cache_size, prefix_cache_mb=args.prefix_cache_mb,
-                    prefill_chunk=args.prefill_chunk)
+                    prefill_chunk=args.prefill_chunk, decode_slice=args.decode_slice)
     config = ServeConfig(
         model_name=args.served_model_name or _model_name(args.model),
         image_dir=args.image_dir, allow_remote_images=args.allow_remote_images, remote_timeout=args.remote_timeout,

@@ -8,7 +8,8 @@ with a ``seed`` always runs alone so its result is reproducible) up to ``max_bat
 A job with ``n`` choices is ``n`` rows (its prompt repeated), so requests with different ``n``
 share a batch. Per-row limits differ freely within a batch: each row has its own ``max_tokens``
 and stop strings, enforced by a stopping criterion that marks rows done one by one (``generate``
-stops when every row is done).
+stops when every row is done); a job is answered (:class:`~.jobs.JobDone`) when its last row is done,
+not when the batch's longest row is.
 
 Streaming and non-streaming requests are batched together: the stopping criterion sees every
 new token of every row, decodes that row's text incrementally and hands the new text (held back
@@ -40,6 +41,17 @@ before its next chunk, and a client that went away stops it at the next chunk. O
 chunk it generates as any job, from the cached prefix (the same output as without chunks: the
 cache holds the keys/values one pass would compute). Where the cache cannot keep the prefix (it is
 smaller than the prompt's keys/values) the job generates in one pass.
+
+Long generations are cut into slices (``decode_slice`` tokens, with the prefix cache on): once a
+batch has generated that many tokens and another request is queued, the batch pauses (its rows keep
+their tokens, text and stop-string state; a seeded job its random state), its jobs go back to the end
+of the queue, and the queued requests run, a compatible one in the same batch as the paused rows when
+they come round: each row continues from its prompt plus what it has generated, whose keys/values
+the pause stored in the prefix cache (``keep_generated``), so only its last few tokens (less than a
+cache block) run again. The output is the uninterrupted one up to float rounding (those few tokens
+are computed in one pass instead of one by one, and with other rows: in bf16 a near-tie can go the
+other way, as it can between batch compositions). A seeded job continues with all its rows, finished
+ones too, because sampling draws noise for every row of a batch. Nothing pauses while nothing waits.
 
 Scoring jobs run one at a time on the same worker, between generation batches.
 
@@ -75,6 +87,7 @@ log = logging.getLogger("flamingo_vlm.serve")
 #: (about 7 MB each in fp32), a few for a 7B LM.
 DEFAULT_PREFIX_CACHE_MB = 256
 DEFAULT_PREFILL_CHUNK = 2048
+DEFAULT_DECODE_SLICE = 64
 
 
 class _Row:
@@ -104,13 +117,36 @@ def _holdback(text: str, stops: list[str]) -> int:
     return keep
 
 
+def _rng_state(device: torch.device) -> dict:
+    """The random state sampling draws from on ``device`` (and the CPU's)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = (device, torch.cuda.get_rng_state(device))
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"][1], state["cuda"][0])
+
+
 class RowTracker(StoppingCriteria):
     """Per-row bookkeeping inside ``generate``: called after every decoding step with all tokens so
     far; decodes each live row's new token, emits text, applies eos / stop strings / max_tokens,
     honours cancellation, and returns which rows are done."""
 
-    def __init__(self, rows: list[_Row], decode: Callable[[list[int]], str], eos_ids: set[int]):
+    def __init__(self, rows: list[_Row], decode: Callable[[list[int]], str], eos_ids: set[int], *,
+                 pause_after: int = 0, waiting: Callable[[], bool] | None = None):
         self.rows, self.decode, self.eos_ids = rows, decode, eos_ids
+        # After ``pause_after`` tokens (0: never), every live row is paused (``paused``; generate
+        # stops) as soon as ``waiting()`` says other requests are queued.
+        self.pause_after, self.waiting = pause_after, waiting
+        self.steps = 0
+        self.paused: list[_Row] = []
+        self._jobs: dict[int, list[_Row]] = {}
+        for row in rows:
+            self._jobs.setdefault(id(row.job), []).append(row)
 
     def _emit(self, row: _Row, upto: int) -> None:
         if upto > row.emitted:
@@ -121,10 +157,14 @@ class RowTracker(StoppingCriteria):
         if row.done:
             return
         row.done, row.finish = True, reason
-        if reason == "cancelled":
-            return
-        self._emit(row, len(row.text))
-        row.job.sink(ChoiceFinished(row.choice, reason, len(row.tokens), row.text))
+        if reason != "cancelled":
+            self._emit(row, len(row.text))
+            row.job.sink(ChoiceFinished(row.choice, reason, len(row.tokens), row.text))
+        job = row.job
+        if not job.ended and all(r.done for r in self._jobs[id(job)]):
+            # its last choice: the request is answered now, not when the batch's longest row ends
+            job.ended = True
+            job.sink(JobDone())
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, -1].tolist()
@@ -156,6 +196,12 @@ class RowTracker(StoppingCriteria):
             if row.stop:
                 safe = min(safe, len(text) - _holdback(text, row.stop))
             self._emit(row, safe)
+        self.steps += 1
+        if self.pause_after and self.steps >= self.pause_after and self.waiting is not None:
+            live = [row for row in self.rows if not row.done]
+            if live and self.waiting():
+                self.paused = live
+                return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
@@ -177,6 +223,7 @@ class Stats:
         self.image_cache_hits = 0
         self.cancelled = 0
         self.prefill_chunks = 0
+        self.decode_slices = 0
         self.busy_seconds = 0.0
         self.responses = collections.Counter()  # HTTP status -> count
         self.prefix_cache = None  # the engine's PrefixCache, if on (its own counters)
@@ -197,6 +244,7 @@ class Stats:
                 "image_cache_hits": self.image_cache_hits,
                 "cancelled_requests": self.cancelled,
                 "prefill_chunks": self.prefill_chunks,
+                "decode_slices": self.decode_slices,
                 "busy_s": round(self.busy_seconds, 3),
                 "responses_by_status": {str(k): v for k, v in sorted(self.responses.items())},
                 "prefix_cache": self.prefix_cache.snapshot() if self.prefix_cache is not None else None,
@@ -219,6 +267,7 @@ class Engine:
         image_cache_size: int = 256,
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        decode_slice: int = DEFAULT_DECODE_SLICE,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -259,6 +308,11 @@ class Engine:
             raise ValueError(f"prefill_chunk must be >= 0 (0: prompts prefill in one pass), got {prefill_chunk}")
         # long prompts prefill this many tokens at a time, other requests served in between
         self.prefill_chunk = prefill_chunk - prefill_chunk % self.prefix_cache.block_size if self.prefix_cache else 0
+        if decode_slice < 0:
+            raise ValueError(f"decode_slice must be >= 0 (0: a batch generates to its end), got {decode_slice}")
+        # a batch that has generated this many tokens pauses for the requests queued meanwhile (its rows
+        # continue from the prefix cache: without it, a pause would prefill the whole prompt again)
+        self.decode_slice = decode_slice if self.prefix_cache else 0
         # Encodings of recently seen images, by key (few-shot prompts repeat their demos). Only
         # when an image's encoding does not depend on its place among the prompt's images.
         self.image_cache_size = image_cache_size
@@ -356,6 +410,11 @@ class Engine:
         with self._cv:
             self._drop_cancelled()
             return len(self._pending)
+
+    def _waiting(self) -> bool:
+        """Whether a live request is queued (asked by a generating batch after each slice)."""
+        with self._cv:
+            return any(not j.cancelled.is_set() for j in self._pending)
 
     def _drop_cancelled(self) -> None:
         """Drop queued jobs whose clients went away or timed out (call with ``_cv`` held). The worker
@@ -456,7 +515,9 @@ class Engine:
                 err = e if isinstance(e, APIError) else APIError(
                     500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="internal_error")
                 for job in batch:
-                    job.sink(Failed(err))
+                    if not getattr(job, "ended", False):  # (a job answered before the failure keeps its answer)
+                        job.ended = True
+                        job.sink(Failed(err))
             finally:
                 self._busy = False
                 self._idle_since = time.monotonic()
@@ -528,7 +589,7 @@ class Engine:
             return batch
         now, later = [], []
         for job in batch:
-            if job.prefill_in_chunks and self._prefill_chunk_of(job):
+            if job.resume is None and job.prefill_in_chunks and self._prefill_chunk_of(job):
                 later.append(job)
             elif job.cancelled.is_set():  # (its client went away during a chunk: no generate for it)
                 with self.stats.lock:
@@ -577,23 +638,33 @@ class Engine:
             return
         rows, row_prompts = [], []
         for job in batch:
+            if job.resume is not None:  # paused choices: their prompts now end with what they generated
+                for row in job.resume:
+                    prompt = job.prompts[row.choice // job.n]
+                    rows.append(row)
+                    row_prompts.append(Prompt(ids=prompt.ids + row.tokens, images=prompt.images,
+                                              max_tokens=max(0, row.max_tokens - len(row.tokens)),
+                                              image_keys=prompt.image_keys))
+                continue
             for p_index, prompt in enumerate(job.prompts):
                 for k in range(job.n):
                     rows.append(_Row(job, p_index * job.n + k, prompt.max_tokens))
                     row_prompts.append(prompt)
+        fresh = [job for job in batch if job.resume is None]
+        done_before = {id(row) for row in rows if row.done}  # (a seeded job's finished choices, see below)
         with self.stats.lock:
             self.stats.batches += 1
             self.stats.batch_rows[len(rows)] += 1
             self.stats.batch_jobs[len(batch)] += 1
-            self.stats.jobs += len(batch)
-            self.stats.rows += len(rows)
-            self.stats.prompt_tokens += sum(len(p.ids) for job in batch for p in job.prompts)
+            self.stats.jobs += len(fresh)
+            self.stats.rows += sum(job.rows for job in fresh)
+            self.stats.prompt_tokens += sum(len(p.ids) for job in fresh for p in job.prompts)
         input_ids, mask = self._left_pad([p.ids for p in row_prompts])
         conditioning = self._conditioning_kwargs(row_prompts)
-        tracker = RowTracker(rows, self.decode, self.eos_ids)
         first = batch[0]
+        tracker = RowTracker(rows, self.decode, self.eos_ids, pause_after=self.decode_slice, waiting=self._waiting)
         kwargs: dict[str, Any] = dict(
-            max_new_tokens=max(r.max_tokens for r in rows),
+            max_new_tokens=max(p.max_tokens for p in row_prompts),
             stopping_criteria=StoppingCriteriaList([tracker]),
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_token_id,
@@ -602,22 +673,48 @@ class Engine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
-        if first.seed is not None:
+        if first.seed is not None and first.rng_state is not None:  # (a seeded job runs alone; continued, it
+            _set_rng_state(first.rng_state)                          # draws on from where it paused)
+        elif first.seed is not None:
             torch.manual_seed(first.seed)
-        try:
-            if self.prefix_cache is not None:
-                self.prefix_cache.generate(self.model, lang_x=input_ids, attention_mask=mask,
-                                           image_keys=[p.keys() for p in row_prompts], **conditioning, **kwargs)
-            else:
-                self.model.generate(lang_x=input_ids, attention_mask=mask, **conditioning, **kwargs)
-        finally:
-            for row in rows:  # rows generate() ended without the tracker (an eos of the LM's own config)
-                if not row.done:
-                    tracker.finish(row, "cancelled" if row.job.cancelled.is_set() else "stop")
+        # (should it fail, the jobs not answered yet get the error, from _run)
+        if self.prefix_cache is not None:
+            self.prefix_cache.generate(self.model, lang_x=input_ids, attention_mask=mask,
+                                       image_keys=[p.keys() for p in row_prompts], **conditioning, **kwargs,
+                                       # a paused row's keys/values, kept: it continues from them
+                                       keep_generated=lambda: [row in set(tracker.paused) for row in rows])
+        else:
+            self.model.generate(lang_x=input_ids, attention_mask=mask, **conditioning, **kwargs)
+        paused = {id(row) for row in tracker.paused}
+        for row in rows:  # rows generate() ended without the tracker (an eos of the LM's own config)
+            if not row.done and id(row) not in paused:
+                tracker.finish(row, "cancelled" if row.job.cancelled.is_set() else "stop")
         with self.stats.lock:
-            self.stats.generated_tokens += sum(len(r.tokens) for r in rows)
+            self.stats.generated_tokens += sum(len(r.tokens) for r in rows  # (each row once, when it ends)
+                                               if id(r) not in paused and id(r) not in done_before)
+        again = []
         for job in batch:
-            job.sink(JobDone())
+            if not any(row.job is job for row in tracker.paused):
+                job.resume = None
+                if not job.ended:  # (each of its rows ended through the tracker, which answered it then)
+                    job.ended = True
+                    job.sink(JobDone())
+                continue
+            job.resume = [row for row in tracker.paused if row.job is job]
+            if job.seed is not None:
+                # Sampling draws noise for every row of the batch, finished or not: a seeded job
+                # continues with all its rows (the finished ones ignored), so each live row draws what
+                # it would have drawn without the pause.
+                job.resume = [row for row in rows if row.job is job]
+                job.rng_state = _rng_state(self.device)
+            job.enqueued_at = time.monotonic()
+            again.append(job)
+        if again:
+            with self.stats.lock:
+                self.stats.decode_slices += len(again)
+            with self._cv:
+                self._pending.extend(again)  # behind the requests that were waiting
+                self._cv.notify_all()
 
     def _score(self, job: ScoreJob) -> None:
         with self.stats.lock:

@@ -103,10 +103,15 @@ class GenerationJob:
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     prefill_in_chunks: bool = True  # (the engine's: False once the prefix cache could not keep a chunk)
+    # (the engine's: the choices paused mid-generation to let queued requests run, continued when the
+    # job comes round again, and the random state of a seeded job at the pause)
+    resume: list | None = None
+    rng_state: dict | None = None
+    ended: bool = False  # (the engine's: JobDone or Failed sent)
 
     @property
     def rows(self) -> int:
-        return len(self.prompts) * self.n
+        return len(self.resume) if self.resume is not None else len(self.prompts) * self.n
 
     @property
     def key(self) -> tuple:
