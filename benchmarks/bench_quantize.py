@@ -129,7 +129,8 @@ def builtin_inputs(quick: bool):
     model, image_processor, tokenizer = from_pretrained("smol-synthetic")
     prompts = []
     for task in demo_tasks()[: 1 if quick else None]:
-        sample = [_read_image(str(example_image(v))) if k == "image" else v for k, v in task.items]
+        sample = [_read_image(str(example_image(v))) if k == "image" else v
+                  for k, v in task.joined(model.config.demo_separator)]
         vision_x, input_ids, _mask = _model_inputs(model, image_processor, tokenizer, sample)
         prompts.append((input_ids, vision_x))
     return model, prompts, 4 if quick else 32

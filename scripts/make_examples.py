@@ -11,7 +11,9 @@ from pathlib import Path
 from flamingo_vlm.synthetic import SceneGenerator, binding_episode, binding_text
 from flamingo_vlm.synthetic.scenes import NUMBER_WORDS
 
-END = "<|endofchunk|>\n"  # demonstrations end their chunk and a new line, as in training and evaluation
+# Demonstrations end at their chunk's end; `flamingo-vlm generate --demo` adds the model's demo_separator
+# after it (the built-in model's "\n", as in its training and evaluation; "" for OpenFlamingo's checkpoints).
+END = "<|endofchunk|>"
 OUT = Path(__file__).resolve().parents[1] / "src" / "flamingo_vlm" / "examples"
 
 

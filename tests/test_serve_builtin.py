@@ -19,7 +19,7 @@ from test_serve_fixtures import builtin_model, file_data_url, require, running_b
 openai = require("openai")
 
 from flamingo_vlm.generate import demo_tasks, example_image, generate_text  # noqa: E402
-from flamingo_vlm.processing import MEDIA_TOKEN  # noqa: E402
+from flamingo_vlm.processing import EOC_TOKEN, MEDIA_TOKEN  # noqa: E402
 from flamingo_vlm.registry import DEFAULT_MODEL  # noqa: E402
 
 VQA, BINDING = demo_tasks()[1], demo_tasks()[2]
@@ -36,9 +36,15 @@ def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
+def demo_items(task) -> list:
+    """The demo task's items as `flamingo-vlm generate --demo` joins them: with the built-in model's
+    demonstration separator ("\n") after each <|endofchunk|>."""
+    return task.joined(builtin_model()[0].config.demo_separator)
+
+
 def raw_prompt(task) -> tuple[str, list[str]]:
     """The demo task as a /v1/completions prompt: text with <image> markers, and the images."""
-    text = "".join(MEDIA_TOKEN if kind == "image" else value for kind, value in task.items)
+    text = "".join(MEDIA_TOKEN if kind == "image" else value for kind, value in demo_items(task))
     images = [file_data_url(example_image(value)) for kind, value in task.items if kind == "image"]
     return text, images
 
@@ -48,16 +54,15 @@ def image_part(name: str) -> dict:
 
 
 def vqa_chat() -> list[dict]:
-    """The VQA demo as chat turns (the serve README's mapping gives back the same prompt)."""
+    """The VQA demo as chat turns (the serve README's mapping gives back the same prompt, the model's
+    separator written after each answer's <|endofchunk|>)."""
     q = "Question:What color is the {}? Short answer:"
     return [
         {"role": "user", "content": [image_part("scene4.png"), {"type": "text", "text": q.format("diamond")}]},
         {"role": "assistant", "content": "red"},
-        {"role": "user", "content": [{"type": "text", "text": "\n"}, image_part("scene5.png"),
-                                     {"type": "text", "text": q.format("square")}]},
+        {"role": "user", "content": [image_part("scene5.png"), {"type": "text", "text": q.format("square")}]},
         {"role": "assistant", "content": "blue"},
-        {"role": "user", "content": [{"type": "text", "text": "\n"}, image_part("scene6.png"),
-                                     {"type": "text", "text": q.format("triangle")}]},
+        {"role": "user", "content": [image_part("scene6.png"), {"type": "text", "text": q.format("triangle")}]},
     ]
 
 
@@ -74,7 +79,7 @@ def test_chat_with_images_answers_like_the_library(client):
     # The library's own generation on the same few-shot prompt (pixels through vision_x, not the
     # server's per-image encodings) says the same.
     model, image_processor, tokenizer = builtin_model()
-    sample = [example_image(v) if kind == "image" else v for kind, v in VQA.items]
+    sample = [example_image(v) if kind == "image" else v for kind, v in demo_items(VQA)]
     texts, _ = generate_text(model, image_processor, tokenizer, sample, max_new_tokens=VQA.max_new_tokens,
                              do_sample=False)
     assert answer.strip() == texts[0].strip()
@@ -107,6 +112,38 @@ def test_completions_with_images_match_chat(client):
     streamed = client.completions.create(model=DEFAULT_MODEL, prompt=text, max_tokens=VQA.max_new_tokens,
                                          temperature=0, stream=True, extra_body={"images": images})
     assert "".join(c.text for chunk in streamed for c in chunk.choices) == raw.choices[0].text
+
+
+def demo_chat(task) -> list[dict]:
+    """A demo task as alternating chat turns: each demonstration a user turn (image, text up to its
+    answer) and an assistant turn (the answer); the query a last user turn. No separators by hand."""
+    query = task.items[-1][1]
+    messages, parts = [], []
+    for kind, value in task.items:
+        if kind == "image":
+            parts.append(image_part(value))
+        elif not value.endswith(EOC_TOKEN):
+            messages.append({"role": "user", "content": parts + [{"type": "text", "text": value}]})
+        else:
+            text = value[: -len(EOC_TOKEN)]
+            cut = len(query) if text.startswith(query) else text.rindex(":") + 1
+            messages += [{"role": "user", "content": parts + [{"type": "text", "text": text[:cut]}]},
+                         {"role": "assistant", "content": text[cut:]}]
+            parts = []
+    return messages
+
+
+@pytest.mark.parametrize("task", demo_tasks(), ids=lambda t: t.title.split(",")[0].split(" (")[0])
+def test_every_demo_as_a_chat_is_the_demo_prompt(client, task):
+    """`flamingo-vlm generate --demo`'s prompts sent as plain alternating turns come out as the same
+    prompt (the server writes the model's separator; the counting demo answered otherwise without it)."""
+    text, images = raw_prompt(task)
+    raw = client.completions.create(model=DEFAULT_MODEL, prompt=text, max_tokens=task.max_new_tokens, temperature=0,
+                                    extra_body={"images": images})
+    chat = client.chat.completions.create(model=DEFAULT_MODEL, messages=demo_chat(task),
+                                          max_tokens=task.max_new_tokens, temperature=0)
+    assert chat.usage.prompt_tokens == raw.usage.prompt_tokens
+    assert chat.choices[0].message.content == raw.choices[0].text
 
 
 def test_score_with_images_ranks_the_true_answer_first(client):

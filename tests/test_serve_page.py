@@ -95,8 +95,12 @@ def test_few_shot_page_streams_a_completion(browser, server, picture_files):
     page.wait_for_function("document.querySelectorAll('#shots .shot')[1].dataset.image !== undefined")
     shots.nth(1).locator("textarea.shot-text").fill("Output:")
 
+    # The steps are joined with the model's demonstration separator (the built-in model's "\n", shown
+    # escaped in the preview), as the server's chat mapping and `generate --demo` join them.
+    assert engine.demo_separator == "\n"
+    prompt = "<image>Output:a small blue square on the left.<|endofchunk|>\n<image>Output:"
     preview = page.text_content("#prompt-preview")
-    assert preview.replace("\n", "") == "<image>Output:a small blue square on the left.<|endofchunk|><image>Output:"
+    assert preview.replace("\n", "") == prompt.replace("\n", "\\n")
     page.fill("#max-tokens", "12")
 
     before = engine.stats.snapshot()["generation_requests"]
@@ -113,9 +117,10 @@ def test_few_shot_page_streams_a_completion(browser, server, picture_files):
 
     images = ["data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in picture_files]
     api = httpx.post(base + "/v1/completions", timeout=60, json={
-        "prompt": "<image>Output:a small blue square on the left.<|endofchunk|><image>Output:", "images": images,
+        "prompt": prompt, "images": images,
         "max_tokens": 12, "temperature": 0}).json()
     assert output == api["choices"][0]["text"]
+    assert page.text_content("#usage").startswith(f"{api['usage']['prompt_tokens']} prompt tokens")  # the same prompt
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "serve-page.png"

@@ -775,6 +775,26 @@ def test_export_checkpoint_copied_elsewhere_or_a_run_directory(model_dir, shards
     assert f"--export-checkpoint {tmp_path / 'nowhere'}: not a complete checkpoint" in capsys.readouterr().err
 
 
+
+def test_the_exported_model_declares_its_training_datas_demo_separator(model_dir, shards, tmp_path):
+    """A run on interleaved data whose chunks are joined with "\n" exports a model whose config.json says
+    so (demo_separator: what the server's chat mapping and `generate --demo` join demonstrations with);
+    the model it started from declared "" (OpenFlamingo's layout)."""
+    import yaml
+
+    from flamingo_vlm.train.cli import main
+
+    assert json.loads((model_dir / "config.json").read_text())["demo_separator"] == ""
+    cfg = _write_yaml(tmp_path / "c.yaml", model_dir, shards, tmp_path / "run", max_steps=2, export=True)
+    data = yaml.safe_load(cfg.read_text())
+    data["data"][1]["chunk_separator"] = "\n"
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["--config", str(cfg)]) == 0
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["demo_separator"] == "\n"
+    assert main(["--export-checkpoint", str(tmp_path / "run"), "--export-to", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["demo_separator"] == "\n"
+
+
 # -- errors ------------------------------------------------------------------------------------------
 def test_ctrl_c_under_torchrun_is_one_line(monkeypatch, capsys):
     """torchrun passes Ctrl-C on to every rank's `python -m flamingo_vlm.train`, which printed a

@@ -6,6 +6,11 @@ Images and text go in the order given::
     flamingo-vlm generate --prompt "<image>Output:a red circle.<|endofchunk|><image>Output:" --images a.png b.png
     flamingo-vlm generate --demo          # few-shot tasks on the bundled example images
 
+With ``--image``/``--text`` (and in ``--demo``), a text that ends with ``<|endofchunk|>`` closes a
+demonstration and the model's ``config.demo_separator`` follows it, as the server's chat mapping
+writes it (``"\\n"`` for the built-in model, nothing for OpenFlamingo's checkpoints); ``--prompt`` is
+taken as written.
+
 The default ``--model`` is the built-in offline model (:data:`flamingo_vlm.registry.DEFAULT_MODEL`).
 Output streams to the terminal as it is generated (greedy or sampling, one sequence); ``--json``
 prints one JSON object instead. Bad input is refused before the model loads where it can be:
@@ -34,7 +39,7 @@ from .registry import DEFAULT_MODEL
 
 DEFAULT_MAX_NEW_TOKENS = 40
 
-__all__ = ["DemoTask", "add_generate_subcommand", "demo_tasks", "example_image", "generate_text"]
+__all__ = ["DemoTask", "add_generate_subcommand", "demo_tasks", "example_image", "generate_text", "join_demonstrations"]
 
 
 class _Ordered(argparse.Action):
@@ -57,12 +62,19 @@ def example_image(name: str) -> Path:
 @dataclass
 class DemoTask:
     title: str
-    items: list  # ("image", file name) / ("text", str)
+    # ("image", file name) / ("text", str); a demonstration's text ends at its <|endofchunk|>: the
+    # model's demonstration separator is added by joined()
+    items: list
     expected: str  # what a correct model says (from the generator's ground truth)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     # answers to rank by likelihood after the prompt, as the evaluation does (e.g. the names
     # the demonstrations bound): shown beside the free generation
     candidates: tuple[str, ...] = ()
+
+    def joined(self, separator: str) -> list:
+        """``items`` with ``separator`` (a model's ``config.demo_separator``: "\\n" for the built-in
+        model, "" for OpenFlamingo's checkpoints) after each demonstration's ``<|endofchunk|>``."""
+        return list(zip([k for k, _ in self.items], join_demonstrations([v for _, v in self.items], separator)))
 
 
 def demo_tasks() -> list[DemoTask]:
@@ -238,6 +250,14 @@ def _gen_kwargs(args) -> dict:
     return kw
 
 
+def join_demonstrations(sample: list, separator: str) -> list:
+    """An interleaved ``sample`` with ``separator`` after each text that closes a demonstration (ends
+    with ``<|endofchunk|>`` and is not the last item)."""
+    last = len(sample) - 1
+    return [x + separator if isinstance(x, str) and x.endswith(EOC_TOKEN) and i < last else x
+            for i, x in enumerate(sample)]
+
+
 def _sample_from_args(args):
     if args.prompt is not None:
         if args.items:
@@ -260,22 +280,15 @@ def _sample_from_args(args):
                          f"(or use --prompt with --images)")
     if len(texts) == len(args.items) and not "".join(texts).strip():
         raise UsageError("the prompt is empty: give some text with --text (and images with --image)")
-    sample, shown = [], []
-    for kind, value in args.items:
-        if kind == "image":
-            sample.append(_read_image(value))
-            shown.append(MEDIA_TOKEN)
-        else:
-            sample.append(value)
-            shown.append(value)
-    return sample, "".join(shown)
+    return [_read_image(value) if kind == "image" else value for kind, value in args.items], None
 
 
 def _run_demo(args, model, image_processor, tokenizer) -> int:
     results = []
+    separator = model.config.demo_separator  # the model's own few-shot format
     for task in demo_tasks():
         sample, shown = [], []
-        for kind, value in task.items:
+        for kind, value in task.joined(separator):
             if kind == "image":
                 sample.append(_read_image(str(example_image(value))))
                 shown.append(f"[{value}]")
@@ -287,7 +300,8 @@ def _run_demo(args, model, image_processor, tokenizer) -> int:
         kw["max_new_tokens"] = min(args.max_new_tokens or task.max_new_tokens, task.max_new_tokens)
         if not args.json:
             print(f"\n== {task.title}")
-            print("prompt: " + prompt.replace(EOC_TOKEN + "\n", EOC_TOKEN).replace(EOC_TOKEN, EOC_TOKEN + "\n        "))
+            shown_prompt = prompt.replace(EOC_TOKEN + separator, EOC_TOKEN) if separator else prompt
+            print("prompt: " + shown_prompt.replace(EOC_TOKEN, EOC_TOKEN + "\n        "))
             print("model:  ", end="", flush=True)
         start = time.perf_counter()
         stream = None if args.json or args.no_stream else (lambda s: print(s, end="", flush=True))
@@ -327,6 +341,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"[{args.model} loaded in {load_s:.1f} s]", file=sys.stderr)
     if args.demo:
         return _run_demo(args, model, image_processor, tokenizer)
+    if shown is None:  # --image/--text: demonstrations joined in the model's format
+        sample = join_demonstrations(sample, model.config.demo_separator)
+        shown = "".join(x if isinstance(x, str) else MEDIA_TOKEN for x in sample)
     kw = _gen_kwargs(args)
     single = args.num_return_sequences == 1 and args.num_beams == 1
     stream = None

@@ -4,6 +4,11 @@
   ``perceiver_kwargs`` / ``cross_attn_kwargs`` of OpenFlamingo's factory, which are still accepted as
   plain dicts and turned into these with :meth:`~PerceiverConfig.coerce`);
 - :class:`TokenConfig`: the ids of the tokens Flamingo adds and the vocabulary size before them;
+- :class:`FlamingoConfig` also carries the one prompt fact that is the model's and not the
+  tokenizer's: ``demo_separator``, the text its training put between a demonstration's
+  ``<|endofchunk|>`` and the next ``<image>`` (``""`` for OpenFlamingo's checkpoints, whose
+  pretraining documents have nothing there), so that whatever joins demonstrations for a user
+  (the server's chat mapping and page, ``flamingo-vlm generate --demo``) writes the model's format;
 - :class:`BackboneRef`: where a pretrained backbone comes from, so that a saved model names it instead
   of copying it. Only :mod:`flamingo_vlm.references` makes these (it parses every name scheme); this
   module just holds the data.
@@ -122,6 +127,10 @@ class FlamingoConfig:
     cross_attn_every_n_layers: int = 1
     decoder_layers_attr_name: str | None = None  # None: found by the injection code
     freeze_lm_embeddings: bool = False
+    # Not in OpenFlamingo (whose chunks are joined with nothing): the text between one demonstration's
+    # <|endofchunk|> and the next <image> in the prompts this model was trained on (the training data's
+    # chunk_separator; the built-in model's is "\n"). Written to config.json; absent there: "".
+    demo_separator: str = ""
 
     def replace(self, **changes: Any) -> FlamingoConfig:
         return dataclasses.replace(self, **changes)
@@ -129,13 +138,15 @@ class FlamingoConfig:
     def architecture_dict(self) -> dict[str, Any]:
         """The architecture under the keys ``config.json`` has always used (format 1), every option
         written out: ``cross_attn_every_n_layers``, ``decoder_layers_attr_name``,
-        ``freeze_lm_embeddings``, ``perceiver_kwargs``, ``cross_attn_kwargs`` and the token ids."""
+        ``freeze_lm_embeddings``, ``perceiver_kwargs``, ``cross_attn_kwargs``, the token ids and the
+        prompt's ``demo_separator``."""
         out: dict[str, Any] = {
             "cross_attn_every_n_layers": self.cross_attn_every_n_layers,
             "decoder_layers_attr_name": self.decoder_layers_attr_name,
             "freeze_lm_embeddings": self.freeze_lm_embeddings,
             "perceiver_kwargs": self.perceiver.to_dict(),
             "cross_attn_kwargs": self.cross_attention.to_dict(),
+            "demo_separator": self.demo_separator,
         }
         if self.tokens is not None:
             out.update(dataclasses.asdict(self.tokens))
@@ -159,5 +170,12 @@ class FlamingoConfig:
             cross_attn_every_n_layers=d.get("cross_attn_every_n_layers", 1),
             decoder_layers_attr_name=d.get("decoder_layers_attr_name"),
             freeze_lm_embeddings=d.get("freeze_lm_embeddings", False),
+            demo_separator=_separator(d.get("demo_separator", "")),
             **refs,
         )
+
+
+def _separator(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"demo_separator must be a string (e.g. \"\\n\", or \"\" for none), got {value!r}")
+    return value

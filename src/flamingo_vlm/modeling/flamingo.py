@@ -303,7 +303,7 @@ class Flamingo(nn.Module):
             perceiver_kwargs=config.perceiver, cross_attn_kwargs=config.cross_attention,
             base_vocab_size=t.base_vocab_size,
         )
-        model.config = model.config.replace(vision=config.vision, lm=config.lm)
+        model.config = model.config.replace(vision=config.vision, lm=config.lm, demo_separator=config.demo_separator)
         return model
 
     @property

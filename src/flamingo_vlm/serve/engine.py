@@ -284,6 +284,9 @@ class Engine:
         self.max_context = max_context or max_context_of(model, tokenizer)
         self.media_token_id = tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
         self.eoc_token_id = tokenizer.convert_tokens_to_ids(EOC_TOKEN)
+        # what goes between one demonstration's <|endofchunk|> and the next (the model's own; "" for
+        # OpenFlamingo's checkpoints): the chat mapping writes it, /v1/models tells the page
+        self.demo_separator = model.config.demo_separator
         self.eos_ids = {self.eoc_token_id}
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)

@@ -7,16 +7,21 @@ document in order, with nothing added but these markers:
 * ``system`` / ``developer``: their text, followed by a newline, at the place they occur
   (usually the start);
 * ``user``: each content part in order: text verbatim, an ``image_url`` part as ``<image>``;
-* ``assistant``: its text followed by ``<|endofchunk|>``: an answer closes one demonstration.
-  A *last* assistant message is not closed: it is the start of the answer, which the model
-  continues (a prefill).
+* ``assistant``: its text followed by ``<|endofchunk|>`` and the model's demonstration separator
+  (``FlamingoConfig.demo_separator``: ``""`` for OpenFlamingo's checkpoints, which were trained
+  on documents with nothing between ``<|endofchunk|>`` and the next ``<image>``; ``"\n"`` for the
+  built-in model, whose few-shot training prompts put a newline there): an answer closes one
+  demonstration. A *last* assistant message is not closed: it is the start of the answer, which
+  the model continues (a prefill).
 
-So few-shot prompting is alternating turns, e.g. (OpenFlamingo's captioning prompt)::
+So few-shot prompting is alternating turns, e.g. (OpenFlamingo's captioning prompt, separator "")::
 
     user:      [image A, "Output:"]          ->  <image>Output:
     assistant: "two cats on a sofa."         ->  two cats on a sofa.<|endofchunk|>
     user:      [image B, "Output:"]          ->  <image>Output:
                                                  (the model writes B's caption)
+
+(with the built-in model's ``"\n"``: ``two cats on a sofa.<|endofchunk|>\n<image>Output:``).
 
 Text is inserted verbatim (add spaces where the model expects them); the markers themselves are
 not allowed inside chat text (use ``image_url`` parts), only in ``/v1/completions`` prompts.
@@ -44,9 +49,11 @@ def _check_text(text: str, param: str) -> str:
     return text
 
 
-def chat_to_prompt(messages: list[ChatMessage], *, param_prefix: str = "messages") -> tuple[str, list[tuple[str, str]]]:
+def chat_to_prompt(messages: list[ChatMessage], *, separator: str = "",
+                   param_prefix: str = "messages") -> tuple[str, list[tuple[str, str]]]:
     """Returns the prompt text (with ``<image>`` markers) and the image references in order, each
-    with the request parameter it came from (for error messages)."""
+    with the request parameter it came from (for error messages). ``separator``: the served model's
+    ``demo_separator``, written after each closing ``<|endofchunk|>``."""
     if not messages:
         raise bad_request("messages must not be empty", param=param_prefix)
     pieces: list[str] = []
@@ -82,7 +89,7 @@ def chat_to_prompt(messages: list[ChatMessage], *, param_prefix: str = "messages
                     raise bad_request("assistant messages may contain text only", param=f"{where}.content[{j}]",
                                       code="invalid_content")
                 text += _check_text(part.text, f"{where}.content[{j}]")
-            pieces.append(text if i == last else text + EOC_TOKEN)
+            pieces.append(text if i == last else text + EOC_TOKEN + separator)
     prompt = "".join(pieces)
     if not prompt:
         raise bad_request("the messages hold no text and no images", param=param_prefix, code="empty_prompt")

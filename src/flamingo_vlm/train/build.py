@@ -4,7 +4,8 @@
 (a saved model, or new backbones joined by a fresh adapter); :func:`config_datasets` makes the
 ``data:`` mixture for one rank and :func:`aim_dataset` the aiming data of ``aim:``
 (:mod:`.aiming`); :func:`set_gates` and :func:`set_gradient_checkpointing` are the model-side
-switches of the config.
+switches of the config, and :func:`declare_demo_separator` records the data's few-shot format in the
+model's config (``demo_separator``, what the server and ``generate --demo`` join demonstrations with).
 """
 
 from __future__ import annotations
@@ -117,12 +118,25 @@ def set_gradient_checkpointing(model: nn.Module, mode: bool | str) -> None:
             layer.gradient_checkpointing = enabled and mode != "lm"
 
 
+def declare_demo_separator(model, cfg: TrainConfig) -> None:
+    """Set ``model.config.demo_separator`` to the ``chunk_separator`` of the run's interleaved datasets,
+    the format the model learns (a model saved from the run declares it). Pair datasets have one chunk
+    and no say; without interleaved data, or when they disagree, the model keeps its own (warned)."""
+    separators = {d.chunk_separator for d in cfg.data if d.kind == "interleaved"}
+    if len(separators) == 1:
+        model.config = model.config.replace(demo_separator=separators.pop())
+    elif len(separators) > 1:
+        logger.warning("the interleaved datasets join their chunks differently (chunk_separator %s); the model keeps "
+                       "demo_separator=%r (edit config.json of the exported model to choose)",
+                       " / ".join(sorted(map(repr, separators))), model.config.demo_separator)
+
 
 def prepare_model(model: nn.Module, cfg: TrainConfig, device, loaded=None) -> list[str]:
     """Make ``model`` ready to train as ``cfg`` says, in place: LoRA adapters, the trained weights of
     a checkpoint being resumed (``loaded``), gradient checkpointing, the lean backward (:mod:`.lean`),
-    precision, device, train mode with the frozen vision encoder in eval mode. Returns the LoRA
-    target layers."""
+    precision, device, train mode with the frozen vision encoder in eval mode, the data's
+    ``demo_separator`` (:func:`declare_demo_separator`). Returns the LoRA target layers."""
+    declare_demo_separator(model, cfg)
     targets = apply_lora(model, cfg.lora) if cfg.lora.enabled else []
     if loaded is not None:
         ckpt.load_trainable(model, loaded.path, loaded.trainable)

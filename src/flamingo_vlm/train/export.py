@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 
 from . import checkpoint as ckpt
-from .build import build_model
+from .build import build_model, declare_demo_separator
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, barrier, unwrap
 from .lora import apply_lora, has_lora, merge_lora
@@ -76,6 +76,7 @@ def export_weights(cfg: TrainConfig, trainable: dict[str, torch.Tensor], out: st
     merge LoRA and save in the ``from_pretrained`` format."""
     torch.manual_seed(cfg.seed)
     model, image_processor, tokenizer = build_model(cfg.model)
+    declare_demo_separator(model, cfg)
     if cfg.lora.enabled:
         apply_lora(model, cfg.lora)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -38,7 +38,7 @@ async def chat_completions(request: Request, state: ServerState = Depends(get_st
     if body.response_format and body.response_format.get("type") not in (None, "text"):
         raise unsupported("response_format", "a response_format other than text")
     engine.check_rows(body.n)
-    text, refs = chat_to_prompt(body.messages)
+    text, refs = chat_to_prompt(body.messages, separator=engine.demo_separator)
     state.count_images(len(refs), "messages")
     max_tokens = body.max_completion_tokens or body.max_tokens
     with engine.incoming():

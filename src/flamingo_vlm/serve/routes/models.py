@@ -1,4 +1,7 @@
-"""``GET /v1/models`` and ``GET /v1/models/{id}``: the served model ids."""
+"""``GET /v1/models`` and ``GET /v1/models/{id}``: the served model ids, with two fields OpenAI's
+model object does not have: ``max_model_len`` (the context, as vLLM names it) and
+``demo_separator`` (what goes between a demonstration's ``<|endofchunk|>`` and the next ``<image>``
+for this model; the page joins its steps with it)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ router = APIRouter()
 
 def _model_card(state: ServerState, name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": state.created, "owned_by": "flamingo-vlm",
-            "max_model_len": state.engine.max_context}
+            "max_model_len": state.engine.max_context, "demo_separator": state.engine.demo_separator}
 
 
 @router.get("/v1/models")

@@ -44,7 +44,7 @@ async def score(request: Request, state: ServerState = Depends(get_state)):
         if body.images:
             raise bad_request("with messages, put images in the messages, not in images", param="images",
                               code="invalid_value")
-        text, refs = chat_to_prompt(body.messages)
+        text, refs = chat_to_prompt(body.messages, separator=engine.demo_separator)
     else:
         text, refs = body.prompt, [(ref, f"images[{k}]") for k, ref in enumerate(body.images or [])]
     state.count_images(len(refs), "messages" if body.messages is not None else "images")

@@ -10,6 +10,9 @@ const $ = (sel, root = document) => root.querySelector(sel);
 const shotsEl = $("#shots");
 const template = $("#shot-template");
 let modelId = null;
+// What the served model puts between a demonstration's <|endofchunk|> and the next step (GET /v1/models'
+// demo_separator: "\n" for the built-in model, "" for OpenFlamingo's checkpoints).
+let demoSeparator = "";
 let controller = null;
 
 // -- steps -----------------------------------------------------------------------------------------
@@ -105,7 +108,8 @@ function steps() {
   }));
 }
 
-// The prompt: every step is <image>text; every step but the last is a demonstration closed by <|endofchunk|>.
+// The prompt: every step is <image>text; every step but the last is a demonstration closed by <|endofchunk|>
+// and the model's demonstration separator.
 // `sources[k]` says where images[k] came from, so that an error about an image can name it.
 function buildPrompt() {
   const all = steps();
@@ -119,7 +123,7 @@ function buildPrompt() {
       sources.push(`step ${i + 1}` + (s.filename ? ` (${s.filename})` : ""));
     }
     prompt += s.text;
-    if (i < all.length - 1) prompt += EOC;
+    if (i < all.length - 1) prompt += EOC + demoSeparator;
   });
   return { prompt, images, sources };
 }
@@ -145,9 +149,13 @@ function refresh() {
     $(".shot-text", li).placeholder = last ? "the text the model continues, e.g. Output:" : "text after this image, e.g. Output: two cats.";
   });
   const { prompt } = buildPrompt();
+  // One step a line; the separator is shown escaped ("\n") so that it can be seen.
+  const escaped = escapeHTML(JSON.stringify(demoSeparator).slice(1, -1));
+  const separator = demoSeparator ? `<span class="marker" title="this model's demonstration separator">${escaped}</span>` : "";
   $("#prompt-preview").innerHTML = escapeHTML(prompt)
     .replaceAll(escapeHTML(MEDIA), `<span class="marker">${escapeHTML(MEDIA)}</span>`)
-    .replaceAll(escapeHTML(EOC), `<span class="marker">${escapeHTML(EOC)}</span>\n`) || "<em>(empty)</em>";
+    .replaceAll(escapeHTML(EOC + demoSeparator), `<span class="marker">${escapeHTML(EOC)}</span>${separator}\n`)
+    || "<em>(empty)</em>";
 }
 
 // -- generation ------------------------------------------------------------------------------------
@@ -281,5 +289,10 @@ document.addEventListener("drop", async (e) => {
 addShot("Output:");
 fetch("/v1/models").then((r) => r.json()).then((j) => {
   const m = j.data && j.data[0];
-  if (m) { modelId = m.id; $("#model-info").textContent = `${m.id} · context ${m.max_model_len}`; }
+  if (m) {
+    modelId = m.id;
+    demoSeparator = m.demo_separator || "";
+    $("#model-info").textContent = `${m.id} · context ${m.max_model_len}`;
+    refresh();
+  }
 }).catch(() => { $("#model-info").textContent = "server unreachable"; });
