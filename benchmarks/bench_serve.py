@@ -21,6 +21,9 @@ Usage::
 ``--mixed SLICES``: instead of the load test, one long request (``--long-tokens``, 400) and, while it
 runs, short requests one after another; a server per ``--decode-slice`` value in ``SLICES`` (taking
 turns, ``--rounds`` times): how long the short ones wait behind the long one, and what pausing costs it.
+``--mixed SLICES --builtin``: the same on the built-in model, through the server's engine in this
+process (the built-in model answers in a few words, so its end-of-text tokens are switched off there to
+make the long request long; no HTTP).
 
 Results: a markdown table on stdout and in ``benchmarks/results/serve.md``.
 """
@@ -168,6 +171,74 @@ async def run_mixed(base: str, model: str, urls: list[str], long_tokens: int, ma
             "slices": after.get("decode_slices", 0) - before.get("decode_slices", 0)}
 
 
+def mixed_builtin(args) -> int:
+    """``--mixed --builtin``: the built-in model in this process, its engine as the server builds it."""
+    import threading
+
+    import torch
+    from PIL import Image
+
+    from flamingo_vlm.generate import example_image
+    from flamingo_vlm.modeling.fast_linear import auto_dtype
+    from flamingo_vlm.pretrained import from_pretrained
+    from flamingo_vlm.serve.engine import Engine
+    from flamingo_vlm.serve.jobs import ChoiceFinished, Failed, GenerationJob, JobDone, Prompt
+
+    dtype = auto_dtype("cpu") if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, image_processor, tokenizer = from_pretrained("smol-synthetic", dtype=dtype)
+    model.lang_encoder.generation_config.eos_token_id = None
+    images = [Image.open(example_image(f"scene{i}.png")).convert("RGB") for i in (1, 2)]
+    load_before = os.getloadavg()[0]
+
+    def job(engine, image, max_tokens):
+        done, out = threading.Event(), {}
+
+        def sink(event):
+            if isinstance(event, ChoiceFinished):
+                out["tokens"], out["text"] = event.tokens, event.text
+            if isinstance(event, (JobDone, Failed)):
+                out["end"] = time.perf_counter()
+                done.set()
+
+        prompt = Prompt(engine.encode("<image>Output:"), [engine.preprocess(image)], max_tokens=max_tokens,
+                        image_keys=[f"image-{id(image)}"])
+        return GenerationJob(prompts=[prompt], temperature=0, sink=sink), done, out
+
+    slices = [int(x) for x in args.mixed.split(",")]
+    runs: dict[int, list[dict]] = {sl: [] for sl in slices}
+    for _ in range(args.rounds):
+        for sl in slices:
+            engine = Engine(model, image_processor, tokenizer, batch_wait_ms=args.batch_wait_ms, decode_slice=sl)
+            engine.eos_ids = set()
+            engine.start()
+            try:
+                warm, warm_done, _ = job(engine, images[1], 4)
+                engine.submit(warm)
+                warm_done.wait(600)
+                long, long_done, long_out = job(engine, images[0], args.long_tokens)
+                t0 = time.perf_counter()
+                engine.submit(long)
+                time.sleep(0.5)
+                short_waits = []
+                while not long_done.is_set():
+                    short, short_done, short_out = job(engine, images[1], args.max_tokens)
+                    t1 = time.perf_counter()
+                    engine.submit(short)
+                    short_done.wait(600)
+                    short_waits.append(short_out["end"] - t1)
+                    time.sleep(0.5)
+                long_done.wait(600)
+            finally:
+                engine.stop()
+            runs[sl].append({"long_s": long_out["end"] - t0, "short": sorted(short_waits), "short_first": short_waits[0],
+                             "slices": engine.stats.snapshot()["decode_slices"], "text": long_out["text"]})
+    texts = {r["text"] for rs in runs.values() for r in rs}
+    desc = (f"the built-in model (smol-synthetic, {str(dtype).removeprefix('torch.')}), engine in process, its "
+            f"end-of-text tokens off; short requests every 0.5 s after the last one ended; the long request's "
+            f"text was the same in every run: {'yes' if len(texts) == 1 else f'no ({len(texts)} different)'}")
+    return _mixed_table(args, runs, desc, load_before, "serve-mixed-builtin.md")
+
+
 def mixed(args, model_dir: Path, model_desc: str) -> int:
     slices = [int(x) for x in args.mixed.split(",")]
     urls = images(64)
@@ -183,14 +254,21 @@ def mixed(args, model_dir: Path, model_desc: str) -> int:
             finally:
                 proc.terminate()
                 proc.wait(20)
+    desc = (f"{model_desc}; server `--threads {args.threads} --dtype {args.dtype}`, one per `--decode-slice` "
+            f"value; short requests sent one after another")
+    return _mixed_table(args, runs, desc, load_before, "serve-mixed.md")
+
+
+def _mixed_table(args, runs: dict[int, list[dict]], desc: str, load_before: float, name: str) -> int:
+    from flamingo_vlm.modeling import kernels
+
     lines = [
         "# flamingo-vlm serve: a long generation and short requests",
         "",
-        f"Model: {model_desc}. One few-shot chat completion of {args.long_tokens} greedy tokens; from 0.2 s after "
-        f"it, chat completions of {args.max_tokens} tokens sent one after another until it ends. Server: "
-        f"`--threads {args.threads} --dtype {args.dtype}`, one server per `--decode-slice` value, taking turns, "
-        f"{args.rounds} rounds (medians; {platform.machine()}, {os.cpu_count()} cores; load average "
-        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after: other work on the machine shows here).",
+        f"One request of {args.long_tokens} greedy tokens and, from shortly after it until it ends, requests of "
+        f"{args.max_tokens} tokens: {desc}. Settings taking turns, {args.rounds} rounds, medians. "
+        f"{kernels.summary().split(';')[0]}; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} "
+        "after (other work on the machine shows here).",
         "",
         "| `--decode-slice` | long request (s) | short requests during it | first short (ms) | short p50 (ms) | short max (ms) | pauses |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -204,7 +282,7 @@ def mixed(args, model_dir: Path, model_desc: str) -> int:
     table = "\n".join(lines + [""])
     print(table)
     if not args.quick:
-        out = args.out.with_name("serve-mixed.md")
+        out = args.out.with_name(name)
         out.write_text(table)
         print(f"saved {out}")
     return 0
@@ -253,7 +331,10 @@ def main(argv=None) -> int:
                    "--decode-slice value (comma-separated, e.g. 0,64)")
     p.add_argument("--long-tokens", type=int, default=400, help="--mixed: the long request's tokens (400)")
     p.add_argument("--rounds", type=int, default=2, help="--mixed: rounds over the --decode-slice values (2)")
+    p.add_argument("--builtin", action="store_true", help="--mixed: the built-in model, in this process")
     args = p.parse_args(argv)
+    if args.mixed and args.builtin:
+        return mixed_builtin(args)
     if args.mixed:
         with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
             model_dir = args.model or build_small_model(Path(tmp) / "small-flamingo")

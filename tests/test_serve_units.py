@@ -432,6 +432,40 @@ def test_a_paused_generation_whose_client_went_away_is_dropped():
     assert not any(isinstance(e, (ChoiceFinished, JobDone)) for e in long_out)
 
 
+def test_a_batch_whose_rows_are_half_done_continues_without_them():
+    """generate goes on computing finished rows (a long answer batched with short ones decoded as a
+    batch to its end): once half the rows are done the rest pause and continue in a batch of their own,
+    with the output they would have had."""
+    model, ip, tok = readable_tiny()
+    eng = Engine(model, ip, tok, max_batch_size=4, batch_wait_ms=0)
+    long, _, long_out = _job(eng, "one two", temperature=0)
+    long.prompts[0].max_tokens = 20
+    short, _, short_out = _job(eng, "a red", temperature=0)
+    alone = Engine(model, ip, tok, batch_wait_ms=0)
+    expected = [_run_alone(alone, job) for job in (long, short)]
+    eng._generate([long, short])
+    assert short_out[-1] == JobDone() and list(eng._pending) == [long] and len(long.resume[0].tokens) == 3
+    eng._generate(list(eng._pending))
+    assert long_out[-1] == JobDone() and long.resume is None
+    got = [{e.choice: (e.reason, e.text) for e in out if isinstance(e, ChoiceFinished)} for out in (long_out, short_out)]
+    assert got == expected and eng.stats.snapshot()["decode_slices"] == 1
+
+
+def test_a_prefix_cache_too_small_for_a_paused_row_stops_the_pausing():
+    model, ip, tok = readable_tiny()
+    eng = Engine(model, ip, tok, batch_wait_ms=0, decode_slice=2, prefix_cache_mb=0.01)
+    long, _, long_out = _job(eng, " the red car is on the road." * 12, temperature=0)
+    long.prompts[0].max_tokens = 20
+    other, _, _ = _job(eng, "a dog", temperature=0.5)
+    eng._pending.append(other)
+    eng._generate([long])
+    assert not long.pausable and list(eng._pending) == [other, long]
+    eng._generate([long])  # (other still queued: it would pause again)
+    assert long_out[-1] == JobDone() and eng.stats.snapshot()["decode_slices"] == 1
+    alone = Engine(model, ip, tok, batch_wait_ms=0)
+    assert {e.choice: (e.reason, e.text) for e in long_out if isinstance(e, ChoiceFinished)} == _run_alone(alone, long)
+
+
 def test_decode_slice_zero_or_no_prefix_cache_never_pauses():
     model, ip, tok = readable_tiny()
     for kw in ({"decode_slice": 0}, {"prefix_cache_mb": 0}):

@@ -110,9 +110,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a prompt more than 1.5x this many tokens past what the prefix cache holds is prefilled "
                         "this many at a time, the requests that arrive meanwhile served in between (2048; 0: "
                         "one pass; smaller: shorter waits for the others, a slower long prompt)")
-    g.add_argument("--decode-slice", type=NON_NEGATIVE, default=64,
+    g.add_argument("--decode-slice", type=NON_NEGATIVE, default=32,
                    help="a batch that has generated this many tokens while other requests queue pauses for them "
-                        "and continues after, through the prefix cache (64; 0: a batch generates to its end)")
+                        "and continues after, through the prefix cache; finished rows leave their batch the same "
+                        "way (32; 0: a batch generates to its end)")
     g = p.add_argument_group("limits")
     g.add_argument("--default-max-tokens", type=POSITIVE, default=64, help="max_tokens when a request gives none (64)")
     g.add_argument("--request-timeout", type=SECONDS, default=300.0,

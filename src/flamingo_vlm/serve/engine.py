@@ -51,7 +51,13 @@ the pause stored in the prefix cache (``keep_generated``), so only its last few 
 cache block) run again. The output is the uninterrupted one up to float rounding (those few tokens
 are computed in one pass instead of one by one, and with other rows: in bf16 a near-tie can go the
 other way, as it can between batch compositions). A seeded job continues with all its rows, finished
-ones too, because sampling draws noise for every row of a batch. Nothing pauses while nothing waits.
+ones too, because sampling draws noise for every row of a batch.
+
+The same pause drops finished rows from a batch: ``generate`` computes every row of its batch until
+the longest ends, so once half of a batch's rows are done the others pause and continue in a batch of
+their own (on the built-in model, a long answer batched with a short one took 1.5x its time alone
+without this). Where the prefix cache cannot keep a paused row's keys/values (too small for them),
+its job continues from its prompt once and is not paused again.
 
 Scoring jobs run one at a time on the same worker, between generation batches.
 
@@ -87,7 +93,7 @@ log = logging.getLogger("flamingo_vlm.serve")
 #: (about 7 MB each in fp32), a few for a 7B LM.
 DEFAULT_PREFIX_CACHE_MB = 256
 DEFAULT_PREFILL_CHUNK = 2048
-DEFAULT_DECODE_SLICE = 64
+DEFAULT_DECODE_SLICE = 32
 
 
 class _Row:
@@ -137,11 +143,12 @@ class RowTracker(StoppingCriteria):
     honours cancellation, and returns which rows are done."""
 
     def __init__(self, rows: list[_Row], decode: Callable[[list[int]], str], eos_ids: set[int], *,
-                 pause_after: int = 0, waiting: Callable[[], bool] | None = None):
+                 pause_after: int = 0, waiting: Callable[[], bool] | None = None, compact: bool = False):
         self.rows, self.decode, self.eos_ids = rows, decode, eos_ids
         # After ``pause_after`` tokens (0: never), every live row is paused (``paused``; generate
-        # stops) as soon as ``waiting()`` says other requests are queued.
-        self.pause_after, self.waiting = pause_after, waiting
+        # stops) as soon as ``waiting()`` says other requests are queued; with ``compact`` also as
+        # soon as half the rows are done (generate would go on computing them).
+        self.pause_after, self.waiting, self.compact = pause_after, waiting, compact
         self.steps = 0
         self.paused: list[_Row] = []
         self._jobs: dict[int, list[_Row]] = {}
@@ -165,6 +172,11 @@ class RowTracker(StoppingCriteria):
             # its last choice: the request is answered now, not when the batch's longest row ends
             job.ended = True
             job.sink(JobDone())
+
+    def paused_rows(self) -> list[bool]:
+        """Per row, whether it is paused (after ``generate``)."""
+        paused = set(self.paused)
+        return [row in paused for row in self.rows]
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, -1].tolist()
@@ -197,11 +209,12 @@ class RowTracker(StoppingCriteria):
                 safe = min(safe, len(text) - _holdback(text, row.stop))
             self._emit(row, safe)
         self.steps += 1
-        if self.pause_after and self.steps >= self.pause_after and self.waiting is not None:
-            live = [row for row in self.rows if not row.done]
-            if live and self.waiting():
-                self.paused = live
-                return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
+        live = [row for row in self.rows if not row.done]
+        if live and ((self.compact and 2 * len(live) <= len(self.rows))
+                     or (self.pause_after and self.steps >= self.pause_after and self.waiting is not None
+                         and self.waiting())):
+            self.paused = live
+            return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
@@ -665,7 +678,10 @@ class Engine:
         input_ids, mask = self._left_pad([p.ids for p in row_prompts])
         conditioning = self._conditioning_kwargs(row_prompts)
         first = batch[0]
-        tracker = RowTracker(rows, self.decode, self.eos_ids, pause_after=self.decode_slice, waiting=self._waiting)
+        slicing = self.decode_slice > 0 and all(job.pausable for job in batch)
+        # (a seeded job keeps its finished rows, see the module docstring: no compaction for it)
+        tracker = RowTracker(rows, self.decode, self.eos_ids, pause_after=self.decode_slice if slicing else 0,
+                             waiting=self._waiting, compact=slicing and first.seed is None)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=max(p.max_tokens for p in row_prompts),
             stopping_criteria=StoppingCriteriaList([tracker]),
@@ -684,8 +700,7 @@ class Engine:
         if self.prefix_cache is not None:
             self.prefix_cache.generate(self.model, lang_x=input_ids, attention_mask=mask,
                                        image_keys=[p.keys() for p in row_prompts], **conditioning, **kwargs,
-                                       # a paused row's keys/values, kept: it continues from them
-                                       keep_generated=lambda: [row in set(tracker.paused) for row in rows])
+                                       keep_generated=tracker.paused_rows)  # (kept: they continue from them)
         else:
             self.model.generate(lang_x=input_ids, attention_mask=mask, **conditioning, **kwargs)
         paused = {id(row) for row in tracker.paused}
@@ -704,6 +719,16 @@ class Engine:
                     job.sink(JobDone())
                 continue
             job.resume = [row for row in tracker.paused if row.job is job]
+            for row in job.resume:
+                prompt = job.prompts[row.choice // job.n]
+                ids = prompt.ids + row.tokens
+                held = self.prefix_cache.cached_tokens(self.model, ids, prompt.keys())
+                if held < len(ids) - 2 * self.prefix_cache.block_size:
+                    # the cache could not keep what it generated (too small for these keys/values):
+                    # it continues once, from the whole prompt, and is not paused again
+                    log.info("prefix cache too small to pause job %s: it runs to its end", job.id)
+                    job.pausable = False
+                    break
             if job.seed is not None:
                 # Sampling draws noise for every row of the batch, finished or not: a seeded job
                 # continues with all its rows (the finished ones ignored), so each live row draws what

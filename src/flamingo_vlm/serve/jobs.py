@@ -108,6 +108,7 @@ class GenerationJob:
     resume: list | None = None
     rng_state: dict | None = None
     ended: bool = False  # (the engine's: JobDone or Failed sent)
+    pausable: bool = True  # (the engine's: False once the prefix cache could not keep a paused row's tokens)
 
     @property
     def rows(self) -> int:

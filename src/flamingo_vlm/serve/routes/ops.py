@@ -49,7 +49,7 @@ async def metrics(state: ServerState = Depends(get_state)):
     metric("cancelled_requests_total", "counter", "requests dropped from the queue", [("", s["cancelled_requests"])])
     metric("prefill_chunks_total", "counter", "chunks of long prompts prefilled between other batches",
            [("", s["prefill_chunks"])])
-    metric("decode_slices_total", "counter", "generations paused for the requests queued meanwhile, then continued",
+    metric("decode_slices_total", "counter", "generations paused (for queued requests, or to leave finished rows), then continued",
            [("", s["decode_slices"])])
     metric("busy_seconds_total", "counter", "seconds the model worker was busy", [("", s["busy_s"])])
     metric("queue_depth", "gauge", "requests waiting", [("", engine.queue_depth())])
