@@ -257,6 +257,60 @@ def test_hateful_memes_run_reports_roc_auc(tiny, tmp_path):
     assert {"roc_auc", "accuracy"} == set(unit["metrics"])
 
 
+def _strict_json(path: Path):
+    """The file parsed as strict JSON: a bare NaN/Infinity (not JSON; JavaScript's JSON.parse refuses it) raises."""
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_score_that_does_not_exist_is_null_in_strict_json_and_nan_when_read_back(tiny, tmp_path, monkeypatch):
+    """ROC-AUC of a dev set with one class is NaN: the unit and results.json said bare ``NaN``, which
+    strict parsers refuse. It is ``null`` now; resuming reads it back as NaN, as do old files."""
+    import math
+
+    from flamingo_vlm.synthetic import SceneGenerator as G
+
+    root, (model, ip, tok) = tiny
+    hm = tmp_path / "hateful_memes"
+    (hm / "img").mkdir(parents=True)
+    g = G(seed=5)
+    for split, n in (("train", 4), ("dev", 3)):
+        lines = []
+        for i in range(n):
+            sid = 100 * (split == "dev") + i
+            g.scene(sid, "test").render(32).save(hm / "img" / f"{sid:05d}.png")
+            label = i % 2 if split == "train" else 0  # the dev set holds one class: no ROC-AUC
+            lines.append(json.dumps({"id": sid, "img": f"img/{sid:05d}.png", "label": label, "text": f"meme {i}"}))
+        (hm / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+
+    def run():
+        cfg = EvalConfig(tasks=["hateful_memes"], task_roots={"hateful_memes": str(hm)}, out_dir=str(out),
+                         shots=[0], trials=1, batch_size=3, progress=False)
+        return Evaluator(model, ip, tok, cfg).run()["results"]["hateful_memes"][0]
+
+    first = run()
+    assert math.isnan(first["mean"]) and math.isnan(first["metrics"]["roc_auc"])
+    unit_file = out / "hateful_memes" / "shots0_seed42.json"
+    unit = _strict_json(unit_file)
+    assert unit["score"] is None and unit["metrics"]["roc_auc"] is None and unit["metrics"]["accuracy"] >= 0
+    summary = _strict_json(out / "results.json")
+    assert summary["results"]["hateful_memes"][0]["mean"] is None and summary["all_results"]["hateful_memes"][0]["trials"] == [None]
+    from flamingo_vlm.eval.evaluator import Evaluator as E
+
+    monkeypatch.setattr(E, "run_unit", lambda *a, **k: pytest.fail("a finished unit with a null score was evaluated again"))
+    again = run()  # resumed from the file: the null score is NaN again, as when it was computed
+    assert math.isnan(again["mean"]) and math.isnan(again["metrics"]["roc_auc"]) and again["trials"][0] != again["trials"][0]
+    assert "| hateful_memes | roc_auc | nan |" in (out / "results.md").read_text()
+    # a unit written by an older version, with bare NaN, is still read (and skipped)
+    old = json.loads(unit_file.read_text())
+    old["score"] = old["metrics"]["roc_auc"] = float("nan")
+    unit_file.write_text(json.dumps(old))
+    assert "NaN" in unit_file.read_text()
+    assert math.isnan(run()["mean"])
+
+
 def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
     import argparse
 

@@ -19,6 +19,7 @@ Finished harness units are reused when run again (the harness is resumable).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -113,12 +114,19 @@ def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes,
     return card
 
 
+def _num(value) -> float:
+    """A score of the card: ``null`` in card.json (a score that does not exist: strict JSON has no NaN)
+    is NaN, as it was before writing."""
+    return math.nan if value is None else value
+
+
 def markdown(card: dict) -> str:
+    """The card as markdown tables (``card`` as :func:`run_card` returns it, or as read from card.json)."""
     shots = card["shots"]
     lines = ["| task | " + " | ".join(f"{k} shots" for k in shots) + " |", "|---|" + "---|" * len(shots)]
     for task, label in card["labels"].items():
-        row = card["scores"].get(task, {})
-        lines.append(f"| {label} | " + " | ".join(f"{row[k]:.1f}" if k in row else "-" for k in
+        row = {int(k): v for k, v in card["scores"].get(task, {}).items()}  # (card.json: keys are strings)
+        lines.append(f"| {label} | " + " | ".join(f"{_num(row[k]):.1f}" if k in row else "-" for k in
                                                    (int(s) for s in shots)) + " |")
     by_question = card.get("vqa_by_question")
     if by_question:
@@ -126,7 +134,7 @@ def markdown(card: dict) -> str:
                   "| question | " + " | ".join(f"{k} shots" for k in shots) + " |", "|---|" + "---|" * len(shots)]
         for qtype, row in sorted(by_question.items()):
             row = {int(k): v for k, v in row.items()}  # JSON keys are strings
-            lines.append(f"| {qtype} ... | " + " | ".join(f"{row[k]:.0f}" if k in row else "-" for k in
+            lines.append(f"| {qtype} ... | " + " | ".join(f"{_num(row[k]):.0f}" if k in row else "-" for k in
                                                           (int(s) for s in shots)) + " |")
     icl = card.get("icl_by_question")
     if icl:
@@ -135,7 +143,7 @@ def markdown(card: dict) -> str:
                   "| episodes | " + " | ".join(f"{k} shots" for k in shots) + " |", "|---|" + "---|" * len(shots)]
         for name, row in icl.items():
             row = {int(k): v for k, v in row.items()}
-            lines.append(f"| {name} | " + " | ".join(f"{row[k]:.0f}" if k in row else "-" for k in
+            lines.append(f"| {name} | " + " | ".join(f"{_num(row[k]):.0f}" if k in row else "-" for k in
                                                      (int(s) for s in shots)) + " |")
     by_pair = card.get("by_held_out_pair")
     if by_pair:
@@ -148,7 +156,7 @@ def markdown(card: dict) -> str:
                 continue
             for part, name in (("shown", "held-out pair"), ("not_shown", "seen pairs only")):
                 lines.append(f"| {label} | {name} | " + " | ".join(
-                    f"{row[k][part]:.1f}" if k in row else "-" for k in (int(s) for s in shots)) + " |")
+                    f"{_num(row[k][part]):.1f}" if k in row else "-" for k in (int(s) for s in shots)) + " |")
     # how the model was run (card.json had it, the page did not: int8 numbers read as the model's own)
     run = [f"{name} `{card[key]}`" for key, name in (("precision", "precision"), ("quantize", "quantized"),
                                                       ("num_beams", "beams")) if card.get(key) is not None]
@@ -167,18 +175,19 @@ def plot(card: dict, path: Path) -> Path:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for task in ("vqav2", "imagenet", "synthetic_icl", "binding"):
-        row = {int(k): v for k, v in card["scores"].get(task, {}).items()}
+        row = {int(k): _num(v) for k, v in card["scores"].get(task, {}).items()}
         if row:
             ax1.plot(list(row), list(row.values()), marker="o", label=card["labels"][task])
     ax1.axhline(50, color="grey", lw=0.8, ls=":", label="binding chance")
     ax1.set(xlabel="shots", ylabel="%", ylim=(0, 100), title="accuracy vs shots")
     ax1.legend(fontsize=8)
-    row = {int(k): v for k, v in card["scores"].get("coco", {}).items()}
+    row = {int(k): _num(v) for k, v in card["scores"].get("coco", {}).items()}
     ax2.plot(list(row), list(row.values()), marker="o", color="C3")
     ax2.set(xlabel="shots", ylabel="CIDEr", title="captioning CIDEr vs shots")
     # from 0 (a zoomed axis makes a few points of noise look like a trend), with room above the highest point
     # (a flat line sat on the frame, its markers cut in half)
-    ax2.set_ylim(0, 1.1 * max(row.values(), default=0) or None)
+    # (a NaN CIDEr is a gap in the line, not the axis limit: matplotlib refuses NaN limits)
+    ax2.set_ylim(0, 1.1 * max((v for v in row.values() if math.isfinite(v)), default=0) or None)
     for ax in (ax1, ax2):
         ax.set_xticks(card["shots"])
         ax.grid(alpha=0.3)
