@@ -575,6 +575,75 @@ def test_a_missing_dataset_folder_is_said_before_the_model_loads(tiny, tmp_path,
                    "--tasks", "vqav2,ok_vqa", "--shots", "0", "--trials", "1", "--quiet"])
 
 
+# Every file and folder each task's loaders look for first (empty: the check before the model loads reads nothing).
+_TASK_FILES = {
+    "coco": ["mscoco_karpathy/dataset_coco.json"],
+    "flickr30k": ["flickr30k/dataset_flickr30k.json", "flickr30k/flickr30k-images/"],
+    "vqav2": [f"vqav2/{f}" for s in ("train", "val") for f in (
+        f"v2_OpenEnded_mscoco_{s}2014_questions.json", f"v2_mscoco_{s}2014_annotations.json", f"{s}2014/")],
+    "ok_vqa": [f"okvqa/{f}" for s in ("train", "val") for f in (
+        f"OpenEnded_mscoco_{s}2014_questions.json", f"mscoco_{s}2014_annotations.json", f"{s}2014/")],
+    "textvqa": [f"textvqa/{s}_{k}_vqa_format.json" for s in ("train", "val") for k in ("questions", "annotations")]
+               + ["textvqa/train_images/"],
+    "vizwiz": [f"vizwiz/{f}" for s in ("train", "val") for f in (
+        f"{s}_questions_vqa_format.json", f"{s}_annotations_vqa_format.json", f"{s}/")],
+    "hateful_memes": ["hateful_memes/train.jsonl", "hateful_memes/dev.jsonl", "hateful_memes/img/"],
+    "imagenet": ["imagenet/classnames.txt", "imagenet/train/n00000001/", "imagenet/val/n00000001/"],
+    "synthetic_icl": ["synthetic_icl/episodes.json"],
+}
+
+
+@pytest.mark.parametrize("missing", [f if f.count("/") < 3 else f.rsplit("/", 2)[0] + "/"  # imagenet/val/
+                                     for files in _TASK_FILES.values() for f in files])
+def test_a_missing_dataset_file_is_said_before_the_model_loads(tmp_path, monkeypatch, missing):
+    """A dataset folder without one of its files (an annotation file, a split folder) was said only
+    when its task came up: after the model had loaded and the tasks before it had run."""
+    import shutil
+
+    from flamingo_vlm import pretrained
+    from flamingo_vlm.eval.datasets import DatasetLayoutError
+
+    class Loaded(Exception):
+        pass
+
+    def load(*a, **k):
+        raise Loaded
+
+    monkeypatch.setattr(pretrained, "from_pretrained", load)
+    data = tmp_path / "data"
+    for f in (f for files in _TASK_FILES.values() for f in files):
+        (data / f).parent.mkdir(parents=True, exist_ok=True)
+        (data / f).mkdir(exist_ok=True) if f.endswith("/") else (data / f).touch()
+    argv = ["--model", "some/model", "--data-root", str(data), "--out", str(tmp_path / "out"), "--tasks",
+            ",".join(_TASK_FILES), "--shots", "0", "--trials", "1", "--quiet"]
+    with pytest.raises(Loaded):  # every file there: the model loads
+        eval_main(argv)
+    shutil.rmtree(data / missing) if missing.endswith("/") else (data / missing).unlink()
+    task = next(t for t, files in _TASK_FILES.items() if any(f.startswith(missing) for f in files))
+    named = "no class-name file" if missing.endswith("classnames.txt") else (data / missing.rstrip("/")).name
+    with pytest.raises(DatasetLayoutError, match=rf"{named}.* \(the folder {data}/\w+ is from --data-root {data}; "
+                                                 rf"another folder: --task-root {task}=PATH\)$"):
+        eval_main(argv)
+
+
+def test_an_evaluator_checks_every_task_before_the_first_unit(tiny, tmp_path):
+    """With the model already built (the Python API), a task's missing file is said before the tasks
+    before it run (they ran, maybe for hours, then the error came)."""
+    import shutil
+
+    from flamingo_vlm.eval.datasets import DatasetLayoutError
+
+    root, (model, ip, tok) = tiny
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    (data / "vqav2" / "v2_mscoco_val2014_annotations.json").unlink()
+    cfg = EvalConfig(tasks=["coco", "vqav2"], data_root=str(data), out_dir=str(tmp_path / "out"), shots=[0], trials=1,
+                     num_samples=1, caption_tokenizer="python", progress=False)
+    with pytest.raises(DatasetLayoutError, match=r"v2_mscoco_val2014_annotations.json"):
+        Evaluator(model, ip, tok, cfg).run()
+    assert not list((tmp_path / "out").glob("*/shots*.json"))
+
+
 def test_task_aliases_key_task_roots_and_max_new_tokens():
     """``--max-new-tokens vqa=1`` and ``--task-root vqa=DIR`` (``vqa`` is vqav2's alias, as in --tasks)
     were silently ignored: both dicts are keyed by the task's own name."""

@@ -36,7 +36,7 @@ from ..locking import hold_for_job
 from ..modeling.quantize import scheme as quant_scheme
 from .results import atomic_write_json, markdown_table, read_unit, summarize, unit_path
 from .task_kinds import QueryBatch, continuation_ids, score_classes
-from .tasks import Task, extra_metrics, get_task, resolve_task_root
+from .tasks import Task, check_task_files, extra_metrics, get_task, resolve_task_root
 
 __all__ = ["EvalConfig", "Evaluator", "continuation_ids", "evaluate", "held_out_ids", "score_classes"]
 
@@ -266,6 +266,8 @@ class Evaluator:
 
     def _run_locked(self) -> dict:
         c = self.config
+        for name in c.tasks:  # every task's files, before the first task's units (hours) run
+            check_task_files(get_task(name), c.data_root or ".", c.task_roots)
         units: list[dict] = []
         for name in c.tasks:
             spec = get_task(name)
@@ -448,8 +450,8 @@ def evaluate(model_or_path, config: EvalConfig, *, image_processor=None, tokeniz
     """Evaluate a model (a :class:`Flamingo` with its ``image_processor`` and ``tokenizer``, or a
     directory / Hub id for :func:`flamingo_vlm.load_pretrained`) under ``torchrun`` or alone."""
     config.validate()
-    for name in config.tasks:  # a dataset folder missing under --data-root is said before the model loads (minutes)
-        resolve_task_root(get_task(name), config.data_root or ".", config.task_roots)
+    for name in config.tasks:  # a dataset folder or file missing is said before the model loads (minutes)
+        check_task_files(get_task(name), config.data_root or ".", config.task_roots)
     ctx = init_distributed(device)
     try:
         if isinstance(model_or_path, (str, Path)):
