@@ -187,6 +187,24 @@ def test_rices_most_similar_last_and_cache(tiny, tmp_path, monkeypatch):
     assert built.select(q, 3)[0][-1] == 2
 
 
+def test_rices_encodes_each_image_once(tiny):
+    """VQA splits ask several questions per image; RICES encoded the image again for every question
+    (5.4x the work on VQAv2 train). Each image is encoded once; every question of it gets its features."""
+    from flamingo_vlm.eval.datasets import VQADataset
+
+    root, (model, ip, tok) = tiny
+    train = VQADataset.from_root(root / "data" / "vqav2", "train", dataset="vqav2")
+    images = [s["image"] for s in train]
+    assert len(set(images)) < len(images)  # (the fixture asks several questions per image)
+    ex = FeatureExtractor(model.vision_encoder, ip)
+    encoded = []
+    loader = lambda sample: encoded.append(sample["image"]) or VQADataset.load_image(sample)
+    built = RICES.build(train, ex, batch_size=4, load_image=loader)
+    assert sorted(encoded) == sorted(set(images))
+    for i, sample in enumerate(train):
+        torch.testing.assert_close(built.features[i], ex([VQADataset.load_image(sample)])[0], atol=1e-5, rtol=1e-5)
+
+
 def test_rices_run(tiny, tmp_path):
     root, (model, ip, tok) = tiny
     cfg = EvalConfig(tasks=["coco"], data_root=str(root / "data"), out_dir=str(tmp_path), shots=[2], trials=1,
