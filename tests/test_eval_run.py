@@ -329,6 +329,39 @@ def test_a_score_that_does_not_exist_is_null_in_strict_json_and_nan_when_read_ba
     assert math.isnan(run()["mean"])
 
 
+def test_a_failed_write_leaves_the_previous_results_and_no_temporary_file(tiny, tmp_path, monkeypatch):
+    """results.md was written in place (a full disk left it cut short) and a failed JSON write left
+    its half-written temporary file behind; both now keep the previous file whole and remove it."""
+    import errno
+
+    from flamingo_vlm.eval import results
+
+    root, (model, ip, tok) = tiny
+    out = tmp_path / "out"
+    cfg = lambda: EvalConfig(tasks=["imagenet"], data_root=str(root / "data"), out_dir=str(out), shots=[0], trials=1,
+                             num_samples=1, progress=False)
+    Evaluator(model, ip, tok, cfg()).run()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"results.json", "results.md"} <= set(before)
+    calls = []
+
+    def full_disk(fd):  # the disk fills up at the second file the resumed run writes (results.md)
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        Evaluator(model, ip, tok, cfg()).run()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "results.json"} == \
+        {k: v for k, v in before.items() if k != "results.json"}
+    monkeypatch.undo()
+    with pytest.raises(TypeError):  # not JSON: the file keeps what it held
+        results.atomic_write_json(out / "results.json", {"x": object()})
+    assert json.loads((out / "results.json").read_text())["results"]["imagenet"]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
 def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
     import argparse
 

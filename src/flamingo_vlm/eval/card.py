@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..locking import DirectoryBusy, exclusive_directory
-from .results import atomic_write_json
+from .results import atomic_write_json, atomic_write_text
 
 TRAIN_SEED = 0
 EVAL_SEED = 1
@@ -106,7 +106,7 @@ def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes,
             "trials": trials, "binding_episodes": binding_episodes, "precision": precision, "quantize": quantize, "num_beams": num_beams,
             "eval_seed": EVAL_SEED, "held_out_pairs": sorted(map(list, gen.held_out_pairs)), "seconds": round(seconds, 1)}
     atomic_write_json(out / "card.json", card)
-    (out / "card.md").write_text(markdown(card), encoding="utf-8")
+    atomic_write_text(out / "card.md", markdown(card))
     try:
         plot(card, out / "shots.png")
     except ImportError:  # matplotlib is optional

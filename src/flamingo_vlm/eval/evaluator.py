@@ -34,7 +34,7 @@ from .demos import RICES, FeatureExtractor, RandomDemoSelector, weights_fingerpr
 from .distributed import DistContext, init_distributed, shard_indices
 from ..locking import hold_for_job
 from ..modeling.quantize import scheme as quant_scheme
-from .results import atomic_write_json, markdown_table, read_unit, summarize, unit_path
+from .results import atomic_write_json, atomic_write_text, markdown_table, read_unit, summarize, unit_path
 from .task_kinds import QueryBatch, continuation_ids, score_classes
 from .tasks import Task, check_task_files, extra_metrics, get_task, resolve_task_root
 
@@ -279,7 +279,7 @@ class Evaluator:
             full = summarize(all_units)
             atomic_write_json(self.out_dir / "results.json", {**result, "all_results": full})
             md = markdown_table(summary, title=f"Few-shot evaluation of {c.model_name or 'the model'}", extra=extra_metrics())
-            (self.out_dir / "results.md").write_text(md, encoding="utf-8")
+            atomic_write_text(self.out_dir / "results.md", md)
         self.ctx.barrier()
         return result
 

@@ -27,19 +27,35 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write_json", "markdown_table", "read_unit", "scoring_notes", "strict_json", "summarize", "unit_path"]
+__all__ = ["atomic_write_json", "atomic_write_text", "markdown_table", "read_unit", "scoring_notes", "strict_json", "summarize", "unit_path"]
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    # allow_nan=False: nothing non-finite slips through as a bare NaN/Infinity (strict_json made them null)
+    return _atomic_write(path, lambda f: json.dump(strict_json(data), f, indent=1, default=_json_default,
+                                                   allow_nan=False))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """``path`` holds ``text`` whole, or what it held before (``results.md``, ``card.md``)."""
+    return _atomic_write(path, lambda f: f.write(text))
+
+
+def _atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write through a temporary file renamed over ``path``; a failed write (a full disk, a value
+    that is not JSON) leaves ``path`` as it was and removes the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        # allow_nan=False: nothing non-finite slips through as a bare NaN/Infinity (strict_json made them null)
-        json.dump(strict_json(data), f, indent=1, default=_json_default, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
