@@ -391,14 +391,42 @@ def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
                                            # a unit listed twice was reported as 2 trials of itself
                                            (["--tasks", "vqav2,vqa"], "tasks lists vqav2 more than once (--tasks: an alias"),
                                            (["--shots", "0,4,0"], "shots lists 0 more than once (--shots)"),
-                                           (["--trials", "2", "--seeds", "5,5"], "seeds lists 5 more than once (--seeds)")])
+                                           (["--trials", "2", "--seeds", "5,5"], "seeds lists 5 more than once (--seeds)"),
+                                           # ran with no task and wrote an empty table
+                                           (["--tasks", ","], "tasks is empty: name at least one"),
+                                           # said after the model loaded and the captions were generated
+                                           (["--tasks", "coco", "--caption-metrics", "cider,spice"],
+                                            "caption_metrics (--caption-metrics): unknown ['spice']"),
+                                           # every rerun evaluated its units again (NaN in their fingerprint)
+                                           (["--length-penalty", "nan"], "length_penalty must be a finite number"),
+                                           # RICES ranked demos by a randomly initialised ViT-L/14's features
+                                           (["--rices", "--rices-vision-encoder", "ViT-L-14"],
+                                            "rices_vision_encoder 'ViT-L-14' without weights: pass --rices-vision-pretrained")])
 def test_cli_values_out_of_range_are_usage_errors_before_the_model_loads(flags, message, tmp_path, monkeypatch, capsys):
     from flamingo_vlm import cli
     from flamingo_vlm.eval import evaluator
 
     monkeypatch.setattr(evaluator, "evaluate", lambda *a, **k: pytest.fail("the evaluation started"))
-    code = cli.main(["evaluate", "--model", "m", "--tasks", "vqav2", "--data-root", str(tmp_path), *flags])
+    tasks = [] if "--tasks" in flags else ["--tasks", "vqav2"]
+    code = cli.main(["evaluate", "--model", "m", *tasks, "--data-root", str(tmp_path), *flags])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_max_new_tokens_that_is_no_number_names_the_flag(tmp_path, capsys):
+    from flamingo_vlm import cli
+
+    code = cli.main(["evaluate", "--model", "m", "--tasks", "vqav2", "--data-root", str(tmp_path), "--max-new-tokens",
+                     "vqav2=abc"])  # said "invalid literal for int() with base 10: 'abc'"
+    assert code != 0 and "--max-new-tokens takes TASK=VALUE with an integer VALUE, got 'vqav2=abc'" in capsys.readouterr().err
+
+
+def test_meteor_without_java_is_refused_before_the_model_loads(monkeypatch):
+    from flamingo_vlm.eval import metrics
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    with pytest.raises(ValueError, match="meteor needs Java"):  # said after the captions were generated
+        EvalConfig(tasks=["coco"], data_root=".", caption_metrics=["cider", "meteor"]).validate()
+    EvalConfig(tasks=["vqav2"], data_root=".", caption_metrics=["cider", "meteor"]).validate()  # (no captioning)
 
 
 class _Oracle:

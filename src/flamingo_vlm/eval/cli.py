@@ -24,7 +24,10 @@ def _pairs(items: list[str] | None, what: str, cast=str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise SystemExit(f"{what} takes TASK=VALUE, got {item!r}")
-        out[key.strip()] = cast(value.strip())
+        try:
+            out[key.strip()] = cast(value.strip())
+        except ValueError:  # (said "invalid literal for int() with base 10: 'abc'", not which flag)
+            raise SystemExit(f"{what} takes TASK=VALUE with an integer VALUE, got {item!r}") from None
     return out
 
 
