@@ -420,6 +420,19 @@ def test_a_max_new_tokens_that_is_no_number_names_the_flag(tmp_path, capsys):
     assert code != 0 and "--max-new-tokens takes TASK=VALUE with an integer VALUE, got 'vqav2=abc'" in capsys.readouterr().err
 
 
+def test_python_m_flamingo_vlm_eval_says_bad_input_in_one_line(tmp_path, capsys):
+    """``python -m flamingo_vlm.eval`` (what torchrun starts on every rank) printed a traceback for bad
+    input, on every rank; it says it in one line, as ``flamingo-vlm evaluate`` does."""
+    from flamingo_vlm.eval.cli import entry
+
+    assert entry(["--tasks", "coco", "--data-root", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m flamingo_vlm.eval: error: no folder for task 'coco' under ") and "Traceback" not in err
+    assert entry(["--tasks", "coco", "--data-root", str(tmp_path), "--num-samples", "0"]) == 2
+    assert "error: num_samples must be >= 1" in capsys.readouterr().err
+    assert "from .cli import entry" in (REPO / "src" / "flamingo_vlm" / "eval" / "__main__.py").read_text()
+
+
 def test_meteor_without_java_is_refused_before_the_model_loads(monkeypatch):
     from flamingo_vlm.eval import metrics
 

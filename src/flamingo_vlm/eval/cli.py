@@ -8,7 +8,7 @@ import logging
 from ..errors import UsageError
 from ..registry import DEFAULT_MODEL
 
-__all__ = ["add_evaluate_subcommand", "build_parser", "main"]
+__all__ = ["add_evaluate_subcommand", "build_parser", "entry", "main"]
 
 
 def _ints(text: str) -> list[int]:
@@ -182,3 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """``python -m flamingo_vlm.eval`` (what ``torchrun`` starts on every rank): bad input and Ctrl-C
+    in one line, as ``flamingo-vlm evaluate`` says them (it printed a traceback, on every rank)."""
+    from ..errors import report_errors
+    from ..train.cli import user_errors
+
+    return report_errors("python -m flamingo_vlm.eval", lambda: main(argv), user_errors())
