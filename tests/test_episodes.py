@@ -157,6 +157,37 @@ def test_model_card_with_a_missing_score_is_strict_json_and_renders_from_card_js
     assert math.isnan(card["scores"]["coco"][0])  # (the card itself is not changed by writing it)
 
 
+def test_model_card_data_follows_n_test_and_bad_values_are_refused_first(tmp_path, monkeypatch, capsys):
+    """The card kept the benchmark data of its first run: asked for --n-test 3 after 2, it evaluated the
+    2 queries of the old data and said 3 (and --n-test 0 wrote data without test scenes, then failed
+    with a traceback, and every later run failed on that data)."""
+    from flamingo_vlm import pretrained, synthetic
+    from flamingo_vlm.eval import card
+    from flamingo_vlm.eval.datasets import CaptionDataset
+
+    class Loaded(Exception):
+        pass
+
+    def load(*a, **k):
+        raise Loaded
+
+    monkeypatch.setattr(pretrained, "from_pretrained", load)
+    out = tmp_path / "card"
+    assert card.main(["--out", str(out), "--n-test", "0"]) == 1
+    assert "n_test (--n-test) must be >= 1, got 0" in capsys.readouterr().err and not out.exists()
+    for n in (2, 3):
+        with pytest.raises(Loaded):
+            card.run_card("m", out, shots=[0], n_test=n)
+        assert len(CaptionDataset.from_root(out / "data" / "mscoco_karpathy", "test", check_images=False)) == n
+    writes = []
+    monkeypatch.setattr(synthetic, "write_synthetic_benchmark", lambda *a, **k: writes.append(k))
+    with pytest.raises(Loaded):  # the same settings: the data is kept
+        card.run_card("m", out, shots=[0], n_test=3)
+    assert writes == []
+    with pytest.raises(ValueError, match="the in-context episodes hold 8 demonstrations"):  # before the model loads
+        card.run_card("m", out, shots=[0, 16], n_test=3)
+
+
 def test_episodes_command_line(tmp_path, capsys):
     from flamingo_vlm.cli import main
 

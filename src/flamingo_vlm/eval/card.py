@@ -19,13 +19,14 @@ Finished harness units are reused when run again (the harness is resumable).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from ..locking import DirectoryBusy, exclusive_directory
+from ..locking import exclusive_directory
 from .results import atomic_write_json, atomic_write_text
 
 TRAIN_SEED = 0
@@ -48,6 +49,14 @@ def eval_generator():
 def run_card(model: str, out: str | Path, *, shots=(0, 1, 2, 4, 8), n_test: int = 100, trials: int = 1,
              binding_episodes: int = 200, precision: str = "bf16", num_beams: int = 3, batch_size: int = 8,
              progress: bool = True, quantize: str | None = None) -> dict:
+    shots = list(shots)
+    # said before the data is written and the model loads (a traceback after writing the data: n_test=0
+    # left a benchmark without test scenes that every later run took as written)
+    for name, value in (("n_test", n_test), ("binding_episodes", binding_episodes), ("trials", trials)):
+        if value < 1:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
+    if not shots or min(shots) < 0 or len(set(shots)) < len(shots):
+        raise ValueError(f"shots (--shots) must be distinct non-negative numbers, got {shots}")
     out = Path(out)
     with exclusive_directory(out):  # the benchmark data and the harness units are shared by reruns
         return _run_card(model, out, shots=shots, n_test=n_test, trials=trials, binding_episodes=binding_episodes,
@@ -64,11 +73,24 @@ def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes,
 
     data = out / "data"
     gen = eval_generator()
-    missing = [t for t in HARNESS_TASKS if not (data / "synthetic.json").is_file() or not (data / _FOLDERS[t]).is_dir()]
-    if missing:  # a card folder from before a task was added gets just that task's data
-        write_synthetic_benchmark(data, generator=gen, tasks=missing, n_train=256, n_val=8, n_test=n_test,
-                                  n_class_train_per_class=8, n_class_val_per_class=max(1, n_test // 36 + 1),
-                                  image_size=224, overwrite=True)
+    sizes = {"n_train": 256, "n_val": 8, "n_test": n_test, "n_class_train_per_class": 8,
+             "n_class_val_per_class": max(1, n_test // 36 + 1)}
+    try:
+        written = json.loads((data / "synthetic.json").read_text())
+    except (OSError, ValueError):
+        written = {}
+    if written.get("sizes") != sizes or written.get("image_size") != 224:
+        # data written for another --n-test: all of it again (it was kept, and a card asked for 50 queries
+        # evaluated the 4 of an earlier run's data, and said 50)
+        missing = list(HARNESS_TASKS)
+    else:  # a card folder from before a task was added gets just that task's data
+        missing = [t for t in HARNESS_TASKS if not (data / _FOLDERS[t]).is_dir()]
+    if missing:
+        write_synthetic_benchmark(data, generator=gen, tasks=missing, **sizes, image_size=224, overwrite=True)
+    icl_demos = json.loads((data / _FOLDERS["synthetic_icl"] / "episodes.json").read_text())["meta"]["shots"]
+    if max(shots) > icl_demos:  # (said after the other tasks had run, minutes later)
+        raise ValueError(f"--shots {max(shots)}: the in-context episodes hold {icl_demos} demonstrations; "
+                         f"use --shots up to {icl_demos}")
     dtype = PRECISIONS[precision]
     loaded = from_pretrained(model, dtype=None if dtype == torch.float32 else dtype, quantize=quantize)
     t0 = time.perf_counter()
@@ -215,15 +237,24 @@ def main(argv=None) -> int:
     p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized LM/cross-attention/perceiver")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    try:
-        card = run_card(a.model, a.out, shots=[int(s) for s in a.shots.split(",")], n_test=a.n_test, trials=a.trials,
+
+    def run() -> int:
+        try:
+            shots = [int(s) for s in a.shots.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--shots takes comma-separated integers, got {a.shots!r}") from None
+        card = run_card(a.model, a.out, shots=shots, n_test=a.n_test, trials=a.trials,
                         binding_episodes=a.binding_episodes, precision=a.precision, num_beams=a.num_beams,
                         batch_size=a.batch_size, progress=not a.quiet, quantize=a.quantize)
-    except DirectoryBusy as e:
-        raise SystemExit(str(e)) from None
-    print(markdown(card))
-    print(f"wrote {Path(a.out) / 'card.json'}, card.md, shots.png ({card['seconds']:.0f} s)")
-    return 0
+        print(markdown(card))
+        print(f"wrote {Path(a.out) / 'card.json'}, card.md, shots.png ({card['seconds']:.0f} s)")
+        return 0
+
+    from ..errors import report_errors
+    from ..train.cli import user_errors
+
+    # bad input and Ctrl-C in one line (a traceback), as the flamingo-vlm commands say them
+    return report_errors("python -m flamingo_vlm.eval.card", run, user_errors())
 
 
 if __name__ == "__main__":
