@@ -376,6 +376,13 @@ def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
     assert args.func(args) == 0
     assert (tmp_path / "synth" / "vqav2" / "v2_mscoco_val2014_annotations.json").is_file()
     assert json.loads((tmp_path / "out" / "results.json").read_text())["results"]["vqav2"][0]["num_samples"] == 2
+    # another --synthetic-seed on that folder: its seed-0 data was evaluated, silently, as the other seed's
+    args = parser.parse_args(["evaluate", "--model", str(root / "model"), "--tasks", "vqav2", "--data-root",
+                              str(tmp_path / "synth"), "--synthetic", "--synthetic-seed", "1", "--out", str(tmp_path / "o"),
+                              "--shots", "0", "--trials", "1", "--num-samples", "1", "--quiet"])
+    with pytest.raises(SystemExit, match=r"synth holds the synthetic benchmark of --synthetic-seed 0 .*not 1: give another "
+                                         r"--data-root for seed 1, or --synthetic-seed 0"):
+        args.func(args)
 
 
 @pytest.mark.parametrize("flags, message", [(["--shots", "-1"], "shots must be non-negative"),

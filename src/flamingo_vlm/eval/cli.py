@@ -47,6 +47,18 @@ def _run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         missing = [t for t in wanted if not any((Path(args.data_root) / f).is_dir() for f in TASKS[t].folders)]
+        meta = Path(args.data_root) / "synthetic.json"
+        if len(missing) < len(wanted) and meta.is_file():
+            import json
+
+            try:
+                seed = json.loads(meta.read_text()).get("seed")
+            except (ValueError, AttributeError):
+                seed = None
+            if seed is not None and seed != args.synthetic_seed:  # (its data was used, silently, for any seed)
+                raise SystemExit(f"{args.data_root} holds the synthetic benchmark of --synthetic-seed {seed} "
+                                 f"({meta}), not {args.synthetic_seed}: give another --data-root for seed "
+                                 f"{args.synthetic_seed}, or --synthetic-seed {seed}")
         if missing:
             import os
 
@@ -166,7 +178,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--synthetic", action="store_true",
                    help="write the synthetic benchmark into --data-root first when its datasets are missing")
-    p.add_argument("--synthetic-seed", type=int, default=0)
+    p.add_argument("--synthetic-seed", type=int, default=0,
+                   help="its generator seed (default 0); a --data-root holding another seed's benchmark is refused")
     p.add_argument("--no-predictions", action="store_true", help="do not store per-sample predictions")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
