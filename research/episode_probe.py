@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flamingo_vlm.eval.results import read_unit
+
 FOLDERS = ("train-plain", "train-styled", "heldout-plain", "heldout-styled")
 
 
@@ -51,7 +53,7 @@ def copying(folder: Path, result: Path, shots: int) -> tuple[int, int, int]:
     """(answers that repeat a demo's answer, of those the right ones, all answers)."""
     episodes = {e["id"]: e for e in json.loads((folder / "synthetic_icl" / "episodes.json").read_text())["episodes"]}
     repeated = right = 0
-    preds = json.loads(result.read_text())["predictions"]
+    preds = read_unit(result)["predictions"]
     for p in preds:
         e = episodes[p["id"]]
         pre, rest = e["framing"].split("{q}")
@@ -86,7 +88,7 @@ def main() -> None:
                                 "synthetic_icl", "--data-root", str(root / name), "--shots", str(args.shots),
                                 "--trials", "1", "--precision", args.precision, "--out", str(out)],
                                check=True, stdout=subprocess.DEVNULL)
-            m = json.loads(result.read_text())["metrics"]
+            m = read_unit(result)["metrics"]  # (null scores back to NaN)
             t = m["per_question_type"]
             rep, right, n = copying(root / name, result, args.shots)
             print(f"| {model} | {name} | {m['accuracy']:.0f} | {m['content_accuracy']:.0f} | "

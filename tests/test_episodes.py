@@ -1,5 +1,8 @@
 """Few-shot episodes for training the built-in model, and in-context name binding."""
 
+import importlib.util
+import json
+
 import pytest
 import torch
 from tiny import tiny_flamingo
@@ -122,6 +125,67 @@ def test_model_card_table_and_plot(tmp_path):
                                    "shot count, 1 trial(s).\n")
     png = plot(card, tmp_path / "shots.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_model_card_with_a_missing_score_is_strict_json_and_renders_from_card_json(tmp_path):
+    """A score that does not exist (the answer-format split with no such query, a NaN CIDEr) was bare
+    ``NaN`` in card.json (not JSON); it is ``null``, and the page and plot made from card.json read it
+    as NaN (the plot refused a NaN axis limit)."""
+    import math
+
+    from flamingo_vlm.eval.card import LABELS, markdown, plot
+    from flamingo_vlm.eval.results import atomic_write_json
+
+    nan = float("nan")
+    card = {"model": "m", "shots": [0, 2], "labels": LABELS, "eval_seed": 1,
+            "scores": {"coco": {0: nan, 2: 55.5}, "vqav2": {0: 20.0, 2: 60.0}},
+            "vqa_by_question": {"how many": {"2": nan}},
+            "icl_by_question": {"answer-format split": {0: nan, 2: 50.0}},
+            "by_held_out_pair": {"vqav2": {"2": {"shown": nan, "not_shown": 75.0}}}}
+    path = atomic_write_json(tmp_path / "card.json", card)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    read = json.loads(path.read_text(), parse_constant=refuse)
+    assert read["scores"]["coco"]["0"] is None
+    assert markdown(read) == markdown(card)  # the page from card.json is the page from the run
+    assert "| captioning CIDEr | nan | 55.5 |" in markdown(read) and "| answer-format split | nan | 50 |" in markdown(read)
+    if importlib.util.find_spec("matplotlib"):
+        for c in (card, read):
+            assert plot(c, tmp_path / "shots.png").read_bytes()[:4] == b"\x89PNG"
+    assert math.isnan(card["scores"]["coco"][0])  # (the card itself is not changed by writing it)
+
+
+def test_model_card_data_follows_n_test_and_bad_values_are_refused_first(tmp_path, monkeypatch, capsys):
+    """The card kept the benchmark data of its first run: asked for --n-test 3 after 2, it evaluated the
+    2 queries of the old data and said 3 (and --n-test 0 wrote data without test scenes, then failed
+    with a traceback, and every later run failed on that data)."""
+    from flamingo_vlm import pretrained, synthetic
+    from flamingo_vlm.eval import card
+    from flamingo_vlm.eval.datasets import CaptionDataset
+
+    class Loaded(Exception):
+        pass
+
+    def load(*a, **k):
+        raise Loaded
+
+    monkeypatch.setattr(pretrained, "from_pretrained", load)
+    out = tmp_path / "card"
+    assert card.main(["--out", str(out), "--n-test", "0"]) == 1
+    assert "n_test (--n-test) must be >= 1, got 0" in capsys.readouterr().err and not out.exists()
+    for n in (2, 3):
+        with pytest.raises(Loaded):
+            card.run_card("m", out, shots=[0], n_test=n)
+        assert len(CaptionDataset.from_root(out / "data" / "mscoco_karpathy", "test", check_images=False)) == n
+    writes = []
+    monkeypatch.setattr(synthetic, "write_synthetic_benchmark", lambda *a, **k: writes.append(k))
+    with pytest.raises(Loaded):  # the same settings: the data is kept
+        card.run_card("m", out, shots=[0], n_test=3)
+    assert writes == []
+    with pytest.raises(ValueError, match="the in-context episodes hold 8 demonstrations"):  # before the model loads
+        card.run_card("m", out, shots=[0, 16], n_test=3)
 
 
 def test_episodes_command_line(tmp_path, capsys):

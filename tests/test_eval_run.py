@@ -187,6 +187,24 @@ def test_rices_most_similar_last_and_cache(tiny, tmp_path, monkeypatch):
     assert built.select(q, 3)[0][-1] == 2
 
 
+def test_rices_encodes_each_image_once(tiny):
+    """VQA splits ask several questions per image; RICES encoded the image again for every question
+    (5.4x the work on VQAv2 train). Each image is encoded once; every question of it gets its features."""
+    from flamingo_vlm.eval.datasets import VQADataset
+
+    root, (model, ip, tok) = tiny
+    train = VQADataset.from_root(root / "data" / "vqav2", "train", dataset="vqav2")
+    images = [s["image"] for s in train]
+    assert len(set(images)) < len(images)  # (the fixture asks several questions per image)
+    ex = FeatureExtractor(model.vision_encoder, ip)
+    encoded = []
+    loader = lambda sample: encoded.append(sample["image"]) or VQADataset.load_image(sample)
+    built = RICES.build(train, ex, batch_size=4, load_image=loader)
+    assert sorted(encoded) == sorted(set(images))
+    for i, sample in enumerate(train):
+        torch.testing.assert_close(built.features[i], ex([VQADataset.load_image(sample)])[0], atol=1e-5, rtol=1e-5)
+
+
 def test_rices_run(tiny, tmp_path):
     root, (model, ip, tok) = tiny
     cfg = EvalConfig(tasks=["coco"], data_root=str(root / "data"), out_dir=str(tmp_path), shots=[2], trials=1,
@@ -257,6 +275,93 @@ def test_hateful_memes_run_reports_roc_auc(tiny, tmp_path):
     assert {"roc_auc", "accuracy"} == set(unit["metrics"])
 
 
+def _strict_json(path: Path):
+    """The file parsed as strict JSON: a bare NaN/Infinity (not JSON; JavaScript's JSON.parse refuses it) raises."""
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_score_that_does_not_exist_is_null_in_strict_json_and_nan_when_read_back(tiny, tmp_path, monkeypatch):
+    """ROC-AUC of a dev set with one class is NaN: the unit and results.json said bare ``NaN``, which
+    strict parsers refuse. It is ``null`` now; resuming reads it back as NaN, as do old files."""
+    import math
+
+    from flamingo_vlm.synthetic import SceneGenerator as G
+
+    root, (model, ip, tok) = tiny
+    hm = tmp_path / "hateful_memes"
+    (hm / "img").mkdir(parents=True)
+    g = G(seed=5)
+    for split, n in (("train", 4), ("dev", 3)):
+        lines = []
+        for i in range(n):
+            sid = 100 * (split == "dev") + i
+            g.scene(sid, "test").render(32).save(hm / "img" / f"{sid:05d}.png")
+            label = i % 2 if split == "train" else 0  # the dev set holds one class: no ROC-AUC
+            lines.append(json.dumps({"id": sid, "img": f"img/{sid:05d}.png", "label": label, "text": f"meme {i}"}))
+        (hm / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+
+    def run():
+        cfg = EvalConfig(tasks=["hateful_memes"], task_roots={"hateful_memes": str(hm)}, out_dir=str(out),
+                         shots=[0], trials=1, batch_size=3, progress=False)
+        return Evaluator(model, ip, tok, cfg).run()["results"]["hateful_memes"][0]
+
+    first = run()
+    assert math.isnan(first["mean"]) and math.isnan(first["metrics"]["roc_auc"])
+    unit_file = out / "hateful_memes" / "shots0_seed42.json"
+    unit = _strict_json(unit_file)
+    assert unit["score"] is None and unit["metrics"]["roc_auc"] is None and unit["metrics"]["accuracy"] >= 0
+    summary = _strict_json(out / "results.json")
+    assert summary["results"]["hateful_memes"][0]["mean"] is None and summary["all_results"]["hateful_memes"][0]["trials"] == [None]
+    from flamingo_vlm.eval.evaluator import Evaluator as E
+
+    monkeypatch.setattr(E, "run_unit", lambda *a, **k: pytest.fail("a finished unit with a null score was evaluated again"))
+    again = run()  # resumed from the file: the null score is NaN again, as when it was computed
+    assert math.isnan(again["mean"]) and math.isnan(again["metrics"]["roc_auc"]) and again["trials"][0] != again["trials"][0]
+    assert "| hateful_memes | roc_auc | nan |" in (out / "results.md").read_text()
+    # a unit written by an older version, with bare NaN, is still read (and skipped)
+    old = json.loads(unit_file.read_text())
+    old["score"] = old["metrics"]["roc_auc"] = float("nan")
+    unit_file.write_text(json.dumps(old))
+    assert "NaN" in unit_file.read_text()
+    assert math.isnan(run()["mean"])
+
+
+def test_a_failed_write_leaves_the_previous_results_and_no_temporary_file(tiny, tmp_path, monkeypatch):
+    """results.md was written in place (a full disk left it cut short) and a failed JSON write left
+    its half-written temporary file behind; both now keep the previous file whole and remove it."""
+    import errno
+
+    from flamingo_vlm.eval import results
+
+    root, (model, ip, tok) = tiny
+    out = tmp_path / "out"
+    cfg = lambda: EvalConfig(tasks=["imagenet"], data_root=str(root / "data"), out_dir=str(out), shots=[0], trials=1,
+                             num_samples=1, progress=False)
+    Evaluator(model, ip, tok, cfg()).run()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"results.json", "results.md"} <= set(before)
+    calls = []
+
+    def full_disk(fd):  # the disk fills up at the second file the resumed run writes (results.md)
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        Evaluator(model, ip, tok, cfg()).run()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "results.json"} == \
+        {k: v for k, v in before.items() if k != "results.json"}
+    monkeypatch.undo()
+    with pytest.raises(TypeError):  # not JSON: the file keeps what it held
+        results.atomic_write_json(out / "results.json", {"x": object()})
+    assert json.loads((out / "results.json").read_text())["results"]["imagenet"]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
 def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
     import argparse
 
@@ -271,6 +376,13 @@ def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
     assert args.func(args) == 0
     assert (tmp_path / "synth" / "vqav2" / "v2_mscoco_val2014_annotations.json").is_file()
     assert json.loads((tmp_path / "out" / "results.json").read_text())["results"]["vqav2"][0]["num_samples"] == 2
+    # another --synthetic-seed on that folder: its seed-0 data was evaluated, silently, as the other seed's
+    args = parser.parse_args(["evaluate", "--model", str(root / "model"), "--tasks", "vqav2", "--data-root",
+                              str(tmp_path / "synth"), "--synthetic", "--synthetic-seed", "1", "--out", str(tmp_path / "o"),
+                              "--shots", "0", "--trials", "1", "--num-samples", "1", "--quiet"])
+    with pytest.raises(SystemExit, match=r"synth holds the synthetic benchmark of --synthetic-seed 0 .*not 1: give another "
+                                         r"--data-root for seed 1, or --synthetic-seed 0"):
+        args.func(args)
 
 
 @pytest.mark.parametrize("flags, message", [(["--shots", "-1"], "shots must be non-negative"),
@@ -286,14 +398,55 @@ def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
                                            # a unit listed twice was reported as 2 trials of itself
                                            (["--tasks", "vqav2,vqa"], "tasks lists vqav2 more than once (--tasks: an alias"),
                                            (["--shots", "0,4,0"], "shots lists 0 more than once (--shots)"),
-                                           (["--trials", "2", "--seeds", "5,5"], "seeds lists 5 more than once (--seeds)")])
+                                           (["--trials", "2", "--seeds", "5,5"], "seeds lists 5 more than once (--seeds)"),
+                                           # ran with no task and wrote an empty table
+                                           (["--tasks", ","], "tasks is empty: name at least one"),
+                                           # said after the model loaded and the captions were generated
+                                           (["--tasks", "coco", "--caption-metrics", "cider,spice"],
+                                            "caption_metrics (--caption-metrics): unknown ['spice']"),
+                                           # every rerun evaluated its units again (NaN in their fingerprint)
+                                           (["--length-penalty", "nan"], "length_penalty must be a finite number"),
+                                           # RICES ranked demos by a randomly initialised ViT-L/14's features
+                                           (["--rices", "--rices-vision-encoder", "ViT-L-14"],
+                                            "rices_vision_encoder 'ViT-L-14' without weights: pass --rices-vision-pretrained")])
 def test_cli_values_out_of_range_are_usage_errors_before_the_model_loads(flags, message, tmp_path, monkeypatch, capsys):
     from flamingo_vlm import cli
     from flamingo_vlm.eval import evaluator
 
     monkeypatch.setattr(evaluator, "evaluate", lambda *a, **k: pytest.fail("the evaluation started"))
-    code = cli.main(["evaluate", "--model", "m", "--tasks", "vqav2", "--data-root", str(tmp_path), *flags])
+    tasks = [] if "--tasks" in flags else ["--tasks", "vqav2"]
+    code = cli.main(["evaluate", "--model", "m", *tasks, "--data-root", str(tmp_path), *flags])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_max_new_tokens_that_is_no_number_names_the_flag(tmp_path, capsys):
+    from flamingo_vlm import cli
+
+    code = cli.main(["evaluate", "--model", "m", "--tasks", "vqav2", "--data-root", str(tmp_path), "--max-new-tokens",
+                     "vqav2=abc"])  # said "invalid literal for int() with base 10: 'abc'"
+    assert code != 0 and "--max-new-tokens takes TASK=VALUE with an integer VALUE, got 'vqav2=abc'" in capsys.readouterr().err
+
+
+def test_python_m_flamingo_vlm_eval_says_bad_input_in_one_line(tmp_path, capsys):
+    """``python -m flamingo_vlm.eval`` (what torchrun starts on every rank) printed a traceback for bad
+    input, on every rank; it says it in one line, as ``flamingo-vlm evaluate`` does."""
+    from flamingo_vlm.eval.cli import entry
+
+    assert entry(["--tasks", "coco", "--data-root", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m flamingo_vlm.eval: error: no folder for task 'coco' under ") and "Traceback" not in err
+    assert entry(["--tasks", "coco", "--data-root", str(tmp_path), "--num-samples", "0"]) == 2
+    assert "error: num_samples must be >= 1" in capsys.readouterr().err
+    assert "from .cli import entry" in (REPO / "src" / "flamingo_vlm" / "eval" / "__main__.py").read_text()
+
+
+def test_meteor_without_java_is_refused_before_the_model_loads(monkeypatch):
+    from flamingo_vlm.eval import metrics
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    with pytest.raises(ValueError, match="meteor needs Java"):  # said after the captions were generated
+        EvalConfig(tasks=["coco"], data_root=".", caption_metrics=["cider", "meteor"]).validate()
+    EvalConfig(tasks=["vqav2"], data_root=".", caption_metrics=["cider", "meteor"]).validate()  # (no captioning)
 
 
 class _Oracle:
@@ -519,6 +672,75 @@ def test_a_missing_dataset_folder_is_said_before_the_model_loads(tiny, tmp_path,
                                                  r"pass --task-root ok_vqa=PATH"):
         eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(tmp_path),
                    "--tasks", "vqav2,ok_vqa", "--shots", "0", "--trials", "1", "--quiet"])
+
+
+# Every file and folder each task's loaders look for first (empty: the check before the model loads reads nothing).
+_TASK_FILES = {
+    "coco": ["mscoco_karpathy/dataset_coco.json"],
+    "flickr30k": ["flickr30k/dataset_flickr30k.json", "flickr30k/flickr30k-images/"],
+    "vqav2": [f"vqav2/{f}" for s in ("train", "val") for f in (
+        f"v2_OpenEnded_mscoco_{s}2014_questions.json", f"v2_mscoco_{s}2014_annotations.json", f"{s}2014/")],
+    "ok_vqa": [f"okvqa/{f}" for s in ("train", "val") for f in (
+        f"OpenEnded_mscoco_{s}2014_questions.json", f"mscoco_{s}2014_annotations.json", f"{s}2014/")],
+    "textvqa": [f"textvqa/{s}_{k}_vqa_format.json" for s in ("train", "val") for k in ("questions", "annotations")]
+               + ["textvqa/train_images/"],
+    "vizwiz": [f"vizwiz/{f}" for s in ("train", "val") for f in (
+        f"{s}_questions_vqa_format.json", f"{s}_annotations_vqa_format.json", f"{s}/")],
+    "hateful_memes": ["hateful_memes/train.jsonl", "hateful_memes/dev.jsonl", "hateful_memes/img/"],
+    "imagenet": ["imagenet/classnames.txt", "imagenet/train/n00000001/", "imagenet/val/n00000001/"],
+    "synthetic_icl": ["synthetic_icl/episodes.json"],
+}
+
+
+@pytest.mark.parametrize("missing", [f if f.count("/") < 3 else f.rsplit("/", 2)[0] + "/"  # imagenet/val/
+                                     for files in _TASK_FILES.values() for f in files])
+def test_a_missing_dataset_file_is_said_before_the_model_loads(tmp_path, monkeypatch, missing):
+    """A dataset folder without one of its files (an annotation file, a split folder) was said only
+    when its task came up: after the model had loaded and the tasks before it had run."""
+    import shutil
+
+    from flamingo_vlm import pretrained
+    from flamingo_vlm.eval.datasets import DatasetLayoutError
+
+    class Loaded(Exception):
+        pass
+
+    def load(*a, **k):
+        raise Loaded
+
+    monkeypatch.setattr(pretrained, "from_pretrained", load)
+    data = tmp_path / "data"
+    for f in (f for files in _TASK_FILES.values() for f in files):
+        (data / f).parent.mkdir(parents=True, exist_ok=True)
+        (data / f).mkdir(exist_ok=True) if f.endswith("/") else (data / f).touch()
+    argv = ["--model", "some/model", "--data-root", str(data), "--out", str(tmp_path / "out"), "--tasks",
+            ",".join(_TASK_FILES), "--shots", "0", "--trials", "1", "--quiet"]
+    with pytest.raises(Loaded):  # every file there: the model loads
+        eval_main(argv)
+    shutil.rmtree(data / missing) if missing.endswith("/") else (data / missing).unlink()
+    task = next(t for t, files in _TASK_FILES.items() if any(f.startswith(missing) for f in files))
+    named = "no class-name file" if missing.endswith("classnames.txt") else (data / missing.rstrip("/")).name
+    with pytest.raises(DatasetLayoutError, match=rf"{named}.* \(the folder {data}/\w+ is from --data-root {data}; "
+                                                 rf"another folder: --task-root {task}=PATH\)$"):
+        eval_main(argv)
+
+
+def test_an_evaluator_checks_every_task_before_the_first_unit(tiny, tmp_path):
+    """With the model already built (the Python API), a task's missing file is said before the tasks
+    before it run (they ran, maybe for hours, then the error came)."""
+    import shutil
+
+    from flamingo_vlm.eval.datasets import DatasetLayoutError
+
+    root, (model, ip, tok) = tiny
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    (data / "vqav2" / "v2_mscoco_val2014_annotations.json").unlink()
+    cfg = EvalConfig(tasks=["coco", "vqav2"], data_root=str(data), out_dir=str(tmp_path / "out"), shots=[0], trials=1,
+                     num_samples=1, caption_tokenizer="python", progress=False)
+    with pytest.raises(DatasetLayoutError, match=r"v2_mscoco_val2014_annotations.json"):
+        Evaluator(model, ip, tok, cfg).run()
+    assert not list((tmp_path / "out").glob("*/shots*.json"))
 
 
 def test_task_aliases_key_task_roots_and_max_new_tokens():

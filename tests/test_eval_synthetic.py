@@ -98,3 +98,28 @@ def test_training_shards(tmp_path):
     assert docs["samples"] == 3 and docs["kinds"] == {"interleaved": 3} and docs["images"] >= 6
     text = docs["examples"][0]["text"]
     assert text.count("<image>") >= 2 and ("Output:" in text or "Short answer:" in text)
+
+
+def test_an_interrupted_benchmark_write_leaves_no_task_folder(tmp_path, monkeypatch):
+    """A task folder was written in place: interrupted (Ctrl-C, a full disk) it lacked files, and
+    ``evaluate --synthetic`` took the folder for written (it writes only missing ones). It is written
+    to a temporary folder and renamed now; an interrupted write leaves nothing."""
+    from flamingo_vlm.synthetic import benchmark
+
+    calls = []
+    real = benchmark._save
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(benchmark, "_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic_benchmark(tmp_path, tasks=("vqav2",), n_train=4, n_val=1, n_test=1, image_size=16)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    write_synthetic_benchmark(tmp_path, tasks=("vqav2",), n_train=4, n_val=1, n_test=1, image_size=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic.json", "vqav2"]
+    assert (tmp_path / "vqav2" / "v2_mscoco_val2014_annotations.json").is_file()

@@ -4,6 +4,6 @@ from ..allocator import start
 
 start("flamingo_vlm.eval")  # tcmalloc where installed (flamingo_vlm.allocator), as the flamingo-vlm command
 
-from .cli import main  # noqa: E402
+from .cli import entry  # noqa: E402
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -19,13 +19,15 @@ Finished harness units are reused when run again (the harness is resumable).
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
-from ..locking import DirectoryBusy, exclusive_directory
-from .results import atomic_write_json
+from ..locking import exclusive_directory
+from .results import atomic_write_json, atomic_write_text
 
 TRAIN_SEED = 0
 EVAL_SEED = 1
@@ -47,6 +49,14 @@ def eval_generator():
 def run_card(model: str, out: str | Path, *, shots=(0, 1, 2, 4, 8), n_test: int = 100, trials: int = 1,
              binding_episodes: int = 200, precision: str = "bf16", num_beams: int = 3, batch_size: int = 8,
              progress: bool = True, quantize: str | None = None) -> dict:
+    shots = list(shots)
+    # said before the data is written and the model loads (a traceback after writing the data: n_test=0
+    # left a benchmark without test scenes that every later run took as written)
+    for name, value in (("n_test", n_test), ("binding_episodes", binding_episodes), ("trials", trials)):
+        if value < 1:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
+    if not shots or min(shots) < 0 or len(set(shots)) < len(shots):
+        raise ValueError(f"shots (--shots) must be distinct non-negative numbers, got {shots}")
     out = Path(out)
     with exclusive_directory(out):  # the benchmark data and the harness units are shared by reruns
         return _run_card(model, out, shots=shots, n_test=n_test, trials=trials, binding_episodes=binding_episodes,
@@ -63,11 +73,24 @@ def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes,
 
     data = out / "data"
     gen = eval_generator()
-    missing = [t for t in HARNESS_TASKS if not (data / "synthetic.json").is_file() or not (data / _FOLDERS[t]).is_dir()]
-    if missing:  # a card folder from before a task was added gets just that task's data
-        write_synthetic_benchmark(data, generator=gen, tasks=missing, n_train=256, n_val=8, n_test=n_test,
-                                  n_class_train_per_class=8, n_class_val_per_class=max(1, n_test // 36 + 1),
-                                  image_size=224, overwrite=True)
+    sizes = {"n_train": 256, "n_val": 8, "n_test": n_test, "n_class_train_per_class": 8,
+             "n_class_val_per_class": max(1, n_test // 36 + 1)}
+    try:
+        written = json.loads((data / "synthetic.json").read_text())
+    except (OSError, ValueError):
+        written = {}
+    if written.get("sizes") != sizes or written.get("image_size") != 224:
+        # data written for another --n-test: all of it again (it was kept, and a card asked for 50 queries
+        # evaluated the 4 of an earlier run's data, and said 50)
+        missing = list(HARNESS_TASKS)
+    else:  # a card folder from before a task was added gets just that task's data
+        missing = [t for t in HARNESS_TASKS if not (data / _FOLDERS[t]).is_dir()]
+    if missing:
+        write_synthetic_benchmark(data, generator=gen, tasks=missing, **sizes, image_size=224, overwrite=True)
+    icl_demos = json.loads((data / _FOLDERS["synthetic_icl"] / "episodes.json").read_text())["meta"]["shots"]
+    if max(shots) > icl_demos:  # (said after the other tasks had run, minutes later)
+        raise ValueError(f"--shots {max(shots)}: the in-context episodes hold {icl_demos} demonstrations; "
+                         f"use --shots up to {icl_demos}")
     dtype = PRECISIONS[precision]
     loaded = from_pretrained(model, dtype=None if dtype == torch.float32 else dtype, quantize=quantize)
     t0 = time.perf_counter()
@@ -105,7 +128,7 @@ def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes,
             "trials": trials, "binding_episodes": binding_episodes, "precision": precision, "quantize": quantize, "num_beams": num_beams,
             "eval_seed": EVAL_SEED, "held_out_pairs": sorted(map(list, gen.held_out_pairs)), "seconds": round(seconds, 1)}
     atomic_write_json(out / "card.json", card)
-    (out / "card.md").write_text(markdown(card), encoding="utf-8")
+    atomic_write_text(out / "card.md", markdown(card))
     try:
         plot(card, out / "shots.png")
     except ImportError:  # matplotlib is optional
@@ -113,12 +136,19 @@ def _run_card(model: str, out: Path, *, shots, n_test, trials, binding_episodes,
     return card
 
 
+def _num(value) -> float:
+    """A score of the card: ``null`` in card.json (a score that does not exist: strict JSON has no NaN)
+    is NaN, as it was before writing."""
+    return math.nan if value is None else value
+
+
 def markdown(card: dict) -> str:
+    """The card as markdown tables (``card`` as :func:`run_card` returns it, or as read from card.json)."""
     shots = card["shots"]
     lines = ["| task | " + " | ".join(f"{k} shots" for k in shots) + " |", "|---|" + "---|" * len(shots)]
     for task, label in card["labels"].items():
-        row = card["scores"].get(task, {})
-        lines.append(f"| {label} | " + " | ".join(f"{row[k]:.1f}" if k in row else "-" for k in
+        row = {int(k): v for k, v in card["scores"].get(task, {}).items()}  # (card.json: keys are strings)
+        lines.append(f"| {label} | " + " | ".join(f"{_num(row[k]):.1f}" if k in row else "-" for k in
                                                    (int(s) for s in shots)) + " |")
     by_question = card.get("vqa_by_question")
     if by_question:
@@ -126,7 +156,7 @@ def markdown(card: dict) -> str:
                   "| question | " + " | ".join(f"{k} shots" for k in shots) + " |", "|---|" + "---|" * len(shots)]
         for qtype, row in sorted(by_question.items()):
             row = {int(k): v for k, v in row.items()}  # JSON keys are strings
-            lines.append(f"| {qtype} ... | " + " | ".join(f"{row[k]:.0f}" if k in row else "-" for k in
+            lines.append(f"| {qtype} ... | " + " | ".join(f"{_num(row[k]):.0f}" if k in row else "-" for k in
                                                           (int(s) for s in shots)) + " |")
     icl = card.get("icl_by_question")
     if icl:
@@ -135,7 +165,7 @@ def markdown(card: dict) -> str:
                   "| episodes | " + " | ".join(f"{k} shots" for k in shots) + " |", "|---|" + "---|" * len(shots)]
         for name, row in icl.items():
             row = {int(k): v for k, v in row.items()}
-            lines.append(f"| {name} | " + " | ".join(f"{row[k]:.0f}" if k in row else "-" for k in
+            lines.append(f"| {name} | " + " | ".join(f"{_num(row[k]):.0f}" if k in row else "-" for k in
                                                      (int(s) for s in shots)) + " |")
     by_pair = card.get("by_held_out_pair")
     if by_pair:
@@ -148,7 +178,7 @@ def markdown(card: dict) -> str:
                 continue
             for part, name in (("shown", "held-out pair"), ("not_shown", "seen pairs only")):
                 lines.append(f"| {label} | {name} | " + " | ".join(
-                    f"{row[k][part]:.1f}" if k in row else "-" for k in (int(s) for s in shots)) + " |")
+                    f"{_num(row[k][part]):.1f}" if k in row else "-" for k in (int(s) for s in shots)) + " |")
     # how the model was run (card.json had it, the page did not: int8 numbers read as the model's own)
     run = [f"{name} `{card[key]}`" for key, name in (("precision", "precision"), ("quantize", "quantized"),
                                                       ("num_beams", "beams")) if card.get(key) is not None]
@@ -167,18 +197,19 @@ def plot(card: dict, path: Path) -> Path:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for task in ("vqav2", "imagenet", "synthetic_icl", "binding"):
-        row = {int(k): v for k, v in card["scores"].get(task, {}).items()}
+        row = {int(k): _num(v) for k, v in card["scores"].get(task, {}).items()}
         if row:
             ax1.plot(list(row), list(row.values()), marker="o", label=card["labels"][task])
     ax1.axhline(50, color="grey", lw=0.8, ls=":", label="binding chance")
     ax1.set(xlabel="shots", ylabel="%", ylim=(0, 100), title="accuracy vs shots")
     ax1.legend(fontsize=8)
-    row = {int(k): v for k, v in card["scores"].get("coco", {}).items()}
+    row = {int(k): _num(v) for k, v in card["scores"].get("coco", {}).items()}
     ax2.plot(list(row), list(row.values()), marker="o", color="C3")
     ax2.set(xlabel="shots", ylabel="CIDEr", title="captioning CIDEr vs shots")
     # from 0 (a zoomed axis makes a few points of noise look like a trend), with room above the highest point
     # (a flat line sat on the frame, its markers cut in half)
-    ax2.set_ylim(0, 1.1 * max(row.values(), default=0) or None)
+    # (a NaN CIDEr is a gap in the line, not the axis limit: matplotlib refuses NaN limits)
+    ax2.set_ylim(0, 1.1 * max((v for v in row.values() if math.isfinite(v)), default=0) or None)
     for ax in (ax1, ax2):
         ax.set_xticks(card["shots"])
         ax.grid(alpha=0.3)
@@ -206,15 +237,24 @@ def main(argv=None) -> int:
     p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantized LM/cross-attention/perceiver")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    try:
-        card = run_card(a.model, a.out, shots=[int(s) for s in a.shots.split(",")], n_test=a.n_test, trials=a.trials,
+
+    def run() -> int:
+        try:
+            shots = [int(s) for s in a.shots.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--shots takes comma-separated integers, got {a.shots!r}") from None
+        card = run_card(a.model, a.out, shots=shots, n_test=a.n_test, trials=a.trials,
                         binding_episodes=a.binding_episodes, precision=a.precision, num_beams=a.num_beams,
                         batch_size=a.batch_size, progress=not a.quiet, quantize=a.quantize)
-    except DirectoryBusy as e:
-        raise SystemExit(str(e)) from None
-    print(markdown(card))
-    print(f"wrote {Path(a.out) / 'card.json'}, card.md, shots.png ({card['seconds']:.0f} s)")
-    return 0
+        print(markdown(card))
+        print(f"wrote {Path(a.out) / 'card.json'}, card.md, shots.png ({card['seconds']:.0f} s)")
+        return 0
+
+    from ..errors import report_errors
+    from ..train.cli import user_errors
+
+    # bad input and Ctrl-C in one line (a traceback), as the flamingo-vlm commands say them
+    return report_errors("python -m flamingo_vlm.eval.card", run, user_errors())
 
 
 if __name__ == "__main__":

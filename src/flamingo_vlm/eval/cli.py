@@ -8,7 +8,7 @@ import logging
 from ..errors import UsageError
 from ..registry import DEFAULT_MODEL
 
-__all__ = ["add_evaluate_subcommand", "build_parser", "main"]
+__all__ = ["add_evaluate_subcommand", "build_parser", "entry", "main"]
 
 
 def _ints(text: str) -> list[int]:
@@ -24,7 +24,10 @@ def _pairs(items: list[str] | None, what: str, cast=str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise SystemExit(f"{what} takes TASK=VALUE, got {item!r}")
-        out[key.strip()] = cast(value.strip())
+        try:
+            out[key.strip()] = cast(value.strip())
+        except ValueError:  # (said "invalid literal for int() with base 10: 'abc'", not which flag)
+            raise SystemExit(f"{what} takes TASK=VALUE with an integer VALUE, got {item!r}") from None
     return out
 
 
@@ -44,6 +47,18 @@ def _run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         missing = [t for t in wanted if not any((Path(args.data_root) / f).is_dir() for f in TASKS[t].folders)]
+        meta = Path(args.data_root) / "synthetic.json"
+        if len(missing) < len(wanted) and meta.is_file():
+            import json
+
+            try:
+                seed = json.loads(meta.read_text()).get("seed")
+            except (ValueError, AttributeError):
+                seed = None
+            if seed is not None and seed != args.synthetic_seed:  # (its data was used, silently, for any seed)
+                raise SystemExit(f"{args.data_root} holds the synthetic benchmark of --synthetic-seed {seed} "
+                                 f"({meta}), not {args.synthetic_seed}: give another --data-root for seed "
+                                 f"{args.synthetic_seed}, or --synthetic-seed {seed}")
         if missing:
             import os
 
@@ -163,7 +178,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--synthetic", action="store_true",
                    help="write the synthetic benchmark into --data-root first when its datasets are missing")
-    p.add_argument("--synthetic-seed", type=int, default=0)
+    p.add_argument("--synthetic-seed", type=int, default=0,
+                   help="its generator seed (default 0); a --data-root holding another seed's benchmark is refused")
     p.add_argument("--no-predictions", action="store_true", help="do not store per-sample predictions")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -179,3 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """``python -m flamingo_vlm.eval`` (what ``torchrun`` starts on every rank): bad input and Ctrl-C
+    in one line, as ``flamingo-vlm evaluate`` says them (it printed a traceback, on every rank)."""
+    from ..errors import report_errors
+    from ..train.cli import user_errors
+
+    return report_errors("python -m flamingo_vlm.eval", lambda: main(argv), user_errors())

@@ -1,7 +1,8 @@
 """Evaluation datasets in their standard (as-downloaded) layouts.
 
 Every loader checks its layout up front and raises :class:`DatasetLayoutError` saying which file
-or folder it expected where. Samples are plain dicts (picklable, cheap); images are opened only
+or folder it expected where; ``files(root, split)`` of each class does the file part of that check
+alone (no file read), which the evaluation runs for every task before the model loads. Samples are plain dicts (picklable, cheap); images are opened only
 when needed (:meth:`EvalDataset.load_image`).
 
 =================  ==========================================================================
@@ -190,18 +191,23 @@ class CaptionDataset(EvalDataset):
             self._check_images()
 
     @classmethod
-    def from_root(cls, root: str | os.PathLike, split: str, *, dataset: str = "coco", **kw) -> "CaptionDataset":
+    def files(cls, root: str | os.PathLike, split: str, *, dataset: str = "coco") -> tuple[Path, Path]:
+        """(Karpathy file, image root) under ``root``, or :class:`DatasetLayoutError` naming what is missing."""
         root = Path(root)
         layout = cls.LAYOUTS.get(dataset, "")
         if not root.is_dir():
             raise DatasetLayoutError(f"{dataset} folder not found: {root}. Expected layout: {layout}")
         if dataset == "coco":
-            ann = _require(root, ["dataset_coco.json", "annotations/dataset_coco.json"], "COCO Karpathy file", layout)
-            return cls(ann, root, split, dataset="coco", **kw)
+            return _require(root, ["dataset_coco.json", "annotations/dataset_coco.json"], "COCO Karpathy file", layout), root
         ann = _require(root, ["dataset_flickr30k.json", "annotations/dataset_flickr30k.json"],
                        "Flickr30K Karpathy file", layout)
         images = _require(root, ["flickr30k-images", "flickr30k_images", "images", "Images"], "Flickr30K image folder", layout)
-        return cls(ann, images, split, dataset="flickr30k", **kw)
+        return ann, images
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike, split: str, *, dataset: str = "coco", **kw) -> "CaptionDataset":
+        ann, images = cls.files(root, split, dataset=dataset)
+        return cls(ann, images, split, dataset=dataset, **kw)
 
 
 # -- VQA ----------------------------------------------------------------------------------------------
@@ -311,6 +317,13 @@ class VQADataset(EvalDataset):
 
     @classmethod
     def from_root(cls, root: str | os.PathLike, split: str, *, dataset: str = "vqav2", **kw) -> "VQADataset":
+        questions, annotations, images = cls.files(root, split, dataset=dataset)
+        return cls(questions, annotations, images, split, dataset=dataset, **kw)
+
+    @classmethod
+    def files(cls, root: str | os.PathLike, split: str, *, dataset: str = "vqav2") -> tuple[Path, Path, Path]:
+        """(questions, annotations, image folder) under ``root``, or :class:`DatasetLayoutError` naming
+        what is missing."""
         if dataset not in _VQA_FILES:
             raise ValueError(f"dataset must be one of {sorted(_VQA_FILES)}, got {dataset!r}")
         root = Path(root)
@@ -321,7 +334,7 @@ class VQADataset(EvalDataset):
         questions = _require(root, [qname], f"{dataset} {split} questions", layout)
         annotations = _require(root, [aname], f"{dataset} {split} annotations", layout)
         images = _require(root, [dname], f"{dataset} {split} image folder", layout)
-        return cls(questions, annotations, images, split, dataset=dataset, **kw)
+        return questions, annotations, images
 
 
 # -- Hateful Memes ------------------------------------------------------------------------------------
@@ -376,14 +389,19 @@ class HatefulMemesDataset(EvalDataset):
             self._check_images()
 
     @classmethod
-    def from_root(cls, root: str | os.PathLike, split: str, **kw) -> "HatefulMemesDataset":
+    def files(cls, root: str | os.PathLike, split: str) -> tuple[Path, Path]:
+        """(annotations, image folder) under ``root``, or :class:`DatasetLayoutError` naming what is missing."""
         root = Path(root)
         if not root.is_dir():
             raise DatasetLayoutError(f"hateful_memes folder not found: {root}. Expected layout: {cls.layout}")
         names = cls.SPLIT_FILES.get(split, [f"{split}.jsonl", f"{split}.json"])
         ann = _require(root, names, f"Hateful Memes {split} annotations", cls.layout)
         images = _require(root, ["img"], "Hateful Memes image folder", cls.layout)
-        return cls(ann, images, split, **kw)
+        return ann, images
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike, split: str, **kw) -> "HatefulMemesDataset":
+        return cls(*cls.files(root, split), split, **kw)
 
 
 # -- ImageNet -----------------------------------------------------------------------------------------
@@ -427,23 +445,9 @@ class ImageNetDataset(EvalDataset):
     def __init__(self, root: str | os.PathLike, split: str, *, class_names: dict[str, str] | str | os.PathLike | None = None,
                  check_images: bool = True):
         root = Path(root)
-        split_dir = root / split
-        if not split_dir.is_dir():
-            raise DatasetLayoutError(f"ImageNet {split} folder not found: {split_dir}. Expected layout: {self.layout}")
-        folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-        if not folders:
-            raise DatasetLayoutError(f"{split_dir} has no class folders. Expected layout: {self.layout}")
+        split_dir, folders, names_file = self._layout(root, split)
         if class_names is None:
-            names_file = _first_existing(root, _CLASSNAME_FILES)
-            if names_file is not None and names_file.name != _CLASSNAME_FILES[0] and self._is_imagenet_1k(folders):
-                # the download's WordNet mapping ("cock", "hammerhead", "maillot") is not the protocol's class
-                # names: the 1000 ImageNet-1k folders get OpenAI CLIP's, as OpenFlamingo's evaluation used, unless a
-                # classnames.txt says otherwise
-                names_file = None
-            if names_file is not None:
-                class_names = read_class_names(names_file)
-            else:
-                class_names = self._builtin_names(root, folders)
+            class_names = read_class_names(names_file) if names_file is not None else self._builtin_names(root, folders)
         elif not isinstance(class_names, dict):
             class_names = read_class_names(class_names)
         unknown = [f for f in folders if f not in class_names]
@@ -464,6 +468,35 @@ class ImageNetDataset(EvalDataset):
         if not samples:
             raise DatasetLayoutError(f"{split_dir}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
         super().__init__(samples, split)
+
+    @classmethod
+    def _layout(cls, root: Path, split: str) -> tuple[Path, list[str], Path | None]:
+        """(split folder, its class folders, the class-name file to read: None for the built-in names)."""
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DatasetLayoutError(f"ImageNet {split} folder not found: {split_dir}. Expected layout: {cls.layout}")
+        folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        if not folders:
+            raise DatasetLayoutError(f"{split_dir} has no class folders. Expected layout: {cls.layout}")
+        names_file = _first_existing(root, _CLASSNAME_FILES)
+        if names_file is not None and names_file.name != _CLASSNAME_FILES[0] and cls._is_imagenet_1k(folders):
+            # the download's WordNet mapping ("cock", "hammerhead", "maillot") is not the protocol's class
+            # names: the 1000 ImageNet-1k folders get OpenAI CLIP's, as OpenFlamingo's evaluation used, unless a
+            # classnames.txt says otherwise
+            names_file = None
+        return split_dir, folders, names_file
+
+    @classmethod
+    def files(cls, root: str | os.PathLike, split: str) -> tuple[Path, Path | None]:
+        """(split folder, class-name file or None for the built-in names) under ``root``, or
+        :class:`DatasetLayoutError` naming what is missing."""
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetLayoutError(f"imagenet folder not found: {root}. Expected layout: {cls.layout}")
+        split_dir, folders, names_file = cls._layout(root, split)
+        if names_file is None:
+            cls._builtin_names(root, folders)  # (raises where these folders have no built-in names)
+        return split_dir, names_file
 
     @staticmethod
     def _is_imagenet_1k(folders: list[str]) -> bool:

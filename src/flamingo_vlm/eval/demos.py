@@ -152,7 +152,9 @@ class RICES:
         progress: bool = False,
     ) -> "RICES":
         """Features of every sample of ``dataset`` (shared among ``ctx``'s ranks, each encoding a
-        strided share), read from / written to ``cache_path`` when given."""
+        strided share), read from / written to ``cache_path`` when given. Each image is encoded once:
+        VQA splits ask several questions per image (VQAv2 train: 443,757 questions on 82,783 images),
+        and every question's sample encoded its image again (as OpenFlamingo's RICES did)."""
         from .distributed import shard_indices
 
         ids = [s["id"] for s in dataset]
@@ -168,8 +170,11 @@ class RICES:
         if cached is not None:
             return cls(cached, ids)
         load_image = load_image or dataset.load_image
+        first: dict[str, int] = {}  # image -> its first sample; each image is encoded once, for that sample
+        of_image = [first.setdefault(str(s["image"]), i) for i, s in enumerate(dataset)]
+        unique = list(first.values())
         rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-        mine = shard_indices(len(dataset), rank, world)
+        mine = [unique[j] for j in shard_indices(len(unique), rank, world)]
         feats = []
         batches = range(0, len(mine), batch_size)
         if progress and is_main:
@@ -186,6 +191,7 @@ class RICES:
         for idx, f in parts:
             if len(idx):
                 features[torch.as_tensor(idx)] = f
+        features = features[torch.as_tensor(of_image)]  # every sample of an image gets its features
         if cache is not None and is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")

@@ -34,9 +34,9 @@ from .demos import RICES, FeatureExtractor, RandomDemoSelector, weights_fingerpr
 from .distributed import DistContext, init_distributed, shard_indices
 from ..locking import hold_for_job
 from ..modeling.quantize import scheme as quant_scheme
-from .results import atomic_write_json, markdown_table, read_unit, summarize, unit_path
+from .results import atomic_write_json, atomic_write_text, markdown_table, read_unit, summarize, unit_path
 from .task_kinds import QueryBatch, continuation_ids, score_classes
-from .tasks import Task, extra_metrics, get_task, resolve_task_root
+from .tasks import Task, check_task_files, extra_metrics, get_task, resolve_task_root
 
 __all__ = ["EvalConfig", "Evaluator", "continuation_ids", "evaluate", "held_out_ids", "score_classes"]
 
@@ -105,6 +105,8 @@ class EvalConfig:
         """Refuse values out of range or unknown (the CLI's usage errors, before the model loads); the
         task names keying ``task_roots`` and ``max_new_tokens`` are replaced by the tasks' own names (an
         alias such as ``vqa`` was silently ignored there)."""
+        if not self.tasks:  # (--tasks ",": the run wrote an empty table)
+            raise ValueError("tasks is empty: name at least one (--tasks coco,vqav2)")
         # a unit listed twice was summarised as two trials of itself ("trials 2", ± 0.00)
         for what, values in (("tasks", [get_task(t).name for t in self.tasks]), ("shots", list(self.shots)),
                              ("seeds", self.trial_seeds())):
@@ -140,6 +142,30 @@ class EvalConfig:
             raise ValueError(f"prefix_cache_mb must be >= 0 (0: no prefix cache), got {self.prefix_cache_mb}")
         if self.vqa_compat not in ("official", "openflamingo"):
             raise ValueError(f"vqa_compat must be 'official' or 'openflamingo', got {self.vqa_compat!r}")
+        # said after the first captioning unit had run (an unknown name), or never (a NaN length penalty:
+        # its units, their fingerprint holding NaN, were evaluated again on every rerun)
+        unknown = sorted({m.lower() for m in self.caption_metrics} - {"cider", "bleu", "rouge", "meteor"})
+        if unknown or not self.caption_metrics:
+            raise ValueError(f"caption_metrics (--caption-metrics): unknown {unknown}; choose from cider, bleu, "
+                             "rouge, meteor" if unknown else "caption_metrics (--caption-metrics) is empty")
+        if "meteor" in {m.lower() for m in self.caption_metrics} and any(
+                get_task(t).kind == "captioning" for t in self.tasks):
+            from .metrics import java_available
+
+            if not java_available():
+                raise ValueError("caption_metrics (--caption-metrics) meteor needs Java: install a JRE (`java` on the "
+                                 "PATH) or leave meteor out")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if self.demo_selection == "rices" and self.rices_vision_encoder:
+            from ..references import reloadable, vision_ref
+
+            if not reloadable(vision_ref(self.rices_vision_encoder, self.rices_vision_pretrained)):
+                # (OpenFlamingo's --rices_vision_encoder_pretrained defaulted to openai: here nothing was
+                # loaded, and RICES ranked the demos by a randomly initialised encoder's features)
+                raise ValueError(f"rices_vision_encoder {self.rices_vision_encoder!r} without weights: pass "
+                                 "--rices-vision-pretrained (e.g. openai, the paper's) or leave --rices-vision-encoder "
+                                 "out to use the model's own vision encoder")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.data_root is None and not all(get_task(t).name in self.task_roots for t in self.tasks):
@@ -266,6 +292,8 @@ class Evaluator:
 
     def _run_locked(self) -> dict:
         c = self.config
+        for name in c.tasks:  # every task's files, before the first task's units (hours) run
+            check_task_files(get_task(name), c.data_root or ".", c.task_roots)
         units: list[dict] = []
         for name in c.tasks:
             spec = get_task(name)
@@ -277,7 +305,7 @@ class Evaluator:
             full = summarize(all_units)
             atomic_write_json(self.out_dir / "results.json", {**result, "all_results": full})
             md = markdown_table(summary, title=f"Few-shot evaluation of {c.model_name or 'the model'}", extra=extra_metrics())
-            (self.out_dir / "results.md").write_text(md, encoding="utf-8")
+            atomic_write_text(self.out_dir / "results.md", md)
         self.ctx.barrier()
         return result
 
@@ -448,8 +476,8 @@ def evaluate(model_or_path, config: EvalConfig, *, image_processor=None, tokeniz
     """Evaluate a model (a :class:`Flamingo` with its ``image_processor`` and ``tokenizer``, or a
     directory / Hub id for :func:`flamingo_vlm.load_pretrained`) under ``torchrun`` or alone."""
     config.validate()
-    for name in config.tasks:  # a dataset folder missing under --data-root is said before the model loads (minutes)
-        resolve_task_root(get_task(name), config.data_root or ".", config.task_roots)
+    for name in config.tasks:  # a dataset folder or file missing is said before the model loads (minutes)
+        check_task_files(get_task(name), config.data_root or ".", config.task_roots)
     ctx = init_distributed(device)
     try:
         if isinstance(model_or_path, (str, Path)):

@@ -9,6 +9,11 @@ Layout of ``--out``::
 
 A unit file exists only once its unit has finished (it is written to a temporary name and
 renamed), so a rerun skips exactly the finished units whose settings match.
+
+Every file is strict JSON: a score that does not exist (ROC-AUC of a subset with one class, an
+accuracy over no queries) is NaN in Python and ``null`` in the file (Python's bare ``NaN`` is not
+JSON: JavaScript's ``JSON.parse`` and other strict parsers refuse the whole file). :func:`read_unit`
+turns the ``null`` scores back into NaN, and still reads files of older versions with bare ``NaN``.
 """
 
 from __future__ import annotations
@@ -22,19 +27,50 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write_json", "markdown_table", "scoring_notes", "summarize", "unit_path"]
+__all__ = ["atomic_write_json", "atomic_write_text", "markdown_table", "read_unit", "scoring_notes", "strict_json", "summarize", "unit_path"]
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    # allow_nan=False: nothing non-finite slips through as a bare NaN/Infinity (strict_json made them null)
+    return _atomic_write(path, lambda f: json.dump(strict_json(data), f, indent=1, default=_json_default,
+                                                   allow_nan=False))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """``path`` holds ``text`` whole, or what it held before (``results.md``, ``card.md``)."""
+    return _atomic_write(path, lambda f: f.write(text))
+
+
+def _atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write through a temporary file renamed over ``path``; a failed write (a full disk, a value
+    that is not JSON) leaves ``path`` as it was and removes the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def strict_json(data: Any) -> Any:
+    """``data`` with every non-finite float (NaN, ±inf; numpy's too) replaced by None, so that it
+    dumps as strict JSON (``null``); containers are copied, other values kept."""
+    if isinstance(data, (float, np.floating)):
+        return float(data) if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    if isinstance(data, np.ndarray):
+        return strict_json(data.tolist())
+    return data
 
 
 def _json_default(o):
@@ -52,11 +88,24 @@ def unit_path(out_dir: str | os.PathLike, task: str, shots: int, seed: int) -> P
 
 
 def read_unit(path: str | os.PathLike) -> dict | None:
+    """A unit file as the evaluation wrote it, its ``null`` scores (``score``, anything under
+    ``metrics``) NaN again, as they were before writing; files with bare ``NaN`` (older versions)
+    are read too. None where there is no readable unit."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            unit = json.load(f)  # (json accepts a bare NaN)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    if isinstance(unit, dict):
+        if "score" in unit and unit["score"] is None:
+            unit["score"] = math.nan
+        if isinstance(unit.get("metrics"), dict):
+            unit["metrics"] = _nan_for_null(unit["metrics"])
+    return unit
+
+
+def _nan_for_null(metrics: dict) -> dict:
+    return {k: math.nan if v is None else _nan_for_null(v) if isinstance(v, dict) else v for k, v in metrics.items()}
 
 
 def summarize(units: Iterable[dict]) -> dict[str, list[dict]]:

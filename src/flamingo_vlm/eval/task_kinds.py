@@ -106,6 +106,11 @@ class Task:
     def load(self, root: Path, split: str) -> EvalDataset:
         raise NotImplementedError
 
+    def check_files(self, root: Path, split: str) -> None:
+        """Raise :class:`~.datasets.DatasetLayoutError` naming the first file or folder of ``split`` that
+        :meth:`load` needs and ``root`` lacks, without reading any (run for every task before the
+        model loads). The default checks nothing: :meth:`load` says it then."""
+
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         """The task's own settings that decide its numbers (recorded in each unit file)."""
         return {}
@@ -180,6 +185,9 @@ class CaptioningTask(GenerationTask):
     def load(self, root: Path, split: str) -> EvalDataset:
         return CaptionDataset.from_root(root, split, dataset=self.name)
 
+    def check_files(self, root: Path, split: str) -> None:
+        CaptionDataset.files(root, split, dataset=self.name)
+
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         # the tokenizer actually used: "auto" differs with and without Java
         return super().fingerprint(config) | {"caption_tokenizer": resolve_caption_tokenizer(config.caption_tokenizer),
@@ -221,6 +229,9 @@ class VQATask(GenerationTask):
 
     def load(self, root: Path, split: str) -> EvalDataset:
         return VQADataset.from_root(root, split, dataset=self.name)
+
+    def check_files(self, root: Path, split: str) -> None:
+        VQADataset.files(root, split, dataset=self.name)
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         # vqa_compat only when not the default, so older unit files stay valid
@@ -318,6 +329,9 @@ class ClassificationTask(Task):
     def load(self, root: Path, split: str) -> EvalDataset:
         return ImageNetDataset.from_root(root, split)
 
+    def check_files(self, root: Path, split: str) -> None:
+        ImageNetDataset.files(root, split)
+
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"ensemble": config.ensemble and config.ensemble_max}
 
@@ -377,6 +391,9 @@ class HatefulMemesTask(ClassificationTask):
     def load(self, root: Path, split: str) -> EvalDataset:
         return HatefulMemesDataset.from_root(root, split)
 
+    def check_files(self, root: Path, split: str) -> None:
+        HatefulMemesDataset.files(root, split)
+
     def class_names(self, test: EvalDataset) -> list[str]:
         return ["no", "yes"]
 
@@ -410,10 +427,20 @@ class IclDataset(EvalDataset):
     layout = "<root>/episodes.json and <root>/images/ (flamingo-vlm data synthetic-benchmark OUT --tasks synthetic_icl)"
 
     @classmethod
-    def from_root(cls, root: Path, split: str) -> IclDataset:
+    def files(cls, root: Path) -> Path:
+        """The episodes file under ``root``, or :class:`DatasetLayoutError` naming it."""
         from .datasets import DatasetLayoutError
 
         path = Path(root) / "episodes.json"
+        if not path.is_file():
+            raise DatasetLayoutError(f"{path} not found; expected layout: {cls.layout}")
+        return path
+
+    @classmethod
+    def from_root(cls, root: Path, split: str) -> IclDataset:
+        from .datasets import DatasetLayoutError
+
+        path = cls.files(root)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             episodes = data["episodes"]
@@ -447,6 +474,9 @@ class IclTask(GenerationTask):
 
     def load(self, root: Path, split: str) -> EvalDataset:
         return IclDataset.from_root(root, split)
+
+    def check_files(self, root: Path, split: str) -> None:
+        IclDataset.files(root)
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"decoding": "greedy", "max_new_tokens": self.new_tokens(config), "zero_shot": "query only"}

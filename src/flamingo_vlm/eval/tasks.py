@@ -14,7 +14,8 @@ from pathlib import Path
 from .datasets import DatasetLayoutError
 from .task_kinds import CaptioningTask, ClassificationTask, HatefulMemesTask, IclTask, OKVQATask, Task, VQATask
 
-__all__ = ["TASKS", "TASK_ALIASES", "Task", "extra_metrics", "get_task", "register_task", "resolve_task_root"]
+__all__ = ["TASKS", "TASK_ALIASES", "Task", "check_task_files", "extra_metrics", "get_task", "register_task",
+           "resolve_task_root"]
 
 TASKS: dict[str, Task] = {}
 TASK_ALIASES: dict[str, str] = {}
@@ -69,3 +70,19 @@ def resolve_task_root(spec: Task, data_root: str | os.PathLike, overrides: dict[
         f"no folder for task {spec.name!r} under {root} (tried {', '.join(spec.folders)}); "
         f"pass --task-root {spec.name}=PATH"
     )
+
+
+def check_task_files(spec: Task, data_root: str | os.PathLike, overrides: dict[str, str] | None = None) -> Path:
+    """The task's folder (:func:`resolve_task_root`), once every file its demo and evaluation splits
+    need is there (:meth:`Task.check_files`: nothing is read). Run for every task before the model
+    loads: a missing annotation file was said only when its task came up, after the model had loaded
+    and the tasks before it had run. The error names the file and the flag that gave its folder."""
+    root = resolve_task_root(spec, data_root, overrides)
+    given = (f"--task-root {spec.name}={root}" if overrides and spec.name in overrides
+             else f"--data-root {data_root}; another folder: --task-root {spec.name}=PATH")
+    for split in dict.fromkeys((spec.demo_split, spec.eval_split)):
+        try:
+            spec.check_files(root, split)
+        except DatasetLayoutError as e:
+            raise DatasetLayoutError(f"{e} (the folder {root} is from {given})") from None
+    return root

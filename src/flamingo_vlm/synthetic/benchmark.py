@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,17 +75,24 @@ def write_synthetic_benchmark(
             out[task] = write_icl_benchmark(folder, n_episodes=n_test, generator=gen, image_size=image_size,
                                             jpeg_quality=jpeg_quality, overwrite=overwrite)
             continue
-        if folder.exists():
-            if not overwrite:
-                raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        if task in ("coco", "flickr30k"):
-            _write_captioning(folder, gen, task, n_train, n_val, n_test, image_size, jpeg_quality)
-        elif task == "vqav2":
-            _write_vqa(folder, gen, n_train, n_val + n_test, questions_per_image, image_size, jpeg_quality)
-        else:
-            _write_classification(folder, gen, n_class_train_per_class, n_class_val_per_class, image_size, jpeg_quality)
+        if folder.exists() and not overwrite:
+            raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
+        # written to a temporary folder, then renamed (as write_icl_benchmark does): an interrupted write left a
+        # folder without some of its files, which `evaluate --synthetic` then took for written
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            if task in ("coco", "flickr30k"):
+                _write_captioning(tmp, gen, task, n_train, n_val, n_test, image_size, jpeg_quality)
+            elif task == "vqav2":
+                _write_vqa(tmp, gen, n_train, n_val + n_test, questions_per_image, image_size, jpeg_quality)
+            else:
+                _write_classification(tmp, gen, n_class_train_per_class, n_class_val_per_class, image_size, jpeg_quality)
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         out[task] = folder
     meta = {
         "generator": _FORMAT_NAME, "version": 1, "seed": gen.seed, "image_size": image_size,
