@@ -474,6 +474,23 @@ def test_a_llama_layer_step_computes_what_the_layer_computes(isa, weights, dtype
                 assert (got.double() - stock.double()).abs().max() <= 2 ** -6 * stock.double().abs().max()
                 assert (got.double() - want).abs().max() <= 3 * (stock.double() - want).abs().max() + 1e-6
                 assert (k.double() - stock_k[:, :, -1:].double()).abs().max() <= 2 ** -7 * stock_k.double().abs().max()
+    # a left-padded batch: the keys a row does not see (True in the mask) get no weight, as in the layer's SDPA
+    x, keys, values, pids, (cos, sin) = llama_inputs(3, dtype, rope)
+    unseen = torch.zeros(3, 1, 1, keys.shape[2] + 1, dtype=torch.bool)
+    unseen[1, ..., :3] = True
+    unseen[2, ..., :1] = True
+    with torch.no_grad():
+        want, _, _ = run_layer(ref.double(), x.double(), keys.double(), values.double(), pids,
+                               (cos.double(), sin.double()), attention_mask=~unseen)
+        q, k, v = step.pre(x, cos, sin)
+        got = step.post(x, q, torch.cat([keys, k], 2), torch.cat([values, v], 2), unseen)
+        unmasked = step.post(x, q, torch.cat([keys, k], 2), torch.cat([values, v], 2))
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+    assert (got.double() - want).abs().max() <= tol * want.abs().max()
+    err = (got.double() - want).abs().max()
+    assert (got[0] == unmasked[0]).all() and (got[1].double() - unmasked[1].double()).abs().max() > 2 * err
+    with pytest.raises(ValueError, match="LlamaStep"):
+        step.post(x, q, torch.cat([keys, k], 2), torch.cat([values, v], 2), unseen[:, :, :, 1:])  # a mask too short
     with pytest.raises(ValueError, match="LlamaStep"):
         step.pre(torch.randn(2, 1, 45).to(dtype), cos, sin)
     with pytest.raises(ValueError, match="LlamaStep"):
@@ -570,7 +587,8 @@ def run_llama_model(lm, ids, keys, values, **kwargs):
 def test_a_llama_models_decoding_step_runs_its_layers_in_one_loop_with_the_stock_answers(fresh, monkeypatch):
     """At a decoding step LlamaModel's patched forward calls no layer module (neither the Flamingo wrapper
     nor the decoder layer): each layer's cross-attention and step, as the stock forward computes them;
-    anything it does not take (padding, asked outputs, hooks, another cache) runs the stock forward."""
+    a left-padded batch's mask goes to the steps; anything it does not take (asked outputs, hooks,
+    another cache) runs the stock forward."""
     from flamingo_vlm.modeling.injection import FlamingoLayer
 
     native_routes(monkeypatch)
@@ -592,7 +610,7 @@ def test_a_llama_models_decoding_step_runs_its_layers_in_one_loop_with_the_stock
         assert same(attention_mask=torch.ones(2, 6, dtype=torch.long))  # a mask without padding
         mask = torch.ones(2, 6, dtype=torch.long)
         mask[0, 0] = 0
-        assert not same(attention_mask=mask)  # padding: the stock forward (its layers' own mask)
+        assert same(attention_mask=mask) and len(calls) == 4  # padding: the steps take its mask
         assert not same(return_dict=False)
         handle = lm.layers[1].register_forward_pre_hook(lambda *a: None)  # a hook must see its module's call
         assert not same()

@@ -10,7 +10,7 @@ decoder layers get the same in two calls around the KV cache's own update (:func
 transformers' LLaMA layers (:class:`.native.LlamaStep`; the built-in model's LM, where a layer took
 364 us with int8 weights, its products ~150 us) and MPT blocks, with transformers' attention or our
 MosaicGPT's (:class:`.native.MptStep`); and where a layer's step is not taken (another LM, a
-LLaMA layer with a padding mask, another cache), its MLP where it is transformers' MPT or LLaMA MLP
+LLaMA layer called with a mask outside its model's decoding loop, another cache), its MLP where it is transformers' MPT or LLaMA MLP
 (:class:`.native.MlpStep`). With every layer's step taken, what was left was Python around them (two
 module calls a layer, their checks, transformers' decorators): a LLaMA model's decoding step
 (``LlamaModel``, the built-in model's) runs as one loop over its layers instead
@@ -406,10 +406,10 @@ def _fused_llama_model_forward(model: nn.Module):
                                                             or kwargs.get("cache_position") is None):
             # (cache_position without position_ids: transformers 5.0 made the positions from it)
             call = _model_decode_call(self, kwargs, getattr(self.config, "return_dict", True))
-        stack = None if call is None or call[3] is not None else _stack(self.layers[: self.config.num_hidden_layers])
-        if stack is None:  # (padding: a mask the layers' steps do not take; a hook a module call must run)
+        stack = None if call is None else _stack(self.layers[: self.config.num_hidden_layers])
+        if stack is None:  # (a hook a module call must run)
             return stock(self, *args, **kwargs)
-        ids, cache, past, _ = call
+        ids, cache, past, padding = call
         x = self.embed_tokens(ids)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:  # (as the stock forward makes them)
@@ -425,11 +425,11 @@ def _fused_llama_model_forward(model: nn.Module):
                     and (kept := _cached(cache.layers, index, x, step.kv_heads)) is not None):
                 q, k, v = step.pre(x, cos, sin, check=False)
                 keys, values = kept.update(k, v)  # (what cache.update calls: a cat, its keys/values checked above)
-                x = step.post(x, q, keys, values, check=False)
-            else:  # the layer as the stock forward calls it
+                x = step.post(x, q, keys, values, padding, check=False)
+            else:  # the layer as the stock forward calls it (its mask for the one query: what the row sees)
                 rest = {k: v for k, v in kwargs.items() if k not in _MODEL_ONLY}
-                x = layer(x, attention_mask=None, position_embeddings=position_embeddings, position_ids=position_ids,
-                          **rest)
+                x = layer(x, attention_mask=None if padding is None else ~padding,
+                          position_embeddings=position_embeddings, position_ids=position_ids, **rest)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{_CACHE_FIELD: cache})
 
     return forward

@@ -170,9 +170,9 @@ def library() -> ctypes.CDLL | None:
                                   ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_float, flag, flag]
     # (layer, x, cos, sin, cos_sin_row_stride, q, k, v, x_bf16, M, nthreads)
     lib.fv_llama_pre.argtypes = [ctypes.POINTER(_Llama), ptr, ptr, ptr, size, ptr, ptr, ptr, flag, size, flag]
-    # (layer, x, q, k, v, S, strides, y, x_bf16, M, nthreads)
+    # (layer, x, q, k, v, S, strides, mask, mask_row_stride, y, x_bf16, M, nthreads)
     lib.fv_llama_post.argtypes = [ctypes.POINTER(_Llama), ptr, ptr, ptr, ptr, size, ctypes.POINTER(ctypes.c_int64),
-                                  ptr, flag, size, flag]
+                                  ptr, size, ptr, flag, size, flag]
     lib.fv_mpt_pre.restype = lib.fv_mpt_post.restype = ctypes.c_int
     # (block, x, qkv, x_bf16, M, nthreads)
     lib.fv_mpt_pre.argtypes = [ctypes.POINTER(_Mpt), ptr, ptr, flag, size, flag]
@@ -445,8 +445,8 @@ class LlamaStep:
     """A LLaMA decoder layer's decoding step (transformers' ``LlamaDecoderLayer``: RMSNorm, grouped-query
     attention with rotary embeddings, RMSNorm, SiLU-gated MLP, two residuals) in two calls of the C
     library around the KV cache's update: :meth:`pre` gives the step's query, key and value (rotary
-    applied), the caller appends key and value to its cache, :meth:`post` attends over all of them and
-    finishes the layer. No mask: every cached position is seen. Activations in ``dtype`` (fp32 or
+    applied), the caller appends key and value to its cache, :meth:`post` attends over all of them (but
+    the padding a mask names) and finishes the layer. Activations in ``dtype`` (fp32 or
     bf16), rounded where the modules round (``fv_llama_pre`` in the C file). ``products``: q, k, v, o,
     up, down, gate; ``norms``: the two RMSNorm weights (D,) and their eps. Keeps weak references to its
     tensors, as :class:`XattnStep`."""
@@ -516,27 +516,36 @@ class LlamaStep:
             raise MemoryError("LlamaStep: the C library could not allocate its scratch memory")
         return q, k, v
 
-    def post_fits(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    def post_fits(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> bool:
         """``keys``/``values`` (rows of ``x``, kv_heads, S >= 1, head size) in ``dtype`` on CPU with a
-        contiguous last dimension."""
+        contiguous last dimension; ``mask`` ``None`` or bool (rows or 1, 1, 1, S) with a contiguous last
+        dimension (True: a key the row does not see)."""
+        s = keys.shape[2] if keys.dim() == 4 else -1
         return (keys.shape == values.shape and keys.dim() == 4 and keys.shape[0] == x.shape[0]
                 and keys.shape[1] == self.kv_heads and keys.shape[2] > 0 and keys.shape[3] == self.dim_head
-                and all(t.dtype == self.dtype and t.stride(3) == 1 and t.device.type == "cpu" for t in (keys, values)))
+                and all(t.dtype == self.dtype and t.stride(3) == 1 and t.device.type == "cpu" for t in (keys, values))
+                and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] in (1, x.shape[0])
+                                      and mask.shape[1:] == (1, 1, s) and mask.stride(3) == 1
+                                      and mask.device.type == "cpu")))
 
-    def post(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *,
-             check: bool = True) -> torch.Tensor:
-        """The layer's output (as ``x``) from its input ``x``, :meth:`pre`'s query and all keys/values."""
+    def post(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+             mask: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
+        """The layer's output (as ``x``) from its input ``x``, :meth:`pre`'s query and all keys/values,
+        less those ``mask`` names (True: not seen; a left-padded batch's padding)."""
         if check and not (self.input_fits(x) and self.alive()
-                          and self.post_fits(x, keys, values) and q.shape == (x.shape[0], 1, self.heads * self.dim_head)
+                          and self.post_fits(x, keys, values, mask)
+                          and q.shape == (x.shape[0], 1, self.heads * self.dim_head)
                           and q.dtype == self.dtype and q.is_contiguous()):
-            raise ValueError(f"LlamaStep: needs the input, its query from pre() and CPU (rows, {self.kv_heads}, S, "
-                             f"{self.dim_head}) {self.dtype} keys/values; got "
-                             + _describe(input=x, query=q, keys=keys, values=values))
+            raise ValueError(f"LlamaStep: needs the input, its query from pre(), CPU (rows, {self.kv_heads}, S, "
+                             f"{self.dim_head}) {self.dtype} keys/values and a bool (rows or 1, 1, 1, S) mask or None; "
+                             "got " + _describe(input=x, query=q, keys=keys, values=values, mask=mask))
         y = torch.empty_like(x)
         strides = (ctypes.c_int64 * 6)(*keys.stride()[:3], *values.stride()[:3])
+        mask_rows = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
         if _lib().fv_llama_post(ctypes.byref(self._layer), x.data_ptr(), q.data_ptr(), keys.data_ptr(), values.data_ptr(),
-                                keys.shape[2], strides, y.data_ptr(), self.dtype == torch.bfloat16, x.shape[0],
-                                torch.get_num_threads()):
+                                keys.shape[2], strides, _ptr(mask), mask_rows, y.data_ptr(),
+                                self.dtype == torch.bfloat16, x.shape[0], torch.get_num_threads()):
             raise MemoryError("LlamaStep: the C library could not allocate its scratch memory")
         return y
 

@@ -576,8 +576,8 @@ static int fv_attend_team(int64_t M, int64_t heads, int64_t dh, int64_t S, int n
 }
 
 static void fv_attend(const void *q, void *a, int xb, int64_t M, int64_t heads, int64_t dh, const void *k,
-                      const void *v, int64_t S, int64_t kv_rows, int64_t groups, const int64_t *st, int simd,
-                      int team, float *scratch) {
+                      const void *v, int64_t S, int64_t kv_rows, int64_t groups, const int64_t *st,
+                      const uint8_t *mask, int64_t mask_m, int simd, int team, float *scratch) {
     const int64_t r = M / kv_rows, esize = xb ? 2 : 4;
     const float scale = 1.f / sqrtf((float)dh);
     #pragma omp parallel num_threads(team)
@@ -586,18 +586,22 @@ static void fv_attend(const void *q, void *a, int xb, int64_t M, int64_t heads, 
         #pragma omp for schedule(static)
         for (int64_t mh = 0; mh < M * heads; mh++) {
             const int64_t m = mh / heads, h = mh % heads, row = m / r;
+            const uint8_t *unseen = mask ? mask + m * mask_m : NULL;  /* row m's keys it does not see: skipped */
             for (int64_t d = 0; d < dh; d++) qh[d] = fv_get(q, xb, m * heads * dh + h * dh + d) * scale;
             const char *kh = (const char *)k + (row * st[0] + h / groups * st[1]) * esize;
             const char *vh = (const char *)v + (row * st[3] + h / groups * st[4]) * esize;
             float mx = -INFINITY, sum = 0.f;
             for (int64_t s = 0; s < S; s++) {
+                if (unseen && unseen[s]) continue;
                 p[s] = fv_dot(qh, kh + s * st[2] * esize, xb, dh, simd);
                 if (p[s] > mx) mx = p[s];
             }
-            for (int64_t s = 0; s < S; s++) sum += (p[s] = fv_expf(p[s] - mx));
+            for (int64_t s = 0; s < S; s++) sum += (p[s] = unseen && unseen[s] ? 0.f : fv_expf(p[s] - mx));
             for (int64_t d = 0; d < dh; d++) o[d] = 0.f;
-            for (int64_t s = 0; s < S; s++) fv_axpy(o, p[s], vh + s * st[5] * esize, xb, dh, simd);
-            for (int64_t d = 0; d < dh; d++) fv_put(a, xb, m * heads * dh + h * dh + d, o[d] / sum);
+            for (int64_t s = 0; s < S; s++)
+                if (!(unseen && unseen[s])) fv_axpy(o, p[s], vh + s * st[5] * esize, xb, dh, simd);
+            for (int64_t d = 0; d < dh; d++)  /* (no key seen: zeros) */
+                fv_put(a, xb, m * heads * dh + h * dh + d, sum > 0.f ? o[d] / sum : 0.f);
         }
     }
 }
@@ -633,7 +637,7 @@ int fv_xattn_step(const fv_block *p, const void *x, void *y, int xb, int64_t M, 
     else {
         fv_layer_norm(x, h, xb, M, D, p->ln1_w, p->ln1_b, p->eps1);
         fv_layer_run(&p->q, h, qb, M, xb, nthreads);
-        fv_attend(qb, ab, xb, M, p->heads, p->dim_head, k, v, S, kv_rows, 1, st, simd, team, scratch);
+        fv_attend(qb, ab, xb, M, p->heads, p->dim_head, k, v, S, kv_rows, 1, st, NULL, 0, simd, team, scratch);
         fv_layer_run(&p->out, ab, t, M, xb, nthreads);
         fv_gated_add(x, t, attn_gate, x1, xb, M * D);
     }
@@ -690,8 +694,8 @@ int fv_mlp_step(const fv_mlp *p, const void *x, const void *residual, void *y, i
  *   post:  x1 = x + o(attention(q, K, V));  y = x1 + down(SiLU(gate(h2)) * up(h2)),  h2 = RMSNorm2(x1)
  *
  * for M rows of one token each, as transformers' LlamaDecoderLayer computes them (LLaMA, SmolLM2 and
- * their kin): grouped-query attention, no mask (every cached position is seen, as at a decoding step
- * without padding). Rounded to the activations' dtype where the modules round: RMSNorm's normalised
+ * their kin): grouped-query attention, and a padding mask where rows are left-padded (the keys a row does
+ * not see are skipped, as SDPA's -inf scores give them no weight). Rounded to the activations' dtype where the modules round: RMSNorm's normalised
  * value before its weight and after, each product, each of the rotary embedding's two products and
  * their sum, the attention's output, each sum; RMSNorm's mean square in double (torch: fp32), the
  * attention as fv_attend (fp32 throughout; torch's bf16 SDPA on CPU rounds the probabilities to bf16
@@ -760,9 +764,10 @@ int fv_llama_pre(const fv_llama *p, const void *x, const void *cos, const void *
 }
 
 /* x, y (M, D); q from pre; k, v: (M, kv_heads, S, dh) with strides st (as fv_attend), the new position
- * included. Returns 0, or -1 (bad sizes, no memory; y is then not written). */
+ * included; mask: NULL or bytes, row m's key s not seen where mask[m * mask_m + s] != 0 (left padding).
+ * Returns 0, or -1 (bad sizes, no memory; y is then not written). */
 int fv_llama_post(const fv_llama *p, const void *x, const void *q, const void *k, const void *v, int64_t S,
-                  const int64_t *st, void *y, int xb, int64_t M, int nthreads) {
+                  const int64_t *st, const uint8_t *mask, int64_t mask_m, void *y, int xb, int64_t M, int nthreads) {
     const int64_t D = p->D, inner = p->heads * p->dim_head, esize = xb ? 2 : 4;
     const int simd = p->o.isa >= 1 && fv_isa() >= 1;
     if (M <= 0 || S <= 0 || p->kv_heads <= 0 || p->heads % p->kv_heads) return -1;
@@ -772,7 +777,8 @@ int fv_llama_post(const fv_llama *p, const void *x, const void *q, const void *k
     if (!mem) return -1;
     void *a = mem, *t = mem + M * inner * esize, *x1 = (char *)t + M * D * esize, *h = (char *)x1 + M * D * esize;
     float *scratch = (float *)(mem + (acts + 3) / 4 * 4);
-    fv_attend(q, a, xb, M, p->heads, p->dim_head, k, v, S, M, p->heads / p->kv_heads, st, simd, team, scratch);
+    fv_attend(q, a, xb, M, p->heads, p->dim_head, k, v, S, M, p->heads / p->kv_heads, st, mask, mask_m, simd, team,
+              scratch);
     fv_layer_run(&p->o, a, t, M, xb, nthreads);
     fv_gated_add(x, t, 1.f, x1, xb, M * D);
     fv_rms_norm(x1, h, xb, M, D, p->norm2_w, p->eps2);
