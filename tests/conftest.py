@@ -50,3 +50,20 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("FLAMINGO_VLM_CACHE", str(tmp_path))
     monkeypatch.delenv(kernels.ENV, raising=False)
     return tmp_path
+
+
+class ModelLoaded(Exception):
+    """Raised by the model loader under :func:`no_model_load`: the code got as far as loading the model."""
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """``flamingo_vlm.pretrained.from_pretrained`` raises :class:`ModelLoaded` (what was checked before the
+    model loads shows as another error); returns that class."""
+    from flamingo_vlm import pretrained
+
+    def load(*args, **kwargs):
+        raise ModelLoaded
+
+    monkeypatch.setattr(pretrained, "from_pretrained", load)
+    return ModelLoaded

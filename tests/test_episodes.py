@@ -157,21 +157,16 @@ def test_model_card_with_a_missing_score_is_strict_json_and_renders_from_card_js
     assert math.isnan(card["scores"]["coco"][0])  # (the card itself is not changed by writing it)
 
 
-def test_model_card_data_follows_n_test_and_bad_values_are_refused_first(tmp_path, monkeypatch, capsys):
+def test_model_card_data_follows_n_test_and_bad_values_are_refused_first(tmp_path, monkeypatch, capsys,
+                                                                         no_model_load):
     """The card kept the benchmark data of its first run: asked for --n-test 3 after 2, it evaluated the
     2 queries of the old data and said 3 (and --n-test 0 wrote data without test scenes, then failed
     with a traceback, and every later run failed on that data)."""
-    from flamingo_vlm import pretrained, synthetic
+    from flamingo_vlm import synthetic
     from flamingo_vlm.eval import card
     from flamingo_vlm.eval.datasets import CaptionDataset
 
-    class Loaded(Exception):
-        pass
-
-    def load(*a, **k):
-        raise Loaded
-
-    monkeypatch.setattr(pretrained, "from_pretrained", load)
+    Loaded = no_model_load
     out = tmp_path / "card"
     assert card.main(["--out", str(out), "--n-test", "0"]) == 1
     assert "n_test (--n-test) must be >= 1, got 0" in capsys.readouterr().err and not out.exists()

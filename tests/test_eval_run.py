@@ -251,20 +251,28 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
     assert two["predictions"] == one["predictions"] and two["score"] == one["score"]
 
 
-def test_hateful_memes_run_reports_roc_auc(tiny, tmp_path):
-    root, (model, ip, tok) = tiny
+def _hateful_memes(tmp_path: Path, *, dev: int, one_class: bool = False) -> Path:
+    """A Hateful Memes folder of 4 train and ``dev`` dev memes (synthetic scenes), labels alternating
+    (``one_class``: every dev label 0)."""
     from flamingo_vlm.synthetic import SceneGenerator as G
 
     hm = tmp_path / "hateful_memes"
     (hm / "img").mkdir(parents=True)
     g = G(seed=5)
-    for split, n in (("train", 4), ("dev", 6)):
+    for split, n in (("train", 4), ("dev", dev)):
         lines = []
         for i in range(n):
             sid = 100 * (split == "dev") + i
             g.scene(sid, "test").render(32).save(hm / "img" / f"{sid:05d}.png")
-            lines.append(json.dumps({"id": sid, "img": f"img/{sid:05d}.png", "label": i % 2, "text": f"meme number {i}"}))
+            label = 0 if one_class and split == "dev" else i % 2
+            lines.append(json.dumps({"id": sid, "img": f"img/{sid:05d}.png", "label": label, "text": f"meme number {i}"}))
         (hm / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return hm
+
+
+def test_hateful_memes_run_reports_roc_auc(tiny, tmp_path):
+    root, (model, ip, tok) = tiny
+    hm = _hateful_memes(tmp_path, dev=6)
     cfg = EvalConfig(tasks=["hateful_memes"], task_roots={"hateful_memes": str(hm)}, out_dir=str(tmp_path / "out"),
                      shots=[0, 2], trials=1, batch_size=3, progress=False)
     result = Evaluator(model, ip, tok, cfg).run()
@@ -287,20 +295,8 @@ def test_a_score_that_does_not_exist_is_null_in_strict_json_and_nan_when_read_ba
     strict parsers refuse. It is ``null`` now; resuming reads it back as NaN, as do old files."""
     import math
 
-    from flamingo_vlm.synthetic import SceneGenerator as G
-
     root, (model, ip, tok) = tiny
-    hm = tmp_path / "hateful_memes"
-    (hm / "img").mkdir(parents=True)
-    g = G(seed=5)
-    for split, n in (("train", 4), ("dev", 3)):
-        lines = []
-        for i in range(n):
-            sid = 100 * (split == "dev") + i
-            g.scene(sid, "test").render(32).save(hm / "img" / f"{sid:05d}.png")
-            label = i % 2 if split == "train" else 0  # the dev set holds one class: no ROC-AUC
-            lines.append(json.dumps({"id": sid, "img": f"img/{sid:05d}.png", "label": label, "text": f"meme {i}"}))
-        (hm / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    hm = _hateful_memes(tmp_path, dev=3, one_class=True)  # the dev set holds one class: no ROC-AUC
     out = tmp_path / "out"
 
     def run():
@@ -694,21 +690,14 @@ _TASK_FILES = {
 
 @pytest.mark.parametrize("missing", [f if f.count("/") < 3 else f.rsplit("/", 2)[0] + "/"  # imagenet/val/
                                      for files in _TASK_FILES.values() for f in files])
-def test_a_missing_dataset_file_is_said_before_the_model_loads(tmp_path, monkeypatch, missing):
+def test_a_missing_dataset_file_is_said_before_the_model_loads(tmp_path, no_model_load, missing):
     """A dataset folder without one of its files (an annotation file, a split folder) was said only
     when its task came up: after the model had loaded and the tasks before it had run."""
     import shutil
 
-    from flamingo_vlm import pretrained
     from flamingo_vlm.eval.datasets import DatasetLayoutError
 
-    class Loaded(Exception):
-        pass
-
-    def load(*a, **k):
-        raise Loaded
-
-    monkeypatch.setattr(pretrained, "from_pretrained", load)
+    Loaded = no_model_load
     data = tmp_path / "data"
     for f in (f for files in _TASK_FILES.values() for f in files):
         (data / f).parent.mkdir(parents=True, exist_ok=True)
