@@ -1,4 +1,5 @@
-"""Attention for bf16 decoding on CPU: transformers' SDPA attention, run in fp32 for decode steps.
+"""Attention on CPU: transformers' SDPA attention, with bf16 decode steps in fp32 and a prompt's later
+chunks split at their past.
 
 torch's CPU ``scaled_dot_product_attention`` takes 3-4x longer on one bf16 query than on fp32 copies
 of the same tensors (measured on an AMD EPYC Zen 4 with 64-2048 cached keys, casts included). The
@@ -8,9 +9,20 @@ wanted runs on fp32 copies and is rounded back to bf16 once. Everything else (pr
 other dtypes and devices) is transformers' call as it was. :func:`use_for` switches an LM that uses
 transformers' ``"sdpa"`` to it (``Flamingo`` does so for its LM); masks are built as for ``"sdpa"``.
 Our MPT/MosaicGPT (:mod:`.mpt`) does the same inside its own attention.
+
+A chunk of queries after a past (a long prompt prefilled in chunks by the server, a prompt whose
+demonstrations the prefix cache holds) gets an explicit mask from transformers, and SDPA computes its
+whole last block of keys, half of which the mask hides. Where that mask is the plain causal one (no
+padding; checked once per mask, which every layer of a call shares) and no gradient is wanted, the
+call is split (:func:`past_then_causal`): the queries over the past keys without a mask, over their
+own keys causally, the two merged by their log-sum-exp. Quiet AMD EPYC Zen 4, 9 heads of 64, one
+row: 2048 queries after 2048 keys 135 -> 103 ms in bf16 (138 -> 98 in fp32), after 6144 keys
+281 -> 227 ms; the same values to rounding (the two halves are each rounded to bf16 before merging).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -18,6 +30,7 @@ from torch import nn
 NAME = "flamingo_sdpa"
 FP32_MAX_QUERIES = 8  # decoding steps, speculative checks
 _registered = False
+_causal_seen: tuple | None = None  # (a weak reference to the last mask checked, whether it was plain causal)
 
 
 def fp32_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, training: bool) -> bool:
@@ -27,9 +40,53 @@ def fp32_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tra
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)))
 
 
-def flamingo_sdpa(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def _plain_causal(mask: torch.Tensor, q: int, kv: int) -> bool:
+    """``mask`` (rows, 1, q, kv) bool lets every query see all ``kv - q`` earlier keys and its own
+    chunk's keys up to itself, and no other: no padding (remembered for the last mask checked)."""
+    global _causal_seen
+    if _causal_seen is not None and _causal_seen[0]() is mask:
+        return _causal_seen[1]
+    past = kv - q
+    ok = (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and tuple(mask.shape[2:]) == (q, kv)
+          and bool(mask[..., :past].all())
+          and bool((mask[..., past:] == torch.ones(q, q, dtype=torch.bool, device=mask.device).tril()).all()))
+    _causal_seen = (weakref.ref(mask), ok)
+    return ok
 
+
+def _split_applies(module: nn.Module, query, key, value, attention_mask, kwargs) -> bool:
+    q, kv = query.shape[-2], key.shape[-2]
+    return (query.device.type == "cpu" and not module.training and q > FP32_MAX_QUERIES and kv > q
+            and query.dtype in (torch.float32, torch.bfloat16) and key.dtype == value.dtype == query.dtype
+            and key.shape[-1] == value.shape[-1] == query.shape[-1]
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+            and not kwargs.get("dropout") and kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
+            and kwargs.get("position_bias") is None and kwargs.get("is_causal") in (None, True)
+            and getattr(module, "is_causal", True) and attention_mask is not None
+            and _plain_causal(attention_mask, q, kv))
+
+
+def past_then_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention of the last ``q`` of ``kv`` positions (query (B, H, q, D), key/value (B, H, kv, D)):
+    the queries over the ``kv - q`` earlier keys (no mask) and over their own (causal), merged by the
+    log-sum-exp of each part; (B, H, q, D) in the query's dtype."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    past = key.shape[-2] - query.shape[-2]
+    old, old_lse = flash(query, key[..., :past, :], value[..., :past, :], 0.0, False, scale=scale)[:2]
+    new, new_lse = flash(query, key[..., past:, :], value[..., past:, :], 0.0, True, scale=scale)[:2]
+    top = torch.maximum(old_lse, new_lse)
+    w_old, w_new = (old_lse - top).exp_().unsqueeze(-1), (new_lse - top).exp_().unsqueeze(-1)
+    return ((old.float() * w_old + new.float() * w_new) / (w_old + w_new)).to(query.dtype)
+
+
+def flamingo_sdpa(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if _split_applies(module, query, key, value, attention_mask, kwargs):
+        groups = getattr(module, "num_key_value_groups", 1)
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (as the masked call does)
+        out = past_then_causal(query, key, value, kwargs.get("scaling"))
+        return out.transpose(1, 2).contiguous(), None
     if not fp32_decode(query, key, value, module.training):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
