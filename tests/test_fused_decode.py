@@ -261,6 +261,29 @@ def test_not_taken_where_the_modules_would_not_run_on_our_kernels(fresh, monkeyp
         assert fused_decode.prepare(blk, x, blk.gates()) is None
 
 
+@needs_native
+def test_whole_layer_steps_take_our_kernel_where_it_measured_within_the_slack(fresh, monkeypatch):
+    """Where the probe chose another kernel for bare products but measured ours within FUSED_SLACK of it,
+    a whole layer's step still runs (it saves more than its products lose); an MLP's step alone does not,
+    and neither does a bare product."""
+    model, _ip, _tok = tiny_flamingo()
+    ms = {"1": {"default": 1.0, "native:1": 1.6}, "2": {"default": 1.0, "native:1": 1.4},
+          "4": {"default": 1.0, "native:1": 2.0}, "8": {"default": 1.0}}
+    kernels.set_routes("fp32", ("default",) * len(kernels.DECODE_BUCKETS), ms)
+    assert [kernels.fused_route("fp32", r) for r in (1, 2, 3, 8)] == ["default", 1, "default", "default"]
+    assert kernels.decode_route("fp32", 2) == "default"
+    calls = count_steps(monkeypatch)
+    generate(model, monkeypatch, fused=True)  # 2 rows
+    assert calls and set(calls) == {2}
+    blk = next(m for m in model.modules() if isinstance(m, GatedCrossAttentionBlock))
+    x = torch.randn(2, 1, blk.attn.norm.normalized_shape[0])
+    with torch.no_grad(), onednn_linears(model):
+        assert fused_decode._product(blk.ff[1], x) is not None
+        assert fused_decode._product(blk.ff[1], x, whole_layer=False) is None
+    kernels.set_routes("fp32", ("default",) * len(kernels.DECODE_BUCKETS))  # no timings: the routes themselves
+    assert kernels.fused_route("fp32", 1) == "default"
+
+
 # -- the LM's MLPs ------------------------------------------------------------------------------------
 def lm_mlp(kind: str, seed: int = 0) -> nn.Module:
     """transformers' MPT or LLaMA MLP at odd sizes (hidden 40, intermediate 120 / 72; LLaMA with biases)."""

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .kernels import (DECODE_ROWS, PLAIN_TYPES, decide, decode_route, onednn_available, onednn_linear, onednn_route,
-                      packed_linear)
+from .kernels import (DECODE_ROWS, PLAIN_TYPES, decide, decode_route, fused_route, onednn_available, onednn_linear,
+                      onednn_route, packed_linear)
 
 __all__ = ["auto_dtype", "fast_bf16", "linear", "native_decode_isa", "onednn_available", "onednn_linear", "onednn_linears",
            "outside_tracing"]
@@ -190,19 +190,21 @@ def _routed_forward(layer: nn.Linear):
     return types.MethodType(forward, layer)
 
 
-def native_decode_isa(layer: nn.Module, dtype: torch.dtype, rows: int) -> int | None:
+def native_decode_isa(layer: nn.Module, dtype: torch.dtype, rows: int, *, whole_layer: bool = False) -> int | None:
     """The SIMD path of our C kernel that ``layer``, an ``nn.Linear`` routed by the enclosing
     :func:`onednn_linears` block, takes for a call of ``rows`` (decode-sized) rows of ``dtype`` without
     gradients, as this machine's ``fp32_decode`` / ``bf16_decode`` probe chose for that row count;
     ``None`` where it would take another kernel. For callers that run the product themselves (a fused
-    block) and have checked their input (a plain contiguous CPU tensor, not traced or compiled)."""
+    block) and have checked their input (a plain contiguous CPU tensor, not traced or compiled).
+    ``whole_layer``: for a whole layer's fused step (:func:`.kernels.fused_route`)."""
     forward = vars(layer).get("forward")
     if _ACTIVE.get() != "auto" or not getattr(forward, "routed", False) or dtype not in _KINDS:
         return None
     w, b = layer._parameters.get("weight"), layer._parameters.get("bias")
     if w is None or w.dtype is not dtype or not 0 < rows <= DECODE_ROWS or not _weight_ok(w, b):
         return None
-    route = decode_route("fp32" if dtype is torch.float32 else "bf16", rows)
+    kind = "fp32" if dtype is torch.float32 else "bf16"
+    route = fused_route(kind, rows) if whole_layer else decode_route(kind, rows)
     return route if type(route) is int else None
 
 

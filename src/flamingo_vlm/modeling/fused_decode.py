@@ -76,8 +76,10 @@ def _hooked(modules) -> bool:
                 or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
-def _product(layer: nn.Module, x: torch.Tensor) -> native.Product | None:
-    """``layer`` as our kernel would run it on ``x`` here, or ``None`` where it would not."""
+def _product(layer: nn.Module, x: torch.Tensor, whole_layer: bool = True) -> native.Product | None:
+    """``layer`` as our kernel would run it on ``x`` here, or ``None`` where it would not
+    (``whole_layer``: for a whole layer's step, :func:`.kernels.fused_route`; an MLP's step alone saves
+    less around its products, and takes them only where the probe chose our kernel)."""
     kind = type(layer)
     if kind is QuantizedLinear:
         if layer.mode != "int8" or "forward" in vars(layer):
@@ -86,7 +88,7 @@ def _product(layer: nn.Module, x: torch.Tensor) -> native.Product | None:
         b = layer._buffers
         return None if isa is None else native.Product(b["qweight"], b["scales"], b["bias"], isa)
     if kind is nn.Linear:
-        isa = native_decode_isa(layer, x.dtype, x.shape[0])
+        isa = native_decode_isa(layer, x.dtype, x.shape[0], whole_layer=whole_layer)
         return None if isa is None else native.Product(layer.weight, None, layer.bias, isa)
     return None
 
@@ -170,7 +172,7 @@ def _prepare_mlp(mlp: nn.Module, kind: str, x: torch.Tensor) -> native.MlpStep |
     if mlp.training or _hooked((mlp, *mlp.children())):
         return None
     names = ("up_proj", "down_proj", "gate_proj") if kind == "llama" else ("up_proj", "down_proj")
-    products = [_product(getattr(mlp, n), x) for n in names]
+    products = [_product(getattr(mlp, n), x, whole_layer=False) for n in names]
     if any(p is None for p in products):
         return None
     try:
