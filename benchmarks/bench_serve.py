@@ -92,23 +92,28 @@ def images(n: int) -> list[str]:
     return [data_url(rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def request_body(model: str, urls: list[str], i: int, max_tokens: int) -> dict:
+def request_body(model: str, urls: list[str], i: int, max_tokens: int, vary: bool = False) -> dict:
     # The demonstration's image is the same in every request (the server's image cache keeps its
-    # encoding); the query's image is new each time (encoded for every request).
+    # encoding); the query's image is new each time (encoded for every request). ``vary``: request i
+    # asks for between 1/4 and all of max_tokens and its question has 0-8 more words (prompts of
+    # different lengths and answers that end at different steps, as a server's traffic has).
     a, b = urls[0], urls[1 + i % (len(urls) - 1)]
+    question = "Output:" + " please describe the image" * (i % 3) if vary else "Output:"
+    tokens = max(1, max_tokens // 4 + (i * 7919) % (max_tokens - max_tokens // 4 + 1)) if vary else max_tokens
     return {
-        "model": model, "max_tokens": max_tokens, "temperature": 0,
+        "model": model, "max_tokens": tokens, "temperature": 0,
         "messages": [
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": a}},
                                          {"type": "text", "text": "Output:"}]},
             {"role": "assistant", "content": " two cats on a sofa."},
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": b}},
-                                         {"type": "text", "text": "Output:"}]},
+                                         {"type": "text", "text": question}]},
         ],
     }
 
 
-async def run_level(base: str, model: str, urls: list[str], concurrency: int, total: int, max_tokens: int) -> dict:
+async def run_level(base: str, model: str, urls: list[str], concurrency: int, total: int, max_tokens: int,
+                    vary: bool = False) -> dict:
     latencies: list[float] = []
     tokens = 0
     errors = 0
@@ -121,7 +126,7 @@ async def run_level(base: str, model: str, urls: list[str], concurrency: int, to
             nonlocal tokens, errors
             for i in counter:
                 t0 = time.perf_counter()
-                r = await client.post("/v1/chat/completions", json=request_body(model, urls, i, max_tokens))
+                r = await client.post("/v1/chat/completions", json=request_body(model, urls, i, max_tokens, vary))
                 latencies.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     errors += 1
@@ -326,6 +331,8 @@ def main(argv=None) -> int:
                    help="the server's --dtype (auto, its default: bfloat16 where native and faster, else float32)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--quick", action="store_true", help="a few requests per level (smoke run)")
+    p.add_argument("--vary", action="store_true", help="requests of different lengths: max_tokens from 1/4 of "
+                   "--max-tokens to all of it, questions 0-8 words longer")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve.md")
     p.add_argument("--mixed", metavar="SLICES", help="instead: a long request and short ones, on a server per "
                    "--decode-slice value (comma-separated, e.g. 0,64)")
@@ -363,7 +370,7 @@ def main(argv=None) -> int:
         asyncio.run(run_level(base, model, urls[:3], 1, 2, args.max_tokens))  # warm-up
         for c in levels:  # every request's query image is one the server has not seen
             level_urls = [urls[0], *urls[offset + 1 : offset + 1 + per_level[c]]]
-            results.append(asyncio.run(run_level(base, model, level_urls, c, per_level[c], args.max_tokens)))
+            results.append(asyncio.run(run_level(base, model, level_urls, c, per_level[c], args.max_tokens, args.vary)))
             offset += per_level[c]
     finally:
         if proc is not None:
@@ -380,7 +387,9 @@ def main(argv=None) -> int:
         "",
         f"Model: {model_desc}. Requests: few-shot chat completions with 2 images (data URLs: the same "
         "demonstration image each time, a new query image each time), greedy, "
-        f"{args.max_tokens} new tokens each. Server: `--threads {args.threads} --max-batch-size {args.max_batch_size} "
+        + (f"{args.max_tokens // 4}-{args.max_tokens} new tokens, questions of 0-8 more words (`--vary`). "
+           if args.vary else f"{args.max_tokens} new tokens each. ")
+        + f"Server: `--threads {args.threads} --max-batch-size {args.max_batch_size} "
         f"--dtype {args.dtype} "
         f"--batch-wait-ms {args.batch_wait_ms:g}`, client and server on the same machine "
         f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; load average "

@@ -151,6 +151,7 @@ class RowTracker(StoppingCriteria):
         self.pause_after, self.waiting, self.compact = pause_after, waiting, compact
         self.steps = 0
         self.paused: list[_Row] = []
+        self.for_waiting = False  # (paused for queued requests, not only to leave finished rows)
         self._jobs: dict[int, list[_Row]] = {}
         for row in rows:
             self._jobs.setdefault(id(row.job), []).append(row)
@@ -210,11 +211,12 @@ class RowTracker(StoppingCriteria):
             self._emit(row, safe)
         self.steps += 1
         live = [row for row in self.rows if not row.done]
-        if live and ((self.compact and 2 * len(live) <= len(self.rows))
-                     or (self.pause_after and self.steps >= self.pause_after and self.waiting is not None
-                         and self.waiting())):
-            self.paused = live
-            return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
+        if live:
+            self.for_waiting = bool(self.pause_after and self.steps >= self.pause_after and self.waiting is not None
+                                    and self.waiting())
+            if self.for_waiting or (self.compact and 2 * len(live) <= len(self.rows)):
+                self.paused = live
+                return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
@@ -491,7 +493,8 @@ class Engine:
                 while self._running and not self._paused:
                     rows = sum(j.rows for j in self._pending if j.key == first.key and not j.cancelled.is_set())
                     now = time.monotonic()
-                    if rows >= self.max_batch_size or first.key[0] in ("score", "seeded"):
+                    if (rows >= self.max_batch_size or first.key[0] in ("score", "seeded")
+                            or getattr(first, "resume", None) is not None):  # (paused rows: no window again)
                         break
                     if now >= deadline and (self._incoming == 0 or now >= patience):
                         break
@@ -741,7 +744,10 @@ class Engine:
             with self.stats.lock:
                 self.stats.decode_slices += len(again)
             with self._cv:
-                self._pending.extend(again)  # behind the requests that were waiting
+                if tracker.for_waiting:
+                    self._pending.extend(again)  # behind the requests that were waiting
+                else:  # (only to leave finished rows: first again, the newcomers that fit join it)
+                    self._pending.extendleft(reversed(again))
                 self._cv.notify_all()
 
     def _score(self, job: ScoreJob) -> None:
