@@ -443,9 +443,12 @@ def test_a_batch_whose_rows_are_half_done_continues_without_them():
     short, _, short_out = _job(eng, "a red", temperature=0)
     alone = Engine(model, ip, tok, batch_wait_ms=0)
     expected = [_run_alone(alone, job) for job in (long, short)]
+    other, _, _ = _job(eng, "a dog", temperature=0.5)
+    eng._pending.append(other)  # (queued meanwhile: the paused rows go before it, not having paused for it)
     eng._generate([long, short])
-    assert short_out[-1] == JobDone() and list(eng._pending) == [long] and len(long.resume[0].tokens) == 3
-    eng._generate(list(eng._pending))
+    assert short_out[-1] == JobDone() and list(eng._pending) == [long, other] and len(long.resume[0].tokens) == 3
+    eng._pending.clear()
+    eng._generate([long])
     assert long_out[-1] == JobDone() and long.resume is None
     got = [{e.choice: (e.reason, e.text) for e in out if isinstance(e, ChoiceFinished)} for out in (long_out, short_out)]
     assert got == expected and eng.stats.snapshot()["decode_slices"] == 1

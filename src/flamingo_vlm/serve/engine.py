@@ -55,7 +55,8 @@ ones too, because sampling draws noise for every row of a batch.
 
 The same pause drops finished rows from a batch: ``generate`` computes every row of its batch until
 the longest ends, so once half of a batch's rows are done the others pause and continue in a batch of
-their own (on the built-in model in bf16, AMD EPYC Zen 4, a step of 8 left-padded rows took ~4x one
+their own, first in the queue again (with the queued requests that fit; paused rows wait no batching
+window) (on the built-in model in bf16, AMD EPYC Zen 4, a step of 8 left-padded rows took ~4x one
 row's, of 2 rows ~1.3x). Where the prefix cache cannot keep a paused row's keys/values (too small for them),
 its job continues from its prompt once and is not paused again.
 
