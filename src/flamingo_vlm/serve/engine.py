@@ -113,6 +113,13 @@ class _Row:
         self.finish: str | None = None
 
 
+def _continuation(row: _Row) -> Prompt:
+    """A paused row's prompt from here on: its job's prompt and what the row has generated."""
+    prompt = row.job.prompts[row.choice // row.job.n]
+    return Prompt(ids=prompt.ids + row.tokens, images=prompt.images,
+                  max_tokens=max(0, row.max_tokens - len(row.tokens)), image_keys=prompt.image_keys)
+
+
 def _holdback(text: str, stops: list[str]) -> int:
     """How many trailing characters could still grow into a stop string."""
     keep = 0
@@ -177,8 +184,7 @@ class RowTracker(StoppingCriteria):
 
     def paused_rows(self) -> list[bool]:
         """Per row, whether it is paused (after ``generate``)."""
-        paused = set(self.paused)
-        return [row in paused for row in self.rows]
+        return [row in self.paused for row in self.rows]
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, -1].tolist()
@@ -659,19 +665,15 @@ class Engine:
         rows, row_prompts = [], []
         for job in batch:
             if job.resume is not None:  # paused choices: their prompts now end with what they generated
-                for row in job.resume:
-                    prompt = job.prompts[row.choice // job.n]
-                    rows.append(row)
-                    row_prompts.append(Prompt(ids=prompt.ids + row.tokens, images=prompt.images,
-                                              max_tokens=max(0, row.max_tokens - len(row.tokens)),
-                                              image_keys=prompt.image_keys))
+                rows += job.resume
+                row_prompts += [_continuation(row) for row in job.resume]
                 continue
             for p_index, prompt in enumerate(job.prompts):
                 for k in range(job.n):
                     rows.append(_Row(job, p_index * job.n + k, prompt.max_tokens))
                     row_prompts.append(prompt)
         fresh = [job for job in batch if job.resume is None]
-        done_before = {id(row) for row in rows if row.done}  # (a seeded job's finished choices, see below)
+        done_before = {row for row in rows if row.done}  # (a seeded job's finished choices, see below)
         with self.stats.lock:
             self.stats.batches += 1
             self.stats.batch_rows[len(rows)] += 1
@@ -707,27 +709,24 @@ class Engine:
                                        keep_generated=tracker.paused_rows)  # (kept: they continue from them)
         else:
             self.model.generate(lang_x=input_ids, attention_mask=mask, **conditioning, **kwargs)
-        paused = {id(row) for row in tracker.paused}
+        paused = set(tracker.paused)
         for row in rows:  # rows generate() ended without the tracker (an eos of the LM's own config)
-            if not row.done and id(row) not in paused:
+            if not row.done and row not in paused:
                 tracker.finish(row, "cancelled" if row.job.cancelled.is_set() else "stop")
-        with self.stats.lock:
-            self.stats.generated_tokens += sum(len(r.tokens) for r in rows  # (each row once, when it ends)
-                                               if id(r) not in paused and id(r) not in done_before)
+        with self.stats.lock:  # (each row's tokens once, when it ends)
+            self.stats.generated_tokens += sum(len(r.tokens) for r in rows if r not in paused and r not in done_before)
         again = []
         for job in batch:
-            if not any(row.job is job for row in tracker.paused):
-                job.resume = None
+            job.resume = [row for row in tracker.paused if row.job is job] or None
+            if job.resume is None:
                 if not job.ended:  # (each of its rows ended through the tracker, which answered it then)
                     job.ended = True
                     job.sink(JobDone())
                 continue
-            job.resume = [row for row in tracker.paused if row.job is job]
             for row in job.resume:
-                prompt = job.prompts[row.choice // job.n]
-                ids = prompt.ids + row.tokens
-                held = self.prefix_cache.cached_tokens(self.model, ids, prompt.keys())
-                if held < len(ids) - 2 * self.prefix_cache.block_size:
+                prompt = _continuation(row)
+                held = self.prefix_cache.cached_tokens(self.model, prompt.ids, prompt.keys())
+                if held < len(prompt.ids) - 2 * self.prefix_cache.block_size:
                     # the cache could not keep what it generated (too small for these keys/values):
                     # it continues once, from the whole prompt, and is not paused again
                     log.info("prefix cache too small to pause job %s: it runs to its end", job.id)
