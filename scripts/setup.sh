@@ -10,6 +10,15 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   source .venv/bin/activate
 fi
+# The test install takes about 2.5 GB (torch 0.75 GB, the venv's other packages, Chromium and a JRE).
+# Where the disk is short, Debian's package cache (often GBs on a fresh image) is emptied first, as
+# root; either way a short disk is named here instead of as a pip OSError half-way through.
+free_mb() { df -Pm "${1:-.}" | awk 'NR==2 {print $4}'; }
+if [ "$(free_mb)" -lt 4000 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup.sh: $(free_mb) MB free; emptying apt's package cache (apt-get clean)" >&2
+  apt-get clean || true
+fi
+[ "$(free_mb)" -ge 3000 ] || echo "setup.sh: only $(free_mb) MB free on $(df -P . | awk 'NR==2 {print $6}'); the install needs about 3000 MB" >&2
 # Caption metrics tokenise with Stanford's PTBTokenizer (Java), as pycocoevalcap does: install a
 # headless JRE when we can (root with apt); without one the evaluator uses its pure-Python
 # tokenizer and says so in its log and result files. WordNet 3.0 (wordnet-base) lets the tests
