@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flamingo_vlm.files import atomic_directory, byte_span, release_file_pages, remove_leftovers
+from flamingo_vlm.files import atomic_directory, atomic_file, byte_span, release_file_pages, remove_leftovers
 
 
 def _hidden(parent):
@@ -30,6 +30,31 @@ def test_success_replaces_and_gives_plain_permissions(tmp_path):
     assert (target / "weights").stat().st_mode & 0o777 == 0o666 & ~umask
     assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp would have made it 0700
     assert _hidden(tmp_path) == []
+
+
+def test_atomic_file_replaces_whole_with_plain_permissions(tmp_path):
+    target = tmp_path / "sub" / "plot.png"
+    with atomic_file(target) as tmp:
+        assert tmp.parent == target.parent and tmp.suffix == ".png" and tmp.name.startswith(".")
+        tmp.write_bytes(b"one")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_bytes() == b"one" and target.stat().st_mode & 0o777 == 0o666 & ~umask
+    with atomic_file(target, mode=0o777) as tmp:
+        tmp.write_bytes(b"two")
+    assert target.read_bytes() == b"two" and target.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert _hidden(target.parent) == []
+
+
+def test_atomic_file_failure_keeps_the_old_file_and_leaves_nothing(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    for error in (OSError(28, "disk full"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with atomic_file(target) as tmp:
+                tmp.write_text("half")
+                raise error
+    assert target.read_text() == "old" and _hidden(tmp_path) == []
 
 
 def test_failure_leaves_the_old_directory_and_nothing_else(tmp_path):

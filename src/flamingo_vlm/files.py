@@ -4,7 +4,8 @@ directories atomically.
 :func:`load_weights_file` is used by the model layer (vision-encoder weights), the loaders
 (``from_pretrained``, OpenFlamingo checkpoints, MosaicGPT weights) and training checkpoints;
 :func:`atomic_directory` by ``save_pretrained``, the built-in LM's conversion cache and training
-checkpoints.
+checkpoints; :func:`atomic_file` for every single file the library writes in place (results, caches,
+plots, data shards, the compiled kernel library).
 :func:`release_file_pages` by the factory, after resizing a loaded LM's embeddings, and by
 ``quantize_model``, after replacing its linear layers.
 """
@@ -180,6 +181,37 @@ def _dontneed(madvise, lo: int, hi: int) -> int:
 
 
 @contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, *, fsync: bool = True, mode: int = 0o666) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``target`` (same suffix, so ``savefig`` and ``torch.save``
+    see the format they expect) to write; when the block succeeds it is fsynced and renamed over
+    ``target``, so a reader sees the old file or the new one whole. On any failure (a full disk, a
+    value that does not serialise, Ctrl-C) the temporary file is removed and ``target`` is left as
+    it was. The name is unique per call, so two processes writing one file never share it. The file
+    gets ``mode`` less the umask, as ``open`` would give it (``mkstemp`` makes 0600)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.stem}.tmp-", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, mode & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, *, replace: bool = True,
                      keep_other: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Yield a hidden temporary sibling of ``target`` to write into; when the block succeeds it takes
@@ -251,8 +283,7 @@ def remove_leftovers(parent: str | os.PathLike, name_glob: str = "*") -> None:
 
 
 def _umask_permissions(root: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for path in (root, *root.rglob("*")):
         if not path.is_symlink():
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_file
 from ..locking import exclusive_directory
 from .results import atomic_write_json, atomic_write_text
 
@@ -216,10 +217,11 @@ def plot(card: dict, path: Path) -> Path:
     quantized = f", {card['quantize']}" if card.get("quantize") else ""
     fig.suptitle(f"{card['model']}{quantized} on held-out synthetic scenes (seed {card['eval_seed']})")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

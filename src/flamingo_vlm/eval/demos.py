@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import atomic_file
 from .datasets import EvalDataset
 
 __all__ = ["FeatureExtractor", "RICES", "RandomDemoSelector", "encoder_fingerprint", "query_set_indices",
@@ -193,8 +194,6 @@ class RICES:
                 features[torch.as_tensor(idx)] = f
         features = features[torch.as_tensor(of_image)]  # every sample of an image gets its features
         if cache is not None and is_main:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-            torch.save({"ids": json.dumps(ids), "fingerprint": extractor.fingerprint, "features": features}, tmp)
-            os.replace(tmp, cache)
+            with atomic_file(cache) as tmp:
+                torch.save({"ids": json.dumps(ids), "fingerprint": extractor.fingerprint, "features": features}, tmp)
         return cls(features, ids)

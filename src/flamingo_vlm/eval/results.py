@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ..files import atomic_file
+
 __all__ = ["atomic_write_json", "atomic_write_text", "markdown_table", "read_unit", "scoring_notes", "strict_json", "summarize", "unit_path"]
 
 
@@ -45,17 +47,8 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
     """Write through a temporary file renamed over ``path``; a failed write (a full disk, a value
     that is not JSON) leaves ``path`` as it was and removes the temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        write(f)
     return path
 
 

@@ -68,7 +68,6 @@ import functools
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 import weakref
@@ -78,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from ..allocator import preloaded
-from ..files import cache_root
+from ..files import atomic_file, cache_root
 from . import native
 
 __all__ = ["DECODE_BUCKETS", "DECODE_ROWS", "ENV", "INT8_GEMM_BUCKETS", "KernelChoice", "bf16_route", "clear_packed",
@@ -739,11 +738,8 @@ def _read_cache(path: Path) -> dict:
 
 def _write_cache(path: Path, data: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with atomic_file(path, fsync=False) as tmp, open(tmp, "w") as f:
             json.dump(data, f, indent=1)
-        os.replace(tmp, path)
     except OSError:
         pass  # a read-only home: the choice still holds for this process
 

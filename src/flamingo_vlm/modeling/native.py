@@ -56,7 +56,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..files import cache_root
+from ..files import atomic_file, cache_root
 
 __all__ = ["ENV", "FLOAT_DTYPES", "FUSED_ENV", "ISA_NAMES", "LlamaStep", "MlpStep", "MptStep", "Norm", "Product", "XattnStep", "bf16_linear", "fp32_linear", "int8_linear",
            "fused_allowed", "library", "unavailable_reason"]
@@ -108,18 +108,11 @@ def _build(cc: list[str]) -> Path:
 
 
 def _compile_into(cc: list[str], out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{_SOURCE.stem}-", suffix=".so")
-    os.close(fd)
-    try:
-        done = subprocess.run([*cc, *_FLAGS, str(_SOURCE), "-o", tmp, *_LIBS], capture_output=True, text=True, timeout=300)
+    with atomic_file(out, fsync=False, mode=0o777) as tmp:  # (0o777 less the umask, as cc gives)
+        done = subprocess.run([*cc, *_FLAGS, str(_SOURCE), "-o", str(tmp), *_LIBS], capture_output=True, text=True,
+                              timeout=300)
         if done.returncode:
             raise RuntimeError(f"{cc[0]} could not compile {_SOURCE}: {_compile_error(done.stderr)}")
-        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep the other users of a shared cache out
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 
