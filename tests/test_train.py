@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1022,6 +1023,58 @@ def test_a_run_extended_on_resume_takes_the_new_schedules_lr(model_dir, media_id
     finally:
         t.close()
     assert [h["lr"] for h in resumed.history] == pytest.approx([1e-3 * lr_factor(k, cfg.schedule, 4) for k in (2, 3)])
+
+
+def _event_steps(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every ``tag`` scalar in the event files, files in TensorBoard's order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    out = []
+    for path in sorted(log_dir.glob("*tfevents*")):
+        for event in EventFileLoader(str(path)).Load():
+            for v in event.summary.value:
+                if v.tag == tag:
+                    out.append((event.step, float(tensor_util.make_ndarray(v.tensor)) if v.HasField("tensor")
+                                else v.simple_value))
+    return out
+
+
+def test_resume_drops_the_lost_tail_from_tensorboard_and_metrics_csv(model_dir, media_id, tmp_path):
+    """A run that logged step 4 but died before its checkpoint, resumed from step 2: steps 3 and 4 are
+    in the event files and in metrics.csv once, with the resumed run's values. (SummaryWriter's
+    purge_step alone left both copies in the files, and TensorBoard's Python loader showed both.)"""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    out = tmp_path / "run"
+    kw = dict(max_steps=4, checkpoint_every=2, keep_last=3, tensorboard=True)
+    _fake_run(model_dir, media_id, out, **kw)
+    tb = out / "tensorboard"
+    first = sorted(tb.glob("*tfevents*"))
+    assert [s for s, _ in _event_steps(tb, "train/loss")] == [1, 2, 3, 4]
+    with open(first[0], "ab") as f:
+        f.write(b"\x07\x00\x00")  # a torn last record, as a killed writer leaves
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    resumed = _fake_run(model_dir, media_id, out, resume="latest", **kw)
+    assert [h["step"] for h in resumed.history] == [3, 4]
+
+    loss = {h["step"]: h["loss"] for h in resumed.history}
+    got = _event_steps(tb, "train/loss")
+    assert [s for s, _ in got] == [1, 2, 3, 4], got
+    assert [v for s, v in got if s > 2] == pytest.approx([loss[3], loss[4]])
+    assert len(list(tb.glob("*tfevents*"))) == 2 and not list(tb.glob(".*"))
+    acc = plugin_event_accumulator.EventAccumulator(str(tb))
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("train/loss")] == [1, 2, 3, 4]
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["loss"] for r in rows[2:]] == [loss[3], loss[4]]
+
+    # A fresh run in the directory of one that never checkpointed starts both logs over.
+    shutil.rmtree(out / "checkpoints")
+    _fake_run(model_dir, media_id, out, **{**kw, "max_steps": 1})
+    assert [s for s, _ in _event_steps(tb, "train/loss")] == [1]
+    assert [r["step"] for r in read_metrics(out / "metrics.csv")] == [1]
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint(model_dir, media_id, tmp_path, caplog):
