@@ -810,6 +810,87 @@ def test_ctrl_c_under_torchrun_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "flamingo-vlm train: interrupted\n"
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for a reaper does not)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not torch.distributed.is_available(),
+                    reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_kill_9_of_torchrun_ends_its_workers(model_dir, shards, tmp_path):
+    """torchrun starts its workers in sessions of their own: a SIGKILLed torchrun left both gloo
+    ranks training on. Now each rank asks for SIGKILL when its parent dies."""
+    import time
+
+    cfg = _write_yaml(tmp_path / "c.yaml", model_dir, shards, tmp_path / "out", max_steps=100000,
+                      checkpoint_every=100000, tensorboard=False, plot=False, export=False, distributed="ddp")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "flamingo_vlm.train", "--config", str(cfg)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        metrics = tmp_path / "out" / "metrics.csv"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 2):  # both ranks train
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the 2-process run did not start training"
+            time.sleep(0.5)
+        workers = _children(launcher.pid)
+        assert len(workers) == 2 and all(map(_running, workers)), workers
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 60
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_running, workers)), f"workers {workers} outlived their SIGKILLed torchrun"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        launcher.stderr.close()
+
+
+def test_the_launcher_death_signal_is_asked_for_only_under_torchrun(monkeypatch):
+    from flamingo_vlm import lifetime
+
+    calls = []
+
+    class Libc:
+        def prctl(self, *args):
+            calls.append(args)
+            return 0
+
+    monkeypatch.setattr("ctypes.CDLL", lambda *a, **k: Libc())
+    assert not lifetime.die_with_launcher({})
+    assert calls == []
+    if sys.platform.startswith("linux"):
+        assert lifetime.die_with_launcher({"TORCHELASTIC_RUN_ID": "x"})
+        assert calls == [(lifetime.PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)]
+
+
 def test_python_m_train_words_bad_input_as_flamingo_vlm_train_does(model_dir, shards, tmp_path, capsys):
     """A model directory whose config.json is not ours raised ValueError: one line from `flamingo-vlm
     train`, a traceback from `python -m flamingo_vlm.train` (what torchrun runs)."""
