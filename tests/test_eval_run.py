@@ -714,6 +714,100 @@ def test_a_missing_dataset_file_is_said_before_the_model_loads(tmp_path, no_mode
         eval_main(argv)
 
 
+@pytest.fixture(scope="module")
+def icl_data(tmp_path_factory) -> tuple[Path, int]:
+    """A tiny synthetic_icl folder and how many demonstrations each of its queries brings."""
+    data = tmp_path_factory.mktemp("icl") / "data"
+    write_synthetic_benchmark(data, tasks=["synthetic_icl"], n_test=3, image_size=32)
+    return data, len(json.loads((data / "synthetic_icl" / "episodes.json").read_text())["episodes"][0]["demos"])
+
+
+def test_more_shots_than_the_episodes_bring_is_said_before_the_model_loads(icl_data, tmp_path, no_model_load):
+    """synthetic_icl's queries bring their own demonstrations: more shots were refused only after the
+    model had loaded (minutes), when the task came up."""
+    data, n = icl_data
+    argv = ["--model", "some/model", "--data-root", str(data), "--out", str(tmp_path / "out"), "--tasks", "icl",
+            "--trials", "1", "--quiet", "--shots"]
+    with pytest.raises(ValueError, match=rf"^synthetic_icl: --shots {n + 1} needs {n + 1} demonstrations per query, "
+                                         rf"but the queries in {data / 'synthetic_icl'} bring {n}; "
+                                         rf"use --shots up to {n}$"):
+        eval_main(argv + [f"0,{n + 1}"])
+    with pytest.raises(no_model_load):  # as many as they bring: the model loads
+        eval_main(argv + [f"0,{n}"])
+
+
+def _as_a_user(monkeypatch):
+    """Root reads files whatever their mode: make the checks see mode bits as any other user would."""
+    if os.geteuid() != 0:
+        return
+    import builtins
+    import stat
+
+    real_open, real_access = builtins.open, os.access
+
+    def unreadable(path) -> bool:
+        try:
+            return not os.stat(path).st_mode & stat.S_IRUSR
+        except (OSError, TypeError):
+            return False
+
+    def user_open(file, *args, **kwargs):
+        if unreadable(file):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", user_open)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: not unreadable(path) and real_access(path, mode, **kw))
+
+
+def test_an_unreadable_dataset_file_is_said_before_the_model_loads(tiny, icl_data, tmp_path, no_model_load,
+                                                                   monkeypatch):
+    """An annotation file without read permission (or an episode image) failed only when its task
+    came up, after the model had loaded and the tasks before it had run."""
+    import shutil
+
+    from flamingo_vlm.eval.datasets import DatasetLayoutError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny[0] / "data", data)
+    shutil.copytree(icl_data[0] / "synthetic_icl", data / "synthetic_icl")
+    argv = ["--model", "some/model", "--data-root", str(data), "--out", str(tmp_path / "out"), "--tasks",
+            "coco,vqav2,icl", "--shots", "0,2", "--trials", "1", "--quiet"]
+    _as_a_user(monkeypatch)
+    with pytest.raises(no_model_load):
+        eval_main(argv)
+    annotations = data / "vqav2" / "v2_mscoco_val2014_annotations.json"
+    image = data / "synthetic_icl" / json.loads((data / "synthetic_icl" / "episodes.json").read_text())[
+        "episodes"][1]["demos"][0]["image"]
+    try:
+        annotations.chmod(0)
+        with pytest.raises(DatasetLayoutError, match=rf"^cannot read the file {annotations} \(Permission denied\).* "
+                                                     rf"\(the folder {data / 'vqav2'} is from --data-root {data}"):
+            eval_main(argv)
+        annotations.chmod(0o644)
+        image.chmod(0)
+        with pytest.raises(DatasetLayoutError, match=rf"^the image {image}, named in .*episodes.json, cannot be read"):
+            eval_main(argv)
+    finally:
+        annotations.chmod(0o644)
+        image.chmod(0o644)
+
+
+def test_the_cli_checks_each_tasks_files_once(tiny, tmp_path, monkeypatch):
+    """`flamingo-vlm evaluate` checked every task's files before the model loaded, then again in the
+    evaluator's run."""
+    from flamingo_vlm.eval import evaluator
+
+    root, _ = tiny
+    calls = []
+    real = evaluator.check_task_files
+    monkeypatch.setattr(evaluator, "check_task_files", lambda spec, *a, **k: calls.append(spec.name) or real(spec, *a, **k))
+    assert eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(tmp_path / "o"),
+                      "--tasks", "vqav2,imagenet", "--shots", "0", "--trials", "1", "--num-samples", "1",
+                      "--quiet"]) == 0
+    assert calls == ["vqav2", "imagenet"]
+
+
 def test_an_evaluator_checks_every_task_before_the_first_unit(tiny, tmp_path):
     """With the model already built (the Python API), a task's missing file is said before the tasks
     before it run (they ran, maybe for hours, then the error came)."""

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -809,6 +810,87 @@ def test_ctrl_c_under_torchrun_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "flamingo-vlm train: interrupted\n"
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for a reaper does not)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not torch.distributed.is_available(),
+                    reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_kill_9_of_torchrun_ends_its_workers(model_dir, shards, tmp_path):
+    """torchrun starts its workers in sessions of their own: a SIGKILLed torchrun left both gloo
+    ranks training on. Now each rank asks for SIGKILL when its parent dies."""
+    import time
+
+    cfg = _write_yaml(tmp_path / "c.yaml", model_dir, shards, tmp_path / "out", max_steps=100000,
+                      checkpoint_every=100000, tensorboard=False, plot=False, export=False, distributed="ddp")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "flamingo_vlm.train", "--config", str(cfg)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        metrics = tmp_path / "out" / "metrics.csv"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 2):  # both ranks train
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the 2-process run did not start training"
+            time.sleep(0.5)
+        workers = _children(launcher.pid)
+        assert len(workers) == 2 and all(map(_running, workers)), workers
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 60
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_running, workers)), f"workers {workers} outlived their SIGKILLed torchrun"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        launcher.stderr.close()
+
+
+def test_the_launcher_death_signal_is_asked_for_only_under_torchrun(monkeypatch):
+    from flamingo_vlm import lifetime
+
+    calls = []
+
+    class Libc:
+        def prctl(self, *args):
+            calls.append(args)
+            return 0
+
+    monkeypatch.setattr("ctypes.CDLL", lambda *a, **k: Libc())
+    assert not lifetime.die_with_launcher({})
+    assert calls == []
+    if sys.platform.startswith("linux"):
+        assert lifetime.die_with_launcher({"TORCHELASTIC_RUN_ID": "x"})
+        assert calls == [(lifetime.PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)]
+
+
 def test_python_m_train_words_bad_input_as_flamingo_vlm_train_does(model_dir, shards, tmp_path, capsys):
     """A model directory whose config.json is not ours raised ValueError: one line from `flamingo-vlm
     train`, a traceback from `python -m flamingo_vlm.train` (what torchrun runs)."""
@@ -1022,6 +1104,58 @@ def test_a_run_extended_on_resume_takes_the_new_schedules_lr(model_dir, media_id
     finally:
         t.close()
     assert [h["lr"] for h in resumed.history] == pytest.approx([1e-3 * lr_factor(k, cfg.schedule, 4) for k in (2, 3)])
+
+
+def _event_steps(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every ``tag`` scalar in the event files, files in TensorBoard's order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    out = []
+    for path in sorted(log_dir.glob("*tfevents*")):
+        for event in EventFileLoader(str(path)).Load():
+            for v in event.summary.value:
+                if v.tag == tag:
+                    out.append((event.step, float(tensor_util.make_ndarray(v.tensor)) if v.HasField("tensor")
+                                else v.simple_value))
+    return out
+
+
+def test_resume_drops_the_lost_tail_from_tensorboard_and_metrics_csv(model_dir, media_id, tmp_path):
+    """A run that logged step 4 but died before its checkpoint, resumed from step 2: steps 3 and 4 are
+    in the event files and in metrics.csv once, with the resumed run's values. (SummaryWriter's
+    purge_step alone left both copies in the files, and TensorBoard's Python loader showed both.)"""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    out = tmp_path / "run"
+    kw = dict(max_steps=4, checkpoint_every=2, keep_last=3, tensorboard=True)
+    _fake_run(model_dir, media_id, out, **kw)
+    tb = out / "tensorboard"
+    first = sorted(tb.glob("*tfevents*"))
+    assert [s for s, _ in _event_steps(tb, "train/loss")] == [1, 2, 3, 4]
+    with open(first[0], "ab") as f:
+        f.write(b"\x07\x00\x00")  # a torn last record, as a killed writer leaves
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    resumed = _fake_run(model_dir, media_id, out, resume="latest", **kw)
+    assert [h["step"] for h in resumed.history] == [3, 4]
+
+    loss = {h["step"]: h["loss"] for h in resumed.history}
+    got = _event_steps(tb, "train/loss")
+    assert [s for s, _ in got] == [1, 2, 3, 4], got
+    assert [v for s, v in got if s > 2] == pytest.approx([loss[3], loss[4]])
+    assert len(list(tb.glob("*tfevents*"))) == 2 and not list(tb.glob(".*"))
+    acc = plugin_event_accumulator.EventAccumulator(str(tb))
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("train/loss")] == [1, 2, 3, 4]
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["loss"] for r in rows[2:]] == [loss[3], loss[4]]
+
+    # A fresh run in the directory of one that never checkpointed starts both logs over.
+    shutil.rmtree(out / "checkpoints")
+    _fake_run(model_dir, media_id, out, **{**kw, "max_steps": 1})
+    assert [s for s, _ in _event_steps(tb, "train/loss")] == [1]
+    assert [r["step"] for r in read_metrics(out / "metrics.csv")] == [1]
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint(model_dir, media_id, tmp_path, caplog):

@@ -114,9 +114,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> int:
     """The ``flamingo-vlm`` command: :func:`main`, in a process with the memory allocator that
-    :mod:`.allocator` chooses (re-executed once with tcmalloc preloaded where it is installed)."""
+    :mod:`.allocator` chooses (re-executed once with tcmalloc preloaded where it is installed); under
+    ``torchrun``, one that dies with its launcher (:mod:`.lifetime`)."""
     from .allocator import start
+    from .lifetime import die_with_launcher
 
+    die_with_launcher()  # under torchrun: dies with it, even of kill -9 (flamingo_vlm.lifetime)
     start("flamingo_vlm")
     return main()
 

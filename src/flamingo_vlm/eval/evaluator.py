@@ -36,9 +36,9 @@ from ..locking import hold_for_job
 from ..modeling.quantize import scheme as quant_scheme
 from .results import atomic_write_json, atomic_write_text, markdown_table, read_unit, summarize, unit_path
 from .task_kinds import QueryBatch, continuation_ids, score_classes
-from .tasks import Task, check_task_files, extra_metrics, get_task, resolve_task_root
+from .tasks import Task, check_task_files, extra_metrics, get_task, own_demos_error, resolve_task_root
 
-__all__ = ["EvalConfig", "Evaluator", "continuation_ids", "evaluate", "held_out_ids", "score_classes"]
+__all__ = ["EvalConfig", "Evaluator", "check_eval_files", "continuation_ids", "evaluate", "held_out_ids", "score_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -283,17 +283,18 @@ class Evaluator:
                            ctx=self.ctx, progress=c.progress)
 
     # -- the run ----------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, *, files_checked: bool = False) -> dict:
         """Evaluate every task x shots x trial not already finished; returns the summary (rank 0 writes
-        ``results.json`` and ``results.md``)."""
+        ``results.json`` and ``results.md``). Every task's files are checked first
+        (:func:`check_eval_files`), unless ``files_checked`` says the caller just did (:func:`evaluate`)."""
         with contextlib.ExitStack() as stack:
             hold_for_job(stack, self.out_dir, is_main=self.ctx.is_main, broadcast=self.ctx.broadcast)
-            return self._run_locked()
+            return self._run_locked(files_checked)
 
-    def _run_locked(self) -> dict:
+    def _run_locked(self, files_checked: bool = False) -> dict:
         c = self.config
-        for name in c.tasks:  # every task's files, before the first task's units (hours) run
-            check_task_files(get_task(name), c.data_root or ".", c.task_roots)
+        if not files_checked:  # every task's files, before the first task's units (hours) run
+            check_eval_files(c)
         units: list[dict] = []
         for name in c.tasks:
             spec = get_task(name)
@@ -367,9 +368,8 @@ class Evaluator:
         silently ran its 8 demos under the label 16 or 32 shots)."""
         c = self.config
         if own_demos is not None:
-            if max(c.shots) > own_demos:
-                raise ValueError(f"{spec.name}: --shots {max(c.shots)} needs {max(c.shots)} demonstrations per query, "
-                                 f"but the queries in {root} bring {own_demos}; use --shots up to {own_demos}")
+            if max(c.shots) > own_demos:  # (check_eval_files said it before the model loaded)
+                raise own_demos_error(spec, max(c.shots), root, own_demos)
             return
         needed = max(s if s > 0 else P.TEXT_ONLY_DEMOS_AT_ZERO_SHOT for s in c.shots)
         if c.demo_selection == "rices" or c.query_set_size <= 0 or c.query_set_size >= len(train):
@@ -472,12 +472,19 @@ class Evaluator:
         return spec.score(test, records, self.config)
 
 
+def check_eval_files(config: EvalConfig) -> None:
+    """:func:`~.tasks.check_task_files` for every task of ``config``, with its shots: a missing or
+    unreadable dataset file, or more shots than a task's queries bring demonstrations, is one error
+    naming it (run before the model loads: loading takes minutes, the tasks before it hours)."""
+    for name in config.tasks:
+        check_task_files(get_task(name), config.data_root or ".", config.task_roots, shots=list(config.shots))
+
+
 def evaluate(model_or_path, config: EvalConfig, *, image_processor=None, tokenizer=None, device: str | None = None) -> dict:
     """Evaluate a model (a :class:`Flamingo` with its ``image_processor`` and ``tokenizer``, or a
     directory / Hub id for :func:`flamingo_vlm.load_pretrained`) under ``torchrun`` or alone."""
     config.validate()
-    for name in config.tasks:  # a dataset folder or file missing is said before the model loads (minutes)
-        check_task_files(get_task(name), config.data_root or ".", config.task_roots)
+    check_eval_files(config)  # a dataset folder or file missing is said before the model loads (minutes)
     ctx = init_distributed(device)
     try:
         if isinstance(model_or_path, (str, Path)):
@@ -493,6 +500,6 @@ def evaluate(model_or_path, config: EvalConfig, *, image_processor=None, tokeniz
             if image_processor is None or tokenizer is None:
                 raise ValueError("pass image_processor and tokenizer with a model object")
             model.to(ctx.device)
-        return Evaluator(model, image_processor, tokenizer, config, ctx).run()
+        return Evaluator(model, image_processor, tokenizer, config, ctx).run(files_checked=True)
     finally:
         ctx.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -106,10 +107,12 @@ class Task:
     def load(self, root: Path, split: str) -> EvalDataset:
         raise NotImplementedError
 
-    def check_files(self, root: Path, split: str) -> None:
+    def check_files(self, root: Path, split: str) -> list[Path | None]:
         """Raise :class:`~.datasets.DatasetLayoutError` naming the first file or folder of ``split`` that
         :meth:`load` needs and ``root`` lacks, without reading any (run for every task before the
-        model loads). The default checks nothing: :meth:`load` says it then."""
+        model loads); returns the files and folders found, which the check then opens (an unreadable
+        one is named before the model loads). The default checks nothing: :meth:`load` says it then."""
+        return []
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         """The task's own settings that decide its numbers (recorded in each unit file)."""
@@ -117,6 +120,11 @@ class Task:
 
     def own_demos(self, test: EvalDataset) -> int | None:
         """How many demonstrations every query brings itself (None: they are chosen from the demo split)."""
+        return None
+
+    def own_demos_in(self, root: Path, split: str) -> int | None:
+        """:meth:`own_demos` of ``split`` under ``root``, before the model loads (None: the queries bring
+        none, the default; a task whose queries do reads what it needs to count them)."""
         return None
 
     def prompt(self, demo_texts: list[str], query_text: str, shots: int) -> str:
@@ -185,8 +193,8 @@ class CaptioningTask(GenerationTask):
     def load(self, root: Path, split: str) -> EvalDataset:
         return CaptionDataset.from_root(root, split, dataset=self.name)
 
-    def check_files(self, root: Path, split: str) -> None:
-        CaptionDataset.files(root, split, dataset=self.name)
+    def check_files(self, root: Path, split: str) -> list[Path | None]:
+        return list(CaptionDataset.files(root, split, dataset=self.name))
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         # the tokenizer actually used: "auto" differs with and without Java
@@ -230,8 +238,8 @@ class VQATask(GenerationTask):
     def load(self, root: Path, split: str) -> EvalDataset:
         return VQADataset.from_root(root, split, dataset=self.name)
 
-    def check_files(self, root: Path, split: str) -> None:
-        VQADataset.files(root, split, dataset=self.name)
+    def check_files(self, root: Path, split: str) -> list[Path | None]:
+        return list(VQADataset.files(root, split, dataset=self.name))
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         # vqa_compat only when not the default, so older unit files stay valid
@@ -329,8 +337,8 @@ class ClassificationTask(Task):
     def load(self, root: Path, split: str) -> EvalDataset:
         return ImageNetDataset.from_root(root, split)
 
-    def check_files(self, root: Path, split: str) -> None:
-        ImageNetDataset.files(root, split)
+    def check_files(self, root: Path, split: str) -> list[Path | None]:
+        return list(ImageNetDataset.files(root, split))
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"ensemble": config.ensemble and config.ensemble_max}
@@ -391,8 +399,8 @@ class HatefulMemesTask(ClassificationTask):
     def load(self, root: Path, split: str) -> EvalDataset:
         return HatefulMemesDataset.from_root(root, split)
 
-    def check_files(self, root: Path, split: str) -> None:
-        HatefulMemesDataset.files(root, split)
+    def check_files(self, root: Path, split: str) -> list[Path | None]:
+        return list(HatefulMemesDataset.files(root, split))
 
     def class_names(self, test: EvalDataset) -> list[str]:
         return ["no", "yes"]
@@ -475,14 +483,25 @@ class IclTask(GenerationTask):
     def load(self, root: Path, split: str) -> EvalDataset:
         return IclDataset.from_root(root, split)
 
-    def check_files(self, root: Path, split: str) -> None:
-        IclDataset.files(root)
+    def check_files(self, root: Path, split: str) -> list[Path | None]:
+        return [IclDataset.files(root)]
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"decoding": "greedy", "max_new_tokens": self.new_tokens(config), "zero_shot": "query only"}
 
     def own_demos(self, test: EvalDataset) -> int | None:
         return min(len(q["demos"]) for q in test)
+
+    def own_demos_in(self, root: Path, split: str) -> int | None:
+        """Reads the episodes file (small) and checks every image it names can be opened (no decoding)."""
+        test = self.load(root, split)
+        for path in dict.fromkeys(p for q in test for p in (q["image"], *(d["image"] for d in q["demos"]))):
+            if not os.access(path, os.R_OK):
+                from .datasets import DatasetLayoutError
+
+                why = "cannot be read (no permission)" if os.path.exists(path) else "is not there"
+                raise DatasetLayoutError(f"the image {path}, named in {IclDataset.files(root)}, {why}")
+        return self.own_demos(test)
 
     def prompt_of(self, query: dict, shots: int) -> tuple[str, list[dict]]:
         demos = query["demos"][:shots]

@@ -14,8 +14,8 @@ from pathlib import Path
 from .datasets import DatasetLayoutError
 from .task_kinds import CaptioningTask, ClassificationTask, HatefulMemesTask, IclTask, OKVQATask, Task, VQATask
 
-__all__ = ["TASKS", "TASK_ALIASES", "Task", "check_task_files", "extra_metrics", "get_task", "register_task",
-           "resolve_task_root"]
+__all__ = ["TASKS", "TASK_ALIASES", "Task", "check_task_files", "extra_metrics", "get_task", "own_demos_error",
+           "register_task", "resolve_task_root"]
 
 TASKS: dict[str, Task] = {}
 TASK_ALIASES: dict[str, str] = {}
@@ -72,17 +72,52 @@ def resolve_task_root(spec: Task, data_root: str | os.PathLike, overrides: dict[
     )
 
 
-def check_task_files(spec: Task, data_root: str | os.PathLike, overrides: dict[str, str] | None = None) -> Path:
+def own_demos_error(spec: Task, shots: int, root: Path, available: int) -> ValueError:
+    """The one-line refusal of ``shots`` for a task whose queries bring ``available`` demonstrations each."""
+    return ValueError(f"{spec.name}: --shots {shots} needs {shots} demonstrations per query, but the queries in "
+                      f"{root} bring {available}; use --shots up to {available}")
+
+
+def _check_readable(path: Path | None) -> None:
+    """A file that cannot be opened, or a folder that cannot be listed (no permission, ...):
+    :class:`~.datasets.DatasetLayoutError` naming it. Opens, reads nothing (no image is decoded)."""
+    if path is None:
+        return
+    try:
+        if path.is_dir():
+            with os.scandir(path):
+                pass
+        else:
+            open(path, "rb").close()
+    except OSError as e:
+        what = "folder" if path.is_dir() else "file"
+        fix = "; fix its permissions" if isinstance(e, PermissionError) else ""
+        raise DatasetLayoutError(f"cannot read the {what} {path} ({e.strerror or e}){fix}") from None
+
+
+def check_task_files(spec: Task, data_root: str | os.PathLike, overrides: dict[str, str] | None = None,
+                     shots: list[int] | None = None) -> Path:
     """The task's folder (:func:`resolve_task_root`), once every file its demo and evaluation splits
-    need is there (:meth:`Task.check_files`: nothing is read). Run for every task before the model
-    loads: a missing annotation file was said only when its task came up, after the model had loaded
-    and the tasks before it had run. The error names the file and the flag that gave its folder."""
+    need is there and can be opened (:meth:`Task.check_files`: no data is read, no image decoded).
+    Run for every task before the model loads: a missing annotation file was said only when its task
+    came up, after the model had loaded and the tasks before it had run. The error names the file and
+    the flag that gave its folder. With ``shots``, a task whose queries bring their own
+    demonstrations (:meth:`Task.own_demos_in`: ``synthetic_icl`` reads its episodes file for that)
+    refuses more shots than they bring, in one line naming the task and both numbers."""
     root = resolve_task_root(spec, data_root, overrides)
     given = (f"--task-root {spec.name}={root}" if overrides and spec.name in overrides
              else f"--data-root {data_root}; another folder: --task-root {spec.name}=PATH")
     for split in dict.fromkeys((spec.demo_split, spec.eval_split)):
         try:
-            spec.check_files(root, split)
+            for path in spec.check_files(root, split) or ():
+                _check_readable(path)
         except DatasetLayoutError as e:
             raise DatasetLayoutError(f"{e} (the folder {root} is from {given})") from None
+    if shots and max(shots) > 0:
+        try:
+            available = spec.own_demos_in(root, spec.eval_split)
+        except DatasetLayoutError as e:
+            raise DatasetLayoutError(f"{e} (the folder {root} is from {given})") from None
+        if available is not None and max(shots) > available:
+            raise own_demos_error(spec, max(shots), root, available)
     return root

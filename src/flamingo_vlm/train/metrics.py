@@ -7,6 +7,7 @@ import csv
 import logging
 import math
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .distributed import all_reduce_sum
 logger = logging.getLogger("flamingo_vlm.train")
 
 METRICS_CSV = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
 LOSS_PNG = "loss.png"
 
 # Damaged data skipped so far (cumulative over the run, resumes included; summed over datasets):
@@ -125,6 +127,56 @@ class MetricsCSV:
         self._f.close()
 
 
+def _event_records(data: bytes):
+    """(step, record bytes) of each whole record of a TensorBoard event file (TFRecord framing:
+    u64 length, u32 crc, data, u32 crc); stops at a torn or unreadable record (a killed writer's)."""
+    from google.protobuf.message import DecodeError
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    pos = 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        end = pos + 12 + length + 4
+        if end > len(data):
+            return
+        try:
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+        except DecodeError:
+            return
+        yield event.step, data[pos:end]
+        pos = end
+
+
+def truncate_event_files(log_dir: Path, keep_through: int) -> None:
+    """Drop every event after step ``keep_through`` from the TensorBoard event files in ``log_dir``
+    (each file rewritten atomically; one left without summaries is removed), so that a resumed run's
+    steps are not in the files twice. TensorBoard's own purge on restart (``purge_step``) hides them
+    only from some of its readers, and from none that read the files directly."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    if not log_dir.is_dir():
+        return
+    for path in sorted(log_dir.iterdir()):
+        if "tfevents" not in path.name or not path.is_file():
+            continue
+        try:
+            data = path.read_bytes()
+            records = list(_event_records(data))
+            kept = [r for step, r in records if step <= keep_through]
+            if len(kept) == len(records) and sum(map(len, kept)) == len(data):
+                continue  # nothing after keep_through, no torn tail
+            if not any(Event.FromString(r[12:-4]).HasField("summary") for r in kept):
+                path.unlink()
+                continue
+            tmp = path.with_name(".resume-truncate.tmp")  # not a name TensorBoard reads ("tfevents")
+            tmp.write_bytes(b"".join(kept))
+            os.replace(tmp, path)
+        except OSError as e:
+            from .checkpoint import WriteError, explain_write_error
+
+            raise WriteError(explain_write_error(e, path, "TensorBoard log")) from e
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The rows of a ``metrics.csv`` with numbers parsed back (exactly, for floats)."""
     out = []
@@ -161,7 +213,12 @@ class Sinks:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1 if resumed else None)
+                tb_dir = output_dir / TENSORBOARD_DIR
+                # Steps after start_step belong to the lost tail (or, on a fresh run, to a run that never
+                # checkpointed): dropped from the files, as from metrics.csv. purge_step also marks the
+                # restart for TensorBoard readers that honour it.
+                truncate_event_files(tb_dir, start_step)
+                self.tb = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if resumed else None)
             except ImportError:
                 logger.warning("tensorboard is not installed (pip install tensorboard): TensorBoard logs are off")
         if cfg.wandb:
