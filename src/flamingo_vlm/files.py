@@ -181,16 +181,18 @@ def _dontneed(madvise, lo: int, hi: int) -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, *, fsync: bool = True, mode: int = 0o666) -> Iterator[Path]:
+def atomic_file(target: str | os.PathLike, *, fsync: bool = True, mode: int = 0o666,
+                tmp_stem: str | None = None) -> Iterator[Path]:
     """Yield a hidden temporary sibling of ``target`` (same suffix, so ``savefig`` and ``torch.save``
     see the format they expect) to write; when the block succeeds it is fsynced and renamed over
     ``target``, so a reader sees the old file or the new one whole. On any failure (a full disk, a
     value that does not serialise, Ctrl-C) the temporary file is removed and ``target`` is left as
     it was. The name is unique per call, so two processes writing one file never share it. The file
-    gets ``mode`` less the umask, as ``open`` would give it (``mkstemp`` makes 0600)."""
+    gets ``mode`` less the umask, as ``open`` would give it (``mkstemp`` makes 0600). ``tmp_stem``
+    names the temporary file instead of ``target``'s stem (where a watcher reads files by name)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.stem}.tmp-", suffix=target.suffix, dir=target.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{tmp_stem or target.stem}.tmp-", suffix=target.suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:

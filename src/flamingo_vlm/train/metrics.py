@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_file
 from .distributed import all_reduce_sum
 
 logger = logging.getLogger("flamingo_vlm.train")
@@ -104,13 +105,11 @@ class MetricsCSV:
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 rows = [r for r in reader if r.get("step") and int(r["step"]) <= resume_step]
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             w.writeheader()
             for r in rows:
                 w.writerow(r)
-        os.replace(tmp, path)
         self._f = open(path, "a", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="ignore")
 
@@ -168,9 +167,8 @@ def truncate_event_files(log_dir: Path, keep_through: int) -> None:
             if not any(Event.FromString(r[12:-4]).HasField("summary") for r in kept):
                 path.unlink()
                 continue
-            tmp = path.with_name(".resume-truncate.tmp")  # not a name TensorBoard reads ("tfevents")
-            tmp.write_bytes(b"".join(kept))
-            os.replace(tmp, path)
+            with atomic_file(path, tmp_stem="resume-truncate") as tmp:  # (a name TensorBoard does not read)
+                tmp.write_bytes(b"".join(kept))
         except OSError as e:
             from .checkpoint import WriteError, explain_write_error
 
@@ -298,8 +296,9 @@ def plot_loss(csv_path: Path, png_path: Path, dataset_names: list[str]) -> Path 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_file(png_path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return png_path
