@@ -47,6 +47,7 @@ def fresh(monkeypatch, tmp_path):
     from flamingo_vlm.modeling import kernels
 
     monkeypatch.setattr(kernels, "_MEMO", {})
+    monkeypatch.setattr(kernels, "_cpu_meter", lambda: lambda: 0.0)  # a quiet machine (tests run beside others)
     monkeypatch.setenv("FLAMINGO_VLM_CACHE", str(tmp_path))
     monkeypatch.delenv(kernels.ENV, raising=False)
     return tmp_path

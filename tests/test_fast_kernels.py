@@ -1,6 +1,9 @@
 """Per-machine kernel choice: decided by a cached probe, overridable, never oneDNN where it was slower."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,6 +50,43 @@ def test_the_probe_runs_once_then_the_cache_answers_and_a_damaged_cache_is_measu
     monkeypatch.setattr(kernels, "_MEMO", {})
     monkeypatch.setattr(kernels, "_race", fake_race(0.5, log))
     assert kernels.decide("decode") is True and len(log) == 6
+
+
+def test_a_probe_taken_while_the_cpu_was_busy_is_measured_again_by_the_next_processes(fresh, monkeypatch):
+    """A choice timed beside other processes holds for its own process; the next ones probe again,
+    up to CONTENDED_TRIES probes, and a quiet probe clears the mark."""
+    log = []
+    monkeypatch.setattr(kernels, "_race", fake_race(0.5, log))
+    busy = [1.5]
+    monkeypatch.setattr(kernels, "_cpu_meter", lambda: lambda: busy[0])
+    for tries in range(1, kernels.CONTENDED_TRIES + 1):
+        monkeypatch.setattr(kernels, "_MEMO", {})  # a new process
+        assert kernels.decide("decode") and len(log) == 2 * tries
+        assert json.loads(kernels.cache_file().read_text())["contended"]["decode"] == {"others_cores": 1.5,
+                                                                                       "tries": tries}
+    assert "probed while other processes used the CPU: decode (1.5 cores, probe 3 of 3)" in kernels.summary(
+        kernels.kernel_choice(("decode",)))
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    assert kernels.decide("decode") and len(log) == 2 * kernels.CONTENDED_TRIES  # kept: that busy is this machine
+    path = kernels.cache_file()
+    data = json.loads(path.read_text())
+    data["contended"]["decode"]["tries"] = 1
+    path.write_text(json.dumps(data))
+    busy[0] = 0.0
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    assert kernels.decide("decode") and len(log) == 2 * kernels.CONTENDED_TRIES + 2
+    assert json.loads(path.read_text())["contended"] == {}
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    assert kernels.decide("decode") and len(log) == 2 * kernels.CONTENDED_TRIES + 2  # quiet: the cache answers
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="no /proc/stat")
+def test_the_cpu_meter_sees_another_process_spinning(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: os.cpu_count())  # no core left free for others
+    stop = kernels._cpu_meter()
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    subprocess.run([sys.executable, "-c", spin], check=True)
+    assert stop() >= kernels.CONTENDED_CORES
 
 
 def test_env_override_needs_no_probe_and_a_bad_value_is_named(fresh, monkeypatch):
