@@ -760,7 +760,9 @@ def _cpu_meter():
             busy1, _ = machine()
         except (OSError, ValueError, IndexError):
             return 0.0
-        elapsed = max(time.perf_counter() - t0, 1e-6)
+        elapsed = time.perf_counter() - t0
+        if elapsed < 0.05:  # nothing was timed (a part that found nothing to measure); /proc/stat counts 10 ms ticks
+            return 0.0
         others = (busy1 - busy0 - (time.process_time() - own0)) / elapsed
         return max(0.0, others - max(0, cpus - torch.get_num_threads()))
 
