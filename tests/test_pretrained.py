@@ -304,6 +304,27 @@ def test_convert_cli_round_trip(tmp_path):
     torch.testing.assert_close(logits_of(loaded, batch), logits_of(src, batch), atol=1e-5, rtol=0)
 
 
+def test_convert_refuses_a_random_image_encoder(tmp_path, capsys):
+    """`convert --vision ViT-L-14` (or a config JSON) without `--vision-pretrained` built a random image
+    encoder, and OpenFlamingo's checkpoints do not hold one: the converted model saw noise, without a
+    word. Refused now, before any backbone loads; a full state dict that holds the encoder is fine."""
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"perceiver.latents": torch.zeros(2, 4)}, ckpt)
+    vis_cfg = tmp_path / "vit.json"
+    vis_cfg.write_text("{}")
+    for vision in ("ViT-L-14", str(vis_cfg)):
+        code = cli_main(["convert", str(ckpt), "--out", str(tmp_path / "o"), "--vision", vision, "--lm", "some/lm"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith("flamingo-vlm convert: error: ") and "--vision-pretrained" in err and str(ckpt) in err
+    assert not (tmp_path / "o").exists()
+    # A checkpoint with the encoder's weights passes the check (and fails later, on the made-up LM).
+    torch.save({"vision_encoder.conv1.weight": torch.zeros(1), "perceiver.latents": torch.zeros(2, 4)}, ckpt)
+    assert cli_main(["convert", str(ckpt), "--out", str(tmp_path / "o"), "--vision", str(vis_cfg), "--lm",
+                     str(tmp_path / "nolm")]) == 1
+    assert "--vision-pretrained" not in capsys.readouterr().err
+
+
 # -- the released architectures, on the meta device -------------------------------------------------
 @pytest.mark.parametrize("repo_id", sorted(OPENFLAMINGO_RELEASES))
 def test_released_architectures_key_names_and_shapes(repo_id):
