@@ -424,3 +424,21 @@ def test_damaged_weights_files_are_named(tmp_path, capsys):
         assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
         assert err.startswith("flamingo-vlm convert: error: cannot read ") and str(bad) in err
     assert not (tmp_path / "converted").exists()
+
+
+def test_a_run_or_a_checkpoint_given_as_a_model_says_what_to_load(tmp_path):
+    """A training run's directory names its exported model; a training checkpoint (which said "has no
+    config.json; is it a flamingo-vlm model directory?") says how to export it."""
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"its exported model is {run / 'final'}"):
+        load_pretrained(run)
+    ckpt = run / "checkpoints" / "step_00000030"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=f"training checkpoint, not a model: export it with "
+                       f"`flamingo-vlm train --export-checkpoint {ckpt} --export-to DIR`"):
+        load_pretrained(ckpt)
+    with pytest.raises(FileNotFoundError, match="has no config.json; is it a flamingo-vlm model directory"):
+        load_pretrained(run / "checkpoints")
