@@ -230,6 +230,21 @@ def test_openflamingo_checkpoint_shapes_load_and_validate():
     assert load_openflamingo_checkpoint(dst, extra).unexpected == ["lang_encoder.not_a_param"]
 
 
+@pytest.mark.parametrize("every", [1, 4])
+def test_a_checkpoint_of_another_cross_attention_interval_is_refused(every):
+    """A checkpoint with cross-attention every 2nd layer loaded into a model built with every 4th (say
+    `convert --cross-attn-every-n-layers 4`) dropped the checkpoint's other trained layers with an
+    "unexpected keys" warning and saved a model without them; every 1st named 20 missing parameters
+    without saying why. Both name the layers and the interval now."""
+    src, _, _ = tiny_flamingo("llama", every=2, seed=1, num_hidden_layers=4)
+    dst, _, _ = tiny_flamingo("llama", every=every, seed=2, num_hidden_layers=4)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"before decoder layers \[1, 3\] \(cross_attn_every_n_layers=2\), "
+                       rf"the model's before .* \(cross_attn_every_n_layers={every}\).*--cross-attn-every-n-layers 2"):
+        load_openflamingo_checkpoint(dst, released_format(src))
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())  # nothing loaded
+
+
 @pytest.mark.parametrize("lm_type", ["llama", "mpt"])
 def test_our_own_weights_files_load_the_openflamingo_way(tmp_path, lm_type):
     """save_pretrained's model.safetensors (and a training checkpoint's trainable.safetensors, the same
