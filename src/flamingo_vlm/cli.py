@@ -73,7 +73,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flamingo-vlm", description=__doc__)
+    parser = _Parser(prog="flamingo-vlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="turn an OpenFlamingo checkpoint.pt into a flamingo-vlm model directory")
@@ -112,6 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_subcommand(sub)
     plain_help(parser)
     return parser
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (innermost) subcommand ``args`` ran, e.g. ``data write``'s."""
+    while True:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, actions[0].dest, None) if actions and actions[0].dest != argparse.SUPPRESS else None
+        if chosen is None or chosen not in actions[0].choices:
+            return parser
+        parser = actions[0].choices[chosen]
+
+
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: arguments no parser took are refused by the subcommand that ran, with its
+    usage (``generate --bogus`` printed the list of subcommands and ``flamingo-vlm: error: ...``)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            _subcommand_parser(self, parsed).error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed, unknown
 
 
 def main(argv: list[str] | None = None) -> int:
