@@ -415,6 +415,22 @@ def test_cli_values_out_of_range_are_usage_errors_before_the_model_loads(flags, 
     assert code == 2 and message in capsys.readouterr().err
 
 
+def test_an_out_that_is_a_file_is_a_usage_error_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """`--out notes.txt` (or a folder under a file) said "[Errno 17] File exists: ..." once the model had
+    loaded."""
+    from flamingo_vlm import cli
+    from flamingo_vlm.eval import evaluator
+
+    monkeypatch.setattr(evaluator, "evaluate", lambda *a, **k: pytest.fail("the evaluation started"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    for out in (notes, notes / "results"):
+        code = cli.main(["evaluate", "--model", "m", "--tasks", "vqav2", "--data-root", str(tmp_path), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{notes} is a file, not a folder" in err and err.count("\n") == 1, err
+    assert notes.read_text() == "mine\n"
+
+
 def test_a_max_new_tokens_that_is_no_number_names_the_flag(tmp_path, capsys):
     from flamingo_vlm import cli
 

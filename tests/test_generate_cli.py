@@ -234,3 +234,16 @@ def test_a_prompt_past_the_context_is_a_clear_error(saved, capsys):
     assert main(["generate", *common, "--prompt", "<image>Output:", "--max-new-tokens", "300"]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "max_new_tokens asks for 300 more" in last and "(at most" in last, last
+
+
+@pytest.mark.parametrize("argv, prog", [(["generate", "--bogus"], "flamingo-vlm generate"),
+                                        (["data", "write", "a.jsonl", "out", "--nope"], "flamingo-vlm data write"),
+                                        (["train", "--config", "c.yaml", "extra"], "flamingo-vlm train")])
+def test_an_unknown_flag_is_said_by_its_subcommand(argv, prog, capsys):
+    """`flamingo-vlm generate --bogus` printed the top-level usage (the list of subcommands) and
+    "flamingo-vlm: error: unrecognized arguments"; the subcommand says it now, with its own usage."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith(f"usage: {prog} ") and f"{prog}: error: unrecognized arguments: {argv[-1]}" in err, err

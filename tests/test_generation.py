@@ -382,6 +382,11 @@ def test_processor_errors_name_the_sample(llama):
         proc([("<image>a", random_images(1)), ("<image>a<image>b", random_images(1))])
     with pytest.raises(ValueError, match="vision_x must have shape"):
         model(torch.zeros(1, 3, 32, 32), torch.ones(1, 3, dtype=torch.long))
+    # an empty prompt (an empty processor sample) failed inside transformers ("cannot reshape a tensor of 0 elements")
+    empty = proc([[]])
+    assert empty["input_ids"].shape == (1, 0)
+    with pytest.raises(ValueError, match=r"at least one token, got shape \(1, 0\): the prompt is empty"):
+        model.generate(empty["vision_x"], empty["input_ids"], empty["attention_mask"], max_new_tokens=2)
     batch = proc([("<image>a red car", random_images(1)), ("<image>a<image>b<image>c", random_images(3))],
                  padding_side="right", return_labels=True)
     assert batch["vision_x"].shape[:2] == (2, 3) and batch["vision_x"][0, 1:].abs().sum() == 0

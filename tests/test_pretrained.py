@@ -230,6 +230,21 @@ def test_openflamingo_checkpoint_shapes_load_and_validate():
     assert load_openflamingo_checkpoint(dst, extra).unexpected == ["lang_encoder.not_a_param"]
 
 
+@pytest.mark.parametrize("every", [1, 4])
+def test_a_checkpoint_of_another_cross_attention_interval_is_refused(every):
+    """A checkpoint with cross-attention every 2nd layer loaded into a model built with every 4th (say
+    `convert --cross-attn-every-n-layers 4`) dropped the checkpoint's other trained layers with an
+    "unexpected keys" warning and saved a model without them; every 1st named 20 missing parameters
+    without saying why. Both name the layers and the interval now."""
+    src, _, _ = tiny_flamingo("llama", every=2, seed=1, num_hidden_layers=4)
+    dst, _, _ = tiny_flamingo("llama", every=every, seed=2, num_hidden_layers=4)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"before decoder layers \[1, 3\] \(cross_attn_every_n_layers=2\), "
+                       rf"the model's before .* \(cross_attn_every_n_layers={every}\).*--cross-attn-every-n-layers 2"):
+        load_openflamingo_checkpoint(dst, released_format(src))
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())  # nothing loaded
+
+
 @pytest.mark.parametrize("lm_type", ["llama", "mpt"])
 def test_our_own_weights_files_load_the_openflamingo_way(tmp_path, lm_type):
     """save_pretrained's model.safetensors (and a training checkpoint's trainable.safetensors, the same
@@ -302,6 +317,27 @@ def test_convert_cli_round_trip(tmp_path):
     loaded, ip2, tok2 = load_pretrained(out)
     batch = batch_for(src, ip2, tok2)
     torch.testing.assert_close(logits_of(loaded, batch), logits_of(src, batch), atol=1e-5, rtol=0)
+
+
+def test_convert_refuses_a_random_image_encoder(tmp_path, capsys):
+    """`convert --vision ViT-L-14` (or a config JSON) without `--vision-pretrained` built a random image
+    encoder, and OpenFlamingo's checkpoints do not hold one: the converted model saw noise, without a
+    word. Refused now, before any backbone loads; a full state dict that holds the encoder is fine."""
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"perceiver.latents": torch.zeros(2, 4)}, ckpt)
+    vis_cfg = tmp_path / "vit.json"
+    vis_cfg.write_text("{}")
+    for vision in ("ViT-L-14", str(vis_cfg)):
+        code = cli_main(["convert", str(ckpt), "--out", str(tmp_path / "o"), "--vision", vision, "--lm", "some/lm"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith("flamingo-vlm convert: error: ") and "--vision-pretrained" in err and str(ckpt) in err
+    assert not (tmp_path / "o").exists()
+    # A checkpoint with the encoder's weights passes the check (and fails later, on the made-up LM).
+    torch.save({"vision_encoder.conv1.weight": torch.zeros(1), "perceiver.latents": torch.zeros(2, 4)}, ckpt)
+    assert cli_main(["convert", str(ckpt), "--out", str(tmp_path / "o"), "--vision", str(vis_cfg), "--lm",
+                     str(tmp_path / "nolm")]) == 1
+    assert "--vision-pretrained" not in capsys.readouterr().err
 
 
 # -- the released architectures, on the meta device -------------------------------------------------
@@ -403,3 +439,21 @@ def test_damaged_weights_files_are_named(tmp_path, capsys):
         assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
         assert err.startswith("flamingo-vlm convert: error: cannot read ") and str(bad) in err
     assert not (tmp_path / "converted").exists()
+
+
+def test_a_run_or_a_checkpoint_given_as_a_model_says_what_to_load(tmp_path):
+    """A training run's directory names its exported model; a training checkpoint (which said "has no
+    config.json; is it a flamingo-vlm model directory?") says how to export it."""
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"its exported model is {run / 'final'}"):
+        load_pretrained(run)
+    ckpt = run / "checkpoints" / "step_00000030"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=f"training checkpoint, not a model: export it with "
+                       f"`flamingo-vlm train --export-checkpoint {ckpt} --export-to DIR`"):
+        load_pretrained(ckpt)
+    with pytest.raises(FileNotFoundError, match="has no config.json; is it a flamingo-vlm model directory"):
+        load_pretrained(run / "checkpoints")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import socket
 import threading
 import struct
@@ -291,6 +292,17 @@ def test_local_files_from_the_image_dir(base, image_dir):
     expect_error(post(base, "/v1/chat/completions", json=chat("../secret.png")), 403, "image_path_forbidden")
     expect_error(post(base, "/v1/chat/completions", json=chat(str(image_dir.parent / "secret.png"))), 403)
     expect_error(post(base, "/v1/chat/completions", json=chat("missing.png")), 404, "image_not_found")
+
+
+@pytest.mark.parametrize("fmt, mime", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+def test_base64_without_the_data_prefix(base, image_dir, fmt, mime):
+    """A client that sends an image's bare base64 (no ``data:...;base64,``) is told so, not that no file
+    of that name is in the image directory (or that local files are disabled)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 30, 3), 120, dtype=np.uint8)).save(buf, format=fmt)
+    err = expect_error(post(base, "/v1/chat/completions", json=chat(base64.b64encode(buf.getvalue()).decode())),
+                       400, "invalid_image_url")
+    assert "without the data: URL prefix" in err["message"] and f"data:{mime};base64," in err["message"]
 
 
 # -- context and time limits -----------------------------------------------------------------------------

@@ -233,3 +233,24 @@ def test_a_thin_strip_image_is_sent(browser, server, tmp_path):
                            timeout=60_000)
     assert page.get_attribute("#status", "data-state") == "done", page.text_content("#output")
     page.close()
+
+
+def test_add_images_on_a_fresh_page_fills_the_query_step(browser, server, picture_files):
+    """"+ Add images…" on the fresh page (one step, "Output:" and no image) left that step imageless
+    and added one step per image after it: the prompt began with a text-only demonstration
+    ("Output:<|endofchunk|>\\n<image><|endofchunk|>\\n<image>"). The first image now goes to the step
+    that has none."""
+    base, _ = server
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.wait_for_function(f"document.querySelector('#model-info').textContent.includes('{DEFAULT_MODEL}')")
+    page.set_input_files("#add-files", [str(p) for p in picture_files])
+    page.wait_for_function("document.querySelectorAll('#shots .shot').length === 2 && "
+                           "[...document.querySelectorAll('#shots .shot')].every((s) => s.dataset.image)")
+    preview = page.text_content("#prompt-preview").replace("\n", "")
+    assert preview == "<image>Output:<|endofchunk|>\\n<image>", preview
+    # Once every step has an image, more images add steps.
+    page.set_input_files("#add-files", str(picture_files[0]))
+    page.wait_for_function("document.querySelectorAll('#shots .shot').length === 3")
+    assert page.text_content("#prompt-preview").count("<image>") == 3
+    page.close()

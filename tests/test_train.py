@@ -773,7 +773,10 @@ def test_export_checkpoint_copied_elsewhere_or_a_run_directory(model_dir, shards
         assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
     capsys.readouterr()
     assert main(["--export-checkpoint", str(tmp_path / "nowhere")]) == 2
-    assert f"--export-checkpoint {tmp_path / 'nowhere'}: not a complete checkpoint" in capsys.readouterr().err
+    assert f"--export-checkpoint {tmp_path / 'nowhere'}: {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["--export-checkpoint", str(tmp_path / "empty")]) == 2
+    assert f"--export-checkpoint {tmp_path / 'empty'}: not a complete checkpoint" in capsys.readouterr().err
 
 
 

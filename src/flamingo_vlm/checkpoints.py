@@ -107,6 +107,35 @@ def _state_key(param_name: str) -> str:
     return param_name[: -len("new_weight")] + "weight" if param_name.endswith(".new_weight") else param_name
 
 
+_CROSS_ATTN_LAYER = re.compile(r"\.(\d+)\.gated_cross_attn_layer\.")
+
+
+def _cross_attention_layers(keys) -> list[int]:
+    return sorted({int(m.group(1)) for k in keys if (m := _CROSS_ATTN_LAYER.search(k))})
+
+
+def _interval(layers: list[int]) -> int | None:
+    """The ``cross_attn_every_n_layers`` that places cross-attention before ``layers`` (0-based:
+    before layer ``i`` when ``(i + 1) % n == 0``), or None when none does."""
+    n = layers[0] + 1
+    return n if layers == list(range(n - 1, layers[-1] + 1, n)) else None
+
+
+def _check_cross_attention_layout(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
+    """The checkpoint's cross-attention must sit before the model's decoder layers. A model built with
+    a larger ``cross_attn_every_n_layers`` dropped the checkpoint's other layers with only an
+    "unexpected keys" warning (and a smaller one named 20 missing parameters without saying why)."""
+    theirs, ours = _cross_attention_layers(sd), _cross_attention_layers(own)
+    if theirs and ours and theirs != ours:
+        n_theirs, n_ours = _interval(theirs), _interval(ours)
+        said = lambda n: f" (cross_attn_every_n_layers={n})" if n else ""  # noqa: E731
+        raise CheckpointError(
+            f"the checkpoint's cross-attention sits before decoder layers {theirs}{said(n_theirs)}, the model's "
+            f"before {ours}{said(n_ours)}: build the model with the checkpoint's layout"
+            + (f" (convert: --cross-attn-every-n-layers {n_theirs})" if n_theirs else "")
+        )
+
+
 def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = True) -> LoadReport:
     """Load an OpenFlamingo checkpoint (any of its shapes) into ``model``, validated."""
     from .modeling.quantize import quantization_of
@@ -132,6 +161,7 @@ def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = Tru
         for n in group:
             if n not in sd and present and n in own:
                 sd[n] = sd[present[0]]
+    _check_cross_attention_layout(sd, own)
     report = LoadReport()
     mismatched = []
     for key, value in sd.items():

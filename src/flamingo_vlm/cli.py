@@ -28,6 +28,7 @@ def _convert(args: argparse.Namespace) -> int:
     from .checkpoints import load_openflamingo_checkpoint, read_state_dict
     from .factory import create_model_and_transforms
     from .pretrained import check_save_target
+    from .references import vision_ref
     from .registry import OPENFLAMINGO_RELEASES, get_release
 
     release = get_release(args.release) if args.release else None
@@ -37,11 +38,22 @@ def _convert(args: argparse.Namespace) -> int:
     lm = args.lm or (release.lang_encoder if release else None)
     if not vision or not lm:
         raise UsageError("convert needs --release, or --vision and --lm (and usually --tokenizer)")
+    vision_pretrained = (args.vision_pretrained if args.vision_pretrained is not None
+                         else (release.vision_pretrained if release else None))
     check_save_target(args.out)  # a file, or a folder of other things, is refused before anything loads
     state_dict = read_state_dict(args.checkpoint)  # a missing or damaged file fails before the backbones load
+    # An open_clip architecture without weights is random; OpenFlamingo's checkpoints do not hold the
+    # image encoder (only full state dicts do), so the converted model would see noise, silently.
+    if (vision_ref(vision, vision_pretrained).kind in ("open_clip", "open_clip_config") and not vision_pretrained
+            and not any(key.startswith("vision_encoder.") for key in state_dict)):
+        raise UsageError(
+            f"--vision {vision} without --vision-pretrained is a randomly initialised image encoder, and "
+            f"{args.checkpoint} does not hold one; pass its weights: --vision-pretrained openai (the released "
+            "models' ViT-L-14), a Hub tag or a weights file"
+        )
     model, image_processor, tokenizer = create_model_and_transforms(
         vision,
-        args.vision_pretrained if args.vision_pretrained is not None else (release.vision_pretrained if release else None),
+        vision_pretrained,
         lm,
         args.tokenizer or (release.tokenizer if release else lm),
         cross_attn_every_n_layers=args.cross_attn_every_n_layers
@@ -61,7 +73,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flamingo-vlm", description=__doc__)
+    parser = _Parser(prog="flamingo-vlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="turn an OpenFlamingo checkpoint.pt into a flamingo-vlm model directory")
@@ -100,6 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_subcommand(sub)
     plain_help(parser)
     return parser
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (innermost) subcommand ``args`` ran, e.g. ``data write``'s."""
+    while True:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, actions[0].dest, None) if actions and actions[0].dest != argparse.SUPPRESS else None
+        if chosen is None or chosen not in actions[0].choices:
+            return parser
+        parser = actions[0].choices[chosen]
+
+
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: arguments no parser took are refused by the subcommand that ran, with its
+    usage (``generate --bogus`` printed the list of subcommands and ``flamingo-vlm: error: ...``)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            _subcommand_parser(self, parsed).error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed, unknown
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -191,6 +191,9 @@ def read_config(directory: str | os.PathLike) -> tuple[FlamingoConfig, dict[str,
         if (Path(directory) / "final" / CONFIG_NAME).is_file():  # a training run's output directory
             raise FileNotFoundError(f"{directory} is a training run's directory, not a model: its exported model is "
                                     f"{Path(directory) / 'final'}")
+        if (Path(directory) / "trainable.safetensors").is_file():  # a training checkpoint (train/checkpoint.py)
+            raise FileNotFoundError(f"{directory} is a training checkpoint, not a model: export it with `flamingo-vlm "
+                                    f"train --export-checkpoint {directory} --export-to DIR` and load DIR")
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a flamingo-vlm model directory?")
     try:
         data = json.loads(config_path.read_text())

@@ -168,6 +168,12 @@ class EvalConfig:
                                  "out to use the model's own vision encoder")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        # (said as "[Errno 17] File exists", after the model had loaded)
+        out = Path(self.out_dir)
+        blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ValueError(f"out_dir (--out) {self.out_dir}: {blocker} is a file, not a folder; give a folder for "
+                             "the results (it is made if missing)")
         if self.data_root is None and not all(get_task(t).name in self.task_roots for t in self.tasks):
             raise ValueError("give data_root (--data-root DIR: a folder with one subfolder per task; with --synthetic "
                              "the synthetic tasks are written there), or a task root for every task")

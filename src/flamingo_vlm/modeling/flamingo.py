@@ -516,6 +516,9 @@ class Flamingo(nn.Module):
         A KV cache passed in (``cache=``) that holds the first positions of ``lang_x`` is continued
         (a reused prompt prefix, :mod:`flamingo_vlm.prefix_cache`).
         """
+        if lang_x.ndim != 2 or lang_x.shape[1] == 0:  # (an empty prompt failed inside transformers: "cannot reshape")
+            raise ValueError(f"lang_x must be (batch, tokens) with at least one token, got shape {tuple(lang_x.shape)}: "
+                             "the prompt is empty")
         cond = self._conditioning(vision_x, media, lang_x)
         self._check_rows(lang_x, cond.media)
         generate_kwargs.setdefault("eos_token_id", self.eoc_token_id)

@@ -145,9 +145,32 @@ def _remote_bytes(ref: str, limits: ImageLimits, param: str) -> bytes:
                        code="image_fetch_failed") from e
 
 
+# The first bytes of the image formats a bare base64 string is recognised by (see _bare_base64_mime).
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+          (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
+_BASE64_HEAD = re.compile(r"^[A-Za-z0-9+/]{64}")
+
+
+def _bare_base64_mime(ref: str) -> str | None:
+    """The image type of ``ref`` when it is an image's base64 without the ``data:`` prefix (a common
+    client mistake: it would otherwise be taken for a file name), else None."""
+    if not _BASE64_HEAD.match(ref):
+        return None
+    head = base64.b64decode(ref[:64])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return next((mime for magic, mime in _MAGIC if head.startswith(magic)), None)
+
+
 def image_bytes(ref: str, limits: ImageLimits, param: str) -> bytes:
     if not isinstance(ref, str) or not ref:
         raise APIError(400, "an image reference must be a non-empty string", param=param, code="invalid_image_url")
+    mime = _bare_base64_mime(ref)
+    if mime is not None:
+        raise APIError(
+            400, f"the image is base64 data without the data: URL prefix; send it as data:{mime};base64,<data>",
+            param=param, code="invalid_image_url",
+        )
     scheme = ref.split(":", 1)[0].lower() if ":" in ref[:10] else ""
     if scheme == "data":
         return _data_url_bytes(ref, limits, param)

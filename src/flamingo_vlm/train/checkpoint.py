@@ -272,6 +272,9 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None, *, flag: s
             raise ConfigError(f"--resume: no complete checkpoint in {checkpoints_root(output_dir)}")
         return path
     path = Path(resume)
+    if not path.exists():  # (said "not a complete checkpoint directory (no COMPLETE file)")
+        raise ConfigError(f"{flag} {resume}: {resume} does not exist; give a checkpoint directory "
+                          f"(OUTPUT_DIR/{CHECKPOINTS}/step_N) or a run's output directory")
     if (path / COMPLETE).is_file():
         return path
     latest = latest_checkpoint(path)

@@ -268,22 +268,27 @@ async function generate() {
 
 // -- wiring ----------------------------------------------------------------------------------------
 $("#add-shot").addEventListener("click", () => $(".shot-text", addShot()).focus());
+// Images added to the page as a whole (the "Add images" button, a drop outside the steps) go to the
+// last step while it has no image, whatever its text (the fresh page's query "Output:"), then to a new
+// step each: a step left with text and no image would go to the model as a text-only demonstration
+// before them.
+function stepForNewImage() {
+  const last = shotsEl.lastElementChild;
+  return last && !last.dataset.image ? last : addShot();
+}
 $("#add-files").addEventListener("change", async (e) => {
-  for (const f of [...e.target.files]) {
-    const last = shotsEl.lastElementChild;
-    await setImage(last && !last.dataset.image && !$(".shot-text", last).value ? last : addShot(), f);
-  }
+  for (const f of [...e.target.files]) await setImage(stepForNewImage(), f);
   e.target.value = "";
 });
 $("#clear").addEventListener("click", () => { shotsEl.innerHTML = ""; addShot("Output:"); });
 $("#generate").addEventListener("click", generate);
 $("#stop-btn").addEventListener("click", () => controller && controller.abort());
 document.addEventListener("keydown", (e) => { if ((e.ctrlKey || e.metaKey) && e.key === "Enter") generate(); });
-// Files dropped outside a step add one step per image.
+// Files dropped outside a step fill the last step if it has no image, then add one step per image.
 document.addEventListener("dragover", (e) => e.preventDefault());
 document.addEventListener("drop", async (e) => {
   e.preventDefault();
-  for (const f of [...e.dataTransfer.files].filter((f) => !f.type || f.type.startsWith("image/"))) await setImage(addShot(), f);
+  for (const f of [...e.dataTransfer.files].filter((f) => !f.type || f.type.startsWith("image/"))) await setImage(stepForNewImage(), f);
 });
 
 addShot("Output:");
