@@ -82,6 +82,16 @@ def task_dir(tmp_path_factory, tiny, images):
         whole = tokenizer(_prompt(question) + text, add_special_tokens=False)["input_ids"]
         return whole[len(tokenizer(_prompt(question), add_special_tokens=False)["input_ids"]):]
 
+    # multiple_choice labels: each document's likeliest choice by Flamingo.score, so `acc` must be 1.0
+    # (lmms-eval ranks the returned values by argmin: the least likely choice would give 0.0)
+    model, _, _, processor = tiny
+    labels = []
+    for image, question in zip(images, QUESTIONS):
+        batch = processor([(_prompt(question), [image])])
+        cands = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in CHOICES]
+        scores = model.score(batch["vision_x"], batch["input_ids"], cands, batch["attention_mask"])[0]
+        assert scores.max() > scores.min()  # a likeliest choice exists
+        labels.append(int(scores.argmax()))
     targets = []
     for i, (image, question) in enumerate(zip(images, QUESTIONS)):
         ids = _greedy_ids(tiny, image, question, 1)
@@ -93,7 +103,7 @@ def task_dir(tmp_path_factory, tiny, images):
         targets.append(text)
     data = datasets.Dataset.from_dict(
         {"image": images, "question": QUESTIONS, "choices": [CHOICES] * len(QUESTIONS),
-         "label": [0, 1, 2, 3], "answer": ["red", "square", "yes", "no"], "target": targets},
+         "label": labels, "answer": ["red", "square", "yes", "no"], "target": targets},
         features=datasets.Features({
             "image": datasets.Image(), "question": datasets.Value("string"),
             "choices": datasets.Sequence(datasets.Value("string")), "label": datasets.Value("int64"),
@@ -188,10 +198,11 @@ def test_multiple_choice_matches_flamingo_score(evaluated, tiny, images):
         candidates = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in CHOICES]
         expected = model.score(batch["vision_x"], batch["input_ids"], candidates, batch["attention_mask"])[0]
         got = [resp[0][0] for resp in samples[i]["resps"]]
-        assert got == pytest.approx(expected.tolist(), abs=1e-4)
+        assert got == pytest.approx((-expected).tolist(), abs=1e-4)  # a loss, as lmms-eval's models return
         assert all(isinstance(r[0][1], bool) for r in samples[i]["resps"])
-        correct += int(expected.argmax()) == i
-    assert evaluated["results"]["flamingo_local_mc"]["acc,none"] == correct / len(QUESTIONS)
+        correct += int(expected.argmax()) == samples[i]["doc"]["label"]
+    assert correct == len(QUESTIONS)  # the labels are the likeliest choices (task_dir)
+    assert evaluated["results"]["flamingo_local_mc"]["acc,none"] == 1.0
 
 
 def test_loglikelihood_value_and_greedy_flag(evaluated, tiny, images, task_dir):
@@ -204,7 +215,7 @@ def test_loglikelihood_value_and_greedy_flag(evaluated, tiny, images, task_dir):
         cont = ids[len(tokenizer(_prompt(question), add_special_tokens=False)["input_ids"]):]
         expected = model.score(batch["vision_x"], batch["input_ids"], [cont], batch["attention_mask"])[0, 0]
         ll, is_greedy = samples[i]["resps"][0][0]
-        assert math.isfinite(ll) and ll == pytest.approx(float(expected), abs=1e-4)
+        assert math.isfinite(ll) and ll == pytest.approx(-float(expected), abs=1e-4)
         assert is_greedy is (i % 2 == 0)
     assert evaluated["results"]["flamingo_local_ll"]["acc,none"] == 0.5
 
@@ -272,7 +283,7 @@ def test_instances_text_only_and_multi_round(tiny, images):
     [(ll, _)] = lm.loglikelihood([Instance("loglikelihood", ("An image of", " two cats"), idx=0, metadata=meta)])
     batch = processor(["An image of"])
     cont = tokenizer(" two cats", add_special_tokens=False)["input_ids"]
-    assert ll == pytest.approx(float(model.score(batch["vision_x"], batch["input_ids"], [cont], batch["attention_mask"])[0, 0]), abs=1e-4)
+    assert -ll == pytest.approx(float(model.score(batch["vision_x"], batch["input_ids"], [cont], batch["attention_mask"])[0, 0]), abs=1e-4)
 
     def doc_to_text(doc, previous_output, round_idx, previous_round_info):
         done = round_idx == 2

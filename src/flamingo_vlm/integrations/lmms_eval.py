@@ -18,8 +18,14 @@ Requests (lmms-eval's "simple" model interface):
   unless the task sets ``temperature > 0`` / ``do_sample``; ``<|endofchunk|>`` ends an answer, and
   the text is cut at the first of the task's ``until`` strings.
 - ``loglikelihood`` (``loglikelihood`` and ``multiple_choice`` tasks): :meth:`Flamingo.score` gives
-  the summed log-probability of the continuation's tokens; the requests of one document (the
-  choices of a multiple-choice question) share one scored context. ``is_greedy`` comes from one
+  the summed log-probability of the continuation's tokens, returned negated: a loss, lower for a
+  likelier continuation, as lmms-eval's own models return (``loss.item()``), because lmms-eval
+  0.7.3's ``multiple_choice`` picks the choice with the *lowest* value (``np.argmin(lls)``,
+  EvolvingLMMs-Lab/lmms-eval#370); with log-probabilities it had picked the least likely choice.
+  Its ``acc_norm`` then ranks by loss per character, as lm-eval's does by log-probability per
+  character. Two of 0.7.3's paths still assume log-probabilities, for every model: the
+  ``perplexity`` aggregation (``exp(-mean)``) and ``acc_mutual_info`` (``argmax``). The requests of
+  one document (the choices of a multiple-choice question) share one scored context. ``is_greedy`` comes from one
   forward pass over context + continuation (``score`` returns no per-token argmax).
   lmms-eval 0.7.3's evaluator would turn these pairs into strings; constructing the model lets
   them through (:func:`_keep_loglikelihood_pairs`).
@@ -312,6 +318,6 @@ class FlamingoVLM(lmms):
             scores = self.model.score(batch["vision_x"], batch["input_ids"], candidates, batch["attention_mask"])[0]
             greedy = self._greedy(batch, candidates)
             for (i, target), score, is_greedy in zip(items, scores.tolist(), greedy):
-                results[i] = (float(score), is_greedy)
+                results[i] = (-float(score), is_greedy)  # a loss: lmms-eval ranks choices by argmin (module doc)
                 self.cache_hook.add_partial("loglikelihood", (context, target), results[i])
         return results
