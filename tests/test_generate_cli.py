@@ -222,7 +222,35 @@ def test_stop_strings_end_the_output_at_the_stop(saved, capsys):
     code, cut = _run(capsys, *common, "--stop", stop)
     assert code == 0, cut.err
     out = json.loads(cut.out)["outputs"][0]
-    assert len(out) < len(text) and text.startswith(out) and stop in out, (text, out)
+    assert out == text[:text.find(stop)], (text, out)  # the stop string ends the answer, not part of it (as served)
+
+
+class _CharTokenizer:
+    """One character per token id (its code point)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+def test_the_stream_holds_back_what_may_become_a_stop_string_and_never_shows_it():
+    import torch
+
+    from flamingo_vlm.generate import _Streamer
+
+    for text, stops, shown in [("a green triangle at the top", [" at"], "a green triangle"),
+                               ("a cat and a hat", ["hats", "x"], "a cat and a hat"),  # held back, then shown
+                               ("stop at once", ["at", "st"], "")]:
+        pieces = []
+        streamer = _Streamer(_CharTokenizer(), pieces.append, stops)
+        streamer.put(torch.tensor([[1, 2]]))  # the prompt
+        for ch in text:
+            streamer.put(torch.tensor([ord(ch)]))
+            seen = "".join(pieces)
+            assert not any(s in seen for s in stops) and text.startswith(seen)
+            if text == "a green triangle at the top" and streamer.ids[-2:] == [ord(" "), ord("a")]:
+                assert seen == "a green triangle"  # " a" may still become " at": held back
+        streamer.end()
+        assert "".join(pieces) == shown, (text, pieces)
 
 
 def test_a_prompt_past_the_context_is_a_clear_error(saved, capsys):

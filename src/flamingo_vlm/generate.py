@@ -34,7 +34,7 @@ import torch
 from .errors import UsageError
 from .modeling.fast_linear import auto_dtype
 from .modeling.lm_info import lm_context_limit
-from .processing import EOC_TOKEN, MEDIA_TOKEN
+from .processing import EOC_TOKEN, MEDIA_TOKEN, cut_at_stop, stop_holdback
 from .registry import DEFAULT_MODEL
 
 DEFAULT_MAX_NEW_TOKENS = 40
@@ -146,18 +146,21 @@ def _model_inputs(model, image_processor, tokenizer, sample):
 def generate_text(model, image_processor, tokenizer, sample, *, stream=None, **gen_kwargs) -> tuple[list[str], int]:
     """Generate for one interleaved ``sample`` (a :class:`~flamingo_vlm.FlamingoProcessor` sample);
     returns the decoded continuations and how many tokens were generated. ``stream``: a callable
-    that receives text pieces as they are decoded (single sequence only)."""
+    that receives text pieces as they are decoded (single sequence only). A continuation ends
+    before the first of ``stop_strings`` in it, as the server's answers do (transformers stops
+    after the token that completes it): neither the texts nor the stream show the stop string."""
     vision_x, input_ids, attention_mask = _model_inputs(model, image_processor, tokenizer, sample)
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty (no tokens): give some text or an image")
     _check_context(model, input_ids.shape[1], gen_kwargs.get("max_new_tokens"))
     if gen_kwargs.get("stop_strings") and "tokenizer" not in gen_kwargs:
         gen_kwargs["tokenizer"] = tokenizer  # transformers matches stop strings through the tokenizer
-    streamer = _Streamer(tokenizer, stream) if stream is not None else None
+    stops = list(gen_kwargs.get("stop_strings") or ())
+    streamer = _Streamer(tokenizer, stream, stops) if stream is not None else None
     with torch.inference_mode():
         out = model.generate(vision_x, input_ids, attention_mask, streamer=streamer, **gen_kwargs)
     new = out[:, input_ids.shape[1]:]
-    texts = [tokenizer.decode(row, skip_special_tokens=True).lstrip() for row in new]
+    texts = [cut_at_stop(tokenizer.decode(row, skip_special_tokens=True).lstrip(), stops)[0] for row in new]
     eoc = model.eoc_token_id
     n_tokens = int(sum(int((row != eoc).sum()) for row in new))
     return texts, n_tokens
@@ -178,35 +181,40 @@ def _check_context(model, n_prompt: int, max_new_tokens: int | None) -> None:
 
 
 class _Streamer:
-    """A transformers streamer that hands decoded text to a callback as soon as it is stable."""
+    """A transformers streamer that hands decoded text to a callback as soon as it is stable: not
+    while it ends in an incomplete character or could still grow into one of ``stops``, and never
+    a stop string or what follows it."""
 
-    def __init__(self, tokenizer, callback):
-        self.tokenizer, self.callback = tokenizer, callback
+    def __init__(self, tokenizer, callback, stops=()):
+        self.tokenizer, self.callback, self.stops = tokenizer, callback, list(stops)
         self.ids: list[int] = []
         self.printed = 0
         self.prompt_seen = False
+        self.stopped = False
 
     def put(self, value):
         if not self.prompt_seen:  # the first call carries the prompt
             self.prompt_seen = True
             return
         self.ids.extend(int(t) for t in value.reshape(-1).tolist())
-        text = self._text()
+        if self.stopped:
+            return
+        text, self.stopped = cut_at_stop(self._text(), self.stops)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return
+        self._show(text if self.stopped else text[:len(text) - stop_holdback(text, self.stops)])
+
+    def _show(self, text: str) -> None:
         if len(text) > self.printed:
             self.callback(text[self.printed:])
-        self.printed = len(text)
+            self.printed = len(text)
 
     def _text(self) -> str:
         # The leading space of a continuation ("Output: a ..." tokenises as " a") is not shown.
         return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
 
     def end(self):
-        text = self._text()
-        if len(text) > self.printed:
-            self.callback(text[self.printed:])
-        self.printed = len(text)
+        self._show(cut_at_stop(self._text(), self.stops)[0])
 
 
 def _check_args(args) -> None:
@@ -383,7 +391,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop", action="append", metavar="STRING",
-                   help=f"also stop at this string (repeatable; {EOC_TOKEN} always stops)")
+                   help=f"also stop at this string, which the output leaves out (repeatable; {EOC_TOKEN} always stops)")
     g.add_argument("--seed", type=int, help="random seed (sampling)")
     o = p.add_argument_group("output and device")
     o.add_argument("--json", action="store_true", help="print one JSON object, no streaming")

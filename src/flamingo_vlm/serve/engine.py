@@ -83,7 +83,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..modeling.lm_info import lm_context_limit
 from ..prefix_cache import PrefixCache
-from ..processing import EOC_TOKEN, MEDIA_TOKEN, FlamingoProcessor
+from ..processing import EOC_TOKEN, MEDIA_TOKEN, FlamingoProcessor, cut_at_stop, stop_holdback
 from .errors import APIError
 from .jobs import ChoiceFinished, Failed, GenerationJob, Job, JobDone, Prompt, Scored, ScoreJob, TokenDelta
 from .tokens import max_chars_per_token, max_context_of
@@ -118,17 +118,6 @@ def _continuation(row: _Row) -> Prompt:
     prompt = row.job.prompts[row.choice // row.job.n]
     return Prompt(ids=prompt.ids + row.tokens, images=prompt.images,
                   max_tokens=max(0, row.max_tokens - len(row.tokens)), image_keys=prompt.image_keys)
-
-
-def _holdback(text: str, stops: list[str]) -> int:
-    """How many trailing characters could still grow into a stop string."""
-    keep = 0
-    for s in stops:
-        for j in range(min(len(s) - 1, len(text)), keep, -1):
-            if text.endswith(s[:j]):
-                keep = j
-                break
-    return keep
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -201,9 +190,9 @@ class RowTracker(StoppingCriteria):
                 continue
             text = self.decode(row.tokens)
             if row.stop:
-                cut = min((i for i in (text.find(s) for s in row.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    row.text = text[:cut]
+                head, stopped = cut_at_stop(text, row.stop)
+                if stopped:
+                    row.text = head
                     self.finish(row, "stop")
                     continue
             row.text = text
@@ -214,7 +203,7 @@ class RowTracker(StoppingCriteria):
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
                 safe = len(text.rstrip("\ufffd"))
             if row.stop:
-                safe = min(safe, len(text) - _holdback(text, row.stop))
+                safe = min(safe, len(text) - stop_holdback(text, row.stop))
             self._emit(row, safe)
         self.steps += 1
         live = [row for row in self.rows if not row.done]
