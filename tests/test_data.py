@@ -524,6 +524,13 @@ def test_inspect_reports_damaged_shards_and_never_crashes(tmp_path, capsys):
     for url, word in [(bad["garbage"], "unreadable"), (bad["empty"], "unreadable"), (bad["truncated"], "truncated"),
                       (urls[0], "ok")]:
         assert any(line.split()[:2] == [word, f"{url}:"] for line in lines), (url, out)
+    # shards that all exist but hold no usable sample: the summary, then exit 1 with one line saying so
+    only_bad = [bad["garbage"], bad["empty"]]
+    for extra in ([], ["--json"]):
+        assert main(["data", "inspect", *only_bad, *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == "flamingo-vlm data inspect: error: no usable sample in 2 shard(s) (2 unreadable or damaged, " \
+                      "0 corrupt sample(s))", err
     # a pattern that matches nothing: one line, exit 1, no traceback
     assert main(["data", "inspect", str(tmp_path / "nothing-*.tar")]) == 1
     err = capsys.readouterr().err

@@ -420,9 +420,20 @@ def _cmd_write(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     summary = inspect_shards(args.urls, n=args.n, similarity_threshold=args.similarity_threshold)
+    usable = summary["samples"] - summary["corrupt"]
     if args.json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
-        return 0
+    else:
+        _print_inspection(summary)
+    if not usable:  # exit status 1, so that `data inspect ... && train ...` stops here
+        print(f"flamingo-vlm data inspect: error: no usable sample in {summary['shards']} shard(s) "
+              f"({summary['shard_read_errors']} unreadable or damaged, {summary['corrupt']} corrupt sample(s))",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_inspection(summary: dict) -> None:
     print(f"{summary['shards']} shard(s), {summary['samples']} sample(s): {summary['kinds']}")
     print(f"images: {summary['images']} (per sample: {summary['images_per_sample']})")
     print(f"corrupt samples: {summary['corrupt']}, corrupt images: {summary['images_corrupt']}, "
@@ -436,7 +447,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  ok         {len(ok)} other shard(s)")
     for ex in summary["examples"]:
         print(f"- [{ex['kind']}] {ex['key']} ({ex['images']} image(s) {ex['image_sizes']}): {ex['text']!r}")
-    return 0
 
 
 def add_data_subcommand(subparsers, extra: Iterable = ()) -> argparse.ArgumentParser:
