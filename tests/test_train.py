@@ -813,6 +813,25 @@ def test_ctrl_c_under_torchrun_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "flamingo-vlm train: interrupted\n"
 
 
+def test_ctrl_c_during_training_names_the_checkpoint_to_resume_from(monkeypatch, capsys, tmp_path):
+    from flamingo_vlm.train import cli, trainer
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "config_from_args", lambda args: TrainConfig(output_dir=str(tmp_path / "run")))
+    assert cli.main(["--config", "x.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("flamingo-vlm train: interrupted; no checkpoint was written in ") and err.count("\n") == 1
+    (tmp_path / "run" / "checkpoints" / "step_00000020").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_00000020" / "COMPLETE").write_text("")
+    assert cli.main(["--config", "x.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert "the latest checkpoint is " in err and "step_00000020" in err and "--resume" in err, err
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (from /proc)."""
     out = []

@@ -134,7 +134,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
         from .trainer import train
 
-        result = train(config)
+        try:
+            result = train(config)
+        except KeyboardInterrupt:
+            _say_where_to_resume(config)
+            return 130
     except (ConfigError, DataError, DirectoryBusy) as e:
         print(f"flamingo-vlm train: error: {e}", file=sys.stderr)
         return 2
@@ -148,6 +152,18 @@ def run(args: argparse.Namespace) -> int:
     if summary:
         print(summary)
     return 0
+
+
+def _say_where_to_resume(config) -> None:
+    """After Ctrl-C: which checkpoint a ``--resume`` continues from (checkpoints are written whole or
+    not at all, so the latest complete one is intact)."""
+    from .checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(config.output_dir)
+    where = (f"the latest checkpoint is {last}; run the same command with --resume to continue from it" if last
+             else f"no checkpoint was written in {config.output_dir} yet (one every {config.checkpoint_every} "
+                  "steps: checkpoint_every)")
+    print(f"flamingo-vlm train: interrupted; {where}", file=sys.stderr)
 
 
 def _run_config(args: argparse.Namespace) -> None:
