@@ -98,3 +98,11 @@ def test_bad_requests_say_what_to_do_and_write_nothing(grow, saved, tmp_path, ca
     with pytest.raises(SystemExit):
         grow.main([str(source), str(source)])
     assert "exists" in capsys.readouterr().err
+
+
+def test_weights_name_is_the_saved_models(grow):
+    """grow keeps its own copy of the weights file's name (importing ..pretrained would pull
+    transformers into every command's parser): it must be the one save_pretrained writes."""
+    from flamingo_vlm import pretrained
+
+    assert grow.WEIGHTS_NAME == pretrained.WEIGHTS_NAME

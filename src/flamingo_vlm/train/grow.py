@@ -28,7 +28,10 @@ from safetensors.torch import load_file, save_file
 
 from ..files import atomic_directory
 from ..modeling.feature_grid import FeatureGridEncoder
-from ..pretrained import WEIGHTS_NAME
+
+# (not from ..pretrained, which imports transformers: every `flamingo-vlm` command, --help included,
+# builds this subcommand's parser; tests check the two names agree)
+WEIGHTS_NAME = "model.safetensors"
 
 LATENTS = "perceiver.latents"
 PASSTHROUGH_NORM = "perceiver.passthrough_norm"
