@@ -774,9 +774,11 @@ def _contended(data: dict) -> dict:
     return dict(entry) if isinstance(entry, dict) else {}
 
 
-def _retry_contended(data: dict, part: str) -> bool:
-    entry = _contended(data).get(part)
-    return isinstance(entry, dict) and isinstance(entry.get("tries"), int) and entry["tries"] < CONTENDED_TRIES
+def _tries(contended: dict, part: str) -> int | None:
+    """How many contended probes ``part`` has had (None: its last probe was quiet, or no valid entry)."""
+    entry = contended.get(part)
+    tries = entry.get("tries") if isinstance(entry, dict) else None
+    return tries if isinstance(tries, int) else None
 
 
 def _read_cache(path: Path) -> dict:
@@ -816,17 +818,16 @@ def decide(part: str) -> bool:
         routes = part in ("bf16_decode", "fp32_decode")
         valid = (_routes_valid(cached, part[:4]) if routes else _int8_gemm_valid(cached) if part == "int8_gemm"
                  else isinstance(cached, bool))
-        if not valid or mode == "probe" or _retry_contended(data, part):
-            contended = _contended(data)
+        contended = _contended(data)
+        tries = _tries(contended, part)
+        if not valid or mode == "probe" or (tries is not None and tries < CONTENDED_TRIES):
             stop = _cpu_meter()
             # (the first call may come from inside generate's no_grad / inference_mode)
             with torch.inference_mode(False), torch.enable_grad():
                 data.update(_PROBES[part]())
             others = stop()
             if others >= CONTENDED_CORES:
-                before = contended.get(part)
-                tries = before.get("tries", 0) if isinstance(before, dict) and isinstance(before.get("tries"), int) else 0
-                contended[part] = {"others_cores": round(others, 2), "tries": tries + 1}
+                contended[part] = {"others_cores": round(others, 2), "tries": (tries or 0) + 1}
             else:
                 contended.pop(part, None)
             data["contended"] = contended

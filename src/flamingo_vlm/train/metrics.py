@@ -127,7 +127,7 @@ class MetricsCSV:
 
 
 def _event_records(data: bytes):
-    """(step, record bytes) of each whole record of a TensorBoard event file (TFRecord framing:
+    """(event, record bytes) of each whole record of a TensorBoard event file (TFRecord framing:
     u64 length, u32 crc, data, u32 crc); stops at a torn or unreadable record (a killed writer's)."""
     from google.protobuf.message import DecodeError
     from tensorboard.compat.proto.event_pb2 import Event
@@ -142,7 +142,7 @@ def _event_records(data: bytes):
             event = Event.FromString(data[pos + 12:pos + 12 + length])
         except DecodeError:
             return
-        yield event.step, data[pos:end]
+        yield event, data[pos:end]
         pos = end
 
 
@@ -151,8 +151,6 @@ def truncate_event_files(log_dir: Path, keep_through: int) -> None:
     (each file rewritten atomically; one left without summaries is removed), so that a resumed run's
     steps are not in the files twice. TensorBoard's own purge on restart (``purge_step``) hides them
     only from some of its readers, and from none that read the files directly."""
-    from tensorboard.compat.proto.event_pb2 import Event
-
     if not log_dir.is_dir():
         return
     for path in sorted(log_dir.iterdir()):
@@ -161,14 +159,14 @@ def truncate_event_files(log_dir: Path, keep_through: int) -> None:
         try:
             data = path.read_bytes()
             records = list(_event_records(data))
-            kept = [r for step, r in records if step <= keep_through]
-            if len(kept) == len(records) and sum(map(len, kept)) == len(data):
+            kept = [(event, r) for event, r in records if event.step <= keep_through]
+            if len(kept) == len(records) and sum(len(r) for _, r in kept) == len(data):
                 continue  # nothing after keep_through, no torn tail
-            if not any(Event.FromString(r[12:-4]).HasField("summary") for r in kept):
+            if not any(event.HasField("summary") for event, _ in kept):
                 path.unlink()
                 continue
             with atomic_file(path, tmp_stem="resume-truncate") as tmp:  # (a name TensorBoard does not read)
-                tmp.write_bytes(b"".join(kept))
+                tmp.write_bytes(b"".join(r for _, r in kept))
         except OSError as e:
             from .checkpoint import WriteError, explain_write_error
 
