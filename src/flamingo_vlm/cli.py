@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-backbones", action="store_true", help="copy the backbones into the output")
     p.set_defaults(func=_convert)
 
-    from .generate import add_generate_subcommand
+    from .generate_cli import add_generate_subcommand
 
     add_generate_subcommand(sub)
     from .data.custom import add_data_subcommand

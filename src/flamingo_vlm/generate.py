@@ -34,21 +34,10 @@ import torch
 from .errors import UsageError
 from .modeling.fast_linear import auto_dtype
 from .modeling.lm_info import lm_context_limit
-from .processing import EOC_TOKEN, MEDIA_TOKEN, cut_at_stop, stop_holdback
-from .registry import DEFAULT_MODEL
-
-DEFAULT_MAX_NEW_TOKENS = 40
+from .generate_cli import DEFAULT_MAX_NEW_TOKENS, add_generate_subcommand  # noqa: F401 (re-exported)
+from .prompt_format import EOC_TOKEN, MEDIA_TOKEN, cut_at_stop, stop_holdback
 
 __all__ = ["DemoTask", "add_generate_subcommand", "demo_tasks", "example_image", "generate_text", "join_demonstrations"]
-
-
-class _Ordered(argparse.Action):
-    """Collects --image and --text into one list, keeping their order on the command line."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        items = list(getattr(namespace, "items", None) or [])
-        items.append(("image" if option_string == "--image" else "text", values))
-        namespace.items = items
 
 
 def example_image(name: str) -> Path:
@@ -369,44 +358,3 @@ def _run(args: argparse.Namespace) -> int:
         for i, t in enumerate(texts):
             print(f"[{i}] {t.strip()}" if len(texts) > 1 else t.strip())
     return 0
-
-
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"built-in model name, flamingo-vlm directory, Hub repo id or released OpenFlamingo id "
-                        f"(default: {DEFAULT_MODEL}, offline)")
-    p.add_argument("--image", action=_Ordered, metavar="PATH", help="an image (repeatable; order with --text kept)")
-    p.add_argument("--text", action=_Ordered, metavar="TEXT", help="a text piece (repeatable)")
-    p.add_argument("--prompt", help=f"the whole prompt, with one {MEDIA_TOKEN} per image of --images")
-    p.add_argument("--images", nargs="+", metavar="PATH", help="images for --prompt, in order")
-    p.add_argument("--demo", action="store_true", help="run few-shot tasks on the bundled example images")
-    g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"default {DEFAULT_MAX_NEW_TOKENS} (--demo: each task's own budget)")
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--num-return-sequences", type=int, default=1)
-    g.add_argument("--do-sample", action="store_true")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--stop", action="append", metavar="STRING",
-                   help=f"also stop at this string, which the output leaves out (repeatable; {EOC_TOKEN} always stops)")
-    g.add_argument("--seed", type=int, help="random seed (sampling)")
-    o = p.add_argument_group("output and device")
-    o.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
-    o.add_argument("--no-stream", action="store_true", help="print the result at the end")
-    o.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="auto (default): bfloat16 where it runs natively (GPUs, CPUs with AVX512-BF16), else float32")
-    o.add_argument("--device", help="cpu, cuda, cuda:1 (default: cpu)")
-    o.add_argument("--quantize", choices=["int8", "int4"],
-                    help="weight-only quantized LM, cross-attention and perceiver linears (CPU only; "
-                         "int8 also the LM head; speeds per CPU in the README's Quantized weights)")
-
-
-def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("generate", help="few-shot generation from images and text (default: the built-in model)",
-                              description=__doc__.split("\n\n")[0])
-    add_generate_arguments(p)
-    p.set_defaults(func=_run)
-    return p

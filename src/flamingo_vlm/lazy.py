@@ -29,3 +29,15 @@ def lazy_names(package: str, names: dict[str, str | tuple[str, str]]):
         return sorted([*vars(module), *names])
 
     return __getattr__, __dir__
+
+
+def lazy_function(module: str, name: str):
+    """A function that imports ``module`` on its first call and calls ``module.name``: a command's
+    handler, stored on its parser without importing what the handler needs (torch, for most) while
+    the parser is built."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = f"{module}.{name}"
+    return call

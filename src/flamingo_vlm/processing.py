@@ -19,9 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-MEDIA_TOKEN = "<image>"
-EOC_TOKEN = "<|endofchunk|>"
-PAD_TOKEN = "<PAD>"
+from .prompt_format import EOC_TOKEN, MEDIA_TOKEN, PAD_TOKEN, cut_at_stop, stop_holdback  # noqa: F401 (re-exported)
 
 
 def add_flamingo_tokens(tokenizer) -> list[int]:
@@ -36,25 +34,6 @@ def add_flamingo_tokens(tokenizer) -> list[int]:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         new.append(PAD_TOKEN)
     return tokenizer.convert_tokens_to_ids(new)
-
-
-def cut_at_stop(text: str, stops) -> tuple[str, bool]:
-    """``text`` up to the first of the ``stops`` strings in it, and whether one was there (a stop
-    string ends the answer and is not part of it, as in OpenAI's API)."""
-    cut = min((i for i in (text.find(s) for s in stops or ()) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def stop_holdback(text: str, stops) -> int:
-    """How many trailing characters of ``text`` could still grow into one of the ``stops`` strings
-    (a stream holds them back until the next token says)."""
-    keep = 0
-    for s in stops or ():
-        for j in range(min(len(s) - 1, len(text)), keep, -1):
-            if text.endswith(s[:j]):
-                keep = j
-                break
-    return keep
 
 
 def _is_image(item: Any) -> bool:

@@ -8,10 +8,9 @@
   summary of shards; :func:`add_data_subcommand` adds ``flamingo-vlm data write|inspect``.
 """
 
-from .custom import add_data_subcommand, inspect_shards, write_shards
-from .dataset import DatasetSpec, ShardDataset, build_datasets
-from .labels import IGNORE_INDEX, make_labels
-from .shards import expand_urls
+from __future__ import annotations
+
+from ..lazy import lazy_names
 
 __all__ = [
     "IGNORE_INDEX",
@@ -24,3 +23,18 @@ __all__ = [
     "make_labels",
     "write_shards",
 ]
+
+_LAZY = {
+    "add_data_subcommand": ".custom",
+    "inspect_shards": ".custom",
+    "write_shards": ".custom",
+    "DatasetSpec": ".dataset",
+    "ShardDataset": ".dataset",
+    "build_datasets": ".dataset",
+    "IGNORE_INDEX": ".labels",
+    "make_labels": ".labels",
+    "expand_urls": ".shards",
+}
+
+# Loaded on first use (flamingo_vlm.lazy): the command line's parser imports .custom, which needs no torch.
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..processing import MEDIA_TOKEN
+from ..prompt_format import MEDIA_TOKEN
 from .preprocess import IMAGE_EXTS, clean_text, decode_image, pair_text, plan_interleaved
 from .shards import expand_urls, iter_raw_samples
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from ..processing import EOC_TOKEN, MEDIA_TOKEN
+from ..prompt_format import EOC_TOKEN, MEDIA_TOKEN
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

@@ -112,6 +112,9 @@ class BackboneRef:
 VISION_KINDS = ("builtin", "open_clip", "open_clip_config", "hf")
 #: builtin: a packaged LM; hub: a Hub repo id; local: a directory (absolute path).
 LM_KINDS = ("builtin", "hub", "local")
+#: Where the built-in vision encoder (:class:`~.feature_grid.FeatureGridEncoder`) puts its colour code:
+#: summed into each cell's token, tokens of its own after the grid's, or both.
+COLOR_MODES = ("add", "tokens", "both")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..image_processing import IMAGENET_MEAN, IMAGENET_STD, ImageProcessor
+from .config import COLOR_MODES
 from .vision import VisionEncoder
 
 __all__ = ["FeatureGridEncoder"]
@@ -53,8 +54,7 @@ class FeatureGridEncoder(VisionEncoder):
     #: frequencies (times pi) that turn each value into features a linear layer can separate.
     COLOR_SUBCELLS = 2
     COLOR_FREQS = (1.0, 2.0, 4.0)
-    #: Where the colour code goes: summed into each cell's token, tokens of its own after the grid's, or both.
-    COLOR_MODES = ("add", "tokens", "both")
+    COLOR_MODES = COLOR_MODES  # where the colour code goes (see .config)
 
     def __init__(
         self,

@@ -23,14 +23,16 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
-from ..files import atomic_directory
-from ..modeling.feature_grid import FeatureGridEncoder
+from ..modeling.config import COLOR_MODES
 
-# (not from ..pretrained, which imports transformers: every `flamingo-vlm` command, --help included,
-# builds this subcommand's parser; tests check the two names agree)
+if TYPE_CHECKING:
+    import torch
+
+# Every `flamingo-vlm` command, --help included, builds this subcommand's parser, so this module
+# imports neither torch (seconds on a small CPU: imported where it is used) nor ..pretrained
+# (transformers; tests check the two names agree).
 WEIGHTS_NAME = "model.safetensors"
 
 LATENTS = "perceiver.latents"
@@ -44,6 +46,8 @@ class GrowError(ValueError):
 def grow_latents(latents: torch.Tensor, num_latents: int, noise: float, seed: int) -> torch.Tensor:
     """``(num_latents, D)``: each of the ``L`` rows repeated ``num_latents // L`` times in a row, the
     repeats moved by ``noise`` times the rows' RMS (the first copy of each is kept exactly)."""
+    import torch
+
     n, _ = latents.shape
     if num_latents % n:
         raise ValueError(f"--num-latents {num_latents} is not a multiple of the current {n} latents")
@@ -59,6 +63,11 @@ def grow_adapter(source: str | os.PathLike, target: str | os.PathLike, *, num_la
                  seed: int = 0) -> Path:
     """Write ``source`` (a saved model directory) grown as asked to the new directory ``target``
     (atomically: nothing is left behind on an error). Returns ``target``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ..files import atomic_directory
+
     source, target = Path(source), Path(target)
     config_path, weights_path = source / "config.json", source / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
@@ -93,7 +102,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", type=Path, help="a saved model directory (flamingo-vlm format)")
     p.add_argument("target", type=Path, help="where to write the grown copy (must not exist)")
     p.add_argument("--num-latents", type=int, help="new perceiver latent count (a multiple of the current)")
-    p.add_argument("--color-encoding", choices=FeatureGridEncoder.COLOR_MODES, help="new colour code mode")
+    p.add_argument("--color-encoding", choices=COLOR_MODES, help="new colour code mode")
     p.add_argument("--media-passthrough", action="store_true",
                    help="also pass the perceiver's input tokens (normed) to the cross-attention")
     p.add_argument("--noise", type=float, default=0.05, help="copies' jitter, relative to the latents' RMS")

@@ -1,0 +1,66 @@
+"""The ``flamingo-vlm generate`` command's arguments (its handler is :func:`flamingo_vlm.generate._run`).
+
+Apart from :mod:`flamingo_vlm.generate`, which imports torch, because every ``flamingo-vlm``
+command builds the whole parser first (``--help`` and usage errors too): building it must not
+take the seconds that torch's import takes on a small CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .lazy import lazy_function
+from .prompt_format import EOC_TOKEN, MEDIA_TOKEN
+from .registry import DEFAULT_MODEL
+
+DEFAULT_MAX_NEW_TOKENS = 40
+
+
+class _Ordered(argparse.Action):
+    """Collects --image and --text into one list, keeping their order on the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, "items", None) or [])
+        items.append(("image" if option_string == "--image" else "text", values))
+        namespace.items = items
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in model name, flamingo-vlm directory, Hub repo id or released OpenFlamingo id "
+                        f"(default: {DEFAULT_MODEL}, offline)")
+    p.add_argument("--image", action=_Ordered, metavar="PATH", help="an image (repeatable; order with --text kept)")
+    p.add_argument("--text", action=_Ordered, metavar="TEXT", help="a text piece (repeatable)")
+    p.add_argument("--prompt", help=f"the whole prompt, with one {MEDIA_TOKEN} per image of --images")
+    p.add_argument("--images", nargs="+", metavar="PATH", help="images for --prompt, in order")
+    p.add_argument("--demo", action="store_true", help="run few-shot tasks on the bundled example images")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default {DEFAULT_MAX_NEW_TOKENS} (--demo: each task's own budget)")
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", metavar="STRING",
+                   help=f"also stop at this string, which the output leaves out (repeatable; {EOC_TOKEN} always stops)")
+    g.add_argument("--seed", type=int, help="random seed (sampling)")
+    o = p.add_argument_group("output and device")
+    o.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
+    o.add_argument("--no-stream", action="store_true", help="print the result at the end")
+    o.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto (default): bfloat16 where it runs natively (GPUs, CPUs with AVX512-BF16), else float32")
+    o.add_argument("--device", help="cpu, cuda, cuda:1 (default: cpu)")
+    o.add_argument("--quantize", choices=["int8", "int4"],
+                    help="weight-only quantized LM, cross-attention and perceiver linears (CPU only; "
+                         "int8 also the LM head; speeds per CPU in the README's Quantized weights)")
+
+
+def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="few-shot generation from images and text (default: the built-in model)",
+                              description="few-shot generation from images and text, and the bundled demo")
+    add_generate_arguments(p)
+    p.set_defaults(func=lazy_function("flamingo_vlm.generate", "_run"))
+    return p
