@@ -380,6 +380,12 @@ def test_processor_errors_name_the_sample(llama):
     proc = FlamingoProcessor(tok, ip)
     with pytest.raises(ValueError, match="sample 1 has 2 <image> marker"):
         proc([("<image>a", random_images(1)), ("<image>a<image>b", random_images(1))])
+    # in a list of items an image is an item: a text item that also marks it was counted as a second
+    # image and told the user to "put one <image> in the text", the opposite of what to do
+    image = random_images(1)[0]
+    with pytest.raises(ValueError, match=r"sample 0: text item '<image>Output:' holds <image>; .*take <image> out"):
+        proc([[image, "<image>Output:"]])
+    assert proc([[image, "Output:"]])["input_ids"].eq(model.media_token_id).sum() == 1
     with pytest.raises(ValueError, match="vision_x must have shape"):
         model(torch.zeros(1, 3, 32, 32), torch.ones(1, 3, dtype=torch.long))
     # an empty prompt (an empty processor sample) failed inside transformers ("cannot reshape a tensor of 0 elements")

@@ -69,6 +69,12 @@ class FlamingoProcessor:
                 if isinstance(item, dict) and len(item) == 1 and ("text" in item or "image" in item):
                     item = item.get("text", Path(item["image"]) if isinstance(item.get("image"), str) else item.get("image"))
                 if isinstance(item, str):
+                    if MEDIA_TOKEN in item:  # (it would be counted as an image and fail the count below, misleadingly)
+                        raise ValueError(
+                            f"sample {index}: text item {item!r} holds {MEDIA_TOKEN}; in a list of items each image "
+                            f"is an item of its own (PIL image, array, tensor, Path or {{'image': ...}}), so take "
+                            f"{MEDIA_TOKEN} out of the text, or pass (text with {MEDIA_TOKEN} markers, images)"
+                        )
                     parts.append(item)  # strings are always text; pass images as PIL/array/tensor/Path
                 elif _is_image(item):
                     parts.append(MEDIA_TOKEN)
