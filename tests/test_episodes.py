@@ -232,3 +232,24 @@ def test_style_rate_draws_documents_in_the_episodes_styles(tmp_path):
     assert 0 < changed < len(plain)
     with pytest.raises(ValueError, match="style_rate"):
         write_episode_shards(tmp_path / "bad", n_documents=1, style_rate=1.5)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["synthetic-benchmark", "--n-train", "-1"], "argument --n-train: must be >= 0, got '-1'"),  # wrote no train split
+    (["synthetic-benchmark", "--n-test", "0"], "argument --n-test: must be >= 1"),
+    (["synthetic-benchmark", "--image-size", "0"], "argument --image-size: must be >= 1"),  # PIL: "cannot write empty image"
+    (["episodes", "--start", "-4"], "argument --start: must be >= 0"),  # numpy: "expected non-negative integer"
+    (["episodes", "--seed", "-1"], "argument --seed: must be >= 0"),
+    (["icl-episodes", "--documents", "two"], "argument --documents: expected a whole number, got 'two'"),
+    (["synthetic-shards", "--pairs", "0", "--documents", "0"], "--pairs 0 and --documents 0 write nothing"),
+])
+def test_synthetic_data_commands_refuse_counts_out_of_range_before_writing(tmp_path, capsys, argv, said):
+    from flamingo_vlm.cli import main
+
+    out = tmp_path / "out"
+    try:
+        code = main(["data", argv[0], str(out), *argv[1:]])  # (a UsageError: main returns 2)
+    except SystemExit as e:  # argparse's usage error
+        code = e.code
+    assert code == 2 and said in capsys.readouterr().err
+    assert not out.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UsageError
 from .benchmark import BENCHMARK_TASKS, write_synthetic_benchmark
 from .episodes import EPISODE_KINDS, write_episode_shards, write_training_shards
 from .icl import ICL_SPLITS, write_icl_shards
@@ -27,6 +28,26 @@ def _shots(text: str) -> tuple[int, int]:
     if not 1 <= lo <= hi:
         raise argparse.ArgumentTypeError(f"must satisfy 1 <= least <= most, got {text!r}")
     return lo, hi
+
+
+def _at_least(least: int):
+    """An ``int`` argument type refusing values below ``least`` (``--n-train -1`` wrote a benchmark
+    without a training split, ``--image-size 0`` failed in PIL with "cannot write empty image")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int >= {least}"
+    return parse
+
+
+_COUNT, _SIZE = _at_least(0), _at_least(1)
 
 
 def _weights(text: str, what: str, strip: bool) -> dict[str, float]:
@@ -69,6 +90,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
+    if args.pairs == 0 and args.documents == 0:
+        raise UsageError("--pairs 0 and --documents 0 write nothing; ask for at least one of them")
     shards = write_training_shards(args.out, seed=args.seed, n_pairs=args.pairs, n_documents=args.documents,
                                    image_size=args.image_size, samples_per_shard=args.samples_per_shard,
                                    overwrite=args.overwrite)
@@ -102,34 +125,34 @@ def add_synthetic_subcommands(sub) -> None:
     b = sub.add_parser("synthetic-benchmark", help="write the synthetic evaluation datasets (drawn scenes) in the "
                                                    "standard COCO/Flickr30K/VQAv2/ImageNet layouts")
     b.add_argument("out", help="data root to write the task folders and synthetic.json under")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_COUNT, default=0)
     b.add_argument("--tasks", default="coco,vqav2,imagenet", help=f"comma-separated, from {','.join(BENCHMARK_TASKS)}")
-    b.add_argument("--n-train", type=int, default=256)
-    b.add_argument("--n-val", type=int, default=32)
-    b.add_argument("--n-test", type=int, default=64)
-    b.add_argument("--image-size", type=int, default=128)
+    b.add_argument("--n-train", type=_COUNT, default=256)
+    b.add_argument("--n-val", type=_COUNT, default=32)
+    b.add_argument("--n-test", type=_SIZE, default=64)
+    b.add_argument("--image-size", type=_SIZE, default=128)
     b.add_argument("--overwrite", action="store_true", help="replace task folders already in out")
     b.set_defaults(func=_cmd_benchmark)
 
     s = sub.add_parser("synthetic-shards", help="write synthetic webdataset training shards (image-caption pairs "
                                                 "and interleaved few-shot documents)")
     s.add_argument("out", help="output folder (pairs/ and interleaved/ are written in it)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--pairs", type=int, default=1000)
-    s.add_argument("--documents", type=int, default=200)
-    s.add_argument("--image-size", type=int, default=128)
-    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--seed", type=_COUNT, default=0)
+    s.add_argument("--pairs", type=_COUNT, default=1000)
+    s.add_argument("--documents", type=_COUNT, default=200)
+    s.add_argument("--image-size", type=_SIZE, default=128)
+    s.add_argument("--samples-per-shard", type=_SIZE, default=1000)
     s.add_argument("--overwrite", action="store_true", help="replace shards already in out")
     s.set_defaults(func=_cmd_shards)
 
     e = sub.add_parser("episodes", help="write synthetic few-shot episode shards (captioning, VQA, classification, "
                                         "name binding): the built-in model's training data")
     e.add_argument("out", help="output folder for the interleaved shards")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--documents", type=int, default=16000)
-    e.add_argument("--start", type=int, default=0, help="first document index (to add data in pieces)")
-    e.add_argument("--image-size", type=int, default=224)
-    e.add_argument("--samples-per-shard", type=int, default=500)
+    e.add_argument("--seed", type=_COUNT, default=0)
+    e.add_argument("--documents", type=_SIZE, default=16000)
+    e.add_argument("--start", type=_COUNT, default=0, help="first document index (to add data in pieces)")
+    e.add_argument("--image-size", type=_SIZE, default=224)
+    e.add_argument("--samples-per-shard", type=_SIZE, default=500)
     e.add_argument("--shots", type=_shots, default=(1, 8), help="least,most images per document (default 1,8)")
     e.add_argument("--mix", type=_mix, default=_mix(_DEFAULT_MIX), help=f"kind=share,... over {','.join(EPISODE_KINDS)} "
                                                                         f"(default {_DEFAULT_MIX})")
@@ -146,12 +169,12 @@ def add_synthetic_subcommands(sub) -> None:
     i.add_argument("out", help="output folder for the interleaved shards")
     i.add_argument("--split", choices=ICL_SPLITS, default="train",
                    help="train, or heldout: phrasings/answer maps/framings/styles kept for evaluation")
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--documents", type=int, default=10000)
-    i.add_argument("--start", type=int, default=0, help="first document index (to add data in pieces)")
-    i.add_argument("--image-size", type=int, default=224)
-    i.add_argument("--samples-per-shard", type=int, default=500)
+    i.add_argument("--seed", type=_COUNT, default=0)
+    i.add_argument("--documents", type=_SIZE, default=10000)
+    i.add_argument("--start", type=_COUNT, default=0, help="first document index (to add data in pieces)")
+    i.add_argument("--image-size", type=_SIZE, default=224)
+    i.add_argument("--samples-per-shard", type=_SIZE, default=500)
     i.add_argument("--shots", type=_shots, default=(1, 8), help="least,most demonstrations per document (default 1,8)")
-    i.add_argument("--workers", type=int, default=1, help="processes drawing images (same output for any number)")
+    i.add_argument("--workers", type=_SIZE, default=1, help="processes drawing images (same output for any number)")
     i.add_argument("--overwrite", action="store_true", help="replace shards already in out")
     i.set_defaults(func=_cmd_icl)

@@ -65,38 +65,38 @@ def write_training_shards(
     if src.exists():
         shutil.rmtree(src)
     (src / "images").mkdir(parents=True)
-    index = 0
-    pairs, docs = [], []
+    try:  # (the source folder goes on any error, Ctrl-C while drawing included)
+        index = 0
+        pairs, docs = [], []
 
-    def image(scene) -> str:
-        nonlocal index
-        rel = f"images/{index:08d}.png"
-        scene.render(image_size).save(src / rel)
-        index += 1
-        return rel
+        def image(scene) -> str:
+            nonlocal index
+            rel = f"images/{index:08d}.png"
+            scene.render(image_size).save(src / rel)
+            index += 1
+            return rel
 
-    for i in range(n_pairs):
-        scene = gen.scene(i, "pretrain")
-        caption = scene.captions(5)[i % 5]
-        pairs.append({"text": f"<image>{caption}", "images": [image(scene)]})
-    lo, hi = images_per_document
-    for d in range(n_documents):
-        rng = np.random.default_rng([gen.seed, 77, d])
-        items = []
-        style = int(rng.integers(2))  # a document is all captions or all questions, like a few-shot prompt
-        for k in range(int(rng.integers(lo, hi + 1))):
-            scene = gen.scene(n_pairs + d * hi + k, "pretrain")
-            items.append({"image": image(scene)})
-            if style == 0:
-                items.append({"text": f"Output:{scene.captions(5)[int(rng.integers(5))]}"})
-            else:
-                q = scene.questions()[int(rng.integers(len(scene.questions())))]
-                items.append({"text": f"Question:{q['question']} Short answer:{q['answer']}"})
-        docs.append({"items": items})
-    for name, rows in (("pairs.jsonl", pairs), ("interleaved.jsonl", docs)):
-        (src / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = {}
-    try:
+        for i in range(n_pairs):
+            scene = gen.scene(i, "pretrain")
+            caption = scene.captions(5)[i % 5]
+            pairs.append({"text": f"<image>{caption}", "images": [image(scene)]})
+        lo, hi = images_per_document
+        for d in range(n_documents):
+            rng = np.random.default_rng([gen.seed, 77, d])
+            items = []
+            style = int(rng.integers(2))  # a document is all captions or all questions, like a few-shot prompt
+            for k in range(int(rng.integers(lo, hi + 1))):
+                scene = gen.scene(n_pairs + d * hi + k, "pretrain")
+                items.append({"image": image(scene)})
+                if style == 0:
+                    items.append({"text": f"Output:{scene.captions(5)[int(rng.integers(5))]}"})
+                else:
+                    q = scene.questions()[int(rng.integers(len(scene.questions())))]
+                    items.append({"text": f"Question:{q['question']} Short answer:{q['answer']}"})
+            docs.append({"items": items})
+        for name, rows in (("pairs.jsonl", pairs), ("interleaved.jsonl", docs)):
+            (src / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        result = {}
         if n_pairs:
             result["pairs"] = write_shards(src / "pairs.jsonl", out / "pairs", kind="pairs",
                                            samples_per_shard=samples_per_shard, overwrite=overwrite, strict=True)
