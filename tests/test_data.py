@@ -420,6 +420,8 @@ def test_shard_errors(tmp_path, processor):
     (tmp_path / "some-000.tar").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"some-001.tar'; 2 of the 3 shards of .*some-\{000..002\}.tar' are"):
         expand_urls(str(tmp_path / "some-{000..002}.tar"))
+    with pytest.raises(FileNotFoundError, match=r"^shard not found: '[^']*one.tar': write them"):  # named once
+        expand_urls(str(tmp_path / "one.tar"))
     # nothing readable at all: the "no full batch" error names the damaged shard and why
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar file at all" * 40)

@@ -80,8 +80,9 @@ def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[s
         items = _expand_braces(os.path.expanduser(pattern))
         missing = [item for item in items if not _GLOB_CHARS.search(item) and not os.path.exists(item)]
         if missing:
-            some = f"{len(missing)} of the {len(items)} shards of {pattern!r} are" if len(items) > 1 else f"{pattern!r} is"
-            raise FileNotFoundError(f"shard not found: {missing[0]!r}; {some} missing: write them, or give "
+            some = (f"; {len(missing)} of the {len(items)} shards of {pattern!r} are missing" if len(items) > 1
+                    else "")
+            raise FileNotFoundError(f"shard not found: {missing[0]!r}{some}: write them, or give "
                                     "the folder or a pattern that matches the shards there are")
         for item in items:
             if _GLOB_CHARS.search(item):
