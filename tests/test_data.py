@@ -536,7 +536,7 @@ def test_inspect_reports_damaged_shards_and_never_crashes(tmp_path, capsys):
     # a pattern that matches nothing: one line, exit 1, no traceback
     assert main(["data", "inspect", str(tmp_path / "nothing-*.tar")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("flamingo-vlm data: error: no shards found") and "nothing-*.tar" in err
+    assert err.startswith("flamingo-vlm data inspect: error: no shards found") and "nothing-*.tar" in err
     assert len(err.strip().splitlines()) == 1
 
 

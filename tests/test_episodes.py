@@ -251,5 +251,6 @@ def test_synthetic_data_commands_refuse_counts_out_of_range_before_writing(tmp_p
         code = main(["data", argv[0], str(out), *argv[1:]])  # (a UsageError: main returns 2)
     except SystemExit as e:  # argparse's usage error
         code = e.code
-    assert code == 2 and said in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and f"flamingo-vlm data {argv[0]}: error: {said}" in err, err
     assert not out.exists()

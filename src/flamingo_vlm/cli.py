@@ -137,12 +137,14 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)  # (imports torch and transformers: seconds)
+        parser = build_parser()
+        args = parser.parse_args(argv)
     except KeyboardInterrupt:
         print("flamingo-vlm: interrupted", file=sys.stderr)
         return 130
-    return report_errors(f"flamingo-vlm {args.command}", lambda: args.func(args), _user_errors(),
-                         prefix=f"{args.command}: ")
+    # signed as argparse signs the subcommand's usage errors: "flamingo-vlm data write: error: ..."
+    name = _subcommand_parser(parser, args).prog
+    return report_errors(name, lambda: args.func(args), _user_errors(), prefix=f"{args.command}: ")
 
 
 def run() -> int:

@@ -2,7 +2,7 @@
 
 :func:`add_synthetic_subcommands` registers the four on the ``data`` command's subparsers (the
 top-level CLI passes it to :func:`flamingo_vlm.data.custom.add_data_subcommand`). Bad flag values stop with
-argparse's one-line usage error; bad settings the writers reject, with ``flamingo-vlm data: error: ...``.
+argparse's one-line usage error; bad settings the writers reject, with ``flamingo-vlm data <command>: error: ...``.
 """
 
 from __future__ import annotations
