@@ -292,6 +292,20 @@ def test_the_parser_imports_neither_torch_nor_transformers():
     assert out.strip() == "[]", out
 
 
+@pytest.mark.parametrize("argv", [["train", "--config", "/nonexistent.yaml"], ["data", "inspect", "/nonexistent.tar"]])
+def test_bad_input_that_needs_no_model_is_reported_without_importing_torch(argv):
+    """Naming the error types that are bad input (train.cli.user_errors) imported the trainer, so a
+    missing config or shard took 13-20 s to report on a busy 2-core EPYC (0.3-0.6 s now)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; from flamingo_vlm.cli import main; code = main({argv!r}); "
+            "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.stdout.split()[0] in ("1", "2") and run.stdout.strip().endswith("[]"), run
+    assert "error:" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
 def test_a_lazy_handler_runs_the_function_it_names(tmp_path):
     """The parser stores `generate`'s handler by name (flamingo_vlm.lazy.lazy_function); parsing then
     calling it reaches generate._run, which refuses a missing image before any model loads."""

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     # signed as argparse signs the subcommand's usage errors: "flamingo-vlm data write: error: ..."
     name = _subcommand_parser(parser, args).prog
-    return report_errors(name, lambda: args.func(args), _user_errors(), prefix=f"{args.command}: ")
+    return report_errors(name, lambda: args.func(args), _user_errors, prefix=f"{args.command}: ")
 
 
 def run() -> int:

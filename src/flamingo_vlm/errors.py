@@ -20,12 +20,14 @@ def one_line(e: BaseException | str) -> str:
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
-def report_errors(name: str, call: Callable[[], int], user_errors: tuple[type[BaseException], ...],
+def report_errors(name: str, call: Callable[[], int], user_errors: Callable[[], tuple[type[BaseException], ...]],
                   prefix: str = "") -> int:
     """``call()`` as an entry point (``name``: how it signs its lines) runs it: Ctrl-C is one line and
     exit 130; ``SystemExit("message")`` (``prefix`` removed from it) and ``user_errors`` (bad input) one
     line ``{name}: error: ...`` and exit 1 (:class:`UsageError`: 2); anything else is a bug and keeps
-    its traceback, as every error does with ``FLAMINGO_VLM_TRACEBACK=1``."""
+    its traceback, as every error does with ``FLAMINGO_VLM_TRACEBACK=1``. ``user_errors`` is called only
+    once an error is raised: naming the types imports the training package (torch and transformers),
+    seconds that ``--help`` and usage errors need not wait for."""
     try:
         return call()
     except KeyboardInterrupt:
@@ -37,7 +39,7 @@ def report_errors(name: str, call: Callable[[], int], user_errors: tuple[type[Ba
         print(f"{name}: error: {one_line(e.code.removeprefix(prefix))}", file=sys.stderr)
         return 1
     except Exception as e:
-        if os.environ.get("FLAMINGO_VLM_TRACEBACK") or not isinstance(e, (UsageError, *user_errors)):
+        if os.environ.get("FLAMINGO_VLM_TRACEBACK") or not (isinstance(e, UsageError) or isinstance(e, user_errors())):
             raise
         print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1

@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     from ..train.cli import user_errors
 
     # bad input and Ctrl-C in one line (a traceback), as the flamingo-vlm commands say them
-    return report_errors("python -m flamingo_vlm.eval.card", run, user_errors())
+    return report_errors("python -m flamingo_vlm.eval.card", run, user_errors)
 
 
 if __name__ == "__main__":

@@ -203,4 +203,4 @@ def entry(argv: list[str] | None = None) -> int:
     from ..errors import report_errors
     from ..train.cli import user_errors
 
-    return report_errors("python -m flamingo_vlm.eval", lambda: main(argv), user_errors())
+    return report_errors("python -m flamingo_vlm.eval", lambda: main(argv), user_errors)

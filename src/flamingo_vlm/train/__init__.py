@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "DataError": ".build",
+    "DataError": ".config",
     "build_model": ".build",
     "AimConfig": ".config",
     "ConfigError": ".config",

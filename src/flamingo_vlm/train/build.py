@@ -19,16 +19,12 @@ from torch import nn
 
 from ..modeling.lm_info import lm_context_limit
 from . import checkpoint as ckpt
-from .config import ConfigError, ModelConfig, TrainConfig
+from .config import ConfigError, DataError, ModelConfig, TrainConfig  # noqa: F401 (DataError re-exported)
 from .lean import make_lean
 from .lora import apply_lora
 from .optim import GATE_NAMES
 
 logger = logging.getLogger("flamingo_vlm.train")
-
-
-class DataError(RuntimeError):
-    """The training data could not be found or read."""
 
 
 # -- model -----------------------------------------------------------------------------------------

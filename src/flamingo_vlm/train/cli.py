@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import plain_help
-from .config import DATA_KINDS, DISTRIBUTED, PRECISIONS, SCHEDULES, ConfigError, TrainConfig
+from .config import DATA_KINDS, DISTRIBUTED, PRECISIONS, SCHEDULES, ConfigError, DataError, TrainConfig
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,10 +113,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import CheckpointError, WeightsFileError
     from ..locking import DirectoryBusy
-    from .checkpoint import WriteError
-    from .build import DataError
 
     try:
         if args.export_checkpoint and not args.config and not args.from_pretrained:
@@ -142,10 +139,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, DirectoryBusy) as e:
         print(f"flamingo-vlm train: error: {e}", file=sys.stderr)
         return 2
-    except (WriteError, CheckpointError, WeightsFileError, OSError) as e:
-        # a file that cannot be written (says why and where; the previous checkpoints are intact) or read
-        print(f"flamingo-vlm train: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+    # a file that cannot be written (train.checkpoint.WriteError, an OSError: says why and where; the previous
+    # checkpoints are intact) or read (OSError, CheckpointError, WeightsFileError: ValueErrors) goes to the
+    # caller's report_errors: one line, exit 1
     if result.export_dir is not None:
         print(f"trained {result.step} steps; model saved to {result.export_dir}")
     summary = result.data_summary()
@@ -211,8 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, not a bug (one line, exit code 1), here and in ``flamingo-vlm``."""
     from ..locking import DirectoryBusy
-    from .config import ConfigError
-    from .trainer import DataError
 
     return OSError, ValueError, ConfigError, DataError, DirectoryBusy
 
@@ -222,4 +216,4 @@ def main(argv: list[str] | None = None) -> int:
     one line, as ``flamingo-vlm train`` (torchrun passes Ctrl-C on to every rank)."""
     from ..errors import report_errors
 
-    return report_errors("flamingo-vlm train", lambda: run(build_parser().parse_args(argv)), user_errors())
+    return report_errors("flamingo-vlm train", lambda: run(build_parser().parse_args(argv)), user_errors)

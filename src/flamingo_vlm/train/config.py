@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """A training configuration that is invalid, or that does not fit the model or the data."""
 
 
+class DataError(RuntimeError):
+    """The training data could not be found or read. (Here, beside :class:`ConfigError`, so that the
+    command line names both without importing torch: see :func:`flamingo_vlm.train.cli.user_errors`.)"""
+
+
 @dataclass
 class ModelConfig:
     """Either ``from_pretrained`` (a flamingo-vlm directory / Hub repo / released OpenFlamingo id),

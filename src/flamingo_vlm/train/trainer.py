@@ -82,7 +82,7 @@ from .metrics import (
 )
 from .optim import build_optimizer, build_scheduler, lr_factor
 
-# DataError, TrainResult and build_model live in .build / .metrics; imported from here too
+# DataError, TrainResult and build_model live in .config, .metrics and .build; imported from here too
 __all__ = ["Callback", "DataError", "TrainResult", "Trainer", "build_model", "train"]
 
 logger = logging.getLogger("flamingo_vlm.train")
