@@ -103,16 +103,23 @@ class Task:
     metric: ClassVar[str] = ""  # the headline metric key
     extra_metrics: ClassVar[tuple[str, ...]] = ()  # further rows of results.md
     separator: ClassVar[str] = ""  # between the prompt's pieces
+    # the dataset class (its ``files`` and ``from_root``) and the keyword arguments this task passes to both
+    dataset_class: ClassVar[type | None] = None
+
+    def dataset_options(self) -> dict[str, Any]:
+        return {}
 
     def load(self, root: Path, split: str) -> EvalDataset:
-        raise NotImplementedError
+        """``split`` of the dataset under ``root`` (``dataset_class.from_root``)."""
+        return self.dataset_class.from_root(root, split, **self.dataset_options())
 
     def check_files(self, root: Path, split: str) -> list[Path | None]:
         """Raise :class:`~.datasets.DatasetLayoutError` naming the first file or folder of ``split`` that
         :meth:`load` needs and ``root`` lacks, without reading any (run for every task before the
         model loads); returns the files and folders found, which the check then opens (an unreadable
-        one is named before the model loads). The default checks nothing: :meth:`load` says it then."""
-        return []
+        one is named before the model loads). The same class and options as :meth:`load`
+        (``dataset_class.files``, which its ``from_root`` calls first)."""
+        return list(self.dataset_class.files(root, split, **self.dataset_options()))
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         """The task's own settings that decide its numbers (recorded in each unit file)."""
@@ -189,12 +196,10 @@ class CaptioningTask(GenerationTask):
     kind: ClassVar[str] = "captioning"
     metric: ClassVar[str] = "CIDEr"
     extra_metrics: ClassVar[tuple[str, ...]] = ("BLEU_4", "ROUGE_L")
+    dataset_class: ClassVar[type] = CaptionDataset
 
-    def load(self, root: Path, split: str) -> EvalDataset:
-        return CaptionDataset.from_root(root, split, dataset=self.name)
-
-    def check_files(self, root: Path, split: str) -> list[Path | None]:
-        return list(CaptionDataset.files(root, split, dataset=self.name))
+    def dataset_options(self) -> dict[str, Any]:
+        return {"dataset": self.name}  # coco or flickr30k: its file names
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         # the tokenizer actually used: "auto" differs with and without Java
@@ -234,12 +239,10 @@ class CaptioningTask(GenerationTask):
 class VQATask(GenerationTask):
     kind: ClassVar[str] = "vqa"
     metric: ClassVar[str] = "accuracy"
+    dataset_class: ClassVar[type] = VQADataset
 
-    def load(self, root: Path, split: str) -> EvalDataset:
-        return VQADataset.from_root(root, split, dataset=self.name)
-
-    def check_files(self, root: Path, split: str) -> list[Path | None]:
-        return list(VQADataset.files(root, split, dataset=self.name))
+    def dataset_options(self) -> dict[str, Any]:
+        return {"dataset": self.name}  # vqav2, ok_vqa, textvqa or vizwiz: its file names
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         # vqa_compat only when not the default, so older unit files stay valid
@@ -333,12 +336,7 @@ class ClassificationTask(Task):
     metric: ClassVar[str] = "top1"
     extra_metrics: ClassVar[tuple[str, ...]] = ("top5",)
     anchor: ClassVar[str] = "Output:"  # the end of the query prompt, where the class name follows
-
-    def load(self, root: Path, split: str) -> EvalDataset:
-        return ImageNetDataset.from_root(root, split)
-
-    def check_files(self, root: Path, split: str) -> list[Path | None]:
-        return list(ImageNetDataset.files(root, split))
+    dataset_class: ClassVar[type] = ImageNetDataset
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"ensemble": config.ensemble and config.ensemble_max}
@@ -395,12 +393,7 @@ class HatefulMemesTask(ClassificationTask):
     metric: ClassVar[str] = "roc_auc"
     extra_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
     anchor: ClassVar[str] = "Answer:"
-
-    def load(self, root: Path, split: str) -> EvalDataset:
-        return HatefulMemesDataset.from_root(root, split)
-
-    def check_files(self, root: Path, split: str) -> list[Path | None]:
-        return list(HatefulMemesDataset.files(root, split))
+    dataset_class: ClassVar[type] = HatefulMemesDataset
 
     def class_names(self, test: EvalDataset) -> list[str]:
         return ["no", "yes"]
@@ -435,20 +428,21 @@ class IclDataset(EvalDataset):
     layout = "<root>/episodes.json and <root>/images/ (flamingo-vlm data synthetic-benchmark OUT --tasks synthetic_icl)"
 
     @classmethod
-    def files(cls, root: Path) -> Path:
-        """The episodes file under ``root``, or :class:`DatasetLayoutError` naming it."""
+    def files(cls, root: Path, split: str = "heldout") -> tuple[Path]:
+        """(the episodes file,) under ``root``, or :class:`DatasetLayoutError` naming it (one file holds
+        every split)."""
         from .datasets import DatasetLayoutError
 
         path = Path(root) / "episodes.json"
         if not path.is_file():
             raise DatasetLayoutError(f"{path} not found; expected layout: {cls.layout}")
-        return path
+        return (path,)
 
     @classmethod
     def from_root(cls, root: Path, split: str) -> IclDataset:
         from .datasets import DatasetLayoutError
 
-        path = cls.files(root)
+        (path,) = cls.files(root, split)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             episodes = data["episodes"]
@@ -479,12 +473,7 @@ class IclTask(GenerationTask):
     kind: ClassVar[str] = "icl"
     metric: ClassVar[str] = "accuracy"
     extra_metrics: ClassVar[tuple[str, ...]] = ("content_accuracy",)
-
-    def load(self, root: Path, split: str) -> EvalDataset:
-        return IclDataset.from_root(root, split)
-
-    def check_files(self, root: Path, split: str) -> list[Path | None]:
-        return [IclDataset.files(root)]
+    dataset_class: ClassVar[type] = IclDataset
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"decoding": "greedy", "max_new_tokens": self.new_tokens(config), "zero_shot": "query only"}
@@ -500,7 +489,7 @@ class IclTask(GenerationTask):
                 from .datasets import DatasetLayoutError
 
                 why = "cannot be read (no permission)" if os.path.exists(path) else "is not there"
-                raise DatasetLayoutError(f"the image {path}, named in {IclDataset.files(root)}, {why}")
+                raise DatasetLayoutError(f"the image {path}, named in {IclDataset.files(root)[0]}, {why}")
         return self.own_demos(test)
 
     def prompt_of(self, query: dict, shots: int) -> tuple[str, list[dict]]:
