@@ -44,6 +44,8 @@ __all__ = [
     "HatefulMemesDataset",
     "ImageNetDataset",
     "VQADataset",
+    "check_images",
+    "image_problem",
     "read_class_names",
 ]
 
@@ -80,15 +82,66 @@ def _load_json(path: Path, what: str, layout: str) -> Any:
         raise DatasetLayoutError(f"{what} {path} is not valid JSON ({e}). Expected layout: {layout}") from e
 
 
+# The last bytes of an intact file of these formats hold this marker (JPEG's EOI, PNG's IEND chunk).
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}
+
+
+def image_problem(path: str | os.PathLike) -> str | None:
+    """Why the image file at ``path`` cannot be used (``"is not there"``, ``"is not an image ..."``,
+    ``"is cut short ..."``), or None. Cheap: the header is parsed (not there, no permission, empty,
+    not an image: an HTML error page saved under the image's name) and, for JPEG and PNG, the last
+    64 bytes are looked at for the end-of-image marker; only a file without it is decoded (JPEG at
+    1/8 scale, which still reads every byte: data after the marker is legal, a cut-off download is
+    not). A file damaged in its middle passes and fails when it is decoded (the error names it)."""
+    try:
+        with Image.open(path) as im:
+            marker = _END_MARKERS.get(im.format or "")
+            if marker is None:
+                return None
+            fp = im.fp
+            fp.seek(0, os.SEEK_END)
+            fp.seek(max(0, fp.tell() - 64))
+            if marker in fp.read():
+                return None
+            if im.format in ("JPEG", "MPO"):
+                im.draft("RGB", (1, 1))
+            im.load()
+            return None
+    except FileNotFoundError:
+        return "is not there"
+    except PermissionError:
+        return "cannot be read (no permission)"
+    except Exception as e:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, EOFError, ...)
+        if Path(path).is_file() and os.path.getsize(path) == 0:
+            return "is empty"
+        if isinstance(e, OSError) and "truncated" in str(e).lower():
+            return f"is cut short ({e})"
+        return f"is not an image PIL can read ({type(e).__name__}: {str(e).replace(f' {str(path)!r}', '')})"
+
+
+def check_images(images: dict[str, str], *, workers: int = 8) -> list[tuple[str, str, str]]:
+    """:func:`image_problem` of every path of ``images`` (path -> the file that names it), in a thread
+    pool (the checks are mostly waiting for the disk); ``[(path, named in, problem)]`` of the bad ones,
+    in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(images)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
+        problems = list(pool.map(image_problem, paths, chunksize=64))
+    return [(p, images[p], why) for p, why in zip(paths, problems) if why is not None]
+
+
 class EvalDataset:
-    """A list of samples (dicts with at least ``id`` and ``image``: a path)."""
+    """A list of samples (dicts with at least ``id`` and ``image``: a path); ``source`` is the file
+    (or folder) that lists them, for messages."""
 
     name: str = "dataset"
     layout: str = ""
 
-    def __init__(self, samples: list[dict], split: str):
+    def __init__(self, samples: list[dict], split: str, source: str | os.PathLike | None = None):
         self.samples = samples
         self.split = split
+        self.source = str(source) if source is not None else f"{self.name} {split}"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -108,6 +161,9 @@ class EvalDataset:
                 return im.convert("RGB")
         except FileNotFoundError as e:
             raise DatasetLayoutError(f"image of sample {sample['id']!r} not found: {path}") from e
+        except Exception as e:  # noqa: BLE001 (a truncated file said "image file is truncated", naming none)
+            raise DatasetLayoutError(f"image of sample {sample['id']!r} cannot be decoded: {path} "
+                                     f"({type(e).__name__}: {e}); replace it with a good copy") from e
 
     def _check_images(self, count: int = 3) -> None:
         """Check the first and last few images exist (a full scan of COCO would take long)."""
@@ -186,7 +242,7 @@ class CaptionDataset(EvalDataset):
         if not samples:
             present = sorted({e.get("split") for e in data["images"] if isinstance(e, dict)}, key=str)
             raise DatasetLayoutError(f"{karpathy_json}: no entries in split {split!r} (splits present: {present})")
-        super().__init__(samples, split)
+        super().__init__(samples, split, karpathy_json)
         if check_images:
             self._check_images()
 
@@ -301,7 +357,7 @@ class VQADataset(EvalDataset):
             )
         if not samples:
             raise DatasetLayoutError(f"{questions_json} holds no questions")
-        super().__init__(samples, split)
+        super().__init__(samples, split, questions_json)
         if check_images:
             self._check_images()
 
@@ -384,7 +440,7 @@ class HatefulMemesDataset(EvalDataset):
                 samples.append(sample)
         if not samples:
             raise DatasetLayoutError(f"{annotations} holds no examples")
-        super().__init__(samples, split)
+        super().__init__(samples, split, annotations)
         if check_images:
             self._check_images()
 
@@ -467,7 +523,7 @@ class ImageNetDataset(EvalDataset):
                                     "class_name": class_names[wnid]})
         if not samples:
             raise DatasetLayoutError(f"{split_dir}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
-        super().__init__(samples, split)
+        super().__init__(samples, split, split_dir)
 
     @classmethod
     def _layout(cls, root: Path, split: str) -> tuple[Path, list[str], Path | None]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -129,10 +128,10 @@ class Task:
         """How many demonstrations every query brings itself (None: they are chosen from the demo split)."""
         return None
 
-    def own_demos_in(self, root: Path, split: str) -> int | None:
-        """:meth:`own_demos` of ``split`` under ``root``, before the model loads (None: the queries bring
-        none, the default; a task whose queries do reads what it needs to count them)."""
-        return None
+    def images_of(self, sample: dict, shots: int) -> list[str]:
+        """The image files a ``shots``-shot query of ``sample`` reads besides its demos' from the demo
+        split (checked before the model loads): its own image."""
+        return [sample["image"]]
 
     def prompt(self, demo_texts: list[str], query_text: str, shots: int) -> str:
         return P.build_prompt(demo_texts, query_text, separator=self.separator, with_demo_images=shots > 0)
@@ -454,7 +453,7 @@ class IclDataset(EvalDataset):
             ep["image"] = str(Path(root) / ep["image"])
             for d in ep["demos"]:
                 d["image"] = str(Path(root) / d["image"])
-        ds = cls(episodes, split)
+        ds = cls(episodes, split, path)
         ds._check_images()
         return ds
 
@@ -481,16 +480,9 @@ class IclTask(GenerationTask):
     def own_demos(self, test: EvalDataset) -> int | None:
         return min(len(q["demos"]) for q in test)
 
-    def own_demos_in(self, root: Path, split: str) -> int | None:
-        """Reads the episodes file (small) and checks every image it names can be opened (no decoding)."""
-        test = self.load(root, split)
-        for path in dict.fromkeys(p for q in test for p in (q["image"], *(d["image"] for d in q["demos"]))):
-            if not os.access(path, os.R_OK):
-                from .datasets import DatasetLayoutError
-
-                why = "cannot be read (no permission)" if os.path.exists(path) else "is not there"
-                raise DatasetLayoutError(f"the image {path}, named in {IclDataset.files(root)[0]}, {why}")
-        return self.own_demos(test)
+    def images_of(self, sample: dict, shots: int) -> list[str]:
+        """The query's image and those of the first ``shots`` of its own demonstrations."""
+        return [sample["image"], *(d["image"] for d in sample["demos"][:shots])]
 
     def prompt_of(self, query: dict, shots: int) -> tuple[str, list[dict]]:
         demos = query["demos"][:shots]
