@@ -882,6 +882,10 @@ def _jpeg(path: Path, size: int = 64) -> bytes:
     return path.read_bytes()
 
 
+def _edit(path: Path, change) -> None:
+    path.write_text(change(path.read_text()))
+
+
 def _cut(path: Path) -> None:
     data = _jpeg(path)
     path.write_bytes(data[: len(data) // 2])
@@ -899,6 +903,16 @@ def _cut(path: Path) -> None:
      r"dataset_coco.json: no entries in split 'test'"),
     ("hateful_memes", "0", lambda d: (d / "hateful_memes" / "dev.jsonl").write_text("{oops\n"),
      r"dev.jsonl:1: expected a JSON line"),
+    # contents the loader took, which failed after the unit had run (KeyError: 'label'; "vqa_accuracy needs at
+    # least one human answer") or were evaluated twice (a question id listed twice)
+    ("hateful_memes", "0", lambda d: _edit(d / "hateful_memes" / "dev.jsonl", lambda t: t.replace('"label": 0, ', "")),
+     r"dev.jsonl: 1 example\(s\) have no 'label' \(e.g. id 20\); the evaluation needs labelled splits"),
+    ("vqav2", "0", lambda d: _edit(d / "vqav2" / "v2_mscoco_val2014_annotations.json",
+                                   lambda t: t.replace('"answers": [{', '"answers": [], "x": [{', 1)),
+     r"v2_mscoco_val2014_annotations.json: annotation 0 \(question_id 107\) has no answers"),
+    ("textvqa", "0", lambda d: _edit(d / "textvqa" / "val_questions_vqa_format.json",
+                                     lambda t: t.replace('"question_id": 203', '"question_id": 103')),
+     r"val_questions_vqa_format.json: question_id 103 occurs twice \(question 1 and an earlier one\)"),
     ("flickr30k", "0,3", lambda d: (d / "flickr30k" / "dataset_flickr30k.json").write_text(
         (d / "flickr30k" / "dataset_flickr30k.json").read_text().replace('"train"', '"val"', 1)),
      r"flickr30k: --shots 3 needs 3 demonstrations, but its train split in \S+ holds 2; use --shots up to 2$"),

@@ -318,6 +318,12 @@ class VQADataset(EvalDataset):
             answers, types = {}, {}
             for n, ann in enumerate(adata["annotations"]):
                 try:
+                    if ann["question_id"] in answers:
+                        raise DatasetLayoutError(f"{annotations_json}: question_id {ann['question_id']} is annotated twice "
+                                                 f"(annotation {n} and an earlier one); one annotation per question")
+                    if not ann["answers"]:
+                        raise DatasetLayoutError(f"{annotations_json}: annotation {n} (question_id {ann['question_id']}) "
+                                                 "has no answers; VQA annotations hold the (10) human answers")
                     answers[ann["question_id"]] = [a["answer"] for a in ann["answers"]]
                     types[ann["question_id"]] = {k: ann[k] for k in ("question_type", "answer_type") if k in ann}
                     if not all("answer_id" in a for a in ann["answers"]):
@@ -334,7 +340,7 @@ class VQADataset(EvalDataset):
         if not image_dir.is_dir():
             raise DatasetLayoutError(f"{dataset} image folder not found: {image_dir}. Expected layout: {self.layout}")
         name_fn = image_name or self._default_image_name(dataset, image_dir, qdata)
-        samples, unanswered = [], []
+        samples, unanswered, seen = [], [], set()
         for n, q in enumerate(qdata["questions"]):
             try:
                 qid, image_id, question = q["question_id"], q["image_id"], q["question"]
@@ -342,6 +348,10 @@ class VQADataset(EvalDataset):
                 raise DatasetLayoutError(
                     f"{questions_json}: question {n} lacks {e}; need 'question_id', 'image_id' and 'question'"
                 ) from None
+            if qid in seen:  # (it was evaluated, and counted, twice)
+                raise DatasetLayoutError(f"{questions_json}: question_id {qid} occurs twice (question {n} and an earlier "
+                                         "one); question ids are unique in a VQA questions file")
+            seen.add(qid)
             sample = {"id": qid, "image": str(image_dir / name_fn(image_id)), "image_id": image_id, "question": question}
             if answers is not None:
                 if qid not in answers:

@@ -109,8 +109,14 @@ class Task:
         return {}
 
     def load(self, root: Path, split: str) -> EvalDataset:
-        """``split`` of the dataset under ``root`` (``dataset_class.from_root``)."""
-        return self.dataset_class.from_root(root, split, **self.dataset_options())
+        """``split`` of the dataset under ``root`` (``dataset_class.from_root``), :meth:`check_samples` checked."""
+        dataset = self.dataset_class.from_root(root, split, **self.dataset_options())
+        self.check_samples(dataset)
+        return dataset
+
+    def check_samples(self, dataset: EvalDataset) -> None:
+        """Raise :class:`~.datasets.DatasetLayoutError` naming ``dataset.source`` where a sample lacks
+        what this task needs of it (the dataset class accepts it for other uses). Default: nothing."""
 
     def check_files(self, root: Path, split: str) -> list[Path | None]:
         """Raise :class:`~.datasets.DatasetLayoutError` naming the first file or folder of ``split`` that
@@ -396,6 +402,17 @@ class HatefulMemesTask(ClassificationTask):
 
     def class_names(self, test: EvalDataset) -> list[str]:
         return ["no", "yes"]
+
+    def check_samples(self, dataset: EvalDataset) -> None:
+        """Demonstrations show their label and the metric needs the evaluated ones': a file without
+        labels (the test files) failed as ``KeyError: 'label'`` after the unit had run."""
+        from .datasets import DatasetLayoutError
+
+        unlabelled = [s["id"] for s in dataset if "label" not in s]
+        if unlabelled:
+            raise DatasetLayoutError(
+                f"{dataset.source}: {len(unlabelled)} example(s) have no 'label' (e.g. id {unlabelled[0]}); the "
+                "evaluation needs labelled splits (train.jsonl and dev.jsonl / dev_seen.jsonl; the test files have none)")
 
     def demo_text(self, demo: dict) -> str:
         return P.hateful_memes_prompt(demo["ocr"], demo["class_name"])
