@@ -968,3 +968,15 @@ def test_only_the_images_the_run_reads_are_checked(formats, tmp_path, no_model_l
         eval_main(argv + ["0", "--num-samples", "1"])
     with pytest.raises(Exception, match=test[1 - picked].name):
         eval_main(argv + ["0"])
+
+
+def test_openflamingo_spellings_of_shots_trials_and_seeds():
+    """`--shots 0 4 8`, `--num-trials`, `--trial-seeds` (OpenFlamingo's evaluate.py) failed as
+    "unrecognized arguments"."""
+    from flamingo_vlm.eval.cli import build_parser
+
+    args = build_parser().parse_args(["--tasks", "coco", "--shots", "0", "4,8", "--num-trials", "2",
+                                      "--trial-seeds", "42", "43"])
+    assert (args.shots, args.trials, args.seeds) == ([0, 4, 8], 2, [42, 43])
+    args = build_parser().parse_args(["--tasks", "coco", "--shots", "0,4", "--trials", "1", "--seeds", "7"])
+    assert (args.shots, args.trials, args.seeds) == ([0, 4], 1, [7])
