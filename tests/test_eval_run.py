@@ -980,3 +980,20 @@ def test_openflamingo_spellings_of_shots_trials_and_seeds():
     assert (args.shots, args.trials, args.seeds) == ([0, 4, 8], 2, [42, 43])
     args = build_parser().parse_args(["--tasks", "coco", "--shots", "0,4", "--trials", "1", "--seeds", "7"])
     assert (args.shots, args.trials, args.seeds) == ([0, 4], 1, [7])
+
+
+def test_rices_over_the_whole_split_runs_one_trial(tiny, tmp_path, caplog):
+    """With RICES the demonstrations do not depend on the seed: over the whole split, --trials 2 evaluated
+    the same unit twice and reported it as 2 trials, ± 0.00. With a --num-samples subset the trials differ."""
+    root, (model, ip, tok) = tiny
+    cfg = dict(tasks=["coco"], data_root=str(root / "data"), shots=[0, 2], trials=2, batch_size=3,
+               demo_selection="rices", caption_tokenizer="python", progress=False)
+    with caplog.at_level("WARNING", logger="flamingo_vlm.eval.evaluator"):
+        Evaluator(model, ip, tok, EvalConfig(out_dir=str(tmp_path / "a"), **cfg)).run()
+    assert sorted(p.name for p in (tmp_path / "a" / "coco").iterdir()) == ["shots0_seed42.json", "shots2_seed42.json"]
+    assert [r["seeds"] for r in json.loads((tmp_path / "a" / "results.json").read_text())["results"]["coco"]] == [[42], [42]]
+    assert [r.getMessage() for r in caplog.records if "trials is run" in r.getMessage()] == [
+        "coco: every trial would evaluate the whole test split with the same demonstrations (RICES), so only the "
+        "first of the 2 trials is run (seed 42); --num-samples N gives each trial its own subset"]
+    Evaluator(model, ip, tok, EvalConfig(out_dir=str(tmp_path / "b"), num_samples=2, **cfg)).run()
+    assert len(list((tmp_path / "b" / "coco").iterdir())) == 4

@@ -341,7 +341,7 @@ class Evaluator:
         units = []
         rices = None
         for shots in c.shots:
-            for trial, seed in enumerate(c.trial_seeds()):
+            for trial, seed in enumerate(self._trial_seeds(spec, test, shots, own_demos)):
                 order = eval_order(len(test), seed, c.num_samples)
                 fp = self.fingerprint(spec, shots, seed, len(order))
                 path = unit_path(self.out_dir, spec.name, shots, seed)
@@ -372,6 +372,27 @@ class Evaluator:
                 unit.pop("predictions", None)
                 units.append(self.ctx.broadcast(unit))  # the scores exist on rank 0 only
         return units
+
+    def _trial_seeds(self, spec: Task, test: EvalDataset, shots: int, own_demos: int | None) -> list[int]:
+        """The trial seeds of ``shots``: only the first where the trials could only repeat it, i.e. the
+        demonstrations do not depend on the seed (RICES, or queries that bring their own) and every trial
+        evaluates the whole split (no smaller ``--num-samples``), unless the task draws something else
+        with it (:meth:`Task.seed_matters`: prompt-ensembling orders). They were evaluated (``--trials 3``,
+        the default: three times the work) and reported as 3 trials, ± 0.00."""
+        c = self.config
+        seeds = c.trial_seeds()
+        fixed_demos = c.demo_selection == "rices" or own_demos is not None
+        whole = c.num_samples is None or c.num_samples >= len(test)
+        if len(seeds) == 1 or not fixed_demos or not whole or spec.seed_matters(c, shots):
+            return seeds
+        message = (f"{spec.name}: every trial would evaluate the whole {test.split} split with the same "
+                   f"demonstrations ({'RICES' if own_demos is None else 'each query brings its own'}), so only the "
+                   f"first of the {len(seeds)} trials is run (seed {seeds[0]}); --num-samples N gives each trial "
+                   "its own subset")
+        if message not in self._said:
+            self._said.add(message)
+            logger.warning(message)
+        return seeds[:1]
 
     def run_unit(self, spec, train, test, shots, trial, seed, order, rices, held_out: set[str] | None = None,
                  own_demos: bool = False) -> dict:

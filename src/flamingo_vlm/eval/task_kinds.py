@@ -130,6 +130,11 @@ class Task:
         """The task's own settings that decide its numbers (recorded in each unit file)."""
         return {}
 
+    def seed_matters(self, config: EvalSettings, shots: int) -> bool:
+        """Whether the trial seed changes a ``shots``-shot unit beyond choosing its demos and samples
+        (then trials differ even with RICES over the whole split). Default: no."""
+        return False
+
     def own_demos(self, test: EvalDataset) -> int | None:
         """How many demonstrations every query brings itself (None: they are chosen from the demo split)."""
         return None
@@ -345,6 +350,10 @@ class ClassificationTask(Task):
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"ensemble": config.ensemble and config.ensemble_max}
+
+    def seed_matters(self, config: EvalSettings, shots: int) -> bool:
+        """Prompt ensembling draws its demo orders with the seed when it cannot take all ``shots``! of them."""
+        return config.ensemble and shots > 1 and math.factorial(shots) > config.ensemble_max
 
     def class_names(self, test: EvalDataset) -> list[str]:
         return list(dict.fromkeys(test.class_names))  # duplicates (ImageNet has two) scored once
