@@ -997,3 +997,41 @@ def test_rices_over_the_whole_split_runs_one_trial(tiny, tmp_path, caplog):
         "first of the 2 trials is run (seed 42); --num-samples N gives each trial its own subset"]
     Evaluator(model, ip, tok, EvalConfig(out_dir=str(tmp_path / "b"), num_samples=2, **cfg)).run()
     assert len(list((tmp_path / "b" / "coco").iterdir())) == 4
+
+
+def test_units_of_other_data_in_the_same_folder_are_evaluated_again(tiny, tmp_path, caplog):
+    """Annotations replaced by others with the same questions (OK-VQA v1.0 -> v1.1 changed only the
+    answers) left the units of the old ones "done before", scores and all. Moving the folder keeps them,
+    and a unit written before the data entered the fingerprint is still taken."""
+    import shutil
+
+    root, (model, ip, tok) = tiny
+    data = Path(shutil.copytree(root / "data", tmp_path / "data"))
+    out = tmp_path / "out"
+
+    def run(data_root):
+        cfg = EvalConfig(tasks=["vqav2"], data_root=str(data_root), out_dir=str(out), shots=[0], trials=1,
+                         num_samples=2, batch_size=2, progress=False)
+        with caplog.at_level("WARNING", logger="flamingo_vlm.eval.evaluator"):
+            caplog.clear()
+            Evaluator(model, ip, tok, cfg).run()
+        return json.loads((out / "vqav2" / "shots0_seed42.json").read_text()), [
+            r.getMessage() for r in caplog.records if "evaluating again" in r.getMessage()]
+
+    first, again = run(data)
+    assert again == [] and len(first["fingerprint"]["data"]) == 16
+    moved = Path(shutil.move(str(data), str(tmp_path / "moved")))
+    unit, again = run(moved)
+    assert again == [] and unit["elapsed_s"] == first["elapsed_s"]  # the same unit, not evaluated again
+    ann = moved / "vqav2" / "v2_mscoco_val2014_annotations.json"
+    doc = json.loads(ann.read_text())
+    for a in doc["annotations"]:
+        a["answers"] = [dict(x, answer="zebra") for x in a["answers"]]
+    ann.write_text(json.dumps(doc))
+    unit, again = run(moved)
+    assert again == [f"{out / 'vqav2' / 'shots0_seed42.json'}: settings or data changed since it was written; "
+                     "evaluating again"]
+    assert unit["score"] == 0.0 and unit["fingerprint"]["data"] != first["fingerprint"]["data"]
+    unit["fingerprint"].pop("data")  # a unit from before
+    (out / "vqav2" / "shots0_seed42.json").write_text(json.dumps(unit))
+    assert run(moved)[1] == []

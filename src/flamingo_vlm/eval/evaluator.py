@@ -12,6 +12,7 @@ all. See ``README.md`` beside this file for the protocol table.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -254,12 +255,14 @@ class Evaluator:
             self._weights_id = weights_fingerprint(self._raw_model)
         return self._weights_id
 
-    def fingerprint(self, spec: Task, shots: int, seed: int, n_eval: int) -> dict[str, Any]:
+    def fingerprint(self, spec: Task, shots: int, seed: int, n_eval: int, data: str | None = None) -> dict[str, Any]:
         c = self.config
         fp = {
             "model": c.model_name, "weights": self.weights_id, "task": spec.name, "shots": shots, "seed": seed, "num_eval": n_eval,
             "num_samples": c.num_samples, "demo_selection": c.demo_selection, "precision": c.precision,
         }
+        if data is not None:  # the splits' contents (data_fingerprint)
+            fp["data"] = data
         if c.quantize:  # a quantized model's units are not the full-precision model's
             fp["quantize"] = quant_scheme(c.quantize)
         if c.demo_selection in ("random", "shared"):
@@ -338,20 +341,21 @@ class Evaluator:
         held_out = held_out_ids(root)
         own_demos = spec.own_demos(test)
         check_shots(spec, root, train, own_demos, c)
+        data_id = data_fingerprint(root, train, test)
         units = []
         rices = None
         for shots in c.shots:
             for trial, seed in enumerate(self._trial_seeds(spec, test, shots, own_demos)):
                 order = eval_order(len(test), seed, c.num_samples)
-                fp = self.fingerprint(spec, shots, seed, len(order))
+                fp = self.fingerprint(spec, shots, seed, len(order), data_id)
                 path = unit_path(self.out_dir, spec.name, shots, seed)
                 done = None
                 if self.ctx.is_main:
                     prev = read_unit(path)
-                    if prev is not None and prev.get("fingerprint") == fp:
+                    if prev is not None and _same_unit(prev.get("fingerprint"), fp):
                         done = {k: v for k, v in prev.items() if k != "predictions"}
                     elif prev is not None:
-                        logger.warning("%s: settings changed since it was written; evaluating again", path)
+                        logger.warning("%s: settings or data changed since it was written; evaluating again", path)
                 done = self.ctx.broadcast(done)
                 if done is not None:
                     if self.ctx.is_main and c.progress:
@@ -472,6 +476,29 @@ class Evaluator:
                 self._said.add(message)
                 logger.warning(message)
         return spec.score(test, records, self.config)
+
+
+def data_fingerprint(root: Path, *splits: EvalDataset) -> str:
+    """A short id of the samples of ``splits`` (every field: ids, questions, answers, captions,
+    labels, image paths relative to the task folder ``root``, so moving the folder keeps it): a unit
+    of other data under the same folder (OK-VQA v1.0 and v1.1 annotations: same questions, other
+    answers) is evaluated again instead of being taken as done."""
+    h = hashlib.sha1()
+    prefix = str(root).rstrip(os.sep) + os.sep
+    for ds in dict.fromkeys(splits):  # (one object when the splits are the same)
+        h.update(f"{ds.split}:{len(ds)};".encode())
+        for sample in ds:
+            h.update(json.dumps(sample, sort_keys=True, default=str).replace(json.dumps(prefix)[1:-1], "").encode())
+    return h.hexdigest()[:16]
+
+
+def _same_unit(written: dict | None, fp: dict) -> bool:
+    """A finished unit's fingerprint is this one's (units written before the data entered it: the rest matches)."""
+    if not isinstance(written, dict):
+        return False
+    if "data" not in written:
+        fp = {k: v for k, v in fp.items() if k != "data"}
+    return written == fp
 
 
 def eval_order(n: int, seed: int, num_samples: int | None) -> list[int]:
