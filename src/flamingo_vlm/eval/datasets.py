@@ -2,8 +2,10 @@
 
 Every loader checks its layout up front and raises :class:`DatasetLayoutError` saying which file
 or folder it expected where; ``files(root, split)`` of each class does the file part of that check
-alone (no file read), which the evaluation runs for every task before the model loads. Samples are plain dicts (picklable, cheap); images are opened only
-when needed (:meth:`EvalDataset.load_image`).
+alone (no file read), which the evaluation runs for every task before the model loads, then reads
+every split and checks the image files the run will use (:func:`image_problem`: header and end
+marker; :func:`flamingo_vlm.eval.evaluator.check_eval_files`). Samples are plain dicts (picklable,
+cheap); images are decoded only when needed (:meth:`EvalDataset.load_image`).
 
 =================  ==========================================================================
 dataset            layout under its root (``from_root``)
