@@ -10,7 +10,10 @@ from flamingo_vlm.eval.datasets import (
     DatasetLayoutError,
     HatefulMemesDataset,
     ImageNetDataset,
+    EvalDataset,
     VQADataset,
+    check_images,
+    image_problem,
     read_class_names,
 )
 from flamingo_vlm.eval.tasks import get_task, resolve_task_root
@@ -182,3 +185,42 @@ def test_task_root_resolution(tmp_path):
         resolve_task_root(get_task("vqav2"), tmp_path)
     with pytest.raises(ValueError, match="unknown task"):
         get_task("mnist")
+
+
+def _noise(path, fmt, size=48):
+    import numpy as np
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path, fmt)
+    return path.read_bytes()
+
+
+def test_image_problem_finds_cut_empty_and_foreign_files_and_passes_good_ones(tmp_path):
+    """The check before the model loads: the header, and the end-of-image marker of JPEG/PNG (a file
+    without it is decoded: bytes after the marker are legal and pass)."""
+    jpg, png = tmp_path / "a.jpg", tmp_path / "a.png"
+    data_jpg, data_png = _noise(jpg, "JPEG"), _noise(png, "PNG")
+    assert image_problem(jpg) is None and image_problem(png) is None
+    (tmp_path / "trailing.jpg").write_bytes(data_jpg + b"\0" * 200)  # (some cameras append data)
+    assert image_problem(tmp_path / "trailing.jpg") is None
+    (tmp_path / "cut.jpg").write_bytes(data_jpg[: len(data_jpg) // 2])
+    (tmp_path / "cut.png").write_bytes(data_png[: len(data_png) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "page.jpg").write_text("<html>404</html>")
+    assert image_problem(tmp_path / "cut.jpg").startswith("is cut short (image file is truncated")
+    assert image_problem(tmp_path / "cut.png").startswith("is")  # (PIL: "Truncated File Read" or a broken chunk)
+    assert image_problem(tmp_path / "empty.jpg") == "is empty"
+    assert image_problem(tmp_path / "page.jpg") == ("is not an image PIL can read (UnidentifiedImageError: cannot "
+                                                    "identify image file)")
+    assert image_problem(tmp_path / "gone.jpg") == "is not there"
+    paths = {str(tmp_path / n): "list.json" for n in ("a.jpg", "cut.jpg", "a.png", "cut.png", "gone.jpg")}
+    assert [(p.rsplit("/", 1)[1], src) for p, src, _ in check_images(paths)] == [
+        ("cut.jpg", "list.json"), ("cut.png", "list.json"), ("gone.jpg", "list.json")]
+
+
+def test_an_image_that_cannot_be_decoded_is_named(tmp_path):
+    """A truncated image failed mid-run as "image file is truncated (31 bytes not processed)", naming no file."""
+    data = _noise(tmp_path / "a.jpg", "JPEG")
+    (tmp_path / "a.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetLayoutError, match=rf"^image of sample 7 cannot be decoded: {tmp_path}/a.jpg "
+                                                 r"\(OSError: image file is truncated.*\); replace it with a good copy$"):
+        EvalDataset.load_image({"id": 7, "image": str(tmp_path / "a.jpg")})

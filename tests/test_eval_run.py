@@ -15,6 +15,7 @@ from flamingo_vlm.eval.demos import RICES, FeatureExtractor, RandomDemoSelector
 from flamingo_vlm.eval.distributed import shard_indices
 from flamingo_vlm.eval.task_kinds import demo_orders
 from flamingo_vlm.synthetic import SceneGenerator, write_synthetic_benchmark
+from eval_formats import write_eval_datasets
 from tiny import tiny_flamingo
 
 pytest.importorskip("pycocoevalcap")
@@ -704,9 +705,33 @@ _TASK_FILES = {
 }
 
 
+@pytest.fixture(scope="module")
+def icl_data(tmp_path_factory) -> tuple[Path, int]:
+    """A tiny synthetic_icl folder and how many demonstrations each of its queries brings."""
+    data = tmp_path_factory.mktemp("icl") / "data"
+    write_synthetic_benchmark(data, tasks=["synthetic_icl"], n_test=3, image_size=32)
+    return data, len(json.loads((data / "synthetic_icl" / "episodes.json").read_text())["episodes"][0]["demos"])
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory, icl_data) -> Path:
+    """Every task's folder, in the formats the datasets are published in (``eval_formats``), and synthetic_icl."""
+    import shutil
+
+    data = write_eval_datasets(tmp_path_factory.mktemp("formats") / "data")
+    shutil.copytree(icl_data[0] / "synthetic_icl", data / "synthetic_icl")
+    return data
+
+
+def _copy(formats: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(formats, tmp_path / "data"))
+
+
 @pytest.mark.parametrize("missing", [f if f.count("/") < 3 else f.rsplit("/", 2)[0] + "/"  # imagenet/val/
                                      for files in _TASK_FILES.values() for f in files])
-def test_a_missing_dataset_file_is_said_before_the_model_loads(tmp_path, no_model_load, missing):
+def test_a_missing_dataset_file_is_said_before_the_model_loads(formats, tmp_path, no_model_load, missing):
     """A dataset folder without one of its files (an annotation file, a split folder) was said only
     when its task came up: after the model had loaded and the tasks before it had run."""
     import shutil
@@ -714,10 +739,7 @@ def test_a_missing_dataset_file_is_said_before_the_model_loads(tmp_path, no_mode
     from flamingo_vlm.eval.datasets import DatasetLayoutError
 
     Loaded = no_model_load
-    data = tmp_path / "data"
-    for f in (f for files in _TASK_FILES.values() for f in files):
-        (data / f).parent.mkdir(parents=True, exist_ok=True)
-        (data / f).mkdir(exist_ok=True) if f.endswith("/") else (data / f).touch()
+    data = _copy(formats, tmp_path)
     argv = ["--model", "some/model", "--data-root", str(data), "--out", str(tmp_path / "out"), "--tasks",
             ",".join(_TASK_FILES), "--shots", "0", "--trials", "1", "--quiet"]
     with pytest.raises(Loaded):  # every file there: the model loads
@@ -728,14 +750,6 @@ def test_a_missing_dataset_file_is_said_before_the_model_loads(tmp_path, no_mode
     with pytest.raises(DatasetLayoutError, match=rf"{named}.* \(the folder {data}/\w+ is from --data-root {data}; "
                                                  rf"another folder: --task-root {task}=PATH\)$"):
         eval_main(argv)
-
-
-@pytest.fixture(scope="module")
-def icl_data(tmp_path_factory) -> tuple[Path, int]:
-    """A tiny synthetic_icl folder and how many demonstrations each of its queries brings."""
-    data = tmp_path_factory.mktemp("icl") / "data"
-    write_synthetic_benchmark(data, tasks=["synthetic_icl"], n_test=3, image_size=32)
-    return data, len(json.loads((data / "synthetic_icl" / "episodes.json").read_text())["episodes"][0]["demos"])
 
 
 def test_more_shots_than_the_episodes_bring_is_said_before_the_model_loads(icl_data, tmp_path, no_model_load):
@@ -816,12 +830,18 @@ def test_the_cli_checks_each_tasks_files_once(tiny, tmp_path, monkeypatch):
 
     root, _ = tiny
     calls = []
-    real = evaluator.check_task_files
+    from flamingo_vlm.eval.task_kinds import Task
+
+    real, load = evaluator.check_task_files, Task.load
+    loads = []
     monkeypatch.setattr(evaluator, "check_task_files", lambda spec, *a, **k: calls.append(spec.name) or real(spec, *a, **k))
+    monkeypatch.setattr(Task, "load", lambda self, root, split: loads.append((self.name, split)) or load(self, root, split))
     assert eval_main(["--model", str(root / "model"), "--data-root", str(root / "data"), "--out", str(tmp_path / "o"),
                       "--tasks", "vqav2,imagenet", "--shots", "0", "--trials", "1", "--num-samples", "1",
                       "--quiet"]) == 0
     assert calls == ["vqav2", "imagenet"]
+    # each split read once: by the check before the model loads, whose samples the run then uses
+    assert loads == [("vqav2", "train"), ("vqav2", "val"), ("imagenet", "train"), ("imagenet", "val")]
 
 
 def test_an_evaluator_checks_every_task_before_the_first_unit(tiny, tmp_path):
@@ -851,3 +871,167 @@ def test_task_aliases_key_task_roots_and_max_new_tokens():
     cfg.validate()  # (no data_root: the alias gives vqav2 its root)
     assert get_task("vqav2").new_tokens(cfg) == 1
     assert cfg.task_roots == {"vqav2": "somewhere"}
+
+
+def _jpeg(path: Path, size: int = 64) -> bytes:
+    """A JPEG of noise (so that it has some length), written to ``path``; its bytes."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path, "JPEG")
+    return path.read_bytes()
+
+
+def _edit(path: Path, change) -> None:
+    path.write_text(change(path.read_text()))
+
+
+def _cut(path: Path) -> None:
+    data = _jpeg(path)
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("task, shots, spoil, message", [
+    ("vqav2", "0", lambda d: (d / "vqav2" / "v2_mscoco_val2014_annotations.json").write_text(""),
+     r"annotations file \S+/vqav2/v2_mscoco_val2014_annotations.json is not valid JSON"),
+    ("vqav2", "0", lambda d: (d / "vqav2" / "v2_mscoco_val2014_annotations.json").write_text(
+        (d / "vqav2" / "v2_mscoco_train2014_annotations.json").read_text()),
+     r"v2_mscoco_val2014_annotations.json: 2 question\(s\) of \S+v2_OpenEnded_mscoco_val2014_questions.json have no "
+     r"annotation"),
+    ("coco", "0", lambda d: (d / "mscoco_karpathy" / "dataset_coco.json").write_text(
+        (d / "mscoco_karpathy" / "dataset_coco.json").read_text().replace('"test"', '"val"')),
+     r"dataset_coco.json: no entries in split 'test'"),
+    ("hateful_memes", "0", lambda d: (d / "hateful_memes" / "dev.jsonl").write_text("{oops\n"),
+     r"dev.jsonl:1: expected a JSON line"),
+    # contents the loader took, which failed after the unit had run (KeyError: 'label'; "vqa_accuracy needs at
+    # least one human answer") or were evaluated twice (a question id listed twice)
+    ("hateful_memes", "0", lambda d: _edit(d / "hateful_memes" / "dev.jsonl", lambda t: t.replace('"label": 0, ', "")),
+     r"dev.jsonl: 1 example\(s\) have no 'label' \(e.g. id 20\); the evaluation needs labelled splits"),
+    ("vqav2", "0", lambda d: _edit(d / "vqav2" / "v2_mscoco_val2014_annotations.json",
+                                   lambda t: t.replace('"answers": [{', '"answers": [], "x": [{', 1)),
+     r"v2_mscoco_val2014_annotations.json: annotation 0 \(question_id 107\) has no answers"),
+    ("textvqa", "0", lambda d: _edit(d / "textvqa" / "val_questions_vqa_format.json",
+                                     lambda t: t.replace('"question_id": 203', '"question_id": 103')),
+     r"val_questions_vqa_format.json: question_id 103 occurs twice \(question 1 and an earlier one\)"),
+    ("flickr30k", "0,3", lambda d: (d / "flickr30k" / "dataset_flickr30k.json").write_text(
+        (d / "flickr30k" / "dataset_flickr30k.json").read_text().replace('"train"', '"val"', 1)),
+     r"flickr30k: --shots 3 needs 3 demonstrations, but its train split in \S+ holds 2; use --shots up to 2$"),
+    # images: the evaluated ones, and the demonstrations' when shots > 0
+    ("coco", "0", lambda d: (d / "mscoco_karpathy" / "val2014" / "COCO_val2014_000000000005.jpg").write_text("<html>"),
+     r"the image \S+COCO_val2014_000000000005.jpg, named in \S+dataset_coco.json, is not an image PIL can read "
+     r"\(UnidentifiedImageError: cannot identify image file\); replace it"),
+    ("vqav2", "0", lambda d: _cut(d / "vqav2" / "val2014" / "COCO_val2014_000000000008.jpg"),
+     r"the image \S+COCO_val2014_000000000008.jpg, named in \S+v2_OpenEnded_mscoco_val2014_questions.json, is cut short"),
+    ("hateful_memes", "0", lambda d: (d / "hateful_memes" / "img" / "00021.png").write_bytes(b""),
+     r"the image \S+00021.png, named in \S+dev.jsonl, is empty"),
+    ("imagenet", "0,2", lambda d: _cut(d / "imagenet" / "train" / "n00000002" / "train_1_0.JPEG"),
+     r"the image \S+train_1_0.JPEG, named in \S+imagenet/train, is cut short"),
+    ("synthetic_icl", "0,2", lambda d: _cut(d / "synthetic_icl" / json.loads((d / "synthetic_icl" / "episodes.json")
+                                                                            .read_text())["episodes"][0]["demos"][1]["image"]),
+     r"the image \S+, named in \S+episodes.json, is cut short"),
+])
+def test_broken_dataset_contents_are_said_before_the_model_loads(formats, tmp_path, no_model_load, task, shots, spoil,
+                                                                 message):
+    """Malformed annotation files, a split that is not there, too many shots and corrupt images were
+    said when the task came up, after the model had loaded and the tasks before it had run (a corrupt
+    image: mid-unit, as "image file is truncated", naming no file)."""
+    from flamingo_vlm.eval.datasets import DatasetLayoutError
+
+    data = _copy(formats, tmp_path)
+    argv = ["--model", "some/model", "--data-root", str(data), "--out", str(tmp_path / "out"), "--tasks",
+            f"imagenet,{task}" if task != "imagenet" else "coco,imagenet", "--shots", shots, "--trials", "2", "--quiet"]
+    with pytest.raises(no_model_load):
+        eval_main(argv)
+    spoil(data)
+    with pytest.raises((DatasetLayoutError, ValueError), match=message) as e:
+        eval_main(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_only_the_images_the_run_reads_are_checked(formats, tmp_path, no_model_load):
+    """A bad demo-split image stops nothing at 0 shots (demonstrations are text only there), nor an
+    evaluation image outside every trial's --num-samples subset."""
+    data = _copy(formats, tmp_path)
+    (data / "imagenet" / "train" / "n00000001" / "train_0_1.JPEG").write_text("<html>")
+    argv = ["--model", "some/model", "--data-root", str(data), "--out", str(tmp_path / "out"), "--tasks", "imagenet",
+            "--trials", "1", "--quiet", "--shots"]
+    with pytest.raises(no_model_load):
+        eval_main(argv + ["0"])
+    with pytest.raises(Exception, match="train_0_1.JPEG"):
+        eval_main(argv + ["0,2"])
+    from flamingo_vlm.eval.evaluator import eval_order
+
+    test = sorted((data / "imagenet" / "val").glob("*/*.JPEG"))
+    (picked,) = eval_order(len(test), 42, 1)
+    test[1 - picked].write_text("<html>")
+    with pytest.raises(no_model_load):
+        eval_main(argv + ["0", "--num-samples", "1"])
+    with pytest.raises(Exception, match=test[1 - picked].name):
+        eval_main(argv + ["0"])
+
+
+def test_openflamingo_spellings_of_shots_trials_and_seeds():
+    """`--shots 0 4 8`, `--num-trials`, `--trial-seeds` (OpenFlamingo's evaluate.py) failed as
+    "unrecognized arguments"."""
+    from flamingo_vlm.eval.cli import build_parser
+
+    args = build_parser().parse_args(["--tasks", "coco", "--shots", "0", "4,8", "--num-trials", "2",
+                                      "--trial-seeds", "42", "43"])
+    assert (args.shots, args.trials, args.seeds) == ([0, 4, 8], 2, [42, 43])
+    args = build_parser().parse_args(["--tasks", "coco", "--shots", "0,4", "--trials", "1", "--seeds", "7"])
+    assert (args.shots, args.trials, args.seeds) == ([0, 4], 1, [7])
+
+
+def test_rices_over_the_whole_split_runs_one_trial(tiny, tmp_path, caplog):
+    """With RICES the demonstrations do not depend on the seed: over the whole split, --trials 2 evaluated
+    the same unit twice and reported it as 2 trials, ± 0.00. With a --num-samples subset the trials differ."""
+    root, (model, ip, tok) = tiny
+    cfg = dict(tasks=["coco"], data_root=str(root / "data"), shots=[0, 2], trials=2, batch_size=3,
+               demo_selection="rices", caption_tokenizer="python", progress=False)
+    with caplog.at_level("WARNING", logger="flamingo_vlm.eval.evaluator"):
+        Evaluator(model, ip, tok, EvalConfig(out_dir=str(tmp_path / "a"), **cfg)).run()
+    assert sorted(p.name for p in (tmp_path / "a" / "coco").iterdir()) == ["shots0_seed42.json", "shots2_seed42.json"]
+    assert [r["seeds"] for r in json.loads((tmp_path / "a" / "results.json").read_text())["results"]["coco"]] == [[42], [42]]
+    assert [r.getMessage() for r in caplog.records if "trials is run" in r.getMessage()] == [
+        "coco: every trial would evaluate the whole test split with the same demonstrations (RICES), so only the "
+        "first of the 2 trials is run (seed 42); --num-samples N gives each trial its own subset"]
+    Evaluator(model, ip, tok, EvalConfig(out_dir=str(tmp_path / "b"), num_samples=2, **cfg)).run()
+    assert len(list((tmp_path / "b" / "coco").iterdir())) == 4
+
+
+def test_units_of_other_data_in_the_same_folder_are_evaluated_again(tiny, tmp_path, caplog):
+    """Annotations replaced by others with the same questions (OK-VQA v1.0 -> v1.1 changed only the
+    answers) left the units of the old ones "done before", scores and all. Moving the folder keeps them,
+    and a unit written before the data entered the fingerprint is still taken."""
+    import shutil
+
+    root, (model, ip, tok) = tiny
+    data = Path(shutil.copytree(root / "data", tmp_path / "data"))
+    out = tmp_path / "out"
+
+    def run(data_root):
+        cfg = EvalConfig(tasks=["vqav2"], data_root=str(data_root), out_dir=str(out), shots=[0], trials=1,
+                         num_samples=2, batch_size=2, progress=False)
+        with caplog.at_level("WARNING", logger="flamingo_vlm.eval.evaluator"):
+            caplog.clear()
+            Evaluator(model, ip, tok, cfg).run()
+        return json.loads((out / "vqav2" / "shots0_seed42.json").read_text()), [
+            r.getMessage() for r in caplog.records if "evaluating again" in r.getMessage()]
+
+    first, again = run(data)
+    assert again == [] and len(first["fingerprint"]["data"]) == 16
+    moved = Path(shutil.move(str(data), str(tmp_path / "moved")))
+    unit, again = run(moved)
+    assert again == [] and unit["elapsed_s"] == first["elapsed_s"]  # the same unit, not evaluated again
+    ann = moved / "vqav2" / "v2_mscoco_val2014_annotations.json"
+    doc = json.loads(ann.read_text())
+    for a in doc["annotations"]:
+        a["answers"] = [dict(x, answer="zebra") for x in a["answers"]]
+    ann.write_text(json.dumps(doc))
+    unit, again = run(moved)
+    assert again == [f"{out / 'vqav2' / 'shots0_seed42.json'}: settings or data changed since it was written; "
+                     "evaluating again"]
+    assert unit["score"] == 0.0 and unit["fingerprint"]["data"] != first["fingerprint"]["data"]
+    unit["fingerprint"].pop("data")  # a unit from before
+    (out / "vqav2" / "shots0_seed42.json").write_text(json.dumps(unit))
+    assert run(moved)[1] == []

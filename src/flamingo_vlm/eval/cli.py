@@ -18,6 +18,13 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+class _IntList(argparse.Action):
+    """``--shots 0,4,8`` or ``--shots 0 4 8`` (OpenFlamingo's spelling; it failed as "unrecognized arguments: 4 8")."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [x for v in values for x in v])
+
+
 def _pairs(items: list[str] | None, what: str, cast=str) -> dict:
     out = {}
     for item in items or []:
@@ -139,10 +146,13 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task-root", action="append", metavar="TASK=PATH", help="a dataset's folder (repeatable)")
     p.add_argument("--out", default="results",
                    help="results folder (default ./results; resumable: finished units are skipped)")
-    p.add_argument("--shots", type=_ints, default=[0, 4, 8, 16, 32],
-                   help="comma-separated shot counts (default 0,4,8,16,32: the paper's)")
-    p.add_argument("--trials", type=int, default=3, help="trials per shot count, with different demos (default 3)")
-    p.add_argument("--seeds", type=_ints, default=None, help="trial seeds (default 42,43,...)")
+    p.add_argument("--shots", type=_ints, nargs="+", action=_IntList, default=[0, 4, 8, 16, 32],
+                   help="shot counts, 0,4,8 or 0 4 8 (default 0,4,8,16,32: the paper's)")
+    # (OpenFlamingo's evaluate.py names: --num_trials, --trial_seeds)
+    p.add_argument("--trials", "--num-trials", type=int, default=3,
+                   help="trials per shot count, with different demos (default 3)")
+    p.add_argument("--seeds", "--trial-seeds", type=_ints, nargs="+", action=_IntList, default=None,
+                   help="trial seeds, 42,43 or 42 43 (default 42,43,...)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="evaluate a random subset of this size per trial (default: the whole split)")
     p.add_argument("--query-set-size", type=int, default=2048,

@@ -2,8 +2,10 @@
 
 Every loader checks its layout up front and raises :class:`DatasetLayoutError` saying which file
 or folder it expected where; ``files(root, split)`` of each class does the file part of that check
-alone (no file read), which the evaluation runs for every task before the model loads. Samples are plain dicts (picklable, cheap); images are opened only
-when needed (:meth:`EvalDataset.load_image`).
+alone (no file read), which the evaluation runs for every task before the model loads, then reads
+every split and checks the image files the run will use (:func:`image_problem`: header and end
+marker; :func:`flamingo_vlm.eval.evaluator.check_eval_files`). Samples are plain dicts (picklable,
+cheap); images are decoded only when needed (:meth:`EvalDataset.load_image`).
 
 =================  ==========================================================================
 dataset            layout under its root (``from_root``)
@@ -44,6 +46,8 @@ __all__ = [
     "HatefulMemesDataset",
     "ImageNetDataset",
     "VQADataset",
+    "check_images",
+    "image_problem",
     "read_class_names",
 ]
 
@@ -80,15 +84,66 @@ def _load_json(path: Path, what: str, layout: str) -> Any:
         raise DatasetLayoutError(f"{what} {path} is not valid JSON ({e}). Expected layout: {layout}") from e
 
 
+# The last bytes of an intact file of these formats hold this marker (JPEG's EOI, PNG's IEND chunk).
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}
+
+
+def image_problem(path: str | os.PathLike) -> str | None:
+    """Why the image file at ``path`` cannot be used (``"is not there"``, ``"is not an image ..."``,
+    ``"is cut short ..."``), or None. Cheap: the header is parsed (not there, no permission, empty,
+    not an image: an HTML error page saved under the image's name) and, for JPEG and PNG, the last
+    64 bytes are looked at for the end-of-image marker; only a file without it is decoded (JPEG at
+    1/8 scale, which still reads every byte: data after the marker is legal, a cut-off download is
+    not). A file damaged in its middle passes and fails when it is decoded (the error names it)."""
+    try:
+        with Image.open(path) as im:
+            marker = _END_MARKERS.get(im.format or "")
+            if marker is None:
+                return None
+            fp = im.fp
+            fp.seek(0, os.SEEK_END)
+            fp.seek(max(0, fp.tell() - 64))
+            if marker in fp.read():
+                return None
+            if im.format in ("JPEG", "MPO"):
+                im.draft("RGB", (1, 1))
+            im.load()
+            return None
+    except FileNotFoundError:
+        return "is not there"
+    except PermissionError:
+        return "cannot be read (no permission)"
+    except Exception as e:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, EOFError, ...)
+        if Path(path).is_file() and os.path.getsize(path) == 0:
+            return "is empty"
+        if isinstance(e, OSError) and "truncated" in str(e).lower():
+            return f"is cut short ({e})"
+        return f"is not an image PIL can read ({type(e).__name__}: {str(e).replace(f' {str(path)!r}', '')})"
+
+
+def check_images(images: dict[str, str], *, workers: int = 8) -> list[tuple[str, str, str]]:
+    """:func:`image_problem` of every path of ``images`` (path -> the file that names it), in a thread
+    pool (the checks are mostly waiting for the disk); ``[(path, named in, problem)]`` of the bad ones,
+    in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(images)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
+        problems = list(pool.map(image_problem, paths, chunksize=64))
+    return [(p, images[p], why) for p, why in zip(paths, problems) if why is not None]
+
+
 class EvalDataset:
-    """A list of samples (dicts with at least ``id`` and ``image``: a path)."""
+    """A list of samples (dicts with at least ``id`` and ``image``: a path); ``source`` is the file
+    (or folder) that lists them, for messages."""
 
     name: str = "dataset"
     layout: str = ""
 
-    def __init__(self, samples: list[dict], split: str):
+    def __init__(self, samples: list[dict], split: str, source: str | os.PathLike | None = None):
         self.samples = samples
         self.split = split
+        self.source = str(source) if source is not None else f"{self.name} {split}"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -108,6 +163,9 @@ class EvalDataset:
                 return im.convert("RGB")
         except FileNotFoundError as e:
             raise DatasetLayoutError(f"image of sample {sample['id']!r} not found: {path}") from e
+        except Exception as e:  # noqa: BLE001 (a truncated file said "image file is truncated", naming none)
+            raise DatasetLayoutError(f"image of sample {sample['id']!r} cannot be decoded: {path} "
+                                     f"({type(e).__name__}: {e}); replace it with a good copy") from e
 
     def _check_images(self, count: int = 3) -> None:
         """Check the first and last few images exist (a full scan of COCO would take long)."""
@@ -186,7 +244,7 @@ class CaptionDataset(EvalDataset):
         if not samples:
             present = sorted({e.get("split") for e in data["images"] if isinstance(e, dict)}, key=str)
             raise DatasetLayoutError(f"{karpathy_json}: no entries in split {split!r} (splits present: {present})")
-        super().__init__(samples, split)
+        super().__init__(samples, split, karpathy_json)
         if check_images:
             self._check_images()
 
@@ -262,6 +320,12 @@ class VQADataset(EvalDataset):
             answers, types = {}, {}
             for n, ann in enumerate(adata["annotations"]):
                 try:
+                    if ann["question_id"] in answers:
+                        raise DatasetLayoutError(f"{annotations_json}: question_id {ann['question_id']} is annotated twice "
+                                                 f"(annotation {n} and an earlier one); one annotation per question")
+                    if not ann["answers"]:
+                        raise DatasetLayoutError(f"{annotations_json}: annotation {n} (question_id {ann['question_id']}) "
+                                                 "has no answers; VQA annotations hold the (10) human answers")
                     answers[ann["question_id"]] = [a["answer"] for a in ann["answers"]]
                     types[ann["question_id"]] = {k: ann[k] for k in ("question_type", "answer_type") if k in ann}
                     if not all("answer_id" in a for a in ann["answers"]):
@@ -278,7 +342,7 @@ class VQADataset(EvalDataset):
         if not image_dir.is_dir():
             raise DatasetLayoutError(f"{dataset} image folder not found: {image_dir}. Expected layout: {self.layout}")
         name_fn = image_name or self._default_image_name(dataset, image_dir, qdata)
-        samples, unanswered = [], []
+        samples, unanswered, seen = [], [], set()
         for n, q in enumerate(qdata["questions"]):
             try:
                 qid, image_id, question = q["question_id"], q["image_id"], q["question"]
@@ -286,6 +350,10 @@ class VQADataset(EvalDataset):
                 raise DatasetLayoutError(
                     f"{questions_json}: question {n} lacks {e}; need 'question_id', 'image_id' and 'question'"
                 ) from None
+            if qid in seen:  # (it was evaluated, and counted, twice)
+                raise DatasetLayoutError(f"{questions_json}: question_id {qid} occurs twice (question {n} and an earlier "
+                                         "one); question ids are unique in a VQA questions file")
+            seen.add(qid)
             sample = {"id": qid, "image": str(image_dir / name_fn(image_id)), "image_id": image_id, "question": question}
             if answers is not None:
                 if qid not in answers:
@@ -301,7 +369,7 @@ class VQADataset(EvalDataset):
             )
         if not samples:
             raise DatasetLayoutError(f"{questions_json} holds no questions")
-        super().__init__(samples, split)
+        super().__init__(samples, split, questions_json)
         if check_images:
             self._check_images()
 
@@ -384,7 +452,7 @@ class HatefulMemesDataset(EvalDataset):
                 samples.append(sample)
         if not samples:
             raise DatasetLayoutError(f"{annotations} holds no examples")
-        super().__init__(samples, split)
+        super().__init__(samples, split, annotations)
         if check_images:
             self._check_images()
 
@@ -467,7 +535,7 @@ class ImageNetDataset(EvalDataset):
                                     "class_name": class_names[wnid]})
         if not samples:
             raise DatasetLayoutError(f"{split_dir}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
-        super().__init__(samples, split)
+        super().__init__(samples, split, split_dir)
 
     @classmethod
     def _layout(cls, root: Path, split: str) -> tuple[Path, list[str], Path | None]:

@@ -12,6 +12,7 @@ all. See ``README.md`` beside this file for the protocol table.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -29,16 +30,17 @@ import torch
 
 from ..processing import FlamingoProcessor
 from . import prompts as P
-from .datasets import EvalDataset
+from .datasets import DatasetLayoutError, EvalDataset, check_images
 from .demos import RICES, FeatureExtractor, RandomDemoSelector, weights_fingerprint
 from .distributed import DistContext, init_distributed, shard_indices
 from ..locking import hold_for_job
 from ..modeling.quantize import scheme as quant_scheme
 from .results import atomic_write_json, atomic_write_text, markdown_table, read_unit, summarize, unit_path
 from .task_kinds import QueryBatch, continuation_ids, score_classes
-from .tasks import Task, check_task_files, extra_metrics, get_task, own_demos_error, resolve_task_root
+from .tasks import Task, check_task_files, extra_metrics, get_task, own_demos_error
 
-__all__ = ["EvalConfig", "Evaluator", "check_eval_files", "continuation_ids", "evaluate", "held_out_ids", "score_classes"]
+__all__ = ["EvalConfig", "Evaluator", "TaskData", "check_eval_files", "continuation_ids", "eval_order", "evaluate",
+           "held_out_ids", "images_in_use", "load_task", "score_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -253,12 +255,14 @@ class Evaluator:
             self._weights_id = weights_fingerprint(self._raw_model)
         return self._weights_id
 
-    def fingerprint(self, spec: Task, shots: int, seed: int, n_eval: int) -> dict[str, Any]:
+    def fingerprint(self, spec: Task, shots: int, seed: int, n_eval: int, data: str | None = None) -> dict[str, Any]:
         c = self.config
         fp = {
             "model": c.model_name, "weights": self.weights_id, "task": spec.name, "shots": shots, "seed": seed, "num_eval": n_eval,
             "num_samples": c.num_samples, "demo_selection": c.demo_selection, "precision": c.precision,
         }
+        if data is not None:  # the splits' contents (data_fingerprint)
+            fp["data"] = data
         if c.quantize:  # a quantized model's units are not the full-precision model's
             fp["quantize"] = quant_scheme(c.quantize)
         if c.demo_selection in ("random", "shared"):
@@ -289,22 +293,24 @@ class Evaluator:
                            ctx=self.ctx, progress=c.progress)
 
     # -- the run ----------------------------------------------------------------------------------------
-    def run(self, *, files_checked: bool = False) -> dict:
+    def run(self, *, files_checked: bool = False, datasets: dict[str, TaskData] | None = None) -> dict:
         """Evaluate every task x shots x trial not already finished; returns the summary (rank 0 writes
-        ``results.json`` and ``results.md``). Every task's files are checked first
-        (:func:`check_eval_files`), unless ``files_checked`` says the caller just did (:func:`evaluate`)."""
+        ``results.json`` and ``results.md``). Every task's files are checked and read first
+        (:func:`check_eval_files`), unless the caller just did: ``datasets`` (what it returned, used and
+        released task by task) or ``files_checked`` (the tasks then read their files when they come up)."""
         with contextlib.ExitStack() as stack:
             hold_for_job(stack, self.out_dir, is_main=self.ctx.is_main, broadcast=self.ctx.broadcast)
-            return self._run_locked(files_checked)
+            return self._run_locked(files_checked, datasets)
 
-    def _run_locked(self, files_checked: bool = False) -> dict:
+    def _run_locked(self, files_checked: bool = False, datasets: dict[str, TaskData] | None = None) -> dict:
         c = self.config
-        if not files_checked:  # every task's files, before the first task's units (hours) run
-            check_eval_files(c)
+        if datasets is None and not files_checked:  # every task's files, before the first task's units (hours) run
+            datasets = check_eval_files(c)
+        datasets = datasets if datasets is not None else {}
         units: list[dict] = []
         for name in c.tasks:
             spec = get_task(name)
-            units += self.run_task(spec)
+            units += self.run_task(spec, datasets.pop(spec.name, None))  # (popped: its samples freed after it)
         summary = summarize(units)
         result = {"model": c.model_name, "config": asdict(c), "results": summary}
         if self.ctx.is_main:
@@ -325,28 +331,31 @@ class Evaluator:
                 out.append(u)
         return out
 
-    def run_task(self, spec: Task) -> list[dict]:
+    def run_task(self, spec: Task, data: TaskData | None = None) -> list[dict]:
+        """The task's units; ``data``: its splits as :func:`check_eval_files` read them (else read here)."""
         c = self.config
-        root = resolve_task_root(spec, c.data_root or ".", c.task_roots)
-        train = spec.load(root, spec.demo_split)
-        test = spec.load(root, spec.eval_split)
+        if data is None:
+            root = check_task_files(spec, c.data_root or ".", c.task_roots)
+            data = load_task(spec, root, c, images=False)
+        root, train, test = data.root, data.train, data.test
         held_out = held_out_ids(root)
         own_demos = spec.own_demos(test)
-        self._check_shots(spec, root, train, own_demos)
+        check_shots(spec, root, train, own_demos, c)
+        data_id = data_fingerprint(root, train, test)
         units = []
         rices = None
         for shots in c.shots:
-            for trial, seed in enumerate(c.trial_seeds()):
-                order = self._eval_order(len(test), seed)
-                fp = self.fingerprint(spec, shots, seed, len(order))
+            for trial, seed in enumerate(self._trial_seeds(spec, test, shots, own_demos)):
+                order = eval_order(len(test), seed, c.num_samples)
+                fp = self.fingerprint(spec, shots, seed, len(order), data_id)
                 path = unit_path(self.out_dir, spec.name, shots, seed)
                 done = None
                 if self.ctx.is_main:
                     prev = read_unit(path)
-                    if prev is not None and prev.get("fingerprint") == fp:
+                    if prev is not None and _same_unit(prev.get("fingerprint"), fp):
                         done = {k: v for k, v in prev.items() if k != "predictions"}
                     elif prev is not None:
-                        logger.warning("%s: settings changed since it was written; evaluating again", path)
+                        logger.warning("%s: settings or data changed since it was written; evaluating again", path)
                 done = self.ctx.broadcast(done)
                 if done is not None:
                     if self.ctx.is_main and c.progress:
@@ -368,35 +377,26 @@ class Evaluator:
                 units.append(self.ctx.broadcast(unit))  # the scores exist on rank 0 only
         return units
 
-    def _check_shots(self, spec: Task, root: Path, train: EvalDataset, own_demos: int | None) -> None:
-        """Refuse shot counts the demonstrations cannot fill, before the task's first unit runs (they
-        failed mid-run after the smaller shot counts, and a task whose queries bring their own demos
-        silently ran its 8 demos under the label 16 or 32 shots)."""
+    def _trial_seeds(self, spec: Task, test: EvalDataset, shots: int, own_demos: int | None) -> list[int]:
+        """The trial seeds of ``shots``: only the first where the trials could only repeat it, i.e. the
+        demonstrations do not depend on the seed (RICES, or queries that bring their own) and every trial
+        evaluates the whole split (no smaller ``--num-samples``), unless the task draws something else
+        with it (:meth:`Task.seed_matters`: prompt-ensembling orders). They were evaluated (``--trials 3``,
+        the default: three times the work) and reported as 3 trials, ± 0.00."""
         c = self.config
-        if own_demos is not None:
-            if max(c.shots) > own_demos:  # (check_eval_files said it before the model loaded)
-                raise own_demos_error(spec, max(c.shots), root, own_demos)
-            return
-        needed = max(s if s > 0 else P.TEXT_ONLY_DEMOS_AT_ZERO_SHOT for s in c.shots)
-        if c.demo_selection == "rices" or c.query_set_size <= 0 or c.query_set_size >= len(train):
-            pool, what = len(train), f"its {spec.demo_split} split in {root} holds"
-        else:
-            pool, what = c.query_set_size, "--query-set-size is"
-        if needed > pool:
-            larger = "" if what.startswith("its") else " or give a larger --query-set-size"
-            if max(c.shots) < needed:  # only 0 shots asked for more: its two text-only demos
-                raise ValueError(f"{spec.name}: 0 shots uses {needed} text-only demonstrations, but {what} {pool}; "
-                                 f"leave 0 out of --shots{larger}")
-            raise ValueError(f"{spec.name}: --shots {max(c.shots)} needs {needed} demonstrations, but {what} {pool}; "
-                             f"use --shots up to {pool}{larger}")
-
-    def _eval_order(self, n: int, seed: int) -> list[int]:
-        """Indices of the evaluated samples: all, or a random subset of ``num_samples`` drawn with
-        the trial seed (as OpenFlamingo did), in ascending order."""
-        k = self.config.num_samples
-        if k is None or k >= n:  # (validate() refuses k < 1)
-            return list(range(n))
-        return sorted(np.random.default_rng(seed).choice(n, k, replace=False).tolist())
+        seeds = c.trial_seeds()
+        fixed_demos = c.demo_selection == "rices" or own_demos is not None
+        whole = c.num_samples is None or c.num_samples >= len(test)
+        if len(seeds) == 1 or not fixed_demos or not whole or spec.seed_matters(c, shots):
+            return seeds
+        message = (f"{spec.name}: every trial would evaluate the whole {test.split} split with the same "
+                   f"demonstrations ({'RICES' if own_demos is None else 'each query brings its own'}), so only the "
+                   f"first of the {len(seeds)} trials is run (seed {seeds[0]}); --num-samples N gives each trial "
+                   "its own subset")
+        if message not in self._said:
+            self._said.add(message)
+            logger.warning(message)
+        return seeds[:1]
 
     def run_unit(self, spec, train, test, shots, trial, seed, order, rices, held_out: set[str] | None = None,
                  own_demos: bool = False) -> dict:
@@ -478,19 +478,135 @@ class Evaluator:
         return spec.score(test, records, self.config)
 
 
-def check_eval_files(config: EvalConfig) -> None:
-    """:func:`~.tasks.check_task_files` for every task of ``config``, with its shots: a missing or
-    unreadable dataset file, or more shots than a task's queries bring demonstrations, is one error
-    naming it (run before the model loads: loading takes minutes, the tasks before it hours)."""
-    for name in config.tasks:
-        check_task_files(get_task(name), config.data_root or ".", config.task_roots, shots=list(config.shots))
+def data_fingerprint(root: Path, *splits: EvalDataset) -> str:
+    """A short id of the samples of ``splits`` (every field: ids, questions, answers, captions,
+    labels, image paths relative to the task folder ``root``, so moving the folder keeps it): a unit
+    of other data under the same folder (OK-VQA v1.0 and v1.1 annotations: same questions, other
+    answers) is evaluated again instead of being taken as done."""
+    h = hashlib.sha1()
+    prefix = str(root).rstrip(os.sep) + os.sep
+    for ds in dict.fromkeys(splits):  # (one object when the splits are the same)
+        h.update(f"{ds.split}:{len(ds)};".encode())
+        for sample in ds:
+            h.update(json.dumps(sample, sort_keys=True, default=str).replace(json.dumps(prefix)[1:-1], "").encode())
+    return h.hexdigest()[:16]
+
+
+def _same_unit(written: dict | None, fp: dict) -> bool:
+    """A finished unit's fingerprint is this one's (units written before the data entered it: the rest matches)."""
+    if not isinstance(written, dict):
+        return False
+    if "data" not in written:
+        fp = {k: v for k, v in fp.items() if k != "data"}
+    return written == fp
+
+
+def eval_order(n: int, seed: int, num_samples: int | None) -> list[int]:
+    """Indices of the evaluated samples: all, or a random subset of ``num_samples`` drawn with the
+    trial seed (as OpenFlamingo did), in ascending order."""
+    if num_samples is None or num_samples >= n:  # (validate() refuses num_samples < 1)
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, num_samples, replace=False).tolist())
+
+
+def check_shots(spec: Task, root: Path, train: EvalDataset, own_demos: int | None, config: EvalConfig) -> None:
+    """Refuse shot counts the demonstrations cannot fill, before the model loads (they failed mid-run
+    after the smaller shot counts, and a task whose queries bring their own demos silently ran its 8
+    demos under the label 16 or 32 shots)."""
+    c = config
+    if own_demos is not None:
+        if max(c.shots) > own_demos:
+            raise own_demos_error(spec, max(c.shots), root, own_demos)
+        return
+    needed = max(s if s > 0 else P.TEXT_ONLY_DEMOS_AT_ZERO_SHOT for s in c.shots)
+    if c.demo_selection == "rices" or c.query_set_size <= 0 or c.query_set_size >= len(train):
+        pool, what = len(train), f"its {spec.demo_split} split in {root} holds"
+    else:
+        pool, what = c.query_set_size, "--query-set-size is"
+    if needed > pool:
+        larger = "" if what.startswith("its") else " or give a larger --query-set-size"
+        if max(c.shots) < needed:  # only 0 shots asked for more: its two text-only demos
+            raise ValueError(f"{spec.name}: 0 shots uses {needed} text-only demonstrations, but {what} {pool}; "
+                             f"leave 0 out of --shots{larger}")
+        raise ValueError(f"{spec.name}: --shots {max(c.shots)} needs {needed} demonstrations, but {what} {pool}; "
+                         f"use --shots up to {pool}{larger}")
+
+
+@dataclass
+class TaskData:
+    """A task's folder and its two splits, read once: by the check before the model loads (:func:`load_task`),
+    then by the run."""
+
+    root: Path
+    train: EvalDataset
+    test: EvalDataset
+
+
+def images_in_use(spec: Task, train: EvalDataset, test: EvalDataset, config: EvalConfig) -> dict[str, str]:
+    """The image files the run of ``spec`` will read, each with the file that names it: the evaluated
+    samples' (every trial's subset with ``--num-samples``, with their own demonstrations' for a task
+    whose queries bring them) and, with shots above 0, the random demonstrations': the ones drawn, or
+    every trial's query set where that is fewer files than the draws. RICES demonstrations are left
+    out: the feature pass reads the whole demo split (VQAv2: 82,783 images) and names a bad image then."""
+    c = config
+    shots = [s for s in c.shots if s > 0]
+    top = max(c.shots)
+    out: dict[str, str] = {}
+    orders = {seed: eval_order(len(test), seed, c.num_samples) for seed in c.trial_seeds()}
+    for order in orders.values():
+        for i in order:
+            for path in spec.images_of(test[i], top):
+                out.setdefault(str(path), test.source)
+    if not shots or spec.own_demos(test) is not None or c.demo_selection == "rices":
+        return out
+    for seed, order in orders.items():
+        selector = RandomDemoSelector(train, c.query_set_size, seed)
+        queries = [SHARED_DEMOS_INDEX] if c.demo_selection == "shared" else order
+        if len(queries) * len(shots) < len(selector.pool):  # the draws themselves (--num-samples)
+            picked = {j for i in queries for k in shots for j in selector.select(i, k)}
+        else:  # a whole split's draws reach (almost) every example of the query set
+            picked = selector.pool.tolist()
+        for j in sorted(picked):
+            out.setdefault(str(train[j]["image"]), train.source)
+    return out
+
+
+def load_task(spec: Task, root: Path, config: EvalConfig, *, images: bool = True) -> TaskData:
+    """Read the task's demo and evaluation splits (:meth:`Task.load`: the same code the run uses, so a
+    malformed annotation file, mismatched question and annotation ids, an empty split are said here),
+    refuse more shots than its demonstrations fill, and, with ``images``, check the image files the
+    run will read (:func:`images_in_use`, :func:`~.datasets.image_problem`: their header and end
+    marker, not a full decode): one :class:`~.datasets.DatasetLayoutError` naming the first bad file,
+    the file that names it and how many there are."""
+    train = spec.load(root, spec.demo_split)
+    test = train if spec.eval_split == spec.demo_split else spec.load(root, spec.eval_split)
+    check_shots(spec, root, train, spec.own_demos(test), config)
+    if images:
+        bad = check_images(images_in_use(spec, train, test, config))
+        if bad:
+            path, named_in, why = bad[0]
+            more = f" ({len(bad) - 1} more image(s) of {spec.name} too)" if len(bad) > 1 else ""
+            raise DatasetLayoutError(f"the image {path}, named in {named_in}, {why}; replace it with a good copy "
+                                     f"(the dataset's download){more}")
+    return TaskData(root, train, test)
+
+
+def check_eval_files(config: EvalConfig) -> dict[str, TaskData]:
+    """Every task's files, before the model loads (loading takes minutes, the tasks before a broken
+    one hours): first that each file and folder is there and can be opened (:func:`~.tasks.check_task_files`,
+    every task, nothing read), then each task's splits read and checked (:func:`load_task`: their
+    contents, the shots, the images the run uses). Each problem is one error naming the file.
+    Returns the splits read, by task name, for :meth:`Evaluator.run` (which then reads nothing again)."""
+    specs = [get_task(name) for name in config.tasks]
+    roots = [check_task_files(spec, config.data_root or ".", config.task_roots) for spec in specs]
+    return {spec.name: load_task(spec, root, config) for spec, root in zip(specs, roots)}
 
 
 def evaluate(model_or_path, config: EvalConfig, *, image_processor=None, tokenizer=None, device: str | None = None) -> dict:
     """Evaluate a model (a :class:`Flamingo` with its ``image_processor`` and ``tokenizer``, or a
     directory / Hub id for :func:`flamingo_vlm.load_pretrained`) under ``torchrun`` or alone."""
     config.validate()
-    check_eval_files(config)  # a dataset folder or file missing is said before the model loads (minutes)
+    datasets = check_eval_files(config)  # a dataset file missing or broken is said before the model loads (minutes)
     ctx = init_distributed(device)
     try:
         if isinstance(model_or_path, (str, Path)):
@@ -506,6 +622,6 @@ def evaluate(model_or_path, config: EvalConfig, *, image_processor=None, tokeniz
             if image_processor is None or tokenizer is None:
                 raise ValueError("pass image_processor and tokenizer with a model object")
             model.to(ctx.device)
-        return Evaluator(model, image_processor, tokenizer, config, ctx).run(files_checked=True)
+        return Evaluator(model, image_processor, tokenizer, config, ctx).run(datasets=datasets)
     finally:
         ctx.close()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -103,29 +102,47 @@ class Task:
     metric: ClassVar[str] = ""  # the headline metric key
     extra_metrics: ClassVar[tuple[str, ...]] = ()  # further rows of results.md
     separator: ClassVar[str] = ""  # between the prompt's pieces
+    # the dataset class (its ``files`` and ``from_root``) and the keyword arguments this task passes to both
+    dataset_class: ClassVar[type | None] = None
+
+    def dataset_options(self) -> dict[str, Any]:
+        return {}
 
     def load(self, root: Path, split: str) -> EvalDataset:
-        raise NotImplementedError
+        """``split`` of the dataset under ``root`` (``dataset_class.from_root``), :meth:`check_samples` checked."""
+        dataset = self.dataset_class.from_root(root, split, **self.dataset_options())
+        self.check_samples(dataset)
+        return dataset
+
+    def check_samples(self, dataset: EvalDataset) -> None:
+        """Raise :class:`~.datasets.DatasetLayoutError` naming ``dataset.source`` where a sample lacks
+        what this task needs of it (the dataset class accepts it for other uses). Default: nothing."""
 
     def check_files(self, root: Path, split: str) -> list[Path | None]:
         """Raise :class:`~.datasets.DatasetLayoutError` naming the first file or folder of ``split`` that
         :meth:`load` needs and ``root`` lacks, without reading any (run for every task before the
         model loads); returns the files and folders found, which the check then opens (an unreadable
-        one is named before the model loads). The default checks nothing: :meth:`load` says it then."""
-        return []
+        one is named before the model loads). The same class and options as :meth:`load`
+        (``dataset_class.files``, which its ``from_root`` calls first)."""
+        return list(self.dataset_class.files(root, split, **self.dataset_options()))
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         """The task's own settings that decide its numbers (recorded in each unit file)."""
         return {}
 
+    def seed_matters(self, config: EvalSettings, shots: int) -> bool:
+        """Whether the trial seed changes a ``shots``-shot unit beyond choosing its demos and samples
+        (then trials differ even with RICES over the whole split). Default: no."""
+        return False
+
     def own_demos(self, test: EvalDataset) -> int | None:
         """How many demonstrations every query brings itself (None: they are chosen from the demo split)."""
         return None
 
-    def own_demos_in(self, root: Path, split: str) -> int | None:
-        """:meth:`own_demos` of ``split`` under ``root``, before the model loads (None: the queries bring
-        none, the default; a task whose queries do reads what it needs to count them)."""
-        return None
+    def images_of(self, sample: dict, shots: int) -> list[str]:
+        """The image files a ``shots``-shot query of ``sample`` reads besides its demos' from the demo
+        split (checked before the model loads): its own image."""
+        return [sample["image"]]
 
     def prompt(self, demo_texts: list[str], query_text: str, shots: int) -> str:
         return P.build_prompt(demo_texts, query_text, separator=self.separator, with_demo_images=shots > 0)
@@ -189,12 +206,10 @@ class CaptioningTask(GenerationTask):
     kind: ClassVar[str] = "captioning"
     metric: ClassVar[str] = "CIDEr"
     extra_metrics: ClassVar[tuple[str, ...]] = ("BLEU_4", "ROUGE_L")
+    dataset_class: ClassVar[type] = CaptionDataset
 
-    def load(self, root: Path, split: str) -> EvalDataset:
-        return CaptionDataset.from_root(root, split, dataset=self.name)
-
-    def check_files(self, root: Path, split: str) -> list[Path | None]:
-        return list(CaptionDataset.files(root, split, dataset=self.name))
+    def dataset_options(self) -> dict[str, Any]:
+        return {"dataset": self.name}  # coco or flickr30k: its file names
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         # the tokenizer actually used: "auto" differs with and without Java
@@ -234,12 +249,10 @@ class CaptioningTask(GenerationTask):
 class VQATask(GenerationTask):
     kind: ClassVar[str] = "vqa"
     metric: ClassVar[str] = "accuracy"
+    dataset_class: ClassVar[type] = VQADataset
 
-    def load(self, root: Path, split: str) -> EvalDataset:
-        return VQADataset.from_root(root, split, dataset=self.name)
-
-    def check_files(self, root: Path, split: str) -> list[Path | None]:
-        return list(VQADataset.files(root, split, dataset=self.name))
+    def dataset_options(self) -> dict[str, Any]:
+        return {"dataset": self.name}  # vqav2, ok_vqa, textvqa or vizwiz: its file names
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         # vqa_compat only when not the default, so older unit files stay valid
@@ -333,15 +346,14 @@ class ClassificationTask(Task):
     metric: ClassVar[str] = "top1"
     extra_metrics: ClassVar[tuple[str, ...]] = ("top5",)
     anchor: ClassVar[str] = "Output:"  # the end of the query prompt, where the class name follows
-
-    def load(self, root: Path, split: str) -> EvalDataset:
-        return ImageNetDataset.from_root(root, split)
-
-    def check_files(self, root: Path, split: str) -> list[Path | None]:
-        return list(ImageNetDataset.files(root, split))
+    dataset_class: ClassVar[type] = ImageNetDataset
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"ensemble": config.ensemble and config.ensemble_max}
+
+    def seed_matters(self, config: EvalSettings, shots: int) -> bool:
+        """Prompt ensembling draws its demo orders with the seed when it cannot take all ``shots``! of them."""
+        return config.ensemble and shots > 1 and math.factorial(shots) > config.ensemble_max
 
     def class_names(self, test: EvalDataset) -> list[str]:
         return list(dict.fromkeys(test.class_names))  # duplicates (ImageNet has two) scored once
@@ -395,15 +407,21 @@ class HatefulMemesTask(ClassificationTask):
     metric: ClassVar[str] = "roc_auc"
     extra_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
     anchor: ClassVar[str] = "Answer:"
-
-    def load(self, root: Path, split: str) -> EvalDataset:
-        return HatefulMemesDataset.from_root(root, split)
-
-    def check_files(self, root: Path, split: str) -> list[Path | None]:
-        return list(HatefulMemesDataset.files(root, split))
+    dataset_class: ClassVar[type] = HatefulMemesDataset
 
     def class_names(self, test: EvalDataset) -> list[str]:
         return ["no", "yes"]
+
+    def check_samples(self, dataset: EvalDataset) -> None:
+        """Demonstrations show their label and the metric needs the evaluated ones': a file without
+        labels (the test files) failed as ``KeyError: 'label'`` after the unit had run."""
+        from .datasets import DatasetLayoutError
+
+        unlabelled = [s["id"] for s in dataset if "label" not in s]
+        if unlabelled:
+            raise DatasetLayoutError(
+                f"{dataset.source}: {len(unlabelled)} example(s) have no 'label' (e.g. id {unlabelled[0]}); the "
+                "evaluation needs labelled splits (train.jsonl and dev.jsonl / dev_seen.jsonl; the test files have none)")
 
     def demo_text(self, demo: dict) -> str:
         return P.hateful_memes_prompt(demo["ocr"], demo["class_name"])
@@ -435,20 +453,21 @@ class IclDataset(EvalDataset):
     layout = "<root>/episodes.json and <root>/images/ (flamingo-vlm data synthetic-benchmark OUT --tasks synthetic_icl)"
 
     @classmethod
-    def files(cls, root: Path) -> Path:
-        """The episodes file under ``root``, or :class:`DatasetLayoutError` naming it."""
+    def files(cls, root: Path, split: str = "heldout") -> tuple[Path]:
+        """(the episodes file,) under ``root``, or :class:`DatasetLayoutError` naming it (one file holds
+        every split)."""
         from .datasets import DatasetLayoutError
 
         path = Path(root) / "episodes.json"
         if not path.is_file():
             raise DatasetLayoutError(f"{path} not found; expected layout: {cls.layout}")
-        return path
+        return (path,)
 
     @classmethod
     def from_root(cls, root: Path, split: str) -> IclDataset:
         from .datasets import DatasetLayoutError
 
-        path = cls.files(root)
+        (path,) = cls.files(root, split)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             episodes = data["episodes"]
@@ -460,7 +479,7 @@ class IclDataset(EvalDataset):
             ep["image"] = str(Path(root) / ep["image"])
             for d in ep["demos"]:
                 d["image"] = str(Path(root) / d["image"])
-        ds = cls(episodes, split)
+        ds = cls(episodes, split, path)
         ds._check_images()
         return ds
 
@@ -479,12 +498,7 @@ class IclTask(GenerationTask):
     kind: ClassVar[str] = "icl"
     metric: ClassVar[str] = "accuracy"
     extra_metrics: ClassVar[tuple[str, ...]] = ("content_accuracy",)
-
-    def load(self, root: Path, split: str) -> EvalDataset:
-        return IclDataset.from_root(root, split)
-
-    def check_files(self, root: Path, split: str) -> list[Path | None]:
-        return [IclDataset.files(root)]
+    dataset_class: ClassVar[type] = IclDataset
 
     def fingerprint(self, config: EvalSettings) -> dict[str, Any]:
         return {"decoding": "greedy", "max_new_tokens": self.new_tokens(config), "zero_shot": "query only"}
@@ -492,16 +506,9 @@ class IclTask(GenerationTask):
     def own_demos(self, test: EvalDataset) -> int | None:
         return min(len(q["demos"]) for q in test)
 
-    def own_demos_in(self, root: Path, split: str) -> int | None:
-        """Reads the episodes file (small) and checks every image it names can be opened (no decoding)."""
-        test = self.load(root, split)
-        for path in dict.fromkeys(p for q in test for p in (q["image"], *(d["image"] for d in q["demos"]))):
-            if not os.access(path, os.R_OK):
-                from .datasets import DatasetLayoutError
-
-                why = "cannot be read (no permission)" if os.path.exists(path) else "is not there"
-                raise DatasetLayoutError(f"the image {path}, named in {IclDataset.files(root)}, {why}")
-        return self.own_demos(test)
+    def images_of(self, sample: dict, shots: int) -> list[str]:
+        """The query's image and those of the first ``shots`` of its own demonstrations."""
+        return [sample["image"], *(d["image"] for d in sample["demos"][:shots])]
 
     def prompt_of(self, query: dict, shots: int) -> tuple[str, list[dict]]:
         demos = query["demos"][:shots]

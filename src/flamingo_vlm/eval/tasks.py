@@ -14,7 +14,7 @@ from pathlib import Path
 from .datasets import DatasetLayoutError
 from .task_kinds import CaptioningTask, ClassificationTask, HatefulMemesTask, IclTask, OKVQATask, Task, VQATask
 
-__all__ = ["TASKS", "TASK_ALIASES", "Task", "check_task_files", "extra_metrics", "get_task", "own_demos_error",
+__all__ = ["TASKS", "TASK_ALIASES", "Task", "check_task_files", "extra_metrics", "get_task", "given_by", "own_demos_error",
            "register_task", "resolve_task_root"]
 
 TASKS: dict[str, Task] = {}
@@ -95,29 +95,24 @@ def _check_readable(path: Path | None) -> None:
         raise DatasetLayoutError(f"cannot read the {what} {path} ({e.strerror or e}){fix}") from None
 
 
-def check_task_files(spec: Task, data_root: str | os.PathLike, overrides: dict[str, str] | None = None,
-                     shots: list[int] | None = None) -> Path:
+def check_task_files(spec: Task, data_root: str | os.PathLike, overrides: dict[str, str] | None = None) -> Path:
     """The task's folder (:func:`resolve_task_root`), once every file its demo and evaluation splits
     need is there and can be opened (:meth:`Task.check_files`: no data is read, no image decoded).
-    Run for every task before the model loads: a missing annotation file was said only when its task
-    came up, after the model had loaded and the tasks before it had run. The error names the file and
-    the flag that gave its folder. With ``shots``, a task whose queries bring their own
-    demonstrations (:meth:`Task.own_demos_in`: ``synthetic_icl`` reads its episodes file for that)
-    refuses more shots than they bring, in one line naming the task and both numbers."""
+    Run for every task before the model loads, before any task's files are read: a missing
+    annotation file was said only when its task came up, after the model had loaded and the tasks
+    before it had run. The error names the file and the flag that gave its folder."""
     root = resolve_task_root(spec, data_root, overrides)
-    given = (f"--task-root {spec.name}={root}" if overrides and spec.name in overrides
-             else f"--data-root {data_root}; another folder: --task-root {spec.name}=PATH")
     for split in dict.fromkeys((spec.demo_split, spec.eval_split)):
         try:
             for path in spec.check_files(root, split) or ():
                 _check_readable(path)
         except DatasetLayoutError as e:
-            raise DatasetLayoutError(f"{e} (the folder {root} is from {given})") from None
-    if shots and max(shots) > 0:
-        try:
-            available = spec.own_demos_in(root, spec.eval_split)
-        except DatasetLayoutError as e:
-            raise DatasetLayoutError(f"{e} (the folder {root} is from {given})") from None
-        if available is not None and max(shots) > available:
-            raise own_demos_error(spec, max(shots), root, available)
+            raise DatasetLayoutError(f"{e} (the folder {root} is from {given_by(spec, root, data_root, overrides)})") from None
     return root
+
+
+def given_by(spec: Task, root: Path, data_root: str | os.PathLike, overrides: dict[str, str] | None = None) -> str:
+    """Which flag gave the task's folder ``root`` (for messages)."""
+    if overrides and spec.name in overrides:
+        return f"--task-root {spec.name}={root}"
+    return f"--data-root {data_root}; another folder: --task-root {spec.name}=PATH"
