@@ -130,6 +130,12 @@ def test_hateful_memes(tmp_path):
     ds = HatefulMemesDataset.from_root(tmp_path, "dev")
     assert [(s["id"], s["label"], s["class_name"], s["ocr"]) for s in ds] == [
         (42953, 0, "no", "its their character"), (23058, 1, "yes", "don't be afraid")]
+    # the same records as one JSON array (some mirrors' dev.json): read as such (it failed on line 1, cryptically)
+    (tmp_path / "dev.jsonl").write_text(json.dumps(lines, indent=1))
+    assert [s["id"] for s in HatefulMemesDataset.from_root(tmp_path, "dev")] == [42953, 23058]
+    (tmp_path / "dev.jsonl").write_text(json.dumps(lines)[:-1])
+    with pytest.raises(DatasetLayoutError, match=r"dev.jsonl is not valid JSON"):
+        HatefulMemesDataset.from_root(tmp_path, "dev")
     (tmp_path / "dev.jsonl").write_text('{"id": 1, "img": "img/1.png", "label": 0}\n')
     with pytest.raises(DatasetLayoutError, match=r"dev.jsonl:1: expected a JSON line with 'id', 'img', 'text'"):
         HatefulMemesDataset.from_root(tmp_path, "dev")

@@ -21,7 +21,7 @@ TextVQA            ``{split}_questions_vqa_format.json``, ``{split}_annotations_
                    ``train_images/{image_id}.jpg`` (val images live there too)
 VizWiz             ``{split}_questions_vqa_format.json``, ``{split}_annotations_vqa_format.json``,
                    ``{split}/{image_id}`` (the image id is the file name)
-Hateful Memes      ``{split}.jsonl`` (or ``.json`` holding JSON lines; ``dev_seen.jsonl``) + ``img/``
+Hateful Memes      ``{split}.jsonl`` (or ``.json``: JSON lines or one array of the records; ``dev_seen.jsonl``) + ``img/``
 ImageNet           ``{split}/<wnid>/<image>`` + class names: the built-in 1000 (OpenAI CLIP's) when
                    the folders are the 1000 ImageNet-1k WordNet ids and there is no ``classnames.txt``,
                    else ``classnames.txt`` / ``LOC_synset_mapping.txt`` (``<wnid> <name>[, other names]``)
@@ -413,7 +413,7 @@ class HatefulMemesDataset(EvalDataset):
     """
 
     name = "hateful_memes"
-    layout = "<root>/{train,dev}.jsonl (or .json holding JSON lines, or dev_seen.jsonl) and images in <root>/img/"
+    layout = "<root>/{train,dev}.jsonl (or .json: JSON lines or one array; or dev_seen.jsonl) and images in <root>/img/"
     SPLIT_FILES = {
         "train": ["train.jsonl", "train.json"],
         "dev": ["dev.jsonl", "dev.json", "dev_seen.jsonl", "dev_seen.json"],
@@ -428,28 +428,34 @@ class HatefulMemesDataset(EvalDataset):
             raise DatasetLayoutError(f"Hateful Memes image folder not found: {image_dir}. Expected layout: {self.layout}")
         samples = []
         with open(annotations, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    label = int(rec["label"]) if "label" in rec else None
-                    sample = {
-                        "id": rec["id"],
-                        "image": str(image_dir / Path(rec["img"]).name),
-                        "ocr": rec["text"],
-                    }
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise DatasetLayoutError(
-                        f"{annotations}:{lineno}: expected a JSON line with 'id', 'img', 'text' (and 'label'): "
-                        f"{type(e).__name__}: {e}"
-                    ) from None
-                if label is not None:
-                    if label not in (0, 1):
-                        raise DatasetLayoutError(f"{annotations}:{lineno}: label must be 0 or 1, got {label}")
-                    sample["label"] = label
-                    sample["class_name"] = "yes" if label == 1 else "no"
-                samples.append(sample)
+            text = f.read()
+        if text.lstrip().startswith("["):  # a JSON array of the same records (some mirrors' .json), not JSON lines
+            try:
+                records = [(f"record {i}", rec) for i, rec in enumerate(json.loads(text))]
+            except json.JSONDecodeError as e:
+                raise DatasetLayoutError(f"{annotations} is not valid JSON: {e}") from None
+        else:
+            records = [(lineno, line) for lineno, line in enumerate(text.splitlines(), 1) if line.strip()]
+        for lineno, rec in records:
+            try:
+                rec = json.loads(rec) if isinstance(rec, str) else rec
+                label = int(rec["label"]) if "label" in rec else None
+                sample = {
+                    "id": rec["id"],
+                    "image": str(image_dir / Path(rec["img"]).name),
+                    "ocr": rec["text"],
+                }
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise DatasetLayoutError(
+                    f"{annotations}:{lineno}: expected a JSON line with 'id', 'img', 'text' (and 'label'): "
+                    f"{type(e).__name__}: {e}"
+                ) from None
+            if label is not None:
+                if label not in (0, 1):
+                    raise DatasetLayoutError(f"{annotations}:{lineno}: label must be 0 or 1, got {label}")
+                sample["label"] = label
+                sample["class_name"] = "yes" if label == 1 else "no"
+            samples.append(sample)
         if not samples:
             raise DatasetLayoutError(f"{annotations} holds no examples")
         super().__init__(samples, split, annotations)
