@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -291,8 +292,9 @@ def test_checkpoint_without_an_untied_output_head_warns_that_the_added_rows_are_
     assert "lm_head" not in caplog.text
 
 
-def test_convert_cli_round_trip(tmp_path):
-    src, ip, tok = tiny_flamingo("llama", seed=3)
+def convert_inputs(tmp_path, src, tok) -> list[str]:
+    """Backbone files for `convert` (an LM directory, a tokenizer, an open_clip config and weights) and
+    src's checkpoint as OpenFlamingo saves it: the command line without --out."""
     lm_dir, tok_dir = tmp_path / "lm", tmp_path / "tok"
     # A backbone directory: the LM's own weights at the tokenizer's vocabulary.
     lm = src.lang_encoder
@@ -311,12 +313,74 @@ def test_convert_cli_round_trip(tmp_path):
     torch.save({"visual." + k: v for k, v in src.vision_encoder.state_dict().items()}, vis_weights)
     ckpt = tmp_path / "checkpoint.pt"
     torch.save(released_format(src), ckpt)
+    return ["convert", str(ckpt), "--vision", str(vis_cfg), "--vision-pretrained", str(vis_weights),
+            "--lm", str(lm_dir), "--tokenizer", str(tok_dir)]
+
+
+def test_convert_cli_round_trip(tmp_path):
+    src, ip, tok = tiny_flamingo("llama", seed=3)
     out = tmp_path / "converted"
-    assert cli_main(["convert", str(ckpt), "--out", str(out), "--vision", str(vis_cfg), "--vision-pretrained",
-                     str(vis_weights), "--lm", str(lm_dir), "--tokenizer", str(tok_dir)]) == 0
+    assert cli_main(convert_inputs(tmp_path, src, tok) + ["--out", str(out)]) == 0
     loaded, ip2, tok2 = load_pretrained(out)
     batch = batch_for(src, ip2, tok2)
     torch.testing.assert_close(logits_of(loaded, batch), logits_of(src, batch), atol=1e-5, rtol=0)
+
+
+def test_convert_takes_the_cross_attention_interval_from_the_checkpoint(tmp_path, capsys):
+    """`convert` without --release built cross-attention before every decoder layer unless told
+    --cross-attn-every-n-layers, and then refused the 4B's or 9B's checkpoint (every 2nd / 4th layer)
+    with an error naming the flag: the checkpoint says where its cross-attention sits, so that is the
+    default now. A flag given is still obeyed; 0 or less is a usage error before anything loads."""
+    src, _, tok = tiny_flamingo("llama", every=2, seed=3, num_hidden_layers=4)
+    args = convert_inputs(tmp_path, src, tok)
+    out = tmp_path / "converted"
+    assert cli_main(args + ["--out", str(out)]) == 0
+    assert "cross-attention every 2 decoder layer(s), as in the checkpoint" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["cross_attn_every_n_layers"] == 2
+    loaded, ip2, tok2 = load_pretrained(out)
+    batch = batch_for(src, ip2, tok2)
+    torch.testing.assert_close(logits_of(loaded, batch), logits_of(src, batch), atol=1e-5, rtol=0)
+    assert cli_main(args + ["--out", str(tmp_path / "o4"), "--cross-attn-every-n-layers", "4"]) == 1
+    assert "--cross-attn-every-n-layers 2" in capsys.readouterr().err
+    assert cli_main(args + ["--out", str(tmp_path / "o0"), "--cross-attn-every-n-layers", "0"]) == 2
+    assert "--cross-attn-every-n-layers must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["another LM", "a part", "another width"])
+def test_checkpoint_errors_name_the_file_and_what_to_do(tmp_path, capsys, case):
+    """A checkpoint that does not fit the model said so without naming the file (`convert` reads it
+    first, then loads a dict) and, for a checkpoint of another LM family, listed every cross-attention
+    parameter as "not filled" without saying the LM was the wrong one. One line now, through the API
+    and the command line: the file, what is wrong, what to pass instead."""
+    src, _, tok = tiny_flamingo("llama", seed=3)
+    args = convert_inputs(tmp_path, src, tok)
+    ckpt = Path(args[1])
+    if case == "another LM":
+        dst = tiny_flamingo("gpt2", seed=1)[0]
+        expected = r"trained on another language model: its cross-attention sits in lang_encoder\.model\.layers.*--lm"
+        # the command line, with the GPT-2 backbone as --lm
+        other_lm = tmp_path / "gpt2"
+        dst.lang_encoder.config.save_pretrained(other_lm)
+        from safetensors.torch import save_file
+
+        save_file(pretrained.plain_lm_state_dict(dst), str(other_lm / "model.safetensors"))
+        args[args.index("--lm") + 1] = str(other_lm)
+    elif case == "a part":
+        torch.save({k: v for k, v in torch.load(ckpt).items() if k.startswith("perceiver.")}, ckpt)
+        dst = tiny_flamingo("llama", seed=1)[0]
+        expected = r"does not fill \d+ of the model's \d+ trainable parameters: .*pass the whole checkpoint"
+    else:
+        dst = tiny_flamingo("llama", seed=1, hidden_size=48)[0]
+        expected = r"do not fit the model: .*checkpoint \(\d+, 32\) vs model \(\d+, 48\).*trained with"
+    with pytest.raises(CheckpointError, match=rf"^{str(ckpt)}: .*{expected}"):
+        load_openflamingo_checkpoint(dst, ckpt)
+    with pytest.raises(CheckpointError, match=rf"^{str(ckpt)}: "):  # a dict read from the file, named
+        load_openflamingo_checkpoint(dst, torch.load(ckpt), name=ckpt)
+    if case != "another width":
+        code = cli_main(args + ["--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.splitlines()[-1]  # (after transformers' progress bar)
+        assert code == 1 and err.startswith(f"flamingo-vlm convert: error: {ckpt}: ") and re.search(expected, err), err
+        assert not (tmp_path / "o").exists()
 
 
 def test_convert_refuses_a_random_image_encoder(tmp_path, capsys):
