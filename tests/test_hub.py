@@ -43,7 +43,7 @@ def test_an_offline_release_load_asks_the_cache_only(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "getaddrinfo", _no_dns)
     seen = {}
 
-    def fake_release(release, *, cache_dir=None, local_files_only=False):
+    def fake_release(release, *, cache_dir=None, local_files_only=False, revision=None):
         seen["local_files_only"] = local_files_only
         raise OSError("not in the cache")
 

@@ -196,6 +196,29 @@ def test_loads_from_a_hub_snapshot_layout(tmp_path):
     torch.testing.assert_close(logits_of(loaded, batch), logits_of(model, batch), atol=1e-5, rtol=0)
 
 
+def test_a_hub_revision_pins_the_snapshot(tmp_path, monkeypatch):
+    """`revision=` (a commit, branch or tag, as transformers takes it) was not accepted: from_pretrained
+    had no such argument (a TypeError), so a pinned version of a Hub model could not be loaded."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "cache" / "models--org--tiny-flamingo"
+    models = {}
+    for seed, commit in ((1, "1" * 40), (2, "2" * 40)):
+        model, ip, tok = tiny_flamingo(seed=seed)
+        model.save_pretrained(repo / "snapshots" / commit, tokenizer=tok, image_processor=ip)
+        models[commit] = model
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("2" * 40)
+    (repo / "refs" / "v1").write_text("1" * 40)
+    batch = batch_for(model, ip, tok)
+    for revision, commit in ((None, "2" * 40), ("1" * 40, "1" * 40), ("v1", "1" * 40)):
+        loaded = Flamingo.from_pretrained("org/tiny-flamingo", cache_dir=tmp_path / "cache", revision=revision)
+        torch.testing.assert_close(logits_of(loaded, batch), logits_of(models[commit], batch), atol=1e-5, rtol=0)
+    with pytest.raises(OSError, match=r"'org/tiny-flamingo' at revision 'v2'"):
+        load_pretrained("org/tiny-flamingo", cache_dir=tmp_path / "cache", revision="v2")
+    with pytest.raises(ValueError, match="is a local directory: drop revision="):
+        load_pretrained(repo / "snapshots" / ("1" * 40), revision="v1")
+
+
 # -- OpenFlamingo checkpoints ------------------------------------------------------------------------
 def released_format(model) -> dict:
     """What OpenFlamingo's training script saved: trainable params and every '*embed*' key."""

@@ -73,22 +73,25 @@ def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_
                 str(name_or_path), cache_dir=cache_dir, local_files_only=local_files_only, revision=revision
             )
         )
-    except Exception as e:  # offline, unknown repo, auth: one clear message
+    except Exception as e:  # offline, unknown repo, unknown revision, auth: one clear message
+        at = f" at revision {revision!r}" if revision else ""
         raise OSError(
-            f"could not get model '{name_or_path}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"could not get model '{name_or_path}'{at} from the Hugging Face Hub ({type(e).__name__}: {e}). "
             "It is not a local directory either. Download it where the Hub is reachable "
             "(`hf download " + str(name_or_path) + " --local-dir DIR`) and pass the directory, or pass cache_dir."
         ) from e
 
 
-def hub_file(repo_id: str, filename: str, *, cache_dir=None, local_files_only=False) -> Path:
+def hub_file(repo_id: str, filename: str, *, cache_dir=None, local_files_only=False, revision=None) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_files_only))
+        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_files_only,
+                                    revision=revision))
     except Exception as e:
+        at = f" at revision {revision!r}" if revision else ""
         raise OSError(
-            f"could not get '{filename}' of '{repo_id}' from the Hugging Face Hub ({type(e).__name__}: {e}); "
+            f"could not get '{filename}' of '{repo_id}'{at} from the Hugging Face Hub ({type(e).__name__}: {e}); "
             "download it where the Hub is reachable and pass a local path or cache_dir"
         ) from e
 
@@ -334,12 +337,18 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     quantize: str | None = None,
+    revision: str | None = None,
 ):
     """Returns ``(model, image_processor, tokenizer)`` for a built-in model name (``"smol-synthetic"``),
     a directory or Hub repo in our format, or a released OpenFlamingo repo id. ``quantize="int8"`` /
-    ``"int4"``: weight-only quantization for CPU inference (:mod:`flamingo_vlm.modeling.quantize`)."""
+    ``"int4"``: weight-only quantization for CPU inference (:mod:`flamingo_vlm.modeling.quantize`).
+    ``revision``: a branch, tag or commit of a Hub repo (ours, or a release's ``checkpoint.pt``), as in
+    transformers; the backbones a saved model references load as that model names them."""
     check_quantize_mode(quantize)  # before the (slow) load
     source = model_source(name_or_path)
+    if revision is not None and source.kind in ("builtin", "directory"):
+        raise ValueError(f"revision={revision!r} picks a version of a Hub repo; {name_or_path} is "
+                         f"{'a built-in model' if source.kind == 'builtin' else 'a local directory'}: drop revision=")
     if source.kind == "builtin":
         builtin = source.path
         if not (builtin / WEIGHTS_NAME).is_file():
@@ -350,10 +359,12 @@ def from_pretrained(
         result = _load_directory(builtin, cache_dir=cache_dir, local_files_only=True)
     elif source.kind == "release":
         local_files_only = hub.local_files_only(local_files_only, name_or_path)  # offline: the cache at once
-        result = load_openflamingo_release(source.release, cache_dir=cache_dir, local_files_only=local_files_only)
+        result = load_openflamingo_release(source.release, cache_dir=cache_dir, local_files_only=local_files_only,
+                                           revision=revision)
     else:
         local_files_only = hub.local_files_only(local_files_only, name_or_path)  # (a directory: no lookup)
-        directory = resolve_directory(name_or_path, cache_dir=cache_dir, local_files_only=local_files_only)
+        directory = resolve_directory(name_or_path, cache_dir=cache_dir, local_files_only=local_files_only,
+                                      revision=revision)
         result = _load_directory(directory, cache_dir=cache_dir, local_files_only=local_files_only)
     model, image_processor, tokenizer = result
     if dtype is not None or device is not None:
@@ -396,13 +407,14 @@ def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
     return model, image_processor, tokenizer
 
 
-def load_openflamingo_release(release, *, cache_dir=None, local_files_only=False):
+def load_openflamingo_release(release, *, cache_dir=None, local_files_only=False, revision=None):
     model, image_processor, tokenizer = create_model_and_transforms(
         release.vision, release.vision_pretrained, release.lang_encoder, release.tokenizer,
         cross_attn_every_n_layers=release.cross_attn_every_n_layers, cache_dir=cache_dir,
         use_local_files=local_files_only, vision_tokens_ln_post=release.vision_tokens_ln_post,
     )
-    checkpoint = hub_file(release.repo_id, release.checkpoint_file, cache_dir=cache_dir, local_files_only=local_files_only)
+    checkpoint = hub_file(release.repo_id, release.checkpoint_file, cache_dir=cache_dir,
+                          local_files_only=local_files_only, revision=revision)
     load_openflamingo_checkpoint(model, checkpoint)
     return model, image_processor, tokenizer
 
