@@ -219,6 +219,24 @@ def test_a_hub_revision_pins_the_snapshot(tmp_path, monkeypatch):
         load_pretrained(repo / "snapshots" / ("1" * 40), revision="v1")
 
 
+def test_a_backbone_or_tokenizer_that_does_not_load_is_named(tmp_path):
+    """A saved model whose referenced LM is not in the cache (offline) failed with transformers' "We
+    couldn't connect to 'https://huggingface.co' to load the files ...", naming neither the LM nor the
+    model that references it; a snapshot without its tokenizer.json with "Couldn't instantiate the
+    backend tokenizer ...", naming no folder."""
+    model, ip, tok = tiny_flamingo()
+    out = model.save_pretrained(tmp_path / "m", tokenizer=tok, image_processor=ip)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, lang_encoder={"path": "org/not-cached-lm"})))
+    with pytest.raises(OSError, match=r"(?s)language model 'org/not-cached-lm'.*\(the language model "
+                       + re.escape(str(out / "config.json")) + " names\\)"):
+        load_pretrained(out, cache_dir=tmp_path / "cache", local_files_only=True)  # (offline)
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(OSError, match=re.escape(str(out)) + ": could not load the saved model's tokenizer"):
+        load_pretrained(out)
+
+
 # -- OpenFlamingo checkpoints ------------------------------------------------------------------------
 def released_format(model) -> dict:
     """What OpenFlamingo's training script saved: trainable params and every '*embed*' key."""

@@ -380,12 +380,19 @@ def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
     referenced = [model_config.lm.name if model_config.lm is not None else None,
                   config["vision_encoder"].get("path") if config["vision_encoder"].get("type") == "reference" else None]
     local_files_only = hub.local_files_only(local_files_only, *referenced)  # backbones by reference may need the Hub
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:  # transformers' words name neither the folder nor a file
+        raise OSError(f"{directory}: could not load the saved model's tokenizer (tokenizer.json, "
+                      f"tokenizer_config.json, ... missing or damaged: {e}); save or download the model again") from e
     vision = build_vision_from_spec(config["vision_encoder"], directory, cache_dir=cache_dir, local_files_only=local_files_only)
     if model_config.lm is None:  # embedded; through load_causal_lm: an MPT's qk_ln etc. are honoured, not dropped
         lm = load_causal_lm(str(directory / "language_model"), dtype=torch.float32)
     else:
-        lm = load_causal_lm(model_config.lm.name, cache_dir=cache_dir, local_files_only=local_files_only)
+        try:
+            lm = load_causal_lm(model_config.lm.name, cache_dir=cache_dir, local_files_only=local_files_only)
+        except OSError as e:
+            raise OSError(f"{e} (the language model {directory / CONFIG_NAME} names)") from e
     model = assemble(vision, lm, tokenizer, model_config)
     if model_config.lm is not None:
         rows = load_weights_file(directory / "added_token_rows.safetensors")
