@@ -234,6 +234,19 @@ def test_cli_flag(tiny, tmp_path, capsys):
         assert "--quantize: invalid choice: 'int3'" in err
 
 
+def test_the_server_says_its_model_is_quantized(tiny):
+    """`serve --quantize int4` logged "serving 'smol-synthetic' (float32, ...)", as for the full model."""
+    import copy
+
+    from flamingo_vlm.serve.cli import weights_summary
+
+    model, *_ = tiny
+    assert weights_summary(model) == "float32"
+    q = copy.deepcopy(model)
+    quantize_model(q, "int4")
+    assert weights_summary(q) == "float32, int4 weights"
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("tied", [True, False])
 def test_head_quantization_keeps_the_added_token_rows(tied, mode):
