@@ -424,6 +424,37 @@ def test_checkpoint_errors_name_the_file_and_what_to_do(tmp_path, capsys, case):
         assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("case", ["no tokenizer in the LM folder", "vision weights of another ViT",
+                                  "vision weights file without any"])
+def test_convert_backbone_errors_are_one_line_naming_the_file(tmp_path, capsys, case):
+    """`convert` without --tokenizer (default: --lm) on an LM folder without tokenizer files failed
+    with transformers' "Couldn't instantiate the backend tokenizer ...", naming nothing; vision weights
+    of another architecture raised a RuntimeError (a traceback, as for a bug) listing every key over
+    several lines; a --vision-pretrained file without vision weights did not name the file."""
+    src, _, tok = tiny_flamingo("llama", seed=3)
+    args = convert_inputs(tmp_path, src, tok)
+    if case == "no tokenizer in the LM folder":
+        i = args.index("--tokenizer")
+        del args[i : i + 2]
+        expected = f"could not load the tokenizer '{args[args.index('--lm') + 1]}' .*pass a tokenizer's directory"
+    elif case == "vision weights of another ViT":
+        vis_cfg = Path(args[args.index("--vision") + 1])
+        cfg = json.loads(vis_cfg.read_text())
+        cfg["vision_cfg"]["width"] *= 2
+        vis_cfg.write_text(json.dumps(cfg))
+        weights = args[args.index("--vision-pretrained") + 1]
+        expected = (re.escape(weights) + r": could not load open_clip vision weights .*shape mismatches: "
+                    r"\[.*\] \.\.\. \(\d+ in all\)")
+    else:
+        weights = args[1]  # the checkpoint itself: no vision tower in it
+        args[args.index("--vision-pretrained") + 1] = weights
+        expected = re.escape(weights) + ": no vision-tower weights found"
+    code = cli_main(args + ["--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert code == 1 and err.startswith("flamingo-vlm convert: error: ") and re.search(expected, err), err
+    assert not (tmp_path / "o").exists()
+
+
 def test_convert_refuses_a_random_image_encoder(tmp_path, capsys):
     """`convert --vision ViT-L-14` (or a config JSON) without `--vision-pretrained` built a random image
     encoder, and OpenFlamingo's checkpoints do not hold one: the converted model saw noise, without a
