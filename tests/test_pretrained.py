@@ -455,6 +455,24 @@ def test_convert_backbone_errors_are_one_line_naming_the_file(tmp_path, capsys, 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("moved", ["--lm", "--vision-pretrained"])
+def test_a_model_whose_local_backbone_moved_says_so(tmp_path, moved):
+    """A converted (or saved) model names local backbones by their absolute paths; with one moved or
+    deleted, loading it said "Repo id must be in the form 'repo_name' or 'namespace/repo_name':
+    '/.../lm'" (the path taken for a Hub id), or called the weights file an unknown pretrained tag,
+    naming neither the model's config.json nor the fix."""
+    src, _, tok = tiny_flamingo("llama", seed=3)
+    args = convert_inputs(tmp_path, src, tok)
+    out = tmp_path / "converted"
+    assert cli_main(args + ["--out", str(out)]) == 0
+    backbone = Path(args[args.index(moved) + 1])
+    backbone.rename(backbone.with_name(backbone.name + ".moved"))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(out / "config.json")) + r" names its "
+                       rf"(language model|vision encoder) by the local path {re.escape(str(backbone))}, which does not "
+                       r"exist .*include_backbones=True"):
+        load_pretrained(out)
+
+
 def test_convert_refuses_a_random_image_encoder(tmp_path, capsys):
     """`convert --vision ViT-L-14` (or a config JSON) without `--vision-pretrained` built a random image
     encoder, and OpenFlamingo's checkpoints do not hold one: the converted model saw noise, without a

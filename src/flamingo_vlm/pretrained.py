@@ -373,10 +373,27 @@ def from_pretrained(
     return model, image_processor, tokenizer
 
 
+def _check_local_backbones(directory: Path, config: dict[str, Any]) -> None:
+    """A saved model names backbones that were local files by their absolute paths: one moved or deleted
+    since (or a model copied to another machine) was looked up as a Hub repo id ("Repo id must be in the
+    form 'repo_name' ...") or a weights tag, without a word about the model that names it."""
+    vision = config["vision_encoder"] if config["vision_encoder"].get("type") == "reference" else {}
+    named = [("language model", (config["lang_encoder"].get("path"),)),
+             ("vision encoder", (vision.get("path"), vision.get("pretrained")))]
+    for what, paths in named:
+        for path in paths:
+            if isinstance(path, str) and Path(path).is_absolute() and not Path(path).exists():
+                raise FileNotFoundError(
+                    f"{directory / CONFIG_NAME} names its {what} by the local path {path}, which does not exist "
+                    "(moved, deleted, or another machine's): put it back there, or save the model with its "
+                    "backbones (save_pretrained(..., include_backbones=True); convert --include-backbones)")
+
+
 def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
     from transformers import AutoTokenizer
 
     model_config, config = read_config(directory)
+    _check_local_backbones(directory, config)
     referenced = [model_config.lm.name if model_config.lm is not None else None,
                   config["vision_encoder"].get("path") if config["vision_encoder"].get("type") == "reference" else None]
     local_files_only = hub.local_files_only(local_files_only, *referenced)  # backbones by reference may need the Hub
