@@ -387,7 +387,7 @@ def test_convert_takes_the_cross_attention_interval_from_the_checkpoint(tmp_path
     assert "--cross-attn-every-n-layers must be >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["another LM", "a part", "another width"])
+@pytest.mark.parametrize("case", ["another LM", "a part", "another width", "an LM's weights", "empty"])
 def test_checkpoint_errors_name_the_file_and_what_to_do(tmp_path, capsys, case):
     """A checkpoint that does not fit the model said so without naming the file (`convert` reads it
     first, then loads a dict) and, for a checkpoint of another LM family, listed every cross-attention
@@ -410,9 +410,15 @@ def test_checkpoint_errors_name_the_file_and_what_to_do(tmp_path, capsys, case):
         torch.save({k: v for k, v in torch.load(ckpt).items() if k.startswith("perceiver.")}, ckpt)
         dst = tiny_flamingo("llama", seed=1)[0]
         expected = r"does not fill \d+ of the model's \d+ trainable parameters: .*pass the whole checkpoint"
-    else:
+    elif case == "another width":
         dst = tiny_flamingo("llama", seed=1, hidden_size=48)[0]
         expected = r"do not fit the model: .*checkpoint \(\d+, 32\) vs model \(\d+, 48\).*trained with"
+    else:  # the LM's own weights file given for the checkpoint; a file with nothing in it
+        torch.save(pretrained.plain_lm_state_dict(src) if case == "an LM's weights" else {}, ckpt)
+        dst = tiny_flamingo("llama", seed=1)[0]
+        expected = (r"holds no Flamingo weights \(no perceiver\.\* or \*\.gated_cross_attn_layer\.\* keys; it has "
+                    + (r"lm_head\.weight, model\.embed_tokens\.weight, .* \.\.\.\)" if case == "an LM's weights"
+                       else r"no tensors at all\)") + ": pass OpenFlamingo's checkpoint.pt")
     with pytest.raises(CheckpointError, match=rf"^{str(ckpt)}: .*{expected}"):
         load_openflamingo_checkpoint(dst, ckpt)
     with pytest.raises(CheckpointError, match=rf"^{str(ckpt)}: "):  # a dict read from the file, named

@@ -181,6 +181,12 @@ def _load_openflamingo_checkpoint(model, source, *, require_trainable: bool) -> 
             f"then quantize it (flamingo_vlm.modeling.quantize.quantize_model(model, {mode!r})); a saved model "
             f"loads quantized with load_pretrained(dir, quantize={mode!r})")
     sd = normalise_openflamingo_keys(read_state_dict(source))
+    if not any(k.startswith("perceiver.") or _CROSS_ATTN_LAYER.search(k) for k in sd):
+        # (an LM's or an image encoder's weights file given in its place: "does not fill 114 of 114")
+        shown = ", ".join(sorted(sd)[:3]) + (" ..." if len(sd) > 3 else "") if sd else "no tensors at all"
+        raise CheckpointError(
+            f"the checkpoint holds no Flamingo weights (no perceiver.* or *.gated_cross_attn_layer.* keys; it has "
+            f"{shown}): pass OpenFlamingo's checkpoint.pt, or a model or training checkpoint of this package")
     own = model.state_dict()
     # Our own files (a training checkpoint's trainable.safetensors, save_pretrained's model.safetensors)
     # hold the trainable added-token rows as "<module>.new_weight", which state_dict() folds into the
