@@ -213,7 +213,7 @@ def _load_openflamingo_checkpoint(model, source, *, require_trainable: bool) -> 
             report.loaded.append(key)
     if mismatched:
         raise CheckpointError(
-            f"{len(mismatched)} tensor(s) of the checkpoint do not fit the model: " + "; ".join(mismatched[:5])
+            f"{len(mismatched)} tensor(s) of the checkpoint do not fit the model: " + "; ".join(sorted(mismatched)[:5])
             + (" ..." if len(mismatched) > 5 else "") + "; build the model with the LM, tokenizer (vocabulary) "
             "and vision encoder the checkpoint was trained with"
         )
