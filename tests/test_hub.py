@@ -43,7 +43,7 @@ def test_an_offline_release_load_asks_the_cache_only(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "getaddrinfo", _no_dns)
     seen = {}
 
-    def fake_release(release, *, cache_dir=None, local_files_only=False):
+    def fake_release(release, *, cache_dir=None, local_files_only=False, revision=None):
         seen["local_files_only"] = local_files_only
         raise OSError("not in the cache")
 
@@ -98,3 +98,32 @@ def test_open_clip_weights_honour_local_files_only(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="timm/vit_large_patch14_clip_224.openai"):
         build_vision_encoder("ViT-L-14", "openai", cache_dir=tmp_path, use_local_files=True)
     assert calls == [True]
+
+
+def test_a_cached_hub_lm_loads_without_asking_the_hub(monkeypatch, tmp_path):
+    """transformers' AutoModelForCausalLM looks for a PEFT adapter (adapter_config.json) without the
+    load's local_files_only and cache_dir: where the Hub does not resolve, every load of a Hub LM, cached
+    or not, spent ~25 s in retries before it went on (a cached model in `cache_dir`: the adapter was
+    looked for in the default cache). Every file transformers asks for now asks the given cache only."""
+    import transformers.utils.hub as hf_utils_hub
+
+    from flamingo_vlm.lm_loading import load_causal_lm
+    from tiny import tiny_lm
+
+    commit = "3" * 40
+    repo = tmp_path / "cache" / "models--org--tiny-lm"
+    tiny_lm().save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    asked = []
+    real = hf_utils_hub.hf_hub_download
+
+    def spy(repo_id, filename, *args, **kwargs):
+        asked.append((filename, kwargs.get("local_files_only"), str(kwargs.get("cache_dir"))))
+        return real(repo_id, filename, *args, **kwargs)
+
+    monkeypatch.setattr(hf_utils_hub, "hf_hub_download", spy)
+    monkeypatch.setattr(socket, "getaddrinfo", _no_dns)
+    lm = load_causal_lm("org/tiny-lm", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert lm.config.hidden_size == 32
+    assert asked and all(local and cache == str(tmp_path / "cache") for _, local, cache in asked), asked

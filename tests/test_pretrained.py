@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,47 @@ def test_loads_from_a_hub_snapshot_layout(tmp_path):
     torch.testing.assert_close(logits_of(loaded, batch), logits_of(model, batch), atol=1e-5, rtol=0)
 
 
+def test_a_hub_revision_pins_the_snapshot(tmp_path, monkeypatch):
+    """`revision=` (a commit, branch or tag, as transformers takes it) was not accepted: from_pretrained
+    had no such argument (a TypeError), so a pinned version of a Hub model could not be loaded."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "cache" / "models--org--tiny-flamingo"
+    models = {}
+    for seed, commit in ((1, "1" * 40), (2, "2" * 40)):
+        model, ip, tok = tiny_flamingo(seed=seed)
+        model.save_pretrained(repo / "snapshots" / commit, tokenizer=tok, image_processor=ip)
+        models[commit] = model
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("2" * 40)
+    (repo / "refs" / "v1").write_text("1" * 40)
+    batch = batch_for(model, ip, tok)
+    for revision, commit in ((None, "2" * 40), ("1" * 40, "1" * 40), ("v1", "1" * 40)):
+        loaded = Flamingo.from_pretrained("org/tiny-flamingo", cache_dir=tmp_path / "cache", revision=revision)
+        torch.testing.assert_close(logits_of(loaded, batch), logits_of(models[commit], batch), atol=1e-5, rtol=0)
+    with pytest.raises(OSError, match=r"'org/tiny-flamingo' at revision 'v2'"):
+        load_pretrained("org/tiny-flamingo", cache_dir=tmp_path / "cache", revision="v2")
+    with pytest.raises(ValueError, match="is a local directory: drop revision="):
+        load_pretrained(repo / "snapshots" / ("1" * 40), revision="v1")
+
+
+def test_a_backbone_or_tokenizer_that_does_not_load_is_named(tmp_path):
+    """A saved model whose referenced LM is not in the cache (offline) failed with transformers' "We
+    couldn't connect to 'https://huggingface.co' to load the files ...", naming neither the LM nor the
+    model that references it; a snapshot without its tokenizer.json with "Couldn't instantiate the
+    backend tokenizer ...", naming no folder."""
+    model, ip, tok = tiny_flamingo()
+    out = model.save_pretrained(tmp_path / "m", tokenizer=tok, image_processor=ip)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, lang_encoder={"path": "org/not-cached-lm"})))
+    with pytest.raises(OSError, match=r"(?s)language model 'org/not-cached-lm'.*\(the language model "
+                       + re.escape(str(out / "config.json")) + " names\\)"):
+        load_pretrained(out, cache_dir=tmp_path / "cache", local_files_only=True)  # (offline)
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(OSError, match=re.escape(str(out)) + ": could not load the saved model's tokenizer"):
+        load_pretrained(out)
+
+
 # -- OpenFlamingo checkpoints ------------------------------------------------------------------------
 def released_format(model) -> dict:
     """What OpenFlamingo's training script saved: trainable params and every '*embed*' key."""
@@ -291,8 +333,9 @@ def test_checkpoint_without_an_untied_output_head_warns_that_the_added_rows_are_
     assert "lm_head" not in caplog.text
 
 
-def test_convert_cli_round_trip(tmp_path):
-    src, ip, tok = tiny_flamingo("llama", seed=3)
+def convert_inputs(tmp_path, src, tok) -> list[str]:
+    """Backbone files for `convert` (an LM directory, a tokenizer, an open_clip config and weights) and
+    src's checkpoint as OpenFlamingo saves it: the command line without --out."""
     lm_dir, tok_dir = tmp_path / "lm", tmp_path / "tok"
     # A backbone directory: the LM's own weights at the tokenizer's vocabulary.
     lm = src.lang_encoder
@@ -311,12 +354,129 @@ def test_convert_cli_round_trip(tmp_path):
     torch.save({"visual." + k: v for k, v in src.vision_encoder.state_dict().items()}, vis_weights)
     ckpt = tmp_path / "checkpoint.pt"
     torch.save(released_format(src), ckpt)
+    return ["convert", str(ckpt), "--vision", str(vis_cfg), "--vision-pretrained", str(vis_weights),
+            "--lm", str(lm_dir), "--tokenizer", str(tok_dir)]
+
+
+def test_convert_cli_round_trip(tmp_path):
+    src, ip, tok = tiny_flamingo("llama", seed=3)
     out = tmp_path / "converted"
-    assert cli_main(["convert", str(ckpt), "--out", str(out), "--vision", str(vis_cfg), "--vision-pretrained",
-                     str(vis_weights), "--lm", str(lm_dir), "--tokenizer", str(tok_dir)]) == 0
+    assert cli_main(convert_inputs(tmp_path, src, tok) + ["--out", str(out)]) == 0
     loaded, ip2, tok2 = load_pretrained(out)
     batch = batch_for(src, ip2, tok2)
     torch.testing.assert_close(logits_of(loaded, batch), logits_of(src, batch), atol=1e-5, rtol=0)
+
+
+def test_convert_takes_the_cross_attention_interval_from_the_checkpoint(tmp_path, capsys):
+    """`convert` without --release built cross-attention before every decoder layer unless told
+    --cross-attn-every-n-layers, and then refused the 4B's or 9B's checkpoint (every 2nd / 4th layer)
+    with an error naming the flag: the checkpoint says where its cross-attention sits, so that is the
+    default now. A flag given is still obeyed; 0 or less is a usage error before anything loads."""
+    src, _, tok = tiny_flamingo("llama", every=2, seed=3, num_hidden_layers=4)
+    args = convert_inputs(tmp_path, src, tok)
+    out = tmp_path / "converted"
+    assert cli_main(args + ["--out", str(out)]) == 0
+    assert "cross-attention every 2 decoder layer(s), as in the checkpoint" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["cross_attn_every_n_layers"] == 2
+    loaded, ip2, tok2 = load_pretrained(out)
+    batch = batch_for(src, ip2, tok2)
+    torch.testing.assert_close(logits_of(loaded, batch), logits_of(src, batch), atol=1e-5, rtol=0)
+    assert cli_main(args + ["--out", str(tmp_path / "o4"), "--cross-attn-every-n-layers", "4"]) == 1
+    assert "--cross-attn-every-n-layers 2" in capsys.readouterr().err
+    assert cli_main(args + ["--out", str(tmp_path / "o0"), "--cross-attn-every-n-layers", "0"]) == 2
+    assert "--cross-attn-every-n-layers must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["another LM", "a part", "another width", "an LM's weights", "empty"])
+def test_checkpoint_errors_name_the_file_and_what_to_do(tmp_path, capsys, case):
+    """A checkpoint that does not fit the model said so without naming the file (`convert` reads it
+    first, then loads a dict) and, for a checkpoint of another LM family, listed every cross-attention
+    parameter as "not filled" without saying the LM was the wrong one. One line now, through the API
+    and the command line: the file, what is wrong, what to pass instead."""
+    src, _, tok = tiny_flamingo("llama", seed=3)
+    args = convert_inputs(tmp_path, src, tok)
+    ckpt = Path(args[1])
+    if case == "another LM":
+        dst = tiny_flamingo("gpt2", seed=1)[0]
+        expected = r"trained on another language model: its cross-attention sits in lang_encoder\.model\.layers.*--lm"
+        # the command line, with the GPT-2 backbone as --lm
+        other_lm = tmp_path / "gpt2"
+        dst.lang_encoder.config.save_pretrained(other_lm)
+        from safetensors.torch import save_file
+
+        save_file(pretrained.plain_lm_state_dict(dst), str(other_lm / "model.safetensors"))
+        args[args.index("--lm") + 1] = str(other_lm)
+    elif case == "a part":
+        torch.save({k: v for k, v in torch.load(ckpt).items() if k.startswith("perceiver.")}, ckpt)
+        dst = tiny_flamingo("llama", seed=1)[0]
+        expected = r"does not fill \d+ of the model's \d+ trainable parameters: .*pass the whole checkpoint"
+    elif case == "another width":
+        dst = tiny_flamingo("llama", seed=1, hidden_size=48)[0]
+        expected = r"\d+ tensor\(s\) of the checkpoint do not fit the model: [^;]*checkpoint \([^)]*32[^)]*\) vs model \([^)]*48.*trained with"
+    else:  # the LM's own weights file given for the checkpoint; a file with nothing in it
+        torch.save(pretrained.plain_lm_state_dict(src) if case == "an LM's weights" else {}, ckpt)
+        dst = tiny_flamingo("llama", seed=1)[0]
+        expected = (r"holds no Flamingo weights \(no perceiver\.\* or \*\.gated_cross_attn_layer\.\* keys; it has "
+                    + (r"lm_head\.weight, model\.embed_tokens\.weight, .* \.\.\.\)" if case == "an LM's weights"
+                       else r"no tensors at all\)") + ": pass OpenFlamingo's checkpoint.pt")
+    with pytest.raises(CheckpointError, match=rf"^{str(ckpt)}: .*{expected}"):
+        load_openflamingo_checkpoint(dst, ckpt)
+    with pytest.raises(CheckpointError, match=rf"^{str(ckpt)}: "):  # a dict read from the file, named
+        load_openflamingo_checkpoint(dst, torch.load(ckpt), name=ckpt)
+    if case != "another width":
+        code = cli_main(args + ["--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.splitlines()[-1]  # (after transformers' progress bar)
+        assert code == 1 and err.startswith(f"flamingo-vlm convert: error: {ckpt}: ") and re.search(expected, err), err
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["no tokenizer in the LM folder", "vision weights of another ViT",
+                                  "vision weights file without any"])
+def test_convert_backbone_errors_are_one_line_naming_the_file(tmp_path, capsys, case):
+    """`convert` without --tokenizer (default: --lm) on an LM folder without tokenizer files failed
+    with transformers' "Couldn't instantiate the backend tokenizer ...", naming nothing; vision weights
+    of another architecture raised a RuntimeError (a traceback, as for a bug) listing every key over
+    several lines; a --vision-pretrained file without vision weights did not name the file."""
+    src, _, tok = tiny_flamingo("llama", seed=3)
+    args = convert_inputs(tmp_path, src, tok)
+    if case == "no tokenizer in the LM folder":
+        i = args.index("--tokenizer")
+        del args[i : i + 2]
+        expected = f"could not load the tokenizer '{args[args.index('--lm') + 1]}' .*pass a tokenizer's directory"
+    elif case == "vision weights of another ViT":
+        vis_cfg = Path(args[args.index("--vision") + 1])
+        cfg = json.loads(vis_cfg.read_text())
+        cfg["vision_cfg"]["width"] *= 2
+        vis_cfg.write_text(json.dumps(cfg))
+        weights = args[args.index("--vision-pretrained") + 1]
+        expected = (re.escape(weights) + r": could not load open_clip vision weights .*shape mismatches: "
+                    r"\[.*\] \.\.\. \(\d+ in all\)")
+    else:
+        weights = args[1]  # the checkpoint itself: no vision tower in it
+        args[args.index("--vision-pretrained") + 1] = weights
+        expected = re.escape(weights) + ": no vision-tower weights found"
+    code = cli_main(args + ["--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert code == 1 and err.startswith("flamingo-vlm convert: error: ") and re.search(expected, err), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("moved", ["--lm", "--vision-pretrained"])
+def test_a_model_whose_local_backbone_moved_says_so(tmp_path, moved):
+    """A converted (or saved) model names local backbones by their absolute paths; with one moved or
+    deleted, loading it said "Repo id must be in the form 'repo_name' or 'namespace/repo_name':
+    '/.../lm'" (the path taken for a Hub id), or called the weights file an unknown pretrained tag,
+    naming neither the model's config.json nor the fix."""
+    src, _, tok = tiny_flamingo("llama", seed=3)
+    args = convert_inputs(tmp_path, src, tok)
+    out = tmp_path / "converted"
+    assert cli_main(args + ["--out", str(out)]) == 0
+    backbone = Path(args[args.index(moved) + 1])
+    backbone.rename(backbone.with_name(backbone.name + ".moved"))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(out / "config.json")) + r" names its "
+                       rf"(language model|vision encoder) by the local path {re.escape(str(backbone))}, which does not "
+                       r"exist .*include_backbones=True"):
+        load_pretrained(out)
 
 
 def test_convert_refuses_a_random_image_encoder(tmp_path, capsys):

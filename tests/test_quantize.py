@@ -151,6 +151,27 @@ def test_saving_a_quantized_model_is_refused(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_training_a_quantized_model_is_refused_at_backward(tiny, mode):
+    """A training step on a quantized model (through the Python API; `train` has no --quantize) failed
+    inside autograd with "derivative for aten::_weight_int8pack_mm is not implemented", or, on a route
+    that has a derivative, trained on rounded weights that cannot be saved. One line saying what to do
+    now; the forward pass with gradients on (outside no_grad) still runs, and the logits are the same."""
+    import copy
+
+    model, ip, tok, vision_x, lang_x = tiny
+    q = copy.deepcopy(model)
+    quantize_model(q, mode)
+    q.train()
+    out = q(vision_x, lang_x, labels=lang_x)
+    assert out.loss.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(q(vision_x, lang_x).logits, out.logits.detach())
+    with pytest.raises(ValueError, match=f"a model quantized to {mode} is for inference and cannot be trained") as e:
+        out.loss.backward()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_loading_a_checkpoint_into_a_quantized_model_is_refused(tiny, mode):
     """(The Quickstart's load_state_dict after quantize=: the fp32 weights would match nothing, and the
     model would run on its random adapter.)"""
@@ -211,6 +232,19 @@ def test_cli_flag(tiny, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert "--quantize: invalid choice: 'int3'" in err
+
+
+def test_the_server_says_its_model_is_quantized(tiny):
+    """`serve --quantize int4` logged "serving 'smol-synthetic' (float32, ...)", as for the full model."""
+    import copy
+
+    from flamingo_vlm.serve.cli import weights_summary
+
+    model, *_ = tiny
+    assert weights_summary(model) == "float32"
+    q = copy.deepcopy(model)
+    quantize_model(q, "int4")
+    assert weights_summary(q) == "float32, int4 weights"
 
 
 @pytest.mark.parametrize("mode", MODES)

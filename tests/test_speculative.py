@@ -101,6 +101,21 @@ def test_assisted_generation_by_a_bare_lm_and_with_precomputed_media(setup):
     assert model.generate(None, batch["input_ids"], media=media, assistant_model=assistant, **kw).tolist() == plain.tolist()
 
 
+def test_a_bare_lm_without_the_flamingo_tokens_is_refused_with_what_to_do(setup):
+    """The LM a Flamingo was built on, as its own draft model, lacks the added tokens: transformers
+    refused it with "different tokenizers ... provide `tokenizer` and `assistant_tokenizer`", which is
+    not the fix. Said so now; resized to the Flamingo's vocabulary, it drafts and greedy is unchanged."""
+    model, tok, proc, samples = setup
+    batch = proc(samples[:1])
+    vocab = model.lang_encoder.config.vocab_size
+    bare = tiny_lm("llama", vocab_size=vocab - 3).eval()
+    with pytest.raises(ValueError, match=rf"assistant_model has {vocab - 3} tokens, the model {vocab} .*"
+                       rf"assistant_model\.resize_token_embeddings\({vocab}\)"):
+        _greedy(model, batch, assistant_model=bare)
+    bare.resize_token_embeddings(vocab)
+    assert _greedy(model, batch, assistant_model=bare).tolist() == _greedy(model, batch).tolist()
+
+
 def test_the_model_as_its_own_assistant_is_refused(setup):
     model, tok, proc, samples = setup
     batch = proc(samples[:1])

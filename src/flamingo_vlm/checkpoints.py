@@ -121,10 +121,31 @@ def _interval(layers: list[int]) -> int | None:
     return n if layers == list(range(n - 1, layers[-1] + 1, n)) else None
 
 
+def cross_attention_interval(sd: Mapping[str, torch.Tensor]) -> int | None:
+    """The ``cross_attn_every_n_layers`` a state dict's cross-attention layers were built with (the
+    released 3B: 1, 4B: 2, 9B: 4), or None when it holds none or they follow no interval."""
+    layers = _cross_attention_layers(normalise_openflamingo_keys(sd))
+    return _interval(layers) if layers else None
+
+
+def _decoder_list(keys) -> str | None:
+    """Where the cross-attention blocks of ``keys`` live: the decoder-layer list's key prefix
+    (``lang_encoder.model.layers``), which tells the LM's family apart; None without any."""
+    return next((k[: m.start()] for k in keys if (m := _CROSS_ATTN_LAYER.search(k))), None)
+
+
 def _check_cross_attention_layout(sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
     """The checkpoint's cross-attention must sit before the model's decoder layers. A model built with
     a larger ``cross_attn_every_n_layers`` dropped the checkpoint's other layers with only an
-    "unexpected keys" warning (and a smaller one named 20 missing parameters without saying why)."""
+    "unexpected keys" warning (and a smaller one named 20 missing parameters without saying why).
+    A model built on an LM of another family (OPT for a LLaMA checkpoint) named every cross-attention
+    parameter as missing, without saying that the LM was the wrong one."""
+    their_list, our_list = _decoder_list(sd), _decoder_list(own)
+    if their_list and our_list and their_list != our_list:
+        raise CheckpointError(
+            f"the checkpoint was trained on another language model: its cross-attention sits in {their_list}.*, "
+            f"the model's in {our_list}.*; build the model with the LM (and tokenizer) the checkpoint was trained "
+            "with (convert: --lm/--tokenizer, or --release for a released model)")
     theirs, ours = _cross_attention_layers(sd), _cross_attention_layers(own)
     if theirs and ours and theirs != ours:
         n_theirs, n_ours = _interval(theirs), _interval(ours)
@@ -136,8 +157,21 @@ def _check_cross_attention_layout(sd: Mapping[str, torch.Tensor], own: Mapping[s
         )
 
 
-def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = True) -> LoadReport:
-    """Load an OpenFlamingo checkpoint (any of its shapes) into ``model``, validated."""
+def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = True,
+                                 name: str | Path | None = None) -> LoadReport:
+    """Load an OpenFlamingo checkpoint (any of its shapes) into ``model``, validated. Errors
+    (:class:`CheckpointError`) name the file: ``source`` when it is a path, else ``name`` (the file a
+    dict was read from) when given."""
+    name = name if name is not None else (source if isinstance(source, (str, Path)) else None)
+    try:
+        return _load_openflamingo_checkpoint(model, source, require_trainable=require_trainable)
+    except CheckpointError as e:
+        if name is None or str(e).startswith(f"{name}"):
+            raise
+        raise CheckpointError(f"{name}: {e}") from e
+
+
+def _load_openflamingo_checkpoint(model, source, *, require_trainable: bool) -> LoadReport:
     from .modeling.quantize import quantization_of
 
     mode = quantization_of(model)
@@ -147,6 +181,12 @@ def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = Tru
             f"then quantize it (flamingo_vlm.modeling.quantize.quantize_model(model, {mode!r})); a saved model "
             f"loads quantized with load_pretrained(dir, quantize={mode!r})")
     sd = normalise_openflamingo_keys(read_state_dict(source))
+    if not any(k.startswith("perceiver.") or _CROSS_ATTN_LAYER.search(k) for k in sd):
+        # (an LM's or an image encoder's weights file given in its place: "does not fill 114 of 114")
+        shown = ", ".join(sorted(sd)[:3]) + (" ..." if len(sd) > 3 else "") if sd else "no tensors at all"
+        raise CheckpointError(
+            f"the checkpoint holds no Flamingo weights (no perceiver.* or *.gated_cross_attn_layer.* keys; it has "
+            f"{shown}): pass OpenFlamingo's checkpoint.pt, or a model or training checkpoint of this package")
     own = model.state_dict()
     # Our own files (a training checkpoint's trainable.safetensors, save_pretrained's model.safetensors)
     # hold the trainable added-token rows as "<module>.new_weight", which state_dict() folds into the
@@ -173,8 +213,9 @@ def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = Tru
             report.loaded.append(key)
     if mismatched:
         raise CheckpointError(
-            "shape mismatch (is the tokenizer/vocabulary or cross_attn_every_n_layers the one the checkpoint "
-            "was trained with?):\n  " + "\n  ".join(mismatched)
+            f"{len(mismatched)} tensor(s) of the checkpoint do not fit the model: " + "; ".join(sorted(mismatched)[:5])
+            + (" ..." if len(mismatched) > 5 else "") + "; build the model with the LM, tokenizer (vocabulary) "
+            "and vision encoder the checkpoint was trained with"
         )
     trainable = {_state_key(n) for n, p in model.named_parameters() if p.requires_grad}
     loaded = set(report.loaded) | {_state_key(k) for k in report.loaded}
@@ -182,9 +223,11 @@ def load_openflamingo_checkpoint(model, source, *, require_trainable: bool = Tru
     report.missing_frozen = sorted(k for k in own if k not in loaded and k not in trainable)
     if require_trainable and report.missing_trainable:
         raise CheckpointError(
-            f"the checkpoint does not fill {len(report.missing_trainable)} trainable parameter(s): "
-            + ", ".join(report.missing_trainable[:20])
-            + (" ..." if len(report.missing_trainable) > 20 else "")
+            f"the checkpoint does not fill {len(report.missing_trainable)} of the model's "
+            f"{len(trainable)} trainable parameters: " + ", ".join(report.missing_trainable[:10])
+            + (f" ... ({len(report.missing_trainable) - 10} more)" if len(report.missing_trainable) > 10 else "")
+            + "; pass the whole checkpoint (OpenFlamingo's checkpoint.pt, a training checkpoint's "
+            "trainable.safetensors), not a part of it"
         )
     if report.unexpected:
         logger.warning("checkpoint keys that match no parameter: %s", ", ".join(report.unexpected[:20]))

@@ -25,7 +25,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .checkpoints import load_openflamingo_checkpoint, read_state_dict
+    from .checkpoints import cross_attention_interval, load_openflamingo_checkpoint, read_state_dict
     from .factory import create_model_and_transforms
     from .pretrained import check_save_target
     from .references import vision_ref
@@ -38,6 +38,8 @@ def _convert(args: argparse.Namespace) -> int:
     lm = args.lm or (release.lang_encoder if release else None)
     if not vision or not lm:
         raise UsageError("convert needs --release, or --vision and --lm (and usually --tokenizer)")
+    if args.cross_attn_every_n_layers is not None and args.cross_attn_every_n_layers < 1:
+        raise UsageError(f"--cross-attn-every-n-layers must be >= 1, got {args.cross_attn_every_n_layers}")
     vision_pretrained = (args.vision_pretrained if args.vision_pretrained is not None
                          else (release.vision_pretrained if release else None))
     check_save_target(args.out)  # a file, or a folder of other things, is refused before anything loads
@@ -51,18 +53,21 @@ def _convert(args: argparse.Namespace) -> int:
             f"{args.checkpoint} does not hold one; pass its weights: --vision-pretrained openai (the released "
             "models' ViT-L-14), a Hub tag or a weights file"
         )
+    every = args.cross_attn_every_n_layers or (release.cross_attn_every_n_layers if release else None)
+    if every is None:  # OpenFlamingo's checkpoints say it by where their cross-attention sits
+        every = cross_attention_interval(state_dict) or 1
+        print(f"{args.checkpoint}: cross-attention every {every} decoder layer(s), as in the checkpoint")
     model, image_processor, tokenizer = create_model_and_transforms(
         vision,
         vision_pretrained,
         lm,
         args.tokenizer or (release.tokenizer if release else lm),
-        cross_attn_every_n_layers=args.cross_attn_every_n_layers
-        or (release.cross_attn_every_n_layers if release else 1),
+        cross_attn_every_n_layers=every,
         decoder_layers_attr_name=args.decoder_layers_attr_name,
         cache_dir=args.cache_dir,
         vision_tokens_ln_post=args.vision_tokens_ln_post,
     )
-    report = load_openflamingo_checkpoint(model, state_dict)
+    report = load_openflamingo_checkpoint(model, state_dict, name=args.checkpoint)
     print(f"{args.checkpoint}: {report}")
     for key in report.unexpected:
         print(f"  unexpected: {key}")
@@ -86,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply ln_post to ViT tokens (open_clip >= 2.23); released weights need it off")
     p.add_argument("--lm", help="language model Hub id or directory")
     p.add_argument("--tokenizer", help="tokenizer Hub id or directory (default: --lm)")
-    p.add_argument("--cross-attn-every-n-layers", type=int)
+    p.add_argument("--cross-attn-every-n-layers", type=int,
+                   help="default: the release's, else where the checkpoint's cross-attention sits")
     p.add_argument("--decoder-layers-attr-name")
     p.add_argument("--cache-dir")
     p.add_argument("--include-backbones", action="store_true", help="copy the backbones into the output")

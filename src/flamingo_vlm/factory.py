@@ -104,7 +104,14 @@ def build_tokenizer(path, *, cache_dir=None, use_local_files=False):
         return build_builtin_tokenizer(str(path))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, local_files_only=use_local_files)
+    try:
+        return AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, local_files_only=use_local_files)
+    except (OSError, ValueError) as e:  # transformers' words ("We couldn't connect to ...", "Couldn't
+        # instantiate the backend tokenizer ...") name neither the tokenizer nor the folder
+        if str(path) in str(e):
+            raise
+        raise OSError(f"could not load the tokenizer '{path}' ({e}); pass a tokenizer's directory or Hub id "
+                      "(an LM directory without tokenizer files has none)") from e
 
 
 def assemble(vision: VisionEncoder, lm: nn.Module, tokenizer, config: FlamingoConfig, *,

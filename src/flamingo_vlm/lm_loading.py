@@ -19,6 +19,7 @@ too (they only reach ``PretrainedConfig``); they are logged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -377,13 +378,32 @@ def load_causal_lm(name_or_path: str, *, cache_dir=None, local_files_only=False,
     if model_type == "mpt":
         audit_mpt_config(cfg, where)
         kwargs = {**kwargs, **_as_transformers_mpt(cfg, where)}
-        model, info = MosaicMptForCausalLM.from_pretrained(
-            name_or_path, cache_dir=cache_dir, local_files_only=local_files_only, dtype=dtype,
-            output_loading_info=True, **kwargs,
-        )
+        with _naming_the_model(name):
+            model, info = MosaicMptForCausalLM.from_pretrained(
+                name_or_path, cache_dir=cache_dir, local_files_only=local_files_only, dtype=dtype,
+                output_loading_info=True, **kwargs,
+            )
         _check_loaded(name, info.get("missing_keys", ()), info.get("unexpected_keys", ()),
                       info.get("mismatched_keys", ()))
         return model.eval()
-    return AutoModelForCausalLM.from_pretrained(
-        name_or_path, cache_dir=cache_dir, local_files_only=local_files_only, dtype=dtype, **kwargs
-    )
+    # transformers' Auto class looks for a PEFT adapter (adapter_config.json) without the load's
+    # local_files_only and cache_dir: offline (the Hub unreachable) that lookup retried for ~25 s on
+    # every load of a Hub LM, cached or not, and with a cache_dir it looked in the default cache.
+    adapter_kwargs = {"cache_dir": cache_dir, "local_files_only": local_files_only, **kwargs.pop("adapter_kwargs", {})}
+    with _naming_the_model(name):
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, cache_dir=cache_dir, local_files_only=local_files_only, dtype=dtype,
+            adapter_kwargs=adapter_kwargs, **kwargs
+        )
+
+
+@contextlib.contextmanager
+def _naming_the_model(name: str):
+    """transformers' OSError for a model it cannot find (not cached offline: "We couldn't connect to
+    'https://huggingface.co' ...") does not name the model; this one does."""
+    try:
+        yield
+    except OSError as e:
+        if name in str(e):
+            raise
+        raise OSError(f"could not load the language model '{name}': {e}") from e

@@ -73,22 +73,25 @@ def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_
                 str(name_or_path), cache_dir=cache_dir, local_files_only=local_files_only, revision=revision
             )
         )
-    except Exception as e:  # offline, unknown repo, auth: one clear message
+    except Exception as e:  # offline, unknown repo, unknown revision, auth: one clear message
+        at = f" at revision {revision!r}" if revision else ""
         raise OSError(
-            f"could not get model '{name_or_path}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"could not get model '{name_or_path}'{at} from the Hugging Face Hub ({type(e).__name__}: {e}). "
             "It is not a local directory either. Download it where the Hub is reachable "
             "(`hf download " + str(name_or_path) + " --local-dir DIR`) and pass the directory, or pass cache_dir."
         ) from e
 
 
-def hub_file(repo_id: str, filename: str, *, cache_dir=None, local_files_only=False) -> Path:
+def hub_file(repo_id: str, filename: str, *, cache_dir=None, local_files_only=False, revision=None) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_files_only))
+        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_files_only,
+                                    revision=revision))
     except Exception as e:
+        at = f" at revision {revision!r}" if revision else ""
         raise OSError(
-            f"could not get '{filename}' of '{repo_id}' from the Hugging Face Hub ({type(e).__name__}: {e}); "
+            f"could not get '{filename}' of '{repo_id}'{at} from the Hugging Face Hub ({type(e).__name__}: {e}); "
             "download it where the Hub is reachable and pass a local path or cache_dir"
         ) from e
 
@@ -334,12 +337,18 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     quantize: str | None = None,
+    revision: str | None = None,
 ):
     """Returns ``(model, image_processor, tokenizer)`` for a built-in model name (``"smol-synthetic"``),
     a directory or Hub repo in our format, or a released OpenFlamingo repo id. ``quantize="int8"`` /
-    ``"int4"``: weight-only quantization for CPU inference (:mod:`flamingo_vlm.modeling.quantize`)."""
+    ``"int4"``: weight-only quantization for CPU inference (:mod:`flamingo_vlm.modeling.quantize`).
+    ``revision``: a branch, tag or commit of a Hub repo (ours, or a release's ``checkpoint.pt``), as in
+    transformers; the backbones a saved model references load as that model names them."""
     check_quantize_mode(quantize)  # before the (slow) load
     source = model_source(name_or_path)
+    if revision is not None and source.kind in ("builtin", "directory"):
+        raise ValueError(f"revision={revision!r} picks a version of a Hub repo; {name_or_path} is "
+                         f"{'a built-in model' if source.kind == 'builtin' else 'a local directory'}: drop revision=")
     if source.kind == "builtin":
         builtin = source.path
         if not (builtin / WEIGHTS_NAME).is_file():
@@ -350,10 +359,12 @@ def from_pretrained(
         result = _load_directory(builtin, cache_dir=cache_dir, local_files_only=True)
     elif source.kind == "release":
         local_files_only = hub.local_files_only(local_files_only, name_or_path)  # offline: the cache at once
-        result = load_openflamingo_release(source.release, cache_dir=cache_dir, local_files_only=local_files_only)
+        result = load_openflamingo_release(source.release, cache_dir=cache_dir, local_files_only=local_files_only,
+                                           revision=revision)
     else:
         local_files_only = hub.local_files_only(local_files_only, name_or_path)  # (a directory: no lookup)
-        directory = resolve_directory(name_or_path, cache_dir=cache_dir, local_files_only=local_files_only)
+        directory = resolve_directory(name_or_path, cache_dir=cache_dir, local_files_only=local_files_only,
+                                      revision=revision)
         result = _load_directory(directory, cache_dir=cache_dir, local_files_only=local_files_only)
     model, image_processor, tokenizer = result
     if dtype is not None or device is not None:
@@ -362,19 +373,43 @@ def from_pretrained(
     return model, image_processor, tokenizer
 
 
+def _check_local_backbones(directory: Path, config: dict[str, Any]) -> None:
+    """A saved model names backbones that were local files by their absolute paths: one moved or deleted
+    since (or a model copied to another machine) was looked up as a Hub repo id ("Repo id must be in the
+    form 'repo_name' ...") or a weights tag, without a word about the model that names it."""
+    vision = config["vision_encoder"] if config["vision_encoder"].get("type") == "reference" else {}
+    named = [("language model", (config["lang_encoder"].get("path"),)),
+             ("vision encoder", (vision.get("path"), vision.get("pretrained")))]
+    for what, paths in named:
+        for path in paths:
+            if isinstance(path, str) and Path(path).is_absolute() and not Path(path).exists():
+                raise FileNotFoundError(
+                    f"{directory / CONFIG_NAME} names its {what} by the local path {path}, which does not exist "
+                    "(moved, deleted, or another machine's): put it back there, or save the model with its "
+                    "backbones (save_pretrained(..., include_backbones=True); convert --include-backbones)")
+
+
 def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
     from transformers import AutoTokenizer
 
     model_config, config = read_config(directory)
+    _check_local_backbones(directory, config)
     referenced = [model_config.lm.name if model_config.lm is not None else None,
                   config["vision_encoder"].get("path") if config["vision_encoder"].get("type") == "reference" else None]
     local_files_only = hub.local_files_only(local_files_only, *referenced)  # backbones by reference may need the Hub
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:  # transformers' words name neither the folder nor a file
+        raise OSError(f"{directory}: could not load the saved model's tokenizer (tokenizer.json, "
+                      f"tokenizer_config.json, ... missing or damaged: {e}); save or download the model again") from e
     vision = build_vision_from_spec(config["vision_encoder"], directory, cache_dir=cache_dir, local_files_only=local_files_only)
     if model_config.lm is None:  # embedded; through load_causal_lm: an MPT's qk_ln etc. are honoured, not dropped
         lm = load_causal_lm(str(directory / "language_model"), dtype=torch.float32)
     else:
-        lm = load_causal_lm(model_config.lm.name, cache_dir=cache_dir, local_files_only=local_files_only)
+        try:
+            lm = load_causal_lm(model_config.lm.name, cache_dir=cache_dir, local_files_only=local_files_only)
+        except OSError as e:
+            raise OSError(f"{e} (the language model {directory / CONFIG_NAME} names)") from e
     model = assemble(vision, lm, tokenizer, model_config)
     if model_config.lm is not None:
         rows = load_weights_file(directory / "added_token_rows.safetensors")
@@ -396,13 +431,14 @@ def _load_directory(directory: Path, *, cache_dir=None, local_files_only=False):
     return model, image_processor, tokenizer
 
 
-def load_openflamingo_release(release, *, cache_dir=None, local_files_only=False):
+def load_openflamingo_release(release, *, cache_dir=None, local_files_only=False, revision=None):
     model, image_processor, tokenizer = create_model_and_transforms(
         release.vision, release.vision_pretrained, release.lang_encoder, release.tokenizer,
         cross_attn_every_n_layers=release.cross_attn_every_n_layers, cache_dir=cache_dir,
         use_local_files=local_files_only, vision_tokens_ln_post=release.vision_tokens_ln_post,
     )
-    checkpoint = hub_file(release.repo_id, release.checkpoint_file, cache_dir=cache_dir, local_files_only=local_files_only)
+    checkpoint = hub_file(release.repo_id, release.checkpoint_file, cache_dir=cache_dir,
+                          local_files_only=local_files_only, revision=revision)
     load_openflamingo_checkpoint(model, checkpoint)
     return model, image_processor, tokenizer
 

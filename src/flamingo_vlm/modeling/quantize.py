@@ -42,7 +42,7 @@ decodes on our own bf16 kernel (against bf16 on oneDNN's packed copies, int8 was
 
 Only CPU has these kernels in torch: quantizing a model on another device, or running a quantized
 layer on one, raises a one-line ``ValueError``. A quantized model cannot be trained (its weights are
-integer buffers) or saved with ``save_pretrained`` (it refuses, see :func:`check_not_quantized`):
+integer buffers; a backward pass through a quantized layer raises a one-line ``ValueError``) or saved with ``save_pretrained`` (it refuses, see :func:`check_not_quantized`):
 quantize at load time instead (``from_pretrained(..., quantize="int4")``).
 """
 
@@ -117,6 +117,20 @@ class QuantizedLinear(nn.Module):
         return linear.in_features % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._forward(x)
+        if out.requires_grad:  # (an input that wants a gradient: a training step, or a forward outside no_grad)
+            out.register_hook(self._refuse_backward)
+        return out
+
+    def _refuse_backward(self, grad: torch.Tensor) -> None:
+        """A backward pass through a quantized layer: torch's packed kernels have no derivative ("derivative
+        for aten::_weight_int8pack_mm is not implemented"), and where another route had one the model
+        trained on rounded weights it cannot save. Refused with what to do, whichever route ran."""
+        raise ValueError(f"a model quantized to {self.mode} is for inference and cannot be trained (its LM, "
+                         "cross-attention and perceiver weights are rounded integer buffers): train the model "
+                         "built or loaded without quantize=, then quantize it for inference")
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise ValueError(f"quantize={self.mode!r} runs on CPU only (torch has no such kernel on {x.device.type}); "
                              "load the model without quantize= to use this device")

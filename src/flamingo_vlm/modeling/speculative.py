@@ -43,6 +43,7 @@ def assistant_conditioning(model: nn.Module, generate_kwargs: dict[str, Any], vi
     if assistant is not None:
         stack.enter_context(_without_assistant_deprecation())
     if not isinstance(assistant, type(model)):  # a bare LM drafts from text alone
+        _check_bare_vocabulary(model, assistant, generate_kwargs)
         return
     if assistant is model:
         raise ValueError("assistant_model is the model itself; pass a copy in a cheaper precision "
@@ -59,6 +60,26 @@ def assistant_conditioning(model: nn.Module, generate_kwargs: dict[str, Any], vi
     cond = assistant._conditioning(vision_x, media if vision_x is None else None, lang_x.to(assistant.device))
     stack.enter_context(assistant._slot.use(cond))
     generate_kwargs["assistant_model"] = assistant.lang_encoder
+
+
+def _vocab_size(lm: nn.Module) -> int | None:
+    config = getattr(lm, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "vocab_size", None)
+
+
+def _check_bare_vocabulary(model: nn.Module, assistant: nn.Module, generate_kwargs: dict[str, Any]) -> None:
+    """A bare LM must have the Flamingo's vocabulary: the backbone it was built on lacks the added
+    tokens, and transformers then refused it as having "different tokenizers", advising
+    ``assistant_tokenizer=`` (universal assisted decoding), which is not what is wrong."""
+    if generate_kwargs.get("assistant_tokenizer") is not None:  # (universal assisted decoding: asked for)
+        return
+    ours, theirs = _vocab_size(model.lang_encoder), _vocab_size(assistant)
+    if ours is not None and theirs is not None and theirs < ours:
+        raise ValueError(
+            f"assistant_model has {theirs} tokens, the model {ours} (the Flamingo tokens <|endofchunk|>, <image> "
+            f"and maybe <PAD> come after the LM's): give it the same vocabulary first, "
+            f"assistant_model.resize_token_embeddings({ours})")
 
 
 class _AssistantDeprecation(logging.Filter):

@@ -380,6 +380,11 @@ def _extract_vision_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Tenso
     )
 
 
+class VisionWeightsError(ValueError, RuntimeError):
+    """Vision weights that do not fit the encoder: bad input (a ValueError, one line, as the command line
+    reports it), and a RuntimeError as it always was for code that catches that."""
+
+
 def load_open_clip_state_dict(
     module: OpenCLIPVisionTransformer,
     state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
@@ -392,9 +397,14 @@ def load_open_clip_state_dict(
     of them wrapped in ``{"state_dict": ...}`` and/or with a DDP ``module.`` prefix. Shape mismatches
     always raise; missing/unexpected keys raise when ``strict`` and are returned otherwise.
     """
+    where = ""
     if isinstance(state_dict_or_path, (str, os.PathLike)):
+        where = f"{state_dict_or_path}: "  # errors name the file
         state_dict_or_path = _read_checkpoint(Path(state_dict_or_path))
-    sd = _extract_vision_state_dict(state_dict_or_path)
+    try:
+        sd = _extract_vision_state_dict(state_dict_or_path)
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from e
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -404,14 +414,13 @@ def load_open_clip_state_dict(
         if sd[k].shape != own[k].shape
     ]
     if mismatched or (strict and (missing or unexpected)):
-        lines = ["could not load open_clip vision weights (is the model config right?):"]
-        if missing:
-            lines.append(f"  missing keys: {missing}")
-        if unexpected:
-            lines.append(f"  unexpected keys: {unexpected}")
-        if mismatched:
-            lines.append(f"  shape mismatches: {mismatched}")
-        raise RuntimeError("\n".join(lines))
+        def few(items: list[str]) -> str:
+            return f"{items[:5]}" + (f" ... ({len(items)} in all)" if len(items) > 5 else "")
+
+        parts = [f"{what}: {few(items)}" for what, items in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items]
+        raise VisionWeightsError(f"{where}could not load open_clip vision weights (is the model config the one "
+                                 f"these weights were trained with?): {'; '.join(parts)}")
     module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return LoadResult(missing, unexpected)
 

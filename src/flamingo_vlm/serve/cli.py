@@ -189,6 +189,16 @@ def build_server(args: argparse.Namespace):
     return create_app(engine, config), engine, config
 
 
+def weights_summary(model) -> str:
+    """How the served model computes, for the start-up line: its dtype, and ``int8 weights`` /
+    ``int4 weights`` where ``--quantize`` made it (the line said only "float32" for a quantized model)."""
+    from ..modeling.quantize import quantization_of
+
+    dtype = str(next(model.perceiver.parameters()).dtype).removeprefix("torch.")
+    mode = quantization_of(model)
+    return f"{dtype}, {mode} weights" if mode else dtype
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -204,8 +214,8 @@ def run_serve(args: argparse.Namespace) -> int:
         app, engine, config = build_server(args)
         port = sock.getsockname()[1]  # (the one picked, for --port 0)
         logging.getLogger("flamingo_vlm.serve").info(
-            "serving %r (%s, context %d, batch %d) on http://%s:%d", config.model_name,
-            str(next(engine.model.perceiver.parameters()).dtype).removeprefix("torch."), engine.max_context, engine.max_batch_size, f"[{args.host}]" if ":" in args.host else args.host, port)
+            "serving %r (%s, context %d, batch %d) on http://%s:%d", config.model_name, weights_summary(engine.model),
+            engine.max_context, engine.max_batch_size, f"[{args.host}]" if ":" in args.host else args.host, port)
         from .protocol import header_timeout_protocol
 
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
