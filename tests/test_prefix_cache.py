@@ -121,6 +121,15 @@ def test_key_has_the_model_dtype_and_memory_stays_bounded(setup):
     hits = cache.snapshot()["hits"]
     plain, cached = _both(half, cache, batch, **KW)
     assert cached.tolist() == plain.tolist() and cache.snapshot()["hits"] == hits  # nothing fp32 was reused
+    # quantized in place after the cache was used with it: the full-precision keys/values are not reused
+    from flamingo_vlm.modeling.quantize import quantize_model
+
+    q = copy.deepcopy(model).eval()
+    cache.generate(q, batch["vision_x"], batch["input_ids"], batch["attention_mask"], **KW)
+    hits = cache.snapshot()["hits"]
+    quantize_model(q, "int8")
+    plain, cached = _both(q, cache, batch, **KW)
+    assert cached.tolist() == plain.tolist() and cache.snapshot()["hits"] == hits
     small = PrefixCache(full // 3, block_size=4)
     for seed in range(3):
         other = proc([(DEMOS + "<image>the", random_images(4, seed=10 + seed))])

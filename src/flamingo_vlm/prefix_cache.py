@@ -4,7 +4,7 @@ and image latents instead of computing them again.
 A prompt's tokens are cut into blocks of ``block_size`` tokens. Block ``j``'s key is a hash chained
 over everything that decides its keys/values: the previous block's key, its token ids and the hash
 of each image its ``<image>`` tokens stand for; the chain starts from the model (this model object,
-its dtype and device, the autocast state). So two prompts share exactly the blocks up to the first
+its dtype and device, its quantization, the autocast state). So two prompts share exactly the blocks up to the first
 token or image where they differ, wherever that falls (mid-chunk, right after an ``<image>`` whose
 image differs); a block holds the keys/values of its tokens for every LM layer. Image latents
 (:meth:`Flamingo.encode_images`) are kept by the image's hash too, when the model encodes images
@@ -122,7 +122,10 @@ class PrefixCache:
     # -- keys -------------------------------------------------------------------------------------
     def _root(self, model) -> bytes:
         """What the whole chain depends on besides tokens and images: this model object (weights),
-        its dtype and device, and autocast (the evaluation's amp_bf16)."""
+        its dtype and device, its quantization (``quantize_model`` changes the weights in place, and a
+        cache used before it gave the full-precision keys/values), and autocast (the evaluation's amp_bf16)."""
+        from .modeling.quantize import quantization_of
+
         token = self._models.get(model)
         if token is None:
             token = self._models[model] = uuid.uuid4().hex
@@ -130,7 +133,8 @@ class PrefixCache:
         device = param.device.type
         autocast = torch.is_autocast_enabled(device)
         amp = torch.get_autocast_dtype(device) if autocast else None
-        return hashlib.sha256(f"{token}|{param.dtype}|{param.device}|{amp}|{self.block_size}".encode()).digest()
+        quantized = quantization_of(model)
+        return hashlib.sha256(f"{token}|{param.dtype}|{param.device}|{amp}|{quantized}|{self.block_size}".encode()).digest()
 
     def _block_keys(self, root: bytes, ids: list[int], keys: list[str | None], media_id: int) -> list[bytes]:
         """Chained keys of the full blocks of ``ids[:-1]`` (the last token is always computed)."""
