@@ -246,7 +246,8 @@ class RandomBatches:
 
 
 # -- one case (child process) -------------------------------------------------------------------------
-def run_case(case: str, s: Shape, steps: int, threads: int | None, phases: bool = False) -> dict:
+def run_case(case: str, s: Shape, steps: int, threads: int | None, phases: bool = False,
+             overrides: dict | None = None) -> dict:
     import torch
 
     if threads:
@@ -271,6 +272,7 @@ def run_case(case: str, s: Shape, steps: int, threads: int | None, phases: bool 
             **({"chunked_loss": False, "cpu_matmul": "default", "malloc_mmap_threshold": None, "glibc_reuse": False,
                 "lean_backward": False}
                if default else {}),
+            **(overrides or {}),  # --set
         }, require_model=False)
         trainer = Trainer(cfg, model=model, datasets=[RandomBatches(s)], loss_weights=[1.0])
         model_rss = rss_gb()
@@ -577,8 +579,19 @@ def main() -> int:
                     help="under torchrun: 2 steps of the quick model with DDP or FSDP2 (scripts/gpu_check.sh)")
     ap.add_argument("--memory-phases", action="store_true",
                     help="also report each case's live heap by phase of the step (needs tcmalloc)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                    help="a TrainConfig field for every Flamingo case, value as YAML (repeatable), e.g. "
+                         "lean_backward=false: which of the defaults a step's time or memory comes from")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    import yaml
+
+    overrides = {}
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            ap.error(f"--set {item!r}: expected KEY=VALUE, e.g. lean_backward=false")
+        overrides[key.strip()] = yaml.safe_load(value)
     shape = QUICK if args.quick else Shape()
     if args.distributed_smoke:
         return distributed_smoke(args.distributed_smoke)
@@ -587,7 +600,8 @@ def main() -> int:
     if args.saved:
         return saved_census(shape, args.threads, args.saved)
     if args.child:
-        print("RESULT " + json.dumps(run_case(args.child, shape, args.steps, args.threads, args.memory_phases)), flush=True)
+        print("RESULT " + json.dumps(run_case(args.child, shape, args.steps, args.threads, args.memory_phases,
+                                              overrides)), flush=True)
         return 0
 
     import torch
@@ -608,6 +622,7 @@ def main() -> int:
         cmd += ["--quick"] if args.quick else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--memory-phases"] if args.memory_phases and not case.startswith("lm-") else []
+        cmd += [f"--set={item}" for item in args.sets]
         print(f"running {case} ...", file=sys.stderr, flush=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
         env.pop("LD_PRELOAD", None)
@@ -626,7 +641,8 @@ def main() -> int:
         f"Training step, batch {shape.batch} x {shape.length} tokens x {shape.images} images "
         f"({'quick shapes' if args.quick else 'ViT-B/32 + MPT-125M, xattn every layer'}); "
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-        f"median of {args.steps} steps after 1 warm-up; allocator: {allocator}.",
+        f"median of {args.steps} steps after 1 warm-up; allocator: {allocator}"
+        + (f"; set for every case: {', '.join(args.sets)}." if args.sets else "."),
         f"{kernel_summary(allocator)}.",
         "",
         "| case | s/step | samples/s | tokens/s | peak RSS (GB) | RSS growth over model build (GB) | vs OpenFlamingo time | vs OpenFlamingo memory | other procs (cores) |",
