@@ -67,3 +67,19 @@ def test_quantize_large_quick_run_times_both_variants_in_their_own_processes(tmp
     assert all(abs(r["ms_per_token"]) < 1e6 and r["first_token_ms"] > 0 for v in result["rows"].values() for r in v)
     assert result["median"]["int8"]["weights_gb"] < result["median"]["bf16"]["weights_gb"] * 1.5
     assert "| int8 |" in stem.with_suffix(".md").read_text().replace("(quick) ", "")
+
+
+def test_bench_train_sets_a_config_field_for_every_case(tmp_path):
+    """`bench_train.py --set lean_backward=false` reaches the case's own process (a field it does not
+    know fails the case there), is named in the header, and a malformed one is a usage error."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    env = {**__import__("os").environ, "PYTHONPATH": str(script.parents[1] / "src")}
+    run = lambda *a: subprocess.run([sys.executable, str(script), "--quick", "--cases", "fp32", "--steps", "1",  # noqa: E731
+                                     "--allocator", "glibc", *a], capture_output=True, text=True, env=env, cwd=tmp_path)
+    ok = run("--set", "lean_backward=false")
+    assert ok.returncode == 0 and "set for every case: lean_backward=false." in ok.stdout, ok.stderr[-2000:]
+    unknown = run("--set", "no_such_field=1")
+    assert unknown.returncode != 0 and "no_such_field" in unknown.stderr
+    assert run("--set", "oops").returncode == 2
