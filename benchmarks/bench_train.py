@@ -38,7 +38,7 @@ Usage::
     PYTHONPATH=src python benchmarks/bench_train.py --cases fp32 fp32+gclm --memory-phases
     PYTHONPATH=src python benchmarks/bench_train.py --saved              # kept for backward, by module
 
-Results: a markdown table on stdout and ``benchmarks/results/train-<device>[-quick].{md,json}``.
+Results: a markdown table on stdout and ``benchmarks/results/train-cpu[-glibc][-quick][-set].{md,json}`` (``--out-dir``).
 """
 
 from __future__ import annotations
@@ -582,6 +582,8 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                     help="a TrainConfig field for every Flamingo case, value as YAML (repeatable), e.g. "
                          "lean_backward=false: which of the defaults a step's time or memory comes from")
+    ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results",
+                    help="where the table goes (train-cpu[-glibc][-quick][-set].{md,json}; default benchmarks/results)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import yaml
@@ -680,9 +682,10 @@ def main() -> int:
                          + f" | {st['weights']:.2f} | {st['gradients']:.2f} | {st['adamw_state']:.2f} |")
     table = "\n".join(lines)
     print(table)
-    out = REPO / "benchmarks" / "results"
+    out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"train-cpu{'-glibc' if not preload else ''}{'-quick' if args.quick else ''}"
+    # a quick run, or one with --set, never takes the default table's file name
+    stem = f"train-cpu{'-glibc' if not preload else ''}{'-quick' if args.quick else ''}{'-set' if args.sets else ''}"
     (out / f"{stem}.md").write_text(table + "\n")
     (out / f"{stem}.json").write_text(json.dumps(
         {"shape": dataclasses.asdict(shape), "platform": platform.platform(), "allocator": allocator,

@@ -71,15 +71,20 @@ def test_quantize_large_quick_run_times_both_variants_in_their_own_processes(tmp
 
 def test_bench_train_sets_a_config_field_for_every_case(tmp_path):
     """`bench_train.py --set lean_backward=false` reaches the case's own process (a field it does not
-    know fails the case there), is named in the header, and a malformed one is a usage error."""
+    know fails the case there), is named in the header and in the table's file name, and a malformed
+    one is a usage error."""
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
     env = {**__import__("os").environ, "PYTHONPATH": str(script.parents[1] / "src")}
     run = lambda *a: subprocess.run([sys.executable, str(script), "--quick", "--cases", "fp32", "--steps", "1",  # noqa: E731
-                                     "--allocator", "glibc", *a], capture_output=True, text=True, env=env, cwd=tmp_path)
+                                     "--allocator", "glibc", "--out-dir", str(tmp_path), *a],
+                                    capture_output=True, text=True, env=env, cwd=tmp_path)
     ok = run("--set", "lean_backward=false")
     assert ok.returncode == 0 and "set for every case: lean_backward=false." in ok.stdout, ok.stderr[-2000:]
+    # (written where asked, under a name of its own: not over the default table)
+    assert sorted(p.name for p in tmp_path.glob("train-*")) == ["train-cpu-glibc-quick-set.json",
+                                                                "train-cpu-glibc-quick-set.md"]
     unknown = run("--set", "no_such_field=1")
     assert unknown.returncode != 0 and "no_such_field" in unknown.stderr
     assert run("--set", "oops").returncode == 2
