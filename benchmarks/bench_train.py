@@ -392,10 +392,10 @@ _GROUPS = (  # (group, substrings of aten op names), first match wins
 )
 
 
-def profile_step(s: Shape, threads: int | None, precision: str = "fp32") -> int:
+def profile_step(s: Shape, threads: int | None, precision: str = "fp32", out_dir: Path | None = None) -> int:
     """One step (``precision``: fp32 or amp_bf16) of the real Trainer under torch.profiler: self CPU
-    time per op group, GEMM FLOP/s against the matmul rate measured here (in bf16 for amp_bf16), and
-    time outside ops (Python, autograd)."""
+    time per op group, GEMM FLOP/s against the matmul rate measured here (in bf16 for amp_bf16, unless
+    this CPU runs bf16 products as fp32 GEMMs: then fp32's), and time outside ops (Python, autograd)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -405,7 +405,8 @@ def profile_step(s: Shape, threads: int | None, precision: str = "fp32") -> int:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    peak = matmul_gflops(dtype=torch.bfloat16 if precision == "amp_bf16" else None)
+    bf16_rate = precision == "amp_bf16" and not kernels.decide("bf16_gemm")  # (else the products run in fp32)
+    peak = matmul_gflops(dtype=torch.bfloat16 if bf16_rate else None)
     model = build_flamingo(s)
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig.from_dict({"precision": precision, "max_steps": 10, "checkpoint_every": 10_000,
@@ -440,7 +441,7 @@ def profile_step(s: Shape, threads: int | None, precision: str = "fp32") -> int:
              f"{wall:.2f} s wall ({wall - in_ops:.2f} s outside ops: Python, autograd, profiler); "
              f"other processes used {others:.2f} cores.",
              kernels.summary() + ".",
-             f"This CPU's {'bf16' if precision == 'amp_bf16' else 'fp32'} matmul rate (1024x768x3072, torch default "
+             f"This CPU's {'bf16' if bf16_rate else 'fp32'} matmul rate (1024x768x3072, torch default "
              f"kernel): {peak:.0f} GFLOP/s.", "",
              "| op group | self CPU s | share of step | calls | GFLOP | GFLOP/s | of matmul rate |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -459,13 +460,13 @@ def profile_step(s: Shape, threads: int | None, precision: str = "fp32") -> int:
                  "row's GFLOP/s is low by that share." if kernels.decide("gemm") else "")]
     table = "\n".join(lines)
     print(table)
-    out_dir = REPO / "benchmarks" / "results"
+    out_dir = out_dir or REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / ("train-profile.md" if precision == "fp32" else f"train-profile-{precision}.md")).write_text(table + "\n")
     return 0
 
 
-def saved_census(s: Shape, threads: int | None, precision: str = "fp32") -> int:
+def saved_census(s: Shape, threads: int | None, precision: str = "fp32", out_dir: Path | None = None) -> int:
     """What one training step (``precision``: fp32 or amp_bf16, Trainer defaults) keeps from forward to
     backward, by module: every tensor autograd saves (``torch.autograd.graph.saved_tensors_hooks``),
     counted once per storage, parameters aside. The module is the innermost ``nn.Module`` method on the
@@ -543,7 +544,7 @@ def saved_census(s: Shape, threads: int | None, precision: str = "fp32") -> int:
               "backward chunk by chunk there: they are not kept until the step's backward."]
     table = "\n".join(lines)
     print(table)
-    out_dir = REPO / "benchmarks" / "results"
+    out_dir = out_dir or REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "train-saved" + ("" if precision == "fp32" else f"-{precision}") + ("-quick" if s is QUICK else "")
     (out_dir / f"{name}.md").write_text(table + "\n")
@@ -583,7 +584,8 @@ def main() -> int:
                     help="a TrainConfig field for every Flamingo case, value as YAML (repeatable), e.g. "
                          "lean_backward=false: which of the defaults a step's time or memory comes from")
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results",
-                    help="where the table goes (train-cpu[-glibc][-quick][-set].{md,json}; default benchmarks/results)")
+                    help="where the tables go (train-cpu[-glibc][-quick][-set].{md,json}, --profile and --saved tables; "
+                         "default benchmarks/results)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import yaml
@@ -598,9 +600,9 @@ def main() -> int:
     if args.distributed_smoke:
         return distributed_smoke(args.distributed_smoke)
     if args.profile:
-        return profile_step(shape, args.threads, args.profile)
+        return profile_step(shape, args.threads, args.profile, args.out_dir)
     if args.saved:
-        return saved_census(shape, args.threads, args.saved)
+        return saved_census(shape, args.threads, args.saved, args.out_dir)
     if args.child:
         print("RESULT " + json.dumps(run_case(args.child, shape, args.steps, args.threads, args.memory_phases,
                                               overrides)), flush=True)

@@ -20,7 +20,7 @@ Cases (each side and precision in a fresh process, so its peak memory is its own
   input embedding). ``fp32`` and ``amp_bf16`` (bf16 autocast).
 
 Precisions: ``fp32`` and ``bf16`` (``model.to(torch.bfloat16)`` for decode/forward; autocast for train).
-Median of ``--reps`` timed runs after one warm-up; peak RSS of each process; the CPU time other
+Median of ``--reps`` timed runs after one warm-up (``--warmup 0``: none); peak RSS of each process; the CPU time other
 processes used during the timed runs (``others``: the machine is shared; figures taken while
 others >= 0.25 cores are not quiet).
 
@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -137,8 +138,9 @@ def _batch(tok, rows=4, length=256, images=3, seed=0):
     return vision_x, ids, torch.ones_like(ids), labels
 
 
-def _timed(fn, reps):
-    fn()  # warm-up
+def _timed(fn, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
     load, times = Others(), []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -147,7 +149,7 @@ def _timed(fn, reps):
     return times, load.cores()
 
 
-def child(side: str, case: str, precision: str, reps: int) -> dict:
+def child(side: str, case: str, precision: str, reps: int, warmup: int = 1) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
@@ -165,18 +167,18 @@ def child(side: str, case: str, precision: str, reps: int) -> dict:
                 vx = torch.randn(rows, 3, 1, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(dt)
                 kw = dict(max_new_tokens=32, min_new_tokens=32, pad_token_id=tok.pad_token_id)
                 with torch.no_grad():
-                    times, others = _timed(lambda: model.generate(vx, enc["input_ids"], attention_mask=enc["attention_mask"], **kw), reps)
+                    times, others = _timed(lambda: model.generate(vx, enc["input_ids"], attention_mask=enc["attention_mask"], **kw), reps, warmup)
                 out[f"decode b{rows}"] = {"s": statistics.median(times), "runs": times, "others": others}
         else:
             vx, ids, mask, labels = _batch(tok)
             vx = vx.to(dt)
             with torch.no_grad():
-                times, others = _timed(lambda: model(vx, ids, attention_mask=mask, labels=labels)[0], reps)
+                times, others = _timed(lambda: model(vx, ids, attention_mask=mask, labels=labels)[0], reps, warmup)
             out["forward+loss 4x256"] = {"s": statistics.median(times), "runs": times, "others": others}
     else:
         model, tok = _build(50277)
         step = _ours_step(model, tok, bf16) if side == "ours" else _original_step(model, tok, bf16)
-        times, others = _timed(step, reps)
+        times, others = _timed(step, reps, warmup)
         gc = os.environ.get("BENCH_OURS_GC", "") if side == "ours" else ""
         name = "train step 4x256" + (f" (ours: gradient_checkpointing {'lm' if gc == 'lm' else 'true'})" if gc else "")
         out[name] = {"s": statistics.median(times), "runs": times, "others": others}
@@ -236,6 +238,12 @@ def _ours_step(model, tok, bf16):
     return lambda: trainer.train_step(trainer.next_batches())
 
 
+def _tag(text: str) -> str:
+    if text and not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, '-' and '_' only (it names the result files)")
+    return text
+
+
 # -- the driver -------------------------------------------------------------------------------------
 def _allocators(mode: str) -> dict[str, dict[str, str]]:
     """Environment variables that preload the allocator, per side (empty: the system's): ``ours`` preloads what the ``flamingo-vlm`` command would
@@ -249,7 +257,7 @@ def _allocators(mode: str) -> dict[str, dict[str, str]]:
     return {"ours": env, "original": env if mode == "both" else {}}
 
 
-def _run(side, case, precision, reps, preload_vars=None, gc: str = "") -> dict:
+def _run(side, case, precision, reps, preload_vars=None, gc: str = "", warmup: int = 1) -> dict:
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     env["BENCH_OURS_GC"] = gc
@@ -263,7 +271,7 @@ def _run(side, case, precision, reps, preload_vars=None, gc: str = "") -> dict:
         shim.mkdir()
         shutil.copy(PEER / "shim_init.py", shim / "__init__.py")
         env.update(PYTHONPATH=str(shim.parent), PEER_TOOLS=str(PEER))
-    cmd = [py, __file__, "--child", side, case, precision, str(reps)]
+    cmd = [py, __file__, "--child", side, case, precision, str(reps), str(warmup)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -279,17 +287,21 @@ def main() -> int:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
     ap.add_argument("--sides", nargs="+", default=["ours", "original"], choices=("ours", "original"))
-    ap.add_argument("--reps", type=int, default=2, help="timed runs after 1 warm-up (median)")
+    ap.add_argument("--reps", type=int, default=2, help="timed runs after the warm-up (median)")
+    ap.add_argument("--warmup", type=int, default=1, choices=(0, 1),
+                    help="untimed runs first (0: for runs that take minutes, e.g. the original's bf16 step on a "
+                         "CPU without bf16 instructions)")
+    ap.add_argument("--tag", default="", type=_tag, help="appended to the result files' name (e.g. the CPU: avx2)")
     ap.add_argument("--allocator", default="ours", choices=("ours", "both", "none"),
                     help="preload tcmalloc (where installed) for our side only, as the flamingo-vlm command does "
                          "(ours, default), for both sides (both), or for neither (none)")
     ap.add_argument("--gradient-checkpointing", default="", choices=("lm", "all"),
                     help="train case: our side with model.gradient_checkpointing lm or true (default: off)")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        side, case, precision, reps = args.child
-        print("RESULT " + json.dumps(child(side, case, precision, int(reps))), flush=True)
+        side, case, precision, reps, warmup = args.child
+        print("RESULT " + json.dumps(child(side, case, precision, int(reps), int(warmup))), flush=True)
         return 0
     if "original" in args.sides and not PEER_PY.is_file():
         raise SystemExit(f"bench_vs_original: the original's venv {PEER_PY} is missing: run `bash {PEER}/setup.sh` "
@@ -301,12 +313,14 @@ def main() -> int:
         for precision in args.precisions:
             for side in args.sides:
                 results[(case, precision, side)] = _run(side, case, precision, args.reps, preload[side],
-                                                        args.gradient_checkpointing if case == "train" else "")
+                                                        args.gradient_checkpointing if case == "train" else "",
+                                                        args.warmup)
     kerns = [r.pop("_kernels") for r in results.values() if "_kernels" in r]
     kern = kerns[0] if kerns else "ours not run"
     lines = [f"flamingo-vlm vs the original OpenFlamingo, same machine, same run. {kern}.",
              "Allocator: " + "; ".join(f"{side} {'tcmalloc' if preload[side] else 'system (glibc malloc)'}"
                                        for side in args.sides) + ".",
+             f"{'No warm-up run' if args.warmup == 0 else 'One warm-up run'}, median of {args.reps} timed. "
              f"Load average at start {load[0]:.2f}; `others` = cores other processes used during the timed runs "
              "(>= 0.25: not a quiet figure).", "",
              "| workload | precision | ours (s) | original (s) | speed-up | ours peak RSS (GB) | original peak RSS (GB) | memory ratio | others (ours/orig) |",
@@ -331,6 +345,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = "vs-original-" + "-".join(args.cases) + ("" if args.sides == ["ours", "original"] else "-" + "-".join(args.sides))
     stem += f"-gc{args.gradient_checkpointing}" if args.gradient_checkpointing and "train" in args.cases else ""
+    stem += f"-{args.tag}" if args.tag else ""
     (out / f"{stem}.md").write_text(table + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"load_at_start": load, "kernels": kern, "allocator": preload,
                                                   "results": {"|".join(k): v for k, v in results.items()}}, indent=1))

@@ -241,7 +241,7 @@ def test_bf16_decoding_attends_in_fp32_with_the_logits_of_bf16_attention(tmp_pat
     """bf16 on CPU: decode steps (few queries, no gradient) run SDPA on fp32 copies (torch's bf16 kernel
     is 3-4x slower there); prompts and training keep bf16. The logits stay those of bf16 attention to
     bf16's resolution, and at least as close to the fp32 model's."""
-    from flamingo_vlm.modeling import attention, mpt
+    from flamingo_vlm.modeling import attention
 
     write_mosaic_gpt(tmp_path / "lm", {**RELEASE_LIKE, "max_seq_len": 2048})
     lm32 = load_causal_lm(str(tmp_path / "lm"))
@@ -249,7 +249,7 @@ def test_bf16_decoding_attends_in_fp32_with_the_logits_of_bf16_attention(tmp_pat
     ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
     seen = []
     real = F.scaled_dot_product_attention
-    monkeypatch.setattr(mpt.F, "scaled_dot_product_attention",
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda q, *a, **k: seen.append((q.shape[-2], q.dtype)) or real(q, *a, **k))
 
     def steps(lm):

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 import flamingo_vlm
 from flamingo_vlm.train import Callback, ConfigError, TrainConfig, Trainer, train
+from flamingo_vlm.modeling import kernels
 from flamingo_vlm.train import trainer as trainer_mod
 from flamingo_vlm.train.checkpoint import list_checkpoints
 from flamingo_vlm.train.metrics import read_metrics
@@ -318,16 +319,23 @@ def test_bf16_precisions_train_and_keep_token_ids_int64(model_dir, media_id, tmp
     assert not torch.equal(before, trainable_vector(t.flamingo))
 
 
-@pytest.mark.parametrize("has_bf16", [False, True])
-def test_bf16_on_a_cpu_without_bf16_instructions_warns(model_dir, media_id, tmp_path, monkeypatch, caplog, has_bf16):
+@pytest.mark.parametrize("has_bf16, upcast", [(False, False), (False, True), (True, False)])
+def test_bf16_on_a_cpu_without_fast_bf16_warns_and_says_how_it_runs(model_dir, media_id, tmp_path, monkeypatch, caplog,
+                                                                    has_bf16, upcast):
     monkeypatch.setattr(trainer_mod, "fast_bf16", lambda device=None: has_bf16)
+    monkeypatch.setattr(trainer_mod, "decide", lambda part: upcast if part == "bf16_gemm" else False)
     for precision in ("amp_bf16", "fp32"):
         caplog.clear()
         with caplog.at_level("WARNING", logger="flamingo_vlm.train"):
-            Trainer(make_config(model_dir, tmp_path / precision, precision=precision, max_steps=1),
-                    **fake_mixture(media_id)).close()
-        warned = any("without bf16 instructions" in r.getMessage() for r in caplog.records)
-        assert warned == (precision == "amp_bf16" and not has_bf16)
+            t = Trainer(make_config(model_dir, tmp_path / precision, precision=precision, max_steps=1),
+                        **fake_mixture(media_id))
+            t.close()
+        msgs = [r.getMessage() for r in caplog.records if "bf16 is not faster than fp32" in r.getMessage()]
+        assert bool(msgs) == (precision == "amp_bf16" and not has_bf16)
+        if msgs:
+            assert ("as fp32 GEMMs" in msgs[0]) is upcast and ("consider --precision fp32" in msgs[0]) is not upcast
+        # the linears are routed per call (None) where only the bf16 products change route
+        assert t.onednn is (None if upcast and precision == "amp_bf16" else False)
 
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_losses(model_dir, media_id, tmp_path):
@@ -413,6 +421,46 @@ def test_lean_backward_under_autocast_trains_like_the_stock_graph(model_dir, med
     for a, b in zip(ref[1:], got[1:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
     assert torch.allclose(ref_w, got_w, rtol=0, atol=3 * 1e-3 * len(ref))  # (AdamW moves a weight <= ~lr per step)
+
+
+@pytest.mark.skipif(not kernels.onednn_available(), reason="this torch has no oneDNN linear kernel (no routing)")
+def test_amp_bf16_with_its_products_as_fp32_gemms_trains_like_torchs_bf16(model_dir, media_id, tmp_path, fresh,
+                                                                          monkeypatch):
+    """Where bf16 is emulated (the ``bf16_gemm`` choice), amp_bf16's linear products, forward and
+    backward, and its attention backward run in fp32 on the bf16 values: the losses and gradient norms
+    are torch's bf16 ones up to rounding, and the route is taken (tests/test_bf16_upcast.py checks
+    the kernels themselves)."""
+    from flamingo_vlm.modeling import attention, fast_linear
+
+    kernels._MEMO["gemm"] = False
+    calls = {"linear": 0, "attention": 0}
+    real_linear, real_apply = fast_linear.upcast_linear, attention._Fp32Backward.apply
+
+    def counted_linear(*a):
+        calls["linear"] += 1
+        return real_linear(*a)
+
+    def counted_apply(*a):
+        calls["attention"] += 1
+        return real_apply(*a)
+
+    monkeypatch.setattr(fast_linear, "upcast_linear", counted_linear)
+    monkeypatch.setattr(attention._Fp32Backward, "apply", counted_apply)
+    runs = {}
+    for upcast in (False, True):
+        kernels._MEMO["bf16_gemm"] = upcast
+        cfg = make_config(model_dir, tmp_path / str(upcast), precision="amp_bf16")
+        t = Trainer(cfg, **fake_mixture(media_id))
+        try:
+            runs[upcast] = t.fit().history
+        finally:
+            t.close()
+        assert (calls["linear"] > 0 and calls["attention"] > 0) is upcast
+    ref, got = runs[False], runs[True]
+    assert got[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-2)
+    assert got[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=3e-2)
+    for a, b in zip(ref[1:], got[1:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
 
 
 def test_frozen_matrices_leave_no_tensor_reading_a_mapped_weights_file(tmp_path):

@@ -24,7 +24,10 @@ LMs whose cache is not transformers' plain ``DynamicCache`` (sliding windows, st
 without the cache (counted as ``bypassed``).
 
 Results are the uncached ones: the reused keys/values are what the same model computes for those
-positions (up to float rounding of different batch shapes). Weights changed in place (training)
+positions (up to float rounding of different batch shapes: the few uncached tokens of a prompt run
+on the decode kernels, which sum in another order than the prefill's GEMM; in bf16 on a CPU whose
+bf16 is emulated, where the prefill runs as fp32 GEMMs, that rounding is bf16's, and a greedy
+near-tie can go the other way). Weights changed in place (training)
 make entries stale: :meth:`PrefixCache.clear` then.
 
 Used by the server (``flamingo-vlm serve --prefix-cache-mb``) and the evaluation

@@ -10,6 +10,13 @@ other dtypes and devices) is transformers' call as it was. :func:`use_for` switc
 transformers' ``"sdpa"`` to it (``Flamingo`` does so for its LM); masks are built as for ``"sdpa"``.
 Our MPT/MosaicGPT (:mod:`.mpt`) does the same inside its own attention.
 
+On a CPU whose bf16 is emulated (the ``bf16_gemm`` choice of :mod:`.kernels`: no AVX512-BF16 or AMX),
+torch's bf16 flash-attention *backward* runs 16x slower than in fp32 while its forward keeps pace. A
+bf16 training call there (:func:`bf16_backward_in_fp32`) gets its backward in fp32: :func:`sdpa`, which
+our MPT, cross-attention and perceiver call, keeps the forward and the bf16 tensors it saves and
+computes the backward on fp32 copies; transformers' LMs, whose SDPA call is theirs, run that call on
+fp32 copies (forward too, so it keeps fp32 copies for backward).
+
 A chunk of queries after a past (a long prompt prefilled in chunks by the server, a prompt whose
 demonstrations the prefix cache holds) gets an explicit mask from transformers, and SDPA computes its
 whole last block of keys, half of which the mask hides. Where that mask is the plain causal one (no
@@ -25,7 +32,10 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .kernels import decide
 
 NAME = "flamingo_sdpa"
 FP32_MAX_QUERIES = 8  # decoding steps, speculative checks
@@ -38,6 +48,55 @@ def fp32_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tra
     return (query.dtype == torch.bfloat16 and query.device.type == "cpu" and not training
             and query.shape[-2] <= FP32_MAX_QUERIES
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)))
+
+
+def bf16_backward_in_fp32(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """A bf16 attention call on CPU that wants gradients, on a CPU whose bf16 is emulated (the
+    ``bf16_gemm`` choice of :mod:`.kernels`): torch's bf16 flash-attention backward took 148 ms a call
+    there (the AVX2-only AMD EPYC, the training benchmark's 4 x 256 tokens, 12 heads), 16x its fp32
+    time, while its bf16 forward is as fast as fp32's. Such calls get their backward in fp32."""
+    return (query.dtype == torch.bfloat16 and query.device.type == "cpu"
+            and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+            and decide("bf16_gemm"))
+
+
+class _Fp32Backward(torch.autograd.Function):
+    """torch's CPU flash attention, forward as it is, backward on fp32 copies of what the forward
+    kept (bf16 query, key, value and output, fp32 log-sum-exp), the gradients rounded back to bf16:
+    what the bf16 backward computes, up to its internal rounding, and the same memory kept."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, is_causal, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(query, key, value, mask, out, lse)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, mask, out, lse = ctx.saved_tensors
+        if mask is not None and mask.is_floating_point():
+            mask = mask.float()
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.float(), query.float(), key.float(), value.float(), out.float(), lse, 0.0, ctx.is_causal,
+            attn_mask=mask, scale=ctx.scale)
+        return (*(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None, None, None)
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; a 4-D call of :func:`bf16_backward_in_fp32` without dropout
+    or a mask that wants a gradient runs torch's flash kernel with its backward in fp32
+    (:class:`_Fp32Backward`; a bool mask becomes the additive one torch makes of it)."""
+    if (dropout_p == 0.0 and query.dim() == 4 and key.dtype == value.dtype == query.dtype
+            and (attn_mask is None or not attn_mask.requires_grad)
+            and not torch.compiler.is_compiling() and bf16_backward_in_fp32(query, key, value)):
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype).masked_fill_(~attn_mask, float("-inf"))
+        return _Fp32Backward.apply(query, key, value, attn_mask, is_causal, scale)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale)
 
 
 def _plain_causal(mask: torch.Tensor, q: int, kv: int) -> bool:
@@ -87,6 +146,12 @@ def flamingo_sdpa(module: nn.Module, query, key, value, attention_mask, **kwargs
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (as the masked call does)
         out = past_then_causal(query, key, value, kwargs.get("scaling"))
         return out.transpose(1, 2).contiguous(), None
+    if bf16_backward_in_fp32(query, key, value):  # (transformers' own SDPA call: on fp32 copies, forward too)
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+        return out.to(query.dtype), weights
     if not fp32_decode(query, key, value, module.training):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():

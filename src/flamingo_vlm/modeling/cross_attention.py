@@ -26,10 +26,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import fp32_decode
+from .attention import fp32_decode, sdpa
 from .perceiver import feed_forward, merge_heads, split_heads
 
 
@@ -179,11 +178,11 @@ class MaskedCrossAttention(nn.Module):
             raise RuntimeError(f"batch of {b} rows cannot be matched to {rows} image rows")
         r = b // rows
         if r == 1:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return sdpa(q, k, v, attn_mask=mask)
         q = q.reshape(rows, r, heads, length, dim_head).transpose(1, 2).reshape(rows, heads, r * length, dim_head)
         if mask is not None:
             mask = mask.reshape(rows, r * length, -1).unsqueeze(1)  # (b, 1, L, S) -> (rows, 1, r*L, S)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = sdpa(q, k, v, attn_mask=mask)
         return out.reshape(rows, heads, r, length, dim_head).transpose(1, 2).reshape(b, heads, length, dim_head)
 
 

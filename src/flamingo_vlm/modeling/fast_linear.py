@@ -12,7 +12,9 @@ routes the ``nn.Linear`` layers of a module for the length of a ``with`` block a
 after, also when the block raises: ``Flamingo.generate/score/forward`` use it without gradients,
 the trainer around forward + backward. Each call goes to oneDNN or ``F.linear`` by its size: calls
 with few rows (decoding) follow the probe's decode choice, larger ones (prefill, training) its
-GEMM choice. A call that
+GEMM choice. Larger bf16 calls (bf16 operands, or any under bf16 autocast, and decode-sized ones
+with gradients) are fp32 GEMMs of their bf16 values where this machine's bf16 is emulated
+(:func:`~.kernels.upcast_linear`, the ``bf16_gemm`` probe). A call that
 is not plain fp32 CPU (another dtype or device, tensor subclasses) falls back to ``F.linear``.
 Decode-sized fp32 and bf16 calls without gradients take the route the machine's ``fp32_decode`` /
 ``bf16_decode`` probe measured fastest for their row count (:func:`~.kernels.decode_route`): our C
@@ -36,9 +38,9 @@ from torch import nn
 
 from . import native
 from .kernels import (DECODE_ROWS, PLAIN_TYPES, decide, decode_route, fused_route, onednn_available, onednn_linear,
-                      onednn_route, packed_linear)
+                      onednn_route, packed_linear, upcast_linear)
 
-__all__ = ["auto_dtype", "fast_bf16", "linear", "native_decode_isa", "onednn_available", "onednn_linear", "onednn_linears",
+__all__ = ["auto_dtype", "conv", "fast_bf16", "linear", "native_decode_isa", "onednn_available", "onednn_linear", "onednn_linears",
            "outside_tracing"]
 
 # Set inside an ``onednn_linears`` block (per thread / async context): "force" or "auto" (per call, by
@@ -95,6 +97,15 @@ def _decode_route(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows
 _FUNCTORCH_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 
+def _bf16_product(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """A CPU call that torch would compute as a bf16 GEMM: bf16 operands, or bf16 autocast."""
+    if not x.is_cpu:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") is torch.bfloat16
+    return x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16
+
+
 def _native_ok(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
     """Operands our C kernel takes besides an fp32/bf16 CPU ``x`` (made contiguous here) and a ``w`` of
     its dtype, outside ``torch.compile``, ``torch.jit.trace`` and functorch transforms (they would not
@@ -134,6 +145,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     route = _decode_route(x, w, b, rows, mode)
     if route is None:
+        if _bf16_product(x, w) and decide("bf16_gemm"):
+            return upcast_linear(x, w, b)
         if x.dtype is torch.float32 and _use_onednn(x, rows, mode):
             return onednn_linear(x, w, b)
     elif isinstance(route, int):
@@ -144,6 +157,23 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     elif route == "packed":
         return packed_linear(x, w, b, _VERIFIED.get())
     return F.linear(x, w, b)
+
+
+def conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; inside a routing block, a bf16 convolution without gradients where :func:`linear`
+    would take :func:`~.kernels.upcast_linear` runs in fp32 on the bf16 values the same way (the
+    ViT's patch embedding in bf16 on the AVX2-only EPYC: 1.28 s for 12 images, 26x fp32's time)."""
+    if torch.compiler.is_compiling():  # (dynamo cannot trace the context variable)
+        return layer(x)
+    w = layer.weight
+    if (_ACTIVE.get() is not None and _bf16_product(x, w)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and decide("bf16_gemm")):
+        b = layer.bias
+        with torch.autocast("cpu", enabled=False):
+            return layer._conv_forward(x.to(torch.bfloat16).float(), w.to(torch.bfloat16).float(),
+                                       None if b is None else b.to(torch.bfloat16).float()).to(torch.bfloat16)
+    return layer(x)
 
 
 def _routed_forward(layer: nn.Linear):

@@ -33,6 +33,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .attention import use_for as use_fp32_decode_attention
 from .config import CrossAttentionConfig, FlamingoConfig, PerceiverConfig, TokenConfig
 from .fast_linear import onednn_linears
+from .kernels import decide
 from .fused_decode import fused_lm
 from .injection import Conditioning, ConditioningSlot, inject_cross_attention
 from .lm_info import lm_hidden_size
@@ -101,14 +102,30 @@ def _onednn_inference(method):
     """Run ``method`` with the model's fp32 CPU linear layers on oneDNN when no gradients are
     wanted and ``cpu_onednn`` allows it (see :mod:`flamingo_vlm.modeling.fast_linear`), and the LM's
     decoder layers' (or MLPs') decoding steps in native calls where their products run on our kernels
-    (:func:`~.fused_decode.fused_lm`)."""
+    (:func:`~.fused_decode.fused_lm`). With gradients (a training loop of the user's own) only bf16
+    products are routed, where this machine's bf16 is emulated (:func:`_emulated_bf16_products`)."""
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
-        with onednn_linears(self, enabled=False if torch.is_grad_enabled() else self.cpu_onednn), fused_lm(self):
+        if not torch.is_grad_enabled():
+            enabled = self.cpu_onednn
+        else:
+            enabled = None if self.cpu_onednn is not False and _emulated_bf16_products(self) else False
+        with onednn_linears(self, enabled=enabled), fused_lm(self):
             return method(self, *args, **kwargs)
 
     return wrapped
+
+
+def _emulated_bf16_products(model: nn.Module) -> bool:
+    """The model's products are bf16 ones on CPU (bf16 autocast, or a bf16 LM) and this machine runs
+    them faster as fp32 GEMMs of the bf16 values (the ``bf16_gemm`` choice of :mod:`.kernels`: bf16
+    emulated, where torch's bf16 backward of a linear layer takes over 100x fp32's time)."""
+    p = next(model.lang_encoder.parameters(), None)
+    if p is None or p.device.type != "cpu":
+        return False
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+    return (autocast or p.dtype is torch.bfloat16) and decide("bf16_gemm")
 
 
 # -- persistence, installed by the loading layer ---------------------------------------------------
@@ -208,6 +225,8 @@ class Flamingo(nn.Module):
     #: oneDNN (:mod:`flamingo_vlm.modeling.fast_linear`) where this machine's cached probe measured it
     #: faster than torch's default (:mod:`.kernels`; up to 2x faster decoding, same math up to fp32
     #: rounding). ``None``: that measured choice; ``True``/``False`` on an instance force it.
+    #: Where bf16 is emulated, bf16 products (also with gradients) run as fp32 GEMMs of the bf16
+    #: values (:func:`.kernels.upcast_linear`); ``False`` keeps torch's kernels there too.
     cpu_onednn: bool | None = None
 
     def __init__(

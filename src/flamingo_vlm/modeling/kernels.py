@@ -14,6 +14,13 @@ margin: oneDNN is used only where it measured clearly faster, never where it was
   (prompt prefill, a forward with labels, the training step).
 * ``bf16``: a bf16 GEMM vs the fp32 one at 1024 rows, only on CPUs that report native bf16
   (AVX512-BF16/AMX): whether bf16 weights/autocast pay here (emulated bf16 never does); ~0.5 s.
+* ``bf16_gemm``: bf16 linear layers with more rows than decoding (or with gradients: a training
+  step under bf16 autocast) on torch's bf16 GEMM, or as fp32 GEMMs of the operands' bf16 values
+  rounded back to bf16 (:func:`upcast_linear`: the same product up to the summation order). On
+  CPUs with native bf16, forward and backward at 512 x 768 x 3072; where bf16 is emulated, the
+  forward at 64 rows (its backward takes seconds). Measured on the AVX2-only AMD EPYC, 1024 x 768 x
+  3072: torch's bf16 282 ms forward and 6.4 s for the input gradient, the fp32 route 41 / 49 ms.
+  ~0.1 s.
 * ``fp32_decode`` and ``bf16_decode``: fp32 / bf16 linear layers without gradients over ~113 MB of
   distinct weights, at each row count of ``DECODE_BUCKETS`` (1, 2, 4, 8): torch's ``F.linear``,
   torch's faster kernel for the dtype where this build has it (fp32: oneDNN; bf16: oneDNN on weights
@@ -82,7 +89,7 @@ from . import native
 
 __all__ = ["DECODE_BUCKETS", "DECODE_ROWS", "ENV", "INT8_GEMM_BUCKETS", "KernelChoice", "bf16_route", "clear_packed",
            "cpu_model", "decide", "decode_route", "int8_gemm", "int8_gemm_route", "kernel_choice", "onednn_available",
-           "onednn_linear", "onednn_route", "packed_bytes", "packed_linear", "set_routes", "summary"]
+           "onednn_linear", "onednn_route", "packed_bytes", "packed_linear", "set_routes", "summary", "upcast_linear"]
 
 ENV = "FLAMINGO_VLM_CPU_KERNELS"
 _MODES = ("auto", "onednn", "default", "probe")
@@ -190,6 +197,59 @@ def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return _OneDNNLinear.apply(x.contiguous(), w, b)
     return _lp(x, w, b)
+
+
+# -- bf16 products as fp32 GEMMs (CPUs whose bf16 is emulated) ---------------------------------------
+_BF16 = torch.bfloat16
+
+
+def _bf16_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to bf16 (autocast's cast; nothing where it is bf16 already), as fp32 values."""
+    return t.to(_BF16).float()
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """:func:`upcast_linear` with gradients. Keeps for backward what a bf16 linear keeps (the bf16
+    input where the weight trains, the bf16 weight where the input needs a gradient) and computes
+    both gradient products as fp32 GEMMs too, each rounded to bf16 as a bf16 GEMM returns it (then
+    to the operand's dtype, as autocast's cast back does). Without this the input gradient
+    ``g @ W`` was the slowest product of all on the AVX2-only EPYC: 6.4 s in bf16 against 0.05 s in
+    fp32 at 1024 x 768 x 3072."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        xb, wb = x.to(_BF16), w.to(_BF16)
+        ctx.save_for_backward(xb if ctx.needs_input_grad[1] else None, wb if ctx.needs_input_grad[0] else None)
+        ctx.dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(xb.float(), wb.float(), None if b is None else _bf16_fp32(b)).to(_BF16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xb, wb = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g = grad.reshape(-1, grad.shape[-1]).float()
+        gx = gw = gb = None
+        with torch.autocast("cpu", enabled=False):
+            if ctx.needs_input_grad[0]:  # dL/dx = g @ W
+                gx = (g @ wb.float()).to(_BF16).to(x_dtype).view(*grad.shape[:-1], wb.shape[1])
+            if ctx.needs_input_grad[1]:  # dL/dW = g^T @ x
+                gw = (g.t() @ xb.reshape(-1, xb.shape[-1]).float()).to(_BF16).to(w_dtype)
+            if b_dtype is not None and ctx.needs_input_grad[2]:
+                gb = g.sum(0).to(_BF16).to(b_dtype)
+        return gx, gw, gb
+
+
+def upcast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` in bf16 (of bf16 operands, or of any under bf16 autocast), computed as an fp32 GEMM
+    of the operands' bf16 values and rounded to bf16. A bf16 GEMM accumulates in fp32 too, and a
+    product of two bf16 numbers is exact in fp32, so the result is a bf16 GEMM's up to the summation
+    order; the ``bf16_gemm`` probe takes it where torch's bf16 GEMM is emulated (no AVX512-BF16 or
+    AMX), 7x slower than this at 1024 x 768 x 3072 on the AVX2-only EPYC."""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return _UpcastLinear.apply(x, w, b)
+    with torch.autocast("cpu", enabled=False):
+        return F.linear(_bf16_fp32(x), _bf16_fp32(w), None if b is None else _bf16_fp32(b)).to(_BF16)
 
 
 # -- bf16 weights packed for oneDNN (decoding) ------------------------------------------------------
@@ -439,6 +499,29 @@ def _probe_bf16() -> dict:
     with torch.no_grad():
         fp32, bf16 = _race(lambda: F.linear(a, w), lambda: F.linear(a16, w16))
     return {"bf16_fast": bf16 <= MARGIN * fp32, "bf16_ms": {"fp32": round(fp32 * 1e3, 3), "bf16": round(bf16 * 1e3, 3)}}
+
+
+def _probe_bf16_gemm() -> dict:
+    g = torch.Generator().manual_seed(0)
+    native_bf16 = _bf16_supported()
+    x = torch.randn(512 if native_bf16 else 64, 768, generator=g).bfloat16()
+    w = (torch.randn(3072, 768, generator=g) * 0.02).bfloat16()
+    if native_bf16:  # forward and backward, as a training step runs them
+        x.requires_grad_(True)
+        w.requires_grad_(True)
+
+        def run(f):
+            def step():
+                f(x, w).sum().backward()
+                x.grad = w.grad = None
+            return step
+
+        bf16, upcast = _race(run(F.linear), run(upcast_linear), reps=1, rounds=2)
+    else:  # forward only: emulated bf16's input-gradient product alone takes ~0.4 s at this size
+        with torch.no_grad():
+            bf16, upcast = _race(lambda: F.linear(x, w), lambda: upcast_linear(x, w), reps=2, rounds=2)
+    return {"bf16_gemm_upcast": upcast <= MARGIN * bf16,
+            "bf16_gemm_ms": {"bf16": round(bf16 * 1e3, 3), "upcast": round(upcast * 1e3, 3)}}
 
 
 def _probe_int8_decode() -> dict:
@@ -694,13 +777,14 @@ def bf16_route(rows: int) -> str | int:
     return decode_route("bf16", rows)
 
 
-_PROBES = {"decode": _probe_decode, "gemm": _probe_gemm, "bf16": _probe_bf16,
+_PROBES = {"decode": _probe_decode, "gemm": _probe_gemm, "bf16": _probe_bf16, "bf16_gemm": _probe_bf16_gemm,
            "bf16_decode": lambda: _probe_routes("bf16"), "fp32_decode": lambda: _probe_routes("fp32"),
            "int8_decode": _probe_int8_decode, "int8_gemm": _probe_int8_gemm}
-_KEYS = {"decode": "onednn_decode", "gemm": "onednn_gemm", "bf16": "bf16_fast", "bf16_decode": "bf16_decode_routes",
+_KEYS = {"decode": "onednn_decode", "gemm": "onednn_gemm", "bf16": "bf16_fast", "bf16_gemm": "bf16_gemm_upcast",
+         "bf16_decode": "bf16_decode_routes",
          "fp32_decode": "fp32_decode_routes", "int8_decode": "native_int8_decode", "int8_gemm": "int8_gemm_routes"}
 # Whether the faster kernel a part decides on exists in this process at all (bf16 GEMMs: torch's own).
-_AVAILABLE = {"decode": onednn_available, "gemm": onednn_available, "bf16": lambda: True,
+_AVAILABLE = {"decode": onednn_available, "gemm": onednn_available, "bf16": lambda: True, "bf16_gemm": lambda: True,
               "bf16_decode": _bf16_decode_available, "fp32_decode": _fp32_decode_available,
               "int8_decode": lambda: native.library() is not None,
               "int8_gemm": lambda: hasattr(torch.ops.aten, "_weight_int8pack_mm")}
@@ -726,6 +810,7 @@ class KernelChoice:
     source: str  # "probe", "cache <file>", "env FLAMINGO_VLM_CPU_KERNELS=..."
     timings: dict
     int8_gemm: tuple[str, ...] = ()  # int8 linears with more rows, per INT8_GEMM_BUCKETS: int8_gemm's routes
+    bf16_gemm_upcast: bool = False  # bf16 linears with more rows (or gradients) as fp32 GEMMs (upcast_linear)
 
 
 # A probe that ran while other processes used the CPU timed them as much as the kernels (seen on a
@@ -798,12 +883,14 @@ def _write_cache(path: Path, data: dict) -> None:
 
 
 def decide(part: str) -> bool:
-    """One decision (``decode``, ``gemm``, ``bf16``, ``fp32_decode``, ``bf16_decode``, ``int8_decode`` or
-    ``int8_gemm``): from the env
-    override, the memo, the cache file, or by running that part's probe (then cached)."""
+    """One decision (``decode``, ``gemm``, ``bf16``, ``bf16_gemm``, ``fp32_decode``, ``bf16_decode``,
+    ``int8_decode`` or ``int8_gemm``): from the env override, the memo, the cache file, or by running
+    that part's probe (then cached)."""
     mode = _mode()
     if mode == "auto" and part in _MEMO:  # every linear call lands here: no lock, no kernel lookup
         return _MEMO[part]
+    if mode in ("onednn", "default") and part == "bf16_gemm":
+        return False  # torch's own bf16 GEMM
     if mode in ("onednn", "default") and part != "bf16":
         return mode == "onednn" and _AVAILABLE[part]()
     if not _AVAILABLE[part]():  # whatever a cache says: no kernel, no choice
@@ -847,7 +934,8 @@ def decide(part: str) -> bool:
         return _MEMO[part]
 
 
-def kernel_choice(parts: tuple[str, ...] = ("decode", "gemm", "bf16", "fp32_decode", "bf16_decode")) -> KernelChoice:
+def kernel_choice(parts: tuple[str, ...] = ("decode", "gemm", "bf16", "bf16_gemm", "fp32_decode", "bf16_decode")
+                  ) -> KernelChoice:
     """Every decision (probing what is not cached yet), for reports and benchmarks."""
     decisions = {p: decide(p) for p in parts}
     mode = _mode()
@@ -862,6 +950,7 @@ def kernel_choice(parts: tuple[str, ...] = ("decode", "gemm", "bf16", "fp32_deco
         bf16_decode=_routes_named("bf16") if "bf16_decode" in parts else (),
         native_int8_decode=decisions.get("int8_decode", False), source=source,
         int8_gemm=tuple(int8_gemm_route(2 * b) for b in INT8_GEMM_BUCKETS) if "int8_gemm" in parts else (),
+        bf16_gemm_upcast=decisions.get("bf16_gemm", False),
         timings={f"{p}_ms": data.get(f"{p}_ms") for p in parts if f"{p}_ms" in data},  # of the parts asked for
     )
 
@@ -917,6 +1006,9 @@ def summary(choice: KernelChoice | None = None, allocator: str | None = None) ->
     flags = [fp32, f"{'oneDNN' if c.onednn_gemm else 'torch default'} for larger ones (prefill, forward, training)",
              f"bf16 {'native and faster' if c.bf16_fast else 'not faster than fp32'}",
              _routes_flag(c.bf16_decode, "bf16")]
+    if c.bf16_gemm_upcast:
+        flags.append("larger bf16 linears as fp32 GEMMs of the bf16 values"
+                     + (f" ({ms} ms)" if (ms := _ms_text(c.timings.get("bf16_gemm_ms"))) else ""))
     t = c.timings
     if t.get("decode_ms"):
         flags.append(f"probe decode {t['decode_ms']['default']:.1f}/{t['decode_ms']['onednn']:.1f} ms")

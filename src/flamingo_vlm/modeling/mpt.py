@@ -47,12 +47,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import MptConfig, MptForCausalLM
 from transformers.models.mpt.modeling_mpt import MptModel, MptPreTrainedModel
 
-from .attention import fp32_decode
+from .attention import fp32_decode, sdpa
 
 ALIBI_SLOPE_SCHEMES = ("mpt", "mosaic_gpt")
 
@@ -179,7 +178,7 @@ class MosaicMptAttention(nn.Module):
             # cached keys, AMD EPYC Zen 4), more than the casts cost: the product runs in fp32
             query, key, value = query.float(), key.float(), value.float()
         bias = position_bias(attention_mask, q_len, key.shape[-2], query.dtype, query.device)
-        context = F.scaled_dot_product_attention(
+        context = sdpa(
             query, key, value, attn_mask=bias, scale=self.softmax_scale,
             dropout_p=self.attn_dropout_p if self.training else 0.0,
         ).to(dtype)

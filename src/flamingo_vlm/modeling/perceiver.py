@@ -7,8 +7,9 @@ Parameter names and shapes follow OpenFlamingo v2 so released checkpoints load a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .attention import sdpa
 
 
 def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
@@ -58,7 +59,7 @@ class PerceiverAttention(nn.Module):
         # One batch dimension (b * T): torch's CPU flash kernel takes 4-D inputs only, and a 5-D
         # call runs the math path (2x slower here, and it keeps the attention weights for backward).
         lead = q.shape[:-3]
-        out = F.scaled_dot_product_attention(*(t.reshape(-1, *t.shape[-3:]) for t in (q, k, v)))
+        out = sdpa(*(t.reshape(-1, *t.shape[-3:]) for t in (q, k, v)))
         return self.to_out(merge_heads(out.reshape(*lead, *out.shape[1:])))
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..files import load_weights_file
 from ..image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
-from .fast_linear import linear
+from .fast_linear import conv, linear
 
 __all__ = [
     "OPEN_CLIP_PRETRAINED",
@@ -261,7 +261,7 @@ class OpenCLIPVisionTransformer(VisionEncoder):
 
     def _trunk(self, pixel_values: Tensor) -> Tensor:
         """All tokens (class token first) after the last block, before ``ln_post``."""
-        x = self.conv1(pixel_values.to(self.conv1.weight.dtype))  # (N, width, grid, grid)
+        x = conv(self.conv1, pixel_values.to(self.conv1.weight.dtype))  # (N, width, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (N, grid*grid, width), row-major patches like open_clip
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)

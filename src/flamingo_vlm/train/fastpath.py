@@ -4,7 +4,10 @@
 one oneDNN route of :mod:`flamingo_vlm.modeling.fast_linear` (inference uses it too), where this
 machine's cached probe (:mod:`flamingo_vlm.modeling.kernels`) measured oneDNN faster than torch's
 default GEMM for training shapes (~2x on AVX-512 AMD; slower on the AVX2-only EPYC we have). Same
-math up to fp32 rounding (another summation order).
+math up to fp32 rounding (another summation order). Under bf16 precisions on a CPU whose bf16 is
+emulated, the same routing computes the bf16 products, forward and backward, as fp32 GEMMs of the
+bf16 values (:func:`flamingo_vlm.modeling.kernels.upcast_linear`): the same results up to the
+summation order, about fp32's speed instead of emulated bf16's (a tenth of it, or less).
 
 ``frozen_matrices_to``: under bf16 autocast, the frozen weights that only ever enter matrix products
 (linear and convolution layers of the vision encoder and the LM) are stored in bf16 for the run.
@@ -34,18 +37,18 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.labels import IGNORE_INDEX
-from ..modeling.fast_linear import onednn_linears
+from ..modeling.fast_linear import linear, onednn_linears
 from ..modeling.token_embeddings import ExtendedLMHead
 
 
 def matmul_context(enabled: bool | None, model: nn.Module | None = None):
     """Around forward *and* backward of a training step: ``model``'s fp32 CPU linear layers on
     oneDNN, forward and backward (:func:`flamingo_vlm.modeling.fast_linear.onednn_linears`, the
-    same route inference uses). ``None``: as this machine's measured choice for training says."""
+    same route inference uses). ``None``: per call, as this machine's measured choices say (the
+    trainer passes it where only bf16 products are rerouted)."""
     if model is None or enabled is False:
         return contextlib.nullcontext()
     return onednn_linears(model, enabled=enabled)
@@ -149,7 +152,7 @@ def _head_call(head: nn.Module, device_type: str):
         if type(head) is nn.Linear and frozen:
             weight = head.weight.to(dtype)
             bias = head.bias.to(dtype) if head.bias is not None else None
-            return lambda h: F.linear(h, weight, bias)
+            return lambda h: linear(h, weight, bias)
         if type(head) is ExtendedLMHead and not head.weight.requires_grad:
             weight = head.weight.to(dtype)
             return lambda h: ExtendedLMHead.forward(head, h, weight=weight)

@@ -177,9 +177,11 @@ class Trainer:
                         "start this program as `%s python ...`", hint)
         if info.device.type == "cpu" and cfg.precision != "fp32" and not fast_bf16("cpu"):
             logger.warning(
-                "precision %s on a CPU without bf16 instructions (%s): bf16 matrix products are emulated and a "
-                "step can take 20x longer than in fp32; consider --precision fp32", cfg.precision,
-                torch.backends.cpu.get_cpu_capability())
+                "precision %s on a CPU where bf16 is not faster than fp32 (%s)%s", cfg.precision,
+                torch.backends.cpu.get_cpu_capability(),
+                ": its linear layers' bf16 products run as fp32 GEMMs of the bf16 values (the same results up to "
+                "rounding), so a step takes about fp32's time, with bf16's memory" if cfg.cpu_matmul == "auto"
+                and decide("bf16_gemm") else "; consider --precision fp32")
         # Model: identical on every rank (same seed), before any wrapping.
         torch.manual_seed(cfg.seed)
         if model is None:
@@ -214,6 +216,9 @@ class Trainer:
         self.onednn = cfg.cpu_matmul == "onednn" or (
             cfg.cpu_matmul == "auto" and info.device.type == "cpu" and decide("gemm")  # measured per machine
         )
+        if (not self.onednn and cfg.cpu_matmul == "auto" and info.device.type == "cpu" and cfg.precision != "fp32"
+                and decide("bf16_gemm")):
+            self.onednn = None  # route the linears per call: bf16 products as fp32 GEMMs (emulated bf16 here)
         if cfg.cpu_matmul == "onednn" and not onednn_available():
             raise ConfigError("cpu_matmul: onednn, but this torch build has no oneDNN (mkldnn) linear kernel")
 

@@ -1,0 +1,210 @@
+"""bf16 products as fp32 GEMMs where bf16 is emulated (``kernels.upcast_linear``, ``fast_linear.conv``,
+``attention.sdpa``): torch's bf16 results up to rounding, forward and backward, the same tensors kept
+for backward, and taken only where this machine's ``bf16_gemm`` choice says so."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flamingo_vlm.modeling import attention, fast_linear, kernels
+from flamingo_vlm.modeling.kernels import upcast_linear
+
+BF16 = torch.bfloat16
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 2e-2):
+    """Equal up to bf16 rounding, relative to the largest magnitude (sums of bf16-rounded terms)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    got, want = got.detach(), want.detach()
+    scale = want.float().abs().max().clamp_min(1e-6)
+    assert float((got.float() - want.float()).abs().max() / scale) <= rel
+
+
+@pytest.fixture
+def chosen(fresh):
+    """The ``bf16_gemm`` choice, set by the test (no probe)."""
+    kernels._MEMO["gemm"] = False  # (fp32 calls in a routing block: torch's GEMM, no probe)
+
+    def choose(value: bool):
+        kernels._MEMO["bf16_gemm"] = value
+    return choose
+
+
+def saved(fn):
+    """What autograd keeps for backward while ``fn()`` runs: [(dtype, shape)]."""
+    kept = []
+
+    def pack(t):
+        kept.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sorted(kept, key=str)
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_upcast_linear_is_torchs_bf16_linear_under_autocast_forward_and_backward(trained):
+    x = torch.randn(3, 20, 48)
+    w, b = torch.randn(72, 48) * 0.1, torch.randn(72)
+    results = []
+    for f in (F.linear, upcast_linear):
+        xs, ws, bs = x.clone().requires_grad_(), w.clone().requires_grad_(trained), b.clone().requires_grad_(trained)
+        with torch.autocast("cpu", dtype=BF16):
+            y, kept = saved(lambda: f(xs, ws, bs))
+        (y.float().square()).sum().backward()
+        results.append((y, xs.grad, ws.grad, bs.grad, kept))
+    (y0, gx0, gw0, gb0, kept0), (y1, gx1, gw1, gb1, kept1) = results
+    assert y1.dtype == BF16
+    assert_close(y1, y0)
+    assert gx1.dtype == torch.float32
+    assert_close(gx1, gx0)
+    if trained:
+        assert_close(gw1, gw0)
+        assert_close(gb1, gb0)
+    else:
+        assert gw1 is None and gb1 is None
+    # the same bf16 tensors kept as torch's bf16 linear keeps: no fp32 copies
+    assert {d for d, _ in kept1} == {BF16}
+    assert sum(torch.Size(s).numel() for _, s in kept1) <= sum(torch.Size(s).numel() for _, s in kept0)
+
+
+def test_upcast_linear_on_bf16_operands_without_gradients():
+    x, w, b = torch.randn(40, 64).to(BF16), (torch.randn(96, 64) * 0.1).to(BF16), torch.randn(96).to(BF16)
+    with torch.no_grad():
+        assert_close(upcast_linear(x, w, b), F.linear(x, w, b))
+        assert_close(upcast_linear(x.unsqueeze(0), w), F.linear(x.unsqueeze(0), w))
+
+
+def test_routed_linears_take_the_fp32_route_only_where_chosen(chosen, monkeypatch):
+    if not kernels.onednn_available():
+        pytest.skip("this torch has no oneDNN linear kernel (no routing blocks)")
+    calls = []
+    real = fast_linear.upcast_linear
+    monkeypatch.setattr(fast_linear, "upcast_linear", lambda *a: calls.append(1) or real(*a))
+    layer = nn.Linear(32, 48)
+    x = torch.randn(4, 16, 32)  # 64 rows: more than a decode step
+    want = layer.to(BF16)(x.to(BF16))
+    for choice, expect in ((True, 1), (False, 0)):
+        calls.clear()
+        chosen(choice)
+        with torch.no_grad(), fast_linear.onednn_linears(layer):
+            got = layer(x.to(BF16))
+        assert len(calls) == expect
+        assert_close(got, want)
+    chosen(True)
+    calls.clear()
+    with torch.no_grad():
+        layer(x.to(BF16))  # outside a routing block: torch's own
+    layer.float()
+    with fast_linear.onednn_linears(layer):
+        layer(x)  # fp32 outside autocast: not a bf16 product
+        assert not calls
+        with torch.autocast("cpu", dtype=BF16):
+            y = layer(x.requires_grad_())
+        y.float().sum().backward()
+    assert len(calls) == 1 and y.dtype == BF16 and x.grad is not None
+
+
+def test_bf16_convolution_runs_on_fp32_values_where_chosen(chosen, monkeypatch):
+    if not kernels.onednn_available():
+        pytest.skip("this torch has no oneDNN linear kernel (no routing blocks)")
+    conv = nn.Conv2d(3, 16, kernel_size=8, stride=8, bias=False).to(BF16)
+    x = torch.randn(2, 3, 32, 32).to(BF16)
+    want = conv(x)
+    chosen(True)
+    with torch.no_grad(), fast_linear.onednn_linears(conv):
+        got = fast_linear.conv(conv, x)
+    assert got.dtype == BF16
+    assert_close(got, want)
+    conv.weight.requires_grad_(True)
+    calls = []
+    monkeypatch.setattr(nn.Conv2d, "forward", lambda self, t: calls.append(1) or F.conv2d(t, self.weight, stride=8))
+    with fast_linear.onednn_linears(conv):
+        fast_linear.conv(conv, x)  # a trained weight: torch's own convolution (with its backward)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+def test_sdpa_keeps_the_bf16_forward_and_takes_the_backward_in_fp32(chosen, mask):
+    chosen(True)
+    q, k, v = (torch.randn(2, 3, 17, 16).to(BF16) for _ in range(3))
+    m = {"none": None, "bool": torch.rand(2, 1, 17, 17) > 0.3, "float": torch.randn(2, 3, 17, 17).to(BF16)}[mask]
+    if m is not None and m.dtype == torch.bool:
+        m[..., 0] = True  # every query sees a key
+    results = []
+    for f in (F.scaled_dot_product_attention, attention.sdpa):
+        qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+        out = f(qs, ks, vs, attn_mask=m, scale=0.3)
+        out.float().square().sum().backward()
+        results.append((out, qs.grad, ks.grad, vs.grad))
+    (o0, *g0), (o1, *g1) = results
+    assert torch.equal(o0, o1)  # the same forward kernel
+    for a, b in zip(g1, g0):
+        assert a.dtype == BF16
+        assert_close(a, b)
+
+
+def test_sdpa_is_torchs_where_not_chosen_or_without_gradients(chosen):
+    q = torch.randn(1, 2, 5, 8).to(BF16).requires_grad_()
+    chosen(False)
+    assert "Fp32Backward" not in type(attention.sdpa(q, q, q).grad_fn).__name__
+    chosen(True)
+    assert "Fp32Backward" in type(attention.sdpa(q, q, q).grad_fn).__name__
+    with torch.no_grad():
+        assert torch.equal(attention.sdpa(q, q, q), F.scaled_dot_product_attention(q, q, q))
+    assert "Fp32Backward" not in type(attention.sdpa(q.float(), q.float(), q.float()).grad_fn).__name__
+
+
+@pytest.mark.parametrize("ratio, chosen_", [(0.2, True), (0.95, False)])
+def test_the_bf16_gemm_choice_is_measured_cached_and_reported(fresh, monkeypatch, ratio, chosen_):
+    log = []
+
+    def race(a, b, reps=5, rounds=3):
+        log.append(1)
+        return 1.0, ratio  # the fp32 route takes `ratio` times torch's bf16 time
+
+    monkeypatch.setattr(kernels, "_race", race)
+    assert kernels.decide("bf16_gemm") is chosen_ and log == [1]
+    data = json.loads(kernels.cache_file().read_text())
+    assert data["bf16_gemm_upcast"] is chosen_ and set(data["bf16_gemm_ms"]) == {"bf16", "upcast"}
+    monkeypatch.setattr(kernels, "_MEMO", {})
+    assert kernels.decide("bf16_gemm") is chosen_ and log == [1]  # the cache answers
+    choice = kernels.kernel_choice(("bf16_gemm",))
+    assert choice.bf16_gemm_upcast is chosen_
+    assert ("as fp32 GEMMs of the bf16 values" in kernels.summary(choice)) is chosen_
+
+
+@pytest.mark.parametrize("mode", ["default", "onednn"])
+def test_the_kernel_override_keeps_torchs_bf16_gemm(fresh, monkeypatch, mode):
+    monkeypatch.setenv(kernels.ENV, mode)
+    monkeypatch.setattr(kernels, "_race", lambda *a, **k: pytest.fail("probed under an override"))
+    assert kernels.decide("bf16_gemm") is False
+
+
+@pytest.mark.parametrize("setting", ["chosen", "not chosen", "cpu_onednn off"])
+def test_a_training_loop_of_ones_own_gets_the_fp32_route_under_bf16_autocast(chosen, monkeypatch, setting):
+    """``model(...)`` with gradients under bf16 autocast (an OpenFlamingo-style loop, no Trainer)."""
+    if not kernels.onednn_available():
+        pytest.skip("this torch has no oneDNN linear kernel (no routing blocks)")
+    from tiny import random_images, tiny_flamingo
+
+    from flamingo_vlm import FlamingoProcessor
+
+    model, ip, tok = tiny_flamingo("llama", every=1, seed=3)
+    model.train()
+    batch = FlamingoProcessor(tok, ip)([("<image>a red car.<|endofchunk|><image>a blue bird", random_images(2, seed=1))])
+    calls = []
+    real = fast_linear.upcast_linear
+    monkeypatch.setattr(fast_linear, "upcast_linear", lambda *a: calls.append(1) or real(*a))
+    chosen(setting != "not chosen")
+    if setting == "cpu_onednn off":
+        model.cpu_onednn = False
+    with torch.autocast("cpu", dtype=BF16):
+        out = model(batch["vision_x"], batch["input_ids"], batch["attention_mask"], labels=batch["input_ids"])
+    out.loss.backward()
+    assert bool(calls) is (setting == "chosen")
+    assert all(p.grad is not None for p in model.perceiver.parameters() if p.requires_grad)
