@@ -315,3 +315,15 @@ def test_a_lazy_handler_runs_the_function_it_names(tmp_path):
     assert args.func.__name__ == "flamingo_vlm.generate._run"
     with pytest.raises(FileNotFoundError, match="no.png"):
         args.func(args)
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_dtype_takes_the_spellings_of_configs_and_torch(command, capsys):
+    from flamingo_vlm.cli import build_parser
+
+    parser = build_parser()
+    for given, want in (("bf16", "bfloat16"), ("FP32", "float32"), ("torch.bfloat16", "bfloat16"), ("auto", "auto")):
+        assert parser.parse_args([command, "--dtype", given]).dtype == want
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--dtype", "int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err

@@ -25,6 +25,16 @@ class _Ordered(argparse.Action):
         namespace.items = items
 
 
+# The spellings of training configs and of torch (``--precision bf16``, ``torch.float32``) for --dtype.
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def dtype_name(text: str) -> str:
+    """``--dtype``'s value, aliases (``bf16``, ``fp32``, ``torch.bfloat16``) as the names it lists."""
+    text = text.strip().lower().removeprefix("torch.")
+    return DTYPE_ALIASES.get(text, text)
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in model name, flamingo-vlm directory, Hub repo id or released OpenFlamingo id "
@@ -50,7 +60,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output and device")
     o.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     o.add_argument("--no-stream", action="store_true", help="print the result at the end")
-    o.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+    o.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", type=dtype_name,
                    help="auto (default): bfloat16 where it runs natively (GPUs, CPUs with AVX512-BF16), else float32")
     o.add_argument("--device", help="cpu, cuda, cuda:1 (default: cpu)")
     o.add_argument("--quantize", choices=["int8", "int4"],

@@ -15,6 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ..generate_cli import dtype_name
 from ..registry import DEFAULT_MODEL
 
 DESCRIPTION = """Serve a Flamingo model over HTTP: OpenAI-compatible /v1/chat/completions and
@@ -86,7 +87,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     g = p.add_argument_group("model")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", type=dtype_name,
                    help="auto (default, as flamingo-vlm generate): bfloat16 where it runs natively (GPUs, CPUs "
                         "with AVX512-BF16 that measured it faster), else float32")
     g.add_argument("--quantize", choices=["int8", "int4"],
