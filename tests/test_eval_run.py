@@ -43,6 +43,22 @@ def _cli(root, out, *extra):
     ])
 
 
+def test_results_md_keeps_the_tasks_of_earlier_runs_into_the_same_folder(tiny, tmp_path):
+    """Tasks evaluated one run at a time into one --out: results.md shows this run's tasks, then the
+    others finished there (results.json's all_results holds them all)."""
+    root, _ = tiny
+    out = tmp_path / "out"
+    assert _cli(root, out, "--tasks", "coco", "--shots", "0") == 0
+    assert _cli(root, out, "--tasks", "imagenet", "--shots", "0") == 0
+    md = (out / "results.md").read_text()
+    this_run, _, earlier = md.partition("## Other tasks finished in this folder (earlier runs)")
+    assert "| imagenet | top1 |" in this_run and "| coco |" not in this_run
+    assert "| coco | CIDEr |" in earlier and "| imagenet |" not in earlier
+    assert set(json.loads((out / "results.json").read_text())["all_results"]) == {"coco", "imagenet"}
+    assert _cli(root, out, "--tasks", "coco,imagenet", "--shots", "0") == 0  # (resumed: nothing to run)
+    assert "earlier runs" not in (out / "results.md").read_text()
+
+
 def test_full_run_writes_json_and_markdown_then_resumes(tiny, tmp_path, monkeypatch, caplog):
     root, _ = tiny
     out = tmp_path / "out"

@@ -292,7 +292,9 @@ def test_the_parser_imports_neither_torch_nor_transformers():
     assert out.strip() == "[]", out
 
 
-@pytest.mark.parametrize("argv", [["train", "--config", "/nonexistent.yaml"], ["data", "inspect", "/nonexistent.tar"]])
+@pytest.mark.parametrize("argv", [["train", "--config", "/nonexistent.yaml"], ["data", "inspect", "/nonexistent.tar"],
+                                  ["generate", "--text", "x", "--max-new-tokens", "0"],
+                                  ["generate", "--demo", "--text", "x"]])
 def test_bad_input_that_needs_no_model_is_reported_without_importing_torch(argv):
     """Naming the error types that are bad input (train.cli.user_errors) imported the trainer, so a
     missing config or shard took 13-20 s to report on a busy 2-core EPYC (0.3-0.6 s now)."""
@@ -311,8 +313,11 @@ def test_a_lazy_handler_runs_the_function_it_names(tmp_path):
     calling it reaches generate._run, which refuses a missing image before any model loads."""
     from flamingo_vlm.cli import build_parser
 
+    from flamingo_vlm import generate_cli
+
     args = build_parser().parse_args(["generate", "--image", str(tmp_path / "no.png"), "--text", "Output:"])
-    assert args.func.__name__ == "flamingo_vlm.generate._run"
+    assert args.func is generate_cli._generate  # (its flag checks, then:)
+    assert generate_cli._RUN.__name__ == "flamingo_vlm.generate._run"
     with pytest.raises(FileNotFoundError, match="no.png"):
         args.func(args)
 

@@ -34,7 +34,7 @@ import torch
 from .errors import UsageError
 from .modeling.fast_linear import auto_dtype
 from .modeling.lm_info import lm_context_limit
-from .generate_cli import DEFAULT_MAX_NEW_TOKENS, add_generate_subcommand  # noqa: F401 (re-exported)
+from .generate_cli import DEFAULT_MAX_NEW_TOKENS, add_generate_subcommand, check_decoding_args  # noqa: F401 (re-exported)
 from .prompt_format import EOC_TOKEN, MEDIA_TOKEN, cut_at_stop, stop_holdback
 
 __all__ = ["DemoTask", "add_generate_subcommand", "demo_tasks", "example_image", "generate_text", "join_demonstrations"]
@@ -207,23 +207,9 @@ class _Streamer:
 
 
 def _check_args(args) -> None:
-    """Decoding flags in range and consistent (UsageError otherwise), before anything is loaded."""
-    checks = [
-        (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-        (args.num_beams >= 1, "--num-beams must be >= 1"),
-        (args.num_return_sequences >= 1, "--num-return-sequences must be >= 1"),
-        (args.num_return_sequences <= args.num_beams or args.do_sample,
-         "--num-return-sequences > --num-beams needs --do-sample"),
-        (not args.do_sample or args.temperature > 0, "--temperature must be > 0 (for greedy decoding drop --do-sample)"),
-        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-        (args.top_k >= 0, "--top-k must be >= 0 (0: no top-k filtering)"),
-        (args.repetition_penalty > 0, "--repetition-penalty must be > 0 (1.0: none)"),
-        (all(args.stop or [True]), "--stop needs a non-empty string"),
-        (args.seed is None or -(2**63) <= args.seed < 2**64, "--seed must fit in 64 bits"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
+    """Decoding flags in range and consistent, and the device one that exists (UsageError otherwise),
+    before anything is loaded. (The command line checks the flags before importing this module.)"""
+    check_decoding_args(args)
     if args.device is not None:
         try:
             device = torch.device(args.device)
@@ -322,9 +308,6 @@ def _run_demo(args, model, image_processor, tokenizer) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    args.items = getattr(args, "items", None) or []
-    if args.demo and (args.items or args.prompt is not None):
-        raise UsageError("--demo runs the bundled prompts; drop --image/--text/--prompt")
     _check_args(args)
     sample = shown = None
     if not args.demo:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from .errors import UsageError
 from .lazy import lazy_function
 from .prompt_format import EOC_TOKEN, MEDIA_TOKEN
 from .registry import DEFAULT_MODEL
@@ -72,5 +73,37 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="few-shot generation from images and text (default: the built-in model)",
                               description="few-shot generation from images and text, and the bundled demo")
     add_generate_arguments(p)
-    p.set_defaults(func=lazy_function("flamingo_vlm.generate", "_run"))
+    p.set_defaults(func=_generate)
     return p
+
+
+def check_decoding_args(args: argparse.Namespace) -> None:
+    """The flags that need no model or torch, in range and consistent (:class:`UsageError` otherwise):
+    checked before ``generate``'s module (and torch) is imported, so a typo is answered at once."""
+    args.items = getattr(args, "items", None) or []
+    if args.demo and (args.items or args.prompt is not None):
+        raise UsageError("--demo runs the bundled prompts; drop --image/--text/--prompt")
+    checks = [
+        (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (args.num_beams >= 1, "--num-beams must be >= 1"),
+        (args.num_return_sequences >= 1, "--num-return-sequences must be >= 1"),
+        (args.num_return_sequences <= args.num_beams or args.do_sample,
+         "--num-return-sequences > --num-beams needs --do-sample"),
+        (not args.do_sample or args.temperature > 0, "--temperature must be > 0 (for greedy decoding drop --do-sample)"),
+        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (args.top_k >= 0, "--top-k must be >= 0 (0: no top-k filtering)"),
+        (args.repetition_penalty > 0, "--repetition-penalty must be > 0 (1.0: none)"),
+        (all(args.stop or [True]), "--stop needs a non-empty string"),
+        (args.seed is None or -(2**63) <= args.seed < 2**64, "--seed must fit in 64 bits"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+_RUN = lazy_function("flamingo_vlm.generate", "_run")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    check_decoding_args(args)
+    return _RUN(args)

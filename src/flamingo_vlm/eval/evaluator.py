@@ -318,6 +318,10 @@ class Evaluator:
             full = summarize(all_units)
             atomic_write_json(self.out_dir / "results.json", {**result, "all_results": full})
             md = markdown_table(summary, title=f"Few-shot evaluation of {c.model_name or 'the model'}", extra=extra_metrics())
+            earlier = [u for u in all_units if u["task"] not in summary]  # tasks of earlier runs into this folder
+            if earlier:
+                md += "\n" + markdown_table(summarize(earlier), extra=extra_metrics(),
+                                             title="Other tasks finished in this folder (earlier runs)")
             atomic_write_text(self.out_dir / "results.md", md)
         self.ctx.barrier()
         return result

@@ -110,7 +110,8 @@ def _onednn_inference(method):
         if not torch.is_grad_enabled():
             enabled = self.cpu_onednn
         else:
-            enabled = None if self.cpu_onednn is not False and _emulated_bf16_products(self) else False
+            enabled = None if (self.cpu_onednn is not False and not torch.compiler.is_compiling()
+                               and _emulated_bf16_products(self)) else False
         with onednn_linears(self, enabled=enabled), fused_lm(self):
             return method(self, *args, **kwargs)
 
