@@ -89,7 +89,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     """``F.scaled_dot_product_attention``; a 4-D call of :func:`bf16_backward_in_fp32` without dropout
     or a mask that wants a gradient runs torch's flash kernel with its backward in fp32
     (:class:`_Fp32Backward`; a bool mask becomes the additive one torch makes of it)."""
-    if (dropout_p == 0.0 and query.dim() == 4 and key.dtype == value.dtype == query.dtype
+    if (query.dtype == torch.bfloat16 and torch.is_grad_enabled()  # (cheapest first: every attention call comes here)
+            and dropout_p == 0.0 and query.dim() == 4 and key.dtype == value.dtype == query.dtype
             and (attn_mask is None or not attn_mask.requires_grad)
             and not torch.compiler.is_compiling() and bf16_backward_in_fp32(query, key, value)):
         if attn_mask is not None and attn_mask.dtype == torch.bool:
@@ -146,13 +147,8 @@ def flamingo_sdpa(module: nn.Module, query, key, value, attention_mask, **kwargs
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (as the masked call does)
         out = past_then_causal(query, key, value, kwargs.get("scaling"))
         return out.transpose(1, 2).contiguous(), None
-    if bf16_backward_in_fp32(query, key, value):  # (transformers' own SDPA call: on fp32 copies, forward too)
-        if attention_mask is not None and attention_mask.is_floating_point():
-            attention_mask = attention_mask.float()
-        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                              **kwargs)
-        return out.to(query.dtype), weights
-    if not fp32_decode(query, key, value, module.training):
+    # (bf16 training where bf16 is emulated: transformers' own SDPA call on fp32 copies, forward too)
+    if not (fp32_decode(query, key, value, module.training) or bf16_backward_in_fp32(query, key, value)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
