@@ -208,3 +208,30 @@ def test_a_training_loop_of_ones_own_gets_the_fp32_route_under_bf16_autocast(cho
     out.loss.backward()
     assert bool(calls) is (setting == "chosen")
     assert all(p.grad is not None for p in model.perceiver.parameters() if p.requires_grad)
+
+
+def test_trained_layers_patched_for_the_lean_backward_take_the_route_without_gradients(chosen, monkeypatch):
+    """The trainer's once-per-run loss check (and evaluation during training) runs the model without
+    gradients under bf16 autocast: the trained linear layers that ``lean.make_lean`` gave a forward of
+    their own (a routing block leaves those alone) must route their bf16 products too."""
+    if not kernels.onednn_available():
+        pytest.skip("this torch has no oneDNN linear kernel (no routing blocks)")
+    from flamingo_vlm.train import lean
+
+    model = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    frozen = nn.Linear(32, 32).requires_grad_(False)
+    net = nn.Sequential(frozen, model)
+    lean.make_lean(net, autocast=True)
+    assert "forward" in vars(model[1])  # the trained layers have their own forward now
+    calls = []
+    real = fast_linear.upcast_linear
+    monkeypatch.setattr(fast_linear, "upcast_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(4, 16, 32)
+    chosen(True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        want = net(x)  # outside a routing block: torch's own bf16 GEMMs
+        assert not calls
+        with fast_linear.onednn_linears(net):
+            got = net(x)
+    assert len(calls) == 3  # the frozen layer, and the two trained ones through their own forward
+    assert_close(got, want)

@@ -567,6 +567,28 @@ def test_chunked_loss_falls_back_when_logits_are_transformed_after_the_head(mode
         t.close()
 
 
+def test_the_chunked_loss_check_runs_once_on_the_row_with_the_most_trained_tokens(model_dir, media_id, tmp_path):
+    t = Trainer(make_config(model_dir, tmp_path, max_steps=2), **fake_mixture(media_id))
+    try:
+        batch = t.next_batches()[0][0]
+        labels = batch["labels"].clone()
+        labels[:, 1:] = -100
+        labels[2, 1:4] = 5  # row 2: the only trained tokens
+        check = trainer_mod._check_row({**batch, "labels": labels, "aim_cells": torch.ones(len(labels), 3)})
+        assert set(check) == {"vision_x", "input_ids", "attention_mask", "labels"}
+        assert torch.equal(check["input_ids"], batch["input_ids"][2:3])
+        assert torch.equal(check["vision_x"], batch["vision_x"][2:3])
+        rows = []
+        t.flamingo.register_forward_pre_hook(lambda m, args: rows.append((args[1].shape[0], torch.is_grad_enabled())))
+        t.fit()
+        assert t.chunked_loss is True
+        # two forwards of one row without gradients, once; then the steps' forwards of whole batches
+        assert rows[:2] == [(1, False), (1, False)]
+        assert all(n > 1 and grad for n, grad in rows[2:]) and len(rows) == 2 + 2 * 2
+    finally:
+        t.close()
+
+
 def test_a_second_trainer_on_the_same_output_dir_is_refused(model_dir, media_id, tmp_path):
     """A second run resuming a directory that a live run writes would interleave their checkpoints
     and metrics: it is refused before it writes anything, and allowed once the first has finished."""
@@ -1336,3 +1358,13 @@ def test_in_place_cross_entropy_and_gradient_equal_autograds(dtype):
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     assert torch.allclose(grad.float(), ref_in.grad.to(dtype).float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 4e-3)
     assert torch.allclose(grad.float().sum(-1), torch.zeros(7), atol=1e-2)  # softmax minus one-hot
+
+
+def test_resuming_a_run_past_max_steps_is_refused_and_leaves_it_as_it_was(model_dir, media_id, tmp_path):
+    out = tmp_path / "run"
+    _fake_run(model_dir, media_id, out, max_steps=3, export=True)
+    final = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "final").rglob("*"))
+    with pytest.raises(ConfigError, match=r"step_0+3 is at step 3, past max_steps 2: raise max_steps"):
+        _fake_run(model_dir, media_id, out, max_steps=2, resume="latest", export=True)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "final").rglob("*")) == final
+    assert _fake_run(model_dir, media_id, out, max_steps=3, resume="latest").step == 3  # at max_steps: nothing to do
