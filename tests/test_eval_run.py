@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flamingo_vlm.errors import UsageError
 from flamingo_vlm.eval import EvalConfig, Evaluator, continuation_ids
 from flamingo_vlm.eval.cli import main as eval_main
 from flamingo_vlm.eval.demos import RICES, FeatureExtractor, RandomDemoSelector
@@ -393,7 +394,7 @@ def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
     args = parser.parse_args(["evaluate", "--model", str(root / "model"), "--tasks", "vqav2", "--data-root",
                               str(tmp_path / "synth"), "--synthetic", "--synthetic-seed", "1", "--out", str(tmp_path / "o"),
                               "--shots", "0", "--trials", "1", "--num-samples", "1", "--quiet"])
-    with pytest.raises(SystemExit, match=r"synth holds the synthetic benchmark of --synthetic-seed 0 .*not 1: give another "
+    with pytest.raises(UsageError, match=r"synth holds the synthetic benchmark of --synthetic-seed 0 .*not 1: give another "
                                          r"--data-root for seed 1, or --synthetic-seed 0"):
         args.func(args)
 
@@ -446,6 +447,16 @@ def test_an_out_that_is_a_file_is_a_usage_error_before_the_model_loads(tmp_path,
         err = capsys.readouterr().err
         assert code == 2 and f"{notes} is a file, not a folder" in err and err.count("\n") == 1, err
     assert notes.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("tasks, message", [("cocoo", "--tasks: unknown task 'cocoo'; choose from coco,"),
+                                             ("coco, vqa3", "--tasks: unknown task 'vqa3'")])
+def test_an_unknown_task_is_a_usage_error(tmp_path, capsys, tasks, message):
+    from flamingo_vlm import cli
+
+    code = cli.main(["evaluate", "--model", "m", "--tasks", tasks, "--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("flamingo-vlm evaluate: error: ") and message in err and err.count("\n") == 1
 
 
 def test_a_max_new_tokens_that_is_no_number_names_the_flag(tmp_path, capsys):

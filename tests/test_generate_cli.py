@@ -54,6 +54,45 @@ def test_streamed_text_equals_returned_text(saved):
     assert n == n2 and 0 <= n <= 8
 
 
+def test_the_token_count_leaves_out_the_padding_of_sequences_that_ended_early(saved):
+    """Returned sequences of different lengths: the shorter is padded to the longer; the count is of the
+    tokens generated (it had counted the padding too: 2 + 6 tokens reported as 12)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    root, (model, ip, tok) = saved
+    eoc = model.eoc_token_id
+
+    class EndFirstRowAfterTwo(LogitsProcessor):
+        def __init__(self):
+            self.start = None
+
+        def __call__(self, input_ids, scores):
+            self.start = input_ids.shape[1] if self.start is None else self.start
+            scores[:, eoc] = -float("inf")
+            if input_ids.shape[1] - self.start == 2:
+                scores[0, :] = -float("inf")
+                scores[0, eoc] = 0.0
+            return scores
+
+    sample = ("<image>Output:", [Image.fromarray(random_images(1, size=32)[0])])
+    texts, n = generate_text(model, ip, tok, sample, max_new_tokens=6, do_sample=True, num_return_sequences=2,
+                             logits_processor=LogitsProcessorList([EndFirstRowAfterTwo()]))
+    assert len(texts) == 2 and n == 2 + 6
+
+
+def test_sampling_flags_without_do_sample_are_named_in_a_note(saved, capsys):
+    root, _ = saved
+    common = ["--model", str(root / "model"), "--prompt", "<image>Output:", "--images", str(root / "im0.png"),
+              "--max-new-tokens", "4", "--json"]
+    _, greedy = _run(capsys, *common)
+    code, out = _run(capsys, *common, "--temperature", "0.5", "--top-k", "3")
+    assert code == 0 and json.loads(out.out)["outputs"] == json.loads(greedy.out)["outputs"]
+    assert "note: --temperature, --top-k only act with --do-sample" in out.err
+    assert "note:" not in greedy.err
+    _, sampled = _run(capsys, *common, "--do-sample", "--temperature", "0.5", "--seed", "0")
+    assert "note:" not in sampled.err
+
+
 def test_sampling_returns_several_sequences(saved, capsys):
     root, _ = saved
     code, out = _run(capsys, "--model", str(root / "model"), "--prompt", "<image>Output:", "--images",
@@ -322,12 +361,20 @@ def test_a_lazy_handler_runs_the_function_it_names(tmp_path):
         args.func(args)
 
 
+def test_generate_runs_in_float16(saved, capsys):
+    root, _ = saved
+    code, out = _run(capsys, "--model", str(root / "model"), "--prompt", "<image>Output:", "--images",
+                     str(root / "im0.png"), "--max-new-tokens", "3", "--dtype", "fp16", "--json")
+    assert code == 0 and len(json.loads(out.out)["outputs"]) == 1, out.err
+
+
 @pytest.mark.parametrize("command", ["generate", "serve"])
 def test_dtype_takes_the_spellings_of_configs_and_torch(command, capsys):
     from flamingo_vlm.cli import build_parser
 
     parser = build_parser()
-    for given, want in (("bf16", "bfloat16"), ("FP32", "float32"), ("torch.bfloat16", "bfloat16"), ("auto", "auto")):
+    for given, want in (("bf16", "bfloat16"), ("FP32", "float32"), ("torch.bfloat16", "bfloat16"), ("auto", "auto"),
+                        ("fp16", "float16"), ("float16", "float16")):  # (generate refused fp16, serve took it)
         assert parser.parse_args([command, "--dtype", given]).dtype == want
     with pytest.raises(SystemExit):
         parser.parse_args([command, "--dtype", "int3"])

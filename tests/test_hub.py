@@ -78,9 +78,12 @@ def test_an_offline_hub_id_asks_the_cache_only(monkeypatch, tmp_path):
         return real(name, cache_dir=cache_dir, local_files_only=local_files_only, revision=revision)
 
     monkeypatch.setattr(pretrained, "resolve_directory", spy)
-    with pytest.raises(OSError, match="someone/no-such-flamingo"):
+    with pytest.raises(OSError, match="someone/no-such-flamingo") as e:
         load_pretrained("someone/no-such-flamingo", cache_dir=tmp_path)
     assert seen == {"local_files_only": True}
+    # advice a command line can follow (it had passed on huggingface_hub's "pass 'local_files_only=False'")
+    assert "not in the local Hugging Face cache" in str(e.value) and "local_files_only" not in str(e.value)
+    assert "give that directory instead, or set HF_HOME" in str(e.value)
 
 
 def test_open_clip_weights_honour_local_files_only(monkeypatch, tmp_path):
@@ -95,9 +98,10 @@ def test_open_clip_weights_honour_local_files_only(monkeypatch, tmp_path):
         raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    with pytest.raises(OSError, match="timm/vit_large_patch14_clip_224.openai"):
+    with pytest.raises(OSError, match="timm/vit_large_patch14_clip_224.openai") as e:
         build_vision_encoder("ViT-L-14", "openai", cache_dir=tmp_path, use_local_files=True)
     assert calls == [True]
+    assert "not in the local Hugging Face cache" in str(e.value) and "in place of 'openai'" in str(e.value)
 
 
 def test_a_cached_hub_lm_loads_without_asking_the_hub(monkeypatch, tmp_path):

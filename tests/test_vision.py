@@ -330,3 +330,18 @@ def test_the_vit_compiles_as_one_graph():
     x = torch.randn(2, 3, 32, 32)
     compiled = torch.compile(vit, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), vit(x))
+
+
+def test_an_open_clip_config_without_a_head_gets_an_error_naming_the_file_and_heads_are_honoured(tmp_path):
+    from flamingo_vlm.modeling.vision import OpenCLIPVisionTransformer
+
+    vcfg = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16}
+    path = tmp_path / "vis.json"
+    path.write_text(json.dumps({"embed_dim": 16, "vision_cfg": vcfg}))  # head_width defaults to 64 > width
+    with pytest.raises(ValueError, match=r"vis\.json: vision width 32 is smaller than head_width 64"):
+        OpenCLIPVisionTransformer.from_open_clip_config(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"vis\.json: "):
+        OpenCLIPVisionTransformer.from_open_clip_config(path)
+    assert OpenCLIPVisionTransformer.from_open_clip_config({"vision_cfg": {**vcfg, "heads": 4}}).config["heads"] == 4
+    assert OpenCLIPVisionTransformer.from_open_clip_config({"vision_cfg": {**vcfg, "head_width": 16}}).config["heads"] == 2

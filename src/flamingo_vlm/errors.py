@@ -60,3 +60,15 @@ def plain_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             for sub in set(action.choices.values()):
                 plain_help(sub)
     return parser
+
+
+def why_not_fetched(e: BaseException) -> str:
+    """Why a Hub download failed, for a message a command line prints too: huggingface_hub's "not in the
+    cache, offline" error ends in advice for Python callers ("pass 'local_files_only=False'"), which
+    says nothing to someone at ``flamingo-vlm generate``; other failures keep their own text."""
+    if type(e).__name__ == "LocalEntryNotFoundError":
+        from huggingface_hub import constants
+
+        return (f"not in the local Hugging Face cache ({constants.HF_HUB_CACHE}), and the Hub was not contacted "
+                "(offline, or asked for local files only)")
+    return f"{type(e).__name__}: {e}"

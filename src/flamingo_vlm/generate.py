@@ -93,7 +93,8 @@ def rank_candidates(model, image_processor, tokenizer, sample, candidates) -> li
 def _load(model_name: str, dtype: str | None, device: str | None, quantize: str | None = None):
     from .pretrained import from_pretrained
 
-    torch_dtype = auto_dtype(device) if dtype in (None, "auto") else {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    torch_dtype = auto_dtype(device) if dtype in (None, "auto") else names[dtype]
     return from_pretrained(model_name, dtype=torch_dtype, device=device, quantize=quantize)
 
 
@@ -150,9 +151,16 @@ def generate_text(model, image_processor, tokenizer, sample, *, stream=None, **g
         out = model.generate(vision_x, input_ids, attention_mask, streamer=streamer, **gen_kwargs)
     new = out[:, input_ids.shape[1]:]
     texts = [cut_at_stop(tokenizer.decode(row, skip_special_tokens=True).lstrip(), stops)[0] for row in new]
-    eoc = model.eoc_token_id
-    n_tokens = int(sum(int((row != eoc).sum()) for row in new))
-    return texts, n_tokens
+    eos = gen_kwargs.get("eos_token_id", model.eoc_token_id)
+    ends = {int(i) for i in (eos if isinstance(eos, (list, tuple, set)) else [eos]) if i is not None}
+    ends.add(model.eoc_token_id)
+    return texts, sum(_generated_length(row.tolist(), ends) for row in new)
+
+
+def _generated_length(row: list[int], ends: set[int]) -> int:
+    """The tokens a returned sequence generated: up to its first end token (not counted), not the
+    padding after it that a batch of sequences of different lengths gets."""
+    return next((i for i, token in enumerate(row) if token in ends), len(row))
 
 
 def _check_context(model, n_prompt: int, max_new_tokens: int | None) -> None:

@@ -8,6 +8,7 @@ take the seconds that torch's import takes on a small CPU.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .errors import UsageError
 from .lazy import lazy_function
@@ -50,10 +51,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"default {DEFAULT_MAX_NEW_TOKENS} (--demo: each task's own budget)")
     g.add_argument("--num-beams", type=int, default=1)
     g.add_argument("--num-return-sequences", type=int, default=1)
-    g.add_argument("--do-sample", action="store_true")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--do-sample", action="store_true", help="sample (default: greedy, or beam search with --num-beams)")
+    g.add_argument("--temperature", type=float, default=None, help="with --do-sample; default 1.0")
+    g.add_argument("--top-k", type=int, default=None, help="with --do-sample; default 50 (0: no top-k filtering)")
+    g.add_argument("--top-p", type=float, default=None, help="with --do-sample; default 1.0")
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop", action="append", metavar="STRING",
                    help=f"also stop at this string, which the output leaves out (repeatable; {EOC_TOKEN} always stops)")
@@ -61,7 +62,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output and device")
     o.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     o.add_argument("--no-stream", action="store_true", help="print the result at the end")
-    o.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", type=dtype_name,
+    o.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", type=dtype_name,
                    help="auto (default): bfloat16 where it runs natively (GPUs, CPUs with AVX512-BF16), else float32")
     o.add_argument("--device", help="cpu, cuda, cuda:1 (default: cpu)")
     o.add_argument("--quantize", choices=["int8", "int4"],
@@ -77,10 +78,20 @@ def add_generate_subcommand(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+SAMPLING_FLAGS = (("--temperature", "temperature"), ("--top-k", "top_k"), ("--top-p", "top_p"))
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}  # transformers' own
+
+
 def check_decoding_args(args: argparse.Namespace) -> None:
     """The flags that need no model or torch, in range and consistent (:class:`UsageError` otherwise):
     checked before ``generate``'s module (and torch) is imported, so a typo is answered at once."""
     args.items = getattr(args, "items", None) or []
+    first = not hasattr(args, "sampling_given")  # (generate's _run checks again: one note)
+    if first:
+        args.sampling_given = [flag for flag, name in SAMPLING_FLAGS if getattr(args, name) is not None]
+        for _, name in SAMPLING_FLAGS:
+            if getattr(args, name) is None:
+                setattr(args, name, SAMPLING_DEFAULTS[name])
     if args.demo and (args.items or args.prompt is not None):
         raise UsageError("--demo runs the bundled prompts; drop --image/--text/--prompt")
     checks = [
@@ -99,6 +110,9 @@ def check_decoding_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    if first and args.sampling_given and not args.do_sample:  # (transformers ignores them without do_sample)
+        print(f"flamingo-vlm generate: note: {', '.join(args.sampling_given)} only act with --do-sample; decoding "
+              "greedily", file=sys.stderr)
 
 
 _RUN = lazy_function("flamingo_vlm.generate", "_run")

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import hub
+from .errors import why_not_fetched
 from .checkpoints import CheckpointError, load_openflamingo_checkpoint
 from .factory import assemble, create_model_and_transforms, vision_encoder_from_ref
 from .files import atomic_directory, load_weights_file
@@ -76,9 +77,10 @@ def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_
     except Exception as e:  # offline, unknown repo, unknown revision, auth: one clear message
         at = f" at revision {revision!r}" if revision else ""
         raise OSError(
-            f"could not get model '{name_or_path}'{at} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"could not get model '{name_or_path}'{at} from the Hugging Face Hub ({why_not_fetched(e)}). "
             "It is not a local directory either. Download it where the Hub is reachable "
-            "(`hf download " + str(name_or_path) + " --local-dir DIR`) and pass the directory, or pass cache_dir."
+            "(`hf download " + str(name_or_path) + " --local-dir DIR`) and give that directory instead, or set "
+            "HF_HOME to a Hugging Face cache that holds it"
         ) from e
 
 

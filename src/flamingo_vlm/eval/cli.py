@@ -30,11 +30,11 @@ def _pairs(items: list[str] | None, what: str, cast=str) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise SystemExit(f"{what} takes TASK=VALUE, got {item!r}")
+            raise UsageError(f"{what} takes TASK=VALUE, got {item!r}")
         try:
             out[key.strip()] = cast(value.strip())
         except ValueError:  # (said "invalid literal for int() with base 10: 'abc'", not which flag)
-            raise SystemExit(f"{what} takes TASK=VALUE with an integer VALUE, got {item!r}") from None
+            raise UsageError(f"{what} takes TASK=VALUE with an integer VALUE, got {item!r}") from None
     return out
 
 
@@ -43,13 +43,16 @@ def _run(args: argparse.Namespace) -> int:
     from .tasks import get_task
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    tasks = [get_task(t).name for t in args.tasks.split(",") if t.strip()]
+    try:  # (a usage error, exit code 2, like the other flags')
+        tasks = [get_task(t.strip()).name for t in args.tasks.split(",") if t.strip()]
+    except ValueError as e:
+        raise UsageError(f"--tasks: {e}") from None
     if args.synthetic:
         from ..synthetic import BENCHMARK_TASKS, write_synthetic_benchmark
         from .tasks import TASKS
 
         if args.data_root is None:
-            raise SystemExit("--synthetic needs --data-root (where to write the synthetic datasets)")
+            raise UsageError("--synthetic needs --data-root (where to write the synthetic datasets)")
         wanted = [t for t in tasks if t in BENCHMARK_TASKS]
         from pathlib import Path
 
@@ -63,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
             except (ValueError, AttributeError):
                 seed = None
             if seed is not None and seed != args.synthetic_seed:  # (its data was used, silently, for any seed)
-                raise SystemExit(f"{args.data_root} holds the synthetic benchmark of --synthetic-seed {seed} "
+                raise UsageError(f"{args.data_root} holds the synthetic benchmark of --synthetic-seed {seed} "
                                  f"({meta}), not {args.synthetic_seed}: give another --data-root for seed "
                                  f"{args.synthetic_seed}, or --synthetic-seed {seed}")
         if missing:
@@ -141,7 +144,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in model, model directory or Hub id (flamingo_vlm.load_pretrained; default {DEFAULT_MODEL})")
     p.add_argument("--tasks", required=True,
-                   help="comma-separated: coco,flickr30k,vqav2,ok_vqa,textvqa,vizwiz,hateful_memes,imagenet,synthetic_icl")
+                   help="comma-separated: coco,flickr30k,vqav2,ok_vqa,textvqa,vizwiz,hateful_memes,imagenet,synthetic_icl "
+                        "(aliases: icl for synthetic_icl, hm for hateful_memes)")
     p.add_argument("--data-root", help="folder holding one folder per dataset (mscoco_karpathy/, vqav2/, ...)")
     p.add_argument("--task-root", action="append", metavar="TASK=PATH", help="a dataset's folder (repeatable)")
     p.add_argument("--out", default="results",

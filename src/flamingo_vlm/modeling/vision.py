@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..files import load_weights_file
+from ..errors import why_not_fetched
 from ..image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
 from .fast_linear import conv, linear
 
@@ -236,7 +237,13 @@ class OpenCLIPVisionTransformer(VisionEncoder):
             raise ValueError(f"act must be 'gelu' or 'quick_gelu', got {act!r}")
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-        heads = heads if heads is not None else width // head_width
+        if heads is None:  # open_clip's rule
+            if head_width < 1 or width < head_width:
+                raise ValueError(f"vision width {width} is smaller than head_width {head_width}, which would give "
+                                 f"no attention head (heads = width // head_width): set head_width (or heads)")
+            heads = width // head_width
+        if heads < 1:
+            raise ValueError(f"vision heads must be >= 1, got {heads}")
         # Constructor arguments as data, so a saved model can rebuild this encoder.
         self.config = dict(
             image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads,
@@ -288,7 +295,10 @@ class OpenCLIPVisionTransformer(VisionEncoder):
         ``vision_cfg``; the Hub's ``open_clip_config.json`` layout ``{"model_cfg": ...}`` works too).
         QuickGELU is used if ``quick_gelu`` or the config's top-level ``quick_gelu`` is true."""
         if isinstance(config, (str, os.PathLike)):
-            config = json.loads(Path(config).read_text())
+            try:  # (a bad value, or not JSON: the message names the file)
+                return cls.from_open_clip_config(json.loads(Path(config).read_text()), tokens_ln_post, quick_gelu)
+            except ValueError as e:
+                raise ValueError(f"{config}: {e}") from e
         config = dict(config)
         preprocess = config.get("preprocess_cfg", {})
         config = config.get("model_cfg", config)
@@ -311,6 +321,7 @@ class OpenCLIPVisionTransformer(VisionEncoder):
             width=vcfg.get("width", 768),
             layers=vcfg.get("layers", 12),
             head_width=vcfg.get("head_width", 64),
+            heads=vcfg.get("heads"),  # (not open_clip's: a config that names its heads means them)
             mlp_ratio=vcfg.get("mlp_ratio", 4.0),
             ls_init_value=vcfg.get("ls_init_value"),
             embed_dim=config.get("embed_dim"),
@@ -464,11 +475,12 @@ def resolve_open_clip_pretrained(
         try:
             return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_files_only))
         except Exception as e:  # offline, missing repo/file, HTTP errors: all get the same advice
-            errors.append(f"{filename}: {type(e).__name__}: {e}")
+            errors.append(f"{filename}: {why_not_fetched(e)}")
     raise OSError(
         f"could not get {' or '.join(filenames)} from the Hugging Face Hub repo {repo_id!r} "
-        f"(cache_dir={cache_dir}). Download it (e.g. `hf download {repo_id} {filenames[-1]}`) "
-        f"or pass a local checkpoint path as `pretrained`.\n" + "\n".join(errors)
+        f"(cache_dir={cache_dir}). Download it where the Hub is reachable (e.g. `hf download {repo_id} "
+        f"{filenames[-1]}`: into the Hugging Face cache, or set HF_HOME to one that holds it), or give a local "
+        f"checkpoint file in place of {tag!r}.\n" + "\n".join(errors)
     )
 
 
