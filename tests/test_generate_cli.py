@@ -80,6 +80,35 @@ def test_the_token_count_leaves_out_the_padding_of_sequences_that_ended_early(sa
     assert len(texts) == 2 and n == 2 + 6
 
 
+def test_the_token_count_leaves_out_the_padding_of_rows_a_stopping_criterion_ended(saved):
+    """A row ended by a stop string (a stopping criterion) is filled with the pad token, not an end token."""
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+    root, (model, ip, tok) = saved
+    assert model.pad_token_id is not None and model.pad_token_id != model.eoc_token_id
+
+    class NoEnd(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, model.eoc_token_id] = -float("inf")
+            return scores
+
+    class FirstRowAfterTwo(StoppingCriteria):
+        def __init__(self):
+            self.start = None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.start = input_ids.shape[1] - 1 if self.start is None else self.start
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            done[0] = input_ids.shape[1] - self.start >= 2
+            return done
+
+    sample = ("<image>Output:", [Image.fromarray(random_images(1, size=32)[0])])
+    texts, n = generate_text(model, ip, tok, sample, max_new_tokens=6, do_sample=True, num_return_sequences=2,
+                             logits_processor=LogitsProcessorList([NoEnd()]),
+                             stopping_criteria=StoppingCriteriaList([FirstRowAfterTwo()]))
+    assert len(texts) == 2 and n == 2 + 6
+
+
 def test_sampling_flags_without_do_sample_are_named_in_a_note(saved, capsys):
     root, _ = saved
     common = ["--model", str(root / "model"), "--prompt", "<image>Output:", "--images", str(root / "im0.png"),

@@ -82,7 +82,7 @@ def test_an_offline_hub_id_asks_the_cache_only(monkeypatch, tmp_path):
         load_pretrained("someone/no-such-flamingo", cache_dir=tmp_path)
     assert seen == {"local_files_only": True}
     # advice a command line can follow (it had passed on huggingface_hub's "pass 'local_files_only=False'")
-    assert "not in the local Hugging Face cache" in str(e.value) and "local_files_only" not in str(e.value)
+    assert f"not in the local Hugging Face cache ({tmp_path})" in str(e.value) and "local_files_only" not in str(e.value)
     assert "give that directory instead, or set HF_HOME" in str(e.value)
 
 
@@ -102,6 +102,9 @@ def test_open_clip_weights_honour_local_files_only(monkeypatch, tmp_path):
         build_vision_encoder("ViT-L-14", "openai", cache_dir=tmp_path, use_local_files=True)
     assert calls == [True]
     assert "not in the local Hugging Face cache" in str(e.value) and "in place of 'openai'" in str(e.value)
+    # online, the same exception type follows a failed request: its own text stays
+    with pytest.raises(OSError, match="LocalEntryNotFoundError: not cached"):
+        build_vision_encoder("ViT-L-14", "openai", cache_dir=tmp_path, use_local_files=False)
 
 
 def test_a_cached_hub_lm_loads_without_asking_the_hub(monkeypatch, tmp_path):

@@ -343,5 +343,7 @@ def test_an_open_clip_config_without_a_head_gets_an_error_naming_the_file_and_he
     path.write_text("{not json")
     with pytest.raises(ValueError, match=r"vis\.json: "):
         OpenCLIPVisionTransformer.from_open_clip_config(path)
+    with pytest.raises(ValueError, match="vision head_width must be >= 1, got 0"):
+        OpenCLIPVisionTransformer.from_open_clip_config({"vision_cfg": {**vcfg, "head_width": 0}})
     assert OpenCLIPVisionTransformer.from_open_clip_config({"vision_cfg": {**vcfg, "heads": 4}}).config["heads"] == 4
     assert OpenCLIPVisionTransformer.from_open_clip_config({"vision_cfg": {**vcfg, "head_width": 16}}).config["heads"] == 2

@@ -62,13 +62,15 @@ def plain_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def why_not_fetched(e: BaseException) -> str:
-    """Why a Hub download failed, for a message a command line prints too: huggingface_hub's "not in the
-    cache, offline" error ends in advice for Python callers ("pass 'local_files_only=False'"), which
-    says nothing to someone at ``flamingo-vlm generate``; other failures keep their own text."""
-    if type(e).__name__ == "LocalEntryNotFoundError":
-        from huggingface_hub import constants
+def why_not_fetched(e: BaseException, local_only: bool, cache_dir=None) -> str:
+    """Why a Hub download failed, for a message a command line prints too. Where the download asked
+    the cache only (``local_only``: the loaders' offline answer, or ``HF_HUB_OFFLINE``), huggingface_hub's
+    "not cached" error ends in advice for Python callers ("pass 'local_files_only=False'"), which says
+    nothing to someone at ``flamingo-vlm generate``: it is said plainly, naming the cache. Other failures
+    (a network error, an unknown repo) keep their own text."""
+    from huggingface_hub import constants
 
-        return (f"not in the local Hugging Face cache ({constants.HF_HUB_CACHE}), and the Hub was not contacted "
-                "(offline, or asked for local files only)")
+    if type(e).__name__ == "LocalEntryNotFoundError" and (local_only or constants.HF_HUB_OFFLINE):
+        return (f"not in the local Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}), and the Hub was not "
+                "contacted (offline, or asked for local files only)")
     return f"{type(e).__name__}: {e}"

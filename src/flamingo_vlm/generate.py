@@ -154,12 +154,16 @@ def generate_text(model, image_processor, tokenizer, sample, *, stream=None, **g
     eos = gen_kwargs.get("eos_token_id", model.eoc_token_id)
     ends = {int(i) for i in (eos if isinstance(eos, (list, tuple, set)) else [eos]) if i is not None}
     ends.add(model.eoc_token_id)
+    pad = gen_kwargs.get("pad_token_id", model.pad_token_id)  # (what a row stopped by a stop string is filled with)
+    if pad is not None:
+        ends.add(int(pad))
     return texts, sum(_generated_length(row.tolist(), ends) for row in new)
 
 
 def _generated_length(row: list[int], ends: set[int]) -> int:
     """The tokens a returned sequence generated: up to its first end token (not counted), not the
-    padding after it that a batch of sequences of different lengths gets."""
+    padding after it that a batch of sequences of different lengths gets (generate never picks the
+    pad token: it is suppressed where it is no end token)."""
     return next((i for i, token in enumerate(row) if token in ends), len(row))
 
 

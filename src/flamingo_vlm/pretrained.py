@@ -77,7 +77,7 @@ def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_
     except Exception as e:  # offline, unknown repo, unknown revision, auth: one clear message
         at = f" at revision {revision!r}" if revision else ""
         raise OSError(
-            f"could not get model '{name_or_path}'{at} from the Hugging Face Hub ({why_not_fetched(e)}). "
+            f"could not get model '{name_or_path}'{at} from the Hugging Face Hub ({why_not_fetched(e, local_files_only, cache_dir)}). "
             "It is not a local directory either. Download it where the Hub is reachable "
             "(`hf download " + str(name_or_path) + " --local-dir DIR`) and give that directory instead, or set "
             "HF_HOME to a Hugging Face cache that holds it"

@@ -238,7 +238,9 @@ class OpenCLIPVisionTransformer(VisionEncoder):
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         if heads is None:  # open_clip's rule
-            if head_width < 1 or width < head_width:
+            if head_width < 1:
+                raise ValueError(f"vision head_width must be >= 1, got {head_width}")
+            if width < head_width:
                 raise ValueError(f"vision width {width} is smaller than head_width {head_width}, which would give "
                                  f"no attention head (heads = width // head_width): set head_width (or heads)")
             heads = width // head_width
@@ -475,7 +477,7 @@ def resolve_open_clip_pretrained(
         try:
             return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_files_only))
         except Exception as e:  # offline, missing repo/file, HTTP errors: all get the same advice
-            errors.append(f"{filename}: {why_not_fetched(e)}")
+            errors.append(f"{filename}: {why_not_fetched(e, local_files_only, cache_dir)}")
     raise OSError(
         f"could not get {' or '.join(filenames)} from the Hugging Face Hub repo {repo_id!r} "
         f"(cache_dir={cache_dir}). Download it where the Hub is reachable (e.g. `hf download {repo_id} "

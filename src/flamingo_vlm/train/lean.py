@@ -220,10 +220,11 @@ def _block(self, x, keys_values, media, num_media=None, gates=None):
 
 def _trained_linear(self, x: torch.Tensor) -> torch.Tensor:
     """A trained ``nn.Linear`` under autocast: keeps its fp32 weight, not a bf16 copy. Elsewhere (no
-    gradients: the trainer's one-off loss check, evaluation during training) :func:`linear`, as a
-    routing block would run the layer (its bf16 products as fp32 GEMMs where bf16 is emulated; the
-    stock ``nn.Linear.forward`` took torch's emulated bf16 GEMM there: the check's two forwards took
-    ~25 s instead of ~3 on the AVX2-only EPYC)."""
+    gradients: the trainer's one-off loss check, evaluation during training; or a call the lean path
+    does not take: hooks, tensor subclasses) :func:`linear`, as a routing block would run the layer
+    (its bf16 products as fp32 GEMMs where bf16 is emulated, with gradients too). The stock
+    ``nn.Linear.forward`` took torch's emulated bf16 GEMM there: the loss check alone made the first
+    amp_bf16 step ~45 s instead of ~18 on the AVX2-only EPYC."""
     if not (torch.is_autocast_enabled(x.device.type) and _lean_ok(x, self)):
         return linear(x, self.weight, self.bias)
     return lean_linear(x, self, keep_input=getattr(self, "_lean_keep_input", False))

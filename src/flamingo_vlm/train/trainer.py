@@ -175,6 +175,10 @@ class Trainer:
                                warn=logger.warning if info.is_main else logger.debug)
         self.resume_from = loaded.path if loaded is not None else None
         state = loaded.state if loaded is not None else None
+        if state is not None and int(state["step"]) > cfg.max_steps:  # (before the model is built; fit would train
+            # nothing and export the checkpoint's model again)
+            raise ConfigError(f"{self.resume_from} is at step {state['step']}, past max_steps {cfg.max_steps}: raise "
+                              "max_steps (--max-steps) to train on from it, or give another output_dir for a new run")
 
         if info.device.type == "cpu" and cfg.malloc_mmap_threshold:
             set_malloc_mmap_threshold(cfg.malloc_mmap_threshold)
@@ -235,9 +239,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.max_steps)
         if loaded is not None:
             self.step = ckpt.restore_optimizer(loaded, self.optimizer, self.scheduler)
-            if self.step > cfg.max_steps:  # (fit would train nothing and export the checkpoint's model again)
-                raise ConfigError(f"{self.resume_from} is at step {self.step}, past max_steps {cfg.max_steps}: raise "
-                                  "max_steps (--max-steps) to train on from it, or give another output_dir for a new run")
             # The next update's lr on this run's schedule: the saved lr unless the schedule or max_steps
             # changed. A run extended from 30 to 60 steps had saved where its 30-step schedule ends (0 for
             # a decay to 0), and its first resumed step would have trained with that.
