@@ -511,28 +511,31 @@ def test_inspect_reports_damaged_shards_and_never_crashes(tmp_path, capsys):
     from flamingo_vlm.cli import main
 
     urls, bad = _damaged_mix(tmp_path)
-    Path(bad["gone"]).unlink()
-    urls.remove(bad["gone"])
+    Path(bad["gone"]).unlink()  # listed, but not there (it had stopped the whole report)
     summary = inspect_shards(urls)
     status = {f["shard"]: f["status"] for f in summary["files"]}
     assert status == {urls[0]: "ok", urls[2]: "ok", bad["garbage"]: "unreadable", bad["empty"]: "unreadable",
-                      bad["truncated"]: "truncated"}
-    assert summary["samples"] == 8 + 1 and summary["shard_read_errors"] == 3
+                      bad["truncated"]: "truncated", bad["gone"]: "missing"}
+    assert summary["samples"] == 8 + 1 and summary["shard_read_errors"] == 4 and summary["shards"] == 6
     assert next(f for f in summary["files"] if f["shard"] == bad["empty"])["error"].endswith("(ReadError: empty file)")
+    assert "shard not found" in next(f for f in summary["files"] if f["shard"] == bad["gone"])["error"]
     assert main(["data", "inspect", *urls]) == 0
     out = capsys.readouterr().out
-    assert "damaged shards: 3" in out
+    assert "damaged or missing shards: 4" in out
     lines = out.splitlines()
     for url, word in [(bad["garbage"], "unreadable"), (bad["empty"], "unreadable"), (bad["truncated"], "truncated"),
-                      (urls[0], "ok")]:
+                      (urls[0], "ok"), (bad["gone"], "missing")]:
         assert any(line.split()[:2] == [word, f"{url}:"] for line in lines), (url, out)
     # shards that all exist but hold no usable sample: the summary, then exit 1 with one line saying so
     only_bad = [bad["garbage"], bad["empty"]]
     for extra in ([], ["--json"]):
         assert main(["data", "inspect", *only_bad, *extra]) == 1
         err = capsys.readouterr().err.strip()
-        assert err == "flamingo-vlm data inspect: error: no usable sample in 2 shard(s) (2 unreadable or damaged, " \
-                      "0 corrupt sample(s))", err
+        assert err == "flamingo-vlm data inspect: error: no usable sample in 2 shard(s) (2 unreadable, damaged or " \
+                      "missing, 0 corrupt sample(s))", err
+    # only missing shards: one line, as before
+    assert main(["data", "inspect", bad["gone"]]) == 1
+    assert capsys.readouterr().err.startswith("flamingo-vlm data inspect: error: shard not found")
     # a pattern that matches nothing: one line, exit 1, no traceback
     assert main(["data", "inspect", str(tmp_path / "nothing-*.tar")]) == 1
     err = capsys.readouterr().err

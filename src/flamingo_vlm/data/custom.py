@@ -352,18 +352,19 @@ def inspect_shards(urls: str | Iterable[str], n: int = 3, *, similarity_threshol
 
     Returns ``{"shards", "samples", "kinds", "images", "images_per_sample", "corrupt",
     "images_corrupt", "shard_read_errors", "files", "examples"}``; ``files`` holds one entry per
-    shard, ``{"shard", "status": "ok" | "unreadable" | "truncated", "samples", "error"}``
-    (``shard_read_errors`` counts the shards that are not ok: they never stop the summary);
+    shard, ``{"shard", "status": "ok" | "unreadable" | "truncated" | "missing", "samples", "error"}``
+    (``shard_read_errors`` counts the shards that are not ok: they never stop the summary; a path or
+    pattern of ``urls`` that names no shard is one ``missing`` entry, unless none names any: then
+    ``FileNotFoundError``, as for training);
     ``examples`` holds the first ``n`` samples' Flamingo text (``<image>`` markers, without eos;
     interleaved documents after matching with ``similarity_threshold``) and image sizes.
     """
-    shards = expand_urls(urls)
+    shards, files = _shards_and_missing(urls)
     read_stats: Counter = Counter()
     kinds: Counter = Counter()
     per_sample: Counter = Counter()
     examples: list[dict] = []
     samples = images = corrupt = images_corrupt = 0
-    files: list[dict] = []
     for url in shards:
         problem: list[tuple[str, str]] = []
         entry = {"shard": url, "status": "ok", "samples": 0, "error": None}
@@ -387,7 +388,7 @@ def inspect_shards(urls: str | Iterable[str], n: int = 3, *, similarity_threshol
         if problem:
             entry["status"], entry["error"] = problem[0]
     return {
-        "shards": len(shards),
+        "shards": len(files),
         "samples": samples,
         "kinds": dict(kinds),
         "images": images,
@@ -398,6 +399,22 @@ def inspect_shards(urls: str | Iterable[str], n: int = 3, *, similarity_threshol
         "files": files,
         "examples": examples,
     }
+
+
+def _shards_and_missing(urls) -> tuple[list[str], list[dict]]:
+    """The shards ``urls`` names (each entry expanded as :func:`expand_urls` does), and a ``missing``
+    file entry for each entry that names none; ``FileNotFoundError`` where no entry names a shard."""
+    specs = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+    shards: list[str] = []
+    missing: list[dict] = []
+    for spec in specs:
+        try:
+            shards.extend(s for s in expand_urls(spec) if s not in shards)
+        except FileNotFoundError as e:
+            missing.append({"shard": os.fspath(spec), "status": "missing", "samples": 0, "error": str(e)})
+    if not shards:
+        expand_urls(specs)  # raises, naming what matched nothing
+    return shards, missing
 
 
 # -- command line -------------------------------------------------------------------------------------
@@ -427,7 +444,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         _print_inspection(summary)
     if not usable:  # exit status 1, so that `data inspect ... && train ...` stops here
         print(f"flamingo-vlm data inspect: error: no usable sample in {summary['shards']} shard(s) "
-              f"({summary['shard_read_errors']} unreadable or damaged, {summary['corrupt']} corrupt sample(s))",
+              f"({summary['shard_read_errors']} unreadable, damaged or missing, {summary['corrupt']} corrupt "
+              "sample(s))",
               file=sys.stderr)
         return 1
     return 0
@@ -437,7 +455,7 @@ def _print_inspection(summary: dict) -> None:
     print(f"{summary['shards']} shard(s), {summary['samples']} sample(s): {summary['kinds']}")
     print(f"images: {summary['images']} (per sample: {summary['images_per_sample']})")
     print(f"corrupt samples: {summary['corrupt']}, corrupt images: {summary['images_corrupt']}, "
-          f"damaged shards: {summary['shard_read_errors']}")
+          f"damaged or missing shards: {summary['shard_read_errors']}")
     ok = [f for f in summary["files"] if f["status"] == "ok"]
     for f in summary["files"]:
         if f["status"] != "ok" or len(ok) <= _LIST_OK_SHARDS:
