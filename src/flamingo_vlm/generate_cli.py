@@ -86,12 +86,9 @@ def check_decoding_args(args: argparse.Namespace) -> None:
     """The flags that need no model or torch, in range and consistent (:class:`UsageError` otherwise):
     checked before ``generate``'s module (and torch) is imported, so a typo is answered at once."""
     args.items = getattr(args, "items", None) or []
-    first = not hasattr(args, "sampling_given")  # (generate's _run checks again: one note)
-    if first:
-        args.sampling_given = [flag for flag, name in SAMPLING_FLAGS if getattr(args, name) is not None]
-        for _, name in SAMPLING_FLAGS:
-            if getattr(args, name) is None:
-                setattr(args, name, SAMPLING_DEFAULTS[name])
+    for _, name in SAMPLING_FLAGS:  # (not given: transformers' defaults)
+        if getattr(args, name) is None:
+            setattr(args, name, SAMPLING_DEFAULTS[name])
     if args.demo and (args.items or args.prompt is not None):
         raise UsageError("--demo runs the bundled prompts; drop --image/--text/--prompt")
     checks = [
@@ -110,14 +107,15 @@ def check_decoding_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    if first and args.sampling_given and not args.do_sample:  # (transformers ignores them without do_sample)
-        print(f"flamingo-vlm generate: note: {', '.join(args.sampling_given)} only act with --do-sample; decoding "
-              "greedily", file=sys.stderr)
 
 
 _RUN = lazy_function("flamingo_vlm.generate", "_run")
 
 
 def _generate(args: argparse.Namespace) -> int:
+    given = [flag for flag, name in SAMPLING_FLAGS if getattr(args, name) is not None]
     check_decoding_args(args)
+    if given and not args.do_sample:  # (transformers ignores them without do_sample)
+        print(f"flamingo-vlm generate: note: {', '.join(given)} only act with --do-sample; decoding greedily",
+              file=sys.stderr)
     return _RUN(args)

@@ -405,16 +405,16 @@ def _shards_and_missing(urls) -> tuple[list[str], list[dict]]:
     """The shards ``urls`` names (each entry expanded as :func:`expand_urls` does), and a ``missing``
     file entry for each entry that names none; ``FileNotFoundError`` where no entry names a shard."""
     specs = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
-    shards: list[str] = []
+    shards: dict[str, None] = {}  # (ordered, without duplicates)
     missing: list[dict] = []
     for spec in specs:
         try:
-            shards.extend(s for s in expand_urls(spec) if s not in shards)
+            shards.update(dict.fromkeys(expand_urls(spec)))
         except FileNotFoundError as e:
             missing.append({"shard": os.fspath(spec), "status": "missing", "samples": 0, "error": str(e)})
     if not shards:
         expand_urls(specs)  # raises, naming what matched nothing
-    return shards, missing
+    return list(shards), missing
 
 
 # -- command line -------------------------------------------------------------------------------------
