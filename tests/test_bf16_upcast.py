@@ -128,6 +128,156 @@ def test_bf16_convolution_runs_on_fp32_values_where_chosen(chosen, monkeypatch):
     assert calls == [1]
 
 
+class SamePadConv(nn.Conv2d):
+    """Like EfficientNet-PyTorch's "same" padding convolutions: its own forward calls ``F.conv2d``."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def backbone() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(SamePadConv(3, 8, 3, stride=2), nn.ReLU(), SamePadConv(8, 8, 3, groups=8),  # depthwise
+                         nn.Conv2d(8, 16, 1))
+
+
+class OpDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The dtype of the first input of every call of ``op`` that reaches torch's kernels."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.dtypes = op, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is self.op:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def conv_dtypes(fn):
+    with OpDtypes(torch.ops.aten.convolution) as seen:
+        out = fn()
+    return out, seen.dtypes
+
+
+def test_a_backbones_own_conv2d_calls_run_on_fp32_values_where_chosen(chosen):
+    if not kernels.onednn_available():
+        pytest.skip("this torch has no oneDNN linear kernel (no routing blocks)")
+    net = backbone().to(BF16)
+    x = torch.randn(2, 3, 16, 16).to(BF16)
+
+    def run():
+        with torch.no_grad(), fast_linear.onednn_linears(net), fast_linear.upcast_convs(net):
+            return net(x)
+
+    with torch.no_grad():
+        want, dtypes = conv_dtypes(lambda: net(x))
+    assert dtypes == [BF16] * 3  # torch's own: bf16 convolutions
+    chosen(True)
+    got, dtypes = conv_dtypes(run)
+    assert dtypes == [torch.float32] * 3 and got.dtype == BF16  # every one, the depthwise one included
+    assert_close(got, want)
+    chosen(False)  # where bf16 is native (or measured faster): torch's bf16 convolutions
+    assert conv_dtypes(run)[1] == [BF16] * 3
+    chosen(True)
+    with torch.no_grad(), fast_linear.upcast_convs(net):  # outside a routing block: nothing changes
+        assert conv_dtypes(lambda: net(x))[1] == [BF16] * 3
+    net.float()  # fp32 weights, fp32 input: no bf16 product, no mode
+    with torch.no_grad(), fast_linear.onednn_linears(net):
+        assert isinstance(fast_linear.upcast_convs(net), type(fast_linear.contextlib.nullcontext()))
+        with torch.autocast("cpu", dtype=BF16), fast_linear.upcast_convs(net):  # a frozen backbone in a bf16 autocast step
+            y, dtypes = conv_dtypes(lambda: net(x.float()))
+        assert dtypes == [torch.float32] * 3 and y.dtype == BF16
+        with torch.autocast("cpu", dtype=BF16):
+            assert_close(y, net(x.float()))
+
+
+def test_the_conv_mode_is_the_entering_threads_alone(chosen):
+    if not kernels.onednn_available():
+        pytest.skip("this torch has no oneDNN linear kernel (no routing blocks)")
+    import threading
+
+    chosen(True)
+    net = backbone().to(BF16)
+    x = torch.randn(1, 3, 16, 16).to(BF16)
+    entered, done, other = threading.Event(), threading.Event(), []
+
+    def elsewhere():  # another request's thread, in a routing block of its own but not encoding images
+        if entered.wait(30):
+            with torch.no_grad(), fast_linear.onednn_linears(net):
+                other.extend(conv_dtypes(lambda: net(x))[1])
+        done.set()
+
+    thread = threading.Thread(target=elsewhere, daemon=True)
+    thread.start()
+    try:
+        with torch.no_grad(), fast_linear.onednn_linears(net), fast_linear.upcast_convs(net):
+            entered.set()
+            done.wait(30)
+            mine = conv_dtypes(lambda: net(x))[1]
+    finally:
+        entered.set()
+        thread.join(30)
+    assert other == [BF16] * 3 and mine == [torch.float32] * 3
+
+
+def test_a_bf16_flamingo_encodes_images_with_fp32_convolutions_where_chosen(chosen):
+    """In generate, and in encode_images called on its own (the server, the prefix cache)."""
+    if not kernels.onednn_available():
+        pytest.skip("this torch has no oneDNN linear kernel (no routing blocks)")
+    from tiny import tiny_lm, tiny_tokenizer
+
+    from flamingo_vlm import create_model_and_transforms
+    from flamingo_vlm.modeling.feature_grid import FeatureGridEncoder
+
+    tokenizer = tiny_tokenizer()
+    encoder = FeatureGridEncoder(backbone(), hidden_size=16, image_size=16)
+    model, _, tokenizer = create_model_and_transforms(encoder, None, tiny_lm(vocab_size=len(tokenizer)), tokenizer)
+    model = model.eval().to(BF16)
+    vision_x = torch.randn(1, 2, 1, 3, 16, 16).to(BF16)
+    ids = tokenizer("<image>a cat<|endofchunk|><image>a", return_tensors="pt")
+    chosen(True)
+    with torch.no_grad():
+        _, dtypes = conv_dtypes(lambda: model.generate(vision_x, ids.input_ids, ids.attention_mask, max_new_tokens=2))
+    assert dtypes == [torch.float32] * 3  # the two images in one batch through three convolutions
+    with torch.no_grad():  # the server and the prefix cache encode images on their own, outside generate
+        _, dtypes = conv_dtypes(lambda: model.encode_images(vision_x[0]))
+    assert dtypes == [torch.float32] * 3
+    chosen(False)
+    with torch.no_grad():
+        _, dtypes = conv_dtypes(lambda: model.generate(vision_x, ids.input_ids, ids.attention_mask, max_new_tokens=2))
+    assert dtypes == [BF16] * 3
+
+
+def test_a_transformers_lms_attention_backward_under_bf16_autocast_runs_in_fp32_where_chosen(chosen):
+    """A LLaMA's rotary embedding makes its query and key fp32 under bf16 autocast (the value stays
+    bf16); autocast still runs the call in bf16, so the check on the query's dtype alone missed it and
+    the backward took torch's emulated bf16 kernel. The whole LM's attention backward in fp32 where
+    chosen, with the loss and gradients of torch's bf16 call up to rounding."""
+    from tiny import tiny_flamingo
+
+    model, _, tokenizer = tiny_flamingo("llama")
+    model.train()
+    ids = tokenizer(["<image>a red car<|endofchunk|>"] * 2, return_tensors="pt").input_ids
+    vision_x = torch.randn(2, 1, 1, 3, 32, 32)
+    results = {}
+    for value in (False, True):
+        chosen(value)
+        model.zero_grad()
+        with OpDtypes(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward) as seen:
+            with torch.autocast("cpu", dtype=BF16):
+                loss = model(vision_x, ids, labels=ids).loss
+            loss.backward()
+        grad = model.perceiver.latents.grad.clone()
+        results[value] = (loss.detach(), grad, seen.dtypes)
+    (ref_loss, ref_grad, ref_dtypes), (loss, grad, dtypes) = results[False], results[True]
+    layers = model.lang_encoder.config.num_hidden_layers
+    assert ref_dtypes.count(BF16) >= layers  # torch's bf16 backward for every LM layer (and ours)
+    assert dtypes == [torch.float32] * len(ref_dtypes)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-2)
+    assert_close(grad, ref_grad, rel=5e-2)
+
+
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
 def test_sdpa_keeps_the_bf16_forward_and_takes_the_backward_in_fp32(chosen, mask):
     chosen(True)
