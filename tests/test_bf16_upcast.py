@@ -192,6 +192,40 @@ def test_a_backbones_own_conv2d_calls_run_on_fp32_values_where_chosen(chosen):
             assert_close(y, net(x.float()))
 
 
+@pytest.mark.parametrize("form", ["two arguments", "bias by keyword", "padding by keyword", "all positional"])
+def test_every_conv2d_call_form_is_taken_as_torch_takes_it(chosen, form):
+    """``F.conv2d(x, w)``, ``F.conv2d(x, w, bias=b, padding="same")``, ...: a blur filter or a
+    backbone's own call, with or without a bias, arguments by position or keyword."""
+    if not kernels.onednn_available():
+        pytest.skip("this torch has no oneDNN linear kernel (no routing blocks)")
+    x = torch.randn(2, 4, 10, 10).to(BF16)
+    w, b = (torch.randn(4, 1, 3, 3) * 0.3).to(BF16), torch.randn(4).to(BF16)
+    call = {"two arguments": lambda: F.conv2d(x, w.expand(4, 4, 3, 3).contiguous()),
+            "bias by keyword": lambda: F.conv2d(x, w, bias=b, stride=2, groups=4),
+            "padding by keyword": lambda: F.conv2d(x, w, None, padding="same", groups=4),
+            "all positional": lambda: F.conv2d(x, w, b, 1, "same", 1, 4)}[form]
+    holder = nn.Conv2d(4, 4, 1).to(BF16)  # (upcast_convs enters its mode for modules with a bf16 conv)
+    with torch.no_grad():
+        want = call()
+        chosen(True)
+        with fast_linear.onednn_linears(holder), fast_linear.upcast_convs(holder):
+            got, dtypes = conv_dtypes(call)
+    assert dtypes == [torch.float32]
+    assert_close(got, want)
+
+
+def test_image_encoding_compiles_as_one_graph():
+    """``upcast_convs`` looks at the routing block's context variable only outside ``torch.compile``
+    (dynamo cannot trace it)."""
+    from tiny import tiny_flamingo
+
+    model, _, _ = tiny_flamingo()
+    compiled = torch.compile(model.encode_vision_x, fullgraph=True, backend="eager")
+    x = torch.randn(1, 2, 1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model.encode_vision_x(x))
+
+
 def test_the_conv_mode_is_the_entering_threads_alone(chosen):
     if not kernels.onednn_available():
         pytest.skip("this torch has no oneDNN linear kernel (no routing blocks)")

@@ -170,12 +170,13 @@ def _upcast_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *rest
                             None if b is None else b.to(torch.bfloat16).float(), *rest, **kwargs).to(torch.bfloat16)
 
 
-def _upcast_conv_applies(x, w) -> bool:
+def _upcast_conv_applies(x, w, b=None) -> bool:
     """A bf16 CPU convolution without gradients, inside a routing block, on a machine whose bf16
     products run faster as fp32 ones (the ``bf16_gemm`` choice)."""
-    return (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and type(x) in PLAIN_TYPES
-            and type(w) in PLAIN_TYPES and w.is_cpu and _ACTIVE.get() is not None and _bf16_product(x, w)
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    return (type(x) in PLAIN_TYPES and type(w) in PLAIN_TYPES and (b is None or type(b) in PLAIN_TYPES)
+            and w.is_cpu and _ACTIVE.get() is not None and _bf16_product(x, w)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                  or (b is not None and b.requires_grad)))
             and decide("bf16_gemm"))
 
 
@@ -185,7 +186,7 @@ def conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     ViT's patch embedding in bf16 on the AVX2-only EPYC: 1.28 s for 12 images, 26x fp32's time)."""
     if torch.compiler.is_compiling():  # (dynamo cannot trace the context variable)
         return layer(x)
-    if _upcast_conv_applies(x, layer.weight):
+    if _upcast_conv_applies(x, layer.weight, layer.bias):
         with _UpcastConvs():
             return layer(x)
     return layer(x)
@@ -198,29 +199,36 @@ class _UpcastConvs(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.conv2d and len(args) >= 2 and _upcast_conv_applies(args[0], args[1]):
-            return _upcast_conv(*args, **kwargs)
+        if func is torch.conv2d and len(args) >= 2:  # (input and weight given by keyword: left as they are)
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if _upcast_conv_applies(args[0], args[1], bias):
+                rest = {k: v for k, v in kwargs.items() if k != "bias"}
+                return _upcast_conv(args[0], args[1], bias, *args[3:], **rest)
         return func(*args, **kwargs)
 
 
 def upcast_convs(module: nn.Module):
-    """Around a call of ``module`` (an image encoder) inside a routing block: its bf16 convolutions
-    without gradients as fp32 ones of the bf16 values where this machine's bf16 is emulated, also
-    those a third-party backbone calls through ``F.conv2d`` itself (EfficientNet's "same" padding
-    convolutions). Measured on the AVX2-only AMD EPYC, the built-in model's EfficientNet-Lite0 in
-    bf16, three images: 765 ms, 85% of it in torch's emulated ``_slow_conv2d_forward`` (its 16
-    depthwise convolutions split per channel: 8993 calls), against 69 ms in fp32. A no-op (no mode
-    entered) outside a block, under ``torch.compile``, where bf16 is native or the module holds no
-    bf16 convolution weights and no bf16 autocast is on."""
-    if _ACTIVE.get() is None or torch.compiler.is_compiling():
+    """Around a call of ``module`` (an image encoder) inside a routing block: its bf16 2-D convolutions
+    (``torch.conv2d`` / ``F.conv2d``; not 1-D, 3-D or transposed ones) without gradients as fp32
+    ones of the bf16 values where this machine's bf16 is emulated, also those a third-party backbone
+    calls through ``F.conv2d`` itself (EfficientNet's "same" padding convolutions). Measured on the
+    AVX2-only AMD EPYC, the built-in model's EfficientNet-Lite0 in bf16, three images (its
+    ``encode_vision_x`` in a routing block): 765 ms, 85% of it in torch's emulated
+    ``_slow_conv2d_forward`` (its 16 depthwise convolutions split per channel: 8993 calls), then
+    98 ms; 69 ms in fp32. A no-op (no mode entered) outside a block, under ``torch.compile``, where
+    bf16 is native, or where the module holds no ``nn.Conv2d`` with a bf16 weight and no bf16
+    autocast is on (or, under autocast, none at all). While the mode is active torch sees a torch
+    function override, so fast paths that check for one (``nn.MultiheadAttention``'s fused
+    inference path) step aside; it is entered only where bf16 is emulated, where those are slower."""
+    if torch.compiler.is_compiling() or _ACTIVE.get() is None or not decide("bf16_gemm"):
         return contextlib.nullcontext()
     autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
-    if not autocast and not any(isinstance(m, nn.Conv2d) and m.weight.dtype is torch.bfloat16 and m.weight.is_cpu
-                                for m in module.modules()):
-        return contextlib.nullcontext()
-    if not decide("bf16_gemm"):
-        return contextlib.nullcontext()
-    return _UpcastConvs()
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            w = m._parameters.get("weight")
+            if autocast or (w is not None and w.dtype is torch.bfloat16 and w.is_cpu):
+                return _UpcastConvs()
+    return contextlib.nullcontext()
 
 
 def _routed_forward(layer: nn.Linear):

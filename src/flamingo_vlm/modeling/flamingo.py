@@ -448,8 +448,9 @@ class Flamingo(nn.Module):
         if images.ndim != 5:
             raise ValueError(f"images must have shape (N, frames, channels, height, width), got {tuple(images.shape)}")
         # Routed as inside generate (the server and the prefix cache call this on its own): the image
-        # side's layers only, since walking the whole model's costs milliseconds (a bf16 model on the
-        # AVX2-only EPYC, the built-in model's 3 images: 808 -> 72 ms, its convolutions on the fp32 route).
+        # side's layers only, since walking the whole model's costs milliseconds (the built-in model in
+        # bf16 on the AVX2-only EPYC, 3 images through this method: 808 -> 72-88 ms, its convolutions
+        # on the fp32 route; 57-67 ms in fp32).
         with onednn_linears(nn.ModuleList([self.vision_encoder, self.perceiver]), enabled=_routing(self)):
             return self.encode_vision_x(images.unsqueeze(1))[:, 0]
 
