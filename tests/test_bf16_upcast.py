@@ -312,6 +312,55 @@ def test_a_transformers_lms_attention_backward_under_bf16_autocast_runs_in_fp32_
     assert_close(grad, ref_grad, rel=5e-2)
 
 
+class QueryDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """(dtype, queries) of every call of torch's CPU flash attention forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            self.calls.append((args[0].dtype, args[0].shape[-2]))
+        return func(*args, **(kwargs or {}))
+
+
+def tiny_mosaic():
+    from transformers import MptConfig
+
+    from flamingo_vlm import create_model_and_transforms
+    from flamingo_vlm.modeling.mpt import MosaicMptForCausalLM
+    from tiny import randomize_gates, tiny_tokenizer, tiny_vision
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    cfg = MptConfig(d_model=32, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=64, vocab_size=len(tok))
+    model, _, tok = create_model_and_transforms(tiny_vision(), None, MosaicMptForCausalLM(cfg).eval(), tok)
+    randomize_gates(model)
+    return model.eval(), None, tok
+
+
+@pytest.mark.parametrize("lm", ["llama", "mosaic"])
+def test_decoding_steps_under_bf16_autocast_run_their_attention_in_fp32(chosen, lm):
+    """Under bf16 autocast (evaluation's ``amp_bf16``) a decoding step's attention is a bf16 call
+    whatever its inputs' dtypes, 2-3x slower than on fp32 copies: each step's LM and cross-attention
+    calls in fp32 (on any CPU, as for a bf16 model). Before, the fp32 copies our cross-attention and
+    MPT made went back to bf16 through autocast, and the LM's fp32 query (rotary) was not noticed."""
+    from tiny import tiny_flamingo
+
+    chosen(False)  # (no bearing on decoding: fp32 decode steps pay on CPUs with native bf16 too)
+    model, _, tokenizer = tiny_flamingo("llama") if lm == "llama" else tiny_mosaic()
+    model.cpu_onednn = False  # (no fused native decoding step: every attention call goes through SDPA)
+    ids = tokenizer(["<image>a red car<|endofchunk|><image>a"], return_tensors="pt")
+    vision_x = torch.randn(1, 2, 1, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16), QueryDtypes() as seen:
+        out = model.generate(vision_x, ids.input_ids, ids.attention_mask, max_new_tokens=3)
+    steps = [dtype for dtype, queries in seen.calls if queries == 1]
+    assert len(steps) >= 2 * 2 * 2  # 2 decoding steps (3 tokens) x 2 layers x (LM + cross-attention)
+    assert steps == [torch.float32] * len(steps)
+    assert out.shape[1] == ids.input_ids.shape[1] + 3
+
+
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
 def test_sdpa_keeps_the_bf16_forward_and_takes_the_backward_in_fp32(chosen, mask):
     chosen(True)

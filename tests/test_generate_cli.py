@@ -408,3 +408,18 @@ def test_dtype_takes_the_spellings_of_configs_and_torch(command, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args([command, "--dtype", "int3"])
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fp16_native", [False, True])
+def test_the_load_line_names_the_dtype_and_emulated_float16_gets_a_note(saved, capsys, monkeypatch, fp16_native):
+    """``--dtype auto`` says what it picked; float16 on a CPU without float16 arithmetic (emulated,
+    5x slower on the AVX2-only EPYC) says so once, after loading."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: fp16_native, raising=False)
+    root, _ = saved
+    common = ["--model", str(root / "model"), "--prompt", "<image>Output:", "--images", str(root / "im0.png"),
+              "--max-new-tokens", "2"]
+    code, out = _run(capsys, *common, "--dtype", "float32")
+    assert code == 0 and "loaded in" in out.err and ": float32]" in out.err and "note:" not in out.err
+    code, out = _run(capsys, *common, "--dtype", "float16")
+    assert code == 0 and ": float16]" in out.err
+    assert ("note: this CPU has no float16 arithmetic" in out.err) is not fp16_native

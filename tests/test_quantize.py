@@ -238,7 +238,7 @@ def test_the_server_says_its_model_is_quantized(tiny):
     """`serve --quantize int4` logged "serving 'smol-synthetic' (float32, ...)", as for the full model."""
     import copy
 
-    from flamingo_vlm.serve.cli import weights_summary
+    from flamingo_vlm.modeling.quantize import weights_summary
 
     model, *_ = tiny
     assert weights_summary(model) == "float32"
@@ -271,3 +271,31 @@ def test_head_quantization_keeps_the_added_token_rows(tied, mode):
     # the added tokens' logits come from their own rows (the <image> row is -inf-masked or equal in both)
     if mode == "int8":
         assert torch.allclose(out[..., new_ids[1]], ref[..., new_ids[1]], rtol=0.05, atol=0.05)
+
+
+def test_the_fp32_int8_gemm_route_stays_fp32_under_bf16_autocast():
+    """Under bf16 autocast (``evaluate --quantize int8 --precision amp_bf16``) the fp32 route's product
+    was cast back to bf16 by autocast: an emulated bf16 GEMM, 5x slower on the AVX2-only EPYC."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from flamingo_vlm.modeling.kernels import int8_gemm
+
+    class MmDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.dtypes.append(args[-2].dtype if func.overloadpacket is torch.ops.aten.addmm else args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 32, generator=g)
+    q = torch.randint(-127, 128, (24, 32), generator=g, dtype=torch.int8)
+    s = torch.rand(24, generator=g) * 0.01
+    want = int8_gemm(x, q, s, None, "fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16), MmDtypes() as seen:
+        got = int8_gemm(x, q, s, None, "fp32")
+    assert seen.dtypes == [torch.float32]
+    torch.testing.assert_close(got, want)

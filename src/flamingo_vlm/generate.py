@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
-from .modeling.fast_linear import auto_dtype
+from .modeling.fast_linear import auto_dtype, emulated_fp16_note
 from .modeling.lm_info import lm_context_limit
+from .modeling.quantize import weights_summary
 from .generate_cli import DEFAULT_MAX_NEW_TOKENS, add_generate_subcommand, check_decoding_args  # noqa: F401 (re-exported)
 from .prompt_format import EOC_TOKEN, MEDIA_TOKEN, cut_at_stop, stop_holdback
 
@@ -330,7 +331,10 @@ def _run(args: argparse.Namespace) -> int:
     model, image_processor, tokenizer = _load(args.model, args.dtype, args.device, args.quantize)
     load_s = time.perf_counter() - start
     if not args.json:
-        print(f"[{args.model} loaded in {load_s:.1f} s]", file=sys.stderr)
+        print(f"[{args.model} loaded in {load_s:.1f} s: {weights_summary(model)}]", file=sys.stderr)
+    note = emulated_fp16_note(next(model.perceiver.parameters()).dtype, args.device)
+    if note:
+        print(note, file=sys.stderr)
     if args.demo:
         return _run_demo(args, model, image_processor, tokenizer)
     if shown is None:  # --image/--text: demonstrations joined in the model's format

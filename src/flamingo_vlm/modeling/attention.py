@@ -17,7 +17,8 @@ our MPT, cross-attention and perceiver call, keeps the forward and the bf16 tens
 computes the backward on fp32 copies; transformers' LMs, whose SDPA call is theirs, run that call on
 fp32 copies (forward too, so it keeps fp32 copies for backward), also any such call under bf16
 autocast, whatever its inputs' dtypes (a LLaMA's rotary embedding makes its query and key fp32, the
-value stays bf16; autocast would run the call in bf16), on their values rounded to bf16.
+value stays bf16; autocast would run the call in bf16), on their values rounded to bf16; so does a
+decoding step under bf16 autocast (evaluation's ``amp_bf16``).
 
 A chunk of queries after a past (a long prompt prefilled in chunks by the server, a prompt whose
 demonstrations the prefix cache holds) gets an explicit mask from transformers, and SDPA computes its
@@ -46,10 +47,15 @@ _causal_seen: tuple | None = None  # (a weak reference to the last mask checked,
 
 
 def fp32_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, training: bool) -> bool:
-    """A bf16 attention call on CPU with few queries and no gradient wanted."""
-    return (query.dtype == torch.bfloat16 and query.device.type == "cpu" and not training
-            and query.shape[-2] <= FP32_MAX_QUERIES
+    """A bf16 attention call on CPU (bf16 inputs, or any under bf16 autocast, which runs it in bf16)
+    with few queries and no gradient wanted. Callers compute it on fp32 copies with autocast off."""
+    return (query.device.type == "cpu" and (query.dtype == torch.bfloat16 or _cpu_bf16_autocast())
+            and not training and query.shape[-2] <= FP32_MAX_QUERIES
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)))
+
+
+def _cpu_bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
 
 
 def bf16_backward_in_fp32(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -150,7 +156,7 @@ def flamingo_sdpa(module: nn.Module, query, key, value, attention_mask, **kwargs
         out = past_then_causal(query, key, value, kwargs.get("scaling"))
         return out.transpose(1, 2).contiguous(), None
     # (bf16 training where bf16 is emulated: transformers' own SDPA call on fp32 copies, forward too)
-    if _autocast_bf16_training(query, key, value):
+    if _autocast_bf16_in_fp32(query, key, value, module.training):
         # Under bf16 autocast the call is a bf16 one whatever its inputs' dtypes (a LLaMA's rotary
         # embedding makes its query and key fp32, the value is bf16; autocast casts all three): its
         # values rounded to bf16 as autocast would, computed in fp32 outside autocast, bf16 out.
@@ -168,15 +174,19 @@ def flamingo_sdpa(module: nn.Module, query, key, value, attention_mask, **kwargs
     return out.to(query.dtype), weights
 
 
-def _autocast_bf16_training(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """A CPU attention call under bf16 autocast that wants gradients, on a CPU whose bf16 is emulated:
-    autocast would run it in bf16 with torch's slow bf16 backward (:func:`bf16_backward_in_fp32`).
-    Measured on the AVX2-only AMD EPYC, a bf16-autocast step of the built-in model's recipe (SmolLM2's
-    30 layers, 8 x 246 tokens): the step's 37 flash-attention backward calls, 30 of them the LM's, took
-    5.17 s of a 16.8 s profiled step, 0.92 s in fp32."""
-    return (query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") is torch.bfloat16 and torch.is_grad_enabled()
-            and (query.requires_grad or key.requires_grad or value.requires_grad) and decide("bf16_gemm"))
+def _autocast_bf16_in_fp32(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, training: bool) -> bool:
+    """A CPU attention call under bf16 autocast that :func:`fp32_decode` or :func:`bf16_backward_in_fp32`
+    would send to fp32 (autocast runs it in bf16 whatever its inputs' dtypes): a decoding step, or a
+    call that wants gradients where bf16 is emulated. Measured on the AVX2-only AMD EPYC: a
+    bf16-autocast step of the built-in model's recipe (SmolLM2's 30 layers, 8 x 246 tokens), the
+    step's 37 flash-attention backward calls, 30 of them the LM's, 5.17 s of a 16.8 s profiled step,
+    0.92 s in fp32; one decoding query over 128 / 512 keys (9 heads of 64) 117 / 431 us under
+    autocast, 73 / 187 us on fp32 copies."""
+    if query.device.type != "cpu" or not _cpu_bf16_autocast():
+        return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return decide("bf16_gemm")
+    return fp32_decode(query, key, value, training)
 
 
 def _register() -> None:

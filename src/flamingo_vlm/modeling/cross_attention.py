@@ -159,7 +159,8 @@ class MaskedCrossAttention(nn.Module):
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
         if fp32_decode(q, k, v, self.training):  # bf16 decode step on CPU: SDPA on fp32 copies (.attention)
-            out = self._attend(q.float(), k.float(), v.float(), plan.mask).to(q.dtype)
+            with torch.autocast("cpu", enabled=False):  # (under bf16 autocast SDPA would take them back to bf16)
+                out = self._attend(q.float(), k.float(), v.float(), plan.mask).to(q.dtype)
         else:
             out = self._attend(q, k, v, plan.mask)
         out = self.to_out(out.reshape(b, 1, -1) if length == 1 else merge_heads(out))

@@ -620,7 +620,8 @@ def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
         out = out.to(x.dtype)
     else:
         dtype = torch.bfloat16 if route == "bf16" else torch.float32
-        out = F.linear(x.to(dtype), qweight.to(dtype)).to(x.dtype) * scales.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # (bf16 autocast would make the fp32 route an emulated bf16 GEMM)
+            out = F.linear(x.to(dtype), qweight.to(dtype)).to(x.dtype) * scales.to(x.dtype)
     return out if bias is None else out + bias.to(x.dtype)
 
 

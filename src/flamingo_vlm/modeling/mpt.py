@@ -44,6 +44,7 @@ Which settings are honoured, irrelevant or refused when loading: ``docs/lm-confi
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -173,15 +174,18 @@ class MosaicMptAttention(nn.Module):
         if not isinstance(position_bias, AlibiBias):
             raise TypeError("MosaicMptAttention must run inside MosaicMptModel (it builds the ALiBi bias)")
         dtype = query.dtype
-        if fp32_decode(query, key, value, self.training):
+        in_fp32 = fp32_decode(query, key, value, self.training)
+        if in_fp32:
             # torch's CPU SDPA is 3-4x slower on one bf16 query than on fp32 ones (decode, 300-2000
             # cached keys, AMD EPYC Zen 4), more than the casts cost: the product runs in fp32
             query, key, value = query.float(), key.float(), value.float()
         bias = position_bias(attention_mask, q_len, key.shape[-2], query.dtype, query.device)
-        context = sdpa(
-            query, key, value, attn_mask=bias, scale=self.softmax_scale,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-        ).to(dtype)
+        # (under bf16 autocast SDPA would take the fp32 copies back to bf16)
+        with torch.autocast("cpu", enabled=False) if in_fp32 else contextlib.nullcontext():
+            context = sdpa(
+                query, key, value, attn_mask=bias, scale=self.softmax_scale,
+                dropout_p=self.attn_dropout_p if self.training else 0.0,
+            ).to(dtype)
         context = context.transpose(1, 2).reshape(batch, q_len, self.d_model)
         return self.out_proj(context), None
 

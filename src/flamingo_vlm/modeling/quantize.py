@@ -303,6 +303,14 @@ def quantization_of(model: nn.Module) -> str | None:
     return getattr(model, "quantization", None) if isinstance(getattr(model, "quantization", None), str) else None
 
 
+def weights_summary(model: nn.Module) -> str:
+    """How a Flamingo computes, for start-up lines (``serve``, ``generate``): its dtype, and ``int8
+    weights`` / ``int4 weights`` where :func:`quantize_model` made it."""
+    dtype = str(next(model.perceiver.parameters()).dtype).removeprefix("torch.")
+    mode = quantization_of(model)
+    return f"{dtype}, {mode} weights" if mode else dtype
+
+
 def check_not_quantized(model: nn.Module, action: str) -> None:
     """Refuse ``action`` (``"save_pretrained"``, training) on a quantized model, in one line."""
     mode = quantization_of(model)

@@ -190,16 +190,6 @@ def build_server(args: argparse.Namespace):
     return create_app(engine, config), engine, config
 
 
-def weights_summary(model) -> str:
-    """How the served model computes, for the start-up line: its dtype, and ``int8 weights`` /
-    ``int4 weights`` where ``--quantize`` made it (the line said only "float32" for a quantized model)."""
-    from ..modeling.quantize import quantization_of
-
-    dtype = str(next(model.perceiver.parameters()).dtype).removeprefix("torch.")
-    mode = quantization_of(model)
-    return f"{dtype}, {mode} weights" if mode else dtype
-
-
 def run_serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -213,10 +203,17 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         app, engine, config = build_server(args)
+        from ..modeling.fast_linear import emulated_fp16_note
+        from ..modeling.quantize import weights_summary
+
         port = sock.getsockname()[1]  # (the one picked, for --port 0)
-        logging.getLogger("flamingo_vlm.serve").info(
-            "serving %r (%s, context %d, batch %d) on http://%s:%d", config.model_name, weights_summary(engine.model),
-            engine.max_context, engine.max_batch_size, f"[{args.host}]" if ":" in args.host else args.host, port)
+        log = logging.getLogger("flamingo_vlm.serve")
+        log.info("serving %r (%s, context %d, batch %d) on http://%s:%d", config.model_name,
+                 weights_summary(engine.model), engine.max_context, engine.max_batch_size,
+                 f"[{args.host}]" if ":" in args.host else args.host, port)
+        note = emulated_fp16_note(next(engine.model.perceiver.parameters()).dtype, args.device)
+        if note:
+            log.warning(note.removeprefix("note: "))
         from .protocol import header_timeout_protocol
 
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
