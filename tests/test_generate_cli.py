@@ -423,3 +423,7 @@ def test_the_load_line_names_the_dtype_and_emulated_float16_gets_a_note(saved, c
     code, out = _run(capsys, *common, "--dtype", "float16")
     assert code == 0 and ": float16]" in out.err
     assert ("note: this CPU has no float16 arithmetic" in out.err) is not fp16_native
+    from flamingo_vlm.modeling.fast_linear import emulated_fp16_note
+
+    assert emulated_fp16_note(torch.float16, "cuda") is None and emulated_fp16_note(torch.float16, "cuda:0") is None
+    assert emulated_fp16_note(torch.bfloat16, "cpu") is None

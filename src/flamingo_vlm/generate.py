@@ -332,7 +332,8 @@ def _run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - start
     if not args.json:
         print(f"[{args.model} loaded in {load_s:.1f} s: {weights_summary(model)}]", file=sys.stderr)
-    note = emulated_fp16_note(next(model.perceiver.parameters()).dtype, args.device)
+    param = next(model.perceiver.parameters())
+    note = emulated_fp16_note(param.dtype, param.device)
     if note:
         print(note, file=sys.stderr)
     if args.demo:

@@ -48,7 +48,8 @@ _causal_seen: tuple | None = None  # (a weak reference to the last mask checked,
 
 def fp32_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, training: bool) -> bool:
     """A bf16 attention call on CPU (bf16 inputs, or any under bf16 autocast, which runs it in bf16)
-    with few queries and no gradient wanted. Callers compute it on fp32 copies with autocast off."""
+    with few queries and no gradient wanted. Callers compute it on fp32 copies with autocast off
+    (inputs that are fp32 already, as an int8 layer's output, are not rounded to bf16 first)."""
     return (query.device.type == "cpu" and (query.dtype == torch.bfloat16 or _cpu_bf16_autocast())
             and not training and query.shape[-2] <= FP32_MAX_QUERIES
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)))
@@ -155,7 +156,8 @@ def flamingo_sdpa(module: nn.Module, query, key, value, attention_mask, **kwargs
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (as the masked call does)
         out = past_then_causal(query, key, value, kwargs.get("scaling"))
         return out.transpose(1, 2).contiguous(), None
-    # (bf16 training where bf16 is emulated: transformers' own SDPA call on fp32 copies, forward too)
+    # (under bf16 autocast: a decoding step, or training where bf16 is emulated; transformers' own SDPA
+    # call on fp32 copies, forward too)
     if _autocast_bf16_in_fp32(query, key, value, module.training):
         # Under bf16 autocast the call is a bf16 one whatever its inputs' dtypes (a LLaMA's rotary
         # embedding makes its query and key fp32, the value is bf16; autocast casts all three): its

@@ -158,7 +158,7 @@ class MaskedCrossAttention(nn.Module):
         q = q.view(b, self.heads, 1, -1) if length == 1 else split_heads(q, self.heads)
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if fp32_decode(q, k, v, self.training):  # bf16 decode step on CPU: SDPA on fp32 copies (.attention)
+        if fp32_decode(q, k, v, self.training):  # bf16 (or bf16-autocast) decode step on CPU: SDPA on fp32 copies
             with torch.autocast("cpu", enabled=False):  # (under bf16 autocast SDPA would take them back to bf16)
                 out = self._attend(q.float(), k.float(), v.float(), plan.mask).to(q.dtype)
         else:

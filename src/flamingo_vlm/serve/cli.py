@@ -211,7 +211,8 @@ def run_serve(args: argparse.Namespace) -> int:
         log.info("serving %r (%s, context %d, batch %d) on http://%s:%d", config.model_name,
                  weights_summary(engine.model), engine.max_context, engine.max_batch_size,
                  f"[{args.host}]" if ":" in args.host else args.host, port)
-        note = emulated_fp16_note(next(engine.model.perceiver.parameters()).dtype, args.device)
+        param = next(engine.model.perceiver.parameters())
+        note = emulated_fp16_note(param.dtype, param.device)
         if note:
             log.warning(note.removeprefix("note: "))
         from .protocol import header_timeout_protocol
