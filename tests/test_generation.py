@@ -425,7 +425,7 @@ def test_gradient_checkpointing_recomputes_and_matches():
 
 def test_media_passthrough_appends_the_normed_input_tokens_after_the_latents(tmp_path):
     from flamingo_vlm import create_model_and_transforms, load_pretrained
-    from tiny import tiny_lm, tiny_tokenizer, tiny_vision
+    from tiny import tiny_lm, tiny_vision
 
     plain, ip, tok = tiny_flamingo("llama", seed=3)
     torch.manual_seed(3)

@@ -9,7 +9,6 @@ import math
 import textwrap
 
 import pytest
-import torch
 
 from PIL import ImageFile  # noqa: E402
 

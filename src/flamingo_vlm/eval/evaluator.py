@@ -116,20 +116,20 @@ class EvalConfig:
             if twice:
                 raise ValueError(f"{what} lists {', '.join(map(str, twice))} more than once (--{what}"
                                  + (": an alias names the same task)" if what == "tasks" else ")"))
-        for field, flag in (("task_roots", "--task-root"), ("max_new_tokens", "--max-new-tokens")):
+        for name, flag in (("task_roots", "--task-root"), ("max_new_tokens", "--max-new-tokens")):
             named = {}
-            for key, value in getattr(self, field).items():
+            for key, value in getattr(self, name).items():
                 try:
                     named[get_task(key).name] = value
                 except ValueError as e:
-                    raise ValueError(f"{field} ({flag}): {e}") from None
-            setattr(self, field, named)
+                    raise ValueError(f"{name} ({flag}): {e}") from None
+            setattr(self, name, named)
         bad = {t: n for t, n in self.max_new_tokens.items() if int(n) < 1}
         if bad:
             raise ValueError(f"max_new_tokens (--max-new-tokens) must be >= 1, got {bad}")
-        for field, least in (("batch_size", 1), ("num_beams", 1), ("class_chunk_size", 1), ("ensemble_max", 1)):
-            if getattr(self, field) < least:
-                raise ValueError(f"{field} must be >= {least}, got {getattr(self, field)}")
+        for name, least in (("batch_size", 1), ("num_beams", 1), ("class_chunk_size", 1), ("ensemble_max", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if not self.shots:
             raise ValueError("shots is empty: give at least one number of demonstrations (--shots 0,4,8)")
         if any(s < 0 for s in self.shots):

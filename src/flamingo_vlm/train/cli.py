@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from ..errors import plain_help
 from .config import DATA_KINDS, DISTRIBUTED, PRECISIONS, SCHEDULES, ConfigError, DataError, TrainConfig
