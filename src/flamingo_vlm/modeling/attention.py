@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import decide
+from .kernels import cpu_bf16_autocast, decide
 
 NAME = "flamingo_sdpa"
 FP32_MAX_QUERIES = 8  # decoding steps, speculative checks
@@ -50,21 +50,20 @@ def fp32_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tra
     """A bf16 attention call on CPU (bf16 inputs, or any under bf16 autocast, which runs it in bf16)
     with few queries and no gradient wanted. Callers compute it on fp32 copies with autocast off
     (inputs that are fp32 already, as an int8 layer's output, are not rounded to bf16 first)."""
-    return (query.device.type == "cpu" and (query.dtype == torch.bfloat16 or _cpu_bf16_autocast())
+    return (query.device.type == "cpu" and (query.dtype == torch.bfloat16 or cpu_bf16_autocast())
             and not training and query.shape[-2] <= FP32_MAX_QUERIES
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)))
 
 
-def _cpu_bf16_autocast() -> bool:
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
-
-
 def bf16_backward_in_fp32(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """A bf16 attention call on CPU that wants gradients, on a CPU whose bf16 is emulated (the
-    ``bf16_gemm`` choice of :mod:`.kernels`): torch's bf16 flash-attention backward took 148 ms a call
-    there (the AVX2-only AMD EPYC, the training benchmark's 4 x 256 tokens, 12 heads), 16x its fp32
-    time, while its bf16 forward is as fast as fp32's. Such calls get their backward in fp32."""
-    return (query.dtype == torch.bfloat16 and query.device.type == "cpu"
+    """A bf16 attention call on CPU (bf16 inputs, or any under bf16 autocast) that wants gradients, on
+    a CPU whose bf16 is emulated (the ``bf16_gemm`` choice of :mod:`.kernels`): torch's bf16
+    flash-attention backward took 148 ms a call there (the AVX2-only AMD EPYC, the training
+    benchmark's 4 x 256 tokens, 12 heads), 16x its fp32 time, while its bf16 forward is as fast as
+    fp32's. Such calls get their backward in fp32. (Under autocast: the built-in model's recipe, whose
+    LLaMA makes its query and key fp32 through the rotary embedding, spent 5.17 of a 16.8 s step in
+    the 37 flash-attention backward calls, 0.92 s in fp32.)"""
+    return (query.device.type == "cpu" and (query.dtype == torch.bfloat16 or cpu_bf16_autocast())
             and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
             and decide("bf16_gemm"))
 
@@ -156,39 +155,18 @@ def flamingo_sdpa(module: nn.Module, query, key, value, attention_mask, **kwargs
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (as the masked call does)
         out = past_then_causal(query, key, value, kwargs.get("scaling"))
         return out.transpose(1, 2).contiguous(), None
-    # (under bf16 autocast: a decoding step, or training where bf16 is emulated; transformers' own SDPA
-    # call on fp32 copies, forward too)
-    if _autocast_bf16_in_fp32(query, key, value, module.training):
-        # Under bf16 autocast the call is a bf16 one whatever its inputs' dtypes (a LLaMA's rotary
-        # embedding makes its query and key fp32, the value is bf16; autocast casts all three): its
-        # values rounded to bf16 as autocast would, computed in fp32 outside autocast, bf16 out.
-        if attention_mask is not None and attention_mask.is_floating_point():
-            attention_mask = attention_mask.float()  # (not rounded: bf16 would make fp32's lowest value -inf)
-        with torch.autocast("cpu", enabled=False):
-            out, weights = sdpa_attention_forward(module, *(t.to(torch.bfloat16).float() for t in (query, key, value)),
-                                                  attention_mask, **kwargs)
-        return out.to(torch.bfloat16), weights
+    # (bf16 decoding steps, and bf16 training where bf16 is emulated: transformers' own SDPA call on
+    # fp32 copies, forward too. Under bf16 autocast the call is a bf16 one whatever its inputs' dtypes,
+    # e.g. a LLaMA's fp32 query and key from its rotary embedding: their values are rounded to bf16
+    # as autocast would, computed in fp32 with autocast off, bf16 out.)
     if not (fp32_decode(query, key, value, module.training) or bf16_backward_in_fp32(query, key, value)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.float()
-    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
-    return out.to(query.dtype), weights
-
-
-def _autocast_bf16_in_fp32(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, training: bool) -> bool:
-    """A CPU attention call under bf16 autocast that :func:`fp32_decode` or :func:`bf16_backward_in_fp32`
-    would send to fp32 (autocast runs it in bf16 whatever its inputs' dtypes): a decoding step, or a
-    call that wants gradients where bf16 is emulated. Measured on the AVX2-only AMD EPYC: a
-    bf16-autocast step of the built-in model's recipe (SmolLM2's 30 layers, 8 x 246 tokens), the
-    step's 37 flash-attention backward calls, 30 of them the LM's, 5.17 s of a 16.8 s profiled step,
-    0.92 s in fp32; one decoding query over 128 / 512 keys (9 heads of 64) 117 / 431 us under
-    autocast, 73 / 187 us on fp32 copies."""
-    if query.device.type != "cpu" or not _cpu_bf16_autocast():
-        return False
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return decide("bf16_gemm")
-    return fp32_decode(query, key, value, training)
+        attention_mask = attention_mask.float()  # (not rounded: bf16 would make fp32's lowest value -inf)
+    with torch.autocast("cpu", enabled=False):
+        out, weights = sdpa_attention_forward(module, *(t.to(torch.bfloat16).float() for t in (query, key, value)),
+                                              attention_mask, **kwargs)
+    return out.to(torch.bfloat16), weights
 
 
 def _register() -> None:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .kernels import (DECODE_ROWS, PLAIN_TYPES, decide, decode_route, fused_route, onednn_available, onednn_linear,
+from .kernels import (DECODE_ROWS, PLAIN_TYPES, cpu_bf16_autocast, decide, decode_route, fused_route, onednn_available, onednn_linear,
                       onednn_route, packed_linear, upcast_linear)
 
 __all__ = ["auto_dtype", "conv", "emulated_fp16_note", "fast_bf16", "linear", "native_decode_isa", "onednn_available", "onednn_linear", "onednn_linears",
@@ -238,7 +238,7 @@ def upcast_convs(module: nn.Module):
     inference path) step aside; it is entered only where bf16 is emulated, where those are slower."""
     if torch.compiler.is_compiling() or _ACTIVE.get() is None or not decide("bf16_gemm"):
         return contextlib.nullcontext()
-    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+    autocast = cpu_bf16_autocast()
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             w = m._parameters.get("weight")

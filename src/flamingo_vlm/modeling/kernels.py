@@ -88,7 +88,7 @@ from ..files import atomic_file, cache_root
 from . import native
 
 __all__ = ["DECODE_BUCKETS", "DECODE_ROWS", "ENV", "INT8_GEMM_BUCKETS", "KernelChoice", "bf16_route", "clear_packed",
-           "cpu_model", "decide", "decode_route", "int8_gemm", "int8_gemm_route", "kernel_choice", "onednn_available",
+           "cpu_bf16_autocast", "cpu_model", "decide", "decode_route", "int8_gemm", "int8_gemm_route", "kernel_choice", "onednn_available",
            "onednn_linear", "onednn_route", "packed_bytes", "packed_linear", "set_routes", "summary", "upcast_linear"]
 
 ENV = "FLAMINGO_VLM_CPU_KERNELS"
@@ -489,6 +489,12 @@ def _probe_gemm() -> dict:
                             rounds=2)
     return {"onednn_gemm": onednn <= MARGIN * default,
             "gemm_ms": {"default": round(default * 1e3, 3), "onednn": round(onednn * 1e3, 3)}}
+
+
+def cpu_bf16_autocast() -> bool:
+    """Whether bf16 autocast is on for CPU (then a product or attention call is a bf16 one, whatever
+    its inputs' dtypes)."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
 
 
 def _bf16_supported() -> bool:
