@@ -6,7 +6,8 @@ LM of d_model 768 x 12 layers x 12 heads with a 400-token vocabulary (MPT as in 
 OpenFlamingo releases, or LLaMA of the same size), cross-attention in every layer (``--cross-attn-every``),
 3 images, a 54-token prompt, 32 new tokens, greedy, batch 1; random weights, gates drawn from U(-1, 1).
 
-For each LM family, each dtype (``fp32``, ``bf16`` = ``model.to(torch.bfloat16)``) and each model (the
+For each LM family, each dtype (``fp32``, ``bf16`` = ``model.to(torch.bfloat16)``, on request ``int8``: the fp32
+models with weight-only int8 layers, as ``quantize="int8"`` loads them) and each model (the
 bare LM, and the Flamingo built on a copy of it) it measures:
 
 * **ms/token**: one decode step, unprofiled: (time for 32 new tokens - time for 1) / 31, median of
@@ -26,6 +27,7 @@ Usage::
 
     python benchmarks/bench_decode_profile.py                       # MPT and LLaMA, fp32 and bf16
     python benchmarks/bench_decode_profile.py --lm mpt --dtypes fp32 --repeats 5
+    python benchmarks/bench_decode_profile.py --lm mpt --dtypes bf16,int8    # int8's floor: one byte a weight
     python benchmarks/bench_decode_profile.py --quick               # tiny shapes, a smoke run
 
 Writes a markdown table to stdout and ``benchmarks/results/decode-profile[-quick].{md,json}``. The CPU
@@ -241,11 +243,16 @@ def run(kind: str, dtype_name: str, s: Shape, args, bandwidth: float, log) -> li
     model, bare, ids = build_models(kind, s, seed=0, cross_attn_every=args.cross_attn_every)
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     model, bare = model.to(dtype), bare.to(dtype)
+    floor = decode_weight_floor(model, bare)  # (weights counted before quantizing: the same matrices)
+    if dtype_name == "int8":  # weight-only int8 of the fp32 models, as quantize="int8" loads them
+        from flamingo_vlm.modeling.quantize import quantize_model
+
+        quantize_model(model.eval(), "int8")
+        quantize_model(bare.eval(), "int8")
     gen = torch.Generator().manual_seed(1)
     lang_x = interleaved_prompt(1, s.prompt_len, s.n_images, ids, gen)
     vision_x = torch.randn(1, s.n_images, 1, 3, s.image_size, s.image_size, generator=gen).to(dtype)
-    floor = decode_weight_floor(model, bare)
-    elem = 2 if dtype == torch.bfloat16 else 4
+    elem = 1 if dtype_name == "int8" else 2 if dtype == torch.bfloat16 else 4  # (int8: the floor; its scales are <1%)
     rows = []
     for name, m, is_flamingo, weights_m in (
         ("bare LM", bare, False, floor["lm_step_m"]),
@@ -295,13 +302,16 @@ def render(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lm", default="mpt,llama", help="comma-separated: mpt,llama")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16,int8 (weight-only, of the fp32 model)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--cross-attn-every", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny shapes: checks that the script runs")
     p.add_argument("--out", default=None, help="results stem (default benchmarks/results/decode-profile[-quick])")
     args = p.parse_args(argv)
+    bad = set(args.dtypes.split(",")) - {"fp32", "bf16", "int8"}
+    if bad:
+        p.error(f"unknown --dtypes {', '.join(sorted(bad))}: use fp32, bf16, int8")
     if args.threads:
         torch.set_num_threads(args.threads)
     s = Shape(**{**QUICK.__dict__, "decode_batches": (1,), "new_tokens": 4}) if args.quick else SHAPE

@@ -57,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from bench_decode_profile import SHAPE, decode_ms  # noqa: E402
+from bench_decode_profile import SHAPE, decode_ms, measure_bandwidth  # noqa: E402
 from bench_inference import QUICK, Shape, build_models, cpu_flags, cpu_model, interleaved_prompt, write_results  # noqa: E402
 
 from flamingo_vlm.modeling import fused_decode, kernels  # noqa: E402
@@ -169,7 +169,10 @@ def run_model(label: str, base, prompts, new_tokens: int, args, log) -> list[dic
     times: dict[str, list[float]] = {name: [] for name in names}
     firsts: dict[str, list[float]] = {name: [] for name in names}
     others: dict[str, float] = {name: 0.0 for name in names}
+    bandwidth: list[float] = []
     for k in range(args.rounds):
+        bandwidth.append(measure_bandwidth(64 if args.quick else 256))
+        log(f"{label}: round {k + 1}/{args.rounds}: memory bandwidth {bandwidth[-1]:.1f} GB/s")
         for name, model in models.items():
             dtype = next(model.perceiver.parameters()).dtype
             with routes(name):
@@ -185,7 +188,7 @@ def run_model(label: str, base, prompts, new_tokens: int, args, log) -> list[dic
                "packed_mb": packed_bytes(model) / 1e6,
                "ms_per_token": statistics.median(times[name]), "ms_per_token_rounds": times[name],
                "first_token_ms": statistics.median(firsts[name]),
-               "others_cores": others[name]}
+               "others_cores": others[name], "bandwidth_gbs_rounds": bandwidth}
         if args.quality:
             with routes(name):
                 outputs[name] = greedy(model, prompts, new_tokens)
@@ -212,13 +215,20 @@ def _x(row: dict[str, Any], ref: str) -> str:
     return f"{row[f'x_vs_{ref}']:.2f}" + (f" ({lo:.2f}-{hi:.2f})" if hi - lo >= 0.005 else "")
 
 
+def _bandwidth(rows: list[dict[str, Any]]) -> str:
+    """The memory bandwidth measured before each round (a shared VM's drifts by 2x within an hour,
+    and batch-1 decoding is bound by it), or nothing for results written before it was measured."""
+    seen = [b for r in rows for b in r.get("bandwidth_gbs_rounds", [])]
+    return f"; memory bandwidth before each round {min(seen):.1f}-{max(seen):.1f} GB/s" if seen else ""
+
+
 def render(result: dict[str, Any]) -> str:
     env = result["env"]
     lines = [
         "# Weight-only quantization: memory and batch-1 decode", "",
         f"CPU: {env['cpu']} ({', '.join(env['cpu_flags']) or 'no AVX2'}), {env['threads']} threads, torch "
         f"{env['torch']}; load average {env['loadavg']}; other processes used {env['others_cores_max']:.2f} cores "
-        "at most during the timings.", "",
+        "at most during the timings" + _bandwidth(result["rows"]) + ".", "",
         "| model | variant | weights MB | + packed MB | first token ms | ms/token | x vs fp32 | "
         "x vs bf16 (rounds: min-max) | other procs (cores) | greedy = fp32 | greedy = bf16 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",

@@ -877,3 +877,45 @@ def test_generate_on_our_mosaic_gpt_runs_each_block_in_native_calls_with_the_mod
     a, b = torch.stack(outs[0].scores).float(), torch.stack(outs[1].scores).float()
     finite = b.isfinite()
     assert (a - b)[finite].norm() <= (1e-4 if kind != "bf16" else 0.02) * b[finite].norm()
+
+
+def test_a_step_appends_its_key_and_value_into_room_and_never_into_a_view_held_elsewhere():
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    cache = DynamicCache()
+    ref_k, ref_v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    cache.update(ref_k, ref_v, 0)  # (the prompt: the stock cat)
+    layer, buffers = cache.layers[0], set()
+    for _ in range(90):  # (past the first buffer's room: 5 + 1 + 1 + 64 positions)
+        k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+        held, snapshot = layer.keys, layer.keys.clone()
+        keys, values = fused_decode._append(layer, k, v)
+        ref_k, ref_v = torch.cat([ref_k, k], 2), torch.cat([ref_v, v], 2)
+        assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)
+        assert layer.keys is keys and layer.values is values and cache.get_seq_length(0) == ref_k.shape[2]
+        assert torch.equal(held, snapshot)  # (the step's position lies past every earlier view)
+        buffers.add(keys.untyped_storage().data_ptr())
+    assert len(buffers) == 2  # one buffer, regrown once when full: no copy of the cache per step
+
+    # cropped (assisted decoding): the next step writes where the cut positions were, so it gets a new
+    # buffer, and a view of the longer past is left as it was
+    held, snapshot = layer.keys, layer.keys.clone()
+    layer.crop(-3)
+    keys, _ = fused_decode._append(layer, k, v)
+    assert torch.equal(held, snapshot) and torch.equal(keys, torch.cat([ref_k[:, :, :-3], k], 2))
+    assert keys.untyped_storage().data_ptr() not in buffers
+
+    # a cache rebuilt from views of this one (as from stored tensors) appends into buffers of its own
+    other = DynamicCache()
+    other.update(ref_k[:, :, :1], ref_v[:, :, :1], 0)
+    other.layers[0].keys, other.layers[0].values = layer.keys[:, :, :10], layer.values[:, :, :10]
+    snapshot = layer.keys.clone()
+    fused_decode._append(other.layers[0], torch.zeros(2, 3, 1, 4), torch.zeros(2, 3, 1, 4))
+    assert torch.equal(layer.keys, snapshot)
+
+    # buffers made under inference mode, a step outside it (in-place writes there would raise): new buffers
+    with torch.inference_mode():
+        fused_decode._append(layer, k, v)
+    keys, _ = fused_decode._append(layer, k, v)
+    assert not keys.is_inference() and torch.equal(keys[:, :, -2:], torch.cat([k, k], 2))
