@@ -427,3 +427,29 @@ def test_the_load_line_names_the_dtype_and_emulated_float16_gets_a_note(saved, c
 
     assert emulated_fp16_note(torch.float16, "cuda") is None and emulated_fp16_note(torch.float16, "cuda:0") is None
     assert emulated_fp16_note(torch.bfloat16, "cpu") is None
+
+
+def test_a_small_local_model_loads_without_transformers_bar_and_a_large_one_keeps_it(saved, capsys, tmp_path):
+    """transformers' "Loading weights" bar over a local LM that loads in well under a second is noise
+    on stderr; a large local LM (its weight files past ``QUIET_LOAD_BYTES``) keeps it, and the bar's
+    setting is what it was after either."""
+    from transformers.utils import logging as hf_logging
+
+    from flamingo_vlm.lm_loading import QUIET_LOAD_BYTES, quiet_small_load
+
+    root, _ = saved
+    code, out = _run(capsys, "--model", str(root / "model"), "--prompt", "<image>Output:", "--images",
+                     str(root / "im0.png"), "--max-new-tokens", "2")
+    assert code == 0 and "loaded in" in out.err and "Loading weights" not in out.err
+    assert hf_logging.is_progress_bar_enabled()
+
+    large = tmp_path / "large"
+    large.mkdir()
+    with open(large / "model.safetensors", "wb") as f:  # (sparse: no disk used)
+        f.truncate(QUIET_LOAD_BYTES)
+    with quiet_small_load(large):
+        assert hf_logging.is_progress_bar_enabled()
+    (large / "model.safetensors").unlink()
+    with quiet_small_load(large):
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled()

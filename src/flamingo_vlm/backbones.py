@@ -93,18 +93,11 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     """``(LlamaForCausalLM, tokenizer)`` for SmolLM2-135M-Instruct, converted and cached on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transformers.utils import logging as hf_logging
+    from .lm_loading import quiet_small_load
 
     directory = smollm2_directory()
-    # transformers draws a bar over the 272 weights of this local 135M LM, which load in ~0.03 s: noise
-    # on stderr in every `generate` and `serve` of the built-in model (and not in the README's demo output)
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_small_load(directory):  # (272 weights in ~0.03 s: no bar in every `generate` and `serve`)
         lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
     lm.config.name_or_path = SMOLLM2  # a saved Flamingo refers to the backbone by this name (references.lm_ref_of)
     return lm, _fix_tokenizer(AutoTokenizer.from_pretrained(directory))
 
