@@ -433,6 +433,25 @@ def test_cli_values_out_of_range_are_usage_errors_before_the_model_loads(flags, 
     assert code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fp16_native", [False, True])
+def test_fp16_on_a_cpu_without_float16_arithmetic_gets_a_note(fp16_native, tmp_path, monkeypatch, capsys):
+    """`evaluate --precision fp16` on a CPU where torch emulates float16 (several times slower) says so,
+    naming evaluate's own flag, as `generate --dtype float16` does; where it is native, nothing."""
+    import torch
+
+    from flamingo_vlm import cli
+    from flamingo_vlm.eval import evaluator
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: fp16_native, raising=False)
+    monkeypatch.setattr(evaluator, "evaluate", lambda *a, **k: {"ran": True})
+    common = ["evaluate", "--model", "m", "--tasks", "vqav2", "--data-root", str(tmp_path), "--device", "cpu",
+              "--quiet", "--out", str(tmp_path / "out")]
+    assert cli.main([*common, "--precision", "fp16"]) == 0
+    err = capsys.readouterr().err
+    assert ("note: this CPU has no float16 arithmetic" in err and "--precision fp32 or bf16" in err) is not fp16_native
+    assert cli.main([*common, "--precision", "bf16"]) == 0 and "note:" not in capsys.readouterr().err
+
+
 def test_an_out_that_is_a_file_is_a_usage_error_before_the_model_loads(tmp_path, monkeypatch, capsys):
     """`--out notes.txt` (or a folder under a file) said "[Errno 17] File exists: ..." once the model had
     loaded."""

@@ -117,6 +117,8 @@ def test_sampling_flags_without_do_sample_are_named_in_a_note(saved, capsys):
     code, out = _run(capsys, *common, "--temperature", "0.5", "--top-k", "3")
     assert code == 0 and json.loads(out.out)["outputs"] == json.loads(greedy.out)["outputs"]
     assert "note: --temperature, --top-k only act with --do-sample" in out.err
+    code, out = _run(capsys, *common, "--top-p", "0.5")
+    assert code == 0 and "note: --top-p only acts with --do-sample" in out.err
     assert "note:" not in greedy.err
     _, sampled = _run(capsys, *common, "--do-sample", "--temperature", "0.5", "--seed", "0")
     assert "note:" not in sampled.err

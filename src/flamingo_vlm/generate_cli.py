@@ -116,6 +116,7 @@ def _generate(args: argparse.Namespace) -> int:
     given = [flag for flag, name in SAMPLING_FLAGS if getattr(args, name) is not None]
     check_decoding_args(args)
     if given and not args.do_sample:  # (transformers ignores them without do_sample)
-        print(f"flamingo-vlm generate: note: {', '.join(given)} only act with --do-sample; decoding greedily",
+        verb = "only act" if len(given) > 1 else "only acts"
+        print(f"flamingo-vlm generate: note: {', '.join(given)} {verb} with --do-sample; decoding greedily",
               file=sys.stderr)
     return _RUN(args)

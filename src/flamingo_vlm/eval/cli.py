@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from ..errors import UsageError
 from ..registry import DEFAULT_MODEL
@@ -111,6 +112,15 @@ def _run(args: argparse.Namespace) -> int:
         config.validate()
     except ValueError as e:
         raise UsageError(str(e)) from e
+    if args.precision == "fp16":
+        import torch
+
+        from ..modeling.fast_linear import emulated_fp16_note
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # (evaluate's default)
+        note = emulated_fp16_note(torch.float16, device, "--precision fp32 or bf16")
+        if note:
+            print(f"flamingo-vlm evaluate: {note}", file=sys.stderr)
     from ..locking import DirectoryBusy
 
     try:

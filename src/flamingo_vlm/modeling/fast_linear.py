@@ -68,10 +68,12 @@ def auto_dtype(device: str | None = None) -> torch.dtype:
     return torch.bfloat16 if fast_bf16(device) else torch.float32
 
 
-def emulated_fp16_note(dtype: torch.dtype, device: str | None = None) -> str | None:
+def emulated_fp16_note(dtype: torch.dtype, device: str | None = None,
+                       instead: str = "--dtype float32 or bfloat16") -> str | None:
     """A one-line note where ``dtype`` is float16 on a CPU without float16 arithmetic (AVX512-FP16,
     AMX-FP16): torch emulates it, and nothing here routes it to fp32 as bf16 products are (the
-    built-in model's demo on the AVX2-only EPYC: 88 s against 15-20 s in float32 or bfloat16)."""
+    built-in model's demo on the AVX2-only EPYC: 88 s against 15-20 s in float32 or bfloat16).
+    ``instead``: the command's own spelling of the faster choices."""
     if dtype is not torch.float16 or (device and not str(device).startswith("cpu")):
         return None
     try:
@@ -81,7 +83,7 @@ def emulated_fp16_note(dtype: torch.dtype, device: str | None = None) -> str | N
     if native:
         return None
     return ("note: this CPU has no float16 arithmetic (torch emulates it, several times slower); "
-            "--dtype float32 or bfloat16 runs faster here")
+            f"{instead} runs faster here")
 
 
 def _use_onednn(x: torch.Tensor, rows: int, mode: str) -> bool:
