@@ -789,6 +789,32 @@ def test_cli_write_names_skipped_files_and_fails_when_nothing_was_written(tmp_pa
     assert "wrote 0 sample(s)" in captured.out and "auto" not in captured.out
     assert captured.err.startswith("flamingo-vlm data write: error: no sample of") and captured.err.count("\n") == 1
 
+
+def test_cli_write_says_what_it_skipped_in_words_and_names_captions_without_an_image(tmp_path, capsys, caplog):
+    """The summary read "skipped {'missing_caption': 1, ...}" (a dict), and a caption whose image had
+    another name (or an unsupported format) was left out without a word."""
+    from PIL import Image
+
+    parser = argparse.ArgumentParser(prog="flamingo-vlm")
+    add_data_subcommand(parser.add_subparsers(dest="command", required=True))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("a", "b", "C"):
+        Image.new("RGB", (8, 8), "red").save(folder / f"{name}.png")
+    (folder / "C.png").rename(folder / "C.PNG")  # (an upper-case suffix is an image: its caption is not an orphan)
+    (folder / "a.txt").write_text("a caption")
+    (folder / "C.txt").write_text("another")
+    (folder / "photo.txt").write_text("its image is photo.heic")
+    (folder / "photo.heic").write_bytes(b"...")
+    args = parser.parse_args(["data", "write", str(folder), str(tmp_path / "out")])
+    with caplog.at_level("WARNING"):
+        assert args.func(args) == 0
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert f"skipping 1 caption file(s) with no image of the same name beside them ({folder / 'photo.txt'};" in logged
+    out = capsys.readouterr().out
+    assert "wrote 2 pairs sample(s)" in out
+    assert "skipped 1 image(s) without a caption file, 1 caption(s) without an image" in out and "{" not in out
+
 def test_plan_chunk_separator_goes_between_chunks_and_is_not_trained(tmp_path, processor):
     sim = np.array([[0.9, 0.1], [0.1, 0.9]])
     plan = plan_interleaved(["s0", "s1"], sim, [True, True], threshold=0.24, max_images=6, separator="\n")

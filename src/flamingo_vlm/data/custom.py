@@ -137,7 +137,8 @@ def read_source(source: str | os.PathLike, stats: Counter | None = None, strict:
                     stats["bad_records"] += 1
                     logger.warning("skipping %s", e if isinstance(e, SourceError) else f"{origin}: bad JSON ({e})")
     elif source.is_dir():
-        for path in sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        found = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in found:
             cap = path.with_suffix(".txt")
             if not cap.is_file():
                 if strict:
@@ -151,6 +152,14 @@ def read_source(source: str | os.PathLike, stats: Counter | None = None, strict:
                 logger.warning("skipping %s: its caption file %s is empty", path, cap.name)
                 continue
             docs.append(Document([("image", path), ("text", text)], str(path)))
+        # a caption whose image has another name or an unsupported format was left out without a word
+        stems = {path.with_suffix("") for path in found}
+        orphans = sorted(t for t in source.rglob("*.txt") if t.is_file() and t.with_suffix("") not in stems)
+        if orphans:
+            stats["caption_without_image"] += len(orphans)
+            logger.warning("skipping %d caption file(s) with no image of the same name beside them (%s%s; images: %s)",
+                           len(orphans), orphans[0], ", ..." if len(orphans) > 1 else "",
+                           ", ".join(sorted(IMAGE_SUFFIXES)))
     else:
         raise FileNotFoundError(f"data source not found: {source} (expected a .jsonl file or a folder of images)")
     stats["documents"] += len(docs)
@@ -418,6 +427,11 @@ def _shards_and_missing(urls) -> tuple[list[str], list[dict]]:
 
 
 # -- command line -------------------------------------------------------------------------------------
+SKIPPED = {"bad_records": "bad JSON record(s)", "missing_caption": "image(s) without a caption file",
+           "empty_caption": "image(s) with an empty caption", "caption_without_image": "caption(s) without an image",
+           "bad_images": "unreadable image(s)"}  # (what `data write` counts, as it says them)
+
+
 def _cmd_write(args: argparse.Namespace) -> int:
     stats: Counter = Counter()
     paths = write_shards(args.source, args.out_dir, kind=args.kind, samples_per_shard=args.samples_per_shard,
@@ -425,9 +439,9 @@ def _cmd_write(args: argparse.Namespace) -> int:
     kind = paths[0].name.split("-")[0] if paths else ("" if args.kind == "auto" else args.kind)
     for p in paths:
         print(p)
-    skipped = {k: v for k, v in stats.items() if k in ("bad_records", "missing_caption", "empty_caption", "bad_images")}
+    skipped = [f"{stats[k]} {what}" for k, what in SKIPPED.items() if stats[k]]
     print(f"wrote {stats['written']} {kind + ' ' if kind else ''}sample(s) with {stats['images']} image(s) in {len(paths)} shard(s)"
-          + (f"; skipped {skipped}" if skipped else ""))
+          + (f"; skipped {', '.join(skipped)}" if skipped else ""))
     if not stats["written"]:
         print(f"flamingo-vlm data write: error: no sample of {args.source} could be written (see the skipped "
               "records above)", file=sys.stderr)
