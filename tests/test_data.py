@@ -855,3 +855,18 @@ def test_loss_after_needs_marker_strings():
     with pytest.raises(ValueError, match="loss_after"):
         DatasetSpec("interleaved", ["x.tar"], loss_after=("",))
     assert DatasetSpec("interleaved", ["x.tar"], loss_after="Output:").loss_after == ("Output:",)
+
+
+def test_write_from_an_image_or_a_binary_file_names_it_and_says_what_it_takes(tmp_path):
+    """`data write a.png out/` said only "'utf-8' codec can't decode byte 0x89 in position 0"."""
+    from PIL import Image
+
+    from flamingo_vlm.data.custom import SourceError
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    with pytest.raises(SourceError, match=r"a\.png is an image: give a \.jsonl file"):
+        write_shards(tmp_path / "a.png", tmp_path / "out")
+    (tmp_path / "b.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(SourceError, match=r"b\.jsonl is not a UTF-8 text file"):
+        write_shards(tmp_path / "b.jsonl", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -415,6 +415,9 @@ def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
                                            (["--trials", "2", "--seeds", "5,5"], "seeds lists 5 more than once (--seeds)"),
                                            # ran with no task and wrote an empty table
                                            (["--tasks", ","], "tasks is empty: name at least one"),
+                                           # said "no folder for task 'hateful_memes' under ..." (it has no synthetic data)
+                                           (["--tasks", "hm,coco", "--synthetic"],
+                                            "hateful_memes has no synthetic data: give its own with --task-root"),
                                            # said after the model loaded and the captions were generated
                                            (["--tasks", "coco", "--caption-metrics", "cider,spice"],
                                             "caption_metrics (--caption-metrics): unknown ['spice']"),

@@ -123,3 +123,27 @@ def test_an_interrupted_benchmark_write_leaves_no_task_folder(tmp_path, monkeypa
     write_synthetic_benchmark(tmp_path, tasks=("vqav2",), n_train=4, n_val=1, n_test=1, image_size=16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic.json", "vqav2"]
     assert (tmp_path / "vqav2" / "v2_mscoco_val2014_annotations.json").is_file()
+
+
+def test_benchmark_folders_get_mkdirs_modes_and_synthetic_json_lists_every_task_written(tmp_path, monkeypatch):
+    """The task folders were written by ``mkdtemp`` and renamed, so they stayed 0700: another user could
+    not read a shared benchmark. ``synthetic.json`` held only the tasks of the last write, as paths
+    relative to the writer's working directory."""
+    import os
+    import stat
+
+    kw = dict(seed=3, n_train=4, n_val=1, n_test=2, n_class_train_per_class=1, n_class_val_per_class=1, image_size=16)
+    old = os.umask(0o022)
+    try:
+        monkeypatch.chdir(tmp_path)
+        write_synthetic_benchmark("data", tasks=("vqav2",), **kw)
+        write_synthetic_benchmark("data", tasks=("coco", "synthetic_icl"), **kw)
+    finally:
+        os.umask(old)
+    for folder in ("vqav2", "mscoco_karpathy", "synthetic_icl"):
+        assert stat.S_IMODE((tmp_path / "data" / folder).stat().st_mode) == 0o755, folder
+    meta = json.loads((tmp_path / "data" / "synthetic.json").read_text())
+    assert meta["tasks"] == {"vqav2": "vqav2", "coco": "mscoco_karpathy", "synthetic_icl": "synthetic_icl"}
+    # another seed's write lists only its own tasks (the others were written with other settings)
+    write_synthetic_benchmark(tmp_path / "data", tasks=("imagenet",), **{**kw, "seed": 4})
+    assert json.loads((tmp_path / "data" / "synthetic.json").read_text())["tasks"] == {"imagenet": "imagenet"}

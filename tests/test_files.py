@@ -288,3 +288,25 @@ def test_quantizing_at_load_releases_each_layers_pages_as_it_goes(tmp_path, monk
     per_layer = calls[:-1]  # (the last call: everything replaced, the head included)
     assert len(per_layer) >= 6 and all(0 < n < total for n in per_layer)
     assert _resident(weights) < weights.stat().st_size // 4
+
+
+def test_a_file_of_another_kind_given_as_weights_is_named_for_what_it_is(tmp_path):
+    """`convert vit.json --vision-pretrained ...` said "it is truncated or corrupt" with torch's advice to
+    load with weights_only=False; a Git LFS pointer saved as the weights' file read the same."""
+    import torch
+    from safetensors.torch import save_file
+
+    from flamingo_vlm.files import WeightsFileError, load_weights_file
+
+    (tmp_path / "vit.json").write_text('{"model_cfg": {"embed_dim": 512}}\n')
+    with pytest.raises(WeightsFileError, match=r"vit\.json: it is not a torch \(\.pt, \.bin, \.pth\) or safetensors "
+                                               r"weights file but text, beginning '\{\"model_cfg\"") as e:
+        load_weights_file(tmp_path / "vit.json")
+    assert e.value.path == tmp_path / "vit.json"
+    (tmp_path / "lm.bin").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 5\n")
+    with pytest.raises(WeightsFileError, match="truncated or corrupt; download or save it again; it holds text, "
+                                               "beginning 'version https://git-lfs") as e:
+        load_weights_file(tmp_path / "lm.bin")
+    assert "weights_only" not in str(e.value)
+    save_file({"w": torch.ones(2)}, str(tmp_path / "named.bin"))  # safetensors under a torch file's name
+    assert torch.equal(load_weights_file(tmp_path / "named.bin")["w"], torch.ones(2))

@@ -134,3 +134,22 @@ def test_a_cached_hub_lm_loads_without_asking_the_hub(monkeypatch, tmp_path):
     lm = load_causal_lm("org/tiny-lm", cache_dir=tmp_path / "cache", local_files_only=True)
     assert lm.config.hidden_size == 32
     assert asked and all(local and cache == str(tmp_path / "cache") for _, local, cache in asked), asked
+
+
+def test_a_local_path_with_a_typo_is_said_to_be_missing_here_not_only_on_the_hub(tmp_path, monkeypatch):
+    """`runs/nothere` is also a valid Hub repo id: it was looked up on the Hub, and the error said only that
+    the Hub could not give it (train's suggested `hf download runs/nothere`; convert's --lm pasted
+    transformers' "We couldn't connect to 'https://huggingface.co'")."""
+    from flamingo_vlm.lm_loading import load_causal_lm
+    from flamingo_vlm.pretrained import resolve_directory
+
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"there is no runs/nothere here \(runs/ holds: tiny\); as a Hub "
+                                                r"repo id it could not be fetched either"):
+        resolve_directory("runs/nothere", local_files_only=True)
+    with pytest.raises(FileNotFoundError, match=r"language model 'runs/nolm': there is no runs/nolm here \(runs/ "
+                                                r"holds: tiny\)"):
+        load_causal_lm("runs/nolm", local_files_only=True)
+    with pytest.raises(FileNotFoundError, match=r"language model 'nolm': it is not a local directory; as a Hub"):
+        load_causal_lm("nolm", local_files_only=True)

@@ -74,3 +74,24 @@ def why_not_fetched(e: BaseException, local_only: bool, cache_dir=None) -> str:
         return (f"not in the local Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}), and the Hub was not "
                 "contacted (offline, or asked for local files only)")
     return f"{type(e).__name__}: {e}"
+
+
+def missing_local_path(name: str) -> str | None:
+    """Where ``name`` is no local path, a clause saying so for an error about a model that could not be
+    fetched from the Hub either: ``runs/nothere`` beside a ``runs/`` folder (also a valid Hub repo id, so
+    it was looked up on the Hub, and the error said only that the Hub could not give it) names what
+    that folder holds; ``None`` where the path exists."""
+    from pathlib import Path
+
+    path = Path(os.path.expanduser(str(name)))
+    if path.exists():
+        return None
+    parent = next((p for p in path.parents if str(p) not in ("", ".") and p.is_dir()), None)
+    if parent is None:
+        return "it is not a local directory"
+    try:
+        entries = sorted(e.name for e in parent.iterdir() if not e.name.startswith("."))
+    except OSError:
+        return None
+    held = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "") if entries else "nothing"
+    return f"there is no {path} here ({parent}/ holds: {held})"

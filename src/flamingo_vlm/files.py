@@ -53,7 +53,8 @@ def load_weights_file(path: str | Path) -> Any:
         raise IsADirectoryError(f"{path} is a directory, not a weights file")
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    safetensors = path.suffix == ".safetensors"
+    kind = _weights_format(path)
+    safetensors = path.suffix == ".safetensors" or kind == "safetensors"
     try:
         if safetensors:
             from safetensors.torch import load_file
@@ -69,10 +70,48 @@ def load_weights_file(path: str | Path) -> Any:
         if "Unsupported global" in str(e):  # a real pickle of classes torch will not run on load
             why = "it holds objects other than tensors, which torch.load(weights_only=True) refuses"
             detail = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), detail)[:300]
+        elif kind is None and path.suffix.lower() not in _WEIGHTS_SUFFIXES:  # (a config or image given in its place)
+            head = _text_head(path)
+            raise WeightsFileError(path, f"cannot read weights file {path}: it is not a torch (.pt, .bin, .pth) or "
+                                         "safetensors weights file" + (f" but text, beginning {head!r}" if head else "")) from e
         else:
             why = "it is truncated or corrupt; download or save it again"
+            head = _text_head(path) if kind is None else None
+            if head:  # (an HTML error page or a Git LFS pointer saved under the weights' name)
+                why += f"; it holds text, beginning {head!r}"
+        if kind is None and not safetensors:  # (torch's text is about unpickling, and suggests weights_only=False)
+            raise WeightsFileError(path, f"cannot read torch file {path}: {why} (neither a zip archive nor a pickle)") from e
         kind = "safetensors" if safetensors else "torch"
         raise WeightsFileError(path, f"cannot read {kind} file {path}: {why} ({type(e).__name__}: {detail})") from e
+
+
+_WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _weights_format(path: Path) -> str | None:
+    """``"torch"`` (a zip archive, or a legacy pickle) or ``"safetensors"`` (a little-endian header length,
+    then its JSON) by the first bytes of ``path``; ``None`` for neither (or an unreadable file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return None
+
+
+def _text_head(path: Path) -> str | None:
+    """The first line of ``path`` (up to 60 characters) where its first bytes are UTF-8 text, else ``None``."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(256).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    line = text.strip().split("\n", 1)[0] if text.strip() else ""
+    return line[:60] if line.isprintable() else None
 
 
 def release_file_pages(dropped, live=()) -> int:

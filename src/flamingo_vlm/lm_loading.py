@@ -431,6 +431,13 @@ def _naming_the_model(name: str):
     try:
         yield
     except OSError as e:
+        from .errors import missing_local_path
+
+        local = missing_local_path(name)
+        if local:  # (transformers looked it up on the Hub: "We couldn't connect to 'https://huggingface.co' ...")
+            first = str(e).strip().split("\n")[0][:200]
+            raise FileNotFoundError(f"could not load the language model '{name}': {local}; as a Hub repo id it "
+                                    f"could not be fetched either ({first})") from e
         if name in str(e):
             raise
         raise OSError(f"could not load the language model '{name}': {e}") from e

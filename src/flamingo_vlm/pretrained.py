@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import hub
-from .errors import why_not_fetched
+from .errors import missing_local_path, why_not_fetched
 from .checkpoints import CheckpointError, load_openflamingo_checkpoint
 from .factory import assemble, create_model_and_transforms, vision_encoder_from_ref
 from .files import atomic_directory, load_weights_file
@@ -76,6 +76,10 @@ def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_
         )
     except Exception as e:  # offline, unknown repo, unknown revision, auth: one clear message
         at = f" at revision {revision!r}" if revision else ""
+        local = missing_local_path(str(name_or_path))
+        if local and "holds:" in local:  # (a local path with a typo reads as a Hub id: say that first)
+            raise FileNotFoundError(f"model directory {name_or_path}: {local}; as a Hub repo id it could not be "
+                                    f"fetched either ({why_not_fetched(e, local_files_only, cache_dir)})") from e
         raise OSError(
             f"could not get model '{name_or_path}'{at} from the Hugging Face Hub ({why_not_fetched(e, local_files_only, cache_dir)}). "
             "It is not a local directory either. Download it where the Hub is reachable "

@@ -57,6 +57,13 @@ def _run(args: argparse.Namespace) -> int:
         wanted = [t for t in tasks if t in BENCHMARK_TASKS]
         from pathlib import Path
 
+        given = _pairs(args.task_root, "--task-root")
+        for t in tasks:  # ("no folder for task 'hateful_memes' under ...": the cause was that it has no synthetic data)
+            if t not in BENCHMARK_TASKS and t not in given and not any(
+                    (Path(args.data_root) / f).is_dir() for f in TASKS[t].folders):
+                raise UsageError(f"--synthetic writes {', '.join(BENCHMARK_TASKS)}; {t} has no synthetic data: give "
+                                 f"its own with --task-root {t}=PATH, or leave it out of --tasks")
+
         missing = [t for t in wanted if not any((Path(args.data_root) / f).is_dir() for f in TASKS[t].folders)]
         meta = Path(args.data_root) / "synthetic.json"
         if len(missing) < len(wanted) and meta.is_file():
@@ -201,7 +208,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                          "int8 also the LM head; speeds per CPU in the README's Quantized weights)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--synthetic", action="store_true",
-                   help="write the synthetic benchmark into --data-root first when its datasets are missing")
+                   help="write the synthetic benchmark (coco, flickr30k, vqav2, imagenet, synthetic_icl) into "
+                        "--data-root first when its datasets are missing")
     p.add_argument("--synthetic-seed", type=int, default=0,
                    help="its generator seed (default 0); a --data-root holding another seed's benchmark is refused")
     p.add_argument("--no-predictions", action="store_true", help="do not store per-sample predictions")

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
+from ..files import atomic_directory
 from .icl import write_icl_benchmark
 from .scenes import SPLIT_IDS, SceneGenerator
 
@@ -79,26 +78,31 @@ def write_synthetic_benchmark(
             raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
         # written to a temporary folder, then renamed (as write_icl_benchmark does): an interrupted write left a
         # folder without some of its files, which `evaluate --synthetic` then took for written
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        # (modes as mkdir gives them: mkdtemp's 0700 locked other users out of a shared benchmark)
+        with atomic_directory(folder) as tmp:
             if task in ("coco", "flickr30k"):
                 _write_captioning(tmp, gen, task, n_train, n_val, n_test, image_size, jpeg_quality)
             elif task == "vqav2":
                 _write_vqa(tmp, gen, n_train, n_val + n_test, questions_per_image, image_size, jpeg_quality)
             else:
                 _write_classification(tmp, gen, n_class_train_per_class, n_class_val_per_class, image_size, jpeg_quality)
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         out[task] = folder
+    sizes = {"n_train": n_train, "n_val": n_val, "n_test": n_test,
+             "n_class_train_per_class": n_class_train_per_class, "n_class_val_per_class": n_class_val_per_class}
+    # the task folders, relative to root (they were relative to the writer's working directory); the
+    # tasks written before with the same settings stay listed (the file held only the last ones written)
+    tasks_written = {t: p.name for t, p in out.items()}
+    try:
+        before = json.loads((root / "synthetic.json").read_text())
+    except (OSError, ValueError):
+        before = {}
+    if (isinstance(before, dict) and before.get("seed") == gen.seed and before.get("image_size") == image_size
+            and before.get("sizes") == sizes and isinstance(before.get("tasks"), dict)):
+        tasks_written = {t: Path(p).name for t, p in before["tasks"].items()
+                         if t in folders and (root / folders[t]).is_dir()} | tasks_written
     meta = {
         "generator": _FORMAT_NAME, "version": 1, "seed": gen.seed, "image_size": image_size,
-        "held_out_pairs": sorted([list(p) for p in gen.held_out_pairs]), "tasks": {t: str(p) for t, p in out.items()},
-        "sizes": {"n_train": n_train, "n_val": n_val, "n_test": n_test,
-                  "n_class_train_per_class": n_class_train_per_class, "n_class_val_per_class": n_class_val_per_class},
+        "held_out_pairs": sorted([list(p) for p in gen.held_out_pairs]), "tasks": tasks_written, "sizes": sizes,
     }
     (root / "synthetic.json").write_text(json.dumps(meta, indent=1))
     return out

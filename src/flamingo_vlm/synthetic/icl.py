@@ -33,13 +33,13 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_directory
 from .render import BACKGROUNDS, FILLS, POSITIONS, SIZES, Style
 from .scenes import COLORS, CORNERS, SHAPES, WORDS, Scene, SceneGenerator, SceneObject
 
@@ -464,9 +464,7 @@ def write_icl_benchmark(folder: str | os.PathLike, *, n_episodes: int = 200, sho
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
     gen = generator or SceneGenerator(seed=seed)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as tmp:  # (modes as mkdir gives them: a shared benchmark stays readable)
         (tmp / "images").mkdir()
         episodes = []
         for i in range(n_episodes):
@@ -494,9 +492,4 @@ def write_icl_benchmark(folder: str | os.PathLike, *, n_episodes: int = 200, sho
                 "shots": shots, "image_size": image_size, "question_types": list(QUESTION_TYPES)}
         (tmp / "episodes.json").write_text(json.dumps({"meta": meta, "episodes": episodes}, ensure_ascii=False),
                                            encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
