@@ -455,3 +455,20 @@ def test_a_small_local_model_loads_without_transformers_bar_and_a_large_one_keep
     with quiet_small_load(large):
         assert not hf_logging.is_progress_bar_enabled()
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_demo_skips_a_prompt_past_a_short_context_and_runs_the_others(tmp_path, capsys):
+    """`generate --demo` on the README's tiny trained model (context 128) printed three tasks, then ended
+    with exit 1 on the fourth's 186-token prompt, its error on the `model:` line."""
+    for ctx in (128, 32):
+        model, ip, tok = tiny_flamingo("llama", max_position_embeddings=ctx)
+        model.save_pretrained(tmp_path / f"ctx{ctx}", tokenizer=tok, image_processor=ip)
+    code, out = _run(capsys, "--model", str(tmp_path / "ctx128"), "--demo", "--json", "--max-new-tokens", "2")
+    results = json.loads(out.out)["results"]
+    skipped = [r for r in results if "skipped" in r]
+    assert code == 0 and len(results) == 4 and 0 < len(skipped) < 4
+    assert all("more than this model's context of 128" in r["skipped"] for r in skipped)
+    code, out = _run(capsys, "--model", str(tmp_path / "ctx128"), "--demo", "--max-new-tokens", "2")
+    assert code == 0 and "model:  (skipped: the prompt has" in out.out and "error" not in out.err
+    code, out = _run(capsys, "--model", str(tmp_path / "ctx32"), "--demo", "--max-new-tokens", "2")
+    assert code == 1 and out.err.strip().endswith("error: no demo prompt fits this model's context")

@@ -168,6 +168,10 @@ def _generated_length(row: list[int], ends: set[int]) -> int:
     return next((i for i, token in enumerate(row) if token in ends), len(row))
 
 
+class ContextTooLong(ValueError):
+    """A prompt that, with the tokens asked for, does not fit the LM's context."""
+
+
 def _check_context(model, n_prompt: int, max_new_tokens: int | None) -> None:
     """A prompt that with the tokens asked for does not fit the LM's context is refused (transformers
     only warns, then generates from positions the LM never saw, or fails on an index)."""
@@ -175,9 +179,9 @@ def _check_context(model, n_prompt: int, max_new_tokens: int | None) -> None:
     if limit is None:
         return
     if n_prompt >= limit:
-        raise ValueError(f"the prompt has {n_prompt} tokens, more than this model's context of {limit}; shorten it")
+        raise ContextTooLong(f"the prompt has {n_prompt} tokens, more than this model's context of {limit}; shorten it")
     if max_new_tokens is not None and n_prompt + max_new_tokens > limit:
-        raise ValueError(f"the prompt has {n_prompt} tokens and max_new_tokens asks for {max_new_tokens} more, past "
+        raise ContextTooLong(f"the prompt has {n_prompt} tokens and max_new_tokens asks for {max_new_tokens} more, past "
                          f"this model's context of {limit} tokens; shorten the prompt or lower max_new_tokens "
                          f"(at most {limit - n_prompt})")
 
@@ -301,7 +305,14 @@ def _run_demo(args, model, image_processor, tokenizer) -> int:
             print("model:  ", end="", flush=True)
         start = time.perf_counter()
         stream = None if args.json or args.no_stream else (lambda s: print(s, end="", flush=True))
-        texts, n = generate_text(model, image_processor, tokenizer, sample, stream=stream, **kw)
+        try:
+            texts, n = generate_text(model, image_processor, tokenizer, sample, stream=stream, **kw)
+        except ContextTooLong as e:  # (a model of a short context: the other tasks still run)
+            reason = str(e).split(";")[0]
+            if not args.json:
+                print(f"(skipped: {reason})")
+            results.append({"task": task.title, "prompt": prompt, "skipped": reason})
+            continue
         seconds = time.perf_counter() - start
         ranked = rank_candidates(model, image_processor, tokenizer, sample, task.candidates) if task.candidates else None
         if not args.json:
@@ -317,6 +328,9 @@ def _run_demo(args, model, image_processor, tokenizer) -> int:
         results.append(result)
     if args.json:
         print(json.dumps({"model": args.model, "results": results}, indent=2))
+    if all("skipped" in r for r in results):
+        print("flamingo-vlm generate: error: no demo prompt fits this model's context", file=sys.stderr)
+        return 1
     return 0
 
 
