@@ -1368,3 +1368,21 @@ def test_resuming_a_run_past_max_steps_is_refused_and_leaves_it_as_it_was(model_
         _fake_run(model_dir, media_id, out, max_steps=2, resume="latest", export=True)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "final").rglob("*")) == final
     assert _fake_run(model_dir, media_id, out, max_steps=3, resume="latest").step == 3  # at max_steps: nothing to do
+
+
+def test_a_run_that_fails_before_writing_leaves_no_output_directory(model_dir, shards, tmp_path, capsys):
+    """A model or data not found, or `--resume` with no checkpoint, left `runs/x` holding only `.lock`;
+    an output directory that was there before is left as it was."""
+    from flamingo_vlm.train.cli import main
+
+    out = tmp_path / "runs" / "x"
+    cfg = _write_yaml(tmp_path / "c.yaml", model_dir, shards, out)
+    assert main(["--config", str(cfg), "--data", f"pairs={tmp_path / 'nowhere'}/*.tar"]) == 2
+    assert main(["--config", str(cfg), "--resume"]) != 0
+    assert main(["--config", str(cfg), "--set", f"model.from_pretrained={tmp_path / 'no-model'}"]) != 0
+    assert not (tmp_path / "runs").exists()
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    assert main(["--config", str(cfg), "--data", f"pairs={tmp_path / 'nowhere'}/*.tar"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt"]
+    capsys.readouterr()

@@ -137,12 +137,26 @@ class Trainer:
         self._given_model = model is not None
         self._frozen_cast: list = []  # frozen weights held in bf16 (frozen_bf16), put back by close()
         self._hold = contextlib.ExitStack()  # the output directory's lock, released by close()
+        self._made_dirs: list[Path] = []  # the output directory and its parents this run created
         try:
             self._hold_output_dir()
             self._setup(model, datasets, dataset_names, loss_weights)
         except BaseException:
             self.close()
+            self._remove_untouched_output_dir()
             raise
+
+    def _remove_untouched_output_dir(self) -> None:
+        """A run that failed before it wrote anything (a model or data not found, ``--resume`` with no
+        checkpoint) left its new output directory holding only the lock file: removed, with the
+        parents it created, where they hold nothing else."""
+        for d in self._made_dirs:  # (the output directory first, then its new parents)
+            try:
+                if {e.name for e in d.iterdir()} <= {".lock"}:
+                    (d / ".lock").unlink(missing_ok=True)
+                    d.rmdir()
+            except OSError:
+                return
 
     def _hold_output_dir(self) -> None:
         """A second run resuming the same output_dir would interleave checkpoints and metrics with
@@ -151,6 +165,7 @@ class Trainer:
         first, on every rank, with one line saying why."""
         error = None
         if self.info.is_main:
+            self._made_dirs = [d for d in (self.output_dir, *self.output_dir.parents) if not d.exists()]
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 tempfile.TemporaryFile(dir=self.output_dir).close()
