@@ -189,9 +189,15 @@ def test_episodes_command_line(tmp_path, capsys):
     assert main(["data", "episodes", str(tmp_path / "e"), "--documents", "4", "--shots", "1,2", "--mix", "caption=1",
                  "--image-size", "32", "--samples-per-shard", "2"]) == 0
     assert len(list((tmp_path / "e").glob("interleaved-*.tar"))) == 2
-    for bad in (["--shots", "3,1"], ["--mix", "caption"], ["--question-weights", "what color is the"]):
-        with pytest.raises(SystemExit):
+    for bad in (["--shots", "3,1"], ["--mix", "caption"], ["--question-weights", "what color is the"],
+                ["--mix", "caption=2,foo=1"], ["--mix", "caption=0"]):  # (the last two: exit code 1, after the parse)
+        with pytest.raises(SystemExit) as e:
             main(["data", "episodes", str(tmp_path / "f"), "--documents", "1", *bad])
+        assert e.value.code == 2
+    assert "--mix: unknown kind(s) foo; choose from caption," in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # (said "samples_per_shard must be >= 1", exit code 1)
+        main(["data", "write", str(tmp_path), str(tmp_path / "g"), "--samples-per-shard", "0"])
+    assert e.value.code == 2 and "argument --samples-per-shard: must be >= 1" in capsys.readouterr().err
 
 
 def test_question_weights_make_vqa_documents_ask_some_questions_more_often(tmp_path):

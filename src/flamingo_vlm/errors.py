@@ -95,3 +95,21 @@ def missing_local_path(name: str) -> str | None:
         return None
     held = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "") if entries else "nothing"
     return f"there is no {path} here ({parent}/ holds: {held})"
+
+
+def at_least(least: int):
+    """An ``int`` argument type refusing values below ``least``: a usage error (exit code 2) naming the
+    flag, where the library's check said "samples_per_shard must be >= 1" with exit code 1 (and
+    ``--n-train -1`` wrote a benchmark without a training split)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int >= {least}"
+    return parse

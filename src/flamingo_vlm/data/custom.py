@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import at_least
 from ..prompt_format import MEDIA_TOKEN
 from .preprocess import IMAGE_EXTS, clean_text, decode_image, pair_text, plan_interleaved
 from .shards import expand_urls, iter_raw_samples
@@ -269,7 +270,7 @@ def write_shards(
         if bad:
             raise SourceError(
                 f"{len(bad)} document(s) are not one image followed by a caption (first: {bad[0].origin}); "
-                "write them with kind='interleaved'"
+                "write them with --kind interleaved (kind='interleaved')"
             )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -509,7 +510,7 @@ def add_data_subcommand(subparsers, extra: Iterable = ()) -> argparse.ArgumentPa
     w.add_argument("--kind", choices=("auto", "pairs", "interleaved"), default="auto",
                    help="pairs (image + caption, LAION style) or interleaved (MMC4-style json); auto picks pairs "
                         "when every document is one image followed by text")
-    w.add_argument("--samples-per-shard", type=int, default=1000)
+    w.add_argument("--samples-per-shard", type=at_least(1), default=1000)
     w.add_argument("--overwrite", action="store_true", help="replace shards already in out_dir")
     w.add_argument("--strict", action="store_true", help="fail on a bad record or image instead of skipping it")
     w.set_defaults(func=_cmd_write)

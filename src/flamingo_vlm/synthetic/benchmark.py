@@ -20,7 +20,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..files import atomic_directory
 from .icl import write_icl_benchmark
 from .scenes import SPLIT_IDS, SceneGenerator
 
@@ -78,6 +77,8 @@ def write_synthetic_benchmark(
             raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
         # written to a temporary folder, then renamed (as write_icl_benchmark does): an interrupted write left a
         # folder without some of its files, which `evaluate --synthetic` then took for written
+        from ..files import atomic_directory  # (here: files imports torch, which the CLI's parser must not)
+
         # (modes as mkdir gives them: mkdtemp's 0700 locked other users out of a shared benchmark)
         with atomic_directory(folder) as tmp:
             if task in ("coco", "flickr30k"):

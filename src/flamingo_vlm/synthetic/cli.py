@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import UsageError
+from ..errors import UsageError, at_least
 from .benchmark import BENCHMARK_TASKS, write_synthetic_benchmark
 from .episodes import EPISODE_KINDS, write_episode_shards, write_training_shards
 from .icl import ICL_SPLITS, write_icl_shards
@@ -30,24 +30,7 @@ def _shots(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _at_least(least: int):
-    """An ``int`` argument type refusing values below ``least`` (``--n-train -1`` wrote a benchmark
-    without a training split, ``--image-size 0`` failed in PIL with "cannot write empty image")."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be >= {least}, got {text!r}")
-        return value
-
-    parse.__name__ = f"int >= {least}"
-    return parse
-
-
-_COUNT, _SIZE = _at_least(0), _at_least(1)
+_COUNT, _SIZE = at_least(0), at_least(1)
 
 
 def _weights(text: str, what: str, strip: bool) -> dict[str, float]:
@@ -72,7 +55,13 @@ def _rate(text: str) -> float:
 
 
 def _mix(text: str) -> dict[str, float]:
-    return _weights(text, "kind=share", strip=False)
+    mix = _weights(text, "kind=share", strip=False)
+    unknown = sorted(set(mix) - set(EPISODE_KINDS))
+    if unknown:  # (said after the parse, exit code 1)
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {', '.join(unknown)}; choose from {','.join(EPISODE_KINDS)}")
+    if any(v < 0 for v in mix.values()) or not sum(mix.values()) > 0:
+        raise argparse.ArgumentTypeError(f"shares must be >= 0 and not all 0, got {text!r}")
+    return mix
 
 
 def _question_weights(text: str) -> dict[str, float]:

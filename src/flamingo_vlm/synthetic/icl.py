@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_directory
 from .render import BACKGROUNDS, FILLS, POSITIONS, SIZES, Style
 from .scenes import COLORS, CORNERS, SHAPES, WORDS, Scene, SceneGenerator, SceneObject
 
@@ -464,6 +463,8 @@ def write_icl_benchmark(folder: str | os.PathLike, *, n_episodes: int = 200, sho
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
     gen = generator or SceneGenerator(seed=seed)
+    from ..files import atomic_directory  # (here: files imports torch, which the CLI's parser must not)
+
     with atomic_directory(folder) as tmp:  # (modes as mkdir gives them: a shared benchmark stays readable)
         (tmp / "images").mkdir()
         episodes = []
