@@ -266,6 +266,11 @@ class Trainer:
         if info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+        if info.is_main:  # (before the progress bar, which it was printed onto)
+            n_train = sum(p.numel() for p in self.flamingo.parameters() if p.requires_grad)
+            logger.info("training %d parameters on %d process(es) (%s, %s); %s", n_train, info.world_size,
+                        cfg.distributed, cfg.precision,
+                        f"resumed from {self.resume_from} at step {self.step}" if loaded is not None else "fresh run")
         barrier(info)
         self.sinks = Sinks(cfg, self.output_dir, record_columns(self.dataset_names, aim=self.aim is not None),
                            enabled=info.is_main, start_step=self.step, resumed=state is not None)
@@ -275,11 +280,6 @@ class Trainer:
             ckpt.set_rng_state(state["rng"][info.rank], info.device)
         else:
             torch.manual_seed(cfg.seed + info.rank)
-        if info.is_main:
-            n_train = sum(p.numel() for p in self.flamingo.parameters() if p.requires_grad)
-            logger.info("training %d parameters on %d process(es) (%s, %s); %s", n_train, info.world_size,
-                        cfg.distributed, cfg.precision,
-                        f"resumed from {self.resume_from} at step {self.step}" if state else "fresh run")
 
     def _frozen_bf16(self) -> bool:
         cfg = self.cfg
