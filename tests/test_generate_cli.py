@@ -437,7 +437,7 @@ def test_a_small_local_model_loads_without_transformers_bar_and_a_large_one_keep
     setting is what it was after either."""
     from transformers.utils import logging as hf_logging
 
-    from flamingo_vlm.lm_loading import QUIET_LOAD_BYTES, quiet_small_load
+    from flamingo_vlm.files import QUIET_LOAD_BYTES, quiet_small_load
 
     root, _ = saved
     code, out = _run(capsys, "--model", str(root / "model"), "--prompt", "<image>Output:", "--images",

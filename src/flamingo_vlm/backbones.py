@@ -93,7 +93,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     """``(LlamaForCausalLM, tokenizer)`` for SmolLM2-135M-Instruct, converted and cached on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .lm_loading import quiet_small_load
+    from .files import quiet_small_load
 
     directory = smollm2_directory()
     with quiet_small_load(directory):  # (272 weights in ~0.03 s: no bar in every `generate` and `serve`)

@@ -85,7 +85,7 @@ def load_weights_file(path: str | Path) -> Any:
         raise WeightsFileError(path, f"cannot read {kind} file {path}: {why} ({type(e).__name__}: {detail})") from e
 
 
-_WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 
 def _weights_format(path: Path) -> str | None:
@@ -112,6 +112,32 @@ def _text_head(path: Path) -> str | None:
         return None
     line = text.strip().split("\n", 1)[0] if text.strip() else ""
     return line[:60] if line.isprintable() else None
+
+
+# A local LM whose weight files are smaller than this loads in well under a second: transformers'
+# "Loading weights" bar over its tensors is then noise on stderr (a trained tiny model's `generate`,
+# the built-in model's every `generate` and `serve`). Larger ones, and Hub downloads, keep it.
+QUIET_LOAD_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def quiet_small_load(name_or_path):
+    """transformers' progress bars off while loading ``name_or_path``, where it is a local directory
+    whose weight files total less than :data:`QUIET_LOAD_BYTES`; as they were otherwise, and after."""
+    from transformers.utils import logging as hf_logging
+
+    path = Path(str(name_or_path))
+    small = path.is_dir() and sum(
+        f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(_WEIGHTS_SUFFIXES)
+    ) < QUIET_LOAD_BYTES
+    shown = hf_logging.is_progress_bar_enabled()
+    if small and shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if small and shown:
+            hf_logging.enable_progress_bar()
 
 
 def release_file_pages(dropped, live=()) -> int:

@@ -350,6 +350,7 @@ def load_causal_lm(name_or_path: str, *, cache_dir=None, local_files_only=False,
     from transformers import AutoModelForCausalLM
 
     from .modeling.mpt import MosaicMptForCausalLM
+    from .files import quiet_small_load
     from .references import lm_ref
 
     name = str(name_or_path)
@@ -395,33 +396,6 @@ def load_causal_lm(name_or_path: str, *, cache_dir=None, local_files_only=False,
             name_or_path, cache_dir=cache_dir, local_files_only=local_files_only, dtype=dtype,
             adapter_kwargs=adapter_kwargs, **kwargs
         )
-
-
-# A local LM whose weight files are smaller than this loads in well under a second: transformers'
-# "Loading weights" bar over its tensors is then noise on stderr (a trained tiny model's `generate`,
-# the built-in model's every `generate` and `serve`). Larger ones, and Hub downloads, keep it.
-QUIET_LOAD_BYTES = 1 << 30
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-@contextlib.contextmanager
-def quiet_small_load(name_or_path):
-    """transformers' progress bars off while loading ``name_or_path``, where it is a local directory
-    whose weight files total less than :data:`QUIET_LOAD_BYTES`; as they were otherwise, and after."""
-    from transformers.utils import logging as hf_logging
-
-    path = Path(str(name_or_path))
-    small = path.is_dir() and sum(
-        f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)
-    ) < QUIET_LOAD_BYTES
-    shown = hf_logging.is_progress_bar_enabled()
-    if small and shown:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if small and shown:
-            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
