@@ -8,6 +8,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class UsageError(ValueError):
@@ -77,18 +78,16 @@ def why_not_fetched(e: BaseException, local_only: bool, cache_dir=None) -> str:
 
 
 def missing_local_path(name: str) -> str | None:
-    """Where ``name`` is no local path, a clause saying so for an error about a model that could not be
-    fetched from the Hub either: ``runs/nothere`` beside a ``runs/`` folder (also a valid Hub repo id, so
-    it was looked up on the Hub, and the error said only that the Hub could not give it) names what
-    that folder holds; ``None`` where the path exists."""
-    from pathlib import Path
-
+    """For an error about a model that could not be fetched from the Hub either, where ``name`` reads as a
+    local path with a typo: ``runs/nothere`` beside a ``runs/`` folder (also a valid Hub repo id, so it
+    was looked up on the Hub, and the error said only that the Hub could not give it), a clause naming
+    what that folder holds; ``None`` where the path exists or no folder of it is here."""
     path = Path(os.path.expanduser(str(name)))
     if path.exists():
         return None
     parent = next((p for p in path.parents if str(p) not in ("", ".") and p.is_dir()), None)
     if parent is None:
-        return "it is not a local directory"
+        return None
     try:
         entries = sorted(e.name for e in parent.iterdir() if not e.name.startswith("."))
     except OSError:

@@ -407,7 +407,7 @@ def _naming_the_model(name: str):
     except OSError as e:
         from .errors import missing_local_path
 
-        local = missing_local_path(name)
+        local = missing_local_path(name) or (None if Path(name).expanduser().exists() else "it is not a local directory")
         if local:  # (transformers looked it up on the Hub: "We couldn't connect to 'https://huggingface.co' ...")
             first = str(e).strip().split("\n")[0][:200]
             raise FileNotFoundError(f"could not load the language model '{name}': {local}; as a Hub repo id it "

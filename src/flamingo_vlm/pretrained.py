@@ -77,7 +77,7 @@ def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_
     except Exception as e:  # offline, unknown repo, unknown revision, auth: one clear message
         at = f" at revision {revision!r}" if revision else ""
         local = missing_local_path(str(name_or_path))
-        if local and "holds:" in local:  # (a local path with a typo reads as a Hub id: say that first)
+        if local:  # (a local path with a typo reads as a Hub id: say that first)
             raise FileNotFoundError(f"model directory {name_or_path}: {local}; as a Hub repo id it could not be "
                                     f"fetched either ({why_not_fetched(e, local_files_only, cache_dir)})") from e
         raise OSError(

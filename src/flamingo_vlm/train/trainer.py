@@ -266,7 +266,7 @@ class Trainer:
         if info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
-        if info.is_main:  # (before the progress bar, which it was printed onto)
+            # (before the progress bar below, which it was printed onto)
             n_train = sum(p.numel() for p in self.flamingo.parameters() if p.requires_grad)
             logger.info("training %d parameters on %d process(es) (%s, %s); %s", n_train, info.world_size,
                         cfg.distributed, cfg.precision,
