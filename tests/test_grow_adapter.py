@@ -93,11 +93,19 @@ def test_bad_requests_say_what_to_do_and_write_nothing(grow, saved, tmp_path, ca
         grow.main([str(source), str(tmp_path / "g"), "--color-encoding", "both"])  # an open_clip encoder has no codes
     assert "built-in feature-grid" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        grow.main([str(tmp_path), str(tmp_path / "g")])
+        grow.main([str(tmp_path), str(tmp_path / "g"), "--num-latents", str(2 * n)])
     assert "not a saved model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        grow.main([str(source), str(source)])
+        grow.main([str(source), str(source), "--num-latents", str(2 * n)])
     assert "exists" in capsys.readouterr().err
+    # no option, or only what the model has already: it wrote a plain copy
+    with pytest.raises(SystemExit):
+        grow.main([str(source), str(tmp_path / "g")])
+    assert "nothing to grow: give --num-latents, --color-encoding or --media-passthrough" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grow.main([str(source), str(tmp_path / "g"), "--num-latents", str(n)])
+    assert f"has that already ({n} latents" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
 
 
 def test_weights_name_is_the_saved_models(grow):

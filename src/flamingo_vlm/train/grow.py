@@ -69,6 +69,8 @@ def grow_adapter(source: str | os.PathLike, target: str | os.PathLike, *, num_la
     from ..files import atomic_directory
 
     source, target = Path(source), Path(target)
+    if num_latents is None and color_encoding is None and not media_passthrough:  # (it wrote a plain copy)
+        raise GrowError("nothing to grow: give --num-latents, --color-encoding or --media-passthrough")
     config_path, weights_path = source / "config.json", source / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
         raise GrowError(f"{source} is not a saved model: it needs config.json and {WEIGHTS_NAME}")
@@ -77,6 +79,13 @@ def grow_adapter(source: str | os.PathLike, target: str | os.PathLike, *, num_la
     config = json.loads(config_path.read_text())
     if color_encoding is not None and config.get("vision_encoder", {}).get("type") != "reference":
         raise GrowError("--color-encoding needs a built-in feature-grid vision encoder")
+    perceiver = config.get("perceiver_kwargs", {})
+    if ((num_latents is None or num_latents == perceiver.get("num_latents"))
+            and (color_encoding is None or color_encoding == config.get("vision_encoder", {}).get("color_encoding"))
+            and (not media_passthrough or perceiver.get("media_passthrough"))):
+        raise GrowError(f"{source} has that already ({perceiver.get('num_latents')} latents, colour code "
+                        f"{config.get('vision_encoder', {}).get('color_encoding')!r}, input tokens passed through: "
+                        f"{bool(perceiver.get('media_passthrough'))}): nothing to grow")
     weights = load_file(weights_path)
     if num_latents is not None:
         weights[LATENTS] = grow_latents(weights[LATENTS], num_latents, noise, seed)
