@@ -364,7 +364,9 @@ def test_the_parser_imports_neither_torch_nor_transformers():
 
 @pytest.mark.parametrize("argv", [["train", "--config", "/nonexistent.yaml"], ["data", "inspect", "/nonexistent.tar"],
                                   ["generate", "--text", "x", "--max-new-tokens", "0"],
-                                  ["generate", "--demo", "--text", "x"]])
+                                  ["generate", "--demo", "--text", "x"],
+                                  ["convert", "missing.pt", "--out", "x"],  # (5 s before it said --vision/--lm)
+                                  ["convert", "missing.pt", "--out", "x", "--release", "nope"]])
 def test_bad_input_that_needs_no_model_is_reported_without_importing_torch(argv):
     """Naming the error types that are bad input (train.cli.user_errors) imported the trainer, so a
     missing config or shard took 13-20 s to report on a busy 2-core EPYC (0.3-0.6 s now)."""

@@ -25,10 +25,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .checkpoints import cross_attention_interval, load_openflamingo_checkpoint, read_state_dict
-    from .factory import create_model_and_transforms
-    from .pretrained import check_save_target
-    from .references import vision_ref
     from .registry import OPENFLAMINGO_RELEASES, get_release
 
     release = get_release(args.release) if args.release else None
@@ -40,6 +36,12 @@ def _convert(args: argparse.Namespace) -> int:
         raise UsageError("convert needs --release, or --vision and --lm (and usually --tokenizer)")
     if args.cross_attn_every_n_layers is not None and args.cross_attn_every_n_layers < 1:
         raise UsageError(f"--cross-attn-every-n-layers must be >= 1, got {args.cross_attn_every_n_layers}")
+    # (after the checks above: these import torch and transformers, ~5 s before a usage error was said)
+    from .checkpoints import cross_attention_interval, load_openflamingo_checkpoint, read_state_dict
+    from .factory import create_model_and_transforms
+    from .pretrained import check_save_target
+    from .references import vision_ref
+
     vision_pretrained = (args.vision_pretrained if args.vision_pretrained is not None
                          else (release.vision_pretrained if release else None))
     check_save_target(args.out)  # a file, or a folder of other things, is refused before anything loads
