@@ -1386,3 +1386,21 @@ def test_a_run_that_fails_before_writing_leaves_no_output_directory(model_dir, s
     assert main(["--config", str(cfg), "--data", f"pairs={tmp_path / 'nowhere'}/*.tar"]) == 2
     assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt"]
     capsys.readouterr()
+
+
+def test_data_too_small_for_a_batch_says_so_and_what_to_do(model_dir, shards, tmp_path, capsys):
+    """It read "could not read dataset pairs0: RuntimeError: ... gave no full batch of 4 ...; stats: {...}"
+    for data that was read fine and was only too small."""
+    import yaml
+
+    from flamingo_vlm.train.cli import main
+
+    cfg = _write_yaml(tmp_path / "c.yaml", model_dir, shards, tmp_path / "out")
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"] = raw["data"][:1]
+    raw["data"][0]["batch_size"] = 64
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(cfg), "--max-steps", "1"]) != 0
+    err = capsys.readouterr().err
+    assert "gave no full batch of 64 in epoch 0 (rank 0/1: " in err and "give it at least 64 usable samples" in err
+    assert "could not read" not in err and "RuntimeError" not in err and "{" not in err and err.count("\n") == 1

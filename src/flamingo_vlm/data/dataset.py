@@ -205,6 +205,10 @@ def collate(samples: list[Sample], *, pad_token_id: int, media_token_id: int, eo
     return {"vision_x": vision_x, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class NoFullBatch(RuntimeError):
+    """A dataset's epoch gave this process no full batch: too few usable samples for its share."""
+
+
 class ShardDataset(IterableDataset):
     """Endless stream of right-padded training batches from one :class:`DatasetSpec`.
 
@@ -323,10 +327,12 @@ class ShardDataset(IterableDataset):
         while True:
             yield from self._iter_epoch(self._epoch)
             if self._batches == 0:  # nothing in this epoch (those before a resume point count)
-                raise RuntimeError(
-                    f"{self.spec.kind} data {self._describe_shards()} gave no full batch of {self.spec.batch_size} "
-                    f"in epoch {self._epoch} (rank {self.rank}/{self.world_size}){self._describe_problems()}; "
-                    f"stats: {dict(self.stats)}"
+                bs, ws = self.spec.batch_size, self.world_size
+                counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.stats.items() if v) or "no samples"
+                raise NoFullBatch(
+                    f"{self.spec.kind} data {self._describe_shards()} gave no full batch of {bs} in epoch "
+                    f"{self._epoch} (rank {self.rank}/{ws}: {counts}){self._describe_problems()}; give it at least "
+                    f"{bs} usable samples per process{f' ({bs * ws} in all)' if ws > 1 else ''}, or a smaller batch_size"
                 )
             if self._replay_batches:
                 logger.warning("the loaded data position %d batches into epoch %d is past the epoch's end (%d batches)",

@@ -50,6 +50,7 @@ from typing import Any, Sequence
 import torch
 
 from ..allocator import preload_hint
+from ..data.dataset import NoFullBatch
 from ..data.labels import IGNORE_INDEX
 from ..locking import hold_for_job
 from ..modeling.fast_linear import fast_bf16, onednn_available
@@ -307,6 +308,8 @@ class Trainer:
             batch = next(self._iters[d])
         except StopIteration:
             raise DataError(f"dataset {self.dataset_names[d]} ended; training datasets must be endless") from None
+        except NoFullBatch as e:  # (read fine, but too small: "could not read dataset ...: RuntimeError: ...")
+            raise DataError(f"dataset {self.dataset_names[d]}: {e}") from e
         except (OSError, RuntimeError, ValueError) as e:
             raise DataError(f"could not read dataset {self.dataset_names[d]}: {type(e).__name__}: {e}") from e
         return check_batch(batch, self.dataset_names[d], self.vocab_size)
