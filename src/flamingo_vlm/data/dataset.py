@@ -206,7 +206,12 @@ def collate(samples: list[Sample], *, pad_token_id: int, media_token_id: int, eo
 
 
 class NoFullBatch(RuntimeError):
-    """A dataset's epoch gave this process no full batch: too few usable samples for its share."""
+    """A dataset's epoch gave this process no full batch: too few usable samples for its share, or
+    ``damaged`` shards (unreadable, truncated) where they were."""
+
+    def __init__(self, message: str, *, damaged: bool = False):
+        super().__init__(message)
+        self.damaged = damaged
 
 
 class ShardDataset(IterableDataset):
@@ -327,13 +332,14 @@ class ShardDataset(IterableDataset):
         while True:
             yield from self._iter_epoch(self._epoch)
             if self._batches == 0:  # nothing in this epoch (those before a resume point count)
-                bs, ws = self.spec.batch_size, self.world_size
+                bs, ws, damaged = self.spec.batch_size, self.world_size, self._describe_problems()
                 counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.stats.items() if v) or "no samples"
+                advice = ("write the damaged shards again, or give other data" if damaged else
+                          f"give it at least {bs} usable samples per process{f' ({bs * ws} in all)' if ws > 1 else ''}, "
+                          "or a smaller batch_size")
                 raise NoFullBatch(
                     f"{self.spec.kind} data {self._describe_shards()} gave no full batch of {bs} in epoch "
-                    f"{self._epoch} (rank {self.rank}/{ws}: {counts}){self._describe_problems()}; give it at least "
-                    f"{bs} usable samples per process{f' ({bs * ws} in all)' if ws > 1 else ''}, or a smaller batch_size"
-                )
+                    f"{self._epoch} (rank {self.rank}/{ws}: {counts}){damaged}; {advice}", damaged=bool(damaged))
             if self._replay_batches:
                 logger.warning("the loaded data position %d batches into epoch %d is past the epoch's end (%d batches)",
                                self._batches + self._replay_batches, self._epoch, self._batches)

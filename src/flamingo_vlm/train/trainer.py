@@ -308,8 +308,8 @@ class Trainer:
             batch = next(self._iters[d])
         except StopIteration:
             raise DataError(f"dataset {self.dataset_names[d]} ended; training datasets must be endless") from None
-        except NoFullBatch as e:  # (read fine, but too small: "could not read dataset ...: RuntimeError: ...")
-            raise DataError(f"dataset {self.dataset_names[d]}: {e}") from e
+        except NoFullBatch as e:  # (read fine but too small was "could not read dataset ...: RuntimeError: ...")
+            raise DataError(f"{'could not read dataset' if e.damaged else 'dataset'} {self.dataset_names[d]}: {e}") from e
         except (OSError, RuntimeError, ValueError) as e:
             raise DataError(f"could not read dataset {self.dataset_names[d]}: {type(e).__name__}: {e}") from e
         return check_batch(batch, self.dataset_names[d], self.vocab_size)
