@@ -721,3 +721,15 @@ def test_model_encodes_images_one_by_one():
     assert model.images_encode_independently
     assert each.shape[0] == 3 and each.shape[1] > 4  # the latents and the passed-through cells
     torch.testing.assert_close(each, together)
+
+
+def test_the_served_id_of_a_runs_export_names_the_run(tmp_path, monkeypatch):
+    """Every trained model was served as `final` (the name of the directory `train` exports to)."""
+    from flamingo_vlm.serve.cli import _model_name
+
+    for rel in ("runs/tiny/final", "models/my-model"):
+        (tmp_path / rel).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert _model_name("runs/tiny/final") == "tiny/final"
+    assert _model_name("models/my-model") == "my-model"
+    assert _model_name("smol-synthetic") == "smol-synthetic" and _model_name("org/repo") == "org/repo"

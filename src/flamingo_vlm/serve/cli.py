@@ -82,7 +82,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="model to serve: a built-in model name, a flamingo-vlm model directory (save_pretrained), a "
                         f"Hub repo in that format, or a released OpenFlamingo repo id (default: {DEFAULT_MODEL}, offline)")
-    p.add_argument("--served-model-name", help="the model id clients send (default: the --model directory's name)")
+    p.add_argument("--served-model-name",
+                   help="the model id clients send (default: the --model directory's name; run/final for a run's export)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     g = p.add_argument_group("model")
@@ -150,8 +151,14 @@ def add_serve_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def _model_name(model: str) -> str:
+    """The id clients send for ``--model``: a Hub id or built-in name as given; a directory's name, with
+    its parent's for a run's export (``runs/tiny/final``: ``tiny/final``; every trained model was served
+    as ``final``)."""
     path = Path(model)
-    return path.resolve().name if path.is_dir() else model
+    if not path.is_dir():
+        return model
+    path = path.resolve()
+    return f"{path.parent.name}/{path.name}" if path.name == "final" and path.parent.name else path.name
 
 
 def build_server(args: argparse.Namespace):
