@@ -919,3 +919,24 @@ def test_a_step_appends_its_key_and_value_into_room_and_never_into_a_view_held_e
         fused_decode._append(layer, k, v)
     keys, _ = fused_decode._append(layer, k, v)
     assert not keys.is_inference() and torch.equal(keys[:, :, -2:], torch.cat([k, k], 2))
+
+
+@needs_native
+def test_a_held_step_keeps_its_weights_and_checks_nothing_per_call():
+    """fused_decode's steps live for one block (a generate) and hold their tensors (native.hold): no
+    per-call check (11 us a call after the kernels streamed the weights through the caches), and no
+    freed memory read where the caller's references go."""
+    b = block()
+    x, k = torch.randn(2, 1, 40), torch.randn(2, 3, 5, 12)
+    no_norms = (native.Norm(None, None, 1e-5),) * 2
+    prods, dense = products(b, "fp32", 1)
+    want = native.XattnStep(prods, no_norms, heads=3, dtype=torch.float32)(x, k, k, 0.5, 0.5)
+    held = native.hold(native.XattnStep(prods, no_norms, heads=3, dtype=torch.float32))
+    assert held._kept == [] and len(held._held) >= 4
+    del prods, dense
+    assert torch.equal(held(x, k, k, 0.5, 0.5), want)
+    prods, dense = products(b, "fp32", 1)
+    step = native.XattnStep(prods, no_norms, heads=3, dtype=torch.float32)
+    del prods, dense
+    with pytest.raises(ValueError, match="XattnStep: a tensor it was built from is gone"):
+        native.hold(step)

@@ -19,7 +19,7 @@ MosaicGPT's, with its ALiBi row and padding mask made once: :func:`_fused_mpt_mo
 
 It is prepared once per block per LM call sequence (``injection.Conditioning``, one ``generate`` or
 forward call: the weights, routes and gates do not change within it; the LM's layers once per
-:func:`fused_lm` block), and taken only where every
+:func:`fused_lm` block; each step holds its weights for that long, :func:`.native.hold`), and taken only where every
 product would have run on our C kernel anyway (``QuantizedLinear`` int8 layers where their probe
 chose it; ``nn.Linear`` layers routed by ``onednn_linears`` whose decode probe chose it for this row
 count), so a machine where torch's kernels measured faster keeps them; and only for the modules as
@@ -125,7 +125,7 @@ def prepare(block: GatedCrossAttentionBlock, x: torch.Tensor, gates: tuple[torch
     if any(p is None for p in products) or any(n is None for n in norms):
         return None
     try:
-        step = native.XattnStep(tuple(products), tuple(norms), heads=attn.heads, dtype=x.dtype)
+        step = native.hold(native.XattnStep(tuple(products), tuple(norms), heads=attn.heads, dtype=x.dtype))
     except ValueError:  # shapes or layouts the C code does not take
         return None
     ag, fg = float(attn_gate), float(ff_gate)
@@ -176,7 +176,7 @@ def _prepare_mlp(mlp: nn.Module, kind: str, x: torch.Tensor) -> native.MlpStep |
     if any(p is None for p in products):
         return None
     try:
-        return native.MlpStep(*products, act="silu" if kind == "llama" else "gelu", dtype=x.dtype)
+        return native.hold(native.MlpStep(*products, act="silu" if kind == "llama" else "gelu", dtype=x.dtype))
     except ValueError:
         return None
 
@@ -245,9 +245,9 @@ def _prepare_llama(layer: nn.Module, x: torch.Tensor) -> native.LlamaStep | None
     if any(p is None for p in products) or any(type(n.weight) not in PLAIN_TYPES for n in norms):
         return None
     try:
-        return native.LlamaStep(tuple(products), tuple((n.weight, float(n.variance_epsilon)) for n in norms),
-                                heads=attn.config.num_attention_heads, kv_heads=attn.config.num_key_value_heads,
-                                dtype=x.dtype)
+        return native.hold(native.LlamaStep(
+            tuple(products), tuple((n.weight, float(n.variance_epsilon)) for n in norms),
+            heads=attn.config.num_attention_heads, kv_heads=attn.config.num_key_value_heads, dtype=x.dtype))
     except ValueError:
         return None
 
@@ -510,9 +510,9 @@ def _prepare_mpt(block: nn.Module, x: torch.Tensor) -> native.MptStep | None:
     if any(p is None for p in products) or any(n is None for n in norms + qk):
         return None
     try:  # (our MosaicGPT's decoding steps attend in fp32: mpt.py)
-        return native.MptStep(tuple(products), tuple(norms), heads=attn.n_heads, clip=attn.clip_qkv,
-                              scale=float(attn.softmax_scale), dtype=x.dtype, qk_norms=tuple(qk) or None,
-                              fp32_scores=mosaic)
+        return native.hold(native.MptStep(tuple(products), tuple(norms), heads=attn.n_heads, clip=attn.clip_qkv,
+                                          scale=float(attn.softmax_scale), dtype=x.dtype, qk_norms=tuple(qk) or None,
+                                          fp32_scores=mosaic))
     except ValueError:
         return None
 
