@@ -436,6 +436,20 @@ def test_cli_values_out_of_range_are_usage_errors_before_the_model_loads(flags, 
     assert code == 2 and message in capsys.readouterr().err
 
 
+def test_synthetic_with_a_task_of_its_own_data_takes_its_task_root_by_alias(tmp_path, monkeypatch, capsys):
+    """--task-root takes the aliases --tasks takes (okvqa for ok_vqa): the --synthetic check compared the
+    raw key, and said "give its own with --task-root ok_vqa=PATH" to a user who had."""
+    from flamingo_vlm import cli
+    from flamingo_vlm.eval import evaluator
+
+    seen = {}
+    monkeypatch.setattr(evaluator, "evaluate", lambda model, config, **k: seen.setdefault("config", config))
+    (tmp_path / "okvqa").mkdir()
+    code = cli.main(["evaluate", "--model", "m", "--tasks", "okvqa", "--synthetic", "--data-root", str(tmp_path / "d"),
+                     "--task-root", f"okvqa={tmp_path / 'okvqa'}", "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 0 and seen["config"].tasks == ["ok_vqa"], capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fp16_native", [False, True])
 def test_fp16_on_a_cpu_without_float16_arithmetic_gets_a_note(fp16_native, tmp_path, monkeypatch, capsys):
     """`evaluate --precision fp16` on a CPU where torch emulates float16 (several times slower) says so,

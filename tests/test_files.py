@@ -308,5 +308,8 @@ def test_a_file_of_another_kind_given_as_weights_is_named_for_what_it_is(tmp_pat
                                                "beginning 'version https://git-lfs") as e:
         load_weights_file(tmp_path / "lm.bin")
     assert "weights_only" not in str(e.value)
+    (tmp_path / "page.bin").write_bytes(b"<!DOCTYPE html>\r\n<html><body>Access denied</body></html>\r\n")
+    with pytest.raises(WeightsFileError, match="it holds text, beginning '<!DOCTYPE html>'"):  # (CRLF lines)
+        load_weights_file(tmp_path / "page.bin")
     save_file({"w": torch.ones(2)}, str(tmp_path / "named.bin"))  # safetensors under a torch file's name
     assert torch.equal(load_weights_file(tmp_path / "named.bin")["w"], torch.ones(2))

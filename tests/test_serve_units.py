@@ -733,3 +733,20 @@ def test_the_served_id_of_a_runs_export_names_the_run(tmp_path, monkeypatch):
     assert _model_name("runs/tiny/final") == "tiny/final"
     assert _model_name("models/my-model") == "my-model"
     assert _model_name("smol-synthetic") == "smol-synthetic" and _model_name("org/repo") == "org/repo"
+
+
+def test_a_runs_export_is_also_answered_by_its_old_id(tmp_path):
+    """Clients written when a run's export was served as `final` still get it beside `run/final`."""
+    from tiny import tiny_flamingo
+
+    from flamingo_vlm.cli import build_parser
+    from flamingo_vlm.serve.cli import build_server
+
+    model, ip, tok = tiny_flamingo("llama")
+    model.save_pretrained(tmp_path / "runs" / "t" / "final", tokenizer=tok, image_processor=ip)
+    parser = build_parser()
+    for extra, name, others in (([], "t/final", ["final"]), (["--served-model-name", "mine"], "mine", [])):
+        args = parser.parse_args(["serve", "--model", str(tmp_path / "runs" / "t" / "final"), "--dtype", "float32",
+                                  *extra])
+        _app, engine, config = build_server(args)
+        assert config.model_name == name and config.extra_model_names == others

@@ -107,11 +107,18 @@ def _text_head(path: Path) -> str | None:
     """The first line of ``path`` (up to 60 characters) where its first bytes are UTF-8 text, else ``None``."""
     try:
         with open(path, "rb") as f:
-            text = f.read(256).decode("utf-8")
-    except (OSError, UnicodeDecodeError):
+            head = f.read(256)
+    except OSError:
         return None
-    line = text.strip().split("\n", 1)[0] if text.strip() else ""
-    return line[:60] if line.isprintable() else None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # (a character cut at byte 256 is still text; anything earlier is not)
+        if e.start < len(head) - 3:
+            return None
+        text = head[: e.start].decode("utf-8")
+    lines = text.strip().splitlines()  # (CRLF too)
+    line = lines[0] if lines else ""
+    return line[:60] if line and line.isprintable() else None
 
 
 # A local LM whose weight files are smaller than this loads in well under a second: transformers'

@@ -405,13 +405,12 @@ def _naming_the_model(name: str):
     try:
         yield
     except OSError as e:
-        from .errors import missing_local_path
+        from .errors import missing_local_path, one_line
 
-        local = missing_local_path(name) or (None if Path(name).expanduser().exists() else "it is not a local directory")
-        if local:  # (transformers looked it up on the Hub: "We couldn't connect to 'https://huggingface.co' ...")
-            first = str(e).strip().split("\n")[0][:200]
+        local = missing_local_path(name)
+        if local:  # (a local path with a typo, looked up on the Hub: "We couldn't connect to 'https://huggingface.co'")
             raise FileNotFoundError(f"could not load the language model '{name}': {local}; as a Hub repo id it "
-                                    f"could not be fetched either ({first})") from e
+                                    f"could not be fetched either ({one_line(e)})") from e
         if name in str(e):
             raise
         raise OSError(f"could not load the language model '{name}': {e}") from e

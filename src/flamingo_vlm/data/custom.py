@@ -128,22 +128,22 @@ def read_source(source: str | os.PathLike, stats: Counter | None = None, strict:
         if source.suffix.lower() in IMAGE_SUFFIXES:  # (it was read as JSONL: "'utf-8' codec can't decode byte 0x89")
             raise SourceError(f"{source} is an image: give a .jsonl file (one JSON document per line) or the "
                               "folder of images with a .txt caption beside each")
-        try:
-            lines = source.read_text(encoding="utf-8").split("\n")  # (as a file iterates: not at U+2028)
-        except UnicodeDecodeError as e:
-            raise SourceError(f"{source} is not a UTF-8 text file ({e.reason} at byte {e.start}): give a .jsonl file "
-                              "(one JSON document per line) or a folder of images with .txt captions") from None
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            origin = f"{source}:{lineno}"
-            try:
-                docs.append(_parse_record(json.loads(line), source.parent, origin))
-            except (ValueError, SourceError) as e:
-                if strict:
-                    raise SourceError(str(e) if isinstance(e, SourceError) else f"{origin}: bad JSON ({e})") from e
-                stats["bad_records"] += 1
-                logger.warning("skipping %s", e if isinstance(e, SourceError) else f"{origin}: bad JSON ({e})")
+        try:  # (line by line: an MMC4-sized file is not held whole)
+            with open(source, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    origin = f"{source}:{lineno}"
+                    try:
+                        docs.append(_parse_record(json.loads(line), source.parent, origin))
+                    except (ValueError, SourceError) as e:
+                        if strict:
+                            raise SourceError(str(e) if isinstance(e, SourceError) else f"{origin}: bad JSON ({e})") from e
+                        stats["bad_records"] += 1
+                        logger.warning("skipping %s", e if isinstance(e, SourceError) else f"{origin}: bad JSON ({e})")
+        except UnicodeDecodeError as e:  # (a UnicodeDecodeError is a ValueError: raised by the read, not json)
+            raise SourceError(f"{source} is not a UTF-8 text file ({e.reason}): give a .jsonl file (one JSON "
+                              "document per line) or a folder of images with .txt captions") from None
     elif source.is_dir():
         found = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         for path in found:

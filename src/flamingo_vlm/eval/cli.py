@@ -57,7 +57,10 @@ def _run(args: argparse.Namespace) -> int:
         wanted = [t for t in tasks if t in BENCHMARK_TASKS]
         from pathlib import Path
 
-        given = _pairs(args.task_root, "--task-root")
+        try:  # (--task-root takes the aliases --tasks takes: okvqa=, hm=)
+            given = {get_task(k).name for k in _pairs(args.task_root, "--task-root")}
+        except ValueError as e:
+            raise UsageError(f"--task-root: {e}") from None
         for t in tasks:  # ("no folder for task 'hateful_memes' under ...": the cause was that it has no synthetic data)
             if t not in BENCHMARK_TASKS and t not in given and not any(
                     (Path(args.data_root) / f).is_dir() for f in TASKS[t].folders):

@@ -334,7 +334,8 @@ def hold(step):
     tensors = [ref() for ref, _ in step._kept]
     if any(t is None or t.data_ptr() != ptr for t, (_, ptr) in zip(tensors, step._kept)):
         raise ValueError(f"{type(step).__name__}: a tensor it was built from is gone")
-    step._held, step._kept = tensors, []
+    # (aliases: they pin the storage itself, also where a parameter's .data is replaced meanwhile)
+    step._held, step._kept = [t.detach() for t in tensors], []
     return step
 
 

@@ -193,6 +193,8 @@ def build_server(args: argparse.Namespace):
         max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
         body_timeout=args.body_timeout, header_timeout=args.header_timeout, default_max_tokens=args.default_max_tokens,
         max_score_candidates=args.max_score_candidates,
+        # (a run's export was served as "final" before it was "run/final": clients sending that still get it)
+        extra_model_names=["final"] if not args.served_model_name and _model_name(args.model).endswith("/final") else [],
     )
     return create_app(engine, config), engine, config
 

@@ -139,12 +139,14 @@ class Trainer:
         self._frozen_cast: list = []  # frozen weights held in bf16 (frozen_bf16), put back by close()
         self._hold = contextlib.ExitStack()  # the output directory's lock, released by close()
         self._made_dirs: list[Path] = []  # the output directory and its parents this run created
+        self._locked = False  # this process holds the output directory's lock
         try:
             self._hold_output_dir()
             self._setup(model, datasets, dataset_names, loss_weights)
         except BaseException:
+            if self._locked:  # (while the lock is held: another run cannot have taken the directory)
+                self._remove_untouched_output_dir()
             self.close()
-            self._remove_untouched_output_dir()
             raise
 
     def _remove_untouched_output_dir(self) -> None:
@@ -182,6 +184,7 @@ class Trainer:
             raise ckpt.WriteError(error)
         hold_for_job(self._hold, self.output_dir, is_main=self.info.is_main,
                      broadcast=lambda obj: broadcast_object(obj, self.info))
+        self._locked = self.info.is_main
 
     # -- setup ---------------------------------------------------------------------------------
     def _setup(self, model, datasets, dataset_names, loss_weights) -> None:
