@@ -169,7 +169,12 @@ def _generated_length(row: list[int], ends: set[int]) -> int:
 
 
 class ContextTooLong(ValueError):
-    """A prompt that, with the tokens asked for, does not fit the LM's context."""
+    """A prompt that, with the tokens asked for, does not fit the LM's context: ``what`` (the fact), then
+    what to do."""
+
+    def __init__(self, what: str, advice: str):
+        super().__init__(f"{what}; {advice}")
+        self.what = what
 
 
 def _check_context(model, n_prompt: int, max_new_tokens: int | None) -> None:
@@ -179,11 +184,11 @@ def _check_context(model, n_prompt: int, max_new_tokens: int | None) -> None:
     if limit is None:
         return
     if n_prompt >= limit:
-        raise ContextTooLong(f"the prompt has {n_prompt} tokens, more than this model's context of {limit}; shorten it")
+        raise ContextTooLong(f"the prompt has {n_prompt} tokens, more than this model's context of {limit}", "shorten it")
     if max_new_tokens is not None and n_prompt + max_new_tokens > limit:
         raise ContextTooLong(f"the prompt has {n_prompt} tokens and max_new_tokens asks for {max_new_tokens} more, past "
-                         f"this model's context of {limit} tokens; shorten the prompt or lower max_new_tokens "
-                         f"(at most {limit - n_prompt})")
+                             f"this model's context of {limit} tokens",
+                             f"shorten the prompt or lower max_new_tokens (at most {limit - n_prompt})")
 
 
 class _Streamer:
@@ -308,7 +313,7 @@ def _run_demo(args, model, image_processor, tokenizer) -> int:
         try:
             texts, n = generate_text(model, image_processor, tokenizer, sample, stream=stream, **kw)
         except ContextTooLong as e:  # (a model of a short context: the other tasks still run)
-            reason = str(e).split(";")[0]
+            reason = e.what
             if not args.json:
                 print(f"(skipped: {reason})")
             results.append({"task": task.title, "prompt": prompt, "skipped": reason})

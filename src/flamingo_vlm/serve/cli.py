@@ -186,15 +186,16 @@ def build_server(args: argparse.Namespace):
                     batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, max_context=args.max_context,
                     image_cache_size=args.image_cache_size, prefix_cache_mb=args.prefix_cache_mb,
                     prefill_chunk=args.prefill_chunk, decode_slice=args.decode_slice)
+    default_name = _model_name(args.model)
     config = ServeConfig(
-        model_name=args.served_model_name or _model_name(args.model),
+        model_name=args.served_model_name or default_name,
         image_dir=args.image_dir, allow_remote_images=args.allow_remote_images, remote_timeout=args.remote_timeout,
         max_images=args.max_images, max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
         max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
         body_timeout=args.body_timeout, header_timeout=args.header_timeout, default_max_tokens=args.default_max_tokens,
         max_score_candidates=args.max_score_candidates,
         # (a run's export was served as "final" before it was "run/final": clients sending that still get it)
-        extra_model_names=["final"] if not args.served_model_name and _model_name(args.model).endswith("/final") else [],
+        extra_model_names=["final"] if not args.served_model_name and default_name.endswith("/final") else [],
     )
     return create_app(engine, config), engine, config
 
