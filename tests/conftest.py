@@ -60,11 +60,13 @@ class ModelLoaded(Exception):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """``flamingo_vlm.pretrained.from_pretrained`` raises :class:`ModelLoaded` (what was checked before the
-    model loads shows as another error); returns that class."""
-    from flamingo_vlm import pretrained
+    model loads shows as another error), and every model name passes ``hub.check_model_available``;
+    returns that class."""
+    from flamingo_vlm import hub, pretrained
 
     def load(*args, **kwargs):
         raise ModelLoaded
 
     monkeypatch.setattr(pretrained, "from_pretrained", load)
+    monkeypatch.setattr(hub, "check_model_available", lambda *args, **kwargs: None)
     return ModelLoaded

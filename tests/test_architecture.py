@@ -117,12 +117,12 @@ def test_the_model_layer_imports_nothing_above_it(layer):
     assert {m: t for m, t in upward.items() if t} == {}
 
 
-def test_only_references_checks_the_builtin_prefix():
+def test_only_the_registry_checks_the_builtin_prefix():
     users = sorted(
         str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
         if any(isinstance(n, ast.Constant) and n.value == "builtin:" for n in ast.walk(ast.parse(p.read_text())))
     )
-    assert users == ["references.py"]
+    assert users == ["registry.py"]
 
 
 def test_public_model_classes_have_docstrings():

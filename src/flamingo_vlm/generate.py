@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .hub import check_model_available
 from .modeling.fast_linear import auto_dtype, emulated_fp16_note
 from .modeling.lm_info import lm_context_limit
 from .modeling.quantize import weights_summary
@@ -344,6 +345,7 @@ def _run(args: argparse.Namespace) -> int:
     sample = shown = None
     if not args.demo:
         sample, shown = _sample_from_args(args)  # check the input before the (slower) model load
+    check_model_available(args.model)  # a missing model, before the seconds of importing the loading layer
     if args.seed is not None:
         torch.manual_seed(args.seed)
     start = time.perf_counter()

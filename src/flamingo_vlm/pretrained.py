@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import hub
-from .errors import missing_local_path, why_not_fetched
+from .hub import hub_file, resolve_directory  # noqa: F401 (re-exported)
 from .checkpoints import CheckpointError, load_openflamingo_checkpoint
 from .factory import assemble, create_model_and_transforms, vision_encoder_from_ref
 from .files import atomic_directory, load_weights_file
@@ -49,57 +49,6 @@ FORMAT = "flamingo-vlm"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-# -- Hub -------------------------------------------------------------------------------------------
-def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_files_only=False, revision=None) -> Path:
-    """A local directory, or a Hub repo id downloaded (or found in the cache) with huggingface_hub."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{path} is a file; expected a model directory or a Hub repo id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(str(name_or_path))
-    except HFValidationError:  # ("./my_model", "/models/x", "runs/a/final"): meant as a directory
-        raise FileNotFoundError(f"model directory {name_or_path} does not exist (nor is it a Hub repo id); "
-                                "check the path") from None
-
-    try:
-        return Path(
-            snapshot_download(
-                str(name_or_path), cache_dir=cache_dir, local_files_only=local_files_only, revision=revision
-            )
-        )
-    except Exception as e:  # offline, unknown repo, unknown revision, auth: one clear message
-        at = f" at revision {revision!r}" if revision else ""
-        local = missing_local_path(str(name_or_path))
-        if local:  # (a local path with a typo reads as a Hub id: say that first)
-            raise FileNotFoundError(f"model directory {name_or_path}: {local}; as a Hub repo id it could not be "
-                                    f"fetched either ({why_not_fetched(e, local_files_only, cache_dir)})") from e
-        raise OSError(
-            f"could not get model '{name_or_path}'{at} from the Hugging Face Hub ({why_not_fetched(e, local_files_only, cache_dir)}). "
-            "It is not a local directory either. Download it where the Hub is reachable "
-            "(`hf download " + str(name_or_path) + " --local-dir DIR`) and give that directory instead, or set "
-            "HF_HOME to a Hugging Face cache that holds it"
-        ) from e
-
-
-def hub_file(repo_id: str, filename: str, *, cache_dir=None, local_files_only=False, revision=None) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=local_files_only,
-                                    revision=revision))
-    except Exception as e:
-        at = f" at revision {revision!r}" if revision else ""
-        raise OSError(
-            f"could not get '{filename}' of '{repo_id}'{at} from the Hugging Face Hub ({type(e).__name__}: {e}); "
-            "download it where the Hub is reachable and pass a local path or cache_dir"
-        ) from e
 
 
 # -- describing backbones --------------------------------------------------------------------------

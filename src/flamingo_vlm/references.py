@@ -18,20 +18,12 @@ backbone from a reference is the job of :mod:`flamingo_vlm.factory` (vision),
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from .modeling.config import BackboneRef
 from .modeling.vision import OPEN_CLIP_VISION_CONFIGS
-from .registry import OpenFlamingoRelease, builtin_model_dir, get_release
-
-BUILTIN_PREFIX = "builtin:"
-
-
-def is_builtin(name: Any) -> bool:
-    """Whether ``name`` names a packaged backbone (``"builtin:..."``)."""
-    return isinstance(name, str) and name.startswith(BUILTIN_PREFIX)
+from .registry import BUILTIN_PREFIX, ModelSource, is_builtin, model_source  # noqa: F401 (re-exported)
 
 
 def _local_or_name(name: str) -> str:
@@ -92,32 +84,3 @@ def vision_ref_of(encoder: Any) -> BackboneRef | None:
     """The reference the loaders attached to an encoder (``encoder.reference``), if it is reloadable."""
     ref = getattr(encoder, "reference", None)
     return ref if isinstance(ref, BackboneRef) and reloadable(ref) else None
-
-
-# -- whole models --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSource:
-    """What a model name passed to ``from_pretrained`` means.
-
-    ``kind``: ``"builtin"`` (a model shipped in this package; ``path`` is its directory),
-    ``"release"`` (a released OpenFlamingo repo; ``release`` says how to build it), ``"directory"``
-    (a local directory in our format) or ``"hub"`` (a Hub repo in our format, downloaded on load)."""
-
-    kind: str
-    name: str
-    path: Path | None = None
-    release: OpenFlamingoRelease | None = None
-
-
-def model_source(name_or_path: str | Path) -> ModelSource:
-    """A local directory wins over a built-in model or release of the same name."""
-    name = str(name_or_path)
-    if Path(name).expanduser().is_dir():
-        return ModelSource("directory", name, Path(name).expanduser())
-    builtin = builtin_model_dir(name)
-    if builtin is not None:
-        return ModelSource("builtin", name, builtin)
-    release = get_release(name)
-    if release is not None:
-        return ModelSource("release", name, release=release)
-    return ModelSource("hub", name)

@@ -1,12 +1,15 @@
 """Named models: the released OpenFlamingo checkpoints (data only; building lives elsewhere).
 
 Each entry names its backbones and cross-attention interval, as OpenFlamingo's README does, plus
-the LM architecture as a config so tests can build every release on the meta device offline.
+the LM architecture as a config so tests can build every release on the meta device offline;
+then the models shipped in this package, and :func:`model_source`, which says which of these (or a
+local directory, or a Hub repo in our format) a model name means. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,15 @@ def get_release(name: str) -> OpenFlamingoRelease | None:
     return OPENFLAMINGO_RELEASES.get(name)
 
 
+#: Packaged backbones are named ``"builtin:<name>"`` (:mod:`flamingo_vlm.backbones`).
+BUILTIN_PREFIX = "builtin:"
+
+
+def is_builtin(name) -> bool:
+    """Whether ``name`` names a packaged backbone (``"builtin:..."``)."""
+    return isinstance(name, str) and name.startswith(BUILTIN_PREFIX)
+
+
 # -- models that ship inside this package ------------------------------------------------------------
 #: The model every command uses when none is named: trained by us, needs no network (see its model card,
 #: ``src/flamingo_vlm/models/smol-synthetic/README.md``).
@@ -80,7 +92,34 @@ BUILTIN_MODELS: dict[str, str] = {"smol-synthetic": "models/smol-synthetic"}  # 
 
 def builtin_model_dir(name: str):
     """The directory of a built-in model, or None when ``name`` is not one."""
-    from pathlib import Path
-
     rel = BUILTIN_MODELS.get(str(name))
     return None if rel is None else Path(__file__).resolve().parent / rel
+
+
+# -- whole models --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model name passed to ``from_pretrained`` means.
+
+    ``kind``: ``"builtin"`` (a model shipped in this package; ``path`` is its directory),
+    ``"release"`` (a released OpenFlamingo repo; ``release`` says how to build it), ``"directory"``
+    (a local directory in our format) or ``"hub"`` (a Hub repo in our format, downloaded on load)."""
+
+    kind: str
+    name: str
+    path: Path | None = None
+    release: OpenFlamingoRelease | None = None
+
+
+def model_source(name_or_path: str | Path) -> ModelSource:
+    """A local directory wins over a built-in model or release of the same name."""
+    name = str(name_or_path)
+    if Path(name).expanduser().is_dir():
+        return ModelSource("directory", name, Path(name).expanduser())
+    builtin = builtin_model_dir(name)
+    if builtin is not None:
+        return ModelSource("builtin", name, builtin)
+    release = get_release(name)
+    if release is not None:
+        return ModelSource("release", name, release=release)
+    return ModelSource("hub", name)

@@ -33,6 +33,7 @@ from . import prompts as P
 from .datasets import DatasetLayoutError, EvalDataset, check_images
 from .demos import RICES, FeatureExtractor, RandomDemoSelector, weights_fingerprint
 from .distributed import DistContext, init_distributed, shard_indices
+from .. import hub
 from ..locking import hold_for_job
 from ..modeling.quantize import scheme as quant_scheme
 from .results import atomic_write_json, atomic_write_text, markdown_table, read_unit, summarize, unit_path
@@ -611,6 +612,8 @@ def evaluate(model_or_path, config: EvalConfig, *, image_processor=None, tokeniz
     directory / Hub id for :func:`flamingo_vlm.load_pretrained`) under ``torchrun`` or alone."""
     config.validate()
     datasets = check_eval_files(config)  # a dataset file missing or broken is said before the model loads (minutes)
+    if isinstance(model_or_path, (str, Path)):  # a missing model, before the seconds of importing the loading layer
+        hub.check_model_available(model_or_path)
     ctx = init_distributed(device)
     try:
         if isinstance(model_or_path, (str, Path)):
