@@ -197,7 +197,7 @@ def test_episodes_command_line(tmp_path, capsys):
     assert "--mix: unknown kind(s) foo; choose from caption," in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # (said "samples_per_shard must be >= 1", exit code 1)
         main(["data", "write", str(tmp_path), str(tmp_path / "g"), "--samples-per-shard", "0"])
-    assert e.value.code == 2 and "argument --samples-per-shard: must be >= 1" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --samples-per-shard: '0': give a whole number >= 1" in capsys.readouterr().err
 
 
 def test_question_weights_make_vqa_documents_ask_some_questions_more_often(tmp_path):
@@ -241,12 +241,12 @@ def test_style_rate_draws_documents_in_the_episodes_styles(tmp_path):
 
 
 @pytest.mark.parametrize("argv, said", [
-    (["synthetic-benchmark", "--n-train", "-1"], "argument --n-train: must be >= 0, got '-1'"),  # wrote no train split
-    (["synthetic-benchmark", "--n-test", "0"], "argument --n-test: must be >= 1"),
-    (["synthetic-benchmark", "--image-size", "0"], "argument --image-size: must be >= 1"),  # PIL: "cannot write empty image"
-    (["episodes", "--start", "-4"], "argument --start: must be >= 0"),  # numpy: "expected non-negative integer"
-    (["episodes", "--seed", "-1"], "argument --seed: must be >= 0"),
-    (["icl-episodes", "--documents", "two"], "argument --documents: expected a whole number, got 'two'"),
+    (["synthetic-benchmark", "--n-train", "-1"], "argument --n-train: '-1': give a whole number >= 0"),  # wrote no train split
+    (["synthetic-benchmark", "--n-test", "0"], "argument --n-test: '0': give a whole number >= 1"),
+    (["synthetic-benchmark", "--image-size", "0"], "argument --image-size: '0': give a whole number >= 1"),  # PIL: "cannot write empty image"
+    (["episodes", "--start", "-4"], "argument --start: '-4': give a whole number >= 0"),  # numpy: "expected non-negative integer"
+    (["episodes", "--seed", "-1"], "argument --seed: '-1': give a whole number >= 0"),
+    (["icl-episodes", "--documents", "two"], "argument --documents: 'two': give a whole number >= 1"),
     (["synthetic-shards", "--pairs", "0", "--documents", "0"], "--pairs 0 and --documents 0 write nothing"),
 ])
 def test_synthetic_data_commands_refuse_counts_out_of_range_before_writing(tmp_path, capsys, argv, said):

@@ -4,6 +4,7 @@ how every entry point prints an error; and :func:`plain_help`, which every parse
 built from docstrings (``flamingo-vlm``, ``python -m flamingo_vlm.train``) shares."""
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -96,19 +97,22 @@ def missing_local_path(name: str) -> str | None:
     return f"there is no {path} here ({parent}/ holds: {held})"
 
 
-def at_least(least: int):
-    """An ``int`` argument type refusing values below ``least``: a usage error (exit code 2) naming the
-    flag, where the library's check said "samples_per_shard must be >= 1" with exit code 1 (and
-    ``--n-train -1`` wrote a benchmark without a training split)."""
+def at_least(least: float, *, integer: bool = True, strict: bool = False):
+    """An argparse type: a whole number (``integer``) or a finite number, ``>= least`` (``> least`` if
+    ``strict``). A value out of range is a usage error (exit code 2) naming the flag, at once: the
+    library's own check said "samples_per_shard must be >= 1" with exit code 1 (and ``--n-train -1``
+    wrote a benchmark without a training split), and a bad serve limit gave a server that refused
+    every request."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = int(text) if integer else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be >= {least}, got {text!r}")
+            value = None
+        if value is None or not math.isfinite(value) or value < least or (strict and value == least):
+            kind = "a whole number" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r}: give {kind} {'>' if strict else '>='} {least:g}")
         return value
 
-    parse.__name__ = f"int >= {least}"
+    parse.__name__ = f"{'int' if integer else 'number'} {'>' if strict else '>='} {least:g}"
     return parse

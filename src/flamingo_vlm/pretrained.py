@@ -12,7 +12,7 @@ A saved model is a directory (local or a Hub repo):
 - the tokenizer files.
 
 Released OpenFlamingo repos (see :mod:`.registry`) load through their ``checkpoint.pt``. Which of
-these a name means is decided by :func:`flamingo_vlm.references.model_source`.
+these a name means is decided by :func:`flamingo_vlm.registry.model_source`.
 
 This module sits at the top of the loading layer and installs ``save_pretrained``, ``from_pretrained``
 and the validated OpenFlamingo state-dict loader into the model class on import

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import math
 import socket
 import sys
 from pathlib import Path
 
+from ..errors import at_least
 from ..generate_cli import dtype_name
 from ..hub import check_model_available
 from ..registry import DEFAULT_MODEL
@@ -34,23 +34,9 @@ def _port(text: str) -> int:
     return port
 
 
-def _at_least(low: float, *, integer: bool = True, strict: bool = False):
-    """An argparse type: a whole number (``integer``) or a number, ``>= low`` (``> low`` if ``strict``),
-    so a bad limit is a usage error at once, not a server that refuses every request."""
-    def parse(text: str):
-        try:
-            value = int(text) if integer else float(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or value < low or (strict and value == low):
-            kind = "a whole number" if integer else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r}: give {kind} {'>' if strict else '>='} {low:g}")
-        return value
-    return parse
-
-
-POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
-SECONDS = _at_least(0, integer=False, strict=True)
+# (a bad limit is a usage error at once, not a server that refuses every request)
+POSITIVE, NON_NEGATIVE = at_least(1), at_least(0)
+SECONDS = at_least(0, integer=False, strict=True)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -101,12 +87,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-context", type=POSITIVE, help="context length (default: the LM's position limit)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch-size", type=POSITIVE, default=8, help="most rows (prompts x n) in one generate call (8)")
-    g.add_argument("--batch-wait-ms", type=_at_least(0, integer=False), default=5.0,
+    g.add_argument("--batch-wait-ms", type=at_least(0, integer=False), default=5.0,
                    help="how long the oldest queued request waits for others to share its batch (5 ms)")
     g.add_argument("--max-queue", type=POSITIVE, default=256, help="queued requests before answering 503 (256)")
     g.add_argument("--image-cache-size", type=NON_NEGATIVE, default=256,
                    help="images whose encodings are kept for reuse, e.g. few-shot demos (256; 0 disables)")
-    g.add_argument("--prefix-cache-mb", type=_at_least(0, integer=False), default=256,
+    g.add_argument("--prefix-cache-mb", type=at_least(0, integer=False), default=256,
                    help="memory for the LM keys/values of prompt prefixes that requests share (few-shot "
                         "demonstrations), least recently used dropped first (256 MiB; 0 disables)")
     g.add_argument("--prefill-chunk", type=NON_NEGATIVE, default=2048,
