@@ -806,6 +806,7 @@ def test_cli_write_says_what_it_skipped_in_words_and_names_captions_without_an_i
     (folder / "C.txt").write_text("another")
     (folder / "photo.txt").write_text("its image is photo.heic")
     (folder / "photo.heic").write_bytes(b"...")
+    (folder / "README.txt").write_text("where these photos come from")  # (not a caption: not counted)
     args = parser.parse_args(["data", "write", str(folder), str(tmp_path / "out")])
     with caplog.at_level("WARNING"):
         assert args.func(args) == 0

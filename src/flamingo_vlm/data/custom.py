@@ -52,7 +52,11 @@ __all__ = ["add_data_subcommand", "inspect_shards", "read_source", "write_shards
 
 logger = logging.getLogger(__name__)
 
+# The image files a folder source is read for (kept as they are if JPEG, PNG or WebP, else re-encoded);
+# preprocess.IMAGE_EXTS are the image keys a shard's samples may have.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Text files in an image folder that are not captions (not counted as captions without an image)
+_NOT_CAPTIONS = {"readme", "license", "licence", "notice", "changelog", "attribution", "credits"}
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SHARD_NAME = re.compile(r"^(pairs|interleaved)-\d{6}\.tar$")
 _LIST_OK_SHARDS = 20  # `data inspect` lists the ok shards one by one up to this many
@@ -162,7 +166,8 @@ def read_source(source: str | os.PathLike, stats: Counter | None = None, strict:
             docs.append(Document([("image", path), ("text", text)], str(path)))
         # a caption whose image has another name or an unsupported format was left out without a word
         stems = {path.with_suffix("") for path in found}
-        orphans = sorted(t for t in source.rglob("*.txt") if t.is_file() and t.with_suffix("") not in stems)
+        orphans = sorted(t for t in source.rglob("*.txt") if t.is_file() and t.with_suffix("") not in stems
+                         and t.stem.lower() not in _NOT_CAPTIONS)
         if orphans:
             stats["caption_without_image"] += len(orphans)
             logger.warning("skipping %d caption file(s) with no image of the same name beside them (%s%s; images: %s)",
