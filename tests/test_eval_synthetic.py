@@ -147,3 +147,18 @@ def test_benchmark_folders_get_mkdirs_modes_and_synthetic_json_lists_every_task_
     # another seed's write lists only its own tasks (the others were written with other settings)
     write_synthetic_benchmark(tmp_path / "data", tasks=("imagenet",), **{**kw, "seed": 4})
     assert json.loads((tmp_path / "data" / "synthetic.json").read_text())["tasks"] == {"imagenet": "imagenet"}
+
+
+def test_synthetic_json_lists_earlier_tasks_only_when_written_with_the_same_questions_and_quality(tmp_path):
+    """questions_per_image and jpeg_quality were not recorded: a write with other values listed the
+    earlier tasks as if they were its own."""
+    kw = dict(seed=3, n_train=4, n_val=1, n_test=2, n_class_train_per_class=1, n_class_val_per_class=1, image_size=16)
+    write_synthetic_benchmark(tmp_path, tasks=("vqav2",), **kw)
+    write_synthetic_benchmark(tmp_path, tasks=("coco",), **kw)
+    meta = json.loads((tmp_path / "synthetic.json").read_text())
+    assert meta["tasks"] == {"vqav2": "vqav2", "coco": "mscoco_karpathy"}
+    assert (meta["questions_per_image"], meta["jpeg_quality"]) == (3, 95)
+    write_synthetic_benchmark(tmp_path, tasks=("imagenet",), jpeg_quality=50, **kw)
+    assert json.loads((tmp_path / "synthetic.json").read_text())["tasks"] == {"imagenet": "imagenet"}
+    write_synthetic_benchmark(tmp_path, tasks=("coco",), questions_per_image=2, jpeg_quality=50, overwrite=True, **kw)
+    assert json.loads((tmp_path / "synthetic.json").read_text())["tasks"] == {"coco": "mscoco_karpathy"}

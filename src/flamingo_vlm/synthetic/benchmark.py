@@ -40,6 +40,9 @@ def _save(im: Image.Image, path: Path, quality: int) -> None:
         im.save(path)
 
 
+_DEFAULT_ENCODING = {"questions_per_image": 3, "jpeg_quality": 95}  # write_synthetic_benchmark's defaults
+
+
 def write_synthetic_benchmark(
     root: str | os.PathLike,
     *,
@@ -97,13 +100,17 @@ def write_synthetic_benchmark(
         before = json.loads((root / "synthetic.json").read_text())
     except (OSError, ValueError):
         before = {}
+    encoding = {"questions_per_image": questions_per_image, "jpeg_quality": jpeg_quality}
     if (isinstance(before, dict) and before.get("seed") == gen.seed and before.get("image_size") == image_size
-            and before.get("sizes") == sizes and isinstance(before.get("tasks"), dict)):
+            and before.get("sizes") == sizes and isinstance(before.get("tasks"), dict)
+            # (not recorded before: files without them were written with the defaults)
+            and all(before.get(k, _DEFAULT_ENCODING[k]) == v for k, v in encoding.items())):
         tasks_written = {t: Path(p).name for t, p in before["tasks"].items()
                          if t in folders and (root / folders[t]).is_dir()} | tasks_written
     meta = {
         "generator": _FORMAT_NAME, "version": 1, "seed": gen.seed, "image_size": image_size,
         "held_out_pairs": sorted([list(p) for p in gen.held_out_pairs]), "tasks": tasks_written, "sizes": sizes,
+        **encoding,
     }
     (root / "synthetic.json").write_text(json.dumps(meta, indent=1))
     return out
