@@ -313,3 +313,5 @@ def test_a_file_of_another_kind_given_as_weights_is_named_for_what_it_is(tmp_pat
         load_weights_file(tmp_path / "page.bin")
     save_file({"w": torch.ones(2)}, str(tmp_path / "named.bin"))  # safetensors under a torch file's name
     assert torch.equal(load_weights_file(tmp_path / "named.bin")["w"], torch.ones(2))
+    torch.save({"w": torch.ones(3)}, tmp_path / "named.safetensors")  # and a torch file under a safetensors name
+    assert torch.equal(load_weights_file(tmp_path / "named.safetensors")["w"], torch.ones(3))

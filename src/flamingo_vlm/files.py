@@ -54,13 +54,15 @@ def load_weights_file(path: str | Path) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} does not exist")
     kind = _weights_format(path)
-    safetensors = path.suffix == ".safetensors" or kind == "safetensors"
+    # the first bytes decide where they are clear (a torch file saved as .safetensors loads), else the suffix
+    safetensors = kind == "safetensors" if kind else path.suffix == ".safetensors"
     try:
         if safetensors:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as fh:  # (torch 2.13's load of a path ending .safetensors reads it as safetensors)
+            return torch.load(fh, map_location="cpu", weights_only=True)
     except PermissionError as e:
         raise PermissionError(f"cannot read weights file {path}: permission denied") from e
     except MemoryError:
