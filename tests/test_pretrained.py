@@ -257,6 +257,15 @@ def test_openflamingo_checkpoint_shapes_load_and_validate():
         if p.requires_grad:
             torch.testing.assert_close(dict(dst.named_parameters())[name], p)
 
+    # a compiled model's checkpoint (torch.compile's _orig_mod., also under or over DDP's module.) and an
+    # FSDP1 one: they read as "trained on another language model"
+    for wrap in ("_orig_mod.{}", "module._orig_mod.{}", "_orig_mod.module.{}"):
+        other, _, _ = tiny_flamingo("mpt", seed=3)
+        other.load_state_dict({wrap.format(k): v for k, v in ckpt.items()}, strict=False)
+        assert all(torch.equal(dict(other.named_parameters())[n], p) for n, p in src.named_parameters() if p.requires_grad)
+    fsdp1 = {k.replace("lang_encoder.", "lang_encoder._fsdp_wrapped_module.", 1): v for k, v in ckpt.items()}
+    assert load_openflamingo_checkpoint(tiny_flamingo("mpt", seed=3)[0], fsdp1).unexpected == []
+
     broken = dict(ckpt)
     key = next(k for k in broken if k.endswith("attn_gate"))
     del broken[key]

@@ -21,6 +21,7 @@ from typing import Mapping
 import torch
 
 from .files import WeightsFileError, load_weights_file  # noqa: F401  (re-exported)
+from .modeling.keys import unwrap_key
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class LoadReport:
 
 def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A plain ``{name: tensor}`` dict from a file (.pt/.bin/.safetensors) or a mapping,
-    unwrapping ``model_state_dict``/``state_dict`` and DDP's ``module.`` prefix."""
+    unwrapping ``model_state_dict``/``state_dict`` and the wrappers' prefixes (DDP's ``module.``,
+    ``torch.compile``'s ``_orig_mod.``: :func:`~flamingo_vlm.modeling.keys.unwrap_key`)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
@@ -71,7 +73,7 @@ def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         where = f"{source}" if isinstance(source, (str, Path)) else "the checkpoint"
         raise CheckpointError(f"{where} is not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return {unwrap_key(k): v for k, v in sd.items()}
 
 
 def normalise_openflamingo_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

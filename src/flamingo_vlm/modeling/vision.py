@@ -24,6 +24,7 @@ from ..files import load_weights_file
 from ..errors import why_not_fetched
 from ..image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
 from .fast_linear import conv, linear
+from .keys import unwrap_key
 
 __all__ = [
     "OPEN_CLIP_PRETRAINED",
@@ -379,7 +380,7 @@ def _extract_vision_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Tenso
     for wrapper in ("state_dict", "model_state_dict", "model"):  # training checkpoints wrap the weights
         if isinstance(state_dict.get(wrapper), Mapping):
             state_dict = state_dict[wrapper]
-    sd = {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, Tensor)}  # DDP prefix
+    sd = {unwrap_key(k): v for k, v in state_dict.items() if isinstance(v, Tensor)}  # (DDP, torch.compile)
     for prefix in ("visual.", "vision_encoder.visual.", "vision_encoder."):
         found = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if found:
