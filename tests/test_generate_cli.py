@@ -496,3 +496,18 @@ def test_a_model_that_is_not_there_is_refused_before_the_loading_layer_is_import
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.stdout.strip().split(maxsplit=1) == ["1", imported], run
     assert "no/such-model" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("command", [["generate", "--text", "x"], ["serve", "--port", "0"],
+                                     ["evaluate", "--tasks", "vqav2", "--data-root", "."]])
+def test_a_gpu_this_machine_lacks_is_a_usage_error_in_every_command(command, capsys):
+    """evaluate --device cuda on a machine without a GPU ended in torch's "module 'torch._C' has no
+    attribute '_cuda_setDevice'" traceback; generate said what to do."""
+    import torch
+
+    from flamingo_vlm.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main([*command, "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA GPU is available here; use --device cpu" in capsys.readouterr().err

@@ -116,3 +116,21 @@ def at_least(least: float, *, integer: bool = True, strict: bool = False):
 
     parse.__name__ = f"{'int' if integer else 'number'} {'>' if strict else '>='} {least:g}"
     return parse
+
+
+def check_device(text: str | None, flag: str = "--device") -> None:
+    """A device argument that names a device this machine has (a :class:`UsageError` otherwise, before
+    anything loads; a missing GPU ended in torch's "module 'torch._C' has no attribute
+    '_cuda_setDevice'" traceback). Imports torch: call it from a command's handler."""
+    if text is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} {text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {text}: no CUDA GPU is available here; use {flag} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {text}: there are only {torch.cuda.device_count()} GPU(s)")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, check_device
 from .hub import check_model_available
 from .modeling.fast_linear import auto_dtype, emulated_fp16_note
 from .modeling.lm_info import lm_context_limit
@@ -233,15 +233,7 @@ def _check_args(args) -> None:
     """Decoding flags in range and consistent, and the device one that exists (UsageError otherwise),
     before anything is loaded. (The command line checks the flags before importing this module.)"""
     check_decoding_args(args)
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except (RuntimeError, ValueError):
-            raise UsageError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {args.device}: there are only {torch.cuda.device_count()} GPU(s)")
+    check_device(args.device)
 
 
 def _gen_kwargs(args) -> dict:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from ..errors import UsageError
+from ..errors import UsageError, check_device
 from ..registry import DEFAULT_MODEL
 
 __all__ = ["add_evaluate_subcommand", "build_parser", "entry", "main"]
@@ -122,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         config.validate()
     except ValueError as e:
         raise UsageError(str(e)) from e
+    check_device(args.device)
     if args.precision == "fp16":
         import torch
 

@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..errors import at_least
+from ..errors import at_least, check_device
 from ..generate_cli import dtype_name
 from ..hub import check_model_available
 from ..registry import DEFAULT_MODEL
@@ -196,6 +196,7 @@ def run_serve(args: argparse.Namespace) -> int:
                          "pip install 'flamingo-vlm[serve]'") from e
     if args.image_dir is not None and not args.image_dir.is_dir():
         raise SystemExit(f"--image-dir {args.image_dir} is not a directory")
+    check_device(args.device)
     check_model_available(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
     sock = listen_socket(args.host, args.port)  # before the model loads: a bad address fails at once
     try:
