@@ -413,6 +413,9 @@ def test_cli_synthetic_writes_data_then_evaluates(tiny, tmp_path):
                                            (["--tasks", "vqav2,vqa"], "tasks lists vqav2 more than once (--tasks: an alias"),
                                            (["--shots", "0,4,0"], "shots lists 0 more than once (--shots)"),
                                            (["--trials", "2", "--seeds", "5,5"], "seeds lists 5 more than once (--seeds)"),
+                                           # ran seed 1 only / seeds 5 and 6 (OpenFlamingo asserted they agree)
+                                           (["--trials", "1", "--seeds", "1", "2"], "--seeds gives 2 seed(s) but --trials is 1"),
+                                           (["--trials", "2", "--seeds", "5"], "--seeds gives 1 seed(s) but --trials is 2"),
                                            # ran with no task and wrote an empty table
                                            (["--tasks", ","], "tasks is empty: name at least one"),
                                            # said "no folder for task 'hateful_memes' under ..." (it has no synthetic data)
@@ -1098,3 +1101,15 @@ def test_units_of_other_data_in_the_same_folder_are_evaluated_again(tiny, tmp_pa
     unit["fingerprint"].pop("data")  # a unit from before
     (out / "vqav2" / "shots0_seed42.json").write_text(json.dumps(unit))
     assert run(moved)[1] == []
+
+
+def test_seeds_alone_set_the_number_of_trials(tmp_path, monkeypatch):
+    from flamingo_vlm import cli
+    from flamingo_vlm.eval import evaluator
+
+    seen = []
+    monkeypatch.setattr(evaluator, "evaluate", lambda model, config, **k: seen.append(config.trial_seeds()) or {})
+    base = ["evaluate", "--model", "m", "--tasks", "vqav2", "--data-root", str(tmp_path), "--quiet"]
+    for extra in (["--seeds", "7"], ["--seeds", "7,9"], [], ["--trials", "2"]):
+        cli.main([*base, *extra])
+    assert seen == [[7], [7, 9], [42, 43, 44], [42, 43]]

@@ -39,6 +39,15 @@ def _pairs(items: list[str] | None, what: str, cast=str) -> dict:
     return out
 
 
+def _trials(args: argparse.Namespace) -> int:
+    """--trials, or as many as --seeds gives; both, disagreeing, are a usage error (``--trials 1 --seeds
+    1 2`` ran seed 1 only, ``--trials 2 --seeds 5`` seeds 5 and 6; OpenFlamingo asserted they agree)."""
+    if args.seeds and args.trials is not None and len(args.seeds) != args.trials:
+        raise UsageError(f"--seeds gives {len(args.seeds)} seed(s) but --trials is {args.trials}: give one seed per "
+                         "trial, or leave --trials out")
+    return args.trials if args.trials is not None else len(args.seeds) if args.seeds else 3
+
+
 def _run(args: argparse.Namespace) -> int:
     from .evaluator import EvalConfig, evaluate
     from .tasks import get_task
@@ -93,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
         task_roots=_pairs(args.task_root, "--task-root"),
         out_dir=args.out,
         shots=args.shots,
-        trials=args.trials,
+        trials=_trials(args),
         seeds=args.seeds,
         num_samples=args.num_samples,
         query_set_size=args.query_set_size,
@@ -174,10 +183,10 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=_ints, nargs="+", action=_IntList, default=[0, 4, 8, 16, 32],
                    help="shot counts, 0,4,8 or 0 4 8 (default 0,4,8,16,32: the paper's)")
     # (OpenFlamingo's evaluate.py names: --num_trials, --trial_seeds)
-    p.add_argument("--trials", "--num-trials", type=int, default=3,
-                   help="trials per shot count, with different demos (default 3)")
+    p.add_argument("--trials", "--num-trials", type=int, default=None,
+                   help="trials per shot count, with different demos (default: one per --seeds, else 3)")
     p.add_argument("--seeds", "--trial-seeds", type=_ints, nargs="+", action=_IntList, default=None,
-                   help="trial seeds, 42,43 or 42 43 (default 42,43,...)")
+                   help="trial seeds, 42,43 or 42 43, one per trial (default 42,43,...)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="evaluate a random subset of this size per trial (default: the whole split)")
     p.add_argument("--query-set-size", type=int, default=2048,
