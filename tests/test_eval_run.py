@@ -1113,3 +1113,16 @@ def test_seeds_alone_set_the_number_of_trials(tmp_path, monkeypatch):
     for extra in (["--seeds", "7"], ["--seeds", "7,9"], [], ["--trials", "2"]):
         cli.main([*base, *extra])
     assert seen == [[7], [7, 9], [42, 43, 44], [42, 43]]
+
+
+def test_a_prefix_cache_without_shared_demonstrations_gets_a_note(tmp_path, monkeypatch, capsys):
+    """--prefix-cache-mb without --demo-selection shared silently did nothing."""
+    from flamingo_vlm import cli
+    from flamingo_vlm.eval import evaluator
+
+    monkeypatch.setattr(evaluator, "evaluate", lambda model, config, **k: {})
+    base = ["evaluate", "--model", "m", "--tasks", "vqav2", "--data-root", str(tmp_path), "--quiet", "--prefix-cache-mb", "64"]
+    cli.main(base)
+    assert "note: --prefix-cache-mb reuses demonstrations that queries share; with random" in capsys.readouterr().err
+    cli.main([*base, "--demo-selection", "shared"])
+    assert "note" not in capsys.readouterr().err

@@ -132,6 +132,10 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     check_device(args.device)
+    if config.prefix_cache_mb > 0 and config.demo_selection != "shared":
+        print(f"flamingo-vlm evaluate: note: --prefix-cache-mb reuses demonstrations that queries share; with "
+              f"{config.demo_selection} demonstrations per query it finds little to reuse (--demo-selection shared "
+              "gives every query of a trial the same ones)", file=sys.stderr)
     if args.precision == "fp16":
         import torch
 
