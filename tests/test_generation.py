@@ -454,3 +454,18 @@ def test_media_passthrough_appends_the_normed_input_tokens_after_the_latents(tmp
     assert loaded.perceiver.passthrough_norm is not None
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch["vision_x"], batch["input_ids"]).logits, logits)
+
+
+def test_a_left_padded_batch_generated_without_its_mask_does_not_attend_to_the_padding():
+    """OpenFlamingo-style scripts that leave out attention_mask got answers that attended to the
+    padding (the pad token is often the eos, so transformers infers no mask)."""
+    model, ip, tok = tiny_flamingo("llama", seed=4)
+    model.eval()
+    batch = FlamingoProcessor(tok, ip)([("<image>a red car and", random_images(1)), ("<image>a", random_images(1))])
+    assert batch["attention_mask"][1, 0] == 0  # (left-padded)
+    kw = dict(max_new_tokens=6, min_new_tokens=6)
+    masked = model.generate(batch["vision_x"], batch["input_ids"], batch["attention_mask"], **kw)
+    assert torch.equal(model.generate(batch["vision_x"], batch["input_ids"], **kw), masked)
+    alone = FlamingoProcessor(tok, ip)([("<image>a", random_images(1))])
+    short = model.generate(alone["vision_x"], alone["input_ids"], **kw)[0]
+    assert torch.equal(masked[1, -short.shape[0]:], short)

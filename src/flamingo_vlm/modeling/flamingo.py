@@ -522,6 +522,17 @@ class Flamingo(nn.Module):
             )
 
     # -- generation ------------------------------------------------------------------------------
+    def _inferred_mask(self, lang_x: torch.Tensor) -> torch.Tensor:
+        """The attention mask of a left-padded batch given without one: every token but each row's
+        leading run of the pad token. A batch generated without its mask attended to its padding
+        (transformers infers a mask only where pad and eos differ, and here the pad token is often
+        the LM's eos, as SmolLM2's ``<|im_end|>``); a prompt does not begin with the pad token."""
+        mask = torch.ones_like(lang_x)
+        if self.pad_token_id is not None and bool((lang_x[:, 0] == self.pad_token_id).any()):
+            mask = (lang_x != self.pad_token_id).long().cummax(dim=1).values
+            mask[mask.sum(dim=1) == 0] = 1  # (a row of nothing but the pad token: left as it was)
+        return mask
+
     @torch.no_grad()
     @_onednn_inference
     def generate(
@@ -542,7 +553,8 @@ class Flamingo(nn.Module):
         did, to reproduce its outputs). Speculative decoding (``prompt_lookup_num_tokens``,
         ``assistant_model``: a Flamingo or a bare LM) gives plain greedy's output (:mod:`.speculative`).
         A KV cache passed in (``cache=``) that holds the first positions of ``lang_x`` is continued
-        (a reused prompt prefix, :mod:`flamingo_vlm.prefix_cache`).
+        (a reused prompt prefix, :mod:`flamingo_vlm.prefix_cache`). Without ``attention_mask``, each
+        row's leading pad tokens are masked (left padding).
         """
         if lang_x.ndim != 2 or lang_x.shape[1] == 0:  # (an empty prompt failed inside transformers: "cannot reshape")
             raise ValueError(f"lang_x must be (batch, tokens) with at least one token, got shape {tuple(lang_x.shape)}: "
@@ -568,7 +580,7 @@ class Flamingo(nn.Module):
             generate_kwargs["logits_processor"] = LogitsProcessorList(
                 [SuppressTokens(sorted(suppress)), *(generate_kwargs.get("logits_processor") or [])])
         if attention_mask is None:
-            attention_mask = torch.ones_like(lang_x)
+            attention_mask = self._inferred_mask(lang_x)
         if is_speculative(generate_kwargs) and lang_x.shape[0] > 1:  # transformers' assisted decoding is batch-1
             return generate_rows(self, vision_x, cond.media, lang_x, attention_mask, allow_image_tokens, **generate_kwargs)
         config = getattr(self.lang_encoder, "generation_config", None)
