@@ -469,3 +469,19 @@ def test_a_left_padded_batch_generated_without_its_mask_does_not_attend_to_the_p
     alone = FlamingoProcessor(tok, ip)([("<image>a", random_images(1))])
     short = model.generate(alone["vision_x"], alone["input_ids"], **kw)[0]
     assert torch.equal(masked[1, -short.shape[0]:], short)
+
+
+def test_more_image_markers_than_images_is_an_error_in_generate_and_score():
+    """A row with three <image> markers and one image generated (the extra markers' text saw the last
+    image); fewer markers than image slots is padding and stays allowed."""
+    model, ip, tok = tiny_flamingo("llama", seed=4)
+    model.eval()
+    ids = tok(["<image>a<image>b<image>c"], return_tensors="pt").input_ids
+    one = torch.stack([ip(random_images(1)[0])]).unsqueeze(0).unsqueeze(2)  # (1, 1, 1, C, H, W)
+    with pytest.raises(ValueError, match=r"row 0 of lang_x has 3 <image> markers but vision_x holds 1 image\(s\) per row"):
+        model.generate(one, ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="has 3 <image> markers"):
+        model.score(one, ids, [[5]])
+    fewer = tok(["<image>a"], return_tensors="pt").input_ids
+    three = torch.cat([one, torch.zeros_like(one), torch.zeros_like(one)], dim=1)
+    assert model.generate(three, fewer, max_new_tokens=2, min_new_tokens=2).shape[1] == fewer.shape[1] + 2

@@ -465,9 +465,19 @@ class Flamingo(nn.Module):
             media = self.encode_vision_x(vision_x, num_media)
         return Conditioning(media=media, media_token_id=self.media_token_id)
 
-    def _check_rows(self, lang_x: torch.Tensor, media: torch.Tensor) -> None:
+    def _check_rows(self, lang_x: torch.Tensor, media: torch.Tensor, *, markers: bool = False) -> None:
+        """Rows that agree; ``markers``: no row with more ``<image>`` markers than images (generate and
+        score: the extra markers' text silently saw the row's last image, as OpenFlamingo's did)."""
         if lang_x.shape[0] != media.shape[0]:
             raise ValueError(f"lang_x has {lang_x.shape[0]} rows but vision_x has {media.shape[0]}")
+        if markers:
+            counts = (lang_x == self.media_token_id).sum(1)
+            most = int(counts.max()) if counts.numel() else 0
+            if most > media.shape[1]:
+                row = int(counts.argmax())
+                raise ValueError(f"row {row} of lang_x has {most} <image> markers but vision_x holds {media.shape[1]} "
+                                 "image(s) per row: give one image per <image> (zero images pad the rows that "
+                                 "have fewer)")
 
     # -- forward -------------------------------------------------------------------------------
     def cache_media(self, input_ids=None, vision_x=None):
@@ -560,7 +570,7 @@ class Flamingo(nn.Module):
             raise ValueError(f"lang_x must be (batch, tokens) with at least one token, got shape {tuple(lang_x.shape)}: "
                              "the prompt is empty")
         cond = self._conditioning(vision_x, media, lang_x)
-        self._check_rows(lang_x, cond.media)
+        self._check_rows(lang_x, cond.media, markers=True)
         generate_kwargs.setdefault("eos_token_id", self.eoc_token_id)
         # The KV cache is on unless asked off: some LM configs say use_cache=false (MptConfig's
         # default), which made every step re-run the whole prefix through LM and cross-attention.
@@ -632,7 +642,7 @@ class Flamingo(nn.Module):
         if not candidates or any(len(c) == 0 for c in candidates):
             raise ValueError("every candidate continuation needs at least one token")
         cond = self._conditioning(vision_x, media, lang_x)
-        self._check_rows(lang_x, cond.media)
+        self._check_rows(lang_x, cond.media, markers=True)
         if attention_mask is None:
             attention_mask = torch.ones_like(lang_x)
         rows, device = lang_x.shape[0], lang_x.device
