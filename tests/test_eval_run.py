@@ -53,8 +53,8 @@ def test_results_md_keeps_the_tasks_of_earlier_runs_into_the_same_folder(tiny, t
     assert _cli(root, out, "--tasks", "imagenet", "--shots", "0") == 0
     md = (out / "results.md").read_text()
     this_run, _, earlier = md.partition("## Other tasks finished in this folder (earlier runs)")
-    assert "| imagenet | top1 |" in this_run and "| coco |" not in this_run
-    assert "| coco | CIDEr |" in earlier and "| imagenet |" not in earlier
+    assert "| imagenet (synthetic) | top1 |" in this_run and "| coco" not in this_run
+    assert "| coco (synthetic) | CIDEr |" in earlier and "| imagenet" not in earlier
     assert set(json.loads((out / "results.json").read_text())["all_results"]) == {"coco", "imagenet"}
     assert _cli(root, out, "--tasks", "coco,imagenet", "--shots", "0") == 0  # (resumed: nothing to run)
     assert "earlier runs" not in (out / "results.md").read_text()
@@ -67,7 +67,8 @@ def test_full_run_writes_json_and_markdown_then_resumes(tiny, tmp_path, monkeypa
         assert _cli(root, out) == 0
     # Captions tokenised without Java: said in the log, the unit, the summary and the markdown.
     assert [r for r in caplog.records if "pure-Python PTB tokenizer" in r.getMessage()]
-    assert json.loads((out / "coco" / "shots0_seed42.json").read_text())["scoring"] == {"caption_tokenizer": "python"}
+    assert json.loads((out / "coco" / "shots0_seed42.json").read_text())["scoring"] == {"caption_tokenizer": "python",
+                                                                                         "data": "synthetic"}
     assert json.loads((out / "results.json").read_text())["results"]["coco"][0]["scoring"]["caption_tokenizer"] == "python"
     assert "- coco: caption_tokenizer = `python`: captions tokenised with the pure-Python" in (out / "results.md").read_text()
     summary = json.loads((out / "results.json").read_text())
@@ -80,7 +81,7 @@ def test_full_run_writes_json_and_markdown_then_resumes(tiny, tmp_path, monkeypa
     assert results["imagenet"][0]["num_samples"] == 3
     assert {"top1", "top5"} <= set(results["imagenet"][0]["metrics"])
     md = (out / "results.md").read_text()
-    assert "| task | metric | 0-shot | 2-shot |" in md and "| coco | CIDEr |" in md and "| imagenet | top5 |" in md
+    assert "| task | metric | 0-shot | 2-shot |" in md and "| coco (synthetic) | CIDEr |" in md and "| imagenet (synthetic) | top5 |" in md
     unit = json.loads((out / "vqav2" / "shots2_seed42.json").read_text())
     assert len(unit["predictions"]) == unit["num_samples"] == 3
     assert all(len(p["demos"]) == 2 for p in unit["predictions"])
@@ -1126,3 +1127,32 @@ def test_a_prefix_cache_without_shared_demonstrations_gets_a_note(tmp_path, monk
     assert "note: --prefix-cache-mb reuses demonstrations that queries share; with random" in capsys.readouterr().err
     cli.main([*base, "--demo-selection", "shared"])
     assert "note" not in capsys.readouterr().err
+
+
+def test_scores_on_the_synthetic_benchmark_are_labelled_so(tiny, tmp_path):
+    """Nothing in results.md or results.json said the data was synthetic: copied out, the table read
+    as real COCO CIDEr."""
+    root, _ = tiny
+    out = tmp_path / "out"
+    assert _cli(root, out, "--tasks", "coco,vqav2", "--shots", "0") == 0
+    md = (out / "results.md").read_text()
+    assert "| coco (synthetic) | CIDEr |" in md and "| vqav2 (synthetic) | accuracy |" in md
+    assert "- coco: data = `synthetic`: flamingo-vlm's synthetic scenes" in md
+    rows = json.loads((out / "results.json").read_text())["all_results"]["coco"]
+    assert all(r["scoring"]["data"] == "synthetic" for r in rows)
+
+
+def test_synthetic_beside_a_real_dataset_gets_a_note(tmp_path, monkeypatch, capsys):
+    """--synthetic on a data root with a real COCO wrote synthetic tasks beside it without a word, and
+    the table mixed real and synthetic scores."""
+    from flamingo_vlm import cli
+    from flamingo_vlm.eval import evaluator
+    from flamingo_vlm.synthetic import write_synthetic_benchmark
+
+    monkeypatch.setattr(evaluator, "evaluate", lambda model, config, **k: {})
+    write_synthetic_benchmark(tmp_path, tasks=("coco",), n_train=2, n_val=1, n_test=1, image_size=16)
+    (tmp_path / "mscoco_karpathy" / "held_out.json").unlink()  # (as a real dataset's folder)
+    cli.main(["evaluate", "--model", "m", "--tasks", "coco,imagenet", "--data-root", str(tmp_path), "--synthetic",
+              "--quiet"])
+    assert (f"note: coco under {tmp_path} is not the synthetic benchmark's: evaluated as found, beside synthetic "
+            "imagenet") in capsys.readouterr().err

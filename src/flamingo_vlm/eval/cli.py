@@ -77,6 +77,12 @@ def _run(args: argparse.Namespace) -> int:
                                  f"its own with --task-root {t}=PATH, or leave it out of --tasks")
 
         missing = [t for t in wanted if not any((Path(args.data_root) / f).is_dir() for f in TASKS[t].folders)]
+        real = [t for t in wanted if t not in missing and not any(
+            (Path(args.data_root) / f / "held_out.json").is_file() for f in TASKS[t].folders)]
+        if real:  # (a real dataset's scores beside synthetic ones, in one table, said nothing)
+            print(f"flamingo-vlm evaluate: note: {', '.join(real)} under {args.data_root} "
+                  f"{'is' if len(real) == 1 else 'are'} not the synthetic benchmark's: evaluated as found"
+                  + (f", beside synthetic {', '.join(missing)}" if missing else ""), file=sys.stderr)
         meta = Path(args.data_root) / "synthetic.json"
         if len(missing) < len(wanted) and meta.is_file():
             import json

@@ -374,6 +374,8 @@ class Evaluator:
                                      own_demos=own_demos is not None)
                 unit["elapsed_s"] = time.time() - t0
                 unit["fingerprint"] = fp
+                if held_out is not None:  # (the synthetic benchmark's folders: said beside every score)
+                    unit["scoring"] = {**(unit.get("scoring") or {}), "data": "synthetic"}
                 if self.ctx.is_main:
                     atomic_write_json(path, unit)
                     if c.progress:

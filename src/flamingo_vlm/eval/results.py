@@ -106,7 +106,8 @@ def summarize(units: Iterable[dict]) -> dict[str, list[dict]]:
     from finished unit records, shots ascending; plus ``"scoring"`` (how the scores were computed:
     ``caption_tokenizer``, ``vqa_compat``, where the units record it; and from their fingerprints
     ``quantize``/``precision`` where the model was not run in full precision, ``demo_selection``
-    where demos were not drawn at random per query)."""
+    where demos were not drawn at random per query, ``data: synthetic`` for the synthetic benchmark's
+    folders)."""
     grouped: dict[str, dict[int, list[dict]]] = {}
     for u in units:
         grouped.setdefault(u["task"], {}).setdefault(int(u["shots"]), []).append(u)
@@ -135,6 +136,8 @@ def summarize(units: Iterable[dict]) -> dict[str, list[dict]]:
             # per query (the paper's RICES numbers are another table), from the units' fingerprints (so units
             # written before this was recorded say it too)
             for u in us:
+                if "held_out_pairs" in u["metrics"]:  # (synthetic data; units written before it was recorded)
+                    scoring["data"] = "synthetic"
                 fp = u.get("fingerprint") or {}
                 if fp.get("demo_selection", "random") != "random":
                     scoring["demo_selection"] = fp["demo_selection"]
@@ -149,6 +152,8 @@ def summarize(units: Iterable[dict]) -> dict[str, list[dict]]:
 
 
 _SCORING_NOTES = {
+    ("data", "synthetic"): "flamingo-vlm's synthetic scenes (`--synthetic`), not the real dataset: not "
+                           "comparable with the paper's or any published number",
     ("caption_tokenizer", "python"): "captions tokenised with the pure-Python PTB tokenizer (no Java): "
                                      "CIDEr/BLEU/ROUGE may differ slightly from pycocoevalcap's",
     ("caption_tokenizer", "java"): "captions tokenised with Stanford's PTBTokenizer (Java), as pycocoevalcap does",
@@ -171,7 +176,7 @@ _SCORING_NOTES = {
 
 
 def scoring_notes(summary: dict[str, list[dict]]) -> list[str]:
-    """One markdown bullet per task and scoring setting (``caption_tokenizer``, ``vqa_compat``,
+    """One markdown bullet per task and scoring setting (``data``, ``caption_tokenizer``, ``vqa_compat``,
     ``quantize``, ``precision``, ``demo_selection``)."""
     lines = []
     for task, rows in summary.items():
@@ -220,7 +225,8 @@ def markdown_table(summary: dict[str, list[dict]], *, title: str | None = None, 
                     cells.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}")
             trials = max(len(r["trials"]) for r in rows)
             samples = rows[0]["num_samples"]
-            lines.append(f"| {task} | {name} | " + " | ".join(cells) + f" | {trials} | {samples} |")
+            label = f"{task} (synthetic)" if any((r.get("scoring") or {}).get("data") == "synthetic" for r in rows) else task
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + f" | {trials} | {samples} |")
     notes = scoring_notes(summary)
     if notes:
         lines += ["", "Scoring:", ""] + notes
