@@ -103,6 +103,7 @@ def test_open_clip_weights_honour_local_files_only(monkeypatch, tmp_path):
     assert calls == [True]
     assert "not in the local Hugging Face cache" in str(e.value) and "in place of 'openai'" in str(e.value)
     # online, the same exception type follows a failed request: its own text stays
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("1.2.3.4", 443))])
     with pytest.raises(OSError, match="LocalEntryNotFoundError: not cached"):
         build_vision_encoder("ViT-L-14", "openai", cache_dir=tmp_path, use_local_files=False)
 
@@ -154,3 +155,23 @@ def test_a_local_path_with_a_typo_is_said_to_be_missing_here_not_only_on_the_hub
     with pytest.raises(OSError, match=r"nolm") as e:  # (a Hub id: the Hub's own words, whole)
         load_causal_lm("nolm", local_files_only=True)
     assert "there is no" not in str(e.value)
+
+
+def test_an_offline_vision_encoder_with_hub_weights_asks_the_cache_only(monkeypatch, tmp_path):
+    """evaluate --rices --rices-vision-pretrained openai built its encoder without the offline check:
+    ~30 s of Hub retries before the error."""
+    import huggingface_hub
+
+    from flamingo_vlm.factory import build_vision_encoder
+
+    monkeypatch.setattr(socket, "getaddrinfo", _no_dns)
+    asked = []
+
+    def spy(repo_id, filename, *args, local_files_only=False, **kwargs):
+        asked.append(local_files_only)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    with pytest.raises(OSError, match="could not get"):
+        build_vision_encoder("ViT-B-32", "openai", cache_dir=tmp_path)
+    assert asked and all(asked), asked
