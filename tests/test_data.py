@@ -871,3 +871,45 @@ def test_write_from_an_image_or_a_binary_file_names_it_and_says_what_it_takes(tm
     with pytest.raises(SourceError, match=r"b\.jsonl is not a UTF-8 text file"):
         write_shards(tmp_path / "b.jsonl", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_mmc4_records_with_their_downloaded_images_become_shards_that_train_as_mmc4(tmp_path, processor):
+    """A real MMC4 record (text_list, image_info by image_name, similarity_matrix) was refused ("expected
+    an 'items' list or 'text'"), though `data write --kind interleaved` was said to be MMC4-style."""
+    from flamingo_vlm.data.custom import SourceError
+
+    sim = [[0.31, 0.05, 0.10], [0.02, 0.12, 0.35], [0.40, 0.01, 0.02]]
+    doc = mmc4_doc(["A red one.", "Some text.", "The blue one."], ["red", "blue", "green"], sim)
+    for info in doc["image_info"]:
+        del info["image_base64"]  # (MMC4's release: the images are downloaded separately, by image_name)
+    (tmp_path / "red.png").write_bytes(png("red"))
+    (tmp_path / "blue.png").write_bytes(png("blue"))  # green.png failed to download
+    lines = [json.dumps(doc), json.dumps({"text": "no image here"})]
+    (tmp_path / "mmc4.jsonl").write_text("\n".join(lines) + "\n")
+    stats = Counter()
+    shards = write_shards(tmp_path / "mmc4.jsonl", tmp_path / "out", stats=stats)
+    assert stats["written"] == 1 and stats["missing_images"] == 1 and stats["no_image"] == 1
+    with tarfile.open(shards[0]) as tar:
+        written = json.loads(tar.extractfile(next(m for m in tar if m.name.endswith(".json"))).read())
+    assert written["text_list"] == doc["text_list"]
+    assert [i["image_name"] for i in written["image_info"]] == ["red.png", "blue.png"]
+    assert written["similarity_matrix"] == sim[:2]  # (kept: training matches images by them, as on MMC4's shards)
+    assert inspect_shards([str(shards[0])])["corrupt"] == 0
+    (tmp_path / "r").mkdir()
+    text = texts(processor, next(iter(interleaved_ds(tmp_path / "r", processor, [written]))))[0]
+    assert text.count("<image>") == 2 and "The blue one." in text
+    with pytest.raises(SourceError, match=r"mmc4\.jsonl:1: 1 of its images are not under"):
+        write_shards(tmp_path / "mmc4.jsonl", tmp_path / "out2", strict=True)
+
+
+def test_strict_refuses_a_caption_without_an_image(tmp_path):
+    """--strict fails on a bad record or image instead of skipping it; a caption whose image is not
+    there was still only skipped."""
+    from flamingo_vlm.data.custom import SourceError
+
+    (tmp_path / "a.png").write_bytes(png("red"))
+    (tmp_path / "a.txt").write_text("a red one")
+    (tmp_path / "b.txt").write_text("its image is missing")
+    with pytest.raises(SourceError, match=r"b\.txt: a caption with no image of the same name beside it"):
+        write_shards(tmp_path, tmp_path / "out", strict=True)
+    assert write_shards(tmp_path, tmp_path / "out2")  # (without --strict: skipped, counted)

@@ -8,6 +8,12 @@ Sources
       {"items": [{"image": "imgs/a.png"}, {"text": "A cat."}, {"image": "imgs/b.png"}, {"text": "A dog."}]}
       {"text": "Intro. <image>A cat. <image>A dog.", "images": ["imgs/a.png", "imgs/b.png"]}
 
+  or an MMC4 document as MMC4's release has them (``text_list``, ``image_info`` with each image's
+  ``image_name`` and ``matched_text_index``, ``similarity_matrix``), its images downloaded beside the
+  JSONL under their ``image_name`` (or an ``image_path`` of their own); its similarities are kept,
+  so training places the images as on MMC4's own shards, and images that failed to download are
+  left out of their document (counted).
+
 * a folder of images (searched recursively) each with a same-named ``.txt`` caption
   (``cat.png`` + ``cat.txt``).
 
@@ -68,15 +74,18 @@ class Document:
 
     items: list[tuple[str, object]]
     origin: str  # "file.jsonl:line" or the image path, for messages
+    # an MMC4 record: its text_list, similarity_matrix and per image (path, matched_text_index, matched_sim)
+    mmc4: dict | None = None
 
     @property
     def n_images(self) -> int:
         return sum(kind == "image" for kind, _ in self.items)
 
     def is_pair(self) -> bool:
-        """One image first, then text."""
+        """One image first, then text (an MMC4 document stays a document)."""
         return (
-            self.n_images == 1
+            self.mmc4 is None
+            and self.n_images == 1
             and self.items[0][0] == "image"
             and any(kind == "text" and str(v).strip() for kind, v in self.items[1:])
         )
@@ -87,10 +96,50 @@ class SourceError(ValueError):
 
 
 # -- reading sources --------------------------------------------------------------------------------
-def _parse_record(rec, base: Path, origin: str) -> Document:
+def _parse_mmc4(rec: dict, base: Path, origin: str, stats: Counter) -> Document:
+    """An MMC4 record: images by ``image_path`` or ``image_name`` relative to ``base``; those not
+    there (MMC4's images are downloaded separately, and some always fail) are left out and counted."""
+    texts, infos = rec["text_list"], rec["image_info"]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts) or not isinstance(infos, list):
+        raise SourceError(f"{origin}: an MMC4 record needs 'text_list' (strings) and 'image_info' (a list)")
+    sim = rec.get("similarity_matrix")
+    if sim is not None:
+        sim = np.asarray(sim, dtype=np.float64)
+        if sim.shape != (len(infos), len(texts)):
+            raise SourceError(f"{origin}: similarity_matrix is {sim.shape}, expected (images {len(infos)}, "
+                              f"sentences {len(texts)})")
+    images, rows = [], []
+    for i, info in enumerate(infos):
+        name = info.get("image_path") or info.get("image_name") if isinstance(info, dict) else None
+        index = info.get("matched_text_index") if isinstance(info, dict) else None
+        if not isinstance(name, str) or not isinstance(index, int) or not 0 <= index < len(texts):
+            raise SourceError(f"{origin}: image_info[{i}] needs 'image_name' and a 'matched_text_index' in "
+                              f"0..{len(texts) - 1}, got {info!r}")
+        path = base / name
+        if not path.is_file():
+            stats["missing_images"] += 1
+            continue
+        images.append((path, index, float(info.get("matched_sim", 1.0))))
+        rows.append(sim[i] if sim is not None else [1.0 if j == index else 0.0 for j in range(len(texts))])
+    if not images:
+        raise SourceError(f"{origin}: none of its {len(infos)} image(s) is under {base} (by image_name)")
+    by_text: dict[int, list[Path]] = {}  # (reading order: each image before its matched sentence)
+    for path, index, _ in images:
+        by_text.setdefault(index, []).append(path)
+    items: list[tuple[str, object]] = []
+    for j, text in enumerate(texts):
+        items += [("image", path) for path in by_text.get(j, [])]
+        items.append(("text", text))
+    mmc4 = {"text_list": texts, "images": images, "similarity_matrix": [list(map(float, r)) for r in rows]}
+    return Document(items, origin, mmc4)
+
+
+def _parse_record(rec, base: Path, origin: str, stats: Counter | None = None) -> Document:
     if not isinstance(rec, dict):
         raise SourceError(f"{origin}: expected a JSON object, got {type(rec).__name__}")
     items: list[tuple[str, object]] = []
+    if "text_list" in rec and "image_info" in rec:
+        return _parse_mmc4(rec, base, origin, stats if stats is not None else Counter())
     if "items" in rec:
         if not isinstance(rec["items"], list):
             raise SourceError(f"{origin}: 'items' must be a list")
@@ -115,7 +164,8 @@ def _parse_record(rec, base: Path, origin: str) -> Document:
             if part.strip():
                 items.append(("text", part))
     else:
-        raise SourceError(f"{origin}: expected an 'items' list or 'text' (+ 'images')")
+        raise SourceError(f"{origin}: expected an 'items' list, 'text' (+ 'images'), or an MMC4 record "
+                          "('text_list', 'image_info')")
     items = [(k, clean_text(v).strip()) if k == "text" else (k, v) for k, v in items]
     items = [(k, v) for k, v in items if k == "image" or v]
     if not items:
@@ -139,7 +189,11 @@ def read_source(source: str | os.PathLike, stats: Counter | None = None, strict:
                         continue
                     origin = f"{source}:{lineno}"
                     try:
-                        docs.append(_parse_record(json.loads(line), source.parent, origin))
+                        missing = stats["missing_images"]
+                        docs.append(_parse_record(json.loads(line), source.parent, origin, stats))
+                        if strict and stats["missing_images"] > missing:
+                            raise SourceError(f"{origin}: {stats['missing_images'] - missing} of its images are not "
+                                              f"under {source.parent} (by image_name)")
                     except (ValueError, SourceError) as e:
                         if strict:
                             raise SourceError(str(e) if isinstance(e, SourceError) else f"{origin}: bad JSON ({e})") from e
@@ -168,6 +222,8 @@ def read_source(source: str | os.PathLike, stats: Counter | None = None, strict:
         stems = {path.with_suffix("") for path in found}
         orphans = sorted(t for t in source.rglob("*.txt") if t.is_file() and t.with_suffix("") not in stems
                          and t.stem.lower() not in _NOT_CAPTIONS)
+        if orphans and strict:
+            raise SourceError(f"{orphans[0]}: a caption with no image of the same name beside it")
         if orphans:
             stats["caption_without_image"] += len(orphans)
             logger.warning("skipping %d caption file(s) with no image of the same name beside them (%s%s; images: %s)",
@@ -207,7 +263,18 @@ def _pair_sample(doc: Document, key: str) -> dict:
     return {"__key__": key, ext: data, "txt": caption.encode("utf-8")}
 
 
+def _mmc4_sample(doc: Document, key: str) -> dict:
+    info = [{"image_name": path.name, "matched_text_index": index, "matched_sim": sim,
+             "image_base64": base64.b64encode(_image_bytes(path)[0]).decode("ascii")}
+            for path, index, sim in doc.mmc4["images"]]
+    doc_json = {"text_list": doc.mmc4["text_list"], "image_info": info,
+                "similarity_matrix": doc.mmc4["similarity_matrix"]}
+    return {"__key__": key, "json": json.dumps(doc_json, ensure_ascii=False).encode("utf-8")}
+
+
 def _interleaved_sample(doc: Document, key: str) -> dict:
+    if doc.mmc4 is not None:
+        return _mmc4_sample(doc, key)
     sentences: list[str] = []
     matches: list[tuple[Path, int]] = []
     items, i = doc.items, 0
@@ -310,6 +377,12 @@ def write_shards(
         rows = tqdm(docs, desc="write", unit="doc")
     try:
         for doc in rows:
+            if doc.n_images == 0:  # (written, it was a sample every reader skips: `data inspect` said corrupt)
+                if strict:
+                    raise SourceError(f"{doc.origin}: a document without an image")
+                stats["no_image"] += 1
+                logger.warning("skipping %s: a document without an image", doc.origin)
+                continue
             try:
                 sample = make(doc, f"{stats['written']:09d}")
             except ValueError as e:
@@ -440,9 +513,11 @@ def _shards_and_missing(urls) -> tuple[list[str], list[dict]]:
 
 
 # -- command line -------------------------------------------------------------------------------------
-SKIPPED = {"bad_records": "bad JSON record(s)", "missing_caption": "image(s) without a caption file",
+SKIPPED = {"bad_records": "bad record(s)", "missing_caption": "image(s) without a caption file",
            "empty_caption": "image(s) with an empty caption", "caption_without_image": "caption(s) without an image",
-           "bad_images": "unreadable image(s)"}  # (what `data write` counts, as it says them)
+           "bad_images": "unreadable image(s)", "no_image": "document(s) without an image",
+           "missing_images": "image(s) of MMC4 records not found (left out of their documents)"}
+# (what `data write` counts, as it says them)
 
 
 def _cmd_write(args: argparse.Namespace) -> int:
@@ -508,13 +583,15 @@ def add_data_subcommand(subparsers, extra: Iterable = ()) -> argparse.ArgumentPa
                                           "write the synthetic benchmark and training data (drawn scenes).")
     sub = p.add_subparsers(dest="data_command", required=True)
 
-    w = sub.add_parser("write", help="JSONL of interleaved image paths and text, or a folder of images + .txt "
-                                     "captions -> webdataset shards")
-    w.add_argument("source", help="a .jsonl file or a folder of images with same-named .txt captions")
+    w = sub.add_parser("write", help="JSONL of interleaved image paths and text (or MMC4 records), or a folder "
+                                     "of images + .txt captions -> webdataset shards")
+    w.add_argument("source", help="a .jsonl file (documents, or MMC4 records with their images beside it) or a "
+                                  "folder of images with same-named .txt captions")
     w.add_argument("out_dir", help="output folder for the shards")
     w.add_argument("--kind", choices=("auto", "pairs", "interleaved"), default="auto",
-                   help="pairs (image + caption, LAION style) or interleaved (MMC4-style json); auto picks pairs "
-                        "when every document is one image followed by text")
+                   help="write pairs (image + caption, LAION style) or interleaved documents (as MMC4's shards: "
+                        "json with the images inside); auto picks pairs when every document is one image "
+                        "followed by text")
     w.add_argument("--samples-per-shard", type=at_least(1), default=1000)
     w.add_argument("--overwrite", action="store_true", help="replace shards already in out_dir")
     w.add_argument("--strict", action="store_true", help="fail on a bad record or image instead of skipping it")
