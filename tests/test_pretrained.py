@@ -493,10 +493,13 @@ def test_convert_refuses_a_random_image_encoder(tmp_path, capsys):
     encoder, and OpenFlamingo's checkpoints do not hold one: the converted model saw noise, without a
     word. Refused now, before any backbone loads; a full state dict that holds the encoder is fine."""
     ckpt = tmp_path / "checkpoint.pt"
-    torch.save({"perceiver.latents": torch.zeros(2, 4)}, ckpt)
     vis_cfg = tmp_path / "vit.json"
     vis_cfg.write_text("{}")
-    for vision in ("ViT-L-14", str(vis_cfg)):
+    for vision, held in (("ViT-L-14", {}), (str(vis_cfg), {}),
+                         # what OpenFlamingo's script kept of the encoder: its "*embed*" keys, not its weights
+                         ("ViT-L-14", {"vision_encoder.class_embedding": torch.zeros(4),
+                                       "vision_encoder.positional_embedding": torch.zeros(2, 4)})):
+        torch.save({"perceiver.latents": torch.zeros(2, 4), **held}, ckpt)
         code = cli_main(["convert", str(ckpt), "--out", str(tmp_path / "o"), "--vision", vision, "--lm", "some/lm"])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1, err

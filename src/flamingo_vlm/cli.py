@@ -47,9 +47,11 @@ def _convert(args: argparse.Namespace) -> int:
     check_save_target(args.out)  # a file, or a folder of other things, is refused before anything loads
     state_dict = read_state_dict(args.checkpoint)  # a missing or damaged file fails before the backbones load
     # An open_clip architecture without weights is random; OpenFlamingo's checkpoints do not hold the
-    # image encoder (only full state dicts do), so the converted model would see noise, silently.
+    # image encoder (only full state dicts do), so the converted model would see noise, silently. Its
+    # training script kept every key with "embed" in it, the ViT's class and position embeddings too:
+    # those alone are not the encoder.
     if (vision_ref(vision, vision_pretrained).kind in ("open_clip", "open_clip_config") and not vision_pretrained
-            and not any(key.startswith("vision_encoder.") for key in state_dict)):
+            and not any(key.startswith("vision_encoder.") and "embed" not in key for key in state_dict)):
         raise UsageError(
             f"--vision {vision} without --vision-pretrained is a randomly initialised image encoder, and "
             f"{args.checkpoint} does not hold one; pass its weights: --vision-pretrained openai (the released "
