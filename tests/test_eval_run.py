@@ -970,6 +970,13 @@ def _cut(path: Path) -> None:
      r"dataset_coco.json: no entries in split 'test'"),
     ("hateful_memes", "0", lambda d: (d / "hateful_memes" / "dev.jsonl").write_text("{oops\n"),
      r"dev.jsonl:1: expected a JSON line"),
+    # said "entry 0 lacks 'split'" and "has no 'questions' list"
+    ("coco", "0", lambda d: (d / "mscoco_karpathy" / "dataset_coco.json").write_text(json.dumps(
+        {"images": [{"id": 5, "file_name": "COCO_val2014_000000000005.jpg"}], "annotations": [{"image_id": 5}]})),
+     r"dataset_coco.json is a COCO captions file \(captions_\*.json: 'images' and 'annotations'\), not Karpathy's"),
+    ("vqav2", "0", lambda d: (d / "vqav2" / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(
+        (d / "vqav2" / "v2_mscoco_val2014_annotations.json").read_text()),
+     r"questions.json has no 'questions' list; .*; it holds 'annotations': the questions and annotations files swapped\?"),
     # contents the loader took, which failed after the unit had run (KeyError: 'label'; "vqa_accuracy needs at
     # least one human answer") or were evaluated twice (a question id listed twice)
     ("hateful_memes", "0", lambda d: _edit(d / "hateful_memes" / "dev.jsonl", lambda t: t.replace('"label": 0, ', "")),
@@ -1156,3 +1163,14 @@ def test_synthetic_beside_a_real_dataset_gets_a_note(tmp_path, monkeypatch, caps
               "--quiet"])
     assert (f"note: coco under {tmp_path} is not the synthetic benchmark's: evaluated as found, beside synthetic "
             "imagenet") in capsys.readouterr().err
+
+
+def test_a_data_root_that_is_not_there_is_said_so(tmp_path, no_model_load):
+    """A --data-root with a typo said "no folder for task 'coco' under X", as if X held other things."""
+    from flamingo_vlm.eval.datasets import DatasetLayoutError
+
+    argv = ["--model", "some/model", "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "out"),
+            "--tasks", "coco", "--quiet"]
+    with pytest.raises(DatasetLayoutError, match=rf"--data-root {tmp_path}/nope does not exist: give the folder that "
+                                                 r"holds the task folders \(mscoco_karpathy"):
+        eval_main(argv)

@@ -482,6 +482,8 @@ def test_more_image_markers_than_images_is_an_error_in_generate_and_score():
         model.generate(one, ids, max_new_tokens=2)
     with pytest.raises(ValueError, match="has 3 <image> markers"):
         model.score(one, ids, [[5]])
+    with pytest.raises(TypeError, match=r"candidates are token ids, one list per candidate"):  # (a raw TypeError)
+        model.score(one, ids, ["a cat"])
     fewer = tok(["<image>a"], return_tensors="pt").input_ids
     three = torch.cat([one, torch.zeros_like(one), torch.zeros_like(one)], dim=1)
     assert model.generate(three, fewer, max_new_tokens=2, min_new_tokens=2).shape[1] == fewer.shape[1] + 2

@@ -108,6 +108,9 @@ def test_preprocessing_errors(tmp_path):
         proc(bad)
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         proc(tmp_path / "missing.jpg")
+    for size in ((0, 0), (0, 5)):  # (a ZeroDivisionError)
+        with pytest.raises(ValueError, match=rf"an image of {size[0]} x {size[1]} pixels has nothing to show"):
+            proc(Image.new("RGB", size))
     with pytest.raises(ValueError, match="resize_mode"):
         ImageProcessor(32, resize_mode="crop")
     with pytest.raises(ValueError, match="unknown"):

@@ -99,6 +99,9 @@ class ImageProcessor:
 
     def _resize_crop(self, image: Image.Image) -> Image.Image:
         size, resample = self.image_size, _RESAMPLE[self.interpolation]
+        if 0 in image.size:  # (a ZeroDivisionError from the scale below)
+            raise ValueError(f"an image of {image.size[0]} x {image.size[1]} pixels has nothing to show; "
+                             "give an image at least 1 x 1")
         if self.resize_mode == "squash":
             return image.resize((size, size), resample=resample)
         w, h = image.size

@@ -236,8 +236,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-seed", type=int, default=0,
                    help="its generator seed (default 0); a --data-root holding another seed's benchmark is refused")
     p.add_argument("--no-predictions", action="store_true", help="do not store per-sample predictions")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or per-unit lines, and no table at the end (it is in OUT/results.md)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and run (INFO)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -213,6 +213,12 @@ class CaptionDataset(EvalDataset):
             raise DatasetLayoutError(
                 f"{karpathy_json} has no 'images' list; is it a Karpathy split file (dataset_{dataset}.json)?"
             )
+        if isinstance(data.get("annotations"), list) and data["images"] and "split" not in data["images"][0]:
+            # ("entry 0 lacks 'split'": COCO's own captions_*.json has 'images' too)
+            raise DatasetLayoutError(
+                f"{karpathy_json} is a COCO captions file (captions_*.json: 'images' and 'annotations'), not "
+                f"Karpathy's split file: the protocol's splits are in Karpathy's dataset_{dataset}.json "
+                "(caption_datasets.zip)")
         splits = {split} | ({"train", "restval"} if split == "train+restval" else set())
         samples = []
         for n, entry in enumerate(data["images"]):
@@ -309,13 +315,18 @@ class VQADataset(EvalDataset):
         self.name, self.layout = dataset, _vqa_layout(dataset)
         qdata = _load_json(Path(questions_json), "questions file", self.layout)
         if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
-            raise DatasetLayoutError(f"{questions_json} has no 'questions' list; expected VQA-format questions JSON")
+            swapped = isinstance(qdata, dict) and isinstance(qdata.get("annotations"), list)
+            raise DatasetLayoutError(f"{questions_json} has no 'questions' list; expected VQA-format questions JSON"
+                                     + ("; it holds 'annotations': the questions and annotations files swapped?"
+                                        if swapped else ""))
         answers: dict[Any, list[str]] | None = None
         if annotations_json is not None:
             adata = _load_json(Path(annotations_json), "annotations file", self.layout)
             if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
+                swapped = isinstance(adata, dict) and isinstance(adata.get("questions"), list)
                 raise DatasetLayoutError(
                     f"{annotations_json} has no 'annotations' list; expected VQA-format annotations JSON"
+                    + ("; it holds 'questions': the questions and annotations files swapped?" if swapped else "")
                 )
             answers, types = {}, {}
             for n, ann in enumerate(adata["annotations"]):

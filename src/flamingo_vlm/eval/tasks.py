@@ -66,6 +66,9 @@ def resolve_task_root(spec: Task, data_root: str | os.PathLike, overrides: dict[
     for name in spec.folders:
         if (root / name).is_dir():
             return root / name
+    if not root.is_dir():  # (it said "no folder for task 'coco' under X", as if X held other things)
+        raise DatasetLayoutError(f"--data-root {root} " + ("is a file, not a folder" if root.exists() else "does not exist")
+                                 + f": give the folder that holds the task folders ({', '.join(spec.folders)}, ...)")
     raise DatasetLayoutError(
         f"no folder for task {spec.name!r} under {root} (tried {', '.join(spec.folders)}); "
         f"pass --task-root {spec.name}=PATH"

@@ -639,6 +639,9 @@ class Flamingo(nn.Module):
         :mod:`flamingo_vlm.prefix_cache`); only the rest of ``lang_x`` runs, and the cache is
         extended in place to the whole context.
         """
+        if isinstance(candidates, str) or any(isinstance(c, str) for c in candidates):
+            raise TypeError("candidates are token ids, one list per candidate (tokenizer(text, add_special_tokens="
+                            "False).input_ids), not text")
         if not candidates or any(len(c) == 0 for c in candidates):
             raise ValueError("every candidate continuation needs at least one token")
         cond = self._conditioning(vision_x, media, lang_x)
