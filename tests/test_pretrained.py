@@ -418,7 +418,11 @@ def test_checkpoint_errors_name_the_file_and_what_to_do(tmp_path, capsys, case):
     elif case == "a part":
         torch.save({k: v for k, v in torch.load(ckpt).items() if k.startswith("perceiver.")}, ckpt)
         dst = tiny_flamingo("llama", seed=1)[0]
-        expected = r"does not fill \d+ of the model's \d+ trainable parameters: .*pass the whole checkpoint"
+        expected = (r"does not fill \d+ of the model's \d+ trainable parameters: .*pass the whole checkpoint.*a part on "
+                    r"purpose: flamingo_vlm\.checkpoints\.load_openflamingo_checkpoint\(model, state_dict, "
+                    r"require_trainable=False\)")
+        part = load_openflamingo_checkpoint(tiny_flamingo("llama", seed=1)[0], ckpt, require_trainable=False)
+        assert part.loaded and all(k.startswith("perceiver.") for k in part.loaded) and part.missing_trainable
     elif case == "another width":
         dst = tiny_flamingo("llama", seed=1, hidden_size=48)[0]
         expected = r"\d+ tensor\(s\) of the checkpoint do not fit the model: [^;]*checkpoint \([^)]*32[^)]*\) vs model \([^)]*48.*trained with"

@@ -229,7 +229,8 @@ def _load_openflamingo_checkpoint(model, source, *, require_trainable: bool) -> 
             f"{len(trainable)} trainable parameters: " + ", ".join(report.missing_trainable[:10])
             + (f" ... ({len(report.missing_trainable) - 10} more)" if len(report.missing_trainable) > 10 else "")
             + "; pass the whole checkpoint (OpenFlamingo's checkpoint.pt, a training checkpoint's "
-            "trainable.safetensors), not a part of it"
+            "trainable.safetensors), not a part of it (a part on purpose: flamingo_vlm.checkpoints."
+            "load_openflamingo_checkpoint(model, state_dict, require_trainable=False))"
         )
     if report.unexpected:
         logger.warning("checkpoint keys that match no parameter: %s", ", ".join(report.unexpected[:20]))
