@@ -116,7 +116,8 @@ def _read_image(path: str):
             with Image.open(p) as im:
                 return im.convert("RGB")
     except Image.DecompressionBombError as e:
-        raise ValueError(f"image {path} is too large to decode safely (a decompression bomb?): {e}") from None
+        raise ValueError(f"image {path} is too large to decode safely (a decompression bomb?): {e}; downscale it "
+                         "first (the model sees it at its input size, e.g. 224 x 224)") from None
     except PermissionError:
         raise PermissionError(f"image {path} cannot be read: permission denied") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ValueError, ...
