@@ -900,6 +900,15 @@ def test_mmc4_records_with_their_downloaded_images_become_shards_that_train_as_m
     assert text.count("<image>") == 2 and "The blue one." in text
     with pytest.raises(SourceError, match=r"mmc4\.jsonl:1: 1 of its images are not under"):
         write_shards(tmp_path / "mmc4.jsonl", tmp_path / "out2", strict=True)
+    doc["image_info"][0]["matched_sim"] = None  # (float(None): a traceback)
+    doc["similarity_matrix"][1] = [0.1]  # (ragged: "bad JSON (inhomogeneous shape)")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(doc) + "\n")
+    with pytest.raises(SourceError, match=r"image_info\[0\] needs .*a numeric 'matched_sim'|similarity_matrix must be"):
+        write_shards(tmp_path / "bad.jsonl", tmp_path / "out3", strict=True)
+    doc["image_info"][0]["matched_sim"] = 0.31
+    (tmp_path / "bad.jsonl").write_text(json.dumps(doc) + "\n")
+    with pytest.raises(SourceError, match=r"similarity_matrix must be rows of numbers"):
+        write_shards(tmp_path / "bad.jsonl", tmp_path / "out3", strict=True)
 
 
 def test_strict_refuses_a_caption_without_an_image(tmp_path):

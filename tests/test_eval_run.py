@@ -1148,6 +1148,14 @@ def test_scores_on_the_synthetic_benchmark_are_labelled_so(tiny, tmp_path):
     assert "- coco: data = `synthetic`: flamingo-vlm's synthetic scenes" in md
     rows = json.loads((out / "results.json").read_text())["all_results"]["coco"]
     assert all(r["scoring"]["data"] == "synthetic" for r in rows)
+    # units written before the label was are labelled when resumed
+    unit = out / "coco" / "shots0_seed42.json"
+    written = json.loads(unit.read_text())
+    written["scoring"].pop("data")
+    written["metrics"].pop("held_out_pairs", None)
+    unit.write_text(json.dumps(written))
+    assert _cli(root, out, "--tasks", "coco", "--shots", "0") == 0
+    assert "| coco (synthetic) | CIDEr |" in (out / "results.md").read_text()
 
 
 def test_synthetic_beside_a_real_dataset_gets_a_note(tmp_path, monkeypatch, capsys):
@@ -1158,9 +1166,9 @@ def test_synthetic_beside_a_real_dataset_gets_a_note(tmp_path, monkeypatch, caps
     from flamingo_vlm.synthetic import write_synthetic_benchmark
 
     monkeypatch.setattr(evaluator, "evaluate", lambda model, config, **k: {})
-    write_synthetic_benchmark(tmp_path, tasks=("coco",), n_train=2, n_val=1, n_test=1, image_size=16)
+    write_synthetic_benchmark(tmp_path, tasks=("coco", "synthetic_icl"), n_train=2, n_val=1, n_test=1, image_size=16)
     (tmp_path / "mscoco_karpathy" / "held_out.json").unlink()  # (as a real dataset's folder)
-    cli.main(["evaluate", "--model", "m", "--tasks", "coco,imagenet", "--data-root", str(tmp_path), "--synthetic",
+    cli.main(["evaluate", "--model", "m", "--tasks", "coco,imagenet,icl", "--data-root", str(tmp_path), "--synthetic",
               "--quiet"])
     assert (f"note: coco under {tmp_path} is not the synthetic benchmark's: evaluated as found, beside synthetic "
             "imagenet") in capsys.readouterr().err

@@ -315,3 +315,10 @@ def test_a_file_of_another_kind_given_as_weights_is_named_for_what_it_is(tmp_pat
     assert torch.equal(load_weights_file(tmp_path / "named.bin")["w"], torch.ones(2))
     torch.save({"w": torch.ones(3)}, tmp_path / "named.safetensors")  # and a torch file under a safetensors name
     assert torch.equal(load_weights_file(tmp_path / "named.safetensors")["w"], torch.ones(3))
+    # a safetensors header whose length's low byte is 0x80, a pickle's first byte (1 file in 32)
+    for n in range(1, 200):
+        save_file({"a" * n: torch.ones(1)}, str(tmp_path / "h.safetensors"))
+        if (tmp_path / "h.safetensors").read_bytes()[:1] == b"\x80":
+            break
+    assert (tmp_path / "h.safetensors").read_bytes()[:1] == b"\x80"
+    assert torch.equal(load_weights_file(tmp_path / "h.safetensors")["a" * n], torch.ones(1))

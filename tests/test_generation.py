@@ -487,3 +487,27 @@ def test_more_image_markers_than_images_is_an_error_in_generate_and_score():
     fewer = tok(["<image>a"], return_tensors="pt").input_ids
     three = torch.cat([one, torch.zeros_like(one), torch.zeros_like(one)], dim=1)
     assert model.generate(three, fewer, max_new_tokens=2, min_new_tokens=2).shape[1] == fewer.shape[1] + 2
+
+
+def test_the_inferred_mask_leaves_a_pad_token_every_row_starts_with_and_scores_see_it_too():
+    """A tokenizer whose pad is its bos starts every row with it: that is no padding. score() without a
+    mask attended to a left-padded batch's padding, as generate did."""
+    model, ip, tok = tiny_flamingo("llama", seed=4)
+    model.eval()
+    pad = model.pad_token_id
+    rows = torch.tensor([[pad, pad, 7, 8], [5, 6, 7, 8]])
+    assert model._inferred_mask(rows).tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert model._inferred_mask(torch.tensor([[pad, 7, pad, 8], [pad, 6, 7, 8]])).tolist() == [[1] * 4] * 2
+    batch = FlamingoProcessor(tok, ip)([("<image>a red car and", random_images(1)), ("<image>a", random_images(1))])
+    candidates = [tok(" blue", add_special_tokens=False).input_ids, tok(" car", add_special_tokens=False).input_ids]
+    masked = model.score(batch["vision_x"], batch["input_ids"], candidates, batch["attention_mask"])
+    torch.testing.assert_close(model.score(batch["vision_x"], batch["input_ids"], candidates), masked)
+
+
+def test_wrapper_parts_of_parameter_names_are_dropped():
+    from flamingo_vlm.modeling.keys import unwrap_key
+
+    assert unwrap_key("module._orig_mod.perceiver.latents") == "perceiver.latents"
+    assert unwrap_key("lang_encoder._orig_mod.model.layers.0.w") == "lang_encoder.model.layers.0.w"  # (a compiled part)
+    assert unwrap_key("lang_encoder._fsdp_wrapped_module.model.w") == "lang_encoder.model.w"
+    assert unwrap_key("vision_encoder.module.w") == "vision_encoder.module.w"  # (a submodule named "module")

@@ -122,7 +122,7 @@ def check_device(text: str | None, flag: str = "--device") -> None:
     """A device argument that names a device this machine has (a :class:`UsageError` otherwise, before
     anything loads; a missing GPU ended in torch's "module 'torch._C' has no attribute
     '_cuda_setDevice'" traceback). Imports torch: call it from a command's handler."""
-    if text is None:
+    if text is None or text.strip().lower() == "cpu":  # (every machine has one: no torch import for it)
         return
     import torch
 

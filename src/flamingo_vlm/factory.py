@@ -53,8 +53,11 @@ def build_vision_encoder(
     if isinstance(path, nn.Module):
         return path
     ref = vision_ref(path, pretrained, tokens_ln_post=tokens_ln_post, options=builtin_options)
-    # offline: the local cache at once (RICES's encoder retried the Hub for ~30 s before its error)
-    use_local_files = hub.local_files_only(use_local_files, path, pretrained)
+    # offline: the local cache at once (RICES's encoder retried the Hub for ~30 s before its error); an
+    # open_clip architecture is code, only its weights may come from the Hub
+    names = [n for n in ((pretrained,) if ref.kind in ("open_clip", "open_clip_config") else (path, pretrained)) if n]
+    if names:
+        use_local_files = hub.local_files_only(use_local_files, *names)
     return vision_encoder_from_ref(ref, cache_dir=cache_dir, local_files_only=use_local_files)
 
 

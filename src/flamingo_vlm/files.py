@@ -98,10 +98,12 @@ def _weights_format(path: Path) -> str | None:
             head = f.read(9)
     except OSError:
         return None
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
+    # safetensors first: its header length is a multiple of 8 whose low byte can be 0x80, a pickle's first
+    # byte (a legacy torch pickle has 0xf9 at byte 8, a zip archive its compression method, 0 or 8)
     if len(head) == 9 and head[8:9] == b"{":
         return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
     return None
 
 

@@ -94,7 +94,6 @@ def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_
     if path.exists():
         raise ValueError(f"{path} is a file; expected a model directory or a Hub repo id")
     from huggingface_hub import snapshot_download
-    from huggingface_hub import constants
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -141,9 +140,9 @@ def check_model_available(name_or_path: str | os.PathLike, *, cache_dir=None, lo
                           revision=None) -> None:
     """Raise now what loading ``name_or_path`` would raise after seconds of imports, where that is
     known without them: a model directory that is not there, or a Hub repo that is neither cached nor
-    reachable (``generate``, ``serve`` and ``evaluate`` call it before importing torch and the model
-    code; a typo'd ``--model`` took ~5 s to be refused). Built-in models, releases and reachable Hub
-    repos are left to the load."""
+    reachable (``generate``, ``serve`` and ``evaluate`` call it before importing the loading layer:
+    transformers and the model code; a typo'd ``--model`` took ~5 s to be refused). Built-in models,
+    releases and reachable Hub repos are left to the load."""
     from .registry import model_source
 
     if model_source(name_or_path).kind != "hub":

@@ -104,7 +104,10 @@ def _parse_mmc4(rec: dict, base: Path, origin: str, stats: Counter) -> Document:
         raise SourceError(f"{origin}: an MMC4 record needs 'text_list' (strings) and 'image_info' (a list)")
     sim = rec.get("similarity_matrix")
     if sim is not None:
-        sim = np.asarray(sim, dtype=np.float64)
+        try:
+            sim = np.asarray(sim, dtype=np.float64)
+        except (TypeError, ValueError):  # (ragged rows, or not numbers)
+            raise SourceError(f"{origin}: similarity_matrix must be rows of numbers, one row per image") from None
         if sim.shape != (len(infos), len(texts)):
             raise SourceError(f"{origin}: similarity_matrix is {sim.shape}, expected (images {len(infos)}, "
                               f"sentences {len(texts)})")
@@ -112,17 +115,17 @@ def _parse_mmc4(rec: dict, base: Path, origin: str, stats: Counter) -> Document:
     for i, info in enumerate(infos):
         name = info.get("image_path") or info.get("image_name") if isinstance(info, dict) else None
         index = info.get("matched_text_index") if isinstance(info, dict) else None
-        if not isinstance(name, str) or not isinstance(index, int) or not 0 <= index < len(texts):
-            raise SourceError(f"{origin}: image_info[{i}] needs 'image_name' and a 'matched_text_index' in "
-                              f"0..{len(texts) - 1}, got {info!r}")
+        score = info.get("matched_sim", 1.0) if isinstance(info, dict) else None
+        if (not isinstance(name, str) or not isinstance(index, int) or not 0 <= index < len(texts)
+                or isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise SourceError(f"{origin}: image_info[{i}] needs 'image_name', a 'matched_text_index' in "
+                              f"0..{len(texts) - 1} and a numeric 'matched_sim', got {info!r}")
         path = base / name
         if not path.is_file():
             stats["missing_images"] += 1
             continue
-        images.append((path, index, float(info.get("matched_sim", 1.0))))
+        images.append((path, index, float(score)))
         rows.append(sim[i] if sim is not None else [1.0 if j == index else 0.0 for j in range(len(texts))])
-    if not images:
-        raise SourceError(f"{origin}: none of its {len(infos)} image(s) is under {base} (by image_name)")
     by_text: dict[int, list[Path]] = {}  # (reading order: each image before its matched sentence)
     for path, index, _ in images:
         by_text.setdefault(index, []).append(path)
@@ -193,7 +196,8 @@ def read_source(source: str | os.PathLike, stats: Counter | None = None, strict:
                         docs.append(_parse_record(json.loads(line), source.parent, origin, stats))
                         if strict and stats["missing_images"] > missing:
                             raise SourceError(f"{origin}: {stats['missing_images'] - missing} of its images are not "
-                                              f"under {source.parent} (by image_name)")
+                                              f"under {source.parent} (by image_name): download them there, or "
+                                              "drop --strict to leave them out")
                     except (ValueError, SourceError) as e:
                         if strict:
                             raise SourceError(str(e) if isinstance(e, SourceError) else f"{origin}: bad JSON ({e})") from e
@@ -335,6 +339,8 @@ def write_shards(
     docs = read_source(source, stats, strict=strict)
     if not docs:
         raise ValueError(f"no documents found in {source}")
+    if strict and (imageless := next((d for d in docs if d.n_images == 0), None)):  # (before any shard is written)
+        raise SourceError(f"{imageless.origin}: a document without an image")
     if kind == "auto":
         kind = "pairs" if all(d.is_pair() for d in docs) else "interleaved"
     elif kind == "pairs":
@@ -378,10 +384,9 @@ def write_shards(
     try:
         for doc in rows:
             if doc.n_images == 0:  # (written, it was a sample every reader skips: `data inspect` said corrupt)
-                if strict:
-                    raise SourceError(f"{doc.origin}: a document without an image")
                 stats["no_image"] += 1
-                logger.warning("skipping %s: a document without an image", doc.origin)
+                logger.warning("skipping %s: a document without an image%s", doc.origin,
+                               " (none of its MMC4 images was found)" if doc.mmc4 is not None else "")
                 continue
             try:
                 sample = make(doc, f"{stats['written']:09d}")

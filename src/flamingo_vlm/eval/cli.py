@@ -39,6 +39,13 @@ def _pairs(items: list[str] | None, what: str, cast=str) -> dict:
     return out
 
 
+def _rank0() -> bool:
+    """Whether this process says the notes (once under torchrun, not on every rank)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _trials(args: argparse.Namespace) -> int:
     """--trials, or as many as --seeds gives; both, disagreeing, are a usage error (``--trials 1 --seeds
     1 2`` ran seed 1 only, ``--trials 2 --seeds 5`` seeds 5 and 6; OpenFlamingo asserted they agree)."""
@@ -77,9 +84,11 @@ def _run(args: argparse.Namespace) -> int:
                                  f"its own with --task-root {t}=PATH, or leave it out of --tasks")
 
         missing = [t for t in wanted if not any((Path(args.data_root) / f).is_dir() for f in TASKS[t].folders)]
+        from .evaluator import synthetic_data
+
         real = [t for t in wanted if t not in missing and not any(
-            (Path(args.data_root) / f / "held_out.json").is_file() for f in TASKS[t].folders)]
-        if real:  # (a real dataset's scores beside synthetic ones, in one table, said nothing)
+            synthetic_data(Path(args.data_root) / f) for f in TASKS[t].folders if (Path(args.data_root) / f).is_dir())]
+        if real and _rank0():  # (a real dataset's scores beside synthetic ones, in one table, said nothing)
             print(f"flamingo-vlm evaluate: note: {', '.join(real)} under {args.data_root} "
                   f"{'is' if len(real) == 1 else 'are'} not the synthetic benchmark's: evaluated as found"
                   + (f", beside synthetic {', '.join(missing)}" if missing else ""), file=sys.stderr)
@@ -138,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     check_device(args.device)
-    if config.prefix_cache_mb > 0 and config.demo_selection != "shared":
+    if config.prefix_cache_mb > 0 and config.demo_selection != "shared" and _rank0():
         print(f"flamingo-vlm evaluate: note: --prefix-cache-mb reuses demonstrations that queries share; with "
               f"{config.demo_selection} demonstrations per query it finds little to reuse (--demo-selection shared "
               "gives every query of a trial the same ones)", file=sys.stderr)

@@ -219,6 +219,12 @@ def held_out_ids(root: str | os.PathLike) -> set[str] | None:
         raise ValueError(f"{path} is not a held-out list ({{'held_out_ids': [...]}}): {e}") from e
 
 
+def synthetic_data(root: str | os.PathLike) -> bool:
+    """Whether the task folder ``root`` was written by the synthetic benchmark (``held_out.json`` beside
+    its files, or ``synthetic_icl``'s ``episodes.json``): its scores are labelled so."""
+    return (Path(root) / "held_out.json").is_file() or (Path(root) / "episodes.json").is_file()
+
+
 class Evaluator:
     def __init__(self, model, image_processor, tokenizer, config: EvalConfig, ctx: DistContext | None = None):
         config.validate()
@@ -344,6 +350,7 @@ class Evaluator:
             data = load_task(spec, root, c, images=False)
         root, train, test = data.root, data.train, data.test
         held_out = held_out_ids(root)
+        synthetic = synthetic_data(root)
         own_demos = spec.own_demos(test)
         check_shots(spec, root, train, own_demos, c)
         data_id = data_fingerprint(root, train, test)
@@ -362,6 +369,8 @@ class Evaluator:
                     elif prev is not None:
                         logger.warning("%s: settings or data changed since it was written; evaluating again", path)
                 done = self.ctx.broadcast(done)
+                if done is not None and synthetic:  # (units written before the label was)
+                    done["scoring"] = {**(done.get("scoring") or {}), "data": "synthetic"}
                 if done is not None:
                     if self.ctx.is_main and c.progress:
                         print(f"[{spec.name}] {shots}-shot seed {seed}: done before ({done['metric']} {done['score']:.2f}), skipped")
@@ -374,7 +383,7 @@ class Evaluator:
                                      own_demos=own_demos is not None)
                 unit["elapsed_s"] = time.time() - t0
                 unit["fingerprint"] = fp
-                if held_out is not None:  # (the synthetic benchmark's folders: said beside every score)
+                if synthetic:  # (said beside every score)
                     unit["scoring"] = {**(unit.get("scoring") or {}), "data": "synthetic"}
                 if self.ctx.is_main:
                     atomic_write_json(path, unit)

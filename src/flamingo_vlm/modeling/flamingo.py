@@ -465,19 +465,22 @@ class Flamingo(nn.Module):
             media = self.encode_vision_x(vision_x, num_media)
         return Conditioning(media=media, media_token_id=self.media_token_id)
 
-    def _check_rows(self, lang_x: torch.Tensor, media: torch.Tensor, *, markers: bool = False) -> None:
-        """Rows that agree; ``markers``: no row with more ``<image>`` markers than images (generate and
-        score: the extra markers' text silently saw the row's last image, as OpenFlamingo's did)."""
+    def _check_rows(self, lang_x: torch.Tensor, media: torch.Tensor) -> None:
         if lang_x.shape[0] != media.shape[0]:
             raise ValueError(f"lang_x has {lang_x.shape[0]} rows but vision_x has {media.shape[0]}")
-        if markers:
-            counts = (lang_x == self.media_token_id).sum(1)
-            most = int(counts.max()) if counts.numel() else 0
-            if most > media.shape[1]:
-                row = int(counts.argmax())
-                raise ValueError(f"row {row} of lang_x has {most} <image> markers but vision_x holds {media.shape[1]} "
-                                 "image(s) per row: give one image per <image> (zero images pad the rows that "
-                                 "have fewer)")
+
+    def _check_markers(self, lang_x: torch.Tensor, vision_x: torch.Tensor | None, media: torch.Tensor | None) -> None:
+        """No row with more ``<image>`` markers than images (generate and score, before the images are
+        encoded): the extra markers' text silently saw the row's last image, as OpenFlamingo's did."""
+        images = media if media is not None else vision_x
+        if images is None or images.ndim < 2 or lang_x.ndim != 2 or lang_x.numel() == 0:
+            return  # (said by the checks that follow)
+        counts = (lang_x == self.media_token_id).sum(1)
+        most = int(counts.max())
+        if most > images.shape[1]:
+            raise ValueError(f"row {int(counts.argmax())} of lang_x has {most} <image> markers but vision_x holds "
+                             f"{images.shape[1]} image(s) per row: give one image per <image> (zero images pad the "
+                             "rows that have fewer)")
 
     # -- forward -------------------------------------------------------------------------------
     def cache_media(self, input_ids=None, vision_x=None):
@@ -533,12 +536,15 @@ class Flamingo(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------
     def _inferred_mask(self, lang_x: torch.Tensor) -> torch.Tensor:
-        """The attention mask of a left-padded batch given without one: every token but each row's
-        leading run of the pad token. A batch generated without its mask attended to its padding
+        """The attention mask of a left-padded batch given without one (generate, score): every token
+        but each row's leading run of the pad token. A batch generated without its mask attended to its padding
         (transformers infers a mask only where pad and eos differ, and here the pad token is often
         the LM's eos, as SmolLM2's ``<|im_end|>``); a prompt does not begin with the pad token."""
         mask = torch.ones_like(lang_x)
-        if self.pad_token_id is not None and bool((lang_x[:, 0] == self.pad_token_id).any()):
+        starts = lang_x[:, 0] == self.pad_token_id if self.pad_token_id is not None else None
+        # only where some rows start with it and some do not: the longest row of a left-padded batch is
+        # unpadded, and a pad token every row starts with is the tokenizer's own (a bos used as pad)
+        if starts is not None and bool(starts.any()) and not bool(starts.all()):
             mask = (lang_x != self.pad_token_id).long().cummax(dim=1).values
             mask[mask.sum(dim=1) == 0] = 1  # (a row of nothing but the pad token: left as it was)
         return mask
@@ -569,8 +575,9 @@ class Flamingo(nn.Module):
         if lang_x.ndim != 2 or lang_x.shape[1] == 0:  # (an empty prompt failed inside transformers: "cannot reshape")
             raise ValueError(f"lang_x must be (batch, tokens) with at least one token, got shape {tuple(lang_x.shape)}: "
                              "the prompt is empty")
+        self._check_markers(lang_x, vision_x, media)
         cond = self._conditioning(vision_x, media, lang_x)
-        self._check_rows(lang_x, cond.media, markers=True)
+        self._check_rows(lang_x, cond.media)
         generate_kwargs.setdefault("eos_token_id", self.eoc_token_id)
         # The KV cache is on unless asked off: some LM configs say use_cache=false (MptConfig's
         # default), which made every step re-run the whole prefix through LM and cross-attention.
@@ -644,10 +651,11 @@ class Flamingo(nn.Module):
                             "False).input_ids), not text")
         if not candidates or any(len(c) == 0 for c in candidates):
             raise ValueError("every candidate continuation needs at least one token")
+        self._check_markers(lang_x, vision_x, media)
         cond = self._conditioning(vision_x, media, lang_x)
-        self._check_rows(lang_x, cond.media, markers=True)
+        self._check_rows(lang_x, cond.media)
         if attention_mask is None:
-            attention_mask = torch.ones_like(lang_x)
+            attention_mask = self._inferred_mask(lang_x)
         rows, device = lang_x.shape[0], lang_x.device
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         kwargs = {"position_ids": positions} if self._lm_takes_position_ids else {}

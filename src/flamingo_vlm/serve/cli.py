@@ -196,8 +196,8 @@ def run_serve(args: argparse.Namespace) -> int:
                          "pip install 'flamingo-vlm[serve]'") from e
     if args.image_dir is not None and not args.image_dir.is_dir():
         raise SystemExit(f"--image-dir {args.image_dir} is not a directory")
-    check_device(args.device)
     check_model_available(args.model, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
+    check_device(args.device)
     sock = listen_socket(args.host, args.port)  # before the model loads: a bad address fails at once
     try:
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
