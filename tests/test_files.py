@@ -322,3 +322,24 @@ def test_a_file_of_another_kind_given_as_weights_is_named_for_what_it_is(tmp_pat
             break
     assert (tmp_path / "h.safetensors").read_bytes()[:1] == b"\x80"
     assert torch.equal(load_weights_file(tmp_path / "h.safetensors")["a" * n], torch.ones(1))
+
+
+def test_progress_bars_in_a_log_file_are_redrawn_once_a_minute(tmp_path):
+    """tqdm redraws ten times a second; in a log file (nohup, Slurm, torchrun) every redraw stayed."""
+    import io
+
+    from flamingo_vlm.progress import LOG_INTERVAL_S, progress
+
+    log = io.StringIO()
+    bar = progress(range(3), file=log, mininterval=1.0)
+    assert bar.mininterval == LOG_INTERVAL_S and bar.ascii
+    list(bar)
+    assert "3/3" in log.getvalue()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    bar = progress(range(3), file=Terminal(), mininterval=1.0)
+    assert bar.mininterval == 1.0
+    bar.close()

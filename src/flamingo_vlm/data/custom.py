@@ -378,7 +378,7 @@ def write_shards(
 
     rows = docs
     if progress:  # reading and checking every image takes minutes for a large folder
-        from tqdm.auto import tqdm
+        from ..progress import progress as tqdm
 
         rows = tqdm(docs, desc="write", unit="doc")
     try:

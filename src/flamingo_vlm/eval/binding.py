@@ -64,7 +64,7 @@ def evaluate_binding(
     correct = 0
     starts = range(0, episodes, batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress as tqdm
 
         starts = tqdm(starts, desc=f"binding {ways}-way {shots}-shot", unit="batch", leave=False)
     for start in starts:

@@ -179,7 +179,7 @@ class RICES:
         feats = []
         batches = range(0, len(mine), batch_size)
         if progress and is_main:
-            from tqdm import tqdm
+            from ..progress import progress as tqdm
 
             batches = tqdm(batches, desc=f"RICES features {dataset.name} {dataset.split}", unit="batch")
         for start in batches:

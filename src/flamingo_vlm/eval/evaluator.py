@@ -422,7 +422,7 @@ class Evaluator:
         mine = [order[i] for i in shard_indices(len(order), self.ctx.rank, self.ctx.world_size)]
         batches = [mine[i : i + c.batch_size] for i in range(0, len(mine), c.batch_size)]
         if c.progress and self.ctx.is_main:
-            from tqdm import tqdm
+            from ..progress import progress as tqdm
 
             batches = tqdm(batches, desc=f"{spec.name} {shots}-shot seed {seed}", unit="batch",
                            total=math.ceil(len(mine) / c.batch_size))

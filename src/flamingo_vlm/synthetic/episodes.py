@@ -256,7 +256,7 @@ def write_episode_shards(
     rows = []
     bar = range(start, start + n_documents)
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress as tqdm
 
         bar = tqdm(bar, desc="episodes", unit="doc")
     n_img = 0

@@ -441,7 +441,7 @@ def write_icl_shards(out_dir: str | os.PathLike, *, split: str = "train", n_docu
         else:
             rows = map(_write_document, jobs)
         if progress:
-            from tqdm.auto import tqdm
+            from ..progress import progress as tqdm
 
             rows = tqdm(rows, total=len(jobs), desc="icl episodes", unit="doc")
         (src / "episodes.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")

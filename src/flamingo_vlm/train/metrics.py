@@ -225,9 +225,9 @@ class Sinks:
             except ImportError:
                 logger.warning("wandb is not installed (pip install wandb): wandb logging is off")
         if cfg.progress:
-            from tqdm.auto import tqdm
+            from ..progress import progress
 
-            self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
+            self.bar = progress(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
                             mininterval=1.0)
 
     def log(self, record: dict) -> None:
