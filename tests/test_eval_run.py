@@ -1183,3 +1183,13 @@ def test_a_data_root_that_is_not_there_is_said_so(tmp_path, no_model_load):
     with pytest.raises(DatasetLayoutError, match=rf"--data-root {tmp_path}/nope does not exist: give the folder that "
                                                  r"holds the task folders \(mscoco_karpathy"):
         eval_main(argv)
+
+
+def test_an_eval_config_with_seeds_for_other_trials_is_refused():
+    """EvalConfig(trials=3, seeds=[5]) ran seeds 5, 6 and 7; trials=1, seeds=[1, 2] seed 1 only."""
+    from flamingo_vlm.eval.evaluator import EvalConfig
+
+    for trials, seeds in ((3, [5]), (1, [1, 2])):
+        with pytest.raises(ValueError, match=rf"seeds gives {len(seeds)} seed\(s\) but trials is {trials}"):
+            EvalConfig(tasks=["vqav2"], data_root=".", trials=trials, seeds=seeds).validate()
+    EvalConfig(tasks=["vqav2"], data_root=".", trials=2, seeds=[5, 9]).validate()

@@ -61,7 +61,7 @@ class EvalConfig:
     out_dir: str = "results"
     shots: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 32])
     trials: int = 3
-    seeds: list[int] | None = None  # default 42, 43, ...
+    seeds: list[int] | None = None  # one per trial; default 42, 43, ...
     num_samples: int | None = None  # evaluate a random subset (per trial seed), >= 1; None: the whole split
     query_set_size: int = 2048
     batch_size: int = 8
@@ -137,6 +137,9 @@ class EvalConfig:
             raise ValueError(f"shots must be non-negative, got {self.shots}")
         if self.trials < 1:
             raise ValueError("trials must be >= 1")
+        if self.seeds and len(self.seeds) != self.trials:  # (they were cut or extended: 5 -> 5, 6, 7)
+            raise ValueError(f"seeds gives {len(self.seeds)} seed(s) but trials is {self.trials}: give one seed per "
+                             f"trial (trials={len(self.seeds)})")
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples} (leave it out to evaluate the whole split)")
         if self.demo_selection not in ("random", "rices", "shared"):
