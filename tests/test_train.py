@@ -1198,6 +1198,29 @@ def test_a_run_extended_on_resume_takes_the_new_schedules_lr(model_dir, media_id
     assert [h["lr"] for h in resumed.history] == pytest.approx([1e-3 * lr_factor(k, cfg.schedule, 4) for k in (2, 3)])
 
 
+
+def test_a_resume_with_another_lr_trains_with_it_and_says_so(model_dir, media_id, tmp_path, caplog):
+    """--resume --lr 5e-5 trained on at the checkpoint's lr (its parameter groups and the scheduler's
+    base rates were loaded over the new ones), while config.yaml recorded the new one."""
+    from flamingo_vlm.train.optim import lr_factor
+
+    out = tmp_path / "run"
+    sched = {"warmup_steps": 0, "kind": "linear", "min_lr_ratio": 0.0}
+    _fake_run(model_dir, media_id, out, max_steps=2, checkpoint_every=2, schedule=sched)
+    cfg = make_config(model_dir, out, max_steps=4, checkpoint_every=2, resume="latest", schedule=sched,
+                      optim={"lr": 5e-4, "weight_decay": 0.05})
+    with caplog.at_level("WARNING", logger="flamingo_vlm.train"):
+        t = Trainer(cfg, **fake_mixture(media_id))
+    try:
+        resumed = t.fit()
+        decay = [g["weight_decay"] for g in t.optimizer.param_groups]
+    finally:
+        t.close()
+    assert [h["lr"] for h in resumed.history] == pytest.approx([5e-4 * lr_factor(k, cfg.schedule, 4) for k in (2, 3)])
+    assert 0.05 in decay
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "with this run's lr 0.001 -> 0.0005" in said and "weight_decay 0.1 -> 0.05" in said
+
 def _event_steps(log_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of every ``tag`` scalar in the event files, files in TensorBoard's order."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader

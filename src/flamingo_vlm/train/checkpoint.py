@@ -352,13 +352,40 @@ def open_run(output_dir: str | os.PathLike, resume: str | None, world_size: int,
     return loaded
 
 
+_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas", "eps")
+
+
 def restore_optimizer(loaded: LoadedCheckpoint, optimizer: torch.optim.Optimizer, scheduler) -> int:
     """Load the optimizer and scheduler states of ``loaded`` (whose trainable weights the model has
-    already taken: both are dropped from it) and return its step."""
+    already taken: both are dropped from it) and return its step.
+
+    The run's own hyperparameters are kept (lr, weight decay, betas, eps, as its config says; a
+    warning names each one that differs from the checkpoint's): loading the saved parameter groups
+    and the scheduler's base rates put the checkpoint's back, so a resume with ``--lr 5e-5`` trained
+    on at the old rate while config.yaml recorded the new one. Unchanged, the resume is exact."""
+    asked = [{k: group[k] for k in _HYPERPARAMETERS if k in group} for group in optimizer.param_groups]
     load_optimizer(optimizer, loaded.path, loaded.optimizer)
     loaded.trainable = loaded.optimizer = None
     scheduler.load_state_dict(loaded.state["scheduler"])
+    changed = []
+    for i, (group, want) in enumerate(zip(optimizer.param_groups, asked)):
+        for key, value in want.items():
+            if key in group and _differs(group[key], value):
+                changed.append(f"{'lr' if key == 'initial_lr' else key} {group[key]} -> {value}"
+                               + (f" (parameter group {i})" if len(asked) > 1 else ""))
+                group[key] = value
+                if key == "initial_lr":
+                    scheduler.base_lrs[i] = value  # (the trainer then sets this step's lr from it)
+    if changed:
+        logger.warning("resuming %s with this run's %s (the checkpoint's were the first)", loaded.path,
+                       "; ".join(dict.fromkeys(changed)))
     return int(loaded.state["step"])
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
+    return a != b
 
 
 def restore_data_positions(loaded: LoadedCheckpoint, rank: int, datasets) -> None:
