@@ -132,10 +132,14 @@ def test_a_training_run_records_its_datas_separator(caplog):
     declare_demo_separator(model, _train_config(DataConfig(kind="pairs")))
     assert model.config.demo_separator == "\n"  # no interleaved data: kept
     with caplog.at_level(logging.WARNING, logger="flamingo_vlm.train"):
-        declare_demo_separator(model, _train_config(DataConfig(chunk_separator=" "), DataConfig()))
+        declare_demo_separator(model, _train_config(DataConfig(chunk_separator=" "), DataConfig(chunk_separator="")))
     assert model.config.demo_separator == "\n" and "join their chunks differently" in caplog.text
-    declare_demo_separator(model, _train_config(DataConfig()))
-    assert model.config.demo_separator == ""  # OpenFlamingo's interleaved format
+    # unset: the data joins its chunks with the model's own, which stays (a fine-tune of the built-in
+    # model on interleaved data changed its "\n" to "", silently)
+    declare_demo_separator(model, _train_config(DataConfig(), DataConfig(chunk_separator=None)))
+    assert model.config.demo_separator == "\n"
+    declare_demo_separator(model, _train_config(DataConfig(chunk_separator="")))
+    assert model.config.demo_separator == ""  # OpenFlamingo's interleaved format, asked for
 
 
 def test_generate_image_text_lists_join_with_the_models_separator(tmp_path, capsys):

@@ -115,12 +115,18 @@ def set_gradient_checkpointing(model: nn.Module, mode: bool | str) -> None:
 
 
 def declare_demo_separator(model, cfg: TrainConfig) -> None:
-    """Set ``model.config.demo_separator`` to the ``chunk_separator`` of the run's interleaved datasets,
-    the format the model learns (a model saved from the run declares it). Pair datasets have one chunk
-    and no say; without interleaved data, or when they disagree, the model keeps its own (warned)."""
-    separators = {d.chunk_separator for d in cfg.data if d.kind == "interleaved"}
+    """Set ``model.config.demo_separator`` to the ``chunk_separator`` the run's interleaved datasets
+    give, the format the model learns (a model saved from the run declares it). Pair datasets have one
+    chunk and no say, nor has a dataset that leaves it unset (it joins its chunks with the model's own);
+    without one that sets it, the model keeps its own; when they disagree too (warned). A fine-tune of
+    the built-in model on interleaved data without the setting changed its "\n" to "", silently."""
+    separators = {d.chunk_separator for d in cfg.data if d.kind == "interleaved" and d.chunk_separator is not None}
     if len(separators) == 1:
-        model.config = model.config.replace(demo_separator=separators.pop())
+        separator = separators.pop()
+        if separator != model.config.demo_separator:
+            logger.info("the model's demo_separator changes from %r to %r (the data's chunk_separator)",
+                        model.config.demo_separator, separator)
+        model.config = model.config.replace(demo_separator=separator)
     elif len(separators) > 1:
         logger.warning("the interleaved datasets join their chunks differently (chunk_separator %s); the model keeps "
                        "demo_separator=%r (edit config.json of the exported model to choose)",
@@ -162,7 +168,8 @@ def config_datasets(cfg: TrainConfig, model, tokenizer, image_processor, *, rank
             kind=d.kind, urls=list(d.urls), batch_size=d.batch_size, loss_weight=d.effective_loss_weight(),
             max_tokens=d.max_tokens, max_images=d.max_images, min_images=d.min_images,
             similarity_threshold=d.similarity_threshold, min_image_bytes=d.min_image_bytes,
-            chunk_separator=d.chunk_separator, loss_after=tuple(d.loss_after),
+            chunk_separator=d.chunk_separator if d.chunk_separator is not None else model.config.demo_separator,
+            loss_after=tuple(d.loss_after),
         )
         if limit is not None and spec.resolved_max_tokens > limit:
             msg = (f"data[{i}] ({d.kind}) makes sequences of up to {spec.resolved_max_tokens} tokens but the LM "

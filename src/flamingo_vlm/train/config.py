@@ -84,7 +84,9 @@ class DataConfig:
     min_images: int = 1
     similarity_threshold: float = 0.24
     min_image_bytes: int = 0
-    chunk_separator: str = ""
+    # text between an interleaved document's chunks; None: the model's own demo_separator (the built-in
+    # model's "\n"; a new model's "", OpenFlamingo's MMC4 layout), so a fine-tune keeps its few-shot format
+    chunk_separator: str | None = None
     loss_after: list = field(default_factory=list)  # e.g. ["Short answer:", "Output:"]: train answers only
     name: str | None = None
 
