@@ -1427,3 +1427,12 @@ def test_data_too_small_for_a_batch_says_so_and_what_to_do(model_dir, shards, tm
     err = capsys.readouterr().err
     assert "gave no full batch of 64 in epoch 0 (rank 0/1: " in err and "give it at least 64 usable samples" in err
     assert "could not read" not in err and "RuntimeError" not in err and "{" not in err and err.count("\n") == 1
+
+
+def test_a_warmup_as_long_as_the_run_is_warned(model_dir, media_id, tmp_path, caplog):
+    """The defaults (warmup 1875 steps, max_steps 1000) trained at ~0 lr without a word."""
+    with caplog.at_level("WARNING", logger="flamingo_vlm.train"):
+        t = Trainer(make_config(model_dir, tmp_path / "run", max_steps=3, schedule={"warmup_steps": 5}),
+                    **fake_mixture(media_id))
+        t.close()
+    assert "schedule.warmup_steps 5 >= max_steps 3: the lr never reaches optim.lr" in caplog.text

@@ -275,6 +275,11 @@ class Trainer:
             logger.info("training %d parameters on %d process(es) (%s, %s); %s", n_train, info.world_size,
                         cfg.distributed, cfg.precision,
                         f"resumed from {self.resume_from} at step {self.step}" if loaded is not None else "fresh run")
+            if cfg.schedule.warmup_steps >= cfg.max_steps:  # (the defaults, 1875 and 1000, trained at ~0 lr)
+                logger.warning("schedule.warmup_steps %d >= max_steps %d: the lr never reaches optim.lr (%g; at the "
+                               "last step %.2g); set --warmup-steps (schedule.warmup_steps) below max_steps",
+                               cfg.schedule.warmup_steps, cfg.max_steps, cfg.optim.lr,
+                               cfg.optim.lr * lr_factor(cfg.max_steps - 1, cfg.schedule, cfg.max_steps))
         barrier(info)
         self.sinks = Sinks(cfg, self.output_dir, record_columns(self.dataset_names, aim=self.aim is not None),
                            enabled=info.is_main, start_step=self.step, resumed=state is not None)
