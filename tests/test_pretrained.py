@@ -633,3 +633,15 @@ def test_a_run_or_a_checkpoint_given_as_a_model_says_what_to_load(tmp_path):
         load_pretrained(ckpt)
     with pytest.raises(FileNotFoundError, match="has no config.json; is it a flamingo-vlm model directory"):
         load_pretrained(run / "checkpoints")
+
+
+def test_load_pretrained_takes_the_dtype_names_the_command_line_takes():
+    """dtype="auto" or "bfloat16" reached model.to and failed as torch's TypeError."""
+    from flamingo_vlm.modeling.fast_linear import auto_dtype
+
+    model, _, _ = load_pretrained("smol-synthetic", dtype="bf16")
+    assert next(model.perceiver.parameters()).dtype == torch.bfloat16
+    model, _, _ = load_pretrained("smol-synthetic", dtype="auto")
+    assert next(model.perceiver.parameters()).dtype == auto_dtype(None)
+    with pytest.raises(ValueError, match=r"dtype='bfloat': give a torch dtype, 'auto' or one of bf16, bfloat16"):
+        load_pretrained("smol-synthetic", dtype="bfloat")

@@ -284,12 +284,32 @@ def save_pretrained(
 
 
 # -- load ------------------------------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def _dtype(dtype, device) -> torch.dtype | None:
+    """``dtype`` as the command line takes it too: a torch dtype, ``"auto"`` (bf16 where it runs natively,
+    else fp32: what ``generate`` and ``serve`` load with), or a name (``"bfloat16"``, ``"bf16"``,
+    ``"torch.float16"``); a string reached ``model.to`` and failed there as torch's TypeError."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name == "auto":
+        from .modeling.fast_linear import auto_dtype
+
+        return auto_dtype(device)
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}: give a torch dtype, 'auto' or one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[name]
+
+
 def from_pretrained(
     name_or_path: str | os.PathLike,
     *,
     cache_dir=None,
     local_files_only: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     quantize: str | None = None,
     revision: str | None = None,
@@ -297,9 +317,11 @@ def from_pretrained(
     """Returns ``(model, image_processor, tokenizer)`` for a built-in model name (``"smol-synthetic"``),
     a directory or Hub repo in our format, or a released OpenFlamingo repo id. ``quantize="int8"`` /
     ``"int4"``: weight-only quantization for CPU inference (:mod:`flamingo_vlm.modeling.quantize`).
-    ``revision``: a branch, tag or commit of a Hub repo (ours, or a release's ``checkpoint.pt``), as in
+    ``dtype``: a torch dtype, ``"auto"`` (as the command line loads: bf16 where it runs natively) or a
+    name (``"bfloat16"``, ``"bf16"``); None: as saved (fp32). ``revision``: a branch, tag or commit of a Hub repo (ours, or a release's ``checkpoint.pt``), as in
     transformers; the backbones a saved model references load as that model names them."""
     check_quantize_mode(quantize)  # before the (slow) load
+    dtype = _dtype(dtype, device)
     source = model_source(name_or_path)
     if revision is not None and source.kind in ("builtin", "directory"):
         raise ValueError(f"revision={revision!r} picks a version of a Hub repo; {name_or_path} is "
