@@ -280,6 +280,12 @@ def save_pretrained(
         if tokenizer is not None:
             _tokenizer_without_call_state(tokenizer).save_pretrained(tmp)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
+    if tokenizer is None:  # (the folder was written without a word; its load then failed on the tokenizer)
+        import warnings
+
+        warnings.warn(f"{target} was saved without a tokenizer: load_pretrained reads one from the folder, so pass "
+                      "tokenizer= (the one create_model_and_transforms or load_pretrained returned) or add its files "
+                      "there", UserWarning, stacklevel=3)
     return Path(save_directory).expanduser()
 
 
