@@ -114,3 +114,10 @@ def test_weights_name_is_the_saved_models(grow):
     from flamingo_vlm import pretrained
 
     assert grow.WEIGHTS_NAME == pretrained.WEIGHTS_NAME
+
+
+def test_a_built_in_model_is_grown_by_its_name(grow, tmp_path):
+    """`grow-adapter smol-synthetic DIR` said "smol-synthetic is not a saved model", where every other
+    command takes the name."""
+    out = grow.grow_adapter("smol-synthetic", tmp_path / "grown", num_latents=64)
+    assert json.loads((out / "config.json").read_text())["perceiver_kwargs"]["num_latents"] == 64

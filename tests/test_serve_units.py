@@ -748,5 +748,11 @@ def test_a_runs_export_is_also_answered_by_its_old_id(tmp_path):
     for extra, name, others in (([], "t/final", ["final"]), (["--served-model-name", "mine"], "mine", [])):
         args = parser.parse_args(["serve", "--model", str(tmp_path / "runs" / "t" / "final"), "--dtype", "float32",
                                   *extra])
-        _app, engine, config = build_server(args)
+        app, engine, config = build_server(args)
         assert config.model_name == name and config.extra_model_names == others
+        from fastapi.testclient import TestClient
+
+        with TestClient(app) as client:  # (listed once: /v1/models showed "t/final" and "final")
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [name]
+            for alias in others:
+                assert client.get(f"/v1/models/{alias}").json()["id"] == alias

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     # checkpoints are intact) or read (OSError, CheckpointError, WeightsFileError: ValueErrors) goes to the
     # caller's report_errors: one line, exit 1
     if result.export_dir is not None:
-        print(f"trained {result.step} steps; model saved to {result.export_dir}")
+        print(f"trained {result.step} step{'' if result.step == 1 else 's'}; model saved to {result.export_dir}")
     summary = result.data_summary()
     if summary:
         print(summary)

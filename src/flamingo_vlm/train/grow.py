@@ -1,7 +1,7 @@
 """``flamingo-vlm grow-adapter``: copy a saved model with a grown adapter, keeping every trained weight,
 so that training can continue from it instead of starting over (a step of the built-in model's recipe).
 
-    flamingo-vlm grow-adapter src/flamingo_vlm/models/smol-synthetic runs/aim2-init \\
+    flamingo-vlm grow-adapter smol-synthetic runs/aim2-init \\
         --color-encoding both --media-passthrough
     flamingo-vlm grow-adapter runs/x/final runs/y-init --num-latents 64
 
@@ -61,14 +61,18 @@ def grow_latents(latents: torch.Tensor, num_latents: int, noise: float, seed: in
 def grow_adapter(source: str | os.PathLike, target: str | os.PathLike, *, num_latents: int | None = None,
                  color_encoding: str | None = None, media_passthrough: bool = False, noise: float = 0.05,
                  seed: int = 0) -> Path:
-    """Write ``source`` (a saved model directory) grown as asked to the new directory ``target``
+    """Write ``source`` (a saved model directory, or a built-in model's name) grown as asked to the new directory ``target``
     (atomically: nothing is left behind on an error). Returns ``target``."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from ..files import atomic_directory
 
-    source, target = Path(source), Path(target)
+    from ..registry import builtin_model_dir
+
+    # a built-in model by its name, as every other command takes it (its folder inside the package)
+    source = Path(source) if Path(source).is_dir() else (builtin_model_dir(str(source)) or Path(source))
+    target = Path(target)
     if num_latents is None and color_encoding is None and not media_passthrough:  # (it wrote a plain copy)
         raise GrowError("nothing to grow: give --num-latents, --color-encoding or --media-passthrough")
     config_path, weights_path = source / "config.json", source / WEIGHTS_NAME

@@ -21,7 +21,9 @@ def _model_card(state: ServerState, name: str) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(state: ServerState = Depends(get_state)):
-    return {"object": "list", "data": [_model_card(state, n) for n in state.names]}
+    # the served model once: its other names (a run's export still answers to "final") are aliases that
+    # requests may send, not models a client should offer twice
+    return {"object": "list", "data": [_model_card(state, state.config.model_name)]}
 
 
 @router.get("/v1/models/{model_id:path}")
