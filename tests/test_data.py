@@ -922,3 +922,20 @@ def test_strict_refuses_a_caption_without_an_image(tmp_path):
     with pytest.raises(SourceError, match=r"b\.txt: a caption with no image of the same name beside it"):
         write_shards(tmp_path, tmp_path / "out", strict=True)
     assert write_shards(tmp_path, tmp_path / "out2")  # (without --strict: skipped, counted)
+
+
+def test_a_caption_prefix_puts_the_prompt_before_each_caption_and_loss_after_leaves_it_untrained(tmp_path, processor):
+    """A folder of captions trained `<image>{caption}`, while the built-in model is asked `<image>Output:`:
+    its fine-tunes had to write the prompt into every caption file."""
+    url = write_tar(tmp_path / "p.tar", [{"__key__": "0000", "png": png("red"), "txt": "a red square."}])
+    spec = lambda **kw: DatasetSpec("pairs", [url], batch_size=1, shuffle_buffer=0, **kw)  # noqa: E731
+    batch = next(iter(ShardDataset(spec(caption_prefix="Output:", loss_after=("Output:",)), processor)))
+    assert texts(processor, batch)[0].startswith("<image>Output:a red square.<|endofchunk|>")
+    tok = processor.tokenizer
+    trained = tok.decode(batch["input_ids"][0][batch["labels"][0] != X].tolist())
+    assert trained == "a red square.<|endofchunk|>" + tok.eos_token
+    from flamingo_vlm.train.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"data\[0\]\.caption_prefix applies to pairs; data\[0\] is interleaved"):
+        TrainConfig.from_dict({"data": [{"kind": "interleaved", "urls": ["x"], "caption_prefix": "Output:"}]},
+                              require_model=False)

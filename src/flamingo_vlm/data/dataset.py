@@ -105,6 +105,9 @@ class DatasetSpec:
     text after the last marker (and the chunk's ``<|endofchunk|>``) is trained, the way the few-shot
     evaluation asks: the question is prompt, the answer is the target. Chunks without a marker are
     trained whole. Empty (the default) trains every chunk's text, as OpenFlamingo did.
+    ``caption_prefix``: text between a pair's ``<image>`` and its caption, the prompt the model will be
+    asked with (``"Output:"`` for the built-in model; with ``loss_after=("Output:",)`` it is not
+    trained); ``""`` is OpenFlamingo's LAION layout.
     ``shuffle_buffer``: samples held (as raw bytes) for shuffling; defaults to 1000 for pairs and 100
     for interleaved documents (which carry their images); 0 or 1 disables sample shuffling.
     """
@@ -123,6 +126,7 @@ class DatasetSpec:
     shuffle_buffer: int | None = None
     chunk_separator: str = ""
     loss_after: tuple[str, ...] = ()
+    caption_prefix: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -457,7 +461,7 @@ class ShardDataset(IterableDataset):
         data = raw[ext]
         if len(data) < self.spec.min_image_bytes:
             raise SkipSample("skipped_small_image")
-        text = pair_text(caption)
+        text = pair_text(caption, self.spec.caption_prefix)
         ids = self._encode(text)
         if ids.count(self.media_token_id) != 1:
             raise SkipSample("skipped_no_images", "max_tokens cut the <image> token")

@@ -58,9 +58,10 @@ def decode_image(data: bytes) -> Image.Image:
         raise ValueError(f"undecodable image ({type(e).__name__}: {why})") from e
 
 
-def pair_text(caption: str) -> str:
-    """The LAION text, without the eos (appended as a token id by the tokenising step)."""
-    return f"{MEDIA_TOKEN}{caption.strip()}{EOC_TOKEN}"
+def pair_text(caption: str, prefix: str = "") -> str:
+    """The LAION text, without the eos (appended as a token id by the tokenising step); ``prefix`` goes
+    between the image and the caption (``"Output:"``: the built-in model's captioning prompt)."""
+    return f"{MEDIA_TOKEN}{prefix}{caption.strip()}{EOC_TOKEN}"
 
 
 @dataclass

@@ -169,7 +169,7 @@ def config_datasets(cfg: TrainConfig, model, tokenizer, image_processor, *, rank
             max_tokens=d.max_tokens, max_images=d.max_images, min_images=d.min_images,
             similarity_threshold=d.similarity_threshold, min_image_bytes=d.min_image_bytes,
             chunk_separator=d.chunk_separator if d.chunk_separator is not None else model.config.demo_separator,
-            loss_after=tuple(d.loss_after),
+            loss_after=tuple(d.loss_after), caption_prefix=d.caption_prefix,
         )
         if limit is not None and spec.resolved_max_tokens > limit:
             msg = (f"data[{i}] ({d.kind}) makes sequences of up to {spec.resolved_max_tokens} tokens but the LM "

@@ -88,6 +88,7 @@ class DataConfig:
     # model's "\n"; a new model's "", OpenFlamingo's MMC4 layout), so a fine-tune keeps its few-shot format
     chunk_separator: str | None = None
     loss_after: list = field(default_factory=list)  # e.g. ["Short answer:", "Output:"]: train answers only
+    caption_prefix: str = ""  # pairs: text between <image> and the caption, e.g. "Output:" (the built-in model's prompt)
     name: str | None = None
 
     def effective_loss_weight(self) -> float:
@@ -333,6 +334,8 @@ class TrainConfig:
             if not all(isinstance(m, str) and m for m in d.loss_after):
                 raise ConfigError(f"data[{i}].loss_after must be a list of non-empty marker strings, "
                                   f"e.g. ['Short answer:', 'Output:'], got {d.loss_after!r}")
+            if d.caption_prefix and d.kind != "pairs":  # (an interleaved document's text is its own)
+                raise ConfigError(f"data[{i}].caption_prefix applies to pairs; data[{i}] is {d.kind}")
         if self.lora.enabled:
             if self.lora.r < 1:
                 raise ConfigError("lora.r must be >= 1")
