@@ -153,6 +153,9 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     cfg = TrainConfig.from_yaml(path)
     assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.1
     assert [d.effective_loss_weight() for d in cfg.data] == [0.2, 1.0]  # the paper's defaults
+    # a run's only dataset: 1 (a lone pairs dataset's loss was shown at a fifth of the per-token loss)
+    assert cfg.data[0].effective_loss_weight(alone=True) == 1.0
+    assert cfg.override(["data.0.loss_weight=0.3"]).data[0].effective_loss_weight(alone=True) == 0.3
     assert cfg.data[0].urls == ["a.tar"]
     cfg2 = cfg.override(["optim.lr=3e-4", "schedule.kind=cosine", "data.1.loss_weight=0.5"])
     assert cfg2.optim.lr == 3e-4 and cfg2.schedule.kind == "cosine" and cfg2.data[1].effective_loss_weight() == 0.5

@@ -91,8 +91,12 @@ class DataConfig:
     caption_prefix: str = ""  # pairs: text between <image> and the caption, e.g. "Output:" (the built-in model's prompt)
     name: str | None = None
 
-    def effective_loss_weight(self) -> float:
-        return float(self.loss_weight if self.loss_weight is not None else DEFAULT_LOSS_WEIGHTS[self.kind])
+    def effective_loss_weight(self, alone: bool = False) -> float:
+        """``loss_weight``, else its kind's weight in a mixture (OpenFlamingo's 0.2 for pairs beside
+        MMC4), else 1 for a run's only dataset (its loss was shown at a fifth of the per-token loss)."""
+        if self.loss_weight is not None:
+            return float(self.loss_weight)
+        return 1.0 if alone else float(DEFAULT_LOSS_WEIGHTS[self.kind])
 
 
 @dataclass
