@@ -161,6 +161,8 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     assert cfg2.optim.lr == 3e-4 and cfg2.schedule.kind == "cosine" and cfg2.data[1].effective_loss_weight() == 0.5
     with pytest.raises(ConfigError, match="did you mean 'lr'"):
         TrainConfig.from_dict({"model": {"from_pretrained": "x"}, "optim": {"lrr": 1}})
+    with pytest.raises(ConfigError, match="did you mean 'lr'"):  # (other frameworks' name: too far for difflib)
+        TrainConfig.from_dict({"model": {"from_pretrained": "x"}, "optim": {"learning_rate": 1}})
     with pytest.raises(ConfigError, match="precision must be one of"):
         TrainConfig.from_dict({"model": {"from_pretrained": "x"}, "precision": "fp16"})
     with pytest.raises(ConfigError, match="remove model.lm"):

@@ -384,6 +384,14 @@ class TrainConfig:
         return [d.name or f"{d.kind}{i}" for i, d in enumerate(self.data)]
 
 
+# other frameworks' names for a setting, for the "did you mean" of an unknown key (too far for difflib)
+_SYNONYMS = {"learning_rate": "lr", "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps",
+             "lr_scheduler": "kind", "scheduler": "kind", "steps": "max_steps", "num_steps": "max_steps",
+             "train_steps": "max_steps", "grad_clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm",
+             "gradient_accumulation_steps": "grad_accum", "save_steps": "checkpoint_every", "logging_steps": "log_every",
+             "output": "output_dir", "save_dir": "output_dir", "dtype": "precision", "mixed_precision": "precision"}
+
+
 def _list_index(node: list, part: str, item: str, where: str) -> int:
     """The entry ``part`` of the list ``where`` in an override (an IndexError or ValueError before)."""
     if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
@@ -418,7 +426,7 @@ def _build(cls, d: dict, where: str):
             if key in d:
                 raise ConfigError(f"{where}{alias} and {where}{key} are the same setting; keep one")
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            close = ([_SYNONYMS[key]] if _SYNONYMS.get(key) in names else []) or difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown key {where + key!r}{hint}; valid keys: {', '.join(names)}")
         if cls is TrainConfig and key in _SECTIONS:
