@@ -781,7 +781,7 @@ def _cli(args, env_extra=None, check=True, kill_at_step=None):
     return proc
 
 
-def test_sigkill_and_resume_is_bitwise_identical_on_real_shards(model_dir, shards, tmp_path):
+def test_sigkill_and_resume_is_bitwise_identical_on_real_shards(model_dir, shards, tmp_path, capsys):
     """End to end on shards written by write_shards: a run SIGKILLed after step 5 (last checkpoint:
     step 4) and resumed with --resume logs exactly the losses of an uninterrupted run."""
     full = _write_yaml(tmp_path / "full.yaml", model_dir, shards, tmp_path / "full")
@@ -811,7 +811,10 @@ def test_sigkill_and_resume_is_bitwise_identical_on_real_shards(model_dir, shard
     # Resuming with a different trainable set (LoRA added) is refused with a clear message.
     from flamingo_vlm.train.cli import main
 
+    capsys.readouterr()
     assert main(["--config", str(killed), "--resume", "--lora", "--max-steps", "9"]) == 2
+    # (it listed the LoRA keys the model lacks)
+    assert "trained without LoRA and this run is with LoRA: resume with --no-lora" in capsys.readouterr().err
     # Any checkpoint exports to the from_pretrained format.
     step6 = tmp_path / "killed" / "checkpoints" / "step_00000006"
     assert main(["--config", str(killed), "--export-checkpoint", str(step6), "--export-to", str(tmp_path / "e6")]) == 0
