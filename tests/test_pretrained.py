@@ -646,3 +646,13 @@ def test_load_pretrained_takes_the_dtype_names_the_command_line_takes():
     assert next(model.perceiver.parameters()).dtype == auto_dtype(None)
     with pytest.raises(ValueError, match=r"dtype='bfloat': give a torch dtype, 'auto' or one of bf16, bfloat16"):
         load_pretrained("smol-synthetic", dtype="bfloat")
+
+
+def test_a_referenced_built_in_encoder_writes_no_weights_that_go_unread(tmp_path):
+    """include_backbones=True (a LoRA run's export) wrote the built-in encoder's weights, 14 MB, while
+    config.json referenced it as builtin: and the loader never read them."""
+    model, ip, tok = load_pretrained("smol-synthetic")
+    out = model.save_pretrained(tmp_path / "m", tokenizer=tok, image_processor=ip, include_backbones=True)
+    assert json.loads((out / "config.json").read_text())["vision_encoder"]["type"] == "reference"
+    assert not (out / "vision_encoder").exists() and (out / "language_model").is_dir()
+    assert load_pretrained(out)[0] is not None

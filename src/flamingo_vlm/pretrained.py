@@ -259,8 +259,8 @@ def save_pretrained(
             "image_processor": (image_processor or model.vision_encoder.default_image_processor()).to_dict(),
             "vocab_size": model.lang_encoder.get_input_embeddings().weight.shape[0],
         }
-        if embed_vis:
-            (tmp / "vision_encoder").mkdir()
+        if embed_vis and vision_entry.get("type") != "reference":  # (a built-in is referenced even when asked
+            (tmp / "vision_encoder").mkdir()                         # embedded: its weights would go unread)
             save_file({k: cast(v.contiguous()) for k, v in model.vision_encoder.state_dict().items()},
                       str(tmp / "vision_encoder" / WEIGHTS_NAME))
         if embed_lm:
