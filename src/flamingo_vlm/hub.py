@@ -86,6 +86,16 @@ def local_files_only(asked: bool, *names) -> bool:
 
 
 # -- resolving -------------------------------------------------------------------------------------------
+def _is_repo_id(name) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_files_only=False, revision=None) -> Path:
     """A local directory, or a Hub repo id downloaded (or found in the cache) with huggingface_hub."""
     path = Path(name_or_path).expanduser()
@@ -94,13 +104,10 @@ def resolve_directory(name_or_path: str | os.PathLike, *, cache_dir=None, local_
     if path.exists():
         raise ValueError(f"{path} is a file; expected a model directory or a Hub repo id")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    try:
-        validate_repo_id(str(name_or_path))
-    except HFValidationError:  # ("./my_model", "/models/x", "runs/a/final"): meant as a directory
+    if not _is_repo_id(name_or_path):  # ("./my_model", "/models/x", "runs/a/final"): meant as a directory
         raise FileNotFoundError(f"model directory {name_or_path} does not exist (nor is it a Hub repo id); "
-                                "check the path") from None
+                                "check the path")
 
     try:
         return Path(
@@ -148,13 +155,8 @@ def check_model_available(name_or_path: str | os.PathLike, *, cache_dir=None, lo
     if model_source(name_or_path).kind != "hub":
         return
     from huggingface_hub import constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    try:
-        validate_repo_id(str(name_or_path))
-        hub_id = True
-    except HFValidationError:  # ("./runs/x"): a path, refused without asking the network
-        hub_id = False
-    offline = local_files_only or constants.HF_HUB_OFFLINE
-    if offline or not hub_id or not may_download(name_or_path) or hub_unreachable():
+    # (a path that is no repo id, "./runs/x", is refused without asking the network)
+    if (local_files_only or constants.HF_HUB_OFFLINE or not _is_repo_id(name_or_path) or not may_download(name_or_path)
+            or hub_unreachable()):
         resolve_directory(name_or_path, cache_dir=cache_dir, local_files_only=True, revision=revision)

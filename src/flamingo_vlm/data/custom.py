@@ -267,45 +267,32 @@ def _pair_sample(doc: Document, key: str) -> dict:
     return {"__key__": key, ext: data, "txt": caption.encode("utf-8")}
 
 
-def _mmc4_sample(doc: Document, key: str) -> dict:
-    info = [{"image_name": path.name, "matched_text_index": index, "matched_sim": sim,
-             "image_base64": base64.b64encode(_image_bytes(path)[0]).decode("ascii")}
-            for path, index, sim in doc.mmc4["images"]]
-    doc_json = {"text_list": doc.mmc4["text_list"], "image_info": info,
-                "similarity_matrix": doc.mmc4["similarity_matrix"]}
-    return {"__key__": key, "json": json.dumps(doc_json, ensure_ascii=False).encode("utf-8")}
-
-
 def _interleaved_sample(doc: Document, key: str) -> dict:
+    """An MMC4-format ``json`` sample: an MMC4 record's own sentences and similarities, else each image
+    matched (similarity 1) to the text right after it (an empty sentence when another image or the end
+    follows)."""
     if doc.mmc4 is not None:
-        return _mmc4_sample(doc, key)
-    sentences: list[str] = []
-    matches: list[tuple[Path, int]] = []
-    items, i = doc.items, 0
-    while i < len(items):
-        kind, value = items[i]
-        if kind == "text":
-            sentences.append(str(value))
-            i += 1
-            continue
-        if i + 1 < len(items) and items[i + 1][0] == "text":
-            sentences.append(str(items[i + 1][1]))
-            i += 2
-        else:  # an image followed by another image or the end: give it an empty sentence
-            sentences.append("")
-            i += 1
-        matches.append((Path(value), len(sentences) - 1))
-    image_info, sim = [], []
-    for path, s in matches:
-        data, _ = _image_bytes(path)
-        image_info.append({
-            "image_name": path.name,
-            "matched_text_index": s,
-            "matched_sim": 1.0,
-            "image_base64": base64.b64encode(data).decode("ascii"),
-        })
-        sim.append([1.0 if j == s else 0.0 for j in range(len(sentences))])
-    doc_json = {"text_list": sentences, "image_info": image_info, "similarity_matrix": sim}
+        sentences, images, sim = doc.mmc4["text_list"], doc.mmc4["images"], doc.mmc4["similarity_matrix"]
+    else:
+        sentences, images = [], []
+        items, i = doc.items, 0
+        while i < len(items):
+            kind, value = items[i]
+            if kind == "text":
+                sentences.append(str(value))
+                i += 1
+                continue
+            if i + 1 < len(items) and items[i + 1][0] == "text":
+                sentences.append(str(items[i + 1][1]))
+                i += 2
+            else:
+                sentences.append("")
+                i += 1
+            images.append((Path(value), len(sentences) - 1, 1.0))
+        sim = [[1.0 if j == index else 0.0 for j in range(len(sentences))] for _, index, _ in images]
+    info = [{"image_name": path.name, "matched_text_index": index, "matched_sim": score,
+             "image_base64": base64.b64encode(_image_bytes(path)[0]).decode("ascii")} for path, index, score in images]
+    doc_json = {"text_list": sentences, "image_info": info, "similarity_matrix": sim}
     return {"__key__": key, "json": json.dumps(doc_json, ensure_ascii=False).encode("utf-8")}
 
 

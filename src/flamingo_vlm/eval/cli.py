@@ -166,13 +166,10 @@ def _run(args: argparse.Namespace) -> int:
         result = evaluate(args.model, config, device=args.device)
     except DirectoryBusy as e:
         raise SystemExit(str(e)) from None
-    if not args.quiet:
-        import os
+    if not args.quiet and _rank0():
+        from pathlib import Path
 
-        if int(os.environ.get("RANK", "0")) == 0:
-            from pathlib import Path
-
-            print((Path(args.out) / "results.md").read_text())
+        print((Path(args.out) / "results.md").read_text())
     return 0 if result else 1
 
 

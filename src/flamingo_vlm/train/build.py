@@ -163,10 +163,9 @@ def config_datasets(cfg: TrainConfig, model, tokenizer, image_processor, *, rank
 
     limit, absolute = lm_context_limit(model.lang_encoder)
     specs = []
-    for i, d in enumerate(cfg.data):
+    for i, (d, weight) in enumerate(zip(cfg.data, cfg.loss_weights())):
         spec = DatasetSpec(
-            kind=d.kind, urls=list(d.urls), batch_size=d.batch_size,
-            loss_weight=d.effective_loss_weight(alone=len(cfg.data) == 1),
+            kind=d.kind, urls=list(d.urls), batch_size=d.batch_size, loss_weight=weight,
             max_tokens=d.max_tokens, max_images=d.max_images, min_images=d.min_images,
             similarity_threshold=d.similarity_threshold, min_image_bytes=d.min_image_bytes,
             chunk_separator=d.chunk_separator if d.chunk_separator is not None else model.config.demo_separator,
@@ -198,7 +197,7 @@ def run_datasets(cfg: TrainConfig, model, tokenizer, image_processor, info, data
         if tokenizer is None or image_processor is None:
             raise ConfigError("building datasets from the config needs the model's tokenizer and image processor")
         datasets = config_datasets(cfg, model, tokenizer, image_processor, rank=info.rank, world_size=info.world_size)
-        names, weights = cfg.dataset_names(), [d.effective_loss_weight(alone=len(cfg.data) == 1) for d in cfg.data]
+        names, weights = cfg.dataset_names(), cfg.loss_weights()
     else:
         datasets = list(datasets)
         names = list(names or [f"data{i}" for i in range(len(datasets))])

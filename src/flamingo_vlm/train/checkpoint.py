@@ -416,16 +416,15 @@ def load_trainable(model: nn.Module, path: Path, weights: dict | None = None) ->
         if weights[n].shape != params[n].shape
     ]
     lora = lambda names: any(".lora_" in n for n in names)  # noqa: E731
+    rank = next((t.shape[0] for n, t in weights.items() if ".lora_A." in n), None)  # (the checkpoint's lora.r)
     if lora(unexpected) and not lora(params) or lora(missing) and not lora(weights):  # (a dump of LoRA keys)
         trained = lora(weights)
-        rank = next((t.shape[0] for n, t in weights.items() if ".lora_A." in n), None)
         raise ConfigError(
             f"checkpoint {path} was trained {'with LoRA' + (f' (r {rank})' if rank else '') if trained else 'without LoRA'}"
             f" and this run is {'not' if trained else 'with LoRA'}: resume with "
             + (f"--lora{f' --lora-r {rank}' if rank else ''} (lora.enabled: true), as the run's config.yaml has it"
                if trained else "--no-lora (lora.enabled: false), as the run's config.yaml has it"))
     if lora(params) and lora(weights) and shapes:
-        rank = next((t.shape[0] for n, t in weights.items() if ".lora_A." in n), None)
         raise ConfigError(f"checkpoint {path} was trained with LoRA r {rank}: resume with --lora-r {rank} "
                           "(lora.r), as the run's config.yaml has it")
     if missing or unexpected or shapes:

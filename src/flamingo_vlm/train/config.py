@@ -379,6 +379,10 @@ class TrainConfig:
             raise ConfigError(f"aim.question_weights must give positive numbers to kinds of aim.questions "
                               f"({', '.join(a.questions)}), got {a.question_weights!r}")
 
+    def loss_weights(self) -> list[float]:
+        """Each dataset's loss weight (:meth:`DataConfig.effective_loss_weight`; a run's only one: 1)."""
+        return [d.effective_loss_weight(alone=len(self.data) == 1) for d in self.data]
+
     def dataset_names(self) -> list[str]:
         """Names of the config's datasets (the aiming data, when on, follows them as ``aim``)."""
         return [d.name or f"{d.kind}{i}" for i, d in enumerate(self.data)]

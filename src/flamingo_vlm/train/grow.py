@@ -68,11 +68,11 @@ def grow_adapter(source: str | os.PathLike, target: str | os.PathLike, *, num_la
 
     from ..files import atomic_directory
 
-    from ..registry import builtin_model_dir
+    from ..registry import model_source
 
     # a built-in model by its name, as every other command takes it (its folder inside the package)
-    source = Path(source) if Path(source).is_dir() else (builtin_model_dir(str(source)) or Path(source))
-    target = Path(target)
+    found = model_source(source)
+    source, target = found.path if found.kind in ("directory", "builtin") else Path(source), Path(target)
     if num_latents is None and color_encoding is None and not media_passthrough:  # (it wrote a plain copy)
         raise GrowError("nothing to grow: give --num-latents, --color-encoding or --media-passthrough")
     config_path, weights_path = source / "config.json", source / WEIGHTS_NAME
