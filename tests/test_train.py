@@ -1444,3 +1444,14 @@ def test_a_warmup_as_long_as_the_run_is_warned(model_dir, media_id, tmp_path, ca
                     **fake_mixture(media_id))
         t.close()
     assert "schedule.warmup_steps 5 >= max_steps 3: the lr never reaches optim.lr" in caplog.text
+
+
+def test_the_training_bar_in_a_log_file_draws_its_first_and_last_states_only(model_dir, media_id, tmp_path, capsys):
+    """The trainer refreshed its bar at every step, past the once-a-minute redraw of a log file."""
+    t = Trainer(make_config(model_dir, tmp_path / "run", max_steps=3, progress=True), **fake_mixture(media_id))
+    try:
+        t.fit()
+    finally:
+        t.close()
+    err = capsys.readouterr().err
+    assert "3/3" in err and "2/3" not in err, err

@@ -245,14 +245,15 @@ class Sinks:
     def progress(self, step: int, record: dict | None) -> None:
         if self.bar is None:
             return
-        self.bar.n = step
         if record is not None:
             self.bar.set_postfix(
                 loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                 samples_s=f"{record['samples_per_s']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}",
                 refresh=False,
             )
-        self.bar.refresh()
+        # (an update, not a forced refresh: it redraws as often as the bar's mininterval allows, once a
+        # minute in a log file, where a refresh at every step wrote every step)
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         if not self.enabled:
